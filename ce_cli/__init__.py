@@ -1,0 +1,14 @@
+"""ce-check: verify cross-entropy losses and gradients against a float64 reference, with proof.
+
+    import ce_cli
+    report = ce_cli.check_grad(logits, labels, grad=my_grad, loss=my_loss)
+    assert report.ok, report
+"""
+
+__version__ = "0.1.0"
+
+from ce_cli.check import check_grad  # noqa: E402
+from ce_cli.errors import CeCheckError  # noqa: E402
+from ce_cli.results import CheckResult, Entry, Report  # noqa: E402
+
+__all__ = ["CeCheckError", "CheckResult", "Entry", "Report", "__version__", "check_grad"]

@@ -1,0 +1,3 @@
+from ce_cli.cli import main
+
+main()

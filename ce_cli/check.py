@@ -1,0 +1,298 @@
+"""`check_grad`: one streaming pass over row chunks that computes the float64 reference, compares
+the user's gradient and loss, and proves the reference with finite differences."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import numpy as np
+
+from ce_cli.compare import Comparison
+from ce_cli.errors import CeCheckError
+from ce_cli.finite_diff import choose_mode, fd_entries, fd_full, sample_entries
+from ce_cli.layout import match_batch
+from ce_cli.results import CheckResult, InputInfo, Report
+from ce_cli.softmax_ce import SoftmaxCE, build_softmax_ce
+from ce_cli.tolerance import Tolerance, resolve_tolerance
+
+CHUNK_ELEMENTS = 1 << 18   # float64 entries per row chunk: ~2 MB, cache-sized
+FD_SAFETY = 2.0            # the finite-difference bound is rigorous; 2x covers the bound's own rounding
+
+
+def row_chunks(n_rows: int, n_classes: int, elements: int = CHUNK_ELEMENTS):
+    step = max(1, elements // max(1, n_classes))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def parse_loss_value(text: str) -> tuple[np.ndarray, float]:
+    """A loss typed on the command line: the value, and half a unit of its last typed digit."""
+    try:
+        dec = Decimal(text.strip())
+    except InvalidOperation:
+        raise CeCheckError(f"--loss: '{text}' is neither a file nor a number") from None
+    if not dec.is_finite():
+        return np.array(float(dec)), 0.0
+    exponent = dec.as_tuple().exponent
+    return np.array(float(dec)), 0.5 * 10.0 ** int(exponent)
+
+
+def check_grad(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    grad: np.ndarray | None = None,
+    loss: np.ndarray | float | None = None,
+    weight: np.ndarray | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    class_axis: int = -1,
+    rtol: float | None = None,
+    atol: float | None = None,
+    precision: str | None = None,
+    floor_factor: float | None = None,
+    loss_atol: float = 0.0,
+    fd: str = "auto",
+    samples: int = 256,
+    seed: int = 0,
+    worst: int = 5,
+    out_grad: str | Path | None = None,
+    sources: dict[str, str] | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Verify softmax cross-entropy (PyTorch `F.cross_entropy` semantics) on arrays.
+
+    Returns a `Report`; raises `CeCheckError` for invalid input. `loss_atol` widens the loss
+    check (a number typed with few digits). `progress(done_rows, total_rows)` is called per chunk.
+    """
+    src = {"logits": "logits", "labels": "labels", "grad": "grad", "loss": "loss", "weight": "weight"}
+    src.update(sources or {})
+    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
+    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+    problem, warnings = build_softmax_ce(
+        logits, labels, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, class_axis=class_axis, source=src["logits"],
+        labels_source=src["labels"], weight_source=src["weight"],
+    )
+    layout = problem.layout
+    N, C = problem.n_rows, problem.n_classes
+    if samples < 1:
+        raise CeCheckError(f"--samples: must be at least 1, got {samples}")
+    if worst < 0:
+        raise CeCheckError(f"--worst: must be >= 0, got {worst}")
+    mode = choose_mode(fd, N, C)
+
+    grad_rows, grad_tol = None, None
+    if grad is not None:
+        grad = np.asarray(grad) if not isinstance(grad, np.ndarray) else grad
+        if grad.dtype.kind != "f":
+            raise CeCheckError(f"{src['grad']}: dtype {grad.dtype} is not floating point")
+        if grad.shape != logits.shape:
+            raise CeCheckError(
+                f"{src['grad']}: shape {grad.shape} does not match the logits {logits.shape}"
+            )
+        grad_rows = layout.to_rows(grad)
+        grad_tol = resolve_tolerance(grad.dtype, precision, rtol, atol, floor_factor)
+
+    loss_ref_rows = None
+    loss_arr, loss_tol = None, None
+    if loss is not None:
+        loss_arr = np.asarray(loss)
+        if loss_arr.dtype.kind not in "iuf":
+            raise CeCheckError(f"{src['loss']}: dtype {loss_arr.dtype} is not numeric")
+        if reduction == "none":
+            loss_arr = match_batch(loss_arr, layout, src["loss"], "per-sample losses ('none')")
+        elif loss_arr.size != 1:
+            raise CeCheckError(
+                f"{src['loss']}: shape {loss_arr.shape}; reduction '{reduction}' gives a scalar loss "
+                "(use --reduction none for per-sample losses)"
+            )
+        loss_tol = resolve_tolerance(
+            loss_arr.dtype if loss_arr.dtype.kind == "f" else np.float64, precision, rtol, atol, floor_factor
+        )
+
+    out_rows, finish_out_grad = _open_out_grad(out_grad, logits.shape, layout)
+    ref64 = resolve_tolerance(np.float64)
+    grad_cmp = fd_ref_cmp = fd_user_cmp = None
+    if grad_rows is not None:
+        grad_cmp = Comparison("grad_vs_reference", grad_tol, layout.original_index,
+                              expected_label="reference", got_label="yours", n_worst=worst)
+    if mode == "full":
+        fd_ref_cmp = Comparison("fd_vs_reference", ref64, layout.original_index,
+                                expected_label="finite diff", got_label="reference", n_worst=worst)
+        if grad_rows is not None:
+            fd_user_cmp = Comparison("fd_vs_grad", grad_tol, layout.original_index,
+                                     expected_label="finite diff", got_label="yours", n_worst=worst)
+
+    row_loss = np.empty(N)
+    loss_floor = np.empty(N) if loss_tol is not None else None
+    fd_skipped = 0
+    fd_evaluations = 0
+    floor_coef = grad_tol.floor_coef if grad_tol is not None else None
+    for start, stop in row_chunks(N, C, chunk_elements):
+        ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
+        row_loss[start:stop] = ev.loss
+        if loss_floor is not None:
+            loss_floor[start:stop] = loss_tol.floor_coef * (
+                np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))
+        if grad_cmp is not None:
+            grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
+        if out_rows is not None:
+            out_rows[start:stop] = ev.grad
+        if mode == "full":
+            fdv, bound, skipped = fd_full(problem, start, stop)
+            fd_skipped += skipped
+            fd_evaluations += 2 * (stop - start) * C
+            fdv, bound = _settle_skipped(fdv, bound, ev.grad)
+            fd_ref_cmp.update(start, fdv, ev.grad, FD_SAFETY * bound)
+            if fd_user_cmp is not None:
+                fd_user_cmp.update(start, fdv, grad_rows[start:stop], FD_SAFETY * bound + ev.floor)
+        if progress is not None:
+            progress(stop, N)
+    finish_out_grad()
+
+    total = problem.reduce(math.fsum(row_loss.tolist()) if N <= 1 << 16 else float(np.sum(row_loss)))
+    checks: list[CheckResult] = []
+    if grad_cmp is not None:
+        checks.append(grad_cmp.result())
+    if loss_arr is not None:
+        checks.append(_check_loss(problem, loss_arr, loss_tol, loss_atol, row_loss, loss_floor, total,
+                                  worst))
+    if mode == "sample":
+        extra = grad_cmp.positions() if grad_cmp is not None else []
+        rows, cols = sample_entries(problem, samples, seed, extra)
+        res = fd_entries(problem, rows, cols)
+        fd_skipped += res.skipped
+        fd_evaluations += res.evaluations
+        checks += _check_sampled_fd(problem, res, grad_rows, grad_tol, ref64, worst)
+    elif mode == "full":
+        checks.insert(0, fd_ref_cmp.result())
+        if fd_user_cmp is not None:
+            checks.append(fd_user_cmp.result())
+    if fd_skipped:
+        warnings.append(f"finite differences skipped {fd_skipped} entries at -inf logits or "
+                        "in rows whose loss is infinite")
+    if N > 0 and C == 2 and problem.probs is None:
+        warnings.append("two classes: softmax CE here equals sigmoid BCE on z1 - z0 "
+                        "(see `ce-check binary --help`)")
+
+    n_ignored = int(N - np.count_nonzero(problem.valid))
+    infos = [InputInfo("logits", src["logits"], tuple(logits.shape), str(logits.dtype)),
+             InputInfo("labels", src["labels"], tuple(labels.shape), str(labels.dtype))]
+    if grad is not None:
+        infos.append(InputInfo("grad", src["grad"], tuple(grad.shape), str(grad.dtype)))
+    if loss_arr is not None:
+        infos.append(InputInfo("loss", src["loss"], tuple(np.shape(loss)), str(loss_arr.dtype)))
+    return Report(
+        kind="multiclass",
+        ok=all(c.ok for c in checks),
+        loss=float(total),
+        loss_per_sample_shape=layout.batch_shape if reduction == "none" else None,
+        shape=tuple(logits.shape),
+        n_rows=N,
+        n_classes=C,
+        n_ignored=n_ignored,
+        reduction=reduction,
+        target_kind="probability" if problem.probs is not None else "index",
+        checks=tuple(checks),
+        inputs=tuple(infos),
+        warnings=tuple(warnings),
+        fd_mode=mode,
+        fd_evaluations=fd_evaluations,
+        options={"ignore_index": ignore_index, "label_smoothing": label_smoothing,
+                 "class_axis": layout.class_axis, "weighted": weight is not None,
+                 "precision": grad_tol.precision if grad_tol else None},
+    )
+
+
+def _settle_skipped(fdv: np.ndarray, bound: np.ndarray, ref: np.ndarray):
+    """Entries finite differences cannot probe (NaN) compare as equal to the reference."""
+    skip = np.isnan(fdv)
+    if skip.any():
+        fdv = np.where(skip, ref, fdv)
+        bound = np.where(skip, 0.0, bound)
+    return fdv, bound
+
+
+def _check_loss(problem: SoftmaxCE, loss_arr, tol: Tolerance, loss_atol, row_loss, loss_floor, total,
+                worst) -> CheckResult:
+    layout = problem.layout
+    if problem.reduction == "none":
+        cmp = Comparison("loss_vs_reference", tol, lambda r, c: layout.batch_index(r),
+                         expected_label="reference", got_label="yours", n_worst=worst,
+                         extra_atol=loss_atol)
+        cmp.update(0, row_loss, loss_arr, loss_floor)
+        return cmp.result()
+    scale = problem.grad_scale
+    n = max(1, problem.n_rows)
+    # a reduction in the user's precision adds about log2(N) roundings of the total
+    floor = float(np.sum(loss_floor)) * scale + tol.floor_coef * math.log2(n + 1) * abs(total)
+    cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), expected_label="reference",
+                     got_label="yours", n_worst=1, extra_atol=loss_atol)
+    got = np.asarray(loss_arr, dtype=np.float64).reshape(1)
+    if np.isnan(total):
+        ok = bool(np.isnan(got[0]))
+        return CheckResult("loss_vs_reference", ok, "reference", "yours", 0.0 if ok else float("inf"),
+                           0.0, 0 if ok else 1, 1, (), tol.describe(),
+                           "reference loss is NaN (every target ignored); yours must be NaN too")
+    cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
+    return cmp.result()
+
+
+def _check_sampled_fd(problem: SoftmaxCE, res, grad_rows, grad_tol, ref64, worst) -> list[CheckResult]:
+    rows, cols = res.rows, res.cols
+    ana = np.empty(rows.size)
+    user_floor = np.empty(rows.size)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    per = max(1, (1 << 20) // problem.n_classes)
+    for a in range(0, uniq.size, per):
+        block = uniq[a:a + per]
+        ev = problem.evaluate_rows(np.asarray(problem.z[block]), block, grad=True,
+                                   floor_coef=grad_tol.floor_coef if grad_tol else None)
+        sel = (inverse >= a) & (inverse < a + block.size)
+        local = inverse[sel] - a
+        ana[sel] = ev.grad[local, cols[sel]]
+        if ev.floor is not None:
+            user_floor[sel] = ev.floor[local, cols[sel]]
+    fdv, bound = _settle_skipped(res.fd, res.bound, ana)
+    layout = problem.layout
+
+    def index_of(i, _c):
+        return layout.original_index(int(rows[i]), int(cols[i]))
+
+    out = []
+    cmp = Comparison("fd_vs_reference", ref64, index_of, expected_label="finite diff",
+                     got_label="reference", n_worst=worst, note=f"{rows.size} sampled entries")
+    cmp.update(0, fdv, ana, FD_SAFETY * bound)
+    out.append(cmp.result())
+    if grad_rows is not None:
+        got = np.asarray(grad_rows[rows, cols])
+        cmp = Comparison("fd_vs_grad", grad_tol, index_of, expected_label="finite diff",
+                         got_label="yours", n_worst=worst, note=f"{rows.size} sampled entries")
+        cmp.update(0, fdv, got, FD_SAFETY * bound + user_floor)
+        out.append(cmp.result())
+    return out
+
+
+def _open_out_grad(path, shape, layout):
+    """Rows to write the reference gradient into, and a function that finishes the file.
+
+    Class axis last: a memory-mapped .npy written chunk by chunk. Otherwise the rows are
+    gathered in memory and transposed back on save.
+    """
+    if path is None:
+        return None, lambda: None
+    try:
+        if layout.class_axis == len(shape) - 1:
+            mm = np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.float64, shape=tuple(shape))
+            return mm.reshape(layout.n_rows, layout.n_classes), mm.flush
+        rows = np.empty((layout.n_rows, layout.n_classes))
+        Path(path).touch()
+    except OSError as exc:
+        raise CeCheckError(f"--out-grad '{path}': cannot write ({exc.strerror or exc})") from None
+    return rows, lambda: np.save(Path(path), layout.from_rows(rows))

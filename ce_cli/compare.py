@@ -1,0 +1,128 @@
+"""Streaming entry-by-entry comparison with a running worst-k.
+
+An entry passes when |got - ref| <= atol + rtol * |ref| + floor (+ the storage dtype's smallest
+subnormal). NaN or inf in `got` always fails. Chunks arrive as (R, C) blocks; only O(k) state is
+kept between them, so a 0.5 GB gradient is compared in the memory of one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ce_cli.results import CheckResult, Entry
+from ce_cli.tolerance import Tolerance
+
+
+class Comparison:
+    """Accumulates one check over chunks; `result()` freezes it into a `CheckResult`."""
+
+    def __init__(
+        self,
+        name: str,
+        tol: Tolerance,
+        index_of: Callable[[int, int], tuple[int, ...]],
+        *,
+        expected_label: str = "reference",
+        got_label: str = "yours",
+        n_worst: int = 5,
+        extra_atol: float = 0.0,
+        note: str = "",
+    ) -> None:
+        self.name = name
+        self.tol = tol
+        self.index_of = index_of
+        self.expected_label = expected_label
+        self.got_label = got_label
+        self.n_worst = max(0, int(n_worst))
+        self.extra_atol = extra_atol
+        self.note = note
+        self.total = 0
+        self.mismatches = 0
+        self.nonfinite = 0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self._worst: list[tuple[float, int, int, float, float, float, float]] = []
+
+    def update(self, row0: int, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> None:
+        """Compare rows [row0, row0 + R) of `got` (any float dtype) against float64 `ref`."""
+        if ref.ndim == 1:
+            ref, got = ref[:, None], np.asarray(got).reshape(-1, 1)
+            floor = None if floor is None else floor[:, None]
+        R, C = ref.shape
+        if R == 0 or C == 0:
+            return
+        self.total += R * C
+        diff = np.array(got, dtype=np.float64)
+        np.subtract(diff, ref, out=diff)
+        np.abs(diff, out=diff)
+        absref = np.abs(ref)
+        tol = absref * self.tol.rtol
+        tol += self.tol.atol + self.extra_atol + self.tol.tiny
+        if floor is not None:
+            tol += floor
+        self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.divide(diff, absref, out=absref)
+        rel[~np.isfinite(rel)] = 0.0  # entries with ref == 0 have no relative error
+        self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel, axis=None)))
+        ratio = np.divide(diff, tol, out=rel)
+        rowmax = ratio.max(axis=1)
+        odd = ~np.isfinite(rowmax)
+        if odd.any():
+            for i in np.flatnonzero(odd):
+                bad = ~np.isfinite(diff[i])
+                self.nonfinite += int(np.count_nonzero(bad))
+                ratio[i][bad] = np.inf
+            rowmax = ratio.max(axis=1)
+        failing = np.flatnonzero(rowmax > 1.0)
+        if failing.size:
+            self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
+        self._collect_worst(row0, ratio, rowmax, ref, got, diff, tol)
+
+    def _collect_worst(self, row0, ratio, rowmax, ref, got, diff, tol) -> None:
+        k = self.n_worst
+        if k == 0:
+            return
+        R, C = ratio.shape
+        rows = np.argsort(-rowmax, kind="stable")[:k] if R <= k else np.argpartition(-rowmax, k - 1)[:k]
+        sub = ratio[rows]
+        flat = sub.ravel()
+        take = np.argsort(-flat, kind="stable")[:k] if flat.size <= 4 * k else np.argpartition(-flat, k - 1)[:k]
+        for f in take:
+            i, j = divmod(int(f), C)
+            r = int(rows[i])
+            g = float(np.asarray(got[r, j], dtype=np.float64))
+            self._worst.append((float(flat[f]), row0 + r, j, float(ref[r, j]), g,
+                                float(diff[r, j]), float(tol[r, j])))
+        self._worst.sort(key=lambda t: (-t[0] if t[0] == t[0] else -np.inf, t[1], t[2]))
+        del self._worst[k:]
+
+    def positions(self) -> list[tuple[int, int]]:
+        """(row, column) of the worst entries so far, worst first."""
+        return [(r, c) for _ratio, r, c, *_ in self._worst]
+
+    def result(self) -> CheckResult:
+        worst = tuple(
+            Entry(self.index_of(r, c), exp, got, err, allowed)
+            for _ratio, r, c, exp, got, err, allowed in self._worst
+        )
+        max_abs = float("inf") if self.nonfinite else self.max_abs
+        ok = self.mismatches == 0 and self.nonfinite == 0
+        note = self.note
+        if self.nonfinite:
+            note = (note + "; " if note else "") + f"{self.nonfinite} non-finite entries (NaN/inf) in {self.got_label}"
+        return CheckResult(
+            name=self.name,
+            ok=ok,
+            expected_label=self.expected_label,
+            got_label=self.got_label,
+            max_abs_err=max_abs,
+            max_rel_err=self.max_rel,
+            mismatches=self.mismatches,
+            total=self.total,
+            worst=worst,
+            rule=self.tol.describe() + (f" +{self.extra_atol:.2g}" if self.extra_atol else ""),
+            note=note,
+        )

@@ -1,0 +1,96 @@
+"""Renderers: a `Report` to Rich tables or to a JSON object. Formatting only, no decisions."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ce_cli.results import CheckResult, Report
+
+PASS, FAIL = "✓", "✗"
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    return f"{x:.{digits}e}" if x != 0 else "0"
+
+
+def fmt_value(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.10g}"
+
+
+def render_table(report: Report, console: Console) -> None:
+    """Inputs, loss, one row per check, then each check's worst entries."""
+    inputs = Table(title="inputs", title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("role", "source", "shape", "dtype"):
+        inputs.add_column(col)
+    for info in report.inputs:
+        inputs.add_row(info.role, Text(info.source), str(info.shape), info.dtype)
+    console.print(inputs)
+    summary = (
+        f"{report.kind}: N={report.n_rows} C={report.n_classes} targets={report.target_kind} "
+        f"ignored={report.n_ignored} reduction={report.reduction} "
+        f"finite-diff={report.fd_mode} ({report.fd_evaluations} row evaluations)"
+    )
+    console.print(Text(summary))
+    loss_label = "loss (sum of per-sample losses)" if report.reduction == "none" else "loss"
+    console.print(Text(f"{loss_label}: {fmt_value(report.loss)}"))
+
+    if report.checks:
+        table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False)
+        for col, justify in (("check", "left"), ("", "center"), ("max abs err", "right"),
+                             ("max rel err", "right"), ("mismatches", "right"), ("rule", "left")):
+            table.add_column(col, justify=justify)
+        for c in report.checks:
+            mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
+            table.add_row(c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
+                          f"{c.mismatches}/{c.total}", Text(c.rule + (f"; {c.note}" if c.note else "")))
+        console.print(table)
+        for c in report.checks:
+            if c.worst and (not c.ok or c.name == "grad_vs_reference"):
+                console.print(worst_table(c))
+    verdict = Text("PASS", style="bold green") if report.ok else Text("FAIL", style="bold red")
+    console.print(Text("verdict: ").append(verdict))
+
+
+def worst_table(check: CheckResult) -> Table:
+    title = f"{check.name}: worst entries" + ("" if check.ok else " (✗ = over tolerance)")
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("index", check.expected_label, check.got_label, "abs err", "allowed", ""):
+        table.add_column(col, justify="right" if col != "index" else "left")
+    for e in check.worst:
+        table.add_row(str(e.index), fmt_value(e.expected), fmt_value(e.got), fmt(e.abs_err),
+                      fmt(e.allowed), PASS if e.ok else FAIL)
+    return table
+
+
+def _clean(obj):
+    """Non-finite floats become null: JSON never carries a bare NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def report_to_dict(report: Report) -> dict:
+    data = asdict(report)
+    data["fd"] = {"mode": data.pop("fd_mode"), "evaluations": data.pop("fd_evaluations")}
+    for check, result in zip(data["checks"], report.checks):
+        for entry, e in zip(check["worst"], result.worst):
+            entry["ok"] = e.ok
+    return _clean(data)
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report_to_dict(report), allow_nan=False)

@@ -1,0 +1,67 @@
+"""Result types: small frozen dataclasses that the renderers format and the API returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compared entry: its index in the user's original array shape."""
+
+    index: tuple[int, ...]
+    expected: float
+    got: float
+    abs_err: float
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.abs_err <= self.allowed
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check (a row of the report): `got` compared with `expected` entry by entry."""
+
+    name: str
+    ok: bool
+    expected_label: str
+    got_label: str
+    max_abs_err: float
+    max_rel_err: float
+    mismatches: int
+    total: int
+    worst: tuple[Entry, ...]
+    rule: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    role: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one `ce-check grad` run established."""
+
+    kind: str
+    ok: bool
+    loss: float
+    loss_per_sample_shape: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    n_rows: int
+    n_classes: int
+    n_ignored: int
+    reduction: str
+    target_kind: str
+    checks: tuple[CheckResult, ...]
+    inputs: tuple[InputInfo, ...] = ()
+    warnings: tuple[str, ...] = ()
+    fd_mode: str = "off"
+    fd_evaluations: int = 0
+    options: dict = field(default_factory=dict)

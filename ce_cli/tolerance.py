@@ -1,0 +1,96 @@
+"""The tolerance model: what error a *correct* implementation makes in a given precision.
+
+An entry passes when
+
+    |got - ref| <= atol + rtol * |ref| + floor
+
+with `rtol = 2 * eps` and `atol = 0` by default, and a per-entry `floor` that the loss module
+computes from the error analysis of softmax cross-entropy in that precision (see the README,
+"Tolerance model"): roughly `k * eps * (Q * a * (1 + |log a| + |lse|) + q) / D + tiny`.
+`eps` is the larger of the storage dtype's and the declared `--precision`'s machine epsilon;
+`tiny` is the smallest subnormal of the storage dtype (storage flushes smaller entries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+
+# machine epsilon and smallest positive subnormal
+PRECISIONS: dict[str, tuple[float, float]] = {
+    "f16": (2.0**-10, 2.0**-24),
+    "bf16": (2.0**-7, 2.0**-133),
+    "f32": (2.0**-23, 2.0**-149),
+    "f64": (2.0**-52, 2.0**-1074),
+}
+ALIASES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32",
+           "single": "f32", "float64": "f64", "double": "f64"}
+DEFAULT_FLOOR_FACTOR = 4.0
+DEFAULT_RTOL_FACTOR = 2.0
+
+
+def precision_of_dtype(dtype: np.dtype) -> str:
+    """The precision name for a stored dtype (integers and wider floats count as f64)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.itemsize <= 2:
+        return "bf16" if dtype.name == "bfloat16" else "f16"
+    if dtype.kind == "f" and dtype.itemsize == 4:
+        return "f32"
+    return "f64"
+
+
+def parse_precision(name: str) -> str:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in PRECISIONS:
+        raise CeCheckError(f"--precision: unknown precision '{name}' (use f16, bf16, f32 or f64)")
+    return key
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Resolved tolerances for one comparison."""
+
+    precision: str
+    eps: float
+    tiny: float
+    rtol: float
+    atol: float
+    floor_factor: float
+
+    @property
+    def floor_coef(self) -> float:
+        """k * eps, the factor in front of the per-entry error floor."""
+        return self.floor_factor * self.eps
+
+    def describe(self) -> str:
+        return (f"{self.precision}: rtol {self.rtol:.2g}, atol {self.atol:.2g}, "
+                f"floor {self.floor_factor:g}eps")
+
+
+def resolve_tolerance(
+    stored: np.dtype,
+    precision: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    floor_factor: float | None = None,
+) -> Tolerance:
+    """Tolerances for an array stored as `stored`, computed in `precision` (default: stored)."""
+    storage = precision_of_dtype(stored)
+    declared = parse_precision(precision) if precision else storage
+    eps = max(PRECISIONS[storage][0], PRECISIONS[declared][0])
+    tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1])
+    name = declared if PRECISIONS[declared][0] >= PRECISIONS[storage][0] else storage
+    for flag, value in (("--rtol", rtol), ("--atol", atol), ("--floor-factor", floor_factor)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise CeCheckError(f"{flag}: must be a finite number >= 0, got {value}")
+    return Tolerance(
+        precision=name,
+        eps=eps,
+        tiny=tiny,
+        rtol=DEFAULT_RTOL_FACTOR * eps if rtol is None else float(rtol),
+        atol=0.0 if atol is None else float(atol),
+        floor_factor=DEFAULT_FLOOR_FACTOR if floor_factor is None else float(floor_factor),
+    )
