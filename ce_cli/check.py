@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -38,6 +39,52 @@ def parse_loss_value(text: str) -> tuple[np.ndarray, float]:
         return np.array(float(dec)), 0.0
     exponent = dec.as_tuple().exponent
     return np.array(float(dec)), 0.5 * 10.0 ** int(exponent)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float64 reference: reduced loss, per-sample losses (batch shape), gradient (logits' shape)."""
+
+    loss: float
+    per_sample: np.ndarray
+    grad: np.ndarray
+
+
+def reference(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    weight: np.ndarray | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    class_axis: int = -1,
+) -> Reference:
+    """Loss and gradient of `F.cross_entropy(logits, labels, ...)` in float64, in memory.
+
+    For reduction 'none' the gradient is that of the sum of per-sample losses.
+    """
+    problem, _ = build_softmax_ce(
+        np.asarray(logits), np.asarray(labels), weight=weight, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, class_axis=class_axis)
+    N, C = problem.n_rows, problem.n_classes
+    grad = np.empty((N, C))
+    per_sample = np.empty(N)
+    for start, stop in row_chunks(N, C):
+        ev = problem.evaluate(start, stop)
+        grad[start:stop] = ev.grad
+        per_sample[start:stop] = ev.loss
+    layout = problem.layout
+    return Reference(
+        loss=problem.reduce(_total(per_sample)),
+        per_sample=per_sample.reshape(layout.batch_shape),
+        grad=layout.from_rows(grad),
+    )
+
+
+def _total(row_loss: np.ndarray) -> float:
+    """Sum of row losses: exactly rounded (fsum) up to 2**20 rows, pairwise beyond."""
+    return math.fsum(row_loss.tolist()) if row_loss.size <= 1 << 20 else float(np.sum(row_loss))
 
 
 def check_grad(
@@ -156,7 +203,7 @@ def check_grad(
             progress(stop, N)
     finish_out_grad()
 
-    total = problem.reduce(math.fsum(row_loss.tolist()) if N <= 1 << 16 else float(np.sum(row_loss)))
+    total = problem.reduce(_total(row_loss))
     checks: list[CheckResult] = []
     if grad_cmp is not None:
         checks.append(grad_cmp.result())

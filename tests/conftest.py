@@ -1,0 +1,48 @@
+"""Shared test set-up: plain (non-terminal) Rich output everywhere, helpers for arrays and the CLI."""
+
+import os
+
+os.environ.setdefault("TERMINAL_WIDTH", "3000")
+os.environ.setdefault("_TYPER_FORCE_DISABLE_TERMINAL", "1")
+for var in ("FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS"):
+    os.environ.pop(var, None)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from ce_cli.cli import app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def invoke(runner):
+    """invoke(args, input=None, env=None) -> Result, with COLUMNS wide enough for whole tables."""
+
+    def _invoke(args, input=None, env=None):
+        full_env = {"COLUMNS": "200", "NO_COLOR": "1"}
+        full_env.update(env or {})
+        return runner.invoke(app, [str(a) for a in args], input=input, env=full_env)
+
+    return _invoke
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def save(tmp_path: Path, name: str, arr) -> str:
+    path = tmp_path / name
+    np.save(path, np.asarray(arr))
+    return str(path)
