@@ -54,20 +54,22 @@ class Comparison:
         if R == 0 or C == 0:
             return
         self.total += R * C
-        diff = np.array(got, dtype=np.float64)
-        np.subtract(diff, ref, out=diff)
+        diff = np.subtract(got, ref, dtype=np.float64)
         np.abs(diff, out=diff)
-        absref = np.abs(ref)
-        tol = absref * self.tol.rtol
-        tol += self.tol.atol + self.extra_atol + self.tol.tiny
-        if floor is not None:
-            tol += floor
-        self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.divide(diff, absref, out=absref)
-        rel[~np.isfinite(rel)] = 0.0  # entries with ref == 0 have no relative error
-        self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel, axis=None)))
-        ratio = np.divide(diff, tol, out=rel)
+        tol = np.abs(ref)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            quot = np.divide(diff, tol)
+            # entries with ref == 0 have no relative error (x/0 is inf, 0/0 NaN: fmax skips NaN)
+            rel_rows = np.fmax.reduce(quot, axis=1)
+            for i in np.flatnonzero(np.isinf(rel_rows)):
+                row = quot[i]
+                rel_rows[i] = np.fmax.reduce(np.where(tol[i] == 0, np.nan, row))
+            self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
+            tol *= self.tol.rtol
+            tol += self.tol.atol + self.extra_atol + self.tol.tiny
+            if floor is not None:
+                tol += floor
+            ratio = np.divide(diff, tol, out=quot)
         rowmax = ratio.max(axis=1)
         odd = ~np.isfinite(rowmax)
         if odd.any():
@@ -76,27 +78,31 @@ class Comparison:
                 self.nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
+        self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
         failing = np.flatnonzero(rowmax > 1.0)
         if failing.size:
             self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
         self._collect_worst(row0, ratio, rowmax, ref, got, diff, tol)
 
     def _collect_worst(self, row0, ratio, rowmax, ref, got, diff, tol) -> None:
+        """Keep the k largest ratios: only rows whose maximum beats the current k-th are opened."""
         k = self.n_worst
         if k == 0:
             return
-        R, C = ratio.shape
-        rows = np.argsort(-rowmax, kind="stable")[:k] if R <= k else np.argpartition(-rowmax, k - 1)[:k]
-        sub = ratio[rows]
-        flat = sub.ravel()
-        take = np.argsort(-flat, kind="stable")[:k] if flat.size <= 4 * k else np.argpartition(-flat, k - 1)[:k]
-        for f in take:
-            i, j = divmod(int(f), C)
-            r = int(rows[i])
-            g = float(np.asarray(got[r, j], dtype=np.float64))
-            self._worst.append((float(flat[f]), row0 + r, j, float(ref[r, j]), g,
-                                float(diff[r, j]), float(tol[r, j])))
-        self._worst.sort(key=lambda t: (-t[0] if t[0] == t[0] else -np.inf, t[1], t[2]))
+        threshold = self._worst[-1][0] if len(self._worst) >= k else -1.0
+        rows = np.flatnonzero(rowmax > threshold)
+        if rows.size > k:
+            rows = rows[np.argsort(-rowmax[rows], kind="stable")[:k]]
+        for r in rows.tolist():
+            row = ratio[r]
+            cols = np.flatnonzero(row > threshold)
+            if cols.size > k:
+                cols = cols[np.argsort(-row[cols], kind="stable")[:k]]
+            for j in cols.tolist():
+                g = float(np.asarray(got[r, j], dtype=np.float64))
+                self._worst.append((float(row[j]), row0 + r, j, float(ref[r, j]), g,
+                                    float(diff[r, j]), float(tol[r, j])))
+        self._worst.sort(key=lambda t: (-t[0], t[1], t[2]))
         del self._worst[k:]
 
     def positions(self) -> list[tuple[int, int]]:
