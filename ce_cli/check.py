@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import numpy as np
 
 from ce_cli.compare import Comparison
 from ce_cli.errors import CeCheckError
-from ce_cli.finite_diff import choose_mode, fd_entries, fd_full, sample_entries
+from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
+                                sample_entries)
 from ce_cli.layout import match_batch
 from ce_cli.results import CheckResult, InputInfo, Report
 from ce_cli.softmax_ce import SoftmaxCE, build_softmax_ce
@@ -175,6 +176,19 @@ def check_grad(
         if grad_rows is not None:
             fd_user_cmp = Comparison("fd_vs_grad", grad_tol, layout.original_index,
                                      expected_label="finite diff", got_label="yours", n_worst=worst)
+    dir_ref_cmp = dir_user_cmp = None
+    if mode == "directional":
+        def row_index(r, _c):
+            return layout.batch_index(r)
+
+        dir_rng = np.random.default_rng(seed)
+        dir_ref_cmp = Comparison("fd_rows_vs_reference", ref64, row_index, expected_label="finite diff",
+                                 got_label="reference", n_worst=worst,
+                                 note="one random direction per row")
+        if grad_rows is not None:
+            dir_user_cmp = Comparison("fd_rows_vs_grad", grad_tol, row_index,
+                                      expected_label="finite diff", got_label="yours", n_worst=worst,
+                                      note="one random direction per row")
 
     row_loss = np.empty(N)
     loss_floor = np.empty(N) if loss_tol is not None else None
@@ -187,8 +201,16 @@ def check_grad(
         if loss_floor is not None:
             loss_floor[start:stop] = loss_tol.floor_coef * (
                 np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))
+        user_tol = None
         if grad_cmp is not None:
-            grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
+            user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
+        if mode == "directional":
+            dc = directional_chunk(problem, start, stop, ev.grad, dir_rng,
+                                   None if grad_rows is None else grad_rows[start:stop], user_tol)
+            fd_evaluations += 2 * (stop - start)
+            dir_ref_cmp.update(start, dc.fd, dc.ref, FD_SAFETY * dc.bound)
+            if dir_user_cmp is not None:
+                dir_user_cmp.update(start, dc.fd, dc.got, FD_SAFETY * dc.bound + dc.got_bound)
         if out_rows is not None:
             out_rows[start:stop] = ev.grad
         if mode == "full":
@@ -210,7 +232,14 @@ def check_grad(
     if loss_arr is not None:
         checks.append(_check_loss(problem, loss_arr, loss_tol, loss_atol, row_loss, loss_floor, total,
                                   worst))
-    if mode == "sample":
+    if mode == "directional":
+        checks.insert(0, dir_ref_cmp.result())
+        if dir_user_cmp is not None:
+            result, used = _localize_failures(problem, dir_user_cmp.result(), dir_user_cmp.positions(),
+                                              grad_rows, grad_tol, seed)
+            fd_evaluations += used
+            checks.append(result)
+    if mode in ("sample", "directional"):
         extra = grad_cmp.positions() if grad_cmp is not None else []
         rows, cols = sample_entries(problem, samples, seed, extra)
         res = fd_entries(problem, rows, cols)
@@ -224,9 +253,6 @@ def check_grad(
     if fd_skipped:
         warnings.append(f"finite differences skipped {fd_skipped} entries at -inf logits or "
                         "in rows whose loss is infinite")
-    if N > 0 and C == 2 and problem.probs is None:
-        warnings.append("two classes: softmax CE here equals sigmoid BCE on z1 - z0 "
-                        "(see `ce-check binary --help`)")
 
     n_ignored = int(N - np.count_nonzero(problem.valid))
     infos = [InputInfo("logits", src["logits"], tuple(logits.shape), str(logits.dtype)),
@@ -255,6 +281,26 @@ def check_grad(
                  "class_axis": layout.class_axis, "weighted": weight is not None,
                  "precision": grad_tol.precision if grad_tol else None},
     )
+
+
+def _localize_failures(problem, result: CheckResult, positions, grad_rows, grad_tol, seed,
+                       max_rows: int = 3) -> tuple[CheckResult, int]:
+    """Bisection over column blocks in the worst failing rows; the finds go into the note."""
+    if result.ok:
+        return result, 0
+    found, used = [], 0
+    failing = [r for (r, _c), e in zip(positions, result.worst) if not e.ok][:max_rows]
+    for row in failing:
+        ev = problem.evaluate_rows(np.asarray(problem.z[row:row + 1]), np.array([row]),
+                                   floor_coef=grad_tol.floor_coef)
+        got = np.asarray(grad_rows[row], dtype=np.float64)
+        tol = np.abs(ev.grad[0]) * grad_tol.rtol + grad_tol.atol + grad_tol.tiny + ev.floor[0]
+        col, n = localize(problem, row, got, tol, seed + row)
+        used += n
+        where = problem.layout.original_index(row, col) if col is not None else "not isolated"
+        found.append(f"row {problem.layout.batch_index(row)} -> entry {where}")
+    note = "; ".join([result.note, "bisection: " + ", ".join(found)]) if found else result.note
+    return replace(result, note=note), used
 
 
 def _settle_skipped(fdv: np.ndarray, bound: np.ndarray, ref: np.ndarray):

@@ -45,14 +45,16 @@ class Comparison:
         self.max_rel = 0.0
         self._worst: list[tuple[float, int, int, float, float, float, float]] = []
 
-    def update(self, row0: int, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> None:
-        """Compare rows [row0, row0 + R) of `got` (any float dtype) against float64 `ref`."""
+    def update(self, row0: int, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
+        """Compare rows [row0, row0 + R) of `got` (any float dtype) against float64 `ref`.
+
+        Returns the per-entry allowed error (R, C)."""
         if ref.ndim == 1:
             ref, got = ref[:, None], np.asarray(got).reshape(-1, 1)
             floor = None if floor is None else floor[:, None]
         R, C = ref.shape
         if R == 0 or C == 0:
-            return
+            return np.zeros((R, C))
         self.total += R * C
         diff = np.subtract(got, ref, dtype=np.float64)
         np.abs(diff, out=diff)
@@ -83,6 +85,7 @@ class Comparison:
         if failing.size:
             self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
         self._collect_worst(row0, ratio, rowmax, ref, got, diff, tol)
+        return tol
 
     def _collect_worst(self, row0, ratio, rowmax, ref, got, diff, tol) -> None:
         """Keep the k largest ratios: only rows whose maximum beats the current k-th are opened."""

@@ -8,9 +8,12 @@ Perturbing z[n, c] changes only loss_n, so each difference is taken on the row's
 with h = eps^(1/3) * max(1, |z_c|) and the realised step in the denominator. Each entry gets a
 rigorous error bound (round-off plus truncation, see `SoftmaxCE.fd_error_bound`).
 
-Modes: `full` sweeps every column of a row chunk at once (2*C chunk evaluations); `sample`
-checks K entries: each sampled row's target entry, a random other entry, and the worst entries
-of the gradient comparison; `auto` runs `full` when it costs at most ~2e8 entry evaluations.
+Modes: `full` sweeps every column of a row chunk at once (2*C chunk evaluations); `directional`
+checks every row along one random direction (2 batch evaluations) and localises a failing row's
+bad entry by bisection over column blocks (O(log C) row evaluations); `sample` checks K entries:
+each sampled row's target entry, a random other entry, and the worst entries of the gradient
+comparison. `directional` and `sample` both also run the sampled entry checks. `auto` runs
+`full` when it costs at most ~2e8 entry evaluations, `directional` up to 2^24 entries, else `sample`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 
-FD_MODES = ("auto", "full", "sample", "off")
+FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
+DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
 CHUNK_ENTRIES = 1 << 20
 
 
@@ -39,9 +43,11 @@ class FDResult:
 
 def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
     if mode not in FD_MODES:
-        raise CeCheckError(f"--fd: unknown mode '{mode}' (use auto, full, sample or off)")
+        raise CeCheckError(f"--fd: unknown mode '{mode}' (use auto, full, directional, sample or off)")
     if mode == "auto":
-        return "full" if 2.0 * n_rows * n_classes * n_classes <= FULL_BUDGET else "sample"
+        if 2.0 * n_rows * n_classes * n_classes <= FULL_BUDGET:
+            return "full"
+        return "directional" if n_rows * n_classes <= DIRECTIONAL_BUDGET else "sample"
     return mode
 
 
@@ -132,3 +138,93 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
         fd[:, j], bound[:, j] = f, b
         skipped += s
     return fd, bound, skipped
+
+
+# the largest |third central moment| of a distribution on an interval of length 1 (two points)
+THIRD_MOMENT_MAX = np.sqrt(3.0) / 18.0
+
+
+@dataclass(frozen=True)
+class Directional:
+    """Per-row directional checks: loss_n(z + u) - loss_n(z - u) against <g_n, (z + u) - (z - u)>."""
+
+    fd: np.ndarray                # (R,) scale * (loss_n(z+) - loss_n(z-))
+    ref: np.ndarray               # (R,) <reference gradient, delta>
+    bound: np.ndarray             # (R,) bound on |fd - <true gradient, delta>|
+    got: np.ndarray | None        # (R,) <your gradient, delta>
+    got_bound: np.ndarray | None  # (R,) sum_c |delta_c| * tolerance_c of your entries
+
+
+def random_steps(z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """u = +-h per entry (Rademacher signs), h = eps^(1/3) * max(1, |z|); 0 at -inf logits."""
+    signs = np.where(rng.random(z.shape) < 0.5, -1.0, 1.0)
+    with np.errstate(invalid="ignore"):
+        u = step_for(z) * signs
+    u[~np.isfinite(z)] = 0.0
+    return u
+
+
+def directional_difference(problem, rows: np.ndarray, z: np.ndarray, u: np.ndarray):
+    """(loss(z + u) - loss(z - u)) * scale, the realised delta, and the difference's error bound."""
+    zp, zm = z + u, z - u
+    ep = problem.evaluate_rows(zp, rows, grad=False)
+    em = problem.evaluate_rows(zm, rows, grad=False)
+    delta = zp - zm
+    with np.errstate(invalid="ignore"):
+        delta[~np.isfinite(delta)] = 0.0
+        fd = (ep.loss - em.loss) * problem.grad_scale
+    eps = np.finfo(np.float64).eps
+    C = problem.n_classes
+    Q = np.abs(ep.total_weight)
+    rounding = 2.0 * 8.0 * eps * (np.maximum(np.abs(ep.loss), np.abs(em.loss)) + Q * (2.0 + 2.0 * np.log2(C)))
+    reach = np.abs(delta).max(axis=1)  # the range of u along the row is at most 2*max|u| = max|delta|
+    truncation = Q * THIRD_MOMENT_MAX * reach**3 / 3.0  # f(h)-f(-h) = 2hf' + h^3 f'''(xi)/3
+    return fd, delta, (rounding + truncation) * problem.grad_scale
+
+
+def directional_chunk(problem, start: int, stop: int, ref_grad: np.ndarray, rng: np.random.Generator,
+                      got: np.ndarray | None = None, got_tol: np.ndarray | None = None) -> Directional:
+    """One random direction per row of [start, stop): two loss evaluations cover every entry."""
+    rows = np.arange(start, stop)
+    z = np.array(problem.z[start:stop], dtype=np.float64)
+    u = random_steps(z, rng)
+    fd, delta, bound = directional_difference(problem, rows, z, u)
+    eps = np.finfo(np.float64).eps
+    absd = np.abs(delta)
+    ref = np.einsum("ij,ij->i", ref_grad, delta)
+    # the reference's own rounding, summed along the direction
+    bound = bound + 4.0 * eps * (1.0 + np.log2(problem.n_classes)) * np.einsum("ij,ij->i", np.abs(ref_grad), absd)
+    dot = dot_bound = None
+    if got is not None:
+        dot = np.einsum("ij,ij->i", np.asarray(got, dtype=np.float64), delta)
+        dot_bound = np.einsum("ij,ij->i", got_tol, absd) if got_tol is not None else np.zeros(rows.size)
+    bad = ~np.isfinite(fd)
+    if bad.any():  # rows with an infinite loss (a masked target) cannot be probed
+        fd = np.where(bad, ref, fd)
+    return Directional(fd, ref, bound, dot, dot_bound)
+
+
+def localize(problem, row: int, got_row: np.ndarray, tol_row: np.ndarray, seed: int) -> tuple[int | None, int]:
+    """Bisection over column blocks of one failing row: the block whose directional check fails
+    holds the bad entry. Returns (column or None, row-loss evaluations used): 4 per halving."""
+    z = np.array(problem.z[row:row + 1], dtype=np.float64)
+    u_all = random_steps(z, np.random.default_rng(seed))
+    rows = np.array([row])
+    lo, hi = 0, problem.n_classes
+    evaluations = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ratios = []
+        for a, b in ((lo, mid), (mid, hi)):
+            u = np.zeros_like(u_all)
+            u[:, a:b] = u_all[:, a:b]
+            fd, delta, bound = directional_difference(problem, rows, z, u)
+            evaluations += 2
+            dot = float(np.dot(got_row[a:b], delta[0, a:b]))
+            allowed = 2.0 * float(bound[0]) + float(np.dot(tol_row[a:b], np.abs(delta[0, a:b])))
+            err = abs(float(fd[0]) - dot)
+            ratios.append(err / allowed if allowed > 0 else (np.inf if err > 0 else 0.0))
+        if max(ratios) <= 1.0:
+            return None, evaluations
+        lo, hi = (lo, mid) if ratios[0] >= ratios[1] else (mid, hi)
+    return lo, evaluations
