@@ -15,9 +15,8 @@ from ce_cli.compare import Comparison
 from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
-from ce_cli.layout import match_batch
 from ce_cli.results import CheckResult, InputInfo, Report
-from ce_cli.softmax_ce import SoftmaxCE, build_softmax_ce
+from ce_cli.softmax_ce import build_softmax_ce
 from ce_cli.tolerance import Tolerance, resolve_tolerance
 
 CHUNK_ELEMENTS = 1 << 17   # float64 entries per row chunk: 1 MB buffers stay in L2 (2x faster than 2 MB)
@@ -127,6 +126,43 @@ def check_grad(
         label_smoothing=label_smoothing, class_axis=class_axis, source=src["logits"],
         labels_source=src["labels"], weight_source=src["weight"],
     )
+    return verify(
+        problem, warnings, kind="multiclass", logits=logits, labels=labels, grad=grad, loss=loss,
+        rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor, loss_atol=loss_atol,
+        fd=fd, samples=samples, seed=seed, worst=worst, out_grad=out_grad, sources=src,
+        chunk_elements=chunk_elements, progress=progress,
+        options={"ignore_index": ignore_index, "label_smoothing": label_smoothing,
+                 "class_axis": problem.layout.class_axis, "weighted": weight is not None},
+    )
+
+
+def verify(
+    problem,
+    warnings: list[str],
+    *,
+    kind: str,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    grad: np.ndarray | None,
+    loss,
+    rtol: float | None,
+    atol: float | None,
+    precision: str | None,
+    floor_factor: float | None,
+    loss_atol: float,
+    fd: str,
+    samples: int,
+    seed: int,
+    worst: int,
+    out_grad,
+    sources: dict[str, str],
+    chunk_elements: int,
+    progress,
+    options: dict,
+) -> Report:
+    """The checks shared by every loss model: one streaming pass, then finite differences."""
+    src = sources
+    reduction = problem.reduction
     layout = problem.layout
     N, C = problem.n_rows, problem.n_classes
     if samples < 1:
@@ -154,7 +190,7 @@ def check_grad(
         if loss_arr.dtype.kind not in "iuf":
             raise CeCheckError(f"{src['loss']}: dtype {loss_arr.dtype} is not numeric")
         if reduction == "none":
-            loss_arr = match_batch(loss_arr, layout, src["loss"], "per-sample losses ('none')")
+            loss_arr = problem.match_per_sample(loss_arr, src["loss"])
         elif loss_arr.size != 1:
             raise CeCheckError(
                 f"{src['loss']}: shape {loss_arr.shape}; reduction '{reduction}' gives a scalar loss "
@@ -191,7 +227,8 @@ def check_grad(
                                       note="one random direction per row")
 
     row_loss = np.empty(N)
-    loss_floor = np.empty(N) if loss_tol is not None else None
+    per_sample = np.empty((N,) + problem.per_sample_cols) if loss_tol is not None else None
+    loss_floor = np.empty_like(per_sample) if loss_tol is not None else None
     fd_skipped = 0
     fd_evaluations = 0
     floor_coef = grad_tol.floor_coef if grad_tol is not None else None
@@ -199,8 +236,8 @@ def check_grad(
         ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
         row_loss[start:stop] = ev.loss
         if loss_floor is not None:
-            loss_floor[start:stop] = loss_tol.floor_coef * (
-                np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))
+            per_sample[start:stop] = problem.per_sample(ev)
+            loss_floor[start:stop] = problem.loss_floor(ev, loss_tol.floor_coef)
         user_tol = None
         if grad_cmp is not None:
             user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
@@ -230,8 +267,8 @@ def check_grad(
     if grad_cmp is not None:
         checks.append(grad_cmp.result())
     if loss_arr is not None:
-        checks.append(_check_loss(problem, loss_arr, loss_tol, loss_atol, row_loss, loss_floor, total,
-                                  worst))
+        checks.append(_check_loss(problem, loss_arr, loss_tol, loss_atol, per_sample, loss_floor,
+                                  total, worst))
     if mode == "directional":
         checks.insert(0, dir_ref_cmp.result())
         if dir_user_cmp is not None:
@@ -262,24 +299,22 @@ def check_grad(
     if loss_arr is not None:
         infos.append(InputInfo("loss", src["loss"], tuple(np.shape(loss)), str(loss_arr.dtype)))
     return Report(
-        kind="multiclass",
+        kind=kind,
         ok=all(c.ok for c in checks),
         loss=float(total),
-        loss_per_sample_shape=layout.batch_shape if reduction == "none" else None,
+        loss_per_sample_shape=problem.per_sample_shape if reduction == "none" else None,
         shape=tuple(logits.shape),
         n_rows=N,
         n_classes=C,
         n_ignored=n_ignored,
         reduction=reduction,
-        target_kind="probability" if problem.probs is not None else "index",
+        target_kind=problem.target_kind,
         checks=tuple(checks),
         inputs=tuple(infos),
         warnings=tuple(warnings),
         fd_mode=mode,
         fd_evaluations=fd_evaluations,
-        options={"ignore_index": ignore_index, "label_smoothing": label_smoothing,
-                 "class_axis": layout.class_axis, "weighted": weight is not None,
-                 "precision": grad_tol.precision if grad_tol else None},
+        options={**options, "precision": grad_tol.precision if grad_tol else None},
     )
 
 
@@ -312,14 +347,13 @@ def _settle_skipped(fdv: np.ndarray, bound: np.ndarray, ref: np.ndarray):
     return fdv, bound
 
 
-def _check_loss(problem: SoftmaxCE, loss_arr, tol: Tolerance, loss_atol, row_loss, loss_floor, total,
+def _check_loss(problem, loss_arr, tol: Tolerance, loss_atol, per_sample, loss_floor, total,
                 worst) -> CheckResult:
-    layout = problem.layout
     if problem.reduction == "none":
-        cmp = Comparison("loss_vs_reference", tol, lambda r, c: layout.batch_index(r),
+        cmp = Comparison("loss_vs_reference", tol, problem.per_sample_index,
                          expected_label="reference", got_label="yours", n_worst=worst,
                          extra_atol=loss_atol)
-        cmp.update(0, row_loss, loss_arr, loss_floor)
+        cmp.update(0, per_sample, loss_arr, loss_floor)
         return cmp.result()
     scale = problem.grad_scale
     n = max(1, problem.n_rows)
@@ -337,7 +371,7 @@ def _check_loss(problem: SoftmaxCE, loss_arr, tol: Tolerance, loss_atol, row_los
     return cmp.result()
 
 
-def _check_sampled_fd(problem: SoftmaxCE, res, grad_rows, grad_tol, ref64, worst) -> list[CheckResult]:
+def _check_sampled_fd(problem, res, grad_rows, grad_tol, ref64, worst) -> list[CheckResult]:
     rows, cols = res.rows, res.cols
     ana = np.empty(rows.size)
     user_floor = np.empty(rows.size)

@@ -64,6 +64,36 @@ class SoftmaxCE:
         return self.z.shape[1]
 
     @property
+    def target_kind(self) -> str:
+        return "probability" if self.probs is not None else "index"
+
+    @property
+    def per_sample_shape(self) -> tuple[int, ...]:
+        """Shape of the per-sample losses of reduction 'none': the batch shape."""
+        return self.layout.batch_shape
+
+    @property
+    def per_sample_cols(self) -> tuple[int, ...]:
+        """Trailing shape of one row's per-sample losses: none, one loss per row."""
+        return ()
+
+    def per_sample_index(self, row: int, _col: int) -> tuple[int, ...]:
+        return self.layout.batch_index(row)
+
+    def match_per_sample(self, arr: np.ndarray, source: str) -> np.ndarray:
+        return match_batch(arr, self.layout, source, "per-sample losses ('none')")
+
+    @staticmethod
+    def per_sample(ev: ChunkEval) -> np.ndarray:
+        return ev.loss
+
+    @staticmethod
+    def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
+        """Error of a correct loss_n in a precision with k*eps = coef: the rounded terms of
+        Q*lse - q.z, and lse's own magnitude (implementations that form lse = m + log s)."""
+        return coef * (np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))
+
+    @property
     def grad_scale(self) -> float:
         """d(reduced loss)/d(loss_n): 1/D for 'mean' (0 when D is 0: PyTorch's zero gradient)."""
         if self.reduction != "mean":
