@@ -56,7 +56,8 @@ class Comparison:
         if R == 0 or C == 0:
             return np.zeros((R, C))
         self.total += R * C
-        diff = np.subtract(got, ref, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            diff = np.subtract(got, ref, dtype=np.float64)
         np.abs(diff, out=diff)
         tol = np.abs(ref)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -77,6 +78,12 @@ class Comparison:
         if odd.any():
             for i in np.flatnonzero(odd):
                 bad = ~np.isfinite(diff[i])
+                g = np.asarray(got[i], dtype=np.float64)
+                # the same non-finite value on both sides (NaN reference loss, inf loss) matches
+                same = bad & ((g == ref[i]) | (np.isnan(g) & np.isnan(ref[i])))
+                diff[i][same] = 0.0
+                ratio[i][same] = 0.0
+                bad &= ~same
                 self.nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
@@ -121,7 +128,8 @@ class Comparison:
         ok = self.mismatches == 0 and self.nonfinite == 0
         note = self.note
         if self.nonfinite:
-            note = (note + "; " if note else "") + f"{self.nonfinite} non-finite entries (NaN/inf) in {self.got_label}"
+            note = (note + "; " if note else "") + (
+                f"{self.nonfinite} entries NaN/inf on one side only ({self.got_label} or {self.expected_label})")
         return CheckResult(
             name=self.name,
             ok=ok,

@@ -52,7 +52,9 @@ def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
 
 
 def step_for(z: np.ndarray) -> np.ndarray:
-    return np.finfo(np.float64).eps ** (1.0 / 3.0) * np.maximum(1.0, np.abs(z))
+    """h = eps^(1/3) * max(1, |z|); 0 at -inf logits (masks), which are not probed."""
+    h = np.finfo(np.float64).eps ** (1.0 / 3.0) * np.maximum(1.0, np.abs(z))
+    return np.where(np.isfinite(z), h, 0.0)
 
 
 def sample_entries(problem, k: int, seed: int, extra: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +107,8 @@ def _difference(problem, base, r, c, zc, ev):
 
 
 def _finish(problem, zp, zm, lp, lm, zc, ev):
-    denom = zp - zm
     with np.errstate(invalid="ignore", divide="ignore"):
+        denom = zp - zm  # NaN at -inf logits: skipped below
         fd = (lp - lm) / denom * problem.grad_scale
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         bound = problem.fd_error_bound(zc, denom / 2.0, ev)
@@ -158,10 +160,7 @@ class Directional:
 def random_steps(z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """u = +-h per entry (Rademacher signs), h = eps^(1/3) * max(1, |z|); 0 at -inf logits."""
     signs = np.where(rng.random(z.shape) < 0.5, -1.0, 1.0)
-    with np.errstate(invalid="ignore"):
-        u = step_for(z) * signs
-    u[~np.isfinite(z)] = 0.0
-    return u
+    return step_for(z) * signs
 
 
 def directional_difference(problem, rows: np.ndarray, z: np.ndarray, u: np.ndarray):
@@ -169,9 +168,9 @@ def directional_difference(problem, rows: np.ndarray, z: np.ndarray, u: np.ndarr
     zp, zm = z + u, z - u
     ep = problem.evaluate_rows(zp, rows, grad=False)
     em = problem.evaluate_rows(zm, rows, grad=False)
-    delta = zp - zm
     with np.errstate(invalid="ignore"):
-        delta[~np.isfinite(delta)] = 0.0
+        delta = zp - zm
+        delta[~np.isfinite(delta)] = 0.0  # -inf - -inf at masked logits: not perturbed
         fd = (ep.loss - em.loss) * problem.grad_scale
     eps = np.finfo(np.float64).eps
     C = problem.n_classes
@@ -198,8 +197,8 @@ def directional_chunk(problem, start: int, stop: int, ref_grad: np.ndarray, rng:
     if got is not None:
         dot = np.einsum("ij,ij->i", np.asarray(got, dtype=np.float64), delta)
         dot_bound = np.einsum("ij,ij->i", got_tol, absd) if got_tol is not None else np.zeros(rows.size)
-    bad = ~np.isfinite(fd)
-    if bad.any():  # rows with an infinite loss (a masked target) cannot be probed
+    bad = ~np.isfinite(fd) | np.isnan(ref)
+    if bad.any():  # rows with an infinite loss (a masked target) or a 0/0 mean cannot be probed
         fd = np.where(bad, ref, fd)
     return Directional(fd, ref, bound, dot, dot_bound)
 

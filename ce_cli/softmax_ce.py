@@ -51,7 +51,7 @@ class SoftmaxCE:
     ignore_index: int
     smoothing: float
     reduction: str
-    denominator: float             # D; NaN when every target is ignored under 'mean'
+    denominator: float             # D; 0 when every target is ignored under 'mean' (loss NaN)
     valid: np.ndarray              # (N,) rows that contribute
     source: str = "logits"
 
@@ -98,13 +98,17 @@ class SoftmaxCE:
         """d(reduced loss)/d(loss_n): 1/D for 'mean' (0 when D is 0: PyTorch's zero gradient)."""
         if self.reduction != "mean":
             return 1.0
-        d = self.denominator
-        return 1.0 / d if np.isfinite(d) and d != 0 else 0.0
+        return 1.0 / self.denominator if self.denominator != 0 else 0.0
+
+    @property
+    def nan_gradient(self) -> bool:
+        """'mean' with D = 0 but some target not ignored (all weights 0): PyTorch's 0/0 NaN rows."""
+        return self.reduction == "mean" and self.denominator == 0 and bool(self.valid.any())
 
     def reduce(self, row_loss_sum: float) -> float:
         if self.reduction == "mean":
             d = self.denominator
-            return row_loss_sum / d if np.isfinite(d) and d != 0 else float("nan")
+            return row_loss_sum / d if d != 0 else float("nan")
         return row_loss_sum
 
     def evaluate(self, start: int, stop: int, *, grad: bool = True,
@@ -141,6 +145,10 @@ class SoftmaxCE:
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
         """The kernel: rows `rows` of the problem, with logits `z_rows` (possibly perturbed)."""
+        with np.errstate(invalid="ignore"):  # 0 * -inf at masked logits, replaced where it occurs
+            return self._evaluate_rows(z_rows, rows, grad, floor_coef)
+
+    def _evaluate_rows(self, z_rows, rows, grad, floor_coef) -> ChunkEval:
         zs = np.array(z_rows, dtype=np.float64)  # becomes z - m in place
         R, C = zs.shape
         r = np.arange(R)
@@ -215,6 +223,8 @@ class SoftmaxCE:
                 rest = np.where(am != ys, alpha, 0.0) + beta * (W - w_am)
             # a_max - 1 = -s1/s exactly: Q*a - q = Q*(a - 1) + (Q - q)
             g[r, am] = scale * (rest - Q * s1 / s)
+            if self.nan_gradient:
+                g[active] = np.nan
         return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q)
 
     def fd_error_bound(self, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
@@ -344,9 +354,12 @@ def build_softmax_ce(
         denominator = float(np.count_nonzero(valid))
     n_ignored = int(N - np.count_nonzero(valid))
     if reduction == "mean" and denominator == 0:
-        why = "every target is ignored" if n_ignored == N else "the targets' weights sum to 0"
-        warnings.append(f"{why}: the mean loss is NaN (0/0, as PyTorch) and the gradient is zero")
-        denominator = float("nan")
+        if n_ignored == N:
+            warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
+                            "and the gradient is zero")
+        else:
+            warnings.append("the non-ignored targets' weights sum to 0: the mean loss and the "
+                            "gradient of those rows are NaN (0/0, as PyTorch)")
     problem = SoftmaxCE(z, layout, y, None, w64, ignore_index, float(label_smoothing),
                         reduction, denominator, valid, source)
     return problem, warnings
