@@ -6,7 +6,7 @@ Perturbing z[n, c] changes only loss_n, so each difference is taken on the row's
     fd[n, c] = scale * (loss_n(z + h e_c) - loss_n(z - h e_c)) / ((z_c + h) - (z_c - h))
 
 with h = eps^(1/3) * max(1, |z_c|) and the realised step in the denominator. Each entry gets a
-rigorous error bound (round-off plus truncation, see `SoftmaxCE.fd_error_bound`).
+rigorous error bound from the loss model (round-off plus truncation: `fd_error_bound`).
 
 Modes: `full` sweeps every column of a row chunk at once (2*C chunk evaluations); `directional`
 checks every row along one random direction (2 batch evaluations) and localises a failing row's
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.numerics import EPS
 
 FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
@@ -53,7 +54,7 @@ def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
 
 def step_for(z: np.ndarray) -> np.ndarray:
     """h = eps^(1/3) * max(1, |z|); 0 at -inf logits (masks), which are not probed."""
-    h = np.finfo(np.float64).eps ** (1.0 / 3.0) * np.maximum(1.0, np.abs(z))
+    h = EPS ** (1.0 / 3.0) * np.maximum(1.0, np.abs(z))
     return np.where(np.isfinite(z), h, 0.0)
 
 
@@ -103,15 +104,15 @@ def _difference(problem, base, r, c, zc, ev):
     base[idx, c] = zm
     lm = problem.evaluate_rows(base, r, grad=False).loss
     base[idx, c] = zc
-    return _finish(problem, zp, zm, lp, lm, zc, ev)
+    return _finish(problem, r, c, zp, zm, lp, lm, zc, ev)
 
 
-def _finish(problem, zp, zm, lp, lm, zc, ev):
+def _finish(problem, rows, cols, zp, zm, lp, lm, zc, ev):
     with np.errstate(invalid="ignore", divide="ignore"):
         denom = zp - zm  # NaN at -inf logits: skipped below
         fd = (lp - lm) / denom * problem.grad_scale
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        bound = problem.fd_error_bound(zc, denom / 2.0, ev)
+        bound = problem.fd_error_bound(rows, cols, zc, denom / 2.0, ev)
     bad = ~np.isfinite(fd) | ~np.isfinite(zc) | ~np.isfinite(bound)
     fd = np.where(bad, np.nan, fd)
     bound = np.where(bad, np.nan, bound)
@@ -136,14 +137,12 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
         base[:, j] = zm
         lm = problem.evaluate_rows(base, r, grad=False).loss
         base[:, j] = zc
-        f, b, s = _finish(problem, zp, zm, lp, lm, zc, ev)
+        f, b, s = _finish(problem, r, np.full(r.size, j), zp, zm, lp, lm, zc, ev)
         fd[:, j], bound[:, j] = f, b
         skipped += s
     return fd, bound, skipped
 
 
-# the largest |third central moment| of a distribution on an interval of length 1 (two points)
-THIRD_MOMENT_MAX = np.sqrt(3.0) / 18.0
 
 
 @dataclass(frozen=True)
@@ -172,13 +171,7 @@ def directional_difference(problem, rows: np.ndarray, z: np.ndarray, u: np.ndarr
         delta = zp - zm
         delta[~np.isfinite(delta)] = 0.0  # -inf - -inf at masked logits: not perturbed
         fd = (ep.loss - em.loss) * problem.grad_scale
-    eps = np.finfo(np.float64).eps
-    C = problem.n_classes
-    Q = np.abs(ep.total_weight)
-    rounding = 2.0 * 8.0 * eps * (np.maximum(np.abs(ep.loss), np.abs(em.loss)) + Q * (2.0 + 2.0 * np.log2(C)))
-    reach = np.abs(delta).max(axis=1)  # the range of u along the row is at most 2*max|u| = max|delta|
-    truncation = Q * THIRD_MOMENT_MAX * reach**3 / 3.0  # f(h)-f(-h) = 2hf' + h^3 f'''(xi)/3
-    return fd, delta, (rounding + truncation) * problem.grad_scale
+    return fd, delta, problem.directional_error_bound(ep, em, delta)
 
 
 def directional_chunk(problem, start: int, stop: int, ref_grad: np.ndarray, rng: np.random.Generator,
@@ -188,11 +181,10 @@ def directional_chunk(problem, start: int, stop: int, ref_grad: np.ndarray, rng:
     z = np.array(problem.z[start:stop], dtype=np.float64)
     u = random_steps(z, rng)
     fd, delta, bound = directional_difference(problem, rows, z, u)
-    eps = np.finfo(np.float64).eps
     absd = np.abs(delta)
     ref = np.einsum("ij,ij->i", ref_grad, delta)
     # the reference's own rounding, summed along the direction
-    bound = bound + 4.0 * eps * (1.0 + np.log2(problem.n_classes)) * np.einsum("ij,ij->i", np.abs(ref_grad), absd)
+    bound = bound + 4.0 * EPS * (1.0 + np.log2(problem.n_classes)) * np.einsum("ij,ij->i", np.abs(ref_grad), absd)
     dot = dot_bound = None
     if got is not None:
         dot = np.einsum("ij,ij->i", np.asarray(got, dtype=np.float64), delta)

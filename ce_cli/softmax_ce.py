@@ -24,6 +24,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.layout import Layout, make_layout, match_batch
+from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -227,33 +228,34 @@ class SoftmaxCE:
                 g[active] = np.nan
         return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q)
 
-    def fd_error_bound(self, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
-        """Bound on |central difference - derivative| for the row loss at entries `z_entry`.
+    def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
+        """Bound on |central difference - derivative| of loss_n at entries `z_entry` (row-wise `ev`).
 
         Rounding: each loss evaluation errs by about 8*eps*(|loss_n| + |Q|*(2 + 2*log2 C))
         (loss_n = Q*l1 + |q.zs| holds every rounded term, H(a) <= log C bounds the shift's);
         it is divided by 2h. Truncation: h^2/6 * |Q| * max|a(1-a)(1-2a)| over the step, the
         third derivative of lse along one coordinate, bounded on [z - h, z + h] exactly.
         """
-        eps = np.finfo(np.float64).eps
-        C = self.n_classes
         Q = np.abs(ev.total_weight)
-        rounding = 8.0 * eps * (np.abs(ev.loss) + Q * (2.0 + 2.0 * np.log2(C))) / h
+        rounding = 8.0 * EPS * (np.abs(ev.loss) + Q * (2.0 + 2.0 * np.log2(self.n_classes))) / h
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             logp = z_entry - ev.lse
             logit = logp - np.log1p(-np.exp(logp))
-            lo = 1.0 / (1.0 + np.exp(-(logit - h)))
-            hi = 1.0 / (1.0 + np.exp(-(logit + h)))
-        lo = np.where(np.isnan(lo), 1.0, lo)
-        hi = np.where(np.isnan(hi), 1.0, hi)
+        truncation = h * h / 6.0 * Q * logistic_third_max(logit, h)
+        return (rounding + truncation) * self.grad_scale
 
-        def third(p):
-            return np.abs(p * (1.0 - p) * (1.0 - 2.0 * p))
+    def directional_error_bound(self, ep: ChunkEval, em: ChunkEval, delta: np.ndarray) -> np.ndarray:
+        """Bound on |loss_n(z + u) - loss_n(z - u) - <g_n, delta>| per row (delta = 2u).
 
-        g3 = np.maximum(third(lo), third(hi))
-        for crit in ((3.0 - np.sqrt(3.0)) / 6.0, (3.0 + np.sqrt(3.0)) / 6.0):
-            g3 = np.where((lo <= crit) & (crit <= hi), np.sqrt(3.0) / 18.0, g3)
-        truncation = h * h / 6.0 * Q * g3
+        Rounding of the two evaluations, plus the Taylor remainder |D^3 loss_n[u, u, u]| / 3,
+        where the third derivative is Q times a third central moment of u under a: at most
+        THIRD_MOMENT_MAX * range(u)^3, and range(u) <= max|delta|.
+        """
+        Q = np.abs(ep.total_weight)
+        rounding = 16.0 * EPS * (np.maximum(np.abs(ep.loss), np.abs(em.loss))
+                                 + Q * (2.0 + 2.0 * np.log2(self.n_classes)))
+        reach = np.abs(delta).max(axis=1)
+        truncation = Q * THIRD_MOMENT_MAX * reach**3 / 3.0
         return (rounding + truncation) * self.grad_scale
 
     def _check_row_max(self, zs, m, rows, active):
