@@ -16,6 +16,8 @@ from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
 from ce_cli.results import CheckResult, InputInfo, Report
+from ce_cli.numerics import EPS
+from ce_cli.sigmoid_bce import build_sigmoid_bce
 from ce_cli.softmax_ce import build_softmax_ce
 from ce_cli.tolerance import Tolerance, resolve_tolerance
 
@@ -111,6 +113,7 @@ def check_grad(
     sources: dict[str, str] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
     progress: Callable[[int, int], None] | None = None,
+    extra_checks: tuple[CheckResult, ...] = (),
 ) -> Report:
     """Verify softmax cross-entropy (PyTorch `F.cross_entropy` semantics) on arrays.
 
@@ -126,6 +129,9 @@ def check_grad(
         label_smoothing=label_smoothing, class_axis=class_axis, source=src["logits"],
         labels_source=src["labels"], weight_source=src["weight"],
     )
+    if problem.n_classes == 2:
+        warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
+                        "`ce-check binary --two-class` checks the correspondence")
     return verify(
         problem, warnings, kind="multiclass", logits=logits, labels=labels, grad=grad, loss=loss,
         rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor, loss_atol=loss_atol,
@@ -133,6 +139,7 @@ def check_grad(
         chunk_elements=chunk_elements, progress=progress,
         options={"ignore_index": ignore_index, "label_smoothing": label_smoothing,
                  "class_axis": problem.layout.class_axis, "weighted": weight is not None},
+        extra_checks=extra_checks,
     )
 
 
@@ -159,6 +166,7 @@ def verify(
     chunk_elements: int,
     progress,
     options: dict,
+    extra_checks: tuple[CheckResult, ...] = (),
 ) -> Report:
     """The checks shared by every loss model: one streaming pass, then finite differences."""
     src = sources
@@ -287,6 +295,7 @@ def verify(
         checks.insert(0, fd_ref_cmp.result())
         if fd_user_cmp is not None:
             checks.append(fd_user_cmp.result())
+    checks += extra_checks
     if fd_skipped:
         warnings.append(f"finite differences skipped {fd_skipped} entries at -inf logits or "
                         "in rows whose loss is infinite")
@@ -419,3 +428,99 @@ def _open_out_grad(path, shape, layout):
     except OSError as exc:
         raise CeCheckError(f"--out-grad '{path}': cannot write ({exc.strerror or exc})") from None
     return rows, lambda: np.save(Path(path), layout.from_rows(rows))
+
+
+def check_binary(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    grad: np.ndarray | None = None,
+    loss: np.ndarray | float | None = None,
+    weight: np.ndarray | None = None,
+    pos_weight: np.ndarray | float | None = None,
+    reduction: str = "mean",
+    two_class: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    precision: str | None = None,
+    floor_factor: float | None = None,
+    loss_atol: float = 0.0,
+    fd: str = "auto",
+    samples: int = 256,
+    seed: int = 0,
+    worst: int = 5,
+    out_grad: str | Path | None = None,
+    sources: dict[str, str] | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Verify sigmoid binary cross-entropy (PyTorch `BCEWithLogitsLoss` semantics) on arrays.
+
+    Labels in [0, 1] with the logits' shape; `weight` broadcasts to the logits, `pos_weight`
+    along the last axis. The report always carries the two-class bridge: softmax CE over
+    [0, z] with targets [1 - y, y] equals BCE(z, y), and d/dz1 = s(z) - y = -d/dz0.
+    With `two_class=True` the logits are (..., 2) softmax logits with class-index (or
+    probability) labels: the multiclass checks run on them, and the bridge on z = z1 - z0.
+    """
+    src = {"logits": "logits", "labels": "labels", "grad": "grad", "loss": "loss",
+           "weight": "weight", "pos_weight": "pos_weight"}
+    src.update(sources or {})
+    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
+    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+    common = dict(grad=grad, loss=loss, rtol=rtol, atol=atol, precision=precision,
+                  floor_factor=floor_factor, loss_atol=loss_atol, fd=fd, samples=samples, seed=seed,
+                  worst=worst, out_grad=out_grad, chunk_elements=chunk_elements, progress=progress)
+    if two_class:
+        if pos_weight is not None:
+            raise CeCheckError("--pos-weight: not used with --two-class (give --weight, 2 class weights)")
+        if logits.ndim < 1 or logits.shape[-1] != 2:
+            raise CeCheckError(f"{src['logits']}: shape {logits.shape}; --two-class needs (..., 2) logits")
+        x = np.asarray(logits[..., 1], dtype=np.float64) - np.asarray(logits[..., 0], dtype=np.float64)
+        y = (np.asarray(labels[..., 1], dtype=np.float64) if labels.shape == logits.shape
+             else np.asarray(labels, dtype=np.float64))
+        problem, _ = build_sigmoid_bce(x, y, source=src["logits"], labels_source=src["labels"])
+        bridge = two_class_bridge(problem, worst)
+        return check_grad(logits, labels, weight=weight, reduction=reduction, sources=src,
+                          extra_checks=(bridge,), **common)
+    problem, warnings = build_sigmoid_bce(
+        logits, labels, weight=weight, pos_weight=pos_weight, reduction=reduction,
+        source=src["logits"], labels_source=src["labels"], weight_source=src["weight"],
+        pos_weight_source=src["pos_weight"])
+    plain = problem if weight is None and pos_weight is None else build_sigmoid_bce(logits, labels)[0]
+    bridge = two_class_bridge(plain, worst, note="" if plain is problem else
+                              "identity checked without weight/pos_weight")
+    return verify(
+        problem, warnings, kind="binary", logits=logits, labels=labels, sources=src,
+        options={"weighted": weight is not None, "pos_weighted": pos_weight is not None},
+        extra_checks=(bridge,), **common)
+
+
+BRIDGE_ELEMENTS = 1 << 16
+
+
+def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:
+    """Softmax CE over [0, x] with targets [1 - y, y] against sigmoid BCE(x, y), element by
+    element (the first 2^16 elements): losses, d/dz1 against s(x) - y, -d/dz0 against the same.
+    Both sides are float64 references, so the rule is 1e-12 relative."""
+    K = problem.n_classes
+    rows = max(1, min(problem.n_rows, BRIDGE_ELEMENTS // K))
+    ev = problem.evaluate_rows(problem.z[:rows], np.arange(rows))
+    x = np.asarray(problem.z[:rows], dtype=np.float64).reshape(-1)
+    y = np.asarray(problem.targets[:rows], dtype=np.float64).reshape(-1)
+    pair = np.stack([np.zeros_like(x), x], axis=1)
+    ce = reference(pair, np.stack([1.0 - y, y], axis=1), reduction="none")
+    scale = problem.grad_scale
+    bce = np.stack([ev.items.reshape(-1), ev.grad.reshape(-1) / scale, ev.grad.reshape(-1) / scale], 1)
+    mine = np.stack([ce.per_sample, ce.grad[:, 1], -ce.grad[:, 0]], axis=1)
+    tol = Tolerance("f64", EPS, 2.0**-1074, rtol=1e-12, atol=0.0, floor_factor=0.0)
+    layout = problem.layout
+    parts = ("loss", "d/dz1", "-d/dz0")
+
+    def index_of(i, part):
+        return layout.original_index(*divmod(int(i), K)) + (parts[part],)
+
+    cmp = Comparison("two_class_bridge", tol, index_of, expected_label="sigmoid BCE",
+                     got_label="softmax CE [0, z]", n_worst=worst,
+                     note=note or f"{x.size} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
+    cmp.update(0, bce, mine)
+    return cmp.result()

@@ -10,11 +10,6 @@ THIRD_MOMENT_MAX = float(np.sqrt(3.0) / 18.0)
 _CRITICAL = ((3.0 - np.sqrt(3.0)) / 6.0, (3.0 + np.sqrt(3.0)) / 6.0)
 
 
-def softplus(x: np.ndarray) -> np.ndarray:
-    """log(1 + e^x) without overflow or cancellation: max(x, 0) + log1p(e^-|x|)."""
-    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-x))

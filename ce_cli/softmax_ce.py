@@ -38,6 +38,8 @@ class ChunkEval:
     floor: np.ndarray | None  # (R, C) error floor of a correct implementation (see tolerance.py)
     lse: np.ndarray           # (R,) log-sum-exp of the row
     total_weight: np.ndarray  # (R,) Q_n = sum_c q_nc
+    items: np.ndarray | None = None        # (R, C) per-element losses (elementwise models)
+    item_weight: np.ndarray | None = None  # (R, C) per-element loss scale (elementwise models)
 
 
 @dataclass(frozen=True)

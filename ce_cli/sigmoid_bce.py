@@ -1,0 +1,242 @@
+"""Sigmoid binary cross-entropy in float64 with PyTorch `BCEWithLogitsLoss` semantics.
+
+Per element, with weight w (broadcast to the input) and pos_weight pw (along the last axis):
+
+    l = w * [pw * y * softplus(-x) + (1 - y) * softplus(x)]
+    dl/dx = w * [(1 - y) * s(x) - pw * y * s(-x)]  =  w * [(1 + (pw - 1) y) s(x) - pw y]
+
+(-log s(x) = softplus(-x), -log(1 - s(x)) = softplus(x)). Both terms are non-negative, so nothing
+cancels: no log(0), no s(x) rounded to 1 where it matters, for |x| up to the float64 range.
+'mean' divides by the number of elements (not the weights), 'none' gives the gradient of the sum.
+Rows are the flattened leading axes; the last axis is the row (multi-label (N, K): K labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+from ce_cli.layout import Layout
+from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.softmax_ce import REDUCTIONS, ChunkEval
+
+
+@dataclass(frozen=True)
+class SigmoidBCE:
+    """A validated binary problem as (N, K) rows."""
+
+    z: np.ndarray                 # (N, K) user dtype, maybe memory-mapped
+    layout: Layout
+    targets: np.ndarray           # (N, K) labels in [0, 1]
+    weight: np.ndarray | None     # (N, K) float64 view (broadcast), or None
+    pos_weight: np.ndarray | None  # (K,) float64, or None
+    reduction: str
+    source: str = "logits"
+
+    @property
+    def n_rows(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.ones(self.n_rows, dtype=bool)
+
+    @property
+    def denominator(self) -> float:
+        return float(self.n_rows * self.n_classes)
+
+    @property
+    def grad_scale(self) -> float:
+        return 1.0 / self.denominator if self.reduction == "mean" else 1.0
+
+    def reduce(self, total: float) -> float:
+        return total / self.denominator if self.reduction == "mean" else total
+
+    target_kind = "binary"
+
+    @property
+    def per_sample_shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    @property
+    def per_sample_cols(self) -> tuple[int, ...]:
+        return (self.n_classes,)
+
+    def per_sample_index(self, row: int, col: int) -> tuple[int, ...]:
+        return self.layout.original_index(row, col)
+
+    def match_per_sample(self, arr: np.ndarray, source: str) -> np.ndarray:
+        if arr.shape != self.layout.shape:
+            raise CeCheckError(f"{source}: shape {arr.shape}; reduction 'none' gives one loss per "
+                               f"element, shape {self.layout.shape}")
+        return self.layout.to_rows(arr)
+
+    @staticmethod
+    def per_sample(ev: ChunkEval) -> np.ndarray:
+        return ev.items
+
+    @staticmethod
+    def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
+        """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|."""
+        return coef * (np.abs(ev.items) + ev.item_weight)
+
+    def target_columns(self, rows: np.ndarray) -> np.ndarray:
+        """The entry with the largest label (a positive) in each row."""
+        return np.asarray(self.targets[rows]).argmax(axis=1)
+
+    def coefficients(self, rows: np.ndarray):
+        """(y, w, pw) for the rows, float64, broadcast to (R, K)."""
+        y = np.asarray(self.targets[rows], dtype=np.float64)
+        w = np.asarray(self.weight[rows], dtype=np.float64) if self.weight is not None else None
+        return y, w, self.pos_weight
+
+    def evaluate(self, start: int, stop: int, *, grad: bool = True,
+                 floor_coef: float | None = None) -> ChunkEval:
+        return self.evaluate_rows(self.z[start:stop], np.arange(start, stop), grad=grad,
+                                  floor_coef=floor_coef)
+
+    def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
+                      floor_coef: float | None = None) -> ChunkEval:
+        x = np.array(z_rows, dtype=np.float64)
+        top = x.max(axis=1)
+        if not np.all(np.isfinite(top) | np.isneginf(top)):
+            self._report_bad_logit(x, rows)
+        y, w, pw = self.coefficients(rows)
+        with np.errstate(invalid="ignore", over="ignore"):
+            tail = np.log1p(np.exp(-np.abs(x)))
+            sp_neg = np.maximum(-x, 0.0) + tail    # softplus(-x) = -log s(x)
+            sp_pos = np.maximum(x, 0.0) + tail     # softplus(x) = -log(1 - s(x))
+            pos = y if pw is None else pw * y
+            items = np.where(pos != 0, pos * sp_neg, 0.0) + np.where(y != 1, (1.0 - y) * sp_pos, 0.0)
+            if w is not None:
+                items = np.where(w != 0, items * w, 0.0)
+        scale = self.grad_scale
+        coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
+        g = floor = None
+        if grad or floor_coef is not None:
+            s_pos = np.exp(-sp_neg)        # s(x)
+            s_neg = np.exp(-sp_pos)        # s(-x) = 1 - s(x), without cancellation
+        if grad:
+            g = (1.0 - y) * s_pos - pos * s_neg
+            g *= scale if w is None else w * scale
+        if floor_coef is not None:
+            # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
+            floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+            if w is not None:
+                floor *= np.abs(w)
+        magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))
+        return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
+                         total_weight=magnitude.sum(axis=1), items=items, item_weight=magnitude)
+
+    def _report_bad_logit(self, x: np.ndarray, rows: np.ndarray) -> None:
+        bad = np.isnan(x) | np.isposinf(x)
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        what = "NaN" if np.isnan(x[r, c]) else "+inf"
+        idx = self.layout.original_index(int(rows[r]), c)
+        raise CeCheckError(f"{self.source}: shape {self.layout.shape}: {what} logit at index {idx} "
+                           "(only -inf is allowed)")
+
+    def _entry_coef(self, rows, cols) -> np.ndarray:
+        y = np.asarray(self.targets[rows, cols], dtype=np.float64)
+        c = np.ones_like(y) if self.pos_weight is None else 1.0 + (self.pos_weight[cols] - 1.0) * y
+        if self.weight is not None:
+            c = c * np.asarray(self.weight[rows, cols], dtype=np.float64)
+        return np.abs(c)
+
+    def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
+        """Rounding of the row sum, 8*eps*(1 + log2 K)*(|loss_n| + sum_k c_k)/h, plus truncation
+        h^2/6 * c * max|s(1-s)(1-2s)| on [x - h, x + h] (c = w*(1 + (pw-1)y) at the entry)."""
+        K = self.n_classes
+        rounding = 8.0 * EPS * (1.0 + np.log2(K)) * (np.abs(ev.loss) + ev.total_weight) / h
+        truncation = h * h / 6.0 * self._entry_coef(rows, cols) * logistic_third_max(z_entry, h)
+        return (rounding + truncation) * self.grad_scale
+
+    def directional_error_bound(self, ep: ChunkEval, em: ChunkEval, delta: np.ndarray) -> np.ndarray:
+        """Rounding of both row sums plus sum_k c_k * THIRD_MOMENT_MAX * |delta_k|^3 / 24."""
+        K = self.n_classes
+        rounding = 16.0 * EPS * (1.0 + np.log2(K)) * (
+            np.maximum(np.abs(ep.loss), np.abs(em.loss)) + ep.total_weight)
+        reach = np.abs(delta).max(axis=1)
+        truncation = ep.total_weight * THIRD_MOMENT_MAX * reach**3 / 24.0
+        return (rounding + truncation) * self.grad_scale
+
+
+def build_sigmoid_bce(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    weight: np.ndarray | None = None,
+    pos_weight: np.ndarray | float | None = None,
+    reduction: str = "mean",
+    source: str = "logits",
+    labels_source: str = "labels",
+    weight_source: str = "weight",
+    pos_weight_source: str = "pos_weight",
+) -> tuple[SigmoidBCE, list[str]]:
+    """Validate inputs (labels in [0, 1], shapes, broadcasts) and build the problem."""
+    warnings: list[str] = []
+    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
+    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+    if logits.dtype.kind not in "biuf":
+        raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
+    if reduction not in REDUCTIONS:
+        raise CeCheckError(f"--reduction: unknown value '{reduction}' (use mean, sum or none)")
+    if logits.ndim == 0:
+        raise CeCheckError(f"{source}: scalar logits (shape ()); expected at least one element axis")
+    if logits.size == 0:
+        raise CeCheckError(f"{source}: shape {logits.shape}: empty batch")
+    layout = Layout(tuple(int(s) for s in logits.shape), logits.ndim - 1)
+    if labels.shape != logits.shape:
+        if labels.size == logits.size and labels.ndim <= 2:
+            labels = labels.reshape(logits.shape)
+        else:
+            raise CeCheckError(f"{labels_source}: shape {labels.shape} does not match the logits "
+                               f"{logits.shape}: binary labels need the logits' shape")
+    if labels.dtype.kind not in "biuf":
+        raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
+    targets = layout.to_rows(labels)
+    _check_unit_interval(targets, layout, labels_source)
+
+    w_rows = None
+    if weight is not None:
+        w = np.asarray(weight, dtype=np.float64)
+        try:
+            w_full = np.broadcast_to(w, logits.shape)
+        except ValueError:
+            raise CeCheckError(f"{weight_source}: shape {w.shape} does not broadcast to the logits "
+                               f"{logits.shape}") from None
+        if not np.all(np.isfinite(w)):
+            i = tuple(int(v) for v in np.argwhere(~np.isfinite(w))[0])
+            raise CeCheckError(f"{weight_source}: shape {w.shape}: non-finite weight at index {i}")
+        w_rows = layout.to_rows(w_full)
+    pw = None
+    if pos_weight is not None:
+        pw = np.asarray(pos_weight, dtype=np.float64)
+        K = layout.n_classes
+        if pw.ndim > 1 or pw.size not in (1, K):
+            raise CeCheckError(f"{pos_weight_source}: shape {pw.shape}; pos_weight broadcasts along "
+                               f"the last axis of the logits: expected ({K},) or a scalar")
+        if not np.all(np.isfinite(pw)):
+            raise CeCheckError(f"{pos_weight_source}: non-finite pos_weight")
+        pw = np.broadcast_to(pw.reshape(-1), (K,)).copy()
+    problem = SigmoidBCE(layout.to_rows(logits), layout, targets, w_rows, pw, reduction, source)
+    return problem, warnings
+
+
+def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> None:
+    step = max(1, (1 << 20) // max(1, layout.n_classes))
+    for start in range(0, layout.n_rows, step):
+        block = np.asarray(targets[start:start + step], dtype=np.float64)
+        bad = ~((block >= 0.0) & (block <= 1.0))  # NaN fails too
+        if bad.any():
+            r, c = (int(v) for v in np.argwhere(bad)[0])
+            raise CeCheckError(
+                f"{source}: shape {layout.shape}: label {block[r, c]!r} at index "
+                f"{layout.original_index(start + r, c)} is outside [0, 1]"
+            )
