@@ -4,6 +4,7 @@ the user's gradient and loss, and proves the reference with finite differences."
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
@@ -39,8 +40,8 @@ def parse_loss_value(text: str) -> tuple[np.ndarray, float]:
         raise CeCheckError(f"--loss: '{text}' is neither a file nor a number") from None
     if not dec.is_finite():
         return np.array(float(dec)), 0.0
-    exponent = dec.as_tuple().exponent
-    return np.array(float(dec)), 0.5 * 10.0 ** int(exponent)
+    exponent = min(max(int(dec.as_tuple().exponent), -400), 400)  # beyond float64 either way
+    return np.array(float(dec)), 0.5 * 10.0**exponent if exponent < 309 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def verify(
             loss_arr.dtype if loss_arr.dtype.kind == "f" else np.float64, precision, rtol, atol, floor_factor
         )
 
-    out_rows, finish_out_grad = _open_out_grad(out_grad, logits.shape, layout)
+    out_rows, finish_out_grad, discard_out_grad = _open_out_grad(out_grad, logits.shape, layout)
     ref64 = resolve_tolerance(np.float64)
     grad_cmp = fd_ref_cmp = fd_user_cmp = None
     if grad_rows is not None:
@@ -240,35 +241,39 @@ def verify(
     fd_skipped = 0
     fd_evaluations = 0
     floor_coef = grad_tol.floor_coef if grad_tol is not None else None
-    for start, stop in row_chunks(N, C, chunk_elements):
-        ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
-        row_loss[start:stop] = ev.loss
-        if loss_floor is not None:
-            per_sample[start:stop] = problem.per_sample(ev)
-            loss_floor[start:stop] = problem.loss_floor(ev, loss_tol.floor_coef)
-        user_tol = None
-        if grad_cmp is not None:
-            user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
-        if mode == "directional":
-            dc = directional_chunk(problem, start, stop, ev.grad, dir_rng,
-                                   None if grad_rows is None else grad_rows[start:stop], user_tol)
-            fd_evaluations += 2 * (stop - start)
-            dir_ref_cmp.update(start, dc.fd, dc.ref, FD_SAFETY * dc.bound)
-            if dir_user_cmp is not None:
-                dir_user_cmp.update(start, dc.fd, dc.got, FD_SAFETY * dc.bound + dc.got_bound)
-        if out_rows is not None:
-            out_rows[start:stop] = ev.grad
-        if mode == "full":
-            fdv, bound, skipped = fd_full(problem, start, stop)
-            fd_skipped += skipped
-            fd_evaluations += 2 * (stop - start) * C
-            fdv, bound = _settle_skipped(fdv, bound, ev.grad)
-            fd_ref_cmp.update(start, fdv, ev.grad, FD_SAFETY * bound)
-            if fd_user_cmp is not None:
-                fd_user_cmp.update(start, fdv, grad_rows[start:stop], FD_SAFETY * bound + ev.floor)
-        if progress is not None:
-            progress(stop, N)
-    finish_out_grad()
+    try:
+        for start, stop in row_chunks(N, C, chunk_elements):
+            ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
+            row_loss[start:stop] = ev.loss
+            if loss_floor is not None:
+                per_sample[start:stop] = problem.per_sample(ev)
+                loss_floor[start:stop] = problem.loss_floor(ev, loss_tol.floor_coef)
+            user_tol = None
+            if grad_cmp is not None:
+                user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
+            if mode == "directional":
+                dc = directional_chunk(problem, start, stop, ev.grad, dir_rng,
+                                       None if grad_rows is None else grad_rows[start:stop], user_tol)
+                fd_evaluations += 2 * (stop - start)
+                dir_ref_cmp.update(start, dc.fd, dc.ref, FD_SAFETY * dc.bound)
+                if dir_user_cmp is not None:
+                    dir_user_cmp.update(start, dc.fd, dc.got, FD_SAFETY * dc.bound + dc.got_bound)
+            if out_rows is not None:
+                out_rows[start:stop] = ev.grad
+            if mode == "full":
+                fdv, bound, skipped = fd_full(problem, start, stop)
+                fd_skipped += skipped
+                fd_evaluations += 2 * (stop - start) * C
+                fdv, bound = _settle_skipped(fdv, bound, ev.grad)
+                fd_ref_cmp.update(start, fdv, ev.grad, FD_SAFETY * bound)
+                if fd_user_cmp is not None:
+                    fd_user_cmp.update(start, fdv, grad_rows[start:stop], FD_SAFETY * bound + ev.floor)
+            if progress is not None:
+                progress(stop, N)
+        finish_out_grad()
+    except BaseException:
+        discard_out_grad()  # no half-written gradient after an input error
+        raise
 
     total = problem.reduce(_total(row_loss))
     checks: list[CheckResult] = []
@@ -414,20 +419,31 @@ def _check_sampled_fd(problem, res, grad_rows, grad_tol, ref64, worst) -> list[C
 def _open_out_grad(path, shape, layout):
     """Rows to write the reference gradient into, and a function that finishes the file.
 
-    Class axis last: a memory-mapped .npy written chunk by chunk. Otherwise the rows are
-    gathered in memory and transposed back on save.
+    Written to a temporary file beside `path` and renamed on success, so a run that stops on
+    an input error leaves no half-written gradient. Class axis last: a memory-mapped .npy
+    filled chunk by chunk; otherwise rows gathered in memory and transposed back on save.
     """
     if path is None:
-        return None, lambda: None
+        return None, lambda: None, lambda: None
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.partial.npy")
     try:
         if layout.class_axis == len(shape) - 1:
-            mm = np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.float64, shape=tuple(shape))
-            return mm.reshape(layout.n_rows, layout.n_classes), mm.flush
-        rows = np.empty((layout.n_rows, layout.n_classes))
-        Path(path).touch()
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=tuple(shape))
+            rows = mm.reshape(layout.n_rows, layout.n_classes)
+        else:
+            mm, rows = None, np.empty((layout.n_rows, layout.n_classes))
+            tmp.touch()
     except OSError as exc:
         raise CeCheckError(f"--out-grad '{path}': cannot write ({exc.strerror or exc})") from None
-    return rows, lambda: np.save(Path(path), layout.from_rows(rows))
+    def finish():
+        if mm is not None:
+            mm.flush()
+        else:
+            np.save(tmp, layout.from_rows(rows))
+        os.replace(tmp, final)
+
+    return rows, finish, lambda: tmp.unlink(missing_ok=True)
 
 
 def check_binary(

@@ -72,12 +72,13 @@ def make_layout(shape: tuple[int, ...], class_axis: int, source: str) -> Layout:
 def match_batch(arr: np.ndarray, layout: Layout, source: str, what: str) -> np.ndarray:
     """Reshape `arr` (labels, per-sample losses) with the batch shape to (N,).
 
-    Accepts the batch shape itself, a trailing singleton column (one-column CSV) or, for a
-    multi-axis batch, the flattened (N,) vector.
+    Accepts the batch shape itself, a trailing singleton column (one-column CSV), for a
+    one-axis batch a single row (one-line CSV) or, for a multi-axis batch, the flattened (N,) vector.
     """
     shape = arr.shape
     batch = layout.batch_shape
-    if shape == batch or shape == batch + (1,) or (len(batch) > 1 and shape == (layout.n_rows,)):
+    if (shape == batch or shape == batch + (1,) or (len(batch) == 1 and shape == (1,) + batch)
+            or (len(batch) > 1 and shape == (layout.n_rows,))):
         return arr.reshape(layout.n_rows)
     if not batch and arr.size == 1:
         return arr.reshape(1)

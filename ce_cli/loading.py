@@ -8,9 +8,13 @@ and then memory-mapped, so a 0.5 GB input costs page cache, not process memory.
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import sys
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +25,9 @@ from ce_cli.errors import CeCheckError
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 STDIN = "-"
+# what numpy, zipfile and zlib raise on damaged bytes (a header that does not parse, a bad archive)
+DAMAGED = (ValueError, TypeError, SyntaxError, EOFError, OSError, OverflowError, KeyError,
+           NotImplementedError, RuntimeError, tokenize.TokenError, zipfile.BadZipFile, zlib.error)
 
 
 def load_array(spec: str, *, what: str = "array", stdin: BinaryIO | None = None) -> np.ndarray:
@@ -37,6 +44,12 @@ def load_array(spec: str, *, what: str = "array", stdin: BinaryIO | None = None)
     if path.is_dir():
         raise CeCheckError(f"{label}: is a directory, not an array file")
     try:
+        mode = path.stat().st_mode
+        if stat.S_ISFIFO(mode):  # a pipe such as <(cmd) or /dev/stdin: it can be read only once
+            with path.open("rb") as fh:
+                return _load_bytes(fh.read(), key, label)
+        if not stat.S_ISREG(mode):
+            raise CeCheckError(f"{label}: not a regular file or a pipe")
         with path.open("rb") as fh:
             head = fh.read(8)
     except OSError as exc:
@@ -65,17 +78,30 @@ def _split_npz_key(spec: str) -> tuple[Path, str | None]:
 
 def _load_stdin(what: str, stdin: BinaryIO | None) -> np.ndarray:
     label = f"{what} from stdin"
-    stream = stdin if stdin is not None else sys.stdin.buffer
-    if stdin is None and sys.stdin.isatty():
-        raise CeCheckError(f"{label}: standard input is a terminal; pipe a .npy or CSV into it")
-    data = stream.read()
+    if stdin is None:
+        if sys.stdin is None:
+            raise CeCheckError(f"{label}: standard input is closed")
+        if sys.stdin.isatty():
+            raise CeCheckError(f"{label}: standard input is a terminal; pipe a .npy or CSV into it")
+        stdin = sys.stdin.buffer
+    try:
+        data = stdin.read()
+    except OSError as exc:
+        raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise CeCheckError(f"{label}: standard input is empty")
+    return _load_bytes(data, None, label)
+
+
+def _load_bytes(data: bytes, key: str | None, label: str) -> np.ndarray:
+    """An array from bytes read off a stream: .npy, .npz or CSV text."""
     if data.startswith(NPY_MAGIC):
         arr = _load_npy_stream(io.BytesIO(data), len(data), label)
     elif data.startswith(ZIP_MAGIC):
-        arr = _load_npz(io.BytesIO(data), None, label)
+        arr = _load_npz(io.BytesIO(data), key, label)
     else:
+        if b"\x00" in data[:4096]:
+            raise CeCheckError(f"{label}: binary data, not .npy/.npz or CSV text")
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -91,14 +117,16 @@ def _read_header(fh: BinaryIO, label: str) -> tuple[tuple[int, ...], bool, np.dt
             return np.lib.format.read_array_header_1_0(fh)
         if version in ((2, 0), (3, 0)):
             return np.lib.format.read_array_header_2_0(fh)
-    except (ValueError, SyntaxError, EOFError, OSError) as exc:
+    except DAMAGED as exc:
         raise CeCheckError(f"{label}: corrupt .npy header ({_one_line(exc)})") from None
     raise CeCheckError(f"{label}: unsupported .npy format version {version}")
 
 
 def _header_checks(shape, dtype: np.dtype, data_bytes: int, label: str) -> None:
     _check_dtype_kind(dtype, label, shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if any(s < 0 for s in shape):
+        raise CeCheckError(f"{label}: corrupt .npy header (negative dimension in shape {tuple(shape)})")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape cannot overflow
     if data_bytes < expected:
         raise CeCheckError(
             f"{label}: truncated: header says shape {tuple(shape)} {dtype} "
@@ -112,10 +140,10 @@ def _load_npy_path(path: Path, label: str) -> np.ndarray:
         offset = fh.tell()
     _header_checks(shape, dtype, os.path.getsize(path) - offset, label)
     try:
-        if int(np.prod(shape, dtype=np.int64)) == 0:
+        if math.prod(shape) == 0:
             return np.load(path, allow_pickle=False)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except DAMAGED as exc:
         raise CeCheckError(f"{label}: cannot load ({_one_line(exc)})") from None
 
 
@@ -126,14 +154,14 @@ def _load_npy_stream(fh: BinaryIO, total: int, label: str) -> np.ndarray:
     fh.seek(0)
     try:
         return np.load(fh, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except DAMAGED as exc:
         raise CeCheckError(f"{label}: cannot load ({_one_line(exc)})") from None
 
 
 def _load_npz(source, key: str | None, label: str) -> np.ndarray:
     try:
         archive = np.load(source, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except DAMAGED as exc:
         raise CeCheckError(f"{label}: not a readable .npz archive ({_one_line(exc)})") from None
     with archive:
         names = list(archive.files)
@@ -154,7 +182,7 @@ def _load_npz(source, key: str | None, label: str) -> np.ndarray:
             size = archive.zip.getinfo(member).file_size
             _header_checks(shape, dtype, size - header_len, f"{label}[{key}]")
             return archive[key]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        except DAMAGED as exc:
             raise CeCheckError(f"{label}[{key}]: cannot load ({_one_line(exc)})") from None
 
 
@@ -199,8 +227,8 @@ def _parse_text(text: str, label: str) -> np.ndarray:
         tokens = _split_line(line, delimiter)
         values = [_parse_number(t) for t in tokens]
         if any(v is None for v in values):
-            if index == 0:
-                continue  # a header line
+            if index == 0 and all(v is None for v in values):
+                continue  # a header line: no cell is a number
             col = next(i for i, v in enumerate(values) if v is None)
             raise CeCheckError(
                 f"{label}: line {lineno}, column {col + 1}: not a number: {tokens[col]!r}"
