@@ -17,7 +17,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
 from ce_cli.results import CheckResult, InputInfo, Report
-from ce_cli.numerics import EPS
+from ce_cli.numerics import EPS, sigmoid
 from ce_cli.sigmoid_bce import build_sigmoid_bce
 from ce_cli.softmax_ce import build_softmax_ce
 from ce_cli.tolerance import Tolerance, resolve_tolerance
@@ -32,12 +32,12 @@ def row_chunks(n_rows: int, n_classes: int, elements: int = CHUNK_ELEMENTS):
         yield start, min(n_rows, start + step)
 
 
-def parse_loss_value(text: str) -> tuple[np.ndarray, float]:
-    """A loss typed on the command line: the value, and half a unit of its last typed digit."""
+def parse_loss_value(text: str, flag: str = "--loss") -> tuple[np.ndarray, float]:
+    """A number typed on the command line: the value, and half a unit of its last typed digit."""
     try:
         dec = Decimal(text.strip())
     except InvalidOperation:
-        raise CeCheckError(f"--loss: '{text}' is neither a file nor a number") from None
+        raise CeCheckError(f"{flag}: '{text}' is neither a file nor a number") from None
     if not dec.is_finite():
         return np.array(float(dec)), 0.0
     exponent = min(max(int(dec.as_tuple().exponent), -400), 400)  # beyond float64 either way
@@ -491,13 +491,24 @@ def check_binary(
             raise CeCheckError("--pos-weight: not used with --two-class (give --weight, 2 class weights)")
         if logits.ndim < 1 or logits.shape[-1] != 2:
             raise CeCheckError(f"{src['logits']}: shape {logits.shape}; --two-class needs (..., 2) logits")
-        x = np.asarray(logits[..., 1], dtype=np.float64) - np.asarray(logits[..., 0], dtype=np.float64)
-        y = (np.asarray(labels[..., 1], dtype=np.float64) if labels.shape == logits.shape
-             else np.asarray(labels, dtype=np.float64))
-        problem, _ = build_sigmoid_bce(x, y, source=src["logits"], labels_source=src["labels"])
-        bridge = two_class_bridge(problem, worst)
-        return check_grad(logits, labels, weight=weight, reduction=reduction, sources=src,
-                          extra_checks=(bridge,), **common)
+        report = check_grad(logits, labels, weight=weight, reduction=reduction, sources=src, **common)
+        with np.errstate(invalid="ignore"):
+            x = np.asarray(logits[..., 1], dtype=np.float64) - np.asarray(logits[..., 0], dtype=np.float64)
+        if labels.shape == logits.shape:
+            y = np.asarray(labels[..., 1], dtype=np.float64)
+            ignored = np.zeros(x.shape, dtype=bool)
+        else:
+            y = np.asarray(labels, dtype=np.float64).reshape(x.shape)
+            ignored = y == report.options["ignore_index"]
+        # a -inf logit makes z1 - z0 = +-inf, where the identity only holds as a limit
+        masked = ~np.isfinite(x) | ignored
+        problem, _ = build_sigmoid_bce(np.where(masked, 0.0, x), np.where(masked, 0.0, y),
+                                       source=src["logits"], labels_source=src["labels"])
+        skipped = int(np.count_nonzero(masked))
+        bridge = two_class_bridge(problem, worst, note=f"{skipped} masked or ignored rows left out"
+                                  if skipped else "")
+        return replace(report, checks=report.checks + (bridge,), ok=report.ok and bridge.ok,
+                       warnings=tuple(w for w in report.warnings if "two classes" not in w))
     problem, warnings = build_sigmoid_bce(
         logits, labels, weight=weight, pos_weight=pos_weight, reduction=reduction,
         source=src["logits"], labels_source=src["labels"], weight_source=src["weight"],
@@ -528,7 +539,12 @@ def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:
     scale = problem.grad_scale
     bce = np.stack([ev.items.reshape(-1), ev.grad.reshape(-1) / scale, ev.grad.reshape(-1) / scale], 1)
     mine = np.stack([ce.per_sample, ce.grad[:, 1], -ce.grad[:, 0]], axis=1)
-    tol = Tolerance("f64", EPS, 2.0**-1074, rtol=1e-12, atol=0.0, floor_factor=0.0)
+    # both sides are float64 references: 1e-12 relative, plus their own rounding. CE's targets
+    # [1 - y, y] and their sum Q round, so dz1 = Q a1 - y errs by eps*(s + y), dz0 = Q a0 - (1 - y)
+    # by eps*((1 - s) + (1 - y)); the loss by eps*(|loss| + |x|)
+    s_x = sigmoid(x)
+    floor = 8.0 * EPS * np.stack([np.abs(bce[:, 0]) + np.abs(x), s_x + y, (1.0 - s_x) + (1.0 - y)], 1)
+    tol = Tolerance("f64", EPS, 2.0**-1074, rtol=1e-12, atol=0.0, floor_factor=8.0)
     layout = problem.layout
     parts = ("loss", "d/dz1", "-d/dz0")
 
@@ -538,5 +554,5 @@ def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:
     cmp = Comparison("two_class_bridge", tol, index_of, expected_label="sigmoid BCE",
                      got_label="softmax CE [0, z]", n_worst=worst,
                      note=note or f"{x.size} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
-    cmp.update(0, bce, mine)
+    cmp.update(0, bce, mine, floor)
     return cmp.result()

@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from ce_cli import __version__
-from ce_cli.check import check_grad, parse_loss_value
+from ce_cli.check import check_binary, check_grad, parse_loss_value
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.loading import STDIN, load_array
@@ -214,55 +214,146 @@ LABELS_HELP = ("Labels: class indices with the batch shape, or probability rows 
                "(one-hot or soft targets).")
 
 
+GradOpt = Annotated[Optional[str], typer.Option(
+    "--grad", help="Your gradient w.r.t. the logits (any float dtype, the logits' shape).")]
+LossOpt = Annotated[Optional[str], typer.Option(
+    "--loss", help="Your loss: a file (scalar, or per-sample with --reduction none) or a number.")]
+ReductionOpt = Annotated[Reduction, typer.Option(
+    "--reduction", help="mean, sum or none (gradient of the sum).")]
+RtolOpt = Annotated[Optional[float], typer.Option(
+    "--rtol", help="Relative tolerance (default 2*eps of the compared precision).")]
+AtolOpt = Annotated[Optional[float], typer.Option(
+    "--atol", help="Absolute tolerance added to the error floor (default 0).")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+    "--precision", help="Precision your gradient was computed in, if narrower than its storage.")]
+FloorOpt = Annotated[Optional[float], typer.Option(
+    "--floor-factor", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
+FDOpt = Annotated[FDMode, typer.Option(
+    "--fd", help="Finite differences: auto, full, directional, sample or off.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Entries checked by --fd sample.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed for sampled finite differences.")]
+WorstOpt = Annotated[int, typer.Option("--worst", help="Worst entries shown per check.")]
+OutGradOpt = Annotated[Optional[Path], typer.Option(
+    "--out-grad", help="Write the float64 reference gradient here (.npy).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code tells.")]
+
+
+def file_or_number(spec: str | None) -> bool:
+    """True when `spec` names an input (a path or '-'), False for a number typed instead."""
+    return spec is not None and (spec == STDIN or Path(spec).exists()
+                                 or Path(spec.rpartition(":")[0] or spec).exists())
+
+
+def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad: Path | None,
+              json_out: bool, quiet: bool, vectors: tuple[str, ...] = (), numbers: tuple[str, ...] = (),
+              **options) -> None:
+    """Load the inputs, call `check` (check_grad or check_binary), render, exit with the verdict.
+
+    `vectors` are roles whose one-row or one-column CSV is flattened to C values; `numbers` are
+    roles that may be typed as a number instead of a file.
+    """
+    specs = dict(specs, loss=loss if file_or_number(loss) else None)
+    typed = {role: specs[role] for role in numbers if specs.get(role) is not None
+             and not file_or_number(specs[role])}
+    files = {role: (None if role in typed else spec) for role, spec in specs.items()}
+    refuse_overwriting_inputs(out_grad, files)
+    arrays = load_inputs(files)
+    for role in vectors:
+        arr = arrays.get(role)
+        if arr is not None and arr.ndim == 2 and 1 in arr.shape:
+            arrays[role] = arr.reshape(-1)  # one CSV row or column of C values
+    for role, text in typed.items():
+        arrays[role], _ = parse_loss_value(text, flag=f"--{role.replace('_', '-')}")
+    loss_atol = 0.0
+    if loss is not None and specs["loss"] is None:
+        arrays["loss"], loss_atol = parse_loss_value(loss)
+    sources = {role: source_name(role, spec) for role, spec in files.items()}
+    sources.update({role: f"--{role.replace('_', '-')} {text}" for role, text in typed.items()})
+    if loss is not None and specs["loss"] is None:
+        sources["loss"] = f"--loss {loss}"
+    inputs = {role: arr for role, arr in arrays.items() if role not in ("logits", "labels")}
+    with np.errstate(all="ignore"):  # over/underflow is expected and handled; no numpy warnings
+        report = check(arrays["logits"], arrays["labels"], **inputs, loss_atol=loss_atol,
+                       out_grad=out_grad, sources=sources, **options)
+    emit(report, json_out=json_out, quiet=quiet)
+    raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
+
+
 @app.command(epilog=EPILOG)
 @guarded
 def grad(
     logits: Annotated[str, typer.Argument(help=LOGITS_HELP, show_default=False)],
     labels: Annotated[str, typer.Argument(help=LABELS_HELP, show_default=False)],
-    grad_path: Annotated[Optional[str], typer.Option("--grad", help="Your gradient w.r.t. the logits (any float dtype, the logits' shape).")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help="Your loss: a file (scalar, or per-sample with --reduction none) or a number.")] = None,
+    grad_path: GradOpt = None,
+    loss: LossOpt = None,
     weight: Annotated[Optional[str], typer.Option("--weight", help="Class weights, C values (PyTorch's weight=).")] = None,
-    reduction: Annotated[Reduction, typer.Option("--reduction", help="mean, sum or none (gradient of the sum).")] = Reduction.mean,
+    reduction: ReductionOpt = Reduction.mean,
     ignore_index: Annotated[int, typer.Option("--ignore-index", help="Target value that is ignored.")] = -100,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1].")] = 0.0,
     class_axis: Annotated[int, typer.Option("--class-axis", help="Axis of the classes: -1 (last) or 1 for PyTorch's (N, C, d1, ...).")] = -1,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default 2*eps of the compared precision).")] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance added to the error floor (default 0).")] = None,
-    precision: Annotated[Optional[Precision], typer.Option("--precision", help="Precision your gradient was computed in, if narrower than its storage.")] = None,
-    floor_factor: Annotated[Optional[float], typer.Option("--floor-factor", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")] = None,
-    fd: Annotated[FDMode, typer.Option("--fd", help="Finite differences: auto, full, directional, sample or off.")] = FDMode.auto,
-    samples: Annotated[int, typer.Option("--samples", help="Entries checked by --fd sample.")] = 256,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for sampled finite differences.")] = 0,
-    worst: Annotated[int, typer.Option("--worst", help="Worst entries shown per check.")] = 5,
-    out_grad: Annotated[Optional[Path], typer.Option("--out-grad", help="Write the float64 reference gradient here (.npy).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of tables.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code tells.")] = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    precision: PrecisionOpt = None,
+    floor_factor: FloorOpt = None,
+    fd: FDOpt = FDMode.auto,
+    samples: SamplesOpt = 256,
+    seed: SeedOpt = 0,
+    worst: WorstOpt = 5,
+    out_grad: OutGradOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
     float64, proven by finite differences, compared with your gradient and loss."""
-    loss_file = loss if loss is not None and (loss == STDIN or Path(loss).exists()) else None
-    specs = {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss_file, "weight": weight}
-    refuse_overwriting_inputs(out_grad, specs)
-    arrays = load_inputs(specs)
-    if arrays["weight"] is not None and arrays["weight"].ndim == 2 and 1 in arrays["weight"].shape:
-        arrays["weight"] = arrays["weight"].reshape(-1)  # one CSV row or column of C values
-    loss_value, loss_atol = arrays["loss"], 0.0
-    if loss is not None and loss_file is None:
-        loss_value, loss_atol = parse_loss_value(loss)
-    sources = {role: source_name(role, spec) for role, spec in specs.items()}
-    if loss is not None and loss_file is None:
-        sources["loss"] = f"--loss {loss}"
-    with np.errstate(all="ignore"):  # over/underflow is expected and handled; no numpy warnings
-        report = check_grad(
-            arrays["logits"], arrays["labels"], grad=arrays["grad"], loss=loss_value,
-            weight=arrays["weight"], reduction=reduction.value, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, class_axis=class_axis, rtol=rtol, atol=atol,
-            precision=precision.value if precision else None, floor_factor=floor_factor,
-            loss_atol=loss_atol, fd=fd.value, samples=samples, seed=seed, worst=worst,
-            out_grad=out_grad, sources=sources,
-        )
-    emit(report, json_out=json_out, quiet=quiet)
-    raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
+    run_check(
+        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight},
+        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("weight",),
+        reduction=reduction.value, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        class_axis=class_axis, rtol=rtol, atol=atol, precision=precision.value if precision else None,
+        floor_factor=floor_factor, fd=fd.value, samples=samples, seed=seed, worst=worst,
+    )
+
+
+BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' shape; with --two-class, "
+                      "class indices 0/1 or probability pairs.")
+
+
+@app.command(epilog=EPILOG)
+@guarded
+def binary(
+    logits: Annotated[str, typer.Argument(help="Logits of any shape (multi-label (N, K) included): "
+                                          ".npy, .npz, CSV/TSV or '-'.", show_default=False)],
+    labels: Annotated[str, typer.Argument(help=BINARY_LABELS_HELP, show_default=False)],
+    grad_path: GradOpt = None,
+    loss: LossOpt = None,
+    weight: Annotated[Optional[str], typer.Option("--weight", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
+    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
+    reduction: ReductionOpt = Reduction.mean,
+    two_class: Annotated[bool, typer.Option("--two-class", help="LOGITS are (..., 2) softmax logits: check them as multiclass and show CE([z0, z1]) = BCE(z1 - z0).")] = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    precision: PrecisionOpt = None,
+    floor_factor: FloorOpt = None,
+    fd: FDOpt = FDMode.auto,
+    samples: SamplesOpt = 256,
+    seed: SeedOpt = 0,
+    worst: WorstOpt = 5,
+    out_grad: OutGradOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
+    gradient in float64, proven by finite differences, compared with yours, plus the two-class
+    bridge (softmax CE over [0, z] equals BCE on z)."""
+    run_check(
+        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight,
+                       "pos_weight": pos_weight},
+        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("pos_weight",),
+        numbers=("pos_weight",), reduction=reduction.value, two_class=two_class, rtol=rtol,
+        atol=atol, precision=precision.value if precision else None, floor_factor=floor_factor,
+        fd=fd.value, samples=samples, seed=seed, worst=worst,
+    )
 
 
 def main() -> None:

@@ -47,13 +47,15 @@ def render_table(report: Report, console: Console) -> None:
     if report.checks:
         table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False)
         for col, justify in (("check", "left"), ("", "center"), ("max abs err", "right"),
-                             ("max rel err", "right"), ("mismatches", "right"), ("rule", "left")):
-            table.add_column(col, justify=justify)
+                             ("max rel err", "right"), ("mismatches", "right")):
+            table.add_column(col, justify=justify, no_wrap=True)
         for c in report.checks:
             mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
             table.add_row(c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
-                          f"{c.mismatches}/{c.total}", Text(c.rule + (f"; {c.note}" if c.note else "")))
+                          f"{c.mismatches}/{c.total}")
         console.print(table)
+        for c in report.checks:
+            console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
         for c in report.checks:
             if c.worst and (not c.ok or c.name == "grad_vs_reference"):
                 console.print(worst_table(c))

@@ -193,7 +193,7 @@ def build_sigmoid_bce(
         raise CeCheckError(f"{source}: shape {logits.shape}: empty batch")
     layout = Layout(tuple(int(s) for s in logits.shape), logits.ndim - 1)
     if labels.shape != logits.shape:
-        if labels.size == logits.size and labels.ndim <= 2:
+        if _squeezed(labels.shape) == _squeezed(logits.shape):  # (N, 1) CSV column for (N,) logits
             labels = labels.reshape(logits.shape)
         else:
             raise CeCheckError(f"{labels_source}: shape {labels.shape} does not match the logits "
@@ -237,6 +237,10 @@ def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> No
         if bad.any():
             r, c = (int(v) for v in np.argwhere(bad)[0])
             raise CeCheckError(
-                f"{source}: shape {layout.shape}: label {block[r, c]!r} at index "
+                f"{source}: shape {layout.shape}: label {float(block[r, c])!r} at index "
                 f"{layout.original_index(start + r, c)} is outside [0, 1]"
             )
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
