@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +15,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
 from ce_cli import __version__
@@ -239,6 +242,39 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code tells.")]
 
 
+PROGRESS_AFTER = 2.0  # seconds: shorter runs never show a bar
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool):
+    """A Rich progress bar on stderr for runs past PROGRESS_AFTER seconds, only on a terminal.
+
+    Yields the `progress(done_rows, total_rows)` callback for check_grad/check_binary.
+    """
+    console = stderr_console()
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    start = time.monotonic()
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            if time.monotonic() - start < PROGRESS_AFTER:
+                return
+            bar = Progress(TextColumn("ce-check"), BarColumn(), TaskProgressColumn(),
+                           TimeRemainingColumn(), console=console, transient=True)
+            bar.start()
+            state["bar"], state["task"] = bar, bar.add_task("rows", total=total)
+        state["bar"].update(state["task"], completed=done)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
+
+
 def file_or_number(spec: str | None) -> bool:
     """True when `spec` names an input (a path or '-'), False for a number typed instead."""
     return spec is not None and (spec == STDIN or Path(spec).exists()
@@ -273,9 +309,10 @@ def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad
     if loss is not None and specs["loss"] is None:
         sources["loss"] = f"--loss {loss}"
     inputs = {role: arr for role, arr in arrays.items() if role not in ("logits", "labels")}
-    with np.errstate(all="ignore"):  # over/underflow is expected and handled; no numpy warnings
+    with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
+        # over/underflow is expected and handled: no numpy warnings
         report = check(arrays["logits"], arrays["labels"], **inputs, loss_atol=loss_atol,
-                       out_grad=out_grad, sources=sources, **options)
+                       out_grad=out_grad, sources=sources, progress=progress, **options)
     emit(report, json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
 
