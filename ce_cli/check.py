@@ -292,7 +292,7 @@ def verify(
     if mode in ("sample", "directional"):
         extra = grad_cmp.positions() if grad_cmp is not None else []
         rows, cols = sample_entries(problem, samples, seed, extra)
-        res = fd_entries(problem, rows, cols)
+        res = fd_entries(problem, rows, cols, grad_tol.floor_coef if grad_tol is not None else None)
         fd_skipped += res.skipped
         fd_evaluations += res.evaluations
         checks += _check_sampled_fd(problem, res, grad_rows, grad_tol, ref64, worst)
@@ -383,35 +383,21 @@ def _check_loss(problem, loss_arr, tol: Tolerance, loss_atol, per_sample, loss_f
 
 def _check_sampled_fd(problem, res, grad_rows, grad_tol, ref64, worst) -> list[CheckResult]:
     rows, cols = res.rows, res.cols
-    ana = np.empty(rows.size)
-    user_floor = np.empty(rows.size)
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    per = max(1, (1 << 20) // problem.n_classes)
-    for a in range(0, uniq.size, per):
-        block = uniq[a:a + per]
-        ev = problem.evaluate_rows(np.asarray(problem.z[block]), block, grad=True,
-                                   floor_coef=grad_tol.floor_coef if grad_tol else None)
-        sel = (inverse >= a) & (inverse < a + block.size)
-        local = inverse[sel] - a
-        ana[sel] = ev.grad[local, cols[sel]]
-        if ev.floor is not None:
-            user_floor[sel] = ev.floor[local, cols[sel]]
-    fdv, bound = _settle_skipped(res.fd, res.bound, ana)
+    fdv, bound = _settle_skipped(res.fd, res.bound, res.reference)
     layout = problem.layout
 
     def index_of(i, _c):
         return layout.original_index(int(rows[i]), int(cols[i]))
 
-    out = []
+    note = f"{rows.size} sampled entries"
     cmp = Comparison("fd_vs_reference", ref64, index_of, expected_label="finite diff",
-                     got_label="reference", n_worst=worst, note=f"{rows.size} sampled entries")
-    cmp.update(0, fdv, ana, FD_SAFETY * bound)
-    out.append(cmp.result())
+                     got_label="reference", n_worst=worst, note=note)
+    cmp.update(0, fdv, res.reference, FD_SAFETY * bound)
+    out = [cmp.result()]
     if grad_rows is not None:
-        got = np.asarray(grad_rows[rows, cols])
         cmp = Comparison("fd_vs_grad", grad_tol, index_of, expected_label="finite diff",
-                         got_label="yours", n_worst=worst, note=f"{rows.size} sampled entries")
-        cmp.update(0, fdv, got, FD_SAFETY * bound + user_floor)
+                         got_label="yours", n_worst=worst, note=note)
+        cmp.update(0, fdv, np.asarray(grad_rows[rows, cols]), FD_SAFETY * bound + res.floor)
         out.append(cmp.result())
     return out
 
