@@ -61,6 +61,12 @@ class SigmoidBCE:
     target_kind = "binary"
 
     @property
+    def max_target_weight(self) -> float:
+        """An upper bound of |w * (1 + (pw - 1) y)|: scales the subnormal allowance."""
+        w = float(np.abs(self.weight).max()) if self.weight is not None else 1.0
+        return w * (max(1.0, float(np.abs(self.pos_weight).max())) if self.pos_weight is not None else 1.0)
+
+    @property
     def per_sample_shape(self) -> tuple[int, ...]:
         return self.layout.shape
 

@@ -104,6 +104,11 @@ class SoftmaxCE:
         return 1.0 / self.denominator if self.denominator != 0 else 0.0
 
     @property
+    def max_target_weight(self) -> float:
+        """An upper bound of Q_n (1 unweighted): scales the subnormal allowance."""
+        return float(np.abs(self.weight).max()) if self.weight is not None else 1.0
+
+    @property
     def nan_gradient(self) -> bool:
         """'mean' with D = 0 but some target not ignored (all weights 0): PyTorch's 0/0 NaN rows."""
         return self.reduction == "mean" and self.denominator == 0 and bool(self.valid.any())
@@ -224,8 +229,10 @@ class SoftmaxCE:
                 w_am = w[am] if w is not None else 1.0
                 W = float(w.sum()) if w is not None else float(C)
                 rest = np.where(am != ys, alpha, 0.0) + beta * (W - w_am)
-            # a_max - 1 = -s1/s exactly: Q*a - q = Q*(a - 1) + (Q - q)
-            g[r, am] = scale * (rest - Q * s1 / s)
+            # a confident row (a_max >= 1/2): a_max - 1 = -s1/s exactly, so
+            # Q*a - q = Q*(a - 1) + (Q - q) keeps full precision; a flat row keeps Q*a - q
+            sure = s1 <= 1.0
+            g[r[sure], am[sure]] = scale * (rest[sure] - Q[sure] * s1[sure] / s[sure])
             if self.nan_gradient:
                 g[active] = np.nan
         return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q)

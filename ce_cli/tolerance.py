@@ -55,7 +55,7 @@ class Tolerance:
 
     precision: str
     eps: float
-    tiny: float
+    tiny: float          # absolute allowance at subnormals: the smallest subnormal, scaled
     rtol: float
     atol: float
     floor_factor: float

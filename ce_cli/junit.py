@@ -1,0 +1,82 @@
+"""JUnit XML for CI systems: one <testsuite>, one <testcase> per manifest case.
+
+A failed case carries <failure> with the worst-entries text of `ce_cli.render.failure_message`;
+a case that could not run (bad input, an invalid manifest line) carries <error> with its
+one-line message; a case that `--fail-fast` never started carries <skipped>.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from ce_cli.batch import ERROR, FAIL, CaseResult
+from ce_cli.errors import CeCheckError
+from ce_cli.render import failure_message
+
+# characters XML 1.0 cannot carry at all, even escaped
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _text(s: str) -> str:
+    return _NOT_XML.sub("\ufffd", s)
+
+
+def _classname(kind: str | None) -> str:
+    return f"ce-check.{kind}" if kind else "ce-check"
+
+
+def junit_tree(results: Sequence[CaseResult], *, skipped: Sequence[tuple[str, str | None]] = (),
+               suite: str = "ce-check batch", seconds: float | None = None) -> ET.ElementTree:
+    """`results` in manifest order; `skipped` the (name, kind) of cases not run."""
+    failures = sum(r.status == FAIL for r in results)
+    errors = sum(r.status == ERROR for r in results)
+    total = sum(r.seconds for r in results) if seconds is None else seconds
+    attrs = {"name": _text(suite), "tests": str(len(results) + len(skipped)),
+             "failures": str(failures), "errors": str(errors), "skipped": str(len(skipped)),
+             "time": f"{total:.3f}"}
+    root = ET.Element("testsuites", attrs)
+    ts = ET.SubElement(root, "testsuite", attrs)
+    for r in results:
+        tc = ET.SubElement(ts, "testcase", {"classname": _classname(r.kind), "name": _text(r.name),
+                                            "time": f"{r.seconds:.3f}"})
+        if r.status == FAIL and r.report is not None:
+            failing = [c.name for c in r.report.checks if not c.ok]
+            el = ET.SubElement(tc, "failure", {"message": _text("failed: " + ", ".join(failing)),
+                                               "type": "CheckFailed"})
+            el.text = _text(failure_message(r.report))
+        elif r.status == ERROR:
+            kind = "InternalError" if r.internal else "CeCheckError"
+            el = ET.SubElement(tc, "error", {"message": _text(r.error or ""), "type": kind})
+            el.text = _text(r.error or "")
+    for name, kind in skipped:
+        tc = ET.SubElement(ts, "testcase", {"classname": _classname(kind), "name": _text(name),
+                                            "time": "0.000"})
+        ET.SubElement(tc, "skipped", {"message": "not run: --fail-fast stopped the batch"})
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any case runs, a path whose folder is missing or that is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise CeCheckError(f"--junit-xml '{path}': is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise CeCheckError(f"--junit-xml '{path}': folder '{parent}' does not exist")
+
+
+def write_junit(path: str | Path, tree: ET.ElementTree) -> None:
+    """Written beside `path` and renamed into place: a reader never sees half a file."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.partial")
+    try:
+        tree.write(tmp, encoding="utf-8", xml_declaration=True)
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CeCheckError(f"--junit-xml '{path}': cannot write ({exc.strerror or exc})") from None

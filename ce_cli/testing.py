@@ -1,0 +1,65 @@
+"""Assertions for test suites: `assert_ce_grad` and `assert_ce_binary`.
+
+    from ce_cli.testing import assert_ce_grad
+
+    def test_my_cross_entropy():
+        logits, labels = make_batch()
+        grad, loss = my_backward(logits, labels)
+        assert_ce_grad(logits, labels, grad, loss=loss)
+
+Each takes the arrays and the options of `ce_cli.check_grad` / `ce_cli.check_binary`, returns the
+`Report` when every check passes and raises `AssertionError` otherwise, with the message of
+`ce_cli.render.failure_message` (mismatched elements, greatest differences with their index, the
+worst entries). Invalid input raises `ce_cli.CeCheckError`, as the checks do.
+
+Importing this module is cheap: Rich (used by `ce_cli.render`) is imported only to format a failure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ce_cli.check import check_binary, check_grad
+from ce_cli.results import Report
+
+__all__ = ["assert_ce_binary", "assert_ce_grad"]
+
+
+def _array(x):
+    """Arrays as numpy: a tensor that requires grad or lives on a device is detached and copied
+    to the CPU first (duck-typed: no framework is imported)."""
+    if x is None or isinstance(x, (np.ndarray, int, float)):
+        return x
+    if hasattr(x, "detach") and callable(x.detach):
+        x = x.detach()
+        if hasattr(x, "cpu"):
+            x = x.cpu()
+    return np.asarray(x)
+
+
+def _assert(check, logits, labels, grad, loss, options) -> Report:
+    arrays = {name: _array(options.pop(name)) for name in ("weight", "pos_weight") if name in options}
+    with np.errstate(all="ignore"):  # over/underflow is expected and handled
+        report = check(_array(logits), _array(labels), grad=_array(grad), loss=_array(loss),
+                       **arrays, **options)
+    if not report.ok:
+        from ce_cli.render import failure_message
+
+        raise AssertionError(failure_message(report))
+    return report
+
+
+def assert_ce_grad(logits, labels, grad=None, *, loss=None, **options) -> Report:
+    """Assert that `grad` (and `loss`) are the softmax cross-entropy's (PyTorch `F.cross_entropy`
+    semantics) for `logits` and `labels`. Options are those of `ce_cli.check_grad`: `weight`,
+    `reduction`, `ignore_index`, `label_smoothing`, `class_axis`, `rtol`, `atol`, `precision`, ...
+    Returns the passing `Report`."""
+    return _assert(check_grad, logits, labels, grad, loss, options)
+
+
+def assert_ce_binary(logits, labels, grad=None, *, loss=None, **options) -> Report:
+    """Assert that `grad` (and `loss`) are sigmoid binary cross-entropy's (PyTorch
+    `BCEWithLogitsLoss` semantics). Options are those of `ce_cli.check_binary`: `weight`,
+    `pos_weight`, `reduction`, `two_class`, `rtol`, `atol`, `precision`, ... Returns the passing
+    `Report`."""
+    return _assert(check_binary, logits, labels, grad, loss, options)
