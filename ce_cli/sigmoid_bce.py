@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import Layout
+from ce_cli.layout import Layout, make_layout
 from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
-from ce_cli.softmax_ce import REDUCTIONS, ChunkEval
+from ce_cli.softmax_ce import ChunkEval, as_numeric_inputs
 
 
 @dataclass(frozen=True)
@@ -187,25 +187,14 @@ def build_sigmoid_bce(
 ) -> tuple[SigmoidBCE, list[str]]:
     """Validate inputs (labels in [0, 1], shapes, broadcasts) and build the problem."""
     warnings: list[str] = []
-    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
-    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
-    if logits.dtype.kind not in "biuf":
-        raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
-    if reduction not in REDUCTIONS:
-        raise CeCheckError(f"--reduction: unknown value '{reduction}' (use mean, sum or none)")
-    if logits.ndim == 0:
-        raise CeCheckError(f"{source}: scalar logits (shape ()); expected at least one element axis")
-    if logits.size == 0:
-        raise CeCheckError(f"{source}: shape {logits.shape}: empty batch")
-    layout = Layout(tuple(int(s) for s in logits.shape), logits.ndim - 1)
+    logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
+    layout = make_layout(logits.shape, -1, source)  # rows: the last axis
     if labels.shape != logits.shape:
         if _squeezed(labels.shape) == _squeezed(logits.shape):  # (N, 1) CSV column for (N,) logits
             labels = labels.reshape(logits.shape)
         else:
             raise CeCheckError(f"{labels_source}: shape {labels.shape} does not match the logits "
                                f"{logits.shape}: binary labels need the logits' shape")
-    if labels.dtype.kind not in "biuf":
-        raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
     targets = layout.to_rows(labels)
     _check_unit_interval(targets, layout, labels_source)
 

@@ -291,6 +291,19 @@ class SoftmaxCE:
         return np.where(masked, 0.0, m)
 
 
+def as_numeric_inputs(logits, labels, reduction: str, source: str, labels_source: str):
+    """The checks every loss model starts with: numeric arrays and a known reduction."""
+    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
+    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+    if logits.dtype.kind not in "biuf":
+        raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
+    if labels.dtype.kind not in "biuf":
+        raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
+    if reduction not in REDUCTIONS:
+        raise CeCheckError(f"--reduction: unknown value '{reduction}' (use mean, sum or none)")
+    return logits, labels
+
+
 def build_softmax_ce(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -306,12 +319,7 @@ def build_softmax_ce(
 ) -> tuple[SoftmaxCE, list[str]]:
     """Validate inputs and build the problem. Returns it with a list of warnings."""
     warnings: list[str] = []
-    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
-    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
-    if logits.dtype.kind not in "biuf":
-        raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
-    if reduction not in REDUCTIONS:
-        raise CeCheckError(f"--reduction: unknown value '{reduction}' (use mean, sum or none)")
+    logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
     if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise CeCheckError(f"--label-smoothing: must be in [0, 1], got {label_smoothing}")
     layout = make_layout(logits.shape, class_axis, source)
@@ -333,8 +341,6 @@ def build_softmax_ce(
         if (w64 < 0).any():
             warnings.append(f"{weight_source}: negative class weights")
 
-    if labels.dtype.kind not in "biuf":
-        raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
     if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and C == 1):
         probs = layout.to_rows(labels)
         if ignore_index >= 0:
