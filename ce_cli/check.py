@@ -16,8 +16,8 @@ from ce_cli.compare import Comparison
 from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
-from ce_cli.results import CheckResult, InputInfo, Report
 from ce_cli.numerics import EPS, sigmoid
+from ce_cli.results import CheckResult, InputInfo, Report
 from ce_cli.sigmoid_bce import build_sigmoid_bce
 from ce_cli.softmax_ce import build_softmax_ce
 from ce_cli.tolerance import Tolerance, resolve_tolerance
@@ -196,7 +196,6 @@ def verify(
         grad_tol = replace(grad_tol, tiny=grad_tol.tiny * max(
             1.0, grad_tol.floor_factor / 2.0 * (1.0 + problem.max_target_weight * abs(problem.grad_scale))))
 
-    loss_ref_rows = None
     loss_arr, loss_tol = None, None
     if loss is not None:
         loss_arr = np.asarray(loss)
