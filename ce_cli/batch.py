@@ -16,10 +16,19 @@ import difflib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    BrokenExecutor,
+    Executor,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +131,6 @@ def read_manifest(spec: str, *, stdin=None) -> tuple[str, Path, str]:
     if spec == STDIN:
         label = "manifest from stdin"
         if stdin is None:
-            import sys
-
             if sys.stdin is None:
                 raise CeCheckError(f"{label}: standard input is closed")
             if sys.stdin.isatty():
@@ -244,10 +251,10 @@ def _validate(lineno: int, obj: dict, base: Path, name: str | None, kind: str | 
             numbers[key] = getattr(value, "text", repr(value))
         elif isinstance(value, str) and value.strip():
             resolved = _path(key, value, base)
-            if _exists(resolved):
-                files[key] = resolved
+            if _exists(resolved) or not _is_number_text(value):
+                files[key] = resolved  # a missing file is reported when the case runs
             else:
-                numbers[key] = value  # a number written as a string, or a missing file
+                numbers[key] = value.strip()  # a number written as a string: "4.1915", "nan"
         else:
             raise CeCheckError(f"'{key}': must be a path or a number, got {_json_type(value)}")
     for key, choices in CHOICES.items():
@@ -281,6 +288,14 @@ def _path(key: str, value, base: Path) -> str:
     if value == STDIN:
         raise CeCheckError(f"'{key}': '-' (stdin) cannot be an input in a batch; name a file")
     return value if Path(value).is_absolute() else str(base / value)
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        Decimal(text.strip())
+    except InvalidOperation:
+        return False
+    return True
 
 
 def _exists(spec: str) -> bool:
@@ -340,34 +355,45 @@ def _run(case: CaseSpec) -> Report:
 def run_cases(cases: list[Case], *, jobs: int = 1, fail_fast: bool = False,
               executor_factory: Callable[[int], Executor] | None = None) -> Iterator[CaseResult]:
     """Run `cases`, yielding results in manifest order as soon as each one and all before it are
-    done. With `jobs` > 1 up to `jobs` cases run at once in worker processes. With `fail_fast`
-    no case is started after a fail or error has been seen (running ones finish and are
-    yielded); the cases never started are simply not yielded."""
+    done; up to `jobs` cases run at once.
+
+    `jobs` = 1 runs the cases in one worker thread of this process; `jobs` > 1 in a pool of
+    `jobs` processes (threads do not scale: the finite-difference sweeps loop in Python, under
+    the GIL). Either way a case runs off its process's main thread: with glibc the main thread's
+    heap returns the check's 1 MB chunk buffers to the kernel after each use and faults them
+    back in, which made a 256x500 case 3 to 5 times slower; a thread's arena keeps them.
+    `executor_factory(jobs)` replaces the executor (tests use threads to watch the scheduling).
+
+    With `fail_fast` no case is started after a fail or error has been seen (running ones
+    finish and are yielded); the cases never started are not yielded: the results are always
+    a prefix of `cases`.
+    """
     jobs = max(1, min(jobs, len(cases)))
-    if jobs == 1:
-        for case in cases:
-            res = run_case(case)
-            yield res
-            if fail_fast and res.status != PASS:
-                return
-        return
-    factory = executor_factory or (lambda n: ProcessPoolExecutor(max_workers=n))
+    if executor_factory is not None:
+        executor, task = executor_factory(jobs), run_case
+    elif jobs == 1:
+        executor, task = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ce-check"), run_case
+    else:
+        executor, task = ProcessPoolExecutor(max_workers=jobs), run_case_off_main_thread
     results: dict[int, CaseResult] = {}
     pending: dict = {}
     submitted = emitted = 0
     stop = False
-    executor = factory(jobs)
     try:
-        while emitted < len(cases):
+        while True:
             while not stop and submitted < len(cases) and len(pending) < jobs:
                 case = cases[submitted]
                 if isinstance(case, CaseResult):  # an invalid line: nothing to run
                     results[submitted] = case
-                    stop = stop or fail_fast
+                    stop = fail_fast
                 else:
-                    pending[executor.submit(run_case, case)] = submitted
+                    try:
+                        pending[executor.submit(task, case)] = submitted
+                    except BrokenExecutor as exc:  # a worker process died earlier
+                        results[submitted] = _crashed(case, exc)
+                        stop = fail_fast
                 submitted += 1
-            if pending and emitted not in results:
+            if emitted not in results and pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     i = pending.pop(fut)
@@ -376,20 +402,36 @@ def run_cases(cases: list[Case], *, jobs: int = 1, fail_fast: bool = False,
             while emitted in results:
                 yield results.pop(emitted)
                 emitted += 1
-            if emitted >= submitted and not pending and (stop or submitted >= len(cases)):
+            if emitted == submitted and (stop or submitted == len(cases)):
                 return
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+_worker_thread: ThreadPoolExecutor | None = None
+
+
+def run_case_off_main_thread(case: Case) -> CaseResult:
+    """`run_case` in a worker process, on a thread of its own (see `run_cases`)."""
+    global _worker_thread
+    if _worker_thread is None:
+        _worker_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ce-check")
+    return _worker_thread.submit(run_case, case).result()
+
+
 def _outcome(fut, case: CaseSpec) -> CaseResult:
     try:
         return fut.result()
-    except Exception as exc:  # the worker died (killed, out of memory) or CE_CHECK_DEBUG re-raised
+    except Exception as exc:  # the worker process died (killed, out of memory), or CE_CHECK_DEBUG
         if os.environ.get("CE_CHECK_DEBUG"):
             raise
-        return CaseResult(name=case.name, line=case.line, kind=case.kind, status=ERROR, internal=True,
-                          error=f"internal error: {type(exc).__name__}: {exc} (the worker process failed)")
+        return _crashed(case, exc)
+
+
+def _crashed(case: CaseSpec, exc: BaseException) -> CaseResult:
+    return CaseResult(name=case.name, line=case.line, kind=case.kind, status=ERROR, internal=True,
+                      error=f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                            "(the worker failed; please report it)")
 
 
 def exit_status(results: Iterable[CaseResult]) -> ExitCode:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ce_cli.allocator import keep_chunk_buffers
 from ce_cli.compare import Comparison
 from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
@@ -170,6 +171,7 @@ def verify(
     extra_checks: tuple[CheckResult, ...] = (),
 ) -> Report:
     """The checks shared by every loss model: one streaming pass, then finite differences."""
+    keep_chunk_buffers()
     src = sources
     reduction = problem.reduction
     layout = problem.layout

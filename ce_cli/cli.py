@@ -396,3 +396,5 @@ def binary(
 def main() -> None:
     """Console-script entry point."""
     app()
+from ce_cli import cli_batch  # noqa: E402,F401  (registers `batch`)
+from ce_cli import cli_stress  # noqa: E402,F401  (registers `stress`)

@@ -115,7 +115,8 @@ class SigmoidBCE:
             self._report_bad_logit(x, rows)
         y, w, pw = self.coefficients(rows)
         with np.errstate(invalid="ignore", over="ignore"):
-            tail = np.log1p(np.exp(-np.abs(x)))
+            e_abs = np.exp(-np.abs(x))
+            tail = np.log1p(e_abs)
             sp_neg = np.maximum(-x, 0.0) + tail    # softplus(-x) = -log s(x)
             sp_pos = np.maximum(x, 0.0) + tail     # softplus(x) = -log(1 - s(x))
             pos = y if pw is None else pw * y
@@ -126,8 +127,12 @@ class SigmoidBCE:
         coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
         g = floor = None
         if grad or floor_coef is not None:
-            s_pos = np.exp(-sp_neg)        # s(x)
-            s_neg = np.exp(-sp_pos)        # s(-x) = 1 - s(x), without cancellation
+            # s(x) and s(-x) = 1 - s(x) from e = exp(-|x|): relative error ~2 eps at any x
+            # (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|)
+            small = e_abs / (1.0 + e_abs)
+            large = 1.0 / (1.0 + e_abs)
+            s_pos = np.where(x >= 0, large, small)   # s(x)
+            s_neg = np.where(x >= 0, small, large)   # s(-x), without cancellation
         if grad:
             g = (1.0 - y) * s_pos - pos * s_neg
             g *= scale if w is None else w * scale
