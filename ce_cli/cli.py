@@ -398,3 +398,4 @@ def main() -> None:
     app()
 from ce_cli import cli_batch  # noqa: E402,F401  (registers `batch`)
 from ce_cli import cli_stress  # noqa: E402,F401  (registers `stress`)
+from ce_cli import cli_explain  # noqa: E402,F401  (registers `explain`)

@@ -18,7 +18,7 @@ comparison. `directional` and `sample` both also run the sampled entry checks. `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -95,8 +95,7 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
         if ev.floor is not None:
             floor[sel] = ev.floor[local, c]
         base = np.array(problem.z[rows[sel]], dtype=np.float64)
-        sub = replace(ev, loss=ev.loss[local], lse=ev.lse[local], total_weight=ev.total_weight[local],
-                      grad=None, floor=None, items=None, item_weight=None)
+        sub = ev.take_rows(local)
         fd[sel], bound[sel], s = _difference(problem, base, rows[sel], c,
                                              base[np.arange(sel.size), c], sub)
         skipped += s

@@ -40,6 +40,17 @@ class ChunkEval:
     total_weight: np.ndarray  # (R,) Q_n = sum_c q_nc
     items: np.ndarray | None = None        # (R, C) per-element losses (elementwise models)
     item_weight: np.ndarray | None = None  # (R, C) per-element loss scale (elementwise models)
+    row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
+    log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
+
+    def take_rows(self, idx: np.ndarray) -> ChunkEval:
+        """The per-row values of rows `idx` (per-entry arrays dropped)."""
+        def pick(v):
+            return None if v is None else v[idx]
+
+        return ChunkEval(loss=self.loss[idx], grad=None, floor=None, lse=self.lse[idx],
+                         total_weight=self.total_weight[idx], row_max=pick(self.row_max),
+                         log1p_s1=pick(self.log1p_s1))
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,8 @@ class SoftmaxCE:
             g[r[sure], am[sure]] = scale * (rest[sure] - Q[sure] * s1[sure] / s[sure])
             if self.nan_gradient:
                 g[active] = np.nan
-        return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q)
+        return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q, row_max=m,
+                         log1p_s1=l1)
 
     def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
         """Bound on |central difference - derivative| of loss_n at entries `z_entry` (row-wise `ev`).
@@ -248,8 +260,9 @@ class SoftmaxCE:
         Q = np.abs(ev.total_weight)
         rounding = 8.0 * EPS * (np.abs(ev.loss) + Q * (2.0 + 2.0 * np.log2(self.n_classes))) / h
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            logp = z_entry - ev.lse
-            logit = logp - np.log1p(-np.exp(logp))
+            # from the shifted values: z - lse would lose 1 - a at |z| ~ 1e6
+            logp = (z_entry - ev.row_max) - ev.log1p_s1
+            logit = logp - np.log(-np.expm1(logp))
         truncation = h * h / 6.0 * Q * logistic_third_max(logit, h)
         return (rounding + truncation) * self.grad_scale
 

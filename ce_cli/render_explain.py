@@ -1,0 +1,423 @@
+"""Renderers for `ce-check explain`: Rich tables, a JSON object, and the --steps table as SVG.
+
+Formatting only: every number and every selection comes from ce_cli.explain.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ce_cli.explain import (
+    SHOW_FULL,
+    Explanation,
+    MseComparison,
+    StepCurve,
+    discrepancy,
+    display_classes,
+    jacobian_entry,
+    jacobian_fd_entry,
+    largest_jacobian_entries,
+)
+from ce_cli.render import FAIL, PASS, _clean, fmt
+from ce_cli.results import CheckResult
+
+JSON_FULL_C = 256   # the JSON carries the whole Jacobian up to this many classes
+BAR_WIDTH = 28
+
+STEPS = {
+    "multiclass": (
+        ("1", "z", "the logits of one sample"),
+        ("2", "a = softmax(z)", "a_i = exp(z_i - max z) / sum_k exp(z_k - max z)"),
+        ("3", "y", "the target"),
+        ("4", "J[j, i] = da_j/dz_i = a_i (1{i=j} - a_j)", "the softmax Jacobian"),
+        ("5", "dC/da_j = -y_j / a_j", "C = -sum_j y_j ln a_j  (0 where y_j = 0: the term is absent)"),
+        ("6", "dC/dz_i = sum_j J[j, i] dC/da_j", "the chain rule, J^T dC/da = -y_i + a_i sum_j y_j"),
+        ("7", "a - y", "the closed form (sum y = 1)"),
+        ("8", "(C(z + h e_i) - C(z - h e_i)) / 2h", "finite differences of the loss, h = eps^(1/3) max(1, |z_i|)"),
+    ),
+    "binary": (
+        ("1", "z", "one logit"),
+        ("2", "s = sigmoid(z)", "s = 1 / (1 + exp(-z))"),
+        ("3", "y", "the label, in [0, 1]"),
+        ("4", "s' = ds/dz = s (1 - s)", "the sigmoid's derivative (its 1x1 Jacobian)"),
+        ("5", "dC/ds = -y/s + (1 - y)/(1 - s)", "C = -y ln s - (1 - y) ln(1 - s)"),
+        ("6", "dC/dz = s' dC/ds", "the chain rule: -y (1 - s) + (1 - y) s"),
+        ("7", "s - y", "the closed form"),
+        ("8", "(C(z + h) - C(z - h)) / 2h", "finite differences of the loss, h = eps^(1/3) max(1, |z|)"),
+    ),
+}
+
+CHECK_STEP = {
+    "softmax_sums_to_1": "2", "softmax_in_0_1": "2", "sigmoid_sums_to_1": "2", "sigmoid_in_0_1": "2",
+    "target_is_distribution": "3", "jacobian_symmetric": "4", "jacobian_rows_sum_to_0": "4",
+    "jacobian_vs_fd": "4", "dC_da_vs_fd": "5", "chain_rule_vs_a_minus_y": "6-7",
+    "fd_vs_a_minus_y": "8", "mse_vs_fd": "mse", "mse_vanishes_at_saturation": "mse",
+    "step_curve_within_bound": "steps",
+}
+
+
+def num(x: float, digits: int = 10) -> str:
+    x = float(x)
+    if math.isnan(x):
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}"
+
+
+class _Titled(Table):
+    """A table whose title is a line above it, wrapped at the console's width (a Rich title wraps
+    at the table's, which splits long titles over narrow tables)."""
+
+    def __init__(self, heading: str | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.heading = heading
+
+    def add_column(self, header="", **kwargs) -> None:
+        kwargs.setdefault("overflow", "fold")  # a narrow terminal wraps a number, never truncates it
+        super().add_column(header, **kwargs)
+
+    def __rich_console__(self, console, options):
+        if self.heading:
+            yield Text(self.heading)
+        yield from super().__rich_console__(console, options)
+
+
+def _table(title: str | None = None) -> Table:
+    """A plain table; titles and headers are Text, never markup (they hold brackets like J[j, i])."""
+    return _Titled(title, show_edge=False, pad_edge=False)
+
+
+def _columns(table: Table, *cols: tuple[str, str]) -> None:
+    for col, justify in cols:
+        table.add_column(Text(col), justify=justify)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def render_explanation(expl: Explanation, console: Console, *, where: str, checks: tuple[CheckResult, ...],
+                       mse: MseComparison | None = None, curve: StepCurve | None = None) -> None:
+    binary = expl.kind == "binary"
+    C = expl.n_classes
+    if binary:
+        head = f"ce-check explain: sigmoid binary cross-entropy, one logit ({where})"
+        target = f"label y = {expl.y[0]:g}"
+    else:
+        head = f"ce-check explain: softmax cross-entropy, one sample ({where})"
+        target = (f"target: label {expl.label}" if expl.label is not None
+                  else f"target: probabilities (largest at class {expl.target})")
+    console.print(Text(head, style="bold"))
+    lines = [f"C = {C} classes, {target}" if not binary else target,
+             f"loss C = {num(expl.loss)}"]
+    console.print(Text(", ".join(lines)))
+    console.print()
+
+    steps = _table("the derivation, step by step")
+    _columns(steps, ("step", "right"), ("quantity", "left"), ("checks", "left"))
+    by_step: dict[str, list[CheckResult]] = {}
+    for c in checks:
+        by_step.setdefault(CHECK_STEP.get(c.name, ""), []).append(c)
+    for key, quantity, what in STEPS[expl.kind]:
+        marks = Text()
+        for c in by_step.get(key, []) + (by_step.get("6-7", []) if key in ("6", "7") else []):
+            if marks:
+                marks.append("\n")
+            marks.append(PASS if c.ok else FAIL, style="green" if c.ok else "bold red")
+            marks.append(f" {c.name}")
+        cell = Text(quantity, style="bold")
+        cell.append(f"\n{what}")
+        steps.add_row(key, cell, marks)
+    console.print(steps)
+    console.print()
+
+    shown = display_classes(expl)
+    partial = "" if shown.size == C else f" ({shown.size} of {C} classes: the target, the largest a, the largest discrepancies)"
+    sample = _table("steps 1-3 and 5: the sample" + partial)
+    for col in ("" if binary else "class", "z", "s = sigmoid(z)" if binary else "a = softmax(z)",
+                "y", "dC/ds" if binary else "dC/da = -y/a"):
+        sample.add_column(Text(col), justify="right")
+    for i in shown:
+        sample.add_row(str(i) + (" *" if i == expl.target and not binary else ""), num(expl.z[i]),
+                       num(expl.a[i]), num(expl.y[i]), num(expl.dC_da[i]))
+    console.print(sample)
+    if not binary:
+        console.print(Text("  * the target class; sum a = "
+                           f"{num(float(np.sum(expl.a)), 17)}, sum y = {num(float(np.sum(expl.y)), 17)}"))
+    console.print()
+
+    _render_jacobian(expl, console, shown)
+    console.print()
+
+    grad = _table("steps 6-8: the chain rule, " + ("s - y" if binary else "a - y")
+                  + " and finite differences, side by side" + partial)
+    heads = (("", "s' dC/ds", "s - y") if binary else ("class", "J^T dC/da", "a - y"))
+    for col in (*heads, "finite diff", "max |diff|"):
+        grad.add_column(Text(col), justify="right")
+    disc = discrepancy(expl)
+    for i in shown:
+        grad.add_row(str(i), num(expl.chain_rule[i]), num(expl.a_minus_y[i]),
+                     num(expl.fd[i]), fmt(float(disc[i])) if np.isfinite(disc[i]) else "nan")
+    console.print(grad)
+    worst_chain = float(np.nanmax(np.abs(expl.chain_rule - expl.a_minus_y))) if C else 0.0
+    with np.errstate(invalid="ignore"):
+        fd_err = np.abs(expl.fd - expl.a_minus_y)
+    worst_fd = float(np.nanmax(fd_err)) if np.isfinite(fd_err).any() else math.nan
+    closed = "s - y" if binary else "a - y"
+    product = "s' dC/ds" if binary else "J^T dC/da"
+    console.print(Text(f"  max |{product} - ({closed})| = {fmt(worst_chain)}   "
+                       f"max |finite diff - ({closed})| = {fmt(worst_fd)}"
+                       + ("" if expl.probed.size == C else f" (over {expl.probed.size} probed classes)")))
+    console.print()
+
+    if mse is not None:
+        render_mse(expl, mse, console)
+        console.print()
+    if curve is not None:
+        console.print(steps_table(curve, binary=binary))
+        console.print(Text(steps_summary(curve)))
+        console.print()
+
+    render_checks(checks, console)
+    for note in expl.notes:
+        console.print(Text(f"note: {note}"))
+    ok = all(c.ok for c in checks)
+    verdict = Text("PASS", style="bold green") if ok else Text("FAIL", style="bold red")
+    console.print(Text("verdict: ").append(verdict))
+
+
+def _render_jacobian(expl: Explanation, console: Console, shown: np.ndarray) -> None:
+    C = expl.n_classes
+    if expl.kind == "binary":
+        t = _table("step 4: s' = s (1 - s)")
+        for col in ("s'", "finite diff", "|diff|"):
+            t.add_column(Text(col), justify="right")
+        j, f = float(expl.jacobian[0, 0]), float(expl.jacobian_fd[0, 0])
+        t.add_row(num(j), num(f), fmt(abs(j - f)))
+        console.print(t)
+        return
+    if C <= SHOW_FULL:
+        t = _table("step 4: the Jacobian J[j, i] = da_j/dz_i (row j: output a_j; column i: input z_i)")
+        t.add_column(Text("j \\ i"), justify="right")
+        for i in range(C):
+            t.add_column(str(i), justify="right")
+        t.add_column("row sum", justify="right")
+        t.add_column("max |J - FD|", justify="right")
+        for j in range(C):
+            row = expl.jacobian[j]
+            fd_row = np.array([jacobian_fd_entry(expl, j, i) for i in range(C)])
+            with np.errstate(invalid="ignore"):
+                err = np.nanmax(np.abs(row - fd_row)) if np.isfinite(fd_row).any() else math.nan
+            t.add_row(str(j), *(num(v, 4) for v in row), fmt(float(row.sum())),
+                      fmt(float(err)) if np.isfinite(err) else "-")
+        console.print(t)
+        return
+    big = _table(f"step 4: the Jacobian is {C} x {C}; its largest entries (J[j, i] = da_j/dz_i)")
+    for col in ("j", "i", "J[j, i]", "finite diff"):
+        big.add_column(Text(col), justify="right")
+    for j, i, v in largest_jacobian_entries(expl):
+        big.add_row(str(j), str(i), num(v), num(jacobian_fd_entry(expl, j, i)))
+    console.print(big)
+    t = expl.target
+    tr = _table(f"the target's row J[{t}, i] and column J[i, {t}] at the classes shown")
+    for col in ("i", f"J[{t}, i] = da_{t}/dz_i", f"J[i, {t}] = da_i/dz_{t}", f"FD da_i/dz_{t}"):
+        tr.add_column(Text(col), justify="right")
+    for i in shown:
+        tr.add_row(str(i), num(jacobian_entry(expl, t, int(i))), num(jacobian_entry(expl, int(i), t)),
+                   num(jacobian_fd_entry(expl, int(i), t)))
+    console.print(tr)
+
+
+def render_mse(expl: Explanation, mse: MseComparison, console: Console) -> None:
+    binary = expl.kind == "binary"
+    shown = display_classes(expl)
+    t = _table("--compare-mse: the quadratic cost on sigmoid outputs, M = 1/2 sum (s(z) - y)^2, "
+               "against cross-entropy")
+    for col in ("" if binary else "class", "s(z)", "s'(z)", "MSE (s - y) s'", "finite diff of M",
+                "CE " + ("s - y" if binary else "a - y")):
+        t.add_column(Text(col), justify="right")
+    pos = {int(c): k for k, c in enumerate(expl.probed)}
+    for i in shown:
+        fd = mse.mse_fd[pos[int(i)]] if int(i) in pos else math.nan
+        t.add_row(str(i), num(mse.sigma[i], 6), num(mse.sigma_prime[i], 6), num(mse.mse_error[i], 8),
+                  num(fd, 8), num(mse.ce_error[i], 8))
+    console.print(t)
+    if binary:
+        title = ("saturation: the logit pushed away from the label; the MSE error carries s'(z) -> 0, "
+                 "CE's s - y does not")
+    else:
+        title = (f"saturation: the wrong class {mse.wrong}'s logit z pushed to max(other logits) + d; "
+                 f"the errors at class {mse.wrong}: MSE's carries s'(z) -> 0, CE's a - y does not")
+    s = _table(title)
+    cols = (["d"] if not binary else []) + ["z", "s(z)", "s'(z)", "MSE (s - y) s'",
+                                            "CE s - y" if binary else "CE a - y",
+                                            "|MSE| / |CE|"]
+    for col in cols:
+        s.add_column(Text(col), justify="right")
+    for r in mse.saturation:
+        ratio = abs(r.mse) / abs(r.ce) if r.ce else math.nan
+        cells = ([num(r.offset, 3)] if not binary else []) + [num(r.z, 6), num(r.sigma, 10), fmt(r.sigma_prime),
+                                                              fmt(r.mse), num(r.ce, 6), fmt(ratio)]
+        s.add_row(*cells)
+    console.print(s)
+
+
+def steps_table(curve: StepCurve, *, binary: bool = False) -> Table:
+    """|fd(h) - dC/dz| against h, one bar per row (log scale), the chosen h and the minimum marked."""
+    what = "z" if binary else f"z_{curve.entry}"
+    t = _table(f"--steps: finite-difference error against the step h for dC/d{what} = {num(curve.derivative)}")
+    for col, just in (("h", "right"), ("|error|", "right"), ("bound", "right"), ("log10 |error|", "left"),
+                      ("", "left")):
+        t.add_column(Text(col), justify=just, no_wrap=True)
+    finite = curve.error[np.isfinite(curve.error) & (curve.error > 0)]
+    lo = math.floor(math.log10(finite.min())) if finite.size else -16
+    hi = math.ceil(math.log10(finite.max())) if finite.size else 0
+    span = max(1, hi - lo)
+    for k, (h, err, bound) in enumerate(zip(curve.h, curve.error, curve.bound)):
+        if err > 0 and np.isfinite(err):
+            n = 1 + round((BAR_WIDTH - 1) * (math.log10(err) - lo) / span)
+        else:
+            n = 0
+        style = "bold green" if k == curve.best else ("cyan" if k == curve.chosen else "")
+        marks = [m for m, on in (("< chosen", k == curve.chosen), ("< min", k == curve.best)) if on]
+        t.add_row(f"{h:.2e}", fmt(float(err)), fmt(float(bound)), Text("#" * n, style=style),
+                  Text(" ".join(marks)))
+    return t
+
+
+def steps_summary(curve: StepCurve) -> str:
+    scaled = "" if curve.scale == 1.0 else (" (steps are relative: each perturbs z by h max(1, |z|) = "
+                                            f"h x {curve.scale:.6g})")
+    return (f"  theoretical optimum h ~ eps^(1/3) = {curve.optimum:.3g}, where truncation h^2 |C'''|/6 "
+            f"meets rounding eps |C|/h; measured minimum (< min) at h = {curve.h[curve.best]:.3g}; "
+            "chosen (< chosen) h = eps^(1/3), the step `grad` uses; the rigorous bound is smallest at "
+            f"h = {curve.bound_best_h:.3g}{scaled}")
+
+
+def render_checks(checks: tuple[CheckResult, ...], console: Console) -> None:
+    table = _table("checks")
+    for col, justify in (("step", "right"), ("check", "left"), ("", "center"), ("max abs err", "right"),
+                         ("max rel err", "right"), ("mismatches", "right")):
+        table.add_column(Text(col), justify=justify, no_wrap=True)
+    for c in checks:
+        mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
+        table.add_row(CHECK_STEP.get(c.name, ""), c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
+                      f"{c.mismatches}/{c.total}")
+    console.print(table)
+    for c in checks:
+        console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
+    for c in checks:
+        if not c.ok and c.worst:
+            w = _table(f"{c.name}: worst entries (✗ = over tolerance)")
+            for col in ("index", c.expected_label, c.got_label, "abs err", "allowed", ""):
+                w.add_column(Text(col), justify="right" if col != "index" else "left")
+            for e in c.worst:
+                w.add_row(str(e.index), num(e.expected), num(e.got), fmt(e.abs_err), fmt(e.allowed),
+                          PASS if e.ok else FAIL)
+            console.print(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def _vec(v) -> list:
+    return [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
+
+
+def _check_dict(c: CheckResult) -> dict:
+    d = asdict(c)
+    for entry, e in zip(d["worst"], c.worst):
+        entry["ok"] = e.ok
+    return d
+
+
+def explanation_to_dict(expl: Explanation, *, where: str, row, checks: tuple[CheckResult, ...],
+                        mse: MseComparison | None = None, curve: StepCurve | None = None) -> dict:
+    C = expl.n_classes
+    t = expl.target
+    full = expl.jacobian is not None and C <= JSON_FULL_C
+    data = {
+        "ok": all(c.ok for c in checks),
+        "kind": expl.kind,
+        "source": where,
+        "row": list(row) if row is not None else None,
+        "n_classes": C,
+        "label": expl.label,
+        "target": t,
+        "loss": expl.loss,
+        "z": _vec(expl.z),
+        "a": _vec(expl.a),
+        "y": _vec(expl.y),
+        "jacobian": [_vec(r) for r in expl.jacobian] if full else None,
+        "jacobian_summary": {
+            "shape": [C, C],
+            "convention": "jacobian[j][i] = da_j/dz_i",
+            "largest": [{"index": [j, i], "value": v} for j, i, v in largest_jacobian_entries(expl)],
+            "target_row": [jacobian_entry(expl, t, i) for i in range(C)],
+            "target_column": [jacobian_entry(expl, i, t) for i in range(C)],
+        },
+        "dC_da": _vec(expl.dC_da),
+        "chain_rule": _vec(expl.chain_rule),
+        "a_minus_y": _vec(expl.a_minus_y),
+        "fd": _vec(expl.fd),
+        "fd_probed": None if expl.probed.size == C else [int(i) for i in expl.probed],
+        "checks": [_check_dict(c) for c in checks],
+        "notes": list(expl.notes),
+    }
+    if mse is not None:
+        data["compare_mse"] = {
+            "sigma": _vec(mse.sigma),
+            "sigma_prime": _vec(mse.sigma_prime),
+            "mse_error": _vec(mse.mse_error),
+            "ce_error": _vec(mse.ce_error),
+            "wrong_class": mse.wrong,
+            "saturation": [asdict(r) for r in mse.saturation],
+        }
+    if curve is not None:
+        data["steps"] = {
+            "entry": curve.entry,
+            "derivative": curve.derivative,
+            "optimum": curve.optimum,
+            "chosen_h": float(curve.h[curve.chosen]),
+            "best_h": float(curve.h[curve.best]),
+            "bound_best_h": curve.bound_best_h,
+            "scale": curve.scale,
+            "rows": [{"h": float(h), "step": float(h * curve.scale), "fd": float(f), "error": float(e),
+                      "bound": float(b)}
+                     for h, f, e, b in zip(curve.h, curve.fd, curve.error, curve.bound)],
+        }
+    return _clean(data)
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(data, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# --plot
+
+
+def write_svg(curve: StepCurve, path: Path, *, binary: bool, title: str) -> None:
+    """The --steps table with its bars, exported by Rich as an SVG (no extra dependency)."""
+    console = Console(record=True, width=130, file=io.StringIO(), color_system="truecolor",
+                      force_terminal=True, highlight=False, emoji=False)
+    console.print(steps_table(curve, binary=binary))
+    console.print(Text(steps_summary(curve)))
+    svg = console.export_svg(title=title)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(svg, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
