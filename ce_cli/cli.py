@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
 from ce_cli import __version__
@@ -262,6 +261,9 @@ def progress_bar(enabled: bool):
         if "bar" not in state:
             if time.monotonic() - start < PROGRESS_AFTER:
                 return
+            from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeRemainingColumn)
+
             bar = Progress(TextColumn("ce-check"), BarColumn(), TaskProgressColumn(),
                            TimeRemainingColumn(), console=console, transient=True)
             bar.start()

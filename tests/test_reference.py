@@ -106,3 +106,12 @@ def test_invariances(n, c, scale, seed, smoothing, reduction):
     # the reference always passes its own checks
     assert check_grad(z, y, grad=ref.grad, reduction=reduction, label_smoothing=smoothing,
                       fd="sample", samples=32).ok
+
+
+def test_finite_difference_bound_at_huge_confident_logits():
+    """Regression: the truncation bound rebuilt a's logit from z - lse, which at |z| ~ 1e6 has
+    already lost 1 - a; the bound fell to 0 and a correct reference failed fd_vs_reference."""
+    z = np.array([[1000052.2353878955, 1000019.6608460348]])
+    for mode in ("full", "sample", "directional"):
+        report = check_grad(z, np.array([1]), fd=mode)
+        assert report.ok, (mode, [c for c in report.checks if not c.ok])
