@@ -26,12 +26,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ce_cli.compare import Comparison
+from ce_cli.finite_diff import central_differences, step_for
 from ce_cli.errors import CeCheckError
 from ce_cli.layout import make_layout, match_batch
-from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.numerics import EPS, THIRD_MOMENT_MAX
 from ce_cli.results import CheckResult, Entry
 from ce_cli.sigmoid_bce import build_sigmoid_bce
-from ce_cli.softmax_ce import SoftmaxCE, build_softmax_ce
+from ce_cli.softmax_ce import build_softmax_ce
 from ce_cli.tolerance import Tolerance
 
 KAPPA = EPS ** (1.0 / 3.0)          # the finite-difference step factor, eps^(1/3) ~ 6.06e-6
@@ -354,44 +355,19 @@ def _matrix_index(rows: np.ndarray, cols: np.ndarray):
 
 
 def _loss_fd(problem, z: np.ndarray, entry_cols: np.ndarray, steps: np.ndarray):
-    """Central differences of the kernel's row loss at (entry_cols[k], steps[k]) for each k:
-    (C(z + h e_i) - C(z - h e_i)) / ((z_i + h) - (z_i - h)), and the kernel's rigorous bound
-    (rounding 8 eps (|C| + ...)/h plus truncation h^2/6 max|C'''| on the step)."""
-    k = entry_cols.size
-    rows = np.zeros(k, dtype=np.int64)
-    base = np.tile(z, (k, 1))
-    r = np.arange(k)
-    zc = z[entry_cols]
-    zp, zm = zc + steps, zc - steps
-    base[r, entry_cols] = zp
-    lp = problem.evaluate_rows(base, rows, grad=False).loss
-    base[r, entry_cols] = zm
-    lm = problem.evaluate_rows(base, rows, grad=False).loss
-    base[r, entry_cols] = zc
-    ev = problem.evaluate_rows(base, rows, grad=False)
-    d = zp - zm
-    fd = (lp - lm) / d * problem.grad_scale
-    h = d / 2.0
-    if isinstance(problem, SoftmaxCE):
-        # The kernel's bound, with the entry's logit ln a - ln(1 - a) formed stably: the kernel takes
-        # it as logp - log1p(-exp(logp)), which is +inf once a rounds to 1 (and at |z| ~ 1e6 logp
-        # = z - lse loses 1 - a to the rounding of lse), so its truncation term would vanish.
-        _, log_a, oma = softmax_parts(z)
-        la, om = log_a[0][entry_cols], oma[0][entry_cols]
-        with np.errstate(divide="ignore"):
-            logit = np.where(om > 0.0, la - np.log(om), -LOG_TINY)  # 1 - a < 2^-1074: logit > 744.4
-        Q = np.abs(ev.total_weight)
-        rounding = 8.0 * EPS * (np.abs(ev.loss) + Q * (2.0 + 2.0 * np.log2(problem.n_classes))) / h
-        truncation = h * h / 6.0 * Q * logistic_third_max(logit, h)
-        bound = (rounding + truncation) * problem.grad_scale
-    else:
-        bound = problem.fd_error_bound(rows, entry_cols, zc, h, ev)
+    """Central differences of the kernel's row loss at (entry_cols[k], steps[k]) for each k,
+    with the kernel's rigorous bound (rounding 8 eps (|C| + ...)/h plus truncation
+    h^2/6 max|C'''| on the step): `grad`'s own finite differences, on one sample."""
+    rows = np.zeros(entry_cols.size, dtype=np.int64)
+    ev = problem.evaluate_rows(z[None, :], rows[:1], grad=False).take_rows(rows)
+    fd, bound, _ = central_differences(problem, np.tile(z, (entry_cols.size, 1)), rows, entry_cols,
+                                       z[entry_cols], ev, h=steps)
     return fd, bound
 
 
 def _fd_steps(z: np.ndarray) -> np.ndarray:
     """The step `grad` uses: h = eps^(1/3) max(1, |z|)."""
-    return KAPPA * np.maximum(1.0, np.abs(z))
+    return step_for(z)
 
 
 def _softmax_jacobian_fd(z: np.ndarray, cols: np.ndarray):

@@ -96,17 +96,19 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
             floor[sel] = ev.floor[local, c]
         base = np.array(problem.z[rows[sel]], dtype=np.float64)
         sub = ev.take_rows(local)
-        fd[sel], bound[sel], s = _difference(problem, base, rows[sel], c,
-                                             base[np.arange(sel.size), c], sub)
+        fd[sel], bound[sel], s = central_differences(problem, base, rows[sel], c,
+                                                     base[np.arange(sel.size), c], sub)
         skipped += s
     return FDResult(rows, cols, fd, bound, "sample", uniq.size + 2 * rows.size, skipped, ana,
                     floor if floor_coef is not None else None)
 
 
-def _difference(problem, base, r, c, zc, ev):
-    """Evaluate both perturbed copies of the rows `base` (one entry per row)."""
+def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None):
+    """Perturb entry c[k] of row base[k] (problem row r[k], value zc[k]) by -+h[k] (default
+    `step_for`), evaluate both copies; returns (derivative, error bound, entries skipped).
+    `ev` holds the unperturbed rows' values (`ChunkEval.take_rows`)."""
     idx = np.arange(r.size)
-    h = step_for(zc)
+    h = step_for(zc) if h is None else h
     zp, zm = zc + h, zc - h
     base[idx, c] = zp
     lp = problem.evaluate_rows(base, r, grad=False).loss

@@ -169,8 +169,8 @@ class CommandTemplate:
         used = {m for tok in argv for m in _PLACEHOLDER.findall(tok)}
         missing = [p for p in REQUIRED if p not in used]
         if missing:
-            raise CeCheckError(f"--impl-cmd: the command needs the placeholders {{logits}} {{labels}} "
-                               f"{{grad}} (and optionally {{loss}}); missing "
+            raise CeCheckError("--impl-cmd: the command needs the placeholders {logits} {labels} "
+                               "{grad} (and optionally {loss}); missing "
                                + " ".join("{" + m + "}" for m in missing))
         program = argv[0]
         if not _PLACEHOLDER.search(program) and shutil.which(program) is None:
