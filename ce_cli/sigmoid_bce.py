@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import Layout, make_layout
+from ce_cli.layout import Layout, RowMatrix, make_layout
 from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 from ce_cli.softmax_ce import ChunkEval, as_numeric_inputs
 
 
 @dataclass(frozen=True)
-class SigmoidBCE:
+class SigmoidBCE(RowMatrix):
     """A validated binary problem as (N, K) rows."""
 
     z: np.ndarray                 # (N, K) user dtype, maybe memory-mapped
@@ -34,14 +34,6 @@ class SigmoidBCE:
     pos_weight: np.ndarray | None  # (K,) float64, or None
     reduction: str
     source: str = "logits"
-
-    @property
-    def n_rows(self) -> int:
-        return self.z.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.z.shape[1]
 
     @property
     def valid(self) -> np.ndarray:

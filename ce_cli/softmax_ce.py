@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import Layout, make_layout, match_batch
+from ce_cli.layout import Layout, RowMatrix, make_layout, match_batch
 from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -54,7 +54,7 @@ class ChunkEval:
 
 
 @dataclass(frozen=True)
-class SoftmaxCE:
+class SoftmaxCE(RowMatrix):
     """A validated multiclass problem: logits as (N, C) rows plus everything the kernel needs."""
 
     z: np.ndarray                  # (N, C) user dtype, maybe memory-mapped
@@ -68,14 +68,6 @@ class SoftmaxCE:
     denominator: float             # D; 0 when every target is ignored under 'mean' (loss NaN)
     valid: np.ndarray              # (N,) rows that contribute
     source: str = "logits"
-
-    @property
-    def n_rows(self) -> int:
-        return self.z.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.z.shape[1]
 
     @property
     def target_kind(self) -> str:
