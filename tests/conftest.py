@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from ce_cli.cli import app  # noqa: E402
+from ce_cli.cli import app, register_all_commands  # noqa: E402
+
+register_all_commands()
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
