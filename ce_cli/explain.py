@@ -378,10 +378,21 @@ def _softmax_jacobian_fd(z: np.ndarray, cols: np.ndarray):
     and a|ln a| <= 1/e), so the difference by eps (a+ + a- + 2), divided by d; truncation
     (d/2)^2/6 max|d^3 a_j/dz_i^3| <= (d/2)^2/48, since a_i as a function of z_i is a logistic
     curve (|s'''| <= 1/8) and a_j (j != i) is at most one minus such a curve."""
-    C = z.size
-    fd = np.empty((C, cols.size))
-    bound = np.empty((C, cols.size))
-    per = max(1, (1 << 20) // C)
+    fd = np.empty((z.size, cols.size))
+    bound = np.empty((z.size, cols.size))
+    for block, _r, zp, zm, d in _perturbed_copies(z, cols):
+        d = d[:, None]
+        ap = softmax_parts(zp)[0]
+        am = softmax_parts(zm)[0]
+        fd[:, block] = ((ap - am) / d).T
+        bound[:, block] = (SAFETY * (EPS * (ap + am + 2.0) / d + (d / 2.0) ** 2 * SIGMA3_MAX / 6.0)).T
+    return fd, bound
+
+
+def _perturbed_copies(z: np.ndarray, cols: np.ndarray):
+    """Copies of the sample z with entry cols[k] moved by -+h (grad's step), in batches of at
+    most 2^20 values: yields (slice into cols, row index, z + h e, z - h e, realised 2h)."""
+    per = max(1, (1 << 20) // z.size)
     for s in range(0, cols.size, per):
         c = cols[s:s + per]
         r = np.arange(c.size)
@@ -391,12 +402,7 @@ def _softmax_jacobian_fd(z: np.ndarray, cols: np.ndarray):
         zm = zp.copy()
         zp[r, c] = zc + h
         zm[r, c] = zc - h
-        d = (zp[r, c] - zm[r, c])[:, None]
-        ap = softmax_parts(zp)[0]
-        am = softmax_parts(zm)[0]
-        fd[:, s:s + per] = ((ap - am) / d).T
-        bound[:, s:s + per] = (SAFETY * (EPS * (ap + am + 2.0) / d + (d / 2.0) ** 2 * SIGMA3_MAX / 6.0)).T
-    return fd, bound
+        yield slice(s, s + c.size), r, zp, zm, zp[r, c] - zm[r, c]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,27 +858,17 @@ def _mse_fd(z: np.ndarray, y: np.ndarray, P: np.ndarray):
     Bound: term i errs by at most eps (3|s - y| + 2 (s - y)^2) per evaluation (s to 3 eps), twice,
     over d; truncation (d/2)^2/6 max|M'''|, with M''' = 3 s' s'' + (s - y) s''' and |s'| <= 1/4,
     |s''| <= sqrt(3)/18, |s'''| <= 1/8: at most 0.2 + 0.125 |y_i|. Doubled."""
-    k = P.size
-    fd = np.empty(k)
-    allowed = np.empty(k)
-    per = max(1, (1 << 20) // z.size)
-    for s0 in range(0, k, per):
-        cols = P[s0:s0 + per]
-        r = np.arange(cols.size)
-        zc = z[cols]
-        h = _fd_steps(zc)
-        zp = np.tile(z, (cols.size, 1))
-        zm = zp.copy()
-        zp[r, cols] = zc + h
-        zm[r, cols] = zc - h
-        d = zp[r, cols] - zm[r, cols]
+    fd = np.empty(P.size)
+    allowed = np.empty(P.size)
+    for block, r, zp, zm, d in _perturbed_copies(z, P):
+        cols = P[block]
         ep = _sigmoid_minus(zp, y)
         em = _sigmoid_minus(zm, y)
-        fd[s0:s0 + per] = (0.5 * ep * ep - 0.5 * em * em).sum(axis=1) / d
+        fd[block] = (0.5 * ep * ep - 0.5 * em * em).sum(axis=1) / d
         e = np.maximum(np.abs(ep[r, cols]), np.abs(em[r, cols]))
         rounding = 2.0 * EPS * (3.0 * e + 2.0 * e * e) / d
         truncation = (d / 2.0) ** 2 / 6.0 * (3.0 * 0.25 * THIRD_MOMENT_MAX + SIGMA3_MAX * (1.0 + np.abs(y[cols])))
-        allowed[s0:s0 + per] = SAFETY * (rounding + truncation)
+        allowed[block] = SAFETY * (rounding + truncation)
     return fd, allowed
 
 

@@ -37,7 +37,6 @@ class FDResult:
     cols: np.ndarray
     fd: np.ndarray          # finite-difference derivative of the reduced loss
     bound: np.ndarray       # bound on |fd - true derivative|
-    mode: str
     evaluations: int        # row-loss evaluations (each costs O(C))
     skipped: int            # entries at -inf logits or in rows with infinite loss
     reference: np.ndarray | None = None  # the analytic reference gradient at the entries
@@ -99,7 +98,7 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
         fd[sel], bound[sel], s = central_differences(problem, base, rows[sel], c,
                                                      base[np.arange(sel.size), c], sub)
         skipped += s
-    return FDResult(rows, cols, fd, bound, "sample", uniq.size + 2 * rows.size, skipped, ana,
+    return FDResult(rows, cols, fd, bound, uniq.size + 2 * rows.size, skipped, ana,
                     floor if floor_coef is not None else None)
 
 

@@ -385,21 +385,19 @@ def _row_max(z):
 
 def naive_softmax_ce(logits, labels, reduction: str = "mean"):
     """Textbook softmax then log: p = exp(z) / sum exp(z); exp overflows past ln(max)."""
-    z = np.asarray(logits)
-    ys, valid = _labels(labels)
-    with np.errstate(all="ignore"):
-        e = np.exp(z)
-        p = e / e.sum(axis=-1, keepdims=True, dtype=_acc(z.dtype)).astype(z.dtype)
-        loss = -np.log(p[np.arange(z.shape[0]), ys])
-        return _reduce(loss, _minus_onehot(p, ys), valid, reduction)
+    return _softmax_then_log(logits, labels, reduction, shift=False)
 
 
 def shifted_softmax_ce(logits, labels, reduction: str = "mean"):
     """Max-shifted softmax then log: no overflow, but log(p_y) = -inf once p_y underflows."""
+    return _softmax_then_log(logits, labels, reduction, shift=True)
+
+
+def _softmax_then_log(logits, labels, reduction: str, shift: bool):
     z = np.asarray(logits)
     ys, valid = _labels(labels)
     with np.errstate(all="ignore"):
-        e = np.exp(z - _row_max(z))
+        e = np.exp(z - _row_max(z) if shift else z)
         p = e / e.sum(axis=-1, keepdims=True, dtype=_acc(z.dtype)).astype(z.dtype)
         loss = -np.log(p[np.arange(z.shape[0]), ys])
         return _reduce(loss, _minus_onehot(p, ys), valid, reduction)
