@@ -17,6 +17,7 @@ from ce_cli.compare import Comparison
 from ce_cli.errors import CeCheckError
 from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
+from ce_cli.fused import FusedPass
 from ce_cli.numerics import EPS, sigmoid
 from ce_cli.results import CheckResult, InputInfo, Report
 from ce_cli.sigmoid_bce import build_sigmoid_bce
@@ -240,6 +241,7 @@ def verify(
                                       expected_label="finite diff", got_label="yours", n_worst=worst,
                                       note="one random direction per row")
 
+    fused = FusedPass.plan(problem, grad_rows, grad_cmp) if mode == "sample" and out_rows is None else None
     row_loss = np.empty(N)
     per_sample = np.empty((N,) + problem.per_sample_cols) if loss_tol is not None else None
     loss_floor = np.empty_like(per_sample) if loss_tol is not None else None
@@ -248,14 +250,16 @@ def verify(
     floor_coef = grad_tol.floor_coef if grad_tol is not None else None
     try:
         for start, stop in row_chunks(N, C, chunk_elements):
-            ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
+            ev = fused.run(start, stop, grad_cmp) if fused is not None else None
+            user_tol = None
+            if ev is None:
+                ev = problem.evaluate(start, stop, grad=True, floor_coef=floor_coef)
+                if grad_cmp is not None:
+                    user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
             row_loss[start:stop] = ev.loss
             if loss_floor is not None:
                 per_sample[start:stop] = problem.per_sample(ev)
                 loss_floor[start:stop] = problem.loss_floor(ev, loss_tol.floor_coef)
-            user_tol = None
-            if grad_cmp is not None:
-                user_tol = grad_cmp.update(start, ev.grad, grad_rows[start:stop], ev.floor)
             if mode == "directional":
                 dc = directional_chunk(problem, start, stop, ev.grad, dir_rng,
                                        None if grad_rows is None else grad_rows[start:stop], user_tol)

@@ -91,10 +91,23 @@ class Comparison:
         failing = np.flatnonzero(rowmax > 1.0)
         if failing.size:
             self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
-        self._collect_worst(row0, ratio, rowmax, ref, got, diff, tol)
+        self._collect_worst(row0, rowmax, lambda r: (ratio[r], ref[r], got[r], diff[r], tol[r]))
         return tol
 
-    def _collect_worst(self, row0, ratio, rowmax, ref, got, diff, tol) -> None:
+    def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
+                       nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
+                       open_row: Callable[[int], tuple]) -> None:
+        """Fold in per-row statistics computed elsewhere (the fused kernel). `open_row(r)` returns
+        row r's (ratio, ref, got, diff, tol) when it may hold one of the worst entries."""
+        self.total += n_entries
+        if rowmax.size:
+            self.mismatches += int(mismatches.sum())
+            self.nonfinite += int(nonfinite.sum())
+            self.max_abs = max(self.max_abs, float(max_abs.max()))
+            self.max_rel = max(self.max_rel, float(max_rel.max()))
+            self._collect_worst(row0, rowmax, open_row)
+
+    def _collect_worst(self, row0, rowmax, open_row) -> None:
         """Keep the k largest ratios: only rows whose maximum beats the current k-th are opened."""
         k = self.n_worst
         if k == 0:
@@ -104,14 +117,14 @@ class Comparison:
         if rows.size > k:
             rows = rows[np.argsort(-rowmax[rows], kind="stable")[:k]]
         for r in rows.tolist():
-            row = ratio[r]
+            row, ref, got, diff, tol = open_row(r)
             cols = np.flatnonzero(row > threshold)
             if cols.size > k:
                 cols = cols[np.argsort(-row[cols], kind="stable")[:k]]
             for j in cols.tolist():
-                g = float(np.asarray(got[r, j], dtype=np.float64))
-                self._worst.append((float(row[j]), row0 + r, j, float(ref[r, j]), g,
-                                    float(diff[r, j]), float(tol[r, j])))
+                g = float(np.asarray(got[j], dtype=np.float64))
+                self._worst.append((float(row[j]), row0 + r, j, float(ref[j]), g,
+                                    float(diff[j]), float(tol[j])))
         self._worst.sort(key=lambda t: (-t[0], t[1], t[2]))
         del self._worst[k:]
 

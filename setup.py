@@ -1,0 +1,19 @@
+"""The optional compiled kernel; everything else is in pyproject.toml.
+
+`optional=True`: without a C compiler the install still succeeds and ce-check uses its numpy
+kernel (ce_cli/fused.py explains the difference).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "ce_cli._fused",
+            sources=["ce_cli/_fused.c"],
+            # IEEE rounding of every operation: no -ffast-math, no contraction into FMA
+            extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
+            optional=True,
+        )
+    ]
+)
