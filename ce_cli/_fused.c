@@ -38,7 +38,8 @@ typedef struct {
     double *loss, *row_max, *log1p_s1;        /* (R,) outputs */
     double *ratio_max, *max_abs, *max_rel;    /* (R,) outputs when g is given */
     int64_t *mismatches, *nonfinite;          /* (R,) outputs when g is given */
-    double *out_ref, *out_tol, *out_ratio;    /* (R, C) per-entry outputs, or NULL */
+    double *out_ref, *out_floor;              /* (R, C) reference gradient and floor, or NULL */
+    double *out_tol, *out_ratio;              /* (R, C) allowed error and |err| / allowed, or NULL */
     double *work;                             /* (C + W + 2 (C / BLOCK + 1),) scratch */
 } ce_args;
 
@@ -118,6 +119,12 @@ static inline __attribute__((always_inline)) vd load_row(const void *base, int i
         for (int i = 0; i < W; i++) v[i] = p[i < n ? i : 0];
     }
     return v;
+}
+
+/* The first n lanes of v to p[0..n). */
+static inline __attribute__((always_inline)) void store(double *p, vd v, int64_t n) {
+    if (n == W) memcpy(p, &v, sizeof v);
+    else for (int i = 0; i < n; i++) p[i] = v[i];
 }
 
 /* pairwise: ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) */
@@ -226,7 +233,7 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
     a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
-    if (!a->g && !a->out_ref) return 0;
+    if (!a->g && !a->out_ref && !a->out_floor) return 0;
 
     /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:
      *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
@@ -261,11 +268,9 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
         if (spec) fl = sel(ids == vy, fl + splat(k_fa), fl);                  \
         vd absg = vabs(g);                                                    \
         vd tol = (absg * rtol + abs_tol) + fl;                                \
-        if (a->out_ref)                                                       \
-            for (int i = 0; i < n; i++) {                                     \
-                a->out_ref[r * C + (c) + i] = g[i];                           \
-                a->out_tol[r * C + (c) + i] = tol[i];                         \
-            }                                                                 \
+        if (a->out_ref) store(a->out_ref + r * C + (c), g, n);                \
+        if (a->out_floor) store(a->out_floor + r * C + (c), fl, n);           \
+        if (a->out_tol) store(a->out_tol + r * C + (c), tol, n);              \
         if (gu) {                                                             \
             vd d = vabs(load_row(gu, g32, c, n) - g);                         \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
@@ -277,8 +282,7 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
             vd rel = sel((live) & (d == d) & (g != 0), d / absg, splat(0.0)); \
             v_rel = sel(rel > v_rel, rel, v_rel);                             \
             v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
-            if (a->out_ratio)                                                 \
-                for (int i = 0; i < n; i++) a->out_ratio[r * C + (c) + i] = ratio[i]; \
+            if (a->out_ratio) store(a->out_ratio + r * C + (c), ratio, n);    \
         }                                                                     \
     } while (0)
     /* only the target's and the arg-max's blocks need the per-entry corrections */

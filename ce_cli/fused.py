@@ -1,4 +1,4 @@
-"""The compiled fused pass (`_fused.c`): loss, gradient, error floor and comparison of a row
+"""The compiled fused kernel (`_fused.c`): loss, gradient, error floor and comparison of a row
 chunk in one sweep per row, loaded with ctypes.
 
 `pip install .` compiles it when a C compiler is present; without one, the numpy kernel in
@@ -19,7 +19,6 @@ import numpy as np
 
 from ce_cli.compare import Comparison
 from ce_cli.softmax_ce import ChunkEval, SoftmaxCE
-from ce_cli.tolerance import Tolerance
 
 _P = ctypes.c_void_p
 
@@ -35,7 +34,7 @@ class _Args(ctypes.Structure):
         ("abs_tol", ctypes.c_double), ("floor_coef", ctypes.c_double),
         ("loss", _P), ("row_max", _P), ("log1p_s1", _P),
         ("ratio_max", _P), ("max_abs", _P), ("max_rel", _P), ("mismatches", _P), ("nonfinite", _P),
-        ("out_ref", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
+        ("out_ref", _P), ("out_floor", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
     ]
 
 
@@ -80,15 +79,12 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32 if exact32 else np.float64)
 
 
-class FusedPass:
-    """The streaming pass of `verify` for one softmax problem, through the compiled kernel."""
+class FusedKernel:
+    """One softmax problem's rows through the compiled kernel."""
 
-    def __init__(self, fn, problem: SoftmaxCE, grad_rows, tol: Tolerance | None, extra_atol: float):
+    def __init__(self, fn, problem: SoftmaxCE):
         self.fn = fn
         self.problem = problem
-        self.grad_rows = grad_rows
-        self.tol = tol
-        self.abs_tol = (tol.atol + extra_atol + tol.tiny) if tol is not None else 0.0
         w = problem.weight
         self.w = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
         self.w_sum = float(w.sum()) if w is not None else float(problem.n_classes)
@@ -96,63 +92,81 @@ class FusedPass:
         self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
 
     @classmethod
-    def plan(cls, problem, grad_rows, grad_cmp: Comparison | None) -> FusedPass | None:
-        """A fused pass when the kernel is built and serves this problem, else None."""
+    def plan(cls, problem) -> FusedKernel | None:
+        """The kernel for `problem` when it is built and serves it, else None."""
         fn = kernel()
         if (fn is None or not isinstance(problem, SoftmaxCE) or problem.probs is not None
                 or problem.nan_gradient or problem.n_classes == 0):
             return None
-        tol = grad_cmp.tol if grad_cmp is not None else None
-        return cls(fn, problem, grad_rows, tol, grad_cmp.extra_atol if grad_cmp is not None else 0.0)
+        return cls(fn, problem)
 
-    def _call(self, z, g, alpha, beta, ys, active, outs: dict) -> int:
-        R, C = z.shape
-        tol = self.tol
-        args = _Args(
-            n_rows=R, n_cols=C, z=_ptr(z), z_is_f32=int(z.dtype == np.float32),
-            g=_ptr(g), g_is_f32=int(g is not None and g.dtype == np.float32),
-            alpha=_ptr(alpha), beta=_ptr(beta), ys=_ptr(ys), active=_ptr(active), w=_ptr(self.w),
-            w_sum=self.w_sum, scale=self.problem.grad_scale,
-            rtol=tol.rtol if tol else 0.0, abs_tol=self.abs_tol,
-            floor_coef=tol.floor_coef if tol else 0.0, work=_ptr(self.work),
-            **{name: _ptr(arr) for name, arr in outs.items()},
-        )
-        return int(self.fn(ctypes.byref(args)))
-
-    def run(self, start: int, stop: int, cmp: Comparison | None) -> ChunkEval | None:
-        """Rows [start, stop): their ChunkEval (no per-entry arrays), with `cmp` updated.
-        None when a row holds a non-finite logit: the numpy kernel takes the chunk."""
+    def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
+                 floor_coef: float | None = None, cmp: Comparison | None = None,
+                 g_rows=None) -> ChunkEval | None:
+        """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
+        `g_rows` are compared on the way (`rows` consecutive). None when a row holds a
+        non-finite logit: the numpy kernel, which knows masks, takes the rows."""
         problem = self.problem
-        rows = np.arange(start, stop)
-        z = _as_kernel_rows(problem.z[start:stop])
-        g = _as_kernel_rows(self.grad_rows[start:stop]) if cmp is not None else None
+        z = _as_kernel_rows(z_rows)
+        g = _as_kernel_rows(g_rows) if cmp is not None else None
         alpha, beta, ys = problem.targets(rows)
         alpha = np.ascontiguousarray(alpha, dtype=np.float64)
         beta = np.ascontiguousarray(np.broadcast_to(beta, alpha.shape), dtype=np.float64)
         ys = np.ascontiguousarray(ys, dtype=np.int64)
         active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
-        R = stop - start
-        per_row = {name: np.empty(R) for name in ("loss", "row_max", "log1p_s1")}
+        R, C = z.shape
+        tol = cmp.tol if cmp is not None else None
+        if tol is not None:
+            floor_coef = tol.floor_coef
+        params = dict(
+            alpha=alpha, beta=beta, ys=ys, active=active, floor_coef=floor_coef or 0.0,
+            rtol=tol.rtol if tol else 0.0,
+            abs_tol=(tol.atol + cmp.extra_atol + tol.tiny) if tol else 0.0)
+        out = {name: np.empty(R) for name in ("loss", "row_max", "log1p_s1")}
+        if grad:
+            out["out_ref"] = np.empty((R, C))
+        if floor_coef is not None:
+            out["out_floor"] = np.empty((R, C))
         if cmp is not None:
-            per_row.update({name: np.empty(R) for name in ("ratio_max", "max_abs", "max_rel")})
-            per_row.update({name: np.empty(R, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-        if self._call(z, g, alpha, beta, ys, active, per_row):
+            out.update({name: np.empty(R) for name in ("ratio_max", "max_abs", "max_rel")})
+            out.update({name: np.empty(R, dtype=np.int64) for name in ("mismatches", "nonfinite")})
+        if self._call(z, g, params, out):
             return None
         if cmp is not None:
             def open_row(r):
-                C = z.shape[1]
-                outs = {"out_ref": np.empty(C), "out_tol": np.empty(C), "out_ratio": np.empty(C)}
+                one = {k: v[r:r + 1] for k, v in params.items() if isinstance(v, np.ndarray)}
+                detail = {name: np.empty(C) for name in ("out_ref", "out_tol", "out_ratio")}
                 scratch = {name: np.empty(1) for name in ("loss", "row_max", "log1p_s1", "ratio_max",
                                                            "max_abs", "max_rel")}
                 scratch.update({name: np.empty(1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-                sl = slice(r, r + 1)
-                self._call(z[sl], g[sl], alpha[sl], beta[sl], ys[sl], active[sl], {**scratch, **outs})
-                ref, got = outs["out_ref"], g[r]
+                self._call(z[r:r + 1], g[r:r + 1], {**params, **one}, {**scratch, **detail})
+                ref, got = detail["out_ref"], g[r]
                 diff = np.abs(np.subtract(got, ref, dtype=np.float64))
-                return outs["out_ratio"], ref, got, diff, outs["out_tol"]
+                return detail["out_ratio"], ref, got, diff, detail["out_tol"]
 
-            cmp.update_summary(start, R * z.shape[1], per_row["ratio_max"], per_row["mismatches"],
-                               per_row["nonfinite"], per_row["max_abs"], per_row["max_rel"], open_row)
-        m, l1 = per_row["row_max"], per_row["log1p_s1"]
-        return ChunkEval(loss=per_row["loss"], grad=None, floor=None, lse=m + l1,
-                         total_weight=alpha + beta * self.w_sum, row_max=m, log1p_s1=l1)
+            cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
+                               out["nonfinite"], out["max_abs"], out["max_rel"], open_row)
+        m, l1 = out["row_max"], out["log1p_s1"]
+        return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
+                         lse=m + l1, total_weight=alpha + beta * self.w_sum, row_max=m, log1p_s1=l1)
+
+    def _call(self, z, g, params: dict, out: dict) -> int:
+        R, C = z.shape
+        pointers = {k: _ptr(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
+        args = _Args(
+            n_rows=R, n_cols=C, z=_ptr(z), z_is_f32=int(z.dtype == np.float32),
+            g=_ptr(g), g_is_f32=int(g is not None and g.dtype == np.float32),
+            w=_ptr(self.w), w_sum=self.w_sum, scale=self.problem.grad_scale, work=_ptr(self.work),
+            **pointers, **{name: _ptr(arr) for name, arr in out.items()},
+        )
+        return int(self.fn(ctypes.byref(args)))
+
+
+def evaluate_rows(problem, z_rows, rows: np.ndarray, *, grad: bool,
+                  floor_coef: float | None) -> ChunkEval | None:
+    """SoftmaxCE.evaluate_rows through the kernel, or None when it does not serve the rows (the
+    caller runs the numpy kernel)."""
+    fused = FusedKernel.plan(problem)
+    if fused is None:
+        return None
+    return fused.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)

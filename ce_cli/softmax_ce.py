@@ -155,7 +155,13 @@ class SoftmaxCE(RowMatrix):
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
-        """The kernel: rows `rows` of the problem, with logits `z_rows` (possibly perturbed)."""
+        """The kernel: rows `rows` of the problem, with logits `z_rows` (possibly perturbed).
+        The compiled kernel (fused.py) serves what it can; this numpy code is its reference."""
+        from ce_cli.fused import evaluate_rows  # fused.py builds on this module
+
+        ev = evaluate_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
+        if ev is not None:
+            return ev
         with np.errstate(invalid="ignore"):  # 0 * -inf at masked logits, replaced where it occurs
             return self._evaluate_rows(z_rows, rows, grad, floor_coef)
 

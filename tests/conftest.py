@@ -14,11 +14,27 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ce_cli.cli import app, register_all_commands  # noqa: E402
+from ce_cli.fused import kernel  # noqa: E402
 
 register_all_commands()
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+
+
+@pytest.fixture(scope="module", params=["fused", "numpy"])
+def both_kernels(request):
+    """Run a module's tests through the compiled kernel and again through the numpy kernel
+    (module-scoped: hypothesis tests cannot take function-scoped fixtures)."""
+    if request.param == "fused" and kernel() is None:
+        pytest.skip("the compiled kernel is not built here (no C compiler or no AVX-512)")
+    old = os.environ.get("CE_CHECK_FUSED")
+    os.environ["CE_CHECK_FUSED"] = "1" if request.param == "fused" else "0"
+    yield request.param
+    if old is None:
+        os.environ.pop("CE_CHECK_FUSED", None)
+    else:
+        os.environ["CE_CHECK_FUSED"] = old
 
 
 @pytest.fixture

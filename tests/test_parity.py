@@ -31,6 +31,9 @@ import pytest
 
 import ce_cli
 
+# every test runs through the compiled kernel and through the numpy kernel
+pytestmark = pytest.mark.usefixtures("both_kernels")
+
 PARITY = Path(__file__).resolve().parent.parent / "fixtures" / "parity"
 CASES: dict[str, dict] = json.loads((PARITY / "cases.json").read_text())
 EPS = np.finfo(np.float64).eps

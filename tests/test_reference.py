@@ -11,6 +11,9 @@ import ce_cli
 from ce_cli.check import check_grad, reference
 from tests.conftest import softmax
 
+# every test runs through the compiled kernel and through the numpy kernel
+pytestmark = pytest.mark.usefixtures("both_kernels")
+
 
 def naive(z, y):
     """Textbook mean CE and gradient, fine at moderate scale."""

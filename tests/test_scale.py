@@ -8,6 +8,9 @@ from ce_cli.check import check_grad, reference, row_chunks
 from ce_cli.finite_diff import choose_mode, fd_full
 from ce_cli.softmax_ce import build_softmax_ce
 
+# every test runs through the compiled kernel and through the numpy kernel
+pytestmark = pytest.mark.usefixtures("both_kernels")
+
 
 def problem_and_grad(n=37, c=53, dtype=np.float32, seed=0, **opts):
     rng = np.random.default_rng(seed)

@@ -22,6 +22,9 @@ from hypothesis import strategies as st
 
 from ce_cli.check import check_grad
 
+# every test runs through the compiled kernel and through the numpy kernel
+pytestmark = pytest.mark.usefixtures("both_kernels")
+
 # --------------------------------------------------------------------------------------------
 # generators
 # --------------------------------------------------------------------------------------------
