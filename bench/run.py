@@ -326,6 +326,7 @@ def bench_end_to_end(cmd, paths, workdir: Path, repeat: int) -> dict:
         "exit_codes": [r.returncode for r in runs],
         "json_ok": [None if rep is None else rep.get("ok") for rep in reports],
         "fd_mode": ((reports[0] or {}).get("fd") or {}).get("mode"),
+        "kernel": ((reports[0] or {}).get("options") or {}).get("kernel"),
         "correct": correct,
     }
 
@@ -510,6 +511,7 @@ def fill_table(t: Table, res: dict, torch_note: str) -> None:
     t.add(sec, "exit codes, JSON ok", f"{e2e['exit_codes']} {json.dumps(e2e['json_ok'])}", "0, true",
           status(e2e["correct"]))
     t.add(sec, "ce-check finite-difference mode", str(e2e["fd_mode"]))
+    t.add(sec, "ce-check kernel (CE_CHECK_FUSED=0: numpy)", str(e2e["kernel"]))
     t.add(sec, "input bytes (logits + grad)", f"{e2e['input_bytes'] / MB:.0f} MiB")
     t.add(sec, "peak RSS of ce-check", f"{e2e['peak_rss_bytes'] / MB:.0f} MiB",
           f"<= {e2e['rss_budget_bytes'] / MB:.0f} MiB")

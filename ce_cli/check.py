@@ -343,7 +343,8 @@ def verify(
         warnings=tuple(warnings),
         fd_mode=mode,
         fd_evaluations=fd_evaluations,
-        options={**options, "precision": grad_tol.precision if grad_tol else None},
+        options={**options, "precision": grad_tol.precision if grad_tol else None,
+                 "kernel": "compiled" if FusedKernel.plan(problem) is not None else "numpy"},
     )
 
 

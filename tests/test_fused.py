@@ -184,3 +184,15 @@ def test_correct_gradient_passes_both_ways(monkeypatch):
         monkeypatch.setenv("CE_CHECK_FUSED", which)
         rep = check_grad(z, y, grad=g, label_smoothing=0.1, fd="sample")
         assert rep.ok, rep.checks
+
+
+def test_report_names_the_kernel(monkeypatch):
+    z = np.zeros((4, 3))
+    y = np.array([0, 1, 2, 0])
+    monkeypatch.setenv("CE_CHECK_FUSED", "0")
+    assert check_grad(z, y).options["kernel"] == "numpy"
+    monkeypatch.delenv("CE_CHECK_FUSED")
+    expected = "compiled" if kernel() is not None else "numpy"
+    assert check_grad(z, y).options["kernel"] == expected
+    # probability targets are the numpy kernel's
+    assert check_grad(z, np.full((4, 3), 1 / 3)).options["kernel"] == "numpy"
