@@ -1,10 +1,10 @@
-"""The compiled fused kernel (`_fused.c`): loss, gradient, error floor and comparison of a row
-chunk in one sweep per row, loaded with ctypes.
+"""The compiled kernel (`_fused.c`), loaded with ctypes: loss, gradient, error floor and the
+comparison with the user's gradient, one row at a time in three sweeps, no (R, C) temporaries.
 
-`pip install .` compiles it when a C compiler is present; without one, the numpy kernel in
-softmax_ce.py does the same work about 3x slower. It serves index targets (with weights,
-ignore_index, label smoothing); probability targets, rows with -inf masks and the modes that need
-the whole reference gradient use the numpy kernel. `CE_CHECK_FUSED=0` turns it off.
+`pip install` compiles it when a C compiler is present; it runs on x86-64 CPUs with AVX-512.
+It serves index targets (weights, ignore_index, label smoothing included); the numpy kernel in
+softmax_ce.py, its reference, serves probability targets, rows with -inf masks and every other
+CPU. `CE_CHECK_FUSED=0` turns it off.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype == np.float32 or a.dtype == np.float64:
         return np.ascontiguousarray(a)
-    exact32 = a.dtype.kind == "f" and a.dtype.itemsize <= 4 or a.dtype.kind in "b" or (
-        a.dtype.kind in "iu" and a.dtype.itemsize <= 2)
+    exact32 = ((a.dtype.kind == "f" and a.dtype.itemsize <= 4) or a.dtype.kind == "b"
+               or (a.dtype.kind in "iu" and a.dtype.itemsize <= 2))
     return np.ascontiguousarray(a, dtype=np.float32 if exact32 else np.float64)
 
 
