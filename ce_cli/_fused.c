@@ -3,8 +3,9 @@
  * reference; this computes the same formulas in the same order (see SoftmaxCE._evaluate_rows),
  * except exp (below, < 1 ulp) and the order of the row sums. ce_cli/fused.py loads it with ctypes.
  *
- * Index targets only (class weights, ignore_index and label smoothing included); rows with a
- * non-finite logit are handed back to the numpy kernel, which knows masks and error messages.
+ * Index targets only (class weights, ignore_index and label smoothing included), -inf logits
+ * (masks) included; rows with NaN, +inf or nothing but -inf are handed back to the numpy kernel,
+ * which reports them.
  *
  * Built without -ffast-math and with -ffp-contract=off: every operation is IEEE-rounded, so a
  * row computed twice (once for statistics, once for its worst entries) gives the same bits.
@@ -150,7 +151,8 @@ static inline __attribute__((always_inline)) double hmax(vd v) {
 }
 
 
-/* One row. Returns 0, or 1 when the row holds a NaN or infinite logit. z32/g32 are constants at
+/* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
+ * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. */
 static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, int64_t r, int z32, int g32) {
@@ -161,11 +163,12 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
     double *e_row = a->work;
 
     /* pass 1: max and first arg-max per lane; z - z is NaN exactly at NaN and +-inf */
+    const vd neg_inf = splat(-INFINITY);
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
 #define PASS1(c, live, nn) do {                                                  \
         vd v = load_row(z, z32, c, (nn));                   \
-        vbad += sel(live, v - v, splat(0.0));                                 \
+        vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
         vmin = sel((live) & (v < vmin), v, vmin);                             \
@@ -175,6 +178,7 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
     if (tail) PASS1(body, LIVE(body), tail);
     if (hsum(vbad) != 0.0) return 1;
     const double m = hmax(vmax);
+    if (m == -INFINITY) return 1;
     double lo = vmin[0];
     for (int i = 1; i < W; i++) lo = vmin[i] < lo ? vmin[i] : lo;
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
@@ -198,7 +202,8 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e += e;                                                           \
         if (beta != 0.0) {                                                    \
-            vd wz = w ? load_row(w, 0, c, nn) * zs : zs;                      \
+            vd wv = w ? load_row(w, 0, c, nn) : splat(1.0);                  \
+            vd wz = sel(wv != 0, wv * zs, splat(0.0));  /* 0 * -inf: 0 */     \
             acc_z += sel(live, wz, splat(0.0));                               \
         }                                                                     \
     } while (0)
@@ -263,6 +268,7 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
         if (spec) g = sel(ids == vy, g - splat(k_a), g);                      \
         if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \
         vd fl = ((splat(big_a) - zs) * e) * splat(k_f);                       \
+        if (!normal) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if (k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);                    \
         if (spec) fl = sel(ids == vy, fl + splat(k_fa), fl);                  \
         vd absg = vabs(g);                                                    \

@@ -2,9 +2,9 @@
 comparison with the user's gradient, one row at a time in three sweeps, no (R, C) temporaries.
 
 `pip install` compiles it when a C compiler is present; it runs on x86-64 CPUs with AVX-512.
-It serves index targets (weights, ignore_index, label smoothing included); the numpy kernel in
-softmax_ce.py, its reference, serves probability targets, rows with -inf masks and every other
-CPU. `CE_CHECK_FUSED=0` turns it off.
+It serves index targets (weights, ignore_index, label smoothing, -inf masks included); the numpy
+kernel in softmax_ce.py, its reference, serves probability targets, rows it must report (NaN,
++inf, all -inf) and every other CPU. `CE_CHECK_FUSED=0` turns it off.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ class FusedKernel:
                  floor_coef: float | None = None, cmp: Comparison | None = None,
                  g_rows=None) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
-        `g_rows` are compared on the way (`rows` consecutive). None when a row holds a
-        non-finite logit: the numpy kernel, which knows masks, takes the rows."""
+        `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
+        +inf or only -inf: the numpy kernel, which reports those, takes the rows."""
         problem = self.problem
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None

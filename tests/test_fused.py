@@ -149,14 +149,44 @@ def test_confident_row_keeps_relative_precision():
 
 
 @needs_kernel
-def test_non_finite_rows_are_handed_back():
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_masked_rows_match_numpy_kernel(opt):
+    """-inf logits (masks), also at the target (infinite loss) and under smoothing."""
+    rng = np.random.default_rng(len(opt))
+    N, C = 12, 37
+    kw = dict(OPTIONS[opt])
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.0, 3.0, C)
+        kw["weight"][[3, 4]] = 0.0
+    z = rng.standard_normal((N, C)) * 5
+    z[rng.random((N, C)) < 0.3] = -np.inf
+    y = rng.integers(0, C, N)
+    z[np.arange(N), y] = np.where(np.arange(N) == 4, -np.inf, z[np.arange(N), y])
+    z[:, 0] = 1.0  # no row is all -inf
+    if kw.get("ignore_index") == 0:
+        y[4] = 0
+    problem, _ = build_softmax_ce(z, y, **kw)
+    fused, ref = _both(problem, np.arange(N))
+    np.testing.assert_array_equal(np.isinf(fused.loss), np.isinf(ref.loss))
+    finite = np.isfinite(ref.loss)
+    scale = np.abs(ref.loss) + np.abs(ref.total_weight) * (1 + np.abs(ref.lse))
+    assert np.all(np.abs(fused.loss[finite] - ref.loss[finite]) <= 4e-16 * scale[finite])
+    row_scale = np.abs(ref.grad).max(axis=1, keepdims=True) + np.abs(ref.total_weight * problem.grad_scale)[:, None]
+    assert np.all(np.abs(fused.grad - ref.grad) <= 4e-16 * row_scale)
+    np.testing.assert_allclose(fused.floor, ref.floor, rtol=1e-13, atol=1e-300)
+
+
+@needs_kernel
+def test_nan_and_all_masked_rows_are_handed_back():
     z = np.zeros((3, 5))
-    z[1, 2] = -np.inf
+    z[1, 2] = np.nan
     problem, _ = build_softmax_ce(z, np.array([0, 1, 2]))
     assert FusedKernel.plan(problem).evaluate(z, np.arange(3), grad=True) is None
-    # the problem's own evaluate falls back to numpy, masks included
+    z[1] = -np.inf  # legal when ignored: the numpy kernel handles it
+    problem, _ = build_softmax_ce(z, np.array([0, -100, 2]))
+    assert FusedKernel.plan(problem).evaluate(z, np.arange(3), grad=True) is None
     ev = problem.evaluate(0, 3)
-    assert ev.grad[1, 2] == 0.0 and np.isfinite(ev.loss).all()
+    assert np.all(ev.grad[1] == 0.0) and np.isfinite(ev.loss).all()
 
 
 @needs_kernel
