@@ -70,7 +70,7 @@ static inline __attribute__((always_inline)) vd table8(vd table, vl j) {
     return __builtin_shuffle(table, j);
 }
 
-/* exp(x) for x <= 0, finite. x = (8e + j) ln2/8 + r with |r| <= ln2/16;
+/* exp(x) for x <= 0 (-inf too when not `normal`). x = (8e + j) ln2/8 + r with |r| <= ln2/16;
  * exp(x) = 2^e (T[j] + T[j] q(r)), q(r) = exp(r) - 1 to r^8 (remainder < 2e-18 relative),
  * T[j] = 2^(j/8) as hi + lo. Error below one ulp, like numpy's exp. `normal` (a constant):
  * the caller knows x >= -708, so the result is normal and 2^e one multiplication; otherwise
@@ -99,7 +99,7 @@ static inline __attribute__((always_inline)) vd vexp_neg(vd x, int normal) {
     return sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
 }
 
-/* Lanes [c0, c0 + n) of a row as doubles; the rest repeat the first lane (a harmless value). */
+/* Lanes [c0, c0 + n) of a row as doubles; the rest repeat the first lane (callers mask them). */
 static inline __attribute__((always_inline)) vd load_row(const void *base, int is_f32, int64_t c0, int64_t n) {
     vd v;
     if (is_f32) {
@@ -150,7 +150,6 @@ static inline __attribute__((always_inline)) double hmax(vd v) {
     return m;
 }
 
-
 /* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
@@ -162,12 +161,13 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
     const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = a->work;
 
-    /* pass 1: max and first arg-max per lane; z - z is NaN exactly at NaN and +-inf */
+    /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
+     * (a mask) is let through */
     const vd neg_inf = splat(-INFINITY);
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
 #define PASS1(c, live, nn) do {                                                  \
-        vd v = load_row(z, z32, c, (nn));                   \
+        vd v = load_row(z, z32, c, (nn));                                     \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
@@ -316,8 +316,8 @@ static inline __attribute__((always_inline)) int row_kernel(const ce_args *a, in
 #undef PASS2_ROW
 #undef PASS3
 
-/* Rows [0, n_rows): 0, or 1 + the first row with a NaN or infinite logit (nothing after it is
- * written). */
+/* Rows [0, n_rows): 0, or 1 + the first row with a NaN or +inf logit or only -inf (nothing
+ * after it is written). */
 int64_t ce_softmax_rows(const ce_args *a) {
     for (int64_t r = 0; r < a->n_rows; r++) {
         int bad;
