@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "ce_cli._fused",
-            sources=["ce_cli/_fused.c"],
+            "ce_cli.kernels._fused",
+            sources=["ce_cli/kernels/_fused.c"],
             # IEEE rounding of every operation: no -ffast-math, no contraction into FMA
             extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
             optional=True,

@@ -1,3 +1,3 @@
-from ce_cli.cli import main
+from ce_cli.cli.main import main
 
 main()

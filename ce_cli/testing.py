@@ -9,18 +9,18 @@
 
 Each takes the arrays and the options of `ce_cli.check_grad` / `ce_cli.check_binary`, returns the
 `Report` when every check passes and raises `AssertionError` otherwise, with the message of
-`ce_cli.render.failure_message` (mismatched elements, greatest differences with their index, the
+`ce_cli.report.render.failure_message` (mismatched elements, greatest differences with their index, the
 worst entries). Invalid input raises `ce_cli.CeCheckError`, as the checks do.
 
-Importing this module is cheap: Rich (used by `ce_cli.render`) is imported only to format a failure.
+Importing this module is cheap: Rich (used by `ce_cli.report.render`) is imported only to format a failure.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ce_cli.check import check_binary, check_grad
-from ce_cli.results import Report
+from ce_cli.verify.checks import check_binary, check_grad
+from ce_cli.verify.results import Report
 
 __all__ = ["assert_ce_binary", "assert_ce_grad"]
 
@@ -43,7 +43,7 @@ def _assert(check, logits, labels, grad, loss, options) -> Report:
         report = check(_array(logits), _array(labels), grad=_array(grad), loss=_array(loss),
                        **arrays, **options)
     if not report.ok:
-        from ce_cli.render import failure_message
+        from ce_cli.report.render import failure_message
 
         raise AssertionError(failure_message(report))
     return report

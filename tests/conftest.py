@@ -13,10 +13,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from ce_cli.cli import app, register_all_commands  # noqa: E402
-from ce_cli.fused import kernel  # noqa: E402
+from ce_cli.cli.app import app  # noqa: E402
+from ce_cli.cli.main import register_commands  # noqa: E402
+from ce_cli.kernels.compiled import kernel  # noqa: E402
 
-register_all_commands()
+register_commands()
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"

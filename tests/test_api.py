@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ce_cli
-from ce_cli.render import failure_message, report_to_dict
+from ce_cli.report.render import failure_message, report_to_dict
 from ce_cli.testing import assert_ce_binary, assert_ce_grad
 from tests.conftest import FIXTURES, save
 

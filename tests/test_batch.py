@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ce_cli import batch as batch_mod
-from ce_cli.batch import parse_manifest, run_cases
+from ce_cli.batch import manifest as batch_mod
+from ce_cli.batch.manifest import parse_manifest, run_cases
 from ce_cli.errors import CeCheckError
 from tests.conftest import FIXTURES, softmax
 

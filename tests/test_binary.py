@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ce_cli
-from ce_cli.check import two_class_bridge
-from ce_cli.sigmoid_bce import build_sigmoid_bce
+from ce_cli.verify.checks import two_class_bridge
+from ce_cli.models.sigmoid import build_sigmoid_bce
 
 BINARY = Path(__file__).resolve().parent.parent / "fixtures" / "binary"
 CASES: dict[str, dict] = json.loads((BINARY / "cases.json").read_text())

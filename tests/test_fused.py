@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ce_cli
-from ce_cli.check import check_grad, reference
-from ce_cli.fused import FusedKernel, kernel
-from ce_cli.softmax_ce import build_softmax_ce
+from ce_cli.verify.checks import check_grad, reference
+from ce_cli.kernels.compiled import FusedKernel, kernel
+from ce_cli.models.softmax import build_softmax_ce
 
 
 def _cpu_has_avx512() -> bool:
@@ -49,8 +49,8 @@ def test_kernel_is_built_where_it_can_run():
         pytest.skip("no gcc >= 12 or no AVX-512 here: the numpy kernel serves")
     if os.environ.get("CE_CHECK_FUSED", "").lower() in ("0", "off", "false", "no"):
         pytest.skip("CE_CHECK_FUSED turns the kernel off")
-    built = [p.name for p in Path(ce_cli.__file__).parent.glob("_fused*.so")]
-    assert built, "ce_cli/_fused*.so missing: install with pip install -e ."
+    built = [p.name for p in (Path(ce_cli.__file__).parent / "kernels").glob("_fused*.so")]
+    assert built, "ce_cli/kernels/_fused*.so missing: install with pip install -e ."
     assert kernel() is not None
 
 

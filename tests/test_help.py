@@ -6,7 +6,10 @@ as soon as it is registered; COMMANDS adds the first words each documented one m
 import pytest
 import typer
 
-from ce_cli.cli import app
+from ce_cli.cli.app import app
+from ce_cli.cli.main import register_commands
+
+register_commands()
 
 COMMANDS = {
     "grad": "Softmax cross-entropy",

@@ -1,4 +1,4 @@
-"""Unit tests of `ce_cli.loading.load_array`: formats, dtype detection, stdin, refusals."""
+"""Unit tests of `ce_cli.io.loading.load_array`: formats, dtype detection, stdin, refusals."""
 
 import io
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ce_cli.errors import CeCheckError
-from ce_cli.loading import load_array
+from ce_cli.io.loading import load_array
 
 
 def npy_bytes(arr) -> bytes:

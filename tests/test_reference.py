@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ce_cli
-from ce_cli.check import check_grad, reference
+from ce_cli.verify.checks import check_grad, reference
 from tests.conftest import softmax
 
 # every test runs through the compiled kernel and through the numpy kernel

@@ -4,9 +4,9 @@ finite-difference modes that scale (column sweeps, directional rows, bisection) 
 import numpy as np
 import pytest
 
-from ce_cli.check import check_grad, reference, row_chunks
-from ce_cli.finite_diff import choose_mode, fd_full
-from ce_cli.softmax_ce import build_softmax_ce
+from ce_cli.verify.checks import check_grad, reference, row_chunks
+from ce_cli.verify.finite_diff import choose_mode, fd_full
+from ce_cli.models.softmax import build_softmax_ce
 
 # every test runs through the compiled kernel and through the numpy kernel
 pytestmark = pytest.mark.usefixtures("both_kernels")

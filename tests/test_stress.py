@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ce_cli import stress
-from ce_cli.check import reference
-from ce_cli.render_stress import stress_to_dict
+from ce_cli.stress import sweep as stress
+from ce_cli.verify.checks import reference
+from ce_cli.stress.render import stress_to_dict
 
 PY = sys.executable
 OVERFLOW_SCALE = {"f16": 30.0, "bf16": 100.0, "f32": 100.0, "f64": 1000.0}  # first failing grid scale
@@ -303,7 +303,7 @@ def test_impl_reductions(tmp_path, monkeypatch, invoke, reduction):
     monkeypatch.setattr(sys, "path", list(sys.path))
     module = f"stress_red_{reduction}"
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
-        from ce_cli.stress import log_softmax_ce, stable_sigmoid_bce
+        from ce_cli.stress.sweep import log_softmax_ce, stable_sigmoid_bce
         def ce(z, y):
             return log_softmax_ce(z, y, reduction="{reduction}")
         def bce(x, t):
@@ -538,7 +538,7 @@ def test_python_api_report_round_trips_to_json():
     (["--impl", "no_such_module_xyz:fn"], "cannot import"),
     (["--impl", "nocolon"], "package.module:function"),
     (["--impl", "ce_cli.stress:no_such_fn"], "no attribute"),
-    (["--impl", "ce_cli.stress:DTYPES"], "not a callable"),
+    (["--impl", "ce_cli.stress:__all__"], "not a callable"),
     (["--impl-cmd", f"'{PY}' {{logits}} {{labels}}"], "missing {grad}"),
     (["--impl-cmd", "no-such-program-xyz {logits} {labels} {grad}"], "not found"),
     (["--impl-cmd", "'unbalanced {logits}"], "cannot split"),

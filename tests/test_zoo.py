@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ce_cli.check import check_grad
+from ce_cli.verify.checks import check_grad
 
 # every test runs through the compiled kernel and through the numpy kernel
 pytestmark = pytest.mark.usefixtures("both_kernels")

@@ -1,7 +1,7 @@
 """The `ce-check explain` command: one sample, the derivation of dC/dz = a - y step by step.
 
 Registered on the shared `app` by the import at the end of ce_cli/cli.py. Parses, loads, calls
-ce_cli.explain, renders with ce_cli.render_explain, exits 0 (every step checked out), 1 (a step
+ce_cli.explain.derivation, renders with ce_cli.explain.render, exits 0 (every step checked out), 1 (a step
 disagrees) or 2 (usage or input error).
 """
 
@@ -15,20 +15,11 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from ce_cli.cli import (
-    EPILOG,
-    JsonOpt,
-    QuietOpt,
-    _drop_stdout,
-    app,
-    guarded,
-    load_inputs,
-    source_name,
-    stdout_console,
-)
+from ce_cli.cli.app import EPILOG, JsonOpt, QuietOpt, app, guarded, load_inputs, source_name
+from ce_cli.report.console import drop_stdout, stdout_console
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.explain import (
+from ce_cli.explain.derivation import (
     binary_sample,
     compare_mse,
     explain_binary,
@@ -37,7 +28,7 @@ from ce_cli.explain import (
     softmax_sample,
     step_curve,
 )
-from ce_cli.render_explain import explanation_to_dict, render_explanation, to_json, write_svg
+from ce_cli.explain.render import explanation_to_dict, render_explanation, to_json, write_svg
 
 
 class Kind(str, Enum):
@@ -180,7 +171,7 @@ def explain(
                 render_explanation(expl, stdout_console(), where=sample.where, checks=checks, mse=mse,
                                    curve=curve)
         except BrokenPipeError:
-            _drop_stdout()
+            drop_stdout()
     raise typer.Exit(ExitCode.OK if ok else ExitCode.CHECK_FAILED)
 
 

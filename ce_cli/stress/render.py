@@ -1,6 +1,6 @@
 """Renderers for `ce-check stress`: a `StressReport` to Rich tables or to a JSON object.
 
-Formatting only: the verdicts and breaking points come from `ce_cli.stress`.
+Formatting only: the verdicts and breaking points come from `ce_cli.stress.sweep`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.render import FAIL, PASS, _clean
-from ce_cli.stress import Cell, StressReport, thresholds
+from ce_cli.report.render import FAIL, PASS, _clean
+from ce_cli.stress.sweep import Cell, StressReport, thresholds
 
 DETAIL_LIMIT = 20      # failing cells listed in full (table output; --json has all)
 DETAIL_TAIL_LINES = 6  # stderr lines shown per failing cell (table output; --json has 20)

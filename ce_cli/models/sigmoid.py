@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import Layout, RowMatrix, make_layout
-from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
-from ce_cli.softmax_ce import ChunkEval, as_numeric_inputs
+from ce_cli.models.layout import Layout, RowMatrix, make_layout
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.models.softmax import ChunkEval, as_numeric_inputs
 
 
 @dataclass(frozen=True)

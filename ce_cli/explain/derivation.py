@@ -14,8 +14,8 @@ Binary (sigmoid BCE), one logit z and a label y in [0, 1]:
 Every step carries a check that computes something and can fail: the properties of a and J are
 measured, the Jacobian and dC/da are compared with central differences of softmax and of C(a),
 the chain-rule product with a - y, and a - y with finite differences of the loss (the float64
-kernel of ce_cli.softmax_ce / ce_cli.sigmoid_bce). Tolerances are error bounds, stated in each
-check's rule. Pure numpy; the renderers in ce_cli.render_explain only format what is here.
+kernel of ce_cli.models.softmax / ce_cli.models.sigmoid). Tolerances are error bounds, stated in each
+check's rule. Pure numpy; the renderers in ce_cli.explain.render only format what is here.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ce_cli.compare import Comparison
-from ce_cli.finite_diff import central_differences, step_for
+from ce_cli.verify.compare import Comparison
+from ce_cli.verify.finite_diff import central_differences, step_for
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import make_layout, match_batch
-from ce_cli.numerics import EPS, THIRD_MOMENT_MAX
-from ce_cli.results import CheckResult, Entry
-from ce_cli.sigmoid_bce import build_sigmoid_bce
-from ce_cli.softmax_ce import build_softmax_ce
-from ce_cli.tolerance import Tolerance
+from ce_cli.models.layout import make_layout, match_batch
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX
+from ce_cli.verify.results import CheckResult, Entry
+from ce_cli.models.sigmoid import build_sigmoid_bce
+from ce_cli.models.softmax import build_softmax_ce
+from ce_cli.verify.tolerance import Tolerance
 
 KAPPA = EPS ** (1.0 / 3.0)          # the finite-difference step factor, eps^(1/3) ~ 6.06e-6
 TINY = 2.0 ** -1074                 # smallest positive float64
@@ -259,7 +259,7 @@ def binary_sample(logits: np.ndarray, row: tuple[int, ...] | None, *, labels: np
 
 
 def softmax_parts(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row-wise (a, ln a, 1 - a) of (R, C) logits (finite or -inf), as ce_cli.softmax_ce does it:
+    """Row-wise (a, ln a, 1 - a) of (R, C) logits (finite or -inf), as ce_cli.models.softmax does it:
     the max shifted out, lse - m = log1p(s1) with s1 the sum over all entries but the arg-max,
     ln a = (z - m) - log1p(s1), and 1 - a = -expm1(ln a), so an a that rounds to 1 keeps its
     complement to full relative precision."""
@@ -278,7 +278,7 @@ def _softplus(x):
 
 
 def sigmoid(x):
-    """s(x) = exp(-softplus(-x)), as ce_cli.sigmoid_bce forms it: relative precision down to the
+    """s(x) = exp(-softplus(-x)), as ce_cli.models.sigmoid forms it: relative precision down to the
     subnormals (1/(1 + exp(-x)) is 0 once exp(-x) overflows, at x < -709.8)."""
     return np.exp(-_softplus(-np.asarray(x, dtype=np.float64)))
 
@@ -297,7 +297,7 @@ def _jacobian_rows(a: np.ndarray, one_minus_a: np.ndarray, rows: np.ndarray) -> 
 
 def _compare(name: str, expected, got, allowed, rule: str, *, expected_label: str, got_label: str,
              index, note: str = "", worst: int = 5) -> CheckResult:
-    """Entry-wise |got - expected| <= allowed, through ce_cli.compare (worst entries, NaN handling).
+    """Entry-wise |got - expected| <= allowed, through ce_cli.verify.compare (worst entries, NaN handling).
 
     `index(r, c)` names entry (r, c) of the 2-D arrays (1-D arrays are one column)."""
     exp = np.asarray(expected, dtype=np.float64)

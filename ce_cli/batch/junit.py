@@ -1,6 +1,6 @@
 """JUnit XML for CI systems: one <testsuite>, one <testcase> per manifest case.
 
-A failed case carries <failure> with the worst-entries text of `ce_cli.render.failure_message`;
+A failed case carries <failure> with the worst-entries text of `ce_cli.report.render.failure_message`;
 a case that could not run (bad input, an invalid manifest line) carries <error> with its
 one-line message; a case that `--fail-fast` never started carries <skipped>.
 """
@@ -13,9 +13,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from ce_cli.batch import ERROR, FAIL, CaseResult
+from ce_cli.batch.manifest import ERROR, FAIL, CaseResult
 from ce_cli.errors import CeCheckError
-from ce_cli.render import failure_message
+from ce_cli.report.render import failure_message
 
 # characters XML 1.0 cannot carry at all, even escaped
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

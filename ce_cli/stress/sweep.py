@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.check import check_binary, check_grad, reference
+from ce_cli.verify.checks import check_binary, check_grad, reference
 from ce_cli.errors import CeCheckError
-from ce_cli.sigmoid_bce import build_sigmoid_bce
-from ce_cli.tolerance import PRECISIONS, parse_precision
+from ce_cli.models.sigmoid import build_sigmoid_bce
+from ce_cli.verify.tolerance import PRECISIONS, parse_precision
 
 IGNORE_INDEX = -100
 KINDS = ("multiclass", "binary")
@@ -90,6 +90,12 @@ def numpy_dtype(name: str):
 def is_bfloat16(dtype) -> bool:
     dtype = np.dtype(dtype)
     return dtype.name == "bfloat16" or (dtype.kind == "V" and dtype.itemsize == 2)
+
+
+def as_storable(arr: np.ndarray) -> np.ndarray:
+    """bfloat16 has no .npy type any other reader knows: it travels as float32 (exactly)."""
+    arr = np.asarray(arr)
+    return arr.astype(np.float32) if is_bfloat16(arr.dtype) else arr
 
 
 def parse_dtypes(text: str | None) -> tuple[tuple[str, ...], list[str]]:
@@ -796,7 +802,6 @@ def save_reproducer(root: Path, kind: str, reduction: str, case: Case, cell: Cel
     outputs (grad.npy, loss.npy) when it gave any, command.sh (rerun, then check) and README.txt.
 
     `rerun(folder)` gives the shell lines that run the implementation on the folder's inputs."""
-    from ce_cli.impl_runner import as_storable
 
     folder = (Path(root) / folder_name(cell)).resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.allocator import keep_chunk_buffers
-from ce_cli.compare import Comparison
+from ce_cli.kernels.allocator import keep_chunk_buffers
+from ce_cli.verify.compare import Comparison
 from ce_cli.errors import CeCheckError
-from ce_cli.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
+from ce_cli.verify.finite_diff import (choose_mode, directional_chunk, fd_entries, fd_full, localize,
                                 sample_entries)
-from ce_cli.fused import FusedKernel
-from ce_cli.numerics import EPS, sigmoid
-from ce_cli.results import CheckResult, InputInfo, Report
-from ce_cli.sigmoid_bce import build_sigmoid_bce
-from ce_cli.softmax_ce import build_softmax_ce
-from ce_cli.tolerance import Tolerance, resolve_tolerance
+from ce_cli.kernels.compiled import FusedKernel
+from ce_cli.kernels.numerics import EPS, sigmoid
+from ce_cli.verify.results import CheckResult, InputInfo, Report
+from ce_cli.models.sigmoid import build_sigmoid_bce
+from ce_cli.models.softmax import build_softmax_ce
+from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 CHUNK_ELEMENTS = 1 << 17   # float64 entries per row chunk: 1 MB buffers stay in L2 (2x faster than 2 MB)
 FUSED_CHUNK_ELEMENTS = 1 << 21  # the compiled kernel keeps one row in cache: chunks only bound Python overhead

@@ -14,15 +14,16 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from ce_cli import __version__
-from ce_cli.check import check_binary, check_grad, parse_loss_value
+from ce_cli.enums import FDMode, Precision, Reduction
+from ce_cli.report.console import stderr_console
+from ce_cli.verify.checks import parse_loss_value
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.loading import STDIN, load_array
-from ce_cli.render import render_table, to_json
+from ce_cli.io.loading import STDIN, load_array
+from ce_cli.report.emit import emit
 
 # Click's exception classes, from wherever this Typer takes Click (vendored or the package)
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
@@ -63,27 +64,6 @@ app = typer.Typer(
 )
 
 
-class Reduction(str, Enum):
-    mean = "mean"
-    sum = "sum"
-    none = "none"
-
-
-class FDMode(str, Enum):
-    auto = "auto"
-    full = "full"
-    directional = "directional"
-    sample = "sample"
-    off = "off"
-
-
-class Precision(str, Enum):
-    f16 = "f16"
-    bf16 = "bf16"
-    f32 = "f32"
-    f64 = "f64"
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ce-check {__version__}")
@@ -96,28 +76,6 @@ def main_callback(
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     """Verify cross-entropy losses and gradients against a float64 reference, with proof."""
-
-
-class PipeConsole(Console):
-    """Rich exits 1 on a closed pipe (`| head`), which reads as a failed check; raise instead."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError
-
-
-def _color_system() -> str | None:
-    """NO_COLOR (https://no-color.org) turns off every escape code, bold included."""
-    return None if os.environ.get("NO_COLOR") else "auto"
-
-
-def stdout_console() -> Console:
-    return PipeConsole(highlight=False, soft_wrap=False, emoji=False, color_system=_color_system())
-
-
-def stderr_console() -> Console:
-    return PipeConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True,
-                       color_system=_color_system())
 
 
 def fail_input(message: str) -> typer.Exit:
@@ -155,31 +113,6 @@ def source_name(role: str, spec: str | None) -> str:
     if spec is None:
         return role
     return f"{role} from stdin" if spec == STDIN else f"{role} file '{spec}'"
-
-
-def emit(report, *, json_out: bool, quiet: bool) -> None:
-    if quiet:
-        return
-    try:
-        if report.warnings:
-            err = stderr_console()
-            for w in report.warnings:
-                err.print(f"ce-check: warning: {w}", markup=False, soft_wrap=True)
-        if json_out:
-            sys.stdout.write(to_json(report) + "\n")
-            sys.stdout.flush()
-        else:
-            render_table(report, stdout_console())
-    except BrokenPipeError:
-        _drop_stdout()
-
-
-def _drop_stdout() -> None:
-    """The reader closed the pipe: send what is left to /dev/null; the exit code still tells."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
 
 
 def guarded(command):
@@ -317,102 +250,5 @@ def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad
                        out_grad=out_grad, sources=sources, progress=progress, **options)
     emit(report, json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
-
-
-@app.command(epilog=EPILOG)
-@guarded
-def grad(
-    logits: Annotated[str, typer.Argument(help=LOGITS_HELP, show_default=False)],
-    labels: Annotated[str, typer.Argument(help=LABELS_HELP, show_default=False)],
-    grad_path: GradOpt = None,
-    loss: LossOpt = None,
-    weight: Annotated[Optional[str], typer.Option("--weight", help="Class weights, C values (PyTorch's weight=).")] = None,
-    reduction: ReductionOpt = Reduction.mean,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Target value that is ignored.")] = -100,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1].")] = 0.0,
-    class_axis: Annotated[int, typer.Option("--class-axis", help="Axis of the classes: -1 (last) or 1 for PyTorch's (N, C, d1, ...).")] = -1,
-    rtol: RtolOpt = None,
-    atol: AtolOpt = None,
-    precision: PrecisionOpt = None,
-    floor_factor: FloorOpt = None,
-    fd: FDOpt = FDMode.auto,
-    samples: SamplesOpt = 256,
-    seed: SeedOpt = 0,
-    worst: WorstOpt = 5,
-    out_grad: OutGradOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
-    float64, proven by finite differences, compared with your gradient and loss."""
-    run_check(
-        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight},
-        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("weight",),
-        reduction=reduction.value, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        class_axis=class_axis, rtol=rtol, atol=atol, precision=precision.value if precision else None,
-        floor_factor=floor_factor, fd=fd.value, samples=samples, seed=seed, worst=worst,
-    )
-
-
-BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' shape; with --two-class, "
-                      "class indices 0/1 or probability pairs.")
-
-
-@app.command(epilog=EPILOG)
-@guarded
-def binary(
-    logits: Annotated[str, typer.Argument(help="Logits of any shape (multi-label (N, K) included): "
-                                          ".npy, .npz, CSV/TSV or '-'.", show_default=False)],
-    labels: Annotated[str, typer.Argument(help=BINARY_LABELS_HELP, show_default=False)],
-    grad_path: GradOpt = None,
-    loss: LossOpt = None,
-    weight: Annotated[Optional[str], typer.Option("--weight", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
-    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
-    reduction: ReductionOpt = Reduction.mean,
-    two_class: Annotated[bool, typer.Option("--two-class", help="LOGITS are (..., 2) softmax logits: check them as multiclass and show CE([z0, z1]) = BCE(z1 - z0).")] = False,
-    rtol: RtolOpt = None,
-    atol: AtolOpt = None,
-    precision: PrecisionOpt = None,
-    floor_factor: FloorOpt = None,
-    fd: FDOpt = FDMode.auto,
-    samples: SamplesOpt = 256,
-    seed: SeedOpt = 0,
-    worst: WorstOpt = 5,
-    out_grad: OutGradOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
-    gradient in float64, proven by finite differences, compared with yours, plus the two-class
-    bridge (softmax CE over [0, z] equals BCE on z)."""
-    run_check(
-        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight,
-                       "pos_weight": pos_weight},
-        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("pos_weight",),
-        numbers=("pos_weight",), reduction=reduction.value, two_class=two_class, rtol=rtol,
-        atol=atol, precision=precision.value if precision else None, floor_factor=floor_factor,
-        fd=fd.value, samples=samples, seed=seed, worst=worst,
-    )
-
-
-CORE_COMMANDS = ("grad", "binary")
-
-
-def main() -> None:
-    """Console-script entry point.
-
-    `grad` and `binary` run without importing the other commands (~70 ms of start-up, a
-    twentieth of a language-model-sized check); any other invocation registers them all.
-    """
-    if sys.argv[1:2] and sys.argv[1] in CORE_COMMANDS:
-        app(prog_name="ce-check")
-        return
-    register_all_commands()
-    app(prog_name="ce-check")
-
-
-def register_all_commands() -> None:
-    """Import the command modules beyond `grad` and `binary`; each registers itself on `app`."""
-    from ce_cli import cli_batch, cli_explain, cli_stress  # noqa: F401
 
 

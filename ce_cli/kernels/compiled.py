@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.compare import Comparison
-from ce_cli.softmax_ce import ChunkEval, SoftmaxCE
+from ce_cli.verify.compare import Comparison
+from ce_cli.models.softmax import ChunkEval, SoftmaxCE
 
 _P = ctypes.c_void_p
 

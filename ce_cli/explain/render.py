@@ -1,6 +1,6 @@
 """Renderers for `ce-check explain`: Rich tables, a JSON object, and the --steps table as SVG.
 
-Formatting only: every number and every selection comes from ce_cli.explain.
+Formatting only: every number and every selection comes from ce_cli.explain.derivation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.explain import (
+from ce_cli.explain.derivation import (
     SHOW_FULL,
     Explanation,
     MseComparison,
@@ -27,8 +27,8 @@ from ce_cli.explain import (
     jacobian_fd_entry,
     largest_jacobian_entries,
 )
-from ce_cli.render import FAIL, PASS, _clean, fmt
-from ce_cli.results import CheckResult
+from ce_cli.report.render import FAIL, PASS, _clean, fmt
+from ce_cli.verify.results import CheckResult
 
 JSON_FULL_C = 256   # the JSON carries the whole Jacobian up to this many classes
 BAR_WIDTH = 28

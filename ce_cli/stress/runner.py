@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.stress import DTYPE_NAMES, Case, Outcome, is_bfloat16
+from ce_cli.stress.sweep import DTYPE_NAMES, Case, Outcome, as_storable, is_bfloat16
 
 DEFAULT_TIMEOUT = 30.0
 TAIL_LINES = 20
@@ -46,12 +46,6 @@ def tail(text: str | bytes | None, lines: int = TAIL_LINES, chars: int = TAIL_CH
         text = text.decode("utf-8", errors="replace")
     out = "\n".join(text.rstrip().splitlines()[-lines:])
     return out if len(out) <= chars else "..." + out[-chars:]
-
-
-def as_storable(arr: np.ndarray) -> np.ndarray:
-    """bfloat16 has no .npy type any other reader knows: it travels as float32 (exactly)."""
-    arr = np.asarray(arr)
-    return arr.astype(np.float32) if is_bfloat16(arr.dtype) else arr
 
 
 # ---------------------------------------------------------------------------------------------

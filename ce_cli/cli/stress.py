@@ -2,7 +2,7 @@
 
 Built-in sweep (textbook softmax CE / sigmoid BCE forms, a report: exit 0), or the user's
 implementation: `--impl package.module:function` or `--impl-cmd 'CMD {logits} {labels} {grad}
-{loss}'` (exit 1 when a cell fails). The grid and the verdicts come from `ce_cli.stress`.
+{loss}'` (exit 1 when a cell fails). The grid and the verdicts come from `ce_cli.stress.sweep`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli import (JsonOpt, QuietOpt, Reduction, _drop_stdout, app, guarded, stderr_console,
-                        stdout_console)
+from ce_cli.cli.app import JsonOpt, QuietOpt, app, guarded
+from ce_cli.enums import Reduction
+from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.impl_runner import (DEFAULT_TIMEOUT, CommandTemplate, command_runner, load_callable,
+from ce_cli.stress.runner import (DEFAULT_TIMEOUT, CommandTemplate, command_runner, load_callable,
                                 python_runner)
-from ce_cli.render_stress import render_stress, stress_to_json
-from ce_cli.stress import (BUILTINS, DTYPE_NAMES, SCENARIOS, Case, Cell, Outcome, StressReport, grid,
+from ce_cli.stress.render import render_stress, stress_to_json
+from ce_cli.stress.sweep import (BUILTINS, DTYPE_NAMES, SCENARIOS, Case, Cell, Outcome, StressReport, grid,
                            parse_dtypes, parse_scales, parse_scenarios, python_rerun, run_builtin,
                            run_cells, save_reproducer, shrink)
 
@@ -201,4 +202,4 @@ def _emit(report: StressReport, *, json_out: bool, quiet: bool) -> None:
         else:
             render_stress(report, stdout_console())
     except BrokenPipeError:
-        _drop_stdout()
+        drop_stdout()

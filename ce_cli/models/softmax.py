@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.layout import Layout, RowMatrix, make_layout, match_batch
-from ce_cli.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.models.layout import Layout, RowMatrix, make_layout, match_batch
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -157,7 +157,7 @@ class SoftmaxCE(RowMatrix):
                       floor_coef: float | None = None) -> ChunkEval:
         """The kernel: rows `rows` of the problem, with logits `z_rows` (possibly perturbed).
         The compiled kernel (fused.py) serves what it can; this numpy code is its reference."""
-        from ce_cli.fused import evaluate_rows  # fused.py builds on this module
+        from ce_cli.kernels.compiled import evaluate_rows  # fused.py builds on this module
 
         ev = evaluate_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
         if ev is not None:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ce_cli.results import CheckResult, Entry
-from ce_cli.tolerance import Tolerance
+from ce_cli.verify.results import CheckResult, Entry
+from ce_cli.verify.tolerance import Tolerance
 
 
 class Comparison:

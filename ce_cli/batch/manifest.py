@@ -7,7 +7,7 @@ One case per line, keys mirroring the command-line flags:
 Paths are relative to the manifest's folder (to the working directory for a manifest read
 from stdin). A line that is not a valid case becomes an `error` result naming the line and the
 key; the other cases still run. Nothing here prints: results are `CaseResult`s, and
-`ce_cli.cli_batch` renders them.
+`ce_cli.cli.batch` renders them.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.check import check_binary, check_grad, parse_loss_value
+from ce_cli.verify.checks import check_binary, check_grad, parse_loss_value
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.loading import STDIN, load_array
-from ce_cli.results import Report
+from ce_cli.io.loading import STDIN, load_array
+from ce_cli.verify.results import Report
 
 KINDS = ("multiclass", "binary")
 PATH_KEYS = ("logits", "labels", "grad", "weight")
@@ -84,7 +84,7 @@ class CaseResult:
         if self.report is None:
             return {"name": self.name, "status": self.status, "error": self.error, "ok": False,
                     "kind": self.kind}
-        from ce_cli.render import report_to_dict
+        from ce_cli.report.render import report_to_dict
 
         return {"name": self.name, "status": self.status, **report_to_dict(self.report)}
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.results import CheckResult, Report
+from ce_cli.verify.results import CheckResult, Report
 
 PASS, FAIL = "✓", "✗"
 

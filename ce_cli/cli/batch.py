@@ -1,5 +1,5 @@
 """`ce-check batch MANIFEST`: every case of a JSON-lines manifest, one JSON line per case on
-stdout, a summary table on stderr, JUnit XML for CI. Registered on `ce_cli.cli.app`."""
+stdout, a summary table on stderr, JUnit XML for CI. Registered on `ce_cli.cli.app.app`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.batch import (
+from ce_cli.batch.manifest import (
     ERROR,
     FAIL,
     PASS,
@@ -25,10 +25,11 @@ from ce_cli.batch import (
     read_manifest,
     run_cases,
 )
-from ce_cli.cli import _drop_stdout, app, guarded, stderr_console, stdout_console
-from ce_cli.junit import check_writable, junit_tree, write_junit
-from ce_cli.loading import STDIN
-from ce_cli.render import fmt_value
+from ce_cli.cli.app import app, guarded
+from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
+from ce_cli.batch.junit import check_writable, junit_tree, write_junit
+from ce_cli.io.loading import STDIN
+from ce_cli.report.render import fmt_value
 
 BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case could not run (bad "
                 "input, an invalid manifest line) or a usage error; 3 internal error.")
@@ -86,7 +87,7 @@ def batch(
         try:
             render_summary(results, skipped, console, title=suite, seconds=seconds)
         except BrokenPipeError:
-            _drop_stdout()
+            drop_stdout()
     if junit_xml is not None:
         write_junit(junit_xml, junit_tree(results, skipped=skipped, suite=suite, seconds=seconds))
     raise typer.Exit(exit_status(results))
@@ -115,7 +116,7 @@ class _Lines:
             sys.stdout.flush()
         except BrokenPipeError:
             self.enabled = False
-            _drop_stdout()
+            drop_stdout()
 
 
 STATUS_STYLE = {PASS: "green", FAIL: "bold red", ERROR: "bold magenta"}

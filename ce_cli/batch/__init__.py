@@ -1,0 +1,1 @@
+"""`ce-check batch`: JSON-lines manifests of cases, run through the library; JUnit XML."""

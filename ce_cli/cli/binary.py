@@ -1,0 +1,54 @@
+"""`ce-check binary`: sigmoid binary cross-entropy, registered on the shared app."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
+                            OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt, RtolOpt, SamplesOpt,
+                            SeedOpt, WorstOpt, app, guarded, run_check)
+from ce_cli.enums import FDMode, Reduction
+from ce_cli.verify.checks import check_binary
+
+
+BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' shape; with --two-class, "
+                      "class indices 0/1 or probability pairs.")
+
+
+@app.command(epilog=EPILOG)
+@guarded
+def binary(
+    logits: Annotated[str, typer.Argument(help="Logits of any shape (multi-label (N, K) included): "
+                                          ".npy, .npz, CSV/TSV or '-'.", show_default=False)],
+    labels: Annotated[str, typer.Argument(help=BINARY_LABELS_HELP, show_default=False)],
+    grad_path: GradOpt = None,
+    loss: LossOpt = None,
+    weight: Annotated[Optional[str], typer.Option("--weight", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
+    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
+    reduction: ReductionOpt = Reduction.mean,
+    two_class: Annotated[bool, typer.Option("--two-class", help="LOGITS are (..., 2) softmax logits: check them as multiclass and show CE([z0, z1]) = BCE(z1 - z0).")] = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    precision: PrecisionOpt = None,
+    floor_factor: FloorOpt = None,
+    fd: FDOpt = FDMode.auto,
+    samples: SamplesOpt = 256,
+    seed: SeedOpt = 0,
+    worst: WorstOpt = 5,
+    out_grad: OutGradOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
+    gradient in float64, proven by finite differences, compared with yours, plus the two-class
+    bridge (softmax CE over [0, z] equals BCE on z)."""
+    run_check(
+        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight,
+                       "pos_weight": pos_weight},
+        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("pos_weight",),
+        numbers=("pos_weight",), reduction=reduction.value, two_class=two_class, rtol=rtol,
+        atol=atol, precision=precision.value if precision else None, floor_factor=floor_factor,
+        fd=fd.value, samples=samples, seed=seed, worst=worst,
+    )

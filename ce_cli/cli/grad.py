@@ -1,0 +1,48 @@
+"""`ce-check grad`: softmax cross-entropy, registered on the shared app."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ce_cli.cli.app import (EPILOG, LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
+                            JsonOpt, LossOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
+                            RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app, guarded, run_check)
+from ce_cli.enums import FDMode, Reduction
+from ce_cli.verify.checks import check_grad
+
+
+@app.command(epilog=EPILOG)
+@guarded
+def grad(
+    logits: Annotated[str, typer.Argument(help=LOGITS_HELP, show_default=False)],
+    labels: Annotated[str, typer.Argument(help=LABELS_HELP, show_default=False)],
+    grad_path: GradOpt = None,
+    loss: LossOpt = None,
+    weight: Annotated[Optional[str], typer.Option("--weight", help="Class weights, C values (PyTorch's weight=).")] = None,
+    reduction: ReductionOpt = Reduction.mean,
+    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Target value that is ignored.")] = -100,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1].")] = 0.0,
+    class_axis: Annotated[int, typer.Option("--class-axis", help="Axis of the classes: -1 (last) or 1 for PyTorch's (N, C, d1, ...).")] = -1,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    precision: PrecisionOpt = None,
+    floor_factor: FloorOpt = None,
+    fd: FDOpt = FDMode.auto,
+    samples: SamplesOpt = 256,
+    seed: SeedOpt = 0,
+    worst: WorstOpt = 5,
+    out_grad: OutGradOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
+    float64, proven by finite differences, compared with your gradient and loss."""
+    run_check(
+        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight},
+        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("weight",),
+        reduction=reduction.value, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        class_axis=class_axis, rtol=rtol, atol=atol, precision=precision.value if precision else None,
+        floor_factor=floor_factor, fd=fd.value, samples=samples, seed=seed, worst=worst,
+    )

@@ -1,0 +1,27 @@
+"""The console-script entry point: registers the commands it needs on the shared app, runs it.
+
+Each command lives in its own module and registers itself on import, so `ce-check grad` imports
+neither explain nor stress nor batch (start-up time is part of every run)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ce_cli.cli.app import app
+
+COMMANDS = ("grad", "binary", "explain", "stress", "batch")
+
+
+def register_commands(names: tuple[str, ...] = COMMANDS) -> None:
+    """Import the command modules `names` (each registers itself on `app`)."""
+    for name in names:
+        importlib.import_module(f"ce_cli.cli.{name}")
+
+
+def main() -> None:
+    """Console-script entry point: only the command asked for is imported; `--help` and
+    anything else register them all (in the order of COMMANDS)."""
+    asked = sys.argv[1] if len(sys.argv) > 1 else None
+    register_commands((asked,) if asked in COMMANDS else COMMANDS)
+    app(prog_name="ce-check")

@@ -1,0 +1,1 @@
+"""`ce-check explain`: the derivation of dC/dz = a - y checked step by step on one sample."""

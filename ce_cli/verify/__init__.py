@@ -1,0 +1,1 @@
+"""The checks: options, the streaming pipeline, comparison, tolerance model, finite differences."""
