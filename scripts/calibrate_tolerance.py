@@ -27,9 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import test_zoo as zoo  # noqa: E402
-from ce_cli.check import check_grad  # noqa: E402
-from ce_cli.softmax_ce import build_softmax_ce  # noqa: E402
-from ce_cli.tolerance import resolve_tolerance  # noqa: E402
+from ce_cli.verify.checks import check_grad  # noqa: E402
+from ce_cli.models.softmax import build_softmax_ce  # noqa: E402
+from ce_cli.verify.tolerance import resolve_tolerance  # noqa: E402
 
 PRECISION_OF = {"f64": "f64", "f32": "f32", "f32->f16": "f16", "f16": "f16"}
 
