@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import os
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +22,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.loading import STDIN, load_array
 from ce_cli.report.emit import emit
+from ce_cli.report.render import CheckOutput
 
 # Click's exception classes, from wherever this Typer takes Click (vendored or the package)
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
@@ -248,7 +247,7 @@ def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad
         # over/underflow is expected and handled: no numpy warnings
         report = check(arrays["logits"], arrays["labels"], **inputs, loss_atol=loss_atol,
                        out_grad=out_grad, sources=sources, progress=progress, **options)
-    emit(report, json_out=json_out, quiet=quiet)
+    emit(CheckOutput(report), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
 
 

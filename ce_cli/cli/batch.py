@@ -29,7 +29,7 @@ from ce_cli.cli.app import app, guarded
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.batch.junit import check_writable, junit_tree, write_junit
 from ce_cli.io.loading import STDIN
-from ce_cli.report.render import fmt_value
+from ce_cli.report.format import fmt_value
 
 BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case could not run (bad "
                 "input, an invalid manifest line) or a usage error; 3 internal error.")

@@ -27,7 +27,7 @@ from ce_cli.explain.derivation import (
     jacobian_fd_entry,
     largest_jacobian_entries,
 )
-from ce_cli.report.render import FAIL, PASS, _clean, fmt
+from ce_cli.report.format import FAIL, PASS, fmt, json_safe
 from ce_cli.verify.results import CheckResult
 
 JSON_FULL_C = 256   # the JSON carries the whole Jacobian up to this many classes
@@ -397,7 +397,7 @@ def explanation_to_dict(expl: Explanation, *, where: str, row, checks: tuple[Che
                       "bound": float(b)}
                      for h, f, e, b in zip(curve.h, curve.fd, curve.error, curve.bound)],
         }
-    return _clean(data)
+    return json_safe(data)
 
 
 def to_json(data: dict) -> str:

@@ -1,26 +1,40 @@
-"""One emit path for every command: warnings on stderr, then JSON or tables on stdout, or
-nothing with -q; a reader that closes the pipe early does not turn into an error."""
+"""One emit path for every command: warnings on stderr, then one JSON document or tables on
+stdout, or nothing with -q; a reader that closes the pipe early is not an error."""
 
 from __future__ import annotations
 
 import sys
+from typing import Protocol
+
+from rich.console import Console
 
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
-from ce_cli.report.render import render_table, to_json
+from ce_cli.report.format import json_text
 
 
-def emit(report, *, json_out: bool, quiet: bool) -> None:
+class Output(Protocol):
+    """What a command hands to `emit`: its result as a JSON-ready dict and as Rich output."""
+
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict: ...
+
+    def render(self, console: Console) -> None: ...
+
+
+def emit(output: Output, *, json_out: bool, quiet: bool) -> None:
+    """Warnings (`ce-check: warning: ...`) on stderr, then JSON or tables on stdout."""
     if quiet:
         return
     try:
-        if report.warnings:
+        if output.warnings:
             err = stderr_console()
-            for w in report.warnings:
+            for w in output.warnings:
                 err.print(f"ce-check: warning: {w}", markup=False, soft_wrap=True)
         if json_out:
-            sys.stdout.write(to_json(report) + "\n")
+            sys.stdout.write(json_text(output.to_dict()) + "\n")
             sys.stdout.flush()
         else:
-            render_table(report, stdout_console())
+            output.render(stdout_console())
     except BrokenPipeError:
         drop_stdout()

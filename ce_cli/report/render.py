@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 
@@ -10,22 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ce_cli.report.format import FAIL, PASS, fmt, fmt_value, json_safe, json_text
 from ce_cli.verify.results import CheckResult, Report
-
-PASS, FAIL = "✓", "✗"
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and math.isnan(x):
-        return "nan"
-    return f"{x:.{digits}e}" if x != 0 else "0"
-
-
-def fmt_value(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.10g}"
-
 
 def render_table(report: Report, console: Console) -> None:
     """Inputs, loss, one row per check, then each check's worst entries."""
@@ -74,28 +59,31 @@ def worst_table(check: CheckResult) -> Table:
     return table
 
 
-def _clean(obj):
-    """Non-finite floats become null: JSON never carries a bare NaN or Infinity."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def report_to_dict(report: Report) -> dict:
     data = asdict(report)
     data["fd"] = {"mode": data.pop("fd_mode"), "evaluations": data.pop("fd_evaluations")}
     for check, result in zip(data["checks"], report.checks):
         for entry, e in zip(check["worst"], result.worst):
             entry["ok"] = e.ok
-    return _clean(data)
+    return json_safe(data)
 
 
 def to_json(report: Report) -> str:
-    return json.dumps(report_to_dict(report), allow_nan=False)
+    return json_text(report_to_dict(report))
+
+
+class CheckOutput:
+    """A check `Report` as an `Output` for `emit`."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.warnings = report.warnings
+
+    def to_dict(self) -> dict:
+        return report_to_dict(self.report)
+
+    def render(self, console: Console) -> None:
+        render_table(self.report, console)
 
 
 def failure_message(report: Report) -> str:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.report.render import FAIL, PASS, _clean
+from ce_cli.report.format import FAIL, PASS, json_safe
 from ce_cli.stress.sweep import Cell, StressReport, thresholds
 
 DETAIL_LIMIT = 20      # failing cells listed in full (table output; --json has all)
@@ -224,7 +224,7 @@ def stress_to_dict(report: StressReport) -> dict:
         "saved": list(report.saved),
         "seconds": round(report.seconds, 3),
     }
-    return _clean(data)
+    return json_safe(data)
 
 
 def stress_to_json(report: StressReport) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.stress.sweep import DTYPE_NAMES, Case, Outcome, as_storable, is_bfloat16
+from ce_cli.stress.sweep import DTYPE_NAMES, Case, Outcome, as_storable
 
 DEFAULT_TIMEOUT = 30.0
 TAIL_LINES = 20
