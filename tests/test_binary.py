@@ -523,7 +523,7 @@ BAD = {
                             ["(16, 5)", "(..., 2)"]),
     "two_class_pos_weight": (dict(logits=np.zeros((16, 2)), labels=np.zeros(16, dtype=np.int64),
                                   two_class=True, pos_weight=np.ones(2)),
-                             ["--pos-weight", "--two-class"]),
+                             ["`pos_weight`", "`two_class`"]),
     "reduction": (dict(logits=X, labels=Y, reduction="avg"), ["avg"]),
     "logits_dtype": (dict(logits=np.array([["a", "b"]]), labels=np.zeros((1, 2))), ["dtype"]),
 }

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.verify.checks import check_binary, check_grad, parse_loss_value
+from ce_cli.io.inputs import parse_number
+from ce_cli.verify.checks import check_binary, check_grad
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.loading import STDIN, load_array
@@ -340,12 +341,10 @@ def _run(case: CaseSpec) -> Report:
     sources = {role: f"{role} file '{spec}'" for role, spec in case.files.items()}
     loss_atol = 0.0
     for role, text in case.numbers.items():
-        flag = f"--{role.replace('_', '-')}"
+        arrays[role], atol = parse_number(text, role)
         if role == "loss":
-            arrays[role], loss_atol = parse_loss_value(text, flag=flag)
-        else:
-            arrays[role], _ = parse_loss_value(text, flag=flag)
-        sources[role] = f"{flag} {text}"
+            loss_atol = atol
+        sources[role] = f"--{role.replace('_', '-')} {text}"
     check = check_grad if case.kind == "multiclass" else check_binary
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
     with np.errstate(all="ignore"):  # over/underflow is expected and handled

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from ce_cli import __version__
 from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.report.console import stderr_console
-from ce_cli.verify.checks import parse_loss_value
+from ce_cli.io.inputs import parse_number
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.loading import STDIN, load_array
@@ -124,7 +124,7 @@ def guarded(command):
         except typer.Exit:
             raise
         except CeCheckError as exc:
-            raise fail_input(str(exc)) from None
+            raise fail_input(exc.as_flags()) from None
         except BrokenPipeError:
             sys.stderr.close()
             raise typer.Exit(ExitCode.OK) from None
@@ -234,10 +234,10 @@ def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad
         if arr is not None and arr.ndim == 2 and 1 in arr.shape:
             arrays[role] = arr.reshape(-1)  # one CSV row or column of C values
     for role, text in typed.items():
-        arrays[role], _ = parse_loss_value(text, flag=f"--{role.replace('_', '-')}")
+        arrays[role], _ = parse_number(text, role)
     loss_atol = 0.0
     if loss is not None and specs["loss"] is None:
-        arrays["loss"], loss_atol = parse_loss_value(loss)
+        arrays["loss"], loss_atol = parse_number(loss)
     sources = {role: source_name(role, spec) for role, spec in files.items()}
     sources.update({role: f"--{role.replace('_', '-')} {text}" for role, text in typed.items()})
     if loss is not None and specs["loss"] is None:

@@ -73,7 +73,7 @@ def make_layout(shape: tuple[int, ...], class_axis: int, source: str) -> Layout:
         raise CeCheckError(f"{source}: scalar logits (shape ()); expected (C,), (N, C) or more axes")
     axis = 0 if len(shape) == 1 else class_axis
     if not -len(shape) <= axis < len(shape):
-        raise CeCheckError(f"{source}: shape {shape} has no axis {class_axis} (--class-axis)")
+        raise CeCheckError(f"{source}: shape {shape} has no axis {class_axis} (`class_axis`)")
     axis %= len(shape)
     layout = Layout(tuple(int(s) for s in shape), axis)
     if layout.n_classes == 0:

@@ -311,7 +311,7 @@ def as_numeric_inputs(logits, labels, reduction: str, source: str, labels_source
     if labels.dtype.kind not in "biuf":
         raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
     if reduction not in REDUCTIONS:
-        raise CeCheckError(f"--reduction: unknown value '{reduction}' (use mean, sum or none)")
+        raise CeCheckError(f"`reduction`: unknown value '{reduction}' (use mean, sum or none)")
     return logits, labels
 
 
@@ -332,7 +332,7 @@ def build_softmax_ce(
     warnings: list[str] = []
     logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
     if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
-        raise CeCheckError(f"--label-smoothing: must be in [0, 1], got {label_smoothing}")
+        raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
     layout = make_layout(logits.shape, class_axis, source)
     C = layout.n_classes
     z = layout.to_rows(logits)
@@ -356,7 +356,7 @@ def build_softmax_ce(
         probs = layout.to_rows(labels)
         if ignore_index >= 0:
             raise CeCheckError(
-                f"--ignore-index {ignore_index}: not supported with probability targets "
+                f"`ignore_index={ignore_index}`: not supported with probability targets "
                 f"({labels_source} has the logits' shape {labels.shape}); PyTorch raises too"
             )
         _check_probs(probs, layout, labels_source, warnings)

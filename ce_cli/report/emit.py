@@ -8,6 +8,7 @@ from typing import Protocol
 
 from rich.console import Console
 
+from ce_cli.errors import as_flags
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.report.format import json_text
 
@@ -23,14 +24,15 @@ class Output(Protocol):
 
 
 def emit(output: Output, *, json_out: bool, quiet: bool) -> None:
-    """Warnings (`ce-check: warning: ...`) on stderr, then JSON or tables on stdout."""
+    """Warnings (`ce-check: warning: ...`, parameters named as flags) on stderr, then JSON or
+    tables on stdout."""
     if quiet:
         return
     try:
         if output.warnings:
             err = stderr_console()
             for w in output.warnings:
-                err.print(f"ce-check: warning: {w}", markup=False, soft_wrap=True)
+                err.print(f"ce-check: warning: {as_flags(w)}", markup=False, soft_wrap=True)
         if json_out:
             sys.stdout.write(json_text(output.to_dict()) + "\n")
             sys.stdout.flush()

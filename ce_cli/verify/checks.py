@@ -7,7 +7,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,6 @@ def row_chunks(n_rows: int, n_classes: int, elements: int = CHUNK_ELEMENTS):
     step = max(1, elements // max(1, n_classes))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
-
-
-def parse_loss_value(text: str, flag: str = "--loss") -> tuple[np.ndarray, float]:
-    """A number typed on the command line: the value, and half a unit of its last typed digit."""
-    try:
-        dec = Decimal(text.strip())
-    except InvalidOperation:
-        raise CeCheckError(f"{flag}: '{text}' is neither a file nor a number") from None
-    if not dec.is_finite():
-        return np.array(float(dec)), 0.0
-    exponent = min(max(int(dec.as_tuple().exponent), -400), 400)  # beyond float64 either way
-    return np.array(float(dec)), 0.5 * 10.0**exponent if exponent < 309 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -135,7 +122,7 @@ def check_grad(
     )
     if problem.n_classes == 2:
         warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
-                        "`ce-check binary --two-class` checks the correspondence")
+                        "binary `two_class` checks the correspondence")
     return verify(
         problem, warnings, kind="multiclass", logits=logits, labels=labels, grad=grad, loss=loss,
         rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor, loss_atol=loss_atol,
@@ -179,9 +166,9 @@ def verify(
     layout = problem.layout
     N, C = problem.n_rows, problem.n_classes
     if samples < 1:
-        raise CeCheckError(f"--samples: must be at least 1, got {samples}")
+        raise CeCheckError(f"`samples`: must be at least 1, got {samples}")
     if worst < 0:
-        raise CeCheckError(f"--worst: must be >= 0, got {worst}")
+        raise CeCheckError(f"`worst`: must be >= 0, got {worst}")
     mode = choose_mode(fd, N, C)
 
     grad_rows, grad_tol = None, None
@@ -210,7 +197,7 @@ def verify(
         elif loss_arr.size != 1:
             raise CeCheckError(
                 f"{src['loss']}: shape {loss_arr.shape}; reduction '{reduction}' gives a scalar loss "
-                "(use --reduction none for per-sample losses)"
+                "(use `reduction=none` for per-sample losses)"
             )
         loss_tol = resolve_tolerance(
             loss_arr.dtype if loss_arr.dtype.kind == "f" else np.float64, precision, rtol, atol, floor_factor
@@ -437,7 +424,7 @@ def _open_out_grad(path, shape, layout):
             mm, rows = None, np.empty((layout.n_rows, layout.n_classes))
             tmp.touch()
     except OSError as exc:
-        raise CeCheckError(f"--out-grad '{path}': cannot write ({exc.strerror or exc})") from None
+        raise CeCheckError(f"`out_grad` '{path}': cannot write ({exc.strerror or exc})") from None
     def finish():
         if mm is not None:
             mm.flush()
@@ -490,9 +477,9 @@ def check_binary(
                   worst=worst, out_grad=out_grad, chunk_elements=chunk_elements, progress=progress)
     if two_class:
         if pos_weight is not None:
-            raise CeCheckError("--pos-weight: not used with --two-class (give --weight, 2 class weights)")
+            raise CeCheckError("`pos_weight`: not used with `two_class` (give `weight`, 2 class weights)")
         if logits.ndim < 1 or logits.shape[-1] != 2:
-            raise CeCheckError(f"{src['logits']}: shape {logits.shape}; --two-class needs (..., 2) logits")
+            raise CeCheckError(f"{src['logits']}: shape {logits.shape}; `two_class` needs (..., 2) logits")
         report = check_grad(logits, labels, weight=weight, reduction=reduction, sources=src, **common)
         with np.errstate(invalid="ignore"):
             x = np.asarray(logits[..., 1], dtype=np.float64) - np.asarray(logits[..., 0], dtype=np.float64)

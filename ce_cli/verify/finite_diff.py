@@ -45,7 +45,7 @@ class FDResult:
 
 def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
     if mode not in FD_MODES:
-        raise CeCheckError(f"--fd: unknown mode '{mode}' (use auto, full, directional, sample or off)")
+        raise CeCheckError(f"`fd`: unknown mode '{mode}' (use auto, full, directional, sample or off)")
     if mode == "auto":
         if 2.0 * n_rows * n_classes * n_classes <= FULL_BUDGET:
             return "full"

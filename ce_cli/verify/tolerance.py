@@ -45,7 +45,7 @@ def precision_of_dtype(dtype: np.dtype) -> str:
 def parse_precision(name: str) -> str:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in PRECISIONS:
-        raise CeCheckError(f"--precision: unknown precision '{name}' (use f16, bf16, f32 or f64)")
+        raise CeCheckError(f"`precision`: unknown precision '{name}' (use f16, bf16, f32 or f64)")
     return key
 
 
@@ -83,7 +83,7 @@ def resolve_tolerance(
     eps = max(PRECISIONS[storage][0], PRECISIONS[declared][0])
     tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1])
     name = declared if PRECISIONS[declared][0] >= PRECISIONS[storage][0] else storage
-    for flag, value in (("--rtol", rtol), ("--atol", atol), ("--floor-factor", floor_factor)):
+    for flag, value in (("`rtol`", rtol), ("`atol`", atol), ("`floor_factor`", floor_factor)):
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise CeCheckError(f"{flag}: must be a finite number >= 0, got {value}")
     return Tolerance(
