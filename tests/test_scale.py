@@ -4,7 +4,8 @@ finite-difference modes that scale (column sweeps, directional rows, bisection) 
 import numpy as np
 import pytest
 
-from ce_cli.verify.checks import check_grad, reference, row_chunks
+from ce_cli.verify.checks import check_grad, reference
+from ce_cli.verify.pipeline import row_chunks
 from ce_cli.verify.finite_diff import choose_mode, fd_full
 from ce_cli.models.softmax import build_softmax_ce
 

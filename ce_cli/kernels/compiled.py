@@ -3,7 +3,7 @@ comparison with the user's gradient, one row at a time in three sweeps, no (R, C
 
 `pip install` compiles it when a C compiler is present; it runs on x86-64 CPUs with AVX-512.
 It serves index targets (weights, ignore_index, label smoothing, -inf masks included); the numpy
-kernel in softmax_ce.py, its reference, serves probability targets, rows it must report (NaN,
+kernel in numpy_softmax.py, its reference, serves probability targets, rows it must report (NaN,
 +inf, all -inf) and every other CPU. `CE_CHECK_FUSED=0` turns it off.
 """
 
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.verify.compare import Comparison
-from ce_cli.models.softmax import ChunkEval, SoftmaxCE
+from ce_cli.kernels.base import ChunkEval, RowStats
 
 _P = ctypes.c_void_p
 
@@ -82,7 +81,7 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
 class FusedKernel:
     """One softmax problem's rows through the compiled kernel."""
 
-    def __init__(self, fn, problem: SoftmaxCE):
+    def __init__(self, fn, problem) -> None:
         self.fn = fn
         self.problem = problem
         w = problem.weight
@@ -95,13 +94,12 @@ class FusedKernel:
     def plan(cls, problem) -> FusedKernel | None:
         """The kernel for `problem` when it is built and serves it, else None."""
         fn = kernel()
-        if (fn is None or not isinstance(problem, SoftmaxCE) or problem.probs is not None
-                or problem.nan_gradient or problem.n_classes == 0):
+        if fn is None or problem.probs is not None or problem.nan_gradient or problem.n_classes == 0:
             return None
         return cls(fn, problem)
 
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
-                 floor_coef: float | None = None, cmp: Comparison | None = None,
+                 floor_coef: float | None = None, cmp: RowStats | None = None,
                  g_rows=None) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
@@ -160,13 +158,3 @@ class FusedKernel:
             **pointers, **{name: _ptr(arr) for name, arr in out.items()},
         )
         return int(self.fn(ctypes.byref(args)))
-
-
-def evaluate_rows(problem, z_rows, rows: np.ndarray, *, grad: bool,
-                  floor_coef: float | None) -> ChunkEval | None:
-    """SoftmaxCE.evaluate_rows through the kernel, or None when it does not serve the rows (the
-    caller runs the numpy kernel)."""
-    fused = FusedKernel.plan(problem)
-    if fused is None:
-        return None
-    return fused.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)

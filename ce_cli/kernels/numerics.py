@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EPS = float(np.finfo(np.float64).eps)
@@ -34,3 +36,8 @@ def logistic_third_max(logit: np.ndarray, h: np.ndarray) -> np.ndarray:
     for crit in _CRITICAL:
         g3 = np.where((lo <= crit) & (crit <= hi), THIRD_MOMENT_MAX, g3)
     return g3
+
+
+def loss_sum(row_loss: np.ndarray) -> float:
+    """Sum of row losses: exactly rounded (fsum) up to 2**20 rows, pairwise beyond."""
+    return math.fsum(row_loss.tolist()) if row_loss.size <= 1 << 20 else float(np.sum(row_loss))

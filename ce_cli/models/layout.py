@@ -53,20 +53,6 @@ class Layout:
         return np.moveaxis(rows.reshape(moved_shape), -1, self.class_axis)
 
 
-class RowMatrix:
-    """Shared by the loss models (frozen dataclasses with a field `z`: the logits as (N, C) rows)."""
-
-    z: np.ndarray
-
-    @property
-    def n_rows(self) -> int:
-        return self.z.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.z.shape[1]
-
-
 def make_layout(shape: tuple[int, ...], class_axis: int, source: str) -> Layout:
     """Validate the logits' shape and class axis (negative counts from the end)."""
     if len(shape) == 0:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.models.layout import Layout, RowMatrix, make_layout
+from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
+from ce_cli.models.base import RowMatrix, as_numeric_inputs
+from ce_cli.models.layout import Layout, make_layout
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
-from ce_cli.models.softmax import ChunkEval, as_numeric_inputs
 
 
 @dataclass(frozen=True)
@@ -94,50 +96,15 @@ class SigmoidBCE(RowMatrix):
         w = np.asarray(self.weight[rows], dtype=np.float64) if self.weight is not None else None
         return y, w, self.pos_weight
 
-    def evaluate(self, start: int, stop: int, *, grad: bool = True,
-                 floor_coef: float | None = None) -> ChunkEval:
-        return self.evaluate_rows(self.z[start:stop], np.arange(start, stop), grad=grad,
-                                  floor_coef=floor_coef)
-
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
-        x = np.array(z_rows, dtype=np.float64)
-        top = x.max(axis=1)
-        if not np.all(np.isfinite(top) | np.isneginf(top)):
-            self._report_bad_logit(x, rows)
-        y, w, pw = self.coefficients(rows)
-        with np.errstate(invalid="ignore", over="ignore"):
-            e_abs = np.exp(-np.abs(x))
-            tail = np.log1p(e_abs)
-            sp_neg = np.maximum(-x, 0.0) + tail    # softplus(-x) = -log s(x)
-            sp_pos = np.maximum(x, 0.0) + tail     # softplus(x) = -log(1 - s(x))
-            pos = y if pw is None else pw * y
-            items = np.where(pos != 0, pos * sp_neg, 0.0) + np.where(y != 1, (1.0 - y) * sp_pos, 0.0)
-            if w is not None:
-                items = np.where(w != 0, items * w, 0.0)
-        scale = self.grad_scale
-        coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
-        g = floor = None
-        if grad or floor_coef is not None:
-            # s(x) and s(-x) = 1 - s(x) from e = exp(-|x|): relative error ~2 eps at any x
-            # (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|)
-            small = e_abs / (1.0 + e_abs)
-            large = 1.0 / (1.0 + e_abs)
-            s_pos = np.where(x >= 0, large, small)   # s(x)
-            s_neg = np.where(x >= 0, small, large)   # s(-x), without cancellation
-        if grad:
-            g = (1.0 - y) * s_pos - pos * s_neg
-            g *= scale if w is None else w * scale
-        if floor_coef is not None:
-            # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
-            floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
-            if w is not None:
-                floor *= np.abs(w)
-        magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))
-        return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
-                         total_weight=magnitude.sum(axis=1), items=items, item_weight=magnitude)
+        """Rows `rows` with logits `z_rows` (possibly perturbed), through the numpy kernel."""
+        return sigmoid_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
 
-    def _report_bad_logit(self, x: np.ndarray, rows: np.ndarray) -> None:
+    kernel = None  # no compiled kernel for sigmoid BCE yet
+    kernel_name = "numpy"
+
+    def report_bad_logit(self, x: np.ndarray, rows: np.ndarray) -> None:
         bad = np.isnan(x) | np.isposinf(x)
         r, c = (int(v) for v in np.argwhere(bad)[0])
         what = "NaN" if np.isnan(x[r, c]) else "+inf"

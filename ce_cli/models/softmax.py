@@ -18,39 +18,19 @@ a - 1 = -s1 / (1 + s1) is formed without cancellation (the expm1(log a_y) of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.models.layout import Layout, RowMatrix, make_layout, match_batch
+from ce_cli.kernels import compiled
+from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.numpy_softmax import softmax_rows
+from ce_cli.models.base import RowMatrix, as_numeric_inputs
+from ce_cli.models.layout import Layout, make_layout, match_batch
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
-REDUCTIONS = ("mean", "sum", "none")
-
-
-@dataclass(frozen=True)
-class ChunkEval:
-    """Reference values for rows [start, stop)."""
-
-    loss: np.ndarray          # (R,) unreduced row losses loss_n (0 for ignored rows)
-    grad: np.ndarray | None   # (R, C) gradient of the reduced loss
-    floor: np.ndarray | None  # (R, C) error floor of a correct implementation (see tolerance.py)
-    lse: np.ndarray           # (R,) log-sum-exp of the row
-    total_weight: np.ndarray  # (R,) Q_n = sum_c q_nc
-    items: np.ndarray | None = None        # (R, C) per-element losses (elementwise models)
-    item_weight: np.ndarray | None = None  # (R, C) per-element loss scale (elementwise models)
-    row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
-    log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
-
-    def take_rows(self, idx: np.ndarray) -> ChunkEval:
-        """The per-row values of rows `idx` (per-entry arrays dropped)."""
-        def pick(v):
-            return None if v is None else v[idx]
-
-        return ChunkEval(loss=self.loss[idx], grad=None, floor=None, lse=self.lse[idx],
-                         total_weight=self.total_weight[idx], row_max=pick(self.row_max),
-                         log1p_s1=pick(self.log1p_s1))
 
 
 @dataclass(frozen=True)
@@ -68,6 +48,15 @@ class SoftmaxCE(RowMatrix):
     denominator: float             # D; 0 when every target is ignored under 'mean' (loss NaN)
     valid: np.ndarray              # (N,) rows that contribute
     source: str = "logits"
+    kernel: Any = field(default=None, compare=False, repr=False)  # compiled.FusedKernel or None
+
+    def __post_init__(self) -> None:
+        # the kernel is chosen once, for the whole check
+        object.__setattr__(self, "kernel", compiled.FusedKernel.plan(self))
+
+    @property
+    def kernel_name(self) -> str:
+        return "compiled" if self.kernel is not None else "numpy"
 
     @property
     def target_kind(self) -> str:
@@ -122,13 +111,6 @@ class SoftmaxCE(RowMatrix):
             return row_loss_sum / d if d != 0 else float("nan")
         return row_loss_sum
 
-    def evaluate(self, start: int, stop: int, *, grad: bool = True,
-                 floor_coef: float | None = None) -> ChunkEval:
-        """Loss, gradient and (when `floor_coef` = k*eps is given) the error floor of rows [start, stop)."""
-        return self.evaluate_rows(
-            self.z[start:stop], np.arange(start, stop), grad=grad, floor_coef=floor_coef
-        )
-
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
         """The target class of each row: the label, or the largest target probability."""
         if self.probs is not None:
@@ -155,97 +137,13 @@ class SoftmaxCE(RowMatrix):
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
-        """The kernel: rows `rows` of the problem, with logits `z_rows` (possibly perturbed).
-        The compiled kernel (fused.py) serves what it can; this numpy code is its reference."""
-        from ce_cli.kernels.compiled import evaluate_rows  # fused.py builds on this module
-
-        ev = evaluate_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
-        if ev is not None:
-            return ev
-        with np.errstate(invalid="ignore"):  # 0 * -inf at masked logits, replaced where it occurs
-            return self._evaluate_rows(z_rows, rows, grad, floor_coef)
-
-    def _evaluate_rows(self, z_rows, rows, grad, floor_coef) -> ChunkEval:
-        zs = np.array(z_rows, dtype=np.float64)  # becomes z - m in place
-        R, C = zs.shape
-        r = np.arange(R)
-        am = zs.argmax(axis=1)
-        m = zs[r, am]
-        active = self.valid[rows]
-        if not np.all(np.isfinite(m)):
-            m = self._check_row_max(zs, m, rows, active)
-        zs -= m[:, None]
-        e = np.exp(zs)
-        e[r, am] = 0.0
-        s1 = e.sum(axis=1)
-        e[r, am] = 1.0
-        l1 = np.log1p(s1)          # lse - m
-        s = 1.0 + s1
-        lse = m + l1
-        # -inf logits (masks) make 0 * -inf terms below; find them only when those terms exist
-        needs_mask = floor_coef is not None or self.smoothing or self.probs is not None
-        has_neginf = needs_mask and bool(np.isneginf(zs.min(axis=1)).any())
-
-        q, beta, ys = self.targets(rows)
-        w = self.weight
-        if beta is None:  # probability targets: q is a dense (R, C) array
-            Q = q.sum(axis=1)
-            qz = np.where(q != 0, q * zs, 0.0).sum(axis=1) if has_neginf else np.einsum("ij,ij->i", q, zs)
-        else:
-            alpha = q
-            W = float(w.sum()) if w is not None else float(C)
-            Q = alpha + beta * W
-            zy = zs[r, ys]
-            qz = np.where(alpha != 0, alpha * zy, 0.0)
-            if self.smoothing:
-                if w is None:
-                    sz = zs.sum(axis=1)
-                elif has_neginf:
-                    sz = np.where(w != 0, zs * w, 0.0).sum(axis=1)
-                else:
-                    sz = zs @ w
-                qz = qz + np.where(beta != 0, beta * sz, 0.0)
-        loss = np.where(active, Q * l1 - qz, 0.0)
-
-        scale = self.grad_scale
-        floor = None
-        if floor_coef is not None:
-            # k*eps*(Q*a*(1 + |log a| + |lse|) + |q|)*scale: |log a| = l1 - zs
-            floor = np.subtract((1.0 + l1 + np.abs(lse))[:, None], zs)
-            if has_neginf:
-                np.minimum(floor, 1e300, out=floor)
-            floor *= e
-            floor *= (floor_coef * scale * np.abs(Q) / s)[:, None]
-            if beta is None:
-                floor += floor_coef * scale * np.abs(q)
-            else:
-                if self.smoothing:
-                    floor += (floor_coef * scale * np.abs(beta))[:, None] * np.abs(w if w is not None else 1.0)
-                floor[r, ys] += floor_coef * scale * np.abs(alpha)
-
-        g = None
-        if grad:
-            g = e
-            g *= (Q * scale / s)[:, None]
-            if beta is None:
-                g -= q * scale
-                q_am = q[r, am]
-                rest = Q - q_am
-            else:
-                if self.smoothing:
-                    g -= (beta * scale)[:, None] * (w if w is not None else 1.0)
-                g[r, ys] -= alpha * scale
-                w_am = w[am] if w is not None else 1.0
-                W = float(w.sum()) if w is not None else float(C)
-                rest = np.where(am != ys, alpha, 0.0) + beta * (W - w_am)
-            # a confident row (a_max >= 1/2): a_max - 1 = -s1/s exactly, so
-            # Q*a - q = Q*(a - 1) + (Q - q) keeps full precision; a flat row keeps Q*a - q
-            sure = s1 <= 1.0
-            g[r[sure], am[sure]] = scale * (rest[sure] - Q[sure] * s1[sure] / s[sure])
-            if self.nan_gradient:
-                g[active] = np.nan
-        return ChunkEval(loss=loss, grad=g, floor=floor, lse=lse, total_weight=Q, row_max=m,
-                         log1p_s1=l1)
+        """Rows `rows` of the problem with logits `z_rows` (possibly perturbed): through the
+        compiled kernel when it serves them, else the numpy kernel (its reference)."""
+        if self.kernel is not None:
+            ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
+            if ev is not None:
+                return ev
+        return softmax_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
 
     def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
         """Bound on |central difference - derivative| of loss_n at entries `z_entry` (row-wise `ev`).
@@ -278,7 +176,7 @@ class SoftmaxCE(RowMatrix):
         truncation = Q * THIRD_MOMENT_MAX * reach**3 / 3.0
         return (rounding + truncation) * self.grad_scale
 
-    def _check_row_max(self, zs, m, rows, active):
+    def check_row_max(self, zs, m, rows, active):
         """NaN/+inf logits are errors; an all -inf row is legal only when ignored."""
         bad = np.isnan(m) | np.isposinf(m)
         if bad.any():
@@ -300,19 +198,6 @@ class SoftmaxCE(RowMatrix):
                 "(softmax undefined); ignore that target or unmask a class"
             )
         return np.where(masked, 0.0, m)
-
-
-def as_numeric_inputs(logits, labels, reduction: str, source: str, labels_source: str):
-    """The checks every loss model starts with: numeric arrays and a known reduction."""
-    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
-    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
-    if logits.dtype.kind not in "biuf":
-        raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
-    if labels.dtype.kind not in "biuf":
-        raise CeCheckError(f"{labels_source}: dtype {labels.dtype} is not numeric")
-    if reduction not in REDUCTIONS:
-        raise CeCheckError(f"`reduction`: unknown value '{reduction}' (use mean, sum or none)")
-    return logits, labels
 
 
 def build_softmax_ce(

@@ -1,0 +1,49 @@
+"""What every kernel returns, and what a kernel reads of a loss model.
+
+A kernel evaluates rows of a loss model: the row losses, the gradient of the reduced loss and
+the error floor a correct implementation has in a given precision (verify/tolerance.py). The
+numpy kernels (numpy_softmax.py, numpy_sigmoid.py) are the reference; the compiled kernel
+(compiled.py) serves what it can and hands the rest back (returns None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ChunkEval:
+    """Reference values for rows [start, stop)."""
+
+    loss: np.ndarray          # (R,) unreduced row losses loss_n (0 for ignored rows)
+    grad: np.ndarray | None   # (R, C) gradient of the reduced loss
+    floor: np.ndarray | None  # (R, C) error floor of a correct implementation (see tolerance.py)
+    lse: np.ndarray           # (R,) log-sum-exp of the row
+    total_weight: np.ndarray  # (R,) Q_n = sum_c q_nc
+    items: np.ndarray | None = None        # (R, C) per-element losses (elementwise models)
+    item_weight: np.ndarray | None = None  # (R, C) per-element loss scale (elementwise models)
+    row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
+    log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
+
+    def take_rows(self, idx: np.ndarray) -> ChunkEval:
+        """The per-row values of rows `idx` (per-entry arrays dropped)."""
+        def pick(v):
+            return None if v is None else v[idx]
+
+        return ChunkEval(loss=self.loss[idx], grad=None, floor=None, lse=self.lse[idx],
+                         total_weight=self.total_weight[idx], row_max=pick(self.row_max),
+                         log1p_s1=pick(self.log1p_s1))
+
+
+class RowStats(Protocol):
+    """Where the compiled kernel folds its per-row comparison statistics (verify's Comparison)."""
+
+    tol: Any
+    extra_atol: float
+
+    def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
+                       nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
+                       open_row: Any) -> None: ...

@@ -1,0 +1,90 @@
+"""`CheckOptions`: every setting of a check in one frozen object, shared by the API, the command
+line and `batch` manifests (whose keys are these field names)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ce_cli.enums import FDMode, Precision, Reduction
+from ce_cli.errors import CeCheckError
+from ce_cli.verify.tolerance import parse_precision
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How the loss is defined (PyTorch's arguments) and how closely it is checked.
+
+    Semantics: `reduction`, `ignore_index`, `label_smoothing`, `class_axis` (softmax CE);
+    `two_class` (binary: (..., 2) softmax logits). Tolerances (verify/tolerance.py): `rtol`,
+    `atol`, `precision` the gradient was computed in, `floor_factor` k of the error floor,
+    `loss_atol` (a typed loss's last digit). Finite differences: `fd` mode, `samples`, `seed`.
+    Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk.
+    """
+
+    reduction: Reduction = Reduction.mean
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    class_axis: int = -1
+    two_class: bool = False
+    rtol: float | None = None
+    atol: float | None = None
+    precision: Precision | None = None
+    floor_factor: float | None = None
+    loss_atol: float = 0.0
+    fd: FDMode = FDMode.auto
+    samples: int = 256
+    seed: int = 0
+    worst: int = 5
+    chunk_elements: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise once, in a frozen dataclass
+        set_(self, "reduction", _choice(Reduction, self.reduction, "reduction"))
+        set_(self, "fd", _choice(FDMode, self.fd, "fd"))
+        if self.precision is not None:
+            set_(self, "precision", _precision(self.precision))
+        for name in ("rtol", "atol", "floor_factor"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise CeCheckError(f"`{name}`: must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing <= 1.0):
+            raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {self.label_smoothing}")
+        if self.samples < 1:
+            raise CeCheckError(f"`samples`: must be at least 1, got {self.samples}")
+        if self.worst < 0:
+            raise CeCheckError(f"`worst`: must be >= 0, got {self.worst}")
+        if self.seed < 0:
+            raise CeCheckError(f"`seed`: must be >= 0, got {self.seed}")
+
+    @classmethod
+    def build(cls, options: CheckOptions | None = None, **settings: Any) -> CheckOptions:
+        """`options` (or the defaults) with `settings` replacing fields; unknown names are a
+        TypeError, as for any keyword argument."""
+        unknown = set(settings) - FIELDS
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return replace(options or cls(), **settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+FIELDS = frozenset(f.name for f in fields(CheckOptions))
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, (Reduction, FDMode, Precision)) else value
+
+
+def _choice(enum: Any, value: Any, name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)
+        raise CeCheckError(f"`{name}`: unknown value '{value}' (use {allowed})") from None
+
+
+def _precision(value: Any) -> Precision:
+    return Precision(parse_precision(value.value if isinstance(value, Precision) else str(value)))
