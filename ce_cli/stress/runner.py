@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.stress.sweep import DTYPE_NAMES, Case, Outcome, as_storable
+from ce_cli.stress.dtypes import DTYPE_NAMES, as_storable
+from ce_cli.stress.judge import Case, Outcome
 
 DEFAULT_TIMEOUT = 30.0
 TAIL_LINES = 20
