@@ -39,7 +39,6 @@ PENDING = {
     "ce_cli.batch.manifest:run_cases",
     "ce_cli.cli.app:run_check",
     "ce_cli.cli.explain:explain",
-    "ce_cli.cli.stress:stress",
     "ce_cli.explain.derivation:_explain_binary",
     "ce_cli.explain.derivation:_softmax_checks",
     "ce_cli.explain.render:explanation_to_dict",
@@ -48,8 +47,6 @@ PENDING = {
     "ce_cli.kernels.compiled:evaluate",
     "ce_cli.models.softmax:build_softmax_ce",
     "ce_cli.report.render:failure_message",
-    "ce_cli.stress.sweep:breaking_points",
-    "ce_cli.stress.sweep:judge",
 }
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ce_cli.stress import sweep as stress
+import ce_cli.stress as stress
+from ce_cli.stress import dtypes as stress_dtypes
 from ce_cli.verify.checks import reference
 from ce_cli.stress.render import stress_to_dict
 
@@ -236,7 +237,7 @@ def test_unrepresentable_scale_is_skipped_with_a_note(invoke):
 
 
 def test_bf16_skipped_without_ml_dtypes(monkeypatch, invoke):
-    monkeypatch.setattr(stress, "bfloat16_dtype", lambda: None)
+    monkeypatch.setattr(stress_dtypes, "bfloat16_dtype", lambda: None)
     dtypes, notes = stress.parse_dtypes(None)
     assert dtypes == ("f16", "f32", "f64") and "ml_dtypes" in notes[0]
     result = invoke(["stress", "--scales", "1", "--scenarios", "spread"])
@@ -247,7 +248,7 @@ def test_bf16_skipped_without_ml_dtypes(monkeypatch, invoke):
 
 def test_bf16_column_with_a_stand_in_dtype(monkeypatch):
     # float32 storage as a stand-in exercises the bf16 plumbing (bf16 tolerances) without ml_dtypes
-    monkeypatch.setattr(stress, "bfloat16_dtype", lambda: np.float32)
+    monkeypatch.setattr(stress_dtypes, "bfloat16_dtype", lambda: np.float32)
     dtypes, notes = stress.parse_dtypes(None)
     assert dtypes == ("f16", "bf16", "f32", "f64") and not notes
     report = stress.builtin_sweep("multiclass", dtypes=("bf16",), scales=(1.0, 1e4),
@@ -303,7 +304,7 @@ def test_impl_reductions(tmp_path, monkeypatch, invoke, reduction):
     monkeypatch.setattr(sys, "path", list(sys.path))
     module = f"stress_red_{reduction}"
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
-        from ce_cli.stress.sweep import log_softmax_ce, stable_sigmoid_bce
+        from ce_cli.stress import log_softmax_ce, stable_sigmoid_bce
         def ce(z, y):
             return log_softmax_ce(z, y, reduction="{reduction}")
         def bce(x, t):

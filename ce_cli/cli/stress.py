@@ -2,43 +2,41 @@
 
 Built-in sweep (textbook softmax CE / sigmoid BCE forms, a report: exit 0), or the user's
 implementation: `--impl package.module:function` or `--impl-cmd 'CMD {logits} {labels} {grad}
-{loss}'` (exit 1 when a cell fails). The grid and the verdicts come from `ce_cli.stress.sweep`.
+{loss}'` (exit 1 when a cell fails). The grid and the verdicts come from `ce_cli.stress`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shlex
 import sys
 import tempfile
 import time
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ce_cli.cli.app import JsonOpt, QuietOpt, app, guarded
-from ce_cli.enums import Reduction
-from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
+from ce_cli.enums import Kind, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
+from ce_cli.report.console import stderr_console
+from ce_cli.report.emit import emit
+from ce_cli.stress.builtins import BUILTINS
+from ce_cli.stress.dtypes import DTYPE_NAMES, parse_dtypes
+from ce_cli.stress.grid import Runner, StressReport, grid, run_builtin, run_cells
+from ce_cli.stress.judge import Case
+from ce_cli.stress.render import StressOutput
+from ce_cli.stress.reproducer import FailureSaver, Rerun, python_rerun
 from ce_cli.stress.runner import (DEFAULT_TIMEOUT, CommandTemplate, command_runner, load_callable,
-                                python_runner)
-from ce_cli.stress.render import render_stress, stress_to_json
-from ce_cli.stress.sweep import (BUILTINS, DTYPE_NAMES, SCENARIOS, Case, Cell, Outcome, StressReport, grid,
-                           parse_dtypes, parse_scales, parse_scenarios, python_rerun, run_builtin,
-                           run_cells, save_reproducer, shrink)
+                                  python_runner)
+from ce_cli.stress.scenarios import SCENARIOS, Scenario, parse_scales, parse_scenarios
 
 STRESS_EPILOG = ("Exit codes: the built-in sweep 0 (a report); with --impl or --impl-cmd 0 every "
                  "cell passed, 1 a cell failed; 2 usage error; 3 internal error.")
-
-
-class Kind(str, Enum):
-    multiclass = "multiclass"
-    binary = "binary"
 
 
 def _names(kind: str) -> str:
@@ -91,81 +89,107 @@ def stress(
     """Numerical-stability stress tests: a grid of scenarios x logit scales x dtypes, every cell
     judged against the float64 reference of the same rounded inputs with the tolerance model of
     `grad`. Without --impl/--impl-cmd: the built-in textbook implementations and where each breaks."""
-    if impl is not None and impl_cmd is not None:
-        raise CeCheckError("--impl and --impl-cmd: give one of them, not both")
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise CeCheckError(f"--timeout: must be a number of seconds > 0, got {timeout}")
-    kind_name, red = kind.value, reduction.value
+    _check_options(impl, impl_cmd, timeout)
     dtype_list, notes = parse_dtypes(dtypes)
     scale_list = parse_scales(scales)
-    scenario_list = parse_scenarios(kind_name, scenarios)
-    if save_failures is not None:
-        if save_failures.exists() and not save_failures.is_dir():
-            raise CeCheckError(f"--save-failures '{save_failures}': exists and is not a folder")
-
-    cwd = os.getcwd()
+    grid_spec = _Grid(kind.value, reduction.value, parse_scenarios(kind.value, scenarios),
+                      scale_list, dtype_list, tuple(notes), seed)
+    _check_save_folder(save_failures)
     with tempfile.TemporaryDirectory(prefix="ce-check-stress-") as tmp:
-        if impl_cmd is not None:
-            template = CommandTemplate.parse(impl_cmd)
-            mode = "impl-cmd"
-            runner = command_runner(template, Path(tmp), reduction=red, timeout=timeout)
-
-            def rerun(case: Case, folder: Path) -> str:
-                # run from where ce-check ran (the command may name files relative to it)
-                values = {name: str(folder / f"{name}.npy") for name in ("logits", "labels", "grad", "loss")}
-                values.update(dtype=_dtype_name(case.dtype), reduction=red)
-                return f"cd {shlex.quote(cwd)} || exit 2\n{shlex.join(template.render(values))}"
-
-            impls = [(_impl_cmd_name(template), runner, rerun)]
-        elif impl is not None:
-            fn = load_callable(impl)
-            mode = "impl"
-            impls = [(impl, python_runner(fn, timeout),
-                      lambda case, folder: python_rerun(impl, cwd, kind_name, case.dtype, folder))]
-        else:
-            mode = "builtin"
-            impls = [(b.name, run_builtin(b.fn, red),
-                      lambda case, folder, spec=b.spec: python_rerun(spec, cwd, kind_name, case.dtype,
-                                                                     folder, {"reduction": red}))
-                     for b in BUILTINS[kind_name]]
-
-        t0 = time.perf_counter()
-        cases, skipped = grid(kind_name, scenario_list, scale_list, dtype_list, seed)
-        saved: list[str] = []
-        by_name = {name: (run, rerun) for name, run, rerun in impls}
-
-        def on_cell(cell: Cell, case: Case, outcome: Outcome) -> None:
-            if save_failures is None or cell.ok:
-                return
-            run, rerun = by_name[cell.impl]
-            small = None if cell.reason == "timeout" else shrink(kind_name, case, cell, run, red)
-            note = ""
-            if small is not None:
-                n_rows = case.logits.shape[0]
-                row, case, outcome, cell = small
-                note = f"row {row} of the cell's {n_rows} rows, which fails on its own"
-            folder = save_reproducer(save_failures, kind_name, red, case, cell, outcome,
-                                     functools.partial(rerun, case), note)
-            saved.append(str(folder))
-
-        status = _progress(quiet or json_out)
-        try:
-            cells = run_cells(kind_name, [(n, r) for n, r, _ in impls], cases, red, on_cell=on_cell,
-                              progress=status.update if status else None)
-        finally:
-            if status:
-                status.stop()
-    report = StressReport(kind_name, mode, tuple(n for n, _, _ in impls), red, dtype_list, scale_list,
-                          scenario_list, tuple(cells), tuple(notes + skipped),
-                          time.perf_counter() - t0, tuple(saved))
-    _emit(report, json_out=json_out, quiet=quiet)
+        mode, impls = _implementations(impl, impl_cmd, grid_spec, timeout, Path(tmp))
+        report = _sweep(grid_spec, mode, impls, save_failures, silent=quiet or json_out)
+    emit(StressOutput(report), json_out=json_out, quiet=quiet)
     if mode == "builtin" or report.ok:
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(ExitCode.CHECK_FAILED)
 
 
-def _dtype_name(dtype: str) -> str:
-    return DTYPE_NAMES[dtype]
+def _check_options(impl: str | None, impl_cmd: str | None, timeout: float) -> None:
+    if impl is not None and impl_cmd is not None:
+        raise CeCheckError("--impl and --impl-cmd: give one of them, not both")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise CeCheckError(f"--timeout: must be a number of seconds > 0, got {timeout}")
+
+
+def _check_save_folder(save_failures: Path | None) -> None:
+    if save_failures is not None and save_failures.exists() and not save_failures.is_dir():
+        raise CeCheckError(f"--save-failures '{save_failures}': exists and is not a folder")
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The parsed options that define the grid."""
+
+    kind: str
+    reduction: str
+    scenarios: tuple[Scenario, ...]
+    scales: tuple[float, ...]
+    dtypes: tuple[str, ...]
+    notes: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Impl:
+    """An implementation under test: its name in the grid, how to run a case in-process, and the
+    shell lines that rerun it on a reproducer folder."""
+
+    name: str
+    run: Runner
+    rerun: Rerun
+
+
+def _implementations(impl: str | None, impl_cmd: str | None, g: _Grid, timeout: float,
+                     tmp: Path) -> tuple[str, list[_Impl]]:
+    """The mode (impl-cmd, impl or builtin) and its implementations."""
+    cwd = os.getcwd()
+    if impl_cmd is not None:
+        return "impl-cmd", [_command_impl(impl_cmd, g.reduction, timeout, tmp, cwd)]
+    if impl is not None:
+        fn = load_callable(impl)
+        return "impl", [_Impl(impl, python_runner(fn, timeout), _python_rerun(impl, cwd, g.kind))]
+    return "builtin", [_Impl(b.name, run_builtin(b.fn, g.reduction),
+                             _python_rerun(b.spec, cwd, g.kind, {"reduction": g.reduction}))
+                       for b in BUILTINS[g.kind]]
+
+
+def _python_rerun(spec: str, cwd: str, kind: str, kwargs: dict | None = None) -> Rerun:
+    def rerun(case: Case, folder: Path) -> str:
+        return python_rerun(spec, cwd, kind, case.dtype, folder, kwargs)
+
+    return rerun
+
+
+def _command_impl(impl_cmd: str, red: str, timeout: float, tmp: Path, cwd: str) -> _Impl:
+    template = CommandTemplate.parse(impl_cmd)
+
+    def rerun(case: Case, folder: Path) -> str:
+        # run from where ce-check ran (the command may name files relative to it)
+        values = {name: str(folder / f"{name}.npy") for name in ("logits", "labels", "grad", "loss")}
+        values.update(dtype=DTYPE_NAMES[case.dtype], reduction=red)
+        return f"cd {shlex.quote(cwd)} || exit 2\n{shlex.join(template.render(values))}"
+
+    return _Impl(_impl_cmd_name(template), command_runner(template, tmp, reduction=red,
+                                                          timeout=timeout), rerun)
+
+
+def _sweep(g: _Grid, mode: str, impls: list[_Impl], save_failures: Path | None, *,
+           silent: bool) -> StressReport:
+    """Every cell of the grid for every implementation; reproducers of the failing ones."""
+    t0 = time.perf_counter()
+    cases, skipped = grid(g.kind, g.scenarios, g.scales, g.dtypes, g.seed)
+    saver = (None if save_failures is None else
+             FailureSaver(save_failures, g.kind, g.reduction, {i.name: (i.run, i.rerun) for i in impls}))
+    status = _progress(silent)
+    try:
+        cells = run_cells(g.kind, [(i.name, i.run) for i in impls], cases, g.reduction, on_cell=saver,
+                          progress=status.update if status else None)
+    finally:
+        if status:
+            status.stop()
+    return StressReport(g.kind, mode, tuple(i.name for i in impls), g.reduction, g.dtypes, g.scales,
+                        g.scenarios, tuple(cells), g.notes + tuple(skipped),
+                        time.perf_counter() - t0, tuple(saver.saved) if saver is not None else ())
 
 
 class _Status:
@@ -190,16 +214,3 @@ def _progress(silent: bool) -> _Status | None:
     if silent or not sys.stderr.isatty():
         return None
     return _Status()
-
-
-def _emit(report: StressReport, *, json_out: bool, quiet: bool) -> None:
-    if quiet:
-        return
-    try:
-        if json_out:
-            sys.stdout.write(stress_to_json(report) + "\n")
-            sys.stdout.flush()
-        else:
-            render_stress(report, stdout_console())
-    except BrokenPipeError:
-        drop_stdout()

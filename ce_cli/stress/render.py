@@ -1,25 +1,31 @@
-"""Renderers for `ce-check stress`: a `StressReport` to Rich tables or to a JSON object.
+"""Renderers for `ce-check stress`: a `StressReport` to Rich tables or to a JSON object, and
+`StressOutput`, the report as an `Output` for `ce_cli.report.emit`.
 
-Formatting only: the verdicts and breaking points come from `ce_cli.stress.sweep`.
+Formatting only: the verdicts come from `ce_cli.stress.judge`, the breaking points from
+`ce_cli.stress.grid`.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ce_cli.enums import Kind
 from ce_cli.report.format import FAIL, PASS, json_safe
-from ce_cli.stress.sweep import Cell, StressReport, thresholds
+from ce_cli.stress.dtypes import thresholds
+from ce_cli.stress.grid import BreakingPoint, StressReport
+from ce_cli.stress.judge import Cell
 
 DETAIL_LIMIT = 20      # failing cells listed in full (table output; --json has all)
 DETAIL_TAIL_LINES = 6  # stderr lines shown per failing cell (table output; --json has 20)
 
 
 def fmt_scale(scale: float | None) -> str:
+    """A scale as a mark: 30, 100, 1e3, 1e4 ('-' for none)."""
     if scale is None:
         return "-"
     if scale >= 1000:
@@ -69,14 +75,14 @@ def render_stress(report: StressReport, console: Console) -> None:
 
 def _threshold_rows(report: StressReport) -> list[tuple[str, list[str]]]:
     ts = [thresholds(d) for d in report.dtypes]
-    if report.kind == "binary":
+    if report.kind == Kind.binary.value:
         return [("ln(2/eps): s(x) rounds to 1", [f"{t.sigmoid_saturation:.2f}" for t in ts]),
                 ("ln(max): exp(-x) overflows", [f"{t.exp_overflow:.2f}" for t in ts])]
     return [("ln(max): exp(z) = inf", [f"{t.exp_overflow:.2f}" for t in ts]),
             ("-ln(tiny): p = 0 past gap", [f"{t.softmax_underflow:.2f}" for t in ts])]
 
 
-def _row_summary(cells: list[Cell], scales) -> Text:
+def _row_summary(cells: list[Cell], scales: Sequence[float]) -> Text:
     by_scale = {c.scale: c for c in cells}
     text = Text()
     for s in scales:
@@ -98,6 +104,7 @@ def _row_summary(cells: list[Cell], scales) -> Text:
 
 
 def grid_table(report: StressReport) -> Table:
+    """A row per (implementation, scenario), a column per dtype: a mark per scale."""
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("impl")
     table.add_column("scenario")
@@ -108,7 +115,7 @@ def grid_table(report: StressReport) -> Table:
         index.setdefault((c.impl, c.scenario, c.dtype), []).append(c)
     for impl in report.impls:
         for i, sc in enumerate(report.scenarios):
-            row = [impl if i == 0 else "", sc.name]
+            row: list[str | Text] = [impl if i == 0 else "", sc.name]
             row += [_row_summary(index.get((impl, sc.name, d), []), report.scales) for d in report.dtypes]
             table.add_row(*row, end_section=i == len(report.scenarios) - 1)
     return table
@@ -119,7 +126,7 @@ def _interval(last_ok: float | None, first_fail: float) -> str:
         else f"<={fmt_scale(first_fail)}"
 
 
-def _breaking_text(bp, report: StressReport) -> Text:
+def _breaking_text(bp: BreakingPoint, report: StressReport) -> Text:
     if bp.first_fail is None:
         return Text(f"holds to {fmt_scale(bp.last_ok)}", style="green")
     n_scenarios = len(report.scenarios)
@@ -139,6 +146,7 @@ def _breaking_text(bp, report: StressReport) -> Text:
 
 
 def breaking_table(report: StressReport) -> Table:
+    """Each implementation's breaking point per dtype, then the analytic thresholds."""
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("impl")
     for dtype in report.dtypes:
@@ -173,7 +181,7 @@ def render_failures(report: StressReport, console: Console) -> None:
             console.print(Text(f"      | {tl}"))
 
 
-def _where(cells: list[Cell], dtypes) -> str:
+def _where(cells: list[Cell], dtypes: Sequence[str]) -> str:
     """'scale 30 f16', or 'f16 at 1, 10; f32 at 1 (3 cells)' for a group."""
     if len(cells) == 1:
         return f"scale {fmt_scale(cells[0].scale)} {cells[0].dtype}"
@@ -189,6 +197,7 @@ def _where(cells: list[Cell], dtypes) -> str:
 
 
 def cell_to_dict(c: Cell) -> dict:
+    """One cell for --json (its stderr tail up to 20 lines)."""
     return {
         "impl": c.impl, "scenario": c.scenario, "scale": c.scale, "dtype": c.dtype, "ok": c.ok,
         "errors": {"grad_max_abs": c.max_abs_err, "grad_max_rel": c.max_rel_err,
@@ -200,6 +209,7 @@ def cell_to_dict(c: Cell) -> dict:
 
 
 def stress_to_dict(report: StressReport) -> dict:
+    """The report for --json: axes, thresholds, every cell, breaking points (non-finite -> null)."""
     data = {
         "ok": report.ok,
         "kind": report.kind,
@@ -227,5 +237,17 @@ def stress_to_dict(report: StressReport) -> dict:
     return json_safe(data)
 
 
-def stress_to_json(report: StressReport) -> str:
-    return json.dumps(stress_to_dict(report), allow_nan=False)
+class StressOutput:
+    """A `StressReport` as an `Output` for `emit`. Notes are part of the report (printed in
+    the text and listed in the JSON), not warnings on stderr."""
+
+    warnings: tuple[str, ...] = ()
+
+    def __init__(self, report: StressReport) -> None:
+        self.report = report
+
+    def to_dict(self) -> dict:
+        return stress_to_dict(self.report)
+
+    def render(self, console: Console) -> None:
+        render_stress(self.report, console)

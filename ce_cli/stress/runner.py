@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.stress.sweep import DTYPE_NAMES, Case, Outcome, as_storable
+from ce_cli.stress.dtypes import DTYPE_NAMES, as_storable
+from ce_cli.stress.judge import Case, Outcome
 
 DEFAULT_TIMEOUT = 30.0
 TAIL_LINES = 20
@@ -85,9 +86,8 @@ class _Timeout(BaseException):
 @contextlib.contextmanager
 def _alarm(seconds: float | None):
     """SIGALRM after `seconds` (main thread on POSIX only; elsewhere no limit)."""
-    usable = (seconds and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
+    if not (seconds and hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread()):
         yield
         return
 
@@ -186,7 +186,7 @@ class CommandTemplate:
 
 @dataclass(frozen=True)
 class ProcessResult:
-    returncode: int | None
+    returncode: int     # set by communicate() / wait() before a result is made
     stdout: bytes
     stderr: bytes
     timed_out: bool
@@ -206,7 +206,8 @@ def run_process(argv: list[str], timeout: float | None, cwd: str | None = None,
             out, err = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:  # a grandchild outside the group holds the pipes open
             for pipe in (proc.stdout, proc.stderr):
-                pipe.close()
+                if pipe is not None:  # always set (PIPE); for the type checker
+                    pipe.close()
             proc.wait()
             out, err = b"", b""
         return ProcessResult(proc.returncode, out, err, True)
