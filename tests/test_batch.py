@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ce_cli.batch import manifest as batch_mod
-from ce_cli.batch.manifest import parse_manifest, run_cases
+from ce_cli.batch import runner as batch_mod
+from ce_cli.batch.manifest import parse_manifest
+from ce_cli.batch.runner import run_cases
 from ce_cli.errors import CeCheckError
 from tests.conftest import FIXTURES, softmax
 
@@ -458,3 +459,75 @@ def test_null_means_not_given(run):
     (line,) = strict_lines(result.stdout)
     assert [c["name"] for c in line["checks"]] == ["fd_vs_reference"]
     assert line["reduction"] == "mean" and line["options"]["ignore_index"] == -100
+
+
+# --- the settings the manifest takes besides the inputs: fd, samples, seed, worst, floor_factor,
+# two_class (the flags' names) ---------------------------------------------------------------------
+
+def test_fd_samples_seed_worst_and_floor_factor_take_effect(run):
+    sampled = dict(grad="data/g_bad.npy", fd="sample", samples=7)
+    cases = [case("default", grad="data/g_bad.npy"),
+             case("sampled", **sampled), case("seed-1", **sampled, seed=1),
+             case("fd-off", grad="data/g.npy", fd="off"),
+             case("worst-2", grad="data/g_bad.npy", worst=2),
+             case("no-floor", grad="data/g.npy", floor_factor=0)]
+    result = run(cases)
+    by_name = {r["name"]: r for r in strict_lines(result.stdout)}
+    assert by_name["default"]["fd"]["mode"] != "sample"
+    assert by_name["sampled"]["fd"]["mode"] == "sample"
+    fd_checks = {n: next(c for c in by_name[n]["checks"] if c["name"] == "fd_vs_reference")
+                 for n in ("sampled", "seed-1")}
+    assert fd_checks["sampled"]["total"] == fd_checks["seed-1"]["total"] == 7
+    assert ([e["index"] for e in fd_checks["sampled"]["worst"]]
+            != [e["index"] for e in fd_checks["seed-1"]["worst"]])  # other entries sampled
+    assert by_name["fd-off"]["fd"]["mode"] == "off"
+    assert "fd_vs_reference" not in [c["name"] for c in by_name["fd-off"]["checks"]]
+    assert len(by_name["default"]["checks"][0]["worst"]) == 5
+    assert len(by_name["worst-2"]["checks"][0]["worst"]) == 2
+    assert "floor 4eps" in by_name["default"]["checks"][0]["rule"]
+    rules = {c["name"]: c["rule"] for c in by_name["no-floor"]["checks"]}
+    assert "floor 0eps" in rules["grad_vs_reference"], rules
+
+
+def test_two_class_takes_effect(run, data):
+    rng = np.random.default_rng(3)
+    z2 = rng.standard_normal((8, 2))
+    y2 = rng.integers(0, 2, size=8)
+    np.save(data / "z2.npy", z2)
+    np.save(data / "y2.npy", y2)
+    np.save(data / "g2.npy", (softmax(z2) - np.eye(2)[y2]) / 8)
+    pair = dict(kind="binary", logits="data/z2.npy", labels="data/y2.npy")
+    result = run([case("two-class", **pair, grad="data/g2.npy", two_class=True),
+                  case("not-two-class", **pair)])
+    two, plain = strict_lines(result.stdout)
+    assert two["status"] == "pass", two
+    assert two["kind"] == "multiclass" and two["shape"] == [8, 2]  # checked as softmax logits
+    assert "two_class_bridge" in [c["name"] for c in two["checks"]]
+    assert plain["status"] == "error" and "labels" in plain["error"]  # class indices are not BCE labels
+
+
+NEW_KEYS_INVALID = [
+    ('"fd": "some"', "line 2: 'fd': must be one of auto, full, directional, sample, off, got \"some\""),
+    ('"samples": 0', "line 2: 'samples': must be an integer >= 1, got 0"),
+    ('"samples": 2.5', "line 2: 'samples': must be an integer >= 1, got 2.5"),
+    ('"seed": -1', "line 2: 'seed': must be an integer >= 0, got -1"),
+    ('"worst": "3"', "line 2: 'worst': must be an integer >= 0, got \"3\""),
+    ('"floor_factor": -4', "line 2: 'floor_factor': must be a finite number >= 0, got -4"),
+    ('"two_class": 1', "line 2: key 'two_class' applies to kind \"binary\", not \"multiclass\""),
+]
+
+
+@pytest.mark.parametrize("key, message", NEW_KEYS_INVALID, ids=[k.split(":")[0].strip('"') + "-" + str(i)
+                                                               for i, (k, _m) in enumerate(NEW_KEYS_INVALID)])
+def test_new_keys_are_validated_in_one_line(run, key, message):
+    line = '{"name": "a", "kind": "multiclass", "logits": "data/z.npy", "labels": "data/y.npy", ' + key + "}"
+    result = run([PASS, line])
+    good, bad = strict_lines(result.stdout)
+    assert good["status"] == "pass" and bad["status"] == "error"
+    assert bad["error"] == message
+
+
+def test_two_class_must_be_a_boolean(run):
+    result = run([case("a", kind="binary", logits="data/x.npy", labels="data/t.npy", two_class="yes")])
+    (bad,) = strict_lines(result.stdout)
+    assert bad["error"] == "line 1: 'two_class': must be true or false, got \"yes\""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.loading import load_array
+from ce_cli.io.inputs import load_array
 
 
 def npy_bytes(arr) -> bytes:
@@ -399,3 +399,35 @@ def test_damaged_bytes_raise_only_ce_check_error(tmp_path, name):
         load_array(str(path))
     with pytest.raises(CeCheckError, match="from stdin"):
         load_array("-", stdin=io.BytesIO(data))
+
+
+# --- InputSpec: the one rule for what an input argument names -----------------------------------
+
+def test_input_spec_parse_rule(tmp_path):
+    from ce_cli.io.inputs import InputSpec, Origin
+
+    np.savez(tmp_path / "m.npz", a=np.arange(3), b=np.ones(2))
+    (tmp_path / "4.5").write_text("1\n")  # a file whose name reads as a number: the file wins
+    assert InputSpec.parse("-", "logits").origin is Origin.stdin
+    assert InputSpec.parse("2.5", "logits").origin is Origin.file  # logits are never numbers
+    loss = InputSpec.parse(" 2.50 ", "loss")
+    assert (loss.origin, loss.text, loss.source) == (Origin.number, "2.50", "--loss 2.50")
+    assert loss.tolerance == 0.005
+    assert InputSpec.parse("4.5", "loss", base=tmp_path).origin is Origin.file
+    spec = InputSpec.parse("m.npz:b", "pos_weight", base=tmp_path)
+    assert spec.origin is Origin.file and spec.text == str(tmp_path / "m.npz:b")
+    np.testing.assert_array_equal(spec.load(), np.ones(2))
+    assert spec.is_file(tmp_path / "m.npz")
+    missing = InputSpec.parse("nope.npy", "loss")  # lenient: reported missing when loaded
+    with pytest.raises(CeCheckError, match="loss file 'nope.npy': no such file"):
+        missing.load()
+    with pytest.raises(CeCheckError, match="`loss`: 'nope.npy' is neither a file nor a number"):
+        InputSpec.parse("nope.npy", "loss", strict=True)
+
+
+def test_input_spec_flattens_vectors(tmp_path):
+    from ce_cli.io.inputs import InputSpec
+
+    (tmp_path / "w.csv").write_text("1,2,3\n")
+    spec = InputSpec.parse(str(tmp_path / "w.csv"), "weight")
+    assert spec.load().shape == (1, 3) and spec.load(vector=True).shape == (3,)

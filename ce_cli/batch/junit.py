@@ -49,8 +49,8 @@ def junit_tree(results: Sequence[CaseResult], *, skipped: Sequence[tuple[str, st
                                                "type": "CheckFailed"})
             el.text = _text(failure_message(r.report))
         elif r.status == ERROR:
-            kind = "InternalError" if r.internal else "CeCheckError"
-            el = ET.SubElement(tc, "error", {"message": _text(r.error or ""), "type": kind})
+            error_type = "InternalError" if r.internal else "CeCheckError"
+            el = ET.SubElement(tc, "error", {"message": _text(r.error or ""), "type": error_type})
             el.text = _text(r.error or "")
     for name, kind in skipped:
         tc = ET.SubElement(ts, "testcase", {"classname": _classname(kind), "name": _text(name),

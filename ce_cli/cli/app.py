@@ -7,8 +7,10 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import numpy as np
 import typer
@@ -16,13 +18,13 @@ from typer.core import TyperGroup
 
 from ce_cli import __version__
 from ce_cli.enums import FDMode, Precision, Reduction
-from ce_cli.report.console import stderr_console
-from ce_cli.io.inputs import parse_number
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.io.loading import STDIN, load_array
+from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
+from ce_cli.report.console import stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
+from ce_cli.verify.results import Report
 
 # Click's exception classes, from wherever this Typer takes Click (vendored or the package)
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
@@ -34,11 +36,12 @@ EPILOG = ("Exit codes: 0 every check passed; 1 a check failed; 2 usage or input 
 class OneLineErrors(TyperGroup):
     """Usage errors print one line, `ce-check: error: ...`, exit 2, like input errors."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, **kwargs)
         except _click_exceptions.ClickException as exc:
             no_args_help = getattr(_click_exceptions, "NoArgsIsHelpError", ())
             if isinstance(exc, _click_exceptions.UsageError) and not isinstance(exc, no_args_help):
@@ -82,43 +85,28 @@ def fail_input(message: str) -> typer.Exit:
     return typer.Exit(ExitCode.USAGE_OR_INPUT_ERROR)
 
 
-def load_inputs(specs: dict[str, str | None]) -> dict:
-    """Load each named input; at most one may come from stdin."""
-    from_stdin = [role for role, spec in specs.items() if spec == STDIN]
-    if len(from_stdin) > 1:
-        raise CeCheckError(f"only one input can be '-' (stdin); got {', '.join(from_stdin)}")
-    return {role: (load_array(spec, what=role) if spec is not None else None)
-            for role, spec in specs.items()}
+def input_specs(texts: dict[str, str | None]) -> dict[str, InputSpec]:
+    """The inputs given on the command line (None: not given), parsed by the one rule."""
+    return {role: InputSpec.parse(text, role, strict=True)
+            for role, text in texts.items() if text is not None}
 
 
-def refuse_overwriting_inputs(out_grad: Path | None, specs: dict[str, str | None]) -> None:
-    """--out-grad must not name an input: inputs are memory-mapped while it is written."""
-    if out_grad is None or not out_grad.exists():
-        return
-    for role, spec in specs.items():
-        if spec is None or spec == STDIN:
-            continue
-        path = Path(spec) if Path(spec).exists() else Path(spec.rpartition(":")[0] or spec)
-        try:
-            same = path.exists() and os.path.samefile(path, out_grad)
-        except OSError:
-            same = False
-        if same:
-            raise CeCheckError(f"--out-grad '{out_grad}': is the {role} file; writing it would destroy "
-                               "the input")
+def load_inputs(texts: dict[str, str | None]) -> dict[str, Any]:
+    """Load each named input (None where not given); at most one may come from stdin."""
+    arrays = load_all(input_specs(texts)).arrays
+    return {role: arrays.get(role) for role in texts}
 
 
-def source_name(role: str, spec: str | None) -> str:
-    if spec is None:
-        return role
-    return f"{role} from stdin" if spec == STDIN else f"{role} file '{spec}'"
+def source_name(role: str, text: str | None) -> str:
+    """How reports name an input given on the command line (the role alone when not given)."""
+    return role if text is None else InputSpec.parse(text, role, strict=True).source
 
 
-def guarded(command):
+def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """Input errors exit 2 with one line; anything unexpected exits 3, never 1 (a failed check)."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except typer.Exit:
@@ -177,7 +165,7 @@ PROGRESS_AFTER = 2.0  # seconds: shorter runs never show a bar
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A Rich progress bar on stderr for runs past PROGRESS_AFTER seconds, only on a terminal.
 
     Yields the `progress(done_rows, total_rows)` callback for check_grad/check_binary.
@@ -187,7 +175,7 @@ def progress_bar(enabled: bool):
         yield None
         return
     start = time.monotonic()
-    state: dict = {}
+    state: dict[str, Any] = {}
 
     def update(done: int, total: int) -> None:
         if "bar" not in state:
@@ -209,45 +197,30 @@ def progress_bar(enabled: bool):
             state["bar"].stop()
 
 
-def file_or_number(spec: str | None) -> bool:
-    """True when `spec` names an input (a path or '-'), False for a number typed instead."""
-    return spec is not None and (spec == STDIN or Path(spec).exists()
-                                 or Path(spec.rpartition(":")[0] or spec).exists())
+def check_settings(**flags: Any) -> dict[str, Any]:
+    """The one place the command line's flags become the check's settings (the fields of
+    `ce_cli.verify.options.CheckOptions`): choices are passed as their values."""
+    return {name: value.value if isinstance(value, Enum) else value for name, value in flags.items()}
 
 
-def run_check(check, specs: dict[str, str | None], *, loss: str | None, out_grad: Path | None,
-              json_out: bool, quiet: bool, vectors: tuple[str, ...] = (), numbers: tuple[str, ...] = (),
-              **options) -> None:
-    """Load the inputs, call `check` (check_grad or check_binary), render, exit with the verdict.
+def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, out_grad: Path | None,
+              json_out: bool, quiet: bool, vectors: tuple[str, ...] = (),
+              **flags: Any) -> NoReturn:
+    """Load the inputs, call `check` (check_grad or check_binary) once, render, exit with the
+    verdict.
 
-    `vectors` are roles whose one-row or one-column CSV is flattened to C values; `numbers` are
-    roles that may be typed as a number instead of a file.
+    `inputs` are the input arguments by role (None: not given); `vectors` are roles whose
+    one-row or one-column CSV is flattened to C values; `flags` are the check's settings.
     """
-    specs = dict(specs, loss=loss if file_or_number(loss) else None)
-    typed = {role: specs[role] for role in numbers if specs.get(role) is not None
-             and not file_or_number(specs[role])}
-    files = {role: (None if role in typed else spec) for role, spec in specs.items()}
-    refuse_overwriting_inputs(out_grad, files)
-    arrays = load_inputs(files)
-    for role in vectors:
-        arr = arrays.get(role)
-        if arr is not None and arr.ndim == 2 and 1 in arr.shape:
-            arrays[role] = arr.reshape(-1)  # one CSV row or column of C values
-    for role, text in typed.items():
-        arrays[role], _ = parse_number(text, role)
-    loss_atol = 0.0
-    if loss is not None and specs["loss"] is None:
-        arrays["loss"], loss_atol = parse_number(loss)
-    sources = {role: source_name(role, spec) for role, spec in files.items()}
-    sources.update({role: f"--{role.replace('_', '-')} {text}" for role, text in typed.items()})
-    if loss is not None and specs["loss"] is None:
-        sources["loss"] = f"--loss {loss}"
-    inputs = {role: arr for role, arr in arrays.items() if role not in ("logits", "labels")}
+    specs = input_specs(inputs)
+    refuse_overwriting(out_grad, specs)
+    loaded = load_all(specs, vectors=vectors)
+    settings = check_settings(**flags, loss_atol=loaded.loss_atol)
+    arrays = dict(loaded.arrays)
+    logits, labels = arrays.pop("logits"), arrays.pop("labels")
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         # over/underflow is expected and handled: no numpy warnings
-        report = check(arrays["logits"], arrays["labels"], **inputs, loss_atol=loss_atol,
-                       out_grad=out_grad, sources=sources, progress=progress, **options)
+        report = check(logits, labels, **arrays, out_grad=out_grad, sources=loaded.sources,
+                       progress=progress, **settings)
     emit(CheckOutput(report), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
-
-

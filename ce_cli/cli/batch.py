@@ -15,20 +15,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.batch.manifest import (
-    ERROR,
-    FAIL,
-    PASS,
-    CaseResult,
-    exit_status,
-    parse_manifest,
-    read_manifest,
-    run_cases,
-)
-from ce_cli.cli.app import app, guarded
-from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.batch.junit import check_writable, junit_tree, write_junit
-from ce_cli.io.loading import STDIN
+from ce_cli.batch.manifest import ERROR, FAIL, PASS, CaseResult, parse_manifest, read_manifest
+from ce_cli.batch.runner import exit_status, run_cases
+from ce_cli.cli.app import app, guarded
+from ce_cli.io.inputs import STDIN
+from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.report.format import fmt_value
 
 BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case could not run (bad "
@@ -36,9 +28,10 @@ BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case coul
 
 MANIFEST_HELP = (
     "JSON-lines manifest, one case per line, or '-' for stdin. Keys: name, kind (multiclass or "
-    "binary), logits, labels; optional grad, loss (path or number), weight, reduction, "
-    "ignore_index, label_smoothing, class_axis (multiclass), pos_weight (binary), rtol, atol, "
-    "precision. Paths are relative to the manifest's folder (the working directory for stdin).")
+    "binary), logits, labels; optional grad, loss (path or number), weight, reduction, rtol, "
+    "atol, precision, floor_factor, fd, samples, seed, worst, ignore_index, label_smoothing, "
+    "class_axis (multiclass), pos_weight, two_class (binary): the flags' names with _ for -. "
+    "Paths are relative to the manifest's folder (the working directory for stdin).")
 
 
 class BatchFormat(str, Enum):
@@ -135,7 +128,7 @@ def details(res: CaseResult) -> str:
     return "; ".join(parts)
 
 
-def render_summary(results: list[CaseResult], skipped: list, console: Console, *, title: str,
+def render_summary(results: list[CaseResult], skipped: list[tuple[str, str | None]], console: Console, *, title: str,
                    seconds: float) -> None:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("case")

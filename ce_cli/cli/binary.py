@@ -9,7 +9,8 @@ import typer
 from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
                             OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt, RtolOpt, SamplesOpt,
                             SeedOpt, WorstOpt, app, guarded, run_check)
-from ce_cli.enums import FDMode, Reduction
+from ce_cli.enums import FDMode, Kind, Reduction
+from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_binary
 
 
@@ -45,10 +46,9 @@ def binary(
     gradient in float64, proven by finite differences, compared with yours, plus the two-class
     bridge (softmax CE over [0, z] equals BCE on z)."""
     run_check(
-        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight,
-                       "pos_weight": pos_weight},
-        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("pos_weight",),
-        numbers=("pos_weight",), reduction=reduction.value, two_class=two_class, rtol=rtol,
-        atol=atol, precision=precision.value if precision else None, floor_factor=floor_factor,
-        fd=fd.value, samples=samples, seed=seed, worst=worst,
+        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
+                       "weight": weight, "pos_weight": pos_weight},
+        out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.binary],
+        reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
+        floor_factor=floor_factor, fd=fd, samples=samples, seed=seed, worst=worst,
     )

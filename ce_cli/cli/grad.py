@@ -9,7 +9,8 @@ import typer
 from ce_cli.cli.app import (EPILOG, LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
                             JsonOpt, LossOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
                             RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app, guarded, run_check)
-from ce_cli.enums import FDMode, Reduction
+from ce_cli.enums import FDMode, Kind, Reduction
+from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_grad
 
 
@@ -40,9 +41,10 @@ def grad(
     """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
     float64, proven by finite differences, compared with your gradient and loss."""
     run_check(
-        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "weight": weight},
-        loss=loss, out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=("weight",),
-        reduction=reduction.value, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        class_axis=class_axis, rtol=rtol, atol=atol, precision=precision.value if precision else None,
-        floor_factor=floor_factor, fd=fd.value, samples=samples, seed=seed, worst=worst,
+        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
+                     "weight": weight},
+        out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.multiclass],
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        class_axis=class_axis, rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor,
+        fd=fd, samples=samples, seed=seed, worst=worst,
     )

@@ -24,21 +24,17 @@ from ce_cli.errors import CeCheckError
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
-STDIN = "-"
 # what numpy, zipfile and zlib raise on damaged bytes (a header that does not parse, a bad archive)
 DAMAGED = (ValueError, TypeError, SyntaxError, EOFError, OSError, OverflowError, KeyError,
            NotImplementedError, RuntimeError, tokenize.TokenError, zipfile.BadZipFile, zlib.error)
 
 
-def load_array(spec: str, *, what: str = "array", stdin: BinaryIO | None = None) -> np.ndarray:
-    """Load `spec` (a path, `file.npz:key`, or `-` for stdin) as a numeric ndarray.
+def read_file(path: Path, key: str | None, label: str) -> np.ndarray:
+    """Load the file `path` (the member `key` of an .npz) as a numeric ndarray.
 
-    `what` names the role ("logits", "labels", ...) in error messages.
+    `label` names the input in error messages ("logits file 'z.npy'"). Which file and key an
+    argument names is `ce_cli.io.inputs.InputSpec`'s business.
     """
-    if spec == STDIN:
-        return _load_stdin(what, stdin)
-    path, key = _split_npz_key(spec)
-    label = f"{what} file '{spec}'"
     if not path.exists():
         raise CeCheckError(f"{label}: no such file")
     if path.is_dir():
@@ -67,17 +63,8 @@ def load_array(spec: str, *, what: str = "array", stdin: BinaryIO | None = None)
     return _check_dtype(arr, label)
 
 
-def _split_npz_key(spec: str) -> tuple[Path, str | None]:
-    path = Path(spec)
-    if not path.exists() and ":" in spec:
-        base, _, key = spec.rpartition(":")
-        if base.lower().endswith(".npz"):
-            return Path(base), key
-    return path, None
-
-
-def _load_stdin(what: str, stdin: BinaryIO | None) -> np.ndarray:
-    label = f"{what} from stdin"
+def read_stdin(label: str, stdin: BinaryIO | None = None) -> np.ndarray:
+    """Load standard input (or the stream `stdin`): .npy, .npz or CSV bytes."""
     if stdin is None:
         if sys.stdin is None:
             raise CeCheckError(f"{label}: standard input is closed")
@@ -222,26 +209,37 @@ def _parse_text(text: str, label: str) -> np.ndarray:
     first = lines[0][1]
     delimiter = "\t" if "\t" in first else ("," if "," in first else None)
     rows: list[list[int | float]] = []
-    width = None
     for index, (lineno, line) in enumerate(lines):
-        tokens = _split_line(line, delimiter)
-        values = [_parse_number(t) for t in tokens]
-        if any(v is None for v in values):
-            if index == 0 and all(v is None for v in values):
-                continue  # a header line: no cell is a number
-            col = next(i for i, v in enumerate(values) if v is None)
+        values = _parse_row(line, delimiter, lineno, label, header_allowed=index == 0)
+        if values is None:
+            continue  # a header line: no cell is a number
+        if rows and len(values) != len(rows[0]):
             raise CeCheckError(
-                f"{label}: line {lineno}, column {col + 1}: not a number: {tokens[col]!r}"
-            )
-        if width is None:
-            width = len(values)
-        elif len(values) != width:
-            raise CeCheckError(
-                f"{label}: line {lineno}: ragged rows: {len(values)} values, expected {width}"
+                f"{label}: line {lineno}: ragged rows: {len(values)} values, expected {len(rows[0])}"
             )
         rows.append(values)
     if not rows:
         raise CeCheckError(f"{label}: only a header line, no data rows")
+    return _rows_to_array(rows)
+
+
+def _parse_row(line: str, delimiter: str | None, lineno: int, label: str, *,
+               header_allowed: bool) -> list[int | float] | None:
+    """The numbers of one line; None for a header line (allowed first, no cell a number)."""
+    tokens = _split_line(line, delimiter)
+    values = [_parse_number(t) for t in tokens]
+    if header_allowed and all(v is None for v in values):
+        return None
+    for col, value in enumerate(values):
+        if value is None:
+            raise CeCheckError(
+                f"{label}: line {lineno}, column {col + 1}: not a number: {tokens[col]!r}"
+            )
+    return [v for v in values if v is not None]
+
+
+def _rows_to_array(rows: list[list[int | float]]) -> np.ndarray:
+    """int64 when every value is an integer that fits, float64 otherwise."""
     if all(isinstance(v, int) for row in rows for v in row):
         try:
             return np.array(rows, dtype=np.int64)
