@@ -40,8 +40,6 @@ PENDING = {
     "ce_cli.cli.app:run_check",
     "ce_cli.cli.explain:explain",
     "ce_cli.cli.stress:stress",
-    "ce_cli.explain.derivation:_explain_binary",
-    "ce_cli.explain.derivation:_softmax_checks",
     "ce_cli.explain.render:explanation_to_dict",
     "ce_cli.explain.render:render_explanation",
     "ce_cli.io.loading:_parse_text",

@@ -1,7 +1,7 @@
 """The `ce-check explain` command: one sample, the derivation of dC/dz = a - y step by step.
 
 Registered on the shared `app` by the import at the end of ce_cli/cli.py. Parses, loads, calls
-ce_cli.explain.derivation, renders with ce_cli.explain.render, exits 0 (every step checked out), 1 (a step
+ce_cli.explain, renders with ce_cli.explain.render, exits 0 (every step checked out), 1 (a step
 disagrees) or 2 (usage or input error).
 """
 
@@ -19,7 +19,7 @@ from ce_cli.cli.app import EPILOG, JsonOpt, QuietOpt, app, guarded, load_inputs,
 from ce_cli.report.console import drop_stdout, stdout_console
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.explain.derivation import (
+from ce_cli.explain import (
     binary_sample,
     compare_mse,
     explain_binary,

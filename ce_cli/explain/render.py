@@ -1,6 +1,7 @@
 """Renderers for `ce-check explain`: Rich tables, a JSON object, and the --steps table as SVG.
 
-Formatting only: every number and every selection comes from ce_cli.explain.derivation.
+Formatting only: every number comes from the derivations, every selection from
+ce_cli.explain.display.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.explain.derivation import (
+from ce_cli.explain.display import (
     SHOW_FULL,
-    Explanation,
-    MseComparison,
-    StepCurve,
     discrepancy,
     display_classes,
     jacobian_entry,
     jacobian_fd_entry,
     largest_jacobian_entries,
 )
+from ce_cli.explain.results import Explanation, MseComparison, StepCurve
 from ce_cli.report.format import FAIL, PASS, fmt, json_safe
 from ce_cli.verify.results import CheckResult
 
