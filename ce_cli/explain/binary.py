@@ -22,6 +22,7 @@ from ce_cli.explain.common import (
     SIGMA3_MAX,
     compare,
     cube_term,
+    kernel_loss_grad,
     loss_fd,
     open_interval_check,
     scalar_index,
@@ -64,8 +65,7 @@ def _explain_binary(x: float, yv: float) -> Explanation:
     log_s = -softplus(-z)
     label = int(yv) if yv in (0.0, 1.0) else None
     problem, _ = build_sigmoid_bce(z, y, reduction="sum")
-    ev = problem.evaluate_rows(problem.z, np.arange(1))
-    loss, gradient = float(ev.loss[0]), ev.grad[0].copy()
+    loss, gradient = kernel_loss_grad(problem)
 
     jac = (s * q).reshape(1, 1)                                 # s' = s (1 - s)
     pos, neg = _dC_ds(s, q, yv)

@@ -16,6 +16,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.kernels.numerics import EPS, softplus
+from ce_cli.models.sigmoid import SigmoidBCE
+from ce_cli.models.softmax import SoftmaxCE
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import central_differences, step_for
 from ce_cli.verify.results import CheckResult, Entry
@@ -147,10 +149,17 @@ def scalar_index(_r: int, _c: int) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# finite differences
+# the float64 kernel and finite differences
 
 
-def loss_fd(problem: Any, z: np.ndarray, entry_cols: np.ndarray,
+def kernel_loss_grad(problem: SoftmaxCE | SigmoidBCE) -> tuple[float, np.ndarray]:
+    """C and dC/dz of the problem's one row, from the float64 kernel of ce_cli.models."""
+    ev = problem.evaluate_rows(problem.z, np.arange(1))
+    assert ev.grad is not None  # evaluated with grad=True
+    return float(ev.loss[0]), ev.grad[0].copy()
+
+
+def loss_fd(problem: SoftmaxCE | SigmoidBCE, z: np.ndarray, entry_cols: np.ndarray,
             steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Central differences of the kernel's row loss at (entry_cols[k], steps[k]) for each k,
     with the kernel's rigorous bound (rounding 8 eps (|C| + ...)/h plus truncation

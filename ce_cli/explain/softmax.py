@@ -30,6 +30,7 @@ from ce_cli.explain.common import (
     compare,
     cube_term,
     jacobian_rows,
+    kernel_loss_grad,
     loss_fd,
     matrix_index,
     open_interval_check,
@@ -119,8 +120,7 @@ def _explain_softmax(z: np.ndarray, y: np.ndarray, label: int | None, t: int, ma
     a, log_a, oma = (v[0] for v in softmax_parts(z))
     labels = np.array([label]) if label is not None else y[None, :]
     problem, _ = build_softmax_ce(z[None, :], labels, reduction="sum")
-    ev = problem.evaluate_rows(problem.z, np.arange(1))
-    loss, gradient = float(ev.loss[0]), ev.grad[0].copy()
+    loss, gradient = kernel_loss_grad(problem)
 
     probed = _probe_columns(z, a, y, t, seed)
     full = C <= FULL_C
