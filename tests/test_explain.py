@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ce_cli.errors import CeCheckError
-from ce_cli.explain.derivation import (
+from ce_cli.explain import (
     FULL_C,
     KAPPA,
     SATURATION_OFFSETS,

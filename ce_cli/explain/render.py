@@ -1,32 +1,31 @@
 """Renderers for `ce-check explain`: Rich tables, a JSON object, and the --steps table as SVG.
 
-Formatting only: every number and every selection comes from ce_cli.explain.derivation.
+Formatting only: every number comes from the derivations, every selection from
+ce_cli.explain.display.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from ce_cli.explain.derivation import (
+from ce_cli.explain.display import (
     SHOW_FULL,
-    Explanation,
-    MseComparison,
-    StepCurve,
     discrepancy,
     display_classes,
     jacobian_entry,
     jacobian_fd_entry,
     largest_jacobian_entries,
 )
+from ce_cli.explain.results import Explanation, MseComparison, StepCurve
 from ce_cli.report.format import FAIL, PASS, fmt, json_safe
 from ce_cli.verify.results import CheckResult
 
@@ -78,15 +77,15 @@ class _Titled(Table):
     """A table whose title is a line above it, wrapped at the console's width (a Rich title wraps
     at the table's, which splits long titles over narrow tables)."""
 
-    def __init__(self, heading: str | None, **kwargs) -> None:
+    def __init__(self, heading: str | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.heading = heading
 
-    def add_column(self, header="", **kwargs) -> None:
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("overflow", "fold")  # a narrow terminal wraps a number, never truncates it
-        super().add_column(header, **kwargs)
+        super().add_column(*args, **kwargs)
 
-    def __rich_console__(self, console, options):
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self.heading:
             yield Text(self.heading)
         yield from super().__rich_console__(console, options)
@@ -97,9 +96,43 @@ def _table(title: str | None = None) -> Table:
     return _Titled(title, show_edge=False, pad_edge=False)
 
 
-def _columns(table: Table, *cols: tuple[str, str]) -> None:
+def _columns(table: Table, *cols: tuple[str, JustifyMethod]) -> None:
     for col, justify in cols:
         table.add_column(Text(col), justify=justify)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one Output
+
+
+@dataclass(eq=False)
+class ExplainOutput:
+    """`ce-check explain`'s result for `emit`: the explanation and what the CLI chose to show
+    (--compare-mse, --steps). Its checks are the derivation's, then theirs."""
+
+    expl: Explanation
+    where: str                         # the sample, e.g. "row 7 of logits file 'x.npy'"
+    row: tuple[int, ...] | None        # its index in the input's batch shape
+    mse: MseComparison | None = None
+    curve: StepCurve | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def checks(self) -> tuple[CheckResult, ...]:
+        return (self.expl.checks + (self.mse.checks if self.mse else ())
+                + (self.curve.checks if self.curve else ()))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return explanation_to_dict(self.expl, where=self.where, row=self.row, checks=self.checks,
+                                   mse=self.mse, curve=self.curve)
+
+    def render(self, console: Console) -> None:
+        render_explanation(self.expl, console, where=self.where, checks=self.checks, mse=self.mse,
+                           curve=self.curve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,21 +141,48 @@ def _columns(table: Table, *cols: tuple[str, str]) -> None:
 
 def render_explanation(expl: Explanation, console: Console, *, where: str, checks: tuple[CheckResult, ...],
                        mse: MseComparison | None = None, curve: StepCurve | None = None) -> None:
-    binary = expl.kind == "binary"
-    C = expl.n_classes
-    if binary:
+    """Every table of the derivation, the checks, the notes and the verdict."""
+    _render_header(expl, console, where)
+    console.print(_steps_table(expl, checks))
+    console.print()
+    shown = display_classes(expl)
+    _render_sample(expl, console, shown)
+    console.print()
+    _render_jacobian(expl, console, shown)
+    console.print()
+    _render_gradient(expl, console, shown)
+    console.print()
+    if mse is not None:
+        render_mse(expl, mse, console)
+        console.print()
+    if curve is not None:
+        console.print(steps_table(curve, binary=expl.kind == "binary"))
+        console.print(Text(steps_summary(curve)))
+        console.print()
+    render_checks(checks, console)
+    for note in expl.notes:
+        console.print(Text(f"note: {note}"))
+    ok = all(c.ok for c in checks)
+    verdict = Text("PASS", style="bold green") if ok else Text("FAIL", style="bold red")
+    console.print(Text("verdict: ").append(verdict))
+
+
+def _render_header(expl: Explanation, console: Console, where: str) -> None:
+    if expl.kind == "binary":
         head = f"ce-check explain: sigmoid binary cross-entropy, one logit ({where})"
         target = f"label y = {expl.y[0]:g}"
     else:
         head = f"ce-check explain: softmax cross-entropy, one sample ({where})"
         target = (f"target: label {expl.label}" if expl.label is not None
                   else f"target: probabilities (largest at class {expl.target})")
+        target = f"C = {expl.n_classes} classes, {target}"
     console.print(Text(head, style="bold"))
-    lines = [f"C = {C} classes, {target}" if not binary else target,
-             f"loss C = {num(expl.loss)}"]
-    console.print(Text(", ".join(lines)))
+    console.print(Text(f"{target}, loss C = {num(expl.loss)}"))
     console.print()
 
+
+def _steps_table(expl: Explanation, checks: tuple[CheckResult, ...]) -> Table:
+    """The eight steps, each with the marks of its checks (steps 6 and 7 share theirs)."""
     steps = _table("the derivation, step by step")
     _columns(steps, ("step", "right"), ("quantity", "left"), ("checks", "left"))
     by_step: dict[str, list[CheckResult]] = {}
@@ -138,12 +198,19 @@ def render_explanation(expl: Explanation, console: Console, *, where: str, check
         cell = Text(quantity, style="bold")
         cell.append(f"\n{what}")
         steps.add_row(key, cell, marks)
-    console.print(steps)
-    console.print()
+    return steps
 
-    shown = display_classes(expl)
-    partial = "" if shown.size == C else f" ({shown.size} of {C} classes: the target, the largest a, the largest discrepancies)"
-    sample = _table("steps 1-3 and 5: the sample" + partial)
+
+def _partial(expl: Explanation, shown: np.ndarray) -> str:
+    C = expl.n_classes
+    return "" if shown.size == C else (f" ({shown.size} of {C} classes: the target, the largest a, "
+                                       "the largest discrepancies)")
+
+
+def _render_sample(expl: Explanation, console: Console, shown: np.ndarray) -> None:
+    """Steps 1-3 and 5: z, a, y and dC/da at the classes shown."""
+    binary = expl.kind == "binary"
+    sample = _table("steps 1-3 and 5: the sample" + _partial(expl, shown))
     for col in ("" if binary else "class", "z", "s = sigmoid(z)" if binary else "a = softmax(z)",
                 "y", "dC/ds" if binary else "dC/da = -y/a"):
         sample.add_column(Text(col), justify="right")
@@ -154,80 +221,90 @@ def render_explanation(expl: Explanation, console: Console, *, where: str, check
     if not binary:
         console.print(Text("  * the target class; sum a = "
                            f"{num(float(np.sum(expl.a)), 17)}, sum y = {num(float(np.sum(expl.y)), 17)}"))
-    console.print()
 
-    _render_jacobian(expl, console, shown)
-    console.print()
 
-    grad = _table("steps 6-8: the chain rule, " + ("s - y" if binary else "a - y")
-                  + " and finite differences, side by side" + partial)
-    heads = (("", "s' dC/ds", "s - y") if binary else ("class", "J^T dC/da", "a - y"))
-    for col in (*heads, "finite diff", "max |diff|"):
+def _nanmax(x: np.ndarray) -> float:
+    """max ignoring NaN; NaN when every entry is (without numpy's All-NaN warning)."""
+    return float(np.nanmax(x)) if not np.isnan(x).all() else math.nan
+
+
+def _render_gradient(expl: Explanation, console: Console, shown: np.ndarray) -> None:
+    """Steps 6-8: the chain-rule product, the closed form and finite differences, side by side."""
+    binary = expl.kind == "binary"
+    closed = "s - y" if binary else "a - y"
+    product = "s' dC/ds" if binary else "J^T dC/da"
+    grad = _table(f"steps 6-8: the chain rule, {closed} and finite differences, side by side"
+                  + _partial(expl, shown))
+    for col in ("" if binary else "class", product, closed, "finite diff", "max |diff|"):
         grad.add_column(Text(col), justify="right")
     disc = discrepancy(expl)
     for i in shown:
         grad.add_row(str(i), num(expl.chain_rule[i]), num(expl.a_minus_y[i]),
                      num(expl.fd[i]), fmt(float(disc[i])) if np.isfinite(disc[i]) else "nan")
     console.print(grad)
-    worst_chain = float(np.nanmax(np.abs(expl.chain_rule - expl.a_minus_y))) if C else 0.0
+    worst_chain = _nanmax(np.abs(expl.chain_rule - expl.a_minus_y))
     with np.errstate(invalid="ignore"):
         fd_err = np.abs(expl.fd - expl.a_minus_y)
     worst_fd = float(np.nanmax(fd_err)) if np.isfinite(fd_err).any() else math.nan
-    closed = "s - y" if binary else "a - y"
-    product = "s' dC/ds" if binary else "J^T dC/da"
+    C = expl.n_classes
     console.print(Text(f"  max |{product} - ({closed})| = {fmt(worst_chain)}   "
                        f"max |finite diff - ({closed})| = {fmt(worst_fd)}"
                        + ("" if expl.probed.size == C else f" (over {expl.probed.size} probed classes)")))
-    console.print()
-
-    if mse is not None:
-        render_mse(expl, mse, console)
-        console.print()
-    if curve is not None:
-        console.print(steps_table(curve, binary=binary))
-        console.print(Text(steps_summary(curve)))
-        console.print()
-
-    render_checks(checks, console)
-    for note in expl.notes:
-        console.print(Text(f"note: {note}"))
-    ok = all(c.ok for c in checks)
-    verdict = Text("PASS", style="bold green") if ok else Text("FAIL", style="bold red")
-    console.print(Text("verdict: ").append(verdict))
 
 
 def _render_jacobian(expl: Explanation, console: Console, shown: np.ndarray) -> None:
-    C = expl.n_classes
+    """Step 4: s' (binary), the whole J up to SHOW_FULL classes, else its largest entries and the
+    target's row and column."""
     if expl.kind == "binary":
-        t = _table("step 4: s' = s (1 - s)")
-        for col in ("s'", "finite diff", "|diff|"):
-            t.add_column(Text(col), justify="right")
-        j, f = float(expl.jacobian[0, 0]), float(expl.jacobian_fd[0, 0])
-        t.add_row(num(j), num(f), fmt(abs(j - f)))
-        console.print(t)
-        return
-    if C <= SHOW_FULL:
-        t = _table("step 4: the Jacobian J[j, i] = da_j/dz_i (row j: output a_j; column i: input z_i)")
-        t.add_column(Text("j \\ i"), justify="right")
-        for i in range(C):
-            t.add_column(str(i), justify="right")
-        t.add_column("row sum", justify="right")
-        t.add_column("max |J - FD|", justify="right")
-        for j in range(C):
-            row = expl.jacobian[j]
-            fd_row = np.array([jacobian_fd_entry(expl, j, i) for i in range(C)])
-            with np.errstate(invalid="ignore"):
-                err = np.nanmax(np.abs(row - fd_row)) if np.isfinite(fd_row).any() else math.nan
-            t.add_row(str(j), *(num(v, 4) for v in row), fmt(float(row.sum())),
-                      fmt(float(err)) if np.isfinite(err) else "-")
-        console.print(t)
-        return
+        console.print(_sigmoid_prime_table(expl))
+    elif expl.n_classes <= SHOW_FULL:
+        console.print(_full_jacobian_table(expl))
+    else:
+        console.print(_largest_jacobian_table(expl))
+        console.print(_target_jacobian_table(expl, shown))
+
+
+def _sigmoid_prime_table(expl: Explanation) -> Table:
+    t = _table("step 4: s' = s (1 - s)")
+    for col in ("s'", "finite diff", "|diff|"):
+        t.add_column(Text(col), justify="right")
+    assert expl.jacobian is not None  # binary: always the 1 x 1 matrix
+    j, f = float(expl.jacobian[0, 0]), float(expl.jacobian_fd[0, 0])
+    t.add_row(num(j), num(f), fmt(abs(j - f)))
+    return t
+
+
+def _full_jacobian_table(expl: Explanation) -> Table:
+    """J[j, i] with each row's sum (0 in exact arithmetic) and its largest |J - FD|."""
+    C = expl.n_classes
+    assert expl.jacobian is not None  # C <= SHOW_FULL <= FULL_C
+    t = _table("step 4: the Jacobian J[j, i] = da_j/dz_i (row j: output a_j; column i: input z_i)")
+    t.add_column(Text("j \\ i"), justify="right")
+    for i in range(C):
+        t.add_column(str(i), justify="right")
+    t.add_column("row sum", justify="right")
+    t.add_column("max |J - FD|", justify="right")
+    for j in range(C):
+        row = expl.jacobian[j]
+        fd_row = np.array([jacobian_fd_entry(expl, j, i) for i in range(C)])
+        with np.errstate(invalid="ignore"):
+            err = np.nanmax(np.abs(row - fd_row)) if np.isfinite(fd_row).any() else math.nan
+        t.add_row(str(j), *(num(v, 4) for v in row), fmt(float(row.sum())),
+                  fmt(float(err)) if np.isfinite(err) else "-")
+    return t
+
+
+def _largest_jacobian_table(expl: Explanation) -> Table:
+    C = expl.n_classes
     big = _table(f"step 4: the Jacobian is {C} x {C}; its largest entries (J[j, i] = da_j/dz_i)")
     for col in ("j", "i", "J[j, i]", "finite diff"):
         big.add_column(Text(col), justify="right")
     for j, i, v in largest_jacobian_entries(expl):
         big.add_row(str(j), str(i), num(v), num(jacobian_fd_entry(expl, j, i)))
-    console.print(big)
+    return big
+
+
+def _target_jacobian_table(expl: Explanation, shown: np.ndarray) -> Table:
     t = expl.target
     tr = _table(f"the target's row J[{t}, i] and column J[i, {t}] at the classes shown")
     for col in ("i", f"J[{t}, i] = da_{t}/dz_i", f"J[i, {t}] = da_i/dz_{t}", f"FD da_i/dz_{t}"):
@@ -235,7 +312,7 @@ def _render_jacobian(expl: Explanation, console: Console, shown: np.ndarray) -> 
     for i in shown:
         tr.add_row(str(i), num(jacobian_entry(expl, t, int(i))), num(jacobian_entry(expl, int(i), t)),
                    num(jacobian_fd_entry(expl, int(i), t)))
-    console.print(tr)
+    return tr
 
 
 def render_mse(expl: Explanation, mse: MseComparison, console: Console) -> None:
@@ -276,8 +353,9 @@ def steps_table(curve: StepCurve, *, binary: bool = False) -> Table:
     """|fd(h) - dC/dz| against h, one bar per row (log scale), the chosen h and the minimum marked."""
     what = "z" if binary else f"z_{curve.entry}"
     t = _table(f"--steps: finite-difference error against the step h for dC/d{what} = {num(curve.derivative)}")
-    for col, just in (("h", "right"), ("|error|", "right"), ("bound", "right"), ("log10 |error|", "left"),
-                      ("", "left")):
+    cols: tuple[tuple[str, JustifyMethod], ...] = (
+        ("h", "right"), ("|error|", "right"), ("bound", "right"), ("log10 |error|", "left"), ("", "left"))
+    for col, just in cols:
         t.add_column(Text(col), justify=just, no_wrap=True)
     finite = curve.error[np.isfinite(curve.error) & (curve.error > 0)]
     lo = math.floor(math.log10(finite.min())) if finite.size else -16
@@ -306,8 +384,10 @@ def steps_summary(curve: StepCurve) -> str:
 
 def render_checks(checks: tuple[CheckResult, ...], console: Console) -> None:
     table = _table("checks")
-    for col, justify in (("step", "right"), ("check", "left"), ("", "center"), ("max abs err", "right"),
-                         ("max rel err", "right"), ("mismatches", "right")):
+    cols: tuple[tuple[str, JustifyMethod], ...] = (
+        ("step", "right"), ("check", "left"), ("", "center"), ("max abs err", "right"),
+        ("max rel err", "right"), ("mismatches", "right"))
+    for col, justify in cols:
         table.add_column(Text(col), justify=justify, no_wrap=True)
     for c in checks:
         mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
@@ -331,7 +411,7 @@ def render_checks(checks: tuple[CheckResult, ...], console: Console) -> None:
 # JSON
 
 
-def _vec(v) -> list:
+def _vec(v: Any) -> list[float]:
     return [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
 
 
@@ -342,10 +422,11 @@ def _check_dict(c: CheckResult) -> dict:
     return d
 
 
-def explanation_to_dict(expl: Explanation, *, where: str, row, checks: tuple[CheckResult, ...],
-                        mse: MseComparison | None = None, curve: StepCurve | None = None) -> dict:
+def explanation_to_dict(expl: Explanation, *, where: str, row: tuple[int, ...] | None,
+                        checks: tuple[CheckResult, ...], mse: MseComparison | None = None,
+                        curve: StepCurve | None = None) -> dict:
+    """The JSON object: every array of the derivation, the checks, and --compare-mse / --steps."""
     C = expl.n_classes
-    t = expl.target
     full = expl.jacobian is not None and C <= JSON_FULL_C
     data = {
         "ok": all(c.ok for c in checks),
@@ -354,19 +435,13 @@ def explanation_to_dict(expl: Explanation, *, where: str, row, checks: tuple[Che
         "row": list(row) if row is not None else None,
         "n_classes": C,
         "label": expl.label,
-        "target": t,
+        "target": expl.target,
         "loss": expl.loss,
         "z": _vec(expl.z),
         "a": _vec(expl.a),
         "y": _vec(expl.y),
-        "jacobian": [_vec(r) for r in expl.jacobian] if full else None,
-        "jacobian_summary": {
-            "shape": [C, C],
-            "convention": "jacobian[j][i] = da_j/dz_i",
-            "largest": [{"index": [j, i], "value": v} for j, i, v in largest_jacobian_entries(expl)],
-            "target_row": [jacobian_entry(expl, t, i) for i in range(C)],
-            "target_column": [jacobian_entry(expl, i, t) for i in range(C)],
-        },
+        "jacobian": [_vec(r) for r in expl.jacobian] if full and expl.jacobian is not None else None,
+        "jacobian_summary": _jacobian_summary(expl),
         "dC_da": _vec(expl.dC_da),
         "chain_rule": _vec(expl.chain_rule),
         "a_minus_y": _vec(expl.a_minus_y),
@@ -376,32 +451,48 @@ def explanation_to_dict(expl: Explanation, *, where: str, row, checks: tuple[Che
         "notes": list(expl.notes),
     }
     if mse is not None:
-        data["compare_mse"] = {
-            "sigma": _vec(mse.sigma),
-            "sigma_prime": _vec(mse.sigma_prime),
-            "mse_error": _vec(mse.mse_error),
-            "ce_error": _vec(mse.ce_error),
-            "wrong_class": mse.wrong,
-            "saturation": [asdict(r) for r in mse.saturation],
-        }
+        data["compare_mse"] = _mse_dict(mse)
     if curve is not None:
-        data["steps"] = {
-            "entry": curve.entry,
-            "derivative": curve.derivative,
-            "optimum": curve.optimum,
-            "chosen_h": float(curve.h[curve.chosen]),
-            "best_h": float(curve.h[curve.best]),
-            "bound_best_h": curve.bound_best_h,
-            "scale": curve.scale,
-            "rows": [{"h": float(h), "step": float(h * curve.scale), "fd": float(f), "error": float(e),
-                      "bound": float(b)}
-                     for h, f, e, b in zip(curve.h, curve.fd, curve.error, curve.bound)],
-        }
+        data["steps"] = _steps_dict(curve)
     return json_safe(data)
 
 
-def to_json(data: dict) -> str:
-    return json.dumps(data, allow_nan=False)
+def _jacobian_summary(expl: Explanation) -> dict:
+    C = expl.n_classes
+    t = expl.target
+    return {
+        "shape": [C, C],
+        "convention": "jacobian[j][i] = da_j/dz_i",
+        "largest": [{"index": [j, i], "value": v} for j, i, v in largest_jacobian_entries(expl)],
+        "target_row": [jacobian_entry(expl, t, i) for i in range(C)],
+        "target_column": [jacobian_entry(expl, i, t) for i in range(C)],
+    }
+
+
+def _mse_dict(mse: MseComparison) -> dict:
+    return {
+        "sigma": _vec(mse.sigma),
+        "sigma_prime": _vec(mse.sigma_prime),
+        "mse_error": _vec(mse.mse_error),
+        "ce_error": _vec(mse.ce_error),
+        "wrong_class": mse.wrong,
+        "saturation": [asdict(r) for r in mse.saturation],
+    }
+
+
+def _steps_dict(curve: StepCurve) -> dict:
+    return {
+        "entry": curve.entry,
+        "derivative": curve.derivative,
+        "optimum": curve.optimum,
+        "chosen_h": float(curve.h[curve.chosen]),
+        "best_h": float(curve.h[curve.best]),
+        "bound_best_h": curve.bound_best_h,
+        "scale": curve.scale,
+        "rows": [{"h": float(h), "step": float(h * curve.scale), "fd": float(f), "error": float(e),
+                  "bound": float(b)}
+                 for h, f, e, b in zip(curve.h, curve.fd, curve.error, curve.bound)],
+    }
 
 
 # ---------------------------------------------------------------------------------------------

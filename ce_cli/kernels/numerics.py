@@ -17,6 +17,14 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-x))
 
 
+def softplus(x: np.ndarray) -> np.ndarray:
+    """softplus(x) = ln(1 + e^x) = max(x, 0) + log1p(exp(-|x|)), exp never overflows.
+
+    -softplus(-x) = ln s(x) and exp(-softplus(-x)) = s(x) keep relative precision down to the
+    subnormals, where 1/(1 + exp(-x)) is 0 once exp(-x) overflows (x < -709.8)."""
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
 def logistic_third_max(logit: np.ndarray, h: np.ndarray) -> np.ndarray:
     """max |p(1-p)(1-2p)| for p = sigmoid(t), t in [logit - h, logit + h].
 
