@@ -84,6 +84,7 @@ COMMON_SETTINGS: dict[str, Validator] = {
     "reduction": _choice(Reduction), "rtol": _non_negative, "atol": _non_negative,
     "precision": _choice(Precision), "floor_factor": _non_negative, "fd": _choice(FDMode),
     "samples": _integer(1), "seed": _integer(0), "worst": _integer(0),
+    "normaliser_rtol": _non_negative, "strict_subnormals": _boolean,
 }
 KIND_SETTINGS: dict[str, dict[str, Validator]] = {
     Kind.multiclass.value: {"ignore_index": _integer(), "label_smoothing": _non_negative,

@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -24,6 +23,7 @@ from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
 from ce_cli.report.console import stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
+from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import Report
 
 # Click's exception classes, from wherever this Typer takes Click (vendored or the package)
@@ -150,6 +150,12 @@ PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     "--precision", help="Precision your gradient was computed in, if narrower than its storage.")]
 FloorOpt = Annotated[Optional[float], typer.Option(
     "--floor-factor", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
+NormaliserOpt = Annotated[Optional[float], typer.Option(
+    "--normaliser-rtol", help="Largest common factor allowed on a row of your gradient's softmax "
+    "terms, an error in its normaliser (default 0.5*eps*(C-1): a sum of C terms).")]
+StrictSubnormalsOpt = Annotated[bool, typer.Option(
+    "--strict-subnormals", help="Fail entries your gradient flushed to zero (default: results below "
+    "the precision's smallest normal may be 0, as XLA, TensorFlow and GPU kernels return).")]
 FDOpt = Annotated[FDMode, typer.Option(
     "--fd", help="Finite differences: auto, full, directional, sample or off.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Entries checked by --fd sample.")]
@@ -197,10 +203,9 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
             state["bar"].stop()
 
 
-def check_settings(**flags: Any) -> dict[str, Any]:
-    """The one place the command line's flags become the check's settings (the fields of
-    `ce_cli.verify.options.CheckOptions`): choices are passed as their values."""
-    return {name: value.value if isinstance(value, Enum) else value for name, value in flags.items()}
+def check_settings(**flags: Any) -> CheckOptions:
+    """The one place the command line's flags become the check's settings."""
+    return CheckOptions.build(**flags)
 
 
 def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, out_grad: Path | None,
@@ -215,12 +220,12 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     specs = input_specs(inputs)
     refuse_overwriting(out_grad, specs)
     loaded = load_all(specs, vectors=vectors)
-    settings = check_settings(**flags, loss_atol=loaded.loss_atol)
+    options = check_settings(**flags, loss_atol=loaded.loss_atol)
     arrays = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         # over/underflow is expected and handled: no numpy warnings
         report = check(logits, labels, **arrays, out_grad=out_grad, sources=loaded.sources,
-                       progress=progress, **settings)
+                       progress=progress, options=options)
     emit(CheckOutput(report), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
-                            OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt, RtolOpt, SamplesOpt,
-                            SeedOpt, WorstOpt, app, guarded, run_check)
+                            NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
+                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, WorstOpt, app,
+                            guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_binary
@@ -34,6 +35,8 @@ def binary(
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,
     floor_factor: FloorOpt = None,
+    normaliser_rtol: NormaliserOpt = None,
+    strict_subnormals: StrictSubnormalsOpt = False,
     fd: FDOpt = FDMode.auto,
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
@@ -50,5 +53,7 @@ def binary(
                        "weight": weight, "pos_weight": pos_weight},
         out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.binary],
         reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
-        floor_factor=floor_factor, fd=fd, samples=samples, seed=seed, worst=worst,
+        floor_factor=floor_factor,
+        normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals, fd=fd,
+        samples=samples, seed=seed, worst=worst,
     )

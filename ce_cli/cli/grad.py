@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from ce_cli.cli.app import (EPILOG, LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
-                            JsonOpt, LossOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
-                            RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app, guarded, run_check)
+                            JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
+                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
+                            WorstOpt, app, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_grad
@@ -30,6 +31,8 @@ def grad(
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,
     floor_factor: FloorOpt = None,
+    normaliser_rtol: NormaliserOpt = None,
+    strict_subnormals: StrictSubnormalsOpt = False,
     fd: FDOpt = FDMode.auto,
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
@@ -46,5 +49,6 @@ def grad(
         out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.multiclass],
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         class_axis=class_axis, rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor,
+        normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals,
         fd=fd, samples=samples, seed=seed, worst=worst,
     )

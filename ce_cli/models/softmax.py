@@ -135,6 +135,20 @@ class SoftmaxCE(RowMatrix):
         beta = np.where(valid, self.smoothing / self.n_classes, 0.0)
         return alpha, beta, ys
 
+    def target_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dense (R, C) target weights q, and the part of them smoothing spreads over every
+        class (alpha * w_c / C; 0 for ignored rows)."""
+        C = self.n_classes
+        w = self.weight if self.weight is not None else np.ones(C)
+        q, beta, ys = self.targets(rows)
+        live = self.valid[rows].astype(np.float64)[:, None]
+        spread = live * (self.smoothing / C) * w[None, :]
+        if beta is None:
+            return q, spread
+        full = spread.copy()
+        full[np.arange(len(rows)), ys] += q
+        return full, spread
+
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
         """Rows `rows` of the problem with logits `z_rows` (possibly perturbed): through the

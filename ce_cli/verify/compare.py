@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ce_cli.verify.allowance import RowAllowance
 from ce_cli.verify.results import CheckResult, Entry
 from ce_cli.verify.tolerance import Tolerance
 
@@ -29,6 +30,7 @@ class Comparison:
         n_worst: int = 5,
         extra_atol: float = 0.0,
         note: str = "",
+        allowance: RowAllowance | None = None,
     ) -> None:
         self.name = name
         self.tol = tol
@@ -38,6 +40,7 @@ class Comparison:
         self.n_worst = max(0, int(n_worst))
         self.extra_atol = extra_atol
         self.note = note
+        self.allowance = allowance
         self.total = 0
         self.mismatches = 0
         self.nonfinite = 0
@@ -67,7 +70,6 @@ class Comparison:
             for i in np.flatnonzero(np.isinf(rel_rows)):
                 row = quot[i]
                 rel_rows[i] = np.fmax.reduce(np.where(tol[i] == 0, np.nan, row))
-            self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
             tol *= self.tol.rtol
             tol += self.tol.atol + self.extra_atol + self.tol.tiny
             if floor is not None:
@@ -87,7 +89,14 @@ class Comparison:
                 self.nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
+        if self.allowance is not None:
+            for i in np.flatnonzero(rowmax > 1.0):
+                ratio[i], diff[i] = self.allowance.refine(row0 + int(i), ref[i], got[i], tol[i],
+                                                          ratio[i])
+                rowmax[i] = ratio[i].max()
+                rel_rows[i] = _max_rel(diff[i], ref[i])
         self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
+        self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
         failing = np.flatnonzero(rowmax > 1.0)
         if failing.size:
             self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
@@ -100,12 +109,38 @@ class Comparison:
         """Fold in per-row statistics computed elsewhere (the fused kernel). `open_row(r)` returns
         row r's (ratio, ref, got, diff, tol) when it may hold one of the worst entries."""
         self.total += n_entries
+        if self.allowance is not None and (rowmax > 1.0).any():
+            rowmax, mismatches, max_abs, max_rel, open_row = self._refine_summary(
+                row0, rowmax, mismatches, max_abs, max_rel, open_row)
         if rowmax.size:
             self.mismatches += int(mismatches.sum())
             self.nonfinite += int(nonfinite.sum())
             self.max_abs = max(self.max_abs, float(max_abs.max()))
             self.max_rel = max(self.max_rel, float(max_rel.max()))
             self._collect_worst(row0, rowmax, open_row)
+
+    def _refine_summary(self, row0: int, rowmax: np.ndarray, mismatches: np.ndarray,
+                        max_abs: np.ndarray, max_rel: np.ndarray, open_row: Callable[[int], tuple]):
+        """The row allowances on the rows the kernel found failing (their entries reopened)."""
+        rowmax, mismatches = rowmax.copy(), mismatches.copy()
+        max_abs, max_rel = max_abs.copy(), max_rel.copy()
+        refined: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for r in np.flatnonzero(rowmax > 1.0).tolist():
+            ratio, ref, got, _diff, tol = open_row(r)
+            refined[r] = self.allowance.refine(row0 + r, ref, got, tol, ratio)
+            rowmax[r] = refined[r][0].max()
+            mismatches[r] = np.count_nonzero(refined[r][0] > 1.0)
+            max_abs[r] = np.fmax.reduce(refined[r][1])
+            max_rel[r] = _max_rel(refined[r][1], ref)
+
+        def reopen(r: int) -> tuple:
+            row = open_row(r)
+            if r not in refined:
+                return row
+            ratio, residual = refined[r]
+            return ratio, row[1], row[2], residual, row[4]
+
+        return rowmax, mismatches, max_abs, max_rel, reopen
 
     def _collect_worst(self, row0, rowmax, open_row) -> None:
         """Keep the k largest ratios: only rows whose maximum beats the current k-th are opened."""
@@ -140,6 +175,10 @@ class Comparison:
         max_abs = float("inf") if self.nonfinite else self.max_abs
         ok = self.mismatches == 0 and self.nonfinite == 0
         note = self.note
+        if self.allowance is not None and self.allowance.flushed:
+            note = (note + "; " if note else "") + (
+                f"{self.allowance.flushed:,} entries flushed to zero (allowed: below the smallest "
+                f"normal {self.allowance.precision} number)")
         if self.nonfinite:
             note = (note + "; " if note else "") + (
                 f"{self.nonfinite} entries NaN/inf on one side only ({self.got_label} or {self.expected_label})")
@@ -156,3 +195,9 @@ class Comparison:
             rule=self.tol.describe() + (f" +{self.extra_atol:.2g}" if self.extra_atol else ""),
             note=note,
         )
+
+
+def _max_rel(diff: np.ndarray, ref: np.ndarray) -> float:
+    """Largest |error| / |reference| over the entries whose reference is not 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.fmax.reduce(np.where(ref == 0, np.nan, diff / np.abs(ref))))

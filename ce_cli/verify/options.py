@@ -19,7 +19,9 @@ class CheckOptions:
     Semantics: `reduction`, `ignore_index`, `label_smoothing`, `class_axis` (softmax CE);
     `two_class` (binary: (..., 2) softmax logits). Tolerances (verify/tolerance.py): `rtol`,
     `atol`, `precision` the gradient was computed in, `floor_factor` k of the error floor,
-    `loss_atol` (a typed loss's last digit). Finite differences: `fd` mode, `samples`, `seed`.
+    `loss_atol` (a typed loss's last digit), `normaliser_rtol` the largest row factor allowed
+    (default 0.5 eps (C - 1), verify/allowance.py), `strict_subnormals` to fail results flushed
+    to zero. Finite differences: `fd` mode, `samples`, `seed`.
     Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk.
     """
 
@@ -33,6 +35,8 @@ class CheckOptions:
     precision: Precision | None = None
     floor_factor: float | None = None
     loss_atol: float = 0.0
+    normaliser_rtol: float | None = None
+    strict_subnormals: bool = False
     fd: FDMode = FDMode.auto
     samples: int = 256
     seed: int = 0
@@ -45,7 +49,7 @@ class CheckOptions:
         set_(self, "fd", _choice(FDMode, self.fd, "fd"))
         if self.precision is not None:
             set_(self, "precision", _precision(self.precision))
-        for name in ("rtol", "atol", "floor_factor"):
+        for name in ("rtol", "atol", "floor_factor", "normaliser_rtol"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise CeCheckError(f"`{name}`: must be a finite number >= 0, got {value}")

@@ -169,7 +169,8 @@ def _user_grad(problem, inputs: Inputs, options: CheckOptions) -> UserGrad | Non
     # and a weight Q multiplies the earlier ones: (k/2)*(1 + Q*scale) tiny covers it
     tol = replace(tol, tiny=tol.tiny * max(
         1.0, tol.floor_factor / 2.0 * (1.0 + problem.max_target_weight * abs(problem.grad_scale))))
-    return UserGrad(problem.layout.to_rows(grad), tol)
+    return UserGrad(problem.layout.to_rows(grad), tol, options.normaliser_rtol,
+                    options.strict_subnormals)
 
 
 def _user_loss(problem, inputs: Inputs, options: CheckOptions) -> tuple[np.ndarray, Tolerance] | None:

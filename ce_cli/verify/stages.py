@@ -20,6 +20,7 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numerics import loss_sum
+from ce_cli.verify.allowance import RowAllowance, normaliser_bound
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
@@ -43,10 +44,30 @@ class Chunk:
 
 @dataclass(frozen=True)
 class UserGrad:
-    """Your gradient as (N, C) rows and the tolerance it is held to."""
+    """Your gradient as (N, C) rows, the tolerance it is held to, and the settings of the row
+    allowances (verify/allowance.py)."""
 
     rows: Any
     tol: Tolerance
+    normaliser_rtol: float | None = None
+    strict_subnormals: bool = False
+
+    def allowance(self, problem) -> RowAllowance:
+        return RowAllowance(self.tol, problem.n_classes, problem.grad_scale,
+                            getattr(problem, "target_weights", None), self.normaliser_rtol,
+                            self.strict_subnormals)
+
+    def factor_bound(self, problem) -> float:
+        """The row-factor bound, for checks that see single entries or row sums only."""
+        if getattr(problem, "target_weights", None) is None:
+            return 0.0
+        return normaliser_bound(self.tol, problem.n_classes, self.normaliser_rtol)
+
+
+def soft_term(problem, rows: np.ndarray, ref_grad: np.ndarray) -> np.ndarray:
+    """Q a * scale, the softmax term of the reference gradient, at `rows`."""
+    q, _spread = problem.target_weights(rows)
+    return np.abs(ref_grad + q * problem.grad_scale)
 
 
 class Stage:
@@ -67,11 +88,12 @@ class Stage:
 
 
 def _comparison(name: str, tol: Tolerance, index_of, worst: int, *, user: bool, fd: bool = False,
-                note: str = "", extra_atol: float = 0.0) -> Comparison:
+                note: str = "", extra_atol: float = 0.0,
+                allowance: RowAllowance | None = None) -> Comparison:
     expected = "finite diff" if fd else "reference"
     got = "yours" if user else "reference"
     return Comparison(name, tol, index_of, expected_label=expected, got_label=got, n_worst=worst,
-                      note=note, extra_atol=extra_atol)
+                      note=note, extra_atol=extra_atol, allowance=allowance)
 
 
 class GradStage(Stage):
@@ -79,11 +101,24 @@ class GradStage(Stage):
 
     def __init__(self, problem, user: UserGrad, worst: int) -> None:
         self.problem, self.user = problem, user
+        self.allowance = user.allowance(problem)
         self.cmp = _comparison("grad_vs_reference", user.tol, problem.layout.original_index, worst,
-                               user=True)
+                               user=True, allowance=self.allowance)
 
     def finish(self) -> Ranked:
-        return [(1, self.cmp.result())]
+        out = [(1, self.cmp.result())]
+        a = self.allowance
+        if a.rows_over or (a.rows_rescued and a.max_factor):
+            where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()
+            out.append((1, CheckResult(
+                name="normaliser", ok=a.rows_over == 0, expected_label="bound",
+                got_label="row factor", max_abs_err=a.max_factor, max_rel_err=a.max_factor,
+                mismatches=a.rows_over, total=a.rows_fitted, worst=(),
+                rule=(f"row factor <= {a.bound:.2g}, a {a.precision} sum of "
+                      f"{a.n_classes:,} terms"),
+                note=(f"{a.rows_rescued} rows pass with it; normaliser off by up to "
+                      f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}"))))
+        return out
 
 
 class LossTotal(Stage):
@@ -189,7 +224,8 @@ class FullFDStage(Stage):
         index = problem.layout.original_index
         self.ref = _comparison("fd_vs_reference", resolve_tolerance(np.float64), index, worst,
                                user=False, fd=True)
-        self.mine = (_comparison("fd_vs_grad", user.tol, index, worst, user=True, fd=True)
+        self.mine = (_comparison("fd_vs_grad", user.tol, index, worst, user=True, fd=True,
+                                 allowance=user.allowance(problem))
                      if user is not None else None)
         self.skipped = self.evaluations = 0
 
@@ -234,8 +270,12 @@ class DirectionalStage(Stage):
     def update(self, chunk: Chunk) -> None:
         start, stop = chunk.start, chunk.stop
         got = None if self.user is None else self.user.rows[start:stop]
-        dc = directional_chunk(self.problem, start, stop, chunk.ev.grad, self.rng, got,
-                               chunk.user_tol)
+        user_tol = chunk.user_tol
+        if user_tol is not None and self.user is not None and self.user.factor_bound(self.problem):
+            rows = np.arange(start, stop)
+            user_tol = user_tol + self.user.factor_bound(self.problem) * soft_term(
+                self.problem, rows, chunk.ev.grad)
+        dc = directional_chunk(self.problem, start, stop, chunk.ev.grad, self.rng, got, user_tol)
         self.evaluations += 2 * (stop - start)
         self.ref.update(start, dc.fd, dc.ref, FD_SAFETY * dc.bound)
         if self.mine is not None:
@@ -297,7 +337,12 @@ class SampledFDStage(Stage):
         if user is not None:
             cmp = _comparison("fd_vs_grad", user.tol, index_of, self.worst, user=True, fd=True,
                               note=note)
-            cmp.update(0, fdv, np.asarray(user.rows[rows, cols]), FD_SAFETY * bound + res.floor)
+            allowed = FD_SAFETY * bound + res.floor
+            if user.factor_bound(problem):
+                q, _spread = problem.target_weights(rows)
+                q_entry = q[np.arange(rows.size), cols] * problem.grad_scale
+                allowed = allowed + user.factor_bound(problem) * np.abs(res.reference + q_entry)
+            cmp.update(0, fdv, np.asarray(user.rows[rows, cols]), allowed)
             out.append((4, cmp.result()))
         return out
 

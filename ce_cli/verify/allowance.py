@@ -1,0 +1,107 @@
+"""Row-level allowances, applied to the rows of your gradient that fail the entry-wise rule.
+
+A softmax row's gradient is (Q a_c - q_c) * scale with a = exp(z - lse). An implementation that
+sums the row's exponentials in its own precision gets lse wrong by a relative factor f: every
+softmax term Q a_c comes back as (1 + f) Q a_c. For a sum of C positive terms in precision eps,
+|f| <= (C - 1) * eps / 2 (recursive summation's bound; pairwise sums stay far below it, but
+PyTorch's class-axis-1 kernel reaches 0.45 of it on adversarial rows). The target-weight term
+q_c (label smoothing's q = alpha/C on every class sums C terms too) may carry a factor h of the
+same size. So a failing row is fitted as
+
+    yours - reference = f * (Q a * scale) - h * (s * scale) + residual
+
+where s is the part of q that smoothing spreads over every class (alpha w_c / C)
+
+with f and h the medians over the entries each term dominates (at least MIN_FIT of them, so no
+single entry moves them). A factor beyond what the entry-wise rule already allows (k * eps) and
+within the bound is removed; the residual must pass the entry-wise rule.
+
+Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
+normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
+(`strict_subnormals` turns this off). A subnormal value is held to the entry-wise rule: it was
+not flushed, and float16 gradients are mostly subnormal at ordinary sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ce_cli.verify.tolerance import Tolerance
+
+# smallest positive normal number of each precision
+NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
+MIN_FIT = 8  # entries a term must dominate before its factor is fitted
+NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
+
+
+def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
+    """The largest row factor a correct implementation in `tol`'s precision can have."""
+    if override is not None:
+        return override
+    return tol.eps * (NORMALISER_K * (n_classes - 1) + tol.floor_factor)
+
+
+class RowAllowance:
+    """Refits failing rows (`refine`) and keeps what it found for the report."""
+
+    def __init__(self, tol: Tolerance, n_classes: int, scale: float,
+                 target_weights: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
+                 normaliser_rtol: float | None = None, strict_subnormals: bool = False) -> None:
+        self.scale = scale
+        self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
+        self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
+        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision]
+        self.precision = tol.precision
+        self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
+        self.n_classes = n_classes
+        self.flushed = 0
+        self.rows_fitted = 0
+        self.rows_rescued = 0  # rows that pass only with the allowances
+        self.rows_over = 0
+        self.max_factor = 0.0
+        self.worst_row: int | None = None
+
+    def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
+               ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row `row`'s |error| / allowed and |error| after the allowances (non-finite entries
+        unchanged)."""
+        g = np.asarray(got, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = g - ref
+        finite = np.isfinite(d) & np.isfinite(ratio)
+        d = np.where(finite, d, 0.0)
+        flushed = finite & (np.abs(ref) < self.normal_min) & (g == 0)
+        self.flushed += int(np.count_nonzero(flushed & (d != 0)))
+        d[flushed] = 0.0
+        if self.target_weights is not None:
+            d = self._remove_factors(row, ref, d, ~flushed & finite)
+        out = ratio.copy()
+        out[finite] = np.abs(d[finite]) / allowed[finite]
+        self.rows_rescued += bool(out.max() <= 1.0)
+        return out, np.where(finite, np.abs(d), np.abs(g - ref))
+
+    def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray,
+                        usable: np.ndarray) -> np.ndarray:
+        q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
+        soft = ref + q          # Q a * scale
+        weight = -spread        # smoothing's share of the target-weight term
+        found = False
+        for term, other in ((soft, weight), (weight, soft)):
+            pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (term != 0)
+            if np.count_nonzero(pick) < MIN_FIT:
+                continue
+            factor = float(np.median(d[pick] / term[pick]))
+            found = True
+            self._record(row, factor)
+            if self.noise < abs(factor) <= self.bound:
+                d = d - factor * term
+        self.rows_fitted += found
+        return d
+
+    def _record(self, row: int, factor: float) -> None:
+        if abs(factor) > self.max_factor:
+            self.max_factor, self.worst_row = abs(factor), row
+        if abs(factor) > self.bound:
+            self.rows_over += 1
