@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ce_cli.verify.tolerance import Tolerance
+from ce_cli.verify.tolerance import PRECISIONS, Tolerance
 
 # smallest positive normal number of each precision
 NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
@@ -55,6 +55,9 @@ class RowAllowance:
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision]
         self.precision = tol.precision
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
+        self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision
+        self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
+        self._row_over = False
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
@@ -73,23 +76,28 @@ class RowAllowance:
         finite = np.isfinite(d) & np.isfinite(ratio)
         d = np.where(finite, d, 0.0)
         flushed = finite & (np.abs(ref) < self.normal_min) & (g == 0)
-        self.flushed += int(np.count_nonzero(flushed & (d != 0)))
+        # flushed: a correctly rounded result would not be 0 there
+        self.flushed += int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
         d[flushed] = 0.0
         if self.target_weights is not None:
             d = self._remove_factors(row, ref, d, ~flushed & finite)
         out = ratio.copy()
         out[finite] = np.abs(d[finite]) / allowed[finite]
-        self.rows_rescued += bool(out.max() <= 1.0)
+        passes = bool(out.max() <= 1.0)
+        self.rows_rescued += passes
+        self.rows_over += not passes and self._row_over
         return out, np.where(finite, np.abs(d), np.abs(g - ref))
 
     def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray,
                         usable: np.ndarray) -> np.ndarray:
+        self._row_over = False
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
         weight = -spread        # smoothing's share of the target-weight term
         found = False
         for term, other in ((soft, weight), (weight, soft)):
-            pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (term != 0)
+            # entries the term dominates, well above the subnormal range (full relative precision)
+            pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (np.abs(term) > self.resolved)
             if np.count_nonzero(pick) < MIN_FIT:
                 continue
             factor = float(np.median(d[pick] / term[pick]))
@@ -103,5 +111,4 @@ class RowAllowance:
     def _record(self, row: int, factor: float) -> None:
         if abs(factor) > self.max_factor:
             self.max_factor, self.worst_row = abs(factor), row
-        if abs(factor) > self.bound:
-            self.rows_over += 1
+        self._row_over |= abs(factor) > self.bound
