@@ -12,7 +12,9 @@ setup(
             "ce_cli.kernels._fused",
             sources=["ce_cli/kernels/_fused.c"],
             # IEEE rounding of every operation: no -ffast-math, no contraction into FMA
-            extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi", "-pthread"],
+            extra_link_args=["-pthread"],
+            depends=["ce_cli/kernels/_fused_row.h"],
             optional=True,
         )
     ]
