@@ -106,10 +106,13 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define CE_HAVE_X86_V3_V4 1
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define CE_W 4
 #define CE_SFX avx2
+/* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
+#define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
 #include "_fused_row.h"
 #pragma GCC pop_options
 
@@ -117,6 +120,7 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 #pragma GCC target("arch=x86-64-v4")
 #define CE_W 8
 #define CE_SFX avx512
+#define CE_CVT_PS_PD(f) _mm512_cvtps_pd((__m256)(f))  /* one vcvtps2pd zmm, as for avx2 */
 #include "_fused_row.h"
 #pragma GCC pop_options
 #endif

@@ -102,7 +102,11 @@ AI vd T(load_row)(const void *base, int is_f32, int64_t c0, int64_t n) {
         if (n == W) {
             vf f;
             memcpy(&f, p, sizeof f);
+#ifdef CE_CVT_PS_PD
+            return (vd)CE_CVT_PS_PD(f);
+#else
             return __builtin_convertvector(f, vd);
+#endif
         }
         for (int i = 0; i < W; i++) v[i] = p[i < n ? i : 0];
     } else {
@@ -348,3 +352,4 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_CAT2
 #undef CE_W
 #undef CE_SFX
+#undef CE_CVT_PS_PD
