@@ -7,11 +7,13 @@ How to run (from a checkout, with ce-check installed in the current Python):
     python bench/run.py           # full size: 4096 x 32000 float32 logits (about 1.6 GB of .npy)
     python bench/run.py --quick   # smoke run with small sizes
     python bench/run.py --help    # all options (sizes, --repeat, --workdir, --keep, --json-out)
+    python bench/run.py --kernels avx512,avx2,scalar,numpy --threads 1,2   # section 1 per kernel
 
 Without torch the PyTorch parts are skipped with a message; everything else still runs. Linux
 or macOS only (per-process peak RSS comes from os.wait4). Every thread pool (OpenMP, OpenBLAS,
-MKL, torch) is pinned to one thread, in this process and in the ce-check child, so the
-comparison with PyTorch is one core against one core.
+MKL, torch, the compiled kernel's CE_CHECK_THREADS) is pinned to one thread, in this process and
+in the ce-check child, so the comparison with PyTorch is one core against one core; --kernels
+with --threads times the compiled kernel's targets and thread counts against that baseline.
 
 What is measured (a table on stdout; the raw numbers with --json-out FILE):
 
@@ -113,7 +115,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the full gradcheck when its estimate is within this many seconds "
                         "(%(default)s)")
     p.add_argument("--no-torch", action="store_true", help="behave as if torch were not installed")
+    p.add_argument("--kernels", metavar="LIST",
+                   help="comma-separated compiled-kernel targets (CE_CHECK_TARGET: avx512, avx2, sse2, "
+                        "neon, scalar) and/or numpy (CE_CHECK_FUSED=0): time section 1 for each, "
+                        "at each --threads, against the torch baseline; sections 3 and 4 are skipped")
+    p.add_argument("--threads", metavar="LIST", default="1",
+                   help="comma-separated kernel thread counts (CE_CHECK_THREADS) for --kernels "
+                        "(%(default)s; everything else stays on one thread)")
     args = p.parse_args(argv)
+    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else []
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        p.error("--threads takes comma-separated integers")
     if args.quick:
         args.n, args.c, args.fd_n, args.fd_c, args.repeat = 256, 1000, 64, 100, 1
     for name in ("n", "c", "repeat", "fd_n", "fd_c", "gc_rows"):
@@ -264,18 +278,21 @@ def ce_check_command() -> list[str]:
     return [sys.executable, "-m", "ce_cli"]
 
 
-def child_env() -> dict[str, str]:
+def child_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with every thread pool, the compiled kernel's too (CE_CHECK_THREADS),
+    pinned to one thread, then `overrides` (a kernel target or thread count)."""
     env = dict(os.environ)
-    env.update({var: "1" for var in THREAD_VARS})
+    env.update({var: "1" for var in (*THREAD_VARS, "CE_CHECK_THREADS")})
+    env.update(overrides or {})
     return env
 
 
-def run_child(cmd: list[str], workdir: Path) -> ChildRun:
+def run_child(cmd: list[str], workdir: Path, env: dict[str, str] | None = None) -> ChildRun:
     """Run cmd through WRAPPER: its own wall time and peak RSS, not this process's."""
     out, err = workdir / "child.stdout", workdir / "child.stderr"
     try:
         res = subprocess.run([sys.executable, "-c", WRAPPER, str(out), str(err), *cmd],
-                             capture_output=True, text=True, env=child_env())
+                             capture_output=True, text=True, env=child_env(env))
         if res.returncode != 0:
             raise RuntimeError(f"could not run {cmd}: {res.stderr.strip()}")
         info = json.loads(res.stdout)
@@ -286,8 +303,10 @@ def run_child(cmd: list[str], workdir: Path) -> ChildRun:
         err.unlink(missing_ok=True)
 
 
-def ce_check_grad(cmd, logits: Path, labels: Path, grad: Path, workdir: Path) -> ChildRun:
-    return run_child([*cmd, "grad", str(logits), str(labels), "--grad", str(grad), "--json"], workdir)
+def ce_check_grad(cmd, logits: Path, labels: Path, grad: Path, workdir: Path,
+                  env: dict[str, str] | None = None) -> ChildRun:
+    return run_child([*cmd, "grad", str(logits), str(labels), "--grad", str(grad), "--json"], workdir,
+                     env)
 
 
 def find_check(report: dict | None, name: str) -> dict | None:
@@ -300,10 +319,10 @@ def find_check(report: dict | None, name: str) -> dict | None:
 # ----------------------------------------------------------------------------- 1. end to end
 
 
-def bench_end_to_end(cmd, paths, workdir: Path, repeat: int) -> dict:
+def bench_end_to_end(cmd, paths, workdir: Path, repeat: int, env: dict[str, str] | None = None) -> dict:
     runs = []
     for i in range(repeat):
-        run = ce_check_grad(cmd, paths["logits"], paths["labels"], paths["grad"], workdir)
+        run = ce_check_grad(cmd, paths["logits"], paths["labels"], paths["grad"], workdir, env)
         log(f"ce-check run {i + 1}/{repeat}: {run.wall:.2f} s, peak RSS {run.maxrss / MB:.0f} MiB, "
             f"exit {run.returncode}")
         runs.append(run)
@@ -329,6 +348,75 @@ def bench_end_to_end(cmd, paths, workdir: Path, repeat: int) -> dict:
         "kernel": ((reports[0] or {}).get("options") or {}).get("kernel"),
         "correct": correct,
     }
+
+
+# ----------------------------------------------------------------------------- 1b. kernel targets
+
+
+def kernel_env(kernel: str, threads: int) -> dict[str, str]:
+    """Environment overrides running ce-check on `kernel` (a target, or numpy) with `threads`."""
+    env = {"CE_CHECK_THREADS": str(threads)}
+    if kernel == "numpy":
+        env["CE_CHECK_FUSED"] = "0"
+    else:
+        env.update(CE_CHECK_FUSED="1", CE_CHECK_TARGET=kernel)
+    return env
+
+
+def kernel_target(env: dict[str, str]) -> str:
+    """The target ce-check runs under `env` (numpy when the kernel is off or the target missing)."""
+    res = subprocess.run([sys.executable, "-c", "from ce_cli.kernels.compiled import target; print(target())"],
+                         capture_output=True, text=True, env=child_env(env))
+    return res.stdout.strip() or f"? ({res.stderr.strip()[-200:]})"
+
+
+def bench_kernels(cmd, paths, workdir: Path, repeat: int, kernels: list[str], threads: list[int]) -> list[dict]:
+    """Section 1 for every (kernel, threads), the runs interleaved round by round so that load
+    from other processes spreads over all of them."""
+    configs = [(k, t) for t in threads for k in kernels]
+    walls: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    ok = {c: True for c in configs}
+    for i in range(repeat):
+        for k, t in configs:
+            run = ce_check_grad(cmd, paths["logits"], paths["labels"], paths["grad"], workdir, kernel_env(k, t))
+            rep = run.report()
+            ok[k, t] &= run.returncode == 0 and rep is not None and rep.get("ok") is True
+            walls[k, t].append(run.wall)
+            log(f"round {i + 1}/{repeat}: {k}, {t} thread(s): {run.wall:.2f} s, exit {run.returncode}")
+    return [{"kernel": k, "threads": t, "ran": kernel_target(kernel_env(k, t)),
+             "time": Timing(walls[k, t]).as_dict(), "correct": ok[k, t]} for k, t in configs]
+
+
+def run_kernels(args, torch, workdir: Path) -> dict:
+    cmd = ce_check_command()
+    res = {"shape": [args.n, args.c], "repeat": args.repeat, "python": sys.executable,
+           "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None)}
+    log(f"generating {args.n}x{args.c} inputs in {workdir}")
+    paths, res["grad_source"] = make_inputs(workdir, args.n, args.c, args.seed, torch)
+    res["kernels"] = bench_kernels(cmd, paths, workdir, args.repeat, args.kernels, args.threads)
+    if torch is not None:
+        res["torch"] = bench_torch_baseline(torch, paths, args.repeat)
+    return res
+
+
+def fill_kernel_table(t: Table, res: dict, torch_note: str) -> None:
+    n, c = res["shape"]
+    torch_s = res["torch"]["time"]["best_s"] if "torch" in res else None
+    numpy_s = {r["threads"]: r["time"]["best_s"] for r in res["kernels"] if r["kernel"] == "numpy"}
+    sec = f"1 end-to-end {n}x{c} by kernel"
+    for r in res["kernels"]:
+        best, med = r["time"]["best_s"], r["time"]["median_s"]
+        extra = [f"ran {r['ran']}"]
+        if r["threads"] in numpy_s and r["kernel"] != "numpy":
+            extra.append(f"numpy/this {numpy_s[r['threads']] / best:.2f}x")
+        if torch_s:
+            extra.append(f"this/torch {best / torch_s:.2f}")
+        t.add(sec, f"{r['kernel']}, {r['threads']} thread(s) best / median",
+              f"{secs(best)} / {secs(med)} ({', '.join(extra)})", "report ok", status(r["correct"]))
+    if torch_s:
+        t.add("2 torch baseline", f"torch f64 fwd+bwd ({res['torch']['threads']} thread) best", secs(torch_s))
+    else:
+        t.add("2 torch baseline", "skipped", torch_note)
 
 
 # ----------------------------------------------------------------------------- 2. torch baseline
@@ -603,10 +691,16 @@ def main(argv=None) -> int:
         print(f"PyTorch parts skipped: {torch_note}", flush=True)
     workdir, created = make_workdir(args.workdir)
     try:
-        res = run(args, torch, torch_note, workdir)
+        res = run_kernels(args, torch, workdir) if args.kernels else run(args, torch, torch_note, workdir)
     finally:
         clean_workdir(workdir, created, args.keep)
     table = Table()
+    if args.kernels:
+        fill_kernel_table(table, res, torch_note)
+        print(table.render())
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
+        return 0 if all(r["correct"] for r in res["kernels"]) else 1
     fill_table(table, res, torch_note)
     print(table.render())
     if args.json_out:

@@ -1,13 +1,18 @@
-"""The compiled kernel (ce_cli/_fused.c) against the numpy kernel it accelerates.
+"""The compiled kernel (ce_cli/kernels/_fused.c) against the numpy kernel it accelerates, on every
+target this CPU runs, and its targets and thread counts against each other (bit for bit).
 
 Both compute the same formulas; they differ only in exp (both below one ulp) and in the order
 of the row sums, so row losses agree to ~1e-15 relative and gradients to ~1e-16 of the row's
 scale. The comparison statistics the kernel folds in on the way (mismatch counts, the worst
 entries) must give the same report as the numpy comparison.
+
+With CI set in the environment nothing here skips for want of the kernel: a test that needs it
+fails when it did not build or when this CPU should run a target that is missing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -17,23 +22,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ce_cli
 from ce_cli.verify.checks import check_grad, reference
-from ce_cli.kernels.compiled import FusedKernel, kernel
+from ce_cli.kernels.compiled import FusedKernel, _Args, kernel, target, targets
 from ce_cli.kernels.numpy_softmax import softmax_rows
 from ce_cli.models.softmax import build_softmax_ce
 
 
-def _cpu_has_avx512() -> bool:
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags
+        return set()
+    found = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)
+    return set(found.group(1).split()) if found else set()
 
 
 def _gcc_major() -> int:
@@ -44,18 +52,73 @@ def _gcc_major() -> int:
     return int(out.split(".")[0]) if out.split(".")[0].isdigit() else 0
 
 
+X86_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+X86_V4 = X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+# the targets built for this architecture, best first
+ARCH_TARGETS = {"x86_64": ["avx512", "avx2", "sse2", "scalar"],
+                "aarch64": ["neon", "scalar"]}.get(platform.machine(), ["scalar"])
+
+
+def _expected_targets() -> list[str]:
+    """The targets a build with gcc >= 12 must run on this CPU (from /proc/cpuinfo)."""
+    flags, machine = _cpu_flags(), platform.machine()
+    if machine == "x86_64":
+        return ([t for t, need in (("avx512", X86_V4), ("avx2", X86_V3)) if need <= flags]
+                + ["sse2", "scalar"])
+    return ["neon", "scalar"] if machine == "aarch64" else ["scalar"]
+
+
+def _fused_off() -> bool:
+    return os.environ.get("CE_CHECK_FUSED", "").lower() in ("0", "off", "false", "no")
+
+
+def _require_kernel() -> None:
+    """Skip without the kernel, except under CI, where that is a failure."""
+    if kernel() is not None:
+        return
+    why = ("CE_CHECK_FUSED turns the kernel off" if _fused_off() else
+           "the compiled kernel did not build or does not run on this CPU "
+           f"(CE_CHECK_TARGET={os.environ.get('CE_CHECK_TARGET', '')!r})")
+    if IN_CI:
+        pytest.fail(f"CI needs the compiled kernel: {why}")
+    pytest.skip(why)
+
+
 def test_kernel_is_built_where_it_can_run():
-    """The README's install builds the kernel; it must load wherever gcc >= 12 and AVX-512 exist."""
-    if _gcc_major() < 12 or not _cpu_has_avx512() or platform.machine() != "x86_64":
-        pytest.skip("no gcc >= 12 or no AVX-512 here: the numpy kernel serves")
-    if os.environ.get("CE_CHECK_FUSED", "").lower() in ("0", "off", "false", "no"):
+    """The README's install builds the kernel; it must load wherever gcc >= 12 exists, with every
+    target this CPU can run (under CI: wherever, since .ci/run installs it)."""
+    if not IN_CI and _gcc_major() < 12:
+        pytest.skip("no gcc >= 12 here: the numpy kernel serves")
+    if _fused_off():
         pytest.skip("CE_CHECK_FUSED turns the kernel off")
     built = [p.name for p in (Path(ce_cli.__file__).parent / "kernels").glob("_fused*.so")]
     assert built, "ce_cli/kernels/_fused*.so missing: install with pip install -e ."
     assert kernel() is not None
+    missing = set(_expected_targets()) - set(targets())
+    assert not missing, f"targets this CPU runs but the build lacks: {sorted(missing)} ({targets()})"
 
 
-needs_kernel = pytest.mark.skipif(kernel() is None, reason="compiled kernel not built / no AVX-512")
+@pytest.fixture
+def compiled_kernel():
+    _require_kernel()
+
+
+needs_kernel = pytest.mark.usefixtures("compiled_kernel")
+
+
+@pytest.fixture(params=ARCH_TARGETS)
+def on_target(request, monkeypatch):
+    """Each target built for this architecture in turn (CE_CHECK_TARGET); one this CPU does not
+    run is skipped, unless under CI the CPU should run it."""
+    name = request.param
+    monkeypatch.setenv("CE_CHECK_TARGET", name)
+    if name not in targets():
+        if IN_CI and (not targets() or name in _expected_targets()):
+            pytest.fail(f"CI: target {name} should run on this CPU but is not built ({targets()})")
+        pytest.skip(f"this CPU does not run target {name}")
+    _require_kernel()
+    assert target() == name
+    return name
 
 
 def _both(problem, rows, z_rows=None, grad=True, floor_coef=4 * 2.0**-23):
@@ -93,7 +156,7 @@ OPTIONS = {
 @pytest.mark.parametrize("C", [1, 2, 7, 8, 9, 127, 128, 129, 1000, 1031])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("opt", list(OPTIONS))
-def test_rows_match_numpy_kernel(C, dtype, opt):
+def test_rows_match_numpy_kernel(C, dtype, opt, on_target):
     rng = np.random.default_rng(C * 7 + len(opt))
     N = 23
     kw = dict(OPTIONS[opt])
@@ -106,14 +169,13 @@ def test_rows_match_numpy_kernel(C, dtype, opt):
     _assert_close(fused, ref, problem.grad_scale)
 
 
-@needs_kernel
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 6), c=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 30.0, 800.0, 1e4]),
     dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**32 - 1),
     smoothing=st.sampled_from([0.0, 0.05]), weighted=st.booleans(),
 )
-def test_rows_match_numpy_kernel_property(n, c, scale, dtype, seed, smoothing, weighted):
+def test_rows_match_numpy_kernel_property(on_target, n, c, scale, dtype, seed, smoothing, weighted):
     """Any scale: rows whose exp underflows to subnormals and zero take the kernel's careful exp."""
     rng = np.random.default_rng(seed)
     z = (rng.standard_normal((n, c)) * scale).astype(dtype)
@@ -125,7 +187,7 @@ def test_rows_match_numpy_kernel_property(n, c, scale, dtype, seed, smoothing, w
 
 
 @needs_kernel
-def test_exp_across_the_whole_range():
+def test_exp_across_the_whole_range(on_target):
     """Two-class rows [0, x]: the loss of target 0 is log1p(exp(x)), so exp(x) itself for
     x < -40, down through the subnormals (x < -708) to zero (x < -745.2)."""
     x = -np.concatenate([np.linspace(0, 760, 20001), [708.39, 708.4, 744.4, 745.1, 745.2, 1e4]])
@@ -140,7 +202,7 @@ def test_exp_across_the_whole_range():
 
 
 @needs_kernel
-def test_confident_row_keeps_relative_precision():
+def test_confident_row_keeps_relative_precision(on_target):
     """loss = log1p(sum of exp(z - m)) for a row 80 units sure: ~1e-35, not 0."""
     z = np.array([[0.0, -80.0, -81.0, -85.0]])
     problem, _ = build_softmax_ce(z, np.array([0]))
@@ -151,7 +213,7 @@ def test_confident_row_keeps_relative_precision():
 
 @needs_kernel
 @pytest.mark.parametrize("opt", list(OPTIONS))
-def test_masked_rows_match_numpy_kernel(opt):
+def test_masked_rows_match_numpy_kernel(opt, on_target):
     """-inf logits (masks), also at the target (infinite loss) and under smoothing."""
     rng = np.random.default_rng(len(opt))
     N, C = 12, 37
@@ -178,7 +240,7 @@ def test_masked_rows_match_numpy_kernel(opt):
 
 
 @needs_kernel
-def test_nan_and_all_masked_rows_are_handed_back():
+def test_nan_and_all_masked_rows_are_handed_back(on_target):
     z = np.zeros((3, 5))
     z[1, 2] = np.nan
     problem, _ = build_softmax_ce(z, np.array([0, 1, 2]))
@@ -192,7 +254,7 @@ def test_nan_and_all_masked_rows_are_handed_back():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_streaming_comparison_reports_like_numpy(dtype, monkeypatch):
+def test_streaming_comparison_reports_like_numpy(dtype, monkeypatch, on_target):
     """The kernel's folded comparison (sample mode) against the numpy comparison: the same
     verdict, mismatch count and worst entries, with planted errors of different sizes."""
     rng = np.random.default_rng(3)
@@ -219,7 +281,7 @@ def test_streaming_comparison_reports_like_numpy(dtype, monkeypatch):
 
 
 @needs_kernel
-def test_correct_gradient_passes_both_ways(monkeypatch):
+def test_correct_gradient_passes_both_ways(monkeypatch, on_target):
     rng = np.random.default_rng(11)
     z = (rng.standard_normal((300, 2000)) * 3).astype(np.float32)
     y = rng.integers(0, 2000, 300)
@@ -244,7 +306,7 @@ def test_report_names_the_kernel(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [np.int8, np.int64, np.bool_, ">f4", ">f8"])
-def test_other_logit_dtypes_widen_exactly(dtype, monkeypatch):
+def test_other_logit_dtypes_widen_exactly(dtype, monkeypatch, on_target):
     rng = np.random.default_rng(5)
     z = rng.integers(-20, 20, size=(9, 13)).astype(dtype)
     y = rng.integers(0, 13, 9)
@@ -255,3 +317,126 @@ def test_other_logit_dtypes_widen_exactly(dtype, monkeypatch):
         reports.append(check_grad(z, y, grad=g.astype(np.float32), fd="sample"))
     assert reports[0].ok and reports[1].ok
     assert abs(reports[0].loss - reports[1].loss) <= 1e-15 * abs(reports[1].loss)
+
+
+# ----------------------------------------------------------------------------- targets and threads
+
+
+def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1):
+    """ce_softmax_rows on the current target with every output requested: (return code, outputs)."""
+    R, C = z.shape
+    w64 = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
+    w_y = np.ones(R) if w is None else w64[y]
+    inputs = {"alpha": (1 - smoothing) * w_y, "beta": np.full(R, smoothing / C),
+              "ys": np.ascontiguousarray(y, dtype=np.int64), "active": np.ones(R, dtype=np.uint8),
+              "work": np.empty(C + 8 + 2 * (C // 128 + 1))}
+    out = {name: np.full(R, np.nan) for name in ("loss", "row_max", "log1p_s1", "ratio_max", "max_abs", "max_rel")}
+    out.update({name: np.full(R, -1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
+    out.update({name: np.full((R, C), np.nan) for name in ("out_ref", "out_floor", "out_tol", "out_ratio")})
+    args = _Args(n_rows=R, n_cols=C, z=z.ctypes.data, z_is_f32=int(z.dtype == np.float32),
+                 g=g.ctypes.data, g_is_f32=int(g.dtype == np.float32),
+                 w=None if w64 is None else w64.ctypes.data,
+                 w_sum=float(C if w is None else w64.sum()), scale=1.0 / R, rtol=1e-3, abs_tol=1e-12,
+                 floor_coef=4 * 2.0**-23, n_threads=n_threads,
+                 **{k: v.ctypes.data for k, v in {**inputs, **out}.items()})
+    rc = kernel()(ctypes.byref(args))
+    return rc, out
+
+
+def _bits(out: dict) -> dict:
+    return {k: v.view(np.uint64) if v.dtype == np.float64 else v for k, v in out.items()}
+
+
+def _cases():
+    """Rows of every kind the kernel serves: widths around the lane and block sizes, both
+    dtypes, weights and smoothing, -inf masks, rows whose exp underflows, planted errors."""
+    rng = np.random.default_rng(2024)
+    for C, dtype, scale in [(1, np.float64, 1.0), (3, np.float32, 30.0), (9, np.float64, 1e3),
+                            (127, np.float32, 3.0), (129, np.float64, 800.0), (1031, np.float32, 2.0),
+                            (4099, np.float64, 40.0)]:
+        R = 21
+        z = (rng.standard_normal((R, C)) * scale).astype(dtype)
+        if C > 8:
+            z[rng.random((R, C)) < 0.1] = -np.inf
+            z[:, 5] = 0.0
+            z[3, 5:] = -np.inf
+            z[4] = -np.inf   # a zero maximum of either sign
+            z[4, [1, 6]] = [-0.0, 0.0]
+        y = rng.integers(0, C, R)
+        g = (rng.standard_normal((R, C)) * 1e-3).astype(dtype)
+        g[0, 0] = np.nan
+        w = rng.uniform(0.0, 2.0, C) if C % 2 else None
+        yield f"C{C}-{np.dtype(dtype).name}", z, g, y, w, 0.1 if C % 3 else 0.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_targets_give_identical_bits(case, monkeypatch):
+    """Every target this CPU runs, on the same rows: the same bits in every output."""
+    _, z, g, y, w, smoothing = case
+    runs = {}
+    for name in targets():
+        monkeypatch.setenv("CE_CHECK_TARGET", name)
+        rc, out = _raw_call(z, g, y, w=w, smoothing=smoothing)
+        assert rc == 0
+        runs[name] = _bits(out)
+    assert len(runs) >= 1
+    first, *others = runs
+    for name in others:
+        for key in runs[first]:
+            np.testing.assert_array_equal(runs[name][key], runs[first][key], err_msg=f"{name} vs {first}: {key}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_counts_give_identical_bits(dtype, on_target):
+    """1, 2 and 3 threads (60 x 1031 rows: enough entries for 3, see MIN_ENTRIES_PER_THREAD)."""
+    rng = np.random.default_rng(7)
+    R, C = 60, 1031
+    z = (rng.standard_normal((R, C)) * 5).astype(dtype)
+    y = rng.integers(0, C, R)
+    g = (rng.standard_normal((R, C)) * 1e-4).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C)
+    runs = []
+    for n in (1, 2, 3, 8):
+        rc, out = _raw_call(z, g, y, w=w, smoothing=0.05, n_threads=n)
+        assert rc == 0
+        runs.append(_bits(out))
+    for other in runs[1:]:
+        for key in runs[0]:
+            np.testing.assert_array_equal(other[key], runs[0][key], err_msg=key)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad_rows", [[45], [50, 12], [0], [59]])
+def test_threads_hand_back_the_first_bad_row(bad_rows):
+    rng = np.random.default_rng(1)
+    R, C = 60, 1031
+    z = rng.standard_normal((R, C))
+    for r in bad_rows:
+        z[r, 17] = np.nan
+    y = rng.integers(0, C, R)
+    for n in (1, 2, 3):
+        rc, _ = _raw_call(z, np.zeros_like(z), y, n_threads=n)
+        assert rc == min(bad_rows) + 1
+
+
+def test_target_selection(monkeypatch):
+    monkeypatch.setenv("CE_CHECK_TARGET", "no-such-target")
+    assert kernel() is None and target() == "numpy"
+    monkeypatch.setenv("CE_CHECK_FUSED", "0")
+    monkeypatch.delenv("CE_CHECK_TARGET")
+    assert target() == "numpy"
+    monkeypatch.delenv("CE_CHECK_FUSED")
+    if targets():
+        assert target() == targets()[0]  # the best by default
+    elif IN_CI:
+        pytest.fail("CI needs the compiled kernel: it did not build")
+
+
+def test_default_threads(monkeypatch):
+    from ce_cli.kernels.compiled import cpu_count, default_threads
+    monkeypatch.delenv("CE_CHECK_THREADS", raising=False)
+    assert 1 <= default_threads() == cpu_count() <= (os.cpu_count() or 1)
+    monkeypatch.setenv("CE_CHECK_THREADS", "3")
+    assert default_threads() == 3

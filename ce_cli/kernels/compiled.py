@@ -1,7 +1,8 @@
 """The compiled kernel (`_fused.c`), loaded with ctypes: loss, gradient, error floor and the
 comparison with the user's gradient, one row at a time in three sweeps, no (R, C) temporaries.
 
-`pip install` compiles it when a C compiler is present; it runs on x86-64 CPUs with AVX-512.
+`pip install` compiles it when a C compiler is present, for several targets (AVX-512, AVX2, SSE2
+or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` threads.
 It serves index targets (weights, ignore_index, label smoothing, -inf masks included); the numpy
 kernel in numpy_softmax.py, its reference, serves probability targets, rows it must report (NaN,
 +inf, all -inf) and every other CPU. `CE_CHECK_FUSED=0` turns it off.
@@ -34,34 +35,113 @@ class _Args(ctypes.Structure):
         ("loss", _P), ("row_max", _P), ("log1p_s1", _P),
         ("ratio_max", _P), ("max_abs", _P), ("max_rel", _P), ("mismatches", _P), ("nonfinite", _P),
         ("out_ref", _P), ("out_floor", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
+        ("n_threads", ctypes.c_int64),
     ]
 
 
+TARGET_ENV = "CE_CHECK_TARGET"    # avx512, avx2, sse2, neon, scalar: force one (default: the best)
+THREADS_ENV = "CE_CHECK_THREADS"  # threads per kernel call (default: the cores this process may use)
+
+
 @functools.cache
-def _kernel_entry():
-    """ce_softmax_rows from the built library when this CPU runs it (AVX-512), else None."""
+def _library():
+    """The built library, or None (not built, or it does not load)."""
     here = Path(__file__).resolve().parent
     for suffix in EXTENSION_SUFFIXES:
         path = here / f"_fused{suffix}"
         if path.exists():
             try:
                 lib = ctypes.CDLL(str(path))
-                if not lib.ce_supported():
-                    return None
-                fn = lib.ce_softmax_rows
+                lib.ce_softmax_rows.argtypes = [ctypes.POINTER(_Args)]
+                lib.ce_softmax_rows_on.argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p]
+                lib.ce_softmax_rows.restype = lib.ce_softmax_rows_on.restype = ctypes.c_int64
+                for name in ("ce_select_target", "ce_target_runs"):
+                    getattr(lib, name).argtypes = [ctypes.c_char_p]
+                    getattr(lib, name).restype = ctypes.c_int64
+                for name in ("ce_target", "ce_targets"):
+                    getattr(lib, name).restype = ctypes.c_char_p
             except (OSError, AttributeError):
                 return None
-            fn.argtypes = [ctypes.POINTER(_Args)]
-            fn.restype = ctypes.c_int64
-            return fn
+            return lib
     return None
 
 
+def targets() -> list[str]:
+    """The kernel's targets this CPU runs, best first ([] when the kernel is not built)."""
+    lib = _library()
+    if lib is None:
+        return []
+    return [t for t in lib.ce_targets().decode().split("|") if lib.ce_target_runs(t.encode())]
+
+
+@functools.cache
+def cpu_count() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 cpu.max quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(-(-int(quota) // int(period)))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Threads per kernel call: CE_CHECK_THREADS when set (>= 1), else cpu_count()."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text:
+        try:
+            return max(1, int(text))
+        except ValueError:
+            pass
+    return cpu_count()
+
+
+class _Entry:
+    """ce_softmax_rows_on one target, called as entry(ctypes.byref(args)) -> 0 or 1 + the first
+    row it hands back; n_threads 0 (unset) becomes default_threads()."""
+
+    def __init__(self, lib, target: str):
+        self.target = target
+        self._name = target.encode()
+        self._fn = lib.ce_softmax_rows_on
+
+    def __call__(self, ref) -> int:
+        args = ref._obj if hasattr(ref, "_obj") else ref.contents
+        if args.n_threads <= 0:
+            args.n_threads = default_threads()
+        return self._fn(ref, self._name)
+
+
+@functools.cache
+def _kernel_entry(target: str = ""):
+    """ce_softmax_rows on `target` ("": the best this CPU runs), or None when the library is not
+    built or this CPU does not run that target."""
+    lib = _library()
+    if lib is None:
+        return None
+    if not target:
+        lib.ce_select_target(None)  # the best this CPU runs
+        return _Entry(lib, lib.ce_target().decode())
+    return _Entry(lib, target) if lib.ce_target_runs(target.encode()) else None
+
+
 def kernel():
-    """The compiled entry point, or None (not built, no AVX-512, or CE_CHECK_FUSED=0)."""
+    """The compiled entry point, or None (not built, CE_CHECK_FUSED=0, or CE_CHECK_TARGET names a
+    target this CPU does not run)."""
     if os.environ.get("CE_CHECK_FUSED", "").strip().lower() in ("0", "off", "false", "no"):
         return None
-    return _kernel_entry()
+    return _kernel_entry(os.environ.get(TARGET_ENV, "").strip().lower())
+
+
+def target() -> str:
+    """The target kernel() runs (avx512, avx2, sse2, neon, scalar), or "numpy" without it."""
+    fn = kernel()
+    return "numpy" if fn is None else fn.target
 
 
 def _ptr(a: np.ndarray | None) -> int | None:

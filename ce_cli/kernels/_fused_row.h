@@ -1,0 +1,355 @@
+/* The row kernel, written once over a lane count. _fused.c includes this file once per target
+ * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
+ * `#pragma GCC target` region; it defines one function, rows_<CE_SFX>, and nothing else that
+ * outlives the inclusion.
+ *
+ * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
+ * in the same order for every lane count, and the only sums across entries (s1 and the label
+ * smoothing sum) always use 8 accumulators, entry c going to accumulator c % 8, whatever W is
+ * (W = 4: two vectors, W = 1: eight scalars). Maxima and counts do not depend on the order.
+ */
+#ifndef CE_W
+#error "define CE_W and CE_SFX before including _fused_row.h"
+#endif
+
+#define CE_CAT2(a, b) a##_##b
+#define CE_CAT(a, b) CE_CAT2(a, b)
+#define T(name) CE_CAT(name, CE_SFX)
+#define W CE_W
+#define G (8 / CE_W)        /* vectors per group of 8 accumulators */
+#define AI static inline __attribute__((always_inline))
+
+typedef double T(vd) __attribute__((vector_size(W * 8)));
+typedef int64_t T(vl) __attribute__((vector_size(W * 8)));
+typedef uint64_t T(vu) __attribute__((vector_size(W * 8)));
+typedef float T(vf) __attribute__((vector_size(W * 4)));
+#define vd T(vd)
+#define vl T(vl)
+#define vu T(vu)
+#define vf T(vf)
+
+#define sel(mask, a, b) ((vd)(((vl)(a) & (mask)) | ((vl)(b) & ~(mask))))
+#define vabs(x) ((vd)((vl)(x) & ((vl){0} + INT64_MAX)))
+#define splat(x) ((vd){0} + (double)(x))
+#define ALL ((vl){0} - 1)
+#define LIVE(c) (IOTA < (vl){0} + (C - (c)))  /* lanes inside the row */
+
+#if W == 8
+#define IOTA ((vl){0, 1, 2, 3, 4, 5, 6, 7})
+#elif W == 4
+#define IOTA ((vl){0, 1, 2, 3})
+#elif W == 2
+#define IOTA ((vl){0, 1})
+#else
+#define IOTA ((vl){0})
+#endif
+
+/* table[j] lane by lane, table of 8 (see CE_EXP2_HI) */
+AI vd T(table8)(const double *table, vl j) {
+#if W == 8
+    vd t;
+    memcpy(&t, table, sizeof t);
+    return __builtin_shuffle(t, j);
+#elif W == 4 && CE_HAVE_SHUFFLE
+    vd t0, t1;
+    memcpy(&t0, table, sizeof t0);
+    memcpy(&t1, table + 4, sizeof t1);
+    return __builtin_shuffle(t0, t1, j);
+#else
+    vd v;
+    for (int i = 0; i < W; i++) v[i] = table[j[i]];
+    return v;
+#endif
+}
+
+/* exp(x) for x <= 0 (-inf too when not `normal`). x = (8e + j) ln2/8 + r with |r| <= ln2/16;
+ * exp(x) = 2^e (T[j] + T[j] q(r)), q(r) = exp(r) - 1 to r^8 (remainder < 2e-18 relative),
+ * T[j] = 2^(j/8) as hi + lo. Error below one ulp, like numpy's exp. `normal` (a constant):
+ * the caller knows x >= -708, so the result is normal and 2^e one multiplication; otherwise
+ * 2^e is applied in two steps (a subnormal result rounds once) and x < -745.2 gives 0.
+ * No double <-> integer conversion: k comes from the bits of t (the 1.5 * 2^52 shifter) and
+ * 2^e is built by integer operations on the exponent field, so every ISA keeps it in vectors. */
+AI vd T(vexp_neg)(vd x, int normal) {
+    const vd shift = splat(0x1.8p52);
+    vd xc = normal ? x : sel(x < splat(-746.0), splat(-746.0), x);
+    vd t = xc * splat(0x1.71547652b82fep+3) + shift;   /* 8 / ln2 */
+    vd kd = t - shift;
+    vd r = (xc - kd * splat(0x1.62e42fee00000p-4)) - kd * splat(0x1.a39ef35793c76p-36);
+    vd r2 = r * r, r4 = r2 * r2;
+    vd a1 = splat(1.0 / 2) + splat(1.0 / 6) * r;
+    vd a2 = splat(1.0 / 24) + splat(1.0 / 120) * r;
+    vd a3 = splat(1.0 / 720) + splat(1.0 / 5040) * r + splat(1.0 / 40320) * r2;
+    vd q = r + r2 * ((a1 + a2 * r2) + a3 * r4);
+    /* k = 8e + j in [-8612, 0], from t's low bits; the shifts act on k + 2^14 >= 0 */
+    vu k = (vu)t - (vu)shift + (1 << 14);
+    vl j = (vl)(k & 7);
+    vd hi = T(table8)(CE_EXP2_HI, j);
+    vd p = hi + (T(table8)(CE_EXP2_LO, j) + hi * q);
+    vu e = (k >> 3) - (1 << 11) + 1023;  /* biased exponent of 2^e */
+    if (normal) return p * (vd)(e << 52);
+    vu e1 = (e + 1024) >> 1;             /* 2^ceil(e/2), biased: both factors stay normal */
+    vd s1 = (vd)(e1 << 52);
+    vd s2 = (vd)((e - e1 + 1023) << 52);
+    return sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+}
+
+/* Lanes [c0, c0 + n) of a row as doubles, 1 <= n <= W; the rest repeat the first lane
+ * (callers mask them). */
+AI vd T(load_row)(const void *base, int is_f32, int64_t c0, int64_t n) {
+    vd v;
+    if (is_f32) {
+        const float *p = (const float *)base + c0;
+        if (n == W) {
+            vf f;
+            memcpy(&f, p, sizeof f);
+#ifdef CE_CVT_PS_PD
+            return (vd)CE_CVT_PS_PD(f);
+#else
+            return __builtin_convertvector(f, vd);
+#endif
+        }
+        for (int i = 0; i < W; i++) v[i] = p[i < n ? i : 0];
+    } else {
+        const double *p = (const double *)base + c0;
+        if (n == W) {
+            memcpy(&v, p, sizeof v);
+            return v;
+        }
+        for (int i = 0; i < W; i++) v[i] = p[i < n ? i : 0];
+    }
+    return v;
+}
+
+/* The first n lanes of v to p[0..n). */
+AI void T(store)(double *p, vd v, int64_t n) {
+    if (n == W) memcpy(p, &v, sizeof v);
+    else for (int i = 0; i < n; i++) p[i] = v[i];
+}
+
+/* The 8 accumulators acc[0..G), lane i of acc[k] being accumulator k W + i, pairwise:
+ * ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) */
+AI double T(hsum8)(const vd *acc) {
+    double v[8];
+    memcpy(v, acc, sizeof v);
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+AI double T(hmax)(vd v) {
+    double m = v[0];
+    for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
+ * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
+ * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
+ * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
+AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    const int64_t C = a->n_cols;
+    const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
+    const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
+    const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    double *e_row = work;
+
+    /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
+     * (a mask) is let through */
+    const vd neg_inf = splat(-INFINITY);
+    vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
+    vl vidx = (vl){0};
+#define PASS1(c, live, nn) do {                                                  \
+        vd v = T(load_row)(z, z32, c, (nn));                                  \
+        vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
+        vl gt = (live) & (v > vmax);                                          \
+        vmax = sel(gt, v, vmax);                                              \
+        vmin = sel((live) & (v < vmin), v, vmin);                             \
+        vidx = (vl)sel(gt, (vd)(IOTA + (c)), (vd)vidx);                       \
+    } while (0)
+    for (int64_t c = 0; c < body; c += W) PASS1(c, ALL, W);
+    if (tail) PASS1(body, LIVE(body), tail);
+    double bad = vbad[0];
+    for (int i = 1; i < W; i++) bad += vbad[i];
+    if (bad != 0.0) return 1;
+    const double vm_max = T(hmax)(vmax);
+    if (vm_max == -INFINITY) return 1;
+    double lo = vmin[0];
+    for (int i = 1; i < W; i++) lo = vmin[i] < lo ? vmin[i] : lo;
+    int64_t am = C;
+    for (int i = 0; i < W; i++)
+        if (vmax[i] == vm_max && vidx[i] < am) am = vidx[i];
+    /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
+    const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
+    const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
+
+    const double alpha = a->alpha[r], beta = a->beta[r];
+    const int64_t y = a->ys[r];
+    const double *w = a->w;
+    const vd vm = splat(m);
+    const vl vam = (vl){0} + am;
+    /* pass 2: e = exp(z - m) (0 at the arg-max), s1 = sum e; sum (z - m) w for smoothing.
+     * 8 accumulators over blocks of 128 entries (entry c in accumulator c % 8), then pairwise
+     * over blocks. */
+    vd acc_e[G], acc_z[G];
+    for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);
+    double *blk_e = e_row + C + 8, *blk_z = blk_e + C / BLOCK + 1;
+    int64_t nb = 0;
+#define PASS2(k, c, live, nn, nrm) do {                                      \
+        vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
+        vd e = sel(live, T(vexp_neg)(zs, nrm), splat(0.0));                   \
+        memcpy(e_row + (c), &e, sizeof e);                                    \
+        acc_e[k] += e;                                                        \
+        if (beta != 0.0) {                                                    \
+            vd wv = w ? T(load_row)(w, 0, c, nn) : splat(1.0);               \
+            vd wz = sel(wv != 0, wv * zs, splat(0.0));  /* 0 * -inf: 0 */     \
+            acc_z[k] += sel(live, wz, splat(0.0));                            \
+        }                                                                     \
+    } while (0)
+    /* the arg-max's group masks its lane out of the sum; every other full group needs no mask */
+    const int64_t am_grp = am - am % 8;
+#define PASS2_ROW(nrm) do {                                                  \
+        for (int64_t c = 0; c < body8; c += 8) {                               \
+            if (c == am_grp) {                                                 \
+                for (int k = 0; k < G; k++)                                    \
+                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm);    \
+            } else {                                                           \
+                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm);  \
+            }                                                                  \
+            if ((c & (BLOCK - 1)) == BLOCK - 8) {                              \
+                blk_e[nb] = T(hsum8)(acc_e);                                   \
+                blk_z[nb++] = T(hsum8)(acc_z);                                 \
+                for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);  \
+            }                                                                  \
+        }                                                                      \
+        for (int k = 0; k < G && k * W < tail8; k++) {                         \
+            const int64_t c = body8 + k * W;                                   \
+            PASS2(k, c, LIVE(c) & (IOTA + c != vam),                           \
+                  tail8 - k * W < W ? tail8 - k * W : W, nrm);                 \
+        }                                                                      \
+    } while (0)
+    if (normal) PASS2_ROW(1);
+    else PASS2_ROW(0);
+    if (C % BLOCK) {
+        blk_e[nb] = T(hsum8)(acc_e);
+        blk_z[nb++] = T(hsum8)(acc_z);
+    }
+    const double sum_e = ce_pairwise(blk_e, nb), sum_z = beta != 0.0 ? ce_pairwise(blk_z, nb) : 0.0;
+    e_row[am] = 1.0;
+    const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
+    const double Q = alpha + beta * a->w_sum;
+    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
+    double qz = alpha != 0.0 ? alpha * zy : 0.0;
+    if (beta != 0.0) qz = qz + beta * sum_z;
+    a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
+    a->row_max[r] = m;
+    a->log1p_s1[r] = l1;
+    if (!a->g && !a->out_ref && !a->out_floor) return 0;
+
+    /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:
+     *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
+     *   floor = ((1 + l1 + |lse|) - zs) e (k eps scale |Q| / s) + (k eps scale |beta|) |w|
+     *           + [c = y] k eps scale |alpha|
+     * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s). */
+    const double scale = a->scale, coef = a->floor_coef;
+    const double k_g = Q * scale / s, k_b = beta * scale, k_a = alpha * scale;
+    const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
+    const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
+    const double w_am = w ? w[am] : 1.0;
+    const double rest = (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double g_am = scale * (rest - Q * s1 / s);
+    const int sure = s1 <= 1.0;
+    const vl vy = (vl){0} + y;
+    const vd rtol = splat(a->rtol), abs_tol = splat(a->abs_tol), one = splat(1.0);
+    vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0);
+    vl v_mis = (vl){0}, v_nf = (vl){0};
+    const void *gu = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
+#define PASS3(c, live, nn, spec) do {                                        \
+        const int64_t n = (nn);                                              \
+        vl ids = IOTA + (c);                                                  \
+        vd e, wv = w ? T(load_row)(w, 0, c, n) : one;                         \
+        memcpy(&e, e_row + (c), sizeof e);                                    \
+        vd zs = T(load_row)(z, z32, c, n) - vm;                               \
+        vd g = e * splat(k_g);                                                \
+        if (k_b != 0.0) g = g - splat(k_b) * wv;                              \
+        if (spec) g = sel(ids == vy, g - splat(k_a), g);                      \
+        if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \
+        vd fl = ((splat(big_a) - zs) * e) * splat(k_f);                       \
+        if (!normal) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
+        if (k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);                    \
+        if (spec) fl = sel(ids == vy, fl + splat(k_fa), fl);                  \
+        vd absg = vabs(g);                                                    \
+        vd tol = (absg * rtol + abs_tol) + fl;                                \
+        if (a->out_ref) T(store)(a->out_ref + r * C + (c), g, n);             \
+        if (a->out_floor) T(store)(a->out_floor + r * C + (c), fl, n);        \
+        if (a->out_tol) T(store)(a->out_tol + r * C + (c), tol, n);           \
+        if (gu) {                                                             \
+            vd d = vabs(T(load_row)(gu, g32, c, n) - g);                      \
+            vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
+            vd ratio = sel(odd, splat(INFINITY), d / tol);                    \
+            ratio = sel(live, ratio, splat(0.0));                             \
+            v_nf -= odd;                                                      \
+            v_mis -= (live) & (ratio > one);                                  \
+            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
+            vd rel = sel((live) & (d == d) & (g != 0), d / absg, splat(0.0)); \
+            v_rel = sel(rel > v_rel, rel, v_rel);                             \
+            v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
+            if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+        }                                                                     \
+    } while (0)
+    /* only the target's and the arg-max's vectors need the per-entry corrections */
+    const int64_t y_blk = y - y % W, am_blk = am - am % W;
+    for (int64_t c = 0; c < body; c += W) {
+        if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1);
+        else PASS3(c, ALL, W, 0);
+    }
+    if (tail) PASS3(body, LIVE(body), tail, 1);
+    if (!gu) return 0;
+    int64_t mis = 0, nf = 0;
+    for (int i = 0; i < W; i++) {
+        mis += v_mis[i];
+        nf += v_nf[i];
+    }
+    a->ratio_max[r] = T(hmax)(v_ratio);
+    a->max_abs[r] = T(hmax)(v_abs);
+    a->max_rel[r] = T(hmax)(v_rel);
+    a->mismatches[r] = mis;
+    a->nonfinite[r] = nf;
+    return 0;
+}
+
+/* Rows [r0, r1) with scratch `work`: 0, or 1 + the first bad row (see ce_softmax_rows). Stops
+ * early once another thread has found a bad row before the current one (*stop, 1 + row). */
+static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    for (int64_t r = r0; r < r1; r++) {
+        if (__atomic_load_n(stop, __ATOMIC_RELAXED) <= r) return 0;
+        int bad;
+        if (a->z_is_f32)
+            bad = a->g_is_f32 ? T(row_kernel)(a, work, r, 1, 1) : T(row_kernel)(a, work, r, 1, 0);
+        else
+            bad = a->g_is_f32 ? T(row_kernel)(a, work, r, 0, 1) : T(row_kernel)(a, work, r, 0, 0);
+        if (bad) return r + 1;
+    }
+    return 0;
+}
+
+#undef PASS1
+#undef PASS2
+#undef PASS2_ROW
+#undef PASS3
+#undef sel
+#undef vabs
+#undef splat
+#undef ALL
+#undef LIVE
+#undef IOTA
+#undef vd
+#undef vl
+#undef vu
+#undef vf
+#undef AI
+#undef G
+#undef W
+#undef T
+#undef CE_CAT
+#undef CE_CAT2
+#undef CE_W
+#undef CE_SFX
+#undef CE_CVT_PS_PD
