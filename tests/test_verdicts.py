@@ -169,3 +169,95 @@ def test_no_false_alarm_on_framework_gradients(path):
                                    loss=arrays["loss"], weight=arrays.get("weight"), fd="off",
                                    **opts)
     assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+
+
+# --- diagnosis zoo: every planted bug gets its cause, the verdict says why -----------------
+
+
+def _zoo(kind: str):
+    rng = np.random.default_rng(11)
+    n, c = 64, 40
+    z = rng.standard_normal((n, c)).astype(np.float32)
+    y = rng.integers(0, c, size=n)
+    opts: dict = {}
+    a = softmax(z.astype(np.float64))
+    onehot = np.eye(c)[y]
+    g = (a - onehot) / n
+    if kind == "sum_not_mean":
+        g = g * n
+    elif kind == "sign":
+        g = -g
+    elif kind == "ignored_rows":
+        y[:8] = -100
+        g = (a - np.eye(c)[np.where(y < 0, 0, y)]) / (n - 8)
+    elif kind == "target_missing":
+        g = a / n
+    elif kind == "wrong_axis":
+        e = np.exp(z - z.max(axis=0, keepdims=True))
+        g = (e / e.sum(axis=0, keepdims=True) - onehot) / n
+    elif kind == "z_loss_on":
+        lse = np.log(np.exp(z.astype(np.float64)).sum(axis=1))
+        g = (a * (1 + 2 * 1e-2 * lse)[:, None] - onehot) / n
+    elif kind == "smoothing_form":
+        opts = {"label_smoothing": 0.1}
+        q = np.full((n, c), 0.1 / (c - 1))
+        q[np.arange(n), y] = 0.9
+        g = (a - q) / n
+    elif kind == "nan":
+        g[3, 5] = np.nan
+    elif kind == "isolated":
+        g[7, 2] *= 1.5
+    return z, y, g.astype(np.float32), opts
+
+
+ZOO = {"sum_not_mean": "scale", "sign": "sign", "ignored_rows": "ignored_rows",
+       "target_missing": "target_only", "wrong_axis": "wrong_axis", "z_loss_on": "row_factor",
+       "smoothing_form": "smoothing_form", "nan": "nonfinite", "isolated": "isolated"}
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_diagnosis_names_the_planted_bug(kind):
+    z, y, g, opts = _zoo(kind)
+    report = ce_cli.check_grad(z, y, grad=g, fd="off", **opts)
+    assert not report.ok
+    codes = [d.code for d in report.diagnosis]
+    assert codes and codes[0] == ZOO[kind], (codes, [d.message for d in report.diagnosis])
+    assert report.verdict.startswith("FAIL \u2014 grad_vs_reference: ")
+    assert report.diagnosis[0].message in report.verdict
+
+
+def test_sum_instead_of_mean_names_the_count():
+    z, y, g, _ = _zoo("sum_not_mean")
+    report = ce_cli.check_grad(z, y, grad=g, fd="off")
+    assert "sum instead of mean over 64 rows" in report.diagnosis[0].message
+
+
+def test_correct_gradients_get_no_diagnosis():
+    z, y, _g, _ = _zoo("none")
+    g = ((softmax(z.astype(np.float64)) - np.eye(40)[y]) / 64).astype(np.float32)
+    report = ce_cli.check_grad(z, y, grad=g, fd="off")
+    assert report.ok and report.diagnosis == () and report.verdict == "PASS"
+
+
+def test_self_check_only_says_so(invoke):
+    z, y, _g, _ = _zoo("none")
+    report = ce_cli.check_grad(z, y, fd="off")
+    assert report.verdict.startswith("PASS \u2014 reference self-check only")
+
+
+def test_verdict_and_diagnosis_in_json_and_table(invoke, tmp_path):
+    z, y, g, _ = _zoo("sign")
+    paths = []
+    for name, arr in (("z.npy", z), ("y.npy", y), ("g.npy", g)):
+        np.save(tmp_path / name, arr)
+        paths.append(str(tmp_path / name))
+    result = invoke(["grad", *paths[:2], "--grad", paths[2], "--json"])
+    data = json.loads(result.stdout)
+    assert data["diagnosis"][0]["code"] == "sign" and set(data["diagnosis"][0]) == {
+        "code", "message", "evidence"}
+    assert data["verdict"].startswith("FAIL")
+    table = invoke(["grad", *paths[:2], "--grad", paths[2]])
+    assert "likely cause (sign)" in table.stdout
+    assert "verdict: FAIL \u2014 grad_vs_reference" in table.stdout
+    self_only = invoke(["grad", *paths[:2]])
+    assert "pass --grad or --loss to check yours" in self_only.stdout

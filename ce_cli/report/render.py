@@ -9,11 +9,23 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ce_cli.errors import as_flags
 from ce_cli.report.format import FAIL, PASS, fmt, fmt_value, json_safe, json_text
 from ce_cli.verify.results import CheckResult, Report
 
 def render_table(report: Report, console: Console) -> None:
-    """Inputs, loss, one row per check, then each check's worst entries."""
+    """Inputs, loss, one row per check, each check's worst entries, the likely causes, the verdict."""
+    _render_inputs(report, console)
+    if report.checks:
+        _render_checks(report, console)
+    for d in report.diagnosis:
+        console.print(Text(f"likely cause ({d.code}): {d.message} [{d.evidence}]"))
+    word, _, reason = as_flags(report.verdict or ("PASS" if report.ok else "FAIL")).partition(" ")
+    verdict = Text(word, style="bold green" if report.ok else "bold red")
+    console.print(Text("verdict: ").append(verdict).append(f" {reason}" if reason else ""))
+
+
+def _render_inputs(report: Report, console: Console) -> None:
     inputs = Table(title="inputs", title_justify="left", show_edge=False, pad_edge=False)
     for col in ("role", "source", "shape", "dtype"):
         inputs.add_column(col)
@@ -29,27 +41,27 @@ def render_table(report: Report, console: Console) -> None:
     loss_label = "loss (sum of per-sample losses)" if report.reduction == "none" else "loss"
     console.print(Text(f"{loss_label}: {fmt_value(report.loss)}"))
 
-    if report.checks:
-        table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False)
-        for col, justify in (("check", "left"), ("", "center"), ("max abs err", "right"),
-                             ("max rel err", "right"), ("mismatches", "right")):
-            table.add_column(col, justify=justify, no_wrap=True)
-        for c in report.checks:
-            mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
-            table.add_row(c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
-                          f"{c.mismatches}/{c.total}")
-        console.print(table)
-        for c in report.checks:
-            console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
-        for c in report.checks:
-            if c.worst and (not c.ok or c.name == "grad_vs_reference"):
-                console.print(worst_table(c))
-    verdict = Text("PASS", style="bold green") if report.ok else Text("FAIL", style="bold red")
-    console.print(Text("verdict: ").append(verdict))
+
+def _render_checks(report: Report, console: Console) -> None:
+    table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False)
+    for col, justify in (("check", "left"), ("", "center"), ("max abs err", "right"),
+                         ("max rel err", "right"), ("mismatches", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for c in report.checks:
+        mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
+        table.add_row(c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
+                      f"{c.mismatches}/{c.total}")
+    console.print(table)
+    for c in report.checks:
+        console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
+    for c in report.checks:
+        if c.worst and (not c.ok or c.name == "grad_vs_reference"):
+            console.print(worst_table(c))
 
 
 def worst_table(check: CheckResult) -> Table:
-    title = f"{check.name}: worst entries" + ("" if check.ok else " (✗ = over tolerance)")
+    title = (f"{check.name}: worst entries, ranked by error / allowed"
+             + ("" if check.ok else " (✗ = over tolerance)"))
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for col in ("index", check.expected_label, check.got_label, "abs err", "allowed", ""):
         table.add_column(col, justify="right" if col != "index" else "left")

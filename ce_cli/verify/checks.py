@@ -18,7 +18,7 @@ from ce_cli.verify.bridge import two_class_bridge
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
 from ce_cli.verify.reference import Reference, softmax_reference
-from ce_cli.verify.results import CheckResult, Report
+from ce_cli.verify.results import CheckResult, Report, verdict_line
 
 __all__ = ["Reference", "check_binary", "check_grad", "reference", "two_class_bridge"]
 
@@ -130,5 +130,6 @@ def _check_two_class(z: np.ndarray, y: np.ndarray, weight, pos_weight, opts: Che
     skipped = int(np.count_nonzero(masked))
     bridge = two_class_bridge(problem, opts.worst,
                               note=f"{skipped} masked or ignored rows left out" if skipped else "")
-    return replace(report, checks=report.checks + (bridge,), ok=report.ok and bridge.ok,
+    checks, ok = report.checks + (bridge,), report.ok and bridge.ok
+    return replace(report, checks=checks, ok=ok, verdict=verdict_line(ok, checks, report.diagnosis),
                    warnings=tuple(w for w in report.warnings if "two classes" not in w))

@@ -20,7 +20,7 @@ from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.results import CheckResult, InputInfo, Report
+from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad)
@@ -71,13 +71,15 @@ def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, 
     ranked = [r for stage in stages for r in stage.finish()]
     ranked += [(5, c) for c in run.extra_checks]
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
+    ok = all(c.ok for c in checks)
+    diagnosis = grad_stage.diagnosis if grad_stage is not None else ()
     skipped = sum(getattr(s, "skipped", 0) for s in stages)
     if skipped:
         warnings.append(f"finite differences skipped {skipped} entries at -inf logits or "
                         "in rows whose loss is infinite")
     return Report(
         kind=run.kind,
-        ok=all(c.ok for c in checks),
+        ok=ok,
         loss=float(problem.reduce(total.total())),
         loss_per_sample_shape=problem.per_sample_shape if problem.reduction == "none" else None,
         shape=tuple(inputs.logits.shape),
@@ -93,6 +95,8 @@ def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, 
         fd_evaluations=sum(getattr(s, "evaluations", 0) for s in stages),
         options={**run.report_options, "precision": user.tol.precision if user else None,
                  "kernel": problem.kernel_name},
+        diagnosis=diagnosis,
+        verdict=verdict_line(ok, checks, diagnosis),
     )
 
 

@@ -46,6 +46,15 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
+class Diagnosis:
+    """A likely cause of a failed check: a stable `code`, a sentence, the numbers behind it."""
+
+    code: str
+    message: str
+    evidence: str
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything one `ce-check grad` run established."""
 
@@ -65,3 +74,22 @@ class Report:
     fd_mode: str = "off"
     fd_evaluations: int = 0
     options: dict = field(default_factory=dict)
+    diagnosis: tuple[Diagnosis, ...] = ()
+    verdict: str = ""
+
+
+USER_CHECKS = ("grad_vs_reference", "loss_vs_reference", "fd_vs_grad", "fd_rows_vs_grad")
+
+
+def verdict_line(ok: bool, checks: tuple[CheckResult, ...], diagnosis: tuple[Diagnosis, ...]) -> str:
+    """PASS or FAIL with the reason: the first failing check's count and the likely cause."""
+    if ok:
+        if not any(c.name in USER_CHECKS for c in checks):
+            return "PASS — reference self-check only: pass `grad` or `loss` to check yours"
+        return "PASS"
+    failed = next(c for c in checks if not c.ok)
+    what = "entries" if failed.name != "normaliser" else "rows"
+    reason = f"{failed.name}: {failed.mismatches:,}/{failed.total:,} {what}"
+    if diagnosis:
+        reason += f", {diagnosis[0].message}"
+    return f"FAIL — {reason}"

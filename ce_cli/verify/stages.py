@@ -22,9 +22,10 @@ from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.verify.allowance import RowAllowance, normaliser_bound
 from ce_cli.verify.compare import Comparison
+from ce_cli.verify.diagnosis import diagnose
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
-from ce_cli.verify.results import CheckResult
+from ce_cli.verify.results import CheckResult, Diagnosis
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound's own rounding
@@ -102,11 +103,17 @@ class GradStage(Stage):
     def __init__(self, problem, user: UserGrad, worst: int) -> None:
         self.problem, self.user = problem, user
         self.allowance = user.allowance(problem)
+        self.diagnosis: tuple[Diagnosis, ...] = ()
         self.cmp = _comparison("grad_vs_reference", user.tol, problem.layout.original_index, worst,
                                user=True, allowance=self.allowance)
 
     def finish(self) -> Ranked:
-        out = [(1, self.cmp.result())]
+        result = self.cmp.result()
+        out = [(1, result)]
+        if not result.ok:
+            self.diagnosis = diagnose(self.problem, self.user.rows,
+                                      [r for r, _c in self.cmp.positions()], result.mismatches,
+                                      result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps))
         a = self.allowance
         if a.rows_over or (a.rows_rescued and a.max_factor):
             where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()

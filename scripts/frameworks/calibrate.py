@@ -59,6 +59,15 @@ def plants(arrays: dict, meta: dict):
     yield "entry_x_1.01", np.moveaxis(moved, -1, axis).astype(arrays["grad"].dtype)
 
 
+def _finite(obj):
+    """JSON without bare inf/NaN: non-finite numbers become null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    return obj
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dirs", nargs="+")
@@ -90,7 +99,7 @@ def main() -> int:
                 else:
                     min_bug = min(min_bug, grad_ratio)
         if out:
-            out.write(json.dumps(rec, allow_nan=False, default=str).replace("Infinity", "null") + "\n")
+            out.write(json.dumps(_finite(rec), allow_nan=False, default=str) + "\n")
     print(f"{len(paths)} correct framework gradients: {len(alarms)} false alarms; "
           f"largest |err|/allowed among passing cases {worst_ok:.3g}")
     for name, bad in alarms[:40]:

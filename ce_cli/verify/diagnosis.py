@@ -1,0 +1,192 @@
+"""Name the likely cause of a failed gradient check from the error's pattern, with evidence.
+
+Run only when `grad_vs_reference` failed, on a sample of rows (the rows of the worst entries
+first, then rows spread over the batch; at most SAMPLE_ROWS), so its cost stays small. Each
+rule looks at d = yours - reference on those rows:
+
+- nonfinite:        NaN or inf in yours
+- scale:            yours = K * reference everywhere (K = -1: the sign; K = D or N: a reduction)
+- ignored_rows:     every error sits in an ignored row (ignored rows not zeroed)
+- target_only:      every error sits at a target entry (the -y missing or applied twice)
+- wrong_axis:       yours matches softmax over another axis of the logits (or the transpose)
+- smoothing_form:   yours matches label smoothing of the other form (alpha/C vs alpha/(C-1))
+- row_factor:       each row's softmax terms are off by one common factor (a normaliser error,
+                    or an extra term like z-loss)
+- isolated:         a few isolated entries
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ce_cli.verify.results import Diagnosis
+
+SAMPLE_ROWS = 512
+CLOSE = 1e-3  # relative agreement that counts as "matches"
+
+
+@dataclass
+class _Sample:
+    rows: np.ndarray
+    ref: np.ndarray     # (R, C) reference gradient of the reduced loss
+    got: np.ndarray     # (R, C) yours, float64
+    q: np.ndarray       # (R, C) target weights
+    valid: np.ndarray   # (R,) rows that contribute
+
+    @property
+    def d(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self.got - self.ref
+
+
+def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: int, total: int,
+             allowed_rel: float) -> tuple[Diagnosis, ...]:
+    """Likely causes of your gradient's mismatches, most specific first (may be empty)."""
+    sample = _sample(problem, user_rows, worst_rows)
+    if sample is None:
+        return ()
+    found = []
+    for rule in (_nonfinite, _scale, _ignored_rows, _target_only, _wrong_axis, _smoothing_form,
+                 _row_factor):
+        hit = rule(problem, sample, allowed_rel)
+        if hit is not None:
+            found.append(hit)
+    if not found and 0 < mismatches <= max(10, total // 1000):
+        found.append(Diagnosis("isolated", f"{mismatches} isolated entries are wrong; the rest "
+                               "match", f"{mismatches} of {total} entries over the tolerance"))
+    return tuple(found)
+
+
+def _sample(problem: Any, user_rows: Any, worst_rows: list[int]) -> _Sample | None:
+    N = problem.n_rows
+    spread = np.linspace(0, N - 1, num=min(N, SAMPLE_ROWS), dtype=np.int64)
+    rows = np.unique(np.concatenate([np.asarray(worst_rows, dtype=np.int64), spread]))[:SAMPLE_ROWS]
+    target_weights = getattr(problem, "target_weights", None)
+    if target_weights is None or rows.size == 0:
+        return None
+    ev = problem.evaluate_rows(np.asarray(problem.z[rows]), rows)
+    got = np.asarray(user_rows[rows], dtype=np.float64)
+    q, _spread = target_weights(rows)
+    return _Sample(rows, ev.grad, got, q, problem.valid[rows])
+
+
+def _nonfinite(problem, s: _Sample, _tol) -> Diagnosis | None:
+    bad = ~np.isfinite(s.got)
+    if not bad.any():
+        return None
+    r, c = (int(v) for v in np.argwhere(bad)[0])
+    where = problem.layout.original_index(int(s.rows[r]), c)
+    return Diagnosis("nonfinite", "your gradient holds NaN or inf",
+                     f"{int(bad.sum())} non-finite entries in the sampled rows, first at {where}")
+
+
+def _ratio(s: _Sample) -> np.ndarray | None:
+    """yours / reference on the entries where the reference is clearly nonzero."""
+    big = np.abs(s.ref) > 1e-6 * np.abs(s.ref).max() if s.ref.size else np.zeros(0, bool)
+    if np.count_nonzero(big) < 4 or not np.isfinite(s.got[big]).all():
+        return None
+    return s.got[big] / s.ref[big]
+
+
+def _scale(problem, s: _Sample, _tol) -> Diagnosis | None:
+    ratio = _ratio(s)
+    if ratio is None:
+        return None
+    k = float(np.median(ratio))
+    if abs(k - 1) < CLOSE or not np.allclose(ratio, k, rtol=CLOSE):
+        return None
+    evidence = f"yours / reference = {k:.6g} on every sampled entry"
+    if abs(k + 1) < CLOSE:
+        return Diagnosis("sign", "the sign is flipped (yours = -reference)", evidence)
+    n_rows, n_valid = problem.n_rows, int(np.count_nonzero(problem.valid))
+    hints = {f"sum instead of mean over {n_valid} rows?": n_valid,
+             f"mean over all {n_rows} rows instead of the {n_valid} not ignored?": n_valid / n_rows,
+             f"mean over {n_rows} rows where the sum was meant?": 1.0 / n_rows,
+             f"divided by N*C = {n_rows * problem.n_classes}?": 1.0 / problem.n_classes}
+    for text, value in hints.items():
+        if value != 1 and abs(k / value - 1) < CLOSE:
+            return Diagnosis("scale", f"yours = {k:.6g} x reference: {text}", evidence)
+    return Diagnosis("scale", f"yours = {k:.6g} x reference everywhere (a wrong scale factor)",
+                     evidence)
+
+
+def _bad(s: _Sample, tol: float) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.abs(s.d) > tol * np.maximum(np.abs(s.ref), np.abs(s.ref).max() * 1e-6)
+
+
+def _ignored_rows(problem, s: _Sample, tol) -> Diagnosis | None:
+    bad = _bad(s, tol)
+    if s.valid.all() or not bad.any() or bad[s.valid].any():
+        return None
+    n = int(bad.any(axis=1).sum())
+    return Diagnosis("ignored_rows", "every error is in an ignored row: ignored rows not zeroed",
+                     f"{n} ignored rows of the sample carry errors; the other rows match")
+
+
+def _target_only(problem, s: _Sample, tol) -> Diagnosis | None:
+    bad = _bad(s, tol)
+    target = s.q != 0
+    if not bad.any() or (bad & ~target).any() or problem.smoothing:
+        return None
+    scale = problem.grad_scale
+    k = np.median(s.d[bad] / (s.q[bad] * scale))
+    what = "missing" if abs(k - 1) < 0.05 else ("applied twice" if abs(k + 1) < 0.05 else "wrong")
+    return Diagnosis("target_only", f"errors only at the target entries: the -y term {what}",
+                     f"{int(bad.sum())} target entries off by {k:.3g} x y; every other entry matches")
+
+
+def _wrong_axis(problem, s: _Sample, _tol) -> Diagnosis | None:
+    """Softmax over the batch axis of a 2-D (N, C) batch: a transposed layout."""
+    z = problem.z
+    if z.shape[0] < 2 or z.shape[0] * z.shape[1] > 1 << 22 or problem.layout.class_axis != 1 or len(problem.layout.shape) != 2:
+        return None
+    zf = np.asarray(z, dtype=np.float64)
+    e = np.exp(zf - zf.max(axis=0, keepdims=True))
+    a = (e / e.sum(axis=0, keepdims=True))[s.rows]
+    alt = (a * s.q.sum(axis=1, keepdims=True) - s.q) * problem.grad_scale
+    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-12 * np.abs(alt).max()):
+        return Diagnosis("wrong_axis", "softmax over the wrong axis: yours normalises over the "
+                         "batch axis (a transposed layout?)", "yours matches softmax along axis 0")
+    return None
+
+
+def _smoothing_form(problem, s: _Sample, _tol) -> Diagnosis | None:
+    eps, C = problem.smoothing, problem.n_classes
+    if not eps or C < 3:
+        return None
+    # the other form moves eps/C - eps/(C-1) from every non-target class onto the target
+    shift = (eps / C - eps / (C - 1)) * problem.grad_scale
+    w = problem.weight if problem.weight is not None else np.ones(C)
+    alt = s.ref.copy()
+    valid = s.valid
+    alt[valid] += shift * w  # q_c larger by |shift| off the target: gradient smaller
+    y = np.argmax(s.q, axis=1)
+    alt[np.flatnonzero(valid), y[valid]] -= shift * w[y[valid]] * C
+    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-9 * np.abs(alt).max()):
+        return Diagnosis("smoothing_form", "label smoothing of the other form: yours spreads "
+                         "alpha/(C-1) over the other classes, the check expects alpha/C "
+                         "(`smoothing_form`)", f"yours matches the alpha/(C-1) form, alpha = {eps}")
+    return None
+
+
+def _row_factor(problem, s: _Sample, tol) -> Diagnosis | None:
+    soft = s.ref + s.q * problem.grad_scale
+    pick = (np.abs(soft) > 2 * np.abs(s.q * problem.grad_scale)) & (soft != 0)
+    if np.count_nonzero(pick) < 8:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with nothing picked: NaN
+        f = np.where(pick, s.d / np.where(pick, soft, 1.0), np.nan)
+        per_row = np.nan_to_num(np.nanmedian(f, axis=1))
+    resid = np.where(pick, s.d - per_row[:, None] * soft, 0.0)
+    if not np.all(np.abs(resid) <= 4 * tol * np.abs(soft) + 1e-300) or np.all(np.abs(per_row) <= tol):
+        return None
+    lo, hi = float(np.min(per_row)), float(np.max(per_row))
+    return Diagnosis("row_factor", "each row's softmax terms are off by one common factor: an "
+                     "error in the normaliser (log-sum-exp), or an extra term such as z-loss",
+                     f"row factors from {lo:.3g} to {hi:.3g}; the entries agree once it is removed")
