@@ -32,7 +32,8 @@ from ce_cli.verify.tolerance import PRECISIONS, Tolerance
 
 # smallest positive normal number of each precision
 NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
-MIN_FIT = 8  # entries a term must dominate before its factor is fitted
+MIN_FIT = 3  # entries a term must dominate before its factor is fitted: a median of 3 or more
+# is never moved by a single wrong entry
 NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
 
 
