@@ -3,7 +3,8 @@
 `InputSpec.parse` is the one rule, for the command line and for batch manifests alike:
 
 - `-` is standard input;
-- a path that exists is that file; otherwise `FILE.npz:KEY` names the array KEY of FILE.npz;
+- a path that exists is that file; otherwise `FILE.npz:KEY` names the array KEY of FILE.npz
+  (`FILE.safetensors:NAME` the tensor NAME);
 - for the roles that may be typed as a number (NUMBER_ROLES: loss, pos_weight), text that names
   no existing file and reads as a number is that number (`2.3026`, `nan`);
 - anything else is a file (reported missing when it is loaded).
@@ -64,11 +65,12 @@ def is_number_text(text: str) -> bool:
 
 
 def split_npz_key(text: str) -> tuple[Path, str | None]:
-    """The file `text` names and the .npz member it selects (None: the path itself, no key)."""
+    """The file `text` names and the .npz member or .safetensors tensor it selects (None: the
+    path itself, no key)."""
     path = Path(text)
     if not path.exists() and ":" in text:
         base, _, key = text.rpartition(":")
-        if base.lower().endswith(".npz"):
+        if base.lower().endswith((".npz", ".safetensors")):
             return Path(base), key
     return path, None
 

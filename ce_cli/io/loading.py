@@ -1,4 +1,5 @@
-"""Load arrays from .npy, .npz, CSV/TSV files or standard input, refusing anything unsafe.
+"""Load arrays from .npy, .npz, .safetensors, .pt, CSV/TSV files or standard input, refusing
+anything unsafe.
 
 Every failure raises `CeCheckError` with a one-line message naming the source. `.npy` files are
 validated from their header (dtype, and that the file really holds the bytes the shape claims)
@@ -21,6 +22,9 @@ from typing import BinaryIO
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.bfloat16 import is_bfloat16, widen_bfloat16
+from ce_cli.io.safetensors import read_safetensors
+from ce_cli.io.torch_pt import read_pt
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -51,6 +55,10 @@ def read_file(path: Path, key: str | None, label: str) -> np.ndarray:
     except OSError as exc:
         raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _check_dtype(read_safetensors(path, key, label), label)
+    if suffix in (".pt", ".pth"):  # zip bytes too: told from .npz by the suffix
+        return _check_dtype(read_pt(path, label), label)
     if head.startswith(NPY_MAGIC):
         arr = _load_npy_path(path, label)
     elif head.startswith(ZIP_MAGIC):
@@ -250,6 +258,8 @@ def _rows_to_array(rows: list[list[int | float]]) -> np.ndarray:
 
 def _check_dtype_kind(dtype: np.dtype, label: str, shape) -> None:
     where = f"{label}: shape {tuple(shape)} dtype {dtype}"
+    if is_bfloat16(dtype):
+        return  # widened to float32 by _check_dtype
     if dtype.hasobject:
         raise CeCheckError(f"{where}: holds Python objects (pickled data is refused)")
     if dtype.fields is not None or dtype.subdtype is not None:
@@ -262,6 +272,8 @@ def _check_dtype_kind(dtype: np.dtype, label: str, shape) -> None:
 
 def _check_dtype(arr: np.ndarray, label: str) -> np.ndarray:
     _check_dtype_kind(arr.dtype, label, arr.shape)
+    if is_bfloat16(arr.dtype):
+        return widen_bfloat16(arr)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.int64)
     return arr

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.bfloat16 import stored_precision
 
 # machine epsilon and smallest positive subnormal
 PRECISIONS: dict[str, tuple[float, float]] = {
@@ -77,9 +78,11 @@ def resolve_tolerance(
     atol: float | None = None,
     floor_factor: float | None = None,
 ) -> Tolerance:
-    """Tolerances for an array stored as `stored`, computed in `precision` (default: stored)."""
+    """Tolerances for an array stored as `stored`, computed in `precision` (default: stored, or
+    the precision a widened input was stored in, e.g. bf16 read as float32)."""
     storage = precision_of_dtype(stored)
-    declared = parse_precision(precision) if precision else storage
+    declared = parse_precision(precision) if precision else (
+        stored_precision(np.dtype(stored)) or storage)
     eps = max(PRECISIONS[storage][0], PRECISIONS[declared][0])
     tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1])
     name = declared if PRECISIONS[declared][0] >= PRECISIONS[storage][0] else storage
