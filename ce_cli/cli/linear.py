@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -64,7 +64,8 @@ def linear(
         worst=worst)
     loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
-        report = check_linear(**loaded.arrays, sources=loaded.sources, progress=progress,
+        arrays: dict[str, Any] = dict(loaded.arrays)
+        report = check_linear(**arrays, sources=loaded.sources, progress=progress,
                               loss_atol=loaded.loss_atol, **settings)
     emit(CheckOutput(report), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)

@@ -76,6 +76,8 @@ class UserArray:
 
 def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE) -> Tolerance:
     precision = opts.precision.value if opts.precision is not None else None
+    if precision is None and np.dtype(dtype).name == "bfloat16":  # ml_dtypes: not kind "f"
+        precision = "bf16"
     tol = resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
     cw = float(np.abs(problem.class_weight).max()) if problem.class_weight is not None else 1.0
     return replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
@@ -233,7 +235,8 @@ def choose_probes(problem: LinearCE, opts: CheckOptions, rng: np.random.Generato
         mode = "directional" if N * V * H <= FD_AUTO_DIRECTIONAL else "sample"
     if mode == "off":
         empty = np.zeros(0, dtype=np.int64)
-        return mode, *(Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng) for _ in range(2))
+        none = Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
+        return mode, none, Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
     k = max(1, opts.samples // 8)
 
     def side(n: int, x_rows) -> Probes:
@@ -587,13 +590,19 @@ def check_linear(
         inputs=tuple(InputInfo(r, src[r], tuple(np.shape(a)), str(np.asarray(a).dtype))
                      for r, a in arrays.items() if a is not None),
         warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size),
-        options={"hidden_size": problem.hidden_size, "weight_layout": lin.weight_layout,
-                 "bias": problem.bias is not None, "exact": lin.exact,
-                 "projections": None if lin.exact else lin.projections,
-                 "false_pass_at_10x": None if lin.exact else lin.false_pass(),
-                 "ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
-                 "weighted": class_weight is not None,
-                 "precision": next((u.tol.precision for u in users.values()), None)})
+        options=_echo(problem, lin, opts, users))
+
+
+def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
+          users: dict[str, UserArray]) -> dict[str, Any]:
+    """The report's `options`: the settings that shaped the check."""
+    return {"hidden_size": problem.hidden_size, "weight_layout": lin.weight_layout,
+            "bias": problem.bias is not None, "exact": lin.exact,
+            "projections": None if lin.exact else lin.projections,
+            "false_pass_at_10x": None if lin.exact else lin.false_pass(),
+            "ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
+            "weighted": problem.class_weight is not None,
+            "precision": next((u.tol.precision for u in users.values()), None)}
 
 
 def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,
@@ -632,7 +641,7 @@ def _transposed(result: CheckResult, problem: LinearCE) -> CheckResult:
 def _fd_checks(problem: LinearCE, users: dict[str, UserArray], hp: Probes, wp: Probes,
                worst: int) -> list[tuple[int, CheckResult]]:
     out: list[tuple[int, CheckResult]] = []
-    ref64 = resolve_tolerance(np.float64)
+    ref64 = resolve_tolerance(np.dtype(np.float64))
     sides = (("hidden", hp, users.get("grad_hidden"), lambda r: problem.batch_index(r),
               lambda r, j: problem.batch_index(r) + (j,)),
              ("weight", wp, users.get("grad_weight"), lambda r: (r,),
