@@ -30,7 +30,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.models.base import REDUCTIONS
 
 BLOCK_BYTES = 128 << 20   # one row block's float64 logits
-VOCAB_BLOCK = 4096        # vocabulary rows of W converted to float64 at a time
+VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")
 
 
@@ -67,6 +67,7 @@ class LinearCE:
     batch_shape: tuple[int, ...]
     ignore_index: int = -100
     w_norm_max: float = 0.0       # max_v |W_v|_2 + max |b|: scales the logits' rounding
+    w_norms: np.ndarray | None = None  # (V,) |W_v|_2
 
     @property
     def n_rows(self) -> int:
@@ -100,7 +101,8 @@ class LinearCE:
     def hidden_rows(self, rows: np.ndarray | slice) -> np.ndarray:
         return np.asarray(self.hidden[rows], dtype=np.float64)
 
-    def vocab_blocks(self, step: int = VOCAB_BLOCK):
+    def vocab_blocks(self, step: int | None = None):
+        step = step or max(256, VOCAB_BYTES // (8 * max(1, self.hidden_size)))
         for v0 in range(0, self.n_classes, step):
             yield v0, min(self.n_classes, v0 + step)
 
@@ -235,9 +237,10 @@ def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, red
         warnings.append("every target is ignored (or weighted 0): the mean loss is NaN (0/0, as "
                         "PyTorch) and the gradients are zero")
     _check_finite(rows_h, src["hidden"], batch_shape)
-    w_max = _row_norm_max(w_vh, src["weight"]) + (float(np.abs(b64).max()) if b64 is not None else 0.0)
+    norms = _row_norms(w_vh, src["weight"])
+    w_max = float(norms.max(initial=0.0)) + (float(np.abs(b64).max()) if b64 is not None else 0.0)
     return LinearCE(rows_h, w_vh, b64, ys, valid, cw, float(label_smoothing), reduction,
-                    denominator, batch_shape, ignore_index, w_max), warnings
+                    denominator, batch_shape, ignore_index, w_max, norms), warnings
 
 
 def _weight_view(w: np.ndarray, H: int, layout: str, source: str, hidden_source: str) -> np.ndarray:
@@ -299,13 +302,15 @@ def _check_finite(rows: np.ndarray, source: str, batch_shape: tuple[int, ...]) -
                                f"{tuple(int(i) for i in where)}")
 
 
-def _row_norm_max(w: np.ndarray, source: str) -> float:
-    best = 0.0
-    for v0 in range(0, w.shape[0], VOCAB_BLOCK):
-        block = np.asarray(w[v0:v0 + VOCAB_BLOCK], dtype=np.float64)
+def _row_norms(w: np.ndarray, source: str) -> np.ndarray:
+    """|W_v|_2 of every vocabulary row; a non-finite weight is an input error."""
+    out = np.empty(w.shape[0])
+    step = max(256, VOCAB_BYTES // (8 * max(1, w.shape[1])))
+    for v0 in range(0, w.shape[0], step):
+        block = np.asarray(w[v0:v0 + step], dtype=np.float64)
         norms = np.einsum("ij,ij->i", block, block)
         if not np.isfinite(norms).all():
             r = int(np.flatnonzero(~np.isfinite(norms))[0])
             raise CeCheckError(f"{source}: non-finite value in weight row {v0 + r}")
-        best = max(best, float(np.sqrt(norms.max())) if norms.size else 0.0)
-    return best
+        out[v0:v0 + step] = np.sqrt(norms)
+    return out

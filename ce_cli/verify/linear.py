@@ -268,12 +268,14 @@ class HiddenFD:
         if self.sel.size == 0:
             return None
         V = self.problem.n_classes
-        self.dz, self.wu = np.empty((self.sel.size, V)), np.empty((self.sel.size, V))
+        self.dz = np.empty((self.sel.size, V))
         u = self.p.u[self.sel]
+        # sum_j |W_vj u_j| <= |W_v|_2 |u|_2 (Cauchy-Schwarz): no |W| pass
+        assert self.problem.w_norms is not None
+        self.wu = np.sqrt(np.einsum("ij,ij->i", u, u))[:, None] * self.problem.w_norms[None, :]
 
         def on_vocab(v0: int, v1: int, w: np.ndarray) -> None:
             self.dz[:, v0:v1] = u @ w.T
-            self.wu[:, v0:v1] = np.abs(u) @ np.abs(w).T
 
         return on_vocab
 
@@ -378,12 +380,14 @@ class Pass:
         problem, ph = self.problem, self.ph
         assert ph is not None
         V, k = problem.n_classes, ph.r.shape[1]
-        self.ws, self.ws_abs, self.w2 = np.empty((V, k)), np.empty((V, k)), np.empty(V)
+        self.ws, self.ws_abs = np.empty((V, k)), np.empty((V, k))
+        assert problem.w_norms is not None
+        self.w2 = problem.w_norms
         for v0, v1 in problem.vocab_blocks():
             w = problem.weight_block(v0, v1)
             self.ws[v0:v1] = w @ ph.r
-            self.ws_abs[v0:v1] = np.abs(w) @ np.abs(ph.r)
-            self.w2[v0:v1] = np.sqrt(np.einsum("ij,ij->i", w, w))
+            np.abs(w, out=w)
+            self.ws_abs[v0:v1] = w @ np.abs(ph.r)
 
     def run(self, progress: Callable[[int, int], None] | None) -> None:
         problem = self.problem
