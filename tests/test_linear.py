@@ -382,3 +382,12 @@ def test_batch_kind_linear(tmp_path):
 
 def test_api_export():
     assert ce_cli.check_linear is not None and "check_linear" in ce_cli.__all__
+
+
+def test_inputs_are_not_modified():
+    h, w, y, b = problem(8)
+    _, dh, dw, db, _ = reference(h, w, y, b)
+    copies = [a.copy() for a in (h, w, b, dh, dw)]
+    ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, grad_bias=db)
+    ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, exact=True)
+    assert all(np.array_equal(a, c) for a, c in zip((h, w, b, dh, dw), copies))

@@ -386,8 +386,7 @@ class Pass:
         for v0, v1 in problem.vocab_blocks():
             w = problem.weight_block(v0, v1)
             self.ws[v0:v1] = w @ ph.r
-            np.abs(w, out=w)
-            self.ws_abs[v0:v1] = w @ np.abs(ph.r)
+            self.ws_abs[v0:v1] = np.abs(w) @ np.abs(ph.r)  # w may be the caller's array
 
     def run(self, progress: Callable[[int, int], None] | None) -> None:
         problem = self.problem
