@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 
 from ce_cli.verify.checks import Reference, check_binary, check_grad, reference  # noqa: E402
 from ce_cli.errors import CeCheckError  # noqa: E402
+from ce_cli.verify.linear import LinearSettings, check_linear  # noqa: E402
 from ce_cli.verify.results import CheckResult, Entry, Report  # noqa: E402
 from ce_cli import testing  # noqa: E402  (cheap: imports Rich only to format a failure)
 
 __all__ = ["CeCheckError", "CheckResult", "Entry", "Reference", "Report", "__version__",
-           "check_binary", "check_grad", "reference", "testing"]
+           "LinearSettings", "check_binary", "check_grad", "check_linear", "reference", "testing"]

@@ -28,9 +28,12 @@ from ce_cli.errors import CeCheckError
 from ce_cli.io.inputs import NUMBER_ROLES, STDIN, InputSpec, Origin
 from ce_cli.verify.results import Report
 
-KINDS = tuple(k.value for k in Kind)
-INPUT_ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight")
+LINEAR = "linear"  # fused linear cross-entropy (check_linear): hidden states and weight, no logits
+KINDS = (*(k.value for k in Kind), LINEAR)
+LINEAR_INPUTS = ("hidden", "bias", "grad_hidden", "grad_weight", "grad_bias", "class_weight")
+INPUT_ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight", *LINEAR_INPUTS)
 REQUIRED = ("name", "kind", "logits", "labels")
+REQUIRED_BY_KIND = {LINEAR: ("name", "kind", "hidden", "weight", "labels")}
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
@@ -67,6 +70,12 @@ def _integer(minimum: int | None = None) -> Validator:
     return check
 
 
+def _choice_of(key: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise CeCheckError(f"'{key}': must be one of {', '.join(choices)}, got {_json_value(value)}")
+    return value
+
+
 def _non_negative(key: str, value: Any) -> float:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise CeCheckError(f"'{key}': must be a finite number >= 0, got {_json_value(value)}")
@@ -90,11 +99,15 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
     Kind.multiclass.value: {"ignore_index": _integer(), "label_smoothing": _non_negative,
                             "class_axis": _integer()},
     Kind.binary.value: {"two_class": _boolean},
+    LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,
+             "projections": _integer(1), "weight_layout": lambda k, v: _choice_of(k, v, ("VH", "HV"))},
 }
-KIND_INPUTS = {Kind.multiclass.value: (), Kind.binary.value: ("pos_weight",)}
+KIND_INPUTS = {Kind.multiclass.value: (), Kind.binary.value: ("pos_weight",), LINEAR: LINEAR_INPUTS}
 KIND_KEYS = {kind: (*KIND_INPUTS[kind], *KIND_SETTINGS[kind]) for kind in KIND_SETTINGS}
-COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES if r != "pos_weight"), *COMMON_SETTINGS)
-ALL_KEYS = COMMON_KEYS + KIND_KEYS[Kind.multiclass.value] + KIND_KEYS[Kind.binary.value]
+COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES if r not in ("pos_weight", *LINEAR_INPUTS)),
+               *COMMON_SETTINGS)
+ALL_KEYS = tuple(dict.fromkeys(COMMON_KEYS + KIND_KEYS[Kind.multiclass.value]
+                               + KIND_KEYS[Kind.binary.value] + KIND_KEYS[LINEAR]))
 
 
 @dataclass(frozen=True)
@@ -292,17 +305,25 @@ def _check_keys(obj: dict[str, Any], name: str | None, kind: str | None) -> None
             close = difflib.get_close_matches(key, ALL_KEYS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(ALL_KEYS)})"
             raise CeCheckError(f"unknown key '{key}'{hint}")
-    for key in REQUIRED:
+    for key in REQUIRED_BY_KIND.get(kind or "", REQUIRED):
         if obj.get(key) is None:
             raise CeCheckError(f"missing key '{key}'")
     if name is None:
         raise CeCheckError(f"'name': must be a non-empty string, got {json.dumps(obj['name'])}")
     if kind is None:
         raise CeCheckError(f"'kind': must be \"multiclass\" or \"binary\", got {json.dumps(obj['kind'])}")
+    _no_logits(obj, kind)
     for other, keys in KIND_KEYS.items():
         for key in keys:
-            if other != kind and obj.get(key) is not None:
+            if other != kind and key not in KIND_KEYS[kind] and obj.get(key) is not None:
                 raise CeCheckError(f"key '{key}' applies to kind \"{other}\", not \"{kind}\"")
+
+
+def _no_logits(obj: dict[str, Any], kind: str) -> None:
+    """Kind linear takes hidden states and a weight, never logits."""
+    for key in ("logits", "grad"):
+        if kind == LINEAR and obj.get(key) is not None:
+            raise CeCheckError(f"key '{key}' does not apply to kind \"linear\" (give 'hidden' and 'weight')")
 
 
 def check_settings(given: dict[str, Any], kind: str,

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.batch.manifest import ERROR, FAIL, PASS, Case, CaseResult, CaseSpec
+from ce_cli.batch.manifest import ERROR, FAIL, LINEAR, PASS, Case, CaseResult, CaseSpec
 from ce_cli.enums import Kind
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import VECTOR_ROLES, load_all
 from ce_cli.verify.checks import check_binary, check_grad
+from ce_cli.verify.linear import check_linear
 from ce_cli.verify.results import Report
 
 Task = Callable[[Case], CaseResult]
@@ -63,6 +64,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _run(case: CaseSpec) -> Report:
+    if case.kind == LINEAR:
+        loaded = load_all(case.inputs, vectors=("bias", "grad_bias", "class_weight"))
+        given: dict[str, Any] = dict(loaded.arrays)
+        with np.errstate(all="ignore"):
+            return check_linear(**given, sources=loaded.sources, **case.settings)
     loaded = load_all(case.inputs, vectors=VECTOR_ROLES[Kind(case.kind)])
     arrays: dict[str, Any] = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")

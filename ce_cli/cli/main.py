@@ -10,7 +10,7 @@ import sys
 
 from ce_cli.cli.app import app
 
-COMMANDS = ("grad", "binary", "explain", "stress", "batch")
+COMMANDS = ("grad", "binary", "linear", "explain", "stress", "batch")
 
 
 def register_commands(names: tuple[str, ...] = COMMANDS) -> None:

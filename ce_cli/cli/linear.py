@@ -1,0 +1,71 @@
+"""`ce-check linear`: fused linear cross-entropy, registered on the shared app."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+import numpy as np
+
+from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
+                            QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
+                            check_settings, guarded, input_specs, progress_bar)
+from ce_cli.enums import FDMode, Reduction
+from ce_cli.exitcodes import ExitCode
+from ce_cli.io.inputs import load_all
+from ce_cli.report.emit import emit
+from ce_cli.report.render import CheckOutput
+from ce_cli.verify.linear import check_linear
+
+
+def _opt(flag: str, text: str) -> typer.models.OptionInfo:
+    return typer.Option(flag, help=text)  # type: ignore[no-any-return]
+
+
+@app.command(epilog=EPILOG)
+@guarded
+def linear(
+    hidden: Annotated[str, typer.Argument(help="Hidden states (N, H) or (B, T, H).", show_default=False)],
+    weight: Annotated[str, typer.Argument(help="Weight (V, H), nn.Linear's layout (--weight-layout HV for (H, V)).", show_default=False)],
+    labels: Annotated[str, typer.Argument(help="Class indices, one per token.", show_default=False)],
+    bias: Annotated[Optional[str], _opt("--bias", "Bias, V values.")] = None,
+    grad_hidden: Annotated[Optional[str], _opt("--grad-hidden", "Your dL/dH (the hidden states' shape).")] = None,
+    grad_weight: Annotated[Optional[str], _opt("--grad-weight", "Your dL/dW (the weight's shape).")] = None,
+    grad_bias: Annotated[Optional[str], _opt("--grad-bias", "Your dL/db (V values).")] = None,
+    loss: LossOpt = None,
+    class_weight: Annotated[Optional[str], _opt("--class-weight", "Class weights, V values (PyTorch's weight=).")] = None,
+    weight_layout: Annotated[str, _opt("--weight-layout", "VH (V, H) or HV (H, V).")] = "VH",
+    exact: Annotated[bool, _opt("--exact", "Compute every gradient entry instead of random projections.")] = False,
+    projections: Annotated[int, _opt("--projections", "Random projections per gradient row (Freivalds).")] = 8,
+    reduction: ReductionOpt = Reduction.mean,
+    ignore_index: Annotated[int, _opt("--ignore-index", "Target value that is ignored.")] = -100,
+    label_smoothing: Annotated[float, _opt("--label-smoothing", "Label smoothing in [0, 1].")] = 0.0,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    precision: PrecisionOpt = None,
+    floor_factor: FloorOpt = None,
+    fd: FDOpt = FDMode.auto,
+    samples: SamplesOpt = 256,
+    seed: SeedOpt = 0,
+    worst: WorstOpt = 5,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fused linear cross-entropy: F.cross_entropy(F.linear(H, W, b), y) checked in float64
+    without forming the logits; your dL/dH, dL/dW, dL/db and loss compared."""
+    inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
+              "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
+              "loss": loss, "class_weight": class_weight}
+    settings = check_settings(
+        weight_layout=weight_layout, exact=exact, projections=projections, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol, atol=atol,
+        precision=precision, floor_factor=floor_factor, fd=fd, samples=samples, seed=seed,
+        worst=worst)
+    loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
+    with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
+        arrays: dict[str, Any] = dict(loaded.arrays)
+        report = check_linear(**arrays, sources=loaded.sources, progress=progress,
+                              loss_atol=loaded.loss_atol, **settings)
+    emit(CheckOutput(report), json_out=json_out, quiet=quiet)
+    raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)

@@ -1,0 +1,316 @@
+"""Fused linear cross-entropy in float64, without the (N, V) logits ever existing whole.
+
+Row n of the hidden states H (N, H) against the weight W (V, H) and bias b:
+
+    z_n = W h_n + b,   loss_n = Q_n * lse(z_n) - q_n . z_n,   G_n = dloss/dz_n = s * (Q_n a_n - q_n)
+
+with a_n = softmax(z_n), index targets q_n = (1 - eps) w_y e_y + (eps / V) w (PyTorch
+`F.cross_entropy` on `F.linear(H, W, b)`: class weights w, label smoothing eps, ignore_index)
+and s the reduction's 1/D. Then dL/dH = G W, dL/dW = G^T H, dL/db = sum_n G_n.
+
+Blocks: a block of R rows forms its logits one vocabulary block at a time (W converted to
+float64 block by block, BLAS through numpy), updating the row normaliser online
+(m = running max, s = sum exp(z - m), rescaled when m grows); `grad_terms` then turns any
+(rows x vocabulary) block of logits into G and its error floor. Memory: one (R, V) block.
+
+Where later semantics slot in: a logit map (softcap, logit scale) goes into `logits` (z from
+the raw product) and `grad_terms` (the chain rule's dz/dz_raw factor on G); a per-row term
+such as z-loss changes Q_n's coefficient of a_n in `grad_terms` and `row_loss`; a different
+denominator or per-sample weights change `denominator` / the row factor in `targets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+from ce_cli.models.base import REDUCTIONS
+
+BLOCK_BYTES = 128 << 20   # one row block's float64 logits
+VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
+LAYOUTS = ("VH", "HV")
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop): float64 hidden states, logits (R, V), the normaliser and row losses."""
+
+    start: int
+    stop: int
+    h: np.ndarray
+    z: np.ndarray
+    lse: np.ndarray
+    loss: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.arange(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class LinearCE:
+    """A validated fused-linear problem; `weight` is always a (V, H) view (a transposed view
+    for `weight_layout=HV`)."""
+
+    hidden: np.ndarray            # (N, H) user dtype, maybe memory-mapped
+    weight: np.ndarray            # (V, H) view
+    bias: np.ndarray | None       # (V,) float64
+    labels: np.ndarray            # (N,) int64
+    valid: np.ndarray             # (N,) rows that contribute
+    class_weight: np.ndarray | None
+    smoothing: float
+    reduction: str
+    denominator: float
+    batch_shape: tuple[int, ...]
+    ignore_index: int = -100
+    w_norm_max: float = 0.0       # max_v |W_v|_2 + max |b|: scales the logits' rounding
+    w_norms: np.ndarray | None = None  # (V,) |W_v|_2
+
+    @property
+    def n_rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def grad_scale(self) -> float:
+        if self.reduction != "mean":
+            return 1.0
+        return 1.0 / self.denominator if self.denominator != 0 else 0.0
+
+    def reduce(self, total: float) -> float:
+        if self.reduction == "mean":
+            return total / self.denominator if self.denominator != 0 else float("nan")
+        return total
+
+    def batch_index(self, row: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(row, self.batch_shape))
+
+    def weight_block(self, v0: int, v1: int) -> np.ndarray:
+        return np.ascontiguousarray(self.weight[v0:v1], dtype=np.float64)
+
+    def hidden_rows(self, rows: np.ndarray | slice) -> np.ndarray:
+        return np.asarray(self.hidden[rows], dtype=np.float64)
+
+    def vocab_blocks(self, step: int | None = None):
+        step = step or max(256, VOCAB_BYTES // (8 * max(1, self.hidden_size)))
+        for v0 in range(0, self.n_classes, step):
+            yield v0, min(self.n_classes, v0 + step)
+
+    def row_step(self) -> int:
+        return max(1, min(self.n_rows, BLOCK_BYTES // (8 * max(1, self.n_classes))))
+
+    def logits(self, h: np.ndarray, v0: int, v1: int, w: np.ndarray | None = None) -> np.ndarray:
+        """z = h W[v0:v1]^T + b[v0:v1] in float64."""
+        z = h @ (self.weight_block(v0, v1) if w is None else w).T
+        if self.bias is not None:
+            z += self.bias[v0:v1]
+        return z
+
+    def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(alpha, beta, y): q = alpha e_y + beta w, zero for ignored rows."""
+        valid = self.valid[rows]
+        ys = np.where(valid, self.labels[rows], 0)
+        wy = self.class_weight[ys] if self.class_weight is not None else 1.0
+        alpha = np.where(valid, (1.0 - self.smoothing) * wy, 0.0)
+        beta = np.where(valid, self.smoothing / self.n_classes, 0.0)
+        return alpha, beta, ys
+
+    def total_weight(self, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+        """Q = sum_v q_v = alpha + beta * sum(w)."""
+        wsum = float(self.class_weight.sum()) if self.class_weight is not None else float(self.n_classes)
+        return alpha + beta * wsum
+
+    def forward_block(self, start: int, stop: int,
+                      on_vocab: Callable[[int, int, np.ndarray], None] | None = None) -> RowBlock:
+        """Rows [start, stop): logits block by vocabulary block, the online normaliser, losses.
+        `on_vocab(v0, v1, w64)` sees every converted weight block (finite differences use it)."""
+        h = self.hidden_rows(slice(start, stop))
+        R = h.shape[0]
+        z = np.empty((R, self.n_classes))
+        m = np.full(R, -np.inf)
+        s = np.zeros(R)
+        for v0, v1 in self.vocab_blocks():
+            w = self.weight_block(v0, v1)
+            zb = z[:, v0:v1]
+            np.matmul(h, w.T, out=zb)
+            if self.bias is not None:
+                zb += self.bias[v0:v1]
+            m_new = np.maximum(m, zb.max(axis=1))
+            s = s * np.exp(m - m_new) + np.exp(zb - m_new[:, None]).sum(axis=1)
+            m = m_new
+            if on_vocab is not None:
+                on_vocab(v0, v1, w)
+        lse = m + np.log(s)
+        rows = np.arange(start, stop)
+        return RowBlock(start, stop, h, z, lse, self.row_loss(z, lse, rows))
+
+    def row_loss(self, z: np.ndarray, lse: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """loss_n = Q lse - alpha z_y - beta w.z (0 for ignored rows), from full logit rows."""
+        alpha, beta, ys = self.targets(rows)
+        zy = z[np.arange(z.shape[0]), ys]
+        loss = self.total_weight(alpha, beta) * lse - np.where(alpha != 0, alpha * zy, 0.0)
+        if self.smoothing:
+            wz = z @ self.class_weight if self.class_weight is not None else z.sum(axis=1)
+            loss -= beta * wz
+        return np.where(self.valid[rows], loss, 0.0)
+
+    def logit_error(self, h: np.ndarray) -> np.ndarray:
+        """Per row, |z_n| rounding scale of a correct kernel in units of eps: |h_n|_2 max|W_v|_2."""
+        return np.sqrt(np.einsum("ij,ij->i", h, h)) * self.w_norm_max
+
+    def grad_terms(self, z: np.ndarray, rows: np.ndarray, cols: np.ndarray, lse: np.ndarray,
+                   herr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """G = s (Q a - q) of logits z (rows x sorted vocabulary `cols`) and its floor phi in
+        units of k*eps (`herr` = `logit_error` of the rows):
+
+            phi = s (Q a (1 + |log a| + |lse| + 2 herr) + |q|)
+
+        (the softmax CE floor, plus the logits' own rounding, which moves a by a * 2 dz)."""
+        alpha, beta, ys = self.targets(rows)
+        Q = self.total_weight(alpha, beta)
+        scale = self.grad_scale
+        with np.errstate(invalid="ignore"):
+            loga = z - lse[:, None]
+            a = np.exp(loga)
+        phi = np.abs(loga)
+        phi += (1.0 + np.abs(lse) + 2.0 * herr)[:, None]
+        phi *= a
+        phi *= (scale * np.abs(Q))[:, None]
+        g = a
+        g *= (scale * Q)[:, None]
+        pos = np.minimum(np.searchsorted(cols, ys), max(0, cols.size - 1))
+        local = np.flatnonzero((cols.size > 0) & (cols[pos] == ys) & (alpha != 0))
+        g[local, pos[local]] -= scale * alpha[local]
+        phi[local, pos[local]] += scale * np.abs(alpha[local])
+        if self.smoothing:
+            w = self.class_weight[cols] if self.class_weight is not None else 1.0
+            g -= (scale * beta)[:, None] * w
+            phi += (scale * np.abs(beta))[:, None] * np.abs(w)
+        return g, phi
+
+    def loss_floor(self, block: RowBlock) -> np.ndarray:
+        """Per-row loss error of a correct kernel in units of k*eps."""
+        alpha, beta, _ = self.targets(block.rows)
+        Q = np.abs(self.total_weight(alpha, beta))
+        return (np.abs(block.loss) + Q * (1.0 + np.abs(block.lse) + 2.0 * self.logit_error(block.h))
+                ) * self.grad_scale
+
+
+def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, reduction: str = "mean",
+                    ignore_index: int = -100, label_smoothing: float = 0.0,
+                    weight_layout: str = "VH", sources: dict[str, str] | None = None
+                    ) -> tuple[LinearCE, list[str]]:
+    """Validate the arrays and build the problem; returns it with warnings."""
+    src = {"hidden": "hidden", "weight": "weight", "labels": "labels", "bias": "bias",
+           "class_weight": "class_weight", **(sources or {})}
+    h, w, y = (np.asarray(a) if not isinstance(a, np.ndarray) else a for a in (hidden, weight, labels))
+    for role, arr in (("hidden", h), ("weight", w)):
+        if arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
+            raise CeCheckError(f"{src[role]}: dtype {arr.dtype} is not floating point")
+    if reduction not in REDUCTIONS:
+        raise CeCheckError(f"`reduction`: unknown value '{reduction}' (use mean, sum or none)")
+    if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+        raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
+    if h.ndim not in (2, 3):
+        raise CeCheckError(f"{src['hidden']}: shape {h.shape}; expected (N, H) or (B, T, H)")
+    batch_shape, H = tuple(h.shape[:-1]), h.shape[-1]
+    w_vh = _weight_view(w, H, weight_layout, src["weight"], src["hidden"])
+    V = w_vh.shape[0]
+    rows_h = h.reshape(-1, H)
+    ys = _labels(y, batch_shape, V, ignore_index, src["labels"])
+    b64 = _vector(bias, V, src["bias"], "bias")
+    cw = _vector(class_weight, V, src["class_weight"], "class weights")
+    valid = ys != ignore_index
+    denominator = float(cw[ys[valid]].sum()) if cw is not None else float(np.count_nonzero(valid))
+    warnings = []
+    if reduction == "mean" and denominator == 0:
+        warnings.append("every target is ignored (or weighted 0): the mean loss is NaN (0/0, as "
+                        "PyTorch) and the gradients are zero")
+    _check_finite(rows_h, src["hidden"], batch_shape)
+    norms = _row_norms(w_vh, src["weight"])
+    w_max = float(norms.max(initial=0.0)) + (float(np.abs(b64).max()) if b64 is not None else 0.0)
+    return LinearCE(rows_h, w_vh, b64, ys, valid, cw, float(label_smoothing), reduction,
+                    denominator, batch_shape, ignore_index, w_max, norms), warnings
+
+
+def _weight_view(w: np.ndarray, H: int, layout: str, source: str, hidden_source: str) -> np.ndarray:
+    if layout not in LAYOUTS:
+        raise CeCheckError(f"`weight_layout`: unknown value '{layout}' (use VH or HV)")
+    if w.ndim != 2:
+        raise CeCheckError(f"{source}: shape {w.shape}; expected a matrix (V, H)")
+    view = w if layout == "VH" else w.T
+    if view.shape[1] == H:
+        return view
+    if view.shape[0] == H:
+        other = "HV" if layout == "VH" else "VH"
+        raise CeCheckError(f"{source}: shape {w.shape} fits the hidden size H={H} only transposed; "
+                           f"pass `weight_layout={other}`")
+    expected = "(V, H)" if layout == "VH" else "(H, V)"
+    raise CeCheckError(f"{source}: shape {w.shape} does not match the hidden size H={H} of "
+                       f"{hidden_source}; expected {expected} with H={H}")
+
+
+def _labels(y: np.ndarray, batch_shape: tuple[int, ...], V: int, ignore_index: int,
+            source: str) -> np.ndarray:
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
+        raise CeCheckError(f"{source}: dtype {y.dtype}: class indices must be integers")
+    N = int(np.prod(batch_shape))
+    if y.shape != batch_shape and y.shape != (N,):
+        raise CeCheckError(f"{source}: shape {y.shape} but the hidden states hold {N} tokens "
+                           f"{batch_shape}; expected {batch_shape}")
+    ys = np.asarray(y, dtype=np.int64).reshape(-1)
+    bad = (ys != ignore_index) & ((ys < 0) | (ys >= V))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = tuple(int(k) for k in np.unravel_index(i, batch_shape))
+        raise CeCheckError(f"{source}: shape {y.shape}: label {int(ys[i])} at index {where} is out "
+                           f"of range [0, {V}) and is not the ignore_index {ignore_index}")
+    return ys
+
+
+def _vector(arr, V: int, source: str, what: str) -> np.ndarray | None:
+    if arr is None:
+        return None
+    v = np.asarray(arr, dtype=np.float64)
+    if v.shape != (V,):
+        raise CeCheckError(f"{source}: shape {v.shape} but the weight has V={V} rows; "
+                           f"expected {what} of shape ({V},)")
+    if not np.all(np.isfinite(v)):
+        i = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise CeCheckError(f"{source}: shape ({V},): non-finite value {v[i]} at index ({i},)")
+    return v
+
+
+def _check_finite(rows: np.ndarray, source: str, batch_shape: tuple[int, ...]) -> None:
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))
+    for r0 in range(0, rows.shape[0], step):
+        block = np.asarray(rows[r0:r0 + step], dtype=np.float64)
+        if not np.isfinite(block).all():
+            r, c = (int(v) for v in np.argwhere(~np.isfinite(block))[0])
+            where = np.unravel_index(r0 + r, batch_shape) + (c,)
+            raise CeCheckError(f"{source}: non-finite value {block[r, c]} at index "
+                               f"{tuple(int(i) for i in where)}")
+
+
+def _row_norms(w: np.ndarray, source: str) -> np.ndarray:
+    """|W_v|_2 of every vocabulary row; a non-finite weight is an input error."""
+    out = np.empty(w.shape[0])
+    step = max(256, VOCAB_BYTES // (8 * max(1, w.shape[1])))
+    for v0 in range(0, w.shape[0], step):
+        block = np.asarray(w[v0:v0 + step], dtype=np.float64)
+        norms = np.einsum("ij,ij->i", block, block)
+        if not np.isfinite(norms).all():
+            r = int(np.flatnonzero(~np.isfinite(norms))[0])
+            raise CeCheckError(f"{source}: non-finite value in weight row {v0 + r}")
+        out[v0:v0 + step] = np.sqrt(norms)
+    return out

@@ -1,0 +1,706 @@
+"""`check_linear`: fused linear cross-entropy (logits = H W^T + b never materialised whole).
+
+One streaming pass over row blocks (models/linear.py) gives the loss, dL/db, the finite
+differences and, unless `exact`, randomised projections of your dL/dW and dL/dH (Freivalds):
+with Gaussian R (H x k) and S (H x k),
+
+    GW R  vs  G^T (H R)        GH S  vs  G (W S)
+
+row by row. A row passes a projection when |yours.r - ref.r| <= c * T + rounding, where T bounds
+the row's tolerance vector |t|_2 (t_j = rtol |ref_j| + atol + tiny + k eps floor_j, each term
+bounded by a sum over the row's products); a correct row (|e_j| <= t_j) fails with probability
+<= 2 exp(-c^2 / 2), and a row whose error e has |e|_2 >= L * c * T passes one projection with
+probability <= sqrt(2/pi) / L (e.r ~ N(0, |e|^2)), all k with that to the k-th. Failing rows are
+then computed exactly and compared entry by entry, to list the worst entries with their index.
+`exact` instead computes every entry in a second pass (vocabulary blocks outer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, loss_sum
+from ce_cli.models.linear import LinearCE, RowBlock, build_linear_ce
+from ce_cli.verify.compare import Comparison
+from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.results import CheckResult, Entry, InputInfo, Report
+from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+
+CONFIDENCE = 8.0       # c: a correct row fails a projection with probability <= 2 exp(-32)
+FD_SAFETY = 2.0
+EXACT_BLOCK_BYTES = 64 << 20
+FD_AUTO_DIRECTIONAL = 1 << 28  # N * V * H up to which `auto` probes every row
+GAUSS_DENSITY = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """Settings only `linear` has: `exact` computes every gradient entry; `projections` (k) is
+    the number of random projections per row; `weight_layout` VH (nn.Linear's (V, H)) or HV;
+    `max_open_rows`: failing rows computed exactly to list the worst entries."""
+
+    exact: bool = False
+    projections: int = 8
+    weight_layout: str = "VH"
+    max_open_rows: int = 16
+
+    def __post_init__(self) -> None:
+        if self.projections < 1:
+            raise CeCheckError(f"`projections`: must be at least 1, got {self.projections}")
+        if self.weight_layout not in ("VH", "HV"):
+            raise CeCheckError(f"`weight_layout`: unknown value '{self.weight_layout}' (use VH or HV)")
+
+    def false_pass(self, ratio: float = 10.0) -> float:
+        """Probability that a row whose error norm is `ratio` times its threshold passes."""
+        return min(1.0, GAUSS_DENSITY / ratio) ** self.projections
+
+
+LINEAR_FIELDS = frozenset(f.name for f in fields(LinearSettings))
+
+
+@dataclass
+class UserArray:
+    """One of your gradients as rows, the tolerance it is held to, and how to name an entry."""
+
+    rows: Any
+    tol: Tolerance
+    index_of: Callable[[int, int], tuple[int, ...]]
+    transposed: bool = False
+
+
+def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE) -> Tolerance:
+    precision = opts.precision.value if opts.precision is not None else None
+    if precision is None and np.dtype(dtype).name == "bfloat16":  # ml_dtypes: not kind "f"
+        precision = "bf16"
+    tol = resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
+    cw = float(np.abs(problem.class_weight).max()) if problem.class_weight is not None else 1.0
+    return replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
+
+
+def _float_array(arr: Any, source: str) -> np.ndarray:
+    a = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise CeCheckError(f"{source}: dtype {a.dtype} is not floating point")
+    return a
+
+
+def user_arrays(problem: LinearCE, grads: dict[str, Any], src: dict[str, str], opts: CheckOptions,
+                layout: str) -> dict[str, UserArray]:
+    """Your gradients, shape-checked against the problem (a transposed dL/dW is kept, flagged)."""
+    out: dict[str, UserArray] = {}
+    N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
+    if grads.get("grad_hidden") is not None:
+        gh = _float_array(grads["grad_hidden"], src["grad_hidden"])
+        want = problem.batch_shape + (H,)
+        if gh.shape != want:
+            raise CeCheckError(f"{src['grad_hidden']}: shape {gh.shape} does not match the hidden "
+                               f"states {want}")
+        out["grad_hidden"] = UserArray(gh.reshape(N, H), _tolerance(gh.dtype, opts, problem),
+                                       lambda r, c: problem.batch_index(r) + (c,))
+    if grads.get("grad_weight") is not None:
+        out["grad_weight"] = _user_weight(problem, grads["grad_weight"], src["grad_weight"], opts, layout)
+    if grads.get("grad_bias") is not None:
+        gb = _float_array(grads["grad_bias"], src["grad_bias"])
+        if problem.bias is None:
+            raise CeCheckError(f"{src['grad_bias']}: a bias gradient needs the bias (`bias`)")
+        if gb.shape != (V,):
+            raise CeCheckError(f"{src['grad_bias']}: shape {gb.shape}; expected ({V},)")
+        out["grad_bias"] = UserArray(gb.reshape(1, V), _tolerance(gb.dtype, opts, problem),
+                                     lambda r, c: (c,))
+    return out
+
+
+def _user_weight(problem: LinearCE, arr: Any, source: str, opts: CheckOptions, layout: str) -> UserArray:
+    gw = _float_array(arr, source)
+    V, H = problem.n_classes, problem.hidden_size
+    want = (V, H) if layout == "VH" else (H, V)
+    tol = _tolerance(gw.dtype, opts, problem)
+    if gw.shape == want:
+        rows = gw if layout == "VH" else gw.T
+        transposed = False
+    elif gw.shape == want[::-1]:
+        rows = gw.T if layout == "VH" else gw
+        transposed = True
+    else:
+        raise CeCheckError(f"{source}: shape {gw.shape} does not match the weight; expected {want}")
+
+    def index_of(v: int, j: int) -> tuple[int, ...]:
+        vh = (v, j) if layout == "VH" else (j, v)
+        return vh[::-1] if transposed else vh
+
+    return UserArray(rows, tol, index_of, transposed)
+
+
+# --- projections (Freivalds) -----------------------------------------------------------------
+
+class Projection:
+    """Per-row projections of one gradient (rows of dL/dW: V, or of dL/dH: N) against R (H, k)."""
+
+    def __init__(self, name: str, user: UserArray, n_rows: int, k: int, rng: np.random.Generator,
+                 H: int) -> None:
+        self.name, self.user, self.H = name, user, H
+        self.r = rng.standard_normal((H, k))
+        self.ref = np.zeros((n_rows, k))
+        self.ref_abs = np.zeros((n_rows, k))   # sum |G| |x| |r|: the reference's rounding
+        self.rel = np.zeros(n_rows)            # sum |G| |x_row|_2: bounds |ref row|_2
+        self.floor = np.zeros(n_rows)          # sum phi |x_row|_2: bounds |floor row|_2
+        self.got = np.zeros((n_rows, k))
+        self.got_abs = np.zeros((n_rows, k))
+
+    def project_user(self, step: int = 1024) -> None:
+        rows = self.user.rows
+        for a in range(0, rows.shape[0], step):
+            g = np.asarray(rows[a:a + step], dtype=np.float64)
+            self.got[a:a + step] = g @ self.r
+            self.got_abs[a:a + step] = np.abs(g) @ np.abs(self.r)
+
+    def verdict(self, sums: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(deviation, allowed) per row and projection, and the failing rows (worst first)."""
+        tol = self.user.tol
+        T = tol.rtol * self.rel + tol.floor_coef * self.floor + (tol.atol + tol.tiny) * math.sqrt(self.H)
+        rounding = 4.0 * EPS * (sums * self.ref_abs + math.sqrt(self.H) * self.got_abs)
+        allowed = CONFIDENCE * T[:, None] + rounding
+        with np.errstate(invalid="ignore"):
+            dev = np.abs(self.got - self.ref)
+            ratio = np.where(np.isfinite(dev), dev / np.where(allowed > 0, allowed, np.inf), np.inf)
+        ratio = np.where(np.isnan(ratio) | ((dev > 0) & (allowed == 0)), np.inf, ratio)
+        worst = ratio.max(axis=1)
+        failing = np.flatnonzero(~(worst <= 1.0))
+        return dev, allowed, failing[np.argsort(-worst[failing], kind="stable")]
+
+
+def _ranges(rows: np.ndarray, limit: int = 6) -> str:
+    """1, 2, 3, 7 -> '1-3, 7'."""
+    if rows.size == 0:
+        return ""
+    s = np.sort(rows)
+    breaks = np.flatnonzero(np.diff(s) != 1)
+    starts, ends = np.r_[s[0], s[breaks + 1]], np.r_[s[breaks], s[-1]]
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts.tolist(), ends.tolist())]
+    more = f", ... ({len(parts) - limit} more ranges)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+# --- finite differences ----------------------------------------------------------------------
+
+@dataclass
+class Probes:
+    """Finite-difference probes of one side: row `owner[i]` perturbed along `u[i]` (H,);
+    `entry[i]` is the perturbed column of an entry probe, -1 for a random direction."""
+
+    owner: np.ndarray
+    u: np.ndarray
+    entry: np.ndarray
+    fd: np.ndarray
+    ref: np.ndarray
+    bound: np.ndarray
+    got_bound: np.ndarray
+
+    @classmethod
+    def make(cls, owners: np.ndarray, entries: np.ndarray, x_rows: Callable[[np.ndarray], np.ndarray],
+             rng: np.random.Generator) -> Probes:
+        order = np.lexsort((entries, owners))
+        owners, entries = owners[order], entries[order]
+        x = x_rows(owners) if owners.size else np.zeros((0, 0))
+        h = np.cbrt(EPS) * np.maximum(1.0, np.abs(x))
+        signs = np.where(rng.random(h.shape) < 0.5, -1.0, 1.0)
+        u = h * signs
+        one = entries >= 0
+        if one.any():
+            mask = np.zeros_like(u, dtype=bool)
+            mask[np.flatnonzero(one), entries[one]] = True
+            u = np.where(mask | ~one[:, None], u, 0.0)
+        z = np.zeros(owners.size)
+        return cls(owners, u, entries, z.copy(), z.copy(), z.copy(), z.copy())
+
+    def index(self, i: int, row_index: Callable[[int], tuple[int, ...]],
+              entry_index: Callable[[int, int], tuple[int, ...]]) -> tuple[int, ...]:
+        r, e = int(self.owner[i]), int(self.entry[i])
+        return row_index(r) if e < 0 else entry_index(r, e)
+
+
+def choose_probes(problem: LinearCE, opts: CheckOptions, rng: np.random.Generator) -> tuple[str, Probes, Probes]:
+    """The mode and the hidden-side and weight-side probes."""
+    mode = opts.fd.value
+    N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
+    if mode == "full":
+        raise CeCheckError("`fd=full`: not available for linear (use directional, sample or off)")
+    if mode == "auto":
+        mode = "directional" if N * V * H <= FD_AUTO_DIRECTIONAL else "sample"
+    if mode == "off":
+        empty = np.zeros(0, dtype=np.int64)
+        none = Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
+        return mode, none, Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
+    k = max(1, opts.samples // 8)
+
+    def side(n: int, x_rows) -> Probes:
+        rows = np.arange(n) if mode == "directional" else np.sort(rng.choice(n, min(n, k), replace=False))
+        ent_rows = rng.integers(0, n, size=k)
+        owners = np.r_[rows, ent_rows]
+        entries = np.r_[np.full(rows.size, -1), rng.integers(0, H, size=k)]
+        return Probes.make(owners, entries, x_rows, rng)
+
+    return (mode, side(N, lambda o: problem.hidden_rows(o)),
+            side(V, lambda o: np.asarray(problem.weight[o], dtype=np.float64)))
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1)
+    return m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+
+
+class HiddenFD:
+    """Probes of dL/dH: loss_n(h_n + u) - loss_n(h_n - u), with W u formed in the weight pass."""
+
+    def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None) -> None:
+        self.problem, self.p, self.user = problem, probes, user
+        self.sel = np.zeros(0, dtype=np.int64)
+
+    def start(self, r0: int, r1: int) -> Callable[[int, int, np.ndarray], None] | None:
+        lo, hi = np.searchsorted(self.p.owner, [r0, r1])
+        self.sel = np.arange(lo, hi)
+        if self.sel.size == 0:
+            return None
+        V = self.problem.n_classes
+        self.dz = np.empty((self.sel.size, V))
+        u = self.p.u[self.sel]
+        # sum_j |W_vj u_j| <= |W_v|_2 |u|_2 (Cauchy-Schwarz): no |W| pass
+        assert self.problem.w_norms is not None
+        self.wu = np.sqrt(np.einsum("ij,ij->i", u, u))[:, None] * self.problem.w_norms[None, :]
+
+        def on_vocab(v0: int, v1: int, w: np.ndarray) -> None:
+            self.dz[:, v0:v1] = u @ w.T
+
+        return on_vocab
+
+    def finish(self, blk: RowBlock, herr: np.ndarray) -> None:
+        problem, p = self.problem, self.p
+        V = problem.n_classes
+        for n, i in enumerate(self.sel.tolist()):
+            r = int(p.owner[i]) - blk.start
+            row = np.array([p.owner[i]])
+            z, dz = blk.z[r:r + 1], self.dz[n:n + 1]
+            zp, zm = z + dz, z - dz
+            lp = problem.row_loss(zp, _logsumexp(zp), row)
+            lm = problem.row_loss(zm, _logsumexp(zm), row)
+            g, phi = problem.grad_terms(z.copy(), row, np.arange(V), blk.lse[r:r + 1], herr[r:r + 1])
+            Q = abs(float(problem.total_weight(*problem.targets(row)[:2])[0]))
+            scale, delta = problem.grad_scale, 2.0 * dz[0]
+            p.fd[i] = scale * float(lp[0] - lm[0])
+            p.ref[i] = float(g[0] @ delta)
+            reach = float(np.abs(delta).max())
+            rounding = 16.0 * EPS * (max(abs(float(lp[0])), abs(float(lm[0]))) + Q * (2 + 2 * math.log2(V)))
+            gw = float(np.abs(g[0]) @ (2.0 * self.wu[n]))
+            p.bound[i] = scale * (rounding + Q * THIRD_MOMENT_MAX * reach**3 / 3.0) + \
+                4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(g[0]) @ np.abs(delta))
+            if self.user is not None:
+                tol = self.user.tol
+                p.got_bound[i] = (tol.floor_coef * float(phi[0] @ (2.0 * self.wu[n])) + tol.rtol * gw
+                                  + (tol.atol + tol.tiny) * float(np.abs(2.0 * p.u[i]).sum())
+                                  + 4.0 * EPS * math.sqrt(problem.hidden_size) * gw)
+
+
+class WeightFD:
+    """Probes of dL/dW: moving W_v by u moves column v of the logits by d_n = h_n . u, and
+    lse_n by log1p(a_nv expm1(d_n)) exactly; summed over the row blocks."""
+
+    def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None) -> None:
+        self.problem, self.p, self.user = problem, probes, user
+        self.cols, self.inv = np.unique(probes.owner, return_inverse=True)
+
+    def update(self, blk: RowBlock, herr: np.ndarray) -> None:
+        if self.p.owner.size == 0:
+            return
+        problem, p = self.problem, self.p
+        rows, scale = blk.rows, problem.grad_scale
+        d = blk.h @ p.u.T                       # (R, K)
+        dabs = np.abs(blk.h) @ np.abs(p.u).T
+        zc = blk.z[:, self.cols][:, self.inv]   # (R, K)
+        g, phi = problem.grad_terms(blk.z[:, self.cols], rows, self.cols, blk.lse, herr)
+        g, phi = g[:, self.inv], phi[:, self.inv]
+        alpha, beta, ys = problem.targets(rows)
+        Q = problem.total_weight(alpha, beta)[:, None]
+        cw = problem.class_weight[p.owner] if problem.class_weight is not None else 1.0
+        q = np.where(ys[:, None] == p.owner[None, :], alpha[:, None], 0.0) + beta[:, None] * cw
+        loga = zc - blk.lse[:, None]
+        a = np.exp(loga)
+        lp, lm = np.log1p(a * np.expm1(d)), np.log1p(a * np.expm1(-d))
+        p.fd += scale * (Q * (lp - lm) - q * 2.0 * d).sum(axis=0)
+        p.ref += (g * 2.0 * d).sum(axis=0)
+        Qa = np.abs(Q)
+        err = (4.0 * EPS * Qa * (np.abs(lp) + np.abs(lm)) + Qa * THIRD_MOMENT_MAX * np.abs(2.0 * d)**3 / 3.0
+               + 2.0 * EPS * (2.0 + np.abs(loga) + np.abs(blk.lse)[:, None]) * Qa * a * 2.0 * np.abs(d))
+        p.bound += scale * err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
+            np.abs(g) * 2.0 * np.abs(d)).sum(axis=0)
+        if self.user is not None:
+            tol = self.user.tol
+            gd = (np.abs(g) * 2.0 * dabs).sum(axis=0)
+            p.got_bound += (tol.floor_coef * (phi * 2.0 * dabs).sum(axis=0) + tol.rtol * gd
+                            + 4.0 * EPS * math.sqrt(problem.hidden_size) * gd)
+
+    def finish(self) -> None:
+        if self.user is not None and self.p.owner.size:
+            tol = self.user.tol
+            self.p.got_bound += (tol.atol + tol.tiny) * np.abs(2.0 * self.p.u).sum(axis=1)
+
+
+# --- the streaming pass ------------------------------------------------------------------------
+
+class Pass:
+    """What one pass over the row blocks accumulates."""
+
+    def __init__(self, problem: LinearCE, users: dict[str, UserArray], settings: LinearSettings,
+                 hfd: HiddenFD, wfd: WeightFD, rng: np.random.Generator) -> None:
+        self.problem, self.users = problem, users
+        N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
+        self.loss = np.zeros(N)
+        self.loss_floor = np.zeros(N)
+        self.lse = np.zeros(N)
+        self.herr = np.zeros(N)
+        self.db = np.zeros(V)
+        self.db_floor = np.zeros(V)
+        self.hfd, self.wfd = hfd, wfd
+        k = settings.projections
+        project = not settings.exact
+        self.pw = (Projection("grad_weight_vs_reference", users["grad_weight"], V, k, rng, H)
+                   if project and "grad_weight" in users else None)
+        self.ph = (Projection("grad_hidden_vs_reference", users["grad_hidden"], N, k, rng, H)
+                   if project and "grad_hidden" in users else None)
+        if self.ph is not None:
+            self._weight_side()
+
+    def _weight_side(self) -> None:
+        """W S, |W| |S| and the row norms of W, for the dL/dH projections."""
+        problem, ph = self.problem, self.ph
+        assert ph is not None
+        V, k = problem.n_classes, ph.r.shape[1]
+        self.ws, self.ws_abs = np.empty((V, k)), np.empty((V, k))
+        assert problem.w_norms is not None
+        self.w2 = problem.w_norms
+        for v0, v1 in problem.vocab_blocks():
+            w = problem.weight_block(v0, v1)
+            self.ws[v0:v1] = w @ ph.r
+            self.ws_abs[v0:v1] = np.abs(w) @ np.abs(ph.r)  # w may be the caller's array
+
+    def run(self, progress: Callable[[int, int], None] | None) -> None:
+        problem = self.problem
+        N, step = problem.n_rows, problem.row_step()
+        for r0 in range(0, N, step):
+            r1 = min(N, r0 + step)
+            blk = problem.forward_block(r0, r1, self.hfd.start(r0, r1))
+            herr = problem.logit_error(blk.h)
+            self.loss[r0:r1], self.lse[r0:r1], self.herr[r0:r1] = blk.loss, blk.lse, herr
+            self.loss_floor[r0:r1] = problem.loss_floor(blk)
+            self.hfd.finish(blk, herr)
+            self.wfd.update(blk, herr)
+            self._gradients(blk, herr)
+            if progress is not None:
+                progress(r1, N)
+        self.wfd.finish()
+        for proj in (self.pw, self.ph):
+            if proj is not None:
+                proj.project_user()
+
+    def _gradients(self, blk: RowBlock, herr: np.ndarray) -> None:
+        """G block by vocabulary block: dL/db, and the projections' sums."""
+        problem, pw, ph = self.problem, self.pw, self.ph
+        rows, h = blk.rows, blk.h
+        h2 = np.sqrt(np.einsum("ij,ij->i", h, h))
+        hr = h @ pw.r if pw is not None else None
+        hr_abs = np.abs(h) @ np.abs(pw.r) if pw is not None else None
+        for v0, v1 in problem.vocab_blocks():
+            g, phi = problem.grad_terms(blk.z[:, v0:v1], rows, np.arange(v0, v1), blk.lse, herr)
+            self.db[v0:v1] += g.sum(axis=0)
+            self.db_floor[v0:v1] += phi.sum(axis=0)
+            if pw is None and ph is None:
+                continue
+            gabs = np.abs(g)
+            if pw is not None:
+                pw.ref[v0:v1] += g.T @ hr
+                pw.ref_abs[v0:v1] += gabs.T @ hr_abs
+                pw.rel[v0:v1] += gabs.T @ h2
+                pw.floor[v0:v1] += phi.T @ h2
+            if ph is not None:
+                ph.ref[blk.start:blk.stop] += g @ self.ws[v0:v1]
+                ph.ref_abs[blk.start:blk.stop] += gabs @ self.ws_abs[v0:v1]
+                ph.rel[blk.start:blk.stop] += gabs @ self.w2[v0:v1]
+                ph.floor[blk.start:blk.stop] += phi @ self.w2[v0:v1]
+
+
+# --- exact entries -----------------------------------------------------------------------------
+
+def exact_weight_rows(problem: LinearCE, cols: np.ndarray, lse: np.ndarray, herr: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """dL/dW rows `cols` (sorted) and their floors in units of k*eps: G[:, cols]^T H, phi^T |H|."""
+    H = problem.hidden_size
+    ref, floor = np.zeros((cols.size, H)), np.zeros((cols.size, H))
+    w = np.asarray(problem.weight[cols], dtype=np.float64)
+    for r0 in range(0, problem.n_rows, problem.row_step()):
+        r1 = min(problem.n_rows, r0 + problem.row_step())
+        h = problem.hidden_rows(slice(r0, r1))
+        z = h @ w.T
+        if problem.bias is not None:
+            z += problem.bias[cols]
+        g, phi = problem.grad_terms(z, np.arange(r0, r1), cols, lse[r0:r1], herr[r0:r1])
+        ref += g.T @ h
+        floor += phi.T @ np.abs(h)
+    return ref, floor
+
+
+def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """dL/dH rows `rows` and their floors in units of k*eps: G W, phi |W|."""
+    H = problem.hidden_size
+    ref, floor = np.zeros((rows.size, H)), np.zeros((rows.size, H))
+    h = problem.hidden_rows(rows)
+    for v0, v1 in problem.vocab_blocks():
+        w = problem.weight_block(v0, v1)
+        z = problem.logits(h, v0, v1, w)
+        g, phi = problem.grad_terms(z, rows, np.arange(v0, v1), lse[rows], herr[rows])
+        ref += g @ w
+        floor += phi @ np.abs(w)
+    return ref, floor
+
+
+def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, herr: np.ndarray,
+              worst: int) -> list[CheckResult]:
+    """Every entry of dL/dW (per vocabulary block, compared at once) and dL/dH (accumulated)."""
+    gw, gh = users.get("grad_weight"), users.get("grad_hidden")
+    N, H = problem.n_rows, problem.hidden_size
+    h = problem.hidden_rows(slice(None))
+    habs = np.abs(h).astype(np.float32)
+    cw = _cmp("grad_weight_vs_reference", gw, worst, "exact: every entry") if gw else None
+    ch = _cmp("grad_hidden_vs_reference", gh, worst, "exact: every entry") if gh else None
+    dh = np.zeros((N, H)) if gh else None
+    fh = np.zeros((N, H), dtype=np.float32) if gh else None
+    step = max(1, EXACT_BLOCK_BYTES // (8 * max(1, N)))
+    for v0, v1 in problem.vocab_blocks(step):
+        w = problem.weight_block(v0, v1)
+        g, phi = problem.grad_terms(problem.logits(h, v0, v1, w), np.arange(N), np.arange(v0, v1),
+                                    lse, herr)
+        phi32 = phi.astype(np.float32)
+        if cw is not None and gw is not None:
+            floor = (phi32.T @ habs).astype(np.float64) * gw.tol.floor_coef
+            cw.update(v0, g.T @ h, gw.rows[v0:v1], floor)
+        if dh is not None and fh is not None:
+            dh += g @ w
+            fh += phi32 @ np.abs(w).astype(np.float32)
+    out = []
+    if cw is not None:
+        out.append(cw.result())
+    if ch is not None and gh is not None and dh is not None and fh is not None:
+        ch.update(0, dh, gh.rows, fh.astype(np.float64) * gh.tol.floor_coef)
+        out.append(ch.result())
+    return out
+
+
+def _cmp(name: str, user: UserArray, worst: int, note: str = "") -> Comparison:
+    return Comparison(name, user.tol, user.index_of, n_worst=worst, note=note)
+
+
+def projection_result(proj: Projection, exact: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                      settings: LinearSettings, worst: int, sums: float, what: str) -> CheckResult:
+    """The projections' verdict; failing rows (up to `max_open_rows`) computed exactly."""
+    dev, allowed, failing = proj.verdict(sums)
+    user, k = proj.user, proj.r.shape[1]
+    note = (f"{k} Gaussian projections per {what} row (Freivalds); a row whose error is 10x its "
+            f"threshold passes with probability <= {settings.false_pass():.1g}")
+    if failing.size == 0:
+        ratio = dev / np.where(allowed > 0, allowed, np.inf)
+        order = np.argsort(-ratio.max(axis=1), kind="stable")[:worst]
+        entries = tuple(Entry((int(v),), float(proj.ref[v].max()), float(proj.got[v].max()),
+                              float(dev[v].max()), float(allowed[v].max())) for v in order.tolist())
+        return CheckResult(proj.name, True, "reference", "yours", float(dev.max(initial=0.0)),
+                           0.0, 0, dev.shape[0], entries,
+                           f"projections: |yours.r - ref.r| <= {CONFIDENCE:g} |tolerance|_2; {user.tol.describe()}",
+                           note)
+    opened = np.sort(failing[:settings.max_open_rows])
+    ref, floor = exact(opened)
+    cmp = Comparison(proj.name, user.tol, lambda i, j: user.index_of(int(opened[i]), j), n_worst=worst)
+    cmp.update(0, ref, np.asarray(user.rows[opened]), floor * user.tol.floor_coef)
+    res = cmp.result()
+    note += (f"; {failing.size} of {dev.shape[0]} {what} rows fail: {_ranges(failing)}; "
+             f"exact entries of {opened.size} worst rows: {res.mismatches} of {res.total} over tolerance")
+    return replace(res, ok=False, mismatches=max(res.mismatches, int(failing.size)), note=note)
+
+
+# --- the check ---------------------------------------------------------------------------------
+
+ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "grad_hidden", "grad_weight",
+         "grad_bias", "loss")
+
+
+def check_linear(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    grad_hidden: Any = None,
+    grad_weight: Any = None,
+    grad_bias: Any = None,
+    loss: Any = None,
+    class_weight: Any = None,
+    options: CheckOptions | None = None,
+    linear: LinearSettings | None = None,
+    sources: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **settings: Any,
+) -> Report:
+    """Verify fused linear cross-entropy: `F.cross_entropy(F.linear(hidden, weight, bias), labels)`.
+
+    hidden (N, H) or (B, T, H); weight (V, H) (`weight_layout="HV"` for (H, V)); your gradients
+    w.r.t. hidden, weight and bias, and your loss, are each optional. Settings: `options` and/or
+    CheckOptions field names, and `linear` and/or LinearSettings field names (`exact=True`)."""
+    lin = replace(linear or LinearSettings(), **{k: settings.pop(k) for k in list(settings)
+                                                  if k in LINEAR_FIELDS})
+    opts = CheckOptions.build(options, **settings)
+    src = {**{r: r for r in ROLES}, **(sources or {})}
+    problem, warnings = build_linear_ce(
+        hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
+        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+        weight_layout=lin.weight_layout, sources=src)
+    grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
+    users = user_arrays(problem, grads, src, opts, lin.weight_layout)
+    user_loss = _user_loss(problem, loss, src["loss"], opts)
+    rng = np.random.default_rng(opts.seed)
+    mode, hp, wp = choose_probes(problem, opts, rng)
+    hfd = HiddenFD(problem, hp, users.get("grad_hidden"))
+    wfd = WeightFD(problem, wp, users.get("grad_weight"))
+    run = Pass(problem, users, lin, hfd, wfd, rng)
+    run.run(progress)
+    ranked = _gradient_checks(problem, users, run, lin, opts.worst)
+    ranked += _fd_checks(problem, users, hp, wp, opts.worst)
+    total = loss_sum(run.loss)
+    ref_loss = problem.reduce(total)
+    if user_loss is not None:
+        ranked.append((2, _loss_check(problem, run, user_loss, ref_loss, opts)))
+    checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
+    arrays = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
+              "class_weight": class_weight, **grads, "loss": loss}
+    return Report(
+        kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
+        loss_per_sample_shape=problem.batch_shape if problem.reduction == "none" else None,
+        shape=tuple(np.shape(hidden)), n_rows=problem.n_rows, n_classes=problem.n_classes,
+        n_ignored=int(problem.n_rows - np.count_nonzero(problem.valid)),
+        reduction=problem.reduction, target_kind="index", checks=checks,
+        inputs=tuple(InputInfo(r, src[r], tuple(np.shape(a)), str(np.asarray(a).dtype))
+                     for r, a in arrays.items() if a is not None),
+        warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size),
+        options=_echo(problem, lin, opts, users))
+
+
+def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
+          users: dict[str, UserArray]) -> dict[str, Any]:
+    """The report's `options`: the settings that shaped the check."""
+    return {"hidden_size": problem.hidden_size, "weight_layout": lin.weight_layout,
+            "bias": problem.bias is not None, "exact": lin.exact,
+            "projections": None if lin.exact else lin.projections,
+            "false_pass_at_10x": None if lin.exact else lin.false_pass(),
+            "ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
+            "weighted": problem.class_weight is not None,
+            "precision": next((u.tol.precision for u in users.values()), None)}
+
+
+def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,
+                     lin: LinearSettings, worst: int) -> list[tuple[int, CheckResult]]:
+    out: list[tuple[int, CheckResult]] = []
+    if lin.exact:
+        out += [(1, c) for c in exact_all(problem, users, run.lse, run.herr, worst)]
+    if run.ph is not None:
+        out.append((1, projection_result(
+            run.ph, lambda rows: exact_hidden_rows(problem, rows, run.lse, run.herr), lin, worst,
+            math.sqrt(problem.n_classes) + math.sqrt(problem.hidden_size), "token")))
+    if run.pw is not None:
+        out.append((1, projection_result(
+            run.pw, lambda cols: exact_weight_rows(problem, cols, run.lse, run.herr), lin, worst,
+            math.sqrt(problem.n_rows) + math.sqrt(problem.hidden_size), "vocabulary")))
+    gb = users.get("grad_bias")
+    if gb is not None:
+        cmp = _cmp("grad_bias_vs_reference", gb, worst)
+        cmp.update(0, run.db[None, :], gb.rows, run.db_floor[None, :] * gb.tol.floor_coef)
+        out.append((1, cmp.result()))
+    gw = users.get("grad_weight")
+    if gw is not None and gw.transposed:
+        out = [(r, _transposed(c, problem)) if c.name == "grad_weight_vs_reference" else (r, c)
+               for r, c in out]
+    return out
+
+
+def _transposed(result: CheckResult, problem: LinearCE) -> CheckResult:
+    verdict = "correct once transposed" if result.ok else "wrong even transposed"
+    note = (f"your weight gradient has the transposed shape ({problem.hidden_size}, "
+            f"{problem.n_classes}) of the weight's; it was compared as its transpose: {verdict}")
+    return replace(result, ok=False, mismatches=max(1, result.mismatches),
+                   note="; ".join(x for x in (note, result.note) if x))
+
+
+def _fd_checks(problem: LinearCE, users: dict[str, UserArray], hp: Probes, wp: Probes,
+               worst: int) -> list[tuple[int, CheckResult]]:
+    out: list[tuple[int, CheckResult]] = []
+    ref64 = resolve_tolerance(np.dtype(np.float64))
+    sides = (("hidden", hp, users.get("grad_hidden"), lambda r: problem.batch_index(r),
+              lambda r, j: problem.batch_index(r) + (j,)),
+             ("weight", wp, users.get("grad_weight"), lambda r: (r,),
+              (users["grad_weight"].index_of if "grad_weight" in users else lambda r, j: (r, j))))
+    for name, p, user, row_index, entry_index in sides:
+        if p.owner.size == 0:
+            continue
+        n_rows = int(np.count_nonzero(p.entry < 0))
+        note = f"{n_rows} rows along a random direction, {p.owner.size - n_rows} entries"
+
+        def index_of(i: int, _c: int, p: Probes = p, ri=row_index, ei=entry_index) -> tuple[int, ...]:
+            return p.index(i, ri, ei)
+
+        cmp = Comparison(f"fd_{name}_vs_reference", ref64, index_of, expected_label="finite diff",
+                         got_label="reference", n_worst=worst, note=note)
+        cmp.update(0, p.fd, p.ref, FD_SAFETY * p.bound)
+        out.append((0, cmp.result()))
+        if user is not None:
+            got = np.einsum("ij,ij->i", np.asarray(user.rows[p.owner], dtype=np.float64), 2.0 * p.u)
+            cmp = Comparison(f"fd_{name}_vs_grad", user.tol, index_of, expected_label="finite diff",
+                             n_worst=worst, note=note)
+            cmp.update(0, p.fd, got, FD_SAFETY * p.bound + p.got_bound)
+            out.append((3, cmp.result()))
+    return out
+
+
+def _user_loss(problem: LinearCE, loss: Any, source: str, opts: CheckOptions
+               ) -> tuple[np.ndarray, Tolerance] | None:
+    if loss is None:
+        return None
+    arr = np.asarray(loss)
+    if arr.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {arr.dtype} is not numeric")
+    if problem.reduction == "none":
+        if arr.shape != problem.batch_shape and arr.shape != (problem.n_rows,):
+            raise CeCheckError(f"{source}: shape {arr.shape}; reduction 'none' gives per-sample "
+                               f"losses {problem.batch_shape}")
+        arr = arr.reshape(-1)
+    elif arr.size != 1:
+        raise CeCheckError(f"{source}: shape {arr.shape}; reduction '{problem.reduction}' gives a "
+                           "scalar loss (use `reduction=none` for per-sample losses)")
+    dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
+    precision = opts.precision.value if opts.precision is not None else None
+    return arr, resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
+
+
+def _loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance], ref_loss: float,
+                opts: CheckOptions) -> CheckResult:
+    got, tol = user
+    if problem.reduction == "none":
+        cmp = Comparison("loss_vs_reference", tol, lambda r, c: problem.batch_index(r),
+                         n_worst=opts.worst, extra_atol=opts.loss_atol)
+        cmp.update(0, run.loss, got, tol.floor_coef * run.loss_floor)
+        return cmp.result()
+    floor = tol.floor_coef * (float(run.loss_floor.sum()) + math.log2(problem.n_rows + 1) * abs(ref_loss))
+    cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), n_worst=1, extra_atol=opts.loss_atol)
+    cmp.update(0, np.array([ref_loss]), np.asarray(got, dtype=np.float64).reshape(1),
+               np.array([floor]) if np.isfinite(floor) else None)
+    return cmp.result()
