@@ -16,7 +16,7 @@ from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import load_all
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
-from ce_cli.verify.linear import check_linear
+from ce_cli.verify.linear import LinearSettings, check_linear
 
 
 def _opt(flag: str, text: str) -> typer.models.OptionInfo:
@@ -57,15 +57,16 @@ def linear(
     inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
               "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
               "loss": loss, "class_weight": class_weight}
-    settings = check_settings(
-        weight_layout=weight_layout, exact=exact, projections=projections, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol, atol=atol,
-        precision=precision, floor_factor=floor_factor, fd=fd, samples=samples, seed=seed,
-        worst=worst)
+    linear_settings = LinearSettings(weight_layout=weight_layout, exact=exact,
+                                     projections=projections)
     loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
+    options = check_settings(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol,
+        atol=atol, precision=precision, floor_factor=floor_factor, fd=fd, samples=samples,
+        seed=seed, worst=worst, loss_atol=loaded.loss_atol)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         arrays: dict[str, Any] = dict(loaded.arrays)
         report = check_linear(**arrays, sources=loaded.sources, progress=progress,
-                              loss_atol=loaded.loss_atol, **settings)
+                              options=options, linear=linear_settings)
     emit(CheckOutput(report), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)
