@@ -63,7 +63,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _run(case: CaseSpec) -> Report:
-    loaded = load_all(case.inputs, vectors=VECTOR_ROLES[Kind(case.kind)])
+    loaded = load_all(case.inputs, vectors=VECTOR_ROLES[Kind(case.kind)], pipes=False)
     arrays: dict[str, Any] = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
     check: Callable[..., Report] = check_grad if case.kind == Kind.multiclass.value else check_binary

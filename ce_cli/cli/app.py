@@ -21,6 +21,7 @@ from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
+from ce_cli.io.output import check_target
 from ce_cli.report.console import stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
@@ -213,6 +214,8 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     one-row or one-column CSV is flattened to C values; `flags` are the check's settings.
     """
     specs = input_specs(inputs)
+    if out_grad is not None:
+        check_target(out_grad, "out_grad")  # before any work: a directory, device, FIFO
     refuse_overwriting(out_grad, specs)
     loaded = load_all(specs, vectors=vectors)
     settings = check_settings(**flags, loss_atol=loaded.loss_atol)
