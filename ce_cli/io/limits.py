@@ -41,8 +41,8 @@ def fd_full_cost(n_rows: int, n_classes: int) -> float:
 
 def fd_full_refusal(shape: tuple[int, ...], class_axis: int = -1) -> str | None:
     """Why `--fd full` is refused on logits of `shape` (None: within FD_FULL_BUDGET)."""
-    if not shape:
-        return None
+    if not -len(shape) <= class_axis < len(shape):
+        return None  # no class axis there: the check itself says what is wrong
     n_classes = shape[class_axis]
     n_rows = math.prod(shape) // n_classes if n_classes else 0
     cost = fd_full_cost(n_rows, n_classes)

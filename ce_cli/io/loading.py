@@ -185,6 +185,25 @@ def _header_checks(shape, dtype: np.dtype, data_bytes: int, label: str) -> None:
         )
 
 
+def npy_file_header(path: Path, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The header of the .npy file `path`, checked (length, no negative dimension, the data the
+    shape claims really in the file), any dtype; `CeCheckError` naming `label` otherwise."""
+    try:
+        with path.open("rb") as fh:
+            shape, fortran, dtype = _read_header(fh, label)
+            offset = fh.tell()
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if any(s < 0 for s in shape):
+        raise CeCheckError(f"{label}: corrupt .npy header (negative dimension in shape {tuple(shape)})")
+    expected = math.prod(shape) * dtype.itemsize
+    if size - offset < expected:
+        raise CeCheckError(f"{label}: truncated: header says shape {tuple(shape)} {dtype} "
+                           f"({expected} bytes) but the file holds {size - offset} bytes of data")
+    return shape, fortran, dtype
+
+
 def _load_npy_path(path: Path, label: str) -> np.ndarray:
     with path.open("rb") as fh:
         shape, _fortran, dtype = _read_header(fh, label)
