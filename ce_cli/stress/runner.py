@@ -86,7 +86,7 @@ def load_callable(spec: str) -> Callable:
 
 
 # the longest wait ce-check asks of the system (select/poll refuse larger timeouts)
-MAX_WAIT = 86400.0 * 365
+MAX_WAIT = 86400.0 * 20  # poll() takes a signed 32-bit count of milliseconds
 
 
 def _seconds(timeout: float | None) -> float | None:
