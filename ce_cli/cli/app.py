@@ -22,7 +22,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
 from ce_cli.io.output import check_target
-from ce_cli.io.limits import fd_full_refusal, quoted
+from ce_cli.io.limits import fd_full_refusal, one_line, quoted
 from ce_cli.report.console import drop_stdout, ensure_std_streams, stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
@@ -83,7 +83,7 @@ def main_callback(
 
 
 def fail_input(message: str) -> typer.Exit:
-    stderr_console().print(f"ce-check: error: {message}", markup=False, soft_wrap=True)
+    stderr_console().print(f"ce-check: error: {one_line(message)}", markup=False, soft_wrap=True)
     return typer.Exit(ExitCode.USAGE_OR_INPUT_ERROR)
 
 

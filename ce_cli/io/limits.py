@@ -57,3 +57,13 @@ def quoted(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
     """`text` as a short, single-line, printable repr: at most `limit` characters of it."""
     cut = text if len(text) <= limit else text[:limit] + "…"
     return repr(cut.encode("utf-8", "replace").decode("utf-8", "replace"))
+
+
+# what str.splitlines() breaks a line at, besides \n and \r, and the other C0/C1 controls
+_BREAKS = {c: f"\\x{c:02x}" for c in [*range(0, 32), 127, *range(128, 160)]}
+_BREAKS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character and line separator escaped: one printable line."""
+    return text.translate(_BREAKS)

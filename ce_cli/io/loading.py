@@ -18,7 +18,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -149,7 +149,7 @@ def _load_bytes(data: bytes, key: str | None, label: str) -> np.ndarray:
     return _check_dtype(arr, label)
 
 
-def _read_header(fh: BinaryIO, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_header(fh: IO[bytes], label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """The header of the .npy stream `fh` (left at the first data byte). The header's length
     field is checked against MAX_NPY_HEADER_BYTES before a byte of it is read."""
     prefix = fh.read(8)
@@ -260,7 +260,7 @@ def _npz_member(names: list[str], key: str | None, label: str) -> str:
     raise CeCheckError(f"{label}: no array {quoted(key)} (has: {listed})")
 
 
-def _read_member(fh: BinaryIO, shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
+def _read_member(fh: IO[bytes], shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
                  label: str) -> np.ndarray:
     """Exactly the bytes the header declares (decompressing no further), at most
     MAX_DECOMPRESSED_BYTES: a zip bomb costs what its header admits to, and is refused above."""
@@ -271,7 +271,7 @@ def _read_member(fh: BinaryIO, shape: tuple[int, ...], fortran: bool, dtype: np.
     buf = bytearray(nbytes)
     view, got = memoryview(buf), 0
     while got < nbytes:
-        n = fh.readinto(view[got:])  # type: ignore[attr-defined]
+        n = fh.readinto(view[got:])  # type: ignore[attr-defined]  # ZipExtFile, BytesIO
         if not n:
             raise CeCheckError(f"{label}: truncated: the member ends after {got} of {nbytes} "
                                "bytes")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from typing import Literal
 
 from rich.console import Console
 
@@ -20,7 +21,7 @@ class PipeConsole(Console):
         raise BrokenPipeError
 
 
-def _color_system() -> str | None:
+def _color_system() -> Literal["auto"] | None:
     """NO_COLOR (https://no-color.org) turns off every escape code, bold included."""
     return None if os.environ.get("NO_COLOR") else "auto"
 

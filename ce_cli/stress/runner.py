@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -314,7 +315,7 @@ class ProcessResult:
 class _TailReader(threading.Thread):
     """Drains a pipe, keeping only its last MAX_CAPTURE_BYTES (`yes` costs CPU, not memory)."""
 
-    def __init__(self, pipe: io.BufferedIOBase) -> None:
+    def __init__(self, pipe: IO[bytes]) -> None:
         super().__init__(daemon=True)
         self.pipe, self.data = pipe, bytearray()
 
