@@ -7,14 +7,14 @@ one-line message; a case that `--fail-fast` never started carries <skipped>.
 
 from __future__ import annotations
 
-import os
+import io
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
 from ce_cli.batch.manifest import ERROR, FAIL, CaseResult
-from ce_cli.errors import CeCheckError
+from ce_cli.io.output import atomic_output, check_target
 from ce_cli.report.render import failure_message
 
 # characters XML 1.0 cannot carry at all, even escaped
@@ -61,22 +61,16 @@ def junit_tree(results: Sequence[CaseResult], *, skipped: Sequence[tuple[str, st
 
 
 def check_writable(path: str | Path) -> None:
-    """Refuse, before any case runs, a path whose folder is missing or that is a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise CeCheckError(f"--junit-xml '{path}': is a directory")
-    parent = path.parent
-    if not parent.is_dir():
-        raise CeCheckError(f"--junit-xml '{path}': folder '{parent}' does not exist")
+    """Refuse, before any case runs, a path whose folder is missing, a directory, or anything
+    but a regular file (see `ce_cli.io.output`)."""
+    check_target(path, "junit_xml")
 
 
 def write_junit(path: str | Path, tree: ET.ElementTree) -> None:
-    """Written beside `path` and renamed into place: a reader never sees half a file."""
-    final = Path(path)
-    tmp = final.with_name(f".{final.name}.partial")
-    try:
-        tree.write(tmp, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, final)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CeCheckError(f"--junit-xml '{path}': cannot write ({exc.strerror or exc})") from None
+    """Written to an unpredictable temporary file beside `path` and renamed into place (see
+    `ce_cli.io.output`): a reader never sees half a file, a planted symlink is never followed."""
+    buf = io.BytesIO()
+    tree.write(buf, encoding="utf-8", xml_declaration=True)
+    data = buf.getvalue()
+    with atomic_output(path, "junit_xml", len(data)) as out:
+        out.write(data)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
+import re
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +28,10 @@ from typing import Any, BinaryIO
 
 from ce_cli.enums import FDMode, Kind, Precision, Reduction
 from ce_cli.errors import CeCheckError
+from ce_cli.io import limits
 from ce_cli.io.inputs import NUMBER_ROLES, STDIN, InputSpec, Origin
+from ce_cli.io.limits import quoted
+from ce_cli.io.loading import read_pipe
 from ce_cli.verify.results import Report
 
 LINEAR = "linear"  # fused linear cross-entropy (check_linear): hidden states and weight, no logits
@@ -44,7 +50,13 @@ Validator = Callable[[str, Any], Any]
 
 
 def _json_value(value: Any) -> str:
-    return json.dumps(value)
+    """The value as JSON, cut to MAX_QUOTED_CHARS (a message is one short line)."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        text = "a value"
+    limit = limits.MAX_QUOTED_CHARS
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _choice(enum: type[Enum]) -> Validator:
@@ -188,8 +200,21 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _decode(line: str) -> Any:
-    return json.loads(line, parse_float=_Number, parse_constant=_no_constants,
-                      object_pairs_hook=_pairs)
+    if len(line) > limits.MAX_MANIFEST_LINE_BYTES:
+        raise ValueError(f"a line over {limits.MAX_MANIFEST_LINE_BYTES} characters")
+    try:
+        return json.loads(line, parse_float=_Number, parse_constant=_no_constants,
+                          object_pairs_hook=_pairs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    """A name as it can be printed and encoded: lone surrogates (JSON "\\udc80") become U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def read_manifest(spec: str, *, stdin: BinaryIO | None = None) -> tuple[str, Path, str]:
@@ -203,18 +228,11 @@ def read_manifest(spec: str, *, stdin: BinaryIO | None = None) -> tuple[str, Pat
                 raise CeCheckError(f"{label}: standard input is a terminal; pipe a JSON-lines "
                                    "manifest into it")
             stdin = sys.stdin.buffer
-        data, base = stdin.read(), Path()
+        data, base = _read_capped(stdin, label), Path()
     else:
         path = Path(spec)
-        label = f"manifest '{spec}'"
-        if not path.exists():
-            raise CeCheckError(f"{label}: no such file")
-        if path.is_dir():
-            raise CeCheckError(f"{label}: is a directory, not a JSON-lines file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
+        label = f"manifest {quoted(spec, 200)}"
+        data = _read_manifest_file(path, label)
         base = path.parent
     if isinstance(data, str):
         data = data.encode()
@@ -225,6 +243,37 @@ def read_manifest(spec: str, *, stdin: BinaryIO | None = None) -> tuple[str, Pat
     except UnicodeDecodeError:
         raise CeCheckError(f"{label}: not UTF-8 text") from None
     return text, base, label
+
+
+def _read_capped(stream: BinaryIO, label: str) -> bytes:
+    """At most MAX_MANIFEST_BYTES of `stream`."""
+    data = stream.read(limits.MAX_MANIFEST_BYTES + 1)
+    if len(data) > limits.MAX_MANIFEST_BYTES:
+        raise CeCheckError(f"{label}: over {limits.MAX_MANIFEST_BYTES} bytes (the manifest limit)")
+    return data
+
+
+def _read_manifest_file(path: Path, label: str) -> bytes:
+    """A regular file or a named pipe (`<(...)`, bounded in size and idle time); never a device
+    such as /dev/zero."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise CeCheckError(f"{label}: is a directory, not a JSON-lines file")
+        if stat.S_ISFIFO(mode):
+            data = read_pipe(path, label)
+            if len(data) > limits.MAX_MANIFEST_BYTES:
+                raise CeCheckError(f"{label}: over {limits.MAX_MANIFEST_BYTES} bytes (the "
+                                   "manifest limit)")
+            return data
+        if not stat.S_ISREG(mode):
+            raise CeCheckError(f"{label}: not a regular file or a pipe")
+        with path.open("rb") as fh:
+            return _read_capped(fh, label)
+    except FileNotFoundError:
+        raise CeCheckError(f"{label}: no such file") from None
+    except OSError as exc:
+        raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
 
 
 def parse_manifest(text: str, base: Path | str = ".", label: str = "manifest") -> list[Case]:
@@ -280,7 +329,7 @@ def _line_error(lineno: int, name: str | None, kind: str | None, message: str) -
 
 def _case(lineno: int, obj: dict[str, Any], base: Path) -> Case:
     name = obj.get("name")
-    name = name if isinstance(name, str) and name.strip() else None
+    name = _clean(name) if isinstance(name, str) and name.strip() else None
     kind = obj.get("kind") if obj.get("kind") in KINDS else None
     try:
         return _validate(lineno, obj, base, name, kind)
@@ -304,14 +353,14 @@ def _check_keys(obj: dict[str, Any], name: str | None, kind: str | None) -> None
         if key not in ALL_KEYS:
             close = difflib.get_close_matches(key, ALL_KEYS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(ALL_KEYS)})"
-            raise CeCheckError(f"unknown key '{key}'{hint}")
+            raise CeCheckError(f"unknown key {quoted(key)}{hint}")
     for key in REQUIRED_BY_KIND.get(kind or "", REQUIRED):
         if obj.get(key) is None:
             raise CeCheckError(f"missing key '{key}'")
     if name is None:
-        raise CeCheckError(f"'name': must be a non-empty string, got {json.dumps(obj['name'])}")
+        raise CeCheckError(f"'name': must be a non-empty string, got {_json_value(obj['name'])}")
     if kind is None:
-        raise CeCheckError(f"'kind': must be \"multiclass\" or \"binary\", got {json.dumps(obj['kind'])}")
+        raise CeCheckError(f"'kind': must be \"multiclass\" or \"binary\", got {_json_value(obj['kind'])}")
     _no_logits(obj, kind)
     for other, keys in KIND_KEYS.items():
         for key in keys:
@@ -346,7 +395,7 @@ def _input(key: str, value: Any, base: Path) -> InputSpec:
     if not isinstance(value, str) or not value.strip():
         if key in NUMBER_ROLES:
             raise CeCheckError(f"'{key}': must be a path or a number, got {_json_type(value)}")
-        raise CeCheckError(f"'{key}': must be a path (a non-empty string), got {json.dumps(value)}")
+        raise CeCheckError(f"'{key}': must be a path (a non-empty string), got {_json_value(value)}")
     if value == STDIN:
         raise CeCheckError(f"'{key}': '-' (stdin) cannot be an input in a batch; name a file")
     return InputSpec.parse(value, key, base=base)

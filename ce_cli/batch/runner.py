@@ -3,7 +3,12 @@ pool of worker processes, and the exit status of a run. Nothing here prints."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import queue
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
@@ -65,11 +70,11 @@ def _one_line(exc: BaseException) -> str:
 
 def _run(case: CaseSpec) -> Report:
     if case.kind == LINEAR:
-        loaded = load_all(case.inputs, vectors=("bias", "grad_bias", "class_weight"))
+        loaded = load_all(case.inputs, vectors=("bias", "grad_bias", "class_weight"), pipes=False)
         given: dict[str, Any] = dict(loaded.arrays)
         with np.errstate(all="ignore"):
             return check_linear(**given, sources=loaded.sources, **case.settings)
-    loaded = load_all(case.inputs, vectors=VECTOR_ROLES[Kind(case.kind)])
+    loaded = load_all(case.inputs, vectors=VECTOR_ROLES[Kind(case.kind)], pipes=False)
     arrays: dict[str, Any] = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
     check: Callable[..., Report] = check_grad if case.kind == Kind.multiclass.value else check_binary
@@ -78,7 +83,8 @@ def _run(case: CaseSpec) -> Report:
 
 
 def run_cases(cases: list[Case], *, jobs: int = 1, fail_fast: bool = False,
-              executor_factory: Callable[[int], Executor] | None = None) -> Iterator[CaseResult]:
+              executor_factory: Callable[[int], Executor] | None = None,
+              task: Task | None = None) -> Iterator[CaseResult]:
     """Run `cases`, yielding results in manifest order as soon as each one and all before it are
     done; up to `jobs` cases run at once.
 
@@ -87,38 +93,82 @@ def run_cases(cases: list[Case], *, jobs: int = 1, fail_fast: bool = False,
     the GIL). Either way a case runs off its process's main thread: with glibc the main thread's
     heap returns the check's 1 MB chunk buffers to the kernel after each use and faults them
     back in, which made a 256x500 case 3 to 5 times slower; a thread's arena keeps them.
-    `executor_factory(jobs)` replaces the executor (tests use threads to watch the scheduling).
+    `executor_factory(jobs)` replaces the executor (tests use threads to watch the scheduling)
+    and `task` the function run per case.
+
+    A worker process that dies (killed, out of memory, a crash in native code) breaks the pool:
+    a fresh pool runs the cases not yet finished, each case that was running then alone in a
+    pool of its own, so only a case that kills its worker on its own is an internal error.
 
     With `fail_fast` no case is started after a fail or error has been seen (running ones
     finish and are yielded); the cases never started are not yielded: the results are always
-    a prefix of `cases`.
+    a prefix of `cases`. Ctrl-C stops the workers at once.
     """
     jobs = max(1, min(jobs, len(cases)))
-    executor, task = _executor(jobs, executor_factory)
+    factory = executor_factory or _default_executor
+    default_task = run_case if executor_factory is not None or jobs == 1 else run_case_off_main_thread
+    schedule = _Schedule(cases, factory, task or default_task, jobs=jobs, fail_fast=fail_fast)
     try:
-        yield from _Schedule(cases, executor, task, jobs=jobs, fail_fast=fail_fast)
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        yield from schedule
+    except BaseException:
+        schedule.shutdown(wait=False)
+        raise
+    schedule.shutdown(wait=True)
 
 
-def _executor(jobs: int, factory: Callable[[int], Executor] | None) -> tuple[Executor, Task]:
-    if factory is not None:
-        return factory(jobs), run_case
+def _default_executor(jobs: int) -> Executor:
     if jobs == 1:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ce-check"), run_case
-    return ProcessPoolExecutor(max_workers=jobs), run_case_off_main_thread
+        return _DaemonThread()
+    return ProcessPoolExecutor(max_workers=jobs, initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent (which stops them): no traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _DaemonThread(Executor):
+    """One daemon worker thread: a case stuck in a system call cannot keep ce-check from
+    exiting on Ctrl-C (a ThreadPoolExecutor's thread is joined at exit)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name="ce-check", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # handed to the waiting thread
+                    fut.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.queue.put((fut, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.queue.put(None)
+        if wait:
+            self.thread.join()
 
 
 class _Schedule:
     """Submits cases while fewer than `jobs` run, collects them as they finish, and hands
     them on in manifest order (see `run_cases`)."""
 
-    def __init__(self, cases: list[Case], executor: Executor, task: Task, *, jobs: int,
-                 fail_fast: bool) -> None:
-        self.cases, self.executor, self.task = cases, executor, task
+    def __init__(self, cases: list[Case], factory: Callable[[int], Executor], task: Task, *,
+                 jobs: int, fail_fast: bool) -> None:
+        self.cases, self.factory, self.task = cases, factory, task
+        self.executor = factory(jobs)
         self.jobs, self.fail_fast = jobs, fail_fast
         self.results: dict[int, CaseResult] = {}
         self.pending: dict[Future[CaseResult], int] = {}
+        self.retry: list[int] = []  # cases running when a worker died: each rerun alone
         self.submitted = 0
         self.stop = False
 
@@ -131,7 +181,8 @@ class _Schedule:
             while emitted in self.results:
                 yield self.results.pop(emitted)
                 emitted += 1
-            if emitted == self.submitted and (self.stop or self.submitted == len(self.cases)):
+            if emitted == self.submitted and not self.retry and \
+                    (self.stop or self.submitted == len(self.cases)):
                 return
 
     def _record(self, index: int, result: CaseResult) -> None:
@@ -139,7 +190,10 @@ class _Schedule:
         self.stop = self.stop or (self.fail_fast and result.status != PASS)
 
     def _submit(self) -> None:
-        while not self.stop and self.submitted < len(self.cases) and len(self.pending) < self.jobs:
+        while self.retry and not self.pending:
+            self._run_alone(self.retry.pop(0))
+        while not self.retry and not self.stop and self.submitted < len(self.cases) \
+                and len(self.pending) < self.jobs:
             index, case = self.submitted, self.cases[self.submitted]
             self.submitted += 1
             if isinstance(case, CaseResult):  # an invalid line: nothing to run
@@ -147,14 +201,47 @@ class _Schedule:
                 continue
             try:
                 self.pending[self.executor.submit(self.task, case)] = index
-            except BrokenExecutor as exc:  # a worker process died earlier
-                self._record(index, _crashed(case, exc))
+            except BrokenExecutor:  # a worker process died: start afresh, this one first
+                self._restart()
+                self.retry.append(index)
+
+    def _run_alone(self, index: int) -> None:
+        """Rerun a case that was running when a worker died, in a pool of its own."""
+        case = self.cases[index]
+        alone = self.factory(1)
+        try:
+            result = _outcome(alone.submit(self.task, case), case)
+        finally:
+            alone.shutdown(wait=True, cancel_futures=True)
+        self._record(index, result)
 
     def _collect(self) -> None:
         done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+        broken = False
         for fut in done:
             index = self.pending.pop(fut)
-            self._record(index, _outcome(fut, self.cases[index]))
+            if isinstance(fut.exception(), BrokenExecutor):
+                broken = True
+                self.retry.append(index)
+            else:
+                self._record(index, _outcome(fut, self.cases[index]))
+        if broken:  # every other running case is lost with the pool: rerun them too
+            self.retry.extend(self.pending.values())
+            self.pending.clear()
+            self.retry.sort()
+            self._restart()
+
+    def _restart(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self.factory(self.jobs)
+
+    def shutdown(self, *, wait: bool) -> None:
+        """Stop the executor; without `wait` (Ctrl-C) its worker processes are killed."""
+        if not wait:
+            for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
+                with contextlib.suppress(OSError, AttributeError):
+                    proc.kill()
+        self.executor.shutdown(wait=wait, cancel_futures=True)
 
 
 _worker_thread: ThreadPoolExecutor | None = None
@@ -171,7 +258,7 @@ def run_case_off_main_thread(case: Case) -> CaseResult:
 def _outcome(fut: Future[CaseResult], case: Case) -> CaseResult:
     try:
         return fut.result()
-    except Exception as exc:  # the worker process died (killed, out of memory), or CE_CHECK_DEBUG
+    except Exception as exc:  # the worker process died on its own, or CE_CHECK_DEBUG
         if os.environ.get("CE_CHECK_DEBUG"):
             raise
         return _crashed(case, exc)
@@ -180,7 +267,7 @@ def _outcome(fut: Future[CaseResult], case: Case) -> CaseResult:
 def _crashed(case: Case, exc: BaseException) -> CaseResult:
     return CaseResult(name=case.name, line=case.line, kind=case.kind, status=ERROR, internal=True,
                       error=f"internal error: {type(exc).__name__}: {_one_line(exc)} "
-                            "(the worker failed; please report it)")
+                            "(the worker process died running this case, alone; please report it)")
 
 
 def exit_status(results: Iterable[CaseResult]) -> ExitCode:

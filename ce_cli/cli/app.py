@@ -20,7 +20,9 @@ from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
-from ce_cli.report.console import stderr_console
+from ce_cli.io.output import check_target
+from ce_cli.io.limits import one_line, quoted
+from ce_cli.report.console import drop_stdout, ensure_std_streams, stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
 from ce_cli.verify.options import CheckOptions
@@ -81,7 +83,7 @@ def main_callback(
 
 
 def fail_input(message: str) -> typer.Exit:
-    stderr_console().print(f"ce-check: error: {message}", markup=False, soft_wrap=True)
+    stderr_console().print(f"ce-check: error: {one_line(message)}", markup=False, soft_wrap=True)
     return typer.Exit(ExitCode.USAGE_OR_INPUT_ERROR)
 
 
@@ -103,10 +105,13 @@ def source_name(role: str, text: str | None) -> str:
 
 
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Input errors exit 2 with one line; anything unexpected exits 3, never 1 (a failed check)."""
+    """Input and environment errors exit 2 with one line (a bad input, a file the system refuses,
+    a full disk or a full /dev/full stdout, memory too small for the input); anything unexpected
+    exits 3, never 1 (a failed check)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ensure_std_streams()
         try:
             return command(*args, **kwargs)
         except typer.Exit:
@@ -116,19 +121,36 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except BrokenPipeError:
             sys.stderr.close()
             raise typer.Exit(ExitCode.OK) from None
+        except OSError as exc:
+            drop_stdout()  # if stdout is what failed, its buffer must not fail again at exit
+            raise fail_input(os_error_message(exc)) from None
+        except OverflowError as exc:  # e.g. an exact sum of float64 losses past float64 max
+            raise fail_input(f"values too large: float64 overflow ({_one_line(exc)}); rescale "
+                             "the inputs") from None
         except MemoryError:
-            stderr_console().print("ce-check: error: out of memory", markup=False, soft_wrap=True)
-            raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
+            raise fail_input("out of memory: the input is too large for this machine's memory "
+                             "(see the limits in the README's Inputs section)") from None
         except Exception as exc:
             if os.environ.get("CE_CHECK_DEBUG"):
                 raise
             stderr_console().print(
-                f"ce-check: internal error: {type(exc).__name__}: {exc} "
+                f"ce-check: internal error: {type(exc).__name__}: {_one_line(exc)} "
                 "(set CE_CHECK_DEBUG=1 for the traceback; please report it)", markup=False,
                 soft_wrap=True)
             raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
 
     return wrapper
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError in one line: what failed, on which file (standard output when none)."""
+    where = quoted(str(exc.filename), 200) if exc.filename is not None else "standard output"
+    return f"{where}: {exc.strerror or type(exc).__name__}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 LOGITS_HELP = "Logits: .npy, .npz (FILE.npz:KEY), CSV/TSV, or '-' for stdin. Class axis last by default."
@@ -218,6 +240,8 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     one-row or one-column CSV is flattened to C values; `flags` are the check's settings.
     """
     specs = input_specs(inputs)
+    if out_grad is not None:
+        check_target(out_grad, "out_grad")  # before any work: a directory, device, FIFO
     refuse_overwriting(out_grad, specs)
     loaded = load_all(specs, vectors=vectors)
     options = check_settings(**flags, loss_atol=loaded.loss_atol)

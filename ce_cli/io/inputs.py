@@ -68,11 +68,25 @@ def split_npz_key(text: str) -> tuple[Path, str | None]:
     """The file `text` names and the .npz member or .safetensors tensor it selects (None: the
     path itself, no key)."""
     path = Path(text)
-    if not path.exists() and ":" in text:
-        base, _, key = text.rpartition(":")
-        if base.lower().endswith((".npz", ".safetensors")):
+    if ":" not in text or _exists(path):
+        return path, None
+    # FILE.npz:KEY (or FILE.safetensors:NAME), the key itself may hold colons: the first FILE.npz that exists, else the last
+    splits = [(text[:i], text[i + 1:]) for i, ch in enumerate(text)
+              if ch == ":" and text[:i].lower().endswith((".npz", ".safetensors"))]
+    for base, key in splits:
+        if _exists(Path(base)):
             return Path(base), key
+    if splits:
+        return Path(splits[-1][0]), splits[-1][1]
     return path, None
+
+
+def _exists(path: Path) -> bool:
+    """`path.exists()`, False for a name the system refuses (too long, a NUL, ...)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -93,8 +107,11 @@ class InputSpec:
         number is the likelier slip) instead of being reported as a missing file on loading."""
         if text == STDIN:
             return cls(role, text, Origin.stdin)
+        if not text.strip():
+            raise CeCheckError(f"`{role}`: empty; name a file" + (" or type a number"
+                                                                 if role in NUMBER_ROLES else ""))
         resolved = text if base is None or Path(text).is_absolute() else str(Path(base) / text)
-        if role not in NUMBER_ROLES or split_npz_key(resolved)[0].exists():
+        if role not in NUMBER_ROLES or _exists(split_npz_key(resolved)[0]):
             return cls(role, resolved, Origin.file)
         if is_number_text(text):
             return cls(role, text.strip(), Origin.number)
@@ -132,15 +149,17 @@ class InputSpec:
         except OSError:
             return False
 
-    def load(self, *, vector: bool = False, stdin: BinaryIO | None = None) -> np.ndarray:
+    def load(self, *, vector: bool = False, stdin: BinaryIO | None = None,
+             pipes: bool = True) -> np.ndarray:
         """The input's values. With `vector`, a one-row or one-column table (a CSV of C values
-        written across or down) is flattened to its values."""
+        written across or down) is flattened to its values. Without `pipes` a named pipe is
+        refused (batch cases: a FIFO nobody writes to would stall the batch)."""
         if self.origin is Origin.number:
             return parse_number(self.text, self.role)[0]
         if self.origin is Origin.stdin:
             arr = read_stdin(self.source, stdin)
         else:
-            arr = read_file(*split_npz_key(self.text), self.source)
+            arr = read_file(*split_npz_key(self.text), self.source, pipes=pipes)
         if vector and arr.ndim == 2 and 1 in arr.shape:
             arr = arr.reshape(-1)
         return arr
@@ -163,13 +182,14 @@ class LoadedInputs:
 
 
 def load_all(specs: Mapping[str, InputSpec], *, vectors: tuple[str, ...] = (),
-                stdin: BinaryIO | None = None) -> LoadedInputs:
+             stdin: BinaryIO | None = None, pipes: bool = True) -> LoadedInputs:
     """Load every input; at most one may come from stdin. `vectors` are the roles whose
     one-row or one-column table is flattened (see `InputSpec.load`)."""
     from_stdin = [role for role, spec in specs.items() if spec.origin is Origin.stdin]
     if len(from_stdin) > 1:
         raise CeCheckError(f"only one input can be '-' (stdin); got {', '.join(from_stdin)}")
-    arrays = {role: spec.load(vector=role in vectors, stdin=stdin) for role, spec in specs.items()}
+    arrays = {role: spec.load(vector=role in vectors, stdin=stdin, pipes=pipes)
+              for role, spec in specs.items()}
     loss = specs.get("loss")
     return LoadedInputs(arrays=arrays, sources={role: s.source for role, s in specs.items()},
                         loss_atol=loss.tolerance if loss is not None else 0.0)
@@ -178,7 +198,7 @@ def load_all(specs: Mapping[str, InputSpec], *, vectors: tuple[str, ...] = (),
 def refuse_overwriting(out: Path | None, specs: Mapping[str, InputSpec], *,
                        param: str = "out_grad") -> None:
     """`out` must not be an input: inputs are memory-mapped while it is written."""
-    if out is None or not out.exists():
+    if out is None or not _exists(out):
         return
     for role, spec in specs.items():
         if spec.is_file(out):

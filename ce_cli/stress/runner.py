@@ -9,25 +9,33 @@ program, a template without {grad}) is a usage error, `CeCheckError`, before any
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import io
+import multiprocessing
 import os
+import pickle
 import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io import limits
+from ce_cli.io.loading import npy_file_header
 from ce_cli.stress.dtypes import DTYPE_NAMES, as_storable
 from ce_cli.stress.judge import Case, Outcome
 
@@ -78,59 +86,148 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
-class _Timeout(BaseException):
-    """Raised into the implementation by SIGALRM; a BaseException so `except Exception` in the
-    user's code does not swallow it."""
+# the longest wait ce-check asks of the system (select/poll refuse larger timeouts)
+MAX_WAIT = 86400.0 * 20  # poll() takes a signed 32-bit count of milliseconds
 
 
-@contextlib.contextmanager
-def _alarm(seconds: float | None):
-    """SIGALRM after `seconds` (main thread on POSIX only; elsewhere no limit)."""
-    if not (seconds and hasattr(signal, "setitimer")
-            and threading.current_thread() is threading.main_thread()):
-        yield
-        return
+def _seconds(timeout: float | None) -> float | None:
+    return None if timeout is None else min(float(timeout), MAX_WAIT)
 
-    def handler(_signum, _frame):
-        raise _Timeout
 
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+class _TailText(io.TextIOBase):
+    """A text stream keeping only the last MAX_CAPTURE_BYTES characters written to it."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > 2 * limits.MAX_CAPTURE_BYTES:
+            keep = "".join(self.parts)[-limits.MAX_CAPTURE_BYTES:]
+            self.parts, self.size = [keep], len(keep)
+        return len(text)
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)[-limits.MAX_CAPTURE_BYTES:]
+
+
+def _call(fn: Callable, kwargs: dict, logits: np.ndarray, labels: np.ndarray) -> tuple:
+    """In the worker: ("ok", loss, grad, output) or ("crash" | "bad output", message, output)."""
+    captured = _TailText()
     try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
+                np.errstate(all="ignore"):
+            result = fn(logits, labels, **kwargs)
+    except BaseException as exc:  # SystemExit from the user's code is a crash too
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        text = captured.getvalue() + "".join(traceback.format_exception(type(exc), exc, tb))
+        return ("crash", f"crash: raised {type(exc).__name__}: {_one_line(exc)}", text)
+    try:
+        loss, grad = result
+    except (TypeError, ValueError):
+        return ("bad output", f"bad output: returned {type(result).__name__}, not (loss, grad)",
+                captured.getvalue())
+    try:
+        pickle.dumps((loss, grad))
+    except Exception:
+        loss, grad = _plain(loss), _plain(grad)
+    return ("ok", loss, grad, captured.getvalue())
+
+
+def _plain(value: object) -> object:
+    try:
+        return np.asarray(value)
+    except Exception:
+        return repr(value)[:200]
+
+
+def _serve(fn: Callable, kwargs: dict, conn: Connection) -> None:
+    """The worker process: calls `fn` on each case received until the pipe closes. Its own
+    stdout and stderr go to /dev/null (what the function prints is captured in Python)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    while True:
+        try:
+            logits, labels = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        conn.send(_call(fn, kwargs, logits, labels))
+
+
+class _Worker:
+    """A forked child process running the implementation, restarted after a crash or a timeout,
+    so neither takes ce-check down nor hangs it (`os._exit`, a segfault, code that swallows
+    every exception)."""
+
+    def __init__(self, fn: Callable, kwargs: dict) -> None:
+        self.fn, self.kwargs = fn, kwargs
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+
+    def _start(self) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+        ctx = multiprocessing.get_context("fork")
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(self.fn, self.kwargs, there), daemon=True)
+        proc.start()
+        there.close()
+        self.proc, self.conn = proc, here
+        return proc, here
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.kill()
+            self.proc.join()
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def call(self, case: Case, timeout: float | None) -> tuple | None:
+        """The worker's answer for `case`; None after a timeout; ("died", exitcode) if it died."""
+        proc, conn = (self.proc, self.conn) if self.conn is not None else self._start()
+        assert proc is not None
+        try:
+            conn.send((case.logits.copy(), case.labels.copy()))
+            if not conn.poll(_seconds(timeout)):
+                self.stop()
+                return None
+            return conn.recv()
+        except (EOFError, OSError, pickle.PicklingError):
+            proc.join(5)
+            code = proc.exitcode
+            self.stop()
+            return ("died", code)
 
 
 def python_runner(fn: Callable, timeout: float | None = DEFAULT_TIMEOUT,
                   kwargs: dict | None = None) -> Callable[[Case], Outcome]:
-    """Call `fn(logits, labels)` per case; what it prints is captured, not shown."""
-    kwargs = kwargs or {}
+    """Call `fn(logits, labels)` per case in a child process (see `_Worker`); what it prints is
+    captured (its last MAX_CAPTURE_BYTES), not shown."""
+    worker = _Worker(fn, kwargs or {})
+    atexit.register(worker.stop)
 
     def run(case: Case) -> Outcome:
-        captured = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
-                    np.errstate(all="ignore"), _alarm(timeout):
-                result = fn(case.logits.copy(), case.labels.copy(), **kwargs)
-        except _Timeout:
-            return Outcome(error=f"timeout: no result after {timeout:g} s", reason="timeout",
-                           stderr_tail=tail(captured.getvalue()))
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SystemExit from the user's code is a crash too
-            # the traceback from the user's frames on (ce-check's own call frame left out)
-            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-            text = captured.getvalue() + "".join(traceback.format_exception(type(exc), exc, tb))
-            return Outcome(error=f"crash: raised {type(exc).__name__}: {_one_line(exc)}",
-                           reason="crash", stderr_tail=tail(text))
-        try:
-            loss, grad = result
-        except (TypeError, ValueError):
-            return Outcome(error=f"bad output: returned {type(result).__name__}, not (loss, grad)",
-                           reason="bad output", stderr_tail=tail(captured.getvalue()))
-        return Outcome(loss=loss, grad=grad, stderr_tail=tail(captured.getvalue()))
+        answer = worker.call(case, timeout)
+        if answer is None:
+            return Outcome(error=f"timeout: no result after {timeout:g} s", reason="timeout")
+        if answer[0] == "died":
+            code = answer[1]
+            how = (f"killed by {_signal_name(code)}" if code is not None and code < 0
+                   else f"exit status {code}")
+            return Outcome(error=f"crash: the implementation's process died ({how})",
+                           reason="crash")
+        if answer[0] == "ok":
+            _, loss, grad, text = answer
+            return Outcome(loss=loss, grad=grad, stderr_tail=tail(text))
+        reason, message, text = answer
+        return Outcome(error=message, reason=reason, stderr_tail=tail(text))
 
     return run
 
@@ -181,40 +278,81 @@ class CommandTemplate:
         return Path(self.argv[0]).name
 
     def render(self, values: dict[str, str]) -> list[str]:
-        return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], tok) for tok in self.argv]
+        """The argv with the placeholders filled in: as they are in arguments the program gets
+        directly, `shlex.quote`d in a shell's `-c` script (`sh -c '... {grad}'`), so no path
+        (a TMPDIR or --save-failures folder with `;` or `$(...)`) is ever run as code."""
+        code = _shell_code_tokens(self.argv)
+        return [_PLACEHOLDER.sub(
+            lambda m: shlex.quote(values[m.group(1)]) if i in code else values[m.group(1)], tok)
+            for i, tok in enumerate(self.argv)]
+
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "busybox",
+                    "fish", "csh", "tcsh"})
+_SHELL_C = re.compile(r"-[A-Za-z]*c[A-Za-z]*")
+
+
+def _shell_code_tokens(argv: tuple[str, ...]) -> set[int]:
+    """Indexes of the tokens a shell runs as code: the one after `-c` (or `-ec`, `-lc`, ...)
+    once a shell (sh, bash, ...) is on the command line."""
+    code: set[int] = set()
+    shell = False
+    for i, tok in enumerate(argv):
+        shell = shell or Path(tok).name in SHELLS
+        if shell and _SHELL_C.fullmatch(tok) and i + 1 < len(argv):
+            code.add(i + 1)
+    return code
 
 
 @dataclass(frozen=True)
 class ProcessResult:
-    returncode: int     # set by communicate() / wait() before a result is made
-    stdout: bytes
+    returncode: int     # set by wait() before a result is made
+    stdout: bytes       # the last MAX_CAPTURE_BYTES of each
     stderr: bytes
     timed_out: bool
 
 
+class _TailReader(threading.Thread):
+    """Drains a pipe, keeping only its last MAX_CAPTURE_BYTES (`yes` costs CPU, not memory)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.data = pipe, bytearray()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := self.pipe.read1(1 << 16):  # type: ignore[attr-defined]
+                self.data += chunk
+                if len(self.data) > 2 * limits.MAX_CAPTURE_BYTES:
+                    del self.data[:-limits.MAX_CAPTURE_BYTES]
+
+    def tail(self) -> bytes:
+        self.join(5)  # a grandchild outside the group may hold the pipe open: do not wait on it
+        return bytes(self.data[-limits.MAX_CAPTURE_BYTES:])
+
+
 def run_process(argv: list[str], timeout: float | None, cwd: str | None = None,
                 env: dict | None = None) -> ProcessResult:
-    """Run `argv` in its own process group; on timeout kill the whole group."""
+    """Run `argv` in its own process group, capturing the tail of its stdout and stderr; when it
+    exits, times out or is interrupted, kill the whole group (no background child outlives it)."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None  # PIPE
+    readers = [_TailReader(proc.stdout), _TailReader(proc.stderr)]
+    for reader in readers:
+        reader.start()
+    timed_out = False
     try:
-        out, err = proc.communicate(timeout=timeout)
-        return ProcessResult(proc.returncode, out, err, False)
+        proc.wait(timeout=_seconds(timeout))
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        try:
-            out, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:  # a grandchild outside the group holds the pipes open
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:  # always set (PIPE); for the type checker
-                    pipe.close()
-            proc.wait()
-            out, err = b"", b""
-        return ProcessResult(proc.returncode, out, err, True)
+        timed_out = True
     finally:
-        if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing running
-            _kill_group(proc)
-            proc.wait()
+        _kill_group(proc)  # always: after a timeout, Ctrl-C, and a clean exit alike
+        proc.wait()
+    out, err = readers[0].tail(), readers[1].tail()
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+    return ProcessResult(proc.returncode, out, err, timed_out)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -284,12 +422,25 @@ def write_inputs(folder: Path, case: Case) -> dict[str, Path]:
 
 
 def read_output(path: Path, what: str, placeholder: str) -> tuple[np.ndarray | None, str]:
-    if not path.exists():
-        return None, f"bad output: no {what} written to {placeholder} ({path.name})"
+    """The implementation's output file: a regular .npy (not a symlink, a FIFO, ...), whose
+    header's shape the file really holds; anything else fails the cell, never the run."""
     try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, f"bad output: no {what} written to {placeholder} ({path.name})"
+    except OSError as exc:
+        return None, f"bad output: cannot read {what} file {path.name} ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"bad output: {what} file {path.name} is not a regular file"
+    try:
+        with path.open("rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                return None, (f"bad output: {what} file {path.name} is an .npz archive, not an "
+                              ".npy array")
+        npy_file_header(path, f"{what} file {path.name}")
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except CeCheckError as exc:
+        return None, f"bad output: {_one_line(exc)}"
+    except (OSError, ValueError, EOFError, MemoryError) as exc:
         return None, f"bad output: {what} file {path.name} is not a readable .npy ({_one_line(exc)})"
-    if isinstance(arr, np.lib.npyio.NpzFile):
-        return None, f"bad output: {what} file {path.name} is an .npz archive, not an .npy array"
     return arr, ""

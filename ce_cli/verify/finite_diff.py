@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.limits import fd_full_refusal
 from ce_cli.kernels.numerics import EPS
 
 FD_MODES = ("auto", "full", "directional", "sample", "off")
@@ -46,6 +47,10 @@ class FDResult:
 def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
     if mode not in FD_MODES:
         raise CeCheckError(f"`fd`: unknown mode '{mode}' (use auto, full, directional, sample or off)")
+    if mode == "full":
+        refusal = fd_full_refusal((n_rows, n_classes))
+        if refusal is not None:
+            raise CeCheckError(refusal)
     if mode == "auto":
         if 2.0 * n_rows * n_classes * n_classes <= FULL_BUDGET:
             return "full"

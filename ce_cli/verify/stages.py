@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.errors import CeCheckError
+from ce_cli.io.output import AtomicFile, install_sigterm_cleanup, npy_header
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.verify.allowance import RowAllowance, normaliser_bound
@@ -196,39 +196,37 @@ class LossStage(Stage):
 
 
 class OutGradStage(Stage):
-    """Writes the float64 reference gradient to a .npy file (renamed into place at the end, so
-    an input error leaves no half-written file)."""
+    """Writes the float64 reference gradient to a .npy file through `ce_cli.io.output` (an
+    unpredictable temporary file written with `write()`, renamed into place at the end, so an
+    input error, Ctrl-C or SIGTERM leaves no half-written file and no planted name is followed)."""
 
     needs_reference = True
 
     def __init__(self, path: str | Path, shape: tuple[int, ...], layout) -> None:
-        self.final = Path(path)
-        self.tmp = self.final.with_name(f".{self.final.name}.partial.npy")
-        self.layout = layout
-        try:
-            if layout.class_axis == len(shape) - 1:
-                self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float64,
-                                                    shape=tuple(shape))
-                self.rows = self.mm.reshape(layout.n_rows, layout.n_classes)
-            else:
-                self.mm, self.rows = None, np.empty((layout.n_rows, layout.n_classes))
-                self.tmp.touch()
-        except OSError as exc:
-            raise CeCheckError(f"`out_grad` '{path}': cannot write ({exc.strerror or exc})") from None
+        header = npy_header(tuple(shape))
+        self.out = AtomicFile(path, "out_grad", len(header) + 8 * math.prod(shape))
+        install_sigterm_cleanup()
+        self.layout, self.offset = layout, len(header)
+        self.rows = None
+        if layout.class_axis != len(shape) - 1:  # written in the original axis order at the end
+            self.rows = np.empty((layout.n_rows, layout.n_classes))
+        self.out.write(header)
 
     def update(self, chunk: Chunk) -> None:
-        self.rows[chunk.start:chunk.stop] = chunk.ev.grad
+        if self.rows is not None:
+            self.rows[chunk.start:chunk.stop] = chunk.ev.grad
+            return
+        data = np.ascontiguousarray(chunk.ev.grad, dtype=np.float64)
+        self.out.pwrite(data.data, self.offset + 8 * chunk.start * self.layout.n_classes)
 
     def finish(self) -> Ranked:
-        if self.mm is not None:
-            self.mm.flush()
-        else:
-            np.save(self.tmp, self.layout.from_rows(self.rows))
-        self.tmp.replace(self.final)
+        if self.rows is not None:
+            self.out.write(np.ascontiguousarray(self.layout.from_rows(self.rows)).data)
+        self.out.commit()
         return []
 
     def abort(self) -> None:
-        self.tmp.unlink(missing_ok=True)
+        self.out.discard()
 
 
 def _settle_skipped(fdv: np.ndarray, bound: np.ndarray, ref: np.ndarray):

@@ -1,0 +1,69 @@
+"""Every size, time and cost limit ce-check applies to what it reads, captures and computes.
+
+One place for the numbers: the README's *Inputs* and *Exit codes* sections cite them, and the
+code reads them from here (tests patch them here to exercise the limit without huge inputs).
+A limit crossed is an input error (exit 2) naming the limit, never an out-of-memory crash.
+"""
+
+from __future__ import annotations
+
+import math
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# .npy header (the dict after the magic and the length field); numpy itself refuses more than
+# 10,000 bytes with allow_pickle=False, but only after reading all of it
+MAX_NPY_HEADER_BYTES = 64 * KiB
+# one array read out of an .npz member (decompressed; never more than its header declares)
+MAX_DECOMPRESSED_BYTES = 4 * GiB
+# bytes read from standard input or a named pipe (they cannot be memory-mapped)
+MAX_STREAM_BYTES = 2 * GiB
+# seconds a named pipe may stay silent (no writer, or a writer that writes nothing) before the
+# read is given up
+PIPE_IDLE_SECONDS = 60.0
+# a batch manifest, and one line of it
+MAX_MANIFEST_BYTES = 64 * MiB
+MAX_MANIFEST_LINE_BYTES = 1 * MiB
+# what `ce-check stress` keeps of an implementation's stdout and of its stderr (the tail)
+MAX_CAPTURE_BYTES = 64 * KiB
+# characters of a file's content, a name or a key a message may quote
+MAX_QUOTED_CHARS = 40
+# --fd full evaluates the loss 2*C times per row, each over C classes: N*2*C*C element
+# evaluations; about 6e7 per second on one core of a laptop (1x30,000 took 31 s)
+FD_FULL_BUDGET = 2e9
+FD_FULL_RATE = 6e7
+
+
+def fd_full_cost(n_rows: int, n_classes: int) -> float:
+    """Element evaluations `--fd full` needs: 2*C loss evaluations per row, C classes each."""
+    return 2.0 * n_rows * float(n_classes) ** 2
+
+
+def fd_full_refusal(shape: tuple[int, ...], class_axis: int = -1) -> str | None:
+    """Why `--fd full` is refused on logits of `shape` (None: within FD_FULL_BUDGET)."""
+    if not -len(shape) <= class_axis < len(shape):
+        return None  # no class axis there: the check itself says what is wrong
+    n_classes = shape[class_axis]
+    n_rows = math.prod(shape) // n_classes if n_classes else 0
+    cost = fd_full_cost(n_rows, n_classes)
+    if cost <= FD_FULL_BUDGET:
+        return None
+    return (f"`fd=full` on logits of shape {tuple(shape)} needs {cost:.1e} element evaluations "
+            f"(2*N*C^2; about {cost / FD_FULL_RATE:.0f} s), over the limit {FD_FULL_BUDGET:.0e}; "
+            "use `fd=directional` or `fd=sample` (each O(N*C))")
+
+
+def quoted(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` as a short, single-line, printable repr: at most `limit` characters of it."""
+    cut = text if len(text) <= limit else text[:limit] + "…"
+    return repr(cut.encode("utf-8", "replace").decode("utf-8", "replace"))
+
+
+# what str.splitlines() breaks a line at, besides \n and \r, and the other C0/C1 controls
+_BREAKS = {c: f"\\x{c:02x}" for c in [*range(0, 32), 127, *range(128, 160)]}
+_BREAKS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character and line separator escaped: one printable line."""
+    return text.translate(_BREAKS)
