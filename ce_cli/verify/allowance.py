@@ -12,8 +12,9 @@ same size. So a failing row is fitted as
 
 where s is the part of q that smoothing spreads over every class (alpha w_c / C)
 
-with f and h the medians over the entries each term dominates (at least MIN_FIT of them, so no
-single entry moves them). A factor beyond what the entry-wise rule already allows (k * eps) and
+with f and h the medians over the entries each term dominates (h: at least MIN_FIT of them, so
+no single entry moves it; f: where a row has fewer, as a peaked row with smoothing does, its few
+softmax entries are all there is, and their error is indistinguishable from a factor). A factor beyond what the entry-wise rule already allows (k * eps) and
 within the bound is removed; the residual must pass the entry-wise rule.
 
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
@@ -56,6 +57,7 @@ class RowAllowance:
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision]
         self.precision = tol.precision
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
+        self.fit_error = 2.0 * tol.eps
         self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
         self._row_over = False
@@ -80,32 +82,38 @@ class RowAllowance:
         # flushed: a correctly rounded result would not be 0 there
         self.flushed += int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
         d[flushed] = 0.0
+        slack = np.zeros_like(d)
         if self.target_weights is not None:
-            d = self._remove_factors(row, ref, d, ~flushed & finite)
+            d = self._remove_factors(row, ref, d, ~flushed & finite, slack)
         out = ratio.copy()
-        out[finite] = np.abs(d[finite]) / allowed[finite]
+        out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
         passes = bool(out.max() <= 1.0)
         self.rows_rescued += passes
         self.rows_over += not passes and self._row_over
         return out, np.where(finite, np.abs(d), np.abs(g - ref))
 
-    def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray,
-                        usable: np.ndarray) -> np.ndarray:
+    def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
+                        slack: np.ndarray) -> np.ndarray:
+        """d less the fitted factors; `slack` gains each removed factor's own uncertainty (the
+        entries it is the median of are rounded: up to `fit_error` relative)."""
         self._row_over = False
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
         weight = -spread        # smoothing's share of the target-weight term
         found = False
-        for term, other in ((soft, weight), (weight, soft)):
+        # a peaked row with smoothing has one or two entries the softmax term dominates: their
+        # error is a normaliser factor as far as anything can tell, so it is fitted from them
+        for term, other, least in ((soft, weight, 1), (weight, soft, MIN_FIT)):
             # entries the term dominates, well above the subnormal range (full relative precision)
             pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (np.abs(term) > self.resolved)
-            if np.count_nonzero(pick) < MIN_FIT:
+            if np.count_nonzero(pick) < least:
                 continue
             factor = float(np.median(d[pick] / term[pick]))
             found = True
             self._record(row, factor)
             if self.noise < abs(factor) <= self.bound:
                 d = d - factor * term
+                slack += self.fit_error * np.abs(term)
         self.rows_fitted += found
         return d
 
