@@ -14,8 +14,10 @@ where s is the part of q that smoothing spreads over every class (alpha w_c / C)
 
 with f and h the medians over the entries each term dominates (h: at least MIN_FIT of them, so
 no single entry moves it; f: where a row has fewer, as a peaked row with smoothing does, its few
-softmax entries are all there is, and their error is indistinguishable from a factor). A factor beyond what the entry-wise rule already allows (k * eps) and
-within the bound is removed; the residual must pass the entry-wise rule.
+softmax entries are all there is, and their error is indistinguishable from a factor). Factors
+within the bound are removed, each leaving its own fit uncertainty; the residual must pass the
+entry-wise rule. A row that still fails is reported with its raw errors unless a factor beyond
+the entry-wise rule's own k * eps was found.
 
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
 normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
@@ -57,10 +59,9 @@ class RowAllowance:
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision]
         self.precision = tol.precision
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
-        self.fit_error = 2.0 * tol.eps
         self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
-        self._row_over = False
+        self._row_over = self._significant = False
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
@@ -70,9 +71,9 @@ class RowAllowance:
         self.worst_row: int | None = None
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
-               ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Row `row`'s |error| / allowed and |error| after the allowances (non-finite entries
-        unchanged)."""
+               ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row `row`'s |error| / allowed, |error| and allowed error after the allowances
+        (non-finite entries unchanged)."""
         g = np.asarray(got, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             d = g - ref
@@ -84,19 +85,25 @@ class RowAllowance:
         d[flushed] = 0.0
         slack = np.zeros_like(d)
         if self.target_weights is not None:
-            d = self._remove_factors(row, ref, d, ~flushed & finite, slack)
+            fitted = self._remove_factors(row, ref, d, ~flushed & finite, slack)
+            out = ratio.copy()
+            out[finite] = np.abs(fitted[finite]) / (allowed[finite] + slack[finite])
+            # a failing row keeps its raw errors unless a factor beyond noise level was found
+            if out.max() <= 1.0 or self._significant:
+                d = fitted
+            else:
+                slack[:] = 0.0
         out = ratio.copy()
         out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
         passes = bool(out.max() <= 1.0)
         self.rows_rescued += passes
         self.rows_over += not passes and self._row_over
-        return out, np.where(finite, np.abs(d), np.abs(g - ref))
+        return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
 
     def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
                         slack: np.ndarray) -> np.ndarray:
-        """d less the fitted factors; `slack` gains each removed factor's own uncertainty (the
-        entries it is the median of are rounded: up to `fit_error` relative)."""
-        self._row_over = False
+        """d less the fitted factors; `slack` gains each removed factor's own uncertainty."""
+        self._row_over = self._significant = False
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
         weight = -spread        # smoothing's share of the target-weight term
@@ -111,11 +118,21 @@ class RowAllowance:
             factor = float(np.median(d[pick] / term[pick]))
             found = True
             self._record(row, factor)
-            if self.noise < abs(factor) <= self.bound:
+            if abs(factor) <= self.bound:
                 d = d - factor * term
-                slack += self.fit_error * np.abs(term)
+                slack += self._fit_error(term, pick) * np.abs(term)
+                self._significant |= abs(factor) > self.noise
         self.rows_fitted += found
         return d
+
+    def _fit_error(self, term: np.ndarray, pick: np.ndarray) -> float:
+        """How far a median-fitted factor can be from the row's true one: the entries it was
+        fitted from each carry the entry-wise rounding k*eps*(1 + |log a|), and in a row of
+        equal logits they all carry the same one."""
+        share = np.abs(term[pick]) / max(float(np.abs(term).sum()), 1e-300)
+        with np.errstate(divide="ignore"):
+            log_a = float(np.median(-np.log(np.maximum(share, 1e-300))))
+        return self.noise * (1.0 + log_a)
 
     def _record(self, row: int, factor: float) -> None:
         if abs(factor) > self.max_factor:

@@ -91,8 +91,8 @@ class Comparison:
             rowmax = ratio.max(axis=1)
         if self.allowance is not None:
             for i in np.flatnonzero(rowmax > 1.0):
-                ratio[i], diff[i] = self.allowance.refine(row0 + int(i), ref[i], got[i], tol[i],
-                                                          ratio[i])
+                ratio[i], diff[i], tol[i] = self.allowance.refine(row0 + int(i), ref[i], got[i],
+                                                                  tol[i], ratio[i])
                 rowmax[i] = ratio[i].max()
                 rel_rows[i] = _max_rel(diff[i], ref[i])
         self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
@@ -124,7 +124,7 @@ class Comparison:
         """The row allowances on the rows the kernel found failing (their entries reopened)."""
         rowmax, mismatches = rowmax.copy(), mismatches.copy()
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
-        refined: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        refined: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for r in np.flatnonzero(rowmax > 1.0).tolist():
             ratio, ref, got, _diff, tol = open_row(r)
             refined[r] = self.allowance.refine(row0 + r, ref, got, tol, ratio)
@@ -137,8 +137,8 @@ class Comparison:
             row = open_row(r)
             if r not in refined:
                 return row
-            ratio, residual = refined[r]
-            return ratio, row[1], row[2], residual, row[4]
+            ratio, residual, allowed = refined[r]
+            return ratio, row[1], row[2], residual, allowed
 
         return rowmax, mismatches, max_abs, max_rel, reopen
 
