@@ -1,6 +1,10 @@
 """Shared test set-up: plain (non-terminal) Rich output everywhere, helpers for arrays and the CLI."""
 
+import io
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TERMINAL_WIDTH", "3000")
 os.environ.setdefault("_TYPER_FORCE_DISABLE_TERMINAL", "1")
@@ -21,6 +25,7 @@ register_commands()
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+CE_CHECK = Path(sys.executable).parent / "ce-check"  # the console script of this environment
 
 
 @pytest.fixture(scope="module", params=["fused", "numpy"])
@@ -65,3 +70,41 @@ def save(tmp_path: Path, name: str, arr) -> str:
     path = tmp_path / name
     np.save(path, np.asarray(arr))
     return str(path)
+
+
+def sigmoid(x) -> np.ndarray:
+    """1 / (1 + e^-x) in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def npy_bytes(arr) -> bytes:
+    """The bytes of `np.save(arr)`: a .npy file in memory (no pickled objects)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def strict_json(text: str) -> dict:
+    """json.loads that refuses NaN/Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def script_env(**extra) -> dict:
+    """The environment of a real run: no forced colour, no debug tracebacks, no test-only
+    terminal settings; COLUMNS=200."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FORCE_COLOR", "PY_COLORS", "NO_COLOR", "CE_CHECK_DEBUG", "TERMINAL_WIDTH",
+                        "_TYPER_FORCE_DISABLE_TERMINAL")}
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+def run_script(args, input=None, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """Run the installed console script with `args` (skip when it is not installed)."""
+    if not CE_CHECK.exists():
+        pytest.skip(f"console script not installed at {CE_CHECK}")
+    return subprocess.run([str(CE_CHECK), *map(str, args)], input=input, capture_output=True,
+                          timeout=60, env=env if env is not None else script_env(), **kwargs)

@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,36 @@ def test_assert_ce_grad_names_the_worst_entry():
     # the same text the JUnit report carries, from the same report
     report = ce_cli.check_grad(ex["logits"], ex["labels"], grad=ex["grad_bad"])
     assert message == failure_message(report)
+
+
+def test_assertion_message_starts_with_the_verdict():
+    ex = example()
+    with pytest.raises(AssertionError) as info:
+        assert_ce_grad(ex["logits"], ex["labels"], ex["grad_bad"])
+    report = ce_cli.check_grad(ex["logits"], ex["labels"], grad=ex["grad_bad"])
+    first, second = str(info.value).splitlines()[:2]
+    assert report.verdict.startswith("FAIL — grad_vs_reference: 1/320 entries")
+    assert first == report.verdict
+    assert second.startswith("multiclass check failed: grad_vs_reference, fd_vs_grad (shape (32, 10)")
+
+
+@pytest.mark.parametrize("assertion", ["grad", "binary"])
+def test_assertions_hide_their_own_frames(assertion):
+    """pytest leaves out frames whose locals set `__tracebackhide__`: every frame of
+    ce_cli/testing.py does, so the traceback ends at the test's own call."""
+    if assertion == "grad":
+        ex = example()
+        call = lambda: assert_ce_grad(ex["logits"], ex["labels"], ex["grad_bad"])  # noqa: E731
+    else:
+        d = bce()
+        call = lambda: assert_ce_binary(d["logits"], d["labels"], -d["grad"])  # noqa: E731
+    with pytest.raises(AssertionError) as info:
+        call()
+    own = [e for e in info.traceback if e.path == Path(ce_cli.testing.__file__)]
+    assert len(own) == 2  # assert_ce_* and _assert
+    assert all(e.frame.f_locals.get("__tracebackhide__") is True for e in own)
+    shown = info.traceback.filter(info)
+    assert all(e.path != Path(ce_cli.testing.__file__) for e in shown)
 
 
 def test_assert_ce_grad_takes_the_options():

@@ -37,7 +37,6 @@ EXCEPTIONS: dict[str, str] = {}
 PENDING = {
     "ce_cli.kernels.compiled:evaluate",
     "ce_cli.models.softmax:build_softmax_ce",
-    "ce_cli.report.render:failure_message",
 }
 
 

@@ -4,34 +4,15 @@ the shape and the offending index; never a traceback, never exit 3, never a hang
 Every case runs twice: in-process through CliRunner and through the installed console script.
 """
 
-import io
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import save, softmax
-
-CE_CHECK = Path(sys.executable).parent / "ce-check"
-
-
-def script_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PY_COLORS", "CE_CHECK_DEBUG")}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
-    env.update(extra)
-    return env
-
-
-def run_script(args, input=None, cwd=None, **kwargs):
-    if not CE_CHECK.exists():
-        pytest.skip(f"console script not installed at {CE_CHECK}")
-    return subprocess.run([str(CE_CHECK), *map(str, args)], input=input, capture_output=True,
-                          timeout=60, env=script_env(), cwd=cwd, **kwargs)
-
+from tests.conftest import CE_CHECK, npy_bytes, run_script, save, script_env, softmax
 
 def assert_one_line_error(code: int, stdout: str, stderr: str, fragments) -> str:
     assert code == 2, f"exit {code}\nstdout: {stdout}\nstderr: {stderr}"
@@ -43,12 +24,6 @@ def assert_one_line_error(code: int, stdout: str, stderr: str, fragments) -> str
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert stdout == ""
     return lines[0]
-
-
-def npy_bytes(arr) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr))
-    return buf.getvalue()
 
 
 # --- a small valid problem, and the bad variants ---------------------------------------------

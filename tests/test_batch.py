@@ -15,17 +15,15 @@ from ce_cli.batch import runner as batch_mod
 from ce_cli.batch.manifest import parse_manifest
 from ce_cli.batch.runner import run_cases
 from ce_cli.errors import CeCheckError
-from tests.conftest import FIXTURES, softmax
+from tests.conftest import FIXTURES, softmax, strict_json
 
 EX = FIXTURES / "example"
 
 
 def strict_lines(text: str) -> list[dict]:
     """JSON lines, refusing NaN/Infinity (not JSON) and blank or partial lines."""
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
     assert text == "" or text.endswith("\n")
-    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+    return [strict_json(line) for line in text.splitlines()]
 
 
 @pytest.fixture

@@ -1,46 +1,19 @@
 """The `ce-check` command line end to end: exit codes, help, JSON, colour, quiet mode, --out-grad,
 layouts and stdin, in-process (CliRunner) and through the installed console script."""
 
-import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ce_cli
-from tests.conftest import FIXTURES, save, softmax
+from tests.conftest import CE_CHECK, FIXTURES, npy_bytes, run_script, save, script_env, softmax, strict_json
 
 EX = FIXTURES / "example"
-CE_CHECK = Path(sys.executable).parent / "ce-check"
 ESC = "\x1b["
-
-
-def script_env(**extra) -> dict:
-    """The environment of a real run: no forced colour, no debug tracebacks."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "PY_COLORS", "NO_COLOR", "CE_CHECK_DEBUG", "TERMINAL_WIDTH",
-                        "_TYPER_FORCE_DISABLE_TERMINAL")}
-    env["COLUMNS"] = "200"
-    env.update(extra)
-    return env
-
-
-def run_script(args, input=None, env=None, **kwargs):
-    if not CE_CHECK.exists():
-        pytest.skip(f"console script not installed at {CE_CHECK}")
-    return subprocess.run([str(CE_CHECK), *map(str, args)], input=input, capture_output=True,
-                          timeout=60, env=env if env is not None else script_env(), **kwargs)
-
-
-def strict_json(text: str) -> dict:
-    """json.loads that refuses NaN/Infinity, which are not JSON."""
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-    return json.loads(text, parse_constant=refuse)
 
 
 def example(grad="grad.npy", *extra):
@@ -398,13 +371,6 @@ def test_neg_inf_logits_do_not_break_the_table(tmp_path, invoke):
 
 
 # --- stdin -----------------------------------------------------------------------------------
-
-def npy_bytes(arr) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr))
-    return buf.getvalue()
-
 
 def test_logits_from_stdin_as_npy(invoke):
     data = (EX / "logits.npy").read_bytes()

@@ -5,11 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import save
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+from tests.conftest import save, sigmoid
 
 
 @pytest.fixture

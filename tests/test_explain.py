@@ -5,7 +5,6 @@ softmax, finite differences written here); the CLI tests cover exit codes, --jso
 summary, --compare-mse, --steps and --plot.
 """
 
-import json
 import math
 import xml.etree.ElementTree as ET
 
@@ -25,21 +24,11 @@ from ce_cli.explain import (
     parse_row,
     step_curve,
 )
-from tests.conftest import save, softmax
+from tests.conftest import save, sigmoid, softmax, strict_json
 
 EPS = float(np.finfo(np.float64).eps)
 EXAMPLE = ["explain", "--logits", "2.0,1.0,0.1", "--label", "0"]
 JSON_KEYS = {"z", "a", "y", "jacobian", "dC_da", "chain_rule", "a_minus_y", "fd", "checks"}
-
-
-def strict_json(text: str) -> dict:
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-    return json.loads(text, parse_constant=refuse)
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def softmax_fd_jacobian(z, h=1e-6):

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +25,8 @@ from hypothesis import strategies as st
 
 from ce_cli.io.bfloat16 import stored_precision, widen_bfloat16
 from ce_cli.io.inputs import load_array
-from tests.conftest import FIXTURES, save
-from tests.test_bad_input import assert_one_line_error, run_script
+from tests.conftest import CE_CHECK, FIXTURES, run_script, save
+from tests.test_bad_input import assert_one_line_error
 
 D = FIXTURES / "formats"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -325,9 +324,9 @@ def test_pt_without_torch_console_script(tmp_path):
     hidden = tmp_path / "hide"
     hidden.mkdir()
     (hidden / "torch.py").write_text("raise ImportError('torch hidden for this test')\n")
-    if not (Path(sys.executable).parent / "ce-check").exists():
+    if not CE_CHECK.exists():
         pytest.skip("console script not installed")
-    proc = subprocess.run([str(Path(sys.executable).parent / "ce-check"), "grad",
+    proc = subprocess.run([str(CE_CHECK), "grad",
                            str(D / "logits.npy"), str(D / "labels.npy"), "--grad",
                            str(D / "grad_bf16.pt")], capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(hidden), "PATH": "/usr/bin:/bin"})

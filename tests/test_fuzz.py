@@ -12,9 +12,7 @@ import io
 import json
 import os
 import resource
-import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-CE_CHECK = shutil.which("ce-check") or str(Path(sys.executable).with_name("ce-check"))
+from tests.conftest import CE_CHECK, npy_bytes
+
 EXAMPLES = int(os.environ.get("CE_CHECK_FUZZ_EXAMPLES", "4"))
 MEMORY = 2 << 30   # address space of the child
 CPU_SECONDS = 60   # CPU time of the child
@@ -59,12 +58,6 @@ def assert_contract(proc: subprocess.CompletedProcess, summary: bool = False) ->
 
 
 # --- inputs --------------------------------------------------------------------------------
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
 
 def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
     out = bytearray(data)

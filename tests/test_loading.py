@@ -11,12 +11,7 @@ import pytest
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.inputs import load_array
-
-
-def npy_bytes(arr) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr))
-    return buf.getvalue()
+from tests.conftest import npy_bytes
 
 
 def write_header_only(path, shape, descr="<f8", data=b"\0" * 64) -> str:

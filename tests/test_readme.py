@@ -10,13 +10,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import CE_CHECK, FIXTURES, ROOT
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^(<!-- no-test -->\s*\n)?```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
@@ -125,7 +124,7 @@ def test_batch_manifest_example(invoke, tmp_path, monkeypatch):
 
 def test_in_ci_transcripts(tmp_path):
     """Every `$ command` of the In CI section, through a shell, prints what the README shows."""
-    ce_check = Path(sys.executable).parent / "ce-check"
+    ce_check = CE_CHECK
     if not ce_check.exists():
         pytest.skip(f"console script not installed at {ce_check}")
     if shutil.which("jq") is None:

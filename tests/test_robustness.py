@@ -24,8 +24,8 @@ from ce_cli.io import limits
 from ce_cli.io.inputs import load_array
 from ce_cli.stress.judge import Case
 from ce_cli.stress.runner import python_runner, read_output, run_process
+from tests.conftest import CE_CHECK
 
-CE_CHECK = shutil.which("ce-check") or str(Path(sys.executable).with_name("ce-check"))
 IN_CI = bool(os.environ.get("CI"))
 
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ce_cli.errors import as_flags
 from ce_cli.report.format import FAIL, PASS, fmt, fmt_value, json_safe, json_text
-from ce_cli.verify.results import CheckResult, Report
+from ce_cli.verify.results import CheckResult, Entry, Report
 
 def render_table(report: Report, console: Console) -> None:
     """Inputs, loss, one row per check, each check's worst entries, the likely causes, the verdict."""
@@ -99,39 +99,51 @@ class CheckOutput:
 
 
 def failure_message(report: Report) -> str:
-    """Plain text for a failed report, in torch.testing's words: for each failing check the
-    mismatched elements, the greatest absolute and relative differences with their index, and
-    the worst entries (the rows of the CLI's worst-entries table). Used by `ce_cli.testing`
-    and the JUnit writer; "" when the report passed."""
-    def e_index(entry) -> str:
-        return str(tuple(entry.index))
-
+    """Plain text for a failed report: the verdict line (`Report.verdict`), then in torch.testing's
+    words, for each failing check, the mismatched elements, the greatest absolute and relative
+    differences with their index, and the worst entries (the rows of the CLI's worst-entries
+    table). Used by `ce_cli.testing` and the JUnit writer; "" when the report passed."""
     failing = [c for c in report.checks if not c.ok]
     if report.ok or not failing:
         return ""
-    lines = [f"{report.kind} check failed: {', '.join(c.name for c in failing)} "
+    lines = [report.verdict or "FAIL",
+             f"{report.kind} check failed: {', '.join(c.name for c in failing)} "
              f"(shape {report.shape}, reduction {report.reduction}, "
              f"reference loss {fmt_value(report.loss)})"]
     for c in failing:
-        lines += ["", f"{c.name}: {c.got_label} vs {c.expected_label}, {c.rule}"]
-        share = f" ({c.mismatches / c.total:.1%})" if c.total else ""
-        lines.append(f"Mismatched elements: {c.mismatches} / {c.total}{share}")
-        at_abs = next((e for e in c.worst if e.abs_err == c.max_abs_err), None)
-        where = f" at index {e_index(at_abs)} (up to {fmt(at_abs.allowed)} allowed)" if at_abs else ""
-        lines.append(f"Greatest absolute difference: {fmt(c.max_abs_err)}{where}")
-        at_rel = next((e for e in c.worst if e.expected != 0
-                       and math.isclose(e.abs_err / abs(e.expected), c.max_rel_err, rel_tol=1e-9)), None)
-        where = f" at index {e_index(at_rel)}" if at_rel else ""
-        lines.append(f"Greatest relative difference: {fmt(c.max_rel_err)}{where}")
-        if c.note:
-            lines.append(f"Note: {c.note}")
-        if c.worst:
-            header = ("index", c.expected_label, c.got_label, "abs err", "allowed", "")
-            rows = [(e_index(e), fmt_value(e.expected), fmt_value(e.got), fmt(e.abs_err),
-                     fmt(e.allowed), PASS if e.ok else FAIL) for e in c.worst]
-            widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-            lines.append("Worst entries:")
-            for r in (header, *rows):
-                cells = [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]
-                lines.append(("  " + "  ".join(cells)).rstrip())
+        lines += ["", *_failed_check_lines(c), *_worst_lines(c)]
     return "\n".join(lines)
+
+
+def _index(entry: Entry) -> str:
+    return str(tuple(entry.index))
+
+
+def _failed_check_lines(c: CheckResult) -> list[str]:
+    """The check's rule, its mismatch count and where its greatest differences are."""
+    share = f" ({c.mismatches / c.total:.1%})" if c.total else ""
+    at_abs = next((e for e in c.worst if e.abs_err == c.max_abs_err), None)
+    at_rel = next((e for e in c.worst if e.expected != 0
+                   and math.isclose(e.abs_err / abs(e.expected), c.max_rel_err, rel_tol=1e-9)), None)
+    abs_where = f" at index {_index(at_abs)} (up to {fmt(at_abs.allowed)} allowed)" if at_abs else ""
+    rel_where = f" at index {_index(at_rel)}" if at_rel else ""
+    lines = [f"{c.name}: {c.got_label} vs {c.expected_label}, {c.rule}",
+             f"Mismatched elements: {c.mismatches} / {c.total}{share}",
+             f"Greatest absolute difference: {fmt(c.max_abs_err)}{abs_where}",
+             f"Greatest relative difference: {fmt(c.max_rel_err)}{rel_where}"]
+    return lines + ([f"Note: {c.note}"] if c.note else [])
+
+
+def _worst_lines(c: CheckResult) -> list[str]:
+    """The worst entries as an aligned plain-text table: index left, numbers right."""
+    if not c.worst:
+        return []
+    header = ("index", c.expected_label, c.got_label, "abs err", "allowed", "")
+    rows = [(_index(e), fmt_value(e.expected), fmt_value(e.got), fmt(e.abs_err),
+             fmt(e.allowed), PASS if e.ok else FAIL) for e in c.worst]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["Worst entries:"]
+    for r in (header, *rows):
+        cells = [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines

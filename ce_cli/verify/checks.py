@@ -31,6 +31,10 @@ def _sources(sources: dict[str, str] | None) -> dict[str, str]:
     return {**{role: role for role in ROLES}, **(sources or {})}
 
 
+def _array_or_none(x: ArrayLike | None) -> np.ndarray | None:
+    return None if x is None else np.asarray(x)
+
+
 def check_grad(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -55,9 +59,10 @@ def check_grad(
     src = _sources(sources)
     z, y = np.asarray(logits), np.asarray(labels)
     problem, warnings = build_softmax_ce(
-        z, y, weight=weight, reduction=opts.reduction.value, ignore_index=opts.ignore_index,
-        label_smoothing=opts.label_smoothing, class_axis=opts.class_axis, source=src["logits"],
-        labels_source=src["labels"], weight_source=src["weight"])
+        z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
+        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+        class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
+        weight_source=src["weight"])
     if problem.n_classes == 2:
         warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
@@ -96,9 +101,9 @@ def check_binary(
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src, common)
     problem, warnings = build_sigmoid_bce(
-        z, y, weight=weight, pos_weight=pos_weight, reduction=opts.reduction.value,
-        source=src["logits"], labels_source=src["labels"], weight_source=src["weight"],
-        pos_weight_source=src["pos_weight"])
+        z, y, weight=_array_or_none(weight), pos_weight=_array_or_none(pos_weight),
+        reduction=opts.reduction.value, source=src["logits"], labels_source=src["labels"],
+        weight_source=src["weight"], pos_weight_source=src["pos_weight"])
     plain = problem if weight is None and pos_weight is None else build_sigmoid_bce(z, y)[0]
     bridge = two_class_bridge(plain, opts.worst, note="" if plain is problem else
                               "identity checked without weight/pos_weight")
@@ -107,8 +112,9 @@ def check_binary(
     return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
 
 
-def _check_two_class(z: np.ndarray, y: np.ndarray, weight, pos_weight, opts: CheckOptions,
-                     src: dict[str, str], common: dict) -> Report:
+def _check_two_class(z: np.ndarray, y: np.ndarray, weight: ArrayLike | None,
+                     pos_weight: ArrayLike | float | None, opts: CheckOptions,
+                     src: dict[str, str], common: dict[str, Any]) -> Report:
     """(..., 2) softmax logits checked as multiclass, plus the bridge on z1 - z0."""
     if pos_weight is not None:
         raise CeCheckError("`pos_weight`: not used with `two_class` (give `weight`, 2 class weights)")

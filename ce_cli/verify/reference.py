@@ -36,7 +36,8 @@ def softmax_reference(
     For reduction 'none' the gradient is that of the sum of per-sample losses.
     """
     problem, _ = build_softmax_ce(
-        np.asarray(logits), np.asarray(labels), weight=weight, reduction=reduction,
+        np.asarray(logits), np.asarray(labels),
+        weight=None if weight is None else np.asarray(weight), reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, class_axis=class_axis)
     N, C = problem.n_rows, problem.n_classes
     grad = np.empty((N, C))
