@@ -175,11 +175,11 @@ def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: boo
         loss = np.where(t.valid, t.s * t.loss_z, 0.0)
         g_z = _semantic_grad_z(model, rs, t) if grad or floor_coef is not None else None
         g = None
-        if grad:
+        if grad and g_z is not None:
             g = g_z * (t.s * model.grad_scale)[:, None] * dz
             if model.nan_gradient:
                 g[t.valid] = np.nan
-        floor = (None if floor_coef is None
+        floor = (None if floor_coef is None or g_z is None
                  else _semantic_floor(model, rs, t, z, dz, g_z, floor_coef))
     zabs = np.where(np.isfinite(z), np.abs(z), 0.0).max(axis=1) if z.size else np.zeros(len(rows))
     terms = np.stack([t.s, t.Q, t.qabs, t.qsum, zabs], axis=1)
@@ -193,11 +193,11 @@ class _SemanticTerms:
 
     valid: np.ndarray
     s: np.ndarray      # sample weight
-    alpha: np.ndarray | None   # index targets: the label's weight (its share of Q) ...
-    alpha_in: np.ndarray | None  # ... and the part of it inside this shard's columns
-    beta: np.ndarray | None
-    ys: np.ndarray | None
-    q: np.ndarray | None       # probability targets: dense q
+    alpha: Any     # index targets (else None): the label's weight (its share of Q) ...
+    alpha_in: Any  # ... and the part of it inside this shard's columns
+    beta: Any
+    ys: Any
+    q: Any         # probability targets (else None): dense q
     Q: np.ndarray      # sum of the target weights (the whole vocabulary's)
     Qe: np.ndarray     # Q + 2 zeta v lse': what multiplies a in the gradient
     l1: np.ndarray     # lse' - m

@@ -126,14 +126,14 @@ def fd_error_bound(sem: Semantics, n_classes: int, z_entry: np.ndarray, h: np.nd
     QE = Q + 2.0 * zeta * (L + hz)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         z_c, _ = transform(z_entry, sem.logit_scale, sem.softcap)
-        logp = (z_c - ev.row_max) - ev.log1p_s1
+        logp = (z_c - np.asarray(ev.row_max)) - np.asarray(ev.log1p_s1)
         logit = logp - np.log(-np.expm1(logp))
         third = logistic_third_max(logit, hz)
     G1, G2, G3 = QE + qabs, QE / 4.0 + 2.0 * zeta, QE * third + ZLOSS_THIRD * zeta
     f3 = G3 * T1**3 + 3.0 * G2 * T1 * T2 + G1 * T3
     truncation = h * h / 6.0 * s * f3
     logC = 2.0 + 2.0 * np.log2(max(n_classes, 1))
-    terms = (np.abs(ev.loss) + s * (QE * (logC + np.abs(ev.log1p_s1) + L) + zeta * L * L
+    terms = (np.abs(ev.loss) + s * (QE * (logC + np.abs(np.asarray(ev.log1p_s1)) + L) + zeta * L * L
                                     + (QE + qabs) * 2.0 * zabs))
     return 8.0 * EPS * terms / h + truncation
 
@@ -156,7 +156,7 @@ def directional_error_bound(sem: Semantics, n_classes: int, ep: ChunkEval, em: C
     third = QE * THIRD_MOMENT_MAX * r**3 + 6.0 * zeta * V * r * r / 4.0
     truncation = s * (third + 3.0 * (2.0 * QE + 2.0 * zeta) * V * W + (QE + qsum) * Y) / 3.0
     logC = 2.0 + 2.0 * np.log2(max(n_classes, 1))
-    l1 = np.maximum(np.abs(ep.log1p_s1), np.abs(em.log1p_s1))
+    l1 = np.maximum(np.abs(np.asarray(ep.log1p_s1)), np.abs(np.asarray(em.log1p_s1)))
     loss = np.maximum(np.abs(ep.loss), np.abs(em.loss))
     terms = loss + s * (QE * (logC + l1 + L) + zeta * L * L + (QE + qsum) * 2.0 * zabs)
     return 16.0 * EPS * terms + truncation
