@@ -37,7 +37,9 @@ from ce_cli.verify.results import Report
 LINEAR = "linear"  # fused linear cross-entropy (check_linear): hidden states and weight, no logits
 KINDS = (*(k.value for k in Kind), LINEAR)
 LINEAR_INPUTS = ("hidden", "bias", "grad_hidden", "grad_weight", "grad_bias", "class_weight")
-INPUT_ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight", *LINEAR_INPUTS)
+SEMANTIC_INPUTS = ("lse", "sample_weight", "z_loss_value")
+INPUT_ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight", *LINEAR_INPUTS,
+               *SEMANTIC_INPUTS)
 REQUIRED = ("name", "kind", "logits", "labels")
 REQUIRED_BY_KIND = {LINEAR: ("name", "kind", "hidden", "weight", "labels")}
 
@@ -94,6 +96,12 @@ def _non_negative(key: str, value: Any) -> float:
     return float(value)
 
 
+def _positive(key: str, value: Any) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise CeCheckError(f"'{key}': must be a finite number > 0, got {_json_value(value)}")
+    return float(value)
+
+
 def _boolean(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise CeCheckError(f"'{key}': must be true or false, got {_json_value(value)}")
@@ -109,14 +117,19 @@ COMMON_SETTINGS: dict[str, Validator] = {
 }
 KIND_SETTINGS: dict[str, dict[str, Validator]] = {
     Kind.multiclass.value: {"ignore_index": _integer(), "label_smoothing": _non_negative,
-                            "class_axis": _integer()},
+                            "class_axis": _integer(), "z_loss": _non_negative,
+                            "softcap": _positive, "logit_scale": _positive,
+                            "smoothing_form": lambda k, v: _choice_of(k, v, ("torch", "others")),
+                            "denominator": _positive, "shift_labels": _boolean,
+                            "vocab_offset": _integer(0)},
     Kind.binary.value: {"two_class": _boolean},
     LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,
              "projections": _integer(1), "weight_layout": lambda k, v: _choice_of(k, v, ("VH", "HV"))},
 }
-KIND_INPUTS = {Kind.multiclass.value: (), Kind.binary.value: ("pos_weight",), LINEAR: LINEAR_INPUTS}
+KIND_INPUTS = {Kind.multiclass.value: SEMANTIC_INPUTS, Kind.binary.value: ("pos_weight",), LINEAR: LINEAR_INPUTS}
 KIND_KEYS = {kind: (*KIND_INPUTS[kind], *KIND_SETTINGS[kind]) for kind in KIND_SETTINGS}
-COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES if r not in ("pos_weight", *LINEAR_INPUTS)),
+COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES
+                                  if r not in ("pos_weight", *LINEAR_INPUTS, *SEMANTIC_INPUTS)),
                *COMMON_SETTINGS)
 ALL_KEYS = tuple(dict.fromkeys(COMMON_KEYS + KIND_KEYS[Kind.multiclass.value]
                                + KIND_KEYS[Kind.binary.value] + KIND_KEYS[LINEAR]))

@@ -30,7 +30,7 @@ from ce_cli.io.loading import read_file, read_stdin
 
 STDIN = "-"
 # roles that may be typed as a number instead of naming a file
-NUMBER_ROLES = ("loss", "pos_weight")
+NUMBER_ROLES = ("loss", "pos_weight", "z_loss_value")
 # roles whose one-row or one-column table is flattened to its C values, by kind of check
 VECTOR_ROLES: dict[Kind, tuple[str, ...]] = {Kind.multiclass: ("weight",), Kind.binary: ("pos_weight",)}
 
@@ -91,7 +91,8 @@ def _exists(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One input argument, parsed: `role` (logits, labels, grad, loss, weight, pos_weight), the
+    """One input argument, parsed: `role` (logits, labels, grad, loss, weight, pos_weight, and
+    for training-code semantics lse, sample_weight, z_loss_value), the
     `text` as given (a path resolved against the manifest's folder), and where it comes from."""
 
     role: str

@@ -27,6 +27,7 @@ class ChunkEval:
     item_weight: np.ndarray | None = None  # (R, C) per-element loss scale (elementwise models)
     row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
     log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
+    row_terms: np.ndarray | None = None    # (R, k) model-specific per-row values for error bounds
 
     def take_rows(self, idx: np.ndarray) -> ChunkEval:
         """The per-row values of rows `idx` (per-entry arrays dropped)."""
@@ -35,7 +36,7 @@ class ChunkEval:
 
         return ChunkEval(loss=self.loss[idx], grad=None, floor=None, lse=self.lse[idx],
                          total_weight=self.total_weight[idx], row_max=pick(self.row_max),
-                         log1p_s1=pick(self.log1p_s1))
+                         log1p_s1=pick(self.log1p_s1), row_terms=pick(self.row_terms))
 
 
 class RowStats(Protocol):

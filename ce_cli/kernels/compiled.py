@@ -158,6 +158,13 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32 if exact32 else np.float64)
 
 
+class _Plain:
+    plain = True
+
+
+_PLAIN = _Plain()  # a problem without training-code semantics
+
+
 class FusedKernel:
     """One softmax problem's rows through the compiled kernel."""
 
@@ -175,6 +182,8 @@ class FusedKernel:
         """The kernel for `problem` when it is built and serves it, else None."""
         fn = kernel()
         if fn is None or problem.probs is not None or problem.nan_gradient or problem.n_classes == 0:
+            return None
+        if not getattr(problem, "sem", _PLAIN).plain:  # z-loss, softcap, scale, shards: numpy
             return None
         return cls(fn, problem)
 

@@ -134,3 +134,152 @@ def _gradient(model: Any, rs: _Rows, q, beta, ys, Q, rows) -> np.ndarray:
     if model.nan_gradient:
         g[model.valid[rows]] = np.nan
     return g
+
+
+# --- training-code semantics: soft-capping, logit scale, z-loss, sample weights, vocab shards ---
+
+SECH2_SLOPE_MAX = 4.0 / (3.0 * np.sqrt(3.0))  # max |2 t (1 - t^2)| over t = tanh(u)
+
+
+def transform(x: np.ndarray, scale: float, cap: float | None) -> tuple[np.ndarray, Any]:
+    """z = cap * tanh(scale * x / cap) (z = scale * x without a cap) and dz/dx = scale * sech^2,
+    elementwise; sech^2 = 1/cosh^2 keeps full relative precision where tanh is near +-1."""
+    z = x * scale if scale != 1.0 else x
+    if cap is None:
+        return z, scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        u = z / cap
+        return cap * np.tanh(u), scale / np.cosh(u) ** 2
+
+
+def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
+                  floor_coef: float | None = None) -> ChunkEval:
+    """`softmax_rows` with the terms of `model.sem` (models/softmax.py `Semantics`): on the
+    transformed logits z = T(x), row n contributes
+
+        s_n * (Q lse' - q . z + zeta * v_n * lse'^2),    lse' = log(sum_shard exp z + R_n)
+
+    (R_n the rest of the vocabulary's mass, 0 without a shard; v_n = 1 for a non-ignored row),
+    and the gradient w.r.t. the RAW logits is s_n * ((Q + 2 zeta v lse') a - q) * T'(x) * scale,
+    a = exp(z - lse'). At the arg-max a - 1 = expm1(-(lse' - m)), without cancellation."""
+    sem = model.sem
+    x = np.array(x_rows, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        mx = x.max(axis=1) if x.size else np.zeros(x.shape[0])
+        if not np.all(np.isfinite(mx)):
+            model.check_row_max(x, mx, rows, model.valid[rows])  # raises on NaN / +inf
+        z, dz = transform(x, sem.logit_scale, sem.softcap)
+        rs = _normalise(model, z, rows)
+        has_neginf = bool(np.isneginf(rs.zs.min(axis=1)).any()) if rs.zs.size else False
+        t = _SemanticTerms.of(model, rs, rows, has_neginf)
+        loss = np.where(t.valid, t.s * t.loss_z, 0.0)
+        g_z = _semantic_grad_z(model, rs, t) if grad or floor_coef is not None else None
+        g = None
+        if grad and g_z is not None:
+            g = g_z * (t.s * model.grad_scale)[:, None] * dz
+            if model.nan_gradient:
+                g[t.valid] = np.nan
+        floor = (None if floor_coef is None or g_z is None
+                 else _semantic_floor(model, rs, t, z, dz, g_z, floor_coef))
+    zabs = np.where(np.isfinite(z), np.abs(z), 0.0).max(axis=1) if z.size else np.zeros(len(rows))
+    terms = np.stack([t.s, t.Q, t.qabs, t.qsum, zabs], axis=1)
+    return ChunkEval(loss=loss, grad=g, floor=floor, lse=rs.m + t.l1, total_weight=t.s * t.Qe,
+                     row_max=rs.m, log1p_s1=t.l1, row_terms=terms)
+
+
+@dataclass
+class _SemanticTerms:
+    """Per-row values of the extended row loss (see `semantic_rows`)."""
+
+    valid: np.ndarray
+    s: np.ndarray      # sample weight
+    alpha: Any     # index targets (else None): the label's weight (its share of Q) ...
+    alpha_in: Any  # ... and the part of it inside this shard's columns
+    beta: Any
+    ys: Any
+    q: Any         # probability targets (else None): dense q
+    Q: np.ndarray      # sum of the target weights (the whole vocabulary's)
+    Qe: np.ndarray     # Q + 2 zeta v lse': what multiplies a in the gradient
+    l1: np.ndarray     # lse' - m
+    loss_z: np.ndarray  # the row loss before the sample weight
+    qabs: np.ndarray   # max_c |q_c| (a bound)
+    qsum: np.ndarray   # sum_c |q_c| (a bound)
+
+    @classmethod
+    def of(cls, model: Any, rs: _Rows, rows: np.ndarray, has_neginf: bool) -> _SemanticTerms:
+        sem = model.sem
+        valid = model.valid[rows]
+        s = sem.row_weight(rows)
+        q, beta, ys = model.targets(rows)
+        alpha = alpha_in = None
+        if beta is None:
+            Q, qz = _target_terms(model, rs, q, None, None, has_neginf)
+            qabs, qsum = np.abs(q).max(axis=1), np.abs(q).sum(axis=1)
+            rest = np.zeros_like(Q)
+            dense = q
+        else:
+            alpha = q
+            alpha_in = np.where(sem.inside(rows), alpha, 0.0)
+            Qin, qz = _target_terms(model, rs, alpha_in, beta, ys, has_neginf)
+            rest = alpha - alpha_in  # a label in another shard: only the normaliser sees it
+            Q = Qin + rest
+            w = np.abs(model.weight) if model.weight is not None else np.ones(1)
+            qabs = np.abs(alpha_in) + np.abs(beta) * w.max()
+            qsum = np.abs(alpha_in) + np.abs(beta) * (w.sum() if model.weight is not None
+                                                     else rs.zs.shape[1])
+            dense = None
+        l1 = rs.l1 if sem.rho is None else np.logaddexp(rs.l1, sem.rho[rows] - rs.m)
+        lse = rs.m + l1
+        v = valid.astype(np.float64)
+        loss_z = Q * l1 - qz + rest * rs.m
+        Qe = Q
+        if sem.z_loss:
+            loss_z = loss_z + sem.z_loss * v * lse * lse
+            Qe = Q + 2.0 * sem.z_loss * v * lse
+        return cls(valid, s, alpha, alpha_in, beta, ys, dense, Q, Qe, l1, loss_z, qabs, qsum)
+
+
+def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
+    """Qe a - q w.r.t. the transformed logits (before T'(x), the sample weight and 1/D)."""
+    r, am = np.arange(rs.e.shape[0]), rs.am
+    g = rs.e * (t.Qe * np.exp(-t.l1))[:, None]
+    if t.q is not None:
+        g -= t.q
+        rest = t.Qe - t.q[r, am]
+    else:
+        w = model.weight
+        if np.any(t.beta):
+            g -= t.beta[:, None] * (w if w is not None else 1.0)
+        g[r, t.ys] -= t.alpha_in
+        W = float(w.sum()) if w is not None else float(g.shape[1])
+        w_am = w[am] if w is not None else 1.0
+        q_am_off = np.where(am != t.ys, t.alpha_in, 0.0) + t.beta * (W - w_am)  # Q_in - q_am
+        rest = q_am_off + (t.alpha - t.alpha_in) + (t.Qe - t.Q)
+    if g.size:
+        g[r, am] = t.Qe * np.expm1(-t.l1) + rest
+    return g
+
+
+def _semantic_floor(model: Any, rs: _Rows, t: _SemanticTerms, z: np.ndarray, dz: Any,
+                    g_z: np.ndarray, coef: float) -> np.ndarray:
+    """k*eps*|s/D| * (|T'| (|Qe| a (1 + |log a| + |lse| + |z|) + |q|) + S |Qe a - q|): the
+    normaliser, the z-loss's lse, the rounded transformed logits, and T' itself (1 - tanh^2
+    formed in the working precision errs by ~eps * S absolutely)."""
+    sem = model.sem
+    lse = rs.m + t.l1
+    a = rs.e * np.exp(-t.l1)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        soft = a * (1.0 + (t.l1[:, None] - rs.zs) + np.abs(lse)[:, None] + np.abs(z))
+        soft[a == 0] = 0.0
+    soft *= np.abs(t.Qe)[:, None]
+    if t.q is not None:
+        soft += np.abs(t.q)
+    else:
+        w = np.abs(model.weight) if model.weight is not None else 1.0
+        soft += np.abs(t.beta)[:, None] * w
+        soft[np.arange(soft.shape[0]), t.ys] += np.abs(t.alpha_in)
+    floor = soft * np.abs(dz)
+    if sem.softcap is not None:
+        floor += abs(sem.logit_scale) * np.abs(g_z)
+    floor *= (coef * np.abs(t.s * model.grad_scale))[:, None]
+    return floor

@@ -26,11 +26,12 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels import compiled
 from ce_cli.kernels.base import ChunkEval
-from ce_cli.kernels.numpy_softmax import softmax_rows
+from ce_cli.kernels.numpy_softmax import semantic_rows, softmax_rows, transform
+from ce_cli.models import semantics as ext
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
 from ce_cli.models.layout import Layout, make_layout, match_batch
+from ce_cli.models.semantics import Semantics
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
-
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class SoftmaxCE(RowMatrix):
     denominator: float             # D; 0 when every target is ignored under 'mean' (loss NaN)
     valid: np.ndarray              # (N,) rows that contribute
     source: str = "logits"
+    sem: Semantics = field(default_factory=Semantics)  # z-loss, softcap, shards ... (semantics.py)
     kernel: Any = field(default=None, compare=False, repr=False)  # compiled.FusedKernel or None
 
     def __post_init__(self) -> None:
@@ -82,15 +84,19 @@ class SoftmaxCE(RowMatrix):
     def per_sample(ev: ChunkEval) -> np.ndarray:
         return ev.loss
 
-    @staticmethod
-    def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
+    def loss_floor(self, ev: ChunkEval, coef: float) -> np.ndarray:
         """Error of a correct loss_n in a precision with k*eps = coef: the rounded terms of
         Q*lse - q.z, and lse's own magnitude (implementations that form lse = m + log s)."""
+        if self.sem.extended:
+            return ext.loss_floor(ev, coef)
         return coef * (np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))
 
     @property
     def grad_scale(self) -> float:
-        """d(reduced loss)/d(loss_n): 1/D for 'mean' (0 when D is 0: PyTorch's zero gradient)."""
+        """d(reduced loss)/d(loss_n): 1/D for 'mean' (0 when D is 0: PyTorch's zero gradient);
+        1/N with an outside `denominator` N."""
+        if self.sem.denominator is not None:
+            return 1.0 / self.sem.denominator
         if self.reduction != "mean":
             return 1.0
         return 1.0 / self.denominator if self.denominator != 0 else 0.0
@@ -98,14 +104,22 @@ class SoftmaxCE(RowMatrix):
     @property
     def max_target_weight(self) -> float:
         """An upper bound of Q_n (1 unweighted): scales the subnormal allowance."""
-        return float(np.abs(self.weight).max()) if self.weight is not None else 1.0
+        q = float(np.abs(self.weight).max()) if self.weight is not None else 1.0
+        sem = self.sem
+        if sem.extended:
+            s = float(np.abs(sem.sample_weight).max()) if sem.sample_weight is not None else 1.0
+            q = q * s * sem.logit_scale * (1.0 + 2.0 * sem.z_loss)
+        return q
 
     @property
     def nan_gradient(self) -> bool:
         """'mean' with D = 0 but some target not ignored (all weights 0): PyTorch's 0/0 NaN rows."""
-        return self.reduction == "mean" and self.denominator == 0 and bool(self.valid.any())
+        return (self.reduction == "mean" and self.sem.denominator is None
+                and self.denominator == 0 and bool(self.valid.any()))
 
     def reduce(self, row_loss_sum: float) -> float:
+        if self.sem.denominator is not None:
+            return row_loss_sum / self.sem.denominator
         if self.reduction == "mean":
             d = self.denominator
             return row_loss_sum / d if d != 0 else float("nan")
@@ -115,7 +129,12 @@ class SoftmaxCE(RowMatrix):
         """The target class of each row: the label, or the largest target probability."""
         if self.probs is not None:
             return np.asarray(self.probs[rows]).argmax(axis=1)
-        return np.where(self.valid[rows], self.labels[rows], 0)
+        return np.where(self.valid[rows] & self.sem.inside(rows), self._local(rows), 0)
+
+    def _local(self, rows: np.ndarray) -> np.ndarray:
+        """The labels of `rows` as this array's columns (a shard's labels are global ids)."""
+        y = self.labels[rows]
+        return y - self.sem.vocab_offset if self.sem.vocab_offset else y
 
     def targets(self, rows: np.ndarray):
         """(alpha, beta, y) for index targets or (q, None, None) for probability targets."""
@@ -127,32 +146,47 @@ class SoftmaxCE(RowMatrix):
             if self.weight is not None:
                 t = t * self.weight
             return t, None, None
-        y = self.labels[rows]
         valid = self.valid[rows]
-        ys = np.where(valid, y, 0)
+        ys = self.target_columns(rows)
         wy = self.weight[ys] if self.weight is not None else 1.0
-        alpha = np.where(valid, (1.0 - self.smoothing) * wy, 0.0)
-        beta = np.where(valid, self.smoothing / self.n_classes, 0.0)
+        eps, C = self.smoothing, self.n_classes
+        if self.sem.smoothing_form == "others" and C > 1:
+            # 1 - eps on the target, eps/(C - 1) on every other class (Megatron, fairseq)
+            alpha = np.where(valid, (1.0 - eps - eps / (C - 1)) * wy, 0.0)
+            beta = np.where(valid, eps / (C - 1), 0.0)
+        else:
+            alpha = np.where(valid, (1.0 - eps) * wy, 0.0)
+            beta = np.where(valid, eps / C, 0.0)
         return alpha, beta, ys
 
     def target_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dense (R, C) target weights q, and the part of them smoothing spreads over every
-        class (alpha * w_c / C; 0 for ignored rows)."""
+        class (alpha * w_c / C; 0 for ignored rows). With softcap, scale or sample weights,
+        both as they enter the raw-logit gradient: times s_n T'(x), so that
+        reference + q * scale stays the softmax term (a normaliser factor multiplies it)."""
         C = self.n_classes
         w = self.weight if self.weight is not None else np.ones(C)
         q, beta, ys = self.targets(rows)
         live = self.valid[rows].astype(np.float64)[:, None]
-        spread = live * (self.smoothing / C) * w[None, :]
         if beta is None:
-            return q, spread
-        full = spread.copy()
-        full[np.arange(len(rows)), ys] += q
+            full, spread = q, live * (self.smoothing / C) * w[None, :]
+        else:
+            spread = beta[:, None] * w[None, :]
+            full = spread.copy()
+            full[np.arange(len(rows)), ys] += np.where(self.sem.inside(rows), q, 0.0)
+        if self.sem.extended:
+            x = np.asarray(self.z[rows], dtype=np.float64)
+            _z, dz = transform(x, self.sem.logit_scale, self.sem.softcap)
+            chain = self.sem.row_weight(rows)[:, None] * dz
+            full, spread = full * chain, spread * chain
         return full, spread
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
         """Rows `rows` of the problem with logits `z_rows` (possibly perturbed): through the
         compiled kernel when it serves them, else the numpy kernel (its reference)."""
+        if self.sem.extended:
+            return semantic_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
             if ev is not None:
@@ -166,7 +200,11 @@ class SoftmaxCE(RowMatrix):
         (loss_n = Q*l1 + |q.zs| holds every rounded term, H(a) <= log C bounds the shift's);
         it is divided by 2h. Truncation: h^2/6 * |Q| * max|a(1-a)(1-2a)| over the step, the
         third derivative of lse along one coordinate, bounded on [z - h, z + h] exactly.
+        With softcap, logit scale, z-loss, sample weights or a shard: semantics.fd_error_bound
+        (the chain rule's derivatives of T scale the truncation term).
         """
+        if self.sem.extended:
+            return ext.fd_error_bound(self.sem, self.n_classes, z_entry, h, ev) * self.grad_scale
         Q = np.abs(ev.total_weight)
         rounding = 8.0 * EPS * (np.abs(ev.loss) + Q * (2.0 + 2.0 * np.log2(self.n_classes))) / h
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -181,8 +219,12 @@ class SoftmaxCE(RowMatrix):
 
         Rounding of the two evaluations, plus the Taylor remainder |D^3 loss_n[u, u, u]| / 3,
         where the third derivative is Q times a third central moment of u under a: at most
-        THIRD_MOMENT_MAX * range(u)^3, and range(u) <= max|delta|.
+        THIRD_MOMENT_MAX * range(u)^3, and range(u) <= max|delta|. Extended problems:
+        semantics.directional_error_bound.
         """
+        if self.sem.extended:
+            return ext.directional_error_bound(self.sem, self.n_classes, ep, em,
+                                               delta) * self.grad_scale
         Q = np.abs(ep.total_weight)
         rounding = 16.0 * EPS * (np.maximum(np.abs(ep.loss), np.abs(em.loss))
                                  + Q * (2.0 + 2.0 * np.log2(self.n_classes)))
@@ -214,6 +256,22 @@ class SoftmaxCE(RowMatrix):
         return np.where(masked, 0.0, m)
 
 
+@dataclass(frozen=True)
+class SemanticArgs:
+    """The training-code options of `build_softmax_ce` (semantics.py), as given."""
+
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    smoothing_form: str = "torch"
+    denominator: float | None = None
+    sample_weight: Any = None
+    vocab_offset: int | None = None
+    lse: Any = None                  # the global per-row lse of a vocabulary shard
+    sample_weight_source: str = "sample_weight"
+    lse_source: str = "lse"
+
+
 def build_softmax_ce(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -226,70 +284,185 @@ def build_softmax_ce(
     source: str = "logits",
     labels_source: str = "labels",
     weight_source: str = "weight",
+    semantics: SemanticArgs | None = None,
 ) -> tuple[SoftmaxCE, list[str]]:
     """Validate inputs and build the problem. Returns it with a list of warnings."""
     warnings: list[str] = []
+    args = semantics or SemanticArgs()
     logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
     if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
+    ext.validate_scalars(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
+                         args.denominator)
+    if args.denominator is not None and reduction == "none":
+        raise CeCheckError("`denominator`: applies to reduction mean or sum, not none")
     layout = make_layout(logits.shape, class_axis, source)
-    C = layout.n_classes
-    z = layout.to_rows(logits)
-    N = layout.n_rows
-
-    w64 = None
-    if weight is not None:
-        w64 = np.asarray(weight, dtype=np.float64).reshape(-1) if np.ndim(weight) <= 1 else None
-        if w64 is None or w64.shape != (C,):
-            raise CeCheckError(
-                f"{weight_source}: shape {np.shape(weight)} but the logits have {C} classes; "
-                f"expected ({C},)"
-            )
-        if not np.all(np.isfinite(w64)):
-            i = int(np.flatnonzero(~np.isfinite(w64))[0])
-            raise CeCheckError(f"{weight_source}: shape ({C},): non-finite weight {w64[i]} at index ({i},)")
-        if (w64 < 0).any():
-            warnings.append(f"{weight_source}: negative class weights")
-
-    if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and C == 1):
+    w64 = _class_weights(weight, layout.n_classes, weight_source, warnings)
+    if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and layout.n_classes == 1):
         probs = layout.to_rows(labels)
         if ignore_index >= 0:
             raise CeCheckError(
                 f"`ignore_index={ignore_index}`: not supported with probability targets "
                 f"({labels_source} has the logits' shape {labels.shape}); PyTorch raises too"
             )
+        _refuse_for_probabilities(args)
         _check_probs(probs, layout, labels_source, warnings)
-        valid = np.ones(N, dtype=bool)
-        denominator = float(N)
-        problem = SoftmaxCE(z, layout, None, probs, w64, ignore_index, float(label_smoothing),
-                            reduction, denominator, valid, source)
-        return problem, warnings
+        y, valid = None, np.ones(layout.n_rows, dtype=bool)
+    else:
+        probs = None
+        y, valid = _index_targets(labels, layout, ignore_index, labels_source, args)
+    z = layout.to_rows(logits)
+    sem = _semantics(args, z, layout, y, valid, w64, label_smoothing, warnings)
+    denominator = _denominator(y, valid, w64, sem)
+    if probs is None:
+        _warn_empty(reduction, denominator, valid, sem, warnings)
+    problem = SoftmaxCE(z, layout, y, probs, w64, ignore_index, float(label_smoothing),
+                        reduction, denominator, valid, source, sem)
+    return problem, warnings
 
+
+def _class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> np.ndarray | None:
+    if weight is None:
+        return None
+    w64 = np.asarray(weight, dtype=np.float64).reshape(-1) if np.ndim(weight) <= 1 else None
+    if w64 is None or w64.shape != (C,):
+        raise CeCheckError(
+            f"{weight_source}: shape {np.shape(weight)} but the logits have {C} classes; "
+            f"expected ({C},)"
+        )
+    if not np.all(np.isfinite(w64)):
+        i = int(np.flatnonzero(~np.isfinite(w64))[0])
+        raise CeCheckError(f"{weight_source}: shape ({C},): non-finite weight {w64[i]} at index ({i},)")
+    if (w64 < 0).any():
+        warnings.append(f"{weight_source}: negative class weights")
+    return w64
+
+
+def _refuse_for_probabilities(args: SemanticArgs) -> None:
+    if args.smoothing_form != "torch":
+        raise CeCheckError("`smoothing_form=others`: applies to class-index labels, not "
+                           "probability targets")
+    if args.vocab_offset is not None:
+        raise CeCheckError("`vocab_offset`: applies to class-index labels, not probability targets")
+
+
+def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels_source: str,
+                   args: SemanticArgs) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices as (N,) int64 and the rows that are not ignored; a shard's labels are
+    global ids (only negative ones are out of range)."""
     y = match_batch(labels, layout, labels_source, "class-index labels")
     y = _as_class_indices(y, layout, labels_source)
     valid = y != ignore_index
-    bad = valid & ((y < 0) | (y >= C))
+    C = layout.n_classes
+    shard = args.vocab_offset is not None
+    bad = valid & ((y < 0) | ((y >= C) & (not shard)))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        where = "is negative" if shard else f"is out of range [0, {C})"
         raise CeCheckError(
             f"{labels_source}: shape {labels.shape}: label {int(y[i])} at index "
-            f"{layout.batch_index(i)} is out of range [0, {C}) and is not the ignore_index {ignore_index}"
+            f"{layout.batch_index(i)} {where} and is not the ignore_index {ignore_index}"
         )
+    return y, valid
+
+
+def _semantics(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
+               smoothing: float, warnings: list[str]) -> Semantics:
+    """The validated `Semantics`: sample weights in rows, a shard's rest-of-vocabulary mass."""
+    sw = None
+    if args.sample_weight is not None:
+        sw = np.asarray(match_batch(np.asarray(args.sample_weight), layout,
+                                    args.sample_weight_source, "sample weights"), dtype=np.float64)
+        if not np.all(np.isfinite(sw)):
+            i = int(np.flatnonzero(~np.isfinite(sw))[0])
+            raise CeCheckError(f"{args.sample_weight_source}: non-finite weight {sw[i]} at "
+                               f"index {layout.batch_index(i)}")
+        if (sw < 0).any():
+            warnings.append(f"{args.sample_weight_source}: negative sample weights")
+    inside = rho = None
+    if args.vocab_offset is not None:
+        inside, rho = _shard(args, z, layout, y, valid, w64, smoothing)
+    elif args.lse is not None:
+        pass  # compared by the lse stage, not an input of the loss
+    return Semantics(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
+                     args.denominator, sw, args.vocab_offset, inside, rho)
+
+
+def _shard(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
+           smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows' labels lie in the shard's columns [K, K + C), and log R_n, the mass of the
+    other columns: R_n = exp(lse_n) - sum_shard exp(z) from the global lse given."""
+    K, C = args.vocab_offset, layout.n_classes
+    assert K is not None
+    if K < 0:
+        raise CeCheckError(f"`vocab_offset`: must be >= 0, got {K}")
+    if w64 is not None or smoothing:
+        raise CeCheckError("`vocab_offset`: class weights and label smoothing need the whole "
+                           "vocabulary; check the shard without them")
+    if args.lse is None:
+        raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
+                           "whole vocabulary")
+    lse_in = np.asarray(args.lse)
+    if lse_in.dtype.kind not in "iuf":
+        raise CeCheckError(f"{args.lse_source}: dtype {lse_in.dtype} is not numeric")
+    g = np.asarray(match_batch(lse_in, layout, args.lse_source, "the per-row log-sum-exp"),
+                   dtype=np.float64)
+    if not np.all(np.isfinite(g)):
+        i = int(np.flatnonzero(~np.isfinite(g))[0])
+        raise CeCheckError(f"{args.lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
+    local = _local_lse(z, args.logit_scale, args.softcap)
+    eps = np.finfo(lse_in.dtype).eps if lse_in.dtype.kind == "f" else EPS
+    gap = g - local
+    short = gap < -8.0 * eps * (1.0 + np.abs(g))
+    if short.any():
+        i = int(np.flatnonzero(short)[0])
+        raise CeCheckError(
+            f"{args.lse_source}: the global lse {g[i]:.17g} at index {layout.batch_index(i)} is "
+            f"below the shard's own log-sum-exp {local[i]:.17g}: not the whole vocabulary's")
+    with np.errstate(divide="ignore"):
+        rho = g + np.log(-np.expm1(-np.maximum(gap, 0.0)))
+    inside = valid & (y >= K) & (y < K + C)
+    return inside, rho
+
+
+def _local_lse(z, scale: float, cap: float | None) -> np.ndarray:
+    """Per-row log-sum-exp of the transformed logits, chunk by chunk."""
+    out = np.empty(z.shape[0])
+    step = max(1, (1 << 20) // max(1, z.shape[1]))
+    for a in range(0, z.shape[0], step):
+        x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = x.max(axis=1)
+            m = np.where(np.isfinite(m), m, 0.0)
+            out[a:a + step] = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+    return out
+
+
+def _denominator(y, valid: np.ndarray, w64, sem: Semantics) -> float:
+    """D of 'mean': the non-ignored rows' weights sum_n s_n w_{y_n} (index targets; s_n the
+    sample weights, w the class weights, 1 when absent), sum_n s_n for probability targets."""
+    s = sem.sample_weight
+    if y is None:
+        return float(np.sum(s)) if s is not None else float(len(valid))
     if w64 is not None:
-        denominator = float(np.sum(w64[y[valid]]))
+        per = w64[y[valid]]
     else:
-        denominator = float(np.count_nonzero(valid))
-    n_ignored = int(N - np.count_nonzero(valid))
-    if reduction == "mean" and denominator == 0:
-        if n_ignored == N:
-            warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
-                            "and the gradient is zero")
-        else:
-            warnings.append("the non-ignored targets' weights sum to 0: the mean loss and the "
-                            "gradient of those rows are NaN (0/0, as PyTorch)")
-    problem = SoftmaxCE(z, layout, y, None, w64, ignore_index, float(label_smoothing),
-                        reduction, denominator, valid, source)
-    return problem, warnings
+        per = np.ones(int(np.count_nonzero(valid)))
+    if s is not None:
+        per = per * s[valid]
+    return float(np.sum(per))
+
+
+def _warn_empty(reduction: str, denominator: float, valid: np.ndarray, sem: Semantics,
+                warnings: list[str]) -> None:
+    if reduction != "mean" or denominator != 0 or sem.denominator is not None:
+        return
+    if not valid.any():
+        warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
+                        "and the gradient is zero")
+    else:
+        warnings.append("the non-ignored targets' weights sum to 0: the mean loss and the "
+                        "gradient of those rows are NaN (0/0, as PyTorch)")
 
 
 def _as_class_indices(y: np.ndarray, layout: Layout, source: str) -> np.ndarray:

@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.models.sigmoid import build_sigmoid_bce
-from ce_cli.models.softmax import build_softmax_ce
+from ce_cli.models.softmax import SemanticArgs, build_softmax_ce
 from ce_cli.verify.bridge import two_class_bridge
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
@@ -24,7 +24,8 @@ __all__ = ["Reference", "check_binary", "check_grad", "reference", "two_class_br
 
 reference = softmax_reference
 
-ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight")
+ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight", "lse", "sample_weight",
+         "z_loss_value")
 
 
 def _sources(sources: dict[str, str] | None) -> dict[str, str]:
@@ -47,6 +48,9 @@ def check_grad(
     sources: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_checks: tuple[CheckResult, ...] = (),
+    lse: ArrayLike | None = None,
+    sample_weight: ArrayLike | None = None,
+    z_loss_value: ArrayLike | float | None = None,
     **settings: Any,
 ) -> Report:
     """Verify softmax cross-entropy (PyTorch `F.cross_entropy` semantics) on arrays.
@@ -54,22 +58,66 @@ def check_grad(
     Settings come as `options` (a `CheckOptions`) and/or as its field names (`reduction="sum"`).
     Returns a `Report`; raises `CeCheckError` for invalid input. `progress(done_rows, total_rows)`
     is called per chunk; `out_grad` names a .npy file for the float64 reference gradient.
+    Training code: `sample_weight` (the batch's shape) multiplies each row's loss; `lse` is the
+    per-row log-sum-exp your kernel returns (compared), or with `vocab_offset` the global one of
+    a vocabulary shard (an input); `z_loss_value` the z-loss your kernel returns on its own.
     """
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)
     z, y = np.asarray(logits), np.asarray(labels)
+    if opts.shift_labels:
+        y = shift_labels(z, y, opts.ignore_index, src["labels"])
+    args = SemanticArgs(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
+                        opts.denominator, sample_weight, opts.vocab_offset,
+                        lse if opts.vocab_offset is not None else None,
+                        src["sample_weight"], src["lse"])
     problem, warnings = build_softmax_ce(
         z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
         ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
         class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"])
-    if problem.n_classes == 2:
+        weight_source=src["weight"], semantics=args)
+    if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
+    loss = _shard_loss(problem, loss, src, warnings)
     echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
-            "class_axis": problem.layout.class_axis, "weighted": weight is not None}
+            "class_axis": problem.layout.class_axis, "weighted": weight is not None,
+            **problem.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {})}
     run = Run("multiclass", echo, extra_checks, out_grad, progress)
-    return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
+    compared_lse = lse if opts.vocab_offset is None else None
+    return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
+                  opts, run)
+
+
+def shift_labels(z: np.ndarray, y: np.ndarray, ignore_index: int, source: str) -> np.ndarray:
+    """HF `ForCausalLMLoss`: position t is scored against label t + 1 along the last batch
+    axis (the sequence), the last position of each sequence against `ignore_index`."""
+    if y.ndim < 1 or y.shape == z.shape:
+        raise CeCheckError(f"`shift_labels`: needs class-index labels of shape (..., T) for "
+                           f"(..., T, V) logits; {source} has shape {y.shape}")
+    out = np.full(y.shape, ignore_index, dtype=np.result_type(y.dtype, np.min_scalar_type(ignore_index)))
+    out[..., :-1] = y[..., 1:]
+    return out
+
+
+def _shard_loss(problem, loss, src: dict[str, str], warnings: list[str]):
+    """A shard's rows whose label lies in another shard miss -z_y there: their loss cannot be
+    formed from this shard, so a loss is checked only when every label is inside."""
+    sem = problem.sem
+    if sem.vocab_offset is None:
+        return loss
+    outside = int(np.count_nonzero(problem.valid & ~sem.inside_mask))
+    if not outside:
+        return loss
+    if loss is not None:
+        raise CeCheckError(
+            f"{src['loss']}: {outside} rows' labels lie outside the shard's columns "
+            f"[{sem.vocab_offset}, {sem.vocab_offset + problem.n_classes}): their loss "
+            "lse - z_y needs z_y from another shard; check the loss on a shard that holds every "
+            "label, or without `vocab_offset`")
+    warnings.append(f"{outside} rows' labels lie in another shard: the reference loss counts "
+                    "their lse only (-z_y is that shard's); the gradient is complete")
+    return loss
 
 
 def check_binary(

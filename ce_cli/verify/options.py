@@ -9,6 +9,7 @@ from typing import Any
 
 from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
+from ce_cli.models.semantics import validate_scalars
 from ce_cli.verify.tolerance import parse_precision
 
 
@@ -23,6 +24,10 @@ class CheckOptions:
     (default 0.5 eps (C - 1), verify/allowance.py), `strict_subnormals` to fail results flushed
     to zero. Finite differences: `fd` mode, `samples`, `seed`.
     Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk.
+    Training-code semantics (softmax CE, models/semantics.py): `z_loss` coefficient, `softcap`,
+    `logit_scale`, `smoothing_form` (torch: eps/C everywhere; others: 1 - eps on the target,
+    eps/(C - 1) elsewhere), an outside `denominator`, `shift_labels` (causal LM), and
+    `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad).
     """
 
     reduction: Reduction = Reduction.mean
@@ -42,6 +47,13 @@ class CheckOptions:
     seed: int = 0
     worst: int = 5
     chunk_elements: int | None = None
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    smoothing_form: str = "torch"
+    denominator: float | None = None
+    shift_labels: bool = False
+    vocab_offset: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise once, in a frozen dataclass
@@ -61,6 +73,10 @@ class CheckOptions:
             raise CeCheckError(f"`worst`: must be >= 0, got {self.worst}")
         if self.seed < 0:
             raise CeCheckError(f"`seed`: must be >= 0, got {self.seed}")
+        validate_scalars(self.z_loss, self.softcap, self.logit_scale, self.smoothing_form,
+                         self.denominator)
+        if self.vocab_offset is not None and self.vocab_offset < 0:
+            raise CeCheckError(f"`vocab_offset`: must be >= 0, got {self.vocab_offset}")
 
     @classmethod
     def build(cls, options: CheckOptions | None = None, **settings: Any) -> CheckOptions:

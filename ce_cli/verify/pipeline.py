@@ -23,7 +23,7 @@ from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
-                                  UserGrad)
+                                  UserGrad, semantic_stages)
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 CHUNK_ELEMENTS = 1 << 17   # float64 entries per row chunk: 1 MB buffers stay in L2 (2x faster than 2 MB)
@@ -45,6 +45,8 @@ class Inputs:
     grad: Any = None
     loss: Any = None
     sources: dict[str, str] = field(default_factory=dict)
+    lse: Any = None            # the per-row lse your kernel returns (compared)
+    z_loss_value: Any = None   # the z-loss your kernel returns on its own (compared)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
     if mode in ("sample", "directional"):
         stages.append(SampledFDStage(problem, user, options.worst, options.samples, options.seed,
                                      grad_stage))
+    stages += semantic_stages(problem, inputs, options, _tolerance)
     if run.out_grad is not None:
         stages.append(OutGradStage(run.out_grad, tuple(inputs.logits.shape), problem.layout))
     if run.progress is not None:

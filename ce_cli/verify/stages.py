@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ce_cli.errors import CeCheckError
 from ce_cli.io.output import AtomicFile, install_sigterm_cleanup, npy_header
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numerics import loss_sum
+from ce_cli.models.layout import match_batch
 from ce_cli.verify.allowance import RowAllowance, normaliser_bound
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.diagnosis import diagnose
@@ -381,3 +383,106 @@ class ProgressStage(Stage):
 
     def update(self, chunk: Chunk) -> None:
         self.progress(chunk.stop, self.n_rows)
+
+
+# --- training-code semantics: the lse and the z-loss a kernel returns --------------------------
+
+def _row_values(problem, arr: Any, src: str, what: str) -> np.ndarray:
+    """Per-row values with the batch's shape, as (N,)."""
+    values = np.asarray(arr)
+    if values.dtype.kind not in "iuf":
+        raise CeCheckError(f"{src}: dtype {values.dtype} is not numeric")
+    return match_batch(values, problem.layout, src, what)
+
+
+class LseStage(Stage):
+    """Your per-row log-sum-exp (of the transformed logits) against the reference
+    (`lse_vs_reference`), non-ignored rows only (kernels skip ignored rows). Allowed: the
+    floor k eps (1 + |lse|), plus the normaliser bound (a sum's factor f moves lse by f)."""
+
+    def __init__(self, problem, lse: np.ndarray, tol: Tolerance, worst: int,
+                 normaliser_rtol: float | None) -> None:
+        self.problem, self.got, self.tol, self.worst = problem, lse, tol, worst
+        self.ref = np.empty(problem.n_rows)
+        self.normaliser = normaliser_bound(tol, problem.n_classes, normaliser_rtol)
+
+    def update(self, chunk: Chunk) -> None:
+        self.ref[chunk.start:chunk.stop] = chunk.ev.lse
+
+    def finish(self) -> Ranked:
+        valid = self.problem.valid
+        got = np.where(valid, np.asarray(self.got, dtype=np.float64), self.ref)
+        floor = np.where(valid, self.tol.floor_coef * (1.0 + np.abs(self.ref)) + self.normaliser,
+                         0.0)
+        cmp = _comparison("lse_vs_reference", self.tol, self.problem.per_sample_index, self.worst,
+                          user=True)
+        cmp.update(0, self.ref, got, floor)
+        return [(2, cmp.result())]
+
+
+class ZLossStage(Stage):
+    """The z-loss your kernel returns alone (`z_loss_vs_reference`): sum_n s_n zeta v_n lse_n^2
+    reduced like the loss (per sample for 'none'). Allowed per row: the floor k eps s zeta
+    (lse^2 + 2|lse|(1 + |lse|)) plus 2 zeta s |lse| times the normaliser bound."""
+
+    def __init__(self, problem, value: np.ndarray, tol: Tolerance, worst: int, loss_atol: float,
+                 normaliser_rtol: float | None) -> None:
+        self.problem, self.got, self.tol, self.worst = problem, value, tol, worst
+        self.loss_atol = loss_atol
+        self.rows, self.floor = np.empty(problem.n_rows), np.empty(problem.n_rows)
+        self.normaliser = normaliser_bound(tol, problem.n_classes, normaliser_rtol)
+
+    def update(self, chunk: Chunk) -> None:
+        ev, sl = chunk.ev, slice(chunk.start, chunk.stop)
+        zeta = self.problem.sem.z_loss
+        s = ev.row_terms[:, 0] if ev.row_terms is not None else 1.0
+        v = self.problem.valid[sl]
+        L = np.abs(ev.lse)
+        self.rows[sl] = np.where(v, s * zeta * ev.lse * ev.lse, 0.0)
+        self.floor[sl] = np.where(v, np.abs(s) * zeta * (
+            self.tol.floor_coef * (L * L + 2.0 * L * (1.0 + L)) + 2.0 * L * self.normaliser), 0.0)
+
+    def finish(self) -> Ranked:
+        problem = self.problem
+        if problem.reduction == "none":
+            cmp = _comparison("z_loss_vs_reference", self.tol, problem.per_sample_index,
+                              self.worst, user=True, extra_atol=self.loss_atol)
+            cmp.update(0, self.rows, np.asarray(self.got, dtype=np.float64), self.floor)
+            return [(2, cmp.result())]
+        total = problem.reduce(loss_sum(self.rows))
+        floor = (float(np.sum(self.floor)) * abs(problem.grad_scale)
+                 + self.tol.floor_coef * math.log2(problem.n_rows + 1) * abs(total))
+        cmp = _comparison("z_loss_vs_reference", self.tol, lambda r, c: (), 1, user=True,
+                          extra_atol=self.loss_atol)
+        got = np.asarray(self.got, dtype=np.float64).reshape(1)
+        cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
+        return [(2, cmp.result())]
+
+
+def semantic_stages(problem, inputs, options, tolerance: Callable[..., Tolerance]) -> list[Stage]:
+    """The lse and z-loss comparisons the inputs ask for (`inputs.lse`, `inputs.z_loss_value`)."""
+    out: list[Stage] = []
+    src = inputs.sources
+    if getattr(inputs, "lse", None) is not None:
+        name = src.get("lse", "lse")
+        lse = _row_values(problem, inputs.lse, name, "the per-row log-sum-exp")
+        dtype = lse.dtype if lse.dtype.kind == "f" else np.dtype(np.float64)
+        out.append(LseStage(problem, lse, tolerance(dtype, options), options.worst,
+                            options.normaliser_rtol))
+    value = getattr(inputs, "z_loss_value", None)
+    if value is not None:
+        name = src.get("z_loss_value", "z_loss_value")
+        if not problem.sem.z_loss:
+            raise CeCheckError("`z_loss_value`: needs `z_loss`, the coefficient it was computed with")
+        arr = np.asarray(value)
+        if problem.reduction == "none":
+            arr = _row_values(problem, arr, name, "per-sample z-losses ('none')")
+        elif arr.dtype.kind not in "iuf":
+            raise CeCheckError(f"{name}: dtype {arr.dtype} is not numeric")
+        elif arr.size != 1:
+            raise CeCheckError(f"{name}: shape {arr.shape}; reduction '{problem.reduction}' gives "
+                               "a scalar z-loss")
+        dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
+        out.append(ZLossStage(problem, arr, tolerance(dtype, options), options.worst, 0.0,
+                              options.normaliser_rtol))
+    return out

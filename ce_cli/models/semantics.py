@@ -1,0 +1,170 @@
+"""Training-code semantics of a softmax cross-entropy problem (what `SoftmaxCE.sem` holds), and
+the finite-difference error bounds of the extended row loss.
+
+On raw logits x the loss sees z = T(x) = cap * tanh(S x / cap) (`softcap`; z = S x without it,
+`logit_scale` S), and row n contributes
+
+    s_n * (Q lse' - q . z + zeta * v_n * lse'^2)
+
+with s_n the sample weight, zeta the z-loss coefficient, v_n = 1 for a non-ignored row and
+lse' = log(sum_shard exp z + R_n), R_n the mass of the vocabulary outside a shard (0 without
+`vocab_offset`; from the global lse given). The reduced loss divides the sum by D (the
+`denominator` given, else the weighted count of 'mean').
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.kernels.numpy_softmax import SECH2_SLOPE_MAX, transform
+
+SMOOTHING_FORMS = ("torch", "others")
+ZLOSS_THIRD = 6.0 * 4.0 / 27.0  # 6 max a^2 (1 - a): z-loss's own third-derivative term
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """The options beyond PyTorch's `F.cross_entropy` (defaults: none of them)."""
+
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    smoothing_form: str = "torch"
+    denominator: float | None = None
+    sample_weight: np.ndarray | None = None  # (N,) float64
+    vocab_offset: int | None = None
+    inside_mask: np.ndarray | None = None    # (N,) the row's label lies in this shard
+    rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass
+
+    @property
+    def extended(self) -> bool:
+        """True when the row loss itself changes (the numpy kernel's extended path)."""
+        return bool(self.z_loss or self.softcap is not None or self.logit_scale != 1.0
+                    or self.sample_weight is not None or self.vocab_offset is not None)
+
+    @property
+    def plain(self) -> bool:
+        """True with every option at its default: PyTorch's loss exactly."""
+        return (not self.extended and self.smoothing_form == "torch"
+                and self.denominator is None)
+
+    def row_weight(self, rows: np.ndarray) -> np.ndarray:
+        if self.sample_weight is None:
+            return np.ones(len(rows))
+        return self.sample_weight[rows]
+
+    def inside(self, rows: np.ndarray) -> np.ndarray:
+        if self.inside_mask is None:
+            return np.ones(len(rows), dtype=bool)
+        return self.inside_mask[rows]
+
+    def to_echo(self) -> dict:
+        """The report's `options` entries of the non-default settings."""
+        out: dict = {}
+        for name in ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator",
+                     "vocab_offset"):
+            value = getattr(self, name)
+            if value != getattr(Semantics, name):
+                out[name] = value
+        if self.sample_weight is not None:
+            out["sample_weighted"] = True
+        return out
+
+
+def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,
+                     smoothing_form: str, denominator: float | None) -> None:
+    """The one-line errors of the scalar options."""
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise CeCheckError(f"`z_loss`: must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise CeCheckError(f"`softcap`: must be a finite number > 0, got {softcap}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise CeCheckError(f"`logit_scale`: must be a finite number > 0, got {logit_scale}")
+    if smoothing_form not in SMOOTHING_FORMS:
+        raise CeCheckError(f"`smoothing_form`: unknown value '{smoothing_form}' (use torch or others)")
+    if denominator is not None and not (math.isfinite(denominator) and denominator > 0):
+        raise CeCheckError(f"`denominator`: must be a finite number > 0, got {denominator}")
+
+
+def _terms(ev: ChunkEval):
+    assert ev.row_terms is not None
+    s, Q, qabs, qsum, zabs = (np.abs(c) for c in ev.row_terms.T)
+    return s, Q, qabs, qsum, zabs
+
+
+def _chain(sem: Semantics) -> tuple[float, float, float]:
+    """Bounds of |T'|, |T''|, |T'''| over the real line: S, (4/(3 sqrt 3)) S^2/cap, 2 S^3/cap^2
+    (T'' = -2 S^2/cap t (1 - t^2), T''' = -2 S^3/cap^2 (1 - t^2)(1 - 3 t^2), t = tanh)."""
+    S = abs(sem.logit_scale)
+    if sem.softcap is None:
+        return S, 0.0, 0.0
+    cap = sem.softcap
+    return S, SECH2_SLOPE_MAX * S * S / cap, 2.0 * S**3 / cap**2
+
+
+def fd_error_bound(sem: Semantics, n_classes: int, z_entry: np.ndarray, h: np.ndarray,
+                   ev: ChunkEval) -> np.ndarray:
+    """Bound on |central difference - derivative| of row loss f = s g(T(x)) along one raw logit.
+
+    Truncation h^2/6 * s * max|f'''| over [x - h, x + h], by the chain rule
+    f''' = g''' T'^3 + 3 g'' T' T'' + g' T''' with (a = softmax entry, L = lse', z moving by at
+    most S h): |g'| <= QE + |q_c|, |g''| <= QE/4 + 2 zeta, |g'''| <= QE max|a(1-a)(1-2a)| +
+    6 zeta max a^2(1-a), QE = |Q| + 2 zeta (|L| + S h) (g = Q L - q_c z_c + zeta L^2). Rounding:
+    8 eps of every term the loss sums (those of the plain bound, the z-loss's, the shard's
+    normaliser and the rounded transformed logits, |z| <= zabs) over h."""
+    s, Q, qabs, _qsum, zabs = _terms(ev)
+    zeta = abs(sem.z_loss)
+    T1, T2, T3 = _chain(sem)
+    hz = T1 * h
+    L = np.abs(ev.lse)
+    QE = Q + 2.0 * zeta * (L + hz)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z_c, _ = transform(z_entry, sem.logit_scale, sem.softcap)
+        logp = (z_c - np.asarray(ev.row_max)) - np.asarray(ev.log1p_s1)
+        logit = logp - np.log(-np.expm1(logp))
+        third = logistic_third_max(logit, hz)
+    G1, G2, G3 = QE + qabs, QE / 4.0 + 2.0 * zeta, QE * third + ZLOSS_THIRD * zeta
+    f3 = G3 * T1**3 + 3.0 * G2 * T1 * T2 + G1 * T3
+    truncation = h * h / 6.0 * s * f3
+    logC = 2.0 + 2.0 * np.log2(max(n_classes, 1))
+    terms = (np.abs(ev.loss) + s * (QE * (logC + np.abs(np.asarray(ev.log1p_s1)) + L) + zeta * L * L
+                                    + (QE + qabs) * 2.0 * zabs))
+    return 8.0 * EPS * terms / h + truncation
+
+
+def directional_error_bound(sem: Semantics, n_classes: int, ep: ChunkEval, em: ChunkEval,
+                            delta: np.ndarray) -> np.ndarray:
+    """Bound on |f(x + u) - f(x - u) - <grad f, delta>| per row (delta = 2u): the Taylor
+    remainder sup|D^3 f[u, u, u]| / 3 with D^3 f[u,u,u] = D^3 g[v,v,v] + 3 D^2 g[v, w] + Dg[y],
+    v = T' u, w = T'' u^2, y = T''' u^3 (elementwise): |D^3 g[v,v,v]| <= QE TM r^3 +
+    6 zeta |v| r^2/4 (r = range(v) <= S max|delta|), |D^2 g[v, w]| <= (2 QE + 2 zeta)|v||w|,
+    |Dg[y]| <= (QE + sum|q|)|y|; plus the rounding of both evaluations."""
+    s, Q, qabs, qsum, zabs = _terms(ep)
+    zeta = abs(sem.z_loss)
+    T1, T2, T3 = _chain(sem)
+    du = np.abs(delta).max(axis=1) / 2.0 if delta.size else np.zeros(len(s))
+    V, r = T1 * du, 2.0 * T1 * du
+    W, Y = T2 * du**2, T3 * du**3
+    L = np.maximum(np.abs(ep.lse), np.abs(em.lse)) + 2.0 * V
+    QE = Q + 2.0 * zeta * L
+    third = QE * THIRD_MOMENT_MAX * r**3 + 6.0 * zeta * V * r * r / 4.0
+    truncation = s * (third + 3.0 * (2.0 * QE + 2.0 * zeta) * V * W + (QE + qsum) * Y) / 3.0
+    logC = 2.0 + 2.0 * np.log2(max(n_classes, 1))
+    l1 = np.maximum(np.abs(np.asarray(ep.log1p_s1)), np.abs(np.asarray(em.log1p_s1)))
+    loss = np.maximum(np.abs(ep.loss), np.abs(em.loss))
+    terms = loss + s * (QE * (logC + l1 + L) + zeta * L * L + (QE + qsum) * 2.0 * zabs)
+    return 16.0 * EPS * terms + truncation
+
+
+def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
+    """Error of a correct extended row loss: the plain floor with Q -> s (Q + 2 zeta lse), plus
+    the rounded transformed logits' share, (|Qe| + sum|q|) * max|z|."""
+    s, _Q, _qabs, qsum, zabs = _terms(ev)
+    Qe = np.abs(ev.total_weight)
+    return coef * (np.abs(ev.loss) + Qe * (1.0 + np.abs(ev.lse)) + (Qe + s * qsum) * zabs)
