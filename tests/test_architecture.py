@@ -20,7 +20,7 @@ MAX_COMPLEXITY = 15
 # top to bottom; a module may import from its own layer and any layer below it
 LAYERS = [
     {"cli"},
-    {"batch"},
+    {"batch", "distributed"},
     {"explain", "stress"},
     {"report", "testing"},
     {"verify"},

@@ -12,6 +12,7 @@ from ce_cli.cli.app import (EPILOG, LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, Fl
                             WorstOpt, app, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
+from ce_cli.cli.shards import SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded
 from ce_cli.verify.checks import check_grad
 
 
@@ -50,9 +51,21 @@ def grad(
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    shards: ShardsOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
     float64, proven by finite differences, compared with your gradient and loss."""
+    if shards is not None or scheduler is not None or workers is not None:
+        run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
+            shards, logits, labels, grad_path, scheduler=scheduler, workers=workers,
+            json_out=json_out, quiet=quiet, refused={"loss": loss, "weight": weight,
+                                                     "out_grad": out_grad},
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            class_axis=class_axis, rtol=rtol, atol=atol, precision=precision,
+            floor_factor=floor_factor, normaliser_rtol=normaliser_rtol,
+            strict_subnormals=strict_subnormals, fd=fd, samples=samples, seed=seed, worst=worst)
     run_check(
         check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
                      "weight": weight, "lse": lse, "sample_weight": sample_weight,

@@ -161,7 +161,8 @@ def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: boo
 
     (R_n the rest of the vocabulary's mass, 0 without a shard; v_n = 1 for a non-ignored row),
     and the gradient w.r.t. the RAW logits is s_n * ((Q + 2 zeta v lse') a - q) * T'(x) * scale,
-    a = exp(z - lse'). At the arg-max a - 1 = expm1(-(lse' - m)), without cancellation."""
+    a = exp(z - lse'). At a confident row's arg-max a - 1 = expm1(-(lse' - m)), without
+    cancellation."""
     sem = model.sem
     x = np.array(x_rows, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -255,8 +256,11 @@ def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
         w_am = w[am] if w is not None else 1.0
         q_am_off = np.where(am != t.ys, t.alpha_in, 0.0) + t.beta * (W - w_am)  # Q_in - q_am
         rest = q_am_off + (t.alpha - t.alpha_in) + (t.Qe - t.Q)
-    if g.size:
-        g[r, am] = t.Qe * np.expm1(-t.l1) + rest
+    # a confident row (a_max >= 1/2): Qe * (a - 1) + rest without cancellation; elsewhere
+    # a - 1 would cancel instead, and Qe * a - q_am (above) is the accurate form
+    sure = t.l1 <= np.log(2.0)
+    if g.size and sure.any():
+        g[r[sure], am[sure]] = t.Qe[sure] * np.expm1(-t.l1[sure]) + rest[sure]
     return g
 
 

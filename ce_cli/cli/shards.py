@@ -1,0 +1,94 @@
+"""`ce-check grad ... --shards rows|vocab|auto`: a sharded batch, checked shard by shard (in this
+process, or as tasks on Dask with --scheduler/--workers), reported merged and per shard.
+
+With --shards, LOGITS and --grad are globs (quoted; natural order: logits_2 before logits_10)
+naming one file per shard, paired in that order; LABELS is a glob of one file per shard (row
+shards) or one file for the whole batch (row shards are sliced from it; vocabulary shards read
+global ids from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any, NoReturn, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ce_cli.cli.app import check_settings, progress_bar
+from ce_cli.errors import CeCheckError
+from ce_cli.exitcodes import ExitCode
+from ce_cli.report.emit import emit
+from ce_cli.report.format import fmt_value, json_safe
+from ce_cli.report.render import render_table, report_to_dict
+from ce_cli.verify.shards import ShardedReport, expand, pair_files, run_shards
+
+ShardsOpt = Annotated[Optional[str], typer.Option(
+    "--shards", help="Check a sharded batch: rows, vocab or auto (from the shapes). LOGITS, "
+    "LABELS and --grad are then quoted globs, one file per shard (LABELS: or one file for "
+    "the batch).", show_default=False)]
+SchedulerOpt = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="With --shards: run the shards as tasks on the Dask cluster at this "
+    "address (pip install 'ce-check[dask]').", show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="With --shards: start a local Dask cluster of N worker processes.",
+    show_default=False)]
+
+REFUSED = {"loss": "--loss", "weight": "--weight", "out_grad": "--out-grad"}
+
+
+class ShardsOutput:
+    """A `ShardedReport` as an `Output`: the merged report, then one line per shard."""
+
+    def __init__(self, sharded: ShardedReport) -> None:
+        self.sharded = sharded
+        self.warnings = sharded.report.warnings
+
+    def to_dict(self) -> dict:
+        data = report_to_dict(self.sharded.report)
+        data["shards"] = {"axis": self.sharded.axis,
+                          "per_shard": json_safe([asdict(s) for s in self.sharded.shards])}
+        return data
+
+    def render(self, console: Console) -> None:
+        render_table(self.sharded.report, console)
+        table = Table(title=f"shards ({self.sharded.axis})", title_justify="left",
+                      show_edge=False, pad_edge=False)
+        for col in ("#", "logits", "offset", "size", "loss", "grad mismatches", "verdict"):
+            table.add_column(col)
+        for s in self.sharded.shards:
+            table.add_row(str(s.index), s.source, f"{s.offset:,}", f"{s.size:,}",
+                          fmt_value(s.loss), f"{s.mismatches:,}", s.verdict)
+        console.print(table)
+
+
+def run_sharded(axis: str | None, logits: str, labels: str, grad: str | None, *,
+                scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
+                refused: dict[str, Any], **flags: Any) -> NoReturn:
+    """Plan the shards from the globs, run them (here or on Dask), emit, exit with the verdict.
+
+    `refused`: options not supported with shards yet (an error when given); `flags`: the
+    check's settings."""
+    if axis is None:
+        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
+    options = check_settings(**flags)
+    for name, value in refused.items():
+        if value is not None:
+            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
+    if "-" in (logits, labels, grad):
+        raise CeCheckError("`shards`: inputs are files, not stdin")
+    files = pair_files(expand(logits, "logits"), expand(labels, "labels"),
+                       expand(grad, "grad") if grad is not None else None)
+    split = None if axis == "auto" else axis
+    with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
+        if scheduler is None and workers is None:
+            sharded = run_shards(files, split, options, progress=progress)
+        else:
+            from ce_cli.distributed.dask_run import run_on_dask
+
+            sharded = run_on_dask(files, split, options, scheduler=scheduler, workers=workers,
+                                  progress=progress)
+    emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
+    raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)

@@ -1,0 +1,151 @@
+"""`grad --shards` on Dask: a LocalCluster of 2 worker processes gives the single-process report;
+faults (a worker killed, a corrupt or missing shard, Ctrl-C) behave as ce_cli/distributed says.
+
+Dask is in the `test` extra; without it these tests skip, except under CI, where that fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from ce_cli.verify import shards as sh
+from ce_cli.verify.checks import check_grad
+from ce_cli.verify.options import CheckOptions
+from tests.test_shards import assert_same_report, make_batch, vocab_plan, write_rows
+
+try:
+    import distributed
+except ImportError:  # pragma: no cover
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("dask[distributed] is not installed (pip install -e '.[test]')",
+                allow_module_level=True)
+
+from ce_cli.distributed.dask_run import DaskMapper, run_on_dask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+def idle(client, limit=60.0):
+    """Wait (polling, up to `limit` s) until the scheduler holds no task of ours."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_row_shards_equal_the_single_process_report(tmp_path, client):
+    z, y, g = make_batch(n=400)
+    g[334, 5] *= 1.001
+    cuts = [0, 50, 120, 200, 260, 330, 400]
+    files = write_rows(tmp_path, z, y, g, cuts)
+    opts = CheckOptions(fd="full")
+    on_dask = run_on_dask(files, None, opts, client=client)
+    here = sh.run_shards(files, None, opts)
+    assert on_dask == here  # every field, per shard and merged
+    assert_same_report(on_dask.report, check_grad(z, y, grad=g, options=opts), len(cuts) - 1)
+    bad = [s.index for s in on_dask.shards if not s.ok]
+    assert bad == [5]
+    grad_check = next(c for c in on_dask.report.checks if c.name == "grad_vs_reference")
+    assert grad_check.worst[0].index == (334, 5) and not grad_check.worst[0].ok
+
+
+def test_vocab_shards(tmp_path, client):
+    plan, lse = vocab_plan(tmp_path)
+    mapper = DaskMapper(client)
+    future = mapper.reduce(sh.shard_row_stats, plan.shards, sh.merge_row_stats)
+    assert np.array_equal(future.result(), lse)  # pass 1 on the cluster: the same lse, bit for bit
+    files = [s.files for s in plan.shards]
+    z = np.concatenate([np.load(f.logits) for f in files], axis=1)
+    y = np.load(files[0].labels)
+    opts = CheckOptions(fd="off")
+    on_dask = run_on_dask(files, "vocab", opts, client=client)
+    assert on_dask == sh.run_shards(files, "vocab", opts)
+    assert_same_report(on_dask.report, check_grad(z, y, options=opts), len(files))
+
+
+def test_worker_killed_mid_run(tmp_path, client):
+    """A worker SIGKILLed after the first shard finishes: its tasks rerun, the report stands."""
+    z, y, g = make_batch(n=600)
+    g[590, 1] = 0.5
+    files = write_rows(tmp_path, z, y, g, list(range(0, 601, 50)))
+    opts = CheckOptions(fd="full")
+    pids = client.run(os.getpid)
+    victim = sorted(pids.values())[0]
+    state = {"killed": False}
+
+    def progress(done, total):
+        if not state["killed"]:
+            state["killed"] = True
+            os.kill(victim, signal.SIGKILL)
+
+    on_dask = run_on_dask(files, "rows", opts, client=client, progress=progress)
+    assert state["killed"]
+    assert on_dask == sh.run_shards(files, "rows", opts)
+    assert [s.ok for s in on_dask.shards].count(False) == 1
+    client.wait_for_workers(2)
+
+
+def test_ctrl_c_cancels_the_tasks(tmp_path, client):
+    z, y, g = make_batch(n=600)
+    files = write_rows(tmp_path, z, y, g, list(range(0, 601, 50)))
+    mapper = DaskMapper(client)
+
+    def progress(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sh.run_shards(files, "rows", CheckOptions(fd="full"), mapper, progress)
+    assert all(f.status in ("cancelled", "finished") for f in mapper.futures)
+    assert idle(client)
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "missing"])
+def test_a_shard_that_fails_to_load(tmp_path, client, invoke, fault):
+    """Exit 2, one line naming the shard; the run's other tasks are cancelled."""
+    z, y, g = make_batch()
+    write_rows(tmp_path, z, y, g, [0, 60, 120, 180, 240])
+    if fault == "corrupt":
+        (tmp_path / "logits_2.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+        name = "logits_2.npy"
+    else:
+        os.remove(tmp_path / "grad_3.npy")
+        os.symlink(tmp_path / "gone.npy", tmp_path / "grad_3.npy")  # listed, not readable
+        name = "grad_3.npy"
+    res = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
+                  tmp_path / "grad_*.npy", "--shards", "rows", "--scheduler",
+                  client.scheduler.address])
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and name in res.output
+    assert idle(client)
+
+
+def test_console_script_with_local_workers(tmp_path):
+    """`ce-check grad ... --shards rows --workers 2` (its own LocalCluster) prints the report
+    the single-process run prints."""
+    exe = shutil.which("ce-check")
+    assert exe is not None
+    z, y, g = make_batch()
+    g[10, 3] *= 1.01
+    write_rows(tmp_path, z, y, g, [0, 100, 240])
+    args = [exe, "grad", str(tmp_path / "logits_*.npy"), str(tmp_path / "labels_*.npy"),
+            "--grad", str(tmp_path / "grad_*.npy"), "--shards", "rows", "--json"]
+    here = subprocess.run(args, capture_output=True, text=True)
+    there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
+    assert here.returncode == there.returncode == 1, there.stderr
+    assert json.loads(here.stdout) == json.loads(there.stdout)
