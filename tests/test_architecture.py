@@ -35,7 +35,6 @@ FACES = {"ce_cli", "ce_cli.__main__"}
 EXCEPTIONS: dict[str, str] = {}
 # being split in the reorganisation: this list must end empty
 PENDING = {
-    "ce_cli.kernels.compiled:evaluate",
 }
 
 

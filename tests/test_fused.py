@@ -18,6 +18,7 @@ import platform
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,9 @@ def _both(problem, rows, z_rows=None, grad=True, floor_coef=4 * 2.0**-23):
     return fused, ref
 
 
-def _assert_close(fused, ref, scale_of_grad, grad=True):
-    scale = np.abs(ref.loss) + np.abs(ref.total_weight) * (1 + np.abs(ref.lse))
+def _assert_close(fused, ref, scale_of_grad, grad=True, qz_size=0.0):
+    """qz_size: sum |q (z - m)| of a row, the size of its dot product (probability targets)."""
+    scale = np.abs(ref.loss) + np.abs(ref.total_weight) * (1 + np.abs(ref.lse)) + qz_size
     assert np.all(np.abs(fused.loss - ref.loss) <= 4e-16 * scale + 1e-300)
     np.testing.assert_allclose(fused.lse, ref.lse, rtol=1e-15, atol=0)
     np.testing.assert_array_equal(fused.row_max, ref.row_max)
@@ -300,8 +302,10 @@ def test_report_names_the_kernel(monkeypatch):
     monkeypatch.delenv("CE_CHECK_FUSED")
     expected = "compiled" if kernel() is not None else "numpy"
     assert check_grad(z, y).options["kernel"] == expected
-    # probability targets are the numpy kernel's
-    assert check_grad(z, np.full((4, 3), 1 / 3)).options["kernel"] == "numpy"
+    # probability targets and binary too
+    assert check_grad(z, np.full((4, 3), 1 / 3)).options["kernel"] == expected
+    from ce_cli.verify.checks import check_binary
+    assert check_binary(z, np.zeros((4, 3))).options["kernel"] == expected
 
 
 @needs_kernel
@@ -440,3 +444,194 @@ def test_default_threads(monkeypatch):
     assert 1 <= default_threads() == cpu_count() <= (os.cpu_count() or 1)
     monkeypatch.setenv("CE_CHECK_THREADS", "3")
     assert default_threads() == 3
+
+
+# ---------------------------------------------------------------- sigmoid BCE, probability targets
+
+def _unit_funcs(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(-|x|) and log1p of it as target `name`'s row kernels compute them."""
+    from ce_cli.kernels.compiled import _library
+    fn = _library().ce_unit_funcs_on
+    fn.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    e, l1 = np.empty_like(x), np.empty_like(x)
+    assert fn(name.encode(), x.ctypes.data, e.ctypes.data, l1.ctypes.data, x.size) == 0
+    return e, l1
+
+
+@needs_kernel
+def test_log1p_below_one_ulp(on_target):
+    """The kernel's log1p on [0, 1] (fdlibm's algorithm) against log(1 + e) to 40 digits: below
+    one ulp (0.77 measured), and within one ulp of numpy's log1p (glibc)."""
+    from decimal import Decimal, localcontext
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.linspace(0, 40, 4001), rng.uniform(0, 1, 2000),
+                        10.0 ** rng.uniform(-300, 0, 1000), [0.34657359027997264, 745.2, np.inf]])
+    e, l1 = _unit_funcs(on_target, x)
+    np.testing.assert_array_equal(e, np.where(np.isinf(x), 0.0, e))
+    with localcontext() as ctx:
+        ctx.prec = 40
+        exact = [(Decimal(1) + Decimal(float(v))).ln() for v in e]
+        ulps = [abs((Decimal(float(a)) - b) / Decimal(np.spacing(float(b)))) if b else abs(a)
+                for a, b in zip(l1, exact)]
+    assert float(max(ulps)) < 1.0
+    assert np.all(np.abs(l1 - np.log1p(e)) <= np.spacing(np.log1p(e)))
+
+
+def _bce_problem(K: int, dtype, opt: str, seed: int = 0, R: int = 19):
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    rng = np.random.default_rng(seed + K)
+    x = (rng.standard_normal((R, K)) * rng.choice([0.01, 3.0, 40.0, 800.0], size=(R, 1))).astype(dtype)
+    if K > 3:
+        x[rng.random((R, K)) < 0.05] = -np.inf
+    y = (rng.random((R, K)) < 0.3).astype(np.float64)
+    kw: dict = {}
+    if "soft" in opt:
+        y[::2] = rng.random((len(y[::2]), K))
+    if "pw" in opt:
+        kw["pos_weight"] = rng.uniform(0.2, 4.0, K)
+    if "w" in opt.split("+"):
+        kw["weight"] = rng.uniform(-1.0, 2.0, (R, K))
+        kw["weight"][:, 0] = 0.0
+    if "sum" in opt:
+        kw["reduction"] = "sum"
+    return build_sigmoid_bce(x, y, **kw)[0]
+
+
+BCE_OPTIONS = ["plain", "pw", "w+pw", "soft", "soft+w+sum"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [1, 2, 7, 8, 9, 129, 1031])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("opt", BCE_OPTIONS)
+def test_binary_rows_match_numpy_kernel(K, dtype, opt, on_target):
+    """Per-element losses within 3 ulps of numpy's (exp and log1p each < 1 ulp, no
+    cancellation); row sums, gradient and floor within a few ulps of their terms' size."""
+    from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
+    problem = _bce_problem(K, dtype, opt)
+    rows = np.arange(problem.n_rows)
+    coef = 4 * 2.0**-23
+    fused = problem.kernel.evaluate(problem.z, rows, grad=True, floor_coef=coef)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = sigmoid_rows(problem, problem.z, rows, grad=True, floor_coef=coef)
+    np.testing.assert_array_equal(fused.item_weight, ref.item_weight)
+    np.testing.assert_array_equal(np.isinf(fused.items), np.isinf(ref.items))
+    fin = np.isfinite(ref.items)
+    assert np.all(np.abs(fused.items[fin] - ref.items[fin]) <= 3 * np.spacing(np.abs(ref.items[fin])))
+    size = np.where(fin, np.abs(ref.items), 0).sum(axis=1)
+    finite_rows = np.isfinite(ref.loss)
+    assert np.all(np.abs(fused.loss[finite_rows] - ref.loss[finite_rows])
+                  <= 1e-15 * size[finite_rows] + 1e-300)
+    np.testing.assert_allclose(fused.total_weight, ref.total_weight, rtol=1e-15, atol=0)
+    y, w, pw = problem.coefficients(rows)
+    pos = np.abs(y if pw is None else pw * y)
+    term = (np.abs(1 - y) + pos) * (1.0 if w is None else np.abs(w)) * problem.grad_scale
+    assert np.all(np.abs(fused.grad - ref.grad) <= 6e-16 * term + 2.0**-1070)
+    np.testing.assert_allclose(fused.floor, ref.floor, rtol=1e-15, atol=1e-300)
+
+
+PROB_OPTIONS = {"plain": {}, "weights": {"weight": "w"}, "smoothing": {"label_smoothing": 0.1},
+                "weights+smoothing+sum": {"weight": "w", "label_smoothing": 0.3, "reduction": "sum"}}
+
+
+def _prob_problem(C: int, dtype, opt: str, seed: int = 0, R: int = 17, masks: bool = False):
+    rng = np.random.default_rng(seed + C)
+    kw = dict(PROB_OPTIONS[opt])
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.0, 3.0, C)
+    z = (rng.standard_normal((R, C)) * rng.choice([0.01, 3.0, 40.0], size=(R, 1))).astype(dtype)
+    q = rng.dirichlet(np.full(C, 0.3), R)
+    q[rng.random((R, C)) < 0.2] = 0.0
+    q[:, 0] += 1e-3
+    q /= q.sum(axis=1, keepdims=True)
+    if masks and C > 2:
+        z[(rng.random((R, C)) < 0.3) & (q == 0)] = -np.inf
+    return build_softmax_ce(z, q, **kw)[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [1, 2, 7, 9, 129, 1031])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("opt", list(PROB_OPTIONS))
+@pytest.mark.parametrize("masks", [False, True])
+def test_probability_rows_match_numpy_kernel(C, dtype, opt, masks, on_target):
+    problem = _prob_problem(C, dtype, opt, masks=masks)
+    assert problem.target_kind == "probability" and problem.kernel is not None
+    rows = np.arange(problem.n_rows)
+    fused, ref = _both(problem, rows)
+    # smoothing puts weight on masked (-inf) logits: an infinite loss, in both kernels
+    np.testing.assert_array_equal(np.isinf(fused.loss), np.isinf(ref.loss))
+    fused, ref = (replace(ev, loss=np.where(np.isinf(ev.loss), 0.0, ev.loss)) for ev in (fused, ref))
+    q = problem.targets(rows)[0]
+    with np.errstate(invalid="ignore"):
+        qz = np.where(q != 0, np.abs(q * (problem.z.astype(np.float64) - ref.row_max[:, None])), 0)
+    _assert_close(fused, ref, problem.grad_scale, qz_size=qz.sum(axis=1))
+
+
+def _bits_of(ev) -> dict:
+    return {k: np.asarray(getattr(ev, k)).view(np.uint64)
+            for k in ("loss", "grad", "floor", "total_weight", "items", "item_weight", "lse")
+            if getattr(ev, k) is not None}
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["binary", "probability"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binary_and_probability_bits_across_targets_and_threads(kind, dtype, monkeypatch):
+    """Every target this CPU runs and 1, 2, 3 threads (60 x 1031: enough for 3): same bits."""
+    runs = {}
+    for name in targets():
+        for n in (1, 2, 3):
+            monkeypatch.setenv("CE_CHECK_TARGET", name)
+            monkeypatch.setenv("CE_CHECK_THREADS", str(n))
+            problem = (_bce_problem(1031, dtype, "soft+w+sum", R=60) if kind == "binary"
+                       else _prob_problem(1031, dtype, "weights+smoothing+sum", R=60, masks=True))
+            assert problem.kernel.fn.target == name
+            runs[name, n] = _bits_of(problem.kernel.evaluate(
+                problem.z, np.arange(60), grad=True, floor_coef=1e-7))
+    first, *others = runs
+    for key in others:
+        for field in runs[first]:
+            np.testing.assert_array_equal(runs[key][field], runs[first][field], err_msg=f"{key}: {field}")
+
+
+@needs_kernel
+def test_binary_nan_and_inf_rows_are_handed_back(on_target):
+    problem = _bce_problem(9, np.float64, "plain", R=4)
+    z = np.array(problem.z)
+    for bad in (np.nan, np.inf):
+        z[2, 3] = bad
+        assert problem.kernel.evaluate(z, np.arange(4), grad=True) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["binary", "probability"])
+def test_binary_and_probability_comparison_reports_like_numpy(kind, monkeypatch, on_target):
+    """The folded comparison of `binary` and probability targets against numpy's: same verdict,
+    counts and worst entries, with planted errors."""
+    from ce_cli.verify.checks import check_binary
+    rng = np.random.default_rng(9)
+    N, C = 48, 301
+    z = (rng.standard_normal((N, C)) * 4).astype(np.float32)
+    if kind == "binary":
+        y = (rng.random((N, C)) < 0.2).astype(np.float32)
+        g = ((1 / (1 + np.exp(-z.astype(np.float64))) - y) / y.size).astype(np.float32)
+    else:
+        y = rng.dirichlet(np.ones(C), N)
+        g = reference(z.astype(np.float64), y).grad.astype(np.float32)
+    g[5, 7] *= 1.5
+    g[40, 100] *= 1.2
+    g[47, 300] = np.nan
+    reports = {}
+    for which in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", which)
+        check = check_binary if kind == "binary" else check_grad
+        reports[which] = check(z, y, grad=g, fd="sample", worst=4)
+    a, b = (next(c for c in reports[k].checks if c.name == "grad_vs_reference") for k in ("1", "0"))
+    assert reports["1"].options["kernel"] == "compiled" and reports["0"].options["kernel"] == "numpy"
+    assert not a.ok and not b.ok
+    assert (a.mismatches, a.total, a.note) == (b.mismatches, b.total, b.note)
+    assert [e.index for e in a.worst] == [e.index for e in b.worst]
+    for ea, eb in zip(a.worst, b.worst):
+        assert abs(ea.expected - eb.expected) <= 1e-15 * abs(eb.expected) + 1e-300

@@ -49,6 +49,13 @@ typedef struct {
     double *out_tol, *out_ratio;              /* (R, C) allowed error and |err| / allowed, or NULL */
     double *work;                             /* (WORK_SIZE(C),) scratch of the first thread */
     int64_t n_threads;                        /* threads to split the rows over; <= 1: this one */
+    /* softmax with probability targets: q (R, C) dense target weights, q_total (R,) their sums
+     * (alpha, beta, ys unused); NULL for index targets */
+    const double *q, *q_total;
+    /* sigmoid BCE (ce_bce_rows): labels (R, C), weights (R, C) or NULL, pos_weight (C,) or NULL;
+     * outputs: per-element losses and |coef w| (R, C) or NULL, their row sums in loss, total_w */
+    const double *y_bin, *w_bin, *pos_w;
+    double *out_items, *out_item_w, *total_w;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */
@@ -129,7 +136,8 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 
 typedef struct {
     const char *name;
-    rows_fn fn;
+    rows_fn fn, bce;    /* softmax rows, sigmoid BCE rows */
+    void (*funcs)(const double *, double *, double *, int64_t);  /* unit_funcs */
     int (*runs)(void);  /* this CPU runs it */
 } ce_target_t;
 
@@ -148,16 +156,16 @@ static int ce_cpu_v4(void) {
 /* best first */
 static const ce_target_t TARGETS[] = {
 #ifdef CE_HAVE_X86_V3_V4
-    {"avx512", rows_avx512, ce_cpu_v4},
-    {"avx2", rows_avx2, ce_cpu_v3},
+    {"avx512", rows_avx512, bce_rows_avx512, unit_funcs_avx512, ce_cpu_v4},
+    {"avx2", rows_avx2, bce_rows_avx2, unit_funcs_avx2, ce_cpu_v3},
 #endif
 #ifdef CE_HAVE_SSE2
-    {"sse2", rows_sse2, ce_always},
+    {"sse2", rows_sse2, bce_rows_sse2, unit_funcs_sse2, ce_always},
 #endif
 #ifdef CE_HAVE_NEON
-    {"neon", rows_neon, ce_always},
+    {"neon", rows_neon, bce_rows_neon, unit_funcs_neon, ce_always},
 #endif
-    {"scalar", rows_scalar, ce_always},
+    {"scalar", rows_scalar, bce_rows_scalar, unit_funcs_scalar, ce_always},
 };
 #define N_TARGETS ((int64_t)(sizeof TARGETS / sizeof TARGETS[0]))
 
@@ -297,4 +305,22 @@ int64_t ce_softmax_rows_on(const ce_args *a, const char *name) {
     const ce_target_t *t = ce_find(name);
     if (!t || !t->runs()) return -1;
     return ce_run(a, t->fn);
+}
+
+/* Sigmoid BCE rows on target `name` (see bce_kernel in _fused_row.h); -1 when it is not built
+ * in or this CPU does not run it, else as ce_softmax_rows_on. */
+int64_t ce_bce_rows_on(const ce_args *a, const char *name) {
+    const ce_target_t *t = ce_find(name);
+    if (!t || !t->runs()) return -1;
+    return ce_run(a, t->bce);
+}
+
+/* exp(-|x|) and log1p of it as the row kernels of target `name` compute them, lane 0 of a
+ * vector per entry (for the tests); -1 when the target is not built in or does not run here. */
+int64_t ce_unit_funcs_on(const char *name, const double *x, double *out_exp, double *out_log1p,
+                         int64_t n) {
+    const ce_target_t *t = ce_find(name);
+    if (!t || !t->runs()) return -1;
+    t->funcs(x, out_exp, out_log1p, n);
+    return 0;
 }

@@ -140,6 +140,80 @@ AI double T(hmax)(vd v) {
     return m;
 }
 
+/* The comparison with the user's gradient row (a->g), shared by the row kernels: BEGIN sets
+ * up row r's state, CE_COMPARE(c, live, n, g, fl) stores the reference g, its floor fl and the
+ * allowed error tol = (|g| rtol + abs_tol) + fl of lanes [c, c + n) and folds |got - g| / tol
+ * into the row's statistics, END writes them (numpy's Comparison.update, entry by entry). */
+#define CE_COMPARE_BEGIN                                                         \
+    const vd rtol = splat(a->rtol), abs_tol = splat(a->abs_tol), one = splat(1.0); \
+    vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0);           \
+    vl v_mis = (vl){0}, v_nf = (vl){0};                                         \
+    const void *gu = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL
+#define CE_COMPARE(c, live, n, g, fl) do {                                   \
+        vd absg = vabs(g);                                                    \
+        vd tol = (absg * rtol + abs_tol) + (fl);                              \
+        if (a->out_ref) T(store)(a->out_ref + r * C + (c), g, n);             \
+        if (a->out_floor) T(store)(a->out_floor + r * C + (c), fl, n);        \
+        if (a->out_tol) T(store)(a->out_tol + r * C + (c), tol, n);           \
+        if (gu) {                                                             \
+            vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                    \
+            vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
+            vd ratio = sel(odd, splat(INFINITY), d / tol);                    \
+            ratio = sel(live, ratio, splat(0.0));                             \
+            v_nf -= odd;                                                      \
+            v_mis -= (live) & (ratio > one);                                  \
+            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
+            vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
+            v_rel = sel(rel > v_rel, rel, v_rel);                             \
+            v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
+            if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+        }                                                                     \
+    } while (0)
+#define CE_COMPARE_END do {                                                  \
+        if (!gu) return 0;                                                    \
+        int64_t mis = 0, nf = 0;                                              \
+        for (int i = 0; i < W; i++) {                                         \
+            mis += v_mis[i];                                                  \
+            nf += v_nf[i];                                                    \
+        }                                                                     \
+        a->ratio_max[r] = T(hmax)(v_ratio);                                   \
+        a->max_abs[r] = T(hmax)(v_abs);                                       \
+        a->max_rel[r] = T(hmax)(v_rel);                                       \
+        a->mismatches[r] = mis;                                               \
+        a->nonfinite[r] = nf;                                                 \
+    } while (0)
+
+/* log1p(e) for 0 <= e <= 1, fdlibm's log1p (error below 1 ulp) without its branches:
+ * 1 + e = 2^k (1 + f) with k = [1 + e >= sqrt 2], f exact (f = e, or (1 + e)/2 - 1 by
+ * Sterbenz), c = the rounding of 1 + e over (1 + e) when k = 1; with s = f / (2 + f),
+ * log1p(f) = f - f^2/2 + s (f^2/2 + R(s^2)), R fdlibm's minimax polynomial (error < 2^-58),
+ * and ln 2 in two parts. */
+AI vd T(vlog1p_unit)(vd e) {
+    vd u = splat(1.0) + e;
+    vl k = u >= splat(0x1.6a09e667f3bcdp+0);
+    vd f = sel(k, u * splat(0.5) - splat(1.0), e);
+    vd c = sel(k, (e - (u - splat(1.0))) / u, splat(0.0));
+    vd kd = sel(k, splat(1.0), splat(0.0));
+    vd s = f / (splat(2.0) + f);
+    vd z = s * s, w = z * z;
+    vd t1 = w * (splat(3.999999999940941908e-01) + w * (splat(2.222219843214978396e-01)
+                 + w * splat(1.531383769920937332e-01)));
+    vd t2 = z * (splat(6.666666666666735130e-01) + w * (splat(2.857142874366239149e-01)
+                 + w * (splat(1.818357216161805012e-01) + w * splat(1.479819860511658591e-01))));
+    vd R = t2 + t1, hfsq = splat(0.5) * f * f;
+    return kd * splat(6.93147180369123816490e-01)
+           - ((hfsq - (s * (hfsq + R) + (kd * splat(1.90821492927058770002e-10) + c))) - f);
+}
+
+/* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
+static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        vd e = T(vexp_neg)(-vabs(splat(x[i])), 0);
+        out_exp[i] = e[0];
+        out_log1p[i] = T(vlog1p_unit)(e)[0];
+    }
+}
+
 /* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
@@ -180,8 +254,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
 
-    const double alpha = a->alpha[r], beta = a->beta[r];
-    const int64_t y = a->ys[r];
+    /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
+    const double *qrow = a->q ? a->q + r * C : NULL;
+    const double alpha = qrow ? 0.0 : a->alpha[r], beta = qrow ? 0.0 : a->beta[r];
+    const int64_t y = qrow ? 0 : a->ys[r];
     const double *w = a->w;
     const vd vm = splat(m);
     const vl vam = (vl){0} + am;
@@ -197,7 +273,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vd e = sel(live, T(vexp_neg)(zs, nrm), splat(0.0));                   \
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e[k] += e;                                                        \
-        if (beta != 0.0) {                                                    \
+        if (qrow) {  /* probability targets: q . (z - m), 0 * -inf: 0 */      \
+            vd qv = T(load_row)(qrow, 0, c, nn);                              \
+            acc_z[k] += sel((live) & (qv != 0), qv * zs, splat(0.0));         \
+        } else if (beta != 0.0) {                                             \
             vd wv = w ? T(load_row)(w, 0, c, nn) : splat(1.0);               \
             vd wz = sel(wv != 0, wv * zs, splat(0.0));  /* 0 * -inf: 0 */     \
             acc_z[k] += sel(live, wz, splat(0.0));                            \
@@ -231,13 +310,15 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
     }
-    const double sum_e = ce_pairwise(blk_e, nb), sum_z = beta != 0.0 ? ce_pairwise(blk_z, nb) : 0.0;
+    const double sum_e = ce_pairwise(blk_e, nb);
+    const double sum_z = beta != 0.0 || qrow ? ce_pairwise(blk_z, nb) : 0.0;
     e_row[am] = 1.0;
     const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
-    const double Q = alpha + beta * a->w_sum;
+    const double Q = qrow ? a->q_total[r] : alpha + beta * a->w_sum;
     const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
+    if (qrow) qz = sum_z;
     a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
@@ -253,46 +334,30 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
     const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
     const double w_am = w ? w[am] : 1.0;
-    const double rest = (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double rest = qrow ? Q - qrow[am] : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double k_fq = coef * scale;
     const double g_am = scale * (rest - Q * s1 / s);
     const int sure = s1 <= 1.0;
     const vl vy = (vl){0} + y;
-    const vd rtol = splat(a->rtol), abs_tol = splat(a->abs_tol), one = splat(1.0);
-    vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0);
-    vl v_mis = (vl){0}, v_nf = (vl){0};
-    const void *gu = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
+    CE_COMPARE_BEGIN;
 #define PASS3(c, live, nn, spec) do {                                        \
         const int64_t n = (nn);                                              \
         vl ids = IOTA + (c);                                                  \
-        vd e, wv = w ? T(load_row)(w, 0, c, n) : one;                         \
+        vd e, qv = splat(0.0), wv = w ? T(load_row)(w, 0, c, n) : one;                     \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zs = T(load_row)(z, z32, c, n) - vm;                               \
         vd g = e * splat(k_g);                                                \
         if (k_b != 0.0) g = g - splat(k_b) * wv;                              \
-        if (spec) g = sel(ids == vy, g - splat(k_a), g);                      \
+        if (qrow) qv = T(load_row)(qrow, 0, c, n);                            \
+        if (qrow) g = g - qv * splat(scale);                                  \
+        if (spec && !qrow) g = sel(ids == vy, g - splat(k_a), g);             \
         if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \
         vd fl = ((splat(big_a) - zs) * e) * splat(k_f);                       \
         if (!normal) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if (k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);                    \
-        if (spec) fl = sel(ids == vy, fl + splat(k_fa), fl);                  \
-        vd absg = vabs(g);                                                    \
-        vd tol = (absg * rtol + abs_tol) + fl;                                \
-        if (a->out_ref) T(store)(a->out_ref + r * C + (c), g, n);             \
-        if (a->out_floor) T(store)(a->out_floor + r * C + (c), fl, n);        \
-        if (a->out_tol) T(store)(a->out_tol + r * C + (c), tol, n);           \
-        if (gu) {                                                             \
-            vd d = vabs(T(load_row)(gu, g32, c, n) - g);                      \
-            vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
-            vd ratio = sel(odd, splat(INFINITY), d / tol);                    \
-            ratio = sel(live, ratio, splat(0.0));                             \
-            v_nf -= odd;                                                      \
-            v_mis -= (live) & (ratio > one);                                  \
-            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
-            vd rel = sel((live) & (d == d) & (g != 0), d / absg, splat(0.0)); \
-            v_rel = sel(rel > v_rel, rel, v_rel);                             \
-            v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
-            if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
-        }                                                                     \
+        if (qrow) fl = fl + splat(k_fq) * vabs(qv);                           \
+        if (spec && !qrow) fl = sel(ids == vy, fl + splat(k_fa), fl);         \
+        CE_COMPARE(c, live, n, g, fl);                                        \
     } while (0)
     /* only the target's and the arg-max's vectors need the per-entry corrections */
     const int64_t y_blk = y - y % W, am_blk = am - am % W;
@@ -301,17 +366,94 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         else PASS3(c, ALL, W, 0);
     }
     if (tail) PASS3(body, LIVE(body), tail, 1);
-    if (!gu) return 0;
-    int64_t mis = 0, nf = 0;
-    for (int i = 0; i < W; i++) {
-        mis += v_mis[i];
-        nf += v_nf[i];
+    CE_COMPARE_END;
+    return 0;
+}
+
+/* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per
+ * element with label y, weight w (a->w_bin, or 1) and pos_weight pw (a->pos_w, or none):
+ *   e = exp(-|x|), t = log1p(e), pos = pw y, coef = 1 + (pw - 1) y
+ *   item = [pos != 0] pos (max(-x, 0) + t) + [y != 1] (1 - y)(max(x, 0) + t), times w
+ *   s(x), s(-x) = 1/(1 + e) and e/(1 + e) (by the sign of x)
+ *   g = ((1 - y) s(x) - pos s(-x)) (w scale),  floor = (k eps scale)(|coef| s(x) + |pos|) |w|
+ * loss = sum of items and Q = sum |coef| |w| in the kernel's order (8 accumulators, blocks of
+ * 128, pairwise over blocks). Returns 1 when the row holds a NaN or +inf logit (handed back). */
+AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    const int64_t C = a->n_cols;
+    const int64_t body8 = C - C % 8, tail8 = C - body8;
+    const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    const double *yrow = a->y_bin + r * C, *wrow = a->w_bin ? a->w_bin + r * C : NULL;
+    const double *pw = a->pos_w;
+    const double scale = a->scale, k_f = a->floor_coef * scale;
+    const int per_entry = a->g || a->out_ref || a->out_floor;
+    vd acc_l[G], acc_w[G], vbad = splat(0.0);
+    for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
+    double *blk_l = work, *blk_w = work + C / BLOCK + 1;
+    int64_t nb = 0;
+    CE_COMPARE_BEGIN;
+#define BCE(k, c, live, n) do {                                              \
+        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, 0, c, n);   \
+        vbad += sel((live) & (x != splat(-INFINITY)), x - x, splat(0.0));     \
+        vd wv = wrow ? T(load_row)(wrow, 0, c, n) : one;                      \
+        vd pwv = pw ? T(load_row)(pw, 0, c, n) : one;                         \
+        vd e = T(vexp_neg)(-vabs(x), 0), t = T(vlog1p_unit)(e);               \
+        vd pos = pw ? pwv * yv : yv, omy = one - yv;                          \
+        vd sp_neg = sel(-x > splat(0.0), -x, splat(0.0)) + t;                 \
+        vd sp_pos = sel(x > splat(0.0), x, splat(0.0)) + t;                   \
+        vd item = sel(pos != 0, pos * sp_neg, splat(0.0))                     \
+                  + sel(yv != one, omy * sp_pos, splat(0.0));                 \
+        vd cf = pw ? vabs(one + (pwv - one) * yv) : one;                      \
+        vd mag = wrow ? cf * vabs(wv) : cf;                                   \
+        if (wrow) item = sel(wv != 0, item * wv, splat(0.0));                 \
+        acc_l[k] += sel(live, item, splat(0.0));                              \
+        acc_w[k] += sel(live, mag, splat(0.0));                               \
+        if (a->out_items) T(store)(a->out_items + r * C + (c), item, n);      \
+        if (a->out_item_w) T(store)(a->out_item_w + r * C + (c), mag, n);     \
+        if (per_entry) {                                                      \
+            vd d1 = one + e, small = e / d1, large = one / d1;                \
+            vl nonneg = x >= splat(0.0);                                      \
+            vd s_pos = sel(nonneg, large, small), s_neg = sel(nonneg, small, large); \
+            vd g = (omy * s_pos - pos * s_neg) * (wrow ? wv * splat(scale) : splat(scale)); \
+            vd fl = splat(k_f) * (cf * s_pos + vabs(pos));                    \
+            if (wrow) fl = fl * vabs(wv);                                     \
+            CE_COMPARE(c, live, n, g, fl);                                    \
+        }                                                                     \
+    } while (0)
+    for (int64_t c = 0; c < body8; c += 8) {
+        for (int k = 0; k < G; k++) BCE(k, c + k * W, ALL, W);
+        if ((c & (BLOCK - 1)) == BLOCK - 8) {
+            blk_l[nb] = T(hsum8)(acc_l);
+            blk_w[nb++] = T(hsum8)(acc_w);
+            for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
+        }
     }
-    a->ratio_max[r] = T(hmax)(v_ratio);
-    a->max_abs[r] = T(hmax)(v_abs);
-    a->max_rel[r] = T(hmax)(v_rel);
-    a->mismatches[r] = mis;
-    a->nonfinite[r] = nf;
+    for (int k = 0; k < G && k * W < tail8; k++) {
+        const int64_t c = body8 + k * W;
+        BCE(k, c, LIVE(c), tail8 - k * W < W ? tail8 - k * W : W);
+    }
+    if (C % BLOCK) {
+        blk_l[nb] = T(hsum8)(acc_l);
+        blk_w[nb++] = T(hsum8)(acc_w);
+    }
+    double bad = vbad[0];
+    for (int i = 1; i < W; i++) bad += vbad[i];
+    if (bad != 0.0) return 1;
+    a->loss[r] = ce_pairwise(blk_l, nb);
+    a->total_w[r] = ce_pairwise(blk_w, nb);
+    if (per_entry) CE_COMPARE_END;
+    return 0;
+}
+
+static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    for (int64_t r = r0; r < r1; r++) {
+        if (__atomic_load_n(stop, __ATOMIC_RELAXED) <= r) return 0;
+        int bad;
+        if (a->z_is_f32)
+            bad = a->g_is_f32 ? T(bce_kernel)(a, work, r, 1, 1) : T(bce_kernel)(a, work, r, 1, 0);
+        else
+            bad = a->g_is_f32 ? T(bce_kernel)(a, work, r, 0, 1) : T(bce_kernel)(a, work, r, 0, 0);
+        if (bad) return r + 1;
+    }
     return 0;
 }
 
@@ -331,6 +473,10 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 }
 
 #undef PASS1
+#undef CE_COMPARE_BEGIN
+#undef CE_COMPARE
+#undef CE_COMPARE_END
+#undef BCE
 #undef PASS2
 #undef PASS2_ROW
 #undef PASS3

@@ -3,9 +3,11 @@ comparison with the user's gradient, one row at a time in three sweeps, no (R, C
 
 `pip install` compiles it when a C compiler is present, for several targets (AVX-512, AVX2, SSE2
 or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` threads.
-It serves index targets (weights, ignore_index, label smoothing, -inf masks included); the numpy
-kernel in numpy_softmax.py, its reference, serves probability targets, rows it must report (NaN,
-+inf, all -inf) and every other CPU. `CE_CHECK_FUSED=0` turns it off.
+It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
+masks included) and probability targets (FusedKernel), and sigmoid BCE (SigmoidKernel, weights
+and pos_weight included); the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference,
+serve rows it must report (NaN, +inf, all -inf) and every CPU without a C compiler.
+`CE_CHECK_FUSED=0` turns it off.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class _Args(ctypes.Structure):
         ("loss", _P), ("row_max", _P), ("log1p_s1", _P),
         ("ratio_max", _P), ("max_abs", _P), ("max_rel", _P), ("mismatches", _P), ("nonfinite", _P),
         ("out_ref", _P), ("out_floor", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
-        ("n_threads", ctypes.c_int64),
+        ("n_threads", ctypes.c_int64), ("q", _P), ("q_total", _P),
+        ("y_bin", _P), ("w_bin", _P), ("pos_w", _P),
+        ("out_items", _P), ("out_item_w", _P), ("total_w", _P),
     ]
 
 
@@ -53,8 +57,10 @@ def _library():
             try:
                 lib = ctypes.CDLL(str(path))
                 lib.ce_softmax_rows.argtypes = [ctypes.POINTER(_Args)]
-                lib.ce_softmax_rows_on.argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p]
-                lib.ce_softmax_rows.restype = lib.ce_softmax_rows_on.restype = ctypes.c_int64
+                for name in ("ce_softmax_rows_on", "ce_bce_rows_on"):
+                    getattr(lib, name).argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p]
+                    getattr(lib, name).restype = ctypes.c_int64
+                lib.ce_softmax_rows.restype = ctypes.c_int64
                 for name in ("ce_select_target", "ce_target_runs"):
                     getattr(lib, name).argtypes = [ctypes.c_char_p]
                     getattr(lib, name).restype = ctypes.c_int64
@@ -103,18 +109,27 @@ def default_threads() -> int:
 
 class _Entry:
     """ce_softmax_rows_on one target, called as entry(ctypes.byref(args)) -> 0 or 1 + the first
-    row it hands back; n_threads 0 (unset) becomes default_threads()."""
+    row it hands back (entry.bce(...): ce_bce_rows_on, sigmoid BCE); n_threads 0 (unset) becomes
+    default_threads()."""
 
     def __init__(self, lib, target: str):
         self.target = target
         self._name = target.encode()
         self._fn = lib.ce_softmax_rows_on
+        self._bce = lib.ce_bce_rows_on
 
     def __call__(self, ref) -> int:
+        return self._fn(self._threads(ref), self._name)
+
+    def bce(self, ref) -> int:
+        return self._bce(self._threads(ref), self._name)
+
+    @staticmethod
+    def _threads(ref):
         args = ref._obj if hasattr(ref, "_obj") else ref.contents
         if args.n_threads <= 0:
             args.n_threads = default_threads()
-        return self._fn(ref, self._name)
+        return ref
 
 
 @functools.cache
@@ -165,23 +180,92 @@ class _Plain:
 _PLAIN = _Plain()  # a problem without training-code semantics
 
 
-class FusedKernel:
-    """One softmax problem's rows through the compiled kernel."""
+def _outputs(R: int, C: int, per_row: tuple[str, ...], grad: bool, floor: bool,
+             cmp: bool) -> dict[str, np.ndarray]:
+    """The kernel's output arrays for R rows of C entries."""
+    out = {name: np.empty(R) for name in per_row}
+    if grad:
+        out["out_ref"] = np.empty((R, C))
+    if floor:
+        out["out_floor"] = np.empty((R, C))
+    if cmp:
+        out.update({name: np.empty(R) for name in ("ratio_max", "max_abs", "max_rel")})
+        out.update({name: np.empty(R, dtype=np.int64) for name in ("mismatches", "nonfinite")})
+    return out
+
+
+def _tolerance(cmp: RowStats | None, floor_coef: float | None) -> tuple[float | None, dict]:
+    """floor_coef (the comparison's when comparing) and the rtol/abs_tol arguments."""
+    if cmp is None or cmp.tol is None:
+        return floor_coef, {"rtol": 0.0, "abs_tol": 0.0}
+    tol = cmp.tol
+    return tol.floor_coef, {"rtol": tol.rtol, "abs_tol": tol.atol + cmp.extra_atol + tol.tiny}
+
+
+class _Kernel:
+    """Rows of one problem through the compiled kernel; subclasses set the inputs."""
+
+    per_row: tuple[str, ...] = ()
 
     def __init__(self, fn, problem) -> None:
         self.fn = fn
         self.problem = problem
+        C = problem.n_classes
+        self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
+
+    def _call(self, z, g, params: dict, out: dict) -> int:
+        raise NotImplementedError
+
+    def _run(self, z, g, rows, params: dict, out: dict, cmp: RowStats | None) -> bool:
+        """One call over the rows, the comparison folded into `cmp`: False when handed back."""
+        if self._call(z, g, params, out):
+            return False
+        if cmp is not None:
+            R, C = z.shape
+            cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
+                               out["nonfinite"], out["max_abs"], out["max_rel"],
+                               lambda r: self._open_row(z, g, params, r))
+        return True
+
+    def _open_row(self, z, g, params: dict, r: int) -> tuple:
+        """Row r again, entry by entry: (ratio, ref, got, |got - ref|, tol)."""
+        C = z.shape[1]
+        one = {k: v[r:r + 1] for k, v in params.items() if isinstance(v, np.ndarray)}
+        detail = {name: np.empty(C) for name in ("out_ref", "out_tol", "out_ratio")}
+        scratch = {name: np.empty(1) for name in (*self.per_row, "ratio_max", "max_abs", "max_rel")}
+        scratch.update({name: np.empty(1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
+        self._call(z[r:r + 1], g[r:r + 1], {**params, **one}, {**scratch, **detail})
+        ref, got = detail["out_ref"], g[r]
+        diff = np.abs(np.subtract(got, ref, dtype=np.float64))
+        return detail["out_ratio"], ref, got, diff, detail["out_tol"]
+
+    def _args(self, z, g, params: dict, out: dict) -> _Args:
+        R, C = z.shape
+        pointers = {k: _ptr(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
+        return _Args(
+            n_rows=R, n_cols=C, z=_ptr(z), z_is_f32=int(z.dtype == np.float32),
+            g=_ptr(g), g_is_f32=int(g is not None and g.dtype == np.float32),
+            scale=self.problem.grad_scale, work=_ptr(self.work),
+            **pointers, **{name: _ptr(arr) for name, arr in out.items()},
+        )
+
+
+class FusedKernel(_Kernel):
+    """One softmax problem's rows through the compiled kernel (index or probability targets)."""
+
+    per_row = ("loss", "row_max", "log1p_s1")
+
+    def __init__(self, fn, problem) -> None:
+        super().__init__(fn, problem)
         w = problem.weight
         self.w = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
         self.w_sum = float(w.sum()) if w is not None else float(problem.n_classes)
-        C = problem.n_classes
-        self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
 
     @classmethod
     def plan(cls, problem) -> FusedKernel | None:
         """The kernel for `problem` when it is built and serves it, else None."""
         fn = kernel()
-        if fn is None or problem.probs is not None or problem.nan_gradient or problem.n_classes == 0:
+        if fn is None or problem.nan_gradient or problem.n_classes == 0:
             return None
         if not getattr(problem, "sem", _PLAIN).plain:  # z-loss, softcap, scale, shards: numpy
             return None
@@ -193,57 +277,79 @@ class FusedKernel:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
         +inf or only -inf: the numpy kernel, which reports those, takes the rows."""
-        problem = self.problem
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
-        alpha, beta, ys = problem.targets(rows)
-        alpha = np.ascontiguousarray(alpha, dtype=np.float64)
-        beta = np.ascontiguousarray(np.broadcast_to(beta, alpha.shape), dtype=np.float64)
-        ys = np.ascontiguousarray(ys, dtype=np.int64)
-        active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
+        floor_coef, params = _tolerance(cmp, floor_coef)
+        params.update(self._targets(rows), floor_coef=floor_coef or 0.0)
         R, C = z.shape
-        tol = cmp.tol if cmp is not None else None
-        if tol is not None:
-            floor_coef = tol.floor_coef
-        params = dict(
-            alpha=alpha, beta=beta, ys=ys, active=active, floor_coef=floor_coef or 0.0,
-            rtol=tol.rtol if tol else 0.0,
-            abs_tol=(tol.atol + cmp.extra_atol + tol.tiny) if tol else 0.0)
-        out = {name: np.empty(R) for name in ("loss", "row_max", "log1p_s1")}
-        if grad:
-            out["out_ref"] = np.empty((R, C))
-        if floor_coef is not None:
-            out["out_floor"] = np.empty((R, C))
-        if cmp is not None:
-            out.update({name: np.empty(R) for name in ("ratio_max", "max_abs", "max_rel")})
-            out.update({name: np.empty(R, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-        if self._call(z, g, params, out):
+        out = _outputs(R, C, self.per_row, grad, floor_coef is not None, cmp is not None)
+        if not self._run(z, g, rows, params, out, cmp):
             return None
-        if cmp is not None:
-            def open_row(r):
-                one = {k: v[r:r + 1] for k, v in params.items() if isinstance(v, np.ndarray)}
-                detail = {name: np.empty(C) for name in ("out_ref", "out_tol", "out_ratio")}
-                scratch = {name: np.empty(1) for name in ("loss", "row_max", "log1p_s1", "ratio_max",
-                                                           "max_abs", "max_rel")}
-                scratch.update({name: np.empty(1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-                self._call(z[r:r + 1], g[r:r + 1], {**params, **one}, {**scratch, **detail})
-                ref, got = detail["out_ref"], g[r]
-                diff = np.abs(np.subtract(got, ref, dtype=np.float64))
-                return detail["out_ratio"], ref, got, diff, detail["out_tol"]
-
-            cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
-                               out["nonfinite"], out["max_abs"], out["max_rel"], open_row)
         m, l1 = out["row_max"], out["log1p_s1"]
+        Q = params["q_total"] if "q" in params else params["alpha"] + params["beta"] * self.w_sum
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
-                         lse=m + l1, total_weight=alpha + beta * self.w_sum, row_max=m, log1p_s1=l1)
+                         lse=m + l1, total_weight=Q, row_max=m, log1p_s1=l1)
+
+    def _targets(self, rows: np.ndarray) -> dict:
+        """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the
+        numpy kernel), or alpha, beta, ys; active rows."""
+        problem = self.problem
+        alpha, beta, ys = problem.targets(rows)
+        active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
+        if beta is None:  # probability targets: alpha is the dense q
+            q = np.ascontiguousarray(alpha, dtype=np.float64)
+            return {"q": q, "q_total": q.sum(axis=1), "active": active}
+        alpha = np.ascontiguousarray(alpha, dtype=np.float64)
+        return {"alpha": alpha,
+                "beta": np.ascontiguousarray(np.broadcast_to(beta, alpha.shape), dtype=np.float64),
+                "ys": np.ascontiguousarray(ys, dtype=np.int64), "active": active}
 
     def _call(self, z, g, params: dict, out: dict) -> int:
-        R, C = z.shape
-        pointers = {k: _ptr(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
-        args = _Args(
-            n_rows=R, n_cols=C, z=_ptr(z), z_is_f32=int(z.dtype == np.float32),
-            g=_ptr(g), g_is_f32=int(g is not None and g.dtype == np.float32),
-            w=_ptr(self.w), w_sum=self.w_sum, scale=self.problem.grad_scale, work=_ptr(self.work),
-            **pointers, **{name: _ptr(arr) for name, arr in out.items()},
-        )
+        args = self._args(z, g, params, out)
+        args.w, args.w_sum = _ptr(self.w), self.w_sum
         return int(self.fn(ctypes.byref(args)))
+
+
+class SigmoidKernel(_Kernel):
+    """One sigmoid BCE problem's rows through the compiled kernel (ce_bce_rows_on)."""
+
+    per_row = ("loss", "total_w")
+
+    def __init__(self, fn, problem) -> None:
+        super().__init__(fn, problem)
+        pw = problem.pos_weight
+        self.pw = None if pw is None else np.ascontiguousarray(pw, dtype=np.float64)
+
+    @classmethod
+    def plan(cls, problem) -> SigmoidKernel | None:
+        """The kernel for `problem` when it is built, else None."""
+        fn = kernel()
+        if fn is None or problem.n_classes == 0:
+            return None
+        return cls(fn, problem)
+
+    def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
+                 floor_coef: float | None = None, cmp: RowStats | None = None,
+                 g_rows=None) -> ChunkEval | None:
+        """SigmoidBCE.evaluate_rows through the kernel (per-element losses included); with
+        `cmp`, the user's gradient rows `g_rows` are compared on the way. None when a row holds
+        NaN or +inf: the numpy kernel, which reports those, takes the rows."""
+        z = _as_kernel_rows(z_rows)
+        g = _as_kernel_rows(g_rows) if cmp is not None else None
+        floor_coef, params = _tolerance(cmp, floor_coef)
+        y, w, _ = self.problem.coefficients(rows)
+        params.update(y_bin=np.ascontiguousarray(y), floor_coef=floor_coef or 0.0,
+                      w_bin=None if w is None else np.ascontiguousarray(w, dtype=np.float64))
+        R, C = z.shape
+        out = _outputs(R, C, self.per_row, grad, floor_coef is not None, cmp is not None)
+        out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
+        if not self._run(z, g, rows, params, out, cmp):
+            return None
+        return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
+                         lse=np.zeros(R), total_weight=out["total_w"], items=out["out_items"],
+                         item_weight=out["out_item_w"])
+
+    def _call(self, z, g, params: dict, out: dict) -> int:
+        args = self._args(z, g, {k: v for k, v in params.items() if v is not None}, out)
+        args.pos_w = _ptr(self.pw)
+        return int(self.fn.bce(ctypes.byref(args)))

@@ -13,11 +13,13 @@ Rows are the flattened leading axes; the last axis is the row (multi-label (N, K
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.kernels import compiled
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
@@ -36,6 +38,15 @@ class SigmoidBCE(RowMatrix):
     pos_weight: np.ndarray | None  # (K,) float64, or None
     reduction: str
     source: str = "logits"
+    kernel: Any = field(default=None, compare=False, repr=False)  # compiled.SigmoidKernel or None
+
+    def __post_init__(self) -> None:
+        # the kernel is chosen once, for the whole check
+        object.__setattr__(self, "kernel", compiled.SigmoidKernel.plan(self))
+
+    @property
+    def kernel_name(self) -> str:
+        return "compiled" if self.kernel is not None else "numpy"
 
     @property
     def valid(self) -> np.ndarray:
@@ -98,11 +109,13 @@ class SigmoidBCE(RowMatrix):
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
-        """Rows `rows` with logits `z_rows` (possibly perturbed), through the numpy kernel."""
+        """Rows `rows` with logits `z_rows` (possibly perturbed): through the compiled kernel
+        when it serves them, else the numpy kernel (its reference)."""
+        if self.kernel is not None:
+            ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
+            if ev is not None:
+                return ev
         return sigmoid_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
-
-    kernel = None  # no compiled kernel for sigmoid BCE yet
-    kernel_name = "numpy"
 
     def report_bad_logit(self, x: np.ndarray, rows: np.ndarray) -> None:
         bad = np.isnan(x) | np.isposinf(x)

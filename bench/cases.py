@@ -1,0 +1,177 @@
+"""`binary` and probability targets end to end against PyTorch float64, plus a scaling table.
+
+    python bench/cases.py                       # 4096 x 32000 float32, threads 1 and all cores
+    python bench/cases.py --n 1024 --c 8000     # smaller
+    python bench/cases.py --scaling             # only the scaling table (in-process kernel)
+
+For each case (`binary`: multi-label logits, labels 0/1 at 5%; `probs`: softmax with dense soft
+targets) it writes float32 logits, labels and a correct float32 gradient as .npy, then times
+`ce-check binary|grad logits labels --grad grad --json` as a subprocess (whole process: start-up,
+loading, checking) at each thread count (CE_CHECK_THREADS) with the compiled kernel and with it
+off (CE_CHECK_FUSED=0), min and median of --repeat, and the child's peak RSS. The baseline is
+PyTorch float64 forward + backward (BCEWithLogitsLoss, or F.cross_entropy with probability
+targets) on the same logits at the same thread count, run by the torch venv (--torch-python) as a
+subprocess, upcast excluded, min of --repeat. The machine may be shared: report minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TORCH_SCRIPT = r"""
+import sys, time, numpy as np, torch
+kind, z_path, y_path, threads, repeat = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+z = torch.from_numpy(np.load(z_path)).double()
+y = torch.from_numpy(np.load(y_path)).double()
+best = float("inf")
+for _ in range(int(repeat)):
+    x = z.clone().requires_grad_(True)
+    t = time.perf_counter()
+    if kind == "binary":
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
+    else:
+        loss = torch.nn.functional.cross_entropy(x, y)
+    loss.backward()
+    best = min(best, time.perf_counter() - t)
+print(best)
+"""
+
+WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+           "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
+           "dt = time.perf_counter() - t; "
+           "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, "
+           "b'\"ok\": true' in r.stdout)")
+
+
+def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c), dtype=np.float32) * 2).astype(np.float32)
+    z64 = z.astype(np.float64)
+    if kind == "binary":
+        y = (rng.random((n, c)) < 0.05).astype(np.float32)
+        g = ((1.0 / (1.0 + np.exp(-z64)) - y) / y.size).astype(np.float32)
+    else:
+        y = rng.random((n, c), dtype=np.float32) ** 8
+        y /= y.sum(axis=1, keepdims=True)
+        z64 -= z64.max(axis=1, keepdims=True)
+        np.exp(z64, out=z64)
+        z64 /= z64.sum(axis=1, keepdims=True)
+        g = ((z64 - y) / n).astype(np.float32)
+    del z64
+    paths = {}
+    for name, arr in (("logits", z), ("labels", y), ("grad", g)):
+        paths[name] = workdir / f"{kind}_{name}.npy"
+        np.save(paths[name], arr)
+    return paths
+
+
+def run_ce_check(kind: str, paths: dict[str, Path], threads: int, fused: bool, repeat: int) -> dict:
+    cmd = [str(Path(sys.executable).parent / "ce-check"), "binary" if kind == "binary" else "grad",
+           str(paths["logits"]), str(paths["labels"]), "--grad", str(paths["grad"]), "--json"]
+    env = {**os.environ, "CE_CHECK_THREADS": str(threads), "CE_CHECK_FUSED": "1" if fused else "0",
+           "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+    times, rss, ok = [], 0, True
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        times.append(float(out[0]))
+        rss = max(rss, int(out[1]) * 1024)
+        ok = ok and out[2] == "0" and out[3] == "True"
+    return {"min": min(times), "median": statistics.median(times), "peak_rss": rss, "ok": ok}
+
+
+def run_torch(python: str, kind: str, paths: dict[str, Path], threads: int, repeat: int) -> float | None:
+    if not Path(python).exists():
+        return None
+    out = subprocess.run([python, "-c", TORCH_SCRIPT, kind, str(paths["logits"]), str(paths["labels"]),
+                          str(threads), str(repeat)], capture_output=True, text=True)
+    return float(out.stdout.split()[-1]) if out.returncode == 0 else None
+
+
+def scaling(kind: str, shapes: list[tuple[int, int]], threads: list[int], repeat: int) -> list[dict]:
+    """In-process: the compiled kernel's comparison pass (what `--grad` runs per chunk) over the
+    whole (N, C) float32 problem, min of `repeat`; ns per entry shows linearity in N*C."""
+    from ce_cli.verify.checks import check_binary, check_grad
+    rows = []
+    for n, c in shapes:
+        rng = np.random.default_rng(1)
+        z = rng.standard_normal((n, c), dtype=np.float32)
+        if kind == "binary":
+            y = (rng.random((n, c)) < 0.05).astype(np.float32)
+            g = ((1 / (1 + np.exp(-z.astype(np.float64))) - y) / y.size).astype(np.float32)
+            check = check_binary
+        else:
+            y = rng.integers(0, c, n)
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            g = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+            g[np.arange(n), y] -= 1
+            g /= n
+            check = check_grad
+        for t in threads:
+            os.environ["CE_CHECK_THREADS"] = str(t)
+            best = float("inf")
+            for _ in range(repeat):
+                s = time.perf_counter()
+                rep = check(z, y, grad=g, fd="off")
+                best = min(best, time.perf_counter() - s)
+            rows.append({"kind": kind, "n": n, "c": c, "threads": t, "seconds": best,
+                         "ns_per_entry": best / (n * c) * 1e9, "ok": rep.ok})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--c", type=int, default=32000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
+    p.add_argument("--cases", default="binary,probs")
+    p.add_argument("--torch-python", default="/work/fw/venv-torch/bin/python")
+    p.add_argument("--scaling", action="store_true", help="only the scaling table")
+    p.add_argument("--json-out")
+    args = p.parse_args()
+    threads = sorted({int(t) for t in args.threads.split(",")})
+    from ce_cli.kernels.compiled import target
+    res: dict = {"target": target(), "cpu_count": os.cpu_count(), "cases": [], "scaling": []}
+    print(f"compiled kernel target: {res['target']}", file=sys.stderr)
+    if args.scaling:
+        shapes = ([(n, 2000) for n in (1024, 4096, 16384, 65536)]
+                  + [(512, c) for c in (1000, 8000, 32000, 128000, 256000)])
+        for kind in ("index", "binary"):
+            res["scaling"] += scaling(kind, shapes, threads, args.repeat)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in args.cases.split(","):
+                paths = make_case(kind, args.n, args.c, Path(tmp), 0)
+                in_bytes = paths["logits"].stat().st_size + paths["grad"].stat().st_size
+                for t in threads:
+                    torch_s = run_torch(args.torch_python, kind, paths, t, args.repeat)
+                    for fused in (True, False):
+                        r = run_ce_check(kind, paths, t, fused, args.repeat)
+                        row = {"kind": kind, "n": args.n, "c": args.c, "threads": t, "compiled": fused,
+                               **r, "torch_f64": torch_s,
+                               "ratio": r["min"] / torch_s if torch_s else None,
+                               "rss_budget": 1.2 * in_bytes + 256 * 2**20}
+                        res["cases"].append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                for f in paths.values():
+                    f.unlink()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
