@@ -6,27 +6,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (EPILOG, LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
+from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
                             JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
                             ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
-                            WorstOpt, app, guarded, run_check)
+                            WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_grad
 
 
-@app.command(epilog=EPILOG)
+@app.command(short_help="Softmax cross-entropy: check your loss and gradient.", epilog=epilog(
+    "ce-check grad logits.npy labels.npy --grad grad.npy",
+    "ce-check grad logits.npy labels.npy --loss 2.31 --reduction sum",
+    "ce-check grad nchw.npy labels.npy --class-axis 1 --grad g.npy --json"))
 @guarded
 def grad(
-    logits: Annotated[str, typer.Argument(help=LOGITS_HELP, show_default=False)],
-    labels: Annotated[str, typer.Argument(help=LABELS_HELP, show_default=False)],
+    logits: Annotated[str, typer.Argument(metavar="LOGITS", help=LOGITS_HELP, show_default=False)],
+    labels: Annotated[str, typer.Argument(metavar="LABELS", help=LABELS_HELP, show_default=False)],
     grad_path: GradOpt = None,
     loss: LossOpt = None,
-    weight: Annotated[Optional[str], typer.Option("--weight", help="Class weights, C values (PyTorch's weight=).")] = None,
+    weight: Annotated[Optional[str], typer.Option("--weight", metavar="FILE", help="Class weights, C values (PyTorch's weight=).")] = None,
     reduction: ReductionOpt = Reduction.mean,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Target value that is ignored.")] = -100,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing in [0, 1].")] = 0.0,
-    class_axis: Annotated[int, typer.Option("--class-axis", help="Axis of the classes: -1 (last) or 1 for PyTorch's (N, C, d1, ...).")] = -1,
+    ignore_index: Annotated[int, typer.Option("--ignore-index", metavar="INT", help="Target value that is ignored.")] = -100,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", metavar="FLOAT", help="Label smoothing in [0, 1].")] = 0.0,
+    class_axis: Annotated[int, typer.Option("--class-axis", metavar="AXIS", help="Axis of the classes: -1 (last) or 1 for PyTorch's (N, C, d1, ...).")] = -1,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,

@@ -266,6 +266,9 @@ def build_softmax_ce(
         return problem, warnings
 
     y = match_batch(labels, layout, labels_source, "class-index labels")
+    if y.dtype.kind == "b":
+        warnings.append(f"{labels_source}: bool labels, read as class indices 0 (False) and "
+                        "1 (True)")
     y = _as_class_indices(y, layout, labels_source)
     valid = y != ignore_index
     bad = valid & ((y < 0) | (y >= C))
@@ -302,7 +305,7 @@ def _as_class_indices(y: np.ndarray, layout: Layout, source: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise CeCheckError(
-            f"{source}: shape {y.shape}: label {yf[i]!r} at index {layout.batch_index(i)} is not a "
+            f"{source}: shape {y.shape}: label {float(yf[i])} at index {layout.batch_index(i)} is not a "
             "whole number (class indices must be integers; probability targets need the logits' shape)"
         )
     if yf.size and np.abs(yf).max() > 2.0**53:

@@ -59,7 +59,7 @@ def check_grad(
         label_smoothing=opts.label_smoothing, class_axis=opts.class_axis, source=src["logits"],
         labels_source=src["labels"], weight_source=src["weight"])
     if problem.n_classes == 2:
-        warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
+        warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
     echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
             "class_axis": problem.layout.class_axis, "weighted": weight is not None}
