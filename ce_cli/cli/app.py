@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -23,7 +24,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
 from ce_cli.io.output import check_target
-from ce_cli.io.limits import one_line, quoted
+from ce_cli.io.limits import fd_full_cost, fd_full_refusal, one_line, quoted
 from ce_cli.report.console import drop_stdout, ensure_std_streams, stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
@@ -272,6 +273,11 @@ WorstOpt = Annotated[int, typer.Option("--worst", metavar="N", help="Worst entri
 OutGradOpt = Annotated[Optional[Path], typer.Option(
     "--out-grad", metavar="FILE", help="Write the float64 reference gradient here (.npy).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of tables.")]
+FDBudgetOpt = Annotated[Optional[float], typer.Option(
+    "--fd-budget", metavar="SECONDS", help="Seconds --fd full may take (default "
+    "10): a longer run is refused with its estimated cost.", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show every check's tolerance rule and worst entries.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code tells.")]
 
 
@@ -292,23 +298,71 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     state: dict[str, Any] = {}
 
     def update(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
         if "bar" not in state:
-            if time.monotonic() - start < PROGRESS_AFTER:
+            if elapsed < PROGRESS_AFTER:
                 return
-            from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
             bar = Progress(TextColumn("ce-check"), BarColumn(), TaskProgressColumn(),
-                           TimeRemainingColumn(), console=console, transient=True)
+                           TextColumn("{task.fields[eta]}"), console=console, transient=True)
             bar.start()
-            state["bar"], state["task"] = bar, bar.add_task("rows", total=total)
-        state["bar"].update(state["task"], completed=done)
+            state["bar"], state["task"] = bar, bar.add_task("rows", total=total, eta="")
+        state["bar"].update(state["task"], completed=done, eta=eta_text(elapsed, done, total))
 
     try:
         yield update
     finally:
         if "bar" in state:
             state["bar"].stop()
+
+
+def eta_text(elapsed: float, done: int, total: int) -> str:
+    """Time left, from the rate since the start (Rich's own column waits for several samples,
+    which a run of few large chunks never gives)."""
+    if done <= 0 or total <= done:
+        return ""
+    left = elapsed * (total - done) / done
+    return f"{int(left // 60)}:{int(left % 60):02d} left"
+
+
+FD_DEFAULT_BUDGET = 10.0  # seconds --fd full may take without --fd-budget
+
+
+def fd_rate(n_classes: int, elements: int = 1 << 21) -> float:
+    """Element evaluations per second here: a short calibration, the log-sum-exp of a block of
+    rows of C classes (what each --fd full evaluation does)."""
+    rows = max(1, elements // max(1, n_classes))
+    z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+    best = math.inf
+    for _ in range(3):  # the best of three: a shared machine's hiccup is not the rate
+        t0 = time.perf_counter()
+        np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+        best = min(best, time.perf_counter() - t0)
+    return z.size / max(best, 1e-6)
+
+
+def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
+                  quiet: bool) -> None:
+    """Before an explicit --fd full: its cost (loss evaluations, estimated seconds from a short
+    calibration) on stderr; refused above `budget` seconds (default FD_DEFAULT_BUDGET). Inputs
+    past the hard element limit (io/limits.py) are left to its own refusal."""
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise CeCheckError(f"--fd-budget: must be a number of seconds > 0, got {budget}")
+    if fd_full_refusal(shape, class_axis) is not None or not shape:
+        return
+    n_classes = shape[class_axis] if -len(shape) <= class_axis < len(shape) else 1
+    n_rows = math.prod(shape) // max(1, n_classes)
+    cost = fd_full_cost(n_rows, n_classes)
+    seconds = cost / fd_rate(n_classes)
+    limit = FD_DEFAULT_BUDGET if budget is None else budget
+    what = (f"--fd full: {2 * n_rows * n_classes:,} loss evaluations over {n_classes:,} classes "
+            f"({cost:.2g} element evaluations), about {seconds:.0f} s here")
+    if seconds > limit:
+        raise CeCheckError(f"{what}: over the budget of {limit:g} s; add --fd-budget "
+                           f"{math.ceil(seconds * 2)} to run it, or use --fd directional")
+    if seconds > 1.0 and not quiet:
+        stderr_console().print(f"ce-check: note: {what}", markup=False, soft_wrap=True)
 
 
 def check_settings(**flags: Any) -> CheckOptions:
@@ -318,7 +372,7 @@ def check_settings(**flags: Any) -> CheckOptions:
 
 def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, out_grad: Path | None,
               json_out: bool, quiet: bool, vectors: tuple[str, ...] = (),
-              **flags: Any) -> NoReturn:
+              verbose: bool = False, fd_budget: float | None = None, **flags: Any) -> NoReturn:
     """Load the inputs, call `check` (check_grad or check_binary) once, render, exit with the
     verdict.
 
@@ -333,9 +387,11 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     options = check_settings(**flags, loss_atol=loaded.loss_atol)
     arrays = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
+    if options.fd is FDMode.full:
+        fd_cost_guard(tuple(np.shape(logits)), options.class_axis, fd_budget, quiet)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         # over/underflow is expected and handled: no numpy warnings
         report = check(logits, labels, **arrays, out_grad=out_grad, sources=loaded.sources,
                        progress=progress, options=options)
-    emit(CheckOutput(report), json_out=json_out, quiet=quiet)
+    emit(CheckOutput(report, verbose=verbose), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)

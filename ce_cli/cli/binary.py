@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
+from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
                             NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
-                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, WorstOpt, app,
+                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt, WorstOpt, app,
                             epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
@@ -41,11 +41,13 @@ def binary(
     normaliser_rtol: NormaliserOpt = None,
     strict_subnormals: StrictSubnormalsOpt = False,
     fd: FDOpt = FDMode.auto,
+    fd_budget: FDBudgetOpt = None,
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
     worst: WorstOpt = 5,
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
@@ -54,7 +56,7 @@ def binary(
     run_check(
         check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight},
-        out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.binary],
+        out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.binary],
         reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
         floor_factor=floor_factor,
         normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals, fd=fd,

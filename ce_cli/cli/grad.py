@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDOpt, FloorOpt, GradOpt,
+from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt,
                             JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
-                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
+                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt,
                             WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
@@ -37,11 +37,13 @@ def grad(
     normaliser_rtol: NormaliserOpt = None,
     strict_subnormals: StrictSubnormalsOpt = False,
     fd: FDOpt = FDMode.auto,
+    fd_budget: FDBudgetOpt = None,
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
     worst: WorstOpt = 5,
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
@@ -49,7 +51,7 @@ def grad(
     run_check(
         check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
                      "weight": weight},
-        out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.multiclass],
+        out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.multiclass],
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         class_axis=class_axis, rtol=rtol, atol=atol, precision=precision, floor_factor=floor_factor,
         normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals,

@@ -62,7 +62,8 @@ def check_grad(
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
     echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
-            "class_axis": problem.layout.class_axis, "weighted": weight is not None}
+            "class_axis": opts.class_axis, "class_axis_resolved": problem.layout.class_axis,
+            "weighted": weight is not None}
     run = Run("multiclass", echo, extra_checks, out_grad, progress)
     return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
 
