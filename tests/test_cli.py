@@ -271,7 +271,7 @@ def test_loss_typed_as_a_number(invoke):
     assert invoke(["grad", EX / "logits.npy", EX / "labels.npy", "--loss", "4.19"]).exit_code == 0
     result = invoke(["grad", EX / "logits.npy", EX / "labels.npy", "--loss", "4.18"])
     assert result.exit_code == 1
-    assert "loss_vs_reference" in result.stdout
+    assert "loss vs reference" in result.stdout  # the display name of loss_vs_reference
 
 
 def test_loss_typed_number_in_json(invoke):

@@ -36,7 +36,7 @@ def test_correct_gradient_passes(invoke, case):
 def test_bugs_fail_with_exit_1(invoke, case, bug):
     result = invoke(["binary", case["x"], case["y"], "--pos-weight", case["pw"], "--grad", case[bug]])
     assert result.exit_code == 1, result.output
-    assert "grad_vs_reference" in result.stdout and "FAIL" in result.stdout
+    assert "gradient vs reference" in result.stdout and "FAIL" in result.stdout
 
 
 def test_pos_weight_as_a_number(invoke, case, tmp_path):

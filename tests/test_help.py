@@ -71,3 +71,39 @@ def test_batch_help_documents_the_formats_and_the_exit_codes(invoke):
                  "relative to the manifest"):
         assert word in out
     assert "2 a case could not run" in out
+
+
+ALL = ("grad", "binary", "linear", "explain", "stress", "batch")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_help_reads_at_80_columns(invoke, name):
+    """Usage line with plain metavars, every line within 80 columns, examples in the epilog."""
+    out = invoke([name, "--help"], env={"COLUMNS": "80"}).stdout
+    usage = out.splitlines()[0]
+    assert usage.startswith(f"Usage: ce-check {name} [OPTIONS]")
+    for bad in ("{", "<str>", "<float>", "<int>", "<path>"):
+        assert bad not in usage and bad not in out.split("Examples:")[0].replace(
+            "{logits}", "").replace("{labels}", "").replace("{grad}", "").replace(
+            "{loss}", "").replace("{dtype}", "").replace("{reduction}", ""), (name, bad)
+    too_long = [line for line in out.splitlines() if len(line) > 80]
+    assert not too_long, too_long
+    examples = out.split("Examples:")[1].split("Exit codes")[0]
+    shown = [line.strip() for line in examples.splitlines() if line.strip()]
+    assert 2 <= len(shown) <= 3 and all(line.startswith(f"ce-check {name}") for line in shown)
+
+
+@pytest.mark.parametrize("name, args", [("grad", "LOGITS LABELS"), ("binary", "LOGITS LABELS"),
+                                        ("linear", "HIDDEN WEIGHT LABELS"),
+                                        ("batch", "MANIFEST")])
+def test_required_arguments_show_plain(invoke, name, args):
+    assert invoke([name, "--help"]).stdout.splitlines()[0].endswith(f"[OPTIONS] {args}")
+
+
+def test_top_level_summaries_fit_80_columns(invoke):
+    out = invoke(["--help"], env={"COLUMNS": "80"}).stdout
+    listed = out.split("Commands:")[1].split("Exit codes")[0]
+    rows = [line for line in listed.splitlines() if line.strip()]
+    assert len(rows) == len(ALL)
+    for line in rows:
+        assert len(line) <= 80 and not line.endswith("..."), line

@@ -62,10 +62,11 @@ def test_npy_empty_array_loads(tmp_path):
     assert load_array(str(tmp_path / "e.npy")).shape == (0, 5)
 
 
-def test_bool_arrays_become_int64(tmp_path):
+def test_bool_arrays_stay_bool(tmp_path):
+    """Reports show bool labels as bool (the loss models read them as 0/1)."""
     np.save(tmp_path / "b.npy", np.array([True, False, True]))
     got = load_array(str(tmp_path / "b.npy"))
-    assert got.dtype == np.int64
+    assert got.dtype == np.bool_
     np.testing.assert_array_equal(got, [1, 0, 1])
 
 
@@ -211,8 +212,8 @@ def test_stdin_csv_text():
     assert got.dtype == np.int64 and got.shape == (3, 1)
 
 
-def test_stdin_bool_npy_becomes_int():
-    assert load_array("-", stdin=io.BytesIO(npy_bytes([True, False]))).dtype == np.int64
+def test_stdin_bool_npy_stays_bool():
+    assert load_array("-", stdin=io.BytesIO(npy_bytes([True, False]))).dtype == np.bool_
 
 
 def test_stdin_empty():

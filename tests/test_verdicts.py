@@ -258,6 +258,6 @@ def test_verdict_and_diagnosis_in_json_and_table(invoke, tmp_path):
     assert data["verdict"].startswith("FAIL")
     table = invoke(["grad", *paths[:2], "--grad", paths[2]])
     assert "likely cause (sign)" in table.stdout
-    assert "verdict: FAIL \u2014 grad_vs_reference" in table.stdout
+    assert "verdict: FAIL \u2014 gradient vs reference" in table.stdout
     self_only = invoke(["grad", *paths[:2]])
     assert "pass --grad or --loss to check yours" in self_only.stdout

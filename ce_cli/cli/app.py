@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
 from ce_cli.io.output import check_target
-from ce_cli.io.limits import one_line, quoted
+from ce_cli.io.limits import fd_full_cost, fd_full_refusal, one_line, quoted
 from ce_cli.report.console import drop_stdout, ensure_std_streams, stderr_console
 from ce_cli.report.emit import emit
 from ce_cli.report.render import CheckOutput
@@ -35,24 +38,79 @@ EPILOG = ("Exit codes: 0 every check passed; 1 a check failed; 2 usage or input 
           "3 internal error.")
 
 
+def epilog(*examples: str, exit_codes: str = EPILOG) -> str:
+    """A command's epilog: its examples, one a line (Click keeps `\\b` paragraphs as they are),
+    then the exit codes."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    return f"\b\nExamples:\n{lines}\n\n{exit_codes}"
+
+
 class OneLineErrors(TyperGroup):
-    """Usage errors print one line, `ce-check: error: ...`, exit 2, like input errors."""
+    """Usage errors print one line, `ce-check: error: ...`, exit 2, like input errors (and with
+    --json, the error object on stdout too)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         if not standalone_mode:
             return super().main(*args, **kwargs)
+        argv = list(args[0] if args and args[0] is not None else kwargs.get("args") or sys.argv[1:])
         try:
             code = super().main(*args, **kwargs)
         except _click_exceptions.ClickException as exc:
             no_args_help = getattr(_click_exceptions, "NoArgsIsHelpError", ())
             if isinstance(exc, _click_exceptions.UsageError) and not isinstance(exc, no_args_help):
                 hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
-                fail_input(exc.format_message() + hint)
+                fail_input(usage_message(exc) + hint, code="usage", json_out="--json" in argv)
             else:
                 exc.show()
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            plain_arguments(command)
+        return command
+
+
+def plain_arguments(command: Any) -> None:
+    """Arguments with a metavar show as `LOGITS` in the usage line (`[LOGITS]` when optional),
+    not `{LOGITS}`, and without a `<str>` type in the help (the help text says what it is)."""
+    for param in command.params:
+        if param.param_type_name != "argument" or param.metavar is None:
+            continue
+        shown = param.metavar if param.required else f"[{param.metavar}]"
+        param._usage_display_name = lambda shown=shown: shown
+        param.display_type_rich = lambda ctx=None: None
+
+
+_CHOICE = re.compile(r"^Value error, '(.*)' is not one of (.*?)\.?$")
+_SHOULD = re.compile(r"^Input should be (.*?)(?:, unable to parse.*)?\.?$")
+_PLAIN_SHOULD = {"a valid integer": "a whole number", "a valid number": "a number",
+                 "a valid boolean": "true or false"}
+
+
+def usage_message(exc: Any) -> str:
+    """A Click/Typer usage error in plain words: the flag, what was wrong, what is allowed (no
+    validator phrasing such as `Value error, ...` or `Input should be ...`)."""
+    param = getattr(exc, "param", None)
+    message = str(getattr(exc, "message", "") or "")
+    if (isinstance(exc, _click_exceptions.MissingParameter) and param is not None
+            and param.param_type_name == "argument" and param.metavar):
+        return f"missing argument '{param.metavar}': the {param.name} file"
+    if param is None or isinstance(exc, _click_exceptions.MissingParameter):
+        text = exc.format_message().rstrip(".")
+        return text[0].lower() + text[1:] if text else text
+    flag = param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+    if m := _CHOICE.match(message):
+        allowed = [c.strip().strip("'") for c in m[2].split(",")]
+        return f"{flag}: '{m[1]}' is not one of {', '.join(allowed[:-1])} or {allowed[-1]}" \
+            if len(allowed) > 1 else f"{flag}: use {allowed[0]}"
+    if m := _SHOULD.match(message):
+        wanted = _PLAIN_SHOULD.get(m[1], m[1])
+        wanted = wanted.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
+        return f"{flag}: expected {wanted}"
+    return f"{flag}: {message.rstrip('.')}"
 
 
 app = typer.Typer(
@@ -82,9 +140,35 @@ def main_callback(
     """Verify cross-entropy losses and gradients against a float64 reference, with proof."""
 
 
-def fail_input(message: str) -> typer.Exit:
-    stderr_console().print(f"ce-check: error: {one_line(message)}", markup=False, soft_wrap=True)
-    return typer.Exit(ExitCode.USAGE_OR_INPUT_ERROR)
+ERROR_CODES = {
+    "usage": "a flag or argument the command line does not accept",
+    "input": "an input file or value that cannot be checked (shape, dtype, values, options)",
+    "io": "a file or stream the system refuses (missing, permissions, disk full)",
+    "memory": "the input does not fit in memory",
+    "overflow": "values too large for float64 arithmetic",
+    "internal": "a bug in ce-check (exit 3)",
+}
+
+
+def fail_input(message: str, *, code: str = "input", json_out: bool = False) -> typer.Exit:
+    """One stderr line `ce-check: error: ...`; with --json also `{"ok": false, "error": {...}}`
+    on stdout (one line), so a pipeline reading stdout always gets a JSON document."""
+    text = one_line(message)
+    stderr_console().print(f"ce-check: error: {text}", markup=False, soft_wrap=True)
+    if json_out:
+        write_json_error(code, text)
+    return typer.Exit(ExitCode.INTERNAL_ERROR if code == "internal"
+                      else ExitCode.USAGE_OR_INPUT_ERROR)
+
+
+def write_json_error(code: str, message: str) -> None:
+    """The error object on stdout; a closed stdout is not a second error."""
+    try:
+        sys.stdout.write(json.dumps({"ok": False, "error": {"code": code, "message": message}})
+                         + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        drop_stdout()
 
 
 def input_specs(texts: dict[str, str | None]) -> dict[str, InputSpec]:
@@ -112,31 +196,37 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ensure_std_streams()
+        as_json = bool(kwargs.get("json_out"))
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
         except CeCheckError as exc:
-            raise fail_input(exc.as_flags()) from None
+            raise fail_input(exc.as_flags(), json_out=as_json) from None
         except BrokenPipeError:
             sys.stderr.close()
             raise typer.Exit(ExitCode.OK) from None
         except OSError as exc:
-            drop_stdout()  # if stdout is what failed, its buffer must not fail again at exit
-            raise fail_input(os_error_message(exc)) from None
+            if exc.filename is None:  # stdout failed: its buffer must not fail again at exit
+                drop_stdout()
+            raise fail_input(os_error_message(exc), code="io",
+                             json_out=as_json and exc.filename is not None) from None
         except OverflowError as exc:  # e.g. an exact sum of float64 losses past float64 max
             raise fail_input(f"values too large: float64 overflow ({_one_line(exc)}); rescale "
-                             "the inputs") from None
+                             "the inputs", code="overflow", json_out=as_json) from None
         except MemoryError:
             raise fail_input("out of memory: the input is too large for this machine's memory "
-                             "(see the limits in the README's Inputs section)") from None
+                             "(see the limits in the README's Inputs section)", code="memory",
+                             json_out=as_json) from None
         except Exception as exc:
             if os.environ.get("CE_CHECK_DEBUG"):
                 raise
-            stderr_console().print(
-                f"ce-check: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                "(set CE_CHECK_DEBUG=1 for the traceback; please report it)", markup=False,
-                soft_wrap=True)
+            message = (f"{type(exc).__name__}: {_one_line(exc)} "
+                       "(set CE_CHECK_DEBUG=1 for the traceback; please report it)")
+            stderr_console().print(f"ce-check: internal error: {message}", markup=False,
+                                   soft_wrap=True)
+            if as_json:
+                write_json_error("internal", message)
             raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
 
     return wrapper
@@ -159,33 +249,38 @@ LABELS_HELP = ("Labels: class indices with the batch shape, or probability rows 
 
 
 GradOpt = Annotated[Optional[str], typer.Option(
-    "--grad", help="Your gradient w.r.t. the logits (any float dtype, the logits' shape).")]
+    "--grad", metavar="FILE", help="Your gradient w.r.t. the logits (any float dtype, the logits' shape).")]
 LossOpt = Annotated[Optional[str], typer.Option(
-    "--loss", help="Your loss: a file (scalar, or per-sample with --reduction none) or a number.")]
+    "--loss", metavar="FILE|NUMBER", help="Your loss: a file (scalar, or per-sample with --reduction none) or a number.")]
 ReductionOpt = Annotated[Reduction, typer.Option(
-    "--reduction", help="mean, sum or none (gradient of the sum).")]
+    "--reduction", metavar="mean|sum|none", help="mean, sum or none (gradient of the sum).")]
 RtolOpt = Annotated[Optional[float], typer.Option(
-    "--rtol", help="Relative tolerance (default 2*eps of the compared precision).")]
+    "--rtol", metavar="FLOAT", help="Relative tolerance (default 2*eps of the compared precision).")]
 AtolOpt = Annotated[Optional[float], typer.Option(
-    "--atol", help="Absolute tolerance added to the error floor (default 0).")]
+    "--atol", metavar="FLOAT", help="Absolute tolerance added to the error floor (default 0).")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option(
-    "--precision", help="Precision your gradient was computed in, if narrower than its storage.")]
+    "--precision", metavar="PRECISION", help="Precision your gradient was computed in, if narrower than its storage.")]
 FloorOpt = Annotated[Optional[float], typer.Option(
-    "--floor-factor", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
+    "--floor-factor", metavar="K", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
 NormaliserOpt = Annotated[Optional[float], typer.Option(
-    "--normaliser-rtol", help="Largest common factor allowed on a row of your gradient's softmax "
+    "--normaliser-rtol", metavar="FLOAT", help="Largest common factor allowed on a row of your gradient's softmax "
     "terms, an error in its normaliser (default 0.5*eps*(C-1): a sum of C terms).")]
 StrictSubnormalsOpt = Annotated[bool, typer.Option(
     "--strict-subnormals", help="Fail entries your gradient flushed to zero (default: results below "
     "the precision's smallest normal may be 0, as XLA, TensorFlow and GPU kernels return).")]
 FDOpt = Annotated[FDMode, typer.Option(
-    "--fd", help="Finite differences: auto, full, directional, sample or off.")]
-SamplesOpt = Annotated[int, typer.Option("--samples", help="Entries checked by --fd sample.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed for sampled finite differences.")]
-WorstOpt = Annotated[int, typer.Option("--worst", help="Worst entries shown per check.")]
+    "--fd", metavar="MODE", help="Finite differences: auto, full, directional, sample or off.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", metavar="N", help="Entries checked by --fd sample.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, metavar="SEED", help="Seed for sampled finite differences.")]
+WorstOpt = Annotated[int, typer.Option("--worst", metavar="N", help="Worst entries shown per check.")]
 OutGradOpt = Annotated[Optional[Path], typer.Option(
-    "--out-grad", help="Write the float64 reference gradient here (.npy).")]
+    "--out-grad", metavar="FILE", help="Write the float64 reference gradient here (.npy).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of tables.")]
+FDBudgetOpt = Annotated[Optional[float], typer.Option(
+    "--fd-budget", metavar="SECONDS", help="Seconds --fd full may take (default "
+    "10): a longer run is refused with its estimated cost.", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show every check's tolerance rule and worst entries.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; only the exit code tells.")]
 
 
@@ -206,23 +301,71 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     state: dict[str, Any] = {}
 
     def update(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
         if "bar" not in state:
-            if time.monotonic() - start < PROGRESS_AFTER:
+            if elapsed < PROGRESS_AFTER:
                 return
-            from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
             bar = Progress(TextColumn("ce-check"), BarColumn(), TaskProgressColumn(),
-                           TimeRemainingColumn(), console=console, transient=True)
+                           TextColumn("{task.fields[eta]}"), console=console, transient=True)
             bar.start()
-            state["bar"], state["task"] = bar, bar.add_task("rows", total=total)
-        state["bar"].update(state["task"], completed=done)
+            state["bar"], state["task"] = bar, bar.add_task("rows", total=total, eta="")
+        state["bar"].update(state["task"], completed=done, eta=eta_text(elapsed, done, total))
 
     try:
         yield update
     finally:
         if "bar" in state:
             state["bar"].stop()
+
+
+def eta_text(elapsed: float, done: int, total: int) -> str:
+    """Time left, from the rate since the start (Rich's own column waits for several samples,
+    which a run of few large chunks never gives)."""
+    if done <= 0 or total <= done:
+        return ""
+    left = elapsed * (total - done) / done
+    return f"{int(left // 60)}:{int(left % 60):02d} left"
+
+
+FD_DEFAULT_BUDGET = 10.0  # seconds --fd full may take without --fd-budget
+
+
+def fd_rate(n_classes: int, elements: int = 1 << 21) -> float:
+    """Element evaluations per second here: a short calibration, the log-sum-exp of a block of
+    rows of C classes (what each --fd full evaluation does)."""
+    rows = max(1, elements // max(1, n_classes))
+    z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+    best = math.inf
+    for _ in range(3):  # the best of three: a shared machine's hiccup is not the rate
+        t0 = time.perf_counter()
+        np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+        best = min(best, time.perf_counter() - t0)
+    return z.size / max(best, 1e-6)
+
+
+def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
+                  quiet: bool) -> None:
+    """Before an explicit --fd full: its cost (loss evaluations, estimated seconds from a short
+    calibration) on stderr; refused above `budget` seconds (default FD_DEFAULT_BUDGET). Inputs
+    past the hard element limit (io/limits.py) are left to its own refusal."""
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise CeCheckError(f"--fd-budget: must be a number of seconds > 0, got {budget}")
+    if fd_full_refusal(shape, class_axis) is not None or not shape:
+        return
+    n_classes = shape[class_axis] if -len(shape) <= class_axis < len(shape) else 1
+    n_rows = math.prod(shape) // max(1, n_classes)
+    cost = fd_full_cost(n_rows, n_classes)
+    seconds = cost / fd_rate(n_classes)
+    limit = FD_DEFAULT_BUDGET if budget is None else budget
+    what = (f"--fd full: {2 * n_rows * n_classes:,} loss evaluations over {n_classes:,} classes "
+            f"({cost:.2g} element evaluations), about {seconds:.0f} s here")
+    if seconds > limit:
+        raise CeCheckError(f"{what}: over the budget of {limit:g} s; add --fd-budget "
+                           f"{math.ceil(seconds * 2)} to run it, or use --fd directional")
+    if seconds > 1.0 and not quiet:
+        stderr_console().print(f"ce-check: note: {what}", markup=False, soft_wrap=True)
 
 
 def check_settings(**flags: Any) -> CheckOptions:
@@ -232,7 +375,7 @@ def check_settings(**flags: Any) -> CheckOptions:
 
 def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, out_grad: Path | None,
               json_out: bool, quiet: bool, vectors: tuple[str, ...] = (),
-              **flags: Any) -> NoReturn:
+              verbose: bool = False, fd_budget: float | None = None, **flags: Any) -> NoReturn:
     """Load the inputs, call `check` (check_grad or check_binary) once, render, exit with the
     verdict.
 
@@ -247,9 +390,11 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     options = check_settings(**flags, loss_atol=loaded.loss_atol)
     arrays = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
+    if options.fd is FDMode.full:
+        fd_cost_guard(tuple(np.shape(logits)), options.class_axis, fd_budget, quiet)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         # over/underflow is expected and handled: no numpy warnings
         report = check(logits, labels, **arrays, out_grad=out_grad, sources=loaded.sources,
                        progress=progress, options=options)
-    emit(CheckOutput(report), json_out=json_out, quiet=quiet)
+    emit(CheckOutput(report, verbose=verbose), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.CHECK_FAILED)

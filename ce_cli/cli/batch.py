@@ -18,9 +18,10 @@ from rich.text import Text
 from ce_cli.batch.junit import check_writable, junit_tree, write_junit
 from ce_cli.batch.manifest import ERROR, FAIL, PASS, CaseResult, parse_manifest, read_manifest
 from ce_cli.batch.runner import exit_status, run_cases
-from ce_cli.cli.app import app, guarded
+from ce_cli.cli.app import app, epilog, guarded
 from ce_cli.io.inputs import STDIN
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
+from ce_cli.report.emit import message_line
 from ce_cli.report.format import fmt_value
 
 BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case could not run (bad "
@@ -39,22 +40,26 @@ class BatchFormat(str, Enum):
     table = "table"
 
 
-@app.command(epilog=BATCH_EPILOG)
+@app.command(short_help="Run every case of a JSON-lines manifest (for CI).", epilog=epilog(
+    "ce-check batch cases.jsonl",
+    "ce-check batch cases.jsonl --jobs 0 --junit-xml report.xml",
+    "ce-check batch cases.jsonl --format table --fail-fast",
+    exit_codes=BATCH_EPILOG))
 @guarded
 def batch(
-    manifest: Annotated[str, typer.Argument(help=MANIFEST_HELP, show_default=False)],
+    manifest: Annotated[str, typer.Argument(metavar="MANIFEST", help=MANIFEST_HELP, show_default=False)],
     fmt: Annotated[BatchFormat, typer.Option(
-        "--format", "-f", help="jsonl: one JSON object per case on stdout (the --json object plus "
+        "--format", "-f", metavar="jsonl|table", help="jsonl: one JSON object per case on stdout (the --json object plus "
         "name and status), summary on stderr; table: the summary table on stdout instead.")
     ] = BatchFormat.jsonl,
     junit_xml: Annotated[Optional[Path], typer.Option(
-        "--junit-xml", help="Also write JUnit XML here (one testcase per case) for CI systems.")
+        "--junit-xml", metavar="FILE", help="Also write JUnit XML here (one testcase per case) for CI systems.")
     ] = None,
     fail_fast: Annotated[bool, typer.Option(
         "--fail-fast", help="Start no case after the first fail or error; cases not run are left "
         "out of the JSON lines and counted as skipped.")] = False,
     jobs: Annotated[int, typer.Option(
-        "--jobs", "-j", min=0, help="Cases run at once, in worker processes (0: one per CPU). "
+        "--jobs", "-j", min=0, metavar="N", help="Cases run at once, in worker processes (0: one per CPU). "
         "Output stays in manifest order.")] = 1,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Print nothing (--junit-xml is still written); the exit code tells.")
@@ -124,7 +129,7 @@ def details(res: CaseResult) -> str:
         if not c.ok:
             bad = next((e for e in c.worst if not e.ok), None)
             parts.append(f"{c.name} {c.mismatches}/{c.total}" + (f" at {tuple(bad.index)}" if bad else ""))
-    parts += [f"warning: {w}" for w in res.report.warnings]
+    parts += [message_line(w) for w in res.report.warnings]
     return "; ".join(parts)
 
 

@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
+from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
                             NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
-                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, WorstOpt, app,
-                            guarded, run_check)
+                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt, WorstOpt, app,
+                            epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.verify.checks import check_binary
@@ -19,16 +19,19 @@ BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' s
                       "class indices 0/1 or probability pairs.")
 
 
-@app.command(epilog=EPILOG)
+@app.command(short_help="Sigmoid binary cross-entropy: check loss and gradient.", epilog=epilog(
+    "ce-check binary logits.npy labels.npy --grad grad.npy",
+    "ce-check binary logits.npy labels.npy --grad grad.npy --pos-weight 3.0",
+    "ce-check binary pairs.npy labels.npy --two-class --grad grad.npy"))
 @guarded
 def binary(
-    logits: Annotated[str, typer.Argument(help="Logits of any shape (multi-label (N, K) included): "
+    logits: Annotated[str, typer.Argument(metavar="LOGITS", help="Logits of any shape (multi-label (N, K) included): "
                                           ".npy, .npz, CSV/TSV or '-'.", show_default=False)],
-    labels: Annotated[str, typer.Argument(help=BINARY_LABELS_HELP, show_default=False)],
+    labels: Annotated[str, typer.Argument(metavar="LABELS", help=BINARY_LABELS_HELP, show_default=False)],
     grad_path: GradOpt = None,
     loss: LossOpt = None,
-    weight: Annotated[Optional[str], typer.Option("--weight", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
-    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
+    weight: Annotated[Optional[str], typer.Option("--weight", metavar="FILE", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
+    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", metavar="FILE|NUMBER", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
     reduction: ReductionOpt = Reduction.mean,
     two_class: Annotated[bool, typer.Option("--two-class", help="LOGITS are (..., 2) softmax logits: check them as multiclass and show CE([z0, z1]) = BCE(z1 - z0).")] = False,
     rtol: RtolOpt = None,
@@ -38,11 +41,13 @@ def binary(
     normaliser_rtol: NormaliserOpt = None,
     strict_subnormals: StrictSubnormalsOpt = False,
     fd: FDOpt = FDMode.auto,
+    fd_budget: FDBudgetOpt = None,
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
     worst: WorstOpt = 5,
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
@@ -51,7 +56,7 @@ def binary(
     run_check(
         check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight},
-        out_grad=out_grad, json_out=json_out, quiet=quiet, vectors=VECTOR_ROLES[Kind.binary],
+        out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.binary],
         reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
         floor_factor=floor_factor,
         normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals, fd=fd,

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from ce_cli.cli.app import EPILOG, JsonOpt, QuietOpt, app, guarded, load_inputs, source_name
+from ce_cli.cli.app import JsonOpt, QuietOpt, app, epilog, guarded, load_inputs, source_name
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.explain import (
@@ -46,32 +46,32 @@ LabelsArg = Annotated[Optional[str], typer.Argument(
     help="Labels file: class indices with the batch shape, or probability rows with the logits' "
          "shape (binary: labels in [0, 1] with the logits' shape). Or give --label/--target.")]
 LogitsOpt = Annotated[Optional[str], typer.Option(
-    "--logits", help="Inline logits of one sample, comma or space separated: \"2.0,1.0,0.1\" "
+    "--logits", metavar="NUMBERS", help="Inline logits of one sample, comma or space separated: \"2.0,1.0,0.1\" "
                      "(binary: one number).", show_default=False)]
 LabelOpt = Annotated[Optional[int], typer.Option(
-    "--label", help="The target class index (binary: 0 or 1).", show_default=False)]
+    "--label", metavar="INT", help="The target class index (binary: 0 or 1).", show_default=False)]
 TargetOpt = Annotated[Optional[str], typer.Option(
-    "--target", help="Target probabilities, comma separated (binary: one soft label in [0, 1]).",
+    "--target", metavar="NUMBERS", help="Target probabilities, comma separated (binary: one soft label in [0, 1]).",
     show_default=False)]
 RowOpt = Annotated[Optional[str], typer.Option(
-    "--row", help="Which sample of a LOGITS file: a flat row index I, or an index into the batch "
+    "--row", metavar="INDEX", help="Which sample of a LOGITS file: a flat row index I, or an index into the batch "
                   "shape such as 1,2 for (B, T, V) (binary: into the logits' shape).",
     show_default=False)]
 KindOpt = Annotated[Kind, typer.Option(
-    "--kind", help="multiclass (softmax CE) or binary (sigmoid BCE, one logit).")]
+    "--kind", metavar="multiclass|binary", help="multiclass (softmax CE) or binary (sigmoid BCE, one logit).")]
 CompareMseOpt = Annotated[bool, typer.Option(
     "--compare-mse", help="Contrast the MSE + sigmoid error (a - y) s'(z) with CE's a - y, with a "
                           "saturation table.")]
 StepsOpt = Annotated[bool, typer.Option(
     "--steps", help="Finite-difference error against the step h (1e-1 ... 1e-12) for one entry.")]
 EntryOpt = Annotated[Optional[int], typer.Option(
-    "--entry", help="The class whose derivative --steps probes (default: the target).",
+    "--entry", metavar="INT", help="The class whose derivative --steps probes (default: the target).",
     show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option(
-    "--plot", help="Write the --steps table with its bars to FILE.svg (implies --steps).",
+    "--plot", metavar="FILE.svg", help="Write the --steps table with its bars to FILE.svg (implies --steps).",
     show_default=False)]
 SeedOpt = Annotated[int, typer.Option(
-    "--seed", min=0, help="Seed for the random classes probed when C > 1024.")]
+    "--seed", min=0, metavar="SEED", help="Seed for the random classes probed when C > 1024.")]
 
 
 def parse_numbers(text: str, flag: str) -> np.ndarray:
@@ -159,7 +159,10 @@ def _write_plot(output: ExplainOutput, plot: Path) -> None:
         raise CeCheckError(f"--plot '{plot}': cannot write ({exc.strerror or exc})") from None
 
 
-@app.command(epilog=EPILOG)
+@app.command(short_help="Derive dC/dz = a - y step by step on one sample.", epilog=epilog(
+    'ce-check explain --logits "2.0,1.0,0.1" --label 0',
+    "ce-check explain logits.npy labels.npy --row 3 --steps",
+    'ce-check explain --kind binary --logits 1.5 --label 1 --compare-mse'))
 @guarded
 def explain(logits_file: LogitsArg = None, labels_file: LabelsArg = None, logits_text: LogitsOpt = None,
             label: LabelOpt = None, target: TargetOpt = None, row: RowOpt = None,

@@ -8,9 +8,9 @@ import typer
 
 import numpy as np
 
-from ce_cli.cli.app import (EPILOG, AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
+from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
-                            check_settings, guarded, input_specs, progress_bar)
+                            check_settings, epilog, guarded, input_specs, progress_bar)
 from ce_cli.enums import FDMode, Reduction
 from ce_cli.exitcodes import ExitCode
 from ce_cli.io.inputs import load_all
@@ -19,28 +19,31 @@ from ce_cli.report.render import CheckOutput
 from ce_cli.verify.linear import LinearSettings, check_linear
 
 
-def _opt(flag: str, text: str) -> typer.models.OptionInfo:
-    return typer.Option(flag, help=text)  # type: ignore[no-any-return]
+def _opt(flag: str, text: str, metavar: str | None = None) -> typer.models.OptionInfo:
+    return typer.Option(flag, help=text, metavar=metavar)  # type: ignore[no-any-return]
 
 
-@app.command(epilog=EPILOG)
+@app.command(short_help="Fused linear cross-entropy: check dL/dH, dL/dW, dL/db.", epilog=epilog(
+    "ce-check linear h.npy w.npy y.npy --grad-hidden gh.npy --grad-weight gw.npy",
+    "ce-check linear h.npy w.npy y.npy --bias b.npy --grad-bias gb.npy --exact",
+    "ce-check linear h.npy w.npy y.npy --weight-layout HV --loss 10.4"))
 @guarded
 def linear(
-    hidden: Annotated[str, typer.Argument(help="Hidden states (N, H) or (B, T, H).", show_default=False)],
-    weight: Annotated[str, typer.Argument(help="Weight (V, H), nn.Linear's layout (--weight-layout HV for (H, V)).", show_default=False)],
-    labels: Annotated[str, typer.Argument(help="Class indices, one per token.", show_default=False)],
-    bias: Annotated[Optional[str], _opt("--bias", "Bias, V values.")] = None,
-    grad_hidden: Annotated[Optional[str], _opt("--grad-hidden", "Your dL/dH (the hidden states' shape).")] = None,
-    grad_weight: Annotated[Optional[str], _opt("--grad-weight", "Your dL/dW (the weight's shape).")] = None,
-    grad_bias: Annotated[Optional[str], _opt("--grad-bias", "Your dL/db (V values).")] = None,
+    hidden: Annotated[str, typer.Argument(metavar="HIDDEN", help="Hidden states (N, H) or (B, T, H).", show_default=False)],
+    weight: Annotated[str, typer.Argument(metavar="WEIGHT", help="Weight (V, H), nn.Linear's layout (--weight-layout HV for (H, V)).", show_default=False)],
+    labels: Annotated[str, typer.Argument(metavar="LABELS", help="Class indices, one per token.", show_default=False)],
+    bias: Annotated[Optional[str], _opt("--bias", "Bias, V values.", "FILE")] = None,
+    grad_hidden: Annotated[Optional[str], _opt("--grad-hidden", "Your dL/dH (the hidden states' shape).", "FILE")] = None,
+    grad_weight: Annotated[Optional[str], _opt("--grad-weight", "Your dL/dW (the weight's shape).", "FILE")] = None,
+    grad_bias: Annotated[Optional[str], _opt("--grad-bias", "Your dL/db (V values).", "FILE")] = None,
     loss: LossOpt = None,
-    class_weight: Annotated[Optional[str], _opt("--class-weight", "Class weights, V values (PyTorch's weight=).")] = None,
-    weight_layout: Annotated[str, _opt("--weight-layout", "VH (V, H) or HV (H, V).")] = "VH",
+    class_weight: Annotated[Optional[str], _opt("--class-weight", "Class weights, V values (PyTorch's weight=).", "FILE")] = None,
+    weight_layout: Annotated[str, _opt("--weight-layout", "VH (V, H) or HV (H, V).", "VH|HV")] = "VH",
     exact: Annotated[bool, _opt("--exact", "Compute every gradient entry instead of random projections.")] = False,
-    projections: Annotated[int, _opt("--projections", "Random projections per gradient row (Freivalds).")] = 8,
+    projections: Annotated[int, _opt("--projections", "Random projections per gradient row (Freivalds).", "N")] = 8,
     reduction: ReductionOpt = Reduction.mean,
-    ignore_index: Annotated[int, _opt("--ignore-index", "Target value that is ignored.")] = -100,
-    label_smoothing: Annotated[float, _opt("--label-smoothing", "Label smoothing in [0, 1].")] = 0.0,
+    ignore_index: Annotated[int, _opt("--ignore-index", "Target value that is ignored.", "INT")] = -100,
+    label_smoothing: Annotated[float, _opt("--label-smoothing", "Label smoothing in [0, 1].", "FLOAT")] = 0.0,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,

@@ -26,14 +26,14 @@ from ce_cli.report.render import render_table, report_to_dict
 from ce_cli.verify.shards import ShardedReport, expand, pair_files, run_shards
 
 ShardsOpt = Annotated[Optional[str], typer.Option(
-    "--shards", help="Check a sharded batch: rows, vocab or auto (from the shapes). LOGITS, "
+    "--shards", metavar="rows|vocab|auto", help="Check a sharded batch: rows, vocab or auto (from the shapes). LOGITS, "
     "LABELS and --grad are then quoted globs, one file per shard (LABELS: or one file for "
     "the batch).", show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
-    "--scheduler", help="With --shards: run the shards as tasks on the Dask cluster at this "
+    "--scheduler", metavar="ADDRESS", help="With --shards: run the shards as tasks on the Dask cluster at this "
     "address (pip install 'ce-check[dask]').", show_default=False)]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="With --shards: start a local Dask cluster of N worker processes.",
+    "--workers", metavar="N", help="With --shards: start a local Dask cluster of N worker processes.",
     show_default=False)]
 
 REFUSED = {"loss": "--loss", "weight": "--weight", "out_grad": "--out-grad"}

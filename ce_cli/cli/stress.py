@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import JsonOpt, QuietOpt, app, guarded
+from ce_cli.cli.app import JsonOpt, QuietOpt, app, epilog, guarded
 from ce_cli.enums import Kind, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
@@ -57,32 +57,36 @@ def _impl_cmd_name(template: CommandTemplate) -> str:
     return name if len(name) <= 40 else name[:37] + "..."
 
 
-@app.command(epilog=STRESS_EPILOG)
+@app.command(short_help="Numerical-stability sweep: scenarios x scales x dtypes.", epilog=epilog(
+    "ce-check stress",
+    "ce-check stress --impl mypkg.losses:cross_entropy --dtypes f16,f32",
+    "ce-check stress --impl-cmd 'python ce.py {logits} {labels} {grad} {loss}'",
+    exit_codes=STRESS_EPILOG))
 @guarded
 def stress(
-    impl: Annotated[Optional[str], typer.Option("--impl", help=IMPL_HELP, show_default=False)] = None,
-    impl_cmd: Annotated[Optional[str], typer.Option("--impl-cmd", help=IMPL_CMD_HELP,
+    impl: Annotated[Optional[str], typer.Option("--impl", metavar="MODULE:FUNCTION", help=IMPL_HELP, show_default=False)] = None,
+    impl_cmd: Annotated[Optional[str], typer.Option("--impl-cmd", metavar="COMMAND", help=IMPL_CMD_HELP,
                                                     show_default=False)] = None,
     kind: Annotated[Kind, typer.Option(
-        "--kind", help="multiclass (softmax CE) or binary (sigmoid BCE).")] = Kind.multiclass,
+        "--kind", metavar="multiclass|binary", help="multiclass (softmax CE) or binary (sigmoid BCE).")] = Kind.multiclass,
     dtypes: Annotated[Optional[str], typer.Option(
-        "--dtypes", help="Comma-separated dtypes to run: f16, bf16, f32, f64 (default all; bf16 "
+        "--dtypes", metavar="LIST", help="Comma-separated dtypes to run: f16, bf16, f32, f64 (default all; bf16 "
         "needs the optional ml_dtypes package).", show_default=False)] = None,
     scales: Annotated[Optional[str], typer.Option(
-        "--scales", help="Comma-separated logit scales (default 1,10,30,100,1e3,1e4).",
+        "--scales", metavar="LIST", help="Comma-separated logit scales (default 1,10,30,100,1e3,1e4).",
         show_default=False)] = None,
     scenarios: Annotated[Optional[str], typer.Option(
-        "--scenarios", help=f"Comma-separated scenarios (multiclass: {_names('multiclass')}; "
+        "--scenarios", metavar="LIST", help=f"Comma-separated scenarios (multiclass: {_names('multiclass')}; "
         f"binary: {_names('binary')}).", show_default=False)] = None,
     reduction: Annotated[Reduction, typer.Option(
-        "--reduction", help="What your implementation returns: mean, sum or none (per-sample "
+        "--reduction", metavar="mean|sum|none", help="What your implementation returns: mean, sum or none (per-sample "
         "losses; the gradient is that of their sum).")] = Reduction.mean,
     timeout: Annotated[float, typer.Option(
-        "--timeout", help="Seconds per case before your implementation counts as hung.")] = DEFAULT_TIMEOUT,
+        "--timeout", metavar="SECONDS", help="Seconds per case before your implementation counts as hung.")] = DEFAULT_TIMEOUT,
     save_failures: Annotated[Optional[Path], typer.Option(
-        "--save-failures", help="Write a reproducer folder per failing cell here (inputs, expected "
+        "--save-failures", metavar="FOLDER", help="Write a reproducer folder per failing cell here (inputs, expected "
         "loss and gradient as .npy, command.sh).", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the scenarios' logits.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, metavar="SEED", help="Seed of the scenarios' logits.")] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

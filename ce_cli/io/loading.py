@@ -459,9 +459,7 @@ def _check_dtype(arr: np.ndarray, label: str) -> np.ndarray:
     _check_dtype_kind(arr.dtype, label, arr.shape)
     if is_bfloat16(arr.dtype):
         return widen_bfloat16(arr)
-    if arr.dtype.kind == "b":
-        arr = arr.astype(np.int64)
-    return arr
+    return arr  # bool stays bool: reports show it; the loss models read it as 0/1
 
 
 def _one_line(exc: BaseException, limit: int = 120) -> str:

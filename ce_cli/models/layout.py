@@ -86,4 +86,17 @@ def match_batch(arr: np.ndarray, layout: Layout, source: str, what: str) -> np.n
     raise CeCheckError(
         f"{source}: shape {shape} does not match the logits {layout.shape}: "
         f"{what} should have shape {expected} (class axis {layout.class_axis} removed)"
+        + _other_axis_hint(shape, layout)
     )
+
+
+def _other_axis_hint(shape: tuple[int, ...], layout: Layout) -> str:
+    """`; with class_axis=1 it fits` when the labels match the logits with the classes on the
+    other usual axis (PyTorch's (N, C, d1, ...) versus class axis last)."""
+    full = layout.shape
+    for axis, flag in ((1, "`class_axis=1`"), (len(full) - 1, "`class_axis=-1` (the default)")):
+        if axis == layout.class_axis or not 0 < axis < len(full):
+            continue
+        if tuple(shape) == full[:axis] + full[axis + 1:]:
+            return f"; with {flag} the classes are axis {axis} and the shapes fit"
+    return ""

@@ -209,7 +209,7 @@ def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> No
         if bad.any():
             r, c = (int(v) for v in np.argwhere(bad)[0])
             raise CeCheckError(
-                f"{source}: shape {layout.shape}: label {float(block[r, c])!r} at index "
+                f"{source}: shape {layout.shape}: label {float(block[r, c])} at index "
                 f"{layout.original_index(start + r, c)} is outside [0, 1]"
             )
 

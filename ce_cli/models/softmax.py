@@ -310,7 +310,8 @@ def build_softmax_ce(
         y, valid = None, np.ones(layout.n_rows, dtype=bool)
     else:
         probs = None
-        y, valid = _index_targets(labels, layout, ignore_index, labels_source, args)
+        y, valid = _index_targets(labels, layout, ignore_index, labels_source, args,
+                                  warnings)
     z = layout.to_rows(logits)
     sem = _semantics(args, z, layout, y, valid, w64, label_smoothing, warnings)
     denominator = _denominator(y, valid, w64, sem)
@@ -347,10 +348,13 @@ def _refuse_for_probabilities(args: SemanticArgs) -> None:
 
 
 def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels_source: str,
-                   args: SemanticArgs) -> tuple[np.ndarray, np.ndarray]:
+                   args: SemanticArgs, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Class indices as (N,) int64 and the rows that are not ignored; a shard's labels are
     global ids (only negative ones are out of range)."""
     y = match_batch(labels, layout, labels_source, "class-index labels")
+    if y.dtype.kind == "b":
+        warnings.append(f"{labels_source}: bool labels, read as class indices 0 (False) and "
+                        "1 (True)")
     y = _as_class_indices(y, layout, labels_source)
     valid = y != ignore_index
     C = layout.n_classes
@@ -475,7 +479,7 @@ def _as_class_indices(y: np.ndarray, layout: Layout, source: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise CeCheckError(
-            f"{source}: shape {y.shape}: label {yf[i]!r} at index {layout.batch_index(i)} is not a "
+            f"{source}: shape {y.shape}: label {float(yf[i])} at index {layout.batch_index(i)} is not a "
             "whole number (class indices must be integers; probability targets need the logits' shape)"
         )
     if yf.size and np.abs(yf).max() > 2.0**53:

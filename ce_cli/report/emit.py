@@ -23,8 +23,17 @@ class Output(Protocol):
     def render(self, console: Console) -> None: ...
 
 
+NOTE = "note: "
+
+
+def message_line(text: str) -> str:
+    """A warning as `warning: ...`; a message that starts with `note: ` (information about a
+    valid input, nothing to fix) stays a note. Parameters are named as flags."""
+    return as_flags(text) if text.startswith(NOTE) else f"warning: {as_flags(text)}"
+
+
 def emit(output: Output, *, json_out: bool, quiet: bool) -> None:
-    """Warnings (`ce-check: warning: ...`, parameters named as flags) on stderr, then JSON or
+    """Warnings (`ce-check: warning: ...`) and notes (`ce-check: note: ...`, parameters named as flags) on stderr, then JSON or
     tables on stdout."""
     if quiet:
         return
@@ -32,7 +41,7 @@ def emit(output: Output, *, json_out: bool, quiet: bool) -> None:
         if output.warnings:
             err = stderr_console()
             for w in output.warnings:
-                err.print(f"ce-check: warning: {as_flags(w)}", markup=False, soft_wrap=True)
+                err.print(f"ce-check: {message_line(w)}", markup=False, soft_wrap=True)
         if json_out:
             sys.stdout.write(json_text(output.to_dict()) + "\n")
             sys.stdout.flush()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -13,60 +15,131 @@ from ce_cli.errors import as_flags
 from ce_cli.report.format import FAIL, PASS, fmt, fmt_value, json_safe, json_text
 from ce_cli.verify.results import CheckResult, Entry, Report
 
-def render_table(report: Report, console: Console) -> None:
-    """Inputs, loss, one row per check, each check's worst entries, the likely causes, the verdict."""
+# Display names of the checks (the JSON keeps `name`: it is an interface)
+CHECK_NAMES = {
+    "grad_vs_reference": "gradient vs reference",
+    "loss_vs_reference": "loss vs reference",
+    "fd_vs_reference": "reference vs finite differences",
+    "fd_vs_grad": "gradient vs finite differences",
+    "fd_rows_vs_reference": "reference vs finite differences (rows)",
+    "fd_rows_vs_grad": "gradient vs finite differences (rows)",
+    "normaliser": "row normaliser (softmax sum)",
+    "two_class_bridge": "two-class bridge: CE([0, z]) = BCE(z)",
+    "grad_hidden_vs_reference": "your dL/dH vs reference",
+    "grad_weight_vs_reference": "your dL/dW vs reference",
+    "grad_bias_vs_reference": "your dL/db vs reference",
+}
+NARROW = 80  # below this width numbers get 4 significant digits (never cut)
+
+
+def display_name(name: str) -> str:
+    return CHECK_NAMES.get(name, name.replace("_", " "))
+
+
+def plain_rule(rule: str) -> str:
+    """`f32: rtol 2.4e-07, atol 0, floor 4eps` in words: `... error floor 4 x eps`."""
+    return re.sub(r"\bfloor (\S+?)eps\b", r"error floor \1 × eps", rule)
+
+
+def verdict_text(report: Report) -> Text:
+    word, _, reason = as_flags(report.verdict or ("PASS" if report.ok else "FAIL")).partition(" ")
+    for name, shown in CHECK_NAMES.items():
+        reason = reason.replace(f"{name}:", f"{shown}:")
+    return (Text("verdict: ").append(word, style="bold green" if report.ok else "bold red")
+            .append(f" {reason}" if reason else ""))
+
+
+def render_table(report: Report, console: Console, *, verbose: bool = False) -> None:
+    """The verdict with its reason, inputs, the summary line, the loss, the checks, worst entries
+    of failing checks (of every check with `verbose`), likely causes, the verdict again."""
+    console.print(verdict_text(report))
     _render_inputs(report, console)
     if report.checks:
-        _render_checks(report, console)
+        _render_checks(report, console, verbose)
     for d in report.diagnosis:
-        console.print(Text(f"likely cause ({d.code}): {d.message} [{d.evidence}]"))
-    word, _, reason = as_flags(report.verdict or ("PASS" if report.ok else "FAIL")).partition(" ")
-    verdict = Text(word, style="bold green" if report.ok else "bold red")
-    console.print(Text("verdict: ").append(verdict).append(f" {reason}" if reason else ""))
+        console.print(Text(f"likely cause ({d.code}): {d.message} ({d.evidence})"))
+    console.print(verdict_text(report))
+
+
+def summary_line(report: Report) -> str:
+    """One line: what was checked. Numbers carry thousands separators; words wrap, not numbers."""
+    parts = [f"{report.kind}, N={report.n_rows:,} C={report.n_classes:,}",
+             f"{report.target_kind} targets"]
+    if report.n_ignored:
+        parts.append(f"{report.n_ignored:,} ignored")
+    parts.append(f"reduction {report.reduction}")
+    parts.append(f"finite differences: {report.fd_mode}")
+    return ", ".join(parts)
+
+
+def shown_source(role: str, source: str) -> str:
+    """`logits file 'z.npy'` in the row of `logits` is just `'z.npy'`; an array given to the
+    API without a name is `(array)`."""
+    prefix = f"{role} file "
+    if source == role:
+        return "(array)"
+    return source[len(prefix):] if source.startswith(prefix) else source
 
 
 def _render_inputs(report: Report, console: Console) -> None:
-    inputs = Table(title="inputs", title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("role", "source", "shape", "dtype"):
-        inputs.add_column(col)
+    inputs = Table(title="inputs", title_justify="left", show_edge=False, pad_edge=False,
+                   box=None, show_header=False)
+    inputs.add_column("role", no_wrap=True)
+    inputs.add_column("source", overflow="fold")
+    inputs.add_column("shape", no_wrap=True)
+    inputs.add_column("dtype", no_wrap=True)
     for info in report.inputs:
-        inputs.add_row(info.role, Text(info.source), str(info.shape), info.dtype)
+        inputs.add_row(info.role, Text(shown_source(info.role, info.source)), str(info.shape),
+                       info.dtype)
     console.print(inputs)
-    summary = (
-        f"{report.kind}: N={report.n_rows} C={report.n_classes} targets={report.target_kind} "
-        f"ignored={report.n_ignored} reduction={report.reduction} "
-        f"finite-diff={report.fd_mode} ({report.fd_evaluations} row evaluations)"
-    )
-    console.print(Text(summary))
+    console.print(Text(summary_line(report)))
     loss_label = "loss (sum of per-sample losses)" if report.reduction == "none" else "loss"
     console.print(Text(f"{loss_label}: {fmt_value(report.loss)}"))
 
 
-def _render_checks(report: Report, console: Console) -> None:
-    table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False)
-    for col, justify in (("check", "left"), ("", "center"), ("max abs err", "right"),
-                         ("max rel err", "right"), ("mismatches", "right")):
-        table.add_column(col, justify=justify, no_wrap=True)
+def _render_checks(report: Report, console: Console, verbose: bool) -> None:
+    narrow = console.width < NARROW
+    table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False,
+                  box=None if narrow else box.HEAVY_HEAD)
+    table.add_column("check", overflow="fold")
+    table.add_column("", justify="center", no_wrap=True, max_width=1)
+    for col in ("max abs err", "max rel err", "over tol." if narrow else "over tolerance"):
+        table.add_column(col, justify="right", no_wrap=True)
     for c in report.checks:
         mark = Text(PASS, style="green") if c.ok else Text(FAIL, style="bold red")
-        table.add_row(c.name, mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
-                      f"{c.mismatches}/{c.total}")
+        table.add_row(display_name(c.name), mark, fmt(c.max_abs_err), fmt(c.max_rel_err),
+                      f"{c.mismatches:,}/{c.total:,}")
     console.print(table)
+    shown = [c for c in report.checks if verbose or not c.ok]
     for c in report.checks:
-        console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
-    for c in report.checks:
-        if c.worst and (not c.ok or c.name == "grad_vs_reference"):
-            console.print(worst_table(c))
+        _print_rule(console, c, with_rule=c in shown)
+    for c in shown:
+        if c.worst:
+            console.print(worst_table(c, narrow=narrow))
 
 
-def worst_table(check: CheckResult) -> Table:
-    title = (f"{check.name}: worst entries, ranked by error / allowed"
+def _print_rule(console: Console, check: CheckResult, *, with_rule: bool) -> None:
+    """`  name: tolerance rule; note` (the rule only for failing checks or --verbose)."""
+    text = "; ".join(part for part in (plain_rule(check.rule) if with_rule else "", check.note)
+                     if part)
+    if text:
+        console.print(Text(f"  {display_name(check.name)}: {text}"))
+
+
+def worst_table(check: CheckResult, *, narrow: bool = False) -> Table:
+    """The worst entries of one check; `narrow`: values in 4 significant digits, so that the
+    table fits 60 columns without cutting a number."""
+    title = (f"{display_name(check.name)}: worst entries, by error / allowed"
              + ("" if check.ok else " (✗ = over tolerance)"))
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("index", check.expected_label, check.got_label, "abs err", "allowed", ""):
-        table.add_column(col, justify="right" if col != "index" else "left")
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False,
+                  box=None if narrow else box.HEAVY_HEAD)
+    value = (lambda x: fmt(x, 3)) if narrow else fmt_value
+    table.add_column("index", overflow="fold")
+    for col in (check.expected_label, check.got_label, "abs err", "allowed", ""):
+        table.add_column(col, justify="right", no_wrap=not col.count(" ") or col == "abs err",
+                         overflow="fold")
     for e in check.worst:
-        table.add_row(str(e.index), fmt_value(e.expected), fmt_value(e.got), fmt(e.abs_err),
+        table.add_row(str(e.index), value(e.expected), value(e.got), fmt(e.abs_err),
                       fmt(e.allowed), PASS if e.ok else FAIL)
     return table
 
@@ -75,6 +148,8 @@ def report_to_dict(report: Report) -> dict:
     data = asdict(report)
     data["fd"] = {"mode": data.pop("fd_mode"), "evaluations": data.pop("fd_evaluations")}
     for check, result in zip(data["checks"], report.checks):
+        if not math.isfinite(result.max_abs_err):  # NaN output: no relative error beside null
+            check["max_rel_err"] = None
         for entry, e in zip(check["worst"], result.worst):
             entry["ok"] = e.ok
     return json_safe(data)
@@ -87,15 +162,16 @@ def to_json(report: Report) -> str:
 class CheckOutput:
     """A check `Report` as an `Output` for `emit`."""
 
-    def __init__(self, report: Report) -> None:
+    def __init__(self, report: Report, *, verbose: bool = False) -> None:
         self.report = report
+        self.verbose = verbose
         self.warnings = report.warnings
 
     def to_dict(self) -> dict:
         return report_to_dict(self.report)
 
     def render(self, console: Console) -> None:
-        render_table(self.report, console)
+        render_table(self.report, console, verbose=self.verbose)
 
 
 def failure_message(report: Report) -> str:

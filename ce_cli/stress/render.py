@@ -196,11 +196,20 @@ def _where(cells: list[Cell], dtypes: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def consistent_rel(abs_err: float | None, rel_err: float | None) -> float | None:
+    """No relative error next to an absolute error that is missing or not finite (NaN output):
+    JSON never shows `"grad_max_rel": 1` beside `"grad_max_abs": null`."""
+    if abs_err is None or not math.isfinite(abs_err):
+        return None
+    return rel_err
+
+
 def cell_to_dict(c: Cell) -> dict:
     """One cell for --json (its stderr tail up to 20 lines)."""
     return {
         "impl": c.impl, "scenario": c.scenario, "scale": c.scale, "dtype": c.dtype, "ok": c.ok,
-        "errors": {"grad_max_abs": c.max_abs_err, "grad_max_rel": c.max_rel_err,
+        "errors": {"grad_max_abs": c.max_abs_err,
+                   "grad_max_rel": consistent_rel(c.max_abs_err, c.max_rel_err),
                    "loss_abs": c.loss_err, "worst_over_allowed": c.worst_ratio},
         "reason": c.reason, "error": c.error,
         "where": list(c.where) if c.where is not None else None,

@@ -77,11 +77,12 @@ def check_grad(
         class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
         weight_source=src["weight"], semantics=args)
     if problem.n_classes == 2 and opts.vocab_offset is None:
-        warnings.append("two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
+        warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
     loss = _shard_loss(problem, loss, src, warnings)
     echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
-            "class_axis": problem.layout.class_axis, "weighted": weight is not None,
+            "class_axis": opts.class_axis, "class_axis_resolved": problem.layout.class_axis,
+            "weighted": weight is not None,
             **problem.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {})}
     run = Run("multiclass", echo, extra_checks, out_grad, progress)
     compared_lse = lse if opts.vocab_offset is None else None
