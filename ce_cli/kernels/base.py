@@ -39,6 +39,13 @@ class ChunkEval:
                          log1p_s1=pick(self.log1p_s1), row_terms=pick(self.row_terms))
 
 
+def required(a: np.ndarray | None, what: str = "array") -> np.ndarray:
+    """`a`, which this caller asked the kernel for (a ChunkEval's optional fields)."""
+    if a is None:
+        raise ValueError(f"the kernel did not return the {what} it was asked for")
+    return a
+
+
 class RowStats(Protocol):
     """Where the compiled kernel folds its per-row comparison statistics (verify's Comparison)."""
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels import compiled
-from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
 from ce_cli.models.layout import Layout, make_layout
@@ -90,12 +90,13 @@ class SigmoidBCE(RowMatrix):
 
     @staticmethod
     def per_sample(ev: ChunkEval) -> np.ndarray:
-        return ev.items
+        return required(ev.items, "per-element losses")
 
     @staticmethod
     def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
         """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|."""
-        return coef * (np.abs(ev.items) + ev.item_weight)
+        return coef * (np.abs(required(ev.items, "per-element losses"))
+                       + required(ev.item_weight, "per-element weights"))
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
         """The entry with the largest label (a positive) in each row."""

@@ -133,6 +133,7 @@ class SoftmaxCE(RowMatrix):
 
     def _local(self, rows: np.ndarray) -> np.ndarray:
         """The labels of `rows` as this array's columns (a shard's labels are global ids)."""
+        assert self.labels is not None  # index targets
         y = self.labels[rows]
         return y - self.sem.vocab_offset if self.sem.vocab_offset else y
 

@@ -104,6 +104,7 @@ class RowAllowance:
                         slack: np.ndarray) -> np.ndarray:
         """d less the fitted factors; `slack` gains each removed factor's own uncertainty."""
         self._row_over = self._significant = False
+        assert self.target_weights is not None  # softmax models only (refine checks)
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
         weight = -spread        # smoothing's share of the target-weight term

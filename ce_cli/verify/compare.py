@@ -122,6 +122,7 @@ class Comparison:
     def _refine_summary(self, row0: int, rowmax: np.ndarray, mismatches: np.ndarray,
                         max_abs: np.ndarray, max_rel: np.ndarray, open_row: Callable[[int], tuple]):
         """The row allowances on the rows the kernel found failing (their entries reopened)."""
+        assert self.allowance is not None
         rowmax, mismatches = rowmax.copy(), mismatches.copy()
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
         refined: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -17,7 +17,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.allocator import keep_chunk_buffers
-from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
@@ -158,7 +158,8 @@ def _evaluate(problem, start: int, stop: int, fused, grad_stage: GradStage | Non
                           floor_coef=user.tol.floor_coef if user is not None else None)
     user_tol = None
     if grad_stage is not None and user is not None:
-        user_tol = grad_stage.cmp.update(start, ev.grad, user.rows[start:stop], ev.floor)
+        user_tol = grad_stage.cmp.update(start, required(ev.grad, "gradient"),
+                                         user.rows[start:stop], ev.floor)
     return Chunk(start, stop, ev, user_tol)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.output import AtomicFile, install_sigterm_cleanup, npy_header
-from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.layout import match_batch
 from ce_cli.verify.allowance import RowAllowance, normaliser_bound
@@ -250,7 +250,7 @@ class FullFDStage(Stage):
     def __init__(self, problem, user: UserGrad | None, worst: int) -> None:
         self.problem, self.user = problem, user
         index = problem.layout.original_index
-        self.ref = _comparison("fd_vs_reference", resolve_tolerance(np.float64), index, worst,
+        self.ref = _comparison("fd_vs_reference", resolve_tolerance(np.dtype(np.float64)), index, worst,
                                user=False, fd=True)
         self.mine = (_comparison("fd_vs_grad", user.tol, index, worst, user=True, fd=True,
                                  allowance=user.allowance(problem))
@@ -262,10 +262,13 @@ class FullFDStage(Stage):
         fdv, bound, skipped = fd_full(self.problem, start, stop)
         self.skipped += skipped
         self.evaluations += 2 * (stop - start) * self.problem.n_classes
-        fdv, bound = _settle_skipped(fdv, bound, ev.grad)
-        self.ref.update(start, fdv, ev.grad, FD_SAFETY * bound)
+        ref = required(ev.grad, "gradient")
+        fdv, bound = _settle_skipped(fdv, bound, ref)
+        self.ref.update(start, fdv, ref, FD_SAFETY * bound)
         if self.mine is not None:
-            self.mine.update(start, fdv, self.user.rows[start:stop], FD_SAFETY * bound + ev.floor)
+            assert self.user is not None
+            self.mine.update(start, fdv, self.user.rows[start:stop],
+                             FD_SAFETY * bound + required(ev.floor, "floor"))
 
     def finish(self) -> Ranked:
         out = [(0, self.ref.result())]
@@ -288,7 +291,7 @@ class DirectionalStage(Stage):
         def row_index(r, _c):
             return problem.layout.batch_index(r)
 
-        ref64 = resolve_tolerance(np.float64)
+        ref64 = resolve_tolerance(np.dtype(np.float64))
         self.ref = _comparison("fd_rows_vs_reference", ref64, row_index, worst, user=False,
                                fd=True, note=self.NOTE)
         self.mine = (_comparison("fd_rows_vs_grad", user.tol, row_index, worst, user=True,
@@ -302,12 +305,14 @@ class DirectionalStage(Stage):
         if user_tol is not None and self.user is not None and self.user.factor_bound(self.problem):
             rows = np.arange(start, stop)
             user_tol = user_tol + self.user.factor_bound(self.problem) * soft_term(
-                self.problem, rows, chunk.ev.grad)
-        dc = directional_chunk(self.problem, start, stop, chunk.ev.grad, self.rng, got, user_tol)
+                self.problem, rows, required(chunk.ev.grad, "gradient"))
+        dc = directional_chunk(self.problem, start, stop, required(chunk.ev.grad, "gradient"),
+                               self.rng, got, user_tol)
         self.evaluations += 2 * (stop - start)
         self.ref.update(start, dc.fd, dc.ref, FD_SAFETY * dc.bound)
         if self.mine is not None:
-            self.mine.update(start, dc.fd, dc.got, FD_SAFETY * dc.bound + dc.got_bound)
+            self.mine.update(start, dc.fd, required(dc.got, "projection"),
+                             FD_SAFETY * dc.bound + required(dc.got_bound, "bound"))
 
     def finish(self) -> Ranked:
         out = [(0, self.ref.result())]
@@ -319,6 +324,7 @@ class DirectionalStage(Stage):
         """Bisection over column blocks in the worst failing rows; the finds go into the note."""
         if result.ok:
             return result
+        assert self.user is not None
         problem, tol = self.problem, self.user.tol
         found = []
         failing = [r for (r, _c), e in zip(positions, result.worst) if not e.ok][:max_rows]
@@ -326,7 +332,8 @@ class DirectionalStage(Stage):
             ev = problem.evaluate_rows(np.asarray(problem.z[row:row + 1]), np.array([row]),
                                        floor_coef=tol.floor_coef)
             got = np.asarray(self.user.rows[row], dtype=np.float64)
-            allowed = np.abs(ev.grad[0]) * tol.rtol + tol.atol + tol.tiny + ev.floor[0]
+            allowed = (np.abs(required(ev.grad, "gradient")[0]) * tol.rtol + tol.atol + tol.tiny
+                       + required(ev.floor, "floor")[0])
             col, n = localize(problem, row, got, allowed, self.seed + row)
             self.evaluations += n
             where = problem.layout.original_index(row, col) if col is not None else "not isolated"
@@ -351,25 +358,26 @@ class SampledFDStage(Stage):
         rows, cols = sample_entries(problem, self.samples, self.seed, extra)
         res = fd_entries(problem, rows, cols, user.tol.floor_coef if user is not None else None)
         self.skipped, self.evaluations = res.skipped, res.evaluations
-        fdv, bound = _settle_skipped(res.fd, res.bound, res.reference)
+        reference = required(res.reference, "reference")
+        fdv, bound = _settle_skipped(res.fd, res.bound, reference)
         layout = problem.layout
 
         def index_of(i, _c):
             return layout.original_index(int(rows[i]), int(cols[i]))
 
         note = f"{rows.size} sampled entries"
-        cmp = _comparison("fd_vs_reference", resolve_tolerance(np.float64), index_of, self.worst,
-                          user=False, fd=True, note=note)
-        cmp.update(0, fdv, res.reference, FD_SAFETY * bound)
+        cmp = _comparison("fd_vs_reference", resolve_tolerance(np.dtype(np.float64)), index_of,
+                          self.worst, user=False, fd=True, note=note)
+        cmp.update(0, fdv, reference, FD_SAFETY * bound)
         out = [(4, cmp.result())]
         if user is not None:
             cmp = _comparison("fd_vs_grad", user.tol, index_of, self.worst, user=True, fd=True,
                               note=note)
-            allowed = FD_SAFETY * bound + res.floor
+            allowed = FD_SAFETY * bound + required(res.floor, "floor")
             if user.factor_bound(problem):
                 q, _spread = problem.target_weights(rows)
                 q_entry = q[np.arange(rows.size), cols] * problem.grad_scale
-                allowed = allowed + user.factor_bound(problem) * np.abs(res.reference + q_entry)
+                allowed = allowed + user.factor_bound(problem) * np.abs(reference + q_entry)
             cmp.update(0, fdv, np.asarray(user.rows[rows, cols]), allowed)
             out.append((4, cmp.result()))
         return out

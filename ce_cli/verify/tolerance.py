@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.bfloat16 import stored_precision
@@ -72,7 +73,7 @@ class Tolerance:
 
 
 def resolve_tolerance(
-    stored: np.dtype,
+    stored: npt.DTypeLike,
     precision: str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -80,7 +81,7 @@ def resolve_tolerance(
 ) -> Tolerance:
     """Tolerances for an array stored as `stored`, computed in `precision` (default: stored, or
     the precision a widened input was stored in, e.g. bf16 read as float32)."""
-    storage = precision_of_dtype(stored)
+    storage = precision_of_dtype(np.dtype(stored))
     declared = parse_precision(precision) if precision else (
         stored_precision(np.dtype(stored)) or storage)
     eps = max(PRECISIONS[storage][0], PRECISIONS[declared][0])
