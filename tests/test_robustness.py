@@ -418,3 +418,25 @@ def test_d14_empty_loss_and_colon_keys(tmp_path, invoke):
     np.savez(tmp_path / "x.npz", **{"colon:name": np.zeros((4, 5))})
     result = invoke(["grad", f"{tmp_path}/x.npz:colon:name", y, "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_d8_overflowing_loss_sum_is_an_infinite_loss():
+    """Row losses whose partial sums overflow: the loss is inf (a report), not an error."""
+    import ce_cli
+
+    report = ce_cli.check_binary(np.array([1e308, 4.0, 1e308]), np.array([0.0, 1.0, 0.0]))
+    assert report.loss == float("inf")
+
+
+@pytest.mark.parametrize("fd", ["full", "directional", "sample"])
+def test_d12_logit_at_float64_max_is_skipped_not_called_inf(fd, invoke, tmp_path):
+    """A finite logit at float64's maximum cannot be perturbed by h: that entry is skipped
+    with a note, never reported as a '+inf logit'."""
+    z = np.array([[np.finfo(np.float64).max, 1.0, 2.0], [0.5, 0.1, -1.0]])
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", np.array([1, 0]))
+    result = invoke(["grad", tmp_path / "z.npy", tmp_path / "y.npy", "--fd", fd])
+    assert result.exit_code == 0, result.output
+    assert "+inf" not in result.output
+    if fd == "full":
+        assert "too large to perturb" in result.stderr

@@ -48,4 +48,10 @@ def logistic_third_max(logit: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def loss_sum(row_loss: np.ndarray) -> float:
     """Sum of row losses: exactly rounded (fsum) up to 2**20 rows, pairwise beyond."""
-    return math.fsum(row_loss.tolist()) if row_loss.size <= 1 << 20 else float(np.sum(row_loss))
+    if row_loss.size > 1 << 20:
+        return float(np.sum(row_loss))
+    try:
+        return math.fsum(row_loss.tolist())
+    except OverflowError:  # partial sums beyond the float64 range: the total is infinite
+        with np.errstate(over="ignore"):
+            return float(np.sum(row_loss))

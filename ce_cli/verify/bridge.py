@@ -31,7 +31,9 @@ def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:
     # [1 - y, y] and their sum Q round, so dz1 = Q a1 - y errs by eps*(s + y), dz0 = Q a0 - (1 - y)
     # by eps*((1 - s) + (1 - y)); the loss by eps*(|loss| + |x|)
     s_x = sigmoid(x)
-    floor = 8.0 * EPS * np.stack([np.abs(bce[:, 0]) + np.abs(x), s_x + y, (1.0 - s_x) + (1.0 - y)], 1)
+    with np.errstate(over="ignore"):
+        floor = 8.0 * EPS * np.stack([np.abs(bce[:, 0]) + np.abs(x), s_x + y, (1.0 - s_x) + (1.0 - y)],
+                                     1)
     tol = Tolerance("f64", EPS, 2.0**-1074, rtol=1e-12, atol=0.0, floor_factor=8.0)
     layout = problem.layout
     parts = ("loss", "d/dz1", "-d/dz0")

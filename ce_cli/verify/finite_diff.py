@@ -59,9 +59,12 @@ def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
 
 
 def step_for(z: np.ndarray) -> np.ndarray:
-    """h = eps^(1/3) * max(1, |z|); 0 at -inf logits (masks), which are not probed."""
+    """h = eps^(1/3) * max(1, |z|); 0 at -inf logits (masks) and at logits so large that
+    z +- h overflows (within eps^(1/3) of the float64 maximum): those are not probed."""
     h = EPS ** (1.0 / 3.0) * np.maximum(1.0, np.abs(z))
-    return np.where(np.isfinite(z), h, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        fits = np.isfinite(z) & np.isfinite(np.abs(z) + h)
+    return np.where(fits, h, 0.0)
 
 
 def sample_entries(problem, k: int, seed: int, extra: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -77,8 +77,8 @@ def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, 
     diagnosis = grad_stage.diagnosis if grad_stage is not None else ()
     skipped = sum(getattr(s, "skipped", 0) for s in stages)
     if skipped:
-        warnings.append(f"finite differences skipped {skipped} entries at -inf logits or "
-                        "in rows whose loss is infinite")
+        warnings.append(f"finite differences skipped {skipped} entries at -inf logits, at "
+                        "logits too large to perturb or in rows whose loss is infinite")
     return Report(
         kind=run.kind,
         ok=ok,
