@@ -1,6 +1,8 @@
-"""The README's examples run: the ```python blocks of "## API" (and the pytest tests they define),
-the batch manifest of "## In CI" with the statuses and exit code its transcript shows, and the
-console transcripts themselves (through the installed `ce-check` and `jq`).
+"""The README's examples are real: the quick start's two commands (and `.ci/run`), every console
+transcript of "## Worked examples" (run through the installed `ce-check`, in a temp copy of
+`examples/`, output compared line by line), the batch manifest and its statuses, the JSON sample
+(a subset of the real `--json` object), the Python API blocks, the exit-code table, and links that
+stay inside the repository. Content moved to docs/ is checked to be there.
 
 A block preceded by a line `<!-- no-test -->` is not run."""
 
@@ -15,21 +17,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CE_CHECK, FIXTURES, ROOT
+from tests.conftest import CE_CHECK, FIXTURES, ROOT, script_env
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+EXAMPLES = ROOT / "examples"
 FENCE = re.compile(r"^(<!-- no-test -->\s*\n)?```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+COMMANDS = ("grad", "binary", "linear", "explain", "stress", "batch")
 
 
-def section(title: str) -> str:
-    text = README.read_text(encoding="utf-8")
-    match = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
+def section(title: str, text: str | None = None, level: int = 2) -> str:
+    """The body of the heading `title` at `level`, up to the next heading of that level or above."""
+    text = README.read_text(encoding="utf-8") if text is None else text
+    hashes = "#" * level
+    # a heading starts with a word or a backtick (a table row in a code block may start with "# ")
+    match = re.search(rf"^{hashes} {re.escape(title)}\s*$(.*?)(?=^#{{1,{level}}} [\w`]|\Z)", text, re.M | re.S)
+    assert match, f"no '{hashes} {title}' section"
     return match.group(1)
 
 
-def blocks(title: str, lang: str) -> list[str]:
-    return [body for skip, kind, body in FENCE.findall(section(title)) if kind == lang and not skip]
+def blocks(body: str, lang: str) -> list[str]:
+    return [code for skip, kind, code in FENCE.findall(body) if kind == lang and not skip]
 
 
 def transcript(body: str) -> list[tuple[str, list[str]]]:
@@ -47,68 +55,162 @@ def transcript(body: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def batch_example() -> tuple[str, list[tuple[str, list[str]]]]:
-    """The manifest (the ```jsonl block) and the transcript that runs `ce-check batch` on it."""
-    (manifest,) = blocks("In CI", "jsonl")
-    runs = [transcript(b) for b in blocks("In CI", "console")]
-    (steps,) = [s for s in runs if any(" batch " in cmd for cmd, _out in s)]
-    return manifest, steps
+def worked_examples() -> list[tuple[str, str]]:
+    """(subsection title, console block) for every transcript of "## Worked examples"."""
+    body = section("Worked examples")
+    titles = re.findall(r"^### (.+?)\s*$", body, re.M)
+    return [(t, code) for t in titles for code in blocks(section(t, body, level=3), "console")]
 
 
-def workdir(tmp_path: Path, manifest: str, steps) -> Path:
-    """tmp_path with the repository's fixtures and the manifest where the batch command expects it."""
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A temp copy of examples/, with the repository's fixtures beside it (the quick start's paths)."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
     (tmp_path / "fixtures").symlink_to(FIXTURES, target_is_directory=True)
-    for cmd, _out in steps:
-        words = shlex.split(cmd)
-        if words[:2] == ["ce-check", "batch"]:
-            path = tmp_path / words[2]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(manifest, encoding="utf-8")
     return tmp_path
 
 
-# --- ## API --------------------------------------------------------------------------------------
-
-def test_api_python_blocks_run(monkeypatch, capsys):
-    code = blocks("API", "python")
-    assert len(code) >= 2, "the API section has its examples"
-    monkeypatch.chdir(ROOT)  # the examples use fixtures/example/*.npy
-    ran_tests = 0
-    for i, body in enumerate(code):
-        namespace = {"__name__": f"readme_api_block_{i}"}
-        exec(compile(body, f"README.md (API, python block {i + 1})", "exec"), namespace)
-        for name, fn in namespace.items():
-            if name.startswith("test_") and callable(fn):
-                fn()  # the pytest example: its tests pass
-                ran_tests += 1
-    assert ran_tests >= 2
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`command` through bash, as a user types it: the installed ce-check first on PATH, 80 columns."""
+    if not CE_CHECK.exists():
+        pytest.skip(f"console script not installed at {CE_CHECK}")
+    env = script_env(COLUMNS="80", NO_COLOR="1")
+    env["PATH"] = f"{CE_CHECK.parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_api_failure_message_is_the_real_one(monkeypatch):
-    """The ```text block shows the start of the assertion message for grad_bad.npy."""
-    import numpy as np
+def subset(shown, real, where: str = "$") -> None:
+    """`shown` is `real` abridged: dicts with fewer keys, lists cut (a prefix), equal values."""
+    if isinstance(shown, dict):
+        assert isinstance(real, dict), where
+        for key, value in shown.items():
+            assert key in real, f"{where}.{key} is not in the real output"
+            subset(value, real[key], f"{where}.{key}")
+    elif isinstance(shown, list):
+        assert isinstance(real, list) and len(shown) <= len(real), where
+        for i, (a, b) in enumerate(zip(shown, real)):
+            subset(a, b, f"{where}[{i}]")
+    else:
+        assert shown == real, f"{where}: README shows {shown!r}, the output is {real!r}"
 
-    from ce_cli.testing import assert_ce_grad
 
-    (shown,) = blocks("API", "text")
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(AssertionError) as info:
-        assert_ce_grad(np.load("fixtures/example/logits.npy"), np.load("fixtures/example/labels.npy"),
-                       np.load("fixtures/example/grad_bad.npy"))
-    assert f"AssertionError: {info.value}".startswith(shown.rstrip("\n"))
+# --- length, contents, links ----------------------------------------------------------------------
+
+def test_readme_is_short_with_a_table_of_contents():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 310
+    contents = re.search(r"^\*\*Contents:\*\*(.*?)^$", text, re.M | re.S)
+    assert contents, "README.md has no table of contents"
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", contents.group(1)))
+    headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#{2,3} (.+)$", text, re.M)}
+    assert anchors and anchors <= headings, anchors - headings
 
 
-# --- ## In CI ------------------------------------------------------------------------------------
+def markdown_files() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
 
-def test_batch_manifest_example(invoke, tmp_path, monkeypatch):
-    """The manifest runs with the exit code, statuses and error the transcript shows (no jq needed)."""
-    manifest, steps = batch_example()
-    work = workdir(tmp_path, manifest, steps)
-    monkeypatch.chdir(work)
-    (command, output), *rest = steps
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
+def test_links_stay_in_the_repository(path):
+    """Every relative link resolves to a file of the repository; none is absolute or leaves it."""
+    text = path.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("#", "https://", "http://")):
+            assert not target.startswith("http"), f"{path.name}: {target} leaves the repository"
+            continue
+        file = target.split("#")[0]
+        assert not file.startswith("/"), f"{path.name}: absolute link {target}"
+        resolved = (path.parent / file).resolve()
+        assert resolved.is_relative_to(ROOT), f"{path.name}: {target} leaves the repository"
+        assert resolved.exists(), f"{path.name}: {target} does not exist"
+    assert "../shared" not in text
+
+
+@pytest.mark.parametrize("doc, phrases", [
+    ("inputs.md", ["allow_pickle=False", "Security stance", "safetensors", "CVE-2025-32434", "2 GiB"]),
+    ("frameworks.md", ["From your framework", "vocab_parallel_cross_entropy", "--shift-labels",
+                       "deliberate difference"]),
+    ("tolerance.md", ["floor = k·eps", "Flush-to-zero", "Diagnosis", "Calibrated on real frameworks"]),
+    ("finite-differences.md", ["h = eps^(1/3)", "--fd directional", "bisected"]),
+    ("performance.md", ["AVX-512", "glibc", "bench/run.py", "gradcheck"]),
+    ("explain.md", ["jacobian_symmetric", "--compare-mse", "--plot", "C ≤ 12"]),
+    ("stress.md", ["breaking points", "--save-failures", "--impl-cmd", "command.sh"]),
+    ("ci.md", ["--junit-xml", "--fail-fast", "GitHub Actions", "examples/cases.jsonl"]),
+    ("shards.md", ["--shards vocab", "math.fsum", "bench/shards.py"]),
+    ("linear.md", ["Freivalds", "--exact", "bench/linear.py"]),
+    ("binary.md", ["two-class bridge", "--pos-weight"]),
+    ("api.md", ["check_binary", "assert_ce_grad", "CeCheckError"]),
+])
+def test_moved_content_is_in_docs(doc, phrases):
+    text = (DOCS / doc).read_text(encoding="utf-8")
+    for phrase in phrases:
+        assert phrase in text, f"docs/{doc} lost {phrase!r}"
+
+
+# --- ## Quick start -------------------------------------------------------------------------------
+
+def quick_start() -> list[str]:
+    (code,) = blocks(section("Quick start"), "sh")
+    return [line for line in code.splitlines() if line.strip()]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_them():
+    commands = quick_start()
+    assert len(commands) == 2
+    assert all(c.startswith("pip install ") and " && " in c for c in commands)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[0] in ci.splitlines()
+    install, test = commands[1].split(" && ")
+    assert f"{install} \\" in ci and f"&& {test}" in ci
+
+
+def test_quick_start_check_runs(work):
+    """The first command's check (after the install) passes on the shipped fixture."""
+    _install, check = quick_start()[0].split(" && ")
+    assert check.startswith("ce-check grad ")
+    done = shell(check, work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("verdict: PASS")
+
+
+# --- ## Worked examples ---------------------------------------------------------------------------
+
+def test_every_command_has_a_worked_example():
+    shown = " ".join(cmd for _title, code in worked_examples() for cmd, _out in transcript(code))
+    for command in COMMANDS:
+        assert f"ce-check {command} " in shown, command
+    assert "--shards " in shown
+
+
+@pytest.mark.parametrize("title, code", worked_examples(), ids=[t for t, _c in worked_examples()])
+def test_worked_example_transcript(title, code, work):
+    """Each `$ command` prints what the README shows (trailing spaces aside), in order."""
+    steps = transcript(code)
+    assert steps
+    if any(re.search(r"(^|\| )jq ", cmd) for cmd, _out in steps) and shutil.which("jq") is None:
+        pytest.skip("jq is not installed")
+    for command, output in steps:
+        done = shell(command, work / "examples")
+        got = [line.rstrip() for line in done.stdout.splitlines()]
+        assert got == [line.rstrip() for line in output], f"$ {command}\n{done.stderr}"
+
+
+def test_batch_manifest_is_the_example_file():
+    (shown,) = blocks(section("batch", section("Worked examples"), level=3), "jsonl")
+    assert shown == (EXAMPLES / "cases.jsonl").read_text(encoding="utf-8")
+
+
+def test_batch_manifest_example(invoke, work, monkeypatch):
+    """The manifest runs with the exit code, statuses and error the transcript shows (no jq needed),
+    and writes one JUnit testcase per case."""
+    body = section("batch", section("Worked examples"), level=3)
+    (code,) = blocks(body, "console")
+    (command, output), *rest = transcript(code)
+    monkeypatch.chdir(work / "examples")
     words = shlex.split(command)
-    args = words[1:words.index(">")] if ">" in words else words[1:]
-    result = invoke(args)
+    result = invoke(words[1:words.index(">")])
     shown_exit = int(next(line for line in output if line.startswith("exit ")).split()[1])
     assert result.exit_code == shown_exit, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -118,33 +220,71 @@ def test_batch_manifest_example(invoke, tmp_path, monkeypatch):
     shown_errors = [out for cmd, out in rest if '"error"' in cmd]
     assert shown_errors and errors == shown_errors[0]
     junit = words[words.index("--junit-xml") + 1]
-    cases = ET.parse(work / junit).getroot().iter("testcase")
+    cases = ET.parse(work / "examples" / junit).getroot().iter("testcase")
     assert [c.get("name") for c in cases] == [r["name"] for r in lines]
 
 
-def test_in_ci_transcripts(tmp_path):
-    """Every `$ command` of the In CI section, through a shell, prints what the README shows."""
-    ce_check = CE_CHECK
-    if not ce_check.exists():
-        pytest.skip(f"console script not installed at {ce_check}")
-    if shutil.which("jq") is None:
-        pytest.skip("jq is not installed")
-    manifest, steps = batch_example()
-    work = workdir(tmp_path, manifest, steps)
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CE_CHECK_DEBUG")}
-    env["PATH"] = f"{ce_check.parent}{os.pathsep}{env.get('PATH', '')}"
-    runs = [transcript(b) for b in blocks("In CI", "console")]
-    assert sum(len(s) for s in runs) >= 3
-    for steps in runs:
-        for command, output in steps:
-            done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
-                                  text=True, timeout=120)
-            assert done.stdout.splitlines() == output, f"$ {command}\n{done.stderr}"
+# --- ## JSON output -------------------------------------------------------------------------------
+
+def test_json_sample_is_the_real_output(invoke, work, monkeypatch):
+    (sample,) = blocks(section("JSON output"), "json")
+    monkeypatch.chdir(work / "examples")
+    result = invoke(["grad", "logits.npy", "labels.npy", "--grad", "grad_bad.npy", "--json"])
+    assert result.exit_code == 1
+    subset(json.loads(sample), json.loads(result.stdout))
 
 
-def test_in_ci_exit_code_table_matches_the_cli():
+# --- ## Exit codes, help --------------------------------------------------------------------------
+
+def test_exit_code_table_matches_the_cli():
     """The table's codes are the ones `ce_cli.exitcodes` defines."""
     from ce_cli.exitcodes import ExitCode
 
-    rows = re.findall(r"^\| (\d) \|", section("In CI"), re.M)
+    rows = re.findall(r"^\| (\d) \|", section("Exit codes"), re.M)
     assert sorted(map(int, rows)) == sorted(int(c) for c in ExitCode)
+
+
+def test_every_command_in_the_table_has_help(invoke):
+    listed = re.findall(r"^\| `ce-check (\w+)` \|", README.read_text(encoding="utf-8"), re.M)
+    assert sorted(listed) == sorted(COMMANDS)
+    top = invoke(["--help"])
+    for command in listed:
+        assert command in top.stdout
+        result = invoke([command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.stdout, command
+
+
+# --- ## API (README) and docs/api.md --------------------------------------------------------------
+
+def run_python_blocks(code: list[str], origin: str) -> int:
+    ran_tests = 0
+    for i, body in enumerate(code):
+        namespace = {"__name__": f"readme_block_{i}"}
+        exec(compile(body, f"{origin}, python block {i + 1}", "exec"), namespace)
+        for name, fn in namespace.items():
+            if name.startswith("test_") and callable(fn):
+                fn()  # the pytest example: its tests pass
+                ran_tests += 1
+    return ran_tests
+
+
+def test_api_python_blocks_run(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the examples use examples/*.npy and fixtures/example/*.npy
+    readme = blocks(section("API"), "python")
+    assert readme and run_python_blocks(readme, "README.md (API)") >= 1
+    docs = blocks((DOCS / "api.md").read_text(encoding="utf-8"), "python")
+    assert len(docs) >= 2 and run_python_blocks(docs, "docs/api.md") >= 2
+
+
+def test_api_failure_message_is_the_real_one(monkeypatch):
+    """docs/api.md's ```text block shows the start of the assertion message for grad_bad.npy."""
+    import numpy as np
+
+    from ce_cli.testing import assert_ce_grad
+
+    (shown,) = blocks((DOCS / "api.md").read_text(encoding="utf-8"), "text")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(AssertionError) as info:
+        assert_ce_grad(np.load("examples/logits.npy"), np.load("examples/labels.npy"),
+                       np.load("examples/grad_bad.npy"))
+    assert f"AssertionError: {info.value}".startswith(shown.rstrip("\n"))
