@@ -3,14 +3,17 @@
     python bench/startup.py [--runs 15]
 
 Each command runs --runs times, interleaved with the baseline (hyperfine-style: a warm-up run,
-then repeated runs, min and median of the wall time). Targets (issue #15): `ce-check --help`
-<= 1.0x, `ce-check grad` on a 4 x 5 fixture <= 2.0x. The machine may be shared: compare minima.
+then repeated runs, min and median of the wall time, and of the CPU time, user + system, which
+a shared machine's load disturbs less). Targets (issue #15): `ce-check --help` <= 1.0x,
+`ce-check grad` on a 4 x 5 fixture <= 2.0x. The machine may be shared: compare minima. A command
+that fails (exit code other than 0) stops the benchmark: a fast error is no start-up time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,30 +36,51 @@ def commands(tmp: Path) -> dict[str, list[str]]:
             "ce-check grad 4x5": [exe, "grad", str(tmp / "z.npy"), str(tmp / "y.npy"), "--json"]}
 
 
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of `cmd`; it must exit 0."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0:
+        raise SystemExit(f"startup.py: {' '.join(cmd)} exited {rc}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def summary(name: str, walls: list[float], cpus: list[float], base: dict[str, float],
+            target: float | None) -> dict[str, float | None]:
+    """Min and median of wall and CPU time, and their ratios to the baseline's."""
+    row = {"min": min(walls), "median": statistics.median(walls),
+           "cpu_min": min(cpus), "cpu_median": statistics.median(cpus)}
+    ratios = {f"ratio_{key}": value / base[key] for key, value in row.items()}
+    print(f"{name:18s} wall min {row['min'] * 1e3:6.1f} ms ({ratios['ratio_min']:.2f}x) median "
+          f"{row['median'] * 1e3:6.1f} ms ({ratios['ratio_median']:.2f}x) | cpu min "
+          f"{row['cpu_min'] * 1e3:6.1f} ms ({ratios['ratio_cpu_min']:.2f}x) median "
+          f"{row['cpu_median'] * 1e3:6.1f} ms ({ratios['ratio_cpu_median']:.2f}x)"
+          + (f"  target <= {target}x" if target is not None else ""))
+    return {**row, **ratios, "target": target}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cmds = commands(Path(tmp))
-        times: dict[str, list[float]] = {k: [] for k in cmds}
-        for name, cmd in cmds.items():  # warm-up (page cache, .pyc)
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        walls: dict[str, list[float]] = {k: [] for k in cmds}
+        cpus: dict[str, list[float]] = {k: [] for k in cmds}
+        for cmd in cmds.values():  # warm-up (page cache, .pyc)
+            timed(cmd)
         for _ in range(args.runs):
             for name, cmd in cmds.items():
-                t = time.perf_counter()
-                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                times[name].append(time.perf_counter() - t)
-    base_min, base_med = min(times["import numpy"]), statistics.median(times["import numpy"])
+                wall, cpu = timed(cmd)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    base = {"min": min(walls["import numpy"]), "median": statistics.median(walls["import numpy"]),
+            "cpu_min": min(cpus["import numpy"]), "cpu_median": statistics.median(cpus["import numpy"])}
     targets = {"ce-check --help": 1.0, "ce-check grad 4x5": 2.0}
-    out = {}
-    for name, ts in times.items():
-        out[name] = {"min": min(ts), "median": statistics.median(ts),
-                     "ratio_min": min(ts) / base_min, "ratio_median": statistics.median(ts) / base_med,
-                     "target": targets.get(name)}
-        print(f"{name:20s} min {min(ts) * 1e3:7.1f} ms  median {statistics.median(ts) * 1e3:7.1f} ms  "
-              f"ratio {out[name]['ratio_min']:.2f}x (median {out[name]['ratio_median']:.2f}x)"
-              + (f"  target <= {targets[name]}x" if name in targets else ""))
+    out = {name: summary(name, walls[name], cpus[name], base, targets.get(name)) for name in cmds}
     print(json.dumps(out), file=sys.stderr)
 
 

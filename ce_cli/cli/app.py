@@ -12,9 +12,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
-import numpy as np
 import typer
 from typer.core import TyperGroup
 
@@ -22,14 +21,14 @@ from ce_cli import __version__
 from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.io.inputs import InputSpec, load_all, refuse_overwriting
-from ce_cli.io.output import check_target
 from ce_cli.io.limits import fd_full_cost, fd_full_refusal, one_line, quoted
 from ce_cli.report.console import drop_stdout, ensure_std_streams, stderr_console
 from ce_cli.report.emit import emit
-from ce_cli.report.render import CheckOutput
-from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.results import Report
+
+if TYPE_CHECKING:  # numpy, the loaders and the library load in the commands: `--help` needs none
+    from ce_cli.io.inputs import InputSpec
+    from ce_cli.verify.options import CheckOptions
+    from ce_cli.verify.results import Report
 
 # Click's exception classes, from wherever this Typer takes Click (vendored or the package)
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
@@ -173,18 +172,24 @@ def write_json_error(code: str, message: str) -> None:
 
 def input_specs(texts: dict[str, str | None]) -> dict[str, InputSpec]:
     """The inputs given on the command line (None: not given), parsed by the one rule."""
+    from ce_cli.io.inputs import InputSpec
+
     return {role: InputSpec.parse(text, role, strict=True)
             for role, text in texts.items() if text is not None}
 
 
 def load_inputs(texts: dict[str, str | None]) -> dict[str, Any]:
     """Load each named input (None where not given); at most one may come from stdin."""
+    from ce_cli.io.inputs import load_all
+
     arrays = load_all(input_specs(texts)).arrays
     return {role: arrays.get(role) for role in texts}
 
 
 def source_name(role: str, text: str | None) -> str:
     """How reports name an input given on the command line (the role alone when not given)."""
+    from ce_cli.io.inputs import InputSpec
+
     return role if text is None else InputSpec.parse(text, role, strict=True).source
 
 
@@ -293,8 +298,11 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
     Yields the `progress(done_rows, total_rows)` callback for check_grad/check_binary.
     """
+    if not enabled or not _may_be_terminal():
+        yield None
+        return
     console = stderr_console()
-    if not enabled or not console.is_terminal:
+    if not console.is_terminal:
         yield None
         return
     start = time.monotonic()
@@ -320,6 +328,17 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
             state["bar"].stop()
 
 
+def _may_be_terminal() -> bool:
+    """False when Rich would surely not see a terminal on stderr (no tty, neither TTY_COMPATIBLE=1
+    nor FORCE_COLOR): a piped or --json run then never loads Rich for a bar it would not show."""
+    if os.environ.get("TTY_COMPATIBLE") == "1" or os.environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def eta_text(elapsed: float, done: int, total: int) -> str:
     """Time left, from the rate since the start (Rich's own column waits for several samples,
     which a run of few large chunks never gives)."""
@@ -335,6 +354,8 @@ FD_DEFAULT_BUDGET = 10.0  # seconds --fd full may take without --fd-budget
 def fd_rate(n_classes: int, elements: int = 1 << 21) -> float:
     """Element evaluations per second here: a short calibration, the log-sum-exp of a block of
     rows of C classes (what each --fd full evaluation does)."""
+    import numpy as np
+
     rows = max(1, elements // max(1, n_classes))
     z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
     best = math.inf
@@ -370,6 +391,8 @@ def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
 
 def check_settings(**flags: Any) -> CheckOptions:
     """The one place the command line's flags become the check's settings."""
+    from ce_cli.verify.options import CheckOptions
+
     return CheckOptions.build(**flags)
 
 
@@ -382,6 +405,12 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     `inputs` are the input arguments by role (None: not given); `vectors` are roles whose
     one-row or one-column CSV is flattened to C values; `flags` are the check's settings.
     """
+    import numpy as np
+
+    from ce_cli.io.inputs import load_all, refuse_overwriting
+    from ce_cli.io.output import check_target
+    from ce_cli.report.render import CheckOutput
+
     specs = input_specs(inputs)
     if out_grad is not None:
         check_target(out_grad, "out_grad")  # before any work: a directory, device, FIFO

@@ -8,21 +8,19 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from ce_cli.batch.junit import check_writable, junit_tree, write_junit
-from ce_cli.batch.manifest import ERROR, FAIL, PASS, CaseResult, parse_manifest, read_manifest
-from ce_cli.batch.runner import exit_status, run_cases
 from ce_cli.cli.app import app, epilog, guarded
-from ce_cli.io.inputs import STDIN
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.report.emit import message_line
 from ce_cli.report.format import fmt_value
+
+if TYPE_CHECKING:  # numpy, Rich's tables and the library load in the command, not for `--help`
+    from rich.console import Console
+
+    from ce_cli.batch.manifest import CaseResult
 
 BATCH_EPILOG = ("Exit codes: 0 every case passed; 1 a case failed; 2 a case could not run (bad "
                 "input, an invalid manifest line) or a usage error; 3 internal error.")
@@ -67,6 +65,11 @@ def batch(
 ) -> None:
     """Run every case of a JSON-lines manifest (multiclass and binary checks with their options).
     A case with bad input is reported as an error and the others still run."""
+    from ce_cli.batch.junit import check_writable, junit_tree, write_junit
+    from ce_cli.batch.manifest import parse_manifest, read_manifest
+    from ce_cli.batch.runner import exit_status, run_cases
+    from ce_cli.io.inputs import STDIN
+
     if junit_xml is not None:
         check_writable(junit_xml)
     text, base, label = read_manifest(manifest)
@@ -117,9 +120,6 @@ class _Lines:
             drop_stdout()
 
 
-STATUS_STYLE = {PASS: "green", FAIL: "bold red", ERROR: "bold magenta"}
-
-
 def details(res: CaseResult) -> str:
     """Failing checks with their mismatches and worst index, or the error; then warnings."""
     if res.report is None:
@@ -135,6 +135,12 @@ def details(res: CaseResult) -> str:
 
 def render_summary(results: list[CaseResult], skipped: list[tuple[str, str | None]], console: Console, *, title: str,
                    seconds: float) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ce_cli.batch.manifest import ERROR, FAIL, PASS
+
+    status_style = {PASS: "green", FAIL: "bold red", ERROR: "bold magenta"}
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("case")
     table.add_column("kind")
@@ -143,7 +149,7 @@ def render_summary(results: list[CaseResult], skipped: list[tuple[str, str | Non
     table.add_column("failing checks / error")
     for r in results:
         loss = fmt_value(r.report.loss) if r.report is not None else "-"
-        table.add_row(Text(r.name), r.kind or "-", Text(r.status, style=STATUS_STYLE[r.status]),
+        table.add_row(Text(r.name), r.kind or "-", Text(r.status, style=status_style[r.status]),
                       loss, Text(details(r)))
     for name, kind in skipped:
         table.add_row(Text(name), kind or "-", Text("skipped", style="dim"), "-",

@@ -11,8 +11,6 @@ from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt, Json
                             RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt, WorstOpt, app,
                             epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
-from ce_cli.io.inputs import VECTOR_ROLES
-from ce_cli.verify.checks import check_binary
 
 
 BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' shape; with --two-class, "
@@ -53,6 +51,9 @@ def binary(
     """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
     gradient in float64, proven by finite differences, compared with yours, plus the two-class
     bridge (softmax CE over [0, z] equals BCE on z)."""
+    from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
+    from ce_cli.verify.checks import check_binary
+
     run_check(
         check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight},

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 
 from ce_cli.cli.app import JsonOpt, QuietOpt, app, epilog, guarded, load_inputs, source_name
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
-from ce_cli.explain import (
-    Explanation,
-    Sample,
-    binary_sample,
-    compare_mse,
-    explain_binary,
-    explain_softmax,
-    parse_row,
-    softmax_sample,
-    step_curve,
-)
-from ce_cli.explain.render import ExplainOutput, write_svg
 from ce_cli.report.emit import emit
+
+if TYPE_CHECKING:  # numpy and ce_cli.explain load in the command (`--help` needs neither)
+    import numpy as np
+
+    from ce_cli.explain import Explanation, Sample
+    from ce_cli.explain.render import ExplainOutput
 
 
 class Kind(str, Enum):
@@ -76,6 +69,8 @@ SeedOpt = Annotated[int, typer.Option(
 
 def parse_numbers(text: str, flag: str) -> np.ndarray:
     """Comma and/or space separated numbers ('2.0,1.0,0.1', '2 1 0.1', '-inf' allowed)."""
+    import numpy as np
+
     tokens = [t for t in text.replace(",", " ").split()]
     if not tokens:
         raise CeCheckError(f"{flag}: no numbers in {text!r}")
@@ -138,6 +133,8 @@ def _derive(kind: Kind, logits: np.ndarray, row: tuple[int, ...] | None, labels:
             label: int | None, target: str | None, seed: int, sources: tuple[str, str]
             ) -> tuple[Sample, Explanation]:
     """The sample, picked and validated, and its derivation."""
+    from ce_cli.explain import binary_sample, explain_binary, explain_softmax, softmax_sample
+
     logits_source, labels_source = sources
     if kind is Kind.binary:
         sample = binary_sample(logits, row, labels=labels, label=_soft_label(label, target),
@@ -151,6 +148,8 @@ def _derive(kind: Kind, logits: np.ndarray, row: tuple[int, ...] | None, labels:
 
 
 def _write_plot(output: ExplainOutput, plot: Path) -> None:
+    from ce_cli.explain.render import write_svg
+
     assert output.curve is not None  # --plot implies --steps
     title = f"ce-check explain --steps ({output.where})"
     try:
@@ -171,6 +170,11 @@ def explain(logits_file: LogitsArg = None, labels_file: LabelsArg = None, logits
             json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """The derivation of dC/dz = a - y on one sample of your numbers: softmax, its Jacobian, dC/da,
     the chain-rule product, a - y and finite differences, each step with a check."""
+    import numpy as np
+
+    from ce_cli.explain import compare_mse, parse_row, step_curve
+    from ce_cli.explain.render import ExplainOutput
+
     _check_plot_path(plot)
     steps = steps or plot is not None
     _check_choices(logits_file, logits_text, labels_file, label, target, row, entry, steps)

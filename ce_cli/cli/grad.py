@@ -11,10 +11,7 @@ from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOp
                             ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt,
                             WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
-from ce_cli.io.inputs import VECTOR_ROLES
 from ce_cli.cli.shards import SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded
-from ce_cli.verify.checks import check_grad
-from ce_cli.verify.options import FIELDS
 
 
 @app.command(short_help="Softmax cross-entropy: check your loss and gradient.", epilog=epilog(
@@ -64,6 +61,10 @@ def grad(
     """Softmax cross-entropy (PyTorch F.cross_entropy semantics): reference loss and gradient in
     float64, proven by finite differences, compared with your gradient and loss."""
     given = locals()
+    from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
+    from ce_cli.verify.checks import check_grad
+    from ce_cli.verify.options import FIELDS
+
     settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files

@@ -6,17 +6,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-import numpy as np
-
 from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
                             check_settings, epilog, guarded, input_specs, progress_bar)
 from ce_cli.enums import FDMode, Reduction
 from ce_cli.exitcodes import ExitCode
-from ce_cli.io.inputs import load_all
 from ce_cli.report.emit import emit
-from ce_cli.report.render import CheckOutput
-from ce_cli.verify.linear import LinearSettings, check_linear
 
 
 def _opt(flag: str, text: str, metavar: str | None = None) -> typer.models.OptionInfo:
@@ -57,6 +52,12 @@ def linear(
 ) -> None:
     """Fused linear cross-entropy: F.cross_entropy(F.linear(H, W, b), y) checked in float64
     without forming the logits; your dL/dH, dL/dW, dL/db and loss compared."""
+    import numpy as np  # numpy and the library load here, not for `--help`
+
+    from ce_cli.io.inputs import load_all
+    from ce_cli.report.render import CheckOutput
+    from ce_cli.verify.linear import LinearSettings, check_linear
+
     inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
               "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
               "loss": loss, "class_weight": class_weight}

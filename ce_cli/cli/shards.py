@@ -10,20 +10,20 @@ global ids from it).
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
-import numpy as np
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ce_cli.cli.app import check_settings, progress_bar
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.emit import emit
 from ce_cli.report.format import fmt_value, json_safe
-from ce_cli.report.render import render_table, report_to_dict
-from ce_cli.verify.shards import ShardedReport, expand, pair_files, run_shards
+
+if TYPE_CHECKING:  # numpy, Rich and the library load in the command (`--help` needs none)
+    from rich.console import Console
+
+    from ce_cli.verify.shards import ShardedReport
 
 ShardsOpt = Annotated[Optional[str], typer.Option(
     "--shards", metavar="rows|vocab|auto", help="Check a sharded batch: rows, vocab or auto (from the shapes). LOGITS, "
@@ -47,12 +47,18 @@ class ShardsOutput:
         self.warnings = sharded.report.warnings
 
     def to_dict(self) -> dict:
+        from ce_cli.report.render import report_to_dict
+
         data = report_to_dict(self.sharded.report)
         data["shards"] = {"axis": self.sharded.axis,
                           "per_shard": json_safe([asdict(s) for s in self.sharded.shards])}
         return data
 
     def render(self, console: Console) -> None:
+        from rich.table import Table
+
+        from ce_cli.report.render import render_table
+
         render_table(self.sharded.report, console)
         table = Table(title=f"shards ({self.sharded.axis})", title_justify="left",
                       show_edge=False, pad_edge=False)
@@ -71,6 +77,10 @@ def run_sharded(axis: str | None, logits: str, labels: str, grad: str | None, *,
 
     `refused`: options not supported with shards yet (an error when given); `flags`: the
     check's settings."""
+    import numpy as np
+
+    from ce_cli.verify.shards import expand, pair_files, run_shards
+
     if axis is None:
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
     options = check_settings(**flags)

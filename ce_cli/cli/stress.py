@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -25,22 +25,27 @@ from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.console import stderr_console
 from ce_cli.report.emit import emit
-from ce_cli.stress.builtins import BUILTINS
-from ce_cli.stress.dtypes import DTYPE_NAMES, parse_dtypes
-from ce_cli.stress.grid import Runner, StressReport, grid, run_builtin, run_cells
-from ce_cli.stress.judge import Case
-from ce_cli.stress.render import StressOutput
-from ce_cli.stress.reproducer import FailureSaver, Rerun, python_rerun
-from ce_cli.stress.runner import (DEFAULT_TIMEOUT, CommandTemplate, command_runner, load_callable,
-                                  python_runner)
-from ce_cli.stress.scenarios import SCENARIOS, Scenario, parse_scales, parse_scenarios
+
+if TYPE_CHECKING:  # ce_cli.stress (numpy) loads in the command: `--help` needs neither
+    from ce_cli.stress.grid import Runner, StressReport
+    from ce_cli.stress.judge import Case
+    from ce_cli.stress.reproducer import Rerun
+    from ce_cli.stress.runner import CommandTemplate
+    from ce_cli.stress.scenarios import Scenario
+
+# The help's copies of ce_cli.stress's scenario names and runner timeout (importing those
+# modules imports numpy); tests/test_startup.py proves they agree.
+SCENARIO_NAMES = {"multiclass": ("spread", "far-label", "ties", "dominant", "masked", "equal",
+                                 "two-class", "ignored", "vocab"),
+                  "binary": ("spread", "saturated", "soft", "many")}
+DEFAULT_TIMEOUT = 30.0
 
 STRESS_EPILOG = ("Exit codes: the built-in sweep 0 (a report); with --impl or --impl-cmd 0 every "
                  "cell passed, 1 a cell failed; 2 usage error; 3 internal error.")
 
 
 def _names(kind: str) -> str:
-    return ", ".join(s.name for s in SCENARIOS[kind])
+    return ", ".join(SCENARIO_NAMES[kind])
 
 
 IMPL_HELP = ("Your implementation: package.module:function, called as fn(logits, labels) -> (loss, grad) "
@@ -93,6 +98,10 @@ def stress(
     """Numerical-stability stress tests: a grid of scenarios x logit scales x dtypes, every cell
     judged against the float64 reference of the same rounded inputs with the tolerance model of
     `grad`. Without --impl/--impl-cmd: the built-in textbook implementations and where each breaks."""
+    from ce_cli.stress.dtypes import parse_dtypes
+    from ce_cli.stress.render import StressOutput
+    from ce_cli.stress.scenarios import parse_scales, parse_scenarios
+
     _check_options(impl, impl_cmd, timeout)
     dtype_list, notes = parse_dtypes(dtypes)
     scale_list = parse_scales(scales)
@@ -146,6 +155,10 @@ class _Impl:
 def _implementations(impl: str | None, impl_cmd: str | None, g: _Grid, timeout: float,
                      tmp: Path) -> tuple[str, list[_Impl]]:
     """The mode (impl-cmd, impl or builtin) and its implementations."""
+    from ce_cli.stress.builtins import BUILTINS
+    from ce_cli.stress.grid import run_builtin
+    from ce_cli.stress.runner import load_callable, python_runner
+
     cwd = os.getcwd()
     if impl_cmd is not None:
         return "impl-cmd", [_command_impl(impl_cmd, g.reduction, timeout, tmp, cwd)]
@@ -158,6 +171,8 @@ def _implementations(impl: str | None, impl_cmd: str | None, g: _Grid, timeout: 
 
 
 def _python_rerun(spec: str, cwd: str, kind: str, kwargs: dict | None = None) -> Rerun:
+    from ce_cli.stress.reproducer import python_rerun
+
     def rerun(case: Case, folder: Path) -> str:
         return python_rerun(spec, cwd, kind, case.dtype, folder, kwargs)
 
@@ -165,6 +180,9 @@ def _python_rerun(spec: str, cwd: str, kind: str, kwargs: dict | None = None) ->
 
 
 def _command_impl(impl_cmd: str, red: str, timeout: float, tmp: Path, cwd: str) -> _Impl:
+    from ce_cli.stress.dtypes import DTYPE_NAMES
+    from ce_cli.stress.runner import CommandTemplate, command_runner
+
     template = CommandTemplate.parse(impl_cmd)
 
     def rerun(case: Case, folder: Path) -> str:
@@ -180,6 +198,9 @@ def _command_impl(impl_cmd: str, red: str, timeout: float, tmp: Path, cwd: str) 
 def _sweep(g: _Grid, mode: str, impls: list[_Impl], save_failures: Path | None, *,
            silent: bool) -> StressReport:
     """Every cell of the grid for every implementation; reproducers of the failing ones."""
+    from ce_cli.stress.grid import StressReport, grid, run_cells
+    from ce_cli.stress.reproducer import FailureSaver
+
     t0 = time.perf_counter()
     cases, skipped = grid(g.kind, g.scenarios, g.scales, g.dtypes, g.seed)
     saver = (None if save_failures is None else

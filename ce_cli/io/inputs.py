@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, BinaryIO
 
 from ce_cli.enums import Kind
 from ce_cli.errors import CeCheckError
-from ce_cli.io.loading import read_file, read_stdin
+
+if TYPE_CHECKING:  # numpy and the loaders load with the first input (`ce-check --help` needs neither)
+    import numpy as np
 
 STDIN = "-"
 # roles that may be typed as a number instead of naming a file
@@ -49,6 +49,8 @@ def parse_number(text: str, param: str = "loss") -> tuple[np.ndarray, float]:
         dec = Decimal(text.strip())
     except InvalidOperation:
         raise CeCheckError(f"`{param}`: '{text}' is neither a file nor a number") from None
+    import numpy as np
+
     if not dec.is_finite():
         return np.array(float(dec)), 0.0
     exponent = min(max(int(dec.as_tuple().exponent), -400), 400)  # beyond float64 either way
@@ -155,6 +157,8 @@ class InputSpec:
         """The input's values. With `vector`, a one-row or one-column table (a CSV of C values
         written across or down) is flattened to its values. Without `pipes` a named pipe is
         refused (batch cases: a FIFO nobody writes to would stall the batch)."""
+        from ce_cli.io.loading import read_file, read_stdin
+
         if self.origin is Origin.number:
             return parse_number(self.text, self.role)[0]
         if self.origin is Origin.stdin:

@@ -5,20 +5,29 @@ encoding cannot carry (a lone surrogate) escaped, not fatal."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from rich.console import Console
+if TYPE_CHECKING:  # Rich loads with the first console (`ce-check --help` and --json need none)
+    from rich.console import Console
 
 
-class PipeConsole(Console):
-    """Rich exits 1 on a closed pipe (`| head`), which reads as a failed check; raise instead."""
+@functools.cache
+def pipe_console_class() -> type[Console]:
+    """PipeConsole, a Rich Console subclass, defined on first use."""
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError
+    class PipeConsole(Console):
+        """Rich exits 1 on a closed pipe (`| head`), which reads as a failed check; raise instead."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return PipeConsole
 
 
 def _color_system() -> Literal["auto"] | None:
@@ -28,13 +37,13 @@ def _color_system() -> Literal["auto"] | None:
 
 def stdout_console() -> Console:
     ensure_std_streams()
-    return PipeConsole(highlight=False, soft_wrap=False, emoji=False, markup=False,
+    return pipe_console_class()(highlight=False, soft_wrap=False, emoji=False, markup=False,
                        color_system=_color_system())
 
 
 def stderr_console() -> Console:
     ensure_std_streams()
-    return PipeConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True, markup=False,
+    return pipe_console_class()(stderr=True, highlight=False, emoji=False, soft_wrap=True, markup=False,
                        color_system=_color_system())
 
 

@@ -4,13 +4,14 @@ stdout, or nothing with -q; a reader that closes the pipe early is not an error.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Protocol
 
 from ce_cli.errors import as_flags
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.report.format import json_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Output(Protocol):

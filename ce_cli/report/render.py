@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from ce_cli.errors import as_flags
 from ce_cli.report.format import FAIL, PASS, fmt, fmt_value, json_safe, json_text
 from ce_cli.verify.results import CheckResult, Entry, Report
+
+if TYPE_CHECKING:  # Rich's tables load when a table is drawn (not for --json, not for --help)
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 # Display names of the checks (the JSON keeps `name`: it is an interface)
 CHECK_NAMES = {
@@ -42,6 +43,8 @@ def plain_rule(rule: str) -> str:
 
 
 def verdict_text(report: Report) -> Text:
+    from rich.text import Text
+
     word, _, reason = as_flags(report.verdict or ("PASS" if report.ok else "FAIL")).partition(" ")
     for name, shown in CHECK_NAMES.items():
         reason = reason.replace(f"{name}:", f"{shown}:")
@@ -52,6 +55,8 @@ def verdict_text(report: Report) -> Text:
 def render_table(report: Report, console: Console, *, verbose: bool = False) -> None:
     """The verdict with its reason, inputs, the summary line, the loss, the checks, worst entries
     of failing checks (of every check with `verbose`), likely causes, the verdict again."""
+    from rich.text import Text
+
     console.print(verdict_text(report))
     _render_inputs(report, console)
     if report.checks:
@@ -82,6 +87,9 @@ def shown_source(role: str, source: str) -> str:
 
 
 def _render_inputs(report: Report, console: Console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     inputs = Table(title="inputs", title_justify="left", show_edge=False, pad_edge=False,
                    box=None, show_header=False)
     inputs.add_column("role", no_wrap=True)
@@ -98,6 +106,10 @@ def _render_inputs(report: Report, console: Console) -> None:
 
 
 def _render_checks(report: Report, console: Console, verbose: bool) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     narrow = console.width < NARROW
     table = Table(title="checks", title_justify="left", show_edge=False, pad_edge=False,
                   box=None if narrow else box.HEAVY_HEAD)
@@ -120,6 +132,8 @@ def _render_checks(report: Report, console: Console, verbose: bool) -> None:
 
 def _print_rule(console: Console, check: CheckResult, *, with_rule: bool) -> None:
     """`  name: tolerance rule; note` (the rule only for failing checks or --verbose)."""
+    from rich.text import Text
+
     text = "; ".join(part for part in (plain_rule(check.rule) if with_rule else "", check.note)
                      if part)
     if text:
@@ -129,6 +143,9 @@ def _print_rule(console: Console, check: CheckResult, *, with_rule: bool) -> Non
 def worst_table(check: CheckResult, *, narrow: bool = False) -> Table:
     """The worst entries of one check; `narrow`: values in 4 significant digits, so that the
     table fits 60 columns without cutting a number."""
+    from rich import box
+    from rich.table import Table
+
     title = (f"{display_name(check.name)}: worst entries, by error / allowed"
              + ("" if check.ok else " (✗ = over tolerance)"))
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False,

@@ -1,0 +1,91 @@
+"""Start-up: `ce-check --help` and every command's `--help` load neither numpy nor Rich's tables,
+and a small `grad --json` loads only what it uses (issue #15). Each case runs in a fresh
+interpreter: what a process imports is visible only there. No timing here (bench/startup.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ce_cli.cli.main import COMMANDS
+
+# Runs the console script's entry point with argv, then reports on stderr which of the watched
+# modules the process imported (after the help or the report on stdout).
+PROBE = """
+import json, sys
+watched = json.loads(sys.argv[1])
+sys.argv = ["ce-check", *sys.argv[2:]]
+from ce_cli.cli.main import main
+try:
+    main()
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+print("LOADED=" + json.dumps(sorted(m for m in watched if m in sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+HEAVY = ["numpy", "rich.table", "rich.progress", "rich.console"]
+# what a multiclass `grad` has no use for
+UNUSED_BY_GRAD = ["rich.table", "rich.progress", "rich.console", "ce_cli.stress",
+                  "ce_cli.explain", "ce_cli.batch", "ce_cli.verify.linear", "ce_cli.verify.shards",
+                  "ce_cli.distributed"]
+
+
+def loaded(args: list[str], watched: list[str], cwd=None) -> tuple[int, str, list[str]]:
+    """Exit code, stdout, and which of `watched` a fresh `ce-check ARGS` process imported."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(watched), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED=")]
+    assert line, proc.stderr
+    return proc.returncode, proc.stdout, json.loads(line[-1][len("LOADED="):])
+
+
+def test_probe_sees_imports():
+    """The probe itself can fail: a command that does load numpy is reported."""
+    code, _, mods = loaded(["--version"], ["numpy", "ce_cli.cli.app"])
+    assert code == 0 and mods == ["ce_cli.cli.app"]
+    proc = subprocess.run([sys.executable, "-c", PROBE.replace("from ce_cli", "import numpy\nfrom ce_cli"),
+                           json.dumps(["numpy"]), "--help"], capture_output=True, text=True, timeout=120)
+    assert 'LOADED=["numpy"]' in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], *([c, "--help"] for c in COMMANDS)],
+                         ids=lambda a: " ".join(a))
+def test_help_loads_no_numpy_nor_rich(args):
+    code, out, mods = loaded(args, HEAVY)
+    assert code == 0 and "Usage:" in out
+    assert mods == []
+
+
+def test_small_grad_json_loads_only_what_it_uses(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+    code, out, mods = loaded(["grad", "z.npy", "y.npy", "--json"],
+                             ["numpy", "ce_cli.verify.checks", *UNUSED_BY_GRAD], cwd=tmp_path)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert mods == ["ce_cli.verify.checks", "numpy"]
+
+
+def test_tables_load_rich_when_drawn(tmp_path):
+    """Without --json the report is drawn with Rich's tables, loaded then."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+    code, out, mods = loaded(["grad", "z.npy", "y.npy"], ["rich.table"], cwd=tmp_path)
+    assert code == 0 and "verdict" in out and mods == ["rich.table"]
+
+
+def test_stress_help_copies_agree():
+    """cli/stress.py's help carries copies of ce_cli.stress's scenario names and timeout."""
+    from ce_cli.cli import stress as cli_stress
+    from ce_cli.stress.runner import DEFAULT_TIMEOUT
+    from ce_cli.stress.scenarios import SCENARIOS
+
+    assert cli_stress.SCENARIO_NAMES == {k: tuple(s.name for s in v) for k, v in SCENARIOS.items()}
+    assert cli_stress.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT
