@@ -44,7 +44,7 @@ def thresholds(dtype: str) -> Thresholds:
 def bfloat16_dtype() -> type | None:
     """ml_dtypes.bfloat16 when the optional `ml_dtypes` package is installed, else None."""
     try:
-        import ml_dtypes
+        import ml_dtypes  # type: ignore[import-not-found,unused-ignore]  # optional: bf16 extra
     except ImportError:
         return None
     return ml_dtypes.bfloat16
