@@ -124,3 +124,151 @@ def test_narrow_worst_table_keeps_whole_numbers():
     row = next(line for line in lines if line.startswith("(7, 3)"))
     numbers = re.findall(r"\d\.\d{3}e[-+]\d\d", row)
     assert len(numbers) == 4, row
+
+
+# ---------------------------------------------------------------------------------------------
+# explain and stress: the same rules at 60, 80 and 120 columns
+
+from ce_cli.explain import explain_binary, explain_softmax  # noqa: E402
+from ce_cli.explain.render import ExplainOutput, rule_chunks, wrap_rule  # noqa: E402
+from ce_cli.stress import builtin_sweep  # noqa: E402
+from ce_cli.stress.render import StressOutput  # noqa: E402
+
+EXPLAINS = {
+    "three": lambda: explain_softmax(np.array([2.0, 1.0, 0.1]), label=0),
+    "twenty": lambda: explain_softmax(np.random.default_rng(1).normal(size=20) * 3, label=7),
+    "bad_target": lambda: explain_softmax(np.array([2.0, 1.0, 0.1]), target=np.array([0.3, 0.3, 0.3])),
+    "binary": lambda: explain_binary(np.array([-3.0]), np.array([1.0])),
+}
+
+
+def _console(width: int) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=width, color_system=None, highlight=False, markup=False,
+                   emoji=False, soft_wrap=False), buf
+
+
+def render_explain(name: str, width: int, verbose: bool = False) -> list[str]:
+    with np.errstate(all="ignore"):
+        expl = EXPLAINS[name]()
+    console, buf = _console(width)
+    ExplainOutput(expl, "--logits", None, verbose=verbose).render(console)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
+
+
+NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$|^(nan|-|inf|-inf|✓|✗|)$"
+                    r"|^\((\d+,( \d+)*)?\)$")   # or a worst entry's index and mark
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", sorted(EXPLAINS))
+def test_explain_fits_the_width_and_never_cuts_a_number(name, width, verbose):
+    lines = render_explain(name, width, verbose)
+    assert not [line for line in lines if len(line) > width], "\n".join(lines)
+    assert not any("…" in line for line in lines), "\n".join(lines)
+    if verbose:
+        return   # the steps table holds words; the number tables are the same as below
+    for line in (line for line in lines if "│" in line):
+        cells = [c.strip().removesuffix(" *") for c in line.split("│")]
+        assert cells[0], f"a cell wrapped onto a second line:\n{line}"
+        assert all(NUMBER.match(c) for c in cells), line
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_explain_three_classes_is_compact(width):
+    lines = render_explain("three", width)
+    assert len(lines) <= 40, "\n".join(lines)
+    assert lines[0].startswith("verdict: PASS") and lines[-1] == lines[0]
+    text = "\n".join(lines)
+    assert "the derivation, step by step" not in text          # the steps table: --verbose
+    assert "<=" not in text                                    # no tolerance formulas
+    verbose = "\n".join(render_explain("three", width, verbose=True))
+    assert "the derivation, step by step" in verbose and "  jacobian_vs_fd:" in verbose
+    assert len(render_explain("three", width, verbose=True)) > 60
+
+
+def test_explain_compact_shows_a_failing_rule():
+    text = "\n".join(render_explain("bad_target", 80))
+    assert text.startswith("verdict: FAIL: 3 of 9 checks failed (target_is_distribution,")
+    assert "✗ target_is_distribution" in text and "not a probability distribution" in text
+    assert "  target_is_distribution: y_i >= 0 and |sum y - 1| <= 4 C eps" in text
+
+
+def _all_rules() -> list[str]:
+    with np.errstate(all="ignore"):
+        return [c.rule + (f"; {c.note}" if c.note else "") for make in EXPLAINS.values()
+                for c in make().checks]
+
+
+def test_rule_chunks_fit_80_columns_so_formulas_never_wrap():
+    """Every rule's formulas sit in chunks short enough for an 80-column line (4 indent)."""
+    for rule in _all_rules():
+        chunks = rule_chunks(rule)
+        assert " ".join(chunks) == " ".join(rule.split())
+        assert max(map(len, chunks)) <= 76, max(chunks, key=len)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_wrap_rule_breaks_only_between_chunks(width):
+    for rule in _all_rules():
+        lines = wrap_rule("  name:", rule, width)
+        assert all(len(line) <= width for line in lines)
+        body = " ".join(line.strip() for line in lines).removeprefix("name: ")
+        assert body == " ".join(rule.split())     # nothing lost, no word split
+        if width < 80:
+            continue
+        starts, pos = set(), 0
+        for chunk in rule_chunks(rule):
+            starts.add(pos)
+            pos += len(chunk) + 1
+        pos = 0
+        for line in lines[1:]:
+            piece = line.strip()
+            pos = body.index(piece, pos)
+            assert pos in starts, f"a line starts inside a formula: {piece!r}"
+
+
+def test_rule_formulas_stay_whole_at_80_columns():
+    text = "\n".join(render_explain("three", 80, verbose=True))
+    for formula in ("J[j, i] = a_i (1{i=j} - a_j)", "h = eps^(1/3) max(1, |z_i|)",
+                    "|sum a - 1| <= 4 eps (C + 1 + ln C)", "4 (nnz(y) + 1) eps sum_j |J[j, i] dC/da_j|"):
+        assert formula in text, formula
+
+
+_stress: dict = {}
+
+
+def render_stress(kind: str, width: int, verbose: bool = False) -> list[str]:
+    if kind not in _stress:
+        _stress[kind] = builtin_sweep(kind, dtypes=("f16", "f32", "f64"))
+    console, buf = _console(width)
+    StressOutput(_stress[kind], verbose=verbose).render(console)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("kind", ["multiclass", "binary"])
+def test_stress_fits_the_width(kind, width, verbose):
+    lines = render_stress(kind, width, verbose)
+    assert not [line for line in lines if len(line) > width], "\n".join(lines)
+    assert not any("…" in line for line in lines), "\n".join(lines)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("kind", ["multiclass", "binary"])
+def test_stress_cells_stay_on_one_line(kind, width):
+    lines = render_stress(kind, width)
+    report = _stress[kind]
+    cell = re.compile(r"[✓✗-]{%d} (\S+)" % len(report.scales))
+    for sc in report.scenarios:
+        rows = [line for line in lines if line.startswith(f"  {sc.name} ")]
+        assert len(rows) == len(report.impls), sc.name     # one line per implementation
+        for row in rows:
+            shorts = cell.findall(row)
+            assert len(shorts) == len(report.dtypes), row
+            assert all(len(s) <= 5 for s in shorts), row
+    # what a compact cell leaves out is in --verbose
+    verbose = "\n".join(render_stress(kind, 120, verbose=True))
+    assert "<=" in verbose and ("nan grad" in verbose or "loss" in verbose)

@@ -176,7 +176,7 @@ def test_naive_float16_breaks_at_any_scale_with_131k_classes(sweep):
 
 
 def test_builtin_sweep_cli_is_a_report(invoke):
-    result = invoke(["stress", "--dtypes", "f16,f32,f64", "--scenarios", "spread,dominant"])
+    result = invoke(["stress", "--dtypes", "f16,f32,f64", "--scenarios", "spread,dominant", "--verbose"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     for text in ("naive", "max-shift", "log-softmax", "holds to 1e4", "(10, 30]", "(30, 100]",

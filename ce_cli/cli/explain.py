@@ -63,6 +63,9 @@ EntryOpt = Annotated[Optional[int], typer.Option(
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", metavar="FILE.svg", help="Write the --steps table with its bars to FILE.svg (implies --steps).",
     show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show the step-by-step table and every check's errors and "
+                            "tolerance rule (docs/explain.md explains them).")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", min=0, metavar="SEED", help="Seed for the random classes probed when C > 1024.")]
 
@@ -167,7 +170,7 @@ def explain(logits_file: LogitsArg = None, labels_file: LabelsArg = None, logits
             label: LabelOpt = None, target: TargetOpt = None, row: RowOpt = None,
             kind: KindOpt = Kind.multiclass, compare_mse_flag: CompareMseOpt = False,
             steps: StepsOpt = False, entry: EntryOpt = None, plot: PlotOpt = None, seed: SeedOpt = 0,
-            json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
+            json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """The derivation of dC/dz = a - y on one sample of your numbers: softmax, its Jacobian, dC/da,
     the chain-rule product, a - y and finite differences, each step with a check."""
     import numpy as np
@@ -191,7 +194,7 @@ def explain(logits_file: LogitsArg = None, labels_file: LabelsArg = None, logits
                                (logits_source, source_name("labels", labels_file)))
         mse = compare_mse(expl) if compare_mse_flag else None
         curve = step_curve(expl, entry) if steps else None
-    output = ExplainOutput(expl, sample.where, sample.row, mse, curve)
+    output = ExplainOutput(expl, sample.where, sample.row, mse, curve, verbose=verbose)
     if plot is not None:
         _write_plot(output, plot)
     emit(output, json_out=json_out, quiet=quiet)

@@ -94,6 +94,9 @@ def stress(
     seed: Annotated[int, typer.Option("--seed", min=0, metavar="SEED", help="Seed of the scenarios' logits.")] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Spell out each cell's first failure (scale and reason) and its "
+        "worst error.")] = False,
 ) -> None:
     """Numerical-stability stress tests: a grid of scenarios x logit scales x dtypes, every cell
     judged against the float64 reference of the same rounded inputs with the tolerance model of
@@ -111,7 +114,7 @@ def stress(
     with tempfile.TemporaryDirectory(prefix="ce-check-stress-") as tmp:
         mode, impls = _implementations(impl, impl_cmd, grid_spec, timeout, Path(tmp))
         report = _sweep(grid_spec, mode, impls, save_failures, silent=quiet or json_out)
-    emit(StressOutput(report), json_out=json_out, quiet=quiet)
+    emit(StressOutput(report, verbose=verbose), json_out=json_out, quiet=quiet)
     if mode == "builtin" or report.ok:
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(ExitCode.CHECK_FAILED)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict, dataclass
+from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.columns import Columns
 from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
 from rich.table import Table
 from rich.text import Text
@@ -116,6 +120,7 @@ class ExplainOutput:
     mse: MseComparison | None = None
     curve: StepCurve | None = None
     warnings: tuple[str, ...] = ()
+    verbose: bool = False              # the steps table, every check's numbers and rule
 
     @property
     def checks(self) -> tuple[CheckResult, ...]:
@@ -132,7 +137,7 @@ class ExplainOutput:
 
     def render(self, console: Console) -> None:
         render_explanation(self.expl, console, where=self.where, checks=self.checks, mse=self.mse,
-                           curve=self.curve)
+                           curve=self.curve, verbose=self.verbose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +145,15 @@ class ExplainOutput:
 
 
 def render_explanation(expl: Explanation, console: Console, *, where: str, checks: tuple[CheckResult, ...],
-                       mse: MseComparison | None = None, curve: StepCurve | None = None) -> None:
-    """Every table of the derivation, the checks, the notes and the verdict."""
+                       mse: MseComparison | None = None, curve: StepCurve | None = None,
+                       verbose: bool = False) -> None:
+    """The verdict, the sample, the Jacobian, the gradient three ways, the checks and the verdict
+    again; verbose adds the step-by-step table and every check's numbers and rule."""
+    console.print(_verdict(checks))
     _render_header(expl, console, where)
-    console.print(_steps_table(expl, checks))
-    console.print()
+    if verbose:
+        console.print(_steps_table(expl, checks))
+        console.print()
     shown = display_classes(expl)
     _render_sample(expl, console, shown)
     console.print()
@@ -159,12 +168,23 @@ def render_explanation(expl: Explanation, console: Console, *, where: str, check
         console.print(steps_table(curve, binary=expl.kind == "binary"))
         console.print(Text(steps_summary(curve)))
         console.print()
-    render_checks(checks, console)
+    if verbose:
+        render_checks(checks, console)
+    else:
+        render_checks_compact(checks, console)
     for note in expl.notes:
         console.print(Text(f"note: {note}"))
-    ok = all(c.ok for c in checks)
-    verdict = Text("PASS", style="bold green") if ok else Text("FAIL", style="bold red")
-    console.print(Text("verdict: ").append(verdict))
+    console.print(_verdict(checks))
+
+
+def _verdict(checks: tuple[CheckResult, ...]) -> Text:
+    """`verdict: PASS` or `FAIL` with its reason: how many checks hold, the failing ones by name."""
+    failed = [c.name for c in checks if not c.ok]
+    if not failed:
+        return Text("verdict: ").append("PASS", style="bold green").append(
+            f": all {len(checks)} checks of the derivation hold")
+    return Text("verdict: ").append("FAIL", style="bold red").append(
+        f": {len(failed)} of {len(checks)} checks failed ({', '.join(failed)})")
 
 
 def _render_header(expl: Explanation, console: Console, where: str) -> None:
@@ -210,17 +230,39 @@ def _partial(expl: Explanation, shown: np.ndarray) -> str:
 def _render_sample(expl: Explanation, console: Console, shown: np.ndarray) -> None:
     """Steps 1-3 and 5: z, a, y and dC/da at the classes shown."""
     binary = expl.kind == "binary"
-    sample = _table("steps 1-3 and 5: the sample" + _partial(expl, shown))
-    for col in ("" if binary else "class", "z", "s = sigmoid(z)" if binary else "a = softmax(z)",
-                "y", "dC/ds" if binary else "dC/da = -y/a"):
-        sample.add_column(Text(col), justify="right")
-    for i in shown:
-        sample.add_row(str(i) + (" *" if i == expl.target and not binary else ""), num(expl.z[i]),
-                       num(expl.a[i]), num(expl.y[i]), num(expl.dC_da[i]))
-    console.print(sample)
+
+    def build(digits: int) -> Table:
+        sample = _table("steps 1-3 and 5: the sample" + _partial(expl, shown))
+        for col in ("" if binary else "class", "z", "s = sigmoid(z)" if binary else "a = softmax(z)",
+                    "y", "dC/ds" if binary else "dC/da = -y/a"):
+            sample.add_column(Text(col), justify="right", no_wrap=True)
+        for i in shown:
+            sample.add_row(str(i) + (" *" if i == expl.target and not binary else ""),
+                           num(expl.z[i], digits), num(expl.a[i], digits), num(expl.y[i], digits),
+                           num(expl.dC_da[i], digits))
+        return sample
+
+    console.print(_fitting(console, build))
     if not binary:
         console.print(Text("  * the target class; sum a = "
                            f"{num(float(np.sum(expl.a)), 17)}, sum y = {num(float(np.sum(expl.y)), 17)}"))
+
+
+def _fits(console: Console, table: Table) -> bool:
+    """The table's natural width (unconstrained) is within the console's."""
+    wide = console.options.update_width(1 << 16)
+    return console.measure(table, options=wide).maximum <= console.width
+
+
+def _fitting(console: Console, build: Callable[[int], Table], digits: tuple[int, ...] = (10, 6, 4)
+             ) -> Table:
+    """The table with the most significant digits whose columns fit the console (its number
+    columns never wrap, so a number is never split over two lines)."""
+    for d in digits[:-1]:
+        table = build(d)
+        if _fits(console, table):
+            return table
+    return build(digits[-1])
 
 
 def _nanmax(x: np.ndarray) -> float:
@@ -233,22 +275,26 @@ def _render_gradient(expl: Explanation, console: Console, shown: np.ndarray) -> 
     binary = expl.kind == "binary"
     closed = "s - y" if binary else "a - y"
     product = "s' dC/ds" if binary else "J^T dC/da"
-    grad = _table(f"steps 6-8: the chain rule, {closed} and finite differences, side by side"
-                  + _partial(expl, shown))
-    for col in ("" if binary else "class", product, closed, "finite diff", "max |diff|"):
-        grad.add_column(Text(col), justify="right")
     disc = discrepancy(expl)
-    for i in shown:
-        grad.add_row(str(i), num(expl.chain_rule[i]), num(expl.a_minus_y[i]),
-                     num(expl.fd[i]), fmt(float(disc[i])) if np.isfinite(disc[i]) else "nan")
-    console.print(grad)
+
+    def build(digits: int) -> Table:
+        grad = _table(f"steps 6-8: the chain rule, {closed} and finite differences, side by side"
+                      + _partial(expl, shown))
+        for col in ("" if binary else "class", product, closed, "finite diff", "max |diff|"):
+            grad.add_column(Text(col), justify="right", no_wrap=True)
+        for i in shown:
+            grad.add_row(str(i), num(expl.chain_rule[i], digits), num(expl.a_minus_y[i], digits),
+                         num(expl.fd[i], digits), fmt(float(disc[i])) if np.isfinite(disc[i]) else "nan")
+        return grad
+
+    console.print(_fitting(console, build))
     worst_chain = _nanmax(np.abs(expl.chain_rule - expl.a_minus_y))
     with np.errstate(invalid="ignore"):
         fd_err = np.abs(expl.fd - expl.a_minus_y)
     worst_fd = float(np.nanmax(fd_err)) if np.isfinite(fd_err).any() else math.nan
     C = expl.n_classes
-    console.print(Text(f"  max |{product} - ({closed})| = {fmt(worst_chain)}   "
-                       f"max |finite diff - ({closed})| = {fmt(worst_fd)}"
+    console.print(Text(f"  max |{product} - ({closed})| = {fmt(worst_chain)}"))
+    console.print(Text(f"  max |finite diff - ({closed})| = {fmt(worst_fd)}"
                        + ("" if expl.probed.size == C else f" (over {expl.probed.size} probed classes)")))
 
 
@@ -257,11 +303,16 @@ def _render_jacobian(expl: Explanation, console: Console, shown: np.ndarray) -> 
     target's row and column."""
     if expl.kind == "binary":
         console.print(_sigmoid_prime_table(expl))
-    elif expl.n_classes <= SHOW_FULL:
-        console.print(_full_jacobian_table(expl))
-    else:
-        console.print(_largest_jacobian_table(expl))
-        console.print(_target_jacobian_table(expl, shown))
+        return
+    if expl.n_classes <= SHOW_FULL:
+        for digits in (4, 3):
+            full = _full_jacobian_table(expl, digits)
+            if _fits(console, full):
+                console.print(full)
+                return
+    # too many classes, or a terminal too narrow for the whole matrix
+    console.print(_fitting(console, lambda d: _largest_jacobian_table(expl, d)))
+    console.print(_fitting(console, lambda d: _target_jacobian_table(expl, shown, d)))
 
 
 def _sigmoid_prime_table(expl: Explanation) -> Table:
@@ -274,44 +325,42 @@ def _sigmoid_prime_table(expl: Explanation) -> Table:
     return t
 
 
-def _full_jacobian_table(expl: Explanation) -> Table:
+def _full_jacobian_table(expl: Explanation, digits: int = 4) -> Table:
     """J[j, i] with each row's sum (0 in exact arithmetic) and its largest |J - FD|."""
     C = expl.n_classes
     assert expl.jacobian is not None  # C <= SHOW_FULL <= FULL_C
     t = _table("step 4: the Jacobian J[j, i] = da_j/dz_i (row j: output a_j; column i: input z_i)")
-    t.add_column(Text("j \\ i"), justify="right")
-    for i in range(C):
-        t.add_column(str(i), justify="right")
-    t.add_column("row sum", justify="right")
-    t.add_column("max |J - FD|", justify="right")
+    wide = digits >= 4   # narrower: a shorter header and error column
+    for col in ("j \\ i", *map(str, range(C)), "row sum", "max |J - FD|" if wide else "max |J-FD|"):
+        t.add_column(Text(col), justify="right", no_wrap=True)
     for j in range(C):
         row = expl.jacobian[j]
         fd_row = np.array([jacobian_fd_entry(expl, j, i) for i in range(C)])
         with np.errstate(invalid="ignore"):
             err = np.nanmax(np.abs(row - fd_row)) if np.isfinite(fd_row).any() else math.nan
-        t.add_row(str(j), *(num(v, 4) for v in row), fmt(float(row.sum())),
-                  fmt(float(err)) if np.isfinite(err) else "-")
+        t.add_row(str(j), *(num(v, digits) for v in row), fmt(float(row.sum()), 3 if wide else 2),
+                  fmt(float(err), 3 if wide else 2) if np.isfinite(err) else "-")
     return t
 
 
-def _largest_jacobian_table(expl: Explanation) -> Table:
+def _largest_jacobian_table(expl: Explanation, digits: int = 10) -> Table:
     C = expl.n_classes
     big = _table(f"step 4: the Jacobian is {C} x {C}; its largest entries (J[j, i] = da_j/dz_i)")
     for col in ("j", "i", "J[j, i]", "finite diff"):
-        big.add_column(Text(col), justify="right")
+        big.add_column(Text(col), justify="right", no_wrap=True)
     for j, i, v in largest_jacobian_entries(expl):
-        big.add_row(str(j), str(i), num(v), num(jacobian_fd_entry(expl, j, i)))
+        big.add_row(str(j), str(i), num(v, digits), num(jacobian_fd_entry(expl, j, i), digits))
     return big
 
 
-def _target_jacobian_table(expl: Explanation, shown: np.ndarray) -> Table:
+def _target_jacobian_table(expl: Explanation, shown: np.ndarray, digits: int = 10) -> Table:
     t = expl.target
     tr = _table(f"the target's row J[{t}, i] and column J[i, {t}] at the classes shown")
     for col in ("i", f"J[{t}, i] = da_{t}/dz_i", f"J[i, {t}] = da_i/dz_{t}", f"FD da_i/dz_{t}"):
-        tr.add_column(Text(col), justify="right")
+        tr.add_column(Text(col), justify="right", no_wrap=True)
     for i in shown:
-        tr.add_row(str(i), num(jacobian_entry(expl, t, int(i))), num(jacobian_entry(expl, int(i), t)),
-                   num(jacobian_fd_entry(expl, int(i), t)))
+        tr.add_row(str(i), num(jacobian_entry(expl, t, int(i)), digits),
+                   num(jacobian_entry(expl, int(i), t), digits), num(jacobian_fd_entry(expl, int(i), t), digits))
     return tr
 
 
@@ -395,16 +444,104 @@ def render_checks(checks: tuple[CheckResult, ...], console: Console) -> None:
                       f"{c.mismatches}/{c.total}")
     console.print(table)
     for c in checks:
-        console.print(Text(f"  {c.name}: {c.rule}" + (f"; {c.note}" if c.note else "")))
+        _print_rule(c, console)
+    _render_worst(checks, console)
+
+
+def render_checks_compact(checks: tuple[CheckResult, ...], console: Console) -> None:
+    """A mark per check, packed into columns; a failing check's rule and note below."""
+    console.print(Text(f"checks ({sum(c.ok for c in checks)} of {len(checks)} hold; --verbose: "
+                       "each check's errors and rule):"))
+    cells = [Text(PASS if c.ok else FAIL, style="green" if c.ok else "bold red").append(f" {c.name}",
+                                                                                      style="")
+             for c in checks]
+    console.print(Columns(cells, padding=(0, 2), equal=True, column_first=True))
+    for c in checks:
+        if not c.ok:
+            _print_rule(c, console)
+    _render_worst(checks, console)
+
+
+# the rule text: breaks only next to words ("within", "where", ...) or after a clause's
+# punctuation outside parentheses, so a formula stays on one line
+MATH_WORDS = frozenset({"sum", "max", "min", "eps", "exp", "log", "log2", "nnz", "inf", "nan", "tiny",
+                        "sigmoid", "softmax", "abs"})
+
+
+def _prose(token: str) -> bool:
+    word = token.strip(",;:.()").removesuffix("'s")
+    return len(word) >= 3 and word.isalpha() and word.islower() and word not in MATH_WORDS
+
+
+def rule_chunks(text: str) -> list[str]:
+    """The rule cut at its label boundaries: before or after a prose word, or after ',', ';' or
+    ':' outside parentheses. A chunk is never split while it fits the line."""
+    tokens = [t for t in re.split(r" +", text.strip()) if t]
+    chunks: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for k, tok in enumerate(tokens):
+        current.append(tok)
+        depth += sum(tok.count(b) for b in "([{") - sum(tok.count(b) for b in ")]}")
+        nxt = tokens[k + 1] if k + 1 < len(tokens) else None
+        clause = depth <= 0 and tok[-1] in ",;:"
+        if nxt is None or clause or _prose(tok) or _prose(nxt):
+            chunks.append(" ".join(current))
+            current = []
+    return chunks
+
+
+def wrap_rule(head: str, text: str, width: int, indent: int = 4) -> list[str]:
+    """`head` then the rule's chunks, packed greedily into lines of at most `width` characters,
+    continuation lines indented; a chunk longer than a line is split at its spaces, never inside
+    a number."""
+    lines: list[str] = []
+    line = head.rstrip()
+    for chunk in rule_chunks(text):
+        for piece in _fit(chunk, width - indent):
+            if len(line) + 1 + len(piece) <= width:
+                line = f"{line} {piece}"
+            else:
+                lines.append(line)
+                line = " " * indent + piece
+    lines.append(line)
+    return lines
+
+
+def _fit(chunk: str, room: int) -> list[str]:
+    """A chunk as pieces of at most `room` characters split at spaces (one piece while it fits)."""
+    if len(chunk) <= room:
+        return [chunk]
+    pieces, piece = [], ""
+    for word in chunk.split(" "):
+        if piece and len(piece) + 1 + len(word) > room:
+            pieces.append(piece)
+            piece = word
+        else:
+            piece = f"{piece} {word}" if piece else word
+    return pieces + [piece]
+
+
+def _print_rule(c: CheckResult, console: Console) -> None:
+    text = c.rule + (f"; {c.note}" if c.note else "")
+    for line in wrap_rule(f"  {c.name}:", text, console.width):
+        console.print(Text(line), soft_wrap=True)
+
+
+def _render_worst(checks: tuple[CheckResult, ...], console: Console) -> None:
     for c in checks:
         if not c.ok and c.worst:
-            w = _table(f"{c.name}: worst entries (✗ = over tolerance)")
-            for col in ("index", c.expected_label, c.got_label, "abs err", "allowed", ""):
-                w.add_column(Text(col), justify="right" if col != "index" else "left")
-            for e in c.worst:
-                w.add_row(str(e.index), num(e.expected), num(e.got), fmt(e.abs_err), fmt(e.allowed),
-                          PASS if e.ok else FAIL)
-            console.print(w)
+            console.print(_fitting(console, partial(_worst_table, c)))
+
+
+def _worst_table(c: CheckResult, digits: int) -> Table:
+    w = _table(f"{c.name}: worst entries (✗ = over tolerance)")
+    for col in ("index", c.expected_label, c.got_label, "abs err", "allowed", ""):
+        w.add_column(Text(col), justify="right" if col != "index" else "left", no_wrap=True)
+    for e in c.worst:
+        w.add_row(str(e.index), num(e.expected, digits), num(e.got, digits), fmt(e.abs_err),
+                  fmt(e.allowed), PASS if e.ok else FAIL)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------

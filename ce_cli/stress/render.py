@@ -41,8 +41,32 @@ def _ratio(r: float | None) -> str:
     return f"{r:.2g}" if math.isfinite(r) else "inf"
 
 
-def render_stress(report: StressReport, console: Console) -> None:
-    """Summary line, the grid, breaking points with the analytic thresholds, failing cells, verdict."""
+# a failing cell's reason in at most 5 characters (g: gradient, L: loss); --verbose spells it out
+SHORT_REASON = {"nan grad": "g:nan", "inf grad": "g:inf", "grad error": "g:err", "nan loss": "L:nan",
+                "inf loss": "L:inf", "loss error": "L:err", "crash": "crash", "timeout": "hung",
+                "bad output": "bad", "error": "err"}
+LEGEND = ("cells: a mark per scale ({scales}), then the worst error / tolerance, or why the first "
+          "failing scale failed (g: gradient, L: loss, err: over tolerance, hung: timeout); "
+          "--verbose spells it out")
+VERBOSE_LEGEND = ("cells: one mark per scale ({scales}), then the worst error as a fraction of the "
+                  "tolerance, or the first failing scale and why")
+
+
+def short_ratio(r: float) -> str:
+    """A pass cell's worst error over its tolerance in at most 5 characters: 0.21, 5e-3, 0."""
+    if r == 0:
+        return "0"
+    if not math.isfinite(r):
+        return "inf"
+    if 0.01 <= r < 10:
+        return f"{r:.2f}"
+    return f"{r:.0e}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+
+
+def render_stress(report: StressReport, console: Console, verbose: bool = False) -> None:
+    """Summary line, the grid, breaking points with the analytic thresholds, failing cells, verdict.
+    The grid's cells are a mark per scale and a short number or reason; verbose spells the reason
+    out (and the range of the first failure)."""
     n = len(report.cells)
     what = ("built-in implementations" if report.mode == "builtin"
             else f"implementation {report.impls[0]}")
@@ -52,14 +76,13 @@ def render_stress(report: StressReport, console: Console) -> None:
         f"{len(report.dtypes)} dtypes = {n} cells in {report.seconds:.1f} s"))
     for note in report.notes:
         console.print(Text(f"note: {note}"))
-    console.print(Text(f"\ncells: one mark per scale ({' '.join(fmt_scale(s) for s in report.scales)}), "
-                       "then the worst error as a fraction of the tolerance, or the first failing "
-                       "scale and why"))
-    console.print(grid_table(report))
+    legend = VERBOSE_LEGEND if verbose else LEGEND
+    console.print(Text("\n" + legend.format(scales=" ".join(fmt_scale(s) for s in report.scales))))
+    console.print(grid_table(report, verbose=verbose))
     console.print(Text("\nbreaking points: (largest scale where every scenario passed, first failing "
                        "scale]: the scenarios failing there; then where the textbook forms break "
                        "analytically"))
-    console.print(breaking_table(report))
+    console.print(breaking_table(report, verbose=verbose))
     if report.mode != "builtin":
         render_failures(report, console)
     if report.saved:
@@ -82,7 +105,7 @@ def _threshold_rows(report: StressReport) -> list[tuple[str, list[str]]]:
             ("-ln(tiny): p = 0 past gap", [f"{t.softmax_underflow:.2f}" for t in ts])]
 
 
-def _row_summary(cells: list[Cell], scales: Sequence[float]) -> Text:
+def _row_summary(cells: list[Cell], scales: Sequence[float], verbose: bool = False) -> Text:
     by_scale = {c.scale: c for c in cells}
     text = Text()
     for s in scales:
@@ -96,37 +119,50 @@ def _row_summary(cells: list[Cell], scales: Sequence[float]) -> Text:
     failing = [c for c in cells if not c.ok]
     if failing:
         first = min(failing, key=lambda c: c.scale)
-        text.append(f" {fmt_scale(first.scale)}: {first.reason}")
+        text.append(f" {fmt_scale(first.scale)}: {first.reason}" if verbose
+                    else f" {SHORT_REASON.get(first.reason, first.reason[:5])}")
     elif cells:
         worst = max((c.worst_ratio or 0.0) for c in cells)
-        text.append(f" <={_ratio(worst)}" if worst else " exact", style="dim")
+        if verbose:
+            text.append(f" <={_ratio(worst)}" if worst else " exact", style="dim")
+        else:
+            text.append(f" {short_ratio(worst)}", style="dim")
     return text
 
 
-def grid_table(report: StressReport) -> Table:
-    """A row per (implementation, scenario), a column per dtype: a mark per scale."""
+def grid_table(report: StressReport, verbose: bool = False) -> Table:
+    """A row per (implementation, scenario), a column per dtype: a mark per scale. Compact: each
+    implementation a heading row over its scenarios (no impl column; none at all for one)."""
     table = Table(show_edge=False, pad_edge=False)
-    table.add_column("impl")
-    table.add_column("scenario")
+    if verbose:
+        table.add_column("impl", overflow="fold")   # a narrow column wraps a name, never cuts it
+    table.add_column("scenario", no_wrap=not verbose, overflow="fold")
     for dtype in report.dtypes:
-        table.add_column(dtype)
+        table.add_column(dtype, overflow="fold")
     index: dict[tuple, list[Cell]] = {}
     for c in report.cells:
         index.setdefault((c.impl, c.scenario, c.dtype), []).append(c)
+    headings = not verbose and len(report.impls) > 1
     for impl in report.impls:
+        if headings:
+            table.add_row(Text(impl, style="bold"), *[""] * len(report.dtypes))
         for i, sc in enumerate(report.scenarios):
-            row: list[str | Text] = [impl if i == 0 else "", sc.name]
-            row += [_row_summary(index.get((impl, sc.name, d), []), report.scales) for d in report.dtypes]
+            row: list[str | Text] = [impl if i == 0 else ""] if verbose else []
+            row.append(f"  {sc.name}" if headings else sc.name)
+            row += [_row_summary(index.get((impl, sc.name, d), []), report.scales, verbose)
+                    for d in report.dtypes]
             table.add_row(*row, end_section=i == len(report.scenarios) - 1)
     return table
 
 
-def _interval(last_ok: float | None, first_fail: float) -> str:
-    return f"({fmt_scale(last_ok)}, {fmt_scale(first_fail)}]" if last_ok is not None \
+def _interval(last_ok: float | None, first_fail: float, sep: str = ", ") -> str:
+    """(last passing, first failing]; compact output joins them without a space, so a narrow
+    column never wraps inside the interval."""
+    return f"({fmt_scale(last_ok)}{sep}{fmt_scale(first_fail)}]" if last_ok is not None \
         else f"<={fmt_scale(first_fail)}"
 
 
-def _breaking_text(bp: BreakingPoint, report: StressReport) -> Text:
+def _breaking_text(bp: BreakingPoint, report: StressReport, verbose: bool = False) -> Text:
     if bp.first_fail is None:
         return Text(f"holds to {fmt_scale(bp.last_ok)}", style="green")
     n_scenarios = len(report.scenarios)
@@ -135,25 +171,26 @@ def _breaking_text(bp: BreakingPoint, report: StressReport) -> Text:
         shown = "all scenarios"
     else:
         shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-    text = Text(f"{_interval(bp.last_ok, bp.first_fail)}: {shown}")
+    sep = ", " if verbose else ","
+    text = Text(f"{_interval(bp.last_ok, bp.first_fail, sep)}: {shown}")
     # the first scenario (spread) is the plain scale probe: show its own breaking point too
     probe = report.scenarios[0].name
     own = bp.per_scenario.get(probe)
     if own is not None and probe not in names:
         below = [s for s in report.scales if s < own]
-        text.append(f"\n{probe}: {_interval(below[-1] if below else None, own)}")
+        text.append(f"\n{probe}: {_interval(below[-1] if below else None, own, sep)}")
     return text
 
 
-def breaking_table(report: StressReport) -> Table:
+def breaking_table(report: StressReport, verbose: bool = False) -> Table:
     """Each implementation's breaking point per dtype, then the analytic thresholds."""
     table = Table(show_edge=False, pad_edge=False)
-    table.add_column("impl")
+    table.add_column("impl", overflow="fold")
     for dtype in report.dtypes:
-        table.add_column(dtype)
+        table.add_column(dtype, overflow="fold")
     bps = {(bp.impl, bp.dtype): bp for bp in report.breaking_points()}
     for i, impl in enumerate(report.impls):
-        table.add_row(impl, *[_breaking_text(bps[(impl, d)], report) if (impl, d) in bps else Text("-")
+        table.add_row(impl, *[_breaking_text(bps[(impl, d)], report, verbose) if (impl, d) in bps else Text("-")
                               for d in report.dtypes], end_section=i == len(report.impls) - 1)
     for label, values in _threshold_rows(report):
         table.add_row(Text(label, style="dim"), *[Text(v, style="dim") for v in values])
@@ -252,11 +289,12 @@ class StressOutput:
 
     warnings: tuple[str, ...] = ()
 
-    def __init__(self, report: StressReport) -> None:
+    def __init__(self, report: StressReport, verbose: bool = False) -> None:
         self.report = report
+        self.verbose = verbose
 
     def to_dict(self) -> dict:
         return stress_to_dict(self.report)
 
     def render(self, console: Console) -> None:
-        render_stress(self.report, console)
+        render_stress(self.report, console, verbose=self.verbose)
