@@ -24,7 +24,7 @@ from ce_cli.io import limits
 from ce_cli.io.inputs import load_array
 from ce_cli.stress.judge import Case
 from ce_cli.stress.runner import python_runner, read_output, run_process
-from tests.conftest import CE_CHECK
+from tests.conftest import CE_CHECK, run_script, script_env
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -440,3 +440,90 @@ def test_d12_logit_at_float64_max_is_skipped_not_called_inf(fd, invoke, tmp_path
     assert "+inf" not in result.output
     if fd == "full":
         assert "too large to perturb" in result.stderr
+
+
+# --- D2 Ctrl-C stops a blocked or busy batch ------------------------------------------------
+def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)  # a hang guard, not a timing assertion
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("ce-check batch did not stop on SIGINT")
+    return out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_d2_sigint_stops_a_batch_blocked_on_a_silent_pipe(jobs):
+    if not CE_CHECK.exists():
+        pytest.skip(f"console script not installed at {CE_CHECK}")
+    proc = subprocess.Popen([str(CE_CHECK), "batch", "-", "--jobs", jobs], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # the writer stays open and silent: the manifest read blocks
+    _, err = _interrupt(proc)
+    proc.stdin.close()
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_d2_sigint_stops_busy_workers_without_tracebacks_or_orphans(tmp_path):
+    if not CE_CHECK.exists() or not Path("/proc/self/task").exists():
+        pytest.skip("needs the console script and /proc")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 12000)))  # ~4 s of --fd full per case
+    np.save(tmp_path / "y.npy", np.arange(4))
+    m = manifest(tmp_path, *({"name": f"c{i}", "logits": "z.npy", "labels": "y.npy", "fd": "full"}
+                             for i in range(4)))
+    proc = subprocess.Popen([str(CE_CHECK), "batch", str(m), "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    while len(workers) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+        workers = _children(proc.pid)
+    time.sleep(0.5)  # both workers inside a case
+    out, err = _interrupt(proc)
+    assert workers and proc.returncode == 130, (proc.returncode, err)
+    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
+    for pid in workers:  # killed and reaped (by us or by init), not left running
+        for _ in range(50):
+            stat = Path(f"/proc/{pid}/stat")
+            if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"worker {pid} still running after Ctrl-C")
+
+
+# --- D13 explain's cost, D14 explain's warnings ---------------------------------------------
+@pytest.mark.parametrize("steps", [[], ["--steps"]])
+def test_d13_explain_refuses_a_million_classes_before_allocating(tmp_path, invoke, steps):
+    z = tmp_path / "z.npy"
+    np.save(z, np.zeros(10**6, dtype=np.float32))
+    one_line_error(invoke(["explain", z, "--label", "3", *steps]),
+                   "1000000 classes", "at most 262144", "MAX_EXPLAIN_CLASSES")
+
+
+def test_d13_explain_class_limit_is_read_from_limits(invoke, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_EXPLAIN_CLASSES", 3)
+    one_line_error(invoke(["explain", "--logits", "1,2,3,4", "--label", "0"]), "4 classes", "at most 3")
+    assert invoke(["explain", "--logits", "1,2,3", "--label", "0"]).exit_code == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["--logits=-800", "--label", "1"], ["--logits=-800", "--label", "0", "--compare-mse", "-v"],
+    ["--logits=-800", "--target", "0.3", "--steps", "--json"], ["--logits=800", "--label", "0", "--steps"],
+    ["--logits=-1e308", "--label", "1", "--steps"]])
+def test_d14_explain_binary_extreme_logits_keep_stderr_clean(args):
+    env = script_env()
+    env["PYTHONWARNINGS"] = "error::RuntimeWarning"  # a numpy warning would be exit 3
+    result = run_script(["explain", "--kind", "binary", *args], env=env)
+    assert result.returncode in (0, 1), result.stderr
+    assert result.stderr == b"", result.stderr

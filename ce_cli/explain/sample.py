@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.limits import explain_classes_refusal
 from ce_cli.models.layout import Layout, make_layout, match_batch
 
 
@@ -72,6 +73,9 @@ def softmax_sample(logits: np.ndarray, row: tuple[int, ...] | None, *, labels: n
     """Row `row` of (C,), (N, C) or (B, T, V) logits (class axis last) and its target."""
     logits = _numeric(logits, logits_source)
     layout = make_layout(logits.shape, -1, logits_source)
+    refusal = explain_classes_refusal(layout.n_classes, logits_source)
+    if refusal:  # before the row is copied to float64
+        raise CeCheckError(refusal)
     r = _flat_index(row, layout.batch_shape, "sample", logits_source, layout.shape)
     z = np.asarray(layout.to_rows(logits)[r], dtype=np.float64)
     batch_index = layout.batch_index(r)

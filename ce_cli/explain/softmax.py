@@ -41,6 +41,7 @@ from ce_cli.explain.common import (
     vector_index,
 )
 from ce_cli.explain.results import Explanation
+from ce_cli.io.limits import explain_classes_refusal
 from ce_cli.kernels.numerics import EPS
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.finite_diff import step_for
@@ -55,6 +56,9 @@ PRODUCT_LIMIT = 1 << 28             # C * nnz(y) terms of the chain-rule product
 def explain_softmax(z: ArrayLike, *, label: int | None = None, target: ArrayLike | None = None,
                     seed: int = 0) -> Explanation:
     """The derivation for one sample: logits z (C,), and a class `label` or `target` probabilities."""
+    refusal = explain_classes_refusal(int(np.size(z)))
+    if refusal:  # before anything of O(C) is allocated
+        raise CeCheckError(refusal)
     z = np.asarray(z, dtype=np.float64).reshape(-1)
     C = z.size
     if C < 2:

@@ -45,7 +45,7 @@ def _step_curve(expl: Explanation, i: int) -> StepCurve:
     fine = np.logspace(-1, -12, 221)
     _, fine_bound = loss_fd(expl.problem, z, np.full(fine.size, i), fine * scale)
     chosen = int(np.flatnonzero(h == KAPPA)[0])
-    best = int(np.nanargmin(error))
+    best = _nanargmin(error, chosen)
     check = compare(
         "step_curve_within_bound", np.full(h.size, exact), fd, SAFETY * bound,
         f"|fd(h) - dC/dz_{i}| <= twice the kernel's bound (rounding 8 eps (|C| + ...)/h + truncation "
@@ -53,4 +53,11 @@ def _step_curve(expl: Explanation, i: int) -> StepCurve:
         expected_label="dC/dz", got_label="finite diff", index=lambda r, c: (float(h[r]),),
         note=f"measured minimum at h = {h[best]:.2g}; eps^(1/3) = {KAPPA:.3g}")
     return StepCurve(i, float(z[i]), exact, h, scale, fd, error, bound, chosen, best,
-                     float(fine[int(np.nanargmin(fine_bound))]), (check,))
+                     float(fine[_nanargmin(fine_bound, 0)]), (check,))
+
+
+def _nanargmin(values: np.ndarray, default: int) -> int:
+    """Index of the smallest non-NaN value; `default` when every value is NaN (a logit so large
+    that z + h overflows at every step)."""
+    finite = ~np.isnan(values)
+    return int(np.nanargmin(values)) if finite.any() else default

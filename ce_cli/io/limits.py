@@ -32,6 +32,9 @@ MAX_QUOTED_CHARS = 40
 # evaluations; about 6e7 per second on one core of a laptop (1x30,000 took 31 s)
 FD_FULL_BUDGET = 2e9
 FD_FULL_RATE = 6e7
+# classes of the one sample `ce-check explain` derives: about 1.9 KB of memory per class, 2.8 KB
+# with --steps (0.5 / 0.74 GB at 2^18 = 262,144, the largest vocabularies; 10^6 took 2.7 GB)
+MAX_EXPLAIN_CLASSES = 1 << 18
 
 
 def fd_full_cost(n_rows: int, n_classes: int) -> float:
@@ -51,6 +54,15 @@ def fd_full_refusal(shape: tuple[int, ...], class_axis: int = -1) -> str | None:
     return (f"`fd=full` on logits of shape {tuple(shape)} needs {cost:.1e} element evaluations "
             f"(2*N*C^2; about {cost / FD_FULL_RATE:.0f} s), over the limit {FD_FULL_BUDGET:.0e}; "
             "use `fd=directional` or `fd=sample` (each O(N*C))")
+
+
+def explain_classes_refusal(n_classes: int, source: str = "logits") -> str | None:
+    """Why `ce-check explain` refuses a sample of `n_classes` (None: within MAX_EXPLAIN_CLASSES)."""
+    if n_classes <= MAX_EXPLAIN_CLASSES:
+        return None
+    return (f"{source}: {n_classes} classes; explain derives one sample of at most "
+            f"{MAX_EXPLAIN_CLASSES} classes (MAX_EXPLAIN_CLASSES, about 2 KB of memory per class); "
+            "`ce-check grad` checks rows of any width")
 
 
 def quoted(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
