@@ -444,34 +444,30 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     return 0;
 }
 
+/* Rows [r0, r1) of `kernel` with scratch `work`: 0, or 1 + the first bad row (see
+ * ce_softmax_rows). Stops early once another thread has found a bad row before the current one
+ * (*stop, 1 + row). The dtype pair picks one of four specialisations of the kernel. */
+#define ROWS_LOOP(kernel)                                                                     \
+    for (int64_t r = r0; r < r1; r++) {                                                       \
+        if (__atomic_load_n(stop, __ATOMIC_RELAXED) <= r) return 0;                           \
+        int bad;                                                                              \
+        if (a->z_is_f32)                                                                      \
+            bad = a->g_is_f32 ? kernel(a, work, r, 1, 1) : kernel(a, work, r, 1, 0);          \
+        else                                                                                  \
+            bad = a->g_is_f32 ? kernel(a, work, r, 0, 1) : kernel(a, work, r, 0, 0);          \
+        if (bad) return r + 1;                                                                \
+    }                                                                                         \
+    return 0;
+
 static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
-    for (int64_t r = r0; r < r1; r++) {
-        if (__atomic_load_n(stop, __ATOMIC_RELAXED) <= r) return 0;
-        int bad;
-        if (a->z_is_f32)
-            bad = a->g_is_f32 ? T(bce_kernel)(a, work, r, 1, 1) : T(bce_kernel)(a, work, r, 1, 0);
-        else
-            bad = a->g_is_f32 ? T(bce_kernel)(a, work, r, 0, 1) : T(bce_kernel)(a, work, r, 0, 0);
-        if (bad) return r + 1;
-    }
-    return 0;
+    ROWS_LOOP(T(bce_kernel))
 }
 
-/* Rows [r0, r1) with scratch `work`: 0, or 1 + the first bad row (see ce_softmax_rows). Stops
- * early once another thread has found a bad row before the current one (*stop, 1 + row). */
 static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
-    for (int64_t r = r0; r < r1; r++) {
-        if (__atomic_load_n(stop, __ATOMIC_RELAXED) <= r) return 0;
-        int bad;
-        if (a->z_is_f32)
-            bad = a->g_is_f32 ? T(row_kernel)(a, work, r, 1, 1) : T(row_kernel)(a, work, r, 1, 0);
-        else
-            bad = a->g_is_f32 ? T(row_kernel)(a, work, r, 0, 1) : T(row_kernel)(a, work, r, 0, 0);
-        if (bad) return r + 1;
-    }
-    return 0;
+    ROWS_LOOP(T(row_kernel))
 }
 
+#undef ROWS_LOOP
 #undef PASS1
 #undef CE_COMPARE_BEGIN
 #undef CE_COMPARE
