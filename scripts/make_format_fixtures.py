@@ -3,7 +3,7 @@ input format ce-check reads, for tests/test_formats.py (which runs without any o
 
 Run with torch, safetensors and ml_dtypes installed (this script never imports ce_cli):
 
-    PYTHONPATH= /work/fw/venv-torch/bin/python scripts/make_format_fixtures.py
+    python scripts/make_format_fixtures.py   (in an environment with torch, e.g. pip install torch)
 
 The case: (6, 10) logits k/16 (exact in bf16, f16, f32 and f64), int64 labels with one
 ignore_index (-100), and for each dtype DT of f64, f32, f16, bf16 PyTorch's own

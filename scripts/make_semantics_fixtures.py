@@ -1,6 +1,6 @@
 """Fixtures for the training-code semantics (fixtures/semantics/*.npz), float64 throughout.
 
-Run with the torch venv:  /work/fw/venv-torch/bin/python scripts/make_semantics_fixtures.py
+Run where torch is installed:  python scripts/make_semantics_fixtures.py
 
 Each file holds the inputs, the framework's loss and its gradient w.r.t. the RAW logits
 (autograd), the ce-check settings that express the call (`call`, JSON) and `source`: "real"
