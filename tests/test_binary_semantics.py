@@ -35,6 +35,7 @@ def test_sources_are_labelled():
     assert all(s.startswith(("real", "recomputed")) for s in sources.values())
     assert sources["hf_multi_label"].startswith("real: transformers")
     assert sources["keras_smoothing_sample_weight"].startswith("recomputed: Keras")
+    assert sources["keras_real_sum_over_batch_size"].startswith("real: keras 3")
 
 
 @pytest.mark.parametrize("name", NAMES)
