@@ -345,6 +345,9 @@ def test_cli_json_echo_and_manifest(invoke, tmp_path):
     assert out["options"]["label_smoothing"] == 0.1 and out["options"]["sample_weighted"]
     assert out["options"]["denominator"] == call["denominator"]
     assert out["options"]["kernel"] == "numpy"
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((FIXTURES.parent.parent / "docs" / "schema" / "report.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(out)
     case = {"name": "keras", "kind": "binary", "logits": "logits.npy", "labels": "labels.npy",
             "grad": "grad.npy", "sample_weight": "sample_weight.npy", **call,
             "softcap": None, "logit_scale": 1.0, "fd": "full"}
