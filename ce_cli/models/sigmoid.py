@@ -105,8 +105,9 @@ class SigmoidBCE(RowMatrix):
     def max_target_weight(self) -> float:
         """An upper bound of |w * (1 + (pw - 1) y) * T'|: scales the subnormal allowance."""
         w = float(np.abs(self.weight).max()) if self.weight is not None else 1.0
-        if self.sem.sample_weight is not None:
-            w *= float(np.abs(self.sem.sample_weight).max())
+        sw = self.sem.sample_weight
+        if sw is not None:  # one column of the broadcast, not N*K temporaries
+            w *= float(np.abs(sw[:, :1] if sw.strides[1] == 0 else sw).max())
         if self.transformed:
             w *= abs(self.sem.logit_scale)  # |T'| <= S
         return w * (max(1.0, float(np.abs(self.pos_weight).max())) if self.pos_weight is not None else 1.0)
