@@ -182,10 +182,12 @@ def wrong_at(bad, good, rel=1e-6):
     return {tuple(int(i) for i in w) for w in np.argwhere(np.abs(bad - good) > rel * np.abs(good).max())}
 
 
-def test_zoo_softcap_missing_sech2():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zoo_softcap_missing_sech2(dtype):
     x, y, _s, pw = batch_case(7)
-    good = framework_grad(x, y, pw=pw, cap=2.0, D=x.size)
-    bad = framework_grad(x, y, pw=pw, cap=2.0, D=x.size, bug="no_sech2")
+    x = x.astype(dtype)
+    good = framework_grad(x, y, pw=pw, cap=2.0, D=x.size, dtype=dtype)
+    bad = framework_grad(x, y, pw=pw, cap=2.0, D=x.size, bug="no_sech2", dtype=dtype)
     assert check_binary(x, y, grad=good, pos_weight=pw, softcap=2.0).ok
     report = check_binary(x, y, grad=bad, pos_weight=pw, softcap=2.0)
     found = bad_entries(report)
@@ -193,24 +195,28 @@ def test_zoo_softcap_missing_sech2():
     assert not next(c for c in report.checks if c.name == "fd_vs_grad").ok
 
 
-def test_zoo_logit_scale_applied_twice():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zoo_logit_scale_applied_twice(dtype):
     x, y, _s, _pw = batch_case(8)
-    good = framework_grad(x, y, scale=0.5, D=x.size)
-    bad = framework_grad(x, y, scale=0.5, D=x.size, bug="scale_twice")
+    x = x.astype(dtype)
+    good = framework_grad(x, y, scale=0.5, D=x.size, dtype=dtype)
+    bad = framework_grad(x, y, scale=0.5, D=x.size, bug="scale_twice", dtype=dtype)
     assert check_binary(x, y, grad=good, logit_scale=0.5).ok
     found = bad_entries(check_binary(x, y, grad=bad, logit_scale=0.5))
     assert found and found <= wrong_at(bad, good)
 
 
-def test_zoo_denominator_counts_masked_entries():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zoo_denominator_counts_masked_entries(dtype):
     """Masked samples (sample weight 0): 'mean' and an outside denominator count only the
     unmasked elements; dividing by every element is caught, never in a masked row."""
     x, y, _s, _pw = batch_case(9)
+    x = x.astype(dtype)
     mask = np.ones(x.shape[0])
     mask[[1, 4, 6]] = 0.0
     K = x.shape[1]
-    right = framework_grad(x, y, s=mask, D=K * mask.sum())
-    wrong = framework_grad(x, y, s=mask, D=x.size)
+    right = framework_grad(x, y, s=mask, D=K * mask.sum(), dtype=dtype)
+    wrong = framework_grad(x, y, s=mask, D=x.size, dtype=dtype)
     assert check_binary(x, y, grad=right, sample_weight=mask).ok
     assert check_binary(x, y, grad=right, sample_weight=mask, reduction="sum",
                         denominator=K * mask.sum()).ok
@@ -219,10 +225,12 @@ def test_zoo_denominator_counts_masked_entries():
         assert found and not {r for r, _c in found} & {1, 4, 6}
 
 
-def test_zoo_smoothing_toward_zero():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zoo_smoothing_toward_zero(dtype):
     x, y, _s, _pw = batch_case(10)
-    good = framework_grad(x, y, smoothing=0.1, D=x.size)
-    bad = framework_grad(x, y, smoothing=0.1, D=x.size, bug="smooth_to_zero")
+    x = x.astype(dtype)
+    good = framework_grad(x, y, smoothing=0.1, D=x.size, dtype=dtype)
+    bad = framework_grad(x, y, smoothing=0.1, D=x.size, bug="smooth_to_zero", dtype=dtype)
     assert check_binary(x, y, grad=good, label_smoothing=0.1).ok
     report = check_binary(x, y, grad=bad, label_smoothing=0.1)
     assert bad_entries(report)
