@@ -3,7 +3,7 @@ tests/test_binary.py.
 
 Run with torch installed (and without ce_cli on the path; this script never imports it):
 
-    PYTHONPATH= /tmp/torchvenv/bin/python scripts/make_binary_fixtures.py
+    PYTHONPATH= python scripts/make_binary_fixtures.py   (a Python with torch 2.13, transformers)
 
 Each case is one compressed .npz in fixtures/binary/ holding
 
@@ -28,6 +28,15 @@ identity the two-class bridge checks, on torch's side).
 
 Everything is deterministic: fixed per-case seeds, and the .npz archives are written with a
 fixed zip timestamp, so rerunning the script reproduces the files byte for byte.
+
+Training-code semantics go to fixtures/binary_semantics/ (tests/test_binary_semantics.py), one
+.npz per case in the layout of fixtures/semantics: the inputs (`sample_weight`, `weight`,
+`pos_weight` when the case has them), the float64 loss and the gradient w.r.t. the RAW logits
+(autograd through the scale / softcap written out in torch), `call` (JSON: the check_binary
+settings that express the call) and `source`: "real" when the library computed it (PyTorch
+BCEWithLogitsLoss, HF transformers ForSequenceClassificationLoss), "recomputed" when a published
+formula is written out in torch because the library is not installed in this venv (Keras
+BinaryCrossentropy, optax sigmoid_binary_cross_entropy).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "binary"
+OUT_SEMANTICS = OUT.parent / "binary_semantics"
 NEG_INF = -np.inf
 MAX_BYTES = 500_000
 
@@ -287,10 +297,121 @@ def make_cases() -> None:
                         "on z1 - z0 (bce_loss, bce_grad = d/dz1 = -d/dz0)")
 
 
+# --------------------------------------------------------------------------- training code
+
+
+def semantic_case(name: str, source: str, call: dict, logits, labels, fn, **inputs) -> None:
+    """fn(x) -> torch loss of the RAW logits x (float64); saves its loss and autograd gradient."""
+    x = torch.tensor(np.asarray(logits, dtype=np.float64), requires_grad=True)
+    loss = fn(x)
+    (loss.sum() if loss.ndim else loss).backward()
+    arrays = {"logits": np.asarray(logits), "labels": np.asarray(labels, dtype=np.float64),
+              "loss": loss.detach().numpy().astype(np.float64),
+              "grad": x.grad.numpy().astype(np.float64),
+              "call": np.array(json.dumps(call, sort_keys=True)), "source": np.array(source)}
+    arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in inputs.items() if v is not None})
+    savez(OUT_SEMANTICS / f"{name}.npz", **arrays)
+
+
+def capped(x, scale=1.0, cap=None):
+    """z = cap * tanh(scale * x / cap), or scale * x without a cap."""
+    z = x * scale
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def bce(z, y, **kw):
+    return F.binary_cross_entropy_with_logits(z, torch.tensor(y), **{k: torch.tensor(v) for k, v
+                                                                   in kw.items() if v is not None}
+                                              | {"reduction": "none"})
+
+
+def make_semantic_cases() -> None:
+    N, K = 10, 6
+    r = rng_for(101)
+    x, y, pw = r.standard_normal((N, K)) * 4, hard(r, (N, K)), r.uniform(0.3, 4.0, K)
+    semantic_case("torch_softcap", "real: torch BCEWithLogitsLoss on cap*tanh(x/cap)",
+                  {"softcap": 3.0}, x, y,
+                  lambda t: bce(capped(t, cap=3.0), y, pos_weight=pw).mean(), pos_weight=pw)
+    r = rng_for(102)
+    x, y, w = r.standard_normal((N, K)) * 3, r.random((N, K)), r.uniform(0.2, 2.0, K)
+    semantic_case("torch_logit_scale_sum", "real: torch BCEWithLogitsLoss(reduction='sum') on S*x",
+                  {"logit_scale": 0.625, "reduction": "sum"}, x, y,
+                  lambda t: bce(capped(t, 0.625), y, weight=w).sum(), weight=w)
+    r = rng_for(103)
+    x, y = r.standard_normal((N, K)) * 5, r.random((N, K))
+    semantic_case("torch_scale_softcap_none", "real: torch BCEWithLogitsLoss(reduction='none') on "
+                  "cap*tanh(S*x/cap)", {"logit_scale": 2.5, "softcap": 4.0, "reduction": "none"},
+                  x, y, lambda t: bce(capped(t, 2.5, 4.0), y))
+    r = rng_for(104)
+    x, y, s = r.standard_normal((N, K)) * 3, hard(r, (N, K)), r.uniform(0.0, 2.0, N)
+    s[[2, 7]] = 0.0  # masked samples
+    semantic_case("torch_sample_weight_mean", "real: torch BCEWithLogitsLoss(reduction='none') "
+                  "times s, / (K sum s)", {}, x, y,
+                  lambda t: (bce(t, y) * torch.tensor(s)[:, None]).sum() / (K * s.sum()),
+                  sample_weight=s)
+    r = rng_for(105)
+    x, y = r.standard_normal((3, 4, 5)) * 3, hard(r, (3, 4, 5))
+    s, w, pw = (r.random((3, 4)) < 0.7).astype(np.float64), r.uniform(0.2, 2, 5), r.uniform(0.5, 3, 5)
+    semantic_case("torch_token_weight_denominator", "real: torch BCEWithLogitsLoss(weight, "
+                  "pos_weight, reduction='none') times a (B, T) token mask, sum / 37",
+                  {"denominator": 37.0, "reduction": "sum"}, x, y,
+                  lambda t: (bce(t, y, weight=w, pos_weight=pw) * torch.tensor(s)[..., None]).sum()
+                  / 37.0, sample_weight=s, weight=w, pos_weight=pw)
+    r = rng_for(106)
+    x, y, s = r.standard_normal(24) * 3, hard(r, 24), r.uniform(0.0, 3.0, 24)
+    semantic_case("torch_1d_sample_weight_mean", "real: torch BCEWithLogitsLoss(reduction='none') "
+                  "on (N,) logits times s, / sum s", {"label_smoothing": 0.2}, x, y,
+                  lambda t: (bce(t, y * 0.8 + 0.1) * torch.tensor(s)).sum() / s.sum(),
+                  sample_weight=s)
+    keras_optax_hf(N, K)
+
+
+def keras_optax_hf(N: int, K: int) -> None:
+    """Keras and optax (formulas written out in torch), HF multi-label (the library)."""
+    r = rng_for(107)
+    x, y, s = r.standard_normal((N, K)) * 3, hard(r, (N, K)), r.uniform(0.0, 2.0, N)
+    a = 0.1
+
+    def keras(t, reduction):
+        # keras.losses.binary_crossentropy: y*(1 - a) + 0.5*a, mean over the last axis; then the
+        # Loss reduction: sum_over_batch_size = sum(s*l)/N, mean_with_sample_weight = /sum(s)
+        per_sample = bce(t, y * (1.0 - a) + 0.5 * a).mean(dim=-1) * torch.tensor(s)
+        return per_sample.sum() / (N if reduction == "sum_over_batch_size" else s.sum())
+
+    semantic_case("keras_smoothing_sample_weight", "recomputed: Keras BinaryCrossentropy("
+                  "from_logits=True, label_smoothing=0.1) with sample_weight "
+                  "(sum_over_batch_size)", {"label_smoothing": a, "reduction": "sum",
+                                            "denominator": float(N * K)}, x, y,
+                  lambda t: keras(t, "sum_over_batch_size"), sample_weight=s)
+    semantic_case("keras_mean_with_sample_weight", "recomputed: Keras BinaryCrossentropy("
+                  "from_logits=True, label_smoothing=0.1, reduction='mean_with_sample_weight')",
+                  {"label_smoothing": a}, x, y, lambda t: keras(t, "mean_with_sample_weight"),
+                  sample_weight=s)
+    r = rng_for(108)
+    x, y = r.standard_normal((N, K)) * 3, r.random((N, K))
+    # optax.sigmoid_binary_cross_entropy(logits, labels): -y log s(x) - (1 - y) log s(-x), per element
+    semantic_case("optax_sigmoid_bce", "recomputed: optax sigmoid_binary_cross_entropy",
+                  {"reduction": "none"}, x, y,
+                  lambda t: -torch.tensor(y) * F.logsigmoid(t) - (1 - torch.tensor(y)) * F.logsigmoid(-t))
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    r = rng_for(109)
+    x, y = r.standard_normal((N, K)) * 3, hard(r, (N, K))
+    config = SimpleNamespace(num_labels=K, problem_type="multi_label_classification")
+    semantic_case("hf_multi_label", f"real: transformers {transformers.__version__} "
+                  "ForSequenceClassificationLoss, problem_type='multi_label_classification'",
+                  {}, x, y, lambda t: ForSequenceClassificationLoss(torch.tensor(y), t, config))
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     OUT.mkdir(parents=True, exist_ok=True)
+    OUT_SEMANTICS.mkdir(parents=True, exist_ok=True)
     make_cases()
+    make_semantic_cases()
     manifest = {name: {**CASES[name], "torch": torch.__version__} for name in CASES}
     (OUT / "cases.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     total = sum(p.stat().st_size for p in OUT.iterdir())

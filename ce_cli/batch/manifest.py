@@ -122,11 +122,13 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
                             "smoothing_form": lambda k, v: _choice_of(k, v, ("torch", "others")),
                             "denominator": _positive, "shift_labels": _boolean,
                             "vocab_offset": _integer(0)},
-    Kind.binary.value: {"two_class": _boolean},
+    Kind.binary.value: {"two_class": _boolean, "label_smoothing": _non_negative,
+                        "softcap": _positive, "logit_scale": _positive, "denominator": _positive},
     LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,
              "projections": _integer(1), "weight_layout": lambda k, v: _choice_of(k, v, ("VH", "HV"))},
 }
-KIND_INPUTS = {Kind.multiclass.value: SEMANTIC_INPUTS, Kind.binary.value: ("pos_weight",), LINEAR: LINEAR_INPUTS}
+KIND_INPUTS = {Kind.multiclass.value: SEMANTIC_INPUTS, Kind.binary.value: ("pos_weight", "sample_weight"),
+               LINEAR: LINEAR_INPUTS}
 KIND_KEYS = {kind: (*KIND_INPUTS[kind], *KIND_SETTINGS[kind]) for kind in KIND_SETTINGS}
 COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES
                                   if r not in ("pos_weight", *LINEAR_INPUTS, *SEMANTIC_INPUTS)),

@@ -32,6 +32,11 @@ def binary(
     pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", metavar="FILE|NUMBER", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
     reduction: ReductionOpt = Reduction.mean,
     two_class: Annotated[bool, typer.Option("--two-class", help="LOGITS are (..., 2) softmax logits: check them as multiclass and show CE([z0, z1]) = BCE(z1 - z0).")] = False,
+    sample_weight: Annotated[Optional[str], typer.Option("--sample-weight", metavar="FILE", help="Per-sample / per-token weights with the batch's shape (the logits' without the last axis; 1-D logits: one per element), broadcast over the last axis; 'mean' divides by their sum over the elements. Not PyTorch's --weight.")] = None,
+    denominator: Annotated[Optional[float], typer.Option("--denominator", metavar="N", help="loss = sum of (weighted) element losses / N (mean or sum): HF num_items_in_batch, global counts.")] = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", metavar="A", help="Labels smoothed toward 1/2: y*(1-A) + A/2 (Keras BinaryCrossentropy label_smoothing).")] = 0.0,
+    softcap: Annotated[Optional[float], typer.Option("--softcap", metavar="CAP", help="Soft-capping: z <- CAP*tanh(z/CAP) before the sigmoid; gradients are w.r.t. the raw logits.")] = None,
+    logit_scale: Annotated[float, typer.Option("--logit-scale", metavar="S", help="z <- S*z before the sigmoid (and before --softcap): 1/temperature.")] = 1.0,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,
@@ -50,16 +55,20 @@ def binary(
 ) -> None:
     """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
     gradient in float64, proven by finite differences, compared with yours, plus the two-class
-    bridge (softmax CE over [0, z] equals BCE on z)."""
+    bridge (softmax CE over [0, z] equals BCE on z). The softmax-only options of `grad`
+    (--z-loss, --lse, --smoothing-form, --shift-labels, --vocab-offset) do not apply to a
+    sigmoid."""
     from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
     from ce_cli.verify.checks import check_binary
 
     run_check(
         check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
-                       "weight": weight, "pos_weight": pos_weight},
+                       "weight": weight, "pos_weight": pos_weight, "sample_weight": sample_weight},
         out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.binary],
         reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
         floor_factor=floor_factor,
         normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals, fd=fd,
         samples=samples, seed=seed, worst=worst,
+        denominator=denominator, label_smoothing=label_smoothing, softcap=softcap,
+        logit_scale=logit_scale,
     )

@@ -15,6 +15,7 @@ lse' = log(sum_shard exp z + R_n), R_n the mass of the vocabulary outside a shar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ class Semantics:
     logit_scale: float = 1.0
     smoothing_form: str = "torch"
     denominator: float | None = None
-    sample_weight: np.ndarray | None = None  # (N,) float64
+    sample_weight: np.ndarray | None = None  # (N,) float64 (binary: its (N, K) broadcast)
     vocab_offset: int | None = None
     inside_mask: np.ndarray | None = None    # (N,) the row's label lies in this shard
     rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass
@@ -78,8 +79,10 @@ class Semantics:
 
 
 def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,
-                     smoothing_form: str, denominator: float | None) -> None:
-    """The one-line errors of the scalar options."""
+                     smoothing_form: str, denominator: float | None,
+                     reduction: str | None = None) -> None:
+    """The one-line errors of the scalar options (`reduction` given: a denominator needs a
+    reduced loss)."""
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise CeCheckError(f"`z_loss`: must be a finite number >= 0, got {z_loss}")
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
@@ -90,6 +93,19 @@ def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,
         raise CeCheckError(f"`smoothing_form`: unknown value '{smoothing_form}' (use torch or others)")
     if denominator is not None and not (math.isfinite(denominator) and denominator > 0):
         raise CeCheckError(f"`denominator`: must be a finite number > 0, got {denominator}")
+    if denominator is not None and reduction == "none":
+        raise CeCheckError("`denominator`: applies to reduction mean or sum, not none")
+
+
+def check_sample_weights(sw: np.ndarray, source: str, index_of: Callable[[int], tuple],
+                         warnings: list[str]) -> None:
+    """Sample weights (flat float64) must be finite (one line naming the first bad index);
+    negative ones are allowed with a warning."""
+    if not np.all(np.isfinite(sw)):
+        i = int(np.flatnonzero(~np.isfinite(sw))[0])
+        raise CeCheckError(f"{source}: non-finite weight {sw[i]} at index {index_of(i)}")
+    if (sw < 0).any():
+        warnings.append(f"{source}: negative sample weights")
 
 
 def _terms(ev: ChunkEval):
@@ -98,7 +114,7 @@ def _terms(ev: ChunkEval):
     return s, Q, qabs, qsum, zabs
 
 
-def _chain(sem: Semantics) -> tuple[float, float, float]:
+def chain_bounds(sem: Semantics) -> tuple[float, float, float]:
     """Bounds of |T'|, |T''|, |T'''| over the real line: S, (4/(3 sqrt 3)) S^2/cap, 2 S^3/cap^2
     (T'' = -2 S^2/cap t (1 - t^2), T''' = -2 S^3/cap^2 (1 - t^2)(1 - 3 t^2), t = tanh)."""
     S = abs(sem.logit_scale)
@@ -120,7 +136,7 @@ def fd_error_bound(sem: Semantics, n_classes: int, z_entry: np.ndarray, h: np.nd
     normaliser and the rounded transformed logits, |z| <= zabs) over h."""
     s, Q, qabs, _qsum, zabs = _terms(ev)
     zeta = abs(sem.z_loss)
-    T1, T2, T3 = _chain(sem)
+    T1, T2, T3 = chain_bounds(sem)
     hz = T1 * h
     L = np.abs(ev.lse)
     QE = Q + 2.0 * zeta * (L + hz)
@@ -147,7 +163,7 @@ def directional_error_bound(sem: Semantics, n_classes: int, ep: ChunkEval, em: C
     |Dg[y]| <= (QE + sum|q|)|y|; plus the rounding of both evaluations."""
     s, Q, qabs, qsum, zabs = _terms(ep)
     zeta = abs(sem.z_loss)
-    T1, T2, T3 = _chain(sem)
+    T1, T2, T3 = chain_bounds(sem)
     du = np.abs(delta).max(axis=1) / 2.0 if delta.size else np.zeros(len(s))
     V, r = T1 * du, 2.0 * T1 * du
     W, Y = T2 * du**2, T3 * du**3

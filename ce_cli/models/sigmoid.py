@@ -9,10 +9,22 @@ Per element, with weight w (broadcast to the input) and pos_weight pw (along the
 cancels: no log(0), no s(x) rounded to 1 where it matters, for |x| up to the float64 range.
 'mean' divides by the number of elements (not the weights), 'none' gives the gradient of the sum.
 Rows are the flattened leading axes; the last axis is the row (multi-label (N, K): K labels).
+
+Training-code semantics (`sem`, models/semantics.py): on raw logits x the loss sees
+z = T(x) = cap * tanh(S x / cap) (`softcap`; z = S x without it, `logit_scale` S), labels
+smoothed toward 1/2 as y' = y (1 - A) + A/2 (Keras' `label_smoothing`), and sample weights s
+(the batch's shape, broadcast over the last axis) multiply w. Then
+
+    l = s * w * [pw * y' * softplus(-z) + (1 - y') * softplus(z)]
+    dl/dx = s * w * [(1 + (pw - 1) y') s(z) - pw y'] * T'(x)
+
+and the reduced loss divides the sum by the `denominator` given, else for 'mean' by the number
+of elements (PyTorch) or, with sample weights, by their sum over the elements (K sum_n s_n).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +33,12 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels import compiled
 from ce_cli.kernels.base import ChunkEval, required
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max, loss_sum
 from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
+from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
-from ce_cli.models.layout import Layout, make_layout
-from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
+from ce_cli.models.layout import Layout, make_layout, match_batch
+from ce_cli.models.semantics import Semantics, chain_bounds, check_sample_weights, validate_scalars
 
 
 @dataclass(frozen=True)
@@ -38,15 +52,30 @@ class SigmoidBCE(RowMatrix):
     pos_weight: np.ndarray | None  # (K,) float64, or None
     reduction: str
     source: str = "logits"
+    smoothing: float = 0.0        # A: labels y' = y (1 - A) + A/2
+    sem: Semantics = field(default_factory=Semantics)  # softcap, scale, sample weights, denominator
+    weighted_count: float | None = None  # the sample weights' sum over the elements
     kernel: Any = field(default=None, compare=False, repr=False)  # compiled.SigmoidKernel or None
 
     def __post_init__(self) -> None:
-        # the kernel is chosen once, for the whole check
-        object.__setattr__(self, "kernel", compiled.SigmoidKernel.plan(self))
+        # the kernel is chosen once, for the whole check; the compiled kernel serves PyTorch's
+        # loss, every training-code option runs on the numpy kernel
+        plan = compiled.SigmoidKernel.plan(self) if self.plain else None
+        object.__setattr__(self, "kernel", plan)
 
     @property
     def kernel_name(self) -> str:
         return "compiled" if self.kernel is not None else "numpy"
+
+    @property
+    def plain(self) -> bool:
+        """True with no training-code option: PyTorch's BCEWithLogitsLoss exactly."""
+        return self.sem.plain and not self.smoothing
+
+    @property
+    def transformed(self) -> bool:
+        """True when the loss sees T(x), not the raw logits (softcap, logit scale)."""
+        return self.sem.softcap is not None or self.sem.logit_scale != 1.0
 
     @property
     def valid(self) -> np.ndarray:
@@ -54,21 +83,33 @@ class SigmoidBCE(RowMatrix):
 
     @property
     def denominator(self) -> float:
+        """'mean''s D: the number of elements, or the sample weights' sum over them."""
+        if self.weighted_count is not None:
+            return self.weighted_count
         return float(self.n_rows * self.n_classes)
 
     @property
     def grad_scale(self) -> float:
+        if self.sem.denominator is not None:
+            return 1.0 / self.sem.denominator
         return 1.0 / self.denominator if self.reduction == "mean" else 1.0
 
     def reduce(self, total: float) -> float:
+        if self.sem.denominator is not None:
+            return total / self.sem.denominator
         return total / self.denominator if self.reduction == "mean" else total
 
     target_kind = "binary"
 
     @property
     def max_target_weight(self) -> float:
-        """An upper bound of |w * (1 + (pw - 1) y)|: scales the subnormal allowance."""
+        """An upper bound of |w * (1 + (pw - 1) y) * T'|: scales the subnormal allowance."""
         w = float(np.abs(self.weight).max()) if self.weight is not None else 1.0
+        sw = self.sem.sample_weight
+        if sw is not None:  # one column of the broadcast, not N*K temporaries
+            w *= float(np.abs(sw[:, :1] if sw.strides[1] == 0 else sw).max())
+        if self.transformed:
+            w *= abs(self.sem.logit_scale)  # |T'| <= S
         return w * (max(1.0, float(np.abs(self.pos_weight).max())) if self.pos_weight is not None else 1.0)
 
     @property
@@ -94,7 +135,8 @@ class SigmoidBCE(RowMatrix):
 
     @staticmethod
     def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
-        """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|."""
+        """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|
+        (through T also the rounded z's share, eps*|z|*|dl/dz|: in `item_weight`)."""
         return coef * (np.abs(required(ev.items, "per-element losses"))
                        + required(ev.item_weight, "per-element weights"))
 
@@ -102,10 +144,18 @@ class SigmoidBCE(RowMatrix):
         """The entry with the largest label (a positive) in each row."""
         return np.asarray(self.targets[rows]).argmax(axis=1)
 
+    def smoothed(self, y: np.ndarray) -> np.ndarray:
+        """Labels smoothed toward 1/2: y (1 - A) + A/2 (Keras' form)."""
+        return y * (1.0 - self.smoothing) + 0.5 * self.smoothing if self.smoothing else y
+
     def coefficients(self, rows: np.ndarray):
-        """(y, w, pw) for the rows, float64, broadcast to (R, K)."""
-        y = np.asarray(self.targets[rows], dtype=np.float64)
+        """(y', w, pw) for the rows, float64, broadcast to (R, K): the smoothed labels, and the
+        element weights times the sample weights."""
+        y = self.smoothed(np.asarray(self.targets[rows], dtype=np.float64))
         w = np.asarray(self.weight[rows], dtype=np.float64) if self.weight is not None else None
+        sw = self.sem.sample_weight
+        if sw is not None:
+            w = np.asarray(sw[rows]) if w is None else w * sw[rows]
         return y, w, self.pos_weight
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
@@ -126,29 +176,57 @@ class SigmoidBCE(RowMatrix):
         raise CeCheckError(f"{self.source}: shape {self.layout.shape}: {what} logit at index {idx} "
                            "(only -inf is allowed)")
 
-    def _entry_coef(self, rows, cols) -> np.ndarray:
-        y = np.asarray(self.targets[rows, cols], dtype=np.float64)
-        c = np.ones_like(y) if self.pos_weight is None else 1.0 + (self.pos_weight[cols] - 1.0) * y
+    def _entry_terms(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
+        """|w c| and |w| (|1 - y'| + |pw y'|) at entries (rows, cols), c = 1 + (pw - 1) y':
+        4 max|d2l/dz2| and max|dl/dz| of the element (w with the sample weights)."""
+        y = self.smoothed(np.asarray(self.targets[rows, cols], dtype=np.float64))
+        pw = np.ones_like(y) if self.pos_weight is None else self.pos_weight[cols]
+        c = np.ones_like(y) if self.pos_weight is None else 1.0 + (pw - 1.0) * y
+        g1 = np.abs(1.0 - y) + np.abs(pw * y)
         if self.weight is not None:
-            c = c * np.asarray(self.weight[rows, cols], dtype=np.float64)
-        return np.abs(c)
+            w = np.asarray(self.weight[rows, cols], dtype=np.float64)
+            c, g1 = c * w, g1 * np.abs(w)
+        if self.sem.sample_weight is not None:
+            s = self.sem.sample_weight[rows, cols]
+            c, g1 = c * s, g1 * np.abs(s)
+        return np.abs(c), g1
 
     def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
         """Rounding of the row sum, 8*eps*(1 + log2 K)*(|loss_n| + sum_k c_k)/h, plus truncation
-        h^2/6 * c * max|s(1-s)(1-2s)| on [x - h, x + h] (c = w*(1 + (pw-1)y) at the entry)."""
+        h^2/6 * c * max|s(1-s)(1-2s)| on [x - h, x + h] (c = w*(1 + (pw-1)y) at the entry).
+
+        Through z = T(x) (softcap, scale) the chain rule's f3 = g3 T'^3 + 3 g2 T' T'' + g1 T'''
+        bounds the truncation, with |g3| <= c max|s(1-s)(1-2s)| over [z - S h, z + S h],
+        |g2| <= c/4, |g1| <= |w| (|1 - y'| + |pw y'|) and |T^(k)| from semantics.chain_bounds;
+        the row sum's rounding then holds the rounded z's share (`total_weight`)."""
         K = self.n_classes
         rounding = 8.0 * EPS * (1.0 + np.log2(K)) * (np.abs(ev.loss) + ev.total_weight) / h
-        truncation = h * h / 6.0 * self._entry_coef(rows, cols) * logistic_third_max(z_entry, h)
-        return (rounding + truncation) * self.grad_scale
+        cw, g1w = self._entry_terms(rows, cols)
+        if not self.transformed:
+            truncation = h * h / 6.0 * cw * logistic_third_max(z_entry, h)
+            return (rounding + truncation) * self.grad_scale
+        T1, T2, T3 = chain_bounds(self.sem)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z_c, _ = transform(z_entry, self.sem.logit_scale, self.sem.softcap)
+        third = logistic_third_max(z_c, T1 * h)
+        f3 = cw * (third * T1**3 + 0.75 * T1 * T2) + g1w * T3
+        return (rounding + h * h / 6.0 * f3) * self.grad_scale
 
     def directional_error_bound(self, ep: ChunkEval, em: ChunkEval, delta: np.ndarray) -> np.ndarray:
-        """Rounding of both row sums plus sum_k c_k * THIRD_MOMENT_MAX * |delta_k|^3 / 24."""
+        """Rounding of both row sums plus sum_k c_k * THIRD_MOMENT_MAX * |delta_k|^3 / 24 (a sum
+        over elements: the third derivative is diagonal); through T each element's bound of
+        `fd_error_bound`, from the row sums of c and |g1| (`row_terms`)."""
         K = self.n_classes
         rounding = 16.0 * EPS * (1.0 + np.log2(K)) * (
             np.maximum(np.abs(ep.loss), np.abs(em.loss)) + ep.total_weight)
         reach = np.abs(delta).max(axis=1)
-        truncation = ep.total_weight * THIRD_MOMENT_MAX * reach**3 / 24.0
-        return (rounding + truncation) * self.grad_scale
+        if not self.transformed:
+            truncation = ep.total_weight * THIRD_MOMENT_MAX * reach**3 / 24.0
+            return (rounding + truncation) * self.grad_scale
+        T1, T2, T3 = chain_bounds(self.sem)
+        cw, g1w = required(ep.row_terms, "row terms").T
+        f3 = cw * (THIRD_MOMENT_MAX * T1**3 + 0.75 * T1 * T2) + g1w * T3
+        return (rounding + f3 * reach**3 / 24.0) * self.grad_scale
 
 
 def build_sigmoid_bce(
@@ -162,10 +240,20 @@ def build_sigmoid_bce(
     labels_source: str = "labels",
     weight_source: str = "weight",
     pos_weight_source: str = "pos_weight",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    denominator: float | None = None,
+    sample_weight: np.ndarray | None = None,
+    sample_weight_source: str = "sample_weight",
 ) -> tuple[SigmoidBCE, list[str]]:
-    """Validate inputs (labels in [0, 1], shapes, broadcasts) and build the problem."""
+    """Validate inputs (labels in [0, 1], shapes, broadcasts, the training-code options) and
+    build the problem."""
     warnings: list[str] = []
     logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
+    validate_scalars(0.0, softcap, logit_scale, "torch", denominator, reduction)
+    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+        raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
     layout = make_layout(logits.shape, -1, source)  # rows: the last axis
     if labels.shape != logits.shape:
         if _squeezed(labels.shape) == _squeezed(logits.shape):  # (N, 1) CSV column for (N,) logits
@@ -175,31 +263,69 @@ def build_sigmoid_bce(
                                f"{logits.shape}: binary labels need the logits' shape")
     targets = layout.to_rows(labels)
     _check_unit_interval(targets, layout, labels_source)
-
-    w_rows = None
-    if weight is not None:
-        w = np.asarray(weight, dtype=np.float64)
-        try:
-            w_full = np.broadcast_to(w, logits.shape)
-        except ValueError:
-            raise CeCheckError(f"{weight_source}: shape {w.shape} does not broadcast to the logits "
-                               f"{logits.shape}") from None
-        if not np.all(np.isfinite(w)):
-            i = tuple(int(v) for v in np.argwhere(~np.isfinite(w))[0])
-            raise CeCheckError(f"{weight_source}: shape {w.shape}: non-finite weight at index {i}")
-        w_rows = layout.to_rows(w_full)
-    pw = None
-    if pos_weight is not None:
-        pw = np.asarray(pos_weight, dtype=np.float64)
-        K = layout.n_classes
-        if pw.ndim > 1 or pw.size not in (1, K):
-            raise CeCheckError(f"{pos_weight_source}: shape {pw.shape}; pos_weight broadcasts along "
-                               f"the last axis of the logits: expected ({K},) or a scalar")
-        if not np.all(np.isfinite(pw)):
-            raise CeCheckError(f"{pos_weight_source}: non-finite pos_weight")
-        pw = np.broadcast_to(pw.reshape(-1), (K,)).copy()
-    problem = SigmoidBCE(layout.to_rows(logits), layout, targets, w_rows, pw, reduction, source)
+    w_rows = _element_weights(weight, logits.shape, layout, weight_source)
+    pw = _pos_weights(pos_weight, layout.n_classes, pos_weight_source)
+    sw, count = None, None
+    if sample_weight is not None:
+        sw, count = _sample_weights(np.asarray(sample_weight), layout, sample_weight_source,
+                                    warnings)
+        if reduction == "mean" and denominator is None and count == 0:
+            raise CeCheckError(f"{sample_weight_source}: the sample weights sum to 0: 'mean' is "
+                               "0/0; give `denominator` or reduction sum")
+    sem = Semantics(softcap=softcap, logit_scale=logit_scale, denominator=denominator,
+                    sample_weight=sw)
+    problem = SigmoidBCE(layout.to_rows(logits), layout, targets, w_rows, pw, reduction, source,
+                         float(label_smoothing), sem, count)
     return problem, warnings
+
+
+def _element_weights(weight, shape: tuple[int, ...], layout: Layout, source: str) -> np.ndarray | None:
+    """PyTorch's `weight`, broadcast to the logits, as (N, K) float64 rows."""
+    if weight is None:
+        return None
+    w = np.asarray(weight, dtype=np.float64)
+    try:
+        w_full = np.broadcast_to(w, shape)
+    except ValueError:
+        raise CeCheckError(f"{source}: shape {w.shape} does not broadcast to the logits "
+                           f"{shape}") from None
+    if not np.all(np.isfinite(w)):
+        i = tuple(int(v) for v in np.argwhere(~np.isfinite(w))[0])
+        raise CeCheckError(f"{source}: shape {w.shape}: non-finite weight at index {i}")
+    return layout.to_rows(w_full)
+
+
+def _pos_weights(pos_weight, K: int, source: str) -> np.ndarray | None:
+    """pos_weight: K values along the last axis, or one number, as (K,) float64."""
+    if pos_weight is None:
+        return None
+    pw = np.asarray(pos_weight, dtype=np.float64)
+    if pw.ndim > 1 or pw.size not in (1, K):
+        raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along "
+                           f"the last axis of the logits: expected ({K},) or a scalar")
+    if not np.all(np.isfinite(pw)):
+        raise CeCheckError(f"{source}: non-finite pos_weight")
+    return np.broadcast_to(pw.reshape(-1), (K,)).copy()
+
+
+def _sample_weights(sw: np.ndarray, layout: Layout, source: str,
+                    warnings: list[str]) -> tuple[np.ndarray, float]:
+    """Sample weights with the batch's shape (the logits' without the last axis; for 1-D
+    logits (N,) one per element), as the (N, K) float64 broadcast over the last axis, and
+    their sum over the elements (K sum_n s_n)."""
+    if sw.dtype.kind not in "biuf":
+        raise CeCheckError(f"{source}: dtype {sw.dtype} is not numeric")
+    if len(layout.shape) == 1:  # (N,) logits: N samples of one label each
+        if sw.shape != layout.shape:
+            raise CeCheckError(f"{source}: shape {sw.shape} does not match the logits "
+                               f"{layout.shape}: sample weights of 1-D logits have their shape")
+        flat = np.asarray(sw, dtype=np.float64).reshape(-1)
+        check_sample_weights(flat, source, lambda i: (i,), warnings)
+        return flat.reshape(1, -1), loss_sum(flat)
+    rows = np.asarray(match_batch(sw, layout, source, "sample weights"), dtype=np.float64)
+    check_sample_weights(rows, source, layout.batch_index, warnings)
+    count = loss_sum(rows) * layout.n_classes
+    return np.broadcast_to(rows[:, None], (layout.n_rows, layout.n_classes)), count
 
 
 def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> None:

@@ -294,9 +294,7 @@ def build_softmax_ce(
     if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
     ext.validate_scalars(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
-                         args.denominator)
-    if args.denominator is not None and reduction == "none":
-        raise CeCheckError("`denominator`: applies to reduction mean or sum, not none")
+                         args.denominator, reduction)
     layout = make_layout(logits.shape, class_axis, source)
     w64 = _class_weights(weight, layout.n_classes, weight_source, warnings)
     if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and layout.n_classes == 1):
@@ -378,12 +376,7 @@ def _semantics(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
     if args.sample_weight is not None:
         sw = np.asarray(match_batch(np.asarray(args.sample_weight), layout,
                                     args.sample_weight_source, "sample weights"), dtype=np.float64)
-        if not np.all(np.isfinite(sw)):
-            i = int(np.flatnonzero(~np.isfinite(sw))[0])
-            raise CeCheckError(f"{args.sample_weight_source}: non-finite weight {sw[i]} at "
-                               f"index {layout.batch_index(i)}")
-        if (sw < 0).any():
-            warnings.append(f"{args.sample_weight_source}: negative sample weights")
+        ext.check_sample_weights(sw, args.sample_weight_source, layout.batch_index, warnings)
     inside = rho = None
     if args.vocab_offset is not None:
         inside, rho = _shard(args, z, layout, y, valid, w64, smoothing)

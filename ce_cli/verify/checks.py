@@ -133,6 +133,7 @@ def check_binary(
     out_grad: str | Path | None = None,
     sources: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sample_weight: ArrayLike | None = None,
     **settings: Any,
 ) -> Report:
     """Verify sigmoid binary cross-entropy (PyTorch `BCEWithLogitsLoss` semantics) on arrays.
@@ -142,23 +143,44 @@ def check_binary(
     [0, z] with targets [1 - y, y] equals BCE(z, y), and d/dz1 = s(z) - y = -d/dz0.
     With `two_class=True` the logits are (..., 2) softmax logits with class-index (or
     probability) labels: the multiclass checks run on them, and the bridge on z = z1 - z0.
+    Training code (models/sigmoid.py): `sample_weight` (the batch's shape) multiplies each
+    element's loss, and the settings `softcap`, `logit_scale`, `denominator` and
+    `label_smoothing` (y' = y (1 - A) + A/2, Keras' form) apply; softmax-only settings are refused.
     """
     opts = CheckOptions.build(options, **settings)
+    _refuse_softmax_only(opts)
     src = _sources(sources)
     z, y = np.asarray(logits), np.asarray(labels)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:
-        return _check_two_class(z, y, weight, pos_weight, opts, src, common)
+        return _check_two_class(z, y, weight, pos_weight, opts, src,
+                                {**common, "sample_weight": sample_weight})
     problem, warnings = build_sigmoid_bce(
         z, y, weight=_array_or_none(weight), pos_weight=_array_or_none(pos_weight),
         reduction=opts.reduction.value, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"], pos_weight_source=src["pos_weight"])
-    plain = problem if weight is None and pos_weight is None else build_sigmoid_bce(z, y)[0]
+        weight_source=src["weight"], pos_weight_source=src["pos_weight"],
+        label_smoothing=opts.label_smoothing, softcap=opts.softcap, logit_scale=opts.logit_scale,
+        denominator=opts.denominator, sample_weight=_array_or_none(sample_weight),
+        sample_weight_source=src["sample_weight"])
+    plain = (problem if weight is None and pos_weight is None and problem.plain
+             else build_sigmoid_bce(z, y)[0])
     bridge = two_class_bridge(plain, opts.worst, note="" if plain is problem else
-                              "identity checked without weight/pos_weight")
-    echo = {"weighted": weight is not None, "pos_weighted": pos_weight is not None}
+                              "identity checked without weight/pos_weight" if problem.plain else
+                              "identity checked on the plain loss, without the options")
+    echo = {"weighted": weight is not None, "pos_weighted": pos_weight is not None,
+            **problem.sem.to_echo(),
+            **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
     run = Run("binary", echo, (bridge,), out_grad, progress)
     return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
+
+
+def _refuse_softmax_only(opts: CheckOptions) -> None:
+    """The settings of softmax CE that mean nothing for a sigmoid: a one-line error each."""
+    defaults = CheckOptions()
+    for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset"):
+        if getattr(opts, name) != getattr(defaults, name):
+            raise CeCheckError(f"`{name}`: applies to softmax cross-entropy (check_grad), "
+                               "not sigmoid BCE")
 
 
 def _check_two_class(z: np.ndarray, y: np.ndarray, weight: ArrayLike | None,

@@ -28,6 +28,8 @@ class CheckOptions:
     `logit_scale`, `smoothing_form` (torch: eps/C everywhere; others: 1 - eps on the target,
     eps/(C - 1) elsewhere), an outside `denominator`, `shift_labels` (causal LM), and
     `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad).
+    Sigmoid BCE (check_binary) takes `softcap`, `logit_scale`, `denominator` and
+    `label_smoothing` (toward 1/2: y (1 - A) + A/2), and refuses the softmax-only ones.
     """
 
     reduction: Reduction = Reduction.mean
