@@ -162,7 +162,8 @@ def expand(pattern: str, role: str) -> list[str]:
         try:
             import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
 
-            fs, _, paths = fsspec.get_fs_token_paths(pattern)
+            fs, inner = fsspec.core.url_to_fs(pattern)
+            paths = fs.glob(inner)
         except ImportError:
             raise CeCheckError(f"{role} '{pattern}': a URL needs fsspec (pip install fsspec)") from None
         except (ValueError, OSError) as exc:
