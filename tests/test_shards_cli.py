@@ -133,3 +133,16 @@ def test_url_size_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(limits, "MAX_STREAM_BYTES", 100)
     with pytest.raises(CeCheckError, match="over the 100"):
         sh.load(logits[0], "logits")
+
+
+@pytest.mark.parametrize("flag", [["--z-loss", "1e-4"], ["--softcap", "30"], ["--logit-scale", "2"],
+                                  ["--smoothing-form", "others"], ["--denominator", "7"],
+                                  ["--shift-labels"], ["--vocab-offset", "3"],
+                                  ["--sample-weight", "w.npy"], ["--lse", "l.npy"],
+                                  ["--z-loss-value", "0.1"]])
+def test_semantics_shards_do_not_carry_are_refused(tmp_path, invoke, flag):
+    """Never silently ignored: each is an exit-2 line naming the flag."""
+    logits, labels, _ = rows_args(tmp_path)
+    res = invoke(["grad", *logits, labels, "--shards", "rows", *flag])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert f"{flag[0]}: not supported with --shards" in res.output

@@ -71,7 +71,8 @@ def grad(
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
             json_out=json_out, quiet=quiet,
-            refused={"loss": loss, "weight": weight, "out_grad": out_grad}, **settings)
+            refused={"loss": loss, "weight": weight, "out_grad": out_grad, "lse": lse,
+                     "sample_weight": sample_weight, "z_loss_value": z_loss_value}, **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(
         check_grad, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,

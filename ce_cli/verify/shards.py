@@ -593,10 +593,19 @@ def _summary(shard: Shard, r: Report) -> ShardSummary:
 # ---------------------------------------------------------------- the run
 
 
+# training-code semantics (issue 13) a shard check does not carry yet: refused, never ignored
+UNSHARDED = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels",
+             "vocab_offset", "two_class")
+
+
 def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
     """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch."""
     if options.class_axis not in (-1, len(plan.shape) - 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
+    plain = CheckOptions()
+    for name in UNSHARDED:
+        if getattr(options, name) != getattr(plain, name):
+            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1])))
 
