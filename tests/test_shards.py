@@ -337,3 +337,11 @@ def test_vocab_shards_end_to_end(tmp_path, reduction, fd):
     assert {e.index for e in grad.worst if not e.ok} == {(7, 12), (30, 2)}
     assert [s.ok for s in sharded.shards] == [False, False, True]  # columns 2 and 12
     assert abs(merged.loss - single.loss) <= 8 * EPS * abs(single.loss)
+
+
+def test_label_smoothing_on_vocab_shards_is_refused(tmp_path, invoke):
+    plan, _ = vocab_plan(tmp_path)
+    res = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--shards", "vocab",
+                  "--label-smoothing", "0.1"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "--label-smoothing: not with vocabulary shards" in res.output

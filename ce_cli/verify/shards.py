@@ -606,6 +606,9 @@ def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
     for name in UNSHARDED:
         if getattr(options, name) != getattr(plain, name):
             raise CeCheckError(f"`{name}`: not supported with `shards` yet")
+    if plan.axis == "vocab" and options.label_smoothing:
+        raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
+                           "whole vocabulary); check row shards, or the batch whole")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1])))
 
