@@ -145,7 +145,48 @@ def test_cli_binary_shards_list_and_glob(tmp_path, invoke):
     assert [p["ok"] for p in data["shards"]["per_shard"]] == [True, False]
 
 
-@pytest.mark.parametrize("flag", [["--pos-weight", "2"], ["--two-class"], ["--loss", "1.0"]])
+@pytest.mark.parametrize("axis, cuts", [("rows", [0, 12, 30]), ("cols", [0, 3, 8])])
+@pytest.mark.parametrize("given", ["number", "file"])
+def test_pos_weight(tmp_path, invoke, axis, cuts, given):
+    """--pos-weight with shards: a number, or a file of K values (column shards take theirs):
+    the single-process report (the bridge checked without it, as there)."""
+    z, y, _ = bce_batch((30, 8), seed=5)
+    pw = np.linspace(0.5, 4.0, 8) if given == "file" else np.float64(2.5)
+    s = 1.0 / (1.0 + np.exp(-z))
+    g = ((1.0 + (pw - 1.0) * y) * s - pw * y) / z.size  # d/dz of BCE with pos_weight, mean
+    g[17, 6] *= 1.01
+    write(tmp_path, z, y, g, cuts, axis)
+    np.save(tmp_path / "pw.npy", pw)
+    arg = str(tmp_path / "pw.npy") if given == "file" else "2.5"
+    res = invoke(["binary", tmp_path / "z_*.npy", tmp_path / "y_*.npy", "--grad",
+                  tmp_path / "g_*.npy", "--shards", axis, "--pos-weight", arg, "--json"])
+    single = check_binary(z, y, grad=g, pos_weight=pw, fd="auto")
+    assert res.exit_code == 1, res.output
+    data = json.loads(res.stdout)
+    assert not single.ok and data["verdict"].split(", ")[0] == single.verdict.split(", ")[0]
+    for got, want in zip(data["checks"], single.checks):
+        assert (got["name"], got["mismatches"], got["total"]) == (want.name, want.mismatches,
+                                                                  want.total)
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["worst"][0]["index"] == [17, 6] and not grad["worst"][0]["ok"]
+    merged = sh.run_shards(write(tmp_path, z, y, g, cuts, axis), axis, CheckOptions(),
+                           kind="binary", pos_weight=str(tmp_path / "pw.npy") if given == "file"
+                           else 2.5)
+    if axis == "rows":
+        assert_identical(merged.report, check_binary(z, y, grad=g, pos_weight=pw), 2)
+
+
+def test_pos_weight_of_the_wrong_width(tmp_path, invoke):
+    z, y, g = bce_batch((20, 4))
+    write(tmp_path, z, y, g, [0, 1, 4], "cols")
+    np.save(tmp_path / "pw.npy", np.ones(3))
+    res = invoke(["binary", tmp_path / "z_*.npy", tmp_path / "y_*.npy", "--shards", "cols",
+                  "--pos-weight", tmp_path / "pw.npy"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "pw.npy" in res.output and "expected (4,)" in res.output
+
+
+@pytest.mark.parametrize("flag", [["--weight", "w.npy"], ["--two-class"], ["--loss", "1.0"]])
 def test_cli_binary_refuses_what_shards_do_not_support(tmp_path, invoke, flag):
     z, y, g = bce_batch((20, 4))
     write(tmp_path, z, y, g, [0, 10, 20], "rows")

@@ -63,8 +63,8 @@ def binary(
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad name shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
             json_out=json_out, quiet=quiet, kind="binary",
-            refused={"loss": loss, "weight": weight, "pos_weight": pos_weight,
-                     "two_class": two_class, "out_grad": out_grad},
+            refused={"loss": loss, "weight": weight, "two_class": two_class, "out_grad": out_grad},
+            pos_weight=pos_weight,
             reduction=reduction, rtol=rtol, atol=atol, precision=precision,
             floor_factor=floor_factor, normaliser_rtol=normaliser_rtol,
             strict_subnormals=strict_subnormals, fd=fd, samples=samples, seed=seed, worst=worst)

@@ -95,13 +95,20 @@ class ShardsOutput:
 
 def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[str] | None, *,
                 scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
-                refused: dict[str, Any], kind: str = "softmax", **flags: Any) -> NoReturn:
+                refused: dict[str, Any], kind: str = "softmax", pos_weight: str | None = None,
+                **flags: Any) -> NoReturn:
     """Plan the shards from the files and globs, run them (here or on Dask), emit, exit with the
     verdict. `refused`: options not supported with shards yet (an error when given); `flags`:
-    the check's settings; `kind`: softmax (grad) or binary."""
+    the check's settings; `kind`: softmax (grad) or binary (with `pos_weight`)."""
     import numpy as np
 
+    from ce_cli.io.inputs import InputSpec, Origin
     from ce_cli.verify.shards import expand, pair_files, run_shards
+
+    pw: float | str | None = None
+    if pos_weight is not None:
+        spec = InputSpec.parse(pos_weight, "pos_weight", strict=True)
+        pw = float(spec.load()) if spec.origin is Origin.number else spec.text
 
     if axis is None:
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
@@ -109,18 +116,18 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
     for name, value in refused.items():
         if value not in (None, False):
             raise CeCheckError(f"`{name}`: not supported with `shards` yet")
-    if "-" in (*logits, labels, *(grads or ())):
+    if "-" in (*logits, labels, *(grads or ()), pos_weight):
         raise CeCheckError("`shards`: inputs are files, not stdin")
     files = pair_files([f for z in logits for f in expand(z, "logits")], expand(labels, "labels"),
                        [f for g in grads for f in expand(g, "grad")] if grads else None)
     split = None if axis == "auto" else axis
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         if scheduler is None and workers is None:
-            sharded = run_shards(files, split, options, progress=progress, kind=kind)
+            sharded = run_shards(files, split, options, progress=progress, kind=kind, pos_weight=pw)
         else:
             from ce_cli.distributed.dask_run import run_on_dask
 
             sharded = run_on_dask(files, split, options, scheduler=scheduler, workers=workers,
-                                  progress=progress, kind=kind)
+                                  progress=progress, kind=kind, pos_weight=pw)
     emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)

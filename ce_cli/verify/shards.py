@@ -453,34 +453,60 @@ def bridge_rows(shard: Shard, limit: int) -> int:
 @dataclass(frozen=True)
 class BinaryBatch:
     """What every binary shard needs of the whole batch: its entry count (the 'mean'), the
-    rows of the two-class bridge (the batch's first 2^16 elements) and its note."""
+    rows of the two-class bridge (the batch's first 2^16 elements) and its note, its width,
+    and `pos_weight` (a number, or the file or URL of the batch's K values)."""
 
     entries: float
     bridge_rows: int
     bridge_note: str
+    n_cols: int
+    pos_weight: float | str | None = None
 
     @classmethod
-    def of(cls, shape: tuple[int, ...]) -> BinaryBatch:
+    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None) -> BinaryBatch:
         n_rows, n_cols = math.prod(shape[:-1]), shape[-1]
         rows = max(1, min(n_rows, BRIDGE_ELEMENTS // n_cols))
-        note = f"{rows * n_cols} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0"
-        return cls(float(math.prod(shape)), rows, note)
+        note = ("identity checked without weight/pos_weight" if pos_weight is not None else
+                f"{rows * n_cols} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
+        return cls(float(math.prod(shape)), rows, note, n_cols, pos_weight)
+
+
+def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
+    """The pos_weight of the shard's columns (all K for row shards) and how to name it."""
+    if batch.pos_weight is None or isinstance(batch.pos_weight, float):
+        return batch.pos_weight, f"--pos-weight {batch.pos_weight}"
+    source = f"pos_weight file '{batch.pos_weight}'"
+    pw = load(batch.pos_weight, "pos_weight")
+    pw = pw.reshape(-1) if pw.ndim == 2 and 1 in pw.shape else pw
+    if pw.ndim > 1 or pw.size not in (1, batch.n_cols):
+        raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along the last "
+                           f"axis of the batch: expected ({batch.n_cols},) or a scalar")
+    if shard.axis == "cols" and pw.size > 1:
+        pw = pw[shard.offset:shard.offset + shard.size]
+    return pw, source
+
+
+def _batch_mean(problem: SigmoidBCE, entries: float) -> GlobalMeanBCE:
+    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__ if f != "kernel"}
+    return GlobalMeanBCE(**fields, batch_entries=entries)
 
 
 def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                        batch: BinaryBatch, options: CheckOptions,
                        sources: dict[str, str]) -> Report:
     """check_binary on a shard: 'mean' over the batch's entries, the bridge on its part of the
-    batch's first 2^16 elements."""
-    problem, warnings = build_sigmoid_bce(z, y, reduction=options.reduction.value,
-                                          source=sources["logits"], labels_source=sources["labels"])
-    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__ if f != "kernel"}
-    problem = GlobalMeanBCE(**fields, batch_entries=batch.entries)
+    batch's first 2^16 elements (without pos_weight, as check_binary does)."""
+    pw, pw_source = shard_pos_weight(shard, batch)
+    problem, warnings = build_sigmoid_bce(
+        z, y, pos_weight=pw, reduction=options.reduction.value, source=sources["logits"],
+        labels_source=sources["labels"], pos_weight_source=pw_source)
+    problem = _batch_mean(problem, batch.entries)
+    plain = problem if pw is None else _batch_mean(build_sigmoid_bce(z, y)[0], batch.entries)
     rows = bridge_rows(shard, batch.bridge_rows)
-    part = replace(problem, z=problem.z[:rows], targets=problem.targets[:rows])
+    part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
     bridge = (two_class_bridge(part, options.worst, batch.bridge_note),) if rows else ()
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
-    run = Run("binary", {"weighted": False, "pos_weighted": False}, bridge)
+    run = Run("binary", {"weighted": False, "pos_weighted": pw is not None}, bridge)
     return verify(problem, warnings, Inputs(z, y, grad, None, src), options, run)
 
 
@@ -616,9 +642,10 @@ def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
 def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions,
                mapper: Mapper | None = None,
                progress: Callable[[int, int], None] | None = None,
-               kind: str = "softmax") -> ShardedReport:
+               kind: str = "softmax", pos_weight: float | str | None = None) -> ShardedReport:
     """Describe, pass 1, pass 2 and merge (module docstring), each step through `mapper`.
-    `kind`: softmax (`grad`) or binary (sigmoid BCE)."""
+    `kind`: softmax (`grad`) or binary (sigmoid BCE, with `pos_weight`: a number, or the file
+    or URL of K values)."""
     mapper = mapper or LocalMapper()
     shapes = mapper.map(describe, [f.logits for f in files], ("logits",))
     label_files = list(dict.fromkeys(f.labels for f in files))
@@ -626,7 +653,8 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
     plan = make_plan(files, shapes, label_shapes, axis, kind)
     opts = resolve_options(plan, options)
     if kind == "binary":
-        reports = mapper.map(check_shard, plan.shards, (opts, BinaryBatch.of(plan.shape)), progress)
+        batch = BinaryBatch.of(plan.shape, pos_weight)
+        reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
         return merge_reports(plan, reports, opts)
     denominator = None
     if plan.axis == "rows":
