@@ -93,6 +93,16 @@ class ShardsOutput:
         console.print(table)
 
 
+def _pos_weight(text: str | None) -> float | str | None:
+    """--pos-weight for the shards: a number, or the file (or URL) the workers read."""
+    from ce_cli.io.inputs import InputSpec, Origin
+
+    if text is None:
+        return None
+    spec = InputSpec.parse(text, "pos_weight", strict=True)
+    return float(spec.load()) if spec.origin is Origin.number else spec.text
+
+
 def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[str] | None, *,
                 scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                 refused: dict[str, Any], kind: str = "softmax", pos_weight: str | None = None,
@@ -102,13 +112,9 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
     the check's settings; `kind`: softmax (grad) or binary (with `pos_weight`)."""
     import numpy as np
 
-    from ce_cli.io.inputs import InputSpec, Origin
     from ce_cli.verify.shards import expand, pair_files, run_shards
 
-    pw: float | str | None = None
-    if pos_weight is not None:
-        spec = InputSpec.parse(pos_weight, "pos_weight", strict=True)
-        pw = float(spec.load()) if spec.origin is Origin.number else spec.text
+    pw = _pos_weight(pos_weight)
 
     if axis is None:
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
