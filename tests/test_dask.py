@@ -197,3 +197,25 @@ def same_but_names(a, b):
 
     return replace(a, inputs=()) == replace(b, inputs=()) and \
         [(i.role, i.shape, i.dtype) for i in a.inputs] == [(i.role, i.shape, i.dtype) for i in b.inputs]
+
+
+def test_console_script_binary_listed_on_local_workers(tmp_path):
+    """`ce-check binary a.npy b.npy y.npy --grad ga --grad gb --shards cols --workers 2` (its own
+    LocalCluster) prints the single-process run's JSON."""
+    from tests.test_shards_binary import bce_batch, write
+
+    exe = shutil.which("ce-check")
+    assert exe is not None
+    z, y, g = bce_batch((60, 10), seed=6)
+    g[5, 8] *= 1.01
+    write(tmp_path, z, y, g, [0, 4, 10], "cols", shared_labels=True)
+    args = [exe, "binary", str(tmp_path / "z_0.npy"), str(tmp_path / "z_1.npy"),
+            str(tmp_path / "labels.npy"), "--grad", str(tmp_path / "g_0.npy"), "--grad",
+            str(tmp_path / "g_1.npy"), "--shards", "cols", "--fd", "off", "--json"]
+    here = subprocess.run(args, capture_output=True, text=True)
+    there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
+    assert here.returncode == there.returncode == 1, there.stderr
+    data = json.loads(there.stdout)
+    assert json.loads(here.stdout) == data
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["worst"][0]["index"] == [5, 8]
