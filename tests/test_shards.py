@@ -340,7 +340,7 @@ def test_vocab_shards_end_to_end(tmp_path, reduction, fd):
 
 
 def test_label_smoothing_on_vocab_shards_is_refused(tmp_path, invoke):
-    plan, _ = vocab_plan(tmp_path)
+    vocab_plan(tmp_path)
     res = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--shards", "vocab",
                   "--label-smoothing", "0.1"])
     assert res.exit_code == 2 and res.output.count("\n") == 1

@@ -61,7 +61,7 @@ def test_one_argument_still_misses_labels(invoke):
 
 def test_file_urls_equal_local_paths(tmp_path, invoke):
     """file:// URLs go through fsspec (globs too) and give the local report."""
-    logits, labels, grads = rows_args(tmp_path, url="file://")
+    _, labels, grads = rows_args(tmp_path, url="file://")
     by_url = invoke(["grad", f"file://{tmp_path}/logits_*.npy", labels, "--grad", *grads[:1],
                      "--grad", f"file://{tmp_path}/grad_[12].npy", "--shards", "rows", "--json"])
     local = invoke(["grad", f"{tmp_path}/logits_*.npy", f"{tmp_path}/labels.npy", "--grad",
@@ -105,7 +105,7 @@ def _link(path):
     ("protocol", "cannot read"), ("no fsspec", "needs fsspec"),
 ])
 def test_url_faults_are_one_line(tmp_path, invoke, monkeypatch, fault, expect):
-    logits, labels, grads = rows_args(tmp_path, url="file://")
+    logits, labels, _ = rows_args(tmp_path, url="file://")
     target = tmp_path / "logits_1.npy"
     if fault == "missing":
         target.unlink()

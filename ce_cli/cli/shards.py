@@ -45,7 +45,6 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     show_default=False)]
 
 
-
 def shard_inputs(logits: str, labels: list[str]) -> tuple[list[str], str]:
     """`LOGITS... LABELS`: Click gives LOGITS the first file, LABELS the rest (so that a
     missing LABELS still reads as missing); with --shards every file but the last is logits."""
@@ -114,8 +113,6 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
 
     from ce_cli.verify.shards import expand, pair_files, run_shards
 
-    pw = _pos_weight(pos_weight)
-
     if axis is None:
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
     options = check_settings(**flags)
@@ -124,6 +121,7 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
             raise CeCheckError(f"`{name}`: not supported with `shards` yet")
     if "-" in (*logits, labels, *(grads or ()), pos_weight):
         raise CeCheckError("`shards`: inputs are files, not stdin")
+    pw = _pos_weight(pos_weight)
     files = pair_files([f for z in logits for f in expand(z, "logits")], expand(labels, "labels"),
                        [f for g in grads for f in expand(g, "grad")] if grads else None)
     split = None if axis == "auto" else axis

@@ -183,7 +183,7 @@ def load(path: str, role: str) -> np.ndarray:
     loader, URLs (`s3://...`) through fsspec (when installed)."""
     if "://" not in path:
         return InputSpec(role, path, Origin.file).load()
-    fs, inner, size = open_url(path, role)
+    fs, inner, _size = open_url(path, role)
     label = f"{role} file '{path}'"
     try:
         with fs.open(inner, "rb") as fh:
