@@ -345,3 +345,15 @@ def test_label_smoothing_on_vocab_shards_is_refused(tmp_path, invoke):
                   "--label-smoothing", "0.1"])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert "--label-smoothing: not with vocabulary shards" in res.output
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row_shards_with_label_smoothing(tmp_path, reduction):
+    """Label smoothing is per row: row shards give the single-process report with it."""
+    z, y, _ = make_batch(n=90, c=11)
+    g = reference(z, y, reduction=reduction, label_smoothing=0.1).grad.astype(np.float32)
+    g[61, 3] *= 1.001
+    opts = CheckOptions(reduction=reduction, label_smoothing=0.1, fd="full")
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 30, 90]), "rows", opts)
+    assert_same_report(sharded.report, check_grad(z, y, grad=g, options=opts), 2)
+    assert [s.ok for s in sharded.shards] == [True, False]
