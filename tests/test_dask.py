@@ -149,3 +149,73 @@ def test_console_script_with_local_workers(tmp_path):
     there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
     assert here.returncode == there.returncode == 1, there.stderr
     assert json.loads(here.stdout) == json.loads(there.stdout)
+
+
+@pytest.mark.parametrize("axis, cuts", [("rows", [0, 30, 45, 80]), ("cols", [0, 2, 7, 9])])
+def test_binary_shards_on_dask(tmp_path, client, axis, cuts):
+    """binary --shards on 2 worker processes: the single-process report, per shard and merged;
+    the planted error at its global index, in the shard that holds it."""
+    from ce_cli.verify.checks import check_binary
+    from tests.test_shards_binary import assert_identical, bce_batch, write
+
+    z, y, g = bce_batch((80, 9), seed=4)
+    g[40, 5] *= 1.01
+    files = write(tmp_path, z, y, g, cuts, axis)
+    opts = CheckOptions(fd="off")
+    on_dask = run_on_dask(files, axis, opts, client=client, kind="binary")
+    assert on_dask == sh.run_shards(files, axis, opts, kind="binary")
+    assert_identical(on_dask.report, check_binary(z, y, grad=g, options=opts), len(cuts) - 1)
+    assert [s.index for s in on_dask.shards if not s.ok] == [1]
+    grad_check = next(c for c in on_dask.report.checks if c.name == "grad_vs_reference")
+    assert grad_check.worst[0].index == (40, 5)
+
+
+def test_file_urls_on_process_workers(tmp_path, client):
+    """Workers (other processes) read file:// URLs through fsspec: the report of the local
+    paths, for row and vocabulary shards."""
+    z, y, g = make_batch(n=300)
+    g[222, 4] *= 1.001
+    files = write_rows(tmp_path, z, y, g, [0, 100, 300])
+    urls = [sh.ShardFiles(*(f"file://{p}" for p in (f.logits, f.labels, f.grad))) for f in files]
+    opts = CheckOptions(fd="full")
+    by_url = run_on_dask(urls, "rows", opts, client=client)
+    local = sh.run_shards(files, "rows", opts)
+    assert same_but_names(by_url.report, local.report)
+    assert [s.ok for s in by_url.shards] == [True, False]
+    assert by_url.report.inputs[0].source == f"logits file 'file://{files[0].logits}'"
+    plan, _ = vocab_plan(tmp_path)
+    vocab = [sh.ShardFiles(f"file://{s.files.logits}", f"file://{s.files.labels}")
+             for s in plan.shards]
+    assert same_but_names(run_on_dask(vocab, "vocab", CheckOptions(fd="off"), client=client).report,
+                          sh.run_shards([s.files for s in plan.shards], "vocab",
+                                        CheckOptions(fd="off")).report)
+
+
+def same_but_names(a, b):
+    """Equal reports but for the inputs' names (a URL and its local path)."""
+    from dataclasses import replace
+
+    return replace(a, inputs=()) == replace(b, inputs=()) and \
+        [(i.role, i.shape, i.dtype) for i in a.inputs] == [(i.role, i.shape, i.dtype) for i in b.inputs]
+
+
+def test_console_script_binary_listed_on_local_workers(tmp_path):
+    """`ce-check binary a.npy b.npy y.npy --grad ga --grad gb --shards cols --workers 2` (its own
+    LocalCluster) prints the single-process run's JSON."""
+    from tests.test_shards_binary import bce_batch, write
+
+    exe = shutil.which("ce-check")
+    assert exe is not None
+    z, y, g = bce_batch((60, 10), seed=6)
+    g[5, 8] *= 1.01
+    write(tmp_path, z, y, g, [0, 4, 10], "cols", shared_labels=True)
+    args = [exe, "binary", str(tmp_path / "z_0.npy"), str(tmp_path / "z_1.npy"),
+            str(tmp_path / "labels.npy"), "--grad", str(tmp_path / "g_0.npy"), "--grad",
+            str(tmp_path / "g_1.npy"), "--shards", "cols", "--fd", "off", "--json"]
+    here = subprocess.run(args, capture_output=True, text=True)
+    there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
+    assert here.returncode == there.returncode == 1, there.stderr
+    data = json.loads(there.stdout)
+    assert json.loads(here.stdout) == data
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["worst"][0]["index"] == [5, 8]

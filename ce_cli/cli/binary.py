@@ -6,11 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt, JsonOpt, LossOpt,
+from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, JsonOpt, LossOpt,
                             NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
                             RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt, WorstOpt, app,
                             epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
+from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, WorkersOpt,
+                               run_sharded, shard_inputs, single_input)
 
 
 BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' shape; with --two-class, "
@@ -19,14 +21,14 @@ BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' s
 
 @app.command(short_help="Sigmoid binary cross-entropy: check loss and gradient.", epilog=epilog(
     "ce-check binary logits.npy labels.npy --grad grad.npy",
-    "ce-check binary logits.npy labels.npy --grad grad.npy --pos-weight 3.0",
-    "ce-check binary pairs.npy labels.npy --two-class --grad grad.npy"))
+    "ce-check binary pairs.npy labels.npy --two-class --grad grad.npy",
+    "ce-check binary a.npy b.npy y.npy --grad ga.npy --grad gb.npy --shards cols"))
 @guarded
 def binary(
     logits: Annotated[str, typer.Argument(metavar="LOGITS", help="Logits of any shape (multi-label (N, K) included): "
                                           ".npy, .npz, CSV/TSV or '-'.", show_default=False)],
-    labels: Annotated[str, typer.Argument(metavar="LABELS", help=BINARY_LABELS_HELP, show_default=False)],
-    grad_path: GradOpt = None,
+    labels: Annotated[list[str], typer.Argument(metavar="LABELS", help=BINARY_LABELS_HELP + SHARD_LABELS, show_default=False)],
+    grad_path: GradsOpt = None,
     loss: LossOpt = None,
     weight: Annotated[Optional[str], typer.Option("--weight", metavar="FILE", help="Element weights, broadcast to the logits (PyTorch's weight=).")] = None,
     pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", metavar="FILE|NUMBER", help="Positive-class weight: a file of K values (broadcast along the last axis) or a number.")] = None,
@@ -52,6 +54,9 @@ def binary(
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    shards: ShardsOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Sigmoid binary cross-entropy (PyTorch BCEWithLogitsLoss semantics): reference loss and
     gradient in float64, proven by finite differences, compared with yours, plus the two-class
@@ -61,8 +66,19 @@ def binary(
     from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
     from ce_cli.verify.checks import check_binary
 
+    if shards is not None or scheduler is not None or workers is not None:
+        run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad name shard files
+            shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
+            json_out=json_out, quiet=quiet, kind="binary",
+            refused={"loss": loss, "weight": weight, "two_class": two_class, "out_grad": out_grad,
+                     "sample_weight": sample_weight, "label_smoothing": label_smoothing},
+            pos_weight=pos_weight, denominator=denominator, softcap=softcap, logit_scale=logit_scale,
+            reduction=reduction, rtol=rtol, atol=atol, precision=precision,
+            floor_factor=floor_factor, normaliser_rtol=normaliser_rtol,
+            strict_subnormals=strict_subnormals, fd=fd, samples=samples, seed=seed, worst=worst)
+    labels_file, grad_file = single_input(labels, grad_path)
     run_check(
-        check_binary, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
+        check_binary, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight, "sample_weight": sample_weight},
         out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.binary],
         reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,

@@ -6,23 +6,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, GradOpt,
+from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt,
                             JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
                             ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt,
                             WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
-from ce_cli.cli.shards import SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded
+from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded,
+                               shard_inputs, single_input)
 
 
 @app.command(short_help="Softmax cross-entropy: check your loss and gradient.", epilog=epilog(
     "ce-check grad logits.npy labels.npy --grad grad.npy",
     "ce-check grad logits.npy labels.npy --loss 2.31 --reduction sum",
-    "ce-check grad nchw.npy labels.npy --class-axis 1 --grad g.npy --json"))
+    "ce-check grad z0.npy z1.npy y.npy --grad g0.npy --grad g1.npy --shards rows"))
 @guarded
 def grad(
     logits: Annotated[str, typer.Argument(metavar="LOGITS", help=LOGITS_HELP, show_default=False)],
-    labels: Annotated[str, typer.Argument(metavar="LABELS", help=LABELS_HELP, show_default=False)],
-    grad_path: GradOpt = None,
+    labels: Annotated[list[str], typer.Argument(metavar="LABELS", help=LABELS_HELP + SHARD_LABELS, show_default=False)],
+    grad_path: GradsOpt = None,
     loss: LossOpt = None,
     weight: Annotated[Optional[str], typer.Option("--weight", metavar="FILE", help="Class weights, C values (PyTorch's weight=).")] = None,
     reduction: ReductionOpt = Reduction.mean,
@@ -68,11 +69,13 @@ def grad(
     settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
-            shards, logits, labels, grad_path, scheduler=scheduler, workers=workers,
+            shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
             json_out=json_out, quiet=quiet,
-            refused={"loss": loss, "weight": weight, "out_grad": out_grad}, **settings)
+            refused={"loss": loss, "weight": weight, "out_grad": out_grad, "lse": lse,
+                     "sample_weight": sample_weight, "z_loss_value": z_loss_value}, **settings)
+    labels_file, grad_file = single_input(labels, grad_path)
     run_check(
-        check_grad, {"logits": logits, "labels": labels, "grad": grad_path, "loss": loss,
+        check_grad, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,
                      "weight": weight, "lse": lse, "sample_weight": sample_weight,
                      "z_loss_value": z_loss_value},
         out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget,

@@ -1,10 +1,10 @@
-"""`ce-check grad ... --shards rows|vocab|auto`: a sharded batch, checked shard by shard (in this
-process, or as tasks on Dask with --scheduler/--workers), reported merged and per shard.
+"""`ce-check grad|binary LOGITS... LABELS --shards AXIS`: a sharded batch, checked shard by shard
+(in this process, or as tasks on Dask with --scheduler/--workers), reported merged and per shard.
 
-With --shards, LOGITS and --grad are globs (quoted; natural order: logits_2 before logits_10)
-naming one file per shard, paired in that order; LABELS is a glob of one file per shard (row
-shards) or one file for the whole batch (row shards are sliced from it; vocabulary shards read
-global ids from it).
+With --shards, LOGITS is one or more files or quoted globs (globs in natural order: logits_2
+before logits_10), in shard order; --grad the same, given once per file or glob; LABELS (the
+last argument) a glob of one file per shard or one file for the whole batch (row shards, and
+binary column shards, take their part of it; vocabulary shards read global ids from it).
 """
 
 from __future__ import annotations
@@ -25,10 +25,18 @@ if TYPE_CHECKING:  # numpy, Rich and the library load in the command (`--help` n
 
     from ce_cli.verify.shards import ShardedReport
 
+SHARD_LABELS = (" With --shards, LOGITS may be several files or quoted globs (LOGITS... LABELS): "
+                "one file per shard, the last argument is then LABELS, a glob of one file per "
+                "shard or one file for the batch.")
+GradsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--grad", metavar="FILE", show_default=False,
+    help="Your gradient w.r.t. the logits (any float dtype, the logits' shape). With --shards: "
+    "once per logits file, or a quoted glob.")]
 ShardsOpt = Annotated[Optional[str], typer.Option(
-    "--shards", metavar="rows|vocab|auto", help="Check a sharded batch: rows, vocab or auto (from the shapes). LOGITS, "
-    "LABELS and --grad are then quoted globs, one file per shard (LABELS: or one file for "
-    "the batch).", show_default=False)]
+    "--shards", metavar="AXIS", help="Check a sharded batch split along AXIS: rows, vocab (grad) or cols "
+    "(binary), or auto (from the shapes). LOGITS and --grad then name one file per shard "
+    "(several, or quoted globs); LABELS a glob of one per shard, or one file for the batch.",
+    show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", metavar="ADDRESS", help="With --shards: run the shards as tasks on the Dask cluster at this "
     "address (pip install 'ce-check[dask]').", show_default=False)]
@@ -36,7 +44,21 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", metavar="N", help="With --shards: start a local Dask cluster of N worker processes.",
     show_default=False)]
 
-REFUSED = {"loss": "--loss", "weight": "--weight", "out_grad": "--out-grad"}
+
+def shard_inputs(logits: str, labels: list[str]) -> tuple[list[str], str]:
+    """`LOGITS... LABELS`: Click gives LOGITS the first file, LABELS the rest (so that a
+    missing LABELS still reads as missing); with --shards every file but the last is logits."""
+    return [logits, *labels[:-1]], labels[-1]
+
+
+def single_input(labels: list[str], grads: list[str] | None) -> tuple[str, str | None]:
+    """The one LABELS file and the one --grad of a check without --shards."""
+    if len(labels) > 1:
+        raise CeCheckError(f"LOGITS: {len(labels)} files given before LABELS; several only with "
+                           "`shards`")
+    if grads is not None and len(grads) > 1:
+        raise CeCheckError(f"`grad`: given {len(grads)} times; several only with `shards`")
+    return labels[0], grads[0] if grads else None
 
 
 class ShardsOutput:
@@ -70,13 +92,23 @@ class ShardsOutput:
         console.print(table)
 
 
-def run_sharded(axis: str | None, logits: str, labels: str, grad: str | None, *,
-                scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
-                refused: dict[str, Any], **flags: Any) -> NoReturn:
-    """Plan the shards from the globs, run them (here or on Dask), emit, exit with the verdict.
+def _pos_weight(text: str | None) -> float | str | None:
+    """--pos-weight for the shards: a number, or the file (or URL) the workers read."""
+    from ce_cli.io.inputs import InputSpec, Origin
 
-    `refused`: options not supported with shards yet (an error when given); `flags`: the
-    check's settings."""
+    if text is None:
+        return None
+    spec = InputSpec.parse(text, "pos_weight", strict=True)
+    return float(spec.load()) if spec.origin is Origin.number else spec.text
+
+
+def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[str] | None, *,
+                scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
+                refused: dict[str, Any], kind: str = "softmax", pos_weight: str | None = None,
+                **flags: Any) -> NoReturn:
+    """Plan the shards from the files and globs, run them (here or on Dask), emit, exit with the
+    verdict. `refused`: options not supported with shards yet (an error when given); `flags`:
+    the check's settings; `kind`: softmax (grad) or binary (with `pos_weight`)."""
     import numpy as np
 
     from ce_cli.verify.shards import expand, pair_files, run_shards
@@ -85,20 +117,21 @@ def run_sharded(axis: str | None, logits: str, labels: str, grad: str | None, *,
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
     options = check_settings(**flags)
     for name, value in refused.items():
-        if value is not None:
+        if value not in (None, False):
             raise CeCheckError(f"`{name}`: not supported with `shards` yet")
-    if "-" in (logits, labels, grad):
+    if "-" in (*logits, labels, *(grads or ()), pos_weight):
         raise CeCheckError("`shards`: inputs are files, not stdin")
-    files = pair_files(expand(logits, "logits"), expand(labels, "labels"),
-                       expand(grad, "grad") if grad is not None else None)
+    pw = _pos_weight(pos_weight)
+    files = pair_files([f for z in logits for f in expand(z, "logits")], expand(labels, "labels"),
+                       [f for g in grads for f in expand(g, "grad")] if grads else None)
     split = None if axis == "auto" else axis
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         if scheduler is None and workers is None:
-            sharded = run_shards(files, split, options, progress=progress)
+            sharded = run_shards(files, split, options, progress=progress, kind=kind, pos_weight=pw)
         else:
             from ce_cli.distributed.dask_run import run_on_dask
 
             sharded = run_on_dask(files, split, options, scheduler=scheduler, workers=workers,
-                                  progress=progress)
+                                  progress=progress, kind=kind, pos_weight=pw)
     emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)

@@ -96,9 +96,10 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
 
 def run_on_dask(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions, *,
                 scheduler: str | None = None, workers: int | None = None, client: Any = None,
-                progress: Callable[[int, int], None] | None = None) -> ShardedReport:
+                progress: Callable[[int, int], None] | None = None,
+                kind: str = "softmax", pos_weight: float | str | None = None) -> ShardedReport:
     """`run_shards` with every step a task per shard on a Dask cluster (or on `client`)."""
     if client is not None:
-        return run_shards(files, axis, options, DaskMapper(client), progress)
+        return run_shards(files, axis, options, DaskMapper(client), progress, kind, pos_weight)
     with dask_client(scheduler, workers) as own:
-        return run_shards(files, axis, options, DaskMapper(own), progress)
+        return run_shards(files, axis, options, DaskMapper(own), progress, kind, pos_weight)

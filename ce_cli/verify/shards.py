@@ -14,6 +14,12 @@ The run has three steps, each a map over the shards (`Mapper`: a plain loop here
 - pass 2: each shard checked on its own: row shards with the global denominator, vocabulary
   shards with `vocab_offset` and the global lse.
 
+Sigmoid BCE (`kind="binary"`) needs no pass 1: every entry is independent, 'mean' divides by
+the batch's entry count (known from the shapes), and shards split rows (axis 0) or columns
+(`cols`, the last axis; 1-D logits are one row, so their shards are always columns). The
+two-class bridge covers the batch's first 2^16 elements, as in one process: each shard checks
+its part of them.
+
 Merging (`merge_reports`): counts and totals add, maxima take the maximum, the worst entries are
 re-ranked by |error| / allowed over the shards' own worst lists (each shard's top k holds the
 global top k), with GLOBAL indices. The loss is `math.fsum` of the shards' losses, each an
@@ -33,15 +39,19 @@ import numpy as np
 
 from ce_cli.enums import FDMode
 from ce_cli.errors import CeCheckError
+from ce_cli.io import limits
 from ce_cli.io.inputs import InputSpec, Origin
+from ce_cli.io.loading import read_stdin
+from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.models.softmax import build_softmax_ce
+from ce_cli.verify.bridge import BRIDGE_ELEMENTS, two_class_bridge
 from ce_cli.verify.checks import check_grad
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
 from ce_cli.verify.results import CheckResult, Diagnosis, Entry, Report, verdict_line
 
-AXES = ("rows", "vocab")
+AXES = {"softmax": ("rows", "vocab"), "binary": ("rows", "cols")}
 ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
 
 
@@ -58,7 +68,8 @@ class ShardFiles:
 @dataclass(frozen=True)
 class Shard:
     """A shard placed in the batch: `offset` and `size` along the split axis (axis 0 for
-    rows, the class axis for the vocabulary); `labels_rows` the rows of a shared labels file."""
+    rows, the class axis for the vocabulary and binary columns); `labels_range` the part of a
+    shared labels file along that axis; `kind` softmax or binary."""
 
     index: int
     files: ShardFiles
@@ -66,7 +77,8 @@ class Shard:
     offset: int
     size: int
     shape: tuple[int, ...]
-    labels_rows: tuple[int, int] | None = None
+    labels_range: tuple[int, int] | None = None
+    kind: str = "softmax"
 
     @property
     def name(self) -> str:
@@ -147,9 +159,15 @@ def expand(pattern: str, role: str) -> list[str]:
     if not any(ch in pattern for ch in "*?["):
         return [pattern]
     if "://" in pattern:
-        import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
+        try:
+            import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
 
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+            fs, inner = fsspec.core.url_to_fs(pattern)
+            paths = fs.glob(inner)
+        except ImportError:
+            raise CeCheckError(f"{role} '{pattern}': a URL needs fsspec (pip install fsspec)") from None
+        except (ValueError, OSError) as exc:
+            raise CeCheckError(f"{role} '{pattern}': cannot list ({' '.join(str(exc).split())[:200]})") from None
         found = [fs.unstrip_protocol(p) for p in paths]
     else:
         import glob
@@ -165,23 +183,66 @@ def load(path: str, role: str) -> np.ndarray:
     loader, URLs (`s3://...`) through fsspec (when installed)."""
     if "://" not in path:
         return InputSpec(role, path, Origin.file).load()
+    fs, inner, _size = open_url(path, role)
+    label = f"{role} file '{path}'"
     try:
-        import fsspec  # type: ignore[import-untyped]
-    except ImportError:
-        raise CeCheckError(f"{role} file '{path}': a URL needs fsspec (pip install fsspec)") from None
-    import io
+        with fs.open(inner, "rb") as fh:
+            return read_stdin(label, fh)  # at most MAX_STREAM_BYTES; header checked against the size
+    except OSError as exc:
+        raise CeCheckError(f"{label}: cannot read ({exc})") from None
 
+
+def open_url(path: str, role: str) -> tuple[Any, str, int]:
+    """fsspec's file system, the path within it and the size of the file a URL names: a regular
+    file (no symbolic link followed), not empty, within MAX_STREAM_BYTES (it is read whole)."""
+    label = f"{role} file '{path}'"
     try:
-        with fsspec.open(path, "rb") as fh:
-            data = fh.read()
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CeCheckError(f"{role} file '{path}': cannot read ({exc})") from None
+        import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
+    except ImportError:
+        raise CeCheckError(f"{label}: a URL needs fsspec (pip install fsspec)") from None
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        info = fs.info(inner)
+    except FileNotFoundError:
+        raise CeCheckError(f"{label}: no such file") from None
+    except (ImportError, ValueError, OSError) as exc:  # an unknown protocol, its backend missing
+        raise CeCheckError(f"{label}: cannot read ({' '.join(str(exc).split())[:200]})") from None
+    if info.get("islink") or info.get("type") == "link":
+        raise CeCheckError(f"{label}: is a symbolic link; name the file itself")
+    if info.get("type") != "file":
+        raise CeCheckError(f"{label}: not a regular file")
+    size = int(info.get("size") or 0)
+    if size == 0:
+        raise CeCheckError(f"{label}: empty file")
+    if size > limits.MAX_STREAM_BYTES:
+        raise CeCheckError(f"{label}: {size} bytes, over the {limits.MAX_STREAM_BYTES} a URL may "
+                           "hold (it is read into memory); split it into smaller shards")
+    return fs, inner, size
 
 
 def describe(path: str, role: str) -> tuple[int, ...]:
-    """The shape of the array at `path` (a .npy is memory-mapped: its header alone is read)."""
-    return tuple(load(path, role).shape)
+    """The shape of the array at `path` (a .npy is memory-mapped, or for a URL its header alone
+    read and checked against the file's size)."""
+    if "://" not in path:
+        return tuple(load(path, role).shape)
+    fs, inner, size = open_url(path, role)
+    label = f"{role} file '{path}'"
+    with fs.open(inner, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            return tuple(load(path, role).shape)  # .npz or text: read whole
+        fh.seek(0)
+        try:
+            version = np.lib.format.read_magic(fh)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _fortran, dtype = read(fh, max_header_size=limits.MAX_NPY_HEADER_BYTES)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CeCheckError(f"{label}: corrupt .npy header ({' '.join(str(exc).split())[:200]})") from None
+        data = size - fh.tell()
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > data:
+        raise CeCheckError(f"{label}: truncated or corrupt: header says shape {tuple(shape)} "
+                           f"{dtype}, the file holds {data} data bytes")
+    return tuple(int(d) for d in shape)
 
 
 # ---------------------------------------------------------------- the plan
@@ -199,9 +260,14 @@ def pair_files(logits: Sequence[str], labels: Sequence[str],
                        grads[i] if grads is not None else None) for i, z in enumerate(logits)]
 
 
-def detect_axis(shapes: Sequence[tuple[int, ...]], label_shapes: Sequence[tuple[int, ...]]) -> str:
+def detect_axis(shapes: Sequence[tuple[int, ...]], label_shapes: Sequence[tuple[int, ...]],
+                kind: str = "softmax") -> str:
     """rows when each shard has its own labels or one labels file covers the rows of all
-    shards; vocab when one labels file has each shard's own batch shape."""
+    shards; vocab when one labels file has each shard's own batch shape. Binary: cols when
+    one labels file covers the shards' columns, or the shards share their rows and differ in
+    their columns."""
+    if kind == "binary":
+        return _detect_binary_axis(shapes, label_shapes)
     if len(label_shapes) > 1 or len(shapes) == 1 or not label_shapes[0]:
         return "rows"
     batch = label_shapes[0]
@@ -210,33 +276,53 @@ def detect_axis(shapes: Sequence[tuple[int, ...]], label_shapes: Sequence[tuple[
     return "rows"
 
 
+def _detect_binary_axis(shapes: Sequence[tuple[int, ...]],
+                        label_shapes: Sequence[tuple[int, ...]]) -> str:
+    if any(len(s) < 2 for s in shapes):
+        return "cols"
+    if len(label_shapes) == 1 and len(shapes) > 1 and label_shapes[0]:
+        return "cols" if label_shapes[0][-1] == sum(s[-1] for s in shapes) else "rows"
+    if all(s[:-1] == shapes[0][:-1] for s in shapes) and len({s[-1] for s in shapes}) > 1:
+        return "cols"
+    return "rows"
+
+
 def make_plan(files: Sequence[ShardFiles], shapes: Sequence[tuple[int, ...]],
-              label_shapes: Sequence[tuple[int, ...]], axis: str | None) -> ShardPlan:
+              label_shapes: Sequence[tuple[int, ...]], axis: str | None,
+              kind: str = "softmax") -> ShardPlan:
     """Offsets along the split axis, in the order given; shapes must agree off that axis."""
     if not files:
         raise CeCheckError("`shards`: no shard given")
-    axis = axis or detect_axis(shapes, label_shapes)
-    if axis not in AXES:
-        raise CeCheckError(f"`shards`: unknown split '{axis}' (use rows, vocab or auto)")
-    _check_shapes(files, shapes, axis)
+    axis = _resolve_axis(axis or detect_axis(shapes, label_shapes, kind), shapes, kind)
+    _check_shapes(files, shapes, axis, kind)
     split = 0 if axis == "rows" else -1
     offsets = np.concatenate([[0], np.cumsum([s[split] for s in shapes])]).astype(int).tolist()
-    shared = len({f.labels for f in files}) == 1 and len(files) > 1 and axis == "rows"
+    shared = len({f.labels for f in files}) == 1 and len(files) > 1 and \
+        (axis == "rows" or kind == "binary")
     shards = tuple(Shard(i, f, axis, offsets[i], shapes[i][split], tuple(shapes[i]),
-                         (offsets[i], offsets[i + 1]) if shared else None)
+                         (offsets[i], offsets[i + 1]) if shared else None, kind)
                    for i, f in enumerate(files))
     rest = _off_axis(shapes[0], axis)
     shape = (offsets[-1],) + rest if axis == "rows" else rest + (offsets[-1],)
     return ShardPlan(axis, shards, shape)
 
 
+def _resolve_axis(axis: str, shapes: Sequence[tuple[int, ...]], kind: str) -> str:
+    if axis not in AXES[kind]:
+        raise CeCheckError(f"`shards`: unknown split '{axis}' (use {', '.join(AXES[kind])} or auto)")
+    if kind == "binary" and len(shapes[0]) == 1:
+        return "cols"  # 1-D logits are one row: its entries are the columns
+    return axis
+
+
 def _off_axis(shape: tuple[int, ...], axis: str) -> tuple[int, ...]:
     return tuple(shape[1:]) if axis == "rows" else tuple(shape[:-1])
 
 
-def _check_shapes(files: Sequence[ShardFiles], shapes: Sequence[tuple[int, ...]], axis: str) -> None:
+def _check_shapes(files: Sequence[ShardFiles], shapes: Sequence[tuple[int, ...]], axis: str,
+                  kind: str) -> None:
     for f, shape in zip(files, shapes):
-        if len(shape) < 2:
+        if len(shape) < (1 if kind == "binary" else 2):
             raise CeCheckError(f"logits file '{f.logits}': shape {shape}; a shard needs "
                                "(rows, ..., classes) logits")
         if _off_axis(shape, axis) != _off_axis(shapes[0], axis):
@@ -248,13 +334,16 @@ def _check_shapes(files: Sequence[ShardFiles], shapes: Sequence[tuple[int, ...]]
 
 
 def shard_labels(shard: Shard) -> np.ndarray:
+    """The shard's labels: its own file, or its part of the one file of the batch."""
     y = load(shard.files.labels, "labels")
-    if shard.labels_rows is not None:
-        start, stop = shard.labels_rows
-        if y.ndim == 0 or y.shape[0] < stop:
+    if shard.labels_range is not None:
+        start, stop = shard.labels_range
+        along = 0 if shard.axis == "rows" else -1
+        what = "rows" if shard.axis == "rows" else "columns"
+        if y.ndim == 0 or y.shape[along] < stop:
             raise CeCheckError(f"labels file '{shard.files.labels}': shape {y.shape} has fewer "
-                               f"than the {stop} rows of the shards")
-        y = y[start:stop]
+                               f"than the {stop} {what} of the shards")
+        y = y[start:stop] if along == 0 else y[..., start:stop]
     return y
 
 
@@ -306,15 +395,17 @@ def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 
 def check_shard(shard: Shard, options: CheckOptions, shared: Any) -> Report:
     """Pass 2 on one shard: rows with the global denominator `shared`, vocabulary with the
-    global lse `shared`."""
+    global lse `shared`, binary with `shared` a `BinaryBatch`."""
     z = load(shard.files.logits, "logits")
-    y = shard_labels(shard) if shard.axis == "rows" else load(shard.files.labels, "labels")
+    y = load(shard.files.labels, "labels") if shard.axis == "vocab" else shard_labels(shard)
     g = load(shard.files.grad, "grad") if shard.files.grad is not None else None
     sources = {"logits": f"logits file '{shard.files.logits}'",
                "labels": f"labels file '{shard.files.labels}'",
                "grad": f"grad file '{shard.files.grad}'"}
     opts = replace(options, seed=options.seed + shard.index)  # shards sample their own entries
     with np.errstate(all="ignore"):
+        if shard.kind == "binary":
+            return check_binary_shard(shard, z, y, g, shared, opts, sources)
         if shard.axis == "rows":
             return check_rows(z, y, g, float(shared), opts, sources)
         return check_grad(z, y, grad=g, options=opts, sources=sources,
@@ -339,6 +430,86 @@ def check_rows(z: np.ndarray, y: np.ndarray, grad: np.ndarray | None, denominato
                   Run("multiclass", echo))
 
 
+@dataclass(frozen=True)
+class GlobalMeanBCE(SigmoidBCE):
+    """A binary shard whose 'mean' divides by the whole batch's entry count."""
+
+    batch_entries: float = 1.0
+
+    @property
+    def denominator(self) -> float:
+        return self.batch_entries
+
+
+def bridge_rows(shard: Shard, limit: int) -> int:
+    """The shard's rows among the batch's first `limit` rows (the two-class bridge's part):
+    column shards have all `limit`, row shards those past their offset."""
+    if shard.axis != "rows":
+        return limit
+    per = math.prod(shard.shape[1:-1])  # rows of the (N, K) matrix per row of axis 0
+    return max(0, min(limit - shard.offset * per, shard.size * per))
+
+
+@dataclass(frozen=True)
+class BinaryBatch:
+    """What every binary shard needs of the whole batch: its entry count (the 'mean'), the
+    rows of the two-class bridge (the batch's first 2^16 elements) and its note, its width,
+    and `pos_weight` (a number, or the file or URL of the batch's K values)."""
+
+    entries: float
+    bridge_rows: int
+    bridge_note: str
+    n_cols: int
+    pos_weight: float | str | None = None
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None) -> BinaryBatch:
+        n_rows, n_cols = math.prod(shape[:-1]), shape[-1]
+        rows = max(1, min(n_rows, BRIDGE_ELEMENTS // n_cols))
+        note = ("identity checked without weight/pos_weight" if pos_weight is not None else
+                f"{rows * n_cols} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
+        return cls(float(math.prod(shape)), rows, note, n_cols, pos_weight)
+
+
+def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
+    """The pos_weight of the shard's columns (all K for row shards) and how to name it."""
+    if batch.pos_weight is None or isinstance(batch.pos_weight, float):
+        return batch.pos_weight, f"--pos-weight {batch.pos_weight}"
+    source = f"pos_weight file '{batch.pos_weight}'"
+    pw = load(batch.pos_weight, "pos_weight")
+    pw = pw.reshape(-1) if pw.ndim == 2 and 1 in pw.shape else pw
+    if pw.ndim > 1 or pw.size not in (1, batch.n_cols):
+        raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along the last "
+                           f"axis of the batch: expected ({batch.n_cols},) or a scalar")
+    if shard.axis == "cols" and pw.size > 1:
+        pw = pw[shard.offset:shard.offset + shard.size]
+    return pw, source
+
+
+def _batch_mean(problem: SigmoidBCE, entries: float) -> GlobalMeanBCE:
+    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__ if f != "kernel"}
+    return GlobalMeanBCE(**fields, batch_entries=entries)
+
+
+def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
+                       batch: BinaryBatch, options: CheckOptions,
+                       sources: dict[str, str]) -> Report:
+    """check_binary on a shard: 'mean' over the batch's entries, the bridge on its part of the
+    batch's first 2^16 elements (without pos_weight, as check_binary does)."""
+    pw, pw_source = shard_pos_weight(shard, batch)
+    problem, warnings = build_sigmoid_bce(
+        z, y, pos_weight=pw, reduction=options.reduction.value, source=sources["logits"],
+        labels_source=sources["labels"], pos_weight_source=pw_source)
+    problem = _batch_mean(problem, batch.entries)
+    plain = problem if pw is None else _batch_mean(build_sigmoid_bce(z, y)[0], batch.entries)
+    rows = bridge_rows(shard, batch.bridge_rows)
+    part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
+    bridge = (two_class_bridge(part, options.worst, batch.bridge_note),) if rows else ()
+    src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
+    run = Run("binary", {"weighted": False, "pos_weighted": pw is not None}, bridge)
+    return verify(problem, warnings, Inputs(z, y, grad, None, src), options, run)
+
+
 LOCAL_WARNINGS = ("every target is ignored", "the non-ignored targets' weights sum to 0")
 
 
@@ -352,8 +523,9 @@ def global_index(index: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
         return index
     if shard.axis == "rows":
         return (index[0] + shard.offset,) + tuple(index[1:])
-    if len(index) == len(shard.shape):
-        return tuple(index[:-1]) + (index[-1] + shard.offset,)
+    last = len(shard.shape) - 1  # the class axis (the bridge adds a part name after it)
+    if len(index) > last:
+        return tuple(index[:last]) + (index[last] + shard.offset,) + tuple(index[last + 1:])
     return tuple(index)
 
 
@@ -395,11 +567,19 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
         loss = math.nan
     merged = replace(
         first, ok=ok, loss=loss, shape=plan.shape, checks=checks,
-        loss_per_sample_shape=plan.shape[:-1] if first.loss_per_sample_shape is not None else None,
+        loss_per_sample_shape=_per_sample_shape(plan, first),
         inputs=tuple(i for r in reports for i in r.inputs if i.role in ("logits", "labels", "grad")),
         warnings=tuple(warnings), fd_evaluations=sum(r.fd_evaluations for r in reports),
         diagnosis=diagnosis, verdict=verdict_line(ok, checks, diagnosis), **_sizes(plan, reports))
     return ShardedReport(plan.axis, merged, tuple(_summary(s, r) for s, r in pairs))
+
+
+def _per_sample_shape(plan: ShardPlan, first: Report) -> tuple[int, ...] | None:
+    """Softmax: a loss per row (the batch shape); binary: one per entry (the logits' shape)."""
+    if first.loss_per_sample_shape is None:
+        return None
+    per_entry = len(first.loss_per_sample_shape) == len(plan.shape)
+    return plan.shape if per_entry else plan.shape[:-1]
 
 
 def _merge_all_checks(pairs: list[tuple[Shard, Report]], worst: int) -> tuple[CheckResult, ...]:
@@ -439,24 +619,43 @@ def _summary(shard: Shard, r: Report) -> ShardSummary:
 # ---------------------------------------------------------------- the run
 
 
+# training-code semantics (issue 13) a shard check does not carry yet: refused, never ignored
+UNSHARDED = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels",
+             "vocab_offset", "two_class")
+
+
 def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
     """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch."""
     if options.class_axis not in (-1, len(plan.shape) - 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
+    plain = CheckOptions()
+    for name in UNSHARDED:
+        if getattr(options, name) != getattr(plain, name):
+            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
+    if plan.axis == "vocab" and options.label_smoothing:
+        raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
+                           "whole vocabulary); check row shards, or the batch whole")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1])))
 
 
 def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions,
                mapper: Mapper | None = None,
-               progress: Callable[[int, int], None] | None = None) -> ShardedReport:
-    """Describe, pass 1, pass 2 and merge (module docstring), each step through `mapper`."""
+               progress: Callable[[int, int], None] | None = None,
+               kind: str = "softmax", pos_weight: float | str | None = None) -> ShardedReport:
+    """Describe, pass 1, pass 2 and merge (module docstring), each step through `mapper`.
+    `kind`: softmax (`grad`) or binary (sigmoid BCE, with `pos_weight`: a number, or the file
+    or URL of K values)."""
     mapper = mapper or LocalMapper()
     shapes = mapper.map(describe, [f.logits for f in files], ("logits",))
     label_files = list(dict.fromkeys(f.labels for f in files))
     label_shapes = mapper.map(describe, label_files, ("labels",))
-    plan = make_plan(files, shapes, label_shapes, axis)
+    plan = make_plan(files, shapes, label_shapes, axis, kind)
     opts = resolve_options(plan, options)
+    if kind == "binary":
+        batch = BinaryBatch.of(plan.shape, pos_weight)
+        reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
+        return merge_reports(plan, reports, opts)
     denominator = None
     if plan.axis == "rows":
         denominator = float(math.fsum(mapper.map(shard_denominator, plan.shards, (opts,))))
