@@ -63,28 +63,22 @@ def binary(
     bridge (softmax CE over [0, z] equals BCE on z). The softmax-only options of `grad`
     (--z-loss, --lse, --smoothing-form, --shift-labels, --vocab-offset) do not apply to a
     sigmoid."""
+    given = locals()
     from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
     from ce_cli.verify.checks import check_binary
+    from ce_cli.verify.options import FIELDS
 
+    settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad name shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
-            json_out=json_out, quiet=quiet, kind="binary",
-            refused={"loss": loss, "weight": weight, "two_class": two_class, "out_grad": out_grad,
+            json_out=json_out, quiet=quiet, kind="binary", pos_weight=pos_weight,
+            refused={"loss": loss, "weight": weight, "out_grad": out_grad,
                      "sample_weight": sample_weight, "label_smoothing": label_smoothing},
-            pos_weight=pos_weight, denominator=denominator, softcap=softcap, logit_scale=logit_scale,
-            reduction=reduction, rtol=rtol, atol=atol, precision=precision,
-            floor_factor=floor_factor, normaliser_rtol=normaliser_rtol,
-            strict_subnormals=strict_subnormals, fd=fd, samples=samples, seed=seed, worst=worst)
+            **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(
         check_binary, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight, "sample_weight": sample_weight},
-        out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget, vectors=VECTOR_ROLES[Kind.binary],
-        reduction=reduction, two_class=two_class, rtol=rtol, atol=atol, precision=precision,
-        floor_factor=floor_factor,
-        normaliser_rtol=normaliser_rtol, strict_subnormals=strict_subnormals, fd=fd,
-        samples=samples, seed=seed, worst=worst,
-        denominator=denominator, label_smoothing=label_smoothing, softcap=softcap,
-        logit_scale=logit_scale,
-    )
+        out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget,
+        vectors=VECTOR_ROLES[Kind.binary], **settings)
