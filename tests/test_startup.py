@@ -29,11 +29,14 @@ print("LOADED=" + json.dumps(sorted(m for m in watched if m in sys.modules)), fi
 sys.exit(code)
 """
 
-HEAVY = ["numpy", "rich.table", "rich.progress", "rich.console"]
-# what a multiclass `grad` has no use for
+# pydantic: Typer >= 0.29 validates every option with it (~60 ms); pyproject.toml keeps Typer < 0.29
+HEAVY = ["numpy", "rich.table", "rich.progress", "rich.console", "pydantic"]
+# what a multiclass `grad` has no use for: the sigmoid model and the two-class bridge are
+# check_binary's, the safetensors and .pt readers load for those files only
 UNUSED_BY_GRAD = ["rich.table", "rich.progress", "rich.console", "ce_cli.stress",
                   "ce_cli.explain", "ce_cli.batch", "ce_cli.verify.linear", "ce_cli.verify.shards",
-                  "ce_cli.distributed"]
+                  "ce_cli.distributed", "pydantic", "ce_cli.models.sigmoid", "ce_cli.verify.bridge",
+                  "ce_cli.kernels.numpy_sigmoid", "ce_cli.io.safetensors", "ce_cli.io.torch_pt"]
 
 
 def loaded(args: list[str], watched: list[str], cwd=None) -> tuple[int, str, list[str]]:
