@@ -13,7 +13,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
-from ce_cli.models.softmax import SemanticArgs, build_softmax_ce
+from ce_cli.models.semantics import Semantics
+from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
 from ce_cli.verify.results import CheckResult, Report, verdict_line
@@ -83,15 +84,15 @@ def check_grad(
     z, y = np.asarray(logits), np.asarray(labels)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
-    args = SemanticArgs(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
-                        opts.denominator, sample_weight, opts.vocab_offset,
-                        lse if opts.vocab_offset is not None else None,
-                        src["sample_weight"], src["lse"])
+    given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
+                      opts.denominator, _array_or_none(sample_weight), opts.vocab_offset)
     problem, warnings = build_softmax_ce(
         z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
         ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
         class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"], semantics=args)
+        weight_source=src["weight"], semantics=given,
+        lse=lse if opts.vocab_offset is not None else None,
+        sample_weight_source=src["sample_weight"], lse_source=src["lse"])
     if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
