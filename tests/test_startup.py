@@ -48,6 +48,14 @@ def loaded(args: list[str], watched: list[str], cwd=None) -> tuple[int, str, lis
     return proc.returncode, proc.stdout, json.loads(line[-1][len("LOADED="):])
 
 
+def pydantic_hint(mods: list[str]) -> str:
+    """Why pydantic may show up: a Typer >= 0.29 left in the environment."""
+    import typer
+
+    return (f"typer {typer.__version__} validates options with pydantic; pyproject.toml asks for "
+            "typer<0.29: reinstall (pip install -e .)") if "pydantic" in mods else ""
+
+
 def test_probe_sees_imports():
     """The probe itself can fail: a command that does load numpy is reported."""
     code, _, mods = loaded(["--version"], ["numpy", "ce_cli.cli.app"])
@@ -62,7 +70,7 @@ def test_probe_sees_imports():
 def test_help_loads_no_numpy_nor_rich(args):
     code, out, mods = loaded(args, HEAVY)
     assert code == 0 and "Usage:" in out
-    assert mods == []
+    assert mods == [], pydantic_hint(mods)
 
 
 def test_small_grad_json_loads_only_what_it_uses(tmp_path):
@@ -72,7 +80,7 @@ def test_small_grad_json_loads_only_what_it_uses(tmp_path):
     code, out, mods = loaded(["grad", "z.npy", "y.npy", "--json"],
                              ["numpy", "ce_cli.verify.checks", *UNUSED_BY_GRAD], cwd=tmp_path)
     assert code == 0 and json.loads(out)["ok"] is True
-    assert mods == ["ce_cli.verify.checks", "numpy"]
+    assert mods == ["ce_cli.verify.checks", "numpy"], pydantic_hint(mods)
 
 
 def test_tables_load_rich_when_drawn(tmp_path):
