@@ -91,7 +91,7 @@ def plain_arguments(command: Any) -> None:
 # one of ...", "Input should be a valid integer"); earlier Typer through Click ("'x' is not one of
 # 'a', 'b'", "'x' is not a valid int", "-1 is not in the range x>=0"). Both read the same here.
 _CHOICE = re.compile(r"^(?:Value error, )?'(.*)' is not one of (.*?)\.?$")
-_SHOULD = re.compile(r"^Input should be (.*?)(?:, unable to parse.*)?\.?$")
+_SHOULD = re.compile(r"^Input should be (.*?)(?:, unable to .*)?\.?$")
 _NOT_VALID = re.compile(r"^'.*' is not a valid (\w+)(?:\..*)?$")
 _NOT_IN_RANGE = re.compile(r"^.* is not in the range (.*?)\.?$")
 _PLAIN_SHOULD = {"a valid integer": "a whole number", "a valid int": "a whole number",
