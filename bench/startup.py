@@ -1,24 +1,31 @@
 """Start-up cost of ce-check as ratios to `python -c "import numpy"`, measured side by side.
 
-    python bench/startup.py [--runs 15]
+    python bench/startup.py [--runs 15] [--no-bytecode-cache]
 
 Each command runs --runs times, interleaved with the baseline (hyperfine-style: a warm-up run,
 then repeated runs, min and median of the wall time, and of the CPU time, user + system, which
 a shared machine's load disturbs less). Targets (issue #15): `ce-check --help` <= 1.0x,
 `ce-check grad` on a 4 x 5 fixture <= 2.0x. The machine may be shared: compare minima. A command
 that fails (exit code other than 0) stops the benchmark: a fast error is no start-up time.
+
+Bytecode: an installed package runs from the .pyc files pip wrote, but an editable checkout under
+PYTHONDONTWRITEBYTECODE=1 compiles every ce_cli module on every run while numpy's are cached.
+By default every command runs with a fresh PYTHONPYCACHEPREFIX (the warm-up run fills it), as an
+installed ce-check does; --no-bytecode-cache keeps the environment as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +38,19 @@ def commands(tmp: Path) -> dict[str, list[str]]:
     np.save(tmp / "z.npy", z)
     np.save(tmp / "y.npy", y)
     exe = str(Path(sys.executable).parent / "ce-check")
+    grad = [exe, "grad", str(tmp / "z.npy"), str(tmp / "y.npy")]
     return {"import numpy": [sys.executable, "-c", "import numpy"],
             "ce-check --help": [exe, "--help"],
-            "ce-check grad 4x5": [exe, "grad", str(tmp / "z.npy"), str(tmp / "y.npy"), "--json"]}
+            "ce-check grad 4x5": [*grad, "--json"],
+            "grad 4x5 tables": grad}
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU (user + system) seconds of one run of `cmd`; it must exit 0."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env=env).returncode
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
@@ -65,21 +75,29 @@ def summary(name: str, walls: list[float], cpus: list[float], base: dict[str, fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--no-bytecode-cache", action="store_true",
+                   help="run in this environment as it is (PYTHONDONTWRITEBYTECODE included)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cmds = commands(Path(tmp))
+        env = None
+        if not args.no_bytecode_cache:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
+        print(f"bytecode cache: {'as the environment has it' if env is None else 'on'}; "
+              f"typer {version('typer')}")
         walls: dict[str, list[float]] = {k: [] for k in cmds}
         cpus: dict[str, list[float]] = {k: [] for k in cmds}
         for cmd in cmds.values():  # warm-up (page cache, .pyc)
-            timed(cmd)
+            timed(cmd, env)
         for _ in range(args.runs):
             for name, cmd in cmds.items():
-                wall, cpu = timed(cmd)
+                wall, cpu = timed(cmd, env)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
     base = {"min": min(walls["import numpy"]), "median": statistics.median(walls["import numpy"]),
             "cpu_min": min(cpus["import numpy"]), "cpu_median": statistics.median(cpus["import numpy"])}
-    targets = {"ce-check --help": 1.0, "ce-check grad 4x5": 2.0}
+    targets = {"ce-check --help": 1.0, "ce-check grad 4x5": 2.0, "grad 4x5 tables": 2.0}
     out = {name: summary(name, walls[name], cpus[name], base, targets.get(name)) for name in cmds}
     print(json.dumps(out), file=sys.stderr)
 

@@ -380,3 +380,60 @@ def test_cli_file_errors_exit_2(invoke, tmp_path):
     assert r.exit_code == 2 and "give the target once" in r.stderr
     r = invoke(["explain", lz, "--row", "1", "--label", "2"])
     assert r.exit_code == 0, r.output
+
+
+# --- finite differences that cannot be taken are skipped, with a note ----------------------------
+# With relative steps h = eps^(1/3) |z| the kernel's bound (truncation ~h^2) overflows float64 at
+# |z| ~ 1e308 (and at |z| > ~1e159): the probe cannot be judged, which is not a failed derivation.
+
+def _checks(data):
+    return {c["name"]: c for c in data["checks"]}
+
+
+@pytest.mark.parametrize("args", [
+    ["--kind", "binary", "--logits=-1e308", "--label", "0", "--steps"],
+    ["--kind", "binary", "--logits=1e308", "--label", "1", "--steps"],
+    ["--kind", "binary", "--logits=1e200", "--label", "1"],
+    ["--logits=1e200,0", "--label", "0", "--steps", "--entry", "0"],
+])
+def test_cli_huge_logit_skips_the_fd_probe_with_a_note(invoke, args):
+    result = invoke(["explain", *args])
+    assert result.exit_code == 0, result.output
+    assert "note: finite differences skipped 1 of" in " ".join(result.stdout.split())
+    data = strict_json(invoke(["explain", *args, "--json"]).stdout)
+    assert data["ok"] is True
+    checks = _checks(data)
+    assert "skipped 1 of" in checks["fd_vs_a_minus_y"]["note"]
+    assert any("finite differences skipped" in n for n in data["notes"])
+    if "--steps" in args:
+        assert "skipped 24 of 24" in checks["step_curve_within_bound"]["note"]
+        assert "skipped 24 of 24" in " ".join(result.stdout.split())
+
+
+def test_cli_huge_logit_other_failures_still_fail(invoke):
+    """y = 1 at z = -1e308: dC/ds = -1/s is not representable (a genuine float64 failure of the
+    literal chain rule); only the finite-difference probes are skipped."""
+    result = invoke(["explain", "--kind", "binary", "--logits=-1e308", "--label", "1", "--steps",
+                     "--json"])
+    assert result.exit_code == 1
+    failed = {name for name, c in _checks(strict_json(result.stdout)).items() if not c["ok"]}
+    assert failed == {"dC_da_vs_fd", "chain_rule_vs_a_minus_y"}
+
+
+def test_fd_compare_skips_only_probes_it_cannot_take():
+    from ce_cli.explain.common import fd_compare, vector_index
+
+    idx = vector_index(np.arange(3))
+    check, skipped = fd_compare("fd", np.array([1.0, 2.0, 3.0]), np.array([np.nan, 2.0, 3.5]),
+                                np.full(3, 0.1), "rule", index=idx, expected_label="x")
+    assert skipped == 1 and not check.ok and check.mismatches == 1  # 3.5 vs 3 still fails
+    assert "skipped 1 of 3" in check.note
+    check, skipped = fd_compare("fd", np.array([1.0, np.nan]), np.array([1.0, np.nan]),
+                                np.full(2, 0.1), "rule", index=idx, expected_label="x")
+    assert skipped == 0 and check.note == ""  # NaN on both sides is not a skipped probe
+
+
+def test_step_curve_api_counts_skipped_steps():
+    curve = step_curve(explain_binary(np.array([-1e308]), np.array([0.0])))
+    assert curve.skipped == curve.h.size and all(c.ok for c in curve.checks)
+    assert step_curve(explain_binary(np.array([0.5]), np.array([1.0]))).skipped == 0

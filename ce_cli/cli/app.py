@@ -79,13 +79,23 @@ def plain_arguments(command: Any) -> None:
         if param.param_type_name != "argument" or param.metavar is None:
             continue
         shown = param.metavar if param.required else f"[{param.metavar}]"
-        param._usage_display_name = lambda shown=shown: shown
-        param.display_type_rich = lambda ctx=None: None
+        if hasattr(param, "_usage_display_name"):  # Typer >= 0.29
+            param._usage_display_name = lambda shown=shown: shown
+            param.display_type_rich = lambda ctx=None: None
+        else:  # Typer < 0.29 names the argument in make_metavar(ctx, usage=...)
+            param.make_metavar = (lambda ctx=None, usage=False, shown=shown, name=param.metavar:
+                                  shown if usage else name)
 
 
-_CHOICE = re.compile(r"^Value error, '(.*)' is not one of (.*?)\.?$")
-_SHOULD = re.compile(r"^Input should be (.*?)(?:, unable to parse.*)?\.?$")
-_PLAIN_SHOULD = {"a valid integer": "a whole number", "a valid number": "a number",
+# How Typer words a bad value. Typer >= 0.29 validates through pydantic ("Value error, 'x' is not
+# one of ...", "Input should be a valid integer"); earlier Typer through Click ("'x' is not one of
+# 'a', 'b'", "'x' is not a valid int", "-1 is not in the range x>=0"). Both read the same here.
+_CHOICE = re.compile(r"^(?:Value error, )?'(.*)' is not one of (.*?)\.?$")
+_SHOULD = re.compile(r"^Input should be (.*?)(?:, unable to .*)?\.?$")
+_NOT_VALID = re.compile(r"^'.*' is not a valid (\w+)(?:\..*)?$")
+_NOT_IN_RANGE = re.compile(r"^.* is not in the range (.*?)\.?$")
+_PLAIN_SHOULD = {"a valid integer": "a whole number", "a valid int": "a whole number",
+                 "a valid number": "a number", "a valid float": "a number",
                  "a valid boolean": "true or false"}
 
 
@@ -105,11 +115,22 @@ def usage_message(exc: Any) -> str:
         allowed = [c.strip().strip("'") for c in m[2].split(",")]
         return f"{flag}: '{m[1]}' is not one of {', '.join(allowed[:-1])} or {allowed[-1]}" \
             if len(allowed) > 1 else f"{flag}: use {allowed[0]}"
+    wanted = expected_value(message)
+    return f"{flag}: {message.rstrip('.')}" if wanted is None else f"{flag}: expected {wanted}"
+
+
+def expected_value(message: str) -> str | None:
+    """What a bad value should have been ("a whole number", ">= 0"), from either Typer's wording;
+    None for any other message."""
     if m := _SHOULD.match(message):
-        wanted = _PLAIN_SHOULD.get(m[1], m[1])
-        wanted = wanted.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
-        return f"{flag}: expected {wanted}"
-    return f"{flag}: {message.rstrip('.')}"
+        wanted = m[1].replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
+    elif m := _NOT_VALID.match(message):
+        wanted = f"a valid {m[1]}"
+    elif m := _NOT_IN_RANGE.match(message):  # Click's "x>=0", "x<=1", "0<=x<=1"
+        wanted = re.sub(r"^x([<>]=?)", r"\1 ", m[1])
+    else:
+        return None
+    return _PLAIN_SHOULD.get(wanted, wanted)
 
 
 app = typer.Typer(

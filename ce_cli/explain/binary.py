@@ -22,6 +22,8 @@ from ce_cli.explain.common import (
     SIGMA3_MAX,
     compare,
     cube_term,
+    fd_compare,
+    fd_skip_note,
     kernel_loss_grad,
     loss_fd,
     open_interval_check,
@@ -87,13 +89,20 @@ def _explain_binary(x: float, yv: float) -> Explanation:
 
     expl = Explanation("binary", z, s, q, log_s, y, label, 0, loss, gradient, jac, probed, jac.copy(), jfd,
                        jbound, g, np.array([dfd]), chain, a_minus_y, fd, fd_bound, (), (), problem)
-    return replace(expl, checks=_binary_checks(expl, dfd_allowed, absdot), notes=_binary_notes(expl))
+    checks, skipped = _binary_checks(expl, dfd_allowed, absdot)
+    return replace(expl, checks=checks, notes=_binary_notes(expl, skipped))
 
 
-def _binary_checks(e: Explanation, dfd_allowed: float, absdot: np.ndarray) -> tuple[CheckResult, ...]:
+def _binary_checks(e: Explanation, dfd_allowed: float, absdot: np.ndarray
+                   ) -> tuple[tuple[CheckResult, ...], int]:
     """Steps 2-8 on the one logit: s + (1 - s) = 1, 0 < s < 1, s' and dC/ds against central
-    differences, s' dC/ds against s - y, s - y against the loss's finite differences."""
+    differences, s' dC/ds against s - y, s - y against the loss's finite differences (skipped,
+    and counted, where that probe cannot be taken)."""
     s, q, a_minus_y = e.a, e.one_minus_a, e.a_minus_y
+    fd_check, skipped = fd_compare(
+        "fd_vs_a_minus_y", a_minus_y, e.fd, SAFETY * e.fd_bound,
+        "s - y vs (C(z + h) - C(z - h))/2h, h = eps^(1/3) max(1, |z|), C from the float64 kernel: "
+        "within twice the kernel's bound", expected_label="s - y", index=_ONE)
     return (
         compare("sigmoid_sums_to_1", [1.0], [s[0] + q[0]], [4.0 * EPS * (3.0 + math.log(2.0))],
                 "|s(z) + s(-z) - 1| <= 4 eps (3 + ln 2) (softmax over [0, z] is [1 - s, s], C = 2)",
@@ -114,19 +123,17 @@ def _binary_checks(e: Explanation, dfd_allowed: float, absdot: np.ndarray) -> tu
                 "s' dC/ds vs s - y: within 1e-12 max(1, |s - y|) (or 12 eps (|s' y/s| + |s' (1 - y)/(1 - s)|), "
                 "if larger)",
                 expected_label="s - y", got_label="s' dC/ds", index=_ONE),
-        compare("fd_vs_a_minus_y", a_minus_y, e.fd, SAFETY * e.fd_bound,
-                "s - y vs (C(z + h) - C(z - h))/2h, h = eps^(1/3) max(1, |z|), C from the float64 kernel: "
-                "within twice the kernel's bound",
-                expected_label="s - y", got_label="finite diff", index=_ONE),
-    )
+        fd_check,
+    ), skipped
 
 
-def _binary_notes(e: Explanation) -> tuple[str, ...]:
-    if np.isfinite(e.dC_da).all():
-        return ()
-    return (f"s = exp({float(e.log_a[0]):.1f}) or 1 - s is below float64's range for 1/s: "
-            "dC/ds is not representable, so the literal chain rule fails in float64 while s - y "
-            "stays exact; this is why frameworks fuse the sigmoid with the cross-entropy",)
+def _binary_notes(e: Explanation, fd_skipped: int) -> tuple[str, ...]:
+    notes = [] if not fd_skipped else [fd_skip_note(fd_skipped, e.fd.size)]
+    if not np.isfinite(e.dC_da).all():
+        notes.append(f"s = exp({float(e.log_a[0]):.1f}) or 1 - s is below float64's range for 1/s: "
+                     "dC/ds is not representable, so the literal chain rule fails in float64 while "
+                     "s - y stays exact; this is why frameworks fuse the sigmoid with the cross-entropy")
+    return tuple(notes)
 
 
 def _dC_ds_fd(p: float, q: float, y: float, g: float) -> tuple[float, float]:

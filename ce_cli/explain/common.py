@@ -171,6 +171,30 @@ def loss_fd(problem: SoftmaxCE | SigmoidBCE, z: np.ndarray, entry_cols: np.ndarr
     return fd, bound
 
 
+def fd_compare(name: str, expected: np.ndarray, fd: np.ndarray, allowed: np.ndarray, rule: str, *,
+               index: Index, expected_label: str, note: str = "") -> tuple[CheckResult, int]:
+    """`compare` of a derivative against the loss's finite differences, skipping (as `grad`
+    does) the probes `central_differences` could not take: fd is NaN where z +- h leaves
+    float64, where the kernel's bound overflows (its truncation term grows as h^2, past float64
+    once h > ~1.3e154: steps are relative, so at huge logits), or where C(z +- h) is not finite.
+    A skipped probe compares as equal with no allowance; returns the check and how many."""
+    exp = np.asarray(expected, dtype=np.float64)
+    got = np.asarray(fd, dtype=np.float64)
+    skip = np.isnan(got) & ~np.isnan(exp)
+    skipped = int(np.count_nonzero(skip))
+    if skipped:
+        note = "; ".join(filter(None, [note, fd_skip_note(skipped, got.size)]))
+    check = compare(name, exp, np.where(skip, exp, got), np.where(skip, 0.0, allowed), rule,
+                    expected_label=expected_label, got_label="finite diff", index=index, note=note)
+    return check, skipped
+
+
+def fd_skip_note(skipped: int, total: int) -> str:
+    """Why finite differences skipped `skipped` of `total` probes."""
+    return (f"finite differences skipped {skipped} of {total} probes: there the step h max(1, |z|) "
+            "or its error bound (~h^2) leaves float64's range, or C(z +- h) is not finite")
+
+
 def perturbed_copies(z: np.ndarray, cols: np.ndarray
                      ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Copies of the sample z with entry cols[k] moved by -+h, h = eps^(1/3) max(1, |z|) (grad's

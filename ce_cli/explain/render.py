@@ -21,6 +21,7 @@ from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from ce_cli.explain.common import fd_skip_note
 from ce_cli.explain.display import (
     SHOW_FULL,
     discrepancy,
@@ -415,8 +416,9 @@ def steps_table(curve: StepCurve, *, binary: bool = False) -> Table:
             n = 1 + round((BAR_WIDTH - 1) * (math.log10(err) - lo) / span)
         else:
             n = 0
-        style = "bold green" if k == curve.best else ("cyan" if k == curve.chosen else "")
-        marks = [m for m, on in (("< chosen", k == curve.chosen), ("< min", k == curve.best)) if on]
+        best = k == curve.best and bool(np.isfinite(err))  # every step skipped: no minimum
+        style = "bold green" if best else ("cyan" if k == curve.chosen else "")
+        marks = [m for m, on in (("< chosen", k == curve.chosen), ("< min", best)) if on]
         t.add_row(f"{h:.2e}", fmt(float(err)), fmt(float(bound)), Text("#" * n, style=style),
                   Text(" ".join(marks)))
     return t
@@ -425,10 +427,14 @@ def steps_table(curve: StepCurve, *, binary: bool = False) -> Table:
 def steps_summary(curve: StepCurve) -> str:
     scaled = "" if curve.scale == 1.0 else (" (steps are relative: each perturbs z by h max(1, |z|) = "
                                             f"h x {curve.scale:.6g})")
-    return (f"  theoretical optimum h ~ eps^(1/3) = {curve.optimum:.3g}, where truncation h^2 |C'''|/6 "
-            f"meets rounding eps |C|/h; measured minimum (< min) at h = {curve.h[curve.best]:.3g}; "
+    theory = (f"  theoretical optimum h ~ eps^(1/3) = {curve.optimum:.3g}, where truncation h^2 "
+              "|C'''|/6 meets rounding eps |C|/h; ")
+    skipped = f"; {fd_skip_note(curve.skipped, curve.h.size)}" if curve.skipped else ""
+    if curve.skipped == curve.h.size:  # nothing measured: no minimum to point at
+        return f"{theory}chosen (< chosen) h = eps^(1/3), the step `grad` uses{scaled}{skipped}"
+    return (f"{theory}measured minimum (< min) at h = {curve.h[curve.best]:.3g}; "
             "chosen (< chosen) h = eps^(1/3), the step `grad` uses; the rigorous bound is smallest at "
-            f"h = {curve.bound_best_h:.3g}{scaled}")
+            f"h = {curve.bound_best_h:.3g}{scaled}{skipped}")
 
 
 def render_checks(checks: tuple[CheckResult, ...], console: Console) -> None:

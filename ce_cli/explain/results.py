@@ -99,6 +99,7 @@ class StepCurve:
     best: int                         # index of the smallest measured error
     bound_best_h: float               # the (relative) step that minimises the bound
     checks: tuple[CheckResult, ...]
+    skipped: int = 0                  # steps finite differences could not take (fd NaN)
 
     @property
     def optimum(self) -> float:

@@ -29,6 +29,8 @@ from ce_cli.explain.common import (
     TINY,
     compare,
     cube_term,
+    fd_compare,
+    fd_skip_note,
     jacobian_rows,
     kernel_loss_grad,
     loss_fd,
@@ -241,9 +243,11 @@ def _softmax_checks(e: Explanation, masked: np.ndarray, dfd_allowed: np.ndarray,
     target = _target_check(e.y)
     checks.append(target)
     checks += _jacobian_checks(e, scope)
-    checks += _derivative_checks(e, dfd_allowed, absdot, nnz, scope)
+    derivative, fd_skipped = _derivative_checks(e, dfd_allowed, absdot, nnz, scope)
     notes = [] if target.ok else [_target_note(e.y)]
-    return checks, notes + _softmax_notes(e, masked)
+    if fd_skipped:
+        notes.append(fd_skip_note(fd_skipped, e.probed.size))
+    return checks + derivative, notes + _softmax_notes(e, masked)
 
 
 def _softmax_output_checks(e: Explanation, masked: np.ndarray) -> list[CheckResult]:
@@ -306,14 +310,20 @@ def _jacobian_checks(e: Explanation, scope: str) -> list[CheckResult]:
 
 
 def _derivative_checks(e: Explanation, dfd_allowed: np.ndarray, absdot: np.ndarray, nnz: int,
-                       scope: str) -> list[CheckResult]:
+                       scope: str) -> tuple[list[CheckResult], int]:
     """Steps 5-8: dC/da against central differences of C(a), J^T dC/da against a - y (within the
     dot product's rounding 4 (nnz(y) + 1) eps sum_j |J[j, i] dC/da_j|), a - y against the loss's
-    finite differences."""
+    finite differences (the probes they cannot take skipped and counted)."""
     P = e.probed
     a_minus_y = e.a_minus_y
     allowed = np.maximum(CHAIN_RTOL * np.maximum(1.0, np.abs(a_minus_y)),
                          4.0 * (nnz + 1) * EPS * absdot)
+    fd_check, skipped = fd_compare(
+        "fd_vs_a_minus_y", a_minus_y[P], e.fd[P], SAFETY * e.fd_bound[P],
+        "a - y vs (C(z + h e_i) - C(z - h e_i))/2h, h = eps^(1/3) max(1, |z_i|), C from the float64 "
+        "kernel: within twice the kernel's bound (rounding 8 eps (|C| + 2 + 2 log2 C)/h + truncation "
+        "h^2/6 max|a(1 - a)(1 - 2a)|)" + scope,
+        expected_label="a - y", index=vector_index(P))
     return [
         compare("dC_da_vs_fd", e.dC_da[P], e.dC_da_fd[P], dfd_allowed[P],
                 "-y_j/a_j (0 where y_j = 0) vs central differences of C(a) = -sum y_k ln a_k in a_j, step "
@@ -324,12 +334,8 @@ def _derivative_checks(e: Explanation, dfd_allowed: np.ndarray, absdot: np.ndarr
                 "sum_j J[j, i] dC/da_j vs a_i - y_i: within 1e-12 max(1, |a_i - y_i|) (or the dot product's "
                 "rounding bound 4 (nnz(y) + 1) eps sum_j |J[j, i] dC/da_j|, if larger)",
                 expected_label="a - y", got_label="J^T dC/da", index=vector_index(np.arange(e.n_classes))),
-        compare("fd_vs_a_minus_y", a_minus_y[P], e.fd[P], SAFETY * e.fd_bound[P],
-                "a - y vs (C(z + h e_i) - C(z - h e_i))/2h, h = eps^(1/3) max(1, |z_i|), C from the float64 "
-                "kernel: within twice the kernel's bound (rounding 8 eps (|C| + 2 + 2 log2 C)/h + truncation "
-                "h^2/6 max|a(1 - a)(1 - 2a)|)" + scope,
-                expected_label="a - y", got_label="finite diff", index=vector_index(P)),
-    ]
+        fd_check,
+    ], skipped
 
 
 def _softmax_notes(e: Explanation, masked: np.ndarray) -> list[str]:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.explain.common import KAPPA, SAFETY, compare, loss_fd
+from ce_cli.explain.common import KAPPA, SAFETY, fd_compare, loss_fd
 from ce_cli.explain.results import Explanation, StepCurve
 
 STEP_GRID = tuple(10.0 ** (-k / 2.0) for k in range(2, 25))   # 1e-1 ... 1e-12, half decades
@@ -46,14 +46,15 @@ def _step_curve(expl: Explanation, i: int) -> StepCurve:
     _, fine_bound = loss_fd(expl.problem, z, np.full(fine.size, i), fine * scale)
     chosen = int(np.flatnonzero(h == KAPPA)[0])
     best = _nanargmin(error, chosen)
-    check = compare(
+    check, skipped = fd_compare(
         "step_curve_within_bound", np.full(h.size, exact), fd, SAFETY * bound,
         f"|fd(h) - dC/dz_{i}| <= twice the kernel's bound (rounding 8 eps (|C| + ...)/h + truncation "
         f"h^2/6 max|C'''|) at each of the {h.size} steps",
-        expected_label="dC/dz", got_label="finite diff", index=lambda r, c: (float(h[r]),),
-        note=f"measured minimum at h = {h[best]:.2g}; eps^(1/3) = {KAPPA:.3g}")
+        expected_label="dC/dz", index=lambda r, c: (float(h[r]),),
+        note=(f"measured minimum at h = {h[best]:.2g}; " if np.isfinite(error).any() else "")
+        + f"eps^(1/3) = {KAPPA:.3g}")
     return StepCurve(i, float(z[i]), exact, h, scale, fd, error, bound, chosen, best,
-                     float(fine[_nanargmin(fine_bound, 0)]), (check,))
+                     float(fine[_nanargmin(fine_bound, 0)]), (check,), skipped)
 
 
 def _nanargmin(values: np.ndarray, default: int) -> int:

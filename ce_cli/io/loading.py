@@ -25,8 +25,6 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.bfloat16 import is_bfloat16, widen_bfloat16
-from ce_cli.io.safetensors import read_safetensors
-from ce_cli.io.torch_pt import read_pt
 from ce_cli.io import limits
 from ce_cli.io.limits import quoted
 
@@ -59,9 +57,13 @@ def read_file(path: Path, key: str | None, label: str, *, pipes: bool = True) ->
     except OSError as exc:
         raise CeCheckError(f"{label}: cannot read ({exc.strerror or exc})") from None
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix == ".safetensors":  # these readers load only for their own files
+        from ce_cli.io.safetensors import read_safetensors
+
         return _check_dtype(read_safetensors(path, key, label), label)
     if suffix in (".pt", ".pth"):  # zip bytes too: told from .npz by the suffix
+        from ce_cli.io.torch_pt import read_pt
+
         return _check_dtype(read_pt(path, label), label)
     if head.startswith(NPY_MAGIC):
         arr = _load_npy_path(path, label)

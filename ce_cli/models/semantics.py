@@ -31,14 +31,16 @@ ZLOSS_THIRD = 6.0 * 4.0 / 27.0  # 6 max a^2 (1 - a): z-loss's own third-derivati
 
 @dataclass(frozen=True)
 class Semantics:
-    """The options beyond PyTorch's `F.cross_entropy` (defaults: none of them)."""
+    """The options beyond PyTorch's `F.cross_entropy` (defaults: none of them). Given to
+    `build_softmax_ce` as the user wrote them (sample_weight any array of the batch's shape),
+    held validated by `SoftmaxCE.sem` (sample_weight (N,) float64, the shard's masks derived)."""
 
     z_loss: float = 0.0
     softcap: float | None = None
     logit_scale: float = 1.0
     smoothing_form: str = "torch"
     denominator: float | None = None
-    sample_weight: np.ndarray | None = None  # (N,) float64 (binary: its (N, K) broadcast)
+    sample_weight: np.ndarray | None = None  # validated: (N,) float64 (binary: (N, K) broadcast)
     vocab_offset: int | None = None
     inside_mask: np.ndarray | None = None    # (N,) the row's label lies in this shard
     rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass

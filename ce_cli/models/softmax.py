@@ -18,7 +18,7 @@ a - 1 = -s1 / (1 + s1) is formed without cancellation (the expm1(log a_y) of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -257,22 +257,6 @@ class SoftmaxCE(RowMatrix):
         return np.where(masked, 0.0, m)
 
 
-@dataclass(frozen=True)
-class SemanticArgs:
-    """The training-code options of `build_softmax_ce` (semantics.py), as given."""
-
-    z_loss: float = 0.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
-    smoothing_form: str = "torch"
-    denominator: float | None = None
-    sample_weight: Any = None
-    vocab_offset: int | None = None
-    lse: Any = None                  # the global per-row lse of a vocabulary shard
-    sample_weight_source: str = "sample_weight"
-    lse_source: str = "lse"
-
-
 def build_softmax_ce(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -285,11 +269,18 @@ def build_softmax_ce(
     source: str = "logits",
     labels_source: str = "labels",
     weight_source: str = "weight",
-    semantics: SemanticArgs | None = None,
+    semantics: Semantics | None = None,
+    lse: Any = None,
+    sample_weight_source: str = "sample_weight",
+    lse_source: str = "lse",
 ) -> tuple[SoftmaxCE, list[str]]:
-    """Validate inputs and build the problem. Returns it with a list of warnings."""
+    """Validate inputs and build the problem. Returns it with a list of warnings.
+
+    `semantics` holds the training-code options as given (its `sample_weight` any array of the
+    batch's shape; `inside_mask` and `rho` are derived here); `lse` is the global per-row
+    log-sum-exp of a vocabulary shard (with `vocab_offset`)."""
     warnings: list[str] = []
-    args = semantics or SemanticArgs()
+    args = semantics or Semantics()
     logits, labels = as_numeric_inputs(logits, labels, reduction, source, labels_source)
     if not (np.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {label_smoothing}")
@@ -312,7 +303,8 @@ def build_softmax_ce(
         y, valid = _index_targets(labels, layout, ignore_index, labels_source, args,
                                   warnings)
     z = layout.to_rows(logits)
-    sem = _semantics(args, z, layout, y, valid, w64, label_smoothing, warnings)
+    sem = _semantics(args, z, layout, y, valid, w64, label_smoothing, warnings,
+                     lse=lse, sources=(sample_weight_source, lse_source))
     denominator = _denominator(y, valid, w64, sem)
     if probs is None:
         _warn_empty(reduction, denominator, valid, sem, warnings)
@@ -338,7 +330,7 @@ def _class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> n
     return w64
 
 
-def _refuse_for_probabilities(args: SemanticArgs) -> None:
+def _refuse_for_probabilities(args: Semantics) -> None:
     if args.smoothing_form != "torch":
         raise CeCheckError("`smoothing_form=others`: applies to class-index labels, not "
                            "probability targets")
@@ -347,7 +339,7 @@ def _refuse_for_probabilities(args: SemanticArgs) -> None:
 
 
 def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels_source: str,
-                   args: SemanticArgs, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+                   args: Semantics, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Class indices as (N,) int64 and the rows that are not ignored; a shard's labels are
     global ids (only negative ones are out of range)."""
     y = match_batch(labels, layout, labels_source, "class-index labels")
@@ -369,25 +361,25 @@ def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels
     return y, valid
 
 
-def _semantics(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
-               smoothing: float, warnings: list[str]) -> Semantics:
-    """The validated `Semantics`: sample weights in rows, a shard's rest-of-vocabulary mass."""
+def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w64,
+               smoothing: float, warnings: list[str], *, lse: Any,
+               sources: tuple[str, str]) -> Semantics:
+    """The validated `Semantics`: sample weights in rows, a shard's rest-of-vocabulary mass
+    (without `vocab_offset` an `lse` is compared by the lse stage, not an input of the loss)."""
     sw = None
+    sw_source, lse_source = sources
     if args.sample_weight is not None:
         sw = np.asarray(match_batch(np.asarray(args.sample_weight), layout,
-                                    args.sample_weight_source, "sample weights"), dtype=np.float64)
-        ext.check_sample_weights(sw, args.sample_weight_source, layout.batch_index, warnings)
+                                    sw_source, "sample weights"), dtype=np.float64)
+        ext.check_sample_weights(sw, sw_source, layout.batch_index, warnings)
     inside = rho = None
     if args.vocab_offset is not None:
-        inside, rho = _shard(args, z, layout, y, valid, w64, smoothing)
-    elif args.lse is not None:
-        pass  # compared by the lse stage, not an input of the loss
-    return Semantics(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
-                     args.denominator, sw, args.vocab_offset, inside, rho)
+        inside, rho = _shard(args, lse, lse_source, z, layout, y, valid, w64, smoothing)
+    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho)
 
 
-def _shard(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
-           smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
+           valid: np.ndarray, w64, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
     """Which rows' labels lie in the shard's columns [K, K + C), and log R_n, the mass of the
     other columns: R_n = exp(lse_n) - sum_shard exp(z) from the global lse given."""
     K, C = args.vocab_offset, layout.n_classes
@@ -397,17 +389,17 @@ def _shard(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
     if w64 is not None or smoothing:
         raise CeCheckError("`vocab_offset`: class weights and label smoothing need the whole "
                            "vocabulary; check the shard without them")
-    if args.lse is None:
+    if lse is None:
         raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
                            "whole vocabulary")
-    lse_in = np.asarray(args.lse)
+    lse_in = np.asarray(lse)
     if lse_in.dtype.kind not in "iuf":
-        raise CeCheckError(f"{args.lse_source}: dtype {lse_in.dtype} is not numeric")
-    g = np.asarray(match_batch(lse_in, layout, args.lse_source, "the per-row log-sum-exp"),
+        raise CeCheckError(f"{lse_source}: dtype {lse_in.dtype} is not numeric")
+    g = np.asarray(match_batch(lse_in, layout, lse_source, "the per-row log-sum-exp"),
                    dtype=np.float64)
     if not np.all(np.isfinite(g)):
         i = int(np.flatnonzero(~np.isfinite(g))[0])
-        raise CeCheckError(f"{args.lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
+        raise CeCheckError(f"{lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
     local = _local_lse(z, args.logit_scale, args.softcap)
     eps = np.finfo(lse_in.dtype).eps if lse_in.dtype.kind == "f" else EPS
     gap = g - local
@@ -415,7 +407,7 @@ def _shard(args: SemanticArgs, z, layout: Layout, y, valid: np.ndarray, w64,
     if short.any():
         i = int(np.flatnonzero(short)[0])
         raise CeCheckError(
-            f"{args.lse_source}: the global lse {g[i]:.17g} at index {layout.batch_index(i)} is "
+            f"{lse_source}: the global lse {g[i]:.17g} at index {layout.batch_index(i)} is "
             f"below the shard's own log-sum-exp {local[i]:.17g}: not the whole vocabulary's")
     with np.errstate(divide="ignore"):
         rho = g + np.log(-np.expm1(-np.maximum(gap, 0.0)))

@@ -3,26 +3,43 @@ model from the arrays and run the pipeline; `reference` gives the float64 refere
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
-from ce_cli.models.sigmoid import build_sigmoid_bce
-from ce_cli.models.softmax import SemanticArgs, build_softmax_ce
-from ce_cli.verify.bridge import two_class_bridge
+from ce_cli.models.semantics import Semantics
+from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
-from ce_cli.verify.reference import Reference, softmax_reference
 from ce_cli.verify.results import CheckResult, Report, verdict_line
+
+if TYPE_CHECKING:
+    from ce_cli.verify.bridge import two_class_bridge
+    from ce_cli.verify.reference import Reference
+    from ce_cli.verify.reference import softmax_reference as reference
 
 __all__ = ["Reference", "check_binary", "check_grad", "reference", "two_class_bridge"]
 
-reference = softmax_reference
+# Public names `check_grad` does not need load on first use (PEP 562): a softmax check (and the
+# CLI's `grad`) pays neither for the sigmoid model nor for the bridge.
+_LAZY = {"Reference": ("ce_cli.verify.reference", "Reference"),
+         "reference": ("ce_cli.verify.reference", "softmax_reference"),
+         "two_class_bridge": ("ce_cli.verify.bridge", "two_class_bridge")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ROLES = ("logits", "labels", "grad", "loss", "weight", "pos_weight", "lse", "sample_weight",
          "z_loss_value")
@@ -67,15 +84,15 @@ def check_grad(
     z, y = np.asarray(logits), np.asarray(labels)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
-    args = SemanticArgs(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
-                        opts.denominator, sample_weight, opts.vocab_offset,
-                        lse if opts.vocab_offset is not None else None,
-                        src["sample_weight"], src["lse"])
+    given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
+                      opts.denominator, _array_or_none(sample_weight), opts.vocab_offset)
     problem, warnings = build_softmax_ce(
         z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
         ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
         class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"], semantics=args)
+        weight_source=src["weight"], semantics=given,
+        lse=lse if opts.vocab_offset is not None else None,
+        sample_weight_source=src["sample_weight"], lse_source=src["lse"])
     if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
@@ -147,6 +164,9 @@ def check_binary(
     element's loss, and the settings `softcap`, `logit_scale`, `denominator` and
     `label_smoothing` (y' = y (1 - A) + A/2, Keras' form) apply; softmax-only settings are refused.
     """
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    from ce_cli.verify.bridge import two_class_bridge
+
     opts = CheckOptions.build(options, **settings)
     _refuse_softmax_only(opts)
     src = _sources(sources)
@@ -187,6 +207,9 @@ def _check_two_class(z: np.ndarray, y: np.ndarray, weight: ArrayLike | None,
                      pos_weight: ArrayLike | float | None, opts: CheckOptions,
                      src: dict[str, str], common: dict[str, Any]) -> Report:
     """(..., 2) softmax logits checked as multiclass, plus the bridge on z1 - z0."""
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    from ce_cli.verify.bridge import two_class_bridge
+
     if pos_weight is not None:
         raise CeCheckError("`pos_weight`: not used with `two_class` (give `weight`, 2 class weights)")
     if z.ndim < 1 or z.shape[-1] != 2:

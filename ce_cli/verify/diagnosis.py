@@ -9,7 +9,8 @@ rule looks at d = yours - reference on those rows:
 - ignored_rows:     every error sits in an ignored row (ignored rows not zeroed)
 - target_only:      every error sits at a target entry (the -y missing or applied twice)
 - wrong_axis:       yours matches softmax over another axis of the logits (or the transpose)
-- smoothing_form:   yours matches label smoothing of the other form (alpha/C vs alpha/(C-1))
+- smoothing_form:   yours matches label smoothing of the form not in force (alpha/C vs
+                    alpha/(C-1))
 - row_factor:       each row's softmax terms are off by one common factor (a normaliser error,
                     or an extra term like z-loss)
 - isolated:         a few isolated entries
@@ -155,22 +156,39 @@ def _wrong_axis(problem, s: _Sample, _tol) -> Diagnosis | None:
     return None
 
 
+# label smoothing's two forms (`smoothing_form`): the share of alpha each non-target class gets
+_SPREAD = {"torch": lambda eps, C: eps / C, "others": lambda eps, C: eps / (C - 1)}
+_SHORT = {"torch": "alpha/C", "others": "alpha/(C-1)"}
+_SPREADS = {"torch": "alpha/C over every class", "others": "alpha/(C-1) over the other classes"}
+
+
 def _smoothing_form(problem, s: _Sample, _tol) -> Diagnosis | None:
+    """Yours matches label smoothing of the form not in force (torch: eps/C on every class;
+    others: 1 - eps on the target, eps/(C-1) elsewhere)."""
     eps, C = problem.smoothing, problem.n_classes
     if not eps or C < 3:
         return None
-    # the other form moves eps/C - eps/(C-1) from every non-target class onto the target
-    shift = (eps / C - eps / (C - 1)) * problem.grad_scale
+    form = problem.sem.smoothing_form
+    other = "others" if form == "torch" else "torch"
+    # the other form moves d = spread(other) - spread(form) onto every non-target q_c and takes
+    # (C - 1) d off the target's (both sum to 1). With coef = q w the gradient is
+    # (a sum coef - coef) scale, so it moves by (a sum dcoef - dcoef) scale, where
+    # a scale = (reference + coef scale) / sum coef (sum dcoef = 0 without class weights)
+    d = _SPREAD[other](eps, C) - _SPREAD[form](eps, C)
     w = problem.weight if problem.weight is not None else np.ones(C)
-    alt = s.ref.copy()
-    valid = s.valid
-    alt[valid] += shift * w  # q_c larger by |shift| off the target: gradient smaller
     y = np.argmax(s.q, axis=1)
-    alt[np.flatnonzero(valid), y[valid]] -= shift * w[y[valid]] * C
+    dq = np.where(s.valid[:, None], d, 0.0) * np.ones(C)
+    dq[np.arange(y.size), y] *= -(C - 1)
+    dcoef = dq * w
+    total = s.q.sum(axis=1, keepdims=True)
+    soft = s.ref + s.q * problem.grad_scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        moved = np.where(total != 0, soft * dcoef.sum(axis=1, keepdims=True) / total, 0.0)
+    alt = s.ref + moved - dcoef * problem.grad_scale
     if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-9 * np.abs(alt).max()):
-        return Diagnosis("smoothing_form", "label smoothing of the other form: yours spreads "
-                         "alpha/(C-1) over the other classes, the check expects alpha/C "
-                         "(`smoothing_form`)", f"yours matches the alpha/(C-1) form, alpha = {eps}")
+        return Diagnosis("smoothing_form", f"label smoothing of the other form: yours spreads "
+                         f"{_SPREADS[other]}, the check expects {_SHORT[form]} (`smoothing_form`)",
+                         f"yours matches the {_SHORT[other]} form, alpha = {eps}")
     return None
 
 
