@@ -22,14 +22,16 @@ denominator or per-sample weights change `denominator` / the row factor in `targ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.models.base import REDUCTIONS
 
-BLOCK_BYTES = 128 << 20   # one row block's float64 logits
+BLOCK_BYTES = 256 << 20   # one row block's float64 logits (W is converted once per row block) ...
+BLOCK_SHARE = 0.15        # ... or this share of the input bytes plus BLOCK_BYTES, up to 1 GiB
+CHUNK_BYTES = 1 << 20     # column chunks of a row block that stay in cache
 VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")
 
@@ -68,6 +70,7 @@ class LinearCE:
     ignore_index: int = -100
     w_norm_max: float = 0.0       # max_v |W_v|_2 + max |b|: scales the logits' rounding
     w_norms: np.ndarray | None = None  # (V,) |W_v|_2
+    block_bytes: int = BLOCK_BYTES
 
     @property
     def n_rows(self) -> int:
@@ -107,7 +110,18 @@ class LinearCE:
             yield v0, min(self.n_classes, v0 + step)
 
     def row_step(self) -> int:
-        return max(1, min(self.n_rows, BLOCK_BYTES // (8 * max(1, self.n_classes))))
+        return max(1, min(self.n_rows, self.block_bytes // (8 * max(1, self.n_classes))))
+
+    def with_budget(self, input_bytes: int) -> LinearCE:
+        """Row blocks of BLOCK_SHARE * input_bytes + BLOCK_BYTES (at most 1 GiB): fewer passes
+        over W for large inputs while the peak stays near the inputs."""
+        return replace(self, block_bytes=int(min(1 << 30, BLOCK_SHARE * input_bytes + BLOCK_BYTES)))
+
+    def col_chunks(self, rows: int):
+        """Column ranges of a (rows x V) block of about CHUNK_BYTES: cache-sized pieces."""
+        step = max(16, CHUNK_BYTES // (8 * max(1, rows)))
+        for v0 in range(0, self.n_classes, step):
+            yield v0, min(self.n_classes, v0 + step)
 
     def logits(self, h: np.ndarray, v0: int, v1: int, w: np.ndarray | None = None) -> np.ndarray:
         """z = h W[v0:v1]^T + b[v0:v1] in float64."""
@@ -132,25 +146,20 @@ class LinearCE:
 
     def forward_block(self, start: int, stop: int,
                       on_vocab: Callable[[int, int, np.ndarray], None] | None = None) -> RowBlock:
-        """Rows [start, stop): logits block by vocabulary block, the online normaliser, losses.
-        `on_vocab(v0, v1, w64)` sees every converted weight block (finite differences use it)."""
+        """Rows [start, stop): the float64 logits one vocabulary block at a time (W converted
+        block by block; `on_vocab(v0, v1, w64)` sees each converted block), then
+        lse = m + log sum exp(z - m) in column chunks, and the losses."""
         h = self.hidden_rows(slice(start, stop))
-        R = h.shape[0]
-        z = np.empty((R, self.n_classes))
-        m = np.full(R, -np.inf)
-        s = np.zeros(R)
+        z = np.empty((h.shape[0], self.n_classes))
         for v0, v1 in self.vocab_blocks():
-            w = self.weight_block(v0, v1)
             zb = z[:, v0:v1]
+            w = self.weight_block(v0, v1)
             np.matmul(h, w.T, out=zb)
             if self.bias is not None:
                 zb += self.bias[v0:v1]
-            m_new = np.maximum(m, zb.max(axis=1))
-            s = s * np.exp(m - m_new) + np.exp(zb - m_new[:, None]).sum(axis=1)
-            m = m_new
             if on_vocab is not None:
                 on_vocab(v0, v1, w)
-        lse = m + np.log(s)
+        lse = row_lse(z)
         rows = np.arange(start, stop)
         return RowBlock(start, stop, h, z, lse, self.row_loss(z, lse, rows))
 
@@ -204,6 +213,20 @@ class LinearCE:
         Q = np.abs(self.total_weight(alpha, beta))
         return (np.abs(block.loss) + Q * (1.0 + np.abs(block.lse) + 2.0 * self.logit_error(block.h))
                 ) * self.grad_scale
+
+
+def row_lse(z: np.ndarray) -> np.ndarray:
+    """log sum_v exp z_v of every row: m = max, then sum exp(z - m) over column chunks."""
+    m = z.max(axis=1) if z.shape[1] else np.zeros(z.shape[0])
+    total = np.zeros(z.shape[0])
+    step = max(16, CHUNK_BYTES // (8 * max(1, z.shape[0])))
+    buf = np.empty((z.shape[0], min(step, z.shape[1])))
+    for v0 in range(0, z.shape[1], step):
+        t = buf[:, :min(step, z.shape[1] - v0)]
+        np.subtract(z[:, v0:v0 + step], m[:, None], out=t)
+        np.exp(t, out=t)
+        total += t.sum(axis=1)
+    return m + np.log(total)
 
 
 def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, reduction: str = "mean",
