@@ -27,6 +27,8 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, loss_sum
 from ce_cli.models.linear import LinearCE, RowBlock, build_linear_ce
+from ce_cli.models.softmax import SemanticArgs
+from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Entry, InputInfo, Report
@@ -314,25 +316,16 @@ class HiddenFD:
         abs_sum, norm2 = p.u_sums()
         for i in range(int(lo), int(hi)):
             r = int(p.owner[i]) - blk.start
-            row = np.array([p.owner[i]])
-            z, dz = blk.z[r:r + 1], self.dz(i)[None, :]
-            zp, zm = z + dz, z - dz
-            lp = problem.row_loss(zp, _logsumexp(zp), row)
-            lm = problem.row_loss(zm, _logsumexp(zm), row)
-            g, phi = problem.grad_terms(z.copy(), row, np.arange(V), blk.lse[r:r + 1], herr[r:r + 1])
-            Q = abs(float(problem.total_weight(*problem.targets(row)[:2])[0]))
-            scale, delta = problem.grad_scale, 2.0 * dz[0]
-            p.fd[i] = scale * float(lp[0] - lm[0])
-            p.ref[i] = float(g[0] @ delta)
-            reach = float(np.abs(delta).max())
-            rounding = 16.0 * EPS * (max(abs(float(lp[0])), abs(float(lm[0]))) + Q * (2 + 2 * math.log2(V)))
+            dz = self.dz(i)
+            p.fd[i], g, phi, bound = problem.row_probe(blk.z[r:r + 1], np.array([p.owner[i]]), dz,
+                                                       blk.lse[r:r + 1], herr[r:r + 1])
+            p.ref[i] = float(g @ (2.0 * dz))
             wu = 2.0 * norm2[i] * problem.w_norms   # |W_v . 2u| <= |W_v|_2 |2u|_2
-            gw = float(np.abs(g[0]) @ wu)
-            p.bound[i] = scale * (rounding + Q * THIRD_MOMENT_MAX * reach**3 / 3.0) + \
-                4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(g[0]) @ np.abs(delta))
+            gw = float(np.abs(g) @ wu)
+            p.bound[i] = bound + 4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(g) @ np.abs(2.0 * dz))
             if self.user is not None:
                 tol = self.user.tol
-                p.got_bound[i] = (tol.floor_coef * float(phi[0] @ wu) + tol.rtol * gw
+                p.got_bound[i] = (tol.floor_coef * float(phi @ wu) + tol.rtol * gw
                                   + (tol.atol + tol.tiny) * 2.0 * abs_sum[i]
                                   + 4.0 * EPS * math.sqrt(problem.hidden_size) * gw)
 
@@ -344,31 +337,17 @@ class WeightFD:
     def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None,
                  x_of: Callable[[RowBlock], np.ndarray] = lambda blk: blk.h) -> None:
         self.problem, self.p, self.user, self.x_of = problem, probes, user, x_of
-        self.cols, self.inv = np.unique(probes.owner, return_inverse=True)
 
     def update(self, blk: RowBlock, herr: np.ndarray) -> None:
         if self.p.owner.size == 0:
             return
         problem, p = self.problem, self.p
-        rows, scale = blk.rows, problem.grad_scale
         x = self.x_of(blk)
         d, dabs = p.moves(x), p.moves(x, absolute=True)   # (R, K)
-        zc = blk.z[:, self.cols][:, self.inv]
-        g, phi = problem.grad_terms(blk.z[:, self.cols], rows, self.cols, blk.lse, herr)
-        g, phi = g[:, self.inv], phi[:, self.inv]
-        alpha, beta, ys = problem.targets(rows)
-        Q = problem.total_weight(alpha, beta)[:, None]
-        cw = problem.class_weight[p.owner] if problem.class_weight is not None else 1.0
-        q = np.where(ys[:, None] == p.owner[None, :], alpha[:, None], 0.0) + beta[:, None] * cw
-        loga = zc - blk.lse[:, None]
-        a = np.exp(loga)
-        lp, lm = np.log1p(a * np.expm1(d)), np.log1p(a * np.expm1(-d))
-        p.fd += scale * (Q * (lp - lm) - q * 2.0 * d).sum(axis=0)
+        diff, err, g, phi = problem.column_probe(blk, p.owner, d, herr)
+        p.fd += diff.sum(axis=0)
         p.ref += (g * 2.0 * d).sum(axis=0)
-        Qa = np.abs(Q)
-        err = (4.0 * EPS * Qa * (np.abs(lp) + np.abs(lm)) + Qa * THIRD_MOMENT_MAX * np.abs(2.0 * d)**3 / 3.0
-               + 2.0 * EPS * (2.0 + np.abs(loga) + np.abs(blk.lse)[:, None]) * Qa * a * 2.0 * np.abs(d))
-        p.bound += scale * err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
+        p.bound += err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
             np.abs(g) * 2.0 * np.abs(d)).sum(axis=0)
         if self.user is not None:
             tol = self.user.tol
@@ -412,6 +391,15 @@ class BiasDirection:
         err = np.abs(Q) * (16.0 * EPS * (np.abs(lp) + np.abs(lm) + (1.0 + math.log2(V)) * au[:, 2])
                            + THIRD_MOMENT_MAX * reach**3 / 3.0) + 8.0 * EPS * np.abs(qu)
         self.bound += scale * float(err.sum())
+
+    def update_rows(self, problem: LinearCE, blk: RowBlock) -> None:
+        """Extended semantics: both moved blocks evaluated by the softmax model, with its bound."""
+        sm, rows = problem.sm, blk.rows
+        ep = sm.evaluate_rows(blk.z + self.u, rows, grad=False)
+        em = sm.evaluate_rows(blk.z - self.u, rows, grad=False)
+        self.fd += problem.grad_scale * float((ep.loss - em.loss).sum())
+        delta = np.broadcast_to(2.0 * self.u, blk.z.shape)
+        self.bound += float(sm.directional_error_bound(ep, em, delta).sum())
 
     def probes(self, db: np.ndarray, db_floor: np.ndarray, user: UserArray | None) -> Probes:
         """The direction as one probe (owner -1): finite difference, reference db . 2u, bounds."""
@@ -517,6 +505,9 @@ class Pass:
     def _gradients(self, blk: RowBlock, herr: np.ndarray) -> None:
         """The chunk loop (see the class): a^T X and P^T X into the vocabulary side, a Y and
         P |W|_2 into the token side, then the targets' own terms."""
+        if blk.ev is not None:
+            self._explicit(blk)
+            return
         problem = self.problem
         rows, h = blk.rows, blk.h
         alpha, beta, ys = problem.targets(rows)
@@ -548,6 +539,28 @@ class Pass:
         self._targets_terms(rows, alpha, beta, ys, s, h2, hr, hra)
         if ha is not None:
             self._token_side(blk, ha, hp, s * Q, s * np.abs(Q), alpha, beta, ys, s)
+
+    def _explicit(self, blk: RowBlock) -> None:
+        """Extended semantics: the same products from the softmax model's G and floor phi."""
+        problem, ph, pw, k = self.problem, self.ph, self.pw, self.kh
+        assert blk.ev is not None and blk.phi is not None and blk.ev.grad is not None
+        g, phi, h, rows = blk.ev.grad, blk.phi, blk.h, blk.rows
+        gabs = np.abs(g)
+        h2 = np.sqrt(np.einsum("ij,ij->i", h, h))
+        self.wa[:, 0] += g.sum(axis=0)
+        self.wa[:, -1] += gabs.T @ h2
+        self.wp += phi.T @ np.stack([np.ones(len(rows)), h2], axis=1)
+        if pw is not None:
+            kw = self.kw
+            self.wa[:, 1:1 + kw] += g.T @ (h @ pw.r)
+            self.wa[:, 1 + kw:1 + 2 * kw] += gabs.T @ (np.abs(h) @ np.abs(pw.r))
+        if ph is not None and self.ya is not None:
+            ph.ref[rows] = g @ self.ya[:, :k]
+            ph.ref_abs[rows] = gabs @ self.ya[:, k:2 * k]
+            ph.rel[rows] = gabs @ self.ya[:, 2 * k]
+            ph.floor[rows] = phi @ self.ya[:, 2 * k]
+        if self.bdir.on:
+            self.bdir.update_rows(problem, blk)
 
     def _xa(self, us: np.ndarray, ua: np.ndarray, h2: np.ndarray, hr: np.ndarray | None,
             hra: np.ndarray | None) -> np.ndarray:
@@ -615,11 +628,15 @@ def exact_weight_rows(problem: LinearCE, cols: np.ndarray, lse: np.ndarray, herr
     w = np.asarray(problem.weight[cols], dtype=np.float64)
     for r0 in range(0, problem.n_rows, problem.row_step()):
         r1 = min(problem.n_rows, r0 + problem.row_step())
-        h = problem.hidden_rows(slice(r0, r1))
-        z = h @ w.T
-        if problem.bias is not None:
-            z += problem.bias[cols]
-        g, phi = problem.grad_terms(z, np.arange(r0, r1), cols, lse[r0:r1], herr[r0:r1])
+        if problem.extended:
+            h, g, phi = problem.full_terms(slice(r0, r1), herr)
+            g, phi = g[:, cols], phi[:, cols]
+        else:
+            h = problem.hidden_rows(slice(r0, r1))
+            z = h @ w.T
+            if problem.bias is not None:
+                z += problem.bias[cols]
+            g, phi = problem.grad_terms(z, np.arange(r0, r1), cols, lse[r0:r1], herr[r0:r1])
         ref += g.T @ h
         floor += phi.T @ np.abs(h)
     return ref, floor
@@ -631,10 +648,14 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
     H = problem.hidden_size
     ref, floor = np.zeros((rows.size, H)), np.zeros((rows.size, H))
     h = problem.hidden_rows(rows)
+    full = problem.full_terms(rows, herr) if problem.extended else None
     for v0, v1 in problem.vocab_blocks():
         w = problem.weight_block(v0, v1)
-        z = problem.logits(h, v0, v1, w)
-        g, phi = problem.grad_terms(z, rows, np.arange(v0, v1), lse[rows], herr[rows])
+        if full is not None:
+            g, phi = full[1][:, v0:v1], full[2][:, v0:v1]
+        else:
+            z = problem.logits(h, v0, v1, w)
+            g, phi = problem.grad_terms(z, rows, np.arange(v0, v1), lse[rows], herr[rows])
         ref += g @ w
         floor += phi @ np.abs(w)
     return ref, floor
@@ -642,6 +663,14 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
 
 def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, herr: np.ndarray,
               worst: int) -> list[CheckResult]:
+    """Every entry of dL/dW and dL/dH (`--exact`)."""
+    if problem.extended:
+        return _exact_all_rows(problem, users, herr, worst)
+    return _exact_all_columns(problem, users, lse, herr, worst)
+
+
+def _exact_all_columns(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray,
+                       herr: np.ndarray, worst: int) -> list[CheckResult]:
     """Every entry of dL/dW (per vocabulary block, compared at once) and dL/dH (accumulated)."""
     gw, gh = users.get("grad_weight"), users.get("grad_hidden")
     N, H = problem.n_rows, problem.hidden_size
@@ -668,6 +697,37 @@ def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, h
         out.append(cw.result())
     if ch is not None and gh is not None and dh is not None and fh is not None:
         ch.update(0, dh, gh.rows, fh.astype(np.float64) * gh.tol.floor_coef)
+        out.append(ch.result())
+    return out
+
+
+def _exact_all_rows(problem: LinearCE, users: dict[str, UserArray], herr: np.ndarray,
+                    worst: int) -> list[CheckResult]:
+    """Extended semantics: whole rows at a time (the softmax model normalises whole rows);
+    dL/dW accumulated over the row blocks, dL/dH compared block by block."""
+    gw, gh = users.get("grad_weight"), users.get("grad_hidden")
+    V, H = problem.n_classes, problem.hidden_size
+    dw, fw = (np.zeros((V, H)), np.zeros((V, H))) if gw else (None, None)
+    ch = _cmp("grad_hidden_vs_reference", gh, worst, "exact: every entry") if gh else None
+    for r0 in range(0, problem.n_rows, problem.row_step()):
+        r1 = min(problem.n_rows, r0 + problem.row_step())
+        h, g, phi = problem.full_terms(slice(r0, r1), herr)
+        if dw is not None and fw is not None:
+            dw += g.T @ h
+            fw += phi.T @ np.abs(h)
+        if ch is not None and gh is not None:
+            dh, fh = np.zeros((r1 - r0, H)), np.zeros((r1 - r0, H))
+            for v0, v1 in problem.vocab_blocks():
+                w = problem.weight_block(v0, v1)
+                dh += g[:, v0:v1] @ w
+                fh += phi[:, v0:v1] @ np.abs(w)
+            ch.update(r0, dh, gh.rows[r0:r1], fh * gh.tol.floor_coef)
+    out = []
+    if gw is not None and dw is not None and fw is not None:
+        cw = _cmp("grad_weight_vs_reference", gw, worst, "exact: every entry")
+        cw.update(0, dw, gw.rows, fw * gw.tol.floor_coef)
+        out.append(cw.result())
+    if ch is not None:
         out.append(ch.result())
     return out
 
@@ -704,8 +764,8 @@ def projection_result(proj: Projection, exact: Callable[[np.ndarray], tuple[np.n
 
 # --- the check ---------------------------------------------------------------------------------
 
-ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "grad_hidden", "grad_weight",
-         "grad_bias", "loss")
+ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight", "grad_hidden",
+         "grad_weight", "grad_bias", "loss")
 
 
 def check_linear(
@@ -719,6 +779,7 @@ def check_linear(
     grad_bias: Any = None,
     loss: Any = None,
     class_weight: Any = None,
+    sample_weight: Any = None,
     options: CheckOptions | None = None,
     linear: LinearSettings | None = None,
     sources: dict[str, str] | None = None,
@@ -734,10 +795,8 @@ def check_linear(
                                                   if k in LINEAR_FIELDS})
     opts = CheckOptions.build(options, **settings)
     src = {**{r: r for r in ROLES}, **(sources or {})}
-    problem, warnings = build_linear_ce(
-        hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
-        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-        weight_layout=lin.weight_layout, sources=src)
+    problem, warnings, labels = _problem(hidden, weight, labels, bias, class_weight, sample_weight,
+                                         opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
     problem = problem.with_budget(sum(int(np.asarray(a).nbytes) for a in
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
@@ -752,7 +811,7 @@ def check_linear(
         ranked.append((2, _loss_check(problem, run, user_loss, ref_loss, opts)))
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     arrays = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
-              "class_weight": class_weight, **grads, "loss": loss}
+              "class_weight": class_weight, "sample_weight": sample_weight, **grads, "loss": loss}
     return Report(
         kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
         loss_per_sample_shape=problem.batch_shape if problem.reduction == "none" else None,
@@ -763,6 +822,23 @@ def check_linear(
                      for r, a in arrays.items() if a is not None),
         warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size + bias_probes.owner.size),
         options=_echo(problem, lin, opts, users))
+
+
+def _problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weight: Any,
+             sample_weight: Any, opts: CheckOptions, lin: LinearSettings, src: dict[str, str]
+             ) -> tuple[LinearCE, list[str], Any]:
+    """The problem with the training-code semantics (and the labels, shifted with
+    `shift_labels`)."""
+    if opts.shift_labels:
+        labels = shift_labels(np.asarray(hidden), np.asarray(labels), opts.ignore_index, src["labels"])
+    semantics = SemanticArgs(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
+                             opts.denominator, sample_weight,
+                             sample_weight_source=src["sample_weight"])
+    problem, warnings = build_linear_ce(
+        hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
+        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+        weight_layout=lin.weight_layout, sources=src, semantics=semantics)
+    return problem, warnings, labels
 
 
 def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
@@ -793,7 +869,8 @@ def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
             "false_pass_at_10x": None if lin.exact else lin.false_pass(),
             "ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
             "weighted": problem.class_weight is not None,
-            "precision": next((u.tol.precision for u in users.values()), None)}
+            "precision": next((u.tol.precision for u in users.values()), None),
+            **problem.sm.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {})}
 
 
 def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,

@@ -1,0 +1,142 @@
+"""`ce-check linear` with the training-code options of `grad` (z-loss, softcap, logit scale, the
+others' smoothing form, a denominator, sample weights, shifted labels) and finite differences on
+the bias. Parity with PyTorch float64 (fixtures/linear/semantics.npz, written out in PyTorch by
+scripts/make_linear_fixtures.py); a gradient without the option's term is caught, by the
+reference comparison and by the finite differences alone."""
+
+import numpy as np
+import pytest
+
+import ce_cli
+from tests.conftest import FIXTURES, save
+
+SEM = np.load(FIXTURES / "linear" / "semantics.npz")
+CASES = sorted({k.split("/")[0] for k in SEM.files})
+GRADS = ("grad_hidden", "grad_weight", "grad_bias")
+OPTIONS = {
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=3.0),
+    "logit_scale": dict(logit_scale=0.7),
+    "smoothing_others": dict(label_smoothing=0.2, smoothing_form="others"),
+    "denominator": dict(denominator=37.0, reduction="sum"),
+    "sample_weight": {},
+    "shift_labels": dict(shift_labels=True),
+    "all": dict(z_loss=1e-3, softcap=4.0, logit_scale=1.3, label_smoothing=0.1),
+}
+
+
+def case_arrays(case):
+    arrays = {k.split("/", 1)[1]: SEM[k] for k in SEM.files if k.startswith(case + "/")}
+    inputs = {k: arrays.get(k) for k in ("bias", "class_weight", "sample_weight")}
+    return arrays, inputs, OPTIONS[case]
+
+
+def test_every_option_has_a_case():
+    assert set(CASES) == set(OPTIONS)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_parity_with_pytorch_float64(case, exact):
+    """Loss and all three gradients to ~1e-12 relative; the finite differences prove the
+    reference (hidden, weight and bias, every row along a direction)."""
+    arrays, inputs, spec = case_arrays(case)
+    report = ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"], **inputs,
+                                 **{g: arrays[g] for g in GRADS}, loss=arrays["loss"],
+                                 exact=exact, **spec)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    assert abs(report.loss - float(arrays["loss"])) <= 1e-12 * abs(float(arrays["loss"]))
+    by = {c.name: c for c in report.checks}
+    for side in ("hidden", "weight", "bias"):
+        assert by[f"fd_{side}_vs_reference"].total > 0
+    if exact:
+        for g in GRADS:
+            check = by[f"{g}_vs_reference"]
+            assert check.total == arrays[g].size
+            assert check.max_abs_err <= 1e-12 * np.abs(arrays[g]).max(), (g, check.max_abs_err)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradient_without_the_term_is_caught_by_finite_differences(case):
+    """Your gradients computed without the option: the reference comparison fails, and so do the
+    finite differences against your gradients on their own (each term is proven, not assumed)."""
+    arrays, inputs, spec = case_arrays(case)
+    without = {g: arrays[f"{g}_without"] for g in GRADS}
+    report = ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"], **inputs,
+                                 **without, **spec)
+    assert not report.ok
+    failed = {c.name for c in report.checks if not c.ok}
+    assert failed & {"fd_hidden_vs_grad", "fd_weight_vs_grad", "fd_bias_vs_grad"}, failed
+    assert "grad_hidden_vs_reference" in failed or "grad_weight_vs_reference" in failed
+
+
+def test_options_echoed_and_sample_weight_shape_checked():
+    arrays, inputs, spec = case_arrays("all")
+    report = ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"], **inputs,
+                                 **spec)
+    assert report.options["z_loss"] == 1e-3 and report.options["softcap"] == 4.0
+    assert report.options["sample_weighted"] is True
+    with pytest.raises(ce_cli.CeCheckError, match="sample"):
+        ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"],
+                            sample_weight=np.ones(5))
+
+
+def test_cli_options(invoke, tmp_path):
+    arrays, inputs, _ = case_arrays("all")
+    paths = {k: save(tmp_path, f"{k}.npy", v) for k, v in arrays.items()}
+    args = ["linear", paths["hidden"], paths["weight"], paths["labels"], "--bias", paths["bias"],
+            "--class-weight", paths["class_weight"], "--sample-weight", paths["sample_weight"],
+            "--grad-hidden", paths["grad_hidden"], "--grad-weight", paths["grad_weight"],
+            "--grad-bias", paths["grad_bias"], "--loss", paths["loss"], "--z-loss", "1e-3",
+            "--softcap", "4", "--logit-scale", "1.3", "--label-smoothing", "0.1", "-q"]
+    assert invoke(args).exit_code == 0
+    bad = list(args)
+    bad[bad.index("--grad-weight") + 1] = save(tmp_path, "gw.npy", arrays["grad_weight_without"])
+    assert invoke(bad).exit_code == 1
+    shifted, _, _ = case_arrays("shift_labels")
+    p = {k: save(tmp_path, f"s_{k}.npy", v) for k, v in shifted.items()}
+    common = ["linear", p["hidden"], p["weight"], p["labels"], "--bias", p["bias"],
+              "--grad-hidden", p["grad_hidden"], "--loss", p["loss"], "-q"]
+    assert invoke(common + ["--shift-labels"]).exit_code == 0
+    assert invoke(common).exit_code == 1
+
+
+# --- finite differences on the bias -------------------------------------------------------------
+
+def _bias_problem(seed=0, N=40, H=8, V=120):
+    rng = np.random.default_rng(seed)
+    h, w = rng.standard_normal((N, H)), rng.standard_normal((V, H)) * 0.5
+    b, y = rng.standard_normal(V), rng.integers(0, V, N)
+    z = h @ w.T + b
+    a = np.exp(z - z.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    a[np.arange(N), y] -= 1.0
+    return h, w, b, y, a.sum(0) / N
+
+
+@pytest.mark.parametrize("fd", ["directional", "sample"])
+def test_bias_finite_differences_prove_the_reference_and_catch_a_wrong_bias_gradient(fd):
+    h, w, b, y, db = _bias_problem()
+    report = ce_cli.check_linear(h, w, y, bias=b, grad_bias=db, fd=fd)
+    by = {c.name: c for c in report.checks}
+    assert report.ok and by["fd_bias_vs_reference"].ok and by["fd_bias_vs_grad"].ok
+    assert "whole vocabulary" in by["fd_bias_vs_reference"].note
+    assert by["fd_bias_vs_reference"].total == 1 + 256 // 8
+    # the mean's 1/N missing: the finite differences alone see it
+    bad = ce_cli.check_linear(h, w, y, bias=b, grad_bias=db * len(y), fd=fd)
+    assert not {c.name: c for c in bad.checks}["fd_bias_vs_grad"].ok
+
+
+def test_bias_direction_sees_an_error_the_sampled_entries_miss():
+    h, w, b, y, db = _bias_problem(1)
+    wrong = db.copy()
+    wrong[7] += 0.5    # one entry: the direction over the whole vocabulary moves with it
+    report = ce_cli.check_linear(h, w, y, bias=b, grad_bias=wrong, fd="sample", samples=8)
+    fd = {c.name: c for c in report.checks}["fd_bias_vs_grad"]
+    assert not fd.ok and () in [e.index for e in fd.worst]
+
+
+def test_no_bias_no_bias_finite_differences():
+    h, w, b, y, _ = _bias_problem()
+    names = {c.name for c in ce_cli.check_linear(h, w, y).checks}
+    assert not any(n.startswith("fd_bias") for n in names)
