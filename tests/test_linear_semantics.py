@@ -140,3 +140,33 @@ def test_no_bias_no_bias_finite_differences():
     h, w, b, y, _ = _bias_problem()
     names = {c.name for c in ce_cli.check_linear(h, w, y).checks}
     assert not any(n.startswith("fd_bias") for n in names)
+
+
+# --- the streaming pass's cost ---------------------------------------------------------------
+
+def test_weight_converted_once_per_row_block(monkeypatch):
+    """The only N*V*H product is the logits': W is converted to float64 once per row block (the
+    weight side's sweep rides on the first), whatever else is checked; results unchanged."""
+    import ce_cli.models.linear as model
+
+    h = np.random.default_rng(5).standard_normal((64, 12))
+    rng = np.random.default_rng(6)
+    w, b, y = rng.standard_normal((300, 12)) * 0.4, rng.standard_normal(300), rng.integers(0, 300, 64)
+    z = h @ w.T + b
+    a = np.exp(z - z.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    a[np.arange(64), y] -= 1.0
+    grads = dict(grad_hidden=a @ w / 64, grad_weight=a.T @ h / 64, grad_bias=a.sum(0) / 64)
+    whole = ce_cli.check_linear(h, w, y, bias=b, **grads)
+    calls = []
+    original = model.LinearCE.weight_block
+    monkeypatch.setattr(model.LinearCE, "weight_block",
+                        lambda self, v0, v1: calls.append((v0, v1)) or original(self, v0, v1))
+    monkeypatch.setattr(model, "BLOCK_BYTES", 16 * 300 * 8)   # 16 rows a block: 4 row blocks
+    monkeypatch.setattr(model, "BLOCK_SHARE", 0.0)
+    monkeypatch.setattr(model, "VOCAB_BYTES", 8 * 12 * 100)   # 256 vocabulary rows a block
+    report = ce_cli.check_linear(h, w, y, bias=b, **grads)
+    assert report.ok and whole.ok
+    assert sorted(set(calls)) == [(0, 256), (256, 300)]
+    assert len(calls) == 4 * 2
+    assert report.loss == pytest.approx(whole.loss, rel=1e-14)
