@@ -38,7 +38,7 @@ from ce_cli.models.softmax import SemanticArgs, build_softmax_ce
 
 BLOCK_BYTES = 256 << 20   # one row block's float64 logits (W is converted once per row block) ...
 BLOCK_SHARE = 0.15        # ... or this share of the input bytes plus BLOCK_BYTES, up to 1 GiB
-CHUNK_BYTES = 1 << 20     # column chunks of a row block that stay in cache
+CHUNK_BYTES = 8 << 20     # column chunks of a row block: wide enough for BLAS, near the cache
 EXTENDED_COPIES = 12      # (R, V) arrays `semantic_rows` holds at once
 VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")

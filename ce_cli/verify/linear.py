@@ -149,8 +149,9 @@ class Projection:
         self.name, self.user, self.H = name, user, H
         self.r = rng.standard_normal((H, k))
         self.ref = np.zeros((n_rows, k))
-        self.ref_abs = np.zeros((n_rows, k))   # sum |G| |x| |r|: the reference's rounding
-        self.rel = np.zeros(n_rows)            # sum |G| |x_row|_2: bounds |ref row|_2
+        self.r_norm = np.sqrt(np.einsum("ij,ij->j", self.r, self.r))
+        self.rel = np.zeros(n_rows)            # sum |G| |x_row|_2: bounds |ref row|_2 and,
+        #                                        times |r|_2, sum |G| |x| |r| (its rounding)
         self.floor = np.zeros(n_rows)          # sum phi |x_row|_2: bounds |floor row|_2
         self.got = np.zeros((n_rows, k))
         self.got_abs = np.zeros((n_rows, k))
@@ -160,13 +161,15 @@ class Projection:
         for a in range(0, rows.shape[0], step):
             g = np.asarray(rows[a:a + step], dtype=np.float64)
             self.got[a:a + step] = g @ self.r
-            self.got_abs[a:a + step] = np.abs(g) @ np.abs(self.r)
+            # sum_j |g_j r_j| <= |g|_2 |r|_2 (Cauchy-Schwarz): no |g| |r| product
+            self.got_abs[a:a + step] = np.sqrt(np.einsum("ij,ij->i", g, g))[:, None] * self.r_norm
 
     def verdict(self, sums: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(deviation, allowed) per row and projection, and the failing rows (worst first)."""
         tol = self.user.tol
         T = tol.rtol * self.rel + tol.floor_coef * self.floor + (tol.atol + tol.tiny) * math.sqrt(self.H)
-        rounding = 4.0 * EPS * (sums * self.ref_abs + math.sqrt(self.H) * self.got_abs)
+        ref_abs = self.rel[:, None] * self.r_norm
+        rounding = 4.0 * EPS * (sums * ref_abs + math.sqrt(self.H) * self.got_abs)
         allowed = CONFIDENCE * T[:, None] + rounding
         with np.errstate(invalid="ignore"):
             dev = np.abs(self.got - self.ref)
@@ -426,7 +429,8 @@ class Pass:
     term), and since G = s (Q a - q) with q the label's alpha and smoothing's beta w (rank one),
     every product the checks need is a^T X, P^T X, a Y, P Y with row-scaled X (hidden side) or
     the weight side's Y, plus the label's scatter and smoothing's outer product. |G| is bounded
-    by s (|Q| a + |q|) where only bounds are needed (the rounding and tolerance norms)."""
+    by s (|Q| a + |q|) where only bounds are needed (the rounding and tolerance norms), and
+    |x| . |r| by |x|_2 |r|_2 (Cauchy-Schwarz), so no product of absolute values is formed."""
 
     def __init__(self, problem: LinearCE, users: dict[str, UserArray], settings: LinearSettings,
                  fds: tuple[HiddenFD, WeightFD, WeightFD, BiasDirection],
@@ -446,20 +450,20 @@ class Pass:
                    if project and "grad_hidden" in users else None)
         kw = k if self.pw is not None else 0
         self.kw = kw
-        self.wa = np.zeros((V, 2 + 2 * kw))    # a^T [sQ, sQ hr, s|Q| |h||r|, s|Q| |h|]
+        self.wa = np.zeros((V, 2 + kw))        # a^T [sQ, sQ hr, s|Q| |h|_2]
         self.wp = np.zeros((V, 2))             # P^T [s|Q|, s|Q| |h|]
         self._weight_side()
 
     def _weight_side(self) -> None:
-        """Y = [W S, |W| |S|, |W_v|_2] for the dL/dH projections and the bias direction's
-        columns; W S, |W| |S|, W d and W e_j (hidden finite differences) are filled from the
-        first row block's converted weight blocks (`on_weight`)."""
+        """Y = [W S, |W_v|_2] for the dL/dH projections and the bias direction's columns;
+        W S, W d and W e_j (hidden finite differences) are filled from the first row block's
+        converted weight blocks (`on_weight`)."""
         problem, ph = self.problem, self.ph
         V = problem.n_classes
         k = ph.r.shape[1] if ph is not None else 0
         self.kh = k
         assert problem.w_norms is not None
-        parts = [np.zeros((V, 2 * k)), problem.w_norms[:, None]] if ph is not None else []
+        parts = [np.zeros((V, k)), problem.w_norms[:, None]] if ph is not None else []
         if self.bdir.on:
             parts.append(self.bdir.columns())
         self.ya = np.hstack(parts) if parts else None
@@ -468,7 +472,6 @@ class Pass:
         ph, k = self.ph, self.kh
         if ph is not None and self.ya is not None:
             self.ya[v0:v1, :k] = w @ ph.r
-            self.ya[v0:v1, k:2 * k] = np.abs(w) @ np.abs(ph.r)  # w may be the caller's array
         self.hfd.on_weight(v0, v1, w)
 
     def run(self, progress: Callable[[int, int], None] | None) -> None:
@@ -499,8 +502,7 @@ class Pass:
         self.db, self.db_floor = self.wa[:, 0], self.wp[:, 0]
         if self.pw is not None:
             pw = self.pw
-            pw.ref, pw.ref_abs = self.wa[:, 1:1 + k], self.wa[:, 1 + k:1 + 2 * k]
-            pw.rel, pw.floor = self.wa[:, 1 + 2 * k], self.wp[:, 1]
+            pw.ref, pw.rel, pw.floor = self.wa[:, 1:1 + k], self.wa[:, 1 + k], self.wp[:, 1]
 
     def _gradients(self, blk: RowBlock, herr: np.ndarray) -> None:
         """The chunk loop (see the class): a^T X and P^T X into the vocabulary side, a Y and
@@ -515,8 +517,7 @@ class Pass:
         Q = problem.total_weight(alpha, beta)
         h2 = np.sqrt(np.einsum("ij,ij->i", h, h))
         hr = h @ self.pw.r if self.pw is not None else None
-        hra = np.abs(h) @ np.abs(self.pw.r) if self.pw is not None else None
-        xa = self._xa(s * Q, s * np.abs(Q), h2, hr, hra)
+        xa = self._xa(s * Q, s * np.abs(Q), h2, hr)
         xp = np.stack([s * np.abs(Q), s * np.abs(Q) * h2], axis=1)
         c = 1.0 + np.abs(blk.lse) + 2.0 * herr
         ya = self.ya
@@ -536,7 +537,7 @@ class Pass:
                 ha += a @ ya[v0:v1]
             if self.ph is not None:
                 hp += t @ problem.w_norms[v0:v1]  # type: ignore[index]
-        self._targets_terms(rows, alpha, beta, ys, s, h2, hr, hra)
+        self._targets_terms(rows, alpha, beta, ys, s, h2, hr)
         if ha is not None:
             self._token_side(blk, ha, hp, s * Q, s * np.abs(Q), alpha, beta, ys, s)
 
@@ -553,41 +554,38 @@ class Pass:
         if pw is not None:
             kw = self.kw
             self.wa[:, 1:1 + kw] += g.T @ (h @ pw.r)
-            self.wa[:, 1 + kw:1 + 2 * kw] += gabs.T @ (np.abs(h) @ np.abs(pw.r))
         if ph is not None and self.ya is not None:
             ph.ref[rows] = g @ self.ya[:, :k]
-            ph.ref_abs[rows] = gabs @ self.ya[:, k:2 * k]
-            ph.rel[rows] = gabs @ self.ya[:, 2 * k]
-            ph.floor[rows] = phi @ self.ya[:, 2 * k]
+            ph.rel[rows] = gabs @ self.ya[:, k]
+            ph.floor[rows] = phi @ self.ya[:, k]
         if self.bdir.on:
             self.bdir.update_rows(problem, blk)
 
-    def _xa(self, us: np.ndarray, ua: np.ndarray, h2: np.ndarray, hr: np.ndarray | None,
-            hra: np.ndarray | None) -> np.ndarray:
-        """[us, us hr, ua |h||r|, ua |h|_2]: the vocabulary side's right-hand columns for the row
-        weights us (signed) and ua (a bound of its size)."""
+    def _xa(self, us: np.ndarray, ua: np.ndarray, h2: np.ndarray, hr: np.ndarray | None
+            ) -> np.ndarray:
+        """[us, us hr, ua |h|_2]: the vocabulary side's right-hand columns for the row weights
+        us (signed) and ua (a bound of its size)."""
         cols = [us[:, None]]
-        if hr is not None and hra is not None:
-            cols += [us[:, None] * hr, ua[:, None] * hra]
+        if hr is not None:
+            cols.append(us[:, None] * hr)
         cols.append((ua * h2)[:, None])
         return np.hstack(cols)
 
     def _targets_terms(self, rows: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
-                       ys: np.ndarray, s: float, h2: np.ndarray, hr: np.ndarray | None,
-                       hra: np.ndarray | None) -> None:
+                       ys: np.ndarray, s: float, h2: np.ndarray, hr: np.ndarray | None
+                       ) -> None:
         """The vocabulary side's -s q terms: the label's scatter, smoothing's outer product."""
         problem = self.problem
         live = np.flatnonzero(alpha != 0)
         sa = s * alpha[live]
         np.add.at(self.wa, ys[live], self._xa(-sa, np.abs(sa), h2[live],
-                                              hr[live] if hr is not None else None,
-                                              hra[live] if hra is not None else None))
+                                              hr[live] if hr is not None else None))
         np.add.at(self.wp, ys[live], np.stack([np.abs(sa), np.abs(sa) * h2[live]], axis=1))
         if not problem.smoothing:
             return
         sb = s * beta
         cw = problem.class_weight if problem.class_weight is not None else np.ones(problem.n_classes)
-        m = self._xa(-sb, np.abs(sb), h2, hr, hra).sum(axis=0)
+        m = self._xa(-sb, np.abs(sb), h2, hr).sum(axis=0)
         signed = np.zeros(m.size, dtype=bool)
         signed[:1 + self.kw] = True
         self.wa += np.outer(cw, np.where(signed, m, 0.0)) + np.outer(np.abs(cw), np.where(signed, 0.0, m))
@@ -605,12 +603,10 @@ class Pass:
         if ph is not None:
             y = self.ya
             assert y is not None
-            ws, wsa, w2 = y[:, :k], y[:, k:2 * k], y[:, 2 * k]
+            ws, w2 = y[:, :k], y[:, k]
             ph.ref[rows] = us[:, None] * ha[:, :k] - sa[:, None] * ws[ys] - sb[:, None] * (cw @ ws)
-            ph.ref_abs[rows] = (ua[:, None] * ha[:, k:2 * k] + np.abs(sa)[:, None] * wsa[ys]
-                                + np.abs(sb)[:, None] * (np.abs(cw) @ wsa))
             near = np.abs(sa) * w2[ys] + np.abs(sb) * float(np.abs(cw) @ w2)
-            ph.rel[rows] = ua * ha[:, 2 * k] + near
+            ph.rel[rows] = ua * ha[:, k] + near
             ph.floor[rows] = ua * hp + near
         if self.bdir.on:
             au = ha[:, -3:].copy()
