@@ -170,3 +170,21 @@ def test_weight_converted_once_per_row_block(monkeypatch):
     assert sorted(set(calls)) == [(0, 256), (256, 300)]
     assert len(calls) == 4 * 2
     assert report.loss == pytest.approx(whole.loss, rel=1e-14)
+
+
+def test_batch_kind_linear_with_semantics(tmp_path):
+    """A manifest line of kind linear takes the options and `sample_weight` as grad's do."""
+    import json
+
+    from ce_cli.batch.manifest import parse_manifest
+    from ce_cli.batch.runner import run_case
+
+    arrays, _, _ = case_arrays("all")
+    paths = {k: save(tmp_path, f"{k}.npy", v) for k, v in arrays.items()}
+    line = {"name": "all", "kind": "linear", **{k: paths[k] for k in (
+        "hidden", "weight", "labels", "bias", "class_weight", "sample_weight", "grad_hidden",
+        "grad_weight", "grad_bias", "loss")}, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.3,
+        "label_smoothing": 0.1}
+    without = dict(line, name="without", grad_weight=save(tmp_path, "gw.npy", arrays["grad_weight_without"]))
+    cases = parse_manifest("\n".join(json.dumps(x) for x in (line, without)))
+    assert [run_case(c).status for c in cases] == ["pass", "fail"]
