@@ -188,3 +188,21 @@ def test_batch_kind_linear_with_semantics(tmp_path):
     without = dict(line, name="without", grad_weight=save(tmp_path, "gw.npy", arrays["grad_weight_without"]))
     cases = parse_manifest("\n".join(json.dumps(x) for x in (line, without)))
     assert [run_case(c).status for c in cases] == ["pass", "fail"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_floor_widened_by_the_accumulation_length(dtype):
+    """Each dL/dW and dL/db entry sums N products, each dL/dH entry V: a correct GEMM rounds
+    ~log2(n) units of the accumulating precision of sum |G||x| (float32 GEMMs of 2048 rows
+    missed the plain 4 eps floor at 8 of 131M entries), so the default floor grows by
+    4 log2(n) eps; an explicit --floor-factor is kept as given."""
+    rng = np.random.default_rng(2)
+    N, H, V = 2048, 3, 40
+    h, w, y = rng.standard_normal((N, H)), rng.standard_normal((V, H)), rng.integers(0, V, N)
+    grads = dict(grad_hidden=np.zeros((N, H), dtype), grad_weight=np.zeros((V, H), dtype))
+    report = ce_cli.check_linear(h, w, y, fd="off", exact=True, **grads)
+    rules = {c.name: c.rule for c in report.checks}
+    assert "floor 48eps" in rules["grad_weight_vs_reference"]           # 4 + 4 * log2(2048)
+    assert "floor 26eps" in rules["grad_hidden_vs_reference"]           # 4 + ceil(4 * log2(40))
+    given = ce_cli.check_linear(h, w, y, fd="off", exact=True, floor_factor=4.0, **grads)
+    assert all("floor 4eps" in c.rule for c in given.checks if c.name.startswith("grad_"))

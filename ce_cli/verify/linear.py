@@ -39,6 +39,7 @@ FD_SAFETY = 2.0
 EXACT_BLOCK_BYTES = 64 << 20
 FD_AUTO_DIRECTIONAL = 1 << 28  # N * V * H up to which `auto` probes every row
 GAUSS_DENSITY = math.sqrt(2.0 / math.pi)
+ACCUMULATE_EPS = float(np.finfo(np.float32).eps)  # kernels accumulate in float32 at least
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,22 @@ class UserArray:
     transposed: bool = False
 
 
-def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE) -> Tolerance:
+def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE, n_terms: int) -> Tolerance:
+    """`grad`'s tolerance of your gradient, its default floor widened by the accumulation of
+    the n_terms products each entry sums (rows for dL/dW and dL/db, the vocabulary for dL/dH):
+    4 log2(n) units of the accumulating precision (float32 for float32 and narrower outputs),
+    as a blocked or pairwise GEMM of a correct kernel rounds that much of sum |G| |x|."""
     precision = opts.precision.value if opts.precision is not None else None
     if precision is None and np.dtype(dtype).name == "bfloat16":  # ml_dtypes: not kind "f"
         precision = "bf16"
     tol = resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
     cw = float(np.abs(problem.class_weight).max()) if problem.class_weight is not None else 1.0
-    return replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
+    tol = replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
+    if opts.floor_factor is not None or tol.eps <= 0:
+        return tol
+    acc = max(EPS, min(tol.eps, ACCUMULATE_EPS))
+    widen = math.ceil(4.0 * acc / tol.eps * math.log2(max(2, n_terms)) - 1e-9)
+    return replace(tol, floor_factor=tol.floor_factor + widen)
 
 
 def _float_array(arr: Any, source: str) -> np.ndarray:
@@ -103,7 +113,7 @@ def user_arrays(problem: LinearCE, grads: dict[str, Any], src: dict[str, str], o
         if gh.shape != want:
             raise CeCheckError(f"{src['grad_hidden']}: shape {gh.shape} does not match the hidden "
                                f"states {want}")
-        out["grad_hidden"] = UserArray(gh.reshape(N, H), _tolerance(gh.dtype, opts, problem),
+        out["grad_hidden"] = UserArray(gh.reshape(N, H), _tolerance(gh.dtype, opts, problem, V),
                                        lambda r, c: problem.batch_index(r) + (c,))
     if grads.get("grad_weight") is not None:
         out["grad_weight"] = _user_weight(problem, grads["grad_weight"], src["grad_weight"], opts, layout)
@@ -113,7 +123,7 @@ def user_arrays(problem: LinearCE, grads: dict[str, Any], src: dict[str, str], o
             raise CeCheckError(f"{src['grad_bias']}: a bias gradient needs the bias (`bias`)")
         if gb.shape != (V,):
             raise CeCheckError(f"{src['grad_bias']}: shape {gb.shape}; expected ({V},)")
-        out["grad_bias"] = UserArray(gb.reshape(1, V), _tolerance(gb.dtype, opts, problem),
+        out["grad_bias"] = UserArray(gb.reshape(1, V), _tolerance(gb.dtype, opts, problem, N),
                                      lambda r, c: (c,))
     return out
 
@@ -122,7 +132,7 @@ def _user_weight(problem: LinearCE, arr: Any, source: str, opts: CheckOptions, l
     gw = _float_array(arr, source)
     V, H = problem.n_classes, problem.hidden_size
     want = (V, H) if layout == "VH" else (H, V)
-    tol = _tolerance(gw.dtype, opts, problem)
+    tol = _tolerance(gw.dtype, opts, problem, problem.n_rows)
     if gw.shape == want:
         rows = gw if layout == "VH" else gw.T
         transposed = False
