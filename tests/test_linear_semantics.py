@@ -76,9 +76,14 @@ def test_options_echoed_and_sample_weight_shape_checked():
                                  **spec)
     assert report.options["z_loss"] == 1e-3 and report.options["softcap"] == 4.0
     assert report.options["sample_weighted"] is True
-    with pytest.raises(ce_cli.CeCheckError, match="sample"):
+    with pytest.raises(ce_cli.CeCheckError, match=r"sample_weight: shape \(5,\) but the hidden states hold 24 tokens \(2, 12\)"):
         ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"],
                             sample_weight=np.ones(5))
+    flat = ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"], **inputs,
+                               **spec, fd="off")
+    inputs["sample_weight"] = inputs["sample_weight"].reshape(-1)
+    assert ce_cli.check_linear(arrays["hidden"], arrays["weight"], arrays["labels"], **inputs,
+                               **spec, fd="off").loss == flat.loss
 
 
 def test_cli_options(invoke, tmp_path):

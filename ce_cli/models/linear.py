@@ -368,6 +368,9 @@ def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, red
     ys = _labels(y, batch_shape, V, ignore_index, src["labels"])
     b64 = _vector(bias, V, src["bias"], "bias")
     cw = _vector(class_weight, V, src["class_weight"], "class weights")
+    if semantics is not None and semantics.sample_weight is not None:
+        semantics = replace(semantics, sample_weight=_per_token(
+            semantics.sample_weight, batch_shape, semantics.sample_weight_source))
     placeholder = np.broadcast_to(np.zeros((), dtype=np.float32), batch_shape + (V,))
     sm, warnings = build_softmax_ce(
         placeholder, ys.reshape(batch_shape), weight=cw, reduction=reduction,
@@ -413,6 +416,16 @@ def _labels(y: np.ndarray, batch_shape: tuple[int, ...], V: int, ignore_index: i
         raise CeCheckError(f"{source}: shape {y.shape}: label {int(ys[i])} at index {where} is out "
                            f"of range [0, {V}) and is not the ignore_index {ignore_index}")
     return ys
+
+
+def _per_token(arr, batch_shape: tuple[int, ...], source: str) -> np.ndarray:
+    """One value per token: the tokens' shape, or flattened."""
+    a = np.asarray(arr)
+    N = int(np.prod(batch_shape))
+    if a.shape != batch_shape and a.shape != (N,):
+        raise CeCheckError(f"{source}: shape {a.shape} but the hidden states hold {N} tokens "
+                           f"{batch_shape}; expected {batch_shape}")
+    return a.reshape(batch_shape)
 
 
 def _vector(arr, V: int, source: str, what: str) -> np.ndarray | None:
