@@ -127,8 +127,11 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
     LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,
              "projections": _integer(1), "weight_layout": lambda k, v: _choice_of(k, v, ("VH", "HV"))},
 }
+# linear takes grad's training-code options and sample weights too
+KIND_SETTINGS[LINEAR].update({k: KIND_SETTINGS[Kind.multiclass.value][k] for k in (
+    "z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")})
 KIND_INPUTS = {Kind.multiclass.value: SEMANTIC_INPUTS, Kind.binary.value: ("pos_weight", "sample_weight"),
-               LINEAR: LINEAR_INPUTS}
+               LINEAR: (*LINEAR_INPUTS, "sample_weight")}
 KIND_KEYS = {kind: (*KIND_INPUTS[kind], *KIND_SETTINGS[kind]) for kind in KIND_SETTINGS}
 COMMON_KEYS = ("name", "kind", *(r for r in INPUT_ROLES
                                   if r not in ("pos_weight", *LINEAR_INPUTS, *SEMANTIC_INPUTS)),

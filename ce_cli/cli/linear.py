@@ -39,6 +39,13 @@ def linear(
     reduction: ReductionOpt = Reduction.mean,
     ignore_index: Annotated[int, _opt("--ignore-index", "Target value that is ignored.", "INT")] = -100,
     label_smoothing: Annotated[float, _opt("--label-smoothing", "Label smoothing in [0, 1].", "FLOAT")] = 0.0,
+    z_loss: Annotated[float, _opt("--z-loss", "z-loss coefficient: adds COEF*lse^2 per non-ignored token, reduced like the loss.", "COEF")] = 0.0,
+    softcap: Annotated[Optional[float], _opt("--softcap", "Soft-capping: z <- CAP*tanh(z/CAP) before the softmax; gradients through it.", "CAP")] = None,
+    logit_scale: Annotated[float, _opt("--logit-scale", "z <- S*z before the softmax (and before --softcap).", "S")] = 1.0,
+    smoothing_form: Annotated[str, _opt("--smoothing-form", "torch: eps/V on every class; others: 1-eps on the target, eps/(V-1) elsewhere.", "torch|others")] = "torch",
+    denominator: Annotated[Optional[float], _opt("--denominator", "loss = sum of (weighted) token losses / N (HF num_items_in_batch).", "N")] = None,
+    sample_weight: Annotated[Optional[str], _opt("--sample-weight", "Per-token weights with the tokens' shape; 'mean' divides by their weighted count.", "FILE")] = None,
+    shift_labels: Annotated[bool, _opt("--shift-labels", "Causal LM: token t is scored against label t+1, the last token ignored.")] = False,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,
@@ -60,14 +67,16 @@ def linear(
 
     inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
               "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
-              "loss": loss, "class_weight": class_weight}
+              "loss": loss, "class_weight": class_weight, "sample_weight": sample_weight}
     linear_settings = LinearSettings(weight_layout=weight_layout, exact=exact,
                                      projections=projections)
     loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
     options = check_settings(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol,
         atol=atol, precision=precision, floor_factor=floor_factor, fd=fd, samples=samples,
-        seed=seed, worst=worst, loss_atol=loaded.loss_atol)
+        seed=seed, worst=worst, loss_atol=loaded.loss_atol, z_loss=z_loss, softcap=softcap,
+        logit_scale=logit_scale, smoothing_form=smoothing_form, denominator=denominator,
+        shift_labels=shift_labels)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         arrays: dict[str, Any] = dict(loaded.arrays)
         report = check_linear(**arrays, sources=loaded.sources, progress=progress,

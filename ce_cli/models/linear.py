@@ -21,15 +21,26 @@ denominator or per-sample weights change `denominator` / the row factor in `targ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX
+from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.base import REDUCTIONS
+from ce_cli.models.semantics import fd_error_bound
+from ce_cli.models.semantics import Semantics
+from ce_cli.models.softmax import build_softmax_ce
 
-BLOCK_BYTES = 128 << 20   # one row block's float64 logits
+BLOCK_BYTES = 256 << 20   # one row block's float64 logits (W is converted once per row block) ...
+BLOCK_SHARE = 0.15        # ... or this share of the input bytes plus BLOCK_BYTES, up to 1 GiB
+CHUNK_BYTES = 8 << 20     # column chunks of a row block: wide enough for BLAS, near the cache
+EXTENDED_COPIES = 12      # (R, V) arrays `semantic_rows` holds at once
 VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")
 
@@ -44,6 +55,8 @@ class RowBlock:
     z: np.ndarray
     lse: np.ndarray
     loss: np.ndarray
+    ev: ChunkEval | None = None   # extended semantics: the softmax model's rows ...
+    phi: np.ndarray | None = None  # ... and the gradient's floor (see `LinearCE.evaluate`)
 
     @property
     def rows(self) -> np.ndarray:
@@ -68,6 +81,9 @@ class LinearCE:
     ignore_index: int = -100
     w_norm_max: float = 0.0       # max_v |W_v|_2 + max |b|: scales the logits' rounding
     w_norms: np.ndarray | None = None  # (V,) |W_v|_2
+    block_bytes: int = BLOCK_BYTES
+    sm: Any = None                # the softmax model of the logits (models/softmax.py SoftmaxCE):
+    #                               targets, denominator, the training-code semantics
 
     @property
     def n_rows(self) -> int:
@@ -83,14 +99,16 @@ class LinearCE:
 
     @property
     def grad_scale(self) -> float:
-        if self.reduction != "mean":
-            return 1.0
-        return 1.0 / self.denominator if self.denominator != 0 else 0.0
+        return float(self.sm.grad_scale)
 
     def reduce(self, total: float) -> float:
-        if self.reduction == "mean":
-            return total / self.denominator if self.denominator != 0 else float("nan")
-        return total
+        return float(self.sm.reduce(total))
+
+    @property
+    def extended(self) -> bool:
+        """z-loss, softcap, logit scale or sample weights: rows go through the softmax model's
+        `semantic_rows` (the streaming pass's fast path covers the rest)."""
+        return bool(self.sm.sem.extended)
 
     def batch_index(self, row: int) -> tuple[int, ...]:
         return tuple(int(i) for i in np.unravel_index(row, self.batch_shape))
@@ -107,7 +125,19 @@ class LinearCE:
             yield v0, min(self.n_classes, v0 + step)
 
     def row_step(self) -> int:
-        return max(1, min(self.n_rows, BLOCK_BYTES // (8 * max(1, self.n_classes))))
+        per_row = 8 * max(1, self.n_classes) * (EXTENDED_COPIES if self.extended else 1)
+        return max(1, min(self.n_rows, self.block_bytes // per_row))
+
+    def with_budget(self, input_bytes: int) -> LinearCE:
+        """Row blocks of BLOCK_SHARE * input_bytes + BLOCK_BYTES (at most 1 GiB): fewer passes
+        over W for large inputs while the peak stays near the inputs."""
+        return replace(self, block_bytes=int(min(1 << 30, BLOCK_SHARE * input_bytes + BLOCK_BYTES)))
+
+    def col_chunks(self, rows: int):
+        """Column ranges of a (rows x V) block of about CHUNK_BYTES: cache-sized pieces."""
+        step = max(16, CHUNK_BYTES // (8 * max(1, rows)))
+        for v0 in range(0, self.n_classes, step):
+            yield v0, min(self.n_classes, v0 + step)
 
     def logits(self, h: np.ndarray, v0: int, v1: int, w: np.ndarray | None = None) -> np.ndarray:
         """z = h W[v0:v1]^T + b[v0:v1] in float64."""
@@ -117,13 +147,9 @@ class LinearCE:
         return z
 
     def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(alpha, beta, y): q = alpha e_y + beta w, zero for ignored rows."""
-        valid = self.valid[rows]
-        ys = np.where(valid, self.labels[rows], 0)
-        wy = self.class_weight[ys] if self.class_weight is not None else 1.0
-        alpha = np.where(valid, (1.0 - self.smoothing) * wy, 0.0)
-        beta = np.where(valid, self.smoothing / self.n_classes, 0.0)
-        return alpha, beta, ys
+        """(alpha, beta, y): q = alpha e_y + beta w, zero for ignored rows (the softmax model's:
+        `smoothing_form` included)."""
+        return self.sm.targets(rows)  # type: ignore[no-any-return]
 
     def total_weight(self, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """Q = sum_v q_v = alpha + beta * sum(w)."""
@@ -132,27 +158,39 @@ class LinearCE:
 
     def forward_block(self, start: int, stop: int,
                       on_vocab: Callable[[int, int, np.ndarray], None] | None = None) -> RowBlock:
-        """Rows [start, stop): logits block by vocabulary block, the online normaliser, losses.
-        `on_vocab(v0, v1, w64)` sees every converted weight block (finite differences use it)."""
+        """Rows [start, stop): the float64 logits one vocabulary block at a time (W converted
+        block by block; `on_vocab(v0, v1, w64)` sees each converted block), then
+        lse = m + log sum exp(z - m) in column chunks, and the losses."""
         h = self.hidden_rows(slice(start, stop))
-        R = h.shape[0]
-        z = np.empty((R, self.n_classes))
-        m = np.full(R, -np.inf)
-        s = np.zeros(R)
+        z = np.empty((h.shape[0], self.n_classes))
         for v0, v1 in self.vocab_blocks():
-            w = self.weight_block(v0, v1)
             zb = z[:, v0:v1]
+            w = self.weight_block(v0, v1)
             np.matmul(h, w.T, out=zb)
             if self.bias is not None:
                 zb += self.bias[v0:v1]
-            m_new = np.maximum(m, zb.max(axis=1))
-            s = s * np.exp(m - m_new) + np.exp(zb - m_new[:, None]).sum(axis=1)
-            m = m_new
             if on_vocab is not None:
                 on_vocab(v0, v1, w)
-        lse = m + np.log(s)
         rows = np.arange(start, stop)
+        if self.extended:
+            ev, phi = self.evaluate(z, rows, self.logit_error(h))
+            return RowBlock(start, stop, h, z, ev.lse, ev.loss, ev, phi)
+        lse = row_lse(z)
         return RowBlock(start, stop, h, z, lse, self.row_loss(z, lse, rows))
+
+    def evaluate(self, x: np.ndarray, rows: np.ndarray, herr: np.ndarray
+                 ) -> tuple[ChunkEval, np.ndarray]:
+        """Extended semantics on raw logits x (R, V): the softmax model's rows (loss, lse, the
+        reduced gradient w.r.t. x) and the gradient's floor in units of k*eps, plus the logits'
+        own rounding, which moves z = T(x) by |T'| herr and a by a |T'| 2 herr."""
+        ev = self.sm.evaluate_rows(x, rows, grad=True, floor_coef=1.0)
+        sem = self.sm.sem
+        z, dz = transform(x, sem.logit_scale, sem.softcap)
+        a = np.exp(z - ev.lse[:, None])
+        a *= (2.0 * herr * np.abs(ev.total_weight) * abs(self.grad_scale))[:, None]
+        a *= np.abs(dz)
+        a += ev.floor
+        return ev, a
 
     def row_loss(self, z: np.ndarray, lse: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """loss_n = Q lse - alpha z_y - beta w.z (0 for ignored rows), from full logit rows."""
@@ -198,21 +236,122 @@ class LinearCE:
             phi += (scale * np.abs(beta))[:, None] * np.abs(w)
         return g, phi
 
+    def full_terms(self, rows: np.ndarray | slice, herr: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Extended semantics: (h, G, phi) of whole rows `rows` (`herr` of every row)."""
+        h = self.hidden_rows(rows)
+        z = np.empty((h.shape[0], self.n_classes))
+        for v0, v1 in self.vocab_blocks():
+            z[:, v0:v1] = self.logits(h, v0, v1)
+        idx = np.arange(self.n_rows)[rows]
+        ev, phi = self.evaluate(z, idx, herr[idx])
+        return h, np.asarray(ev.grad), phi
+
+    def row_probe(self, z: np.ndarray, row: np.ndarray, dz: np.ndarray, lse: np.ndarray,
+                  herr: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        """Row `row` (logits z (1, V)) moved by +-dz: scale * (loss(+) - loss(-)), the row's G and
+        floor phi (V,), and a bound of |difference - G . 2 dz|: the Taylor remainder and the
+        rounding of both evaluations (the softmax model's bound with extended semantics)."""
+        scale, delta = self.grad_scale, 2.0 * dz
+        if self.extended:
+            ep = self.sm.evaluate_rows(z + dz, row, grad=False)
+            em = self.sm.evaluate_rows(z - dz, row, grad=False)
+            ev, phi = self.evaluate(z, row, herr)
+            bound = float(self.sm.directional_error_bound(ep, em, delta[None, :])[0])
+            return scale * float(ep.loss[0] - em.loss[0]), np.asarray(ev.grad)[0], phi[0], bound
+        zp, zm = z + dz, z - dz
+        lp = float(self.row_loss(zp, row_lse(zp), row)[0])
+        lm = float(self.row_loss(zm, row_lse(zm), row)[0])
+        g, phi = self.grad_terms(z.copy(), row, np.arange(self.n_classes), lse, herr)
+        Q = abs(float(self.total_weight(*self.targets(row)[:2])[0]))
+        reach = float(np.abs(delta).max(initial=0.0))
+        rounding = 16.0 * EPS * (max(abs(lp), abs(lm)) + Q * (2 + 2 * math.log2(max(2, self.n_classes))))
+        return scale * (lp - lm), g[0], phi[0], scale * (rounding + Q * THIRD_MOMENT_MAX * reach**3 / 3.0)
+
+    def column_probe(self, blk: RowBlock, cols: np.ndarray, d: np.ndarray, herr: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Logit column cols[i] of every row moved by +-d[:, i] (R, K): per row and probe
+        scale * (loss(+) - loss(-)), a bound of its distance from G . 2d, and G, phi there.
+        lse moves by log1p(a expm1(dz)) exactly, dz the move of the (transformed) logit."""
+        rows, scale = blk.rows, self.grad_scale
+        alpha, beta, ys = self.targets(rows)
+        Q = self.total_weight(alpha, beta)[:, None]
+        cw = self.class_weight[cols] if self.class_weight is not None else 1.0
+        q = np.where(ys[:, None] == cols[None, :], alpha[:, None], 0.0) + beta[:, None] * cw
+        if blk.ev is not None:
+            return self._column_probe_extended(blk, cols, d, q)
+        ucols, inv = np.unique(cols, return_inverse=True)
+        g, phi = self.grad_terms(blk.z[:, ucols], rows, ucols, blk.lse, herr)
+        loga = blk.z[:, cols] - blk.lse[:, None]
+        a = np.exp(loga)
+        lp, lm = np.log1p(a * np.expm1(d)), np.log1p(a * np.expm1(-d))
+        Qa = np.abs(Q)
+        err = (4.0 * EPS * Qa * (np.abs(lp) + np.abs(lm)) + Qa * THIRD_MOMENT_MAX * np.abs(2.0 * d)**3 / 3.0
+               + 2.0 * EPS * (2.0 + np.abs(loga) + np.abs(blk.lse)[:, None]) * Qa * a * 2.0 * np.abs(d))
+        return scale * (Q * (lp - lm) - q * 2.0 * d), scale * err, g[:, inv], phi[:, inv]
+
+    def _column_probe_extended(self, blk: RowBlock, cols: np.ndarray, d: np.ndarray, q: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`column_probe` through T (softcap, scale), the sample weight s and the z-loss:
+        loss = s (Q L - q . z + zeta v L^2) with L = lse + log1p(a expm1(T(x + d) - T(x)));
+        the bound is the softmax model's one-coordinate bound (semantics.fd_error_bound) at h = |d|."""
+        ev, sem, scale = blk.ev, self.sm.sem, self.grad_scale
+        assert ev is not None and blk.phi is not None
+        rows = blk.rows
+        x = blk.z[:, cols]
+        z0, _ = transform(x, sem.logit_scale, sem.softcap)
+        zp, _ = transform(x + d, sem.logit_scale, sem.softcap)
+        zm, _ = transform(x - d, sem.logit_scale, sem.softcap)
+        a = np.exp(z0 - ev.lse[:, None])
+        lp, lm = np.log1p(a * np.expm1(zp - z0)), np.log1p(a * np.expm1(zm - z0))
+        s = sem.row_weight(rows)[:, None]
+        Q = np.asarray(ev.row_terms)[:, 1:2]   # the target weights' sum (before the z-loss)
+        L = ev.lse[:, None]
+        v = self.valid[rows][:, None].astype(np.float64)
+        diff = s * (Q * (lp - lm) - q * (zp - zm) + sem.z_loss * v * (lp - lm) * (2.0 * L + lp + lm))
+        err = np.empty_like(d)
+        for i in range(cols.size):
+            h = np.maximum(np.abs(d[:, i]), np.finfo(np.float64).tiny)
+            err[:, i] = 2.0 * h * fd_error_bound(sem, self.n_classes, x[:, i], h, ev)
+        g = np.asarray(ev.grad)[:, cols]
+        return scale * diff, scale * err, g, blk.phi[:, cols]
+
     def loss_floor(self, block: RowBlock) -> np.ndarray:
         """Per-row loss error of a correct kernel in units of k*eps."""
+        if block.ev is not None:
+            s, _Q, _qabs, qsum, _zabs = np.abs(np.asarray(block.ev.row_terms)).T
+            reach = 2.0 * self.logit_error(block.h) * abs(self.sm.sem.logit_scale)
+            return np.asarray(self.sm.loss_floor(block.ev, 1.0) + reach * (
+                np.abs(block.ev.total_weight) + s * qsum)) * self.grad_scale
         alpha, beta, _ = self.targets(block.rows)
         Q = np.abs(self.total_weight(alpha, beta))
         return (np.abs(block.loss) + Q * (1.0 + np.abs(block.lse) + 2.0 * self.logit_error(block.h))
                 ) * self.grad_scale
 
 
+def row_lse(z: np.ndarray) -> np.ndarray:
+    """log sum_v exp z_v of every row: m = max, then sum exp(z - m) over column chunks."""
+    m = z.max(axis=1) if z.shape[1] else np.zeros(z.shape[0])
+    total = np.zeros(z.shape[0])
+    step = max(16, CHUNK_BYTES // (8 * max(1, z.shape[0])))
+    buf = np.empty((z.shape[0], min(step, z.shape[1])))
+    for v0 in range(0, z.shape[1], step):
+        t = buf[:, :min(step, z.shape[1] - v0)]
+        np.subtract(z[:, v0:v0 + step], m[:, None], out=t)
+        np.exp(t, out=t)
+        total += t.sum(axis=1)
+    return m + np.log(total)
+
+
 def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, reduction: str = "mean",
                     ignore_index: int = -100, label_smoothing: float = 0.0,
-                    weight_layout: str = "VH", sources: dict[str, str] | None = None
-                    ) -> tuple[LinearCE, list[str]]:
-    """Validate the arrays and build the problem; returns it with warnings."""
+                    weight_layout: str = "VH", sources: dict[str, str] | None = None,
+                    semantics: Semantics | None = None) -> tuple[LinearCE, list[str]]:
+    """Validate the arrays and build the problem; returns it with warnings. The targets, the
+    denominator and the training-code `semantics` are the softmax model's (models/softmax.py),
+    built over the logits' shape without the logits (a zero-stride placeholder)."""
     src = {"hidden": "hidden", "weight": "weight", "labels": "labels", "bias": "bias",
-           "class_weight": "class_weight", **(sources or {})}
+           "class_weight": "class_weight", "sample_weight": "sample_weight", **(sources or {})}
     h, w, y = (np.asarray(a) if not isinstance(a, np.ndarray) else a for a in (hidden, weight, labels))
     for role, arr in (("hidden", h), ("weight", w)):
         if arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
@@ -230,17 +369,20 @@ def build_linear_ce(hidden, weight, labels, *, bias=None, class_weight=None, red
     ys = _labels(y, batch_shape, V, ignore_index, src["labels"])
     b64 = _vector(bias, V, src["bias"], "bias")
     cw = _vector(class_weight, V, src["class_weight"], "class weights")
-    valid = ys != ignore_index
-    denominator = float(cw[ys[valid]].sum()) if cw is not None else float(np.count_nonzero(valid))
-    warnings = []
-    if reduction == "mean" and denominator == 0:
-        warnings.append("every target is ignored (or weighted 0): the mean loss is NaN (0/0, as "
-                        "PyTorch) and the gradients are zero")
+    if semantics is not None and semantics.sample_weight is not None:
+        semantics = replace(semantics, sample_weight=_per_token(
+            semantics.sample_weight, batch_shape, src["sample_weight"]))
+    placeholder = np.broadcast_to(np.zeros((), dtype=np.float32), batch_shape + (V,))
+    sm, warnings = build_softmax_ce(
+        placeholder, ys.reshape(batch_shape), weight=cw, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, source=src["hidden"],
+        labels_source=src["labels"], weight_source=src["class_weight"], semantics=semantics,
+        sample_weight_source=src["sample_weight"])
     _check_finite(rows_h, src["hidden"], batch_shape)
     norms = _row_norms(w_vh, src["weight"])
     w_max = float(norms.max(initial=0.0)) + (float(np.abs(b64).max()) if b64 is not None else 0.0)
-    return LinearCE(rows_h, w_vh, b64, ys, valid, cw, float(label_smoothing), reduction,
-                    denominator, batch_shape, ignore_index, w_max, norms), warnings
+    return LinearCE(rows_h, w_vh, b64, ys, sm.valid, cw, float(label_smoothing), reduction,
+                    sm.denominator, batch_shape, ignore_index, w_max, norms, sm=sm), warnings
 
 
 def _weight_view(w: np.ndarray, H: int, layout: str, source: str, hidden_source: str) -> np.ndarray:
@@ -276,6 +418,16 @@ def _labels(y: np.ndarray, batch_shape: tuple[int, ...], V: int, ignore_index: i
         raise CeCheckError(f"{source}: shape {y.shape}: label {int(ys[i])} at index {where} is out "
                            f"of range [0, {V}) and is not the ignore_index {ignore_index}")
     return ys
+
+
+def _per_token(arr, batch_shape: tuple[int, ...], source: str) -> np.ndarray:
+    """One value per token: the tokens' shape, or flattened."""
+    a = np.asarray(arr)
+    N = int(np.prod(batch_shape))
+    if a.shape != batch_shape and a.shape != (N,):
+        raise CeCheckError(f"{source}: shape {a.shape} but the hidden states hold {N} tokens "
+                           f"{batch_shape}; expected {batch_shape}")
+    return a.reshape(batch_shape)
 
 
 def _vector(arr, V: int, source: str, what: str) -> np.ndarray | None:

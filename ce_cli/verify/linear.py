@@ -27,6 +27,8 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, loss_sum
 from ce_cli.models.linear import LinearCE, RowBlock, build_linear_ce
+from ce_cli.models.semantics import Semantics
+from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Entry, InputInfo, Report
@@ -37,6 +39,7 @@ FD_SAFETY = 2.0
 EXACT_BLOCK_BYTES = 64 << 20
 FD_AUTO_DIRECTIONAL = 1 << 28  # N * V * H up to which `auto` probes every row
 GAUSS_DENSITY = math.sqrt(2.0 / math.pi)
+ACCUMULATE_EPS = float(np.finfo(np.float32).eps)  # kernels accumulate in float32 at least
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,22 @@ class UserArray:
     transposed: bool = False
 
 
-def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE) -> Tolerance:
+def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE, n_terms: int) -> Tolerance:
+    """`grad`'s tolerance of your gradient, its default floor widened by the accumulation of
+    the n_terms products each entry sums (rows for dL/dW and dL/db, the vocabulary for dL/dH):
+    4 log2(n) units of the accumulating precision (float32 for float32 and narrower outputs),
+    as a blocked or pairwise GEMM of a correct kernel rounds that much of sum |G| |x|."""
     precision = opts.precision.value if opts.precision is not None else None
     if precision is None and np.dtype(dtype).name == "bfloat16":  # ml_dtypes: not kind "f"
         precision = "bf16"
     tol = resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
     cw = float(np.abs(problem.class_weight).max()) if problem.class_weight is not None else 1.0
-    return replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
+    tol = replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
+    if opts.floor_factor is not None or tol.eps <= 0:
+        return tol
+    acc = max(EPS, min(tol.eps, ACCUMULATE_EPS))
+    widen = math.ceil(4.0 * acc / tol.eps * math.log2(max(2, n_terms)) - 1e-9)
+    return replace(tol, floor_factor=tol.floor_factor + widen)
 
 
 def _float_array(arr: Any, source: str) -> np.ndarray:
@@ -101,7 +113,7 @@ def user_arrays(problem: LinearCE, grads: dict[str, Any], src: dict[str, str], o
         if gh.shape != want:
             raise CeCheckError(f"{src['grad_hidden']}: shape {gh.shape} does not match the hidden "
                                f"states {want}")
-        out["grad_hidden"] = UserArray(gh.reshape(N, H), _tolerance(gh.dtype, opts, problem),
+        out["grad_hidden"] = UserArray(gh.reshape(N, H), _tolerance(gh.dtype, opts, problem, V),
                                        lambda r, c: problem.batch_index(r) + (c,))
     if grads.get("grad_weight") is not None:
         out["grad_weight"] = _user_weight(problem, grads["grad_weight"], src["grad_weight"], opts, layout)
@@ -111,7 +123,7 @@ def user_arrays(problem: LinearCE, grads: dict[str, Any], src: dict[str, str], o
             raise CeCheckError(f"{src['grad_bias']}: a bias gradient needs the bias (`bias`)")
         if gb.shape != (V,):
             raise CeCheckError(f"{src['grad_bias']}: shape {gb.shape}; expected ({V},)")
-        out["grad_bias"] = UserArray(gb.reshape(1, V), _tolerance(gb.dtype, opts, problem),
+        out["grad_bias"] = UserArray(gb.reshape(1, V), _tolerance(gb.dtype, opts, problem, N),
                                      lambda r, c: (c,))
     return out
 
@@ -120,7 +132,7 @@ def _user_weight(problem: LinearCE, arr: Any, source: str, opts: CheckOptions, l
     gw = _float_array(arr, source)
     V, H = problem.n_classes, problem.hidden_size
     want = (V, H) if layout == "VH" else (H, V)
-    tol = _tolerance(gw.dtype, opts, problem)
+    tol = _tolerance(gw.dtype, opts, problem, problem.n_rows)
     if gw.shape == want:
         rows = gw if layout == "VH" else gw.T
         transposed = False
@@ -147,8 +159,9 @@ class Projection:
         self.name, self.user, self.H = name, user, H
         self.r = rng.standard_normal((H, k))
         self.ref = np.zeros((n_rows, k))
-        self.ref_abs = np.zeros((n_rows, k))   # sum |G| |x| |r|: the reference's rounding
-        self.rel = np.zeros(n_rows)            # sum |G| |x_row|_2: bounds |ref row|_2
+        self.r_norm = np.sqrt(np.einsum("ij,ij->j", self.r, self.r))
+        self.rel = np.zeros(n_rows)            # sum |G| |x_row|_2: bounds |ref row|_2 and,
+        #                                        times |r|_2, sum |G| |x| |r| (its rounding)
         self.floor = np.zeros(n_rows)          # sum phi |x_row|_2: bounds |floor row|_2
         self.got = np.zeros((n_rows, k))
         self.got_abs = np.zeros((n_rows, k))
@@ -158,13 +171,15 @@ class Projection:
         for a in range(0, rows.shape[0], step):
             g = np.asarray(rows[a:a + step], dtype=np.float64)
             self.got[a:a + step] = g @ self.r
-            self.got_abs[a:a + step] = np.abs(g) @ np.abs(self.r)
+            # sum_j |g_j r_j| <= |g|_2 |r|_2 (Cauchy-Schwarz): no |g| |r| product
+            self.got_abs[a:a + step] = np.sqrt(np.einsum("ij,ij->i", g, g))[:, None] * self.r_norm
 
     def verdict(self, sums: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(deviation, allowed) per row and projection, and the failing rows (worst first)."""
         tol = self.user.tol
         T = tol.rtol * self.rel + tol.floor_coef * self.floor + (tol.atol + tol.tiny) * math.sqrt(self.H)
-        rounding = 4.0 * EPS * (sums * self.ref_abs + math.sqrt(self.H) * self.got_abs)
+        ref_abs = self.rel[:, None] * self.r_norm
+        rounding = 4.0 * EPS * (sums * ref_abs + math.sqrt(self.H) * self.got_abs)
         allowed = CONFIDENCE * T[:, None] + rounding
         with np.errstate(invalid="ignore"):
             dev = np.abs(self.got - self.ref)
@@ -191,12 +206,15 @@ def _ranges(rows: np.ndarray, limit: int = 6) -> str:
 
 @dataclass
 class Probes:
-    """Finite-difference probes of one side: row `owner[i]` perturbed along `u[i]` (H,);
-    `entry[i]` is the perturbed column of an entry probe, -1 for a random direction."""
+    """Finite-difference probes of one side (rows of width `width`): row `owner[i]` moves by
+    u_i = step[i] * d, d the side's one random +-1 direction (shared, so that W u or H u is one
+    matrix-vector product for every probe), or for an entry probe (`entry[i]` = j >= 0) by
+    u_i = step[i] * e_j."""
 
     owner: np.ndarray
-    u: np.ndarray
     entry: np.ndarray
+    step: np.ndarray
+    direction: np.ndarray
     fd: np.ndarray
     ref: np.ndarray
     bound: np.ndarray
@@ -204,20 +222,39 @@ class Probes:
 
     @classmethod
     def make(cls, owners: np.ndarray, entries: np.ndarray, x_rows: Callable[[np.ndarray], np.ndarray],
-             rng: np.random.Generator) -> Probes:
+             rng: np.random.Generator, width: int) -> Probes:
         order = np.lexsort((entries, owners))
         owners, entries = owners[order], entries[order]
-        x = x_rows(owners) if owners.size else np.zeros((0, 0))
-        h = np.cbrt(EPS) * np.maximum(1.0, np.abs(x))
-        signs = np.where(rng.random(h.shape) < 0.5, -1.0, 1.0)
-        u = h * signs
-        one = entries >= 0
-        if one.any():
-            mask = np.zeros_like(u, dtype=bool)
-            mask[np.flatnonzero(one), entries[one]] = True
-            u = np.where(mask | ~one[:, None], u, 0.0)
+        direction = np.where(rng.random(width) < 0.5, -1.0, 1.0)
+        x = np.abs(x_rows(owners)) if owners.size else np.zeros((0, width))
+        at = x[np.arange(owners.size), np.maximum(entries, 0)] if width else np.zeros(owners.size)
+        mag = np.where(entries >= 0, at, x.max(axis=1, initial=0.0))
+        step = np.cbrt(EPS) * np.maximum(1.0, mag)
         z = np.zeros(owners.size)
-        return cls(owners, u, entries, z.copy(), z.copy(), z.copy(), z.copy())
+        return cls(owners, entries, step, direction, z.copy(), z.copy(), z.copy(), z.copy())
+
+    def moves(self, m: np.ndarray, absolute: bool = False) -> np.ndarray:
+        """(rows of m, probes): m u_i, or |m| |u_i| with `absolute`."""
+        m = np.abs(m) if absolute else m
+        md = m.sum(axis=1) if absolute else m @ self.direction
+        out = m[:, np.maximum(self.entry, 0)] if m.shape[1] else np.zeros((m.shape[0], self.entry.size))
+        out[:, self.entry < 0] = md[:, None]
+        out *= self.step
+        return out
+
+    def u_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """|u_i|_1 and |u_i|_2."""
+        width = self.direction.size
+        one = self.entry >= 0
+        return (self.step * np.where(one, 1.0, width),
+                self.step * np.where(one, 1.0, math.sqrt(width)))
+
+    def user_moves(self, rows: Any) -> np.ndarray:
+        """Your gradient rows `owner` along 2 u_i."""
+        g = np.asarray(rows[self.owner], dtype=np.float64) if self.owner.size else np.zeros((0, 1))
+        along = g @ self.direction if g.shape[1] == self.direction.size else np.zeros(g.shape[0])
+        ent = g[np.arange(g.shape[0]), np.maximum(self.entry, 0)] if g.size else along
+        return 2.0 * self.step * np.where(self.entry >= 0, ent, along)
 
     def index(self, i: int, row_index: Callable[[int], tuple[int, ...]],
               entry_index: Callable[[int, int], tuple[int, ...]]) -> tuple[int, ...]:
@@ -225,8 +262,15 @@ class Probes:
         return row_index(r) if e < 0 else entry_index(r, e)
 
 
-def choose_probes(problem: LinearCE, opts: CheckOptions, rng: np.random.Generator) -> tuple[str, Probes, Probes]:
-    """The mode and the hidden-side and weight-side probes."""
+def _no_probes(width: int, rng: np.random.Generator) -> Probes:
+    empty = np.zeros(0, dtype=np.int64)
+    return Probes.make(empty, empty, lambda o: np.zeros((0, width)), rng, width)
+
+
+def choose_probes(problem: LinearCE, opts: CheckOptions, rng: np.random.Generator
+                  ) -> tuple[str, Probes, Probes, Probes]:
+    """The mode and the hidden-, weight- and bias-side probes (bias: entries only; its one
+    direction over the whole vocabulary is `BiasDirection`)."""
     mode = opts.fd.value
     N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
     if mode == "full":
@@ -234,20 +278,22 @@ def choose_probes(problem: LinearCE, opts: CheckOptions, rng: np.random.Generato
     if mode == "auto":
         mode = "directional" if N * V * H <= FD_AUTO_DIRECTIONAL else "sample"
     if mode == "off":
-        empty = np.zeros(0, dtype=np.int64)
-        none = Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
-        return mode, none, Probes.make(empty, empty, lambda o: np.zeros((0, H)), rng)
+        return mode, _no_probes(H, rng), _no_probes(H, rng), _no_probes(1, rng)
     k = max(1, opts.samples // 8)
 
-    def side(n: int, x_rows) -> Probes:
-        rows = np.arange(n) if mode == "directional" else np.sort(rng.choice(n, min(n, k), replace=False))
+    def side(n: int, x_rows, width: int, along: bool = True) -> Probes:
+        rows = (np.arange(n) if mode == "directional" else
+                np.sort(rng.choice(n, min(n, k), replace=False))) if along else np.zeros(0, np.int64)
         ent_rows = rng.integers(0, n, size=k)
         owners = np.r_[rows, ent_rows]
-        entries = np.r_[np.full(rows.size, -1), rng.integers(0, H, size=k)]
-        return Probes.make(owners, entries, x_rows, rng)
+        entries = np.r_[np.full(rows.size, -1), rng.integers(0, width, size=k)]
+        return Probes.make(owners, entries, x_rows, rng, width)
 
-    return (mode, side(N, lambda o: problem.hidden_rows(o)),
-            side(V, lambda o: np.asarray(problem.weight[o], dtype=np.float64)))
+    bias = problem.bias
+    return (mode, side(N, lambda o: problem.hidden_rows(o), H),
+            side(V, lambda o: np.asarray(problem.weight[o], dtype=np.float64), H),
+            side(V, lambda o: bias[o][:, None], 1, along=False) if bias is not None
+            else _no_probes(1, rng))
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -256,181 +302,326 @@ def _logsumexp(z: np.ndarray) -> np.ndarray:
 
 
 class HiddenFD:
-    """Probes of dL/dH: loss_n(h_n + u) - loss_n(h_n - u), with W u formed in the weight pass."""
+    """Probes of dL/dH: loss_n(h_n + u) - loss_n(h_n - u) from the logits row z_n moved by
+    W u (W d and the columns W e_j come from the weight sweep)."""
 
     def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None) -> None:
         self.problem, self.p, self.user = problem, probes, user
-        self.sel = np.zeros(0, dtype=np.int64)
+        V = problem.n_classes
+        self.cols, self.pos = np.unique(np.maximum(probes.entry, 0), return_inverse=True)
+        self.wd = np.zeros(V)
+        self.wcols = np.zeros((V, self.cols.size))
 
-    def start(self, r0: int, r1: int) -> Callable[[int, int, np.ndarray], None] | None:
-        lo, hi = np.searchsorted(self.p.owner, [r0, r1])
-        self.sel = np.arange(lo, hi)
-        if self.sel.size == 0:
-            return None
-        V = self.problem.n_classes
-        self.dz = np.empty((self.sel.size, V))
-        u = self.p.u[self.sel]
-        # sum_j |W_vj u_j| <= |W_v|_2 |u|_2 (Cauchy-Schwarz): no |W| pass
-        assert self.problem.w_norms is not None
-        self.wu = np.sqrt(np.einsum("ij,ij->i", u, u))[:, None] * self.problem.w_norms[None, :]
+    def on_weight(self, v0: int, v1: int, w: np.ndarray) -> None:
+        if self.p.owner.size:
+            self.wd[v0:v1] = w @ self.p.direction
+            self.wcols[v0:v1] = w[:, self.cols]
 
-        def on_vocab(v0: int, v1: int, w: np.ndarray) -> None:
-            self.dz[:, v0:v1] = u @ w.T
-
-        return on_vocab
+    def dz(self, i: int) -> np.ndarray:
+        p = self.p
+        return p.step[i] * (self.wd if p.entry[i] < 0 else self.wcols[:, self.pos[i]])
 
     def finish(self, blk: RowBlock, herr: np.ndarray) -> None:
         problem, p = self.problem, self.p
         V = problem.n_classes
-        for n, i in enumerate(self.sel.tolist()):
+        lo, hi = np.searchsorted(p.owner, [blk.start, blk.stop])
+        assert problem.w_norms is not None
+        abs_sum, norm2 = p.u_sums()
+        for i in range(int(lo), int(hi)):
             r = int(p.owner[i]) - blk.start
-            row = np.array([p.owner[i]])
-            z, dz = blk.z[r:r + 1], self.dz[n:n + 1]
-            zp, zm = z + dz, z - dz
-            lp = problem.row_loss(zp, _logsumexp(zp), row)
-            lm = problem.row_loss(zm, _logsumexp(zm), row)
-            g, phi = problem.grad_terms(z.copy(), row, np.arange(V), blk.lse[r:r + 1], herr[r:r + 1])
-            Q = abs(float(problem.total_weight(*problem.targets(row)[:2])[0]))
-            scale, delta = problem.grad_scale, 2.0 * dz[0]
-            p.fd[i] = scale * float(lp[0] - lm[0])
-            p.ref[i] = float(g[0] @ delta)
-            reach = float(np.abs(delta).max())
-            rounding = 16.0 * EPS * (max(abs(float(lp[0])), abs(float(lm[0]))) + Q * (2 + 2 * math.log2(V)))
-            gw = float(np.abs(g[0]) @ (2.0 * self.wu[n]))
-            p.bound[i] = scale * (rounding + Q * THIRD_MOMENT_MAX * reach**3 / 3.0) + \
-                4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(g[0]) @ np.abs(delta))
+            dz = self.dz(i)
+            p.fd[i], g, phi, bound = problem.row_probe(blk.z[r:r + 1], np.array([p.owner[i]]), dz,
+                                                       blk.lse[r:r + 1], herr[r:r + 1])
+            p.ref[i] = float(g @ (2.0 * dz))
+            wu = 2.0 * norm2[i] * problem.w_norms   # |W_v . 2u| <= |W_v|_2 |2u|_2
+            gw = float(np.abs(g) @ wu)
+            p.bound[i] = bound + 4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(g) @ np.abs(2.0 * dz))
             if self.user is not None:
                 tol = self.user.tol
-                p.got_bound[i] = (tol.floor_coef * float(phi[0] @ (2.0 * self.wu[n])) + tol.rtol * gw
-                                  + (tol.atol + tol.tiny) * float(np.abs(2.0 * p.u[i]).sum())
+                p.got_bound[i] = (tol.floor_coef * float(phi @ wu) + tol.rtol * gw
+                                  + (tol.atol + tol.tiny) * 2.0 * abs_sum[i]
                                   + 4.0 * EPS * math.sqrt(problem.hidden_size) * gw)
 
 
 class WeightFD:
-    """Probes of dL/dW: moving W_v by u moves column v of the logits by d_n = h_n . u, and
-    lse_n by log1p(a_nv expm1(d_n)) exactly; summed over the row blocks."""
+    """Probes of dL/dW (or dL/db, with x = 1): moving W_v by u moves column v of the logits by
+    d_n = x_n . u, and lse_n by log1p(a_nv expm1(d_n)) exactly; summed over the row blocks."""
 
-    def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None) -> None:
-        self.problem, self.p, self.user = problem, probes, user
-        self.cols, self.inv = np.unique(probes.owner, return_inverse=True)
+    def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None,
+                 x_of: Callable[[RowBlock], np.ndarray] = lambda blk: blk.h) -> None:
+        self.problem, self.p, self.user, self.x_of = problem, probes, user, x_of
 
     def update(self, blk: RowBlock, herr: np.ndarray) -> None:
         if self.p.owner.size == 0:
             return
         problem, p = self.problem, self.p
-        rows, scale = blk.rows, problem.grad_scale
-        d = blk.h @ p.u.T                       # (R, K)
-        dabs = np.abs(blk.h) @ np.abs(p.u).T
-        zc = blk.z[:, self.cols][:, self.inv]   # (R, K)
-        g, phi = problem.grad_terms(blk.z[:, self.cols], rows, self.cols, blk.lse, herr)
-        g, phi = g[:, self.inv], phi[:, self.inv]
-        alpha, beta, ys = problem.targets(rows)
-        Q = problem.total_weight(alpha, beta)[:, None]
-        cw = problem.class_weight[p.owner] if problem.class_weight is not None else 1.0
-        q = np.where(ys[:, None] == p.owner[None, :], alpha[:, None], 0.0) + beta[:, None] * cw
-        loga = zc - blk.lse[:, None]
-        a = np.exp(loga)
-        lp, lm = np.log1p(a * np.expm1(d)), np.log1p(a * np.expm1(-d))
-        p.fd += scale * (Q * (lp - lm) - q * 2.0 * d).sum(axis=0)
+        x = self.x_of(blk)
+        d, dabs = p.moves(x), p.moves(x, absolute=True)   # (R, K)
+        diff, err, g, phi = problem.column_probe(blk, p.owner, d, herr)
+        p.fd += diff.sum(axis=0)
         p.ref += (g * 2.0 * d).sum(axis=0)
-        Qa = np.abs(Q)
-        err = (4.0 * EPS * Qa * (np.abs(lp) + np.abs(lm)) + Qa * THIRD_MOMENT_MAX * np.abs(2.0 * d)**3 / 3.0
-               + 2.0 * EPS * (2.0 + np.abs(loga) + np.abs(blk.lse)[:, None]) * Qa * a * 2.0 * np.abs(d))
-        p.bound += scale * err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
+        p.bound += err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
             np.abs(g) * 2.0 * np.abs(d)).sum(axis=0)
         if self.user is not None:
             tol = self.user.tol
             gd = (np.abs(g) * 2.0 * dabs).sum(axis=0)
             p.got_bound += (tol.floor_coef * (phi * 2.0 * dabs).sum(axis=0) + tol.rtol * gd
-                            + 4.0 * EPS * math.sqrt(problem.hidden_size) * gd)
+                            + 4.0 * EPS * math.sqrt(self.p.direction.size) * gd)
 
     def finish(self) -> None:
         if self.user is not None and self.p.owner.size:
             tol = self.user.tol
-            self.p.got_bound += (tol.atol + tol.tiny) * np.abs(2.0 * self.p.u).sum(axis=1)
+            self.p.got_bound += (tol.atol + tol.tiny) * 2.0 * self.p.u_sums()[0]
+
+
+class BiasDirection:
+    """One probe of dL/db along b + u, u = c d over the whole vocabulary (d random +-1): every
+    logit moves, and lse_n by log1p(a_n . expm1(u)) exactly (one matrix-vector product with the
+    softmax rows the pass forms anyway); the loss change summed over the rows."""
+
+    def __init__(self, problem: LinearCE, rng: np.random.Generator, on: bool) -> None:
+        self.on = on and problem.bias is not None
+        V = problem.n_classes
+        b = problem.bias if problem.bias is not None else np.zeros(V)
+        self.u = np.cbrt(EPS) * max(1.0, float(np.abs(b).max(initial=0.0))) * np.where(
+            rng.random(V) < 0.5, -1.0, 1.0)
+        self.fd = self.bound = 0.0
+
+    def columns(self) -> np.ndarray:
+        """The vocabulary vectors the softmax rows meet: expm1(u), expm1(-u), expm1(|u|)."""
+        return np.stack([np.expm1(self.u), np.expm1(-self.u), np.expm1(np.abs(self.u))], axis=1)
+
+    def update(self, problem: LinearCE, rows: np.ndarray, au: np.ndarray) -> None:
+        """`au` (R, 3): a_n . columns()."""
+        alpha, beta, ys = problem.targets(rows)
+        Q = problem.total_weight(alpha, beta)
+        cw = problem.class_weight if problem.class_weight is not None else np.ones(problem.n_classes)
+        qu = alpha * self.u[ys] + beta * float(cw @ self.u)
+        lp, lm = np.log1p(au[:, 0]), np.log1p(au[:, 1])
+        scale, V = problem.grad_scale, problem.n_classes
+        self.fd += scale * float((Q * (lp - lm) - 2.0 * qu).sum())
+        reach = 2.0 * float(np.abs(self.u).max(initial=0.0))
+        err = np.abs(Q) * (16.0 * EPS * (np.abs(lp) + np.abs(lm) + (1.0 + math.log2(V)) * au[:, 2])
+                           + THIRD_MOMENT_MAX * reach**3 / 3.0) + 8.0 * EPS * np.abs(qu)
+        self.bound += scale * float(err.sum())
+
+    def update_rows(self, problem: LinearCE, blk: RowBlock) -> None:
+        """Extended semantics: both moved blocks evaluated by the softmax model, with its bound."""
+        sm, rows = problem.sm, blk.rows
+        ep = sm.evaluate_rows(blk.z + self.u, rows, grad=False)
+        em = sm.evaluate_rows(blk.z - self.u, rows, grad=False)
+        self.fd += problem.grad_scale * float((ep.loss - em.loss).sum())
+        delta = np.broadcast_to(2.0 * self.u, blk.z.shape)
+        self.bound += float(sm.directional_error_bound(ep, em, delta).sum())
+
+    def probes(self, db: np.ndarray, db_floor: np.ndarray, user: UserArray | None) -> Probes:
+        """The direction as one probe (owner -1): finite difference, reference db . 2u, bounds."""
+        V = db.size
+        delta = 2.0 * np.abs(self.u)
+        bound = self.bound + 4.0 * EPS * (1.0 + math.log2(V)) * float(np.abs(db) @ delta) \
+            + 8.0 * EPS * float(db_floor @ delta)
+        got = 0.0
+        if user is not None:
+            tol = user.tol
+            gd = float(np.abs(db) @ delta)
+            got = (tol.floor_coef * float(db_floor @ delta) + tol.rtol * gd
+                   + (tol.atol + tol.tiny) * float(delta.sum()) + 4.0 * EPS * math.sqrt(V) * gd)
+        one = np.ones(1)
+        return Probes(np.array([-1]), np.array([-1]), one, one, np.array([self.fd]),
+                      np.array([float(db @ (2.0 * self.u))]), np.array([bound]), np.array([got]))
 
 
 # --- the streaming pass ------------------------------------------------------------------------
 
 class Pass:
-    """What one pass over the row blocks accumulates."""
+    """What one pass over the row blocks accumulates. In each cache-sized column chunk of a row
+    block: a = exp(z - lse) and P = a (c + |log a|) (c = 1 + |lse| + 2 herr, the floor's row
+    term), and since G = s (Q a - q) with q the label's alpha and smoothing's beta w (rank one),
+    every product the checks need is a^T X, P^T X, a Y, P Y with row-scaled X (hidden side) or
+    the weight side's Y, plus the label's scatter and smoothing's outer product. |G| is bounded
+    by s (|Q| a + |q|) where only bounds are needed (the rounding and tolerance norms), and
+    |x| . |r| by |x|_2 |r|_2 (Cauchy-Schwarz), so no product of absolute values is formed."""
 
     def __init__(self, problem: LinearCE, users: dict[str, UserArray], settings: LinearSettings,
-                 hfd: HiddenFD, wfd: WeightFD, rng: np.random.Generator) -> None:
+                 fds: tuple[HiddenFD, WeightFD, WeightFD, BiasDirection],
+                 rng: np.random.Generator) -> None:
         self.problem, self.users = problem, users
         N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
         self.loss = np.zeros(N)
         self.loss_floor = np.zeros(N)
         self.lse = np.zeros(N)
         self.herr = np.zeros(N)
-        self.db = np.zeros(V)
-        self.db_floor = np.zeros(V)
-        self.hfd, self.wfd = hfd, wfd
+        self.hfd, self.wfd, self.bfd, self.bdir = fds
         k = settings.projections
         project = not settings.exact
         self.pw = (Projection("grad_weight_vs_reference", users["grad_weight"], V, k, rng, H)
                    if project and "grad_weight" in users else None)
         self.ph = (Projection("grad_hidden_vs_reference", users["grad_hidden"], N, k, rng, H)
                    if project and "grad_hidden" in users else None)
-        if self.ph is not None:
-            self._weight_side()
+        kw = k if self.pw is not None else 0
+        self.kw = kw
+        self.wa = np.zeros((V, 2 + kw))        # a^T [sQ, sQ hr, s|Q| |h|_2]
+        self.wp = np.zeros((V, 2))             # P^T [s|Q|, s|Q| |h|]
+        self._weight_side()
 
     def _weight_side(self) -> None:
-        """W S, |W| |S| and the row norms of W, for the dL/dH projections."""
+        """Y = [W S, |W_v|_2] for the dL/dH projections and the bias direction's columns;
+        W S, W d and W e_j (hidden finite differences) are filled from the first row block's
+        converted weight blocks (`on_weight`)."""
         problem, ph = self.problem, self.ph
-        assert ph is not None
-        V, k = problem.n_classes, ph.r.shape[1]
-        self.ws, self.ws_abs = np.empty((V, k)), np.empty((V, k))
+        V = problem.n_classes
+        k = ph.r.shape[1] if ph is not None else 0
+        self.kh = k
         assert problem.w_norms is not None
-        self.w2 = problem.w_norms
-        for v0, v1 in problem.vocab_blocks():
-            w = problem.weight_block(v0, v1)
-            self.ws[v0:v1] = w @ ph.r
-            self.ws_abs[v0:v1] = np.abs(w) @ np.abs(ph.r)  # w may be the caller's array
+        parts = [np.zeros((V, k)), problem.w_norms[:, None]] if ph is not None else []
+        if self.bdir.on:
+            parts.append(self.bdir.columns())
+        self.ya = np.hstack(parts) if parts else None
+
+    def on_weight(self, v0: int, v1: int, w: np.ndarray) -> None:
+        ph, k = self.ph, self.kh
+        if ph is not None and self.ya is not None:
+            self.ya[v0:v1, :k] = w @ ph.r
+        self.hfd.on_weight(v0, v1, w)
 
     def run(self, progress: Callable[[int, int], None] | None) -> None:
         problem = self.problem
         N, step = problem.n_rows, problem.row_step()
         for r0 in range(0, N, step):
             r1 = min(N, r0 + step)
-            blk = problem.forward_block(r0, r1, self.hfd.start(r0, r1))
+            blk = problem.forward_block(r0, r1, self.on_weight if r0 == 0 else None)
             herr = problem.logit_error(blk.h)
             self.loss[r0:r1], self.lse[r0:r1], self.herr[r0:r1] = blk.loss, blk.lse, herr
             self.loss_floor[r0:r1] = problem.loss_floor(blk)
             self.hfd.finish(blk, herr)
             self.wfd.update(blk, herr)
+            self.bfd.update(blk, herr)
             self._gradients(blk, herr)
+            del blk
             if progress is not None:
                 progress(r1, N)
         self.wfd.finish()
+        self.bfd.finish()
+        self._split()
         for proj in (self.pw, self.ph):
             if proj is not None:
                 proj.project_user()
 
+    def _split(self) -> None:
+        k = self.kw
+        self.db, self.db_floor = self.wa[:, 0], self.wp[:, 0]
+        if self.pw is not None:
+            pw = self.pw
+            pw.ref, pw.rel, pw.floor = self.wa[:, 1:1 + k], self.wa[:, 1 + k], self.wp[:, 1]
+
     def _gradients(self, blk: RowBlock, herr: np.ndarray) -> None:
-        """G block by vocabulary block: dL/db, and the projections' sums."""
-        problem, pw, ph = self.problem, self.pw, self.ph
+        """The chunk loop (see the class): a^T X and P^T X into the vocabulary side, a Y and
+        P |W|_2 into the token side, then the targets' own terms."""
+        if blk.ev is not None:
+            self._explicit(blk)
+            return
+        problem = self.problem
         rows, h = blk.rows, blk.h
+        alpha, beta, ys = problem.targets(rows)
+        s = problem.grad_scale
+        Q = problem.total_weight(alpha, beta)
         h2 = np.sqrt(np.einsum("ij,ij->i", h, h))
-        hr = h @ pw.r if pw is not None else None
-        hr_abs = np.abs(h) @ np.abs(pw.r) if pw is not None else None
-        for v0, v1 in problem.vocab_blocks():
-            g, phi = problem.grad_terms(blk.z[:, v0:v1], rows, np.arange(v0, v1), blk.lse, herr)
-            self.db[v0:v1] += g.sum(axis=0)
-            self.db_floor[v0:v1] += phi.sum(axis=0)
-            if pw is None and ph is None:
-                continue
-            gabs = np.abs(g)
-            if pw is not None:
-                pw.ref[v0:v1] += g.T @ hr
-                pw.ref_abs[v0:v1] += gabs.T @ hr_abs
-                pw.rel[v0:v1] += gabs.T @ h2
-                pw.floor[v0:v1] += phi.T @ h2
-            if ph is not None:
-                ph.ref[blk.start:blk.stop] += g @ self.ws[v0:v1]
-                ph.ref_abs[blk.start:blk.stop] += gabs @ self.ws_abs[v0:v1]
-                ph.rel[blk.start:blk.stop] += gabs @ self.w2[v0:v1]
-                ph.floor[blk.start:blk.stop] += phi @ self.w2[v0:v1]
+        hr = h @ self.pw.r if self.pw is not None else None
+        xa = self._xa(s * Q, s * np.abs(Q), h2, hr)
+        xp = np.stack([s * np.abs(Q), s * np.abs(Q) * h2], axis=1)
+        c = 1.0 + np.abs(blk.lse) + 2.0 * herr
+        ya = self.ya
+        ha = np.zeros((len(rows), ya.shape[1])) if ya is not None else None
+        hp = np.zeros(len(rows))
+        width = max((v1 - v0 for v0, v1 in problem.col_chunks(len(rows))), default=0)
+        t_buf, a_buf = np.empty((len(rows), width)), np.empty((len(rows), width))
+        for v0, v1 in problem.col_chunks(len(rows)):
+            t, a = t_buf[:, :v1 - v0], a_buf[:, :v1 - v0]
+            np.subtract(blk.z[:, v0:v1], blk.lse[:, None], out=t)    # log a
+            np.exp(t, out=a)
+            np.subtract(c[:, None], t, out=t)                        # c + |log a|
+            t *= a                                                   # P
+            self.wa[v0:v1] += a.T @ xa
+            self.wp[v0:v1] += t.T @ xp
+            if ha is not None and ya is not None:
+                ha += a @ ya[v0:v1]
+            if self.ph is not None:
+                hp += t @ problem.w_norms[v0:v1]  # type: ignore[index]
+        self._targets_terms(rows, alpha, beta, ys, s, h2, hr)
+        if ha is not None:
+            self._token_side(blk, ha, hp, s * Q, s * np.abs(Q), alpha, beta, ys, s)
+
+    def _explicit(self, blk: RowBlock) -> None:
+        """Extended semantics: the same products from the softmax model's G and floor phi."""
+        problem, ph, pw, k = self.problem, self.ph, self.pw, self.kh
+        assert blk.ev is not None and blk.phi is not None and blk.ev.grad is not None
+        g, phi, h, rows = blk.ev.grad, blk.phi, blk.h, blk.rows
+        gabs = np.abs(g)
+        h2 = np.sqrt(np.einsum("ij,ij->i", h, h))
+        self.wa[:, 0] += g.sum(axis=0)
+        self.wa[:, -1] += gabs.T @ h2
+        self.wp += phi.T @ np.stack([np.ones(len(rows)), h2], axis=1)
+        if pw is not None:
+            kw = self.kw
+            self.wa[:, 1:1 + kw] += g.T @ (h @ pw.r)
+        if ph is not None and self.ya is not None:
+            ph.ref[rows] = g @ self.ya[:, :k]
+            ph.rel[rows] = gabs @ self.ya[:, k]
+            ph.floor[rows] = phi @ self.ya[:, k]
+        if self.bdir.on:
+            self.bdir.update_rows(problem, blk)
+
+    def _xa(self, us: np.ndarray, ua: np.ndarray, h2: np.ndarray, hr: np.ndarray | None
+            ) -> np.ndarray:
+        """[us, us hr, ua |h|_2]: the vocabulary side's right-hand columns for the row weights
+        us (signed) and ua (a bound of its size)."""
+        cols = [us[:, None]]
+        if hr is not None:
+            cols.append(us[:, None] * hr)
+        cols.append((ua * h2)[:, None])
+        return np.hstack(cols)
+
+    def _targets_terms(self, rows: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                       ys: np.ndarray, s: float, h2: np.ndarray, hr: np.ndarray | None
+                       ) -> None:
+        """The vocabulary side's -s q terms: the label's scatter, smoothing's outer product."""
+        problem = self.problem
+        live = np.flatnonzero(alpha != 0)
+        sa = s * alpha[live]
+        np.add.at(self.wa, ys[live], self._xa(-sa, np.abs(sa), h2[live],
+                                              hr[live] if hr is not None else None))
+        np.add.at(self.wp, ys[live], np.stack([np.abs(sa), np.abs(sa) * h2[live]], axis=1))
+        if not problem.smoothing:
+            return
+        sb = s * beta
+        cw = problem.class_weight if problem.class_weight is not None else np.ones(problem.n_classes)
+        m = self._xa(-sb, np.abs(sb), h2, hr).sum(axis=0)
+        signed = np.zeros(m.size, dtype=bool)
+        signed[:1 + self.kw] = True
+        self.wa += np.outer(cw, np.where(signed, m, 0.0)) + np.outer(np.abs(cw), np.where(signed, 0.0, m))
+        self.wp += np.outer(np.abs(cw), [np.abs(sb).sum(), np.abs(sb) @ h2])
+
+    def _token_side(self, blk: RowBlock, ha: np.ndarray, hp: np.ndarray, us: np.ndarray,
+                    ua: np.ndarray, alpha: np.ndarray, beta: np.ndarray, ys: np.ndarray,
+                    s: float) -> None:
+        """dL/dH's projections of the rows (ha = a Y, hp = P |W|_2), the label's and smoothing's
+        terms; the bias direction's a . expm1(+-u)."""
+        problem, ph, k = self.problem, self.ph, self.kh
+        rows = blk.rows
+        sa, sb = s * alpha, s * beta
+        cw = problem.class_weight if problem.class_weight is not None else np.ones(problem.n_classes)
+        if ph is not None:
+            y = self.ya
+            assert y is not None
+            ws, w2 = y[:, :k], y[:, k]
+            ph.ref[rows] = us[:, None] * ha[:, :k] - sa[:, None] * ws[ys] - sb[:, None] * (cw @ ws)
+            near = np.abs(sa) * w2[ys] + np.abs(sb) * float(np.abs(cw) @ w2)
+            ph.rel[rows] = ua * ha[:, k] + near
+            ph.floor[rows] = ua * hp + near
+        if self.bdir.on:
+            au = ha[:, -3:].copy()
+            au[:, 2] = np.abs(au[:, 2])
+            self.bdir.update(problem, rows, au)
 
 
 # --- exact entries -----------------------------------------------------------------------------
@@ -443,11 +634,15 @@ def exact_weight_rows(problem: LinearCE, cols: np.ndarray, lse: np.ndarray, herr
     w = np.asarray(problem.weight[cols], dtype=np.float64)
     for r0 in range(0, problem.n_rows, problem.row_step()):
         r1 = min(problem.n_rows, r0 + problem.row_step())
-        h = problem.hidden_rows(slice(r0, r1))
-        z = h @ w.T
-        if problem.bias is not None:
-            z += problem.bias[cols]
-        g, phi = problem.grad_terms(z, np.arange(r0, r1), cols, lse[r0:r1], herr[r0:r1])
+        if problem.extended:
+            h, g, phi = problem.full_terms(slice(r0, r1), herr)
+            g, phi = g[:, cols], phi[:, cols]
+        else:
+            h = problem.hidden_rows(slice(r0, r1))
+            z = h @ w.T
+            if problem.bias is not None:
+                z += problem.bias[cols]
+            g, phi = problem.grad_terms(z, np.arange(r0, r1), cols, lse[r0:r1], herr[r0:r1])
         ref += g.T @ h
         floor += phi.T @ np.abs(h)
     return ref, floor
@@ -459,10 +654,14 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
     H = problem.hidden_size
     ref, floor = np.zeros((rows.size, H)), np.zeros((rows.size, H))
     h = problem.hidden_rows(rows)
+    full = problem.full_terms(rows, herr) if problem.extended else None
     for v0, v1 in problem.vocab_blocks():
         w = problem.weight_block(v0, v1)
-        z = problem.logits(h, v0, v1, w)
-        g, phi = problem.grad_terms(z, rows, np.arange(v0, v1), lse[rows], herr[rows])
+        if full is not None:
+            g, phi = full[1][:, v0:v1], full[2][:, v0:v1]
+        else:
+            z = problem.logits(h, v0, v1, w)
+            g, phi = problem.grad_terms(z, rows, np.arange(v0, v1), lse[rows], herr[rows])
         ref += g @ w
         floor += phi @ np.abs(w)
     return ref, floor
@@ -470,6 +669,14 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
 
 def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, herr: np.ndarray,
               worst: int) -> list[CheckResult]:
+    """Every entry of dL/dW and dL/dH (`--exact`)."""
+    if problem.extended:
+        return _exact_all_rows(problem, users, herr, worst)
+    return _exact_all_columns(problem, users, lse, herr, worst)
+
+
+def _exact_all_columns(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray,
+                       herr: np.ndarray, worst: int) -> list[CheckResult]:
     """Every entry of dL/dW (per vocabulary block, compared at once) and dL/dH (accumulated)."""
     gw, gh = users.get("grad_weight"), users.get("grad_hidden")
     N, H = problem.n_rows, problem.hidden_size
@@ -496,6 +703,37 @@ def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, h
         out.append(cw.result())
     if ch is not None and gh is not None and dh is not None and fh is not None:
         ch.update(0, dh, gh.rows, fh.astype(np.float64) * gh.tol.floor_coef)
+        out.append(ch.result())
+    return out
+
+
+def _exact_all_rows(problem: LinearCE, users: dict[str, UserArray], herr: np.ndarray,
+                    worst: int) -> list[CheckResult]:
+    """Extended semantics: whole rows at a time (the softmax model normalises whole rows);
+    dL/dW accumulated over the row blocks, dL/dH compared block by block."""
+    gw, gh = users.get("grad_weight"), users.get("grad_hidden")
+    V, H = problem.n_classes, problem.hidden_size
+    dw, fw = (np.zeros((V, H)), np.zeros((V, H))) if gw else (None, None)
+    ch = _cmp("grad_hidden_vs_reference", gh, worst, "exact: every entry") if gh else None
+    for r0 in range(0, problem.n_rows, problem.row_step()):
+        r1 = min(problem.n_rows, r0 + problem.row_step())
+        h, g, phi = problem.full_terms(slice(r0, r1), herr)
+        if dw is not None and fw is not None:
+            dw += g.T @ h
+            fw += phi.T @ np.abs(h)
+        if ch is not None and gh is not None:
+            dh, fh = np.zeros((r1 - r0, H)), np.zeros((r1 - r0, H))
+            for v0, v1 in problem.vocab_blocks():
+                w = problem.weight_block(v0, v1)
+                dh += g[:, v0:v1] @ w
+                fh += phi[:, v0:v1] @ np.abs(w)
+            ch.update(r0, dh, gh.rows[r0:r1], fh * gh.tol.floor_coef)
+    out = []
+    if gw is not None and dw is not None and fw is not None:
+        cw = _cmp("grad_weight_vs_reference", gw, worst, "exact: every entry")
+        cw.update(0, dw, gw.rows, fw * gw.tol.floor_coef)
+        out.append(cw.result())
+    if ch is not None:
         out.append(ch.result())
     return out
 
@@ -532,8 +770,8 @@ def projection_result(proj: Projection, exact: Callable[[np.ndarray], tuple[np.n
 
 # --- the check ---------------------------------------------------------------------------------
 
-ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "grad_hidden", "grad_weight",
-         "grad_bias", "loss")
+ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight", "grad_hidden",
+         "grad_weight", "grad_bias", "loss")
 
 
 def check_linear(
@@ -547,6 +785,7 @@ def check_linear(
     grad_bias: Any = None,
     loss: Any = None,
     class_weight: Any = None,
+    sample_weight: Any = None,
     options: CheckOptions | None = None,
     linear: LinearSettings | None = None,
     sources: dict[str, str] | None = None,
@@ -562,28 +801,23 @@ def check_linear(
                                                   if k in LINEAR_FIELDS})
     opts = CheckOptions.build(options, **settings)
     src = {**{r: r for r in ROLES}, **(sources or {})}
-    problem, warnings = build_linear_ce(
-        hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
-        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-        weight_layout=lin.weight_layout, sources=src)
+    problem, warnings, labels = _problem(hidden, weight, labels, bias, class_weight, sample_weight,
+                                         opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
+    problem = problem.with_budget(sum(int(np.asarray(a).nbytes) for a in
+                                      (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
     user_loss = _user_loss(problem, loss, src["loss"], opts)
-    rng = np.random.default_rng(opts.seed)
-    mode, hp, wp = choose_probes(problem, opts, rng)
-    hfd = HiddenFD(problem, hp, users.get("grad_hidden"))
-    wfd = WeightFD(problem, wp, users.get("grad_weight"))
-    run = Pass(problem, users, lin, hfd, wfd, rng)
-    run.run(progress)
+    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
-    ranked += _fd_checks(problem, users, hp, wp, opts.worst)
+    ranked += _fd_checks(problem, users, (hp, wp, bias_probes), opts.worst, run.bdir.u)
     total = loss_sum(run.loss)
     ref_loss = problem.reduce(total)
     if user_loss is not None:
         ranked.append((2, _loss_check(problem, run, user_loss, ref_loss, opts)))
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     arrays = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
-              "class_weight": class_weight, **grads, "loss": loss}
+              "class_weight": class_weight, "sample_weight": sample_weight, **grads, "loss": loss}
     return Report(
         kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
         loss_per_sample_shape=problem.batch_shape if problem.reduction == "none" else None,
@@ -592,8 +826,44 @@ def check_linear(
         reduction=problem.reduction, target_kind="index", checks=checks,
         inputs=tuple(InputInfo(r, src[r], tuple(np.shape(a)), str(np.asarray(a).dtype))
                      for r, a in arrays.items() if a is not None),
-        warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size),
+        warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size + bias_probes.owner.size),
         options=_echo(problem, lin, opts, users))
+
+
+def _problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weight: Any,
+             sample_weight: Any, opts: CheckOptions, lin: LinearSettings, src: dict[str, str]
+             ) -> tuple[LinearCE, list[str], Any]:
+    """The problem with the training-code semantics (and the labels, shifted with
+    `shift_labels`)."""
+    if opts.shift_labels:
+        labels = shift_labels(np.asarray(hidden), np.asarray(labels), opts.ignore_index, src["labels"])
+    semantics = Semantics(z_loss=opts.z_loss, softcap=opts.softcap, logit_scale=opts.logit_scale,
+                          smoothing_form=opts.smoothing_form, denominator=opts.denominator,
+                          sample_weight=sample_weight)
+    problem, warnings = build_linear_ce(
+        hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
+        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+        weight_layout=lin.weight_layout, sources=src, semantics=semantics)
+    return problem, warnings, labels
+
+
+def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
+            opts: CheckOptions, progress: Callable[[int, int], None] | None
+            ) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
+    """The finite-difference probes and the streaming pass; the bias direction's result joins
+    the bias's entry probes."""
+    rng = np.random.default_rng(opts.seed)
+    mode, hp, wp, bp = choose_probes(problem, opts, rng)
+    gb_user = users.get("grad_bias")
+    fds = (HiddenFD(problem, hp, users.get("grad_hidden")),
+           WeightFD(problem, wp, users.get("grad_weight")),
+           WeightFD(problem, bp, _bias_column(gb_user), lambda blk: np.ones((blk.h.shape[0], 1))),
+           BiasDirection(problem, rng, mode != "off"))
+    run = Pass(problem, users, lin, fds, rng)
+    run.run(progress)
+    if run.bdir.on:
+        bp = _join(run.bdir.probes(run.db, run.db_floor, gb_user), bp)
+    return run, mode, (hp, wp, bp)
 
 
 def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
@@ -605,7 +875,8 @@ def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
             "false_pass_at_10x": None if lin.exact else lin.false_pass(),
             "ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
             "weighted": problem.class_weight is not None,
-            "precision": next((u.tol.precision for u in users.values()), None)}
+            "precision": next((u.tol.precision for u in users.values()), None),
+            **problem.sm.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {})}
 
 
 def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,
@@ -641,19 +912,36 @@ def _transposed(result: CheckResult, problem: LinearCE) -> CheckResult:
                    note="; ".join(x for x in (note, result.note) if x))
 
 
-def _fd_checks(problem: LinearCE, users: dict[str, UserArray], hp: Probes, wp: Probes,
-               worst: int) -> list[tuple[int, CheckResult]]:
+def _bias_column(user: UserArray | None) -> UserArray | None:
+    """Your dL/db as (V, 1) rows: the bias's entry probes are the weight's with x = 1."""
+    if user is None:
+        return None
+    return UserArray(np.asarray(user.rows).reshape(-1, 1), user.tol, lambda v, _j: (v,))
+
+
+def _join(first: Probes, rest: Probes) -> Probes:
+    return Probes(*(np.r_[getattr(first, f.name), getattr(rest, f.name)]
+                    if f.name != "direction" else rest.direction for f in fields(Probes)))
+
+
+def _fd_checks(problem: LinearCE, users: dict[str, UserArray], probes: tuple[Probes, Probes, Probes],
+               worst: int, bias_u: np.ndarray | None = None) -> list[tuple[int, CheckResult]]:
+    """Finite differences against the reference (rank 0) and against your gradients (rank 3)."""
     out: list[tuple[int, CheckResult]] = []
     ref64 = resolve_tolerance(np.dtype(np.float64))
+    hp, wp, bp = probes
+    gw = users.get("grad_weight")
     sides = (("hidden", hp, users.get("grad_hidden"), lambda r: problem.batch_index(r),
               lambda r, j: problem.batch_index(r) + (j,)),
-             ("weight", wp, users.get("grad_weight"), lambda r: (r,),
-              (users["grad_weight"].index_of if "grad_weight" in users else lambda r, j: (r, j))))
+             ("weight", wp, gw, lambda r: (r,), gw.index_of if gw is not None else lambda r, j: (r, j)),
+             ("bias", bp, _bias_column(users.get("grad_bias")), lambda r: (), lambda r, _j: (r,)))
     for name, p, user, row_index, entry_index in sides:
         if p.owner.size == 0:
             continue
         n_rows = int(np.count_nonzero(p.entry < 0))
-        note = f"{n_rows} rows along a random direction, {p.owner.size - n_rows} entries"
+        along = ("the whole vocabulary along a random direction" if name == "bias"
+                 else f"{n_rows} rows along a random direction")
+        note = f"{along}, {p.owner.size - n_rows} entries"
 
         def index_of(i: int, _c: int, p: Probes = p, ri=row_index, ei=entry_index) -> tuple[int, ...]:
             return p.index(i, ri, ei)
@@ -663,12 +951,25 @@ def _fd_checks(problem: LinearCE, users: dict[str, UserArray], hp: Probes, wp: P
         cmp.update(0, p.fd, p.ref, FD_SAFETY * p.bound)
         out.append((0, cmp.result()))
         if user is not None:
-            got = np.einsum("ij,ij->i", np.asarray(user.rows[p.owner], dtype=np.float64), 2.0 * p.u)
+            got = _user_moves(p, user, bias_u)
             cmp = Comparison(f"fd_{name}_vs_grad", user.tol, index_of, expected_label="finite diff",
                              n_worst=worst, note=note)
             cmp.update(0, p.fd, got, FD_SAFETY * p.bound + p.got_bound)
             out.append((3, cmp.result()))
     return out
+
+
+def _user_moves(p: Probes, user: UserArray, whole_u: np.ndarray | None) -> np.ndarray:
+    """Your gradient along every probe's 2u; a probe with owner -1 moves the whole of it by
+    `whole_u` (the bias direction)."""
+    whole = p.owner < 0
+    if not whole.any() or whole_u is None:
+        return p.user_moves(user.rows)
+    got = np.zeros(p.owner.size)
+    part = replace(p, owner=p.owner[~whole], entry=p.entry[~whole], step=p.step[~whole])
+    got[~whole] = part.user_moves(user.rows)
+    got[whole] = np.asarray(user.rows, dtype=np.float64).reshape(-1) @ (2.0 * whole_u)
+    return got
 
 
 def _user_loss(problem: LinearCE, loss: Any, source: str, opts: CheckOptions
