@@ -1,6 +1,6 @@
 """Write fixtures/linear/: fused linear cross-entropy cases computed by PyTorch.
 
-    /work/fw/venv-torch/bin/python scripts/make_linear_fixtures.py
+    python scripts/make_linear_fixtures.py   (where torch is installed)
 
 - hidden.npy (2, 24, 32), weight.npy (200, 32), bias.npy (200,), labels.npy (2, 24) with two
   ignored tokens (-100): the README's worked example, in float32; grad_hidden.npy,

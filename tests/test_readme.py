@@ -125,7 +125,7 @@ def test_links_stay_in_the_repository(path):
         resolved = (path.parent / file).resolve()
         assert resolved.is_relative_to(ROOT), f"{path.name}: {target} leaves the repository"
         assert resolved.exists(), f"{path.name}: {target} does not exist"
-    assert "../shared" not in text
+    assert not any(marker in text for marker in OUTSIDE)
 
 
 @pytest.mark.parametrize("doc, phrases", [
@@ -288,3 +288,27 @@ def test_api_failure_message_is_the_real_one(monkeypatch):
         assert_ce_grad(np.load("examples/logits.npy"), np.load("examples/labels.npy"),
                        np.load("examples/grad_bad.npy"))
     assert f"AssertionError: {info.value}".startswith(shown.rstrip("\n"))
+
+
+OUTSIDE = ("/" + "work/", ".." + "/shared")  # spelt apart so this file does not match itself
+
+
+def test_no_committed_file_points_outside_the_repository():
+    """No tracked text file names a machine path or a sibling folder outside the checkout."""
+    import subprocess
+    try:
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    bad = []
+    for name in listed.stdout.splitlines():
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".toml", ".txt", ".cfg", ".jsonl", ".json", ".sh", ".yml", ""}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(marker in text for marker in OUTSIDE):
+            bad.append(name)
+    assert not bad, f"paths outside the repository in: {bad}"
