@@ -134,6 +134,19 @@ AI double T(hsum8)(const vd *acc) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+/* 1 when any lane of mask m is set (CE_ANY: the target's own test instruction) */
+AI int T(any)(vl m) {
+#ifdef CE_ANY
+    return CE_ANY(m);
+#elif W == 1
+    return m[0] != 0;
+#else
+    int64_t bits = 0;
+    for (int i = 0; i < W; i++) bits |= m[i];
+    return bits != 0;
+#endif
+}
+
 AI double T(hmax)(vd v) {
     double m = v[0];
     for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
@@ -158,17 +171,27 @@ AI double T(hmax)(vd v) {
         if (gu) {                                                             \
             vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                    \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
-            vd ratio = sel(odd, splat(INFINITY), d / tol);                    \
-            ratio = sel(live, ratio, splat(0.0));                             \
-            v_nf -= odd;                                                      \
-            v_mis -= (live) & (ratio > one);                                  \
-            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
-            vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
-            v_rel = sel(rel > v_rel, rel, v_rel);                             \
             v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
-            if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+            if (a->out_ratio || T(any)(CE_MAY_COUNT(live, odd, d, tol, absg))) { \
+                vd ratio = sel(odd, splat(INFINITY), d / tol);                \
+                ratio = sel(live, ratio, splat(0.0));                         \
+                v_nf -= odd;                                                  \
+                v_mis -= (live) & (ratio > one);                              \
+                v_ratio = sel(ratio > v_ratio, ratio, v_ratio);               \
+                vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
+                v_rel = sel(rel > v_rel, rel, v_rel);                         \
+                if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+            }                                                                 \
         }                                                                     \
     } while (0)
+/* Lanes whose divisions can change the row's statistics: odd ones, and those where d / tol
+ * may exceed min(v_ratio, 1) (a new maximum or a mismatch) or d / |g| may exceed v_rel. Both
+ * divisions round monotonically and t = min(v_ratio, 1), v_rel are doubles, so for tol > 0
+ * d < fl(t tol) gives t tol > d, d / tol <= t and fl(d / tol) <= t: the division cannot
+ * change anything (likewise for rel; NaN products, from tol or |g| = inf, mean the same). A
+ * vector with no such lane skips both divisions; the rest is computed exactly as before. */
+#define CE_MAY_COUNT(live, odd, d, tol, absg)                                   \
+    ((odd) | ((live) & ((d >= sel(v_ratio < one, v_ratio, one) * (tol)) | (d >= v_rel * (absg)))))
 #define CE_COMPARE_END do {                                                  \
         if (!gu) return 0;                                                    \
         int64_t mis = 0, nf = 0;                                              \
@@ -382,7 +405,9 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const int64_t C = a->n_cols;
     const int64_t body8 = C - C % 8, tail8 = C - body8;
     const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    const double *yrow = a->y_bin + r * C, *wrow = a->w_bin ? a->w_bin + r * C : NULL;
+    const int y32 = (int)a->y_is_f32;
+    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);
+    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;
     const double *pw = a->pos_w;
     const double scale = a->scale, k_f = a->floor_coef * scale;
     const int per_entry = a->g || a->out_ref || a->out_floor;
@@ -392,7 +417,7 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     int64_t nb = 0;
     CE_COMPARE_BEGIN;
 #define BCE(k, c, live, n) do {                                              \
-        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, 0, c, n);   \
+        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, y32, c, n); \
         vbad += sel((live) & (x != splat(-INFINITY)), x - x, splat(0.0));     \
         vd wv = wrow ? T(load_row)(wrow, 0, c, n) : one;                      \
         vd pwv = pw ? T(load_row)(pw, 0, c, n) : one;                         \
@@ -410,9 +435,12 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         if (a->out_items) T(store)(a->out_items + r * C + (c), item, n);      \
         if (a->out_item_w) T(store)(a->out_item_w + r * C + (c), mag, n);     \
         if (per_entry) {                                                      \
-            vd d1 = one + e, small = e / d1, large = one / d1;                \
+            /* s(x) = 1/(1 + e) or e/(1 + e) by the sign of x, s(-x) the other: one       \
+             * division each; s(-x) only where pos != 0 (else pos s(-x) = pos 0, same bits) */ \
+            vd d1 = one + e;                                                  \
             vl nonneg = x >= splat(0.0);                                      \
-            vd s_pos = sel(nonneg, large, small), s_neg = sel(nonneg, small, large); \
+            vd s_pos = sel(nonneg, one, e) / d1, s_neg = splat(0.0);          \
+            if (T(any)(pos != 0)) s_neg = sel(nonneg, e, one) / d1;           \
             vd g = (omy * s_pos - pos * s_neg) * (wrow ? wv * splat(scale) : splat(scale)); \
             vd fl = splat(k_f) * (cf * s_pos + vabs(pos));                    \
             if (wrow) fl = fl * vabs(wv);                                     \
@@ -472,6 +500,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_BEGIN
 #undef CE_COMPARE
 #undef CE_COMPARE_END
+#undef CE_MAY_COUNT
 #undef BCE
 #undef PASS2
 #undef PASS2_ROW
@@ -495,3 +524,4 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_W
 #undef CE_SFX
 #undef CE_CVT_PS_PD
+#undef CE_ANY
