@@ -121,13 +121,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-python", default=sys.executable, help=TORCH_PYTHON_HELP)
     p.add_argument("--kernels", metavar="LIST",
                    help="comma-separated compiled-kernel targets (CE_CHECK_TARGET: avx512, avx2, sse2, "
-                        "neon, scalar) and/or numpy (CE_CHECK_FUSED=0): time section 1 for each, "
+                        "neon, scalar) and/or numpy (CE_CHECK_FUSED=0), or all (every target this CPU "
+                        "runs, and numpy): time section 1 for each, "
                         "at each --threads, against the torch baseline; sections 3 and 4 are skipped")
     p.add_argument("--threads", metavar="LIST", default="1",
                    help="comma-separated kernel thread counts (CE_CHECK_THREADS) for --kernels "
                         "(%(default)s; everything else stays on one thread)")
     args = p.parse_args(argv)
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else []
+    if "all" in args.kernels:  # every target this CPU runs, then the numpy kernel
+        from ce_cli.kernels.compiled import targets
+        args.kernels = [*targets(), "numpy"]
     try:
         args.threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
