@@ -742,3 +742,38 @@ def test_binary_loss_check_with_gradient_like_numpy(reduction, monkeypatch, on_t
     assert not a.ok and not b.ok
     assert (a.mismatches, a.total) == (b.mismatches, b.total)
     assert a.worst[0].index == b.worst[0].index == ((3, 5) if reduction == "none" else ())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_target):
+    """Probability targets without smoothing or weights reach the kernel as they are; their
+    row sums Q, made by the kernel in numpy's pairwise order, are q.sum(axis=1)'s bits (every
+    leaf and split size of numpy's algorithm, signed zeros), and every output is the bits of
+    the float64 q with numpy's sums."""
+    rng = np.random.default_rng(21)
+    for C in [1, 5, 7, 8, 9, 16, 127, 128, 129, 136, 255, 256, 257, 1000, 1031, 4099]:
+        R = 9
+        z = (rng.standard_normal((R, C)) * 3).astype(np.float32)
+        q = (rng.standard_normal((R, C)) * 10.0 ** rng.uniform(-4, 4, (R, C))).astype(dtype)
+        q[0] = -0.0
+        q[1, ::3] = 0.0
+        problem = build_softmax_ce(z, q)[0]
+        kern = problem.kernel
+        rows = np.arange(R)
+        params = kern._targets(rows)
+        assert params["q_sum_here"] == 1 and params["q"].dtype == (np.float64 if dtype == np.float64 else np.float32)
+        ev = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+        q64 = np.asarray(q, dtype=np.float64)
+        np.testing.assert_array_equal(ev.total_weight.view(np.uint64), q64.sum(axis=1).view(np.uint64),
+                                      err_msg=f"C={C}")
+        # the same rows with q as float64 and numpy's sums given
+        old = kern._targets
+        kern._targets = lambda r: {"q": q64[r], "q_total": q64[r].sum(axis=1),
+                                   "active": np.ones(len(r), dtype=np.uint8)}
+        try:
+            ref = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+        finally:
+            kern._targets = old
+        for key, value in _bits_of(ref).items():
+            np.testing.assert_array_equal(_bits_of(ev)[key], value, err_msg=f"C={C}: {key}")

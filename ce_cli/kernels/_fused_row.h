@@ -228,6 +228,31 @@ AI vd T(vlog1p_unit)(vd e) {
            - ((hfsq - (s * (hfsq + R) + (kd * splat(1.90821492927058770002e-10) + c))) - f);
 }
 
+/* numpy's pairwise sum of a row of n entries (float32 widened when is_f32), in numpy's order
+ * (loops_utils.h: n < 8 from 0 one by one; n <= 128 eight accumulators, entry i into i % 8,
+ * combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; else
+ * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s. */
+static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n) {
+    if (n < 8) {
+        double res = 0.0;
+        for (int64_t i = 0; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        return res;
+    }
+    if (n <= 128) {
+        vd acc[G];
+        for (int k = 0; k < G; k++) acc[k] = T(load_row)(base, is_f32, c0 + k * W, W);
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int k = 0; k < G; k++) acc[k] += T(load_row)(base, is_f32, c0 + i + k * W, W);
+        double res = T(hsum8)(acc);
+        for (; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return T(np_pairwise)(base, is_f32, c0, n2) + T(np_pairwise)(base, is_f32, c0 + n2, n - n2);
+}
+
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
 static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
@@ -278,7 +303,8 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
 
     /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
-    const double *qrow = a->q ? a->q + r * C : NULL;
+    const int q32 = (int)a->q_is_f32;
+    const void *qrow = a->q ? (const char *)a->q + (size_t)(r * C) * (q32 ? 4 : 8) : NULL;
     const double alpha = qrow ? 0.0 : a->alpha[r], beta = qrow ? 0.0 : a->beta[r];
     const int64_t y = qrow ? 0 : a->ys[r];
     const double *w = a->w;
@@ -297,7 +323,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e[k] += e;                                                        \
         if (qrow) {  /* probability targets: q . (z - m), 0 * -inf: 0 */      \
-            vd qv = T(load_row)(qrow, 0, c, nn);                              \
+            vd qv = T(load_row)(qrow, q32, c, nn);                            \
             acc_z[k] += sel((live) & (qv != 0), qv * zs, splat(0.0));         \
         } else if (beta != 0.0) {                                             \
             vd wv = w ? T(load_row)(w, 0, c, nn) : splat(1.0);               \
@@ -337,7 +363,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double sum_z = beta != 0.0 || qrow ? ce_pairwise(blk_z, nb) : 0.0;
     e_row[am] = 1.0;
     const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
-    const double Q = qrow ? a->q_total[r] : alpha + beta * a->w_sum;
+    double Q = alpha + beta * a->w_sum;
+    /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
+    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
+    if (qrow) Q = a->q_total[r];
     const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
@@ -357,7 +386,8 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
     const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
     const double w_am = w ? w[am] : 1.0;
-    const double rest = qrow ? Q - qrow[am] : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double rest = qrow ? Q - T(load_row)(qrow, q32, am, 1)[0]
+                             : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
     const double k_fq = coef * scale;
     const double g_am = scale * (rest - Q * s1 / s);
     const int sure = s1 <= 1.0;
@@ -371,7 +401,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vd zs = T(load_row)(z, z32, c, n) - vm;                               \
         vd g = e * splat(k_g);                                                \
         if (k_b != 0.0) g = g - splat(k_b) * wv;                              \
-        if (qrow) qv = T(load_row)(qrow, 0, c, n);                            \
+        if (qrow) qv = T(load_row)(qrow, q32, c, n);                          \
         if (qrow) g = g - qv * splat(scale);                                  \
         if (spec && !qrow) g = sel(ids == vy, g - splat(k_a), g);             \
         if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \

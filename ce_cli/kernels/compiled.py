@@ -40,6 +40,7 @@ class _Args(ctypes.Structure):
         ("n_threads", ctypes.c_int64), ("q", _P), ("q_total", _P),
         ("y_bin", _P), ("w_bin", _P), ("pos_w", _P),
         ("out_items", _P), ("out_item_w", _P), ("total_w", _P), ("y_is_f32", ctypes.c_int64),
+        ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64),
     ]
 
 
@@ -299,10 +300,15 @@ class FusedKernel(_Kernel):
 
     def _targets(self, rows: np.ndarray) -> dict:
         """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the
-        numpy kernel), or alpha, beta, ys; active rows."""
+        numpy kernel), or alpha, beta, ys; active rows. Probability targets without smoothing
+        or class weights are q itself: read in their own width, their sums made by the kernel."""
         problem = self.problem
-        alpha, beta, ys = problem.targets(rows)
         active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
+        if problem.probs is not None and not problem.smoothing and problem.weight is None:
+            q = _as_kernel_rows(_take_rows(problem.probs, rows))
+            return {"q": q, "q_is_f32": int(q.dtype == np.float32), "q_sum_here": 1,
+                    "q_total": np.empty(q.shape[0]), "active": active}
+        alpha, beta, ys = problem.targets(rows)
         if beta is None:  # probability targets: alpha is the dense q
             q = np.ascontiguousarray(alpha, dtype=np.float64)
             return {"q": q, "q_total": q.sum(axis=1), "active": active}
