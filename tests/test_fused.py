@@ -777,3 +777,46 @@ def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_targe
             kern._targets = old
         for key, value in _bits_of(ref).items():
             np.testing.assert_array_equal(_bits_of(ev)[key], value, err_msg=f"C={C}: {key}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [2, 9, 129, 1031])
+@pytest.mark.parametrize("sem", [{"smoothing_form": "others"}, {"denominator": 7.5},
+                                 {"smoothing_form": "others", "denominator": 3.0}],
+                         ids=lambda s: "+".join(s))
+def test_denominator_and_others_smoothing_run_compiled(C, sem, on_target):
+    """`denominator` (only the gradient's scale) and smoothing form 'others' (another alpha and
+    beta per row) are the plain formulas: the compiled kernel serves them, within the same
+    bounds of the numpy kernel as every plain option."""
+    from ce_cli.models.softmax import SemanticArgs
+    rng = np.random.default_rng(C)
+    N = 23
+    z = rng.standard_normal((N, C)) * rng.choice([0.01, 3.0, 40.0], size=(N, 1))
+    y = rng.integers(0, C, N)
+    problem, _ = build_softmax_ce(z, y, weight=rng.uniform(0.0, 3.0, C), label_smoothing=0.2,
+                                  ignore_index=0, reduction="sum", semantics=SemanticArgs(**sem))
+    assert problem.kernel is not None
+    fused, ref = _both(problem, np.arange(N))
+    _assert_close(fused, ref, problem.grad_scale)
+
+
+@needs_kernel
+def test_denominator_and_others_smoothing_report_like_numpy(monkeypatch, on_target):
+    rng = np.random.default_rng(8)
+    z = (rng.standard_normal((40, 301)) * 3).astype(np.float32)
+    y = rng.integers(0, 301, 40)
+    kw = dict(label_smoothing=0.1, smoothing_form="others", denominator=50.0, reduction="sum")
+    from ce_cli.models.softmax import SemanticArgs
+    problem = build_softmax_ce(z.astype(np.float64), y, label_smoothing=0.1, reduction="sum",
+                               semantics=SemanticArgs(smoothing_form="others", denominator=50.0))[0]
+    g = problem.evaluate(0, 40).grad.astype(np.float32)
+    g[7, 11] *= 1.5
+    reports = {}
+    for which in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", which)
+        reports[which] = check_grad(z, y, grad=g, fd="sample", worst=3, **kw)
+    a, b = (next(c for c in reports[k].checks if c.name == "grad_vs_reference") for k in ("1", "0"))
+    assert reports["1"].options["kernel"] == "compiled" and reports["0"].options["kernel"] == "numpy"
+    assert not a.ok and not b.ok
+    assert (a.mismatches, a.total) == (b.mismatches, b.total)
+    assert a.worst[0].index == b.worst[0].index == (7, 11)

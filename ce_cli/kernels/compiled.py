@@ -182,7 +182,7 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
 
 
 class _Plain:
-    plain = True
+    extended = False
 
 
 _PLAIN = _Plain()  # a problem without training-code semantics
@@ -275,7 +275,10 @@ class FusedKernel(_Kernel):
         fn = kernel()
         if fn is None or problem.nan_gradient or problem.n_classes == 0:
             return None
-        if not getattr(problem, "sem", _PLAIN).plain:  # z-loss, softcap, scale, shards: numpy
+        # z-loss, softcap, logit scale, sample weights, shards change the row loss: numpy's
+        # extended path. `denominator` (a grad scale) and smoothing form 'others' (another
+        # alpha, beta) are the plain formulas: served here.
+        if getattr(problem, "sem", _PLAIN).extended:
             return None
         return cls(fn, problem)
 
