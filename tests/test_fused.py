@@ -788,13 +788,13 @@ def test_denominator_and_others_smoothing_run_compiled(C, sem, on_target):
     """`denominator` (only the gradient's scale) and smoothing form 'others' (another alpha and
     beta per row) are the plain formulas: the compiled kernel serves them, within the same
     bounds of the numpy kernel as every plain option."""
-    from ce_cli.models.softmax import SemanticArgs
+    from ce_cli.models.semantics import Semantics
     rng = np.random.default_rng(C)
     N = 23
     z = rng.standard_normal((N, C)) * rng.choice([0.01, 3.0, 40.0], size=(N, 1))
     y = rng.integers(0, C, N)
     problem, _ = build_softmax_ce(z, y, weight=rng.uniform(0.0, 3.0, C), label_smoothing=0.2,
-                                  ignore_index=0, reduction="sum", semantics=SemanticArgs(**sem))
+                                  ignore_index=0, reduction="sum", semantics=Semantics(**sem))
     assert problem.kernel is not None
     fused, ref = _both(problem, np.arange(N))
     _assert_close(fused, ref, problem.grad_scale)
@@ -806,9 +806,9 @@ def test_denominator_and_others_smoothing_report_like_numpy(monkeypatch, on_targ
     z = (rng.standard_normal((40, 301)) * 3).astype(np.float32)
     y = rng.integers(0, 301, 40)
     kw = dict(label_smoothing=0.1, smoothing_form="others", denominator=50.0, reduction="sum")
-    from ce_cli.models.softmax import SemanticArgs
+    from ce_cli.models.semantics import Semantics
     problem = build_softmax_ce(z.astype(np.float64), y, label_smoothing=0.1, reduction="sum",
-                               semantics=SemanticArgs(smoothing_form="others", denominator=50.0))[0]
+                               semantics=Semantics(smoothing_form="others", denominator=50.0))[0]
     g = problem.evaluate(0, 40).grad.astype(np.float32)
     g[7, 11] *= 1.5
     reports = {}
