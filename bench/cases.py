@@ -10,8 +10,10 @@ targets) it writes float32 logits, labels and a correct float32 gradient as .npy
 loading, checking) at each thread count (CE_CHECK_THREADS) with the compiled kernel and with it
 off (CE_CHECK_FUSED=0), min and median of --repeat, and the child's peak RSS. The baseline is
 PyTorch float64 forward + backward (BCEWithLogitsLoss, or F.cross_entropy with probability
-targets) on the same logits at the same thread count, run by the torch venv (--torch-python) as a
-subprocess, upcast excluded, min of --repeat. The machine may be shared: report minima.
+targets) on the same logits at the same thread count, run by --torch-python (default: this
+interpreter; skipped with a message when torch does not import there) as a subprocess, upcast
+excluded, min of --repeat (bench/torch_baseline.py). The peak-RSS budget counts every input file:
+1.2 x (logits + labels + grad bytes) + 256 MiB. The machine may be shared: report minima.
 """
 
 from __future__ import annotations
@@ -27,25 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-TORCH_SCRIPT = r"""
-import sys, time, numpy as np, torch
-kind, z_path, y_path, threads, repeat = sys.argv[1:6]
-torch.set_num_threads(int(threads))
-z = torch.from_numpy(np.load(z_path)).double()
-y = torch.from_numpy(np.load(y_path)).double()
-best = float("inf")
-for _ in range(int(repeat)):
-    x = z.clone().requires_grad_(True)
-    t = time.perf_counter()
-    if kind == "binary":
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
-    else:
-        loss = torch.nn.functional.cross_entropy(x, y)
-    loss.backward()
-    best = min(best, time.perf_counter() - t)
-print(best)
-"""
+from torch_baseline import TORCH_PYTHON_HELP, rss_budget, run_torch
 
 WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
@@ -91,14 +75,6 @@ def run_ce_check(kind: str, paths: dict[str, Path], threads: int, fused: bool, r
     return {"min": min(times), "median": statistics.median(times), "peak_rss": rss, "ok": ok}
 
 
-def run_torch(python: str, kind: str, paths: dict[str, Path], threads: int, repeat: int) -> float | None:
-    if not Path(python).exists():
-        return None
-    out = subprocess.run([python, "-c", TORCH_SCRIPT, kind, str(paths["logits"]), str(paths["labels"]),
-                          str(threads), str(repeat)], capture_output=True, text=True)
-    return float(out.stdout.split()[-1]) if out.returncode == 0 else None
-
-
 def scaling(kind: str, shapes: list[tuple[int, int]], threads: list[int], repeat: int) -> list[dict]:
     """In-process: the compiled kernel's comparison pass (what `--grad` runs per chunk) over the
     whole (N, C) float32 problem, min of `repeat`; ns per entry shows linearity in N*C."""
@@ -138,7 +114,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     p.add_argument("--cases", default="binary,probs")
-    p.add_argument("--torch-python", default="/work/fw/venv-torch/bin/python")
+    p.add_argument("--torch-python", default=sys.executable, help=TORCH_PYTHON_HELP)
     p.add_argument("--scaling", action="store_true", help="only the scaling table")
     p.add_argument("--json-out")
     args = p.parse_args()
@@ -155,15 +131,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for kind in args.cases.split(","):
                 paths = make_case(kind, args.n, args.c, Path(tmp), 0)
-                in_bytes = paths["logits"].stat().st_size + paths["grad"].stat().st_size
+                budget = rss_budget(paths)
                 for t in threads:
-                    torch_s = run_torch(args.torch_python, kind, paths, t, args.repeat)
+                    torch_s, note = run_torch(args.torch_python, kind, paths, t, args.repeat)
+                    if torch_s is None:
+                        print(f"PyTorch baseline skipped: {note}", file=sys.stderr, flush=True)
                     for fused in (True, False):
                         r = run_ce_check(kind, paths, t, fused, args.repeat)
                         row = {"kind": kind, "n": args.n, "c": args.c, "threads": t, "compiled": fused,
                                **r, "torch_f64": torch_s,
                                "ratio": r["min"] / torch_s if torch_s else None,
-                               "rss_budget": 1.2 * in_bytes + 256 * 2**20}
+                               "rss_budget": budget, "rss_ok": r["peak_rss"] <= budget}
                         res["cases"].append(row)
                         print(json.dumps(row), file=sys.stderr, flush=True)
                 for f in paths.values():

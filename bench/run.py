@@ -21,11 +21,13 @@ What is measured (a table on stdout; the raw numbers with --json-out FILE):
    (PyTorch's F.cross_entropy backward, or numpy in float32 without torch) saved as .npy, then
    `ce-check grad logits.npy labels.npy --grad grad.npy --json` as a subprocess: wall time (best
    and median of --repeat), the child's peak RSS, exit code 0 and `"ok": true`. Memory target:
-   peak RSS <= 1.2 * (logits + grad bytes) + 256 MiB. The child is started through a tiny
+   peak RSS <= 1.2 * (logits + labels + grad bytes) + 256 MiB. The child is started through a tiny
    wrapper process, because on Linux a child forked from this (large) process inherits its
    peak RSS (exec keeps the old address space's high-water mark).
 2. PyTorch baseline: float64 forward + backward of F.cross_entropy on the same logits (upcast
-   excluded), one thread, best of --repeat. Target: ce-check time / torch time <= 0.5.
+   excluded), one thread (with --kernels: each --threads count), best of --repeat, run by
+   --torch-python as a subprocess (bench/torch_baseline.py, shared with bench/cases.py).
+   Target: ce-check time / torch time <= 0.5.
 3. Finite differences on --fd-n x --fd-c float64 logits (default 256 x 500): in-process
    `ce_cli.check_grad(..., fd="full")` against `torch.autograd.gradcheck(fast_mode=False)` on
    `F.cross_entropy(z, y)`. gradcheck perturbs every entry and runs two full forwards per
@@ -65,6 +67,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ce_cli  # noqa: E402
+from torch_baseline import TORCH_PYTHON_HELP, input_bytes, rss_budget, run_torch  # noqa: E402
 
 MB = 1 << 20  # MiB: sizes and RSS are reported in MiB
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -115,15 +118,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the full gradcheck when its estimate is within this many seconds "
                         "(%(default)s)")
     p.add_argument("--no-torch", action="store_true", help="behave as if torch were not installed")
+    p.add_argument("--torch-python", default=sys.executable, help=TORCH_PYTHON_HELP)
     p.add_argument("--kernels", metavar="LIST",
                    help="comma-separated compiled-kernel targets (CE_CHECK_TARGET: avx512, avx2, sse2, "
-                        "neon, scalar) and/or numpy (CE_CHECK_FUSED=0): time section 1 for each, "
+                        "neon, scalar) and/or numpy (CE_CHECK_FUSED=0), or all (every target this CPU "
+                        "runs, and numpy): time section 1 for each, "
                         "at each --threads, against the torch baseline; sections 3 and 4 are skipped")
     p.add_argument("--threads", metavar="LIST", default="1",
                    help="comma-separated kernel thread counts (CE_CHECK_THREADS) for --kernels "
                         "(%(default)s; everything else stays on one thread)")
     args = p.parse_args(argv)
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else []
+    if "all" in args.kernels:  # every target this CPU runs, then the numpy kernel
+        from ce_cli.kernels.compiled import targets
+        args.kernels = [*targets(), "numpy"]
     try:
         args.threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
@@ -329,8 +337,7 @@ def bench_end_to_end(cmd, paths, workdir: Path, repeat: int, env: dict[str, str]
     reports = [r.report() for r in runs]
     correct = all(r.returncode == 0 and rep is not None and rep.get("ok") is True
                   for r, rep in zip(runs, reports))
-    input_bytes = paths["logits"].stat().st_size + paths["grad"].stat().st_size
-    budget = 1.2 * input_bytes + 256 * MB
+    budget = rss_budget(paths)
     peak = max(r.maxrss for r in runs)
     if not correct:
         bad = next(r for r, rep in zip(runs, reports) if r.returncode != 0 or not (rep or {}).get("ok"))
@@ -339,7 +346,7 @@ def bench_end_to_end(cmd, paths, workdir: Path, repeat: int, env: dict[str, str]
         "command": [*cmd, "grad", "logits.npy", "labels.npy", "--grad", "grad.npy", "--json"],
         "time": Timing([r.wall for r in runs]).as_dict(),
         "peak_rss_bytes": peak,
-        "input_bytes": input_bytes,
+        "input_bytes": input_bytes(paths),
         "rss_budget_bytes": budget,
         "rss_ratio": peak / budget,
         "exit_codes": [r.returncode for r in runs],
@@ -394,14 +401,17 @@ def run_kernels(args, torch, workdir: Path) -> dict:
     log(f"generating {args.n}x{args.c} inputs in {workdir}")
     paths, res["grad_source"] = make_inputs(workdir, args.n, args.c, args.seed, torch)
     res["kernels"] = bench_kernels(cmd, paths, workdir, args.repeat, args.kernels, args.threads)
-    if torch is not None:
-        res["torch"] = bench_torch_baseline(torch, paths, args.repeat)
+    res["torch_by_threads"] = {}
+    for t in args.threads:
+        tb, res["torch_skipped"] = bench_torch_baseline(args, paths, t)
+        if tb is not None:
+            res["torch_by_threads"][str(t)] = tb
     return res
 
 
-def fill_kernel_table(t: Table, res: dict, torch_note: str) -> None:
+def fill_kernel_table(t: Table, res: dict) -> None:
     n, c = res["shape"]
-    torch_s = res["torch"]["time"]["best_s"] if "torch" in res else None
+    torch_by = {int(t): tb["time"]["best_s"] for t, tb in res["torch_by_threads"].items()}
     numpy_s = {r["threads"]: r["time"]["best_s"] for r in res["kernels"] if r["kernel"] == "numpy"}
     sec = f"1 end-to-end {n}x{c} by kernel"
     for r in res["kernels"]:
@@ -409,32 +419,30 @@ def fill_kernel_table(t: Table, res: dict, torch_note: str) -> None:
         extra = [f"ran {r['ran']}"]
         if r["threads"] in numpy_s and r["kernel"] != "numpy":
             extra.append(f"numpy/this {numpy_s[r['threads']] / best:.2f}x")
-        if torch_s:
-            extra.append(f"this/torch {best / torch_s:.2f}")
+        if r["threads"] in torch_by:
+            extra.append(f"this/torch {best / torch_by[r['threads']]:.2f}")
         t.add(sec, f"{r['kernel']}, {r['threads']} thread(s) best / median",
               f"{secs(best)} / {secs(med)} ({', '.join(extra)})", "report ok", status(r["correct"]))
-    if torch_s:
-        t.add("2 torch baseline", f"torch f64 fwd+bwd ({res['torch']['threads']} thread) best", secs(torch_s))
-    else:
-        t.add("2 torch baseline", "skipped", torch_note)
+    for threads, best in torch_by.items():
+        t.add("2 torch baseline", f"torch f64 fwd+bwd ({threads} thread(s)) best", secs(best))
+    if not torch_by:
+        t.add("2 torch baseline", "skipped", res["torch_skipped"])
 
 
 # ----------------------------------------------------------------------------- 2. torch baseline
 
 
-def bench_torch_baseline(torch, paths, repeat: int) -> dict:
-    """float64 F.cross_entropy forward + backward, one thread; the upcast is not timed."""
-    F = torch.nn.functional
-    z = torch.from_numpy(np.load(paths["logits"])).double().requires_grad_(True)
-    y = torch.from_numpy(np.load(paths["labels"]))
-
-    def step():
-        z.grad = None
-        F.cross_entropy(z, y).backward()
-
-    timing = time_calls(step, repeat)
-    log(f"torch float64 fwd+bwd: best {timing.best:.2f} s")
-    return {"threads": torch.get_num_threads(), "time": timing.as_dict()}
+def bench_torch_baseline(args, paths, threads: int) -> tuple[dict | None, str]:
+    """float64 F.cross_entropy forward + backward at `threads` threads, the upcast not timed
+    (bench/torch_baseline.py); (None, why) when it cannot run."""
+    if args.no_torch:
+        return None, "disabled by --no-torch"
+    best, note = run_torch(args.torch_python, "index", paths, threads, args.repeat)
+    if best is None:
+        log(f"PyTorch baseline skipped: {note}")
+        return None, note
+    log(f"torch float64 fwd+bwd, {threads} thread(s): best {best:.2f} s")
+    return {"threads": threads, "time": {"best_s": best}, "torch_version": note}, ""
 
 
 # ----------------------------------------------------------------------------- 3. finite differences
@@ -600,7 +608,7 @@ def fill_table(t: Table, res: dict, torch_note: str) -> None:
           status(e2e["correct"]))
     t.add(sec, "ce-check finite-difference mode", str(e2e["fd_mode"]))
     t.add(sec, "ce-check kernel (CE_CHECK_FUSED=0: numpy)", str(e2e["kernel"]))
-    t.add(sec, "input bytes (logits + grad)", f"{e2e['input_bytes'] / MB:.0f} MiB")
+    t.add(sec, "input bytes (logits + labels + grad)", f"{e2e['input_bytes'] / MB:.0f} MiB")
     t.add(sec, "peak RSS of ce-check", f"{e2e['peak_rss_bytes'] / MB:.0f} MiB",
           f"<= {e2e['rss_budget_bytes'] / MB:.0f} MiB")
     t.add(sec, "peak RSS / (1.2*input + 256 MiB)", f"{e2e['rss_ratio']:.2f}", "<= 1",
@@ -613,7 +621,7 @@ def fill_table(t: Table, res: dict, torch_note: str) -> None:
         t.add(sec, "ce-check time / torch time (best)", f"{res['time_ratio']:.2f}", "<= 0.5",
               status(res["time_ratio"] <= 0.5))
     else:
-        t.add(sec, "skipped", torch_note)
+        t.add(sec, "skipped", res["torch_skipped"])
 
     fd = res["fd"]
     sec = f"3 finite diff {fd['shape'][0]}x{fd['shape'][1]}"
@@ -663,7 +671,7 @@ def clean_workdir(workdir: Path, created: bool, keep: bool) -> None:
             (workdir / name).unlink(missing_ok=True)
 
 
-def run(args, torch, torch_note: str, workdir: Path) -> dict:
+def run(args, torch, workdir: Path) -> dict:
     cmd = ce_check_command()
     res = {"shape": [args.n, args.c], "repeat": args.repeat, "python": sys.executable,
            "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None)}
@@ -675,11 +683,12 @@ def run(args, torch, torch_note: str, workdir: Path) -> dict:
     paths, source = make_inputs(workdir, args.n, args.c, args.seed, torch)
     res["grad_source"] = source
     res["end_to_end"] = bench_end_to_end(cmd, paths, workdir, args.repeat)
-    if torch is not None:
-        res["torch"] = bench_torch_baseline(torch, paths, args.repeat)
-        res["time_ratio"] = res["end_to_end"]["time"]["best_s"] / res["torch"]["time"]["best_s"]
+    tb, why = bench_torch_baseline(args, paths, 1)
+    if tb is not None:
+        res["torch"] = tb
+        res["time_ratio"] = res["end_to_end"]["time"]["best_s"] / tb["time"]["best_s"]
     else:
-        res["torch_skipped"] = torch_note
+        res["torch_skipped"] = why
     res["corruption"] = bench_corruption(cmd, paths, workdir, args.n, args.c)
     return res
 
@@ -688,15 +697,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch, torch_note = import_torch(args.no_torch)
     if torch is None:
-        print(f"PyTorch parts skipped: {torch_note}", flush=True)
+        print(f"PyTorch parts in this process (torch's gradient, gradcheck) skipped: {torch_note}",
+              flush=True)
     workdir, created = make_workdir(args.workdir)
     try:
-        res = run_kernels(args, torch, workdir) if args.kernels else run(args, torch, torch_note, workdir)
+        res = run_kernels(args, torch, workdir) if args.kernels else run(args, torch, workdir)
     finally:
         clean_workdir(workdir, created, args.keep)
     table = Table()
     if args.kernels:
-        fill_kernel_table(table, res, torch_note)
+        fill_kernel_table(table, res)
         print(table.render())
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")

@@ -328,8 +328,9 @@ def test_other_logit_dtypes_widen_exactly(dtype, monkeypatch, on_target):
 # ----------------------------------------------------------------------------- targets and threads
 
 
-def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1):
-    """ce_softmax_rows on the current target with every output requested: (return code, outputs)."""
+def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1, detail=True, rtol=1e-3):
+    """ce_softmax_rows on the current target with every output requested (without the (R, C)
+    allowed errors and ratios unless `detail`): (return code, outputs)."""
     R, C = z.shape
     w64 = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
     w_y = np.ones(R) if w is None else w64[y]
@@ -338,11 +339,12 @@ def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1):
               "work": np.empty(C + 8 + 2 * (C // 128 + 1))}
     out = {name: np.full(R, np.nan) for name in ("loss", "row_max", "log1p_s1", "ratio_max", "max_abs", "max_rel")}
     out.update({name: np.full(R, -1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-    out.update({name: np.full((R, C), np.nan) for name in ("out_ref", "out_floor", "out_tol", "out_ratio")})
+    out.update({name: np.full((R, C), np.nan) for name in ("out_ref", "out_floor", "out_tol", "out_ratio")
+                if detail or name in ("out_ref", "out_floor")})
     args = _Args(n_rows=R, n_cols=C, z=z.ctypes.data, z_is_f32=int(z.dtype == np.float32),
                  g=g.ctypes.data, g_is_f32=int(g.dtype == np.float32),
                  w=None if w64 is None else w64.ctypes.data,
-                 w_sum=float(C if w is None else w64.sum()), scale=1.0 / R, rtol=1e-3, abs_tol=1e-12,
+                 w_sum=float(C if w is None else w64.sum()), scale=1.0 / R, rtol=rtol, abs_tol=1e-12,
                  floor_coef=4 * 2.0**-23, n_threads=n_threads,
                  **{k: v.ctypes.data for k, v in {**inputs, **out}.items()})
     rc = kernel()(ctypes.byref(args))
@@ -391,6 +393,38 @@ def test_targets_give_identical_bits(case, monkeypatch):
     for name in others:
         for key in runs[first]:
             np.testing.assert_array_equal(runs[name][key], runs[first][key], err_msg=f"{name} vs {first}: {key}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+@pytest.mark.parametrize("rtol", [1e-3, 0.0])
+def test_skipped_divisions_change_no_statistic(case, rtol, on_target):
+    """The comparison divides only where a quotient can change a row's statistics: the row
+    statistics (max ratio, max |error|, max relative error, counts) are the same bits as when
+    every entry is divided (which the (R, C) ratio output forces), for gradients near the
+    reference (a float32 rounding, a few ulps, exactly equal) and far from it."""
+    _, z, g, y, w, smoothing = case
+    _, full = _raw_call(z, g.astype(np.float64), y, w=w, smoothing=smoothing, rtol=rtol)
+    ref, tol = full["out_ref"], full["out_tol"]
+    rng = np.random.default_rng(z.shape[1])
+    C = z.shape[1]
+    # errors of tol * (0.5 + j 2^-44) and tol * (1 + j 2^-52): every entry a new row maximum
+    # by a hair, and mismatches decided in the last bits
+    rising = ref + tol * (0.5 + np.arange(C) * 2.0**-44)
+    edge = ref + tol * (1.0 + rng.integers(-3, 4, ref.shape) * 2.0**-52)
+    near = [ref.astype(np.float32).astype(np.float64), ref.copy(),
+            ref * (1 + rng.integers(-4, 5, ref.shape) * 2.0**-52), rising, edge, g]
+    for k, got in enumerate(near):
+        dt = z.dtype if k in (0, len(near) - 1) else np.float64
+        got = np.ascontiguousarray(np.where(np.isfinite(got), got, 0.0) if k < 5 else got,
+                                   dtype=dt)
+        if k < 3 and got.size > 3:
+            got.flat[::7] = got.flat[::7] * 1.5  # some entries far off
+        _, every = _raw_call(z, got, y, w=w, smoothing=smoothing, rtol=rtol)
+        _, skipping = _raw_call(z, got, y, w=w, smoothing=smoothing, rtol=rtol, detail=False)
+        for key in ("ratio_max", "max_abs", "max_rel", "mismatches", "nonfinite", "loss"):
+            np.testing.assert_array_equal(_bits(skipping)[key], _bits(every)[key],
+                                          err_msg=f"gradient {k}: {key}")
 
 
 @needs_kernel
@@ -637,3 +671,152 @@ def test_binary_and_probability_comparison_reports_like_numpy(kind, monkeypatch,
     assert [e.index for e in a.worst] == [e.index for e in b.worst]
     for ea, eb in zip(a.worst, b.worst):
         assert abs(ea.expected - eb.expected) <= 1e-15 * abs(eb.expected) + 1e-300
+
+
+@needs_kernel
+@pytest.mark.parametrize("opt", ["plain", "pw"])
+def test_binary_gradient_bits_from_the_kernels_exp(opt, on_target):
+    """The BCE gradient and floor, entry by entry, are numpy's formulas in the same order on
+    the kernel's own e = exp(-|x|) (s(-x) is divided out only where pos != 0: same bits)."""
+    problem = _bce_problem(1031, np.float64, opt, R=23)
+    z = np.asarray(problem.z)
+    ev = problem.kernel.evaluate(z, np.arange(23), grad=True, floor_coef=1e-7)
+    y = np.asarray(problem.targets, dtype=np.float64)
+    e, _ = _unit_funcs(on_target, z.ravel())
+    e = e.reshape(z.shape)
+    pw = problem.pos_weight
+    pos = y if pw is None else pw * y
+    coef = np.ones_like(y) if pw is None else 1.0 + (pw - 1.0) * y
+    with np.errstate(invalid="ignore"):
+        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
+    s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
+    scale = problem.grad_scale
+    g = ((1.0 - y) * s_pos - pos * s_neg) * scale
+    floor = 1e-7 * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    np.testing.assert_array_equal(ev.grad.view(np.uint64), g.view(np.uint64))
+    np.testing.assert_array_equal(ev.floor.view(np.uint64), floor.view(np.uint64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("label_dtype", [np.float32, np.float64, np.bool_, np.int64, np.float16])
+def test_binary_labels_any_dtype_same_bits(label_dtype, on_target):
+    """Labels reach the kernel in their own width (float32 stays float32): the same bits as
+    float64 labels."""
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((19, 301)) * 3
+    y = rng.random((19, 301)) < 0.3
+    runs = []
+    for dt in (np.float64, label_dtype):
+        problem = build_sigmoid_bce(z, y.astype(dt))[0]
+        runs.append(_bits_of(problem.kernel.evaluate(z, np.arange(19), grad=True, floor_coef=1e-7)))
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[1][key], runs[0][key], err_msg=key)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_binary_loss_check_with_gradient_like_numpy(reduction, monkeypatch, on_target):
+    """With a gradient, the streaming pass defers the per-element losses (the loss check asks
+    for them): the loss check reports as with the numpy kernel, planted errors included."""
+    from ce_cli.verify.checks import check_binary
+    rng = np.random.default_rng(12)
+    z = (rng.standard_normal((37, 211)) * 4).astype(np.float32)
+    y = (rng.random((37, 211)) < 0.2).astype(np.float32)
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    problem = build_sigmoid_bce(z.astype(np.float64), y, reduction=reduction)[0]
+    ev = problem.evaluate(0, 37)
+    loss = ev.items if reduction == "none" else problem.reduce(float(ev.loss.sum()))
+    g = ev.grad.astype(np.float32)
+    if reduction == "none":
+        loss = loss.copy()
+        loss[3, 5] *= 1.01
+    else:
+        loss *= 1.01
+    reports = {}
+    for which in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", which)
+        reports[which] = check_binary(z, y, grad=g, loss=loss, reduction=reduction, fd="off", worst=3)
+    a, b = (next(c for c in reports[k].checks if c.name == "loss_vs_reference") for k in ("1", "0"))
+    assert reports["1"].options["kernel"] == "compiled"
+    assert not a.ok and not b.ok
+    assert (a.mismatches, a.total) == (b.mismatches, b.total)
+    assert a.worst[0].index == b.worst[0].index == ((3, 5) if reduction == "none" else ())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_target):
+    """Probability targets without smoothing or weights reach the kernel as they are; their
+    row sums Q, made by the kernel in numpy's pairwise order, are q.sum(axis=1)'s bits (every
+    leaf and split size of numpy's algorithm, signed zeros), and every output is the bits of
+    the float64 q with numpy's sums."""
+    rng = np.random.default_rng(21)
+    for C in [1, 5, 7, 8, 9, 16, 127, 128, 129, 136, 255, 256, 257, 1000, 1031, 4099]:
+        R = 9
+        z = (rng.standard_normal((R, C)) * 3).astype(np.float32)
+        q = (rng.standard_normal((R, C)) * 10.0 ** rng.uniform(-4, 4, (R, C))).astype(dtype)
+        q[0] = -0.0
+        q[1, ::3] = 0.0
+        problem = build_softmax_ce(z, q)[0]
+        kern = problem.kernel
+        rows = np.arange(R)
+        params = kern._targets(rows)
+        assert params["q_sum_here"] == 1 and params["q"].dtype == (np.float64 if dtype == np.float64 else np.float32)
+        ev = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+        q64 = np.asarray(q, dtype=np.float64)
+        np.testing.assert_array_equal(ev.total_weight.view(np.uint64), q64.sum(axis=1).view(np.uint64),
+                                      err_msg=f"C={C}")
+        # the same rows with q as float64 and numpy's sums given
+        old = kern._targets
+        kern._targets = lambda r: {"q": q64[r], "q_total": q64[r].sum(axis=1),
+                                   "active": np.ones(len(r), dtype=np.uint8)}
+        try:
+            ref = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+        finally:
+            kern._targets = old
+        for key, value in _bits_of(ref).items():
+            np.testing.assert_array_equal(_bits_of(ev)[key], value, err_msg=f"C={C}: {key}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [2, 9, 129, 1031])
+@pytest.mark.parametrize("sem", [{"smoothing_form": "others"}, {"denominator": 7.5},
+                                 {"smoothing_form": "others", "denominator": 3.0}],
+                         ids=lambda s: "+".join(s))
+def test_denominator_and_others_smoothing_run_compiled(C, sem, on_target):
+    """`denominator` (only the gradient's scale) and smoothing form 'others' (another alpha and
+    beta per row) are the plain formulas: the compiled kernel serves them, within the same
+    bounds of the numpy kernel as every plain option."""
+    from ce_cli.models.semantics import Semantics
+    rng = np.random.default_rng(C)
+    N = 23
+    z = rng.standard_normal((N, C)) * rng.choice([0.01, 3.0, 40.0], size=(N, 1))
+    y = rng.integers(0, C, N)
+    problem, _ = build_softmax_ce(z, y, weight=rng.uniform(0.0, 3.0, C), label_smoothing=0.2,
+                                  ignore_index=0, reduction="sum", semantics=Semantics(**sem))
+    assert problem.kernel is not None
+    fused, ref = _both(problem, np.arange(N))
+    _assert_close(fused, ref, problem.grad_scale)
+
+
+@needs_kernel
+def test_denominator_and_others_smoothing_report_like_numpy(monkeypatch, on_target):
+    rng = np.random.default_rng(8)
+    z = (rng.standard_normal((40, 301)) * 3).astype(np.float32)
+    y = rng.integers(0, 301, 40)
+    kw = dict(label_smoothing=0.1, smoothing_form="others", denominator=50.0, reduction="sum")
+    from ce_cli.models.semantics import Semantics
+    problem = build_softmax_ce(z.astype(np.float64), y, label_smoothing=0.1, reduction="sum",
+                               semantics=Semantics(smoothing_form="others", denominator=50.0))[0]
+    g = problem.evaluate(0, 40).grad.astype(np.float32)
+    g[7, 11] *= 1.5
+    reports = {}
+    for which in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", which)
+        reports[which] = check_grad(z, y, grad=g, fd="sample", worst=3, **kw)
+    a, b = (next(c for c in reports[k].checks if c.name == "grad_vs_reference") for k in ("1", "0"))
+    assert reports["1"].options["kernel"] == "compiled" and reports["0"].options["kernel"] == "numpy"
+    assert not a.ok and not b.ok
+    assert (a.mismatches, a.total) == (b.mismatches, b.total)
+    assert a.worst[0].index == b.worst[0].index == (7, 11)

@@ -49,13 +49,18 @@ typedef struct {
     double *out_tol, *out_ratio;              /* (R, C) allowed error and |err| / allowed, or NULL */
     double *work;                             /* (WORK_SIZE(C),) scratch of the first thread */
     int64_t n_threads;                        /* threads to split the rows over; <= 1: this one */
-    /* softmax with probability targets: q (R, C) dense target weights, q_total (R,) their sums
-     * (alpha, beta, ys unused); NULL for index targets */
-    const double *q, *q_total;
+    /* softmax with probability targets: q (R, C) dense target weights (float32 when q_is_f32,
+     * else float64), q_total (R,) their sums, numpy's pairwise row sums: given, or written here
+     * when q_sum_here (alpha, beta, ys unused); NULL for index targets */
+    const void *q;
+    double *q_total;
     /* sigmoid BCE (ce_bce_rows): labels (R, C), weights (R, C) or NULL, pos_weight (C,) or NULL;
      * outputs: per-element losses and |coef w| (R, C) or NULL, their row sums in loss, total_w */
-    const double *y_bin, *w_bin, *pos_w;
+    const void *y_bin;        /* float32 when y_is_f32, else float64 */
+    const double *w_bin, *pos_w;
     double *out_items, *out_item_w, *total_w;
+    int64_t y_is_f32;
+    int64_t q_is_f32, q_sum_here;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */
@@ -120,6 +125,7 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 #define CE_SFX avx2
 /* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
 #define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
+#define CE_ANY(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
 #include "_fused_row.h"
 #pragma GCC pop_options
 
@@ -128,6 +134,7 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 #define CE_W 8
 #define CE_SFX avx512
 #define CE_CVT_PS_PD(f) _mm512_cvtps_pd((__m256)(f))  /* one vcvtps2pd zmm, as for avx2 */
+#define CE_ANY(m) (_mm512_test_epi64_mask((__m512i)(m), (__m512i)(m)) != 0)
 #include "_fused_row.h"
 #pragma GCC pop_options
 #endif

@@ -134,6 +134,19 @@ AI double T(hsum8)(const vd *acc) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+/* 1 when any lane of mask m is set (CE_ANY: the target's own test instruction) */
+AI int T(any)(vl m) {
+#ifdef CE_ANY
+    return CE_ANY(m);
+#elif W == 1
+    return m[0] != 0;
+#else
+    int64_t bits = 0;
+    for (int i = 0; i < W; i++) bits |= m[i];
+    return bits != 0;
+#endif
+}
+
 AI double T(hmax)(vd v) {
     double m = v[0];
     for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
@@ -158,17 +171,27 @@ AI double T(hmax)(vd v) {
         if (gu) {                                                             \
             vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                    \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
-            vd ratio = sel(odd, splat(INFINITY), d / tol);                    \
-            ratio = sel(live, ratio, splat(0.0));                             \
-            v_nf -= odd;                                                      \
-            v_mis -= (live) & (ratio > one);                                  \
-            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
-            vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
-            v_rel = sel(rel > v_rel, rel, v_rel);                             \
             v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
-            if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+            if (a->out_ratio || T(any)(CE_MAY_COUNT(live, odd, d, tol, absg))) { \
+                vd ratio = sel(odd, splat(INFINITY), d / tol);                \
+                ratio = sel(live, ratio, splat(0.0));                         \
+                v_nf -= odd;                                                  \
+                v_mis -= (live) & (ratio > one);                              \
+                v_ratio = sel(ratio > v_ratio, ratio, v_ratio);               \
+                vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
+                v_rel = sel(rel > v_rel, rel, v_rel);                         \
+                if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
+            }                                                                 \
         }                                                                     \
     } while (0)
+/* Lanes whose divisions can change the row's statistics: odd ones, and those where d / tol
+ * may exceed min(v_ratio, 1) (a new maximum or a mismatch) or d / |g| may exceed v_rel. Both
+ * divisions round monotonically and t = min(v_ratio, 1), v_rel are doubles, so for tol > 0
+ * d < fl(t tol) gives t tol > d, d / tol <= t and fl(d / tol) <= t: the division cannot
+ * change anything (likewise for rel; NaN products, from tol or |g| = inf, mean the same). A
+ * vector with no such lane skips both divisions; the rest is computed exactly as before. */
+#define CE_MAY_COUNT(live, odd, d, tol, absg)                                   \
+    ((odd) | ((live) & ((d >= sel(v_ratio < one, v_ratio, one) * (tol)) | (d >= v_rel * (absg)))))
 #define CE_COMPARE_END do {                                                  \
         if (!gu) return 0;                                                    \
         int64_t mis = 0, nf = 0;                                              \
@@ -203,6 +226,31 @@ AI vd T(vlog1p_unit)(vd e) {
     vd R = t2 + t1, hfsq = splat(0.5) * f * f;
     return kd * splat(6.93147180369123816490e-01)
            - ((hfsq - (s * (hfsq + R) + (kd * splat(1.90821492927058770002e-10) + c))) - f);
+}
+
+/* numpy's pairwise sum of a row of n entries (float32 widened when is_f32), in numpy's order
+ * (loops_utils.h: n < 8 from 0 one by one; n <= 128 eight accumulators, entry i into i % 8,
+ * combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; else
+ * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s. */
+static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n) {
+    if (n < 8) {
+        double res = 0.0;
+        for (int64_t i = 0; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        return res;
+    }
+    if (n <= 128) {
+        vd acc[G];
+        for (int k = 0; k < G; k++) acc[k] = T(load_row)(base, is_f32, c0 + k * W, W);
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int k = 0; k < G; k++) acc[k] += T(load_row)(base, is_f32, c0 + i + k * W, W);
+        double res = T(hsum8)(acc);
+        for (; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return T(np_pairwise)(base, is_f32, c0, n2) + T(np_pairwise)(base, is_f32, c0 + n2, n - n2);
 }
 
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
@@ -255,7 +303,8 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
 
     /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
-    const double *qrow = a->q ? a->q + r * C : NULL;
+    const int q32 = (int)a->q_is_f32;
+    const void *qrow = a->q ? (const char *)a->q + (size_t)(r * C) * (q32 ? 4 : 8) : NULL;
     const double alpha = qrow ? 0.0 : a->alpha[r], beta = qrow ? 0.0 : a->beta[r];
     const int64_t y = qrow ? 0 : a->ys[r];
     const double *w = a->w;
@@ -274,7 +323,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e[k] += e;                                                        \
         if (qrow) {  /* probability targets: q . (z - m), 0 * -inf: 0 */      \
-            vd qv = T(load_row)(qrow, 0, c, nn);                              \
+            vd qv = T(load_row)(qrow, q32, c, nn);                            \
             acc_z[k] += sel((live) & (qv != 0), qv * zs, splat(0.0));         \
         } else if (beta != 0.0) {                                             \
             vd wv = w ? T(load_row)(w, 0, c, nn) : splat(1.0);               \
@@ -314,7 +363,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double sum_z = beta != 0.0 || qrow ? ce_pairwise(blk_z, nb) : 0.0;
     e_row[am] = 1.0;
     const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
-    const double Q = qrow ? a->q_total[r] : alpha + beta * a->w_sum;
+    double Q = alpha + beta * a->w_sum;
+    /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
+    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
+    if (qrow) Q = a->q_total[r];
     const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
@@ -334,7 +386,8 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
     const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
     const double w_am = w ? w[am] : 1.0;
-    const double rest = qrow ? Q - qrow[am] : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double rest = qrow ? Q - T(load_row)(qrow, q32, am, 1)[0]
+                             : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
     const double k_fq = coef * scale;
     const double g_am = scale * (rest - Q * s1 / s);
     const int sure = s1 <= 1.0;
@@ -348,7 +401,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vd zs = T(load_row)(z, z32, c, n) - vm;                               \
         vd g = e * splat(k_g);                                                \
         if (k_b != 0.0) g = g - splat(k_b) * wv;                              \
-        if (qrow) qv = T(load_row)(qrow, 0, c, n);                            \
+        if (qrow) qv = T(load_row)(qrow, q32, c, n);                          \
         if (qrow) g = g - qv * splat(scale);                                  \
         if (spec && !qrow) g = sel(ids == vy, g - splat(k_a), g);             \
         if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \
@@ -382,7 +435,9 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const int64_t C = a->n_cols;
     const int64_t body8 = C - C % 8, tail8 = C - body8;
     const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    const double *yrow = a->y_bin + r * C, *wrow = a->w_bin ? a->w_bin + r * C : NULL;
+    const int y32 = (int)a->y_is_f32;
+    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);
+    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;
     const double *pw = a->pos_w;
     const double scale = a->scale, k_f = a->floor_coef * scale;
     const int per_entry = a->g || a->out_ref || a->out_floor;
@@ -392,7 +447,7 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     int64_t nb = 0;
     CE_COMPARE_BEGIN;
 #define BCE(k, c, live, n) do {                                              \
-        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, 0, c, n);   \
+        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, y32, c, n); \
         vbad += sel((live) & (x != splat(-INFINITY)), x - x, splat(0.0));     \
         vd wv = wrow ? T(load_row)(wrow, 0, c, n) : one;                      \
         vd pwv = pw ? T(load_row)(pw, 0, c, n) : one;                         \
@@ -410,9 +465,12 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         if (a->out_items) T(store)(a->out_items + r * C + (c), item, n);      \
         if (a->out_item_w) T(store)(a->out_item_w + r * C + (c), mag, n);     \
         if (per_entry) {                                                      \
-            vd d1 = one + e, small = e / d1, large = one / d1;                \
+            /* s(x) = 1/(1 + e) or e/(1 + e) by the sign of x, s(-x) the other: one       \
+             * division each; s(-x) only where pos != 0 (else pos s(-x) = pos 0, same bits) */ \
+            vd d1 = one + e;                                                  \
             vl nonneg = x >= splat(0.0);                                      \
-            vd s_pos = sel(nonneg, large, small), s_neg = sel(nonneg, small, large); \
+            vd s_pos = sel(nonneg, one, e) / d1, s_neg = splat(0.0);          \
+            if (T(any)(pos != 0)) s_neg = sel(nonneg, e, one) / d1;           \
             vd g = (omy * s_pos - pos * s_neg) * (wrow ? wv * splat(scale) : splat(scale)); \
             vd fl = splat(k_f) * (cf * s_pos + vabs(pos));                    \
             if (wrow) fl = fl * vabs(wv);                                     \
@@ -472,6 +530,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_BEGIN
 #undef CE_COMPARE
 #undef CE_COMPARE_END
+#undef CE_MAY_COUNT
 #undef BCE
 #undef PASS2
 #undef PASS2_ROW
@@ -495,3 +554,4 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_W
 #undef CE_SFX
 #undef CE_CVT_PS_PD
+#undef CE_ANY

@@ -8,8 +8,8 @@ numpy kernels (numpy_softmax.py, numpy_sigmoid.py) are the reference; the compil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -28,6 +28,18 @@ class ChunkEval:
     row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
     log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
     row_terms: np.ndarray | None = None    # (R, k) model-specific per-row values for error bounds
+    # (items, item_weight) on demand: the compiled kernel skips writing them in the streaming pass
+    deferred: Callable[[], tuple[np.ndarray, np.ndarray]] | None = field(
+        default=None, compare=False, repr=False)
+
+    def per_element(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items, item_weight) of an elementwise model, computed now (once) when deferred."""
+        if self.items is None and self.deferred is not None:
+            items, weight = self.deferred()
+            object.__setattr__(self, "items", items)  # a cache: the values do not change
+            object.__setattr__(self, "item_weight", weight)
+        return (required(self.items, "per-element losses"),
+                required(self.item_weight, "per-element weights"))
 
     def take_rows(self, idx: np.ndarray) -> ChunkEval:
         """The per-row values of rows `idx` (per-entry arrays dropped)."""

@@ -39,7 +39,8 @@ class _Args(ctypes.Structure):
         ("out_ref", _P), ("out_floor", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
         ("n_threads", ctypes.c_int64), ("q", _P), ("q_total", _P),
         ("y_bin", _P), ("w_bin", _P), ("pos_w", _P),
-        ("out_items", _P), ("out_item_w", _P), ("total_w", _P),
+        ("out_items", _P), ("out_item_w", _P), ("total_w", _P), ("y_is_f32", ctypes.c_int64),
+        ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64),
     ]
 
 
@@ -163,6 +164,13 @@ def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
 
+def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """a[rows], a view (no copy of a memory-mapped file) when the rows are consecutive."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
+        return a[int(rows[0]):int(rows[-1]) + 1]
+    return a[rows]
+
+
 def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
     """C-contiguous float32 or float64 rows (narrower floats widen exactly to float32)."""
     a = np.asarray(a)
@@ -174,7 +182,7 @@ def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
 
 
 class _Plain:
-    plain = True
+    extended = False
 
 
 _PLAIN = _Plain()  # a problem without training-code semantics
@@ -267,7 +275,10 @@ class FusedKernel(_Kernel):
         fn = kernel()
         if fn is None or problem.nan_gradient or problem.n_classes == 0:
             return None
-        if not getattr(problem, "sem", _PLAIN).plain:  # z-loss, softcap, scale, shards: numpy
+        # z-loss, softcap, logit scale, sample weights, shards change the row loss: numpy's
+        # extended path. `denominator` (a grad scale) and smoothing form 'others' (another
+        # alpha, beta) are the plain formulas: served here.
+        if getattr(problem, "sem", _PLAIN).extended:
             return None
         return cls(fn, problem)
 
@@ -292,10 +303,15 @@ class FusedKernel(_Kernel):
 
     def _targets(self, rows: np.ndarray) -> dict:
         """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the
-        numpy kernel), or alpha, beta, ys; active rows."""
+        numpy kernel), or alpha, beta, ys; active rows. Probability targets without smoothing
+        or class weights are q itself: read in their own width, their sums made by the kernel."""
         problem = self.problem
-        alpha, beta, ys = problem.targets(rows)
         active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
+        if problem.probs is not None and not problem.smoothing and problem.weight is None:
+            q = _as_kernel_rows(_take_rows(problem.probs, rows))
+            return {"q": q, "q_is_f32": int(q.dtype == np.float32), "q_sum_here": 1,
+                    "q_total": np.empty(q.shape[0]), "active": active}
+        alpha, beta, ys = problem.targets(rows)
         if beta is None:  # probability targets: alpha is the dense q
             q = np.ascontiguousarray(alpha, dtype=np.float64)
             return {"q": q, "q_total": q.sum(axis=1), "active": active}
@@ -337,17 +353,32 @@ class SigmoidKernel(_Kernel):
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
         floor_coef, params = _tolerance(cmp, floor_coef)
-        y, w, _ = self.problem.coefficients(rows)
-        params.update(y_bin=np.ascontiguousarray(y), floor_coef=floor_coef or 0.0,
-                      w_bin=None if w is None else np.ascontiguousarray(w, dtype=np.float64))
+        problem = self.problem
+        y = _as_kernel_rows(_take_rows(problem.targets, rows))  # float32 labels stay float32
+        w = None if problem.weight is None else np.ascontiguousarray(
+            _take_rows(problem.weight, rows), dtype=np.float64)
+        params.update(y_bin=y, y_is_f32=int(y.dtype == np.float32), w_bin=w,
+                      floor_coef=floor_coef or 0.0)
         R, C = z.shape
         out = _outputs(R, C, self.per_row, grad, floor_coef is not None, cmp is not None)
-        out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
+        if cmp is None:
+            out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         if not self._run(z, g, rows, params, out, cmp):
             return None
+        # the streaming pass (cmp) writes no (R, C) per-element losses: only a loss check reads
+        # them, and it gets them from a second call
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
-                         lse=np.zeros(R), total_weight=out["total_w"], items=out["out_items"],
-                         item_weight=out["out_item_w"])
+                         lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
+                         item_weight=out.get("out_item_w"),
+                         deferred=None if cmp is None else lambda: self._items(z, params))
+
+    def _items(self, z, params: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The per-element losses and |coef w| of rows `z` (no gradient, no comparison)."""
+        R, C = z.shape
+        out = _outputs(R, C, self.per_row, False, False, False)
+        out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
+        self._call(z, None, params, out)
+        return out["out_items"], out["out_item_w"]
 
     def _call(self, z, g, params: dict, out: dict) -> int:
         args = self._args(z, g, {k: v for k, v in params.items() if v is not None}, out)

@@ -32,38 +32,45 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
         with np.errstate(over="ignore", invalid="ignore"):
             x, dz = transform(x, model.sem.logit_scale, model.sem.softcap)
     pos = y if pw is None else pw * y
+    omy = 1.0 - y
     with np.errstate(invalid="ignore", over="ignore"):
-        e_abs = np.exp(-np.abs(x))
-        items = _items(x, y, w, pos, e_abs)
-    coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
+        e_abs = np.abs(x)
+        np.negative(e_abs, out=e_abs)
+        np.exp(e_abs, out=e_abs)  # exp(-|x|)
+        items = _items(x, y, omy, w, pos, e_abs)
+    coef = 1.0 + (pw - 1.0) * y if pw is not None else None  # None: all ones
     g = floor = None
     if grad or floor_coef is not None:
-        g, floor = _gradient(model, x, dz, y, w, pos, coef, e_abs, grad, floor_coef)
-    magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))
+        g, floor = _gradient(model, x, dz, omy, w, pos, coef, e_abs, grad, floor_coef)
+    magnitude, total = _magnitude(y, w, coef)
     if dz is None:
         return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
-                         total_weight=magnitude.sum(axis=1), items=items, item_weight=magnitude)
+                         total_weight=total, items=items, item_weight=magnitude)
     # through T: |dl/dz| <= |w| (|1 - y| + |pw y|) times the rounded z's error eps*|z|
     g1 = (np.abs(1.0 - y) + np.abs(pos)) * (1.0 if w is None else np.abs(w))
     item_weight = magnitude + g1 * _finite_abs(x)
-    terms = np.stack([magnitude.sum(axis=1), g1.sum(axis=1)], axis=1)
+    terms = np.stack([total, g1.sum(axis=1)], axis=1)
     return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
                      total_weight=item_weight.sum(axis=1), items=items, item_weight=item_weight,
                      row_terms=terms)
 
 
-def _gradient(model: Any, x: np.ndarray, dz: Any, y, w, pos, coef, e_abs: np.ndarray, grad: bool,
-              floor_coef: float | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, coef, e_abs: np.ndarray,
+              grad: bool, floor_coef: float | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The gradient of the reduced loss w.r.t. the raw logits and (given `floor_coef`) the
-    error floor, at logits (or transformed logits) x."""
+    error floor, at logits (or transformed logits) x (omy = 1 - y; coef None: all ones)."""
     scale = model.grad_scale
     # s(x) and s(-x) = 1 - s(x) from e = exp(-|x|): relative error ~2 eps at any x
-    # (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|)
-    small = e_abs / (1.0 + e_abs)
-    large = 1.0 / (1.0 + e_abs)
-    s_pos = np.where(x >= 0, large, small)   # s(x)
-    s_neg = np.where(x >= 0, small, large)   # s(-x), without cancellation
-    g_z = (1.0 - y) * s_pos - pos * s_neg
+    # (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|);
+    # 1/(1 + e) for x >= 0 and e/(1 + e) below, without cancellation
+    nonneg = x >= 0
+    d1 = 1.0 + e_abs
+    s_pos = np.where(nonneg, 1.0, e_abs)   # s(x)
+    s_pos /= d1
+    s_neg = np.where(nonneg, e_abs, 1.0)   # s(-x)
+    s_neg /= d1
+    g_z = omy * s_pos
+    g_z -= pos * s_neg
     g = floor = None
     if grad:
         g = g_z * scale if w is None else g_z * (w * scale)
@@ -71,7 +78,9 @@ def _gradient(model: Any, x: np.ndarray, dz: Any, y, w, pos, coef, e_abs: np.nda
             g *= dz
     if floor_coef is not None:
         # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
-        floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+        # (|coef| s(x) is s(x) itself without pos_weight: coef = 1)
+        floor = floor_coef * scale * ((s_pos if coef is None else np.abs(coef) * s_pos)
+                                      + np.abs(pos))
         if dz is not None:
             floor = _transformed_floor(model, x, dz, coef, pos, s_pos, s_neg, g_z, floor_coef * scale)
         if w is not None:
@@ -88,17 +97,40 @@ def _transformed_floor(model: Any, z: np.ndarray, dz: Any, coef, pos, s_pos, s_n
     """k*eps*scale * (|T'| (|c| s(z) (1 + s(-z) |z|) + |pw y|) + S |dl/dz|): the plain floor on z,
     the rounded z (its error eps*|z| moves s(z) by s(1 - s) eps |z|), and with a softcap T'
     itself (S sech^2 formed in the working precision errs by ~eps * S absolutely)."""
-    soft = np.abs(coef) * s_pos * (1.0 + s_neg * _finite_abs(z)) + np.abs(pos)
+    c_s = s_pos if coef is None else np.abs(coef) * s_pos
+    soft = c_s * (1.0 + s_neg * _finite_abs(z)) + np.abs(pos)
     floor = soft * np.abs(dz)
     if model.sem.softcap is not None:
         floor += abs(model.sem.logit_scale) * np.abs(g_z)
     return floor * k_scale
 
 
-def _items(x: np.ndarray, y: np.ndarray, w: np.ndarray | None, pos: np.ndarray,
-           e_abs: np.ndarray) -> np.ndarray:
+def _magnitude(y: np.ndarray, w: np.ndarray | None,
+               coef: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """|coef w| per element and its row sums (all ones, summing exactly to K, without
+    pos_weight and weight)."""
+    if coef is None and w is None:
+        R, K = y.shape
+        return np.broadcast_to(np.float64(1.0), y.shape), np.full(R, float(K))
+    if coef is None:
+        assert w is not None
+        magnitude = np.abs(w)
+    else:
+        magnitude = np.abs(coef)
+        if w is not None:
+            magnitude *= np.abs(w)
+    return magnitude, magnitude.sum(axis=1)
+
+
+def _items(x: np.ndarray, y: np.ndarray, omy: np.ndarray, w: np.ndarray | None,
+           pos: np.ndarray, e_abs: np.ndarray) -> np.ndarray:
     tail = np.log1p(e_abs)
-    sp_neg = np.maximum(-x, 0.0) + tail    # softplus(-x) = -log s(x)
-    sp_pos = np.maximum(x, 0.0) + tail     # softplus(x) = -log(1 - s(x))
-    items = np.where(pos != 0, pos * sp_neg, 0.0) + np.where(y != 1, (1.0 - y) * sp_pos, 0.0)
+    sp_neg = np.maximum(-x, 0.0)   # softplus(-x) = -log s(x) ...
+    sp_neg += tail
+    sp_pos = np.maximum(x, 0.0)    # softplus(x) = -log(1 - s(x)) ...
+    sp_pos += tail
+    sp_neg *= pos
+    sp_pos *= omy
+    items = np.where(pos != 0, sp_neg, 0.0)
+    items += np.where(y != 1, sp_pos, 0.0)
     return np.where(w != 0, items * w, 0.0) if w is not None else items

@@ -131,14 +131,14 @@ class SigmoidBCE(RowMatrix):
 
     @staticmethod
     def per_sample(ev: ChunkEval) -> np.ndarray:
-        return required(ev.items, "per-element losses")
+        return ev.per_element()[0]
 
     @staticmethod
     def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
         """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|
         (through T also the rounded z's share, eps*|z|*|dl/dz|: in `item_weight`)."""
-        return coef * (np.abs(required(ev.items, "per-element losses"))
-                       + required(ev.item_weight, "per-element weights"))
+        items, weight = ev.per_element()
+        return coef * (np.abs(items) + weight)
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
         """The entry with the largest label (a positive) in each row."""

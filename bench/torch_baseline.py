@@ -1,0 +1,82 @@
+"""The PyTorch baseline of the benches (bench/run.py, bench/cases.py), and their memory budget.
+
+The baseline is float64 forward + backward of the loss ce-check verifies, on the same logits
+and targets at a given thread count, the upcast to float64 excluded, best of `repeat`:
+
+    index   F.cross_entropy(z, y)                      y: int64 class indices
+    probs   F.cross_entropy(z, q)                      q: (N, C) probability targets
+    binary  F.binary_cross_entropy_with_logits(z, y)   y: (N, C) labels
+
+It runs in a separate interpreter (`--torch-python`, default: the one running the bench), so
+torch need not be installed next to ce-check; without torch there it is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from pathlib import Path
+
+TORCH_PYTHON_HELP = ("Python interpreter that can import torch, for the PyTorch float64 baseline "
+                     "(default: this one, %(default)s); when torch does not import there, the "
+                     "baseline is skipped with a message")
+
+TORCH_SCRIPT = r"""
+import sys, time
+import numpy as np, torch
+import torch.nn.functional as F
+kind, z_path, y_path, threads, repeat = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+z = torch.from_numpy(np.load(z_path)).double()
+y = torch.from_numpy(np.load(y_path))
+y = y.long() if kind == "index" else y.double()
+best = float("inf")
+for _ in range(int(repeat)):
+    x = z.clone().requires_grad_(True)
+    t = time.perf_counter()
+    if kind == "binary":
+        loss = F.binary_cross_entropy_with_logits(x, y)
+    else:
+        loss = F.cross_entropy(x, y)
+    loss.backward()
+    best = min(best, time.perf_counter() - t)
+print(torch.__version__, best)
+"""
+
+
+@functools.cache
+def torch_missing(python: str) -> str | None:
+    """None when `python` imports torch, else why not (one line)."""
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    res = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    if res.returncode == 0:
+        return None
+    last = (res.stderr.strip().splitlines() or ["import torch failed"])[-1]
+    return f"torch does not import in {python} ({last}); pip install torch there or pass --torch-python"
+
+
+def run_torch(python: str, kind: str, paths: dict[str, Path], threads: int,
+              repeat: int) -> tuple[float | None, str]:
+    """(best seconds, torch version) of the baseline for `kind` on paths["logits"] and
+    paths["labels"] at `threads` threads; (None, the reason) when it cannot run."""
+    why = torch_missing(python)
+    if why is not None:
+        return None, why
+    res = subprocess.run([python, "-c", TORCH_SCRIPT, kind, str(paths["logits"]),
+                          str(paths["labels"]), str(threads), str(repeat)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        return None, f"the torch baseline failed: {res.stderr.strip().splitlines()[-1:]}"
+    version, seconds = res.stdout.split()[-2:]
+    return float(seconds), version
+
+
+def input_bytes(paths: dict[str, Path]) -> int:
+    """Bytes of every input file ce-check reads (logits, labels, gradient, ...)."""
+    return sum(p.stat().st_size for p in paths.values())
+
+
+def rss_budget(paths: dict[str, Path]) -> float:
+    """The peak-RSS target: 1.2 x all input bytes + 256 MiB."""
+    return 1.2 * input_bytes(paths) + 256 * 2**20

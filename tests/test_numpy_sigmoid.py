@@ -1,0 +1,66 @@
+"""The numpy BCE kernel (ce_cli/kernels/numpy_sigmoid.py) against its formulas written out
+plainly, bit for bit: its passes are arranged for speed (in-place operations, s(x) as one
+division, no all-ones arrays), never reordered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
+from ce_cli.models.sigmoid import build_sigmoid_bce
+
+
+def _plain(model, x, rows, floor_coef):
+    """The kernel's formulas, one numpy expression each."""
+    x = np.asarray(x, dtype=np.float64)
+    y, w, pw = model.coefficients(rows)
+    pos = y if pw is None else pw * y
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(-np.abs(x))
+        tail = np.log1p(e)
+        items = (np.where(pos != 0, pos * (np.maximum(-x, 0.0) + tail), 0.0)
+                 + np.where(y != 1, (1.0 - y) * (np.maximum(x, 0.0) + tail), 0.0))
+        if w is not None:
+            items = np.where(w != 0, items * w, 0.0)
+        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
+    s_pos, s_neg = np.where(x >= 0, large, small), np.where(x >= 0, small, large)
+    scale = model.grad_scale
+    g = (1.0 - y) * s_pos - pos * s_neg
+    g *= scale if w is None else w * scale
+    coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
+    floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    if w is not None:
+        floor *= np.abs(w)
+    magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))
+    return {"loss": items.sum(axis=1), "grad": g, "floor": floor, "items": items,
+            "item_weight": magnitude, "total_weight": magnitude.sum(axis=1)}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("opt", ["plain", "pw", "w", "w+pw", "soft", "soft+w+sum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_bce_kernel_is_its_formulas(opt, dtype):
+    rng = np.random.default_rng(len(opt))
+    R, K = 23, 517
+    x = (rng.standard_normal((R, K)) * rng.choice([0.01, 3.0, 40.0, 800.0], size=(R, 1))).astype(dtype)
+    x[rng.random((R, K)) < 0.05] = -np.inf
+    x[0, :3] = [0.0, -0.0, 1e-300]
+    y = (rng.random((R, K)) < 0.3).astype(np.float64)
+    kw: dict = {}
+    if "soft" in opt:
+        y[::2] = rng.random((len(y[::2]), K))
+    if "pw" in opt:
+        kw["pos_weight"] = rng.uniform(-1.0, 4.0, K)
+    if "w" in opt.split("+"):
+        kw["weight"] = rng.uniform(-1.0, 2.0, (R, K))
+        kw["weight"][:, 0] = 0.0
+    if "sum" in opt:
+        kw["reduction"] = "sum"
+    model = build_sigmoid_bce(x, y, **kw)[0]
+    rows = np.arange(R)
+    ev = sigmoid_rows(model, model.z, rows, grad=True, floor_coef=1e-7)
+    want = _plain(model, model.z, rows, 1e-7)
+    for key, value in want.items():
+        got = np.broadcast_to(getattr(ev, key), value.shape)
+        np.testing.assert_array_equal(got.view(np.uint64), value.view(np.uint64), err_msg=key)
