@@ -140,13 +140,7 @@ class SoftmaxCE(RowMatrix):
     def targets(self, rows: np.ndarray):
         """(alpha, beta, y) for index targets or (q, None, None) for probability targets."""
         if self.probs is not None:
-            t = np.asarray(self.probs[rows], dtype=np.float64)
-            C = self.n_classes
-            if self.smoothing:
-                t = t * (1.0 - self.smoothing) + self.smoothing / C
-            if self.weight is not None:
-                t = t * self.weight
-            return t, None, None
+            return self._smoothed(np.asarray(self.probs[rows], dtype=np.float64), self.weight), None, None
         valid = self.valid[rows]
         ys = self.target_columns(rows)
         wy = self.weight[ys] if self.weight is not None else 1.0
@@ -159,6 +153,27 @@ class SoftmaxCE(RowMatrix):
             alpha = np.where(valid, (1.0 - eps) * wy, 0.0)
             beta = np.where(valid, eps / C, 0.0)
         return alpha, beta, ys
+
+    def _smoothed(self, t: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+        """Probability targets as the loss weighs them: (t (1 - eps) + eps/C) w."""
+        if self.smoothing:
+            t = t * (1.0 - self.smoothing) + self.smoothing / self.n_classes
+        return t * w if w is not None else t
+
+    def target_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """`target_weights(rows)[0][i, cols[i]]` for each i, without forming the dense rows."""
+        w = self.weight[cols] if self.weight is not None else None
+        if self.probs is not None:
+            full = self._smoothed(np.asarray(self.probs[rows, cols], dtype=np.float64), w)
+        else:
+            alpha, beta, ys = self.targets(rows)
+            hit = (ys == cols) & self.sem.inside(rows)
+            full = beta * (w if w is not None else 1.0) + np.where(hit, alpha, 0.0)
+        if self.sem.extended:
+            x = np.asarray(self.z[rows, cols], dtype=np.float64)
+            _z, dz = transform(x, self.sem.logit_scale, self.sem.softcap)
+            full = full * self.sem.row_weight(rows) * dz
+        return full
 
     def target_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dense (R, C) target weights q, and the part of them smoothing spreads over every

@@ -375,8 +375,7 @@ class SampledFDStage(Stage):
                               note=note)
             allowed = FD_SAFETY * bound + required(res.floor, "floor")
             if user.factor_bound(problem):
-                q, _spread = problem.target_weights(rows)
-                q_entry = q[np.arange(rows.size), cols] * problem.grad_scale
+                q_entry = problem.target_entries(rows, cols) * problem.grad_scale
                 allowed = allowed + user.factor_bound(problem) * np.abs(reference + q_entry)
             cmp.update(0, fdv, np.asarray(user.rows[rows, cols]), allowed)
             out.append((4, cmp.result()))
