@@ -222,3 +222,34 @@ def test_three_dimensional_hidden_shards_are_refused(tmp_path):
     files = [sh.ShardFiles(str(tmp_path / "h.npy"), str(tmp_path / "y.npy"))]
     with pytest.raises(CeCheckError, match="need \\(N, H\\) hidden states"):
         run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "missing_weight_grad"])
+def test_cli_a_shard_that_fails_to_load(tmp_path, invoke, fault):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 60, 90])
+    gw = tmp_path / "grad_weight.npy"
+    if fault == "corrupt":
+        (tmp_path / "hidden_1.npy").write_bytes(b"\x93NUMPY garbage")
+        name = "hidden_1.npy"
+    else:
+        gw.unlink()
+        name = "grad_weight.npy"
+    result = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                     tmp_path / "labels_*.npy", "--grad-hidden", tmp_path / "gh_*.npy",
+                     "--grad-weight", gw, "--fd", "off", "--shards", "rows"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and name in result.stderr, result.stderr
+
+
+def test_cli_loss_is_checked_once_for_the_batch(tmp_path, invoke):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    loss = check_linear(**arrays, options=CheckOptions(fd="off")).loss
+    args = ["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy", tmp_path / "labels_*.npy",
+            "--bias", tmp_path / "bias.npy", "--fd", "off", "--shards", "rows", "--json"]
+    good = invoke([*args, "--loss", repr(loss)])
+    bad = invoke([*args, "--loss", repr(loss * (1 + 1e-6))])
+    assert (good.exit_code, bad.exit_code) == (0, 1), good.output
+    check = json.loads(bad.stdout)["checks"][-1]
+    assert check["name"] == "loss_vs_reference" and not check["ok"]

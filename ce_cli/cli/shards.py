@@ -167,7 +167,8 @@ def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings:
                              expand(gh, "grad_hidden") if gh is not None else None)
     batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings)
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
-                          "loss": loss.arrays["loss"] if loss is not None else None}
+                          "loss": loss.arrays["loss"] if loss is not None else None,
+                          "loss_source": loss.sources["loss"] if loss is not None else "loss"}
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         if scheduler is None and workers is None:
             sharded = run_linear_shards(shard_files, options, batch, progress=progress, **kw)

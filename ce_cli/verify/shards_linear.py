@@ -205,7 +205,7 @@ def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
 
 def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,
                       grad_weight: str | None = None, grad_bias: str | None = None,
-                      loss: Any = None, mapper: Mapper | None = None,
+                      loss: Any = None, loss_source: str = "loss", mapper: Mapper | None = None,
                       progress: Callable[[int, int], None] | None = None) -> ShardedReport:
     """Describe, pass 1, pass 2, the weight side's merge and comparison (module docstring)."""
     mapper = mapper or LocalMapper()
@@ -226,7 +226,7 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     stand = _stand_in(plan, batch, options, D)
     checks = _batch_checks(plan, parts, stand, batch, options, mapper, D,
                            {"grad_weight": grad_weight, "grad_bias": grad_bias})
-    return _merge(plan, parts, stand, batch, options, checks, loss)
+    return _merge(plan, parts, stand, batch, options, checks, (loss, loss_source))
 
 
 def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | None) -> LinearCE:
@@ -317,11 +317,12 @@ def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: Use
 def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
            options: CheckOptions,
            users_checks: tuple[dict[str, UserArray], list[CheckResult], tuple[InputInfo, ...]],
-           loss: Any) -> ShardedReport:
+           loss_in: tuple[Any, str]) -> ShardedReport:
     """The merged report: the single-process report's fields (module docstring)."""
     users, checks, client_inputs = users_checks
+    loss, loss_source = loss_in
     ref_loss = stand.reduce(math.fsum(p.loss_total for p in parts))
-    user_loss = _user_loss(stand, loss, "loss", options)
+    user_loss = _user_loss(stand, loss, loss_source, options)
     if user_loss is not None:
         run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
         checks.append(_loss_check(stand, run, user_loss, ref_loss, options))  # type: ignore[arg-type]
@@ -335,7 +336,7 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
         n_ignored=sum(p.n_ignored for p in parts), reduction=stand.reduction,
         target_kind="index", checks=tuple(checks),
         inputs=tuple(i for p in parts for i in p.inputs) + client_inputs
-        + ((InputInfo("loss", "loss", tuple(np.shape(loss)), str(np.asarray(loss).dtype)),)
+        + ((InputInfo("loss", loss_source, tuple(np.shape(loss)), str(np.asarray(loss).dtype)),)
            if loss is not None else ()),
         warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode="off",
         options=_echo(stand, batch.settings, options, users))
