@@ -137,6 +137,20 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)
 
 
+def _linear_refusals(axis: str | None, files: dict[str, str | None],
+                     refused: dict[str, Any]) -> None:
+    """One line for what `linear --shards` does not take (never ignored)."""
+    if axis is None:
+        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
+    if axis not in ("rows", "auto"):
+        raise CeCheckError(f"`shards`: linear shards split rows (use rows or auto), got '{axis}'")
+    for name, value in refused.items():
+        if value not in (None, False):
+            raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
+    if "-" in [v for v in files.values() if v is not None]:
+        raise CeCheckError("`shards`: inputs are files, not stdin")
+
+
 def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings: Any, *,
                        scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                        refused: dict[str, Any], **flags: Any) -> NoReturn:
@@ -150,15 +164,7 @@ def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings:
     from ce_cli.verify.shards import expand, pair_files
     from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
-    if axis is None:
-        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
-    if axis not in ("rows", "auto"):
-        raise CeCheckError(f"`shards`: linear shards split rows (use rows or auto), got '{axis}'")
-    for name, value in refused.items():
-        if value not in (None, False):
-            raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
-    if "-" in [v for v in files.values() if v is not None]:
-        raise CeCheckError("`shards`: inputs are files, not stdin")
+    _linear_refusals(axis, files, refused)
     loss = load_all(input_specs({"loss": files["loss"]})) if files["loss"] is not None else None
     options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
     gh = files["grad_hidden"]
