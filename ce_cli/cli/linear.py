@@ -9,7 +9,7 @@ import typer
 from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
                             check_settings, epilog, guarded, input_specs, progress_bar)
-from ce_cli.cli.shards import SchedulerOpt, ShardsOpt, WorkersOpt, run_linear_sharded
+from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
 from ce_cli.enums import FDMode, Reduction
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.emit import emit
@@ -22,8 +22,7 @@ def _opt(flag: str, text: str, metavar: str | None = None) -> typer.models.Optio
 @app.command(short_help="Fused linear cross-entropy: check dL/dH, dL/dW, dL/db.", epilog=epilog(
     "ce-check linear h.npy w.npy y.npy --grad-hidden gh.npy --grad-weight gw.npy",
     "ce-check linear h.npy w.npy y.npy --bias b.npy --grad-bias gb.npy --exact",
-    "ce-check linear h.npy w.npy y.npy --weight-layout HV --loss 10.4",
-    "ce-check linear 'h_*.npy' w.npy 'y_*.npy' --grad-hidden 'gh_*.npy' --grad-weight gw.npy --shards rows --fd off"))
+    "ce-check linear h.npy w.npy y.npy --weight-layout HV --loss 10.4"))
 @guarded
 def linear(
     hidden: Annotated[str, typer.Argument(metavar="HIDDEN", help="Hidden states (N, H) or (B, T, H).", show_default=False)],
@@ -58,7 +57,7 @@ def linear(
     worst: WorstOpt = 5,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
-    shards: ShardsOpt = None,
+    shards: LinearShardsOpt = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
 ) -> None:

@@ -37,6 +37,10 @@ ShardsOpt = Annotated[Optional[str], typer.Option(
     "(binary), or auto (from the shapes). LOGITS and --grad then name one file per shard "
     "(several, or quoted globs); LABELS a glob of one per shard, or one file for the batch.",
     show_default=False)]
+LinearShardsOpt = Annotated[Optional[str], typer.Option(
+    "--shards", metavar="AXIS", help="Check row shards (rows or auto; with --fd off): HIDDEN, LABELS "
+    "and --grad-hidden are quoted globs of one file per shard; WEIGHT, --grad-weight and "
+    "--grad-bias one file for the whole batch.", show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", metavar="ADDRESS", help="With --shards: run the shards as tasks on the Dask cluster at this "
     "address (pip install 'ce-check[dask]').", show_default=False)]
