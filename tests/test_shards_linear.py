@@ -253,3 +253,17 @@ def test_cli_loss_is_checked_once_for_the_batch(tmp_path, invoke):
     assert (good.exit_code, bad.exit_code) == (0, 1), good.output
     check = json.loads(bad.stdout)["checks"][-1]
     assert check["name"] == "loss_vs_reference" and not check["ok"]
+
+
+def test_one_labels_file_for_the_batch_is_sliced(tmp_path):
+    arrays, grads = make_linear()
+    grads["grad_hidden"][61, 0] += 0.05
+    files = write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    np.save(tmp_path / "labels.npy", arrays["labels"])
+    files = [sh.ShardFiles(f.logits, str(tmp_path / "labels.npy"), f.grad) for f in files]
+    options = CheckOptions(fd="off")
+    merged = run_linear_shards(files, options, LinearBatch(str(tmp_path / "weight.npy"),
+                                                           str(tmp_path / "bias.npy")))
+    single = check_linear(**arrays, grad_hidden=grads["grad_hidden"], options=options)
+    assert_same_linear(merged.report, single, 2)
+    assert merged.report.checks[0].worst[0].index == (61, 0)
