@@ -219,3 +219,53 @@ def test_console_script_binary_listed_on_local_workers(tmp_path):
     assert json.loads(here.stdout) == data
     grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
     assert grad["worst"][0]["index"] == [5, 8]
+
+
+def test_linear_row_shards_on_dask(tmp_path, client):
+    """`linear --shards rows` on the cluster: the in-process merged report, field by field, and
+    the single-process `check_linear` one; a planted dL/dH bug at its global row and a dL/dW bug
+    at its vocabulary row (opened by the second mapped pass on the workers)."""
+    from ce_cli.distributed.dask_run import run_linear_on_dask
+    from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+    from tests.test_shards_linear import assert_same_linear, make_linear, run_both, write_linear
+
+    arrays, grads = make_linear()
+    grads["grad_hidden"][52, 3] += 0.05
+    grads["grad_weight"][17, 0] -= 0.03
+    cuts = [0, 30, 60, 90]
+    files = write_linear(tmp_path, arrays, grads, cuts)
+    opts = CheckOptions(fd="off")
+    batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"))
+    kw = {"grad_weight": str(tmp_path / "grad_weight.npy"),
+          "grad_bias": str(tmp_path / "grad_bias.npy")}
+    on_dask = run_linear_on_dask(files, opts, batch, client=client, **kw)
+    assert on_dask == run_linear_shards(files, opts, batch, **kw)
+    merged, single = run_both(tmp_path, arrays, grads, cuts)
+    assert_same_linear(on_dask.report, single, 3)
+    checks = {c.name: c for c in on_dask.report.checks}
+    assert checks["grad_hidden_vs_reference"].worst[0].index == (52, 3)
+    assert checks["grad_weight_vs_reference"].worst[0].index == (17, 0)
+    assert [s.ok for s in on_dask.shards] == [True, False, True]
+
+
+def test_console_script_linear_on_local_workers(tmp_path):
+    """`ce-check linear ... --shards rows --workers 2` prints what the in-process run prints."""
+    from tests.test_shards_linear import make_linear, write_linear
+
+    exe = shutil.which("ce-check")
+    assert exe is not None
+    arrays, grads = make_linear()
+    grads["grad_weight"][5] *= 1.1
+    write_linear(tmp_path, arrays, grads, [0, 40, 90])
+    args = [exe, "linear", str(tmp_path / "hidden_*.npy"), str(tmp_path / "weight.npy"),
+            str(tmp_path / "labels_*.npy"), "--bias", str(tmp_path / "bias.npy"),
+            "--grad-hidden", str(tmp_path / "gh_*.npy"), "--grad-weight",
+            str(tmp_path / "grad_weight.npy"), "--grad-bias", str(tmp_path / "grad_bias.npy"),
+            "--fd", "off", "--shards", "rows", "--json"]
+    here = subprocess.run(args, capture_output=True, text=True)
+    there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
+    assert here.returncode == there.returncode == 1, there.stderr
+    assert json.loads(here.stdout) == json.loads(there.stdout)
+    weight = next(c for c in json.loads(there.stdout)["checks"]
+                  if c["name"] == "grad_weight_vs_reference")
+    assert weight["worst"][0]["index"][0] == 5

@@ -9,6 +9,7 @@ import typer
 from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
                             check_settings, epilog, guarded, input_specs, progress_bar)
+from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
 from ce_cli.enums import FDMode, Reduction
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.emit import emit
@@ -56,27 +57,42 @@ def linear(
     worst: WorstOpt = 5,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    shards: LinearShardsOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Fused linear cross-entropy: F.cross_entropy(F.linear(H, W, b), y) checked in float64
     without forming the logits; your dL/dH, dL/dW, dL/db and loss compared."""
-    import numpy as np  # numpy and the library load here, not for `--help`
-
-    from ce_cli.io.inputs import load_all
-    from ce_cli.report.render import CheckOutput
-    from ce_cli.verify.linear import LinearSettings, check_linear
+    from ce_cli.verify.linear import LinearSettings
 
     inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
               "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
               "loss": loss, "class_weight": class_weight, "sample_weight": sample_weight}
     linear_settings = LinearSettings(weight_layout=weight_layout, exact=exact,
                                      projections=projections)
-    loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
-    options = check_settings(
+    flags = dict(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol,
         atol=atol, precision=precision, floor_factor=floor_factor, fd=fd, samples=samples,
-        seed=seed, worst=worst, loss_atol=loaded.loss_atol, z_loss=z_loss, softcap=softcap,
-        logit_scale=logit_scale, smoothing_form=smoothing_form, denominator=denominator,
-        shift_labels=shift_labels)
+        seed=seed, worst=worst, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+        smoothing_form=smoothing_form, denominator=denominator, shift_labels=shift_labels)
+    if shards is not None or scheduler is not None or workers is not None:
+        run_linear_sharded(shards, inputs, linear_settings, scheduler=scheduler, workers=workers,
+                           json_out=json_out, quiet=quiet,
+                           refused={"sample_weight": sample_weight}, **flags)
+    _single(inputs, linear_settings, flags, json_out, quiet)
+
+
+def _single(inputs: dict[str, Any], linear_settings: Any, flags: dict[str, Any], json_out: bool,
+            quiet: bool) -> None:
+    """The single-process check: load, check, emit, exit with the verdict."""
+    import numpy as np  # numpy and the library load here, not for `--help`
+
+    from ce_cli.io.inputs import load_all
+    from ce_cli.report.render import CheckOutput
+    from ce_cli.verify.linear import check_linear
+
+    loaded = load_all(input_specs(inputs), vectors=("bias", "grad_bias", "class_weight"))
+    options = check_settings(**flags, loss_atol=loaded.loss_atol)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         arrays: dict[str, Any] = dict(loaded.arrays)
         report = check_linear(**arrays, sources=loaded.sources, progress=progress,

@@ -37,6 +37,10 @@ ShardsOpt = Annotated[Optional[str], typer.Option(
     "(binary), or auto (from the shapes). LOGITS and --grad then name one file per shard "
     "(several, or quoted globs); LABELS a glob of one per shard, or one file for the batch.",
     show_default=False)]
+LinearShardsOpt = Annotated[Optional[str], typer.Option(
+    "--shards", metavar="AXIS", help="Check row shards (rows or auto; with --fd off): HIDDEN, LABELS "
+    "and --grad-hidden are quoted globs of one file per shard; WEIGHT, --grad-weight and "
+    "--grad-bias one file for the whole batch.", show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", metavar="ADDRESS", help="With --shards: run the shards as tasks on the Dask cluster at this "
     "address (pip install 'ce-check[dask]').", show_default=False)]
@@ -133,5 +137,55 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
 
             sharded = run_on_dask(files, split, options, scheduler=scheduler, workers=workers,
                                   progress=progress, kind=kind, pos_weight=pw)
+    emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
+    raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)
+
+
+def _linear_refusals(axis: str | None, files: dict[str, str | None],
+                     refused: dict[str, Any]) -> None:
+    """One line for what `linear --shards` does not take (never ignored)."""
+    if axis is None:
+        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
+    if axis not in ("rows", "auto"):
+        raise CeCheckError(f"`shards`: linear shards split rows (use rows or auto), got '{axis}'")
+    for name, value in refused.items():
+        if value not in (None, False):
+            raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
+    if "-" in [v for v in files.values() if v is not None]:
+        raise CeCheckError("`shards`: inputs are files, not stdin")
+
+
+def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings: Any, *,
+                       scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
+                       refused: dict[str, Any], **flags: Any) -> NoReturn:
+    """`linear --shards rows`: HIDDEN, LABELS and --grad-hidden are globs (or one file) of row
+    shards; WEIGHT, --bias, --class-weight, --grad-weight, --grad-bias and --loss are one file
+    (or value) for the whole batch (verify/shards_linear.py)."""
+    import numpy as np
+
+    from ce_cli.cli.app import input_specs
+    from ce_cli.io.inputs import load_all
+    from ce_cli.verify.shards import expand, pair_files
+    from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+
+    _linear_refusals(axis, files, refused)
+    loss = load_all(input_specs({"loss": files["loss"]})) if files["loss"] is not None else None
+    options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
+    gh = files["grad_hidden"]
+    shard_files = pair_files(expand(str(files["hidden"]), "hidden"),
+                             expand(str(files["labels"]), "labels"),
+                             expand(gh, "grad_hidden") if gh is not None else None)
+    batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings)
+    kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
+                          "loss": loss.arrays["loss"] if loss is not None else None,
+                          "loss_source": loss.sources["loss"] if loss is not None else "loss"}
+    with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
+        if scheduler is None and workers is None:
+            sharded = run_linear_shards(shard_files, options, batch, progress=progress, **kw)
+        else:
+            from ce_cli.distributed.dask_run import run_linear_on_dask
+
+            sharded = run_linear_on_dask(shard_files, options, batch, scheduler=scheduler,
+                                         workers=workers, progress=progress, **kw)
     emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)

@@ -20,6 +20,7 @@ from typing import Any
 from ce_cli.errors import CeCheckError
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.shards import ShardedReport, ShardFiles, run_shards
+from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
 
 def _distributed() -> Any:
@@ -103,3 +104,16 @@ def run_on_dask(files: Sequence[ShardFiles], axis: str | None, options: CheckOpt
         return run_shards(files, axis, options, DaskMapper(client), progress, kind, pos_weight)
     with dask_client(scheduler, workers) as own:
         return run_shards(files, axis, options, DaskMapper(own), progress, kind, pos_weight)
+
+
+def run_linear_on_dask(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,
+                       scheduler: str | None = None, workers: int | None = None,
+                       client: Any = None, progress: Callable[[int, int], None] | None = None,
+                       **kw: Any) -> ShardedReport:
+    """`run_linear_shards` with every shard step a task on a Dask cluster (or on `client`)."""
+    if client is not None:
+        return run_linear_shards(files, options, batch, mapper=DaskMapper(client),
+                                 progress=progress, **kw)
+    with dask_client(scheduler, workers) as own:
+        return run_linear_shards(files, options, batch, mapper=DaskMapper(own),
+                                 progress=progress, **kw)

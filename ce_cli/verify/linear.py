@@ -504,7 +504,7 @@ class Pass:
         self.bfd.finish()
         self._split()
         for proj in (self.pw, self.ph):
-            if proj is not None:
+            if proj is not None and proj.user.rows is not None:  # None: a row shard's partials
                 proj.project_user()
 
     def _split(self) -> None:
@@ -864,6 +864,14 @@ def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
     if run.bdir.on:
         bp = _join(run.bdir.probes(run.db, run.db_floor, gb_user), bp)
     return run, mode, (hp, wp, bp)
+
+
+def linear_pass(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
+                opts: CheckOptions, progress: Callable[[int, int], None] | None = None) -> Pass:
+    """The streaming pass with `check_linear`'s random draws (a row shard's pass: the same R and S
+    as the whole batch's for the same seed and `fd=off`); a user array whose rows are None gets
+    its reference projections and bounds but no projection of yours."""
+    return _stream(problem, users, lin, opts, progress)[0]
 
 
 def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,

@@ -1,0 +1,358 @@
+"""`linear --shards rows`: fused linear cross-entropy over row shards (one HIDDEN, LABELS and
+--grad-hidden file per data-parallel rank) with ONE WEIGHT (and BIAS) and ONE --grad-weight and
+--grad-bias for the whole batch, the sum over the shards an all-reduce produces.
+
+- pass 1: each shard's denominator D_i ('mean': its weighted count of targets) -> D = fsum D_i.
+- pass 2: each shard's streaming pass (`linear_pass`) on its rows with the scale 1/D and the
+  seed of the whole batch, so every shard draws the SAME projection matrices R (dL/dW) and S
+  (dL/dH) as `check_linear` on the concatenated batch. dL/dH is judged on the shard's own rows;
+  the shard returns its partial sums of the weight side: G_i^T [1, H_i R, |h|_2] and
+  P_i^T [1, |h|_2] (V x (k + 4) numbers), its loss sum and floor.
+- merge: the partials add in shard order (plain float adds, as the single-process pass adds its
+  row blocks: each entry's sum of n terms rounds within (n - 1) eps of the sum of |terms|, which
+  the projections' rounding allowance 4 eps (sqrt N + sqrt H) already covers), then ONE
+  comparison with your dL/dW projections (GW R) and your dL/db. Failing vocabulary rows (the 16
+  worst) are computed exactly by a second mapped pass: each shard's G_i[:, v]^T H_i, summed.
+- the loss is `math.fsum` of the shards' exactly rounded row-loss sums, divided by D: within
+  (2 + shards) eps/2 relative of the single-process loss for non-negative row losses.
+
+The client reads WEIGHT (and BIAS, class weights), --grad-weight and --grad-bias, and the first
+row of shard 0 (the stand-in problem that carries V, H, the scale and the tolerances); the
+hidden states and their gradients are read only by the shard tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ce_cli.enums import FDMode
+from ce_cli.errors import CeCheckError
+from ce_cli.kernels.numerics import loss_sum
+from ce_cli.models.linear import LinearCE
+from ce_cli.verify.compare import Comparison
+from ce_cli.verify.linear import (LinearSettings, Projection, UserArray, _cmp, _echo, _loss_check,
+                                  _problem, _ranges, _transposed, _user_loss, exact_hidden_rows,
+                                  exact_weight_rows, linear_pass, projection_result, user_arrays)
+from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.results import CheckResult, InputInfo, Report
+from ce_cli.verify.shards import (LOCAL_WARNINGS, UNSHARDED, LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
+                                  ShardSummary, describe, load, make_plan, merge_checks,
+                                  shard_labels)
+from ce_cli.verify.tolerance import resolve_tolerance
+
+
+@dataclass(frozen=True)
+class LinearBatch:
+    """What every shard shares: the one WEIGHT, BIAS and class-weight files, the settings,
+    and whether the weight side's projections are wanted (a --grad-weight was given)."""
+
+    weight: str
+    bias: str | None = None
+    class_weight: str | None = None
+    settings: LinearSettings = LinearSettings()
+    weight_side: bool = False
+
+
+@dataclass(frozen=True)
+class LinearPart:
+    """One shard's pass 2: its dL/dH check (passing) or its failing rows (global row, worst
+    ratio to the allowance: the batch's worst are opened in a second pass), loss sum and floor, the weight side's partial sums
+    (wa: G^T [1, H R, |h|_2], wp: P^T [1, |h|_2]), R, and its lse and logit error per row
+    (for the exact rows of a failing dL/dW)."""
+
+    hidden: CheckResult | None
+    failing: np.ndarray
+    loss_total: float
+    loss_floor: float
+    n_rows: int
+    n_ignored: int
+    wa: np.ndarray
+    wp: np.ndarray
+    r: np.ndarray | None
+    lse: np.ndarray
+    herr: np.ndarray
+    gh_tol: Any
+    warnings: tuple[str, ...]
+    inputs: tuple[InputInfo, ...]
+
+
+def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
+    return {"hidden": f"hidden file '{shard.files.logits}'",
+            "labels": f"labels file '{shard.files.labels}'",
+            "grad_hidden": f"grad_hidden file '{shard.files.grad}'",
+            "weight": f"weight file '{batch.weight}'", "bias": f"bias file '{batch.bias}'",
+            "class_weight": f"class_weight file '{batch.class_weight}'",
+            "grad_weight": "grad_weight", "grad_bias": "grad_bias", "loss": "loss",
+            "sample_weight": "sample_weight"}
+
+
+def shard_problem(shard: Shard, batch: LinearBatch, options: CheckOptions,
+                  denominator: float | None, rows: slice | None = None
+                  ) -> tuple[LinearCE, list[str], dict[str, np.ndarray]]:
+    """The shard's problem (its `rows`, all by default) scaled by the batch's 1/D for 'mean'."""
+    h = load(shard.files.logits, "hidden")
+    y = shard_labels(shard)
+    if rows is not None:
+        h, y = h[rows], y[rows]
+    arrays = {"hidden": h, "labels": y, "weight": load(batch.weight, "weight")}
+    for role in ("bias", "class_weight"):
+        if getattr(batch, role) is not None:
+            arrays[role] = load(getattr(batch, role), role)
+    vectors = {k: v.reshape(-1) if k in ("bias", "class_weight") else v for k, v in arrays.items()}
+    problem, warnings, _ = _problem(vectors["hidden"], vectors["weight"], vectors["labels"],
+                                    vectors.get("bias"), vectors.get("class_weight"), None,
+                                    options, batch.settings, _sources(shard, batch))
+    if denominator is not None and problem.reduction == "mean":
+        problem = replace(problem, denominator=denominator,
+                          sm=replace(problem.sm, denominator=denominator))
+    return problem, warnings, arrays
+
+
+def linear_denominator(shard: Shard, batch: LinearBatch, options: CheckOptions) -> float:
+    """Pass 1: the shard's denominator of 'mean' (its targets' weighted count)."""
+    problem, _, _ = shard_problem(shard, batch, options, None)
+    return float(problem.denominator)
+
+
+def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
+                 denominator: float | None) -> LinearPart:
+    """Pass 2 on one shard (module docstring)."""
+    with np.errstate(all="ignore"):
+        problem, warnings, arrays = shard_problem(shard, batch, options, denominator)
+        src = _sources(shard, batch)
+        gh = load(shard.files.grad, "grad_hidden") if shard.files.grad is not None else None
+        users = user_arrays(problem, {"grad_hidden": gh}, src, options, batch.settings.weight_layout)
+        if batch.weight_side:  # R's partial sums only: your dL/dW is the client's
+            users["grad_weight"] = UserArray(None, resolve_tolerance(np.dtype(np.float64)),
+                                             lambda v, j: (v, j))
+        run = linear_pass(problem, users, batch.settings, options)
+        N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
+        hidden, failing = None, np.zeros((0, 2))
+        if run.ph is not None:
+            dev, allowed, rows = run.ph.verdict(math.sqrt(V) + math.sqrt(H))
+            if rows.size == 0:  # the passing verdict needs no exact row
+                hidden = projection_result(
+                    run.ph, lambda r: exact_hidden_rows(problem, r, run.lse, run.herr),
+                    batch.settings, options.worst, math.sqrt(V) + math.sqrt(H), "token")
+            else:
+                ratio = np.where(allowed > 0, dev / np.where(allowed > 0, allowed, 1.0), np.inf)
+                failing = np.stack([rows + shard.offset, np.nan_to_num(
+                    ratio[rows].max(axis=1), nan=np.inf)], axis=1)
+    if gh is not None:
+        arrays["grad_hidden"] = gh
+    inputs = tuple(InputInfo(r, src[r], tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
+                   if r in ("hidden", "labels", "grad_hidden"))
+    return LinearPart(hidden, failing, loss_sum(run.loss), math.fsum(run.loss_floor.tolist()), N,
+                      int(N - np.count_nonzero(problem.valid)), run.wa, run.wp,
+                      run.pw.r if run.pw is not None else None, run.lse, run.herr,
+                      users["grad_hidden"].tol if "grad_hidden" in users else None,
+                      tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
+                      inputs)
+
+
+def linear_hidden_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: CheckOptions,
+                       batch: LinearBatch, denominator: float | None, rows: np.ndarray
+                       ) -> CheckResult | None:
+    """The second mapped pass of a failing dL/dH: the shard's rows among the batch's worst
+    `rows` (global) computed exactly and compared entry by entry (local indices)."""
+    shard, lse, herr = item
+    mine = rows[(rows >= shard.offset) & (rows < shard.offset + shard.size)] - shard.offset
+    if mine.size == 0 or shard.files.grad is None:
+        return None
+    problem, _, _ = shard_problem(shard, batch, options, denominator)
+    gh = load(shard.files.grad, "grad_hidden")
+    user = user_arrays(problem, {"grad_hidden": gh}, _sources(shard, batch), options,
+                       batch.settings.weight_layout)["grad_hidden"]
+    with np.errstate(all="ignore"):
+        ref, floor = exact_hidden_rows(problem, mine, lse, herr)
+        cmp = Comparison("grad_hidden_vs_reference", user.tol, lambda i, j: (int(mine[i]), j),
+                         n_worst=options.worst)
+        cmp.update(0, ref, np.asarray(user.rows[mine]), floor * user.tol.floor_coef)
+    return cmp.result()
+
+
+def linear_exact_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: CheckOptions,
+                      batch: LinearBatch, denominator: float | None, cols: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The second mapped pass: the shard's part of dL/dW rows `cols` and their floors."""
+    shard, lse, herr = item
+    problem, _, _ = shard_problem(shard, batch, options, denominator)
+    with np.errstate(all="ignore"):
+        return exact_weight_rows(problem, cols, lse, herr)
+
+
+# ---------------------------------------------------------------- the run
+
+def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
+    """What linear shards do not carry yet: refused, one line each, never ignored."""
+    if options.fd is not FDMode.off:
+        raise CeCheckError("`fd`: linear shards check no finite differences yet; pass `fd` off "
+                           "(the gradients are still checked against the float64 reference)")
+    if batch.settings.exact:
+        raise CeCheckError("`exact`: not supported with linear `shards` yet (projections only)")
+    if options.class_axis not in (-1, 1):
+        raise CeCheckError("`class_axis`: shards need the classes on the last axis")
+    plain = CheckOptions()
+    for name in UNSHARDED:
+        if getattr(options, name) != getattr(plain, name):
+            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
+
+
+def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,
+                      grad_weight: str | None = None, grad_bias: str | None = None,
+                      loss: Any = None, loss_source: str = "loss", mapper: Mapper | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> ShardedReport:
+    """Describe, pass 1, pass 2, the weight side's merge and comparison (module docstring)."""
+    mapper = mapper or LocalMapper()
+    check_linear_options(options, batch)
+    if loss is not None and options.reduction.value == "none":
+        raise CeCheckError("`loss`: per-token losses are not supported with linear `shards` yet")
+    batch = replace(batch, weight_side=grad_weight is not None)
+    shapes = mapper.map(describe, [f.logits for f in files], ("hidden",))
+    if any(len(s) != 2 for s in shapes):
+        raise CeCheckError("`shards`: linear shards need (N, H) hidden states; reshape "
+                           "(B, T, H) shards to (B*T, H)")
+    plan = make_plan(files, shapes, mapper.map(describe, list(dict.fromkeys(f.labels for f in files)),
+                                               ("labels",)), "rows")
+    D = None
+    if options.reduction.value == "mean":
+        D = math.fsum(mapper.map(linear_denominator, plan.shards, (batch, options)))
+    parts = mapper.map(linear_shard, plan.shards, (options, batch, D), progress)
+    stand = _stand_in(plan, batch, options, D)
+    checks = _batch_checks(plan, parts, stand, batch, options, mapper, D,
+                           {"grad_weight": grad_weight, "grad_bias": grad_bias})
+    return _merge(plan, parts, stand, batch, options, checks, (loss, loss_source))
+
+
+def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | None) -> LinearCE:
+    """The client's problem: shard 0's first row broadcast to the batch's N rows (no data, a
+    zero-stride view): it carries N, V, H, the class weights, 1/D and so the tolerances."""
+    problem, _, _ = shard_problem(plan.shards[0], batch, options, D, slice(0, 1))
+    N, H = plan.shape
+    return replace(problem, hidden=np.broadcast_to(problem.hidden[:1], (N, H)))
+
+
+def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
+                  options: CheckOptions, mapper: Mapper, D: float | None,
+                  files: dict[str, str | None]
+                  ) -> tuple[dict[str, UserArray], list[CheckResult], tuple[InputInfo, ...]]:
+    """dL/dH merged over the shards; dL/dW and dL/db from the summed partials, compared once;
+    the batch-wide files' descriptions."""
+    grads = {k: load(v, k) for k, v in files.items() if v is not None}
+    shared = {"weight": batch.weight, "bias": batch.bias, "class_weight": batch.class_weight, **files}
+    inputs = tuple(InputInfo(r, f"{r} file '{f}'", tuple(a.shape), str(a.dtype))
+                   for r, f in shared.items() if f is not None
+                   for a in [grads[r] if r in grads else load(f, r)])
+    src = {**{r: r for r in ("hidden", "grad_hidden", "loss")},
+           **{k: f"{k} file '{v}'" for k, v in files.items()}}
+    users = user_arrays(stand, grads, src, options, batch.settings.weight_layout)
+    wa = np.sum(np.stack([p.wa for p in parts]), axis=0)
+    wp = np.sum(np.stack([p.wp for p in parts]), axis=0)
+    checks = []
+    if parts[0].gh_tol is not None:
+        checks.append(_hidden_check(plan, parts, batch, options, mapper, D))
+    if "grad_weight" in users:
+        checks.append(_weight_check(plan, parts, stand, users["grad_weight"], wa, wp, batch,
+                                    options, mapper, D))
+    if "grad_bias" in users:
+        gb = users["grad_bias"]
+        cmp = _cmp("grad_bias_vs_reference", gb, options.worst)
+        cmp.update(0, wa[None, :, 0], gb.rows, wp[None, :, 0] * gb.tol.floor_coef)
+        checks.append(cmp.result())
+    return users, checks, inputs
+
+
+def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, options: CheckOptions,
+                  mapper: Mapper, D: float | None) -> CheckResult:
+    """dL/dH: the shards' passing verdicts merged; or, as `projection_result` on the batch,
+    its worst `max_open_rows` failing rows (by ratio, then row) computed exactly on their
+    shards and compared, the failing rows counted over the batch."""
+    failing = np.concatenate([p.failing for p in parts])
+    if failing.size == 0:
+        return merge_checks([(s, p.hidden) for s, p in zip(plan.shards, parts)
+                             if p.hidden is not None], options.worst)
+    order = np.lexsort((failing[:, 0], -failing[:, 1]))
+    rows = failing[order, 0].astype(np.int64)
+    opened = np.sort(rows[:batch.settings.max_open_rows])
+    items = [(s, p.lse, p.herr) for s, p in zip(plan.shards, parts)]
+    got = mapper.map(linear_hidden_rows, items, (options, batch, D, opened))
+    res = merge_checks([(s, c) for s, c in zip(plan.shards, got) if c is not None], options.worst)
+    k = batch.settings.projections
+    note = (f"{k} Gaussian projections per token row (Freivalds); a row whose error is 10x its "
+            f"threshold passes with probability <= {batch.settings.false_pass():.1g}"
+            f"; {rows.size} of {plan.shape[0]} token rows fail: {_ranges(rows)}; exact entries "
+            f"of {opened.size} worst rows: {res.mismatches} of {res.total} over tolerance")
+    return replace(res, ok=False, mismatches=max(res.mismatches, int(rows.size)), note=note)
+
+
+def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: UserArray,
+                  wa: np.ndarray, wp: np.ndarray, batch: LinearBatch, options: CheckOptions,
+                  mapper: Mapper, D: float | None) -> CheckResult:
+    """Your dL/dW projected on the shards' R against the summed G^T (H R); failing rows exact."""
+    r = parts[0].r
+    assert r is not None
+    V, k = stand.n_classes, r.shape[1]
+    proj = Projection("grad_weight_vs_reference", user, V, k, np.random.default_rng(0),
+                      stand.hidden_size)
+    proj.r, proj.r_norm = r, np.sqrt(np.einsum("ij,ij->j", r, r))
+    proj.ref, proj.rel, proj.floor = wa[:, 1:1 + k], wa[:, 1 + k], wp[:, 1]
+    proj.project_user()
+    items = [(s, p.lse, p.herr) for s, p in zip(plan.shards, parts)]
+
+    def exact(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        got = mapper.map(linear_exact_rows, items, (options, batch, D, cols))
+        return (np.sum(np.stack([g[0] for g in got]), axis=0),
+                np.sum(np.stack([g[1] for g in got]), axis=0))
+
+    res = projection_result(proj, exact, batch.settings, options.worst,
+                            math.sqrt(stand.n_rows) + math.sqrt(stand.hidden_size), "vocabulary")
+    return _transposed(res, stand) if user.transposed else res
+
+
+def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
+           options: CheckOptions,
+           users_checks: tuple[dict[str, UserArray], list[CheckResult], tuple[InputInfo, ...]],
+           loss_in: tuple[Any, str]) -> ShardedReport:
+    """The merged report: the single-process report's fields (module docstring)."""
+    users, checks, client_inputs = users_checks
+    loss, loss_source = loss_in
+    ref_loss = stand.reduce(math.fsum(p.loss_total for p in parts))
+    user_loss = _user_loss(stand, loss, loss_source, options)
+    if user_loss is not None:
+        run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
+        checks.append(_loss_check(stand, run, user_loss, ref_loss, options))  # type: ignore[arg-type]
+    if parts[0].gh_tol is not None:
+        users = {"grad_hidden": UserArray(None, parts[0].gh_tol, lambda r, c: (r, c)), **users}
+    ok = all(c.ok for c in checks)
+    report = Report(
+        kind="linear", ok=ok, loss=float(ref_loss),
+        loss_per_sample_shape=plan.shape[:-1] if stand.reduction == "none" else None,
+        shape=plan.shape, n_rows=plan.shape[0], n_classes=stand.n_classes,
+        n_ignored=sum(p.n_ignored for p in parts), reduction=stand.reduction,
+        target_kind="index", checks=tuple(checks),
+        inputs=tuple(i for p in parts for i in p.inputs) + client_inputs
+        + ((InputInfo("loss", loss_source, tuple(np.shape(loss)), str(np.asarray(loss).dtype)),)
+           if loss is not None else ()),
+        warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode="off",
+        options=_echo(stand, batch.settings, options, users))
+    return ShardedReport("rows", report, tuple(_summary(s, p, stand) for s, p in zip(plan.shards, parts)))
+
+
+def _summary(shard: Shard, part: LinearPart, stand: LinearCE) -> ShardSummary:
+    """The shard's line: its dL/dH verdict (failing rows counted) and its part of the loss."""
+    bad = int(part.failing.shape[0])
+    ok = bad == 0 and (part.hidden is None or part.hidden.ok)
+    return ShardSummary(shard.index, shard.name, shard.offset, shard.size, ok,
+                        "PASS" if ok else "FAIL", bad, stand.reduce(part.loss_total))
+
+
+@dataclass
+class _FloorSum:
+    """The loss check's view of the merged pass: the rows' floors, summed over the shards."""
+
+    loss_floor: np.ndarray

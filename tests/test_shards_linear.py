@@ -1,0 +1,269 @@
+"""`linear --shards rows` (ce_cli/verify/shards_linear.py): row shards of HIDDEN, LABELS and
+--grad-hidden with one WEIGHT, --grad-weight and --grad-bias for the batch, merged into the
+single-process `check_linear` report, in this process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ce_cli.errors import CeCheckError
+from ce_cli.verify import shards as sh
+from ce_cli.verify.linear import check_linear
+from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+def make_linear(n=90, h=12, v=30, seed=0, dtype=np.float32, reduction="mean", smoothing=0.0,
+                class_weight=False):
+    """Hidden, weight, bias, labels, class weights and the float64 gradients cast to `dtype`."""
+    rng = np.random.default_rng(seed)
+    H = rng.normal(size=(n, h)).astype(dtype)
+    W = (rng.normal(size=(v, h)) * 0.4).astype(dtype)
+    b = (rng.normal(size=v) * 0.2).astype(dtype)
+    y = rng.integers(0, v, n)
+    y[::7] = -100
+    cw = rng.uniform(0.5, 2.0, v) if class_weight else np.ones(v)
+    z = H.astype(np.float64) @ W.astype(np.float64).T + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    live = y != -100
+    q = np.zeros_like(p)
+    q[np.arange(n)[live], y[live]] = 1.0 - smoothing
+    q[live] += smoothing / v
+    q *= cw[None, :]
+    G = p * q.sum(axis=1, keepdims=True) - q
+    G[~live] = 0.0
+    if reduction == "mean":
+        G /= cw[y[live]].sum()
+    grads = {"grad_hidden": G @ W.astype(np.float64), "grad_weight": G.T @ H.astype(np.float64),
+             "grad_bias": G.sum(axis=0)}
+    arrays = {"hidden": H, "weight": W, "bias": b, "labels": y}
+    if class_weight:
+        arrays["class_weight"] = cw
+    return arrays, {k: g.astype(dtype) for k, g in grads.items()}
+
+
+def write_linear(tmp_path, arrays, grads, cuts):
+    """Row shards of hidden, labels and grad_hidden; one weight, bias, grad_weight, grad_bias."""
+    for name in ("weight", "bias", "class_weight"):
+        if name in arrays:
+            np.save(tmp_path / f"{name}.npy", arrays[name])
+    for name in ("grad_weight", "grad_bias"):
+        np.save(tmp_path / f"{name}.npy", grads[name])
+    files = []
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for name, arr in (("hidden", arrays["hidden"]), ("labels", arrays["labels"]),
+                          ("gh", grads["grad_hidden"])):
+            np.save(tmp_path / f"{name}_{i}.npy", arr[a:b])
+        files.append(sh.ShardFiles(*(str(tmp_path / f"{n}_{i}.npy") for n in ("hidden", "labels", "gh"))))
+    return files
+
+
+def run_both(tmp_path, arrays, grads, cuts, mapper=None, **opts):
+    files = write_linear(tmp_path, arrays, grads, cuts)
+    options = CheckOptions.build(None, fd="off", **opts)
+    batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"),
+                        str(tmp_path / "class_weight.npy") if "class_weight" in arrays else None)
+    merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
+                               grad_bias=str(tmp_path / "grad_bias.npy"), mapper=mapper)
+    single = check_linear(**arrays, **grads, options=options)
+    return merged, single
+
+
+def assert_same_linear(merged, single, n_shards):
+    """Verdict, counts, failing entries (global index, values), the loss within the fsum bound;
+    passing projections' deviations within a few ulps of the summed partials."""
+    assert merged.ok == single.ok
+    assert (merged.shape, merged.n_rows, merged.n_classes, merged.n_ignored, merged.reduction) == \
+        (single.shape, single.n_rows, single.n_classes, single.n_ignored, single.reduction)
+    assert [c.name for c in merged.checks] == [c.name for c in single.checks]
+    for m, s in zip(merged.checks, single.checks):
+        assert (m.ok, m.mismatches, m.total) == (s.ok, s.mismatches, s.total), m.name
+        if not s.ok:
+            assert [e.index for e in m.worst] == [e.index for e in s.worst], m.name
+            for a, b in zip(m.worst, s.worst):
+                assert a.got == b.got and a.expected == pytest.approx(b.expected, rel=1e-12, abs=1e-15)
+        assert m.max_abs_err == pytest.approx(s.max_abs_err, rel=1e-6, abs=1e-13), m.name
+    bound = (2 + n_shards) * EPS / 2 * abs(single.loss)
+    assert abs(merged.loss - single.loss) <= bound
+    assert merged.options == single.options
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_row_shards_equal_the_single_process_report(tmp_path, dtype, reduction):
+    arrays, grads = make_linear(dtype=dtype, reduction=reduction)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], reduction=reduction)
+    assert single.ok and merged.report.ok
+    assert_same_linear(merged.report, single, 4)
+    assert [s.offset for s in merged.shards] == [0, 20, 21, 64]
+
+
+def test_mean_with_class_weights_and_smoothing_uses_the_batch_denominator(tmp_path):
+    arrays, grads = make_linear(class_weight=True, smoothing=0.1)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 45, 90], label_smoothing=0.1)
+    assert single.ok and merged.report.ok
+    assert_same_linear(merged.report, single, 2)
+    # each shard's dL/dH divided by its own count instead would fail: the scale is the batch's
+    grads["grad_hidden"][:45] *= 2.0
+    merged, single = run_both(tmp_path, arrays, grads, [0, 45, 90], label_smoothing=0.1)
+    assert not merged.report.ok
+    assert_same_linear(merged.report, single, 2)
+
+
+def test_planted_hidden_bug_is_found_at_its_global_row(tmp_path):
+    arrays, grads = make_linear()
+    grads["grad_hidden"][71, 4] += 0.05
+    merged, single = run_both(tmp_path, arrays, grads, [0, 30, 60, 90])
+    assert not merged.report.ok
+    assert_same_linear(merged.report, single, 3)
+    check = next(c for c in merged.report.checks if c.name == "grad_hidden_vs_reference")
+    assert check.worst[0].index == (71, 4) and not check.worst[0].ok
+    assert [s.ok for s in merged.shards] == [True, True, False]
+
+
+def test_planted_weight_bug_is_found_at_its_vocabulary_row(tmp_path):
+    """dL/dW rows 7 and 19 wrong: found by the summed projections, listed exactly by the
+    second mapped pass (each shard's G_i^T H_i summed)."""
+    arrays, grads = make_linear()
+    grads["grad_weight"][7, 2] += 0.02
+    grads["grad_weight"][19] *= 1.5
+    merged, single = run_both(tmp_path, arrays, grads, [0, 30, 60, 90])
+    assert not merged.report.ok
+    assert_same_linear(merged.report, single, 3)
+    check = next(c for c in merged.report.checks if c.name == "grad_weight_vs_reference")
+    assert {e.index[0] for e in check.worst if not e.ok} == {7, 19}
+    assert "2 of 30 vocabulary rows fail: 7, 19" in check.note
+    hidden = next(c for c in merged.report.checks if c.name == "grad_hidden_vs_reference")
+    assert hidden.ok
+
+
+def test_planted_bias_bug(tmp_path):
+    arrays, grads = make_linear()
+    grads["grad_bias"][11] -= 0.01
+    merged, single = run_both(tmp_path, arrays, grads, [0, 50, 90])
+    assert_same_linear(merged.report, single, 2)
+    check = next(c for c in merged.report.checks if c.name == "grad_bias_vs_reference")
+    assert not check.ok and check.worst[0].index == (11,)
+
+
+def test_weight_gradient_of_one_shard_only_fails(tmp_path):
+    """A rank that forgot the all-reduce: dL/dW of shard 0's rows alone."""
+    arrays, grads = make_linear()
+    part, _ = make_linear()
+    cut = 40
+    H, W, b, y = (arrays[k] for k in ("hidden", "weight", "bias", "labels"))
+    z = H[:cut].astype(np.float64) @ W.astype(np.float64).T + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    live = y[:cut] != -100
+    p[np.arange(cut)[live], y[:cut][live]] -= 1.0
+    p[~live] = 0.0
+    grads["grad_weight"] = (p.T @ H[:cut] / np.count_nonzero(y != -100)).astype(np.float32)
+    merged, single = run_both(tmp_path, arrays, grads, [0, cut, 90])
+    assert not merged.report.ok
+    assert_same_linear(merged.report, single, 2)
+
+
+def test_cli_linear_shards(tmp_path, invoke):
+    arrays, grads = make_linear()
+    grads["grad_hidden"][33, 1] += 0.05
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    np.save(tmp_path / "hidden.npy", arrays["hidden"])
+    np.save(tmp_path / "labels.npy", arrays["labels"])
+    np.save(tmp_path / "gh.npy", grads["grad_hidden"])
+    common = [tmp_path / "weight.npy", "--bias", tmp_path / "bias.npy", "--grad-weight",
+              tmp_path / "grad_weight.npy", "--grad-bias", tmp_path / "grad_bias.npy",
+              "--fd", "off", "--json"]
+    single = invoke(["linear", tmp_path / "hidden.npy", common[0], tmp_path / "labels.npy",
+                     "--grad-hidden", tmp_path / "gh.npy", *common[1:]])
+    sharded = invoke(["linear", tmp_path / "hidden_*.npy", common[0], tmp_path / "labels_*.npy",
+                      "--grad-hidden", tmp_path / "gh_*.npy", *common[1:], "--shards", "rows"])
+    assert single.exit_code == sharded.exit_code == 1, sharded.output
+    one, many = json.loads(single.stdout), json.loads(sharded.stdout)
+    assert [(c["name"], c["ok"], c["mismatches"]) for c in one["checks"]] == \
+        [(c["name"], c["ok"], c["mismatches"]) for c in many["checks"]]
+    assert many["checks"][0]["worst"][0]["index"] == [33, 1]
+    assert [s["verdict"] for s in many["shards"]["per_shard"]] == ["PASS", "FAIL"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--fd: linear shards check no finite differences yet"),
+    (["--fd", "off", "--exact"], "--exact: not supported"),
+    (["--fd", "off", "--z-loss", "1e-4"], "--z-loss: not supported"),
+    (["--fd", "off", "--denominator", "10"], "--denominator: not supported"),
+    (["--fd", "off", "--shift-labels"], "--shift-labels: not supported"),
+    (["--fd", "off", "--sample-weight", "LABELS"], "--sample-weight: not supported"),
+    (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "--loss: per-token losses"),
+    (["--fd", "off", "--shards", "vocab"], "--shards: linear shards split rows"),
+])
+def test_cli_refuses_what_linear_shards_do_not_carry(tmp_path, invoke, extra, message):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    extra = [str(tmp_path / "labels_0.npy") if e == "LABELS" else e for e in extra]
+    if "--shards" not in extra:
+        extra += ["--shards", "rows"]
+    result = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                     tmp_path / "labels_*.npy", *extra])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+
+
+def test_three_dimensional_hidden_shards_are_refused(tmp_path):
+    arrays, grads = make_linear(n=60)
+    np.save(tmp_path / "h.npy", arrays["hidden"].reshape(6, 10, -1))
+    np.save(tmp_path / "w.npy", arrays["weight"])
+    np.save(tmp_path / "y.npy", arrays["labels"].reshape(6, 10))
+    files = [sh.ShardFiles(str(tmp_path / "h.npy"), str(tmp_path / "y.npy"))]
+    with pytest.raises(CeCheckError, match="need \\(N, H\\) hidden states"):
+        run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "missing_weight_grad"])
+def test_cli_a_shard_that_fails_to_load(tmp_path, invoke, fault):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 60, 90])
+    gw = tmp_path / "grad_weight.npy"
+    if fault == "corrupt":
+        (tmp_path / "hidden_1.npy").write_bytes(b"\x93NUMPY garbage")
+        name = "hidden_1.npy"
+    else:
+        gw.unlink()
+        name = "grad_weight.npy"
+    result = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                     tmp_path / "labels_*.npy", "--grad-hidden", tmp_path / "gh_*.npy",
+                     "--grad-weight", gw, "--fd", "off", "--shards", "rows"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and name in result.stderr, result.stderr
+
+
+def test_cli_loss_is_checked_once_for_the_batch(tmp_path, invoke):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    loss = check_linear(**arrays, options=CheckOptions(fd="off")).loss
+    args = ["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy", tmp_path / "labels_*.npy",
+            "--bias", tmp_path / "bias.npy", "--fd", "off", "--shards", "rows", "--json"]
+    good = invoke([*args, "--loss", repr(loss)])
+    bad = invoke([*args, "--loss", repr(loss * (1 + 1e-6))])
+    assert (good.exit_code, bad.exit_code) == (0, 1), good.output
+    check = json.loads(bad.stdout)["checks"][-1]
+    assert check["name"] == "loss_vs_reference" and not check["ok"]
+
+
+def test_one_labels_file_for_the_batch_is_sliced(tmp_path):
+    arrays, grads = make_linear()
+    grads["grad_hidden"][61, 0] += 0.05
+    files = write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    np.save(tmp_path / "labels.npy", arrays["labels"])
+    files = [sh.ShardFiles(f.logits, str(tmp_path / "labels.npy"), f.grad) for f in files]
+    options = CheckOptions(fd="off")
+    merged = run_linear_shards(files, options, LinearBatch(str(tmp_path / "weight.npy"),
+                                                           str(tmp_path / "bias.npy")))
+    single = check_linear(**arrays, grad_hidden=grads["grad_hidden"], options=options)
+    assert_same_linear(merged.report, single, 2)
+    assert merged.report.checks[0].worst[0].index == (61, 0)
