@@ -4,8 +4,8 @@ comparison with the user's gradient, one row at a time in three sweeps, no (R, C
 `pip install` compiles it when a C compiler is present, for several targets (AVX-512, AVX2, SSE2
 or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` threads.
 It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
-masks included) and probability targets (FusedKernel), and sigmoid BCE (SigmoidKernel, weights
-and pos_weight included); the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference,
+masks included) and probability targets (FusedKernel), and sigmoid BCE (SigmoidKernel, weights,
+pos_weight, label smoothing, sample weights and a denominator included); the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference,
 serve rows it must report (NaN, +inf, all -inf) and every CPU without a C compiler.
 `CE_CHECK_FUSED=0` turns it off.
 """
@@ -353,10 +353,7 @@ class SigmoidKernel(_Kernel):
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
         floor_coef, params = _tolerance(cmp, floor_coef)
-        problem = self.problem
-        y = _as_kernel_rows(_take_rows(problem.targets, rows))  # float32 labels stay float32
-        w = None if problem.weight is None else np.ascontiguousarray(
-            _take_rows(problem.weight, rows), dtype=np.float64)
+        y, w = self._labels_weights(rows)
         params.update(y_bin=y, y_is_f32=int(y.dtype == np.float32), w_bin=w,
                       floor_coef=floor_coef or 0.0)
         R, C = z.shape
@@ -371,6 +368,20 @@ class SigmoidKernel(_Kernel):
                          lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
                          item_weight=out.get("out_item_w"),
                          deferred=None if cmp is None else lambda: self._items(z, params))
+
+    def _labels_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The labels and element weights the kernel reads: the problem's own (float32 labels
+        stay float32); with label smoothing or sample weights, the smoothed labels y' and the
+        weights w s as the numpy kernel forms them (SigmoidBCE.coefficients: the same bits)."""
+        problem = self.problem
+        if problem.smoothing or problem.sem.sample_weight is not None:
+            y, w, _ = problem.coefficients(rows)
+            return (np.ascontiguousarray(y, dtype=np.float64),
+                    None if w is None else np.ascontiguousarray(w, dtype=np.float64))
+        y = _as_kernel_rows(_take_rows(problem.targets, rows))
+        w = None if problem.weight is None else np.ascontiguousarray(
+            _take_rows(problem.weight, rows), dtype=np.float64)
+        return y, w
 
     def _items(self, z, params: dict) -> tuple[np.ndarray, np.ndarray]:
         """The per-element losses and |coef w| of rows `z` (no gradient, no comparison)."""

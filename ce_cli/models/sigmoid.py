@@ -58,9 +58,10 @@ class SigmoidBCE(RowMatrix):
     kernel: Any = field(default=None, compare=False, repr=False)  # compiled.SigmoidKernel or None
 
     def __post_init__(self) -> None:
-        # the kernel is chosen once, for the whole check; the compiled kernel serves PyTorch's
-        # loss, every training-code option runs on the numpy kernel
-        plan = compiled.SigmoidKernel.plan(self) if self.plain else None
+        # the kernel is chosen once, for the whole check. Smoothed labels are other labels,
+        # sample weights other element weights, a denominator another gradient scale: the
+        # compiled kernel serves them; softcap and logit scale (z = T(x)) run on numpy
+        plan = None if self.transformed else compiled.SigmoidKernel.plan(self)
         object.__setattr__(self, "kernel", plan)
 
     @property
