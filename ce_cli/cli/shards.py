@@ -38,7 +38,7 @@ ShardsOpt = Annotated[Optional[str], typer.Option(
     "(several, or quoted globs); LABELS a glob of one per shard, or one file for the batch.",
     show_default=False)]
 LinearShardsOpt = Annotated[Optional[str], typer.Option(
-    "--shards", metavar="AXIS", help="Check row shards (rows or auto; with --fd off): HIDDEN, LABELS "
+    "--shards", metavar="AXIS", help="Check row shards (rows or auto): HIDDEN, LABELS "
     "and --grad-hidden are quoted globs of one file per shard; WEIGHT, --grad-weight and "
     "--grad-bias one file for the whole batch.", show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(

@@ -15,6 +15,14 @@
   worst) are computed exactly by a second mapped pass: each shard's G_i[:, v]^T H_i, summed.
 - the loss is `math.fsum` of the shards' exactly rounded row-loss sums, divided by D: within
   (2 + shards) eps/2 relative of the single-process loss for non-negative row losses.
+- finite differences: the client and each shard make `check_linear`'s draws over the batch's N
+  rows (`_batch_probes`), so the probes, R and S are the batch's. A hidden probe is evaluated
+  on its row's shard and returned at its global row with your dL/dH along it (`ShardFD`); a
+  weight or bias probe and the bias direction move every row's logits: the shards' partial
+  sums (loss differences, G.2u, their bounds with the batch's log2 N factor, your tolerance's
+  terms without its atol term) add exactly rounded (`_fsum`, math.fsum), within the shards'
+  own block rounding plus eps/2 of the exact sum of the row terms, the error the single-process
+  pass makes over its row blocks and its bounds allow; then `_fd_checks` as in one process.
 
 The client reads WEIGHT (and BIAS, class weights), --grad-weight and --grad-bias, and the first
 row of shard 0 (the stand-in problem that carries V, H, the scale and the tolerances); the
