@@ -11,7 +11,7 @@ import pytest
 
 from ce_cli.errors import CeCheckError
 from ce_cli.verify import shards as sh
-from ce_cli.verify.linear import check_linear
+from ce_cli.verify.linear import LinearSettings, check_linear
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
@@ -64,14 +64,15 @@ def write_linear(tmp_path, arrays, grads, cuts):
     return files
 
 
-def run_both(tmp_path, arrays, grads, cuts, mapper=None, **opts):
+def run_both(tmp_path, arrays, grads, cuts, mapper=None, exact=False, **opts):
     files = write_linear(tmp_path, arrays, grads, cuts)
     options = CheckOptions.build(None, **{"fd": "off", **opts})
     batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"),
-                        str(tmp_path / "class_weight.npy") if "class_weight" in arrays else None)
+                        str(tmp_path / "class_weight.npy") if "class_weight" in arrays else None,
+                        LinearSettings(exact=exact))
     merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
                                grad_bias=str(tmp_path / "grad_bias.npy"), mapper=mapper)
-    single = check_linear(**arrays, **grads, options=options)
+    single = check_linear(**arrays, **grads, options=options, exact=exact)
     return merged, single
 
 
@@ -88,9 +89,10 @@ def assert_same_linear(merged, single, n_shards):
         if m.name.startswith("fd_"):
             assert_same_fd(m, s)
             continue
-        if not s.ok:
-            assert [e.index for e in m.worst] == [e.index for e in s.worst], m.name
-            for a, b in zip(m.worst, s.worst):
+        if not s.ok:  # the failing entries; passing ones after them rank by rounding noise
+            bad_m, bad_s = ([e for e in c.worst if not e.ok] for c in (m, s))
+            assert [e.index for e in bad_m] == [e.index for e in bad_s], m.name
+            for a, b in zip(bad_m, bad_s):
                 assert a.got == b.got and a.expected == pytest.approx(b.expected, rel=1e-12, abs=1e-15)
         assert m.max_abs_err == pytest.approx(s.max_abs_err, rel=1e-6, abs=1e-13), m.name
     bound = (2 + n_shards) * EPS / 2 * abs(single.loss)
@@ -188,6 +190,25 @@ def test_hidden_bug_is_localised_to_its_global_row_by_finite_differences(tmp_pat
     assert [c.name for c in merged.report.checks if not c.ok] == ["fd_hidden_vs_grad"]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_equals_the_single_process_report(tmp_path, dtype):
+    """`exact`: dL/dH entry by entry on its shard, dL/dW from the shards' summed G_i^T H_i."""
+    arrays, grads = make_linear(dtype=dtype)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], exact=True)
+    assert single.ok and merged.report.ok
+    assert [c.note for c in merged.report.checks][:2] == ["exact: every entry"] * 2
+    assert_same_linear(merged.report, single, 4)
+    grads["grad_hidden"][64, 2] += 0.01
+    grads["grad_weight"][3, 9] -= 0.01
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], exact=True, fd="auto")
+    assert_same_linear(merged.report, single, 4)
+    checks = {c.name: c for c in merged.report.checks}
+    assert checks["grad_hidden_vs_reference"].worst[0].index == (64, 2)
+    assert checks["grad_hidden_vs_reference"].mismatches == 1
+    assert checks["grad_weight_vs_reference"].worst[0].index == (3, 9)
+    assert [s.ok for s in merged.shards] == [True, True, True, False]
+
+
 def test_mean_with_class_weights_and_smoothing_uses_the_batch_denominator(tmp_path):
     arrays, grads = make_linear(class_weight=True, smoothing=0.1)
     merged, single = run_both(tmp_path, arrays, grads, [0, 45, 90], label_smoothing=0.1)
@@ -279,7 +300,6 @@ def test_cli_linear_shards(tmp_path, invoke):
 
 @pytest.mark.parametrize("extra, message", [
     (["--fd", "full"], "--fd full: not available for linear"),
-    (["--fd", "off", "--exact"], "--exact: not supported"),
     (["--fd", "off", "--z-loss", "1e-4"], "--z-loss: not supported"),
     (["--fd", "off", "--denominator", "10"], "--denominator: not supported"),
     (["--fd", "off", "--shift-labels"], "--shift-labels: not supported"),

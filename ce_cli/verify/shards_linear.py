@@ -23,6 +23,8 @@
   terms without its atol term) add exactly rounded (`_fsum`, math.fsum), within the shards'
   own block rounding plus eps/2 of the exact sum of the row terms, the error the single-process
   pass makes over its row blocks and its bounds allow; then `_fd_checks` as in one process.
+- `exact`: each shard compares its dL/dH entry by entry and returns its G_i^T H_i and floor
+  (V x H each); the client adds them in shard order and compares your dL/dW once.
 
 The client reads WEIGHT (and BIAS, class weights), --grad-weight and --grad-bias, and the first
 row of shard 0 (the stand-in problem that carries V, H, the scale and the tolerances); the
@@ -45,7 +47,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.linear import (BiasDirection, LinearSettings, Probes, Projection, UserArray,
                                   WeightFD, _bias_column, _cmp, _echo, _fd_checks, _join,
                                   _loss_check, _problem, _ranges, _transposed, _user_loss,
-                                  choose_probes, exact_hidden_rows, exact_weight_rows, linear_pass,
+                                  choose_probes, exact_all, exact_hidden_rows, exact_weight_rows, linear_pass,
                                   projection_result, user_arrays)
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
@@ -104,6 +106,7 @@ class LinearPart:
     warnings: tuple[str, ...]
     inputs: tuple[InputInfo, ...]
     fd: ShardFD | None = None
+    exact_w: tuple[np.ndarray, np.ndarray] | None = None  # `exact`: G_i^T H_i and its floor
 
 
 def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
@@ -156,18 +159,10 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
         run = linear_pass(problem, users, batch.settings, options,
                           choose=_batch_probes(shard, batch.n_rows or shard.size),
                           rows_total=batch.n_rows or None)
-        N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
-        hidden, failing = None, np.zeros((0, 2))
-        if run.ph is not None:
-            dev, allowed, rows = run.ph.verdict(math.sqrt(V) + math.sqrt(H))
-            if rows.size == 0:  # the passing verdict needs no exact row
-                hidden = projection_result(
-                    run.ph, lambda r: exact_hidden_rows(problem, r, run.lse, run.herr),
-                    batch.settings, options.worst, math.sqrt(V) + math.sqrt(H), "token")
-            else:
-                ratio = np.where(allowed > 0, dev / np.where(allowed > 0, allowed, 1.0), np.inf)
-                failing = np.stack([rows + shard.offset, np.nan_to_num(
-                    ratio[rows].max(axis=1), nan=np.inf)], axis=1)
+        N = problem.n_rows
+        hidden, failing = _shard_hidden(run, problem, users, batch, options, shard)
+        exact_w = (exact_weight_rows(problem, np.arange(problem.n_classes), run.lse, run.herr)
+                   if batch.settings.exact and batch.weight_side else None)
     if gh is not None:
         arrays["grad_hidden"] = gh
     inputs = tuple(InputInfo(r, src[r], tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
@@ -177,7 +172,27 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                       run.pw.r if run.pw is not None else None, run.lse, run.herr,
                       users["grad_hidden"].tol if "grad_hidden" in users else None,
                       tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
-                      inputs, _shard_fd(run, users, shard))
+                      inputs, _shard_fd(run, users, shard), exact_w)
+
+
+def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,
+                  options: CheckOptions, shard: Shard) -> tuple[CheckResult | None, np.ndarray]:
+    """The shard's dL/dH: every entry (`exact`), a passing projection verdict, or its failing
+    rows (global row, worst ratio to the allowance) for the batch's second pass."""
+    V, H = problem.n_classes, problem.hidden_size
+    if batch.settings.exact and "grad_hidden" in users:
+        gh = {"grad_hidden": users["grad_hidden"]}
+        return exact_all(problem, gh, run.lse, run.herr, options.worst)[0], np.zeros((0, 2))
+    if run.ph is None:
+        return None, np.zeros((0, 2))
+    dev, allowed, rows = run.ph.verdict(math.sqrt(V) + math.sqrt(H))
+    if rows.size == 0:  # the passing verdict needs no exact row
+        return projection_result(
+            run.ph, lambda r: exact_hidden_rows(problem, r, run.lse, run.herr),
+            batch.settings, options.worst, math.sqrt(V) + math.sqrt(H), "token"), np.zeros((0, 2))
+    ratio = np.where(allowed > 0, dev / np.where(allowed > 0, allowed, 1.0), np.inf)
+    return None, np.stack([rows + shard.offset, np.nan_to_num(ratio[rows].max(axis=1), nan=np.inf)],
+                          axis=1)
 
 
 def _placeholders(users: dict[str, UserArray], batch: LinearBatch) -> None:
@@ -266,8 +281,6 @@ def linear_exact_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: Check
 
 def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
     """What linear shards do not carry yet: refused, one line each, never ignored."""
-    if batch.settings.exact:
-        raise CeCheckError("`exact`: not supported with linear `shards` yet (projections only)")
     if options.class_axis not in (-1, 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
@@ -343,7 +356,9 @@ def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE,
     checks = []
     if parts[0].gh_tol is not None:
         checks.append(_hidden_check(plan, parts, batch, options, mapper, D))
-    if "grad_weight" in users:
+    if "grad_weight" in users and batch.settings.exact:  # `check_linear`'s order: dL/dW first
+        checks.insert(0, _exact_weight_check(parts, stand, users["grad_weight"], options.worst))
+    elif "grad_weight" in users:
         checks.append(_weight_check(plan, parts, stand, users["grad_weight"], wa, wp, batch,
                                     options, mapper, D))
     if "grad_bias" in users:
@@ -444,6 +459,19 @@ def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: Use
 
     res = projection_result(proj, exact, batch.settings, options.worst,
                             math.sqrt(stand.n_rows) + math.sqrt(stand.hidden_size), "vocabulary")
+    return _transposed(res, stand) if user.transposed else res
+
+
+def _exact_weight_check(parts: list[LinearPart], stand: LinearCE, user: UserArray,
+                        worst: int) -> CheckResult:
+    """`exact`: every entry of your dL/dW against the sum of the shards' G_i^T H_i (in shard
+    order, plain adds: within (shards - 1) eps of the sum of their absolute values), its floor
+    the sum of theirs."""
+    ref = np.sum(np.stack([p.exact_w[0] for p in parts if p.exact_w is not None]), axis=0)
+    floor = np.sum(np.stack([p.exact_w[1] for p in parts if p.exact_w is not None]), axis=0)
+    cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
+    cmp.update(0, ref, user.rows, floor * user.tol.floor_coef)
+    res = cmp.result()
     return _transposed(res, stand) if user.transposed else res
 
 
