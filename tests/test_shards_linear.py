@@ -298,6 +298,39 @@ def test_cli_linear_shards(tmp_path, invoke):
     assert [s["verdict"] for s in many["shards"]["per_shard"]] == ["PASS", "FAIL"]
 
 
+def test_cli_listed_shard_files(tmp_path, invoke):
+    """HIDDEN... WEIGHT LABELS and --grad-hidden once per shard: the globbed run's report."""
+    arrays, grads = make_linear()
+    grads["grad_hidden"][75, 2] += 0.05
+    write_linear(tmp_path, arrays, grads, [0, 30, 60, 90])
+    tail = ["--bias", tmp_path / "bias.npy", "--grad-weight", tmp_path / "grad_weight.npy",
+            "--shards", "rows", "--json"]
+    globbed = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                      tmp_path / "labels_*.npy", "--grad-hidden", tmp_path / "gh_*.npy", *tail])
+    listed = invoke(["linear", *(tmp_path / f"hidden_{i}.npy" for i in range(3)),
+                     tmp_path / "weight.npy", tmp_path / "labels_*.npy",
+                     *(a for i in range(3) for a in ("--grad-hidden", tmp_path / f"gh_{i}.npy")),
+                     *tail])
+    assert globbed.exit_code == listed.exit_code == 1, listed.output
+    assert json.loads(globbed.stdout) == json.loads(listed.stdout)
+    hidden = next(c for c in json.loads(listed.stdout)["checks"]
+                  if c["name"] == "grad_hidden_vs_reference")
+    assert hidden["worst"][0]["index"] == [75, 2]
+
+
+@pytest.mark.parametrize("extra", [["--grad-hidden", "GH", "--grad-hidden", "GH"], ["HIDDEN"]])
+def test_cli_several_files_need_shards(tmp_path, invoke, extra):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    h, gh = str(tmp_path / "hidden_0.npy"), str(tmp_path / "gh_0.npy")
+    extra = [gh if e == "GH" else e for e in extra]
+    first = [h, h] if extra == ["HIDDEN"] else [h]
+    extra = [] if extra == ["HIDDEN"] else extra
+    result = invoke(["linear", *first, tmp_path / "weight.npy", tmp_path / "labels_0.npy", *extra])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "several only with --shards" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--fd", "full"], "--fd full: not available for linear"),
     (["--fd", "off", "--z-loss", "1e-4"], "--z-loss: not supported"),
