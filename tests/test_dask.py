@@ -234,13 +234,14 @@ def test_linear_row_shards_on_dask(tmp_path, client):
     grads["grad_weight"][17, 0] -= 0.03
     cuts = [0, 30, 60, 90]
     files = write_linear(tmp_path, arrays, grads, cuts)
-    opts = CheckOptions(fd="off")
+    opts = CheckOptions()  # `fd` auto: the shards' probes and partial loss differences too
     batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"))
     kw = {"grad_weight": str(tmp_path / "grad_weight.npy"),
           "grad_bias": str(tmp_path / "grad_bias.npy")}
     on_dask = run_linear_on_dask(files, opts, batch, client=client, **kw)
     assert on_dask == run_linear_shards(files, opts, batch, **kw)
-    merged, single = run_both(tmp_path, arrays, grads, cuts)
+    merged, single = run_both(tmp_path, arrays, grads, cuts, fd="auto")
+    assert on_dask.report.fd_mode == "directional"
     assert_same_linear(on_dask.report, single, 3)
     checks = {c.name: c for c in on_dask.report.checks}
     assert checks["grad_hidden_vs_reference"].worst[0].index == (52, 3)
@@ -261,7 +262,7 @@ def test_console_script_linear_on_local_workers(tmp_path):
             str(tmp_path / "labels_*.npy"), "--bias", str(tmp_path / "bias.npy"),
             "--grad-hidden", str(tmp_path / "gh_*.npy"), "--grad-weight",
             str(tmp_path / "grad_weight.npy"), "--grad-bias", str(tmp_path / "grad_bias.npy"),
-            "--fd", "off", "--shards", "rows", "--json"]
+            "--shards", "rows", "--json"]
     here = subprocess.run(args, capture_output=True, text=True)
     there = subprocess.run(args + ["--workers", "2"], capture_output=True, text=True)
     assert here.returncode == there.returncode == 1, there.stderr

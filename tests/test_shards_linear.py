@@ -11,7 +11,7 @@ import pytest
 
 from ce_cli.errors import CeCheckError
 from ce_cli.verify import shards as sh
-from ce_cli.verify.linear import check_linear
+from ce_cli.verify.linear import LinearSettings, check_linear
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
@@ -64,14 +64,15 @@ def write_linear(tmp_path, arrays, grads, cuts):
     return files
 
 
-def run_both(tmp_path, arrays, grads, cuts, mapper=None, **opts):
+def run_both(tmp_path, arrays, grads, cuts, mapper=None, exact=False, **opts):
     files = write_linear(tmp_path, arrays, grads, cuts)
-    options = CheckOptions.build(None, fd="off", **opts)
+    options = CheckOptions.build(None, **{"fd": "off", **opts})
     batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"),
-                        str(tmp_path / "class_weight.npy") if "class_weight" in arrays else None)
+                        str(tmp_path / "class_weight.npy") if "class_weight" in arrays else None,
+                        LinearSettings(exact=exact))
     merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
                                grad_bias=str(tmp_path / "grad_bias.npy"), mapper=mapper)
-    single = check_linear(**arrays, **grads, options=options)
+    single = check_linear(**arrays, **grads, options=options, exact=exact)
     return merged, single
 
 
@@ -82,16 +83,37 @@ def assert_same_linear(merged, single, n_shards):
     assert (merged.shape, merged.n_rows, merged.n_classes, merged.n_ignored, merged.reduction) == \
         (single.shape, single.n_rows, single.n_classes, single.n_ignored, single.reduction)
     assert [c.name for c in merged.checks] == [c.name for c in single.checks]
+    assert (merged.fd_mode, merged.fd_evaluations) == (single.fd_mode, single.fd_evaluations)
     for m, s in zip(merged.checks, single.checks):
         assert (m.ok, m.mismatches, m.total) == (s.ok, s.mismatches, s.total), m.name
-        if not s.ok:
-            assert [e.index for e in m.worst] == [e.index for e in s.worst], m.name
-            for a, b in zip(m.worst, s.worst):
+        if m.name.startswith("fd_"):
+            assert_same_fd(m, s)
+            continue
+        if not s.ok:  # the failing entries; passing ones after them rank by rounding noise
+            bad_m, bad_s = ([e for e in c.worst if not e.ok] for c in (m, s))
+            assert [e.index for e in bad_m] == [e.index for e in bad_s], m.name
+            for a, b in zip(bad_m, bad_s):
                 assert a.got == b.got and a.expected == pytest.approx(b.expected, rel=1e-12, abs=1e-15)
         assert m.max_abs_err == pytest.approx(s.max_abs_err, rel=1e-6, abs=1e-13), m.name
     bound = (2 + n_shards) * EPS / 2 * abs(single.loss)
     assert abs(merged.loss - single.loss) <= bound
     assert merged.options == single.options
+
+
+def assert_same_fd(m, s):
+    """A finite-difference check: its failing entries at the same global indices; every entry
+    listed by both with its finite difference within the probe's own error bound of the
+    single-process one (the logits of a row are h W^T by BLAS, which may round differently in a
+    shard's row block) and its reference, a sum of row terms, within 1e-12 relative."""
+    assert {e.index for e in m.worst if not e.ok} == {e.index for e in s.worst if not e.ok}, m.name
+    theirs = {e.index: e for e in s.worst}
+    for e in m.worst:
+        if e.index in theirs:
+            t = theirs[e.index]
+            assert abs(e.expected - t.expected) <= t.allowed, (m.name, e, t)
+            assert e.got == pytest.approx(t.got, rel=1e-12, abs=1e-20), (m.name, e, t)
+            assert e.allowed == pytest.approx(t.allowed, rel=1e-9), (m.name, e, t)
+    assert abs(m.max_abs_err - s.max_abs_err) <= max(e.allowed for e in s.worst), m.name
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -102,6 +124,89 @@ def test_linear_row_shards_equal_the_single_process_report(tmp_path, dtype, redu
     assert single.ok and merged.report.ok
     assert_same_linear(merged.report, single, 4)
     assert [s.offset for s in merged.shards] == [0, 20, 21, 64]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fd", ["directional", "sample", "auto"])
+def test_finite_differences_equal_the_single_process_report(tmp_path, dtype, fd):
+    """Hidden probes on their shards (a one-row shard included), weight and bias probes and the
+    bias direction summed over the shards: the nine checks of `check_linear`, in its order."""
+    arrays, grads = make_linear(dtype=dtype, class_weight=True, smoothing=0.1)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], fd=fd,
+                              label_smoothing=0.1)
+    assert single.ok and merged.report.ok
+    assert single.fd_mode in ("directional", "sample") and single.fd_evaluations > 0
+    assert sum(c.name.startswith("fd_") for c in single.checks) == 6
+    assert_same_linear(merged.report, single, 4)
+
+
+def _projections(arrays, grads, options):
+    """The batch's Gaussian matrices R (dL/dW) and S (dL/dH) as `check_linear` draws them."""
+    from ce_cli.verify.linear import LinearSettings, _problem, linear_pass, user_arrays
+
+    src = {k: k for k in ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight",
+                          "grad_hidden", "grad_weight", "grad_bias")}
+    problem, _, _ = _problem(arrays["hidden"], arrays["weight"], arrays["labels"], arrays["bias"],
+                             None, None, options, LinearSettings(), src)
+    users = user_arrays(problem, grads, src, options, "VH")
+    run = linear_pass(problem, users, LinearSettings(), options)
+    return run.pw.r, run.ph.r
+
+
+def _blind(r, size, seed):
+    """An error of norm `size` that every projection in R misses (orthogonal to its columns)."""
+    e = np.random.default_rng(seed).normal(size=r.shape[0])
+    e -= r @ np.linalg.lstsq(r, e, rcond=None)[0]
+    return size * e / np.linalg.norm(e)
+
+
+def test_weight_bug_the_projections_miss_is_caught_by_finite_differences(tmp_path):
+    """dL/dW row 7 wrong by an error orthogonal to R (H = 12 > k = 8): every projection agrees,
+    the weight probe along row 7 does not."""
+    arrays, grads = make_linear(dtype=np.float64)
+    r, _ = _projections(arrays, grads, CheckOptions(fd="directional"))
+    grads["grad_weight"][7] += _blind(r, 0.02, 1)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 30, 60, 90], fd="directional")
+    assert not merged.report.ok
+    assert_same_linear(merged.report, single, 3)
+    checks = {c.name: c for c in merged.report.checks}
+    assert checks["grad_weight_vs_reference"].ok  # the projections are blind to it
+    assert not checks["fd_weight_vs_grad"].ok
+    assert {e.index[0] for e in checks["fd_weight_vs_grad"].worst if not e.ok} == {7}
+    assert [c.name for c in merged.report.checks if not c.ok] == ["fd_weight_vs_grad"]
+
+
+def test_hidden_bug_is_localised_to_its_global_row_by_finite_differences(tmp_path):
+    """dL/dH row 71 (shard 2) wrong orthogonally to S: found by its own shard's probe alone."""
+    arrays, grads = make_linear(dtype=np.float64)
+    _, s = _projections(arrays, grads, CheckOptions(fd="directional"))
+    grads["grad_hidden"][71] += _blind(s, 0.05, 2)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 30, 60, 90], fd="directional")
+    assert_same_linear(merged.report, single, 3)
+    checks = {c.name: c for c in merged.report.checks}
+    assert checks["grad_hidden_vs_reference"].ok
+    fd = checks["fd_hidden_vs_grad"]
+    assert not fd.ok and fd.worst[0].index == (71,)
+    assert [c.name for c in merged.report.checks if not c.ok] == ["fd_hidden_vs_grad"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_equals_the_single_process_report(tmp_path, dtype):
+    """`exact`: dL/dH entry by entry on its shard, dL/dW from the shards' summed G_i^T H_i."""
+    arrays, grads = make_linear(dtype=dtype)
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], exact=True)
+    assert single.ok and merged.report.ok
+    assert [c.note for c in merged.report.checks][:2] == ["exact: every entry"] * 2
+    assert_same_linear(merged.report, single, 4)
+    grads["grad_hidden"][64, 2] += 0.01
+    grads["grad_weight"][3, 9] -= 0.01
+    merged, single = run_both(tmp_path, arrays, grads, [0, 20, 21, 64, 90], exact=True, fd="auto")
+    assert_same_linear(merged.report, single, 4)
+    checks = {c.name: c for c in merged.report.checks}
+    assert checks["grad_hidden_vs_reference"].worst[0].index == (64, 2)
+    assert checks["grad_hidden_vs_reference"].mismatches == 1
+    assert checks["grad_weight_vs_reference"].worst[0].index == (3, 9)
+    assert [s.ok for s in merged.shards] == [True, True, True, False]
 
 
 def test_mean_with_class_weights_and_smoothing_uses_the_batch_denominator(tmp_path):
@@ -178,8 +283,7 @@ def test_cli_linear_shards(tmp_path, invoke):
     np.save(tmp_path / "labels.npy", arrays["labels"])
     np.save(tmp_path / "gh.npy", grads["grad_hidden"])
     common = [tmp_path / "weight.npy", "--bias", tmp_path / "bias.npy", "--grad-weight",
-              tmp_path / "grad_weight.npy", "--grad-bias", tmp_path / "grad_bias.npy",
-              "--fd", "off", "--json"]
+              tmp_path / "grad_weight.npy", "--grad-bias", tmp_path / "grad_bias.npy", "--json"]
     single = invoke(["linear", tmp_path / "hidden.npy", common[0], tmp_path / "labels.npy",
                      "--grad-hidden", tmp_path / "gh.npy", *common[1:]])
     sharded = invoke(["linear", tmp_path / "hidden_*.npy", common[0], tmp_path / "labels_*.npy",
@@ -188,13 +292,47 @@ def test_cli_linear_shards(tmp_path, invoke):
     one, many = json.loads(single.stdout), json.loads(sharded.stdout)
     assert [(c["name"], c["ok"], c["mismatches"]) for c in one["checks"]] == \
         [(c["name"], c["ok"], c["mismatches"]) for c in many["checks"]]
-    assert many["checks"][0]["worst"][0]["index"] == [33, 1]
+    assert many["fd"] == one["fd"] and many["fd"]["mode"] == "directional"  # `--fd auto`, the default
+    hidden = next(c for c in many["checks"] if c["name"] == "grad_hidden_vs_reference")
+    assert hidden["worst"][0]["index"] == [33, 1]
     assert [s["verdict"] for s in many["shards"]["per_shard"]] == ["PASS", "FAIL"]
 
 
+def test_cli_listed_shard_files(tmp_path, invoke):
+    """HIDDEN... WEIGHT LABELS and --grad-hidden once per shard: the globbed run's report."""
+    arrays, grads = make_linear()
+    grads["grad_hidden"][75, 2] += 0.05
+    write_linear(tmp_path, arrays, grads, [0, 30, 60, 90])
+    tail = ["--bias", tmp_path / "bias.npy", "--grad-weight", tmp_path / "grad_weight.npy",
+            "--shards", "rows", "--json"]
+    globbed = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                      tmp_path / "labels_*.npy", "--grad-hidden", tmp_path / "gh_*.npy", *tail])
+    listed = invoke(["linear", *(tmp_path / f"hidden_{i}.npy" for i in range(3)),
+                     tmp_path / "weight.npy", tmp_path / "labels_*.npy",
+                     *(a for i in range(3) for a in ("--grad-hidden", tmp_path / f"gh_{i}.npy")),
+                     *tail])
+    assert globbed.exit_code == listed.exit_code == 1, listed.output
+    assert json.loads(globbed.stdout) == json.loads(listed.stdout)
+    hidden = next(c for c in json.loads(listed.stdout)["checks"]
+                  if c["name"] == "grad_hidden_vs_reference")
+    assert hidden["worst"][0]["index"] == [75, 2]
+
+
+@pytest.mark.parametrize("extra", [["--grad-hidden", "GH", "--grad-hidden", "GH"], ["HIDDEN"]])
+def test_cli_several_files_need_shards(tmp_path, invoke, extra):
+    arrays, grads = make_linear()
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    h, gh = str(tmp_path / "hidden_0.npy"), str(tmp_path / "gh_0.npy")
+    extra = [gh if e == "GH" else e for e in extra]
+    first = [h, h] if extra == ["HIDDEN"] else [h]
+    extra = [] if extra == ["HIDDEN"] else extra
+    result = invoke(["linear", *first, tmp_path / "weight.npy", tmp_path / "labels_0.npy", *extra])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "several only with --shards" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
-    ([], "--fd: linear shards check no finite differences yet"),
-    (["--fd", "off", "--exact"], "--exact: not supported"),
+    (["--fd", "full"], "--fd full: not available for linear"),
     (["--fd", "off", "--z-loss", "1e-4"], "--z-loss: not supported"),
     (["--fd", "off", "--denominator", "10"], "--denominator: not supported"),
     (["--fd", "off", "--shift-labels"], "--shift-labels: not supported"),

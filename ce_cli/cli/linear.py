@@ -11,6 +11,7 @@ from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, Precisio
                             check_settings, epilog, guarded, input_specs, progress_bar)
 from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
 from ce_cli.enums import FDMode, Reduction
+from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.emit import emit
 
@@ -27,9 +28,9 @@ def _opt(flag: str, text: str, metavar: str | None = None) -> typer.models.Optio
 def linear(
     hidden: Annotated[str, typer.Argument(metavar="HIDDEN", help="Hidden states (N, H) or (B, T, H).", show_default=False)],
     weight: Annotated[str, typer.Argument(metavar="WEIGHT", help="Weight (V, H), nn.Linear's layout (--weight-layout HV for (H, V)).", show_default=False)],
-    labels: Annotated[str, typer.Argument(metavar="LABELS", help="Class indices, one per token.", show_default=False)],
+    labels: Annotated[list[str], typer.Argument(metavar="LABELS", help="Class indices, one per token. With --shards, HIDDEN may be several files (HIDDEN... WEIGHT LABELS).", show_default=False)],
     bias: Annotated[Optional[str], _opt("--bias", "Bias, V values.", "FILE")] = None,
-    grad_hidden: Annotated[Optional[str], _opt("--grad-hidden", "Your dL/dH (the hidden states' shape).", "FILE")] = None,
+    grad_hidden: Annotated[Optional[list[str]], _opt("--grad-hidden", "Your dL/dH (the hidden states' shape); with --shards once per HIDDEN file, or a quoted glob.", "FILE")] = None,
     grad_weight: Annotated[Optional[str], _opt("--grad-weight", "Your dL/dW (the weight's shape).", "FILE")] = None,
     grad_bias: Annotated[Optional[str], _opt("--grad-bias", "Your dL/db (V values).", "FILE")] = None,
     loss: LossOpt = None,
@@ -65,9 +66,10 @@ def linear(
     without forming the logits; your dL/dH, dL/dW, dL/db and loss compared."""
     from ce_cli.verify.linear import LinearSettings
 
-    inputs = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
-              "grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias,
-              "loss": loss, "class_weight": class_weight, "sample_weight": sample_weight}
+    sharded = shards is not None or scheduler is not None or workers is not None
+    inputs = {**_positional([hidden, weight, *labels], grad_hidden, sharded), "bias": bias,
+              "grad_weight": grad_weight, "grad_bias": grad_bias, "loss": loss,
+              "class_weight": class_weight, "sample_weight": sample_weight}
     linear_settings = LinearSettings(weight_layout=weight_layout, exact=exact,
                                      projections=projections)
     flags = dict(
@@ -75,11 +77,32 @@ def linear(
         atol=atol, precision=precision, floor_factor=floor_factor, fd=fd, samples=samples,
         seed=seed, worst=worst, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
         smoothing_form=smoothing_form, denominator=denominator, shift_labels=shift_labels)
-    if shards is not None or scheduler is not None or workers is not None:
+    if sharded:
         run_linear_sharded(shards, inputs, linear_settings, scheduler=scheduler, workers=workers,
                            json_out=json_out, quiet=quiet,
                            refused={"sample_weight": sample_weight}, **flags)
     _single(inputs, linear_settings, flags, json_out, quiet)
+
+
+def _positional(args: list[str], grad_hidden: list[str] | None, sharded: bool) -> dict[str, Any]:
+    """HIDDEN... WEIGHT LABELS (Click gives LABELS every argument after the second): with
+    --shards lists of hidden and --grad-hidden files; without, one of each."""
+    hidden, (weight, labels) = args[:-2], args[-2:]
+    if sharded:
+        return {"hidden": hidden, "weight": weight, "labels": labels, "grad_hidden": grad_hidden}
+    _one_each(hidden, grad_hidden)
+    return {"hidden": hidden[0], "weight": weight, "labels": labels,
+            "grad_hidden": grad_hidden[0] if grad_hidden else None}
+
+
+def _one_each(hidden: list[str], grad_hidden: list[str] | None) -> None:
+    """Without --shards: one HIDDEN and at most one --grad-hidden."""
+    if len(hidden) > 1:
+        raise CeCheckError(f"HIDDEN: {len(hidden)} files given before WEIGHT LABELS; several only "
+                           "with `shards`")
+    if grad_hidden is not None and len(grad_hidden) > 1:
+        raise CeCheckError(f"`grad_hidden`: given {len(grad_hidden)} times; several only with "
+                           "`shards`")
 
 
 def _single(inputs: dict[str, Any], linear_settings: Any, flags: dict[str, Any], json_out: bool,

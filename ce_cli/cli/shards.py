@@ -38,7 +38,7 @@ ShardsOpt = Annotated[Optional[str], typer.Option(
     "(several, or quoted globs); LABELS a glob of one per shard, or one file for the batch.",
     show_default=False)]
 LinearShardsOpt = Annotated[Optional[str], typer.Option(
-    "--shards", metavar="AXIS", help="Check row shards (rows or auto; with --fd off): HIDDEN, LABELS "
+    "--shards", metavar="AXIS", help="Check row shards (rows or auto): HIDDEN, LABELS "
     "and --grad-hidden are quoted globs of one file per shard; WEIGHT, --grad-weight and "
     "--grad-bias one file for the whole batch.", show_default=False)]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
@@ -141,7 +141,7 @@ def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[st
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)
 
 
-def _linear_refusals(axis: str | None, files: dict[str, str | None],
+def _linear_refusals(axis: str | None, files: dict[str, Any],
                      refused: dict[str, Any]) -> None:
     """One line for what `linear --shards` does not take (never ignored)."""
     if axis is None:
@@ -151,11 +151,11 @@ def _linear_refusals(axis: str | None, files: dict[str, str | None],
     for name, value in refused.items():
         if value not in (None, False):
             raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
-    if "-" in [v for v in files.values() if v is not None]:
+    if "-" in [f for v in files.values() if v is not None for f in ([v] if isinstance(v, str) else v)]:
         raise CeCheckError("`shards`: inputs are files, not stdin")
 
 
-def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings: Any, *,
+def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *,
                        scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                        refused: dict[str, Any], **flags: Any) -> NoReturn:
     """`linear --shards rows`: HIDDEN, LABELS and --grad-hidden are globs (or one file) of row
@@ -172,9 +172,9 @@ def run_linear_sharded(axis: str | None, files: dict[str, str | None], settings:
     loss = load_all(input_specs({"loss": files["loss"]})) if files["loss"] is not None else None
     options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
     gh = files["grad_hidden"]
-    shard_files = pair_files(expand(str(files["hidden"]), "hidden"),
+    shard_files = pair_files([f for h in files["hidden"] for f in expand(h, "hidden")],
                              expand(str(files["labels"]), "labels"),
-                             expand(gh, "grad_hidden") if gh is not None else None)
+                             [f for g in gh for f in expand(g, "grad_hidden")] if gh else None)
     batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings)
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
                           "loss": loss.arrays["loss"] if loss is not None else None,

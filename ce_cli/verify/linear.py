@@ -348,8 +348,11 @@ class WeightFD:
     d_n = x_n . u, and lse_n by log1p(a_nv expm1(d_n)) exactly; summed over the row blocks."""
 
     def __init__(self, problem: LinearCE, probes: Probes, user: UserArray | None,
-                 x_of: Callable[[RowBlock], np.ndarray] = lambda blk: blk.h) -> None:
+                 x_of: Callable[[RowBlock], np.ndarray] = lambda blk: blk.h,
+                 rows_total: int | None = None) -> None:
         self.problem, self.p, self.user, self.x_of = problem, probes, user, x_of
+        # the rows the probes' sums run over (a row shard's: the batch's, for the same bound)
+        self.rows_total = rows_total if rows_total is not None else problem.n_rows
 
     def update(self, blk: RowBlock, herr: np.ndarray) -> None:
         if self.p.owner.size == 0:
@@ -360,7 +363,7 @@ class WeightFD:
         diff, err, g, phi = problem.column_probe(blk, p.owner, d, herr)
         p.fd += diff.sum(axis=0)
         p.ref += (g * 2.0 * d).sum(axis=0)
-        p.bound += err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(problem.n_rows)) * (
+        p.bound += err.sum(axis=0) + 4.0 * EPS * (1.0 + math.log2(self.rows_total)) * (
             np.abs(g) * 2.0 * np.abs(d)).sum(axis=0)
         if self.user is not None:
             tol = self.user.tol
@@ -847,17 +850,23 @@ def _problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weight: Any
     return problem, warnings, labels
 
 
+ChooseProbes = Callable[[LinearCE, CheckOptions, np.random.Generator],
+                        tuple[str, Probes, Probes, Probes]]
+
+
 def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
-            opts: CheckOptions, progress: Callable[[int, int], None] | None
+            opts: CheckOptions, progress: Callable[[int, int], None] | None,
+            choose: ChooseProbes | None = None, rows_total: int | None = None
             ) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
-    """The finite-difference probes and the streaming pass; the bias direction's result joins
-    the bias's entry probes."""
+    """The finite-difference probes (`choose`: a row shard's draw of the batch's) and the
+    streaming pass; the bias direction's result joins the bias's entry probes."""
     rng = np.random.default_rng(opts.seed)
-    mode, hp, wp, bp = choose_probes(problem, opts, rng)
+    mode, hp, wp, bp = (choose or choose_probes)(problem, opts, rng)
     gb_user = users.get("grad_bias")
     fds = (HiddenFD(problem, hp, users.get("grad_hidden")),
-           WeightFD(problem, wp, users.get("grad_weight")),
-           WeightFD(problem, bp, _bias_column(gb_user), lambda blk: np.ones((blk.h.shape[0], 1))),
+           WeightFD(problem, wp, users.get("grad_weight"), rows_total=rows_total),
+           WeightFD(problem, bp, _bias_column(gb_user), lambda blk: np.ones((blk.h.shape[0], 1)),
+                    rows_total),
            BiasDirection(problem, rng, mode != "off"))
     run = Pass(problem, users, lin, fds, rng)
     run.run(progress)
@@ -867,11 +876,13 @@ def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
 
 
 def linear_pass(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
-                opts: CheckOptions, progress: Callable[[int, int], None] | None = None) -> Pass:
+                opts: CheckOptions, progress: Callable[[int, int], None] | None = None,
+                choose: ChooseProbes | None = None, rows_total: int | None = None) -> Pass:
     """The streaming pass with `check_linear`'s random draws (a row shard's pass: the same R and S
-    as the whole batch's for the same seed and `fd=off`); a user array whose rows are None gets
-    its reference projections and bounds but no projection of yours."""
-    return _stream(problem, users, lin, opts, progress)[0]
+    as the whole batch's for the same seed when `choose` draws the batch's probes, and the
+    weight-side bounds over `rows_total` rows); a user array whose rows are None gets its
+    reference projections and bounds but no projection of yours."""
+    return _stream(problem, users, lin, opts, progress, choose, rows_total)[0]
 
 
 def _echo(problem: LinearCE, lin: LinearSettings, opts: CheckOptions,
@@ -933,8 +944,10 @@ def _join(first: Probes, rest: Probes) -> Probes:
 
 
 def _fd_checks(problem: LinearCE, users: dict[str, UserArray], probes: tuple[Probes, Probes, Probes],
-               worst: int, bias_u: np.ndarray | None = None) -> list[tuple[int, CheckResult]]:
-    """Finite differences against the reference (rank 0) and against your gradients (rank 3)."""
+               worst: int, bias_u: np.ndarray | None = None,
+               moves: dict[str, np.ndarray] | None = None) -> list[tuple[int, CheckResult]]:
+    """Finite differences against the reference (rank 0) and against your gradients (rank 3);
+    `moves`: a side's gradient moves already taken (row shards: where your rows are)."""
     out: list[tuple[int, CheckResult]] = []
     ref64 = resolve_tolerance(np.dtype(np.float64))
     hp, wp, bp = probes
@@ -959,7 +972,7 @@ def _fd_checks(problem: LinearCE, users: dict[str, UserArray], probes: tuple[Pro
         cmp.update(0, p.fd, p.ref, FD_SAFETY * p.bound)
         out.append((0, cmp.result()))
         if user is not None:
-            got = _user_moves(p, user, bias_u)
+            got = moves[name] if moves and name in moves else _user_moves(p, user, bias_u)
             cmp = Comparison(f"fd_{name}_vs_grad", user.tol, index_of, expected_label="finite diff",
                              n_worst=worst, note=note)
             cmp.update(0, p.fd, got, FD_SAFETY * p.bound + p.got_bound)

@@ -15,6 +15,16 @@
   worst) are computed exactly by a second mapped pass: each shard's G_i[:, v]^T H_i, summed.
 - the loss is `math.fsum` of the shards' exactly rounded row-loss sums, divided by D: within
   (2 + shards) eps/2 relative of the single-process loss for non-negative row losses.
+- finite differences: the client and each shard make `check_linear`'s draws over the batch's N
+  rows (`_batch_probes`), so the probes, R and S are the batch's. A hidden probe is evaluated
+  on its row's shard and returned at its global row with your dL/dH along it (`ShardFD`); a
+  weight or bias probe and the bias direction move every row's logits: the shards' partial
+  sums (loss differences, G.2u, their bounds with the batch's log2 N factor, your tolerance's
+  terms without its atol term) add exactly rounded (`_fsum`, math.fsum), within the shards'
+  own block rounding plus eps/2 of the exact sum of the row terms, the error the single-process
+  pass makes over its row blocks and its bounds allow; then `_fd_checks` as in one process.
+- `exact`: each shard compares its dL/dH entry by entry and returns its G_i^T H_i and floor
+  (V x H each); the client adds them in shard order and compares your dL/dW once.
 
 The client reads WEIGHT (and BIAS, class weights), --grad-weight and --grad-bias, and the first
 row of shard 0 (the stand-in problem that carries V, H, the scale and the tolerances); the
@@ -25,25 +35,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, cast
 
 import numpy as np
 
-from ce_cli.enums import FDMode
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE
 from ce_cli.verify.compare import Comparison
-from ce_cli.verify.linear import (LinearSettings, Projection, UserArray, _cmp, _echo, _loss_check,
-                                  _problem, _ranges, _transposed, _user_loss, exact_hidden_rows,
-                                  exact_weight_rows, linear_pass, projection_result, user_arrays)
+from ce_cli.verify.linear import (BiasDirection, LinearSettings, Probes, Projection, UserArray,
+                                  WeightFD, _bias_column, _cmp, _echo, _fd_checks, _join,
+                                  _loss_check, _problem, _ranges, _transposed, _user_loss,
+                                  choose_probes, exact_all, exact_hidden_rows, exact_weight_rows, linear_pass,
+                                  projection_result, user_arrays)
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
 from ce_cli.verify.shards import (LOCAL_WARNINGS, UNSHARDED, LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
                                   ShardSummary, describe, load, make_plan, merge_checks,
                                   shard_labels)
-from ce_cli.verify.tolerance import resolve_tolerance
+from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,21 @@ class LinearBatch:
     class_weight: str | None = None
     settings: LinearSettings = LinearSettings()
     weight_side: bool = False
+    n_rows: int = 0                     # the batch's rows (the probes are drawn over them)
+    fd_tols: tuple[Tolerance | None, Tolerance | None] = (None, None)  # your dL/dW's, dL/db's
+
+
+@dataclass(frozen=True)
+class ShardFD:
+    """One shard's finite differences: its own hidden probes whole (global rows) with your
+    dL/dH's moves along them; the weight and bias probes' partial sums over its rows (fd, ref,
+    bound, got_bound; the atol term is the client's, once); the bias direction's (fd, bound)."""
+
+    hidden: Probes
+    hidden_got: np.ndarray | None
+    weight: Probes
+    bias: Probes
+    direction: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class LinearPart:
     gh_tol: Any
     warnings: tuple[str, ...]
     inputs: tuple[InputInfo, ...]
+    fd: ShardFD | None = None
+    exact_w: tuple[np.ndarray, np.ndarray] | None = None  # `exact`: G_i^T H_i and its floor
 
 
 def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
@@ -127,22 +155,14 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
         src = _sources(shard, batch)
         gh = load(shard.files.grad, "grad_hidden") if shard.files.grad is not None else None
         users = user_arrays(problem, {"grad_hidden": gh}, src, options, batch.settings.weight_layout)
-        if batch.weight_side:  # R's partial sums only: your dL/dW is the client's
-            users["grad_weight"] = UserArray(None, resolve_tolerance(np.dtype(np.float64)),
-                                             lambda v, j: (v, j))
-        run = linear_pass(problem, users, batch.settings, options)
-        N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
-        hidden, failing = None, np.zeros((0, 2))
-        if run.ph is not None:
-            dev, allowed, rows = run.ph.verdict(math.sqrt(V) + math.sqrt(H))
-            if rows.size == 0:  # the passing verdict needs no exact row
-                hidden = projection_result(
-                    run.ph, lambda r: exact_hidden_rows(problem, r, run.lse, run.herr),
-                    batch.settings, options.worst, math.sqrt(V) + math.sqrt(H), "token")
-            else:
-                ratio = np.where(allowed > 0, dev / np.where(allowed > 0, allowed, 1.0), np.inf)
-                failing = np.stack([rows + shard.offset, np.nan_to_num(
-                    ratio[rows].max(axis=1), nan=np.inf)], axis=1)
+        _placeholders(users, batch)
+        run = linear_pass(problem, users, batch.settings, options,
+                          choose=_batch_probes(shard, batch.n_rows or shard.size),
+                          rows_total=batch.n_rows or None)
+        N = problem.n_rows
+        hidden, failing = _shard_hidden(run, problem, users, batch, options, shard)
+        exact_w = (exact_weight_rows(problem, np.arange(problem.n_classes), run.lse, run.herr)
+                   if batch.settings.exact and batch.weight_side else None)
     if gh is not None:
         arrays["grad_hidden"] = gh
     inputs = tuple(InputInfo(r, src[r], tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
@@ -152,7 +172,78 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                       run.pw.r if run.pw is not None else None, run.lse, run.herr,
                       users["grad_hidden"].tol if "grad_hidden" in users else None,
                       tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
-                      inputs)
+                      inputs, _shard_fd(run, users, shard), exact_w)
+
+
+def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,
+                  options: CheckOptions, shard: Shard) -> tuple[CheckResult | None, np.ndarray]:
+    """The shard's dL/dH: every entry (`exact`), a passing projection verdict, or its failing
+    rows (global row, worst ratio to the allowance) for the batch's second pass."""
+    V, H = problem.n_classes, problem.hidden_size
+    if batch.settings.exact and "grad_hidden" in users:
+        gh = {"grad_hidden": users["grad_hidden"]}
+        return exact_all(problem, gh, run.lse, run.herr, options.worst)[0], np.zeros((0, 2))
+    if run.ph is None:
+        return None, np.zeros((0, 2))
+    dev, allowed, rows = run.ph.verdict(math.sqrt(V) + math.sqrt(H))
+    if rows.size == 0:  # the passing verdict needs no exact row
+        return projection_result(
+            run.ph, lambda r: exact_hidden_rows(problem, r, run.lse, run.herr),
+            batch.settings, options.worst, math.sqrt(V) + math.sqrt(H), "token"), np.zeros((0, 2))
+    ratio = np.where(allowed > 0, dev / np.where(allowed > 0, allowed, 1.0), np.inf)
+    return None, np.stack([rows + shard.offset, np.nan_to_num(ratio[rows].max(axis=1), nan=np.inf)],
+                          axis=1)
+
+
+def _placeholders(users: dict[str, UserArray], batch: LinearBatch) -> None:
+    """Your dL/dW and dL/db are the client's: the shard pass gets their tolerances only (R's
+    partial sums, the probes' got_bound partials without the atol term, added once)."""
+    f64 = resolve_tolerance(np.dtype(np.float64))
+    gw, gb = (replace(t, atol=0.0, tiny=0.0) if t is not None else None for t in batch.fd_tols)
+    if batch.weight_side:
+        users["grad_weight"] = UserArray(None, gw or f64, lambda v, j: (v, j))
+    if gb is not None:
+        users["grad_bias"] = UserArray(None, gb, lambda v, j: (j,))
+
+
+class _BatchRows:
+    """The batch's hidden states as `choose_probes` sees them from one shard: the shard's rows
+    at their global indices, zeros elsewhere (the shard keeps only its own rows' probes)."""
+
+    def __init__(self, rows: np.ndarray, offset: int, n: int) -> None:
+        self.rows, self.offset, self.shape = rows, offset, (n, rows.shape[1])
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = np.asarray(idx)
+        out = np.zeros((idx.size, self.shape[1]))
+        mine = (idx >= self.offset) & (idx < self.offset + self.rows.shape[0])
+        out[mine] = self.rows[idx[mine] - self.offset]
+        return out
+
+
+def _select(p: Probes, keep: np.ndarray, shift: int) -> Probes:
+    """Probes `keep`, their owners moved by `shift` (local <-> global rows)."""
+    return Probes(p.owner[keep] + shift, p.entry[keep], p.step[keep], p.direction, p.fd[keep],
+                  p.ref[keep], p.bound[keep], p.got_bound[keep])
+
+
+def _batch_probes(shard: Shard, n_batch: int) -> Any:
+    """`choose_probes` over the batch's rows, with its draws (so the same R, S, weight and bias
+    probes as `check_linear` on the batch): the hidden probes of this shard's rows, local."""
+    def choose(problem: LinearCE, opts: CheckOptions, rng: np.random.Generator
+               ) -> tuple[str, Probes, Probes, Probes]:
+        rows = _BatchRows(problem.hidden, shard.offset, n_batch)
+        mode, hp, wp, bp = choose_probes(replace(problem, hidden=cast(np.ndarray, rows)), opts, rng)
+        mine = (hp.owner >= shard.offset) & (hp.owner < shard.offset + shard.size)
+        return mode, _select(hp, mine, -shard.offset), wp, bp
+    return choose
+
+
+def _shard_fd(run: Any, users: dict[str, UserArray], shard: Shard) -> ShardFD:
+    hp = run.hfd.p
+    got = hp.user_moves(users["grad_hidden"].rows) if "grad_hidden" in users else None
+    return ShardFD(_select(hp, np.ones(hp.owner.size, dtype=bool), shard.offset), got,
+                   run.wfd.p, run.bfd.p, (run.bdir.fd, run.bdir.bound))
 
 
 def linear_hidden_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: CheckOptions,
@@ -190,11 +281,6 @@ def linear_exact_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: Check
 
 def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
     """What linear shards do not carry yet: refused, one line each, never ignored."""
-    if options.fd is not FDMode.off:
-        raise CeCheckError("`fd`: linear shards check no finite differences yet; pass `fd` off "
-                           "(the gradients are still checked against the float64 reference)")
-    if batch.settings.exact:
-        raise CeCheckError("`exact`: not supported with linear `shards` yet (projections only)")
     if options.class_axis not in (-1, 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
@@ -222,11 +308,21 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     D = None
     if options.reduction.value == "mean":
         D = math.fsum(mapper.map(linear_denominator, plan.shards, (batch, options)))
-    parts = mapper.map(linear_shard, plan.shards, (options, batch, D), progress)
     stand = _stand_in(plan, batch, options, D)
-    checks = _batch_checks(plan, parts, stand, batch, options, mapper, D,
-                           {"grad_weight": grad_weight, "grad_bias": grad_bias})
-    return _merge(plan, parts, stand, batch, options, checks, (loss, loss_source))
+    users, inputs = _client_users(stand, batch, options,
+                                  {"grad_weight": grad_weight, "grad_bias": grad_bias})
+    rng = np.random.default_rng(options.seed)  # the batch's draws, as `check_linear` makes them
+    probes = choose_probes(stand, options, rng)
+    direction = BiasDirection(stand, rng, probes[0] != "off")
+    batch = replace(batch, n_rows=plan.shape[0], fd_tols=tuple(  # type: ignore[arg-type]
+        users[k].tol if k in users else None for k in ("grad_weight", "grad_bias")))
+    parts = mapper.map(linear_shard, plan.shards, (options, batch, D), progress)
+    if parts[0].gh_tol is not None:
+        users = {"grad_hidden": UserArray(None, parts[0].gh_tol, lambda r, c: (r, c)), **users}
+    checks = _batch_checks(plan, parts, stand, users, batch, options, mapper, D)
+    fd, evaluations = _fd_merge(parts, probes, direction, stand, users, options.worst)
+    return _merge(plan, parts, stand, batch, options, (users, checks + fd, inputs),
+                  (loss, loss_source), (probes[0], evaluations))
 
 
 def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | None) -> LinearCE:
@@ -234,15 +330,12 @@ def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | N
     zero-stride view): it carries N, V, H, the class weights, 1/D and so the tolerances."""
     problem, _, _ = shard_problem(plan.shards[0], batch, options, D, slice(0, 1))
     N, H = plan.shape
-    return replace(problem, hidden=np.broadcast_to(problem.hidden[:1], (N, H)))
+    return replace(problem, hidden=np.broadcast_to(problem.hidden[:1], (N, H)), batch_shape=(N,))
 
 
-def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
-                  options: CheckOptions, mapper: Mapper, D: float | None,
-                  files: dict[str, str | None]
-                  ) -> tuple[dict[str, UserArray], list[CheckResult], tuple[InputInfo, ...]]:
-    """dL/dH merged over the shards; dL/dW and dL/db from the summed partials, compared once;
-    the batch-wide files' descriptions."""
+def _client_users(stand: LinearCE, batch: LinearBatch, options: CheckOptions,
+                  files: dict[str, str | None]) -> tuple[dict[str, UserArray], tuple[InputInfo, ...]]:
+    """Your dL/dW and dL/db (read here, once) and the batch-wide files' descriptions."""
     grads = {k: load(v, k) for k, v in files.items() if v is not None}
     shared = {"weight": batch.weight, "bias": batch.bias, "class_weight": batch.class_weight, **files}
     inputs = tuple(InputInfo(r, f"{r} file '{f}'", tuple(a.shape), str(a.dtype))
@@ -250,13 +343,22 @@ def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: Li
                    for a in [grads[r] if r in grads else load(f, r)])
     src = {**{r: r for r in ("hidden", "grad_hidden", "loss")},
            **{k: f"{k} file '{v}'" for k, v in files.items()}}
-    users = user_arrays(stand, grads, src, options, batch.settings.weight_layout)
+    return user_arrays(stand, grads, src, options, batch.settings.weight_layout), inputs
+
+
+def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE,
+                  users: dict[str, UserArray], batch: LinearBatch, options: CheckOptions,
+                  mapper: Mapper, D: float | None) -> list[tuple[int, CheckResult]]:
+    """dL/dH merged over the shards; dL/dW and dL/db from the summed partials, compared once
+    (ranked as `check_linear` ranks them: gradients 1)."""
     wa = np.sum(np.stack([p.wa for p in parts]), axis=0)
     wp = np.sum(np.stack([p.wp for p in parts]), axis=0)
     checks = []
     if parts[0].gh_tol is not None:
         checks.append(_hidden_check(plan, parts, batch, options, mapper, D))
-    if "grad_weight" in users:
+    if "grad_weight" in users and batch.settings.exact:  # `check_linear`'s order: dL/dW first
+        checks.insert(0, _exact_weight_check(parts, stand, users["grad_weight"], options.worst))
+    elif "grad_weight" in users:
         checks.append(_weight_check(plan, parts, stand, users["grad_weight"], wa, wp, batch,
                                     options, mapper, D))
     if "grad_bias" in users:
@@ -264,7 +366,53 @@ def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: Li
         cmp = _cmp("grad_bias_vs_reference", gb, options.worst)
         cmp.update(0, wa[None, :, 0], gb.rows, wp[None, :, 0] * gb.tol.floor_coef)
         checks.append(cmp.result())
-    return users, checks, inputs
+    return [(1, c) for c in checks]
+
+
+def _fsum(arrays: list[np.ndarray]) -> np.ndarray:
+    """Entry by entry, the exactly rounded sum of the shards' partials (math.fsum)."""
+    return np.array([math.fsum(col) for col in np.stack(arrays).T.tolist()], dtype=np.float64)
+
+
+def _fd_merge(parts: list[LinearPart], probes: tuple[str, Probes, Probes, Probes],
+              direction: BiasDirection, stand: LinearCE, users: dict[str, UserArray],
+              worst: int) -> tuple[list[tuple[int, CheckResult]], int]:
+    """The batch's finite differences: the shards' hidden probes concatenated (global rows, in
+    order), the weight and bias probes' and the bias direction's partial sums added by `_fsum`,
+    then `check_linear`'s comparisons; and the number of loss evaluations."""
+    mode, hp, wprobe, bprobe = probes
+    fds = [p.fd for p in parts if p.fd is not None]
+    if mode == "off" or not fds:
+        return [], 0
+    hidden = _hidden_probes(fds, hp.direction)
+    _add_partials(fds, wprobe, bprobe, stand, users)
+    if direction.on:
+        direction.fd, direction.bound = (math.fsum(fd.direction[i] for fd in fds) for i in (0, 1))
+        db = _fsum([p.wa[:, 0] for p in parts])  # the summed dL/db, as the gradient check's
+        db_floor = _fsum([p.wp[:, 0] for p in parts])
+        bprobe = _join(direction.probes(db, db_floor, users.get("grad_bias")), bprobe)
+    moves = ({"hidden": np.concatenate([fd.hidden_got for fd in fds if fd.hidden_got is not None])}
+             if "grad_hidden" in users else None)
+    checks = _fd_checks(stand, users, (hidden, wprobe, bprobe), worst, direction.u, moves)
+    return checks, 2 * (hidden.owner.size + wprobe.owner.size + bprobe.owner.size)
+
+
+def _hidden_probes(fds: list[ShardFD], direction: np.ndarray) -> Probes:
+    """The shards' hidden probes, complete, in shard order: the batch's (owner, entry) order."""
+    return Probes(*(direction if f.name == "direction" else
+                    np.concatenate([getattr(fd.hidden, f.name) for fd in fds])
+                    for f in fields(Probes)))
+
+
+def _add_partials(fds: list[ShardFD], wprobe: Probes, bprobe: Probes, stand: LinearCE,
+                  users: dict[str, UserArray]) -> None:
+    """The weight and bias probes' sums over the batch: the shards' partials added, then the
+    atol term of your gradients' bound once (`WeightFD.finish`)."""
+    for merged, side in ((wprobe, "weight"), (bprobe, "bias")):
+        for f in ("fd", "ref", "bound", "got_bound"):
+            setattr(merged, f, _fsum([getattr(getattr(fd, side), f) for fd in fds]))
+    WeightFD(stand, wprobe, users.get("grad_weight")).finish()
+    WeightFD(stand, bprobe, _bias_column(users.get("grad_bias"))).finish()
 
 
 def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, options: CheckOptions,
@@ -314,32 +462,45 @@ def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: Use
     return _transposed(res, stand) if user.transposed else res
 
 
+def _exact_weight_check(parts: list[LinearPart], stand: LinearCE, user: UserArray,
+                        worst: int) -> CheckResult:
+    """`exact`: every entry of your dL/dW against the sum of the shards' G_i^T H_i (in shard
+    order, plain adds: within (shards - 1) eps of the sum of their absolute values), its floor
+    the sum of theirs."""
+    ref = np.sum(np.stack([p.exact_w[0] for p in parts if p.exact_w is not None]), axis=0)
+    floor = np.sum(np.stack([p.exact_w[1] for p in parts if p.exact_w is not None]), axis=0)
+    cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
+    cmp.update(0, ref, user.rows, floor * user.tol.floor_coef)
+    res = cmp.result()
+    return _transposed(res, stand) if user.transposed else res
+
+
 def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
            options: CheckOptions,
-           users_checks: tuple[dict[str, UserArray], list[CheckResult], tuple[InputInfo, ...]],
-           loss_in: tuple[Any, str]) -> ShardedReport:
-    """The merged report: the single-process report's fields (module docstring)."""
-    users, checks, client_inputs = users_checks
+           users_checks: tuple[dict[str, UserArray], list[tuple[int, CheckResult]],
+                               tuple[InputInfo, ...]],
+           loss_in: tuple[Any, str], fd: tuple[str, int]) -> ShardedReport:
+    """The merged report: the single-process report's fields, its checks in its order
+    (finite differences vs the reference, gradients, loss, finite differences vs yours)."""
+    users, ranked, client_inputs = users_checks
     loss, loss_source = loss_in
     ref_loss = stand.reduce(math.fsum(p.loss_total for p in parts))
     user_loss = _user_loss(stand, loss, loss_source, options)
     if user_loss is not None:
         run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
-        checks.append(_loss_check(stand, run, user_loss, ref_loss, options))  # type: ignore[arg-type]
-    if parts[0].gh_tol is not None:
-        users = {"grad_hidden": UserArray(None, parts[0].gh_tol, lambda r, c: (r, c)), **users}
-    ok = all(c.ok for c in checks)
+        ranked.append((2, _loss_check(stand, run, user_loss, ref_loss, options)))  # type: ignore[arg-type]
+    checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     report = Report(
-        kind="linear", ok=ok, loss=float(ref_loss),
+        kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
         loss_per_sample_shape=plan.shape[:-1] if stand.reduction == "none" else None,
         shape=plan.shape, n_rows=plan.shape[0], n_classes=stand.n_classes,
         n_ignored=sum(p.n_ignored for p in parts), reduction=stand.reduction,
-        target_kind="index", checks=tuple(checks),
+        target_kind="index", checks=checks,
         inputs=tuple(i for p in parts for i in p.inputs) + client_inputs
         + ((InputInfo("loss", loss_source, tuple(np.shape(loss)), str(np.asarray(loss).dtype)),)
            if loss is not None else ()),
-        warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode="off",
-        options=_echo(stand, batch.settings, options, users))
+        warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode=fd[0],
+        fd_evaluations=fd[1], options=_echo(stand, batch.settings, options, users))
     return ShardedReport("rows", report, tuple(_summary(s, p, stand) for s, p in zip(plan.shards, parts)))
 
 
