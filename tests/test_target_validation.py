@@ -110,3 +110,15 @@ def test_first_bad_label_in_a_later_block_is_named(dtype):
     layout = make_layout(labels.shape, -1, "y.npy")
     with pytest.raises(CeCheckError, match=r"label nan at index \(2, 5\) is outside \[0, 1\]"):
         _check_unit_interval(labels, layout, "y.npy")
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, np.nan, np.inf]), max_size=60),
+       k=st.integers(1, 12), threshold=st.sampled_from([-1.0, 0.5, 1.0]))
+def test_worst_columns_match_a_full_stable_sort(values, k, threshold):
+    from ce_cli.verify.compare import _largest
+
+    row = np.array(values, dtype=np.float64)
+    cols = np.flatnonzero(row > threshold)
+    expected = cols[np.argsort(-row[cols], kind="stable")[:k]] if cols.size > k else cols
+    assert _largest(row, cols, k).tolist() == expected.tolist()
