@@ -330,10 +330,17 @@ def _sample_weights(sw: np.ndarray, layout: Layout, source: str,
 
 
 def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> None:
-    step = max(1, (1 << 20) // max(1, layout.n_classes))
+    """Every label in [0, 1] (NaN fails). Numpy's own float and integer dtypes are compared in
+    their dtype (float64 conversion is exact and keeps the order), by min and max over blocks
+    that stay in cache; others are converted to float64 first."""
+    native = targets.dtype.kind in "fiu" and targets.dtype.isbuiltin == 1
+    step = max(1, (1 << 18 if native else 1 << 20) // max(1, layout.n_classes))
     for start in range(0, layout.n_rows, step):
-        block = np.asarray(targets[start:start + step], dtype=np.float64)
-        bad = ~((block >= 0.0) & (block <= 1.0))  # NaN fails too
+        block = targets[start:start + step] if native else np.asarray(targets[start:start + step],
+                                                                      dtype=np.float64)
+        if block.size and block.min() >= 0 and block.max() <= 1:  # NaN fails both
+            continue
+        bad = ~((block >= 0) & (block <= 1))
         if bad.any():
             r, c = (int(v) for v in np.argwhere(bad)[0])
             raise CeCheckError(

@@ -154,9 +154,7 @@ class Comparison:
             rows = rows[np.argsort(-rowmax[rows], kind="stable")[:k]]
         for r in rows.tolist():
             row, ref, got, diff, tol = open_row(r)
-            cols = np.flatnonzero(row > threshold)
-            if cols.size > k:
-                cols = cols[np.argsort(-row[cols], kind="stable")[:k]]
+            cols = _largest(row, np.flatnonzero(row > threshold), k)
             for j in cols.tolist():
                 g = float(np.asarray(got[j], dtype=np.float64))
                 self._worst.append((float(row[j]), row0 + r, j, float(ref[j]), g,
@@ -202,3 +200,14 @@ def _max_rel(diff: np.ndarray, ref: np.ndarray) -> float:
     """Largest |error| / |reference| over the entries whose reference is not 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(np.fmax.reduce(np.where(ref == 0, np.nan, diff / np.abs(ref))))
+
+
+def _largest(values: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """The k indices of `idx` with the largest `values`, largest first, ties in index order: a
+    stable argsort of the candidates at or above the k-th largest value (no NaN among them)."""
+    if idx.size <= k:
+        return idx
+    vals = values[idx]
+    kth = np.partition(vals, vals.size - k)[vals.size - k]
+    idx = idx[vals >= kth]
+    return idx[np.argsort(-values[idx], kind="stable")[:k]]
