@@ -720,17 +720,21 @@ def _exact_weight_by_vocab(problem: LinearCE, user: UserArray, lse: np.ndarray, 
 
 def _exact_weight_by_rows(problem: LinearCE, user: UserArray, herr: np.ndarray,
                           worst: int) -> CheckResult:
-    """Extended semantics: whole rows at a time (the softmax model normalises whole rows);
-    dL/dW and its floor accumulated over the row blocks, (V, H) each."""
-    V, H = problem.n_classes, problem.hidden_size
-    dw, fw = np.zeros((V, H)), np.zeros((V, H))
-    for r0 in range(0, problem.n_rows, problem.row_step()):
-        r1 = min(problem.n_rows, r0 + problem.row_step())
-        h, g, phi = problem.full_terms(slice(r0, r1), herr)
-        dw += g.T @ h
-        fw += phi.T @ np.abs(h)
+    """Extended semantics: whole rows at a time (the softmax model normalises whole rows), so
+    dL/dW is accumulated over the row blocks for one vocabulary range at a time, its float64
+    sums and float32 floor (12 bytes an entry) within half the row block's bytes: each range
+    recomputes the logits (V H 12 / (block_bytes / 2) passes instead of one (V, H) array)."""
+    N, H = problem.n_rows, problem.hidden_size
+    vstep = max(16, problem.block_bytes // (24 * max(1, H)))
+    rstep = max(1, problem.row_step() // 2)
     cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
-    cmp.update(0, dw, user.rows, fw * user.tol.floor_coef)
+    for v0, v1 in problem.vocab_blocks(vstep):
+        dw, fw = np.zeros((v1 - v0, H)), np.zeros((v1 - v0, H), dtype=np.float32)
+        for r0 in range(0, N, rstep):
+            h, g, phi = problem.full_terms(slice(r0, min(N, r0 + rstep)), herr)
+            dw += g[:, v0:v1].T @ h
+            fw += phi[:, v0:v1].astype(np.float32).T @ np.abs(h).astype(np.float32)
+        cmp.update(v0, dw, user.rows[v0:v1], fw.astype(np.float64) * user.tol.floor_coef)
     return cmp.result()
 
 
