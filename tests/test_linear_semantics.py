@@ -213,13 +213,14 @@ def test_floor_widened_by_the_accumulation_length(dtype):
     assert all("floor 4eps" in c.rule for c in given.checks if c.name.startswith("grad_"))
 
 
-@pytest.mark.parametrize("rows, sub", [(12, 4), (3, 1)])
+@pytest.mark.parametrize("rows, sub", [(24, 2), (3, 1)])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("without", [False, True])
 def test_extended_rows_in_sub_blocks_match_whole(monkeypatch, exact, without, rows, sub):
     """With the options the softmax model's rows are evaluated in sub-blocks of `semantic_step`
     rows (its ~12 temporaries each) inside row blocks of `row_step` (the 4 arrays kept), and
-    `--exact` sums dL/dW over vocabulary ranges (3-row blocks: 4 ranges of 16): the report is
+    `--exact` sums dL/dW over vocabulary ranges (3-row blocks: 4 ranges of 16; 24-row blocks:
+    12 sub-blocks of 2): the report is
     the whole-block one."""
     import ce_cli.models.linear as model
 

@@ -130,9 +130,10 @@ class LinearCE:
         return max(1, min(self.n_rows, self.block_bytes // per_row))
 
     def semantic_step(self) -> int:
-        """Rows the softmax model's `semantic_rows` evaluates at once (its EXTENDED_COPIES (R, V)
-        temporaries within the row block's bytes)."""
-        return max(1, self.block_bytes // (8 * max(1, self.n_classes) * EXTENDED_COPIES))
+        """Rows the softmax model's `semantic_rows` evaluates at once: its EXTENDED_COPIES (R, V)
+        temporaries within a quarter of the row block's bytes (the other three hold the logits,
+        G and phi meanwhile), so that the peak stays at `block_bytes`."""
+        return max(1, self.block_bytes // (8 * max(1, self.n_classes) * EXTENDED_COPIES * EXTENDED_HELD))
 
     def with_budget(self, input_bytes: int) -> LinearCE:
         """Row blocks of BLOCK_SHARE * input_bytes + BLOCK_BYTES (at most 1 GiB): fewer passes
