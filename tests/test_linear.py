@@ -212,6 +212,32 @@ def test_exact_in_small_blocks_matches_one_block(monkeypatch, bug):
             assert c.max_abs_err == pytest.approx(a.max_abs_err, rel=1e-6)
 
 
+def test_exact_all_gives_the_in_pass_verdicts():
+    """`exact_all` (the row shards' entry point: dL/dH from recomputed row blocks) agrees with
+    `check_linear --exact`, which compares dL/dH inside its pass."""
+    from ce_cli.verify import linear as verify
+    from ce_cli.verify.options import CheckOptions
+
+    h, w, y, b = problem(7)
+    dh, dw, _ = zoo("row_block_lost", h, w, y, b)
+    report = ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, exact=True,
+                                 fd="off")
+    opts, lin = CheckOptions.build(None, fd="off"), verify.LinearSettings(exact=True)
+    src = {r: r for r in verify.ROLES}
+    prob = verify._problem(h, w, y, b, None, None, opts, lin, src)[0]
+    users = verify.user_arrays(prob, {"grad_hidden": dh, "grad_weight": dw}, src, opts, "VH")
+    run = verify.linear_pass(prob, users, lin, opts)
+    assert run.exact_h is None
+    got = verify.exact_all(prob, users, run.lse, run.herr, opts.worst)
+    by = {c.name: c for c in report.checks}
+    assert [c.name for c in got] == ["grad_weight_vs_reference", "grad_hidden_vs_reference"]
+    for c in got:
+        a = by[c.name]
+        assert (a.ok, a.mismatches, a.total) == (c.ok, c.mismatches, c.total)
+        assert [e.index for e in a.worst] == [e.index for e in c.worst]
+    assert not by["grad_hidden_vs_reference"].ok
+
+
 def test_zoo_ignored_tokens_leave_the_hidden_gradient_alone():
     h, w, y, b = problem(7)
     dh, dw, db = zoo("ignored_in_dw", h, w, y, b)

@@ -448,7 +448,7 @@ class Pass:
 
     def __init__(self, problem: LinearCE, users: dict[str, UserArray], settings: LinearSettings,
                  fds: tuple[HiddenFD, WeightFD, WeightFD, BiasDirection],
-                 rng: np.random.Generator, worst: int = 5) -> None:
+                 rng: np.random.Generator, worst: int | None = None) -> None:
         self.problem, self.users = problem, users
         N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
         self.loss = np.zeros(N)
@@ -464,8 +464,9 @@ class Pass:
                    if project and "grad_hidden" in users else None)
         kw = k if self.pw is not None else 0
         self.kw = kw
+        # `worst` given: `exact`'s dL/dH compared here (check_linear; row shards call exact_all)
         self.exact_h = (ExactHidden(problem, users["grad_hidden"], worst)
-                        if settings.exact and "grad_hidden" in users else None)
+                        if settings.exact and worst is not None and "grad_hidden" in users else None)
         self.wa = np.zeros((V, 2 + kw))        # a^T [sQ, sQ hr, s|Q| |h|_2]
         self.wp = np.zeros((V, 2))             # P^T [s|Q|, s|Q| |h|]
         self._weight_side()
@@ -677,13 +678,20 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
 
 def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, herr: np.ndarray,
               worst: int) -> list[CheckResult]:
-    """Every entry of dL/dW (`--exact`; dL/dH is compared inside the pass, `ExactHidden`)."""
-    gw = users.get("grad_weight")
-    if gw is None:
-        return []
-    if problem.extended:
-        return [_exact_weight_by_rows(problem, gw, herr, worst)]
-    return [_exact_weight_by_vocab(problem, gw, lse, herr, worst)]
+    """Every entry of dL/dW and dL/dH (`--exact`), each of `users` that is given; `check_linear`
+    compares dL/dH inside its pass instead (`ExactHidden`), this recomputes the row blocks."""
+    out = []
+    gw, gh = users.get("grad_weight"), users.get("grad_hidden")
+    if gw is not None:
+        out.append(_exact_weight_by_rows(problem, gw, herr, worst) if problem.extended
+                   else _exact_weight_by_vocab(problem, gw, lse, herr, worst))
+    if gh is not None:
+        exact_h = ExactHidden(problem, gh, worst)
+        for r0 in range(0, problem.n_rows, problem.row_step()):
+            blk = problem.forward_block(r0, min(problem.n_rows, r0 + problem.row_step()))
+            exact_h.update(blk, herr[blk.start:blk.stop])
+        out.append(exact_h.cmp.result())
+    return out
 
 
 def _exact_steps(problem: LinearCE) -> tuple[int, int]:
@@ -834,7 +842,7 @@ def check_linear(
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
     user_loss = _user_loss(problem, loss, src["loss"], opts)
-    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress)
+    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress, True)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
     ranked += _fd_checks(problem, users, (hp, wp, bias_probes), opts.worst, run.bdir.u)
     total = loss_sum(run.loss)
@@ -874,10 +882,10 @@ def _problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weight: Any
 
 
 def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
-            opts: CheckOptions, progress: Callable[[int, int], None] | None
-            ) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
-    """The finite-difference probes and the streaming pass; the bias direction's result joins
-    the bias's entry probes."""
+            opts: CheckOptions, progress: Callable[[int, int], None] | None,
+            exact_hidden: bool = False) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
+    """The finite-difference probes and the streaming pass (`exact_hidden`: comparing `exact`'s
+    dL/dH as it goes); the bias direction's result joins the bias's entry probes."""
     rng = np.random.default_rng(opts.seed)
     mode, hp, wp, bp = choose_probes(problem, opts, rng)
     gb_user = users.get("grad_bias")
@@ -885,7 +893,7 @@ def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
            WeightFD(problem, wp, users.get("grad_weight")),
            WeightFD(problem, bp, _bias_column(gb_user), lambda blk: np.ones((blk.h.shape[0], 1))),
            BiasDirection(problem, rng, mode != "off"))
-    run = Pass(problem, users, lin, fds, rng, opts.worst)
+    run = Pass(problem, users, lin, fds, rng, opts.worst if exact_hidden else None)
     run.run(progress)
     if run.bdir.on:
         bp = _join(run.bdir.probes(run.db, run.db_floor, gb_user), bp)
@@ -917,7 +925,8 @@ def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,
                      lin: LinearSettings, worst: int) -> list[tuple[int, CheckResult]]:
     out: list[tuple[int, CheckResult]] = []
     if lin.exact:
-        out += [(1, c) for c in exact_all(problem, users, run.lse, run.herr, worst)]
+        weight = {k: u for k, u in users.items() if k == "grad_weight" or run.exact_h is None}
+        out += [(1, c) for c in exact_all(problem, weight, run.lse, run.herr, worst)]
         if run.exact_h is not None:
             out.append((1, run.exact_h.cmp.result()))
     if run.ph is not None:
