@@ -842,7 +842,7 @@ def check_linear(
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
     user_loss = _user_loss(problem, loss, src["loss"], opts)
-    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress, True)
+    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress, exact_hidden=True)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
     ranked += _fd_checks(problem, users, (hp, wp, bias_probes), opts.worst, run.bdir.u)
     total = loss_sum(run.loss)
