@@ -183,6 +183,61 @@ def test_bug_zoo_caught_and_localised(bug, exact):
         assert f"fail: {lo}-{2 * lo - 1}" in check.note
 
 
+@pytest.mark.parametrize("bug", [None, "row_block_lost", "vocab_block_twice", "wrong_w_block"])
+def test_exact_in_small_blocks_matches_one_block(monkeypatch, bug):
+    """`--exact` with many row and vocabulary blocks (dL/dH in the pass's row blocks, dL/dW per
+    vocabulary block over recomputed row blocks) gives the one-block verdicts and worst entries."""
+    from ce_cli.models import linear as model
+    from ce_cli.verify import linear as verify
+
+    h, w, y, b = problem(7)
+    if bug is None:
+        _, dh, dw, db, _ = reference(h, w, y, b)
+    else:
+        dh, dw, db = zoo(bug, h, w, y, b)
+    grads = dict(bias=b, grad_hidden=dh, grad_weight=dw, grad_bias=db, exact=True, fd="off")
+    whole = ce_cli.check_linear(h, w, y, **grads)
+    monkeypatch.setattr(model, "BLOCK_BYTES", 16 * 300 * 8)   # 16 rows a pass block: 4 blocks
+    monkeypatch.setattr(model, "BLOCK_SHARE", 0.0)
+    monkeypatch.setattr(model, "VOCAB_BYTES", 8 * 24 * 100)   # 256 vocabulary rows a block
+    monkeypatch.setattr(verify, "EXACT_BLOCK_BYTES", 8 * 24 * 40)  # dL/dW: 40 x 24 blocks
+    assert verify._exact_steps(model.LinearCE(h, w, None, y, y >= 0, None, 0.0, "mean", 1.0, (64,)
+                                              )) == (40, 24)
+    blocked = ce_cli.check_linear(h, w, y, **grads)
+    assert blocked.ok is whole.ok is (bug is None)
+    for a, c in zip(whole.checks, blocked.checks):
+        assert (a.name, a.ok, a.mismatches, a.total) == (c.name, c.ok, c.mismatches, c.total)
+        if not a.ok:  # a correct gradient's worst entries are rounding: their order may differ
+            assert [e.index for e in a.worst] == [e.index for e in c.worst]
+            assert c.max_abs_err == pytest.approx(a.max_abs_err, rel=1e-6)
+
+
+def test_exact_all_gives_the_in_pass_verdicts():
+    """`exact_all` (the row shards' entry point: dL/dH from recomputed row blocks) agrees with
+    `check_linear --exact`, which compares dL/dH inside its pass."""
+    from ce_cli.verify import linear as verify
+    from ce_cli.verify.options import CheckOptions
+
+    h, w, y, b = problem(7)
+    dh, dw, _ = zoo("row_block_lost", h, w, y, b)
+    report = ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, exact=True,
+                                 fd="off")
+    opts, lin = CheckOptions.build(None, fd="off"), verify.LinearSettings(exact=True)
+    src = {r: r for r in verify.ROLES}
+    prob = verify._problem(h, w, y, b, None, None, opts, lin, src)[0]
+    users = verify.user_arrays(prob, {"grad_hidden": dh, "grad_weight": dw}, src, opts, "VH")
+    run = verify.linear_pass(prob, users, lin, opts)
+    assert run.exact_h is None
+    got = verify.exact_all(prob, users, run.lse, run.herr, opts.worst)
+    by = {c.name: c for c in report.checks}
+    assert [c.name for c in got] == ["grad_weight_vs_reference", "grad_hidden_vs_reference"]
+    for c in got:
+        a = by[c.name]
+        assert (a.ok, a.mismatches, a.total) == (c.ok, c.mismatches, c.total)
+        assert [e.index for e in a.worst] == [e.index for e in c.worst]
+    assert not by["grad_hidden_vs_reference"].ok
+
+
 def test_zoo_ignored_tokens_leave_the_hidden_gradient_alone():
     h, w, y, b = problem(7)
     dh, dw, db = zoo("ignored_in_dw", h, w, y, b)

@@ -211,3 +211,33 @@ def test_floor_widened_by_the_accumulation_length(dtype):
     assert "floor 26eps" in rules["grad_hidden_vs_reference"]           # 4 + ceil(4 * log2(40))
     given = ce_cli.check_linear(h, w, y, fd="off", exact=True, floor_factor=4.0, **grads)
     assert all("floor 4eps" in c.rule for c in given.checks if c.name.startswith("grad_"))
+
+
+@pytest.mark.parametrize("rows, sub", [(24, 2), (3, 1)])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("without", [False, True])
+def test_extended_rows_in_sub_blocks_match_whole(monkeypatch, exact, without, rows, sub):
+    """With the options the softmax model's rows are evaluated in sub-blocks of `semantic_step`
+    rows (its ~12 temporaries each) inside row blocks of `row_step` (the 4 arrays kept), and
+    `--exact` sums dL/dW over vocabulary ranges (3-row blocks: 4 ranges of 16; 24-row blocks:
+    12 sub-blocks of 2): the report is
+    the whole-block one."""
+    import ce_cli.models.linear as model
+
+    arrays, inputs, spec = case_arrays("all")
+    grads = {g: arrays[f"{g}_without" if without else g] for g in GRADS}
+    args = (arrays["hidden"], arrays["weight"], arrays["labels"])
+    whole = ce_cli.check_linear(*args, **inputs, **grads, exact=exact, **spec)
+    monkeypatch.setattr(model, "BLOCK_BYTES", rows * 64 * 8 * model.EXTENDED_HELD)
+    monkeypatch.setattr(model, "BLOCK_SHARE", 0.0)
+    calls = []
+    original = model.LinearCE.evaluate_part
+    monkeypatch.setattr(model.LinearCE, "evaluate_part",
+                        lambda self, x, *a: calls.append(x.shape[0]) or original(self, x, *a))
+    blocked = ce_cli.check_linear(*args, **inputs, **grads, exact=exact, **spec)
+    assert max(calls) == sub
+    assert blocked.ok is whole.ok is (not without)
+    assert blocked.loss == pytest.approx(whole.loss, rel=1e-14)
+    for a, c in zip(whole.checks, blocked.checks):
+        assert (a.name, a.ok, a.mismatches, a.total) == (c.name, c.ok, c.mismatches, c.total)
+        assert c.max_abs_err == pytest.approx(a.max_abs_err, rel=1e-6, abs=1e-14)

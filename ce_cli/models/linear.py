@@ -40,7 +40,8 @@ from ce_cli.models.softmax import build_softmax_ce
 BLOCK_BYTES = 256 << 20   # one row block's float64 logits (W is converted once per row block) ...
 BLOCK_SHARE = 0.15        # ... or this share of the input bytes plus BLOCK_BYTES, up to 1 GiB
 CHUNK_BYTES = 8 << 20     # column chunks of a row block: wide enough for BLAS, near the cache
-EXTENDED_COPIES = 12      # (R, V) arrays `semantic_rows` holds at once
+EXTENDED_COPIES = 12      # (R, V) arrays `semantic_rows` holds at once: it runs on sub-blocks
+EXTENDED_HELD = 4         # (R, V) arrays an extended row block keeps: logits, G, phi, |G|
 VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")
 
@@ -125,8 +126,14 @@ class LinearCE:
             yield v0, min(self.n_classes, v0 + step)
 
     def row_step(self) -> int:
-        per_row = 8 * max(1, self.n_classes) * (EXTENDED_COPIES if self.extended else 1)
+        per_row = 8 * max(1, self.n_classes) * (EXTENDED_HELD if self.extended else 1)
         return max(1, min(self.n_rows, self.block_bytes // per_row))
+
+    def semantic_step(self) -> int:
+        """Rows the softmax model's `semantic_rows` evaluates at once: its EXTENDED_COPIES (R, V)
+        temporaries within a quarter of the row block's bytes (the other three hold the logits,
+        G and phi meanwhile), so that the peak stays at `block_bytes`."""
+        return max(1, self.block_bytes // (8 * max(1, self.n_classes) * EXTENDED_COPIES * EXTENDED_HELD))
 
     def with_budget(self, input_bytes: int) -> LinearCE:
         """Row blocks of BLOCK_SHARE * input_bytes + BLOCK_BYTES (at most 1 GiB): fewer passes
@@ -180,6 +187,24 @@ class LinearCE:
 
     def evaluate(self, x: np.ndarray, rows: np.ndarray, herr: np.ndarray
                  ) -> tuple[ChunkEval, np.ndarray]:
+        """`evaluate_part` over sub-blocks of `semantic_step` rows, written into one G and phi
+        (the per-row values joined; the softmax model's own floor is folded into phi)."""
+        step = self.semantic_step()
+        if x.shape[0] <= step:
+            return self.evaluate_part(x, rows, herr)
+        grad, phi = np.empty(x.shape), np.empty(x.shape)
+        parts = []
+        for i in range(0, x.shape[0], step):
+            ev, phi[i:i + step] = self.evaluate_part(x[i:i + step], rows[i:i + step], herr[i:i + step])
+            grad[i:i + step] = ev.grad
+            parts.append(replace(ev, grad=None, floor=None))
+        joined: dict[str, Any] = {f: np.concatenate([getattr(p, f) for p in parts])
+                  for f in ("loss", "lse", "total_weight", "row_max", "log1p_s1", "row_terms")
+                  if getattr(parts[0], f) is not None}
+        return replace(parts[0], grad=grad, **joined), phi
+
+    def evaluate_part(self, x: np.ndarray, rows: np.ndarray, herr: np.ndarray
+                      ) -> tuple[ChunkEval, np.ndarray]:
         """Extended semantics on raw logits x (R, V): the softmax model's rows (loss, lse, the
         reduced gradient w.r.t. x) and the gradient's floor in units of k*eps, plus the logits'
         own rounding, which moves z = T(x) by |T'| herr and a by a |T'| 2 herr."""
@@ -190,7 +215,7 @@ class LinearCE:
         a *= (2.0 * herr * np.abs(ev.total_weight) * abs(self.grad_scale))[:, None]
         a *= np.abs(dz)
         a += ev.floor
-        return ev, a
+        return replace(ev, floor=None), a
 
     def row_loss(self, z: np.ndarray, lse: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """loss_n = Q lse - alpha z_y - beta w.z (0 for ignored rows), from full logit rows."""

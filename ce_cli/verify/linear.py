@@ -12,7 +12,8 @@ bounded by a sum over the row's products); a correct row (|e_j| <= t_j) fails wi
 <= 2 exp(-c^2 / 2), and a row whose error e has |e|_2 >= L * c * T passes one projection with
 probability <= sqrt(2/pi) / L (e.r ~ N(0, |e|^2)), all k with that to the k-th. Failing rows are
 then computed exactly and compared entry by entry, to list the worst entries with their index.
-`exact` instead computes every entry in a second pass (vocabulary blocks outer).
+`exact` instead computes every entry: dL/dH row block by row block inside the pass, dL/dW in a
+second pass (vocabulary blocks outer, the row blocks' logits recomputed).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 CONFIDENCE = 8.0       # c: a correct row fails a projection with probability <= 2 exp(-32)
 FD_SAFETY = 2.0
-EXACT_BLOCK_BYTES = 64 << 20
+EXACT_BLOCK_BYTES = 32 << 20   # --exact's dL/dW: each float64 block (vocabulary, rows or both)
 FD_AUTO_DIRECTIONAL = 1 << 28  # N * V * H up to which `auto` probes every row
 GAUSS_DENSITY = math.sqrt(2.0 / math.pi)
 ACCUMULATE_EPS = float(np.finfo(np.float32).eps)  # kernels accumulate in float32 at least
@@ -409,13 +410,16 @@ class BiasDirection:
         self.bound += scale * float(err.sum())
 
     def update_rows(self, problem: LinearCE, blk: RowBlock) -> None:
-        """Extended semantics: both moved blocks evaluated by the softmax model, with its bound."""
-        sm, rows = problem.sm, blk.rows
-        ep = sm.evaluate_rows(blk.z + self.u, rows, grad=False)
-        em = sm.evaluate_rows(blk.z - self.u, rows, grad=False)
-        self.fd += problem.grad_scale * float((ep.loss - em.loss).sum())
-        delta = np.broadcast_to(2.0 * self.u, blk.z.shape)
-        self.bound += float(sm.directional_error_bound(ep, em, delta).sum())
+        """Extended semantics: both moved blocks evaluated by the softmax model, with its bound
+        (in the model's sub-blocks)."""
+        sm, step = problem.sm, problem.semantic_step()
+        for i in range(0, blk.z.shape[0], step):
+            z, rows = blk.z[i:i + step], blk.rows[i:i + step]
+            ep = sm.evaluate_rows(z + self.u, rows, grad=False)
+            em = sm.evaluate_rows(z - self.u, rows, grad=False)
+            self.fd += problem.grad_scale * float((ep.loss - em.loss).sum())
+            delta = np.broadcast_to(2.0 * self.u, z.shape)
+            self.bound += float(sm.directional_error_bound(ep, em, delta).sum())
 
     def probes(self, db: np.ndarray, db_floor: np.ndarray, user: UserArray | None) -> Probes:
         """The direction as one probe (owner -1): finite difference, reference db . 2u, bounds."""
@@ -447,7 +451,7 @@ class Pass:
 
     def __init__(self, problem: LinearCE, users: dict[str, UserArray], settings: LinearSettings,
                  fds: tuple[HiddenFD, WeightFD, WeightFD, BiasDirection],
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, worst: int | None = None) -> None:
         self.problem, self.users = problem, users
         N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
         self.loss = np.zeros(N)
@@ -463,6 +467,9 @@ class Pass:
                    if project and "grad_hidden" in users else None)
         kw = k if self.pw is not None else 0
         self.kw = kw
+        # `worst` given: `exact`'s dL/dH compared here (check_linear; row shards call exact_all)
+        self.exact_h = (ExactHidden(problem, users["grad_hidden"], worst)
+                        if settings.exact and worst is not None and "grad_hidden" in users else None)
         self.wa = np.zeros((V, 2 + kw))        # a^T [sQ, sQ hr, s|Q| |h|_2]
         self.wp = np.zeros((V, 2))             # P^T [s|Q|, s|Q| |h|]
         self._weight_side()
@@ -500,6 +507,8 @@ class Pass:
             self.wfd.update(blk, herr)
             self.bfd.update(blk, herr)
             self._gradients(blk, herr)
+            if self.exact_h is not None:
+                self.exact_h.update(blk, herr)
             del blk
             if progress is not None:
                 progress(r1, N)
@@ -672,73 +681,99 @@ def exact_hidden_rows(problem: LinearCE, rows: np.ndarray, lse: np.ndarray, herr
 
 def exact_all(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray, herr: np.ndarray,
               worst: int) -> list[CheckResult]:
-    """Every entry of dL/dW and dL/dH (`--exact`)."""
-    if problem.extended:
-        return _exact_all_rows(problem, users, herr, worst)
-    return _exact_all_columns(problem, users, lse, herr, worst)
-
-
-def _exact_all_columns(problem: LinearCE, users: dict[str, UserArray], lse: np.ndarray,
-                       herr: np.ndarray, worst: int) -> list[CheckResult]:
-    """Every entry of dL/dW (per vocabulary block, compared at once) and dL/dH (accumulated)."""
+    """Every entry of dL/dW and dL/dH (`--exact`), each of `users` that is given; `check_linear`
+    compares dL/dH inside its pass instead (`ExactHidden`), this recomputes the row blocks."""
+    out = []
     gw, gh = users.get("grad_weight"), users.get("grad_hidden")
+    if gw is not None:
+        out.append(_exact_weight_by_rows(problem, gw, herr, worst) if problem.extended
+                   else _exact_weight_by_vocab(problem, gw, lse, herr, worst))
+    if gh is not None:
+        exact_h = ExactHidden(problem, gh, worst)
+        for r0 in range(0, problem.n_rows, problem.row_step()):
+            blk = problem.forward_block(r0, min(problem.n_rows, r0 + problem.row_step()))
+            exact_h.update(blk, herr[blk.start:blk.stop])
+        out.append(exact_h.cmp.result())
+    return out
+
+
+def _exact_steps(problem: LinearCE) -> tuple[int, int]:
+    """(vocabulary, row) block sizes of `--exact`'s dL/dW: every (vocabulary x H), (rows x H)
+    and (rows x vocabulary) float64 block within EXACT_BLOCK_BYTES."""
+    H = max(1, problem.hidden_size)
+    vstep = max(16, EXACT_BLOCK_BYTES // (8 * H))
+    return vstep, max(16, EXACT_BLOCK_BYTES // (8 * max(H, vstep)))
+
+
+def _exact_weight_by_vocab(problem: LinearCE, user: UserArray, lse: np.ndarray, herr: np.ndarray,
+                           worst: int) -> CheckResult:
+    """Every entry of dL/dW, one vocabulary block at a time: G[:, block]^T H and phi^T |H| summed
+    over the row blocks (their logits recomputed from the pass's lse), compared before the next
+    block, so that no (V, H) or (N, V) float64 array exists whatever N and V."""
     N, H = problem.n_rows, problem.hidden_size
-    h = problem.hidden_rows(slice(None))
-    habs = np.abs(h).astype(np.float32)
-    cw = _cmp("grad_weight_vs_reference", gw, worst, "exact: every entry") if gw else None
-    ch = _cmp("grad_hidden_vs_reference", gh, worst, "exact: every entry") if gh else None
-    dh = np.zeros((N, H)) if gh else None
-    fh = np.zeros((N, H), dtype=np.float32) if gh else None
-    step = max(1, EXACT_BLOCK_BYTES // (8 * max(1, N)))
-    for v0, v1 in problem.vocab_blocks(step):
-        w = problem.weight_block(v0, v1)
-        g, phi = problem.grad_terms(problem.logits(h, v0, v1, w), np.arange(N), np.arange(v0, v1),
-                                    lse, herr)
-        phi32 = phi.astype(np.float32)
-        if cw is not None and gw is not None:
-            floor = (phi32.T @ habs).astype(np.float64) * gw.tol.floor_coef
-            cw.update(v0, g.T @ h, gw.rows[v0:v1], floor)
-        if dh is not None and fh is not None:
-            dh += g @ w
-            fh += phi32 @ np.abs(w).astype(np.float32)
-    out = []
-    if cw is not None:
-        out.append(cw.result())
-    if ch is not None and gh is not None and dh is not None and fh is not None:
-        ch.update(0, dh, gh.rows, fh.astype(np.float64) * gh.tol.floor_coef)
-        out.append(ch.result())
-    return out
-
-
-def _exact_all_rows(problem: LinearCE, users: dict[str, UserArray], herr: np.ndarray,
-                    worst: int) -> list[CheckResult]:
-    """Extended semantics: whole rows at a time (the softmax model normalises whole rows);
-    dL/dW accumulated over the row blocks, dL/dH compared block by block."""
-    gw, gh = users.get("grad_weight"), users.get("grad_hidden")
-    V, H = problem.n_classes, problem.hidden_size
-    dw, fw = (np.zeros((V, H)), np.zeros((V, H))) if gw else (None, None)
-    ch = _cmp("grad_hidden_vs_reference", gh, worst, "exact: every entry") if gh else None
-    for r0 in range(0, problem.n_rows, problem.row_step()):
-        r1 = min(problem.n_rows, r0 + problem.row_step())
-        h, g, phi = problem.full_terms(slice(r0, r1), herr)
-        if dw is not None and fw is not None:
+    cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
+    vstep, rstep = _exact_steps(problem)
+    for v0, v1 in problem.vocab_blocks(vstep):
+        w, cols = problem.weight_block(v0, v1), np.arange(v0, v1)
+        dw, fw = np.zeros((v1 - v0, H)), np.zeros((v1 - v0, H))
+        for r0 in range(0, N, rstep):
+            r1 = min(N, r0 + rstep)
+            h = problem.hidden_rows(slice(r0, r1))
+            g, phi = problem.grad_terms(problem.logits(h, v0, v1, w), np.arange(r0, r1), cols,
+                                        lse[r0:r1], herr[r0:r1])
             dw += g.T @ h
-            fw += phi.T @ np.abs(h)
-        if ch is not None and gh is not None:
-            dh, fh = np.zeros((r1 - r0, H)), np.zeros((r1 - r0, H))
-            for v0, v1 in problem.vocab_blocks():
-                w = problem.weight_block(v0, v1)
-                dh += g[:, v0:v1] @ w
-                fh += phi[:, v0:v1] @ np.abs(w)
-            ch.update(r0, dh, gh.rows[r0:r1], fh * gh.tol.floor_coef)
-    out = []
-    if gw is not None and dw is not None and fw is not None:
-        cw = _cmp("grad_weight_vs_reference", gw, worst, "exact: every entry")
-        cw.update(0, dw, gw.rows, fw * gw.tol.floor_coef)
-        out.append(cw.result())
-    if ch is not None:
-        out.append(ch.result())
-    return out
+            # the floor is a bound: float32 products (half the time of float64's)
+            fw += phi.astype(np.float32).T @ np.abs(h).astype(np.float32)
+        fw *= user.tol.floor_coef
+        cmp.update(v0, dw, user.rows[v0:v1], fw)
+    return cmp.result()
+
+
+def _exact_weight_by_rows(problem: LinearCE, user: UserArray, herr: np.ndarray,
+                          worst: int) -> CheckResult:
+    """Extended semantics: whole rows at a time (the softmax model normalises whole rows), so
+    dL/dW is accumulated over the row blocks for one vocabulary range at a time, its float64
+    sums and float32 floor (12 bytes an entry) within a quarter of the row block's bytes, the
+    rows in quarter blocks: each range recomputes the logits (V H 12 / (block_bytes / 4) passes
+    instead of one (V, H) array; half blocks peaked at 1.96 GiB at 2048 tokens, over budget)."""
+    N, H = problem.n_rows, problem.hidden_size
+    vstep = max(16, problem.block_bytes // (48 * max(1, H)))
+    rstep = max(1, problem.row_step() // 4)
+    cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
+    for v0, v1 in problem.vocab_blocks(vstep):
+        dw, fw = np.zeros((v1 - v0, H)), np.zeros((v1 - v0, H), dtype=np.float32)
+        for r0 in range(0, N, rstep):
+            h, g, phi = problem.full_terms(slice(r0, min(N, r0 + rstep)), herr)
+            dw += g[:, v0:v1].T @ h
+            fw += phi[:, v0:v1].astype(np.float32).T @ np.abs(h).astype(np.float32)
+        cmp.update(v0, dw, user.rows[v0:v1], fw.astype(np.float64) * user.tol.floor_coef)
+    return cmp.result()
+
+
+class ExactHidden:
+    """`--exact`'s dL/dH inside the pass, row block by row block: G W and phi |W| from the
+    block's own logits (no second logits product), compared before the next block."""
+
+    def __init__(self, problem: LinearCE, user: UserArray, worst: int) -> None:
+        self.problem, self.user = problem, user
+        self.cmp = _cmp("grad_hidden_vs_reference", user, worst, "exact: every entry")
+
+    def update(self, blk: RowBlock, herr: np.ndarray) -> None:
+        problem = self.problem
+        dh = np.zeros(blk.h.shape)
+        fh = np.zeros(blk.h.shape, dtype=np.float32)
+        for v0, v1 in problem.vocab_blocks():
+            w = problem.weight_block(v0, v1)
+            if blk.ev is not None and blk.phi is not None and blk.ev.grad is not None:
+                g, phi = blk.ev.grad[:, v0:v1], blk.phi[:, v0:v1]
+            else:
+                g, phi = problem.grad_terms(blk.z[:, v0:v1], blk.rows, np.arange(v0, v1),
+                                            blk.lse, herr)
+            dh += g @ w
+            fh += phi.astype(np.float32) @ np.abs(w).astype(np.float32)
+        floor = fh.astype(np.float64)
+        floor *= self.user.tol.floor_coef
+        self.cmp.update(blk.start, dh, self.user.rows[blk.start:blk.stop], floor)
 
 
 def _cmp(name: str, user: UserArray, worst: int, note: str = "") -> Comparison:
@@ -811,7 +846,7 @@ def check_linear(
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
     user_loss = _user_loss(problem, loss, src["loss"], opts)
-    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress)
+    run, mode, (hp, wp, bias_probes) = _stream(problem, users, lin, opts, progress, exact_hidden=True)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
     ranked += _fd_checks(problem, users, (hp, wp, bias_probes), opts.worst, run.bdir.u)
     total = loss_sum(run.loss)
@@ -856,10 +891,11 @@ ChooseProbes = Callable[[LinearCE, CheckOptions, np.random.Generator],
 
 def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
             opts: CheckOptions, progress: Callable[[int, int], None] | None,
-            choose: ChooseProbes | None = None, rows_total: int | None = None
-            ) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
+            choose: ChooseProbes | None = None, rows_total: int | None = None,
+            exact_hidden: bool = False) -> tuple[Pass, str, tuple[Probes, Probes, Probes]]:
     """The finite-difference probes (`choose`: a row shard's draw of the batch's) and the
-    streaming pass; the bias direction's result joins the bias's entry probes."""
+    streaming pass (`exact_hidden`: comparing `exact`'s dL/dH as it goes); the bias direction's
+    result joins the bias's entry probes."""
     rng = np.random.default_rng(opts.seed)
     mode, hp, wp, bp = (choose or choose_probes)(problem, opts, rng)
     gb_user = users.get("grad_bias")
@@ -868,7 +904,7 @@ def _stream(problem: LinearCE, users: dict[str, UserArray], lin: LinearSettings,
            WeightFD(problem, bp, _bias_column(gb_user), lambda blk: np.ones((blk.h.shape[0], 1)),
                     rows_total),
            BiasDirection(problem, rng, mode != "off"))
-    run = Pass(problem, users, lin, fds, rng)
+    run = Pass(problem, users, lin, fds, rng, opts.worst if exact_hidden else None)
     run.run(progress)
     if run.bdir.on:
         bp = _join(run.bdir.probes(run.db, run.db_floor, gb_user), bp)
@@ -902,7 +938,10 @@ def _gradient_checks(problem: LinearCE, users: dict[str, UserArray], run: Pass,
                      lin: LinearSettings, worst: int) -> list[tuple[int, CheckResult]]:
     out: list[tuple[int, CheckResult]] = []
     if lin.exact:
-        out += [(1, c) for c in exact_all(problem, users, run.lse, run.herr, worst)]
+        weight = {k: u for k, u in users.items() if k == "grad_weight" or run.exact_h is None}
+        out += [(1, c) for c in exact_all(problem, weight, run.lse, run.herr, worst)]
+        if run.exact_h is not None:
+            out.append((1, run.exact_h.cmp.result()))
     if run.ph is not None:
         out.append((1, projection_result(
             run.ph, lambda rows: exact_hidden_rows(problem, rows, run.lse, run.herr), lin, worst,
