@@ -99,7 +99,7 @@ def subset(shown, real, where: str = "$") -> None:
 
 def test_readme_is_short_with_a_table_of_contents():
     text = README.read_text(encoding="utf-8")
-    assert len(text.splitlines()) <= 310
+    assert len(text.splitlines()) <= 330
     contents = re.search(r"^\*\*Contents:\*\*(.*?)^$", text, re.M | re.S)
     assert contents, "README.md has no table of contents"
     anchors = set(re.findall(r"\]\(#([^)]+)\)", contents.group(1)))
