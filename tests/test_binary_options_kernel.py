@@ -21,7 +21,7 @@ from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
 from ce_cli.models.sigmoid import build_sigmoid_bce
 from ce_cli.verify.checks import check_binary
 from tests.test_fused import (  # noqa: F401 (fixtures)
-    _unit_funcs, compiled_kernel, needs_kernel, on_target)
+    _unit_funcs, bce_grad_floor, compiled_kernel, needs_kernel, on_target)
 
 OPTIONS = {
     "smoothing": {"label_smoothing": 0.2},
@@ -119,15 +119,7 @@ def test_gradient_and_floor_bits_are_numpys_formulas(opt, on_target):
     ev = problem.kernel.evaluate(z, rows, grad=True, floor_coef=1e-7)
     y, w, pw = problem.coefficients(rows)
     e = _unit_funcs(on_target, z.ravel())[0].reshape(z.shape)
-    pos = y if pw is None else pw * y
-    coef = np.ones_like(y) if pw is None else 1.0 + (pw - 1.0) * y
-    with np.errstate(invalid="ignore"):
-        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
-    s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
-    scale = problem.grad_scale
-    w = np.ones_like(y) if w is None else w
-    g = ((1.0 - y) * s_pos - pos * s_neg) * (w * scale)
-    floor = 1e-7 * scale * (np.abs(coef) * s_pos + np.abs(pos)) * np.abs(w)
+    g, floor = bce_grad_floor(z, e, y, pw, np.ones_like(y) if w is None else w, problem.grad_scale)
     np.testing.assert_array_equal(ev.grad.view(np.uint64), g.view(np.uint64))
     np.testing.assert_array_equal(ev.floor.view(np.uint64), floor.view(np.uint64))
 

@@ -673,6 +673,19 @@ def test_binary_and_probability_comparison_reports_like_numpy(kind, monkeypatch,
         assert abs(ea.expected - eb.expected) <= 1e-15 * abs(eb.expected) + 1e-300
 
 
+def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
+    """numpy_sigmoid's gradient and floor formulas, in its order, on a given e = exp(-|z|)
+    (`w`: element weights or None)."""
+    pos = y if pw is None else pw * y
+    coef = np.ones_like(y) if pw is None else 1.0 + (pw - 1.0) * y
+    with np.errstate(invalid="ignore"):
+        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
+    s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
+    g = ((1.0 - y) * s_pos - pos * s_neg) * (scale if w is None else w * scale)
+    floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    return g, (floor if w is None else floor * np.abs(w))
+
+
 @needs_kernel
 @pytest.mark.parametrize("opt", ["plain", "pw"])
 def test_binary_gradient_bits_from_the_kernels_exp(opt, on_target):
@@ -682,17 +695,8 @@ def test_binary_gradient_bits_from_the_kernels_exp(opt, on_target):
     z = np.asarray(problem.z)
     ev = problem.kernel.evaluate(z, np.arange(23), grad=True, floor_coef=1e-7)
     y = np.asarray(problem.targets, dtype=np.float64)
-    e, _ = _unit_funcs(on_target, z.ravel())
-    e = e.reshape(z.shape)
-    pw = problem.pos_weight
-    pos = y if pw is None else pw * y
-    coef = np.ones_like(y) if pw is None else 1.0 + (pw - 1.0) * y
-    with np.errstate(invalid="ignore"):
-        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
-    s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
-    scale = problem.grad_scale
-    g = ((1.0 - y) * s_pos - pos * s_neg) * scale
-    floor = 1e-7 * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    e = _unit_funcs(on_target, z.ravel())[0].reshape(z.shape)
+    g, floor = bce_grad_floor(z, e, y, problem.pos_weight, None, problem.grad_scale)
     np.testing.assert_array_equal(ev.grad.view(np.uint64), g.view(np.uint64))
     np.testing.assert_array_equal(ev.floor.view(np.uint64), floor.view(np.uint64))
 
