@@ -499,7 +499,8 @@ def _check_probs(probs: np.ndarray, layout: Layout, source: str, warnings: list[
     off_simplex = 0
     for start in range(0, layout.n_rows, step):
         block = np.asarray(probs[start:start + step], dtype=np.float64)
-        sums = block.sum(axis=1)
+        with np.errstate(over="ignore"):  # an overflowing sum is looked at below, not warned of
+            sums = block.sum(axis=1)
         if not np.isfinite(sums).all():
             _first_non_finite(block, start, layout, source)
         negative = negative or bool(block.min(initial=0.0) < 0)
