@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ def semantics() -> None:
                  "class_weight": cw, **out,
                  **{f"{k}_without": plain[k] for k in ("grad_hidden", "grad_weight", "grad_bias")}}
         arrays.update({f"{case}/{k}": v.numpy() for k, v in given.items() if v is not None})
+        arrays[f"{case}/call"] = np.array(json.dumps(opts))  # the ce-check settings of the call
     np.savez_compressed(OUT / "semantics.npz", **arrays)
 
 
