@@ -2,18 +2,23 @@
 
     python bench/cases.py                       # 4096 x 32000 float32, threads 1 and all cores
     python bench/cases.py --n 1024 --c 8000     # smaller
+    python bench/cases.py --kernels avx512,avx2,numpy --workdir /tmp/cases   # targets; keep inputs
     python bench/cases.py --scaling             # only the scaling table (in-process kernel)
 
 For each case (`binary`: multi-label logits, labels 0/1 at 5%; `probs`: softmax with dense soft
-targets) it writes float32 logits, labels and a correct float32 gradient as .npy, then times
+targets) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
+if given, where they are kept and reused, else a temporary directory), then times
 `ce-check binary|grad logits labels --grad grad --json` as a subprocess (whole process: start-up,
-loading, checking) at each thread count (CE_CHECK_THREADS) with the compiled kernel and with it
-off (CE_CHECK_FUSED=0), min and median of --repeat, and the child's peak RSS. The baseline is
+loading, checking) for each --kernels entry (`compiled`: the best target this CPU runs; a target
+name forces it, CE_CHECK_TARGET; `numpy`: CE_CHECK_FUSED=0) at each thread count
+(CE_CHECK_THREADS), min and median of --repeat, and the child's peak RSS. The baseline is
 PyTorch float64 forward + backward (BCEWithLogitsLoss, or F.cross_entropy with probability
 targets) on the same logits at the same thread count, run by --torch-python (default: this
 interpreter; skipped with a message when torch does not import there) as a subprocess, upcast
-excluded, min of --repeat (bench/torch_baseline.py). The peak-RSS budget counts every input file:
-1.2 x (logits + labels + grad bytes) + 256 MiB. The machine may be shared: report minima.
+excluded. Every round runs each configuration and the baseline once, so load from other
+processes spreads over all of them; ratios are min / min (bench/torch_baseline.py). The peak-RSS
+budget counts every input file: 1.2 x (logits + labels + grad bytes) + 256 MiB. The machine may
+be shared: report minima.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch_baseline import TORCH_PYTHON_HELP, rss_budget, run_torch
+from torch_baseline import TORCH_PYTHON_HELP, kernel_env, rss_budget, run_torch
 
 WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
@@ -39,6 +44,9 @@ WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
 
 
 def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, Path]:
+    paths = {name: workdir / f"{kind}_{n}x{c}_{name}.npy" for name in ("logits", "labels", "grad")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
     rng = np.random.default_rng(seed)
     z = (rng.standard_normal((n, c), dtype=np.float32) * 2).astype(np.float32)
     z64 = z.astype(np.float64)
@@ -53,26 +61,65 @@ def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, 
         z64 /= z64.sum(axis=1, keepdims=True)
         g = ((z64 - y) / n).astype(np.float32)
     del z64
-    paths = {}
     for name, arr in (("logits", z), ("labels", y), ("grad", g)):
-        paths[name] = workdir / f"{kind}_{name}.npy"
         np.save(paths[name], arr)
     return paths
 
 
-def run_ce_check(kind: str, paths: dict[str, Path], threads: int, fused: bool, repeat: int) -> dict:
+def run_ce_check(kind: str, paths: dict[str, Path], threads: int, kernel: str) -> tuple[float, int, bool]:
+    """One whole-process run: (wall seconds, peak RSS bytes, exit 0 with "ok": true)."""
     cmd = [str(Path(sys.executable).parent / "ce-check"), "binary" if kind == "binary" else "grad",
            str(paths["logits"]), str(paths["labels"]), "--grad", str(paths["grad"]), "--json"]
-    env = {**os.environ, "CE_CHECK_THREADS": str(threads), "CE_CHECK_FUSED": "1" if fused else "0",
+    env = {**os.environ, **kernel_env(kernel, threads),
            "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-    times, rss, ok = [], 0, True
-    for _ in range(repeat):
-        out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True,
-                             text=True, check=True).stdout.split()
-        times.append(float(out[0]))
-        rss = max(rss, int(out[1]) * 1024)
-        ok = ok and out[2] == "0" and out[3] == "True"
-    return {"min": min(times), "median": statistics.median(times), "peak_rss": rss, "ok": ok}
+    out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1]) * 1024, out[2] == "0" and out[3] == "True"
+
+
+def run_case(kind: str, paths: dict[str, Path], args, threads: list[int]) -> list[dict]:
+    """Every (threads, kernel) and the torch baseline at each thread count, once per round."""
+    configs = [(t, k) for t in threads for k in args.kernels]
+    runs: dict = {c: [] for c in configs}
+    rss = {c: 0 for c in configs}
+    ok = {c: True for c in configs}
+    torch_runs: dict[int, list[float]] = {t: [] for t in threads}
+    for i in range(args.repeat):
+        for t in threads:
+            torch_s, note = run_torch(args.torch_python, kind, paths, t, 1)
+            if torch_s is None and i == 0:
+                print(f"PyTorch baseline skipped: {note}", file=sys.stderr, flush=True)
+            if torch_s is not None:
+                torch_runs[t].append(torch_s)
+        for c in configs:
+            wall, peak, good = run_ce_check(kind, paths, *c)
+            runs[c].append(wall)
+            rss[c], ok[c] = max(rss[c], peak), ok[c] and good
+            print(f"round {i + 1}/{args.repeat}: {kind}, {c[1]}, {c[0]} thread(s): {wall:.2f} s",
+                  file=sys.stderr, flush=True)
+    budget = rss_budget(paths)
+    rows = []
+    for t, k in configs:
+        torch_s = min(torch_runs[t]) if torch_runs[t] else None
+        best = min(runs[t, k])
+        rows.append({"kind": kind, "n": args.n, "c": args.c, "threads": t, "kernel": k,
+                     "min": best, "median": statistics.median(runs[t, k]), "peak_rss": rss[t, k],
+                     "ok": ok[t, k], "torch_f64": torch_s, "ratio": best / torch_s if torch_s else None,
+                     "rss_budget": budget, "rss_ok": rss[t, k] <= budget})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    """The cases as a Markdown table: time and ratio to PyTorch per kernel and thread count."""
+    lines = ["| case | kernel | threads | ce-check | PyTorch f64 | ratio | peak RSS / budget |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        torch_s = f"{r['torch_f64']:.2f} s" if r["torch_f64"] else "skipped"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        lines.append(f"| {r['kind']} | {r['kernel']} | {r['threads']} | {r['min']:.2f} s | {torch_s} "
+                     f"| {ratio} | {r['peak_rss'] / r['rss_budget']:.2f}{'' if r['ok'] else ' (NOT OK)'} |")
+    return "\n".join(lines)
 
 
 def scaling(kind: str, shapes: list[tuple[int, int]], threads: list[int], repeat: int) -> list[dict]:
@@ -114,10 +161,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     p.add_argument("--cases", default="binary,probs")
+    p.add_argument("--kernels", default="compiled,numpy",
+                   help="comma-separated: compiled, a target (avx512, avx2, sse2, neon, scalar), numpy")
+    p.add_argument("--workdir", help="keep the inputs here and reuse them (default: a temporary directory)")
     p.add_argument("--torch-python", default=sys.executable, help=TORCH_PYTHON_HELP)
     p.add_argument("--scaling", action="store_true", help="only the scaling table")
     p.add_argument("--json-out")
     args = p.parse_args()
+    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     threads = sorted({int(t) for t in args.threads.split(",")})
     from ce_cli.kernels.compiled import target
     res: dict = {"target": target(), "cpu_count": os.cpu_count(), "cases": [], "scaling": []}
@@ -129,23 +180,11 @@ def main() -> None:
             res["scaling"] += scaling(kind, shapes, threads, args.repeat)
     else:
         with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(args.workdir or tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
             for kind in args.cases.split(","):
-                paths = make_case(kind, args.n, args.c, Path(tmp), 0)
-                budget = rss_budget(paths)
-                for t in threads:
-                    torch_s, note = run_torch(args.torch_python, kind, paths, t, args.repeat)
-                    if torch_s is None:
-                        print(f"PyTorch baseline skipped: {note}", file=sys.stderr, flush=True)
-                    for fused in (True, False):
-                        r = run_ce_check(kind, paths, t, fused, args.repeat)
-                        row = {"kind": kind, "n": args.n, "c": args.c, "threads": t, "compiled": fused,
-                               **r, "torch_f64": torch_s,
-                               "ratio": r["min"] / torch_s if torch_s else None,
-                               "rss_budget": budget, "rss_ok": r["peak_rss"] <= budget}
-                        res["cases"].append(row)
-                        print(json.dumps(row), file=sys.stderr, flush=True)
-                for f in paths.values():
-                    f.unlink()
+                res["cases"] += run_case(kind, make_case(kind, args.n, args.c, workdir, 0), args, threads)
+        print(render(res["cases"]), file=sys.stderr)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

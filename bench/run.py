@@ -67,7 +67,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ce_cli  # noqa: E402
-from torch_baseline import TORCH_PYTHON_HELP, input_bytes, rss_budget, run_torch  # noqa: E402
+from torch_baseline import TORCH_PYTHON_HELP, input_bytes, kernel_env, rss_budget, run_torch  # noqa: E402
 
 MB = 1 << 20  # MiB: sizes and RSS are reported in MiB
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -358,16 +358,6 @@ def bench_end_to_end(cmd, paths, workdir: Path, repeat: int, env: dict[str, str]
 
 
 # ----------------------------------------------------------------------------- 1b. kernel targets
-
-
-def kernel_env(kernel: str, threads: int) -> dict[str, str]:
-    """Environment overrides running ce-check on `kernel` (a target, or numpy) with `threads`."""
-    env = {"CE_CHECK_THREADS": str(threads)}
-    if kernel == "numpy":
-        env["CE_CHECK_FUSED"] = "0"
-    else:
-        env.update(CE_CHECK_FUSED="1", CE_CHECK_TARGET=kernel)
-    return env
 
 
 def kernel_target(env: dict[str, str]) -> str:

@@ -1,4 +1,5 @@
-"""The PyTorch baseline of the benches (bench/run.py, bench/cases.py), and their memory budget.
+"""What bench/run.py and bench/cases.py share: the PyTorch baseline, the memory budget and the
+kernel settings of a ce-check child.
 
 The baseline is float64 forward + backward of the loss ce-check verifies, on the same logits
 and targets at a given thread count, the upcast to float64 excluded, best of `repeat`:
@@ -80,3 +81,17 @@ def input_bytes(paths: dict[str, Path]) -> int:
 def rss_budget(paths: dict[str, Path]) -> float:
     """The peak-RSS target: 1.2 x all input bytes + 256 MiB."""
     return 1.2 * input_bytes(paths) + 256 * 2**20
+
+
+def kernel_env(kernel: str, threads: int) -> dict[str, str]:
+    """Environment overrides running ce-check on `kernel` with `threads` threads: a compiled
+    target (CE_CHECK_TARGET: avx512, avx2, sse2, neon, scalar), `compiled` (the best target this
+    CPU runs) or `numpy` (CE_CHECK_FUSED=0)."""
+    env = {"CE_CHECK_THREADS": str(threads)}
+    if kernel == "numpy":
+        env["CE_CHECK_FUSED"] = "0"
+    elif kernel == "compiled":
+        env["CE_CHECK_FUSED"] = "1"
+    else:
+        env.update(CE_CHECK_FUSED="1", CE_CHECK_TARGET=kernel)
+    return env
