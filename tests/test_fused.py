@@ -748,6 +748,45 @@ def test_binary_loss_check_with_gradient_like_numpy(reduction, monkeypatch, on_t
     assert a.worst[0].index == b.worst[0].index == ((3, 5) if reduction == "none" else ())
 
 
+class _RowStats:
+    """A RowStats that keeps what the kernel folds into it."""
+
+    extra_atol = 0.0
+
+    def __init__(self, tol) -> None:
+        self.tol = tol
+
+    def update_summary(self, row0, n_entries, rowmax, mismatches, nonfinite, max_abs, max_rel,
+                       open_row) -> None:
+        self.rowmax, self.mismatches = rowmax.copy(), mismatches.copy()
+
+
+@needs_kernel
+@pytest.mark.parametrize("opt", ["plain", "w+pw"])
+def test_binary_kernel_writes_only_what_is_asked(opt, on_target):
+    """A loss-only call (the finite differences') writes no (R, C) arrays and gives the full
+    call's loss and weight bits; per_element() of it fails loudly. The streaming pass writes
+    neither gradient nor floor, and its deferred per-element losses are the full call's."""
+    from ce_cli.verify.tolerance import resolve_tolerance
+    problem = _bce_problem(129, np.float64, opt, R=7)
+    rows = np.arange(7)
+    full = problem.kernel.evaluate(problem.z, rows, grad=True, floor_coef=1e-7)
+    only = problem.kernel.evaluate(problem.z, rows, grad=False)
+    assert only.grad is None and only.floor is None and only.items is None
+    for key in ("loss", "total_weight"):
+        np.testing.assert_array_equal(_bits_of(only)[key], _bits_of(full)[key], err_msg=key)
+    with pytest.raises(ValueError, match="per-element losses"):
+        only.per_element()
+    stats = _RowStats(resolve_tolerance(np.dtype(np.float32)))
+    streamed = problem.kernel.evaluate(problem.z, rows, cmp=stats,
+                                       g_rows=full.grad.astype(np.float32))
+    assert streamed.grad is None and streamed.floor is None and streamed.items is None
+    assert stats.mismatches.sum() == 0 and 0 < stats.rowmax.max() <= 1
+    items, weight = streamed.per_element()
+    np.testing.assert_array_equal(items.view(np.uint64), full.items.view(np.uint64))
+    np.testing.assert_array_equal(weight, full.item_weight)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_target):

@@ -162,7 +162,9 @@ class SigmoidBCE(RowMatrix):
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
         """Rows `rows` with logits `z_rows` (possibly perturbed): through the compiled kernel
-        when it serves them, else the numpy kernel (its reference)."""
+        when it serves them, else the numpy kernel (its reference). `grad=False` is a loss-only
+        evaluation (loss, total_weight, row_terms): the compiled kernel then writes no
+        per-element losses (ChunkEval.per_element raises), which no loss-only caller reads."""
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
             if ev is not None:
