@@ -748,6 +748,39 @@ def test_binary_loss_check_with_gradient_like_numpy(reduction, monkeypatch, on_t
     assert a.worst[0].index == b.worst[0].index == ((3, 5) if reduction == "none" else ())
 
 
+def _kernel_order_sum(v: np.ndarray) -> float:
+    """The BCE kernel's row sum: blocks of 128 entries, entry i of a block into accumulator
+    i % 8, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), then ce_pairwise over blocks."""
+    blocks = []
+    for b0 in range(0, v.size, 128):
+        acc = [0.0] * 8
+        for i, x in enumerate(v[b0:b0 + 128].tolist()):
+            acc[i % 8] += x
+        blocks.append(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+    n = len(blocks)
+    while n > 1:
+        h = n // 2
+        for i in range(h):
+            blocks[i] = blocks[2 * i] + blocks[2 * i + 1]
+        if n % 2:
+            blocks[h] = blocks[n - 1]
+        n -= h
+    return blocks[0] if blocks else 0.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 127, 128, 129, 160, 1031, 4100])
+def test_binary_row_sums_in_the_documented_order(K, on_target):
+    """Row loss and Q are the kernel's own per-element values summed in its documented order,
+    to the bit, at every step, tail and block boundary."""
+    problem = _bce_problem(K, np.float64, "w+pw", R=3)
+    ev = problem.kernel.evaluate(problem.z, np.arange(3), grad=True)
+    for r in range(3):
+        if np.isfinite(ev.loss[r]):
+            assert ev.loss[r] == _kernel_order_sum(ev.items[r])
+        assert ev.total_weight[r] == _kernel_order_sum(ev.item_weight[r])
+
+
 class _RowStats:
     """A RowStats that keeps what the kernel folds into it."""
 
