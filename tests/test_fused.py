@@ -690,7 +690,7 @@ def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
 @pytest.mark.parametrize("opt", ["plain", "pw"])
 def test_binary_gradient_bits_from_the_kernels_exp(opt, on_target):
     """The BCE gradient and floor, entry by entry, are numpy's formulas in the same order on
-    the kernel's own e = exp(-|x|) (s(-x) is divided out only where pos != 0: same bits)."""
+    the kernel's own e = exp(-|x|)."""
     problem = _bce_problem(1031, np.float64, opt, R=23)
     z = np.asarray(problem.z)
     ev = problem.kernel.evaluate(z, np.arange(23), grad=True, floor_coef=1e-7)
