@@ -633,12 +633,15 @@ def test_binary_and_probability_bits_across_targets_and_threads(kind, dtype, mon
 
 
 @needs_kernel
-def test_binary_nan_and_inf_rows_are_handed_back(on_target):
-    problem = _bce_problem(9, np.float64, "plain", R=4)
-    z = np.array(problem.z)
-    for bad in (np.nan, np.inf):
-        z[2, 3] = bad
-        assert problem.kernel.evaluate(z, np.arange(4), grad=True) is None
+@pytest.mark.parametrize("K", [9, 100])
+def test_binary_nan_and_inf_rows_are_handed_back(K, on_target):
+    problem = _bce_problem(K, np.float64, "plain", R=4)
+    for col in (3, K - 1):
+        for bad in (np.nan, np.inf):
+            z = np.array(problem.z)
+            z[2, col] = bad
+            assert problem.kernel.evaluate(z, np.arange(4), grad=True) is None
+            assert problem.kernel.evaluate(z, np.arange(4), grad=False) is None
 
 
 @needs_kernel
