@@ -50,6 +50,17 @@ AI vd T(table8)(const double *table, vl j) {
     vd t;
     memcpy(&t, table, sizeof t);
     return __builtin_shuffle(t, j);
+#elif W == 4 && defined(__AVX2__)
+    /* vpermd on the 32-bit halves: lanes (2 j', 2 j' + 1), j' = j & 3, of both 4-entry halves,
+     * then the half j picks (the same index work serves CE_EXP2_HI and CE_EXP2_LO) */
+    __m256i j2 = _mm256_slli_epi64(_mm256_and_si256((__m256i)j, _mm256_set1_epi64x(3)), 1);
+    __m256i idx = _mm256_or_si256(_mm256_or_si256(j2, _mm256_slli_epi64(j2, 32)),
+                                  _mm256_set1_epi64x((int64_t)1 << 32));
+    __m256i t0, t1;
+    memcpy(&t0, table, sizeof t0);
+    memcpy(&t1, table + 4, sizeof t1);
+    return sel(j > 3, (vd)_mm256_permutevar8x32_epi32(t1, idx),
+               (vd)_mm256_permutevar8x32_epi32(t0, idx));
 #elif W == 4 && CE_HAVE_SHUFFLE
     vd t0, t1;
     memcpy(&t0, table, sizeof t0);
