@@ -633,12 +633,15 @@ def test_binary_and_probability_bits_across_targets_and_threads(kind, dtype, mon
 
 
 @needs_kernel
-def test_binary_nan_and_inf_rows_are_handed_back(on_target):
-    problem = _bce_problem(9, np.float64, "plain", R=4)
-    z = np.array(problem.z)
-    for bad in (np.nan, np.inf):
-        z[2, 3] = bad
-        assert problem.kernel.evaluate(z, np.arange(4), grad=True) is None
+@pytest.mark.parametrize("K", [9, 100])
+def test_binary_nan_and_inf_rows_are_handed_back(K, on_target):
+    problem = _bce_problem(K, np.float64, "plain", R=4)
+    for col in (3, K - 1):
+        for bad in (np.nan, np.inf):
+            z = np.array(problem.z)
+            z[2, col] = bad
+            assert problem.kernel.evaluate(z, np.arange(4), grad=True) is None
+            assert problem.kernel.evaluate(z, np.arange(4), grad=False) is None
 
 
 @needs_kernel
@@ -690,7 +693,7 @@ def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
 @pytest.mark.parametrize("opt", ["plain", "pw"])
 def test_binary_gradient_bits_from_the_kernels_exp(opt, on_target):
     """The BCE gradient and floor, entry by entry, are numpy's formulas in the same order on
-    the kernel's own e = exp(-|x|) (s(-x) is divided out only where pos != 0: same bits)."""
+    the kernel's own e = exp(-|x|)."""
     problem = _bce_problem(1031, np.float64, opt, R=23)
     z = np.asarray(problem.z)
     ev = problem.kernel.evaluate(z, np.arange(23), grad=True, floor_coef=1e-7)
@@ -746,6 +749,78 @@ def test_binary_loss_check_with_gradient_like_numpy(reduction, monkeypatch, on_t
     assert not a.ok and not b.ok
     assert (a.mismatches, a.total) == (b.mismatches, b.total)
     assert a.worst[0].index == b.worst[0].index == ((3, 5) if reduction == "none" else ())
+
+
+def _kernel_order_sum(v: np.ndarray) -> float:
+    """The BCE kernel's row sum: blocks of 128 entries, entry i of a block into accumulator
+    i % 8, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), then ce_pairwise over blocks."""
+    blocks = []
+    for b0 in range(0, v.size, 128):
+        acc = [0.0] * 8
+        for i, x in enumerate(v[b0:b0 + 128].tolist()):
+            acc[i % 8] += x
+        blocks.append(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+    n = len(blocks)
+    while n > 1:
+        h = n // 2
+        for i in range(h):
+            blocks[i] = blocks[2 * i] + blocks[2 * i + 1]
+        if n % 2:
+            blocks[h] = blocks[n - 1]
+        n -= h
+    return blocks[0] if blocks else 0.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 127, 128, 129, 160, 1031, 4100])
+def test_binary_row_sums_in_the_documented_order(K, on_target):
+    """Row loss and Q are the kernel's own per-element values summed in its documented order,
+    to the bit, at every step, tail and block boundary."""
+    problem = _bce_problem(K, np.float64, "w+pw", R=3)
+    ev = problem.kernel.evaluate(problem.z, np.arange(3), grad=True)
+    for r in range(3):
+        if np.isfinite(ev.loss[r]):
+            assert ev.loss[r] == _kernel_order_sum(ev.items[r])
+        assert ev.total_weight[r] == _kernel_order_sum(ev.item_weight[r])
+
+
+class _RowStats:
+    """A RowStats that keeps what the kernel folds into it."""
+
+    extra_atol = 0.0
+
+    def __init__(self, tol) -> None:
+        self.tol = tol
+
+    def update_summary(self, row0, n_entries, rowmax, mismatches, nonfinite, max_abs, max_rel,
+                       open_row) -> None:
+        self.rowmax, self.mismatches = rowmax.copy(), mismatches.copy()
+
+
+@needs_kernel
+@pytest.mark.parametrize("opt", ["plain", "w+pw"])
+def test_binary_kernel_writes_only_what_is_asked(opt, on_target):
+    """A loss-only call (the finite differences') writes no (R, C) arrays and gives the full
+    call's loss and weight bits; per_element() of it fails loudly. The streaming pass writes
+    neither gradient nor floor, and its deferred per-element losses are the full call's."""
+    from ce_cli.verify.tolerance import resolve_tolerance
+    problem = _bce_problem(129, np.float64, opt, R=7)
+    rows = np.arange(7)
+    full = problem.kernel.evaluate(problem.z, rows, grad=True, floor_coef=1e-7)
+    only = problem.kernel.evaluate(problem.z, rows, grad=False)
+    assert only.grad is None and only.floor is None and only.items is None
+    for key in ("loss", "total_weight"):
+        np.testing.assert_array_equal(_bits_of(only)[key], _bits_of(full)[key], err_msg=key)
+    with pytest.raises(ValueError, match="per-element losses"):
+        only.per_element()
+    stats = _RowStats(resolve_tolerance(np.dtype(np.float32)))
+    streamed = problem.kernel.evaluate(problem.z, rows, cmp=stats,
+                                       g_rows=full.grad.astype(np.float32))
+    assert streamed.grad is None and streamed.floor is None and streamed.items is None
+    assert stats.mismatches.sum() == 0 and 0 < stats.rowmax.max() <= 1
+    items, weight = streamed.per_element()
+    np.testing.assert_array_equal(items.view(np.uint64), full.items.view(np.uint64))
+    np.testing.assert_array_equal(weight, full.item_weight)
 
 
 @needs_kernel

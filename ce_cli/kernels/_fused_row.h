@@ -50,6 +50,17 @@ AI vd T(table8)(const double *table, vl j) {
     vd t;
     memcpy(&t, table, sizeof t);
     return __builtin_shuffle(t, j);
+#elif W == 4 && defined(__AVX2__)
+    /* vpermd on the 32-bit halves: lanes (2 j', 2 j' + 1), j' = j & 3, of both 4-entry halves,
+     * then the half j picks (the same index work serves CE_EXP2_HI and CE_EXP2_LO) */
+    __m256i j2 = _mm256_slli_epi64(_mm256_and_si256((__m256i)j, _mm256_set1_epi64x(3)), 1);
+    __m256i idx = _mm256_or_si256(_mm256_or_si256(j2, _mm256_slli_epi64(j2, 32)),
+                                  _mm256_set1_epi64x((int64_t)1 << 32));
+    __m256i t0, t1;
+    memcpy(&t0, table, sizeof t0);
+    memcpy(&t1, table + 4, sizeof t1);
+    return sel(j > 3, (vd)_mm256_permutevar8x32_epi32(t1, idx),
+               (vd)_mm256_permutevar8x32_epi32(t0, idx));
 #elif W == 4 && CE_HAVE_SHUFFLE
     vd t0, t1;
     memcpy(&t0, table, sizeof t0);
@@ -430,10 +441,14 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
  *   s(x), s(-x) = 1/(1 + e) and e/(1 + e) (by the sign of x)
  *   g = ((1 - y) s(x) - pos s(-x)) (w scale),  floor = (k eps scale)(|coef| s(x) + |pos|) |w|
  * loss = sum of items and Q = sum |coef| |w| in the kernel's order (8 accumulators, blocks of
- * 128, pairwise over blocks). Returns 1 when the row holds a NaN or +inf logit (handed back). */
+ * 128, pairwise over blocks). Returns 1 when the row holds a NaN or +inf logit (handed back).
+ * The row goes in steps of BCE_STEP entries, BCE_STEP / W vectors at a time, each stage
+ * (exp, log1p, the sums, the gradient) over all of them before the next: independent chains
+ * side by side, which the CPU overlaps (one vector's exp -> log1p -> division chain is long). */
+#define BCE_STEP 32
 AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
     const int64_t C = a->n_cols;
-    const int64_t body8 = C - C % 8, tail8 = C - body8;
+    const int64_t body = C - C % BCE_STEP, tail = C - body;
     const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     const int y32 = (int)a->y_is_f32;
     const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);
@@ -441,63 +456,91 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double *pw = a->pos_w;
     const double scale = a->scale, k_f = a->floor_coef * scale;
     const int per_entry = a->g || a->out_ref || a->out_floor;
-    vd acc_l[G], acc_w[G], vbad = splat(0.0);
+    const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */
+    vd acc_l[G], acc_w[G];
+    vl vbad = (vl){0};
     for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
     double *blk_l = work, *blk_w = work + C / BLOCK + 1;
     int64_t nb = 0;
     CE_COMPARE_BEGIN;
-#define BCE(k, c, live, n) do {                                              \
-        vd x = T(load_row)(z, z32, c, n), yv = T(load_row)(yrow, y32, c, n); \
-        vbad += sel((live) & (x != splat(-INFINITY)), x - x, splat(0.0));     \
-        vd wv = wrow ? T(load_row)(wrow, 0, c, n) : one;                      \
-        vd pwv = pw ? T(load_row)(pw, 0, c, n) : one;                         \
-        vd e = T(vexp_neg)(-vabs(x), 0), t = T(vlog1p_unit)(e);               \
-        vd pos = pw ? pwv * yv : yv, omy = one - yv;                          \
-        vd sp_neg = sel(-x > splat(0.0), -x, splat(0.0)) + t;                 \
-        vd sp_pos = sel(x > splat(0.0), x, splat(0.0)) + t;                   \
-        vd item = sel(pos != 0, pos * sp_neg, splat(0.0))                     \
-                  + sel(yv != one, omy * sp_pos, splat(0.0));                 \
-        vd cf = pw ? vabs(one + (pwv - one) * yv) : one;                      \
-        vd mag = wrow ? cf * vabs(wv) : cf;                                   \
-        if (wrow) item = sel(wv != 0, item * wv, splat(0.0));                 \
-        acc_l[k] += sel(live, item, splat(0.0));                              \
-        acc_w[k] += sel(live, mag, splat(0.0));                               \
-        if (a->out_items) T(store)(a->out_items + r * C + (c), item, n);      \
-        if (a->out_item_w) T(store)(a->out_item_w + r * C + (c), mag, n);     \
+    /* NV vectors from entry c0 (a multiple of 8 plus k0 W), the last with n_last lanes (the
+     * rest masked); vector u feeds accumulator (k0 + u) % G */
+#define BCE(c0, k0, NV, n_last) do {                                         \
+        vd x[NV], yv[NV], e[NV], t[NV], pos[NV], omy[NV], wv[NV], cf[NV];     \
+        vl live[NV], far = (vl){0};                                          \
+        for (int u = 0; u < NV; u++) {                                        \
+            const int64_t cc = (c0) + u * W, n = u == NV - 1 ? (n_last) : W;  \
+            live[u] = n == W ? ALL : LIVE(cc);                                 \
+            x[u] = T(load_row)(z, z32, cc, n);                                 \
+            yv[u] = T(load_row)(yrow, y32, cc, n);                             \
+            /* NaN or +inf (-inf is served); exp(-|x|) subnormal or 0 */        \
+            vbad |= live[u] & ~(x[u] <= splat(1.7976931348623157e308));      \
+            far |= ~(vabs(x[u]) <= splat(708.0));                              \
+        }                                                                     \
+        /* every |x| <= 708: exp's normal path, the same bits in fewer steps */ \
+        if (T(any)(far))                                                      \
+            for (int u = 0; u < NV; u++) e[u] = T(vexp_neg)(-vabs(x[u]), 0);  \
+        else                                                                  \
+            for (int u = 0; u < NV; u++) e[u] = T(vexp_neg)(-vabs(x[u]), 1);  \
+        for (int u = 0; u < NV; u++) t[u] = T(vlog1p_unit)(e[u]);             \
+        for (int u = 0; u < NV; u++) {                                        \
+            const int64_t cc = (c0) + u * W, n = u == NV - 1 ? (n_last) : W;  \
+            const int k = ((k0) + u) % G;                                     \
+            wv[u] = wrow ? T(load_row)(wrow, 0, cc, n) : one;                  \
+            vd pwv = pw ? T(load_row)(pw, 0, cc, n) : one;                     \
+            pos[u] = pw ? pwv * yv[u] : yv[u], omy[u] = one - yv[u];          \
+            vd sp_neg = sel(-x[u] > splat(0.0), -x[u], splat(0.0)) + t[u];    \
+            vd sp_pos = sel(x[u] > splat(0.0), x[u], splat(0.0)) + t[u];      \
+            vd item = sel(pos[u] != 0, pos[u] * sp_neg, splat(0.0))           \
+                      + sel(yv[u] != one, omy[u] * sp_pos, splat(0.0));       \
+            cf[u] = pw ? vabs(one + (pwv - one) * yv[u]) : one;               \
+            vd mag = wrow ? cf[u] * vabs(wv[u]) : cf[u];                      \
+            if (wrow) item = sel(wv[u] != 0, item * wv[u], splat(0.0));       \
+            acc_l[k] += sel(live[u], item, splat(0.0));                       \
+            if (!unit_w) acc_w[k] += sel(live[u], mag, splat(0.0));           \
+            if (a->out_items) T(store)(a->out_items + r * C + cc, item, n);   \
+            if (a->out_item_w) T(store)(a->out_item_w + r * C + cc, mag, n);  \
+        }                                                                     \
         if (per_entry) {                                                      \
+            vd s_pos[NV], s_neg[NV];                                          \
             /* s(x) = 1/(1 + e) or e/(1 + e) by the sign of x, s(-x) the other: one       \
-             * division each; s(-x) only where pos != 0 (else pos s(-x) = pos 0, same bits) */ \
-            vd d1 = one + e;                                                  \
-            vl nonneg = x >= splat(0.0);                                      \
-            vd s_pos = sel(nonneg, one, e) / d1, s_neg = splat(0.0);          \
-            if (T(any)(pos != 0)) s_neg = sel(nonneg, e, one) / d1;           \
-            vd g = (omy * s_pos - pos * s_neg) * (wrow ? wv * splat(scale) : splat(scale)); \
-            vd fl = splat(k_f) * (cf * s_pos + vabs(pos));                    \
-            if (wrow) fl = fl * vabs(wv);                                     \
-            CE_COMPARE(c, live, n, g, fl);                                    \
+             * division each, both always (a branch on "any pos != 0" mispredicts at sparse \
+             * labels and costs more than the division it saves) */                        \
+            for (int u = 0; u < NV; u++) {                                    \
+                vd d1 = one + e[u];                                           \
+                vl nonneg = x[u] >= splat(0.0);                               \
+                s_pos[u] = sel(nonneg, one, e[u]) / d1;                       \
+                s_neg[u] = sel(nonneg, e[u], one) / d1;                       \
+            }                                                                 \
+            for (int u = 0; u < NV; u++) {                                    \
+                const int64_t cc = (c0) + u * W, n = u == NV - 1 ? (n_last) : W; \
+                vd g = (omy[u] * s_pos[u] - pos[u] * s_neg[u])                \
+                       * (wrow ? wv[u] * splat(scale) : splat(scale));        \
+                vd fl = splat(k_f) * (cf[u] * s_pos[u] + vabs(pos[u]));       \
+                if (wrow) fl = fl * vabs(wv[u]);                              \
+                CE_COMPARE(cc, live[u], n, g, fl);                             \
+            }                                                                 \
         }                                                                     \
     } while (0)
-    for (int64_t c = 0; c < body8; c += 8) {
-        for (int k = 0; k < G; k++) BCE(k, c + k * W, ALL, W);
-        if ((c & (BLOCK - 1)) == BLOCK - 8) {
+    for (int64_t c = 0; c < body; c += BCE_STEP) {
+        BCE(c, 0, BCE_STEP / W, W);
+        if ((c & (BLOCK - 1)) == BLOCK - BCE_STEP) {
             blk_l[nb] = T(hsum8)(acc_l);
             blk_w[nb++] = T(hsum8)(acc_w);
             for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
         }
     }
-    for (int k = 0; k < G && k * W < tail8; k++) {
-        const int64_t c = body8 + k * W;
-        BCE(k, c, LIVE(c), tail8 - k * W < W ? tail8 - k * W : W);
+    for (int64_t i = 0; i * W < tail; i++) {
+        const int64_t c = body + i * W;
+        BCE(c, i, 1, tail - i * W < W ? tail - i * W : W);
     }
     if (C % BLOCK) {
         blk_l[nb] = T(hsum8)(acc_l);
         blk_w[nb++] = T(hsum8)(acc_w);
     }
-    double bad = vbad[0];
-    for (int i = 1; i < W; i++) bad += vbad[i];
-    if (bad != 0.0) return 1;
+    if (T(any)(vbad)) return 1;
     a->loss[r] = ce_pairwise(blk_l, nb);
-    a->total_w[r] = ce_pairwise(blk_w, nb);
+    a->total_w[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);
     if (per_entry) CE_COMPARE_END;
     return 0;
 }
@@ -532,6 +575,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_END
 #undef CE_MAY_COUNT
 #undef BCE
+#undef BCE_STEP
 #undef PASS2
 #undef PASS2_ROW
 #undef PASS3

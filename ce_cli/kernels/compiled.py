@@ -347,23 +347,28 @@ class SigmoidKernel(_Kernel):
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
                  floor_coef: float | None = None, cmp: RowStats | None = None,
                  g_rows=None) -> ChunkEval | None:
-        """SigmoidBCE.evaluate_rows through the kernel (per-element losses included); with
-        `cmp`, the user's gradient rows `g_rows` are compared on the way. None when a row holds
-        NaN or +inf: the numpy kernel, which reports those, takes the rows."""
+        """SigmoidBCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
+        `g_rows` are compared on the way. None when a row holds NaN or +inf: the numpy kernel,
+        which reports those, takes the rows.
+
+        (R, C) outputs are written only when asked for: the gradient and per-element losses
+        with `grad`, the floor with `floor_coef`. The streaming pass (`cmp`) gets its
+        per-element losses on demand (a second call on its rows, which nobody writes to); a
+        loss-only call (no `grad`, no `cmp`: the finite differences, which perturb their row
+        buffer in place between calls) gets none, and `per_element()` of it raises."""
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
+        want_floor = floor_coef is not None  # the comparison's own floor_coef writes no floor
         floor_coef, params = _tolerance(cmp, floor_coef)
         y, w = self._labels_weights(rows)
         params.update(y_bin=y, y_is_f32=int(y.dtype == np.float32), w_bin=w,
                       floor_coef=floor_coef or 0.0)
         R, C = z.shape
-        out = _outputs(R, C, self.per_row, grad, floor_coef is not None, cmp is not None)
-        if cmp is None:
+        out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
+        if grad and cmp is None:
             out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         if not self._run(z, g, rows, params, out, cmp):
             return None
-        # the streaming pass (cmp) writes no (R, C) per-element losses: only a loss check reads
-        # them, and it gets them from a second call
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
                          item_weight=out.get("out_item_w"),

@@ -162,7 +162,9 @@ class SigmoidBCE(RowMatrix):
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
         """Rows `rows` with logits `z_rows` (possibly perturbed): through the compiled kernel
-        when it serves them, else the numpy kernel (its reference)."""
+        when it serves them, else the numpy kernel (its reference). `grad=False` is a loss-only
+        evaluation (loss, total_weight, row_terms): the compiled kernel then writes no
+        per-element losses (ChunkEval.per_element raises), which no loss-only caller reads."""
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
             if ev is not None:
@@ -329,15 +331,24 @@ def _sample_weights(sw: np.ndarray, layout: Layout, source: str,
     return np.broadcast_to(rows[:, None], (layout.n_rows, layout.n_classes)), count
 
 
+# IEEE binary16/32/64: +0 .. 1.0 are exactly the bit patterns 0 .. bits(1.0) as unsigned
+# integers; negatives (-0.0 too), NaN and anything above 1 are larger
+_UNIT_BITS = {2: (np.uint16, 0x3C00), 4: (np.uint32, 0x3F800000), 8: (np.uint64, 0x3FF0000000000000)}
+
+
 def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> None:
     """Every label in [0, 1] (NaN fails). Numpy's own float and integer dtypes are compared in
     their dtype (float64 conversion is exact and keeps the order), by min and max over blocks
-    that stay in cache; others are converted to float64 first."""
+    that stay in cache (IEEE floats first by one max of their bits: a block with -0.0 then
+    takes the min and max); others are converted to float64 first."""
     native = targets.dtype.kind in "fiu" and targets.dtype.isbuiltin == 1
+    bits = _UNIT_BITS.get(targets.dtype.itemsize) if targets.dtype.kind == "f" else None
     step = max(1, (1 << 18 if native else 1 << 20) // max(1, layout.n_classes))
     for start in range(0, layout.n_rows, step):
         block = targets[start:start + step] if native else np.asarray(targets[start:start + step],
                                                                       dtype=np.float64)
+        if block.size and bits is not None and block.view(bits[0]).max() <= bits[1]:
+            continue
         if block.size and block.min() >= 0 and block.max() <= 1:  # NaN fails both
             continue
         bad = ~((block >= 0) & (block <= 1))
