@@ -328,9 +328,11 @@ def test_other_logit_dtypes_widen_exactly(dtype, monkeypatch, on_target):
 # ----------------------------------------------------------------------------- targets and threads
 
 
-def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1, detail=True, rtol=1e-3):
+def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1, detail=True, rtol=1e-3,
+              stored=True):
     """ce_softmax_rows on the current target with every output requested (without the (R, C)
-    allowed errors and ratios unless `detail`): (return code, outputs)."""
+    allowed errors and ratios unless `detail`, without any (R, C) output unless `stored`):
+    (return code, outputs)."""
     R, C = z.shape
     w64 = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
     w_y = np.ones(R) if w is None else w64[y]
@@ -340,7 +342,7 @@ def _raw_call(z, g, y, *, w=None, smoothing=0.0, n_threads=1, detail=True, rtol=
     out = {name: np.full(R, np.nan) for name in ("loss", "row_max", "log1p_s1", "ratio_max", "max_abs", "max_rel")}
     out.update({name: np.full(R, -1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
     out.update({name: np.full((R, C), np.nan) for name in ("out_ref", "out_floor", "out_tol", "out_ratio")
-                if detail or name in ("out_ref", "out_floor")})
+                if detail or (stored and name in ("out_ref", "out_floor"))})
     args = _Args(n_rows=R, n_cols=C, z=z.ctypes.data, z_is_f32=int(z.dtype == np.float32),
                  g=g.ctypes.data, g_is_f32=int(g.dtype == np.float32),
                  w=None if w64 is None else w64.ctypes.data,
@@ -421,10 +423,46 @@ def test_skipped_divisions_change_no_statistic(case, rtol, on_target):
         if k < 3 and got.size > 3:
             got.flat[::7] = got.flat[::7] * 1.5  # some entries far off
         _, every = _raw_call(z, got, y, w=w, smoothing=smoothing, rtol=rtol)
-        _, skipping = _raw_call(z, got, y, w=w, smoothing=smoothing, rtol=rtol, detail=False)
-        for key in ("ratio_max", "max_abs", "max_rel", "mismatches", "nonfinite", "loss"):
-            np.testing.assert_array_equal(_bits(skipping)[key], _bits(every)[key],
-                                          err_msg=f"gradient {k}: {key}")
+        for stored in (True, False):  # False: the comparison-only loop
+            _, skipping = _raw_call(z, got, y, w=w, smoothing=smoothing, rtol=rtol, detail=False,
+                                    stored=stored)
+            for key in ("ratio_max", "max_abs", "max_rel", "mismatches", "nonfinite", "loss"):
+                np.testing.assert_array_equal(_bits(skipping)[key], _bits(every)[key],
+                                              err_msg=f"gradient {k}, stored {stored}: {key}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [1, 2, 3, 15, 16, 17, 31, 32, 33, 100, 1031])
+def test_float32_rows_give_the_bits_of_their_float64_widening(C, on_target):
+    """Float32 rows scan for max, min and the first arg-max in float32 lanes: the same bits as
+    the same values in float64, with ties at the maximum (a zero of either sign included),
+    -inf masks, rows whose exp underflows; a NaN or +inf anywhere hands the row back."""
+    rng = np.random.default_rng(C)
+    R = 24
+    z = (rng.standard_normal((R, C)) * 3).astype(np.float32)
+    z[rng.random((R, C)) < 0.2] = -np.inf
+    z[:, -1] = 0.0
+    top = np.float32(7.5)
+    for r in range(1, 8):  # the maximum repeated at random places, first one anywhere
+        z[r, rng.integers(0, C, r)] = top
+    z[8] = np.where(rng.random(C) < 0.5, np.float32(-0.0), np.float32(0.0))
+    z[9] = z[9] * 1000  # exp(z - m) underflows
+    z[10, :-1] = -np.inf  # all masked but one
+    z[11, :] = -np.inf  # all masked: handed back, like a NaN
+    g = (rng.standard_normal((R, C)) * 1e-3).astype(np.float32)
+    y = rng.integers(0, C, R)
+    assert _raw_call(z, g, y)[0] == _raw_call(z.astype(np.float64), g, y)[0] == 12
+    z[11, -1] = 0.0
+    rc32, out32 = _raw_call(z, g, y)
+    rc64, out64 = _raw_call(z.astype(np.float64), g, y)
+    assert rc32 == rc64 == 0
+    for key in out64:
+        np.testing.assert_array_equal(_bits(out32)[key], _bits(out64)[key], err_msg=key)
+    for bad in (np.nan, np.inf):
+        for col in sorted({0, C // 2, C - 1}):
+            zb = z.copy()
+            zb[5, col] = bad
+            assert _raw_call(zb, g, y)[0] == 6, (bad, col)
 
 
 @needs_kernel

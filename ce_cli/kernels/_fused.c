@@ -126,6 +126,9 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 /* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
 #define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
 #define CE_ANY(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
+#define CE_ALL_LT2(d, a, b)                                                         \
+    (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd((__m256d)(d), (__m256d)(a), _CMP_LT_OQ), \
+                                      _mm256_cmp_pd((__m256d)(d), (__m256d)(b), _CMP_LT_OQ))) == 15)
 #include "_fused_row.h"
 #pragma GCC pop_options
 
@@ -135,6 +138,9 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 #define CE_SFX avx512
 #define CE_CVT_PS_PD(f) _mm512_cvtps_pd((__m256)(f))  /* one vcvtps2pd zmm, as for avx2 */
 #define CE_ANY(m) (_mm512_test_epi64_mask((__m512i)(m), (__m512i)(m)) != 0)
+#define CE_ALL_LT2(d, a, b)                                                              \
+    (_mm512_mask_cmp_pd_mask(_mm512_cmp_pd_mask((__m512d)(d), (__m512d)(a), _CMP_LT_OQ), \
+                             (__m512d)(d), (__m512d)(b), _CMP_LT_OQ) == 0xff)
 #include "_fused_row.h"
 #pragma GCC pop_options
 #endif

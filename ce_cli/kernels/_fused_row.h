@@ -23,10 +23,14 @@ typedef double T(vd) __attribute__((vector_size(W * 8)));
 typedef int64_t T(vl) __attribute__((vector_size(W * 8)));
 typedef uint64_t T(vu) __attribute__((vector_size(W * 8)));
 typedef float T(vf) __attribute__((vector_size(W * 4)));
+typedef float T(vf2) __attribute__((vector_size(W * 8)));     /* 2W floats: pass 1 on float32 */
+typedef int32_t T(vi2) __attribute__((vector_size(W * 8)));
 #define vd T(vd)
 #define vl T(vl)
 #define vu T(vu)
 #define vf T(vf)
+#define vf2 T(vf2)
+#define vi2 T(vi2)
 
 #define sel(mask, a, b) ((vd)(((vl)(a) & (mask)) | ((vl)(b) & ~(mask))))
 #define vabs(x) ((vd)((vl)(x) & ((vl){0} + INT64_MAX)))
@@ -158,6 +162,15 @@ AI int T(any)(vl m) {
 #endif
 }
 
+/* 1 when d < a and d < b in every lane (CE_ALL_LT2: the target's own mask test) */
+AI int T(all_lt2)(vd d, vd a, vd b) {
+#ifdef CE_ALL_LT2
+    return CE_ALL_LT2(d, a, b);
+#else
+    return !T(any)(~((d < a) & (d < b)));
+#endif
+}
+
 AI double T(hmax)(vd v) {
     double m = v[0];
     for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
@@ -170,7 +183,7 @@ AI double T(hmax)(vd v) {
  * into the row's statistics, END writes them (numpy's Comparison.update, entry by entry). */
 #define CE_COMPARE_BEGIN                                                         \
     const vd rtol = splat(a->rtol), abs_tol = splat(a->abs_tol), one = splat(1.0); \
-    vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0);           \
+    vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0), v_lim = v_ratio; \
     vl v_mis = (vl){0}, v_nf = (vl){0};                                         \
     const void *gu = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL
 #define CE_COMPARE(c, live, n, g, fl) do {                                   \
@@ -179,30 +192,33 @@ AI double T(hmax)(vd v) {
         if (a->out_ref) T(store)(a->out_ref + r * C + (c), g, n);             \
         if (a->out_floor) T(store)(a->out_floor + r * C + (c), fl, n);        \
         if (a->out_tol) T(store)(a->out_tol + r * C + (c), tol, n);           \
-        if (gu) {                                                             \
-            vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                    \
+        if (gu) CE_COMPARE_FOLD(c, live, n, g, absg, tol, a->out_ratio);       \
+    } while (0)
+/* The statistics part of CE_COMPARE (gu given): want_ratio, a constant 0 when no ratios are
+ * stored, lets a specialised loop drop that test.
+ * Only lanes whose divisions can change the row's statistics need them: odd ones, and those
+ * where d / tol may exceed v_lim = min(v_ratio, 1) (a new maximum or a mismatch) or d / |g|
+ * may exceed v_rel. Both divisions round monotonically and v_lim, v_rel are doubles, so
+ * d < fl(v_lim tol) gives v_lim tol > d, d / tol <= v_lim and fl(d / tol) <= v_lim: the
+ * division cannot change anything (likewise for rel); it also says d is finite and tol > 0.
+ * A vector where every lane (live or not) passes both tests skips the divisions; any other
+ * (a NaN product included) is computed exactly as before. */
+#define CE_COMPARE_FOLD(c, live, n, g, absg, tol, want_ratio) do {            \
+        vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                        \
+        v_abs = sel((live) & (d > v_abs), d, v_abs);                          \
+        if ((want_ratio) || !T(all_lt2)(d, v_lim * (tol), v_rel * (absg))) {  \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
-            v_abs = sel((live) & (d > v_abs), d, v_abs);                      \
-            if (a->out_ratio || T(any)(CE_MAY_COUNT(live, odd, d, tol, absg))) { \
-                vd ratio = sel(odd, splat(INFINITY), d / tol);                \
-                ratio = sel(live, ratio, splat(0.0));                         \
-                v_nf -= odd;                                                  \
-                v_mis -= (live) & (ratio > one);                              \
-                v_ratio = sel(ratio > v_ratio, ratio, v_ratio);               \
-                vd rel = sel((live) & (d == d) & ((g) != 0), d / absg, splat(0.0)); \
-                v_rel = sel(rel > v_rel, rel, v_rel);                         \
-                if (a->out_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n); \
-            }                                                                 \
+            vd ratio = sel(odd, splat(INFINITY), d / (tol));                  \
+            ratio = sel(live, ratio, splat(0.0));                             \
+            v_nf -= odd;                                                      \
+            v_mis -= (live) & (ratio > one);                                  \
+            v_ratio = sel(ratio > v_ratio, ratio, v_ratio);                   \
+            v_lim = sel(v_ratio < one, v_ratio, one);                         \
+            vd rel = sel((live) & (d == d) & ((g) != 0), d / (absg), splat(0.0)); \
+            v_rel = sel(rel > v_rel, rel, v_rel);                             \
+            if (want_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n);   \
         }                                                                     \
     } while (0)
-/* Lanes whose divisions can change the row's statistics: odd ones, and those where d / tol
- * may exceed min(v_ratio, 1) (a new maximum or a mismatch) or d / |g| may exceed v_rel. Both
- * divisions round monotonically and t = min(v_ratio, 1), v_rel are doubles, so for tol > 0
- * d < fl(t tol) gives t tol > d, d / tol <= t and fl(d / tol) <= t: the division cannot
- * change anything (likewise for rel; NaN products, from tol or |g| = inf, mean the same). A
- * vector with no such lane skips both divisions; the rest is computed exactly as before. */
-#define CE_MAY_COUNT(live, odd, d, tol, absg)                                   \
-    ((odd) | ((live) & ((d >= sel(v_ratio < one, v_ratio, one) * (tol)) | (d >= v_rel * (absg)))))
 #define CE_COMPARE_END do {                                                  \
         if (!gu) return 0;                                                    \
         int64_t mis = 0, nf = 0;                                              \
@@ -273,6 +289,46 @@ static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, i
     }
 }
 
+/* Pass 1 of a float32 row in float32 lanes (2W per vector; comparisons are exact in float32):
+ * over the first entries [0, returned count), a multiple of 2W, the maximum *mx, its first
+ * index *am, the minimum *mn, and *bad = 1 when one of them is NaN or +inf. */
+static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double *mn,
+                                  int64_t *am, int *bad) {
+    const int64_t body = C < INT32_MAX ? C - C % (2 * W) : 0;
+    vf2 fmax = (vf2){0} - INFINITY, fmin = (vf2){0} + INFINITY;
+    vi2 nan = (vi2){0}, fidx = (vi2){0}, cur;
+    for (int i = 0; i < 2 * W; i++) cur[i] = i;
+    for (int64_t c = 0; c < body; c += 2 * W) {
+        vf2 v;
+        memcpy(&v, zf + c, sizeof v);
+        nan |= v != v;
+        vi2 gt = v > fmax;
+        vi2 lt = v < fmin;
+        fmax = (vf2)(((vi2)v & gt) | ((vi2)fmax & ~gt));
+        fidx = (cur & gt) | (fidx & ~gt);
+        fmin = (vf2)(((vi2)v & lt) | ((vi2)fmin & ~lt));
+        cur += 2 * W;
+    }
+    float m = -INFINITY, lo = INFINITY;
+    int32_t any_nan = 0;
+    for (int i = 0; i < 2 * W; i++) {
+        m = fmax[i] > m ? fmax[i] : m;
+        lo = fmin[i] < lo ? fmin[i] : lo;
+        any_nan |= nan[i];
+    }
+    int64_t first = 0;
+    if (m > -INFINITY) {
+        first = C;
+        for (int i = 0; i < 2 * W; i++)
+            if (fmax[i] == m && fidx[i] < first) first = fidx[i];
+    }
+    *mx = m;
+    *mn = lo;
+    *am = first;
+    *bad = any_nan != 0 || m == INFINITY;
+    return body;
+}
+
 /* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
@@ -289,6 +345,17 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const vd neg_inf = splat(-INFINITY);
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
+    int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
+    if (z32) {
+        double f_max, f_min;
+        int64_t f_am;
+        int f_bad;
+        c1 = T(scan_f32)((const float *)z, C, &f_max, &f_min, &f_am, &f_bad);
+        if (f_bad) return 1;
+        vmax = splat(f_max);  /* every lane holds the state so far; later entries win */
+        vmin = splat(f_min);  /* only when strictly greater, so ties keep f_am */
+        vidx = (vl){0} + f_am;
+    }
 #define PASS1(c, live, nn) do {                                                  \
         vd v = T(load_row)(z, z32, c, (nn));                                  \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
@@ -297,7 +364,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vmin = sel((live) & (v < vmin), v, vmin);                             \
         vidx = (vl)sel(gt, (vd)(IOTA + (c)), (vd)vidx);                       \
     } while (0)
-    for (int64_t c = 0; c < body; c += W) PASS1(c, ALL, W);
+    for (int64_t c = c1; c < body; c += W) PASS1(c, ALL, W);
     if (tail) PASS1(body, LIVE(body), tail);
     double bad = vbad[0];
     for (int i = 1; i < W; i++) bad += vbad[i];
@@ -403,31 +470,59 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double g_am = scale * (rest - Q * s1 / s);
     const int sure = s1 <= 1.0;
     const vl vy = (vl){0} + y;
+    const vd vk_g = splat(k_g), vbig_a = splat(big_a), vk_f = splat(k_f);
     CE_COMPARE_BEGIN;
-#define PASS3(c, live, nn, spec) do {                                        \
-        const int64_t n = (nn);                                              \
+/* g and fl of lanes [c, c + n). qq (probability targets), q32c (their width), kw (k_b or k_fb
+ * may be nonzero) and nrm (normal) are loop invariants: constants in the specialised loops. */
+#define PASS3_GF(c, n, spec, qq, q32c, kw, nrm)                                \
         vl ids = IOTA + (c);                                                  \
-        vd e, qv = splat(0.0), wv = w ? T(load_row)(w, 0, c, n) : one;                     \
+        vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zs = T(load_row)(z, z32, c, n) - vm;                               \
-        vd g = e * splat(k_g);                                                \
-        if (k_b != 0.0) g = g - splat(k_b) * wv;                              \
-        if (qrow) qv = T(load_row)(qrow, q32, c, n);                          \
-        if (qrow) g = g - qv * splat(scale);                                  \
-        if (spec && !qrow) g = sel(ids == vy, g - splat(k_a), g);             \
-        if (spec && sure) g = sel(ids == vam, splat(g_am), g);                \
-        vd fl = ((splat(big_a) - zs) * e) * splat(k_f);                       \
-        if (!normal) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
-        if (k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);                    \
-        if (qrow) fl = fl + splat(k_fq) * vabs(qv);                           \
-        if (spec && !qrow) fl = sel(ids == vy, fl + splat(k_fa), fl);         \
+        vd g = e * vk_g;                                                      \
+        if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
+        if (qq) qv = T(load_row)(qrow, q32c, c, n);                           \
+        if (qq) g = g - qv * splat(scale);                                    \
+        if ((spec) && !(qq)) g = sel(ids == vy, g - splat(k_a), g);           \
+        if ((spec) && sure) g = sel(ids == vam, splat(g_am), g);              \
+        vd fl = ((vbig_a - zs) * e) * vk_f;                                   \
+        if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
+        if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
+        if (qq) fl = fl + splat(k_fq) * vabs(qv);                             \
+        if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl)
+#define PASS3(c, live, nn, spec) do {                                        \
+        const int64_t n = (nn);                                              \
+        PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal);                   \
         CE_COMPARE(c, live, n, g, fl);                                        \
     } while (0)
     /* only the target's and the arg-max's vectors need the per-entry corrections */
     const int64_t y_blk = y - y % W, am_blk = am - am % W;
-    for (int64_t c = 0; c < body; c += W) {
-        if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1);
-        else PASS3(c, ALL, W, 0);
+    /* the common case (a gradient to compare, nothing stored, no smoothing or class weight
+     * terms): a loop without the invariant tests, one per kind of target and `normal` */
+#define PASS3_FAST(qq, q32c, nrm) do {                                       \
+        for (int64_t c = 0; c < body; c += W) {                               \
+            const int spec = c == y_blk || c == am_blk;                       \
+            PASS3_GF(c, W, spec, qq, q32c, 0, nrm);                           \
+            vd absg = vabs(g);                                                \
+            vd tol = (absg * rtol + abs_tol) + fl;                            \
+            CE_COMPARE_FOLD(c, ALL, W, g, absg, tol, 0);                      \
+        }                                                                     \
+    } while (0)
+    if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
+        || k_fb != 0.0) {
+        for (int64_t c = 0; c < body; c += W) {
+            if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1);
+            else PASS3(c, ALL, W, 0);
+        }
+    } else if (!qrow) {
+        if (normal) PASS3_FAST(0, 0, 1);
+        else PASS3_FAST(0, 0, 0);
+    } else if (q32) {
+        if (normal) PASS3_FAST(1, 1, 1);
+        else PASS3_FAST(1, 1, 0);
+    } else {
+        if (normal) PASS3_FAST(1, 0, 1);
+        else PASS3_FAST(1, 0, 0);
     }
     if (tail) PASS3(body, LIVE(body), tail, 1);
     CE_COMPARE_END;
@@ -573,12 +668,15 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_BEGIN
 #undef CE_COMPARE
 #undef CE_COMPARE_END
-#undef CE_MAY_COUNT
+#undef CE_COMPARE_FOLD
+#undef CE_ALL_LT2
 #undef BCE
 #undef BCE_STEP
 #undef PASS2
 #undef PASS2_ROW
 #undef PASS3
+#undef PASS3_GF
+#undef PASS3_FAST
 #undef sel
 #undef vabs
 #undef splat
@@ -589,6 +687,8 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef vl
 #undef vu
 #undef vf
+#undef vf2
+#undef vi2
 #undef AI
 #undef G
 #undef W

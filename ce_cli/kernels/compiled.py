@@ -287,13 +287,15 @@ class FusedKernel(_Kernel):
                  g_rows=None) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
-        +inf or only -inf: the numpy kernel, which reports those, takes the rows."""
+        +inf or only -inf: the numpy kernel, which reports those, takes the rows. The (R, C)
+        floor is written only when `floor_coef` is given."""
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
+        floor = floor_coef is not None  # the comparison alone needs no (R, C) floor written
         floor_coef, params = _tolerance(cmp, floor_coef)
         params.update(self._targets(rows), floor_coef=floor_coef or 0.0)
         R, C = z.shape
-        out = _outputs(R, C, self.per_row, grad, floor_coef is not None, cmp is not None)
+        out = _outputs(R, C, self.per_row, grad, floor, cmp is not None)
         if not self._run(z, g, rows, params, out, cmp):
             return None
         m, l1 = out["row_max"], out["log1p_s1"]
