@@ -50,7 +50,9 @@ typedef int32_t T(vi2) __attribute__((vector_size(W * 8)));
 
 /* table[j] lane by lane, table of 8 (see CE_EXP2_HI) */
 AI vd T(table8)(const double *table, vl j) {
-#if W == 8
+#if defined(CE_TABLE8)
+    return CE_TABLE8(table, j);
+#elif W == 8
     vd t;
     memcpy(&t, table, sizeof t);
     return __builtin_shuffle(t, j);
@@ -395,15 +397,15 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);
     double *blk_e = e_row + C + 8, *blk_z = blk_e + C / BLOCK + 1;
     int64_t nb = 0;
-#define PASS2(k, c, live, nn, nrm) do {                                      \
+#define PASS2(k, c, live, nn, nrm, zm) do {                                  \
         vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
         vd e = sel(live, T(vexp_neg)(zs, nrm), splat(0.0));                   \
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e[k] += e;                                                        \
-        if (qrow) {  /* probability targets: q . (z - m), 0 * -inf: 0 */      \
+        if ((zm) == 1) {  /* probability targets: q . (z - m), 0 * -inf: 0 */ \
             vd qv = T(load_row)(qrow, q32, c, nn);                            \
             acc_z[k] += sel((live) & (qv != 0), qv * zs, splat(0.0));         \
-        } else if (beta != 0.0) {                                             \
+        } else if ((zm) == 2) {  /* smoothing: w . (z - m) */                 \
             vd wv = w ? T(load_row)(w, 0, c, nn) : splat(1.0);               \
             vd wz = sel(wv != 0, wv * zs, splat(0.0));  /* 0 * -inf: 0 */     \
             acc_z[k] += sel(live, wz, splat(0.0));                            \
@@ -411,13 +413,13 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     } while (0)
     /* the arg-max's group masks its lane out of the sum; every other full group needs no mask */
     const int64_t am_grp = am - am % 8;
-#define PASS2_ROW(nrm) do {                                                  \
+#define PASS2_ROW(nrm, zm) do {                                              \
         for (int64_t c = 0; c < body8; c += 8) {                               \
             if (c == am_grp) {                                                 \
                 for (int k = 0; k < G; k++)                                    \
-                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm);    \
+                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm); \
             } else {                                                           \
-                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm);  \
+                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm); \
             }                                                                  \
             if ((c & (BLOCK - 1)) == BLOCK - 8) {                              \
                 blk_e[nb] = T(hsum8)(acc_e);                                   \
@@ -428,11 +430,13 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         for (int k = 0; k < G && k * W < tail8; k++) {                         \
             const int64_t c = body8 + k * W;                                   \
             PASS2(k, c, LIVE(c) & (IOTA + c != vam),                           \
-                  tail8 - k * W < W ? tail8 - k * W : W, nrm);                 \
+                  tail8 - k * W < W ? tail8 - k * W : W, nrm, zm);             \
         }                                                                      \
     } while (0)
-    if (normal) PASS2_ROW(1);
-    else PASS2_ROW(0);
+    /* the kind of z sum (none, q, w) as one integer: GCC moves its test out of the loop */
+    const int zmode = qrow ? 1 : beta != 0.0 ? 2 : 0;
+    if (normal) PASS2_ROW(1, zmode);
+    else PASS2_ROW(0, zmode);
     if (C % BLOCK) {
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
@@ -670,6 +674,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_END
 #undef CE_COMPARE_FOLD
 #undef CE_ALL_LT2
+#undef CE_TABLE8
 #undef BCE
 #undef BCE_STEP
 #undef PASS2
