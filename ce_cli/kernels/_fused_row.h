@@ -396,6 +396,9 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     vd acc_e[G], acc_z[G];
     for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);
     double *blk_e = e_row + C + 8, *blk_z = blk_e + C / BLOCK + 1;
+    /* pass 2 computes while the memory is idle: it brings the row of g (read in pass 3) into
+     * the caches, 64 bytes (one line) per group of 8 entries at most */
+    const char *g_pf = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
     int64_t nb = 0;
 #define PASS2(k, c, live, nn, nrm, zm) do {                                  \
         vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
@@ -415,6 +418,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const int64_t am_grp = am - am % 8;
 #define PASS2_ROW(nrm, zm) do {                                              \
         for (int64_t c = 0; c < body8; c += 8) {                               \
+            if (g_pf) __builtin_prefetch(g_pf + c * (g32 ? 4 : 8));           \
             if (c == am_grp) {                                                 \
                 for (int k = 0; k < G; k++)                                    \
                     PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm); \
