@@ -86,28 +86,51 @@ AI vd T(table8)(const double *table, vl j) {
  * 2^e is applied in two steps (a subnormal result rounds once) and x < -745.2 gives 0.
  * No double <-> integer conversion: k comes from the bits of t (the 1.5 * 2^52 shifter) and
  * 2^e is built by integer operations on the exponent field, so every ISA keeps it in vectors. */
-AI vd T(vexp_neg)(vd x, int normal) {
+AI void T(vexp_neg_n)(vd *x, const int n, int normal) {
+    /* n (a constant, 1 or 2) vectors in place, statement by statement: with 32 registers
+     * (AVX-512) two independent chains keep twice the work in flight */
     const vd shift = splat(0x1.8p52);
-    vd xc = normal ? x : sel(x < splat(-746.0), splat(-746.0), x);
-    vd t = xc * splat(0x1.71547652b82fep+3) + shift;   /* 8 / ln2 */
-    vd kd = t - shift;
-    vd r = (xc - kd * splat(0x1.62e42fee00000p-4)) - kd * splat(0x1.a39ef35793c76p-36);
-    vd r2 = r * r, r4 = r2 * r2;
-    vd a1 = splat(1.0 / 2) + splat(1.0 / 6) * r;
-    vd a2 = splat(1.0 / 24) + splat(1.0 / 120) * r;
-    vd a3 = splat(1.0 / 720) + splat(1.0 / 5040) * r + splat(1.0 / 40320) * r2;
-    vd q = r + r2 * ((a1 + a2 * r2) + a3 * r4);
+    vd xc[2], t[2], r[2], r2[2], q[2], p[2];
+    vu k[2], e[2];
+#define EACH for (int i = 0; i < n; i++)
+    EACH xc[i] = normal ? x[i] : sel(x[i] < splat(-746.0), splat(-746.0), x[i]);
+    EACH t[i] = xc[i] * splat(0x1.71547652b82fep+3) + shift;   /* 8 / ln2 */
+    EACH {
+        vd kd = t[i] - shift;
+        r[i] = (xc[i] - kd * splat(0x1.62e42fee00000p-4)) - kd * splat(0x1.a39ef35793c76p-36);
+    }
+    EACH r2[i] = r[i] * r[i];
+    EACH {
+        vd r4 = r2[i] * r2[i];
+        vd a1 = splat(1.0 / 2) + splat(1.0 / 6) * r[i];
+        vd a2 = splat(1.0 / 24) + splat(1.0 / 120) * r[i];
+        vd a3 = splat(1.0 / 720) + splat(1.0 / 5040) * r[i] + splat(1.0 / 40320) * r2[i];
+        q[i] = r[i] + r2[i] * ((a1 + a2 * r2[i]) + a3 * r4);
+    }
     /* k = 8e + j in [-8612, 0], from t's low bits; the shifts act on k + 2^14 >= 0 */
-    vu k = (vu)t - (vu)shift + (1 << 14);
-    vl j = (vl)(k & 7);
-    vd hi = T(table8)(CE_EXP2_HI, j);
-    vd p = hi + (T(table8)(CE_EXP2_LO, j) + hi * q);
-    vu e = (k >> 3) - (1 << 11) + 1023;  /* biased exponent of 2^e */
-    if (normal) return p * (vd)(e << 52);
-    vu e1 = (e + 1024) >> 1;             /* 2^ceil(e/2), biased: both factors stay normal */
-    vd s1 = (vd)(e1 << 52);
-    vd s2 = (vd)((e - e1 + 1023) << 52);
-    return sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+    EACH k[i] = (vu)t[i] - (vu)shift + (1 << 14);
+    EACH {
+        vl j = (vl)(k[i] & 7);
+        vd hi = T(table8)(CE_EXP2_HI, j);
+        p[i] = hi + (T(table8)(CE_EXP2_LO, j) + hi * q[i]);
+    }
+    EACH e[i] = (k[i] >> 3) - (1 << 11) + 1023;  /* biased exponent of 2^e */
+    if (normal) {
+        EACH x[i] = p[i] * (vd)(e[i] << 52);
+        return;
+    }
+    EACH {
+        vu e1 = (e[i] + 1024) >> 1;  /* 2^ceil(e/2), biased: both factors stay normal */
+        vd s1 = (vd)(e1 << 52);
+        vd s2 = (vd)((e[i] - e1 + 1023) << 52);
+        x[i] = sel(x[i] < splat(-745.2), splat(0.0), (p[i] * s1) * s2);
+    }
+#undef EACH
+}
+
+AI vd T(vexp_neg)(vd x, int normal) {
+    T(vexp_neg_n)(&x, 1, normal);
+    return x;
 }
 
 /* Lanes [c0, c0 + n) of a row as doubles, 1 <= n <= W; the rest repeat the first lane
@@ -402,7 +425,11 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     int64_t nb = 0;
 #define PASS2(k, c, live, nn, nrm, zm) do {                                  \
         vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
-        vd e = sel(live, T(vexp_neg)(zs, nrm), splat(0.0));                   \
+        PASS2_ACC(k, c, live, nn, zm, T(vexp_neg)(zs, nrm), zs);              \
+    } while (0)
+/* e = exp(zs) of lanes [c, c + nn) (0 where not live) to e_row and the sums */
+#define PASS2_ACC(k, c, live, nn, zm, ex, zs) do {                            \
+        vd e = sel(live, ex, splat(0.0));                                     \
         memcpy(e_row + (c), &e, sizeof e);                                    \
         acc_e[k] += e;                                                        \
         if ((zm) == 1) {  /* probability targets: q . (z - m), 0 * -inf: 0 */ \
@@ -416,8 +443,31 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     } while (0)
     /* the arg-max's group masks its lane out of the sum; every other full group needs no mask */
     const int64_t am_grp = am - am % 8;
+#define PASS2_BLOCK(c) do {  /* after group c: a block's sums */              \
+        if (((c) & (BLOCK - 1)) == BLOCK - 8) {                                \
+            blk_e[nb] = T(hsum8)(acc_e);                                       \
+            blk_z[nb++] = T(hsum8)(acc_z);                                     \
+            for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);      \
+        }                                                                      \
+    } while (0)
 #define PASS2_ROW(nrm, zm) do {                                              \
-        for (int64_t c = 0; c < body8; c += 8) {                               \
+        int64_t c = 0;                                                         \
+        /* one vector per group (AVX-512): two groups' exps at once, in order after */ \
+        for (; G == 1 && c + 16 <= body8; c += 16) {                           \
+            vd xs[2], zs2[2];                                                  \
+            for (int h = 0; h < 2; h++) {                                      \
+                if (g_pf) __builtin_prefetch(g_pf + (c + 8 * h) * (g32 ? 4 : 8)); \
+                xs[h] = zs2[h] = T(load_row)(z, z32, c + 8 * h, W) - vm;       \
+            }                                                                  \
+            T(vexp_neg_n)(xs, 2, nrm);                                         \
+            for (int h = 0; h < 2; h++) {                                      \
+                const int64_t ch = c + 8 * h;                                  \
+                if (ch == am_grp) PASS2_ACC(0, ch, IOTA + ch != vam, W, zm, xs[h], zs2[h]); \
+                else PASS2_ACC(0, ch, ALL, W, zm, xs[h], zs2[h]);              \
+                PASS2_BLOCK(ch);                                               \
+            }                                                                  \
+        }                                                                      \
+        for (; c < body8; c += 8) {                                            \
             if (g_pf) __builtin_prefetch(g_pf + c * (g32 ? 4 : 8));           \
             if (c == am_grp) {                                                 \
                 for (int k = 0; k < G; k++)                                    \
@@ -425,11 +475,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             } else {                                                           \
                 for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm); \
             }                                                                  \
-            if ((c & (BLOCK - 1)) == BLOCK - 8) {                              \
-                blk_e[nb] = T(hsum8)(acc_e);                                   \
-                blk_z[nb++] = T(hsum8)(acc_z);                                 \
-                for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);  \
-            }                                                                  \
+            PASS2_BLOCK(c);                                                    \
         }                                                                      \
         for (int k = 0; k < G && k * W < tail8; k++) {                         \
             const int64_t c = body8 + k * W;                                   \
@@ -683,6 +729,8 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef BCE_STEP
 #undef PASS2
 #undef PASS2_ROW
+#undef PASS2_ACC
+#undef PASS2_BLOCK
 #undef PASS3
 #undef PASS3_GF
 #undef PASS3_FAST
