@@ -140,6 +140,7 @@ static inline __m256d ce_table8_avx2(const double *table, __m256i j) {
 /* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
 #define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
 #define CE_ANY(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
+#define CE_MAXPD(a, b) _mm256_max_pd((__m256d)(a), (__m256d)(b))
 #define CE_ALL_LT2(d, a, b)                                                         \
     (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd((__m256d)(d), (__m256d)(a), _CMP_LT_OQ), \
                                       _mm256_cmp_pd((__m256d)(d), (__m256d)(b), _CMP_LT_OQ))) == 15)
@@ -152,6 +153,7 @@ static inline __m256d ce_table8_avx2(const double *table, __m256i j) {
 #define CE_SFX avx512
 #define CE_CVT_PS_PD(f) _mm512_cvtps_pd((__m256)(f))  /* one vcvtps2pd zmm, as for avx2 */
 #define CE_ANY(m) (_mm512_test_epi64_mask((__m512i)(m), (__m512i)(m)) != 0)
+#define CE_MAXPD(a, b) _mm512_max_pd((__m512d)(a), (__m512d)(b))
 #define CE_ALL_LT2(d, a, b)                                                              \
     (_mm512_mask_cmp_pd_mask(_mm512_cmp_pd_mask((__m512d)(d), (__m512d)(a), _CMP_LT_OQ), \
                              (__m512d)(d), (__m512d)(b), _CMP_LT_OQ) == 0xff)

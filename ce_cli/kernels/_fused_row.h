@@ -187,6 +187,15 @@ AI int T(any)(vl m) {
 #endif
 }
 
+/* a > b ? a : b lane by lane (CE_MAXPD: the target's max instruction, which is exactly that) */
+AI vd T(vmax)(vd a, vd b) {
+#ifdef CE_MAXPD
+    return (vd)CE_MAXPD(a, b);
+#else
+    return sel(a > b, a, b);
+#endif
+}
+
 /* 1 when d < a and d < b in every lane (CE_ALL_LT2: the target's own mask test) */
 AI int T(all_lt2)(vd d, vd a, vd b) {
 #ifdef CE_ALL_LT2
@@ -230,7 +239,7 @@ AI double T(hmax)(vd v) {
  * (a NaN product included) is computed exactly as before. */
 #define CE_COMPARE_FOLD(c, live, n, g, absg, tol, want_ratio) do {            \
         vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                        \
-        v_abs = sel((live) & (d > v_abs), d, v_abs);                          \
+        v_abs = sel(live, T(vmax)(d, v_abs), v_abs);                          \
         if ((want_ratio) || !T(all_lt2)(d, v_lim * (tol), v_rel * (absg))) {  \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
             vd ratio = sel(odd, splat(INFINITY), d / (tol));                  \
@@ -725,6 +734,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_FOLD
 #undef CE_ALL_LT2
 #undef CE_TABLE8
+#undef CE_MAXPD
 #undef BCE
 #undef BCE_STEP
 #undef PASS2
