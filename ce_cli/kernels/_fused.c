@@ -123,20 +123,6 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 #pragma GCC target("arch=x86-64-v3")
 #define CE_W 4
 #define CE_SFX avx2
-/* table[j] of 8 doubles in 4 lanes: AVX2 permutes no doubles across lanes by index, so vpermps
- * picks dwords 2j, 2j + 1 of each half of the table and vblendvpd takes the upper half where
- * j >= 4 (bit 2 of j shifted to the sign bit); exp's two tables share the indices and the
- * mask. GCC's own __builtin_shuffle of two vectors took twice the instructions. */
-static inline __m256d ce_table8_avx2(const double *table, __m256i j) {
-    __m256i dup = _mm256_shuffle_epi32(j, 0xA0);  /* the low dword of each lane, twice */
-    __m256i idx = _mm256_add_epi32(_mm256_add_epi32(dup, dup),
-                                   _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));
-    __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)table), idx);
-    __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)(table + 4)), idx);
-    return _mm256_blendv_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi),
-                            _mm256_castsi256_pd(_mm256_slli_epi64(j, 61)));
-}
-#define CE_TABLE8(table, j) ((vd)ce_table8_avx2(table, (__m256i)(j)))
 /* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
 #define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
 #define CE_ANY(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))

@@ -50,23 +50,21 @@ typedef int32_t T(vi2) __attribute__((vector_size(W * 8)));
 
 /* table[j] lane by lane, table of 8 (see CE_EXP2_HI) */
 AI vd T(table8)(const double *table, vl j) {
-#if defined(CE_TABLE8)
-    return CE_TABLE8(table, j);
-#elif W == 8
+#if W == 8
     vd t;
     memcpy(&t, table, sizeof t);
     return __builtin_shuffle(t, j);
 #elif W == 4 && defined(__AVX2__)
-    /* vpermd on the 32-bit halves: lanes (2 j', 2 j' + 1), j' = j & 3, of both 4-entry halves,
-     * then the half j picks (the same index work serves CE_EXP2_HI and CE_EXP2_LO) */
-    __m256i j2 = _mm256_slli_epi64(_mm256_and_si256((__m256i)j, _mm256_set1_epi64x(3)), 1);
-    __m256i idx = _mm256_or_si256(_mm256_or_si256(j2, _mm256_slli_epi64(j2, 32)),
-                                  _mm256_set1_epi64x((int64_t)1 << 32));
-    __m256i t0, t1;
-    memcpy(&t0, table, sizeof t0);
-    memcpy(&t1, table + 4, sizeof t1);
-    return sel(j > 3, (vd)_mm256_permutevar8x32_epi32(t1, idx),
-               (vd)_mm256_permutevar8x32_epi32(t0, idx));
+    /* vpermps on the 32-bit halves: dwords (2 j, 2 j + 1) (mod 8) of both 4-entry halves, then
+     * vblendvpd takes the upper half where j >= 4 (bit 2 of j shifted to the sign bit); the
+     * same index work serves CE_EXP2_HI and CE_EXP2_LO */
+    __m256i dup = _mm256_shuffle_epi32((__m256i)j, 0xA0);  /* j's low dword, twice */
+    __m256i idx = _mm256_add_epi32(_mm256_add_epi32(dup, dup),
+                                   _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));
+    __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)table), idx);
+    __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)(table + 4)), idx);
+    return (vd)_mm256_blendv_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi),
+                                _mm256_castsi256_pd(_mm256_slli_epi64((__m256i)j, 61)));
 #elif W == 4 && CE_HAVE_SHUFFLE
     vd t0, t1;
     memcpy(&t0, table, sizeof t0);
@@ -733,7 +731,6 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_COMPARE_END
 #undef CE_COMPARE_FOLD
 #undef CE_ALL_LT2
-#undef CE_TABLE8
 #undef CE_MAXPD
 #undef BCE
 #undef BCE_STEP
