@@ -5,13 +5,14 @@ interpreter: what a process imports is visible only there. No timing here (bench
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from ce_cli.cli.main import COMMANDS
+from ce_cli.cli.main import BLAS_THREAD_VARS, COMMANDS
 
 # Runs the console script's entry point with argv, then reports on stderr which of the watched
 # modules the process imported (after the help or the report on stdout).
@@ -100,3 +101,40 @@ def test_stress_help_copies_agree():
 
     assert cli_stress.SCENARIO_NAMES == {k: tuple(s.name for s in v) for k, v in SCENARIOS.items()}
     assert cli_stress.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT
+
+
+# Runs the entry point, then reports how many threads the process holds (Linux /proc).
+TASKS_PROBE = """
+import os, sys
+sys.argv = ["ce-check", *sys.argv[1:]]
+from ce_cli.cli.main import main
+try:
+    main()
+except SystemExit:
+    pass
+print("TASKS=%d" % len(os.listdir("/proc/self/task")), file=sys.stderr)
+"""
+
+
+def _openblas() -> bool:
+    deps = np.show_config(mode="dicts")["Build Dependencies"]
+    return "openblas" in str(deps.get("blas", {}).get("name", "")).lower()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux /proc")
+@pytest.mark.parametrize("blas_var", [None, "2"])
+def test_grad_starts_no_blas_pool(tmp_path, blas_var):
+    """`grad` keeps OpenBLAS from starting its (busy-waiting) pool, unless you set its size."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS}
+    if blas_var:
+        env["OPENBLAS_NUM_THREADS"] = blas_var
+    proc = subprocess.run([sys.executable, "-c", TASKS_PROBE, "grad", "z.npy", "y.npy", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    tasks = int(proc.stderr.split("TASKS=")[-1])
+    if blas_var is None:
+        assert tasks == 1, proc.stderr
+    elif _openblas():  # your own setting wins: a pool of 2 is the process and one worker
+        assert tasks == 2, proc.stderr
