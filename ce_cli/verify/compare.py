@@ -8,12 +8,29 @@ kept between them, so a 0.5 GB gradient is compared in the memory of one chunk.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ce_cli.verify.allowance import RowAllowance
 from ce_cli.verify.results import CheckResult, Entry
 from ce_cli.verify.tolerance import Tolerance
+
+
+@dataclass
+class Measured:
+    """One chunk compared entry by entry (`Comparison.measure`), not yet folded in: |error|,
+    allowed error, their ratio, and per row the largest ratio and relative error."""
+
+    ref: np.ndarray
+    got: Any
+    diff: np.ndarray | None
+    tol: np.ndarray
+    ratio: np.ndarray | None
+    rowmax: np.ndarray | None
+    rel_rows: np.ndarray | None
+    nonfinite: int
 
 
 class Comparison:
@@ -52,13 +69,17 @@ class Comparison:
         """Compare rows [row0, row0 + R) of `got` (any float dtype) against float64 `ref`.
 
         Returns the per-entry allowed error (R, C)."""
+        return self.fold(row0, self.measure(ref, got, floor))
+
+    def measure(self, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> Measured:
+        """The entry-by-entry part of `update`: reads no state of the comparison, so chunks may
+        be measured on several threads at once and folded (`fold`) in row order."""
         if ref.ndim == 1:
             ref, got = ref[:, None], np.asarray(got).reshape(-1, 1)
             floor = None if floor is None else floor[:, None]
         R, C = ref.shape
         if R == 0 or C == 0:
-            return np.zeros((R, C))
-        self.total += R * C
+            return Measured(ref, got, None, np.zeros((R, C)), None, None, None, 0)
         with np.errstate(invalid="ignore"):
             diff = np.subtract(got, ref, dtype=np.float64)
         np.abs(diff, out=diff)
@@ -77,6 +98,7 @@ class Comparison:
             ratio = np.divide(diff, tol, out=quot)
         rowmax = ratio.max(axis=1)
         odd = ~np.isfinite(rowmax)
+        nonfinite = 0
         if odd.any():
             for i in np.flatnonzero(odd):
                 bad = ~np.isfinite(diff[i])
@@ -86,9 +108,22 @@ class Comparison:
                 diff[i][same] = 0.0
                 ratio[i][same] = 0.0
                 bad &= ~same
-                self.nonfinite += int(np.count_nonzero(bad))
+                nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
+        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite)
+
+    def fold(self, row0: int, m: Measured) -> np.ndarray:
+        """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
+        allowances, which keep counts, apply here); returns the per-entry allowed error."""
+        if m.ratio is None:
+            return m.tol
+        ref, got, diff, tol, ratio = m.ref, m.got, m.diff, m.tol, m.ratio
+        rowmax, rel_rows = m.rowmax, m.rel_rows
+        assert diff is not None and rowmax is not None and rel_rows is not None
+        R, C = ref.shape
+        self.total += R * C
+        self.nonfinite += m.nonfinite
         if self.allowance is not None:
             for i in np.flatnonzero(rowmax > 1.0):
                 ratio[i], diff[i], tol[i] = self.allowance.refine(row0 + int(i), ref[i], got[i],

@@ -8,7 +8,9 @@ evaluates and compares in one sweep without materialising it.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
+from ce_cli.kernels.compiled import default_threads
+from ce_cli.verify.compare import Measured
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
@@ -133,9 +137,12 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
             chunk_elements: int | None) -> None:
     fused = problem.kernel if not any(s.needs_reference for s in stages) else None
     step = chunk_elements or (FUSED_CHUNK_ELEMENTS if fused is not None else CHUNK_ELEMENTS)
+    spans = row_chunks(problem.n_rows, problem.n_classes, step)
+    # the compiled kernel shares each call's rows among its own threads; the numpy kernel's
+    # chunks go to a pool instead (numpy releases the GIL inside every ufunc)
+    threads = default_threads() if problem.kernel is None else 1
     try:
-        for start, stop in row_chunks(problem.n_rows, problem.n_classes, step):
-            chunk = _evaluate(problem, start, stop, fused, grad_stage, user)
+        for chunk in _chunks(problem, spans, fused, grad_stage, user, threads):
             for stage in stages:
                 stage.update(chunk)
     except BaseException:
@@ -144,23 +151,62 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
         raise
 
 
+def _chunks(problem, spans: Iterator[tuple[int, int]], fused, grad_stage: GradStage | None,
+            user: UserGrad | None, threads: int) -> Iterator[Chunk]:
+    """The chunks of `spans` in row order. With threads > 1 up to 2 * threads chunks are evaluated
+    ahead on a pool; each is folded into the comparison here, in row order, so every statistic,
+    count and worst entry is the same for any number of threads."""
+    if threads <= 1:
+        for start, stop in spans:
+            yield _fold(grad_stage, _evaluate(problem, start, stop, fused, grad_stage, user))
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ce-check-rows") as pool:
+        ahead: deque[Future[Evaluated]] = deque()
+        try:
+            for start, stop in spans:
+                ahead.append(pool.submit(_evaluate, problem, start, stop, fused, grad_stage, user))
+                if len(ahead) >= 2 * threads:
+                    yield _fold(grad_stage, ahead.popleft().result())
+            while ahead:
+                yield _fold(grad_stage, ahead.popleft().result())
+        finally:
+            for pending in ahead:
+                pending.cancel()
+
+
+@dataclass
+class Evaluated:
+    """A chunk's reference values, and your gradient measured against them but not yet folded."""
+
+    chunk: Chunk
+    measured: Measured | None = None
+
+
+def _fold(grad_stage: GradStage | None, ev: Evaluated) -> Chunk:
+    if ev.measured is not None:
+        assert grad_stage is not None
+        ev.chunk.user_tol = grad_stage.cmp.fold(ev.chunk.start, ev.measured)
+    return ev.chunk
+
+
 def _evaluate(problem, start: int, stop: int, fused, grad_stage: GradStage | None,
-              user: UserGrad | None) -> Chunk:
-    """The reference values of rows [start, stop), your gradient compared on the way."""
+              user: UserGrad | None) -> Evaluated:
+    """The reference values of rows [start, stop), your gradient measured on the way (the
+    compiled kernel folds its comparison itself)."""
     ev: ChunkEval | None = None
     if fused is not None:
         ev = fused.evaluate(problem.z[start:stop], np.arange(start, stop),
                             cmp=grad_stage.cmp if grad_stage is not None else None,
                             g_rows=None if user is None else user.rows[start:stop])
         if ev is not None:
-            return Chunk(start, stop, ev)
+            return Evaluated(Chunk(start, stop, ev))
     ev = problem.evaluate(start, stop, grad=True,
                           floor_coef=user.tol.floor_coef if user is not None else None)
-    user_tol = None
+    measured = None
     if grad_stage is not None and user is not None:
-        user_tol = grad_stage.cmp.update(start, required(ev.grad, "gradient"),
-                                         user.rows[start:stop], ev.floor)
-    return Chunk(start, stop, ev, user_tol)
+        measured = grad_stage.cmp.measure(required(ev.grad, "gradient"), user.rows[start:stop],
+                                          ev.floor)
+    return Evaluated(Chunk(start, stop, ev), measured)
 
 
 def _user_grad(problem, inputs: Inputs, options: CheckOptions) -> UserGrad | None:

@@ -1,0 +1,96 @@
+"""The numpy kernel's row chunks on a thread pool (CE_CHECK_FUSED=0, CE_CHECK_THREADS): the
+report - verdict, counts, worst entries in order, loss to the last bit - is the same for every
+thread count, because chunks are folded into the comparison in row order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ce_cli.verify.checks import check_binary, check_grad, reference
+
+THREADS = (1, 2, 3, 5)
+
+
+def _case(kind: str, dtype, n: int, c: int, seed: int, bad: int):
+    """Logits, labels and a gradient with `bad` planted errors (some NaN) of the given kind."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * rng.choice([0.5, 4.0, 30.0], size=(n, 1))).astype(dtype)
+    z64 = z.astype(np.float64)
+    if kind == "binary":
+        y = (rng.random((n, c)) < 0.2).astype(dtype)
+        g = (1.0 / (1.0 + np.exp(-z64)) - y) / y.size
+    elif kind == "probs":
+        y = rng.dirichlet(np.full(c, 0.5), n)
+        g = reference(z64, y).grad
+    else:
+        y = rng.integers(0, c, n)
+        g = reference(z64, y, label_smoothing=0.1).grad
+    g = g.astype(dtype)
+    for k in range(bad):
+        r, col = rng.integers(0, n), rng.integers(0, c)
+        g[r, col] = np.nan if k % 4 == 3 else g[r, col] * (1.0 + 10.0 ** -rng.integers(1, 6))
+    return z, y, g
+
+
+def _report(kind: str, z, y, g, threads: int, monkeypatch, **kw) -> dict:
+    monkeypatch.setenv("CE_CHECK_FUSED", "0")
+    monkeypatch.setenv("CE_CHECK_THREADS", str(threads))
+    if kind == "binary":
+        rep = check_binary(z, y, grad=g, **kw)
+    else:
+        extra = {"label_smoothing": 0.1} if kind == "index" else {}
+        rep = check_grad(z, y, grad=g, **extra, **kw)
+    assert rep.options["kernel"] == "numpy"
+    return _exact(dataclasses.asdict(rep))
+
+
+def _exact(value):
+    """Floats as their exact hex form (NaN equals NaN), containers walked."""
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_exact(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value).hex()
+    return value
+
+
+@pytest.mark.parametrize("kind", ["index", "probs", "binary"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_thread_count_gives_the_same_report(kind, dtype, monkeypatch):
+    z, y, g = _case(kind, dtype, 61, 97, seed=5, bad=9)
+    # 3 rows a chunk: 21 chunks, more than any pool's look-ahead
+    reports = [_report(kind, z, y, g, t, monkeypatch, chunk_elements=300, worst=6, fd="sample")
+               for t in THREADS]
+    assert not reports[0]["ok"]
+    for t, rep in zip(THREADS[1:], reports[1:]):
+        assert rep == reports[0], f"{t} threads"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["index", "probs", "binary"]), dtype=st.sampled_from(["float32", "float64"]),
+       n=st.integers(1, 40), c=st.integers(1, 60), seed=st.integers(0, 2**32 - 1),
+       bad=st.integers(0, 12), chunk=st.integers(1, 400), threads=st.sampled_from(THREADS[1:]))
+def test_thread_counts_agree_property(monkeypatch, kind, dtype, n, c, seed, bad, chunk, threads):
+    z, y, g = _case(kind, np.dtype(dtype), n, c, seed, bad)
+    kw = dict(chunk_elements=chunk, worst=4, fd="off")
+    assert _report(kind, z, y, g, threads, monkeypatch, **kw) == _report(kind, z, y, g, 1, monkeypatch, **kw)
+
+
+def test_first_bad_row_is_reported_at_any_thread_count(monkeypatch):
+    """An input error in a later chunk: the same message (the first bad row) for every count."""
+    from ce_cli.errors import CeCheckError
+    z, y, g = _case("index", np.float64, 50, 20, seed=1, bad=0)
+    z[31, 4] = np.nan
+    z[44, 2] = np.inf
+    messages = set()
+    for t in THREADS:
+        with pytest.raises(CeCheckError) as err:
+            _report("index", z, y, g, t, monkeypatch, chunk_elements=40)
+        messages.add(str(err.value))
+    assert len(messages) == 1 and "31" in messages.pop()
