@@ -94,3 +94,31 @@ def test_first_bad_row_is_reported_at_any_thread_count(monkeypatch):
             _report("index", z, y, g, t, monkeypatch, chunk_elements=40)
         messages.add(str(err.value))
     assert len(messages) == 1 and "31" in messages.pop()
+
+
+@pytest.mark.parametrize("kind", ["index", "probs", "binary"])
+def test_finite_difference_row_blocks(kind, monkeypatch):
+    """The perturbed rows of finite differences go in cache-sized blocks to the threads: the
+    same bits at every thread count, and (index targets, binary: row sums of their own) the
+    bits of one call over all rows (probability targets' q . z, an einsum, may sum in another
+    order for another block shape)."""
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    from ce_cli.models.softmax import build_softmax_ce
+    from ce_cli.verify import finite_diff
+    monkeypatch.setenv("CE_CHECK_FUSED", "0")
+    monkeypatch.setattr(finite_diff, "BLOCK_ENTRIES", 1000)
+    z, y, _g = _case(kind, np.float32, 45, 170, seed=2, bad=0)
+    z[3, :5] = -np.inf
+    problem = (build_sigmoid_bce(z, y) if kind == "binary" else build_softmax_ce(z, y))[0]
+    rows = np.arange(45)[::-1].copy()
+    base = np.asarray(z[rows], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        whole = problem.evaluate_rows(base, rows, grad=False).loss
+    runs = []
+    for t in THREADS:
+        monkeypatch.setenv("CE_CHECK_THREADS", str(t))
+        with np.errstate(invalid="ignore"):
+            runs.append(finite_diff.row_losses(problem, base, rows).view(np.uint64))
+        np.testing.assert_array_equal(runs[-1], runs[0], err_msg=f"{t} threads")
+    if kind != "probs":
+        np.testing.assert_array_equal(runs[0], whole.view(np.uint64))

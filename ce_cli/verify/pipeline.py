@@ -8,9 +8,7 @@ evaluates and compares in one sweep without materialising it.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
-from ce_cli.kernels.compiled import default_threads
 from ce_cli.verify.compare import Measured
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
@@ -28,6 +25,7 @@ from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad, semantic_stages)
+from ce_cli.verify.threads import numpy_threads, ordered_map
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 CHUNK_ELEMENTS = 1 << 17   # float64 entries per row chunk: 1 MB buffers stay in L2 (2x faster than 2 MB)
@@ -140,7 +138,7 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
     spans = row_chunks(problem.n_rows, problem.n_classes, step)
     # the compiled kernel shares each call's rows among its own threads; the numpy kernel's
     # chunks go to a pool instead (numpy releases the GIL inside every ufunc)
-    threads = default_threads() if problem.kernel is None else 1
+    threads = numpy_threads(problem)
     try:
         for chunk in _chunks(problem, spans, fused, grad_stage, user, threads):
             for stage in stages:
@@ -153,25 +151,12 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
 
 def _chunks(problem, spans: Iterator[tuple[int, int]], fused, grad_stage: GradStage | None,
             user: UserGrad | None, threads: int) -> Iterator[Chunk]:
-    """The chunks of `spans` in row order. With threads > 1 up to 2 * threads chunks are evaluated
-    ahead on a pool; each is folded into the comparison here, in row order, so every statistic,
-    count and worst entry is the same for any number of threads."""
-    if threads <= 1:
-        for start, stop in spans:
-            yield _fold(grad_stage, _evaluate(problem, start, stop, fused, grad_stage, user))
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ce-check-rows") as pool:
-        ahead: deque[Future[Evaluated]] = deque()
-        try:
-            for start, stop in spans:
-                ahead.append(pool.submit(_evaluate, problem, start, stop, fused, grad_stage, user))
-                if len(ahead) >= 2 * threads:
-                    yield _fold(grad_stage, ahead.popleft().result())
-            while ahead:
-                yield _fold(grad_stage, ahead.popleft().result())
-        finally:
-            for pending in ahead:
-                pending.cancel()
+    """The chunks of `spans` in row order, evaluated ahead on `threads` threads; each is folded
+    into the comparison here, in row order, so every statistic, count and worst entry is the same
+    for any number of threads."""
+    calls = ((problem, start, stop, fused, grad_stage, user) for start, stop in spans)
+    for ev in ordered_map(_evaluate, calls, threads):
+        yield _fold(grad_stage, ev)
 
 
 @dataclass
