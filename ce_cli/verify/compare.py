@@ -31,6 +31,7 @@ class Measured:
     rowmax: np.ndarray | None
     rel_rows: np.ndarray | None
     nonfinite: int
+    row_abs: np.ndarray | None = None  # largest |error| of each row
 
 
 class Comparison:
@@ -111,7 +112,8 @@ class Comparison:
                 nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
-        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite)
+        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite,
+                        np.fmax.reduce(diff, axis=1))
 
     def fold(self, row0: int, m: Measured) -> np.ndarray:
         """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
@@ -119,8 +121,9 @@ class Comparison:
         if m.ratio is None:
             return m.tol
         ref, got, diff, tol, ratio = m.ref, m.got, m.diff, m.tol, m.ratio
-        rowmax, rel_rows = m.rowmax, m.rel_rows
+        rowmax, rel_rows, row_abs = m.rowmax, m.rel_rows, m.row_abs
         assert diff is not None and rowmax is not None and rel_rows is not None
+        assert row_abs is not None
         R, C = ref.shape
         self.total += R * C
         self.nonfinite += m.nonfinite
@@ -130,7 +133,9 @@ class Comparison:
                                                                   tol[i], ratio[i])
                 rowmax[i] = ratio[i].max()
                 rel_rows[i] = _max_rel(diff[i], ref[i])
-        self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, axis=None)))
+                row_abs[i] = np.fmax.reduce(diff[i])
+        # the largest of the rows' largest: fmax over the whole chunk, without another pass here
+        self.max_abs = max(self.max_abs, float(np.fmax.reduce(row_abs)))
         self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
         failing = np.flatnonzero(rowmax > 1.0)
         if failing.size:
