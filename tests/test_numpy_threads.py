@@ -122,3 +122,15 @@ def test_finite_difference_row_blocks(kind, monkeypatch):
         np.testing.assert_array_equal(runs[-1], runs[0], err_msg=f"{t} threads")
     if kind != "probs":
         np.testing.assert_array_equal(runs[0], whole.view(np.uint64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_classes=st.integers(1, 1 << 23), elements=st.integers(1, 1 << 22), threads=st.integers(1, 512))
+def test_pool_plan_bounds_memory_in_flight(n_classes, elements, threads):
+    """However many threads are asked for, the 2 * threads chunks in flight (each at least one
+    row) fit POOL_BYTES, or a single thread runs; chunks never grow."""
+    from ce_cli.verify.threads import CHUNK_BYTES_PER_ENTRY, POOL_BYTES, pool_plan
+    step, used = pool_plan(n_classes, elements, threads)
+    assert 1 <= used <= threads and step <= elements
+    rows = max(1, step // n_classes)
+    assert used == 1 or 2 * used * rows * n_classes * CHUNK_BYTES_PER_ENTRY <= POOL_BYTES

@@ -25,7 +25,7 @@ from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad, semantic_stages)
-from ce_cli.verify.threads import numpy_threads, ordered_map
+from ce_cli.verify.threads import numpy_threads, ordered_map, pool_plan
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 CHUNK_ELEMENTS = 1 << 17   # float64 entries per row chunk: 1 MB buffers stay in L2 (2x faster than 2 MB)
@@ -135,10 +135,12 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
             chunk_elements: int | None) -> None:
     fused = problem.kernel if not any(s.needs_reference for s in stages) else None
     step = chunk_elements or (FUSED_CHUNK_ELEMENTS if fused is not None else CHUNK_ELEMENTS)
-    spans = row_chunks(problem.n_rows, problem.n_classes, step)
     # the compiled kernel shares each call's rows among its own threads; the numpy kernel's
     # chunks go to a pool instead (numpy releases the GIL inside every ufunc)
     threads = numpy_threads(problem)
+    if chunk_elements is None:
+        step, threads = pool_plan(problem.n_classes, step, threads)
+    spans = row_chunks(problem.n_rows, problem.n_classes, step)
     try:
         for chunk in _chunks(problem, spans, fused, grad_stage, user, threads):
             for stage in stages:

@@ -17,11 +17,26 @@ from ce_cli.kernels.compiled import default_threads
 
 T = TypeVar("T")
 
+POOL_BYTES = 128 << 20  # the chunks in flight at once, all threads together
+CHUNK_BYTES_PER_ENTRY = 128  # a chunk's float64 temporaries (BCE: ~16 arrays of its size)
+
 
 def numpy_threads(problem: Any) -> int:
     """Threads for `problem`'s row blocks: CE_CHECK_THREADS (default: the cores this process may
     use) on the numpy kernel, 1 when the compiled kernel serves it."""
     return default_threads() if getattr(problem, "kernel", None) is None else 1
+
+
+def pool_plan(n_classes: int, elements: int, threads: int) -> tuple[int, int]:
+    """(entries per chunk, threads) for `threads` asked: the 2 * threads chunks in flight stay
+    within POOL_BYTES - smaller chunks first (down to one row), then fewer threads - so peak
+    memory does not grow with the thread count."""
+    if threads <= 1:
+        return elements, 1
+    per_entry = 2 * threads * CHUNK_BYTES_PER_ENTRY
+    elements = min(elements, max(n_classes, POOL_BYTES // per_entry, 1))
+    rows_entries = max(n_classes, elements - elements % max(1, n_classes))
+    return elements, max(1, min(threads, POOL_BYTES // (2 * CHUNK_BYTES_PER_ENTRY * rows_entries)))
 
 
 def ordered_map(fn: Callable[..., T], calls: Iterable[tuple], threads: int) -> Iterator[T]:
