@@ -134,3 +134,15 @@ def test_pool_plan_bounds_memory_in_flight(n_classes, elements, threads):
     assert 1 <= used <= threads and step <= elements
     rows = max(1, step // n_classes)
     assert used == 1 or 2 * used * rows * n_classes * CHUNK_BYTES_PER_ENTRY <= POOL_BYTES
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.lists(st.sampled_from([0.0, 1.5, 2.0, 1e-300, np.inf, np.nan, 7.25]),
+                              min_size=1, max_size=9), min_size=1, max_size=6).filter(
+                                  lambda r: len({len(x) for x in r}) <= 1))
+def test_row_maxima_skip_nan_like_fmax(rows):
+    """The comparison's row maxima (plain max, fmax only where a NaN met it): fmax's bits."""
+    from ce_cli.verify.compare import _fmax_rows
+    a = np.array(rows, dtype=np.float64)
+    want = np.fmax.reduce(a, axis=1)
+    np.testing.assert_array_equal(_fmax_rows(a).view(np.uint64), want.view(np.uint64))

@@ -88,7 +88,7 @@ class Comparison:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             quot = np.divide(diff, tol)
             # entries with ref == 0 have no relative error (x/0 is inf, 0/0 NaN: fmax skips NaN)
-            rel_rows = np.fmax.reduce(quot, axis=1)
+            rel_rows = _fmax_rows(quot)
             for i in np.flatnonzero(np.isinf(rel_rows)):
                 row = quot[i]
                 rel_rows[i] = np.fmax.reduce(np.where(tol[i] == 0, np.nan, row))
@@ -112,8 +112,7 @@ class Comparison:
                 nonfinite += int(np.count_nonzero(bad))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
-        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite,
-                        np.fmax.reduce(diff, axis=1))
+        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite, _fmax_rows(diff))
 
     def fold(self, row0: int, m: Measured) -> np.ndarray:
         """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
@@ -234,6 +233,16 @@ class Comparison:
             rule=self.tol.describe() + (f" +{self.extra_atol:.2g}" if self.extra_atol else ""),
             note=note,
         )
+
+
+def _fmax_rows(a: np.ndarray) -> np.ndarray:
+    """np.fmax.reduce(a, axis=1) (NaN skipped), by a plain max (twice as fast) and fmax only on
+    the rows where the max met a NaN."""
+    out = a.max(axis=1)
+    nan = np.isnan(out)
+    if nan.any():
+        out[nan] = np.fmax.reduce(a[nan], axis=1)
+    return out
 
 
 def _max_rel(diff: np.ndarray, ref: np.ndarray) -> float:
