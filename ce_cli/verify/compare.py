@@ -89,7 +89,8 @@ class Comparison:
             quot = np.divide(diff, tol)
             # entries with ref == 0 have no relative error (x/0 is inf, 0/0 NaN: fmax skips NaN)
             rel_rows = _fmax_rows(quot)
-            for i in np.flatnonzero(np.isinf(rel_rows)):
+            inf_rows = np.isinf(rel_rows)
+            for i in np.flatnonzero(inf_rows) if inf_rows.any() else ():
                 row = quot[i]
                 rel_rows[i] = np.fmax.reduce(np.where(tol[i] == 0, np.nan, row))
             tol *= self.tol.rtol
@@ -126,19 +127,20 @@ class Comparison:
         R, C = ref.shape
         self.total += R * C
         self.nonfinite += m.nonfinite
-        if self.allowance is not None:
-            for i in np.flatnonzero(rowmax > 1.0):
+        over = rowmax > 1.0
+        if self.allowance is not None and over.any():
+            for i in np.flatnonzero(over):
                 ratio[i], diff[i], tol[i] = self.allowance.refine(row0 + int(i), ref[i], got[i],
                                                                   tol[i], ratio[i])
                 rowmax[i] = ratio[i].max()
                 rel_rows[i] = _max_rel(diff[i], ref[i])
                 row_abs[i] = np.fmax.reduce(diff[i])
+            over = rowmax > 1.0
         # the largest of the rows' largest: fmax over the whole chunk, without another pass here
         self.max_abs = max(self.max_abs, float(np.fmax.reduce(row_abs)))
         self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
-        failing = np.flatnonzero(rowmax > 1.0)
-        if failing.size:
-            self.mismatches += int(np.count_nonzero(ratio[failing] > 1.0))
+        if over.any():
+            self.mismatches += int(np.count_nonzero(ratio[over] > 1.0))
         self._collect_worst(row0, rowmax, lambda r: (ratio[r], ref[r], got[r], diff[r], tol[r]))
         return tol
 
@@ -188,6 +190,8 @@ class Comparison:
         if k == 0:
             return
         threshold = self._worst[-1][0] if len(self._worst) >= k else -1.0
+        if rowmax.size == 0 or rowmax.max() <= threshold:
+            return  # no row beats the k-th worst so far
         rows = np.flatnonzero(rowmax > threshold)
         if rows.size > k:
             rows = rows[np.argsort(-rowmax[rows], kind="stable")[:k]]
