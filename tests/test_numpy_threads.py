@@ -146,3 +146,19 @@ def test_row_maxima_skip_nan_like_fmax(rows):
     a = np.array(rows, dtype=np.float64)
     want = np.fmax.reduce(a, axis=1)
     np.testing.assert_array_equal(_fmax_rows(a).view(np.uint64), want.view(np.uint64))
+
+
+@pytest.mark.parametrize("kind", ["index", "binary"])
+def test_console_script_same_json_at_any_thread_count(kind, tmp_path):
+    """The installed `ce-check` with the numpy kernel: --json byte for byte the same at
+    CE_CHECK_THREADS=1 and 3 (a 300 x 1500 check streams in 4 chunks of 75 rows)."""
+    from tests.conftest import run_script, save, script_env
+    z, y, g = _case(kind, np.float32, 300, 1500, seed=7, bad=5)
+    args = ["binary" if kind == "binary" else "grad", save(tmp_path, "z.npy", z),
+            save(tmp_path, "y.npy", y), "--grad", save(tmp_path, "g.npy", g), "--json"]
+    if kind == "index":
+        args += ["--label-smoothing", "0.1"]
+    outs = [run_script(args, env=script_env(CE_CHECK_FUSED="0", CE_CHECK_THREADS=str(t)))
+            for t in (1, 3)]
+    assert outs[0].returncode == 1 and b'"kernel": "numpy"' in outs[0].stdout
+    assert outs[1].stdout == outs[0].stdout
