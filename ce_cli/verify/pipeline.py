@@ -140,6 +140,8 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
     threads = numpy_threads(problem)
     if chunk_elements is None:
         step, threads = pool_plan(problem.n_classes, step, threads)
+    if problem.n_rows * problem.n_classes <= step:
+        threads = 1  # one chunk: no pool
     spans = row_chunks(problem.n_rows, problem.n_classes, step)
     try:
         for chunk in _chunks(problem, spans, fused, grad_stage, user, threads):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 from ce_cli.kernels.compiled import default_threads
 
@@ -47,6 +49,7 @@ def ordered_map(fn: Callable[..., T], calls: Iterable[tuple], threads: int) -> I
         for args in calls:
             yield fn(*args)
         return
+    from concurrent.futures import ThreadPoolExecutor  # ~5 ms of imports: only when a pool runs
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ce-check-rows") as pool:
         ahead: deque[Future[T]] = deque()
         try:
