@@ -40,12 +40,16 @@ def _plain(model, x, rows, floor_coef):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("opt", ["plain", "pw", "w", "w+pw", "soft", "soft+w+sum"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_bce_kernel_is_its_formulas(opt, dtype):
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "finite"])
+def test_numpy_bce_kernel_is_its_formulas(opt, dtype, masked):
+    """With -inf logits (the guarded products) and without (the kernel's shorter path)."""
     rng = np.random.default_rng(len(opt))
     R, K = 23, 517
     x = (rng.standard_normal((R, K)) * rng.choice([0.01, 3.0, 40.0, 800.0], size=(R, 1))).astype(dtype)
-    x[rng.random((R, K)) < 0.05] = -np.inf
+    if masked:
+        x[rng.random((R, K)) < 0.05] = -np.inf
     x[0, :3] = [0.0, -0.0, 1e-300]
+    x[1, :2] = [-746.0, 746.0]
     y = (rng.random((R, K)) < 0.3).astype(np.float64)
     kw: dict = {}
     if "soft" in opt:

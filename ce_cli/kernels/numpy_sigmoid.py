@@ -37,7 +37,7 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
         e_abs = np.abs(x)
         np.negative(e_abs, out=e_abs)
         np.exp(e_abs, out=e_abs)  # exp(-|x|)
-        items = _items(x, y, omy, w, pos, e_abs)
+        items = _items(x, y, omy, w, pos, e_abs, _all_finite(x, None if dz is not None else top))
     coef = 1.0 + (pw - 1.0) * y if pw is not None else None  # None: all ones
     g = floor = None
     if grad or floor_coef is not None:
@@ -60,32 +60,42 @@ def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, coef, e_abs: np.n
     """The gradient of the reduced loss w.r.t. the raw logits and (given `floor_coef`) the
     error floor, at logits (or transformed logits) x (omy = 1 - y; coef None: all ones)."""
     scale = model.grad_scale
-    # s(x) and s(-x) = 1 - s(x) from e = exp(-|x|): relative error ~2 eps at any x
-    # (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|);
-    # 1/(1 + e) for x >= 0 and e/(1 + e) below, without cancellation
-    nonneg = x >= 0
-    d1 = 1.0 + e_abs
-    s_pos = np.where(nonneg, 1.0, e_abs)   # s(x)
-    s_pos /= d1
-    s_neg = np.where(nonneg, e_abs, 1.0)   # s(-x)
-    s_neg /= d1
+    s_pos, s_neg = _sigmoids(x, e_abs)
     g_z = omy * s_pos
-    g_z -= pos * s_neg
+    g_z -= np.multiply(pos, s_neg, out=s_neg if dz is None else None)
     g = floor = None
+    if floor_coef is not None and dz is None:
+        # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
+        # (|coef| s(x) is s(x) itself without pos_weight: coef = 1; pos = y >= 0 without it)
+        floor = s_pos if coef is None else np.multiply(np.abs(coef), s_pos, out=s_pos)
+        floor += pos if coef is None else np.abs(pos)
+        floor *= floor_coef * scale
+    elif floor_coef is not None:
+        floor = _transformed_floor(model, x, dz, coef, pos, s_pos, s_neg, g_z, floor_coef * scale)
+    if floor is not None and w is not None:
+        floor *= np.abs(w)
     if grad:
-        g = g_z * scale if w is None else g_z * (w * scale)
+        g = g_z if dz is None else g_z.copy()  # g_z is no longer needed without T
+        g *= scale if w is None else w * scale
         if dz is not None:
             g *= dz
-    if floor_coef is not None:
-        # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
-        # (|coef| s(x) is s(x) itself without pos_weight: coef = 1)
-        floor = floor_coef * scale * ((s_pos if coef is None else np.abs(coef) * s_pos)
-                                      + np.abs(pos))
-        if dz is not None:
-            floor = _transformed_floor(model, x, dz, coef, pos, s_pos, s_neg, g_z, floor_coef * scale)
-        if w is not None:
-            floor *= np.abs(w)
     return g, floor
+
+
+def _sigmoids(x: np.ndarray, e_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """s(x) and s(-x) = 1 - s(x) from e = exp(-|x|): relative error ~2 eps at any x
+    (exp(-softplus(-x)) would inherit the rounding of |x| + log1p(e): eps*|x|); 1/(1 + e) for
+    x >= 0 and e/(1 + e) below, without cancellation. The numerators are picked without a
+    select: max(e, sign(x)) is 1 for x >= 0 (e = 1 at x = 0) and e below; max(e, -sign(x))
+    the other way round."""
+    d1 = 1.0 + e_abs
+    sgn = np.sign(x)
+    s_pos = np.maximum(e_abs, sgn)
+    s_pos /= d1
+    np.negative(sgn, out=sgn)
+    s_neg = np.maximum(e_abs, sgn, out=sgn)
+    s_neg /= d1
+    return s_pos, s_neg
 
 
 def _finite_abs(z: np.ndarray) -> np.ndarray:
@@ -122,12 +132,37 @@ def _magnitude(y: np.ndarray, w: np.ndarray | None,
     return magnitude, magnitude.sum(axis=1)
 
 
+def _all_finite(x: np.ndarray, top: np.ndarray | None) -> bool:
+    """No infinite logit in `x` (`top`: its row maxima, when at hand)."""
+    if x.size == 0:
+        return True
+    high = top.max() if top is not None else x.max()
+    return bool(np.isfinite(high) and np.isfinite(x.min()))
+
+
 def _items(x: np.ndarray, y: np.ndarray, omy: np.ndarray, w: np.ndarray | None,
-           pos: np.ndarray, e_abs: np.ndarray) -> np.ndarray:
+           pos: np.ndarray, e_abs: np.ndarray, finite: bool) -> np.ndarray:
+    """pw y softplus(-x) + (1 - y) softplus(x) (times w); a term whose coefficient is 0 is 0
+    also at an infinite logit. With every logit finite the products are those 0s already, and
+    softplus(-x) = max(x, 0) - x + log1p(e) exactly (max(-x, 0) without another pass)."""
     tail = np.log1p(e_abs)
-    sp_neg = np.maximum(-x, 0.0)   # softplus(-x) = -log s(x) ...
-    sp_neg += tail
+    if not finite:
+        return _items_guarded(x, y, omy, w, pos, tail)
     sp_pos = np.maximum(x, 0.0)    # softplus(x) = -log(1 - s(x)) ...
+    sp_neg = np.subtract(sp_pos, x)  # softplus(-x) = -log s(x) ...
+    sp_pos += tail
+    sp_neg += tail
+    sp_neg *= pos
+    sp_pos *= omy
+    sp_neg += sp_pos
+    return np.where(w != 0, sp_neg * w, 0.0) if w is not None else sp_neg
+
+
+def _items_guarded(x: np.ndarray, y: np.ndarray, omy: np.ndarray, w: np.ndarray | None,
+                   pos: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    sp_neg = np.maximum(-x, 0.0)
+    sp_neg += tail
+    sp_pos = np.maximum(x, 0.0)
     sp_pos += tail
     sp_neg *= pos
     sp_pos *= omy

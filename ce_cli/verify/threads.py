@@ -1,0 +1,64 @@
+"""Row blocks of the numpy kernel on a thread pool.
+
+numpy releases the GIL inside every ufunc, so blocks of rows evaluated on several threads run
+at once. Results come back in submission order, so whatever folds them sees the same sequence
+(and computes the same bits) for any number of threads. The compiled kernel shares each call's
+rows among threads of its own: problems it serves run here on one thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+from ce_cli.kernels.compiled import default_threads
+
+T = TypeVar("T")
+
+POOL_BYTES = 128 << 20  # the chunks in flight at once, all threads together
+CHUNK_BYTES_PER_ENTRY = 128  # a chunk's float64 temporaries (BCE: ~16 arrays of its size)
+
+
+def numpy_threads(problem: Any) -> int:
+    """Threads for `problem`'s row blocks: CE_CHECK_THREADS (default: the cores this process may
+    use) on the numpy kernel, 1 when the compiled kernel serves it."""
+    return default_threads() if getattr(problem, "kernel", None) is None else 1
+
+
+def pool_plan(n_classes: int, elements: int, threads: int) -> tuple[int, int]:
+    """(entries per chunk, threads) for `threads` asked: the 2 * threads chunks in flight stay
+    within POOL_BYTES - smaller chunks first (down to one row), then fewer threads - so peak
+    memory does not grow with the thread count."""
+    if threads <= 1:
+        return elements, 1
+    per_entry = 2 * threads * CHUNK_BYTES_PER_ENTRY
+    elements = min(elements, max(n_classes, POOL_BYTES // per_entry, 1))
+    rows_entries = max(n_classes, elements - elements % max(1, n_classes))
+    return elements, max(1, min(threads, POOL_BYTES // (2 * CHUNK_BYTES_PER_ENTRY * rows_entries)))
+
+
+def ordered_map(fn: Callable[..., T], calls: Iterable[tuple], threads: int) -> Iterator[T]:
+    """fn(*args) for each args of `calls`, yielded in order. With threads > 1 on a pool, at most
+    2 * threads calls ahead of the one yielded (memory stays a few blocks per thread); an
+    exception is raised where its call would have been yielded."""
+    if threads <= 1:
+        for args in calls:
+            yield fn(*args)
+        return
+    from concurrent.futures import ThreadPoolExecutor  # ~5 ms of imports: only when a pool runs
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ce-check-rows") as pool:
+        ahead: deque[Future[T]] = deque()
+        try:
+            for args in calls:
+                ahead.append(pool.submit(fn, *args))
+                if len(ahead) >= 2 * threads:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for pending in ahead:
+                pending.cancel()
