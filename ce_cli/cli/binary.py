@@ -8,8 +8,8 @@ import typer
 
 from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, JsonOpt, LossOpt,
                             NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
-                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt, WorstOpt, app,
-                            epilog, guarded, run_check)
+                            RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, ThreadsOpt,
+                            VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, WorkersOpt,
                                run_sharded, shard_inputs, single_input)
@@ -50,6 +50,7 @@ def binary(
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
     worst: WorstOpt = 5,
+    threads: ThreadsOpt = None,
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,

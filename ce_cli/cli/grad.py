@@ -9,8 +9,8 @@ import typer
 
 from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt,
                             JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
-                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, VerboseOpt,
-                            WorstOpt, app, epilog, guarded, run_check)
+                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
+                            ThreadsOpt, VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded,
                                shard_inputs, single_input)
@@ -52,6 +52,7 @@ def grad(
     samples: SamplesOpt = 256,
     seed: SeedOpt = 0,
     worst: WorstOpt = 5,
+    threads: ThreadsOpt = None,
     out_grad: OutGradOpt = None,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -71,9 +72,8 @@ def grad(
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
-            json_out=json_out, quiet=quiet,
-            refused={"loss": loss, "weight": weight, "out_grad": out_grad, "lse": lse,
-                     "sample_weight": sample_weight, "z_loss_value": z_loss_value}, **settings)
+            json_out=json_out, quiet=quiet, refused={"loss": loss, "weight": weight, "out_grad": out_grad,
+                "lse": lse, "sample_weight": sample_weight, "z_loss_value": z_loss_value}, **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(
         check_grad, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,

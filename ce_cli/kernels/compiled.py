@@ -12,9 +12,12 @@ serve rows it must report (NaN, +inf, all -inf) and every CPU without a C compil
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -97,8 +100,24 @@ def cpu_count() -> int:
     return max(1, n)
 
 
+_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("ce_check_threads", default=None)
+
+
+@contextlib.contextmanager
+def use_threads(n: int | None) -> Iterator[None]:
+    """Within the block (this thread's context) default_threads() is `n`; None changes nothing."""
+    token = _THREADS.set(n if n is not None else _THREADS.get())
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
 def default_threads() -> int:
-    """Threads per kernel call: CE_CHECK_THREADS when set (>= 1), else cpu_count()."""
+    """Threads per kernel call: use_threads' count inside one, else CE_CHECK_THREADS when set
+    (>= 1), else cpu_count()."""
+    if (n := _THREADS.get()) is not None:
+        return n
     text = os.environ.get(THREADS_ENV, "").strip()
     if text:
         try:

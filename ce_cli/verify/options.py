@@ -23,7 +23,9 @@ class CheckOptions:
     `loss_atol` (a typed loss's last digit), `normaliser_rtol` the largest row factor allowed
     (default 0.5 eps (C - 1), verify/allowance.py), `strict_subnormals` to fail results flushed
     to zero. Finite differences: `fd` mode, `samples`, `seed`.
-    Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk.
+    Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk;
+    `threads` the kernel's (default: CE_CHECK_THREADS, else the cores this process may use),
+    which change no bit of the report.
     Training-code semantics (softmax CE, models/semantics.py): `z_loss` coefficient, `softcap`,
     `logit_scale`, `smoothing_form` (torch: eps/C everywhere; others: 1 - eps on the target,
     eps/(C - 1) elsewhere), an outside `denominator`, `shift_labels` (causal LM), and
@@ -49,6 +51,7 @@ class CheckOptions:
     seed: int = 0
     worst: int = 5
     chunk_elements: int | None = None
+    threads: int | None = None
     z_loss: float = 0.0
     softcap: float | None = None
     logit_scale: float = 1.0
@@ -75,6 +78,8 @@ class CheckOptions:
             raise CeCheckError(f"`worst`: must be >= 0, got {self.worst}")
         if self.seed < 0:
             raise CeCheckError(f"`seed`: must be >= 0, got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise CeCheckError(f"`threads`: must be at least 1, got {self.threads}")
         validate_scalars(self.z_loss, self.softcap, self.logit_scale, self.smoothing_form,
                          self.denominator)
         if self.vocab_offset is not None and self.vocab_offset < 0:

@@ -18,6 +18,7 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
+from ce_cli.kernels.compiled import use_threads
 from ce_cli.verify.compare import Measured
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
@@ -64,7 +65,13 @@ class Run:
 
 
 def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, run: Run) -> Report:
-    """Stream `problem`'s rows through the stages, then assemble the `Report`."""
+    """Stream `problem`'s rows through the stages, then assemble the `Report`, on
+    `options.threads` kernel threads."""
+    with use_threads(options.threads):
+        return _verify(problem, warnings, inputs, options, run)
+
+
+def _verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, run: Run) -> Report:
     keep_chunk_buffers()
     mode = choose_mode(options.fd.value, problem.n_rows, problem.n_classes)
     user = _user_grad(problem, inputs, options)
