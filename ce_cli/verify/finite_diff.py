@@ -90,26 +90,33 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     """Finite differences at the listed entries, with the analytic reference (and, given
     `floor_coef`, the error floor) there: each distinct row is evaluated once, then twice per
     entry perturbed; batches stay bounded in memory."""
-    C = problem.n_classes
-    per = max(1, CHUNK_ENTRIES // C)
+    per = max(1, CHUNK_ENTRIES // problem.n_classes)
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
     skipped = 0
     uniq, inverse = np.unique(rows, return_inverse=True)
     for a in range(0, uniq.size, per):
         block = uniq[a:a + per]
-        ev = problem.evaluate_rows(np.asarray(problem.z[block]), block, floor_coef=floor_coef)
         sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
-        local, c = inverse[sel] - a, cols[sel]
-        ana[sel] = ev.grad[local, c]
-        if ev.floor is not None:
-            floor[sel] = ev.floor[local, c]
-        base = np.array(problem.z[rows[sel]], dtype=np.float64)
-        sub = ev.take_rows(local)
-        fd[sel], bound[sel], s = central_differences(problem, base, rows[sel], c,
-                                                     base[np.arange(sel.size), c], sub)
+        ana[sel], floor[sel], fd[sel], bound[sel], s = _fd_block(problem, block, inverse[sel] - a,
+                                                                 rows[sel], cols[sel], floor_coef)
         skipped += s
     return FDResult(rows, cols, fd, bound, uniq.size + 2 * rows.size, skipped, ana,
                     floor if floor_coef is not None else None)
+
+
+def _fd_block(problem, block: np.ndarray, local: np.ndarray, r: np.ndarray, c: np.ndarray,
+              floor_coef: float | None):
+    """fd_entries on the distinct rows `block`: entry k is (r[k], c[k]), row local[k] of the
+    block. (analytic, floor, fd, bound, skipped); the (R, C) arrays die on return, so the next
+    block reuses their memory instead of faulting in fresh pages."""
+    ev = problem.evaluate_rows(np.asarray(problem.z[block]), block, floor_coef=floor_coef)
+    ana = ev.grad[local, c]
+    floor = ev.floor[local, c] if ev.floor is not None else np.nan
+    base = np.array(problem.z[r], dtype=np.float64)
+    sub = ev.take_rows(local)
+    del ev
+    fd, bound, s = central_differences(problem, base, r, c, base[np.arange(r.size), c], sub)
+    return ana, floor, fd, bound, s
 
 
 def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None):
