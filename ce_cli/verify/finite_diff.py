@@ -89,54 +89,66 @@ def sample_entries(problem, k: int, seed: int, extra: list[tuple[int, int]]) -> 
 def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None = None) -> FDResult:
     """Finite differences at the listed entries, with the analytic reference (and, given
     `floor_coef`, the error floor) there: each distinct row is evaluated once, then twice per
-    entry perturbed; batches stay bounded in memory."""
-    per = max(1, CHUNK_ENTRIES // problem.n_classes)
+    entry perturbed, block by block of rows (on the numpy kernel blocks that stay in cache, on
+    its threads: every row is computed alone, so the bits do not depend on the blocks)."""
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
-    skipped = 0
     uniq, inverse = np.unique(rows, return_inverse=True)
-    for a in range(0, uniq.size, per):
-        block = uniq[a:a + per]
-        sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
-        ana[sel], floor[sel], fd[sel], bound[sel], s = _fd_block(problem, block, inverse[sel] - a,
-                                                                 rows[sel], cols[sel], floor_coef)
+    numpy_kernel = problem.kernel is None
+    per = max(1, (BLOCK_ENTRIES if numpy_kernel else CHUNK_ENTRIES) // problem.n_classes)
+    threads = numpy_threads(problem)
+
+    def block(a: int):
+        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a, floor_coef,
+                         1 if threads > 1 else None)
+
+    skipped = 0
+    calls = ((a,) for a in range(0, uniq.size, per))
+    for sel, values, s in ordered_map(block, calls, threads if numpy_kernel else 1):
+        fd[sel], bound[sel], ana[sel], floor[sel] = values
         skipped += s
     return FDResult(rows, cols, fd, bound, uniq.size + 2 * rows.size, skipped, ana,
                     floor if floor_coef is not None else None)
 
 
-def _fd_block(problem, block: np.ndarray, local: np.ndarray, r: np.ndarray, c: np.ndarray,
-              floor_coef: float | None):
-    """fd_entries on the distinct rows `block`: entry k is (r[k], c[k]), row local[k] of the
-    block. (analytic, floor, fd, bound, skipped); the (R, C) arrays die on return, so the next
-    block reuses their memory instead of faulting in fresh pages."""
-    ev = problem.evaluate_rows(np.asarray(problem.z[block]), block, floor_coef=floor_coef)
+def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, inverse: np.ndarray,
+              a: int, floor_coef: float | None, threads: int | None):
+    """`fd_entries` on the entries of rows `block` (= unique rows a, a+1, ...): their positions
+    in `rows`, (fd, bound, reference, floor) there, and the entries skipped."""
+    z = np.asarray(problem.z[block])
+    ev = problem.evaluate_rows(z, block, floor_coef=floor_coef)
+    sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
+    local, c = inverse[sel] - a, cols[sel]
     ana = ev.grad[local, c]
-    floor = ev.floor[local, c] if ev.floor is not None else np.nan
-    base = np.array(problem.z[r], dtype=np.float64)
+    floor = ev.floor[local, c] if ev.floor is not None else np.zeros(sel.size)
+    base = np.array(z[local], dtype=np.float64)
     sub = ev.take_rows(local)
-    del ev
-    fd, bound, s = central_differences(problem, base, r, c, base[np.arange(r.size), c], sub)
-    return ana, floor, fd, bound, s
+    del ev  # its (R, C) arrays go before the perturbed rows are evaluated, which reuse them
+    f, b, s = central_differences(problem, base, rows[sel], c, base[np.arange(sel.size), c], sub,
+                                  threads=threads)
+    return sel, (f, b, ana, floor), s
 
 
-def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None):
+def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None,
+                        threads: int | None = None):
     """Perturb entry c[k] of row base[k] (problem row r[k], value zc[k]) by -+h[k] (default
     `step_for`), evaluate both copies; returns (derivative, error bound, entries skipped).
-    `ev` holds the unperturbed rows' values (`ChunkEval.take_rows`)."""
+    `ev` holds the unperturbed rows' values (`ChunkEval.take_rows`); `threads` for the row
+    losses (default: the numpy kernel's)."""
     idx = np.arange(r.size)
     h = step_for(zc) if h is None else h
     zp, zm = zc + h, zc - h
     base[idx, c] = zp
-    lp = row_losses(problem, base, r)
+    lp = row_losses(problem, base, r, threads)
     base[idx, c] = zm
-    lm = row_losses(problem, base, r)
+    lm = row_losses(problem, base, r, threads)
     base[idx, c] = zc
     return _finish(problem, r, c, zp, zm, lp, lm, zc, ev)
 
 
-def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray, threads: int | None = None) -> np.ndarray:
     """loss_n of `rows` at logits `z_rows`: on the numpy kernel in blocks of rows that stay in
-    cache, on its threads (each row's loss is computed alone: the same bits in any block)."""
+    cache, on `threads` threads (default: its own; each row's loss is computed alone: the same
+    bits in any block)."""
     step = max(1, BLOCK_ENTRIES // max(1, z_rows.shape[1]))
     if problem.kernel is not None or z_rows.shape[0] <= step:
         return problem.evaluate_rows(z_rows, rows, grad=False).loss
@@ -145,7 +157,8 @@ def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return problem.evaluate_rows(z_rows[a:a + step], rows[a:a + step], grad=False).loss
 
     calls = ((a,) for a in range(0, z_rows.shape[0], step))
-    return np.concatenate(list(ordered_map(block, calls, numpy_threads(problem))))
+    threads = numpy_threads(problem) if threads is None else threads
+    return np.concatenate(list(ordered_map(block, calls, threads)))
 
 
 def _finish(problem, rows, cols, zp, zm, lp, lm, zc, ev):
