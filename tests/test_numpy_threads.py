@@ -162,3 +162,56 @@ def test_console_script_same_json_at_any_thread_count(kind, tmp_path):
             for t in (1, 3)]
     assert outs[0].returncode == 1 and b'"kernel": "numpy"' in outs[0].stdout
     assert outs[1].stdout == outs[0].stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), cols=st.integers(1, 30),
+       chunks=st.integers(1, 8), worst=st.integers(0, 6), lag=st.integers(0, 4),
+       dtype=st.sampled_from(["float16", "float32", "float64"]))
+def test_compacted_chunks_fold_like_full_ones(seed, rows, cols, chunks, worst, lag, dtype):
+    """A chunk measured ahead keeps only the rows its fold may open (row maximum over 1 or over
+    `open_above` as read `lag` folds before, as a thread ahead sees it): every statistic, count
+    and worst entry as when the whole chunk is folded, with the row allowances at work."""
+    from ce_cli.verify.allowance import RowAllowance
+    from ce_cli.verify.compare import Comparison
+    from ce_cli.verify.tolerance import resolve_tolerance
+    rng = np.random.default_rng(seed)
+    tol = resolve_tolerance(np.dtype(dtype))
+
+    def comparison():
+        return Comparison("c", tol, lambda r, c: (r, c), n_worst=worst,
+                          allowance=RowAllowance(tol, cols, 1.0, None, None, False))
+
+    full, lean = comparison(), comparison()
+    seen: list[float] = []
+    for k in range(chunks):
+        ref = rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-3, 3, (rows, 1))
+        got = ref.astype(dtype)  # rounding: ratios below 1, all different
+        bad = rng.random((rows, cols)) < 0.05
+        got[bad] *= 1 + 10.0 ** -rng.integers(1, 9, np.count_nonzero(bad))
+        got[rng.random((rows, cols)) < 0.01] = np.nan
+        floor = np.abs(ref) * 1e-7
+        seen.append(lean.open_above)
+        m = lean.measure(ref, got, floor).compact(seen[max(0, k - lag)])
+        full.update(k * rows, ref, got, floor)
+        lean.fold(k * rows, m)
+    assert _exact(dataclasses.asdict(lean.result())) == _exact(dataclasses.asdict(full.result()))
+
+
+def test_compaction_lets_rows_go():
+    """Past the first chunks, a chunk that only rounds keeps few of its rows' entries; a failing
+    row is always kept."""
+    from ce_cli.verify.compare import Comparison
+    from ce_cli.verify.tolerance import resolve_tolerance
+    rng = np.random.default_rng(3)
+    cmp = Comparison("c", resolve_tolerance(np.dtype(np.float32)), lambda r, c: (r, c), n_worst=5)
+    kept = []
+    for k in range(6):
+        ref = rng.standard_normal((40, 50))
+        got = ref.astype(np.float32)
+        got[7, 3] = 2.0 * ref[7, 3] + 1.0
+        m = cmp.measure(ref, got).compact(cmp.open_above)
+        kept.append(m.kept)
+        cmp.fold(40 * k, m)
+    assert kept[0] is None and all(7 in r for r in kept[1:])
+    assert all(r.size < 10 for r in kept[1:])

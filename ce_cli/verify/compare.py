@@ -32,6 +32,24 @@ class Measured:
     rel_rows: np.ndarray | None
     nonfinite: int
     row_abs: np.ndarray | None = None  # largest |error| of each row
+    kept: np.ndarray | None = None     # the rows whose entries are kept (None: every row)
+
+    def compact(self, open_above: float) -> Measured:
+        """The entries of only the rows a fold may open: a row maximum over 1 (counted, refined
+        by the row allowances) or over `open_above` (`Comparison.open_above` read earlier: the
+        k-th worst ratio only grows, so rows at or below it never hold a worst entry)."""
+        if self.rowmax is None or self.ratio is None or self.diff is None:
+            return self
+        keep = np.flatnonzero((self.rowmax > 1.0) | (self.rowmax > open_above))
+        if keep.size == self.rowmax.size:
+            return self
+        return Measured(self.ref[keep], self.got[keep], self.diff[keep], self.tol[keep],
+                        self.ratio[keep], self.rowmax, self.rel_rows, self.nonfinite,
+                        self.row_abs, keep)
+
+    def at(self, rows: Any) -> Any:
+        """Where rows `rows` of the chunk are in the kept arrays."""
+        return rows if self.kept is None else np.searchsorted(self.kept, rows)
 
 
 class Comparison:
@@ -65,12 +83,17 @@ class Comparison:
         self.max_abs = 0.0
         self.max_rel = 0.0
         self._worst: list[tuple[float, int, int, float, float, float, float]] = []
+        # rows whose largest ratio is at or below this never hold a worst entry (the k-th worst
+        # so far; it only grows): read by threads that measure chunks ahead (Measured.compact)
+        self.open_above = -1.0 if self.n_worst else float("inf")
 
     def update(self, row0: int, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
         """Compare rows [row0, row0 + R) of `got` (any float dtype) against float64 `ref`.
 
         Returns the per-entry allowed error (R, C)."""
-        return self.fold(row0, self.measure(ref, got, floor))
+        tol = self.fold(row0, self.measure(ref, got, floor))
+        assert tol is not None  # measured here in full, not compacted
+        return tol
 
     def measure(self, ref: np.ndarray, got: np.ndarray, floor: np.ndarray | None = None) -> Measured:
         """The entry-by-entry part of `update`: reads no state of the comparison, so chunks may
@@ -115,34 +138,37 @@ class Comparison:
             rowmax = ratio.max(axis=1)
         return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite, _fmax_rows(diff))
 
-    def fold(self, row0: int, m: Measured) -> np.ndarray:
+    def fold(self, row0: int, m: Measured) -> np.ndarray | None:
         """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
-        allowances, which keep counts, apply here); returns the per-entry allowed error."""
+        allowances, which keep counts, apply here); returns the per-entry allowed error (None
+        when `m` was compacted)."""
         if m.ratio is None:
             return m.tol
         ref, got, diff, tol, ratio = m.ref, m.got, m.diff, m.tol, m.ratio
-        rowmax, rel_rows, row_abs = m.rowmax, m.rel_rows, m.row_abs
+        rowmax, rel_rows, row_abs, at = m.rowmax, m.rel_rows, m.row_abs, m.at
         assert diff is not None and rowmax is not None and rel_rows is not None
         assert row_abs is not None
-        R, C = ref.shape
+        R, C = rowmax.size, ref.shape[1]
         self.total += R * C
         self.nonfinite += m.nonfinite
         over = rowmax > 1.0
         if self.allowance is not None and over.any():
             for i in np.flatnonzero(over):
-                ratio[i], diff[i], tol[i] = self.allowance.refine(row0 + int(i), ref[i], got[i],
-                                                                  tol[i], ratio[i])
-                rowmax[i] = ratio[i].max()
-                rel_rows[i] = _max_rel(diff[i], ref[i])
-                row_abs[i] = np.fmax.reduce(diff[i])
+                p = at(i)
+                ratio[p], diff[p], tol[p] = self.allowance.refine(row0 + int(i), ref[p], got[p],
+                                                                  tol[p], ratio[p])
+                rowmax[i] = ratio[p].max()
+                rel_rows[i] = _max_rel(diff[p], ref[p])
+                row_abs[i] = np.fmax.reduce(diff[p])
             over = rowmax > 1.0
         # the largest of the rows' largest: fmax over the whole chunk, without another pass here
         self.max_abs = max(self.max_abs, float(np.fmax.reduce(row_abs)))
         self.max_rel = max(self.max_rel, float(np.fmax.reduce(rel_rows)) if R else 0.0)
         if over.any():
-            self.mismatches += int(np.count_nonzero(ratio[over] > 1.0))
-        self._collect_worst(row0, rowmax, lambda r: (ratio[r], ref[r], got[r], diff[r], tol[r]))
-        return tol
+            self.mismatches += int(np.count_nonzero(ratio[at(np.flatnonzero(over))] > 1.0))
+        self._collect_worst(row0, rowmax, lambda r: (ratio[at(r)], ref[at(r)], got[at(r)],
+                                                     diff[at(r)], tol[at(r)]))
+        return tol if m.kept is None else None
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
@@ -204,6 +230,8 @@ class Comparison:
                                     float(diff[j]), float(tol[j])))
         self._worst.sort(key=lambda t: (-t[0], t[1], t[2]))
         del self._worst[k:]
+        if len(self._worst) >= k:
+            self.open_above = self._worst[-1][0]  # one store: a reader sees the old or the new
 
     def positions(self) -> list[tuple[int, int]]:
         """(row, column) of the worst entries so far, worst first."""
