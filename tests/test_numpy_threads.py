@@ -215,3 +215,29 @@ def test_compaction_lets_rows_go():
         cmp.fold(40 * k, m)
     assert kept[0] is None and all(7 in r for r in kept[1:])
     assert all(r.size < 10 for r in kept[1:])
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_ordered_map_works_on_the_calling_thread_too(threads):
+    """`threads` threads work, the caller one of them (every threads-th call): results in call
+    order, and a failing call raises where it would have been yielded, after the earlier ones."""
+    import threading
+    import time
+
+    from ce_cli.verify.threads import ordered_map
+    caller = threading.get_ident()
+
+    def call(k: int):
+        time.sleep(0.002 * ((k * 7) % 3))  # finish out of order
+        if k == 23:
+            raise ValueError("call 23")
+        return k, threading.get_ident()
+
+    got = []
+    with pytest.raises(ValueError, match="call 23"):
+        for k, who in ordered_map(call, ((k,) for k in range(40)), threads):
+            got.append((k, who))
+    assert [k for k, _ in got] == list(range(23))
+    here = {k for k, who in got if who == caller}
+    assert here == {k for k in range(23) if k % threads == threads - 1}
+    assert len({who for _, who in got} - {caller}) <= threads - 1

@@ -42,23 +42,34 @@ def pool_plan(n_classes: int, elements: int, threads: int) -> tuple[int, int]:
 
 
 def ordered_map(fn: Callable[..., T], calls: Iterable[tuple], threads: int) -> Iterator[T]:
-    """fn(*args) for each args of `calls`, yielded in order. With threads > 1 on a pool, at most
-    2 * threads calls ahead of the one yielded (memory stays a few blocks per thread); an
-    exception is raised where its call would have been yielded."""
+    """fn(*args) for each args of `calls`, yielded in order. With threads > 1, every threads-th
+    call runs on the calling thread and the others on a pool of threads - 1 (so `threads`
+    threads work, and none only waits and wakes to hand over results), at most 2 * threads calls
+    ahead of the one yielded (memory stays a few blocks per thread); an exception is raised
+    where its call would have been yielded."""
     if threads <= 1:
         for args in calls:
             yield fn(*args)
         return
     from concurrent.futures import ThreadPoolExecutor  # ~5 ms of imports: only when a pool runs
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ce-check-rows") as pool:
-        ahead: deque[Future[T]] = deque()
-        try:
-            for args in calls:
-                ahead.append(pool.submit(fn, *args))
+    with ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ce-check-rows") as pool:
+        ahead: deque[tuple[Future[T] | None, tuple]] = deque()
+        queued = enumerate(calls)
+
+        def fill() -> None:
+            for k, args in queued:
+                here = k % threads == threads - 1
+                ahead.append((None, args) if here else (pool.submit(fn, *args), ()))
                 if len(ahead) >= 2 * threads:
-                    yield ahead.popleft().result()
+                    return
+
+        try:
+            fill()
             while ahead:
-                yield ahead.popleft().result()
+                future, args = ahead.popleft()
+                fill()  # the pool's queue stays full while this thread works
+                yield fn(*args) if future is None else future.result()
         finally:
-            for pending in ahead:
-                pending.cancel()
+            for pending, _args in ahead:
+                if pending is not None:
+                    pending.cancel()
