@@ -16,6 +16,27 @@ from ce_cli.verify.checks import check_binary, check_grad, reference
 THREADS = (1, 2, 3, 5)
 
 
+@pytest.fixture(autouse=True)
+def _many_cores(monkeypatch):
+    """The pool runs every thread count asked for, however many cores this machine has."""
+    from ce_cli.verify import threads
+    monkeypatch.setattr(threads, "cpu_count", lambda: 64)
+
+
+def test_no_more_threads_than_cores(monkeypatch):
+    """CE_CHECK_THREADS above the cores this process may use: one thread a core."""
+    from types import SimpleNamespace
+
+    from ce_cli.verify import threads
+    problem = SimpleNamespace(kernel=None)  # the numpy kernel serves it
+    monkeypatch.setenv("CE_CHECK_THREADS", "8")
+    monkeypatch.setattr(threads, "cpu_count", lambda: 3)
+    assert threads.numpy_threads(problem) == 3
+    monkeypatch.setenv("CE_CHECK_THREADS", "2")
+    assert threads.numpy_threads(problem) == 2
+    assert threads.numpy_threads(SimpleNamespace(kernel=object())) == 1  # compiled: its own
+
+
 def _case(kind: str, dtype, n: int, c: int, seed: int, bad: int):
     """Logits, labels and a gradient with `bad` planted errors (some NaN) of the given kind."""
     rng = np.random.default_rng(seed)
