@@ -16,7 +16,9 @@ PyTorch float64 forward + backward (BCEWithLogitsLoss, or F.cross_entropy with p
 targets) on the same logits at the same thread count, run by --torch-python (default: this
 interpreter; skipped with a message when torch does not import there) as a subprocess, upcast
 excluded. Every round runs each configuration and the baseline once, so load from other
-processes spreads over all of them; ratios are min / min (bench/torch_baseline.py). The peak-RSS
+processes spreads over all of them (PyTorch: the best of --repeat passes in its process, as
+its passes vary with the first touch of fresh buffers); ratios are min / min
+(bench/torch_baseline.py). The peak-RSS
 budget counts every input file: 1.2 x (logits + labels + grad bytes) + 256 MiB. The machine may
 be shared: report minima.
 """
@@ -86,7 +88,8 @@ def run_case(kind: str, paths: dict[str, Path], args, threads: list[int]) -> lis
     torch_runs: dict[int, list[float]] = {t: [] for t in threads}
     for i in range(args.repeat):
         for t in threads:
-            torch_s, note = run_torch(args.torch_python, kind, paths, t, 1)
+            # --repeat passes in its process too: each may pay the first touch of fresh buffers
+            torch_s, note = run_torch(args.torch_python, kind, paths, t, args.repeat)
             if torch_s is None and i == 0:
                 print(f"PyTorch baseline skipped: {note}", file=sys.stderr, flush=True)
             if torch_s is not None:
