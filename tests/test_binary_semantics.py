@@ -194,14 +194,24 @@ def wrong_at(bad, good, rel=1e-6):
     return {tuple(int(i) for i in w) for w in np.argwhere(np.abs(bad - good) > rel * np.abs(good).max())}
 
 
+def zoo_case(seed: int, dtype, bug: str, pos_weight: bool = False, **settings):
+    """A batch, the framework's correct gradient and the one with `bug` under `settings` (the
+    framework_grad names: cap, scale, smoothing); the correct one must pass. Returns (x, good,
+    bad, the report on bad)."""
+    x, y, _s, pw = batch_case(seed)
+    x = x.astype(dtype)
+    pw = pw if pos_weight else None
+    good = framework_grad(x, y, pw=pw, D=x.size, dtype=dtype, **settings)
+    bad = framework_grad(x, y, pw=pw, D=x.size, bug=bug, dtype=dtype, **settings)
+    names = {"cap": "softcap", "scale": "logit_scale", "smoothing": "label_smoothing"}
+    opts = {names[k]: v for k, v in settings.items()}
+    assert check_binary(x, y, grad=good, pos_weight=pw, **opts).ok
+    return x, good, bad, check_binary(x, y, grad=bad, pos_weight=pw, **opts)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zoo_softcap_missing_sech2(dtype):
-    x, y, _s, pw = batch_case(7)
-    x = x.astype(dtype)
-    good = framework_grad(x, y, pw=pw, cap=2.0, D=x.size, dtype=dtype)
-    bad = framework_grad(x, y, pw=pw, cap=2.0, D=x.size, bug="no_sech2", dtype=dtype)
-    assert check_binary(x, y, grad=good, pos_weight=pw, softcap=2.0).ok
-    report = check_binary(x, y, grad=bad, pos_weight=pw, softcap=2.0)
+    _x, good, bad, report = zoo_case(7, dtype, "no_sech2", pos_weight=True, cap=2.0)
     found = bad_entries(report)
     assert found and found <= wrong_at(bad, good)
     assert not next(c for c in report.checks if c.name == "fd_vs_grad").ok
@@ -210,12 +220,8 @@ def test_zoo_softcap_missing_sech2(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zoo_logit_scale_applied_twice(dtype):
-    x, y, _s, _pw = batch_case(8)
-    x = x.astype(dtype)
-    good = framework_grad(x, y, scale=0.5, D=x.size, dtype=dtype)
-    bad = framework_grad(x, y, scale=0.5, D=x.size, bug="scale_twice", dtype=dtype)
-    assert check_binary(x, y, grad=good, logit_scale=0.5).ok
-    found = bad_entries(check_binary(x, y, grad=bad, logit_scale=0.5))
+    _x, good, bad, report = zoo_case(8, dtype, "scale_twice", scale=0.5)
+    found = bad_entries(report)
     assert found and found <= wrong_at(bad, good)
 
 
@@ -240,12 +246,7 @@ def test_zoo_denominator_counts_masked_entries(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zoo_smoothing_toward_zero(dtype):
-    x, y, _s, _pw = batch_case(10)
-    x = x.astype(dtype)
-    good = framework_grad(x, y, smoothing=0.1, D=x.size, dtype=dtype)
-    bad = framework_grad(x, y, smoothing=0.1, D=x.size, bug="smooth_to_zero", dtype=dtype)
-    assert check_binary(x, y, grad=good, label_smoothing=0.1).ok
-    report = check_binary(x, y, grad=bad, label_smoothing=0.1)
+    x, _good, _bad, report = zoo_case(10, dtype, "smooth_to_zero", smoothing=0.1)
     assert bad_entries(report)
     assert grad_check(report).mismatches == x.size  # y' off by A/2 on every element
     assert not FALSE_CAUSES & {d.code for d in report.diagnosis}
