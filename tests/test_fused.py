@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import ce_cli
 from ce_cli.verify.checks import check_grad, reference
-from ce_cli.kernels.compiled import FusedKernel, _Args, kernel, target, targets
+from ce_cli.kernels.compiled import FusedKernel, _Args, kernel, row_scan, target, targets
 from ce_cli.kernels.numpy_softmax import softmax_rows
 from ce_cli.models.softmax import build_softmax_ce
 
@@ -244,6 +244,32 @@ def test_masked_rows_match_numpy_kernel(opt, on_target):
 
 
 @needs_kernel
+@pytest.mark.parametrize("C", [1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 1000, 1031])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_scan_matches_numpy(C, dtype, on_target):
+    """The input checks' scan: np.sum's bits for the row sums, min and max skipping NaN (a row
+    with a NaN and no +inf has a NaN maximum), on every target and row length."""
+    rng = np.random.default_rng(C)
+    q = (rng.random((7, C)) * 1.5 - 0.25).astype(dtype)
+    q[1, -1] = np.nan
+    q[2, C // 2], q[2, 0] = np.inf, np.nan
+    q[3, -1] = -np.inf
+    q[4, C // 3] = -0.0
+    q[5] = np.nan
+    q64 = q.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want_sums = q64.sum(axis=1)
+    has_nan = np.isnan(q64).any(axis=1)
+    want_hi = np.fmax.reduce(q64, axis=1, initial=-np.inf)
+    want_hi = np.where(has_nan & (want_hi != np.inf), np.nan, want_hi)
+    for with_sums in (True, False):
+        sums, lo, hi = row_scan(q, sums=with_sums)
+        assert np.array_equal(lo, np.fmin.reduce(q64, axis=1, initial=np.inf))
+        assert np.array_equal(hi, want_hi, equal_nan=True)
+        assert sums is None if not with_sums else np.array_equal(sums, want_sums, equal_nan=True)
+    assert row_scan(q.astype(np.float16)) is None and row_scan(np.repeat(q, 2, axis=1)[:, ::2]) is None
+
+
 def test_nan_and_all_masked_rows_are_handed_back(on_target):
     z = np.zeros((3, 5))
     z[1, 2] = np.nan
@@ -865,9 +891,9 @@ def test_binary_kernel_writes_only_what_is_asked(opt, on_target):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_target):
     """Probability targets without smoothing or weights reach the kernel as they are; their
-    row sums Q, made by the kernel in numpy's pairwise order, are q.sum(axis=1)'s bits (every
-    leaf and split size of numpy's algorithm, signed zeros), and every output is the bits of
-    the float64 q with numpy's sums."""
+    row sums Q, made by the input check's scan or by the kernel in numpy's pairwise order, are
+    q.sum(axis=1)'s bits (every leaf and split size of numpy's algorithm, signed zeros), and
+    every output is the bits of the float64 q with numpy's sums."""
     rng = np.random.default_rng(21)
     for C in [1, 5, 7, 8, 9, 16, 127, 128, 129, 136, 255, 256, 257, 1000, 1031, 4099]:
         R = 9
@@ -875,15 +901,17 @@ def test_probability_rows_read_q_in_their_width_with_numpys_sums(dtype, on_targe
         q = (rng.standard_normal((R, C)) * 10.0 ** rng.uniform(-4, 4, (R, C))).astype(dtype)
         q[0] = -0.0
         q[1, ::3] = 0.0
-        problem = build_softmax_ce(z, q)[0]
-        kern = problem.kernel
-        rows = np.arange(R)
-        params = kern._targets(rows)
-        assert params["q_sum_here"] == 1 and params["q"].dtype == (np.float64 if dtype == np.float64 else np.float32)
-        ev = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+        checked = build_softmax_ce(z, q)[0]
         q64 = np.asarray(q, dtype=np.float64)
-        np.testing.assert_array_equal(ev.total_weight.view(np.uint64), q64.sum(axis=1).view(np.uint64),
-                                      err_msg=f"C={C}")
+        for problem, here in ((checked, 0), (replace(checked, q_sums=None), 1)):
+            kern = problem.kernel
+            rows = np.arange(R)
+            params = kern._targets(rows)
+            assert params["q_sum_here"] == here
+            assert params["q"].dtype == (np.float64 if dtype == np.float64 else np.float32)
+            ev = kern.evaluate(z, rows, grad=True, floor_coef=1e-7)
+            np.testing.assert_array_equal(ev.total_weight.view(np.uint64),
+                                          q64.sum(axis=1).view(np.uint64), err_msg=f"C={C}")
         # the same rows with q as float64 and numpy's sums given
         old = kern._targets
         kern._targets = lambda r: {"q": q64[r], "q_total": q64[r].sum(axis=1),

@@ -1,5 +1,9 @@
-"""Label and probability-target validation in blocks and in the targets' own dtype: the same
-acceptance rule, messages and warnings as a float64 copy of all targets checked at once."""
+"""Label and probability-target validation, by the compiled kernel's row scan or by numpy
+blocks in the targets' own dtype: the same acceptance rule, messages and warnings as a float64
+copy of all targets checked at once."""
+
+import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -50,14 +54,29 @@ def _outcome(fn, *args):
     return None
 
 
+@contextlib.contextmanager
+def _kernel(kind: str):
+    """The compiled kernel's scan ("compiled": the default) or numpy's blocks ("numpy")."""
+    old = os.environ.get("CE_CHECK_FUSED")
+    os.environ["CE_CHECK_FUSED"] = "1" if kind == "compiled" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CE_CHECK_FUSED"]
+        else:
+            os.environ["CE_CHECK_FUSED"] = old
+
+
+KERNELS = st.sampled_from(["compiled", "numpy"])
 SPECIALS = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, 2.0, -1e-3, 1.0 + 1e-3, 0.5]
 
 
 @settings(max_examples=60, deadline=None)
 @given(dtype=st.sampled_from(["float16", "float32", "float64", "int8", "uint8", "int64", "bool"]),
        n=st.integers(1, 5), c=st.sampled_from([1, 3, 8, WIDE]), seed=st.integers(0, 2**32 - 1),
-       n_bad=st.integers(0, 3))
-def test_unit_interval_matches_float64_rule(dtype, n, c, seed, n_bad):
+       n_bad=st.integers(0, 3), kind=KERNELS)
+def test_unit_interval_matches_float64_rule(dtype, n, c, seed, n_bad, kind):
     rng = np.random.default_rng(seed)
     x = rng.random((n, c))
     for _ in range(n_bad):
@@ -67,14 +86,15 @@ def test_unit_interval_matches_float64_rule(dtype, n, c, seed, n_bad):
     labels = x.astype(dtype)
     layout = make_layout(labels.shape, -1, "labels.npy")
     expected = _unit_interval_reference(labels, layout, "labels.npy")
-    assert _outcome(_check_unit_interval, labels, layout, "labels.npy") == expected
+    with _kernel(kind):
+        assert _outcome(_check_unit_interval, labels, layout, "labels.npy") == expected
 
 
 @settings(max_examples=60, deadline=None)
 @given(dtype=st.sampled_from(["float16", "float32", "float64"]), n=st.integers(1, 5),
        c=st.sampled_from([1, 3, 8, WIDE]), seed=st.integers(0, 2**32 - 1), n_bad=st.integers(0, 3),
-       transposed=st.booleans())
-def test_probs_match_float64_rule(dtype, n, c, seed, n_bad, transposed):
+       transposed=st.booleans(), kind=KERNELS)
+def test_probs_match_float64_rule(dtype, n, c, seed, n_bad, transposed, kind):
     rng = np.random.default_rng(seed)
     x = rng.random((n, c))
     x /= x.sum(axis=1, keepdims=True)
@@ -89,26 +109,31 @@ def test_probs_match_float64_rule(dtype, n, c, seed, n_bad, transposed):
     rows = layout.to_rows(probs)
     error, warnings = _probs_reference(rows, layout, "p.npy")
     got: list[str] = []
-    assert _outcome(_check_probs, rows, layout, "p.npy", got) == error
+    with _kernel(kind):
+        assert _outcome(_check_probs, rows, layout, "p.npy", got) == error
     if error is None:
         assert got == warnings
 
 
-def test_float64_row_sum_overflow_is_not_a_non_finite_target():
+@pytest.mark.parametrize("kind", ["compiled", "numpy"])
+def test_float64_row_sum_overflow_is_not_a_non_finite_target(kind):
     probs = np.full((2, 4), 1e308)
     layout = make_layout(probs.shape, -1, "p.npy")
     warnings: list[str] = []
-    _check_probs(probs, layout, "p.npy", warnings)
+    with _kernel(kind):
+        _check_probs(probs, layout, "p.npy", warnings)
     assert warnings == ["p.npy: 2 target rows do not sum to 1 (PyTorch accepts them)"]
 
 
+@pytest.mark.parametrize("kind", ["compiled", "numpy"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_first_bad_label_in_a_later_block_is_named(dtype):
+def test_first_bad_label_in_a_later_block_is_named(dtype, kind):
     labels = np.zeros((3, WIDE), dtype=dtype)
     labels[2, 5] = np.nan
     labels[2, 9] = 2.0
     layout = make_layout(labels.shape, -1, "y.npy")
-    with pytest.raises(CeCheckError, match=r"label nan at index \(2, 5\) is outside \[0, 1\]"):
+    with _kernel(kind), pytest.raises(CeCheckError,
+                                      match=r"label nan at index \(2, 5\) is outside \[0, 1\]"):
         _check_unit_interval(labels, layout, "y.npy")
 
 

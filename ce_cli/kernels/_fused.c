@@ -61,6 +61,7 @@ typedef struct {
     double *out_items, *out_item_w, *total_w;
     int64_t y_is_f32;
     int64_t q_is_f32, q_sum_here;
+    double *row_min;          /* (R,) ce_scan_rows_on's row minima */
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */
@@ -151,7 +152,7 @@ typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t 
 
 typedef struct {
     const char *name;
-    rows_fn fn, bce;    /* softmax rows, sigmoid BCE rows */
+    rows_fn fn, bce, scan;    /* softmax rows, sigmoid BCE rows, target scan */
     void (*funcs)(const double *, double *, double *, int64_t);  /* unit_funcs */
     int (*runs)(void);  /* this CPU runs it */
 } ce_target_t;
@@ -171,16 +172,16 @@ static int ce_cpu_v4(void) {
 /* best first */
 static const ce_target_t TARGETS[] = {
 #ifdef CE_HAVE_X86_V3_V4
-    {"avx512", rows_avx512, bce_rows_avx512, unit_funcs_avx512, ce_cpu_v4},
-    {"avx2", rows_avx2, bce_rows_avx2, unit_funcs_avx2, ce_cpu_v3},
+    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512, ce_cpu_v4},
+    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2, ce_cpu_v3},
 #endif
 #ifdef CE_HAVE_SSE2
-    {"sse2", rows_sse2, bce_rows_sse2, unit_funcs_sse2, ce_always},
+    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2, ce_always},
 #endif
 #ifdef CE_HAVE_NEON
-    {"neon", rows_neon, bce_rows_neon, unit_funcs_neon, ce_always},
+    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon, ce_always},
 #endif
-    {"scalar", rows_scalar, bce_rows_scalar, unit_funcs_scalar, ce_always},
+    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar, ce_always},
 };
 #define N_TARGETS ((int64_t)(sizeof TARGETS / sizeof TARGETS[0]))
 
@@ -328,6 +329,14 @@ int64_t ce_bce_rows_on(const ce_args *a, const char *name) {
     const ce_target_t *t = ce_find(name);
     if (!t || !t->runs()) return -1;
     return ce_run(a, t->bce);
+}
+
+/* Row sums (numpy's pairwise order), minima and maxima of a->q on target `name` (see
+ * scan_rows in _fused_row.h); -1 when it is not built in or this CPU does not run it, else 0. */
+int64_t ce_scan_rows_on(const ce_args *a, const char *name) {
+    const ce_target_t *t = ce_find(name);
+    if (!t || !t->runs()) return -1;
+    return ce_run(a, t->scan);
 }
 
 /* exp(-|x|) and log1p of it as the row kernels of target `name` compute them, lane 0 of a

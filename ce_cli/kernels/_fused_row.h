@@ -701,6 +701,44 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     return 0;
 }
 
+/* Target rows [r0, r1) of a->q (probability targets, binary labels; float32 when a->q_is_f32):
+ * the row's minimum and maximum into row_min and row_max (NaN as the maximum when the row holds
+ * one) and, when q_total is given, numpy's pairwise row sum there (np.sum's bits, as the row
+ * kernel's Q). One pass over the inputs, for the checks made before the stream. */
+static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    (void)work;
+    (void)stop;
+    const int64_t C = a->n_cols;
+    const int q32 = (int)a->q_is_f32;
+    for (int64_t r = r0; r < r1; r++) {
+        const void *row = (const char *)a->q + (size_t)(r * C) * (q32 ? 4 : 8);
+        double lo = INFINITY, hi = -INFINITY;
+        int64_t c0 = 0;
+        int bad = 0;  /* scan_f32: NaN or +inf; +inf is the maximum anyway */
+        if (q32) {
+            int64_t am;
+            c0 = T(scan_f32)((const float *)row, C, &hi, &lo, &am, &bad);
+        }
+        vd mn = splat(lo), mx = splat(hi);
+        vl nan = (vl){0};
+        for (int64_t c = c0; c < C; c += W) {
+            vd v = T(load_row)(row, q32, c, C - c < W ? C - c : W);  /* a short load repeats entry c */
+            nan |= v != v;
+            mn = sel(v < mn, v, mn);
+            mx = sel(v > mx, v, mx);
+        }
+        for (int i = 0; i < W; i++) {
+            lo = mn[i] < lo ? mn[i] : lo;
+            hi = mx[i] > hi ? mx[i] : hi;
+            bad |= nan[i] != 0;
+        }
+        a->row_min[r] = lo;
+        a->row_max[r] = bad && hi != INFINITY ? NAN : hi;
+        if (a->q_total) a->q_total[r] = 0.0 + T(np_pairwise)(row, q32, 0, C);
+    }
+    return 0;
+}
+
 /* Rows [r0, r1) of `kernel` with scratch `work`: 0, or 1 + the first bad row (see
  * ce_softmax_rows). Stops early once another thread has found a bad row before the current one
  * (*stop, 1 + row). The dtype pair picks one of four specialisations of the kernel. */

@@ -43,7 +43,7 @@ class _Args(ctypes.Structure):
         ("n_threads", ctypes.c_int64), ("q", _P), ("q_total", _P),
         ("y_bin", _P), ("w_bin", _P), ("pos_w", _P),
         ("out_items", _P), ("out_item_w", _P), ("total_w", _P), ("y_is_f32", ctypes.c_int64),
-        ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64),
+        ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64), ("row_min", _P),
     ]
 
 
@@ -61,7 +61,7 @@ def _library():
             try:
                 lib = ctypes.CDLL(str(path))
                 lib.ce_softmax_rows.argtypes = [ctypes.POINTER(_Args)]
-                for name in ("ce_softmax_rows_on", "ce_bce_rows_on"):
+                for name in ("ce_softmax_rows_on", "ce_bce_rows_on", "ce_scan_rows_on"):
                     getattr(lib, name).argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p]
                     getattr(lib, name).restype = ctypes.c_int64
                 lib.ce_softmax_rows.restype = ctypes.c_int64
@@ -129,20 +129,24 @@ def default_threads() -> int:
 
 class _Entry:
     """ce_softmax_rows_on one target, called as entry(ctypes.byref(args)) -> 0 or 1 + the first
-    row it hands back (entry.bce(...): ce_bce_rows_on, sigmoid BCE); n_threads 0 (unset) becomes
-    default_threads()."""
+    row it hands back (entry.bce(...): ce_bce_rows_on, sigmoid BCE; entry.scan(...):
+    ce_scan_rows_on); n_threads 0 (unset) becomes default_threads()."""
 
     def __init__(self, lib, target: str):
         self.target = target
         self._name = target.encode()
         self._fn = lib.ce_softmax_rows_on
         self._bce = lib.ce_bce_rows_on
+        self._scan = lib.ce_scan_rows_on
 
     def __call__(self, ref) -> int:
         return self._fn(self._threads(ref), self._name)
 
     def bce(self, ref) -> int:
         return self._bce(self._threads(ref), self._name)
+
+    def scan(self, ref) -> int:
+        return self._scan(self._threads(ref), self._name)
 
     @staticmethod
     def _threads(ref):
@@ -177,6 +181,24 @@ def target() -> str:
     """The target kernel() runs (avx512, avx2, sse2, neon, scalar), or "numpy" without it."""
     fn = kernel()
     return "numpy" if fn is None else fn.target
+
+
+def row_scan(q: np.ndarray, sums: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray] | None:
+    """Per row of the (R, C) array `q`: with `sums` its float64 sum in numpy's pairwise order
+    (np.sum's bits; NaN when the row holds a NaN), its minimum and its maximum (NaN when the row
+    holds a NaN and no +inf), in one pass on default_threads() threads. None without the
+    compiled kernel, or when `q` is not C-contiguous float32 or float64 (its caller then works
+    through numpy blocks)."""
+    fn = kernel()
+    if (fn is None or q.ndim != 2 or q.dtype not in (np.float32, np.float64)
+            or not q.flags.c_contiguous):
+        return None
+    R = q.shape[0]
+    total, lo, hi = np.empty(R) if sums else None, np.empty(R), np.empty(R)
+    args = _Args(n_rows=R, n_cols=q.shape[1], q=_ptr(q), q_is_f32=int(q.dtype == np.float32),
+                 q_total=_ptr(total), row_min=_ptr(lo), row_max=_ptr(hi))  # the scan needs no work
+    fn.scan(ctypes.byref(args))
+    return total, lo, hi
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -325,11 +347,16 @@ class FusedKernel(_Kernel):
     def _targets(self, rows: np.ndarray) -> dict:
         """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the
         numpy kernel), or alpha, beta, ys; active rows. Probability targets without smoothing
-        or class weights are q itself: read in their own width, their sums made by the kernel."""
+        or class weights are q itself: read in their own width, their sums those the input
+        check made (`q_sums`, the same bits), else made by the kernel."""
         problem = self.problem
         active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
         if problem.probs is not None and not problem.smoothing and problem.weight is None:
             q = _as_kernel_rows(_take_rows(problem.probs, rows))
+            q_sums = getattr(problem, "q_sums", None)  # made by the input check: not again
+            if q_sums is not None:
+                return {"q": q, "q_is_f32": int(q.dtype == np.float32), "q_sum_here": 0,
+                        "q_total": np.ascontiguousarray(q_sums[rows]), "active": active}
             return {"q": q, "q_is_f32": int(q.dtype == np.float32), "q_sum_here": 1,
                     "q_total": np.empty(q.shape[0]), "active": active}
         alpha, beta, ys = problem.targets(rows)

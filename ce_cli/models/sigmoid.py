@@ -337,10 +337,18 @@ _UNIT_BITS = {2: (np.uint16, 0x3C00), 4: (np.uint32, 0x3F800000), 8: (np.uint64,
 
 
 def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> None:
-    """Every label in [0, 1] (NaN fails). Numpy's own float and integer dtypes are compared in
-    their dtype (float64 conversion is exact and keeps the order), by min and max over blocks
-    that stay in cache (IEEE floats first by one max of their bits: a block with -0.0 then
-    takes the min and max); others are converted to float64 first."""
+    """Every label in [0, 1] (NaN fails): by the compiled kernel's row minima and maxima in one
+    pass, the rows it flags looked at again below; without it
+    numpy's own float and integer dtypes are compared in their dtype (float64 conversion is
+    exact and keeps the order), by min and max over blocks that stay in cache (IEEE floats first
+    by one max of their bits: a block with -0.0 then takes the min and max); others are
+    converted to float64 first."""
+    scan = compiled.row_scan(targets, sums=False)
+    if scan is not None:
+        _, lo, hi = scan
+        for r in np.flatnonzero(~((lo >= 0) & (hi <= 1))):  # a NaN maximum fails
+            _check_unit_block(targets[r:r + 1], int(r), layout, source)
+        return
     native = targets.dtype.kind in "fiu" and targets.dtype.isbuiltin == 1
     bits = _UNIT_BITS.get(targets.dtype.itemsize) if targets.dtype.kind == "f" else None
     step = max(1, (1 << 18 if native else 1 << 20) // max(1, layout.n_classes))
@@ -349,15 +357,20 @@ def _check_unit_interval(targets: np.ndarray, layout: Layout, source: str) -> No
                                                                       dtype=np.float64)
         if block.size and bits is not None and block.view(bits[0]).max() <= bits[1]:
             continue
-        if block.size and block.min() >= 0 and block.max() <= 1:  # NaN fails both
-            continue
-        bad = ~((block >= 0) & (block <= 1))
-        if bad.any():
-            r, c = (int(v) for v in np.argwhere(bad)[0])
-            raise CeCheckError(
-                f"{source}: shape {layout.shape}: label {float(block[r, c])} at index "
-                f"{layout.original_index(start + r, c)} is outside [0, 1]"
-            )
+        _check_unit_block(block, start, layout, source)
+
+
+def _check_unit_block(block: np.ndarray, start: int, layout: Layout, source: str) -> None:
+    """Raise at the first label of rows [start, start + len(block)) outside [0, 1], if any."""
+    if block.size and block.min() >= 0 and block.max() <= 1:  # NaN fails both
+        return
+    bad = ~((block >= 0) & (block <= 1))
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise CeCheckError(
+            f"{source}: shape {layout.shape}: label {float(block[r, c])} at index "
+            f"{layout.original_index(start + r, c)} is outside [0, 1]"
+        )
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:

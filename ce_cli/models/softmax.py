@@ -51,6 +51,7 @@ class SoftmaxCE(RowMatrix):
     source: str = "logits"
     sem: Semantics = field(default_factory=Semantics)  # z-loss, softcap, shards ... (semantics.py)
     kernel: Any = field(default=None, compare=False, repr=False)  # compiled.FusedKernel or None
+    q_sums: np.ndarray | None = field(default=None, compare=False, repr=False)  # (N,) probs' row sums
 
     def __post_init__(self) -> None:
         # the kernel is chosen once, for the whole check
@@ -311,10 +312,10 @@ def build_softmax_ce(
                 f"({labels_source} has the logits' shape {labels.shape}); PyTorch raises too"
             )
         _refuse_for_probabilities(args)
-        _check_probs(probs, layout, labels_source, warnings)
+        q_sums = _check_probs(probs, layout, labels_source, warnings)
         y, valid = None, np.ones(layout.n_rows, dtype=bool)
     else:
-        probs = None
+        probs, q_sums = None, None
         y, valid = _index_targets(labels, layout, ignore_index, labels_source, args,
                                   warnings)
     z = layout.to_rows(logits)
@@ -324,7 +325,7 @@ def build_softmax_ce(
     if probs is None:
         _warn_empty(reduction, denominator, valid, sem, warnings)
     problem = SoftmaxCE(z, layout, y, probs, w64, ignore_index, float(label_smoothing),
-                        reduction, denominator, valid, source, sem)
+                        reduction, denominator, valid, source, sem, q_sums=q_sums)
     return problem, warnings
 
 
@@ -488,27 +489,38 @@ def _as_class_indices(y: np.ndarray, layout: Layout, source: str) -> np.ndarray:
     return yf.astype(np.int64)
 
 
-def _check_probs(probs: np.ndarray, layout: Layout, source: str, warnings: list[str]) -> None:
+def _check_probs(probs: np.ndarray, layout: Layout, source: str, warnings: list[str]) -> np.ndarray:
     """Probability targets must be finite; PyTorch accepts any values, so others only warn.
-    Row sums are taken in float64 over C-contiguous rows (the same sums as a float64 copy), in
-    blocks that stay in cache; a finite row sum proves every entry of its row finite."""
+    Row sums are taken in float64 in numpy's pairwise order (np.sum's bits, as a float64 copy's);
+    a finite row sum proves every entry of its row finite. Returns the row sums (the kernel's Q
+    for plain probability targets)."""
+    scan = compiled.row_scan(probs)
+    sums, lows = scan[:2] if scan is not None else _probs_blocks(probs, layout, source)
+    assert sums is not None
+    for r in np.flatnonzero(~np.isfinite(sums)):  # a float64 sum can also overflow
+        _first_non_finite(np.asarray(probs[r:r + 1], dtype=np.float64), int(r), layout, source)
+    if lows.size and lows.min() < 0:
+        warnings.append(f"{source}: negative target probabilities (PyTorch accepts them)")
+    if off_simplex := int(np.count_nonzero(np.abs(sums - 1.0) > 1e-6)):
+        warnings.append(f"{source}: {off_simplex} target rows do not sum to 1 (PyTorch accepts them)")
+    return sums
+
+
+def _probs_blocks(probs: np.ndarray, layout: Layout, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The row sums of `probs` (`compiled.row_scan`'s bits) and row minima (at most 0) through
+    numpy, in blocks that stay in cache; a non-finite entry raises at its block."""
     # a strided view keeps the large blocks, whose float64 sums are the reference order
     elements = (1 << 17) if probs.flags.c_contiguous else (1 << 22)
     step = max(1, elements // max(1, layout.n_classes))
-    negative = False
-    off_simplex = 0
+    sums, lows = np.empty(layout.n_rows), np.empty(layout.n_rows)
     for start in range(0, layout.n_rows, step):
         block = np.asarray(probs[start:start + step], dtype=np.float64)
         with np.errstate(over="ignore"):  # an overflowing sum is looked at below, not warned of
-            sums = block.sum(axis=1)
-        if not np.isfinite(sums).all():
+            sums[start:start + step] = block.sum(axis=1)
+        if not np.isfinite(sums[start:start + step]).all():
             _first_non_finite(block, start, layout, source)
-        negative = negative or bool(block.min(initial=0.0) < 0)
-        off_simplex += int(np.count_nonzero(np.abs(sums - 1.0) > 1e-6))
-    if negative:
-        warnings.append(f"{source}: negative target probabilities (PyTorch accepts them)")
-    if off_simplex:
-        warnings.append(f"{source}: {off_simplex} target rows do not sum to 1 (PyTorch accepts them)")
+        lows[start:start + step] = block.min(axis=1, initial=0.0)
+    return sums, lows
 
 
 def _first_non_finite(block: np.ndarray, start: int, layout: Layout, source: str) -> None:

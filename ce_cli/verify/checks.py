@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
+from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.options import CheckOptions
@@ -86,13 +87,14 @@ def check_grad(
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
                       opts.denominator, _array_or_none(sample_weight), opts.vocab_offset)
-    problem, warnings = build_softmax_ce(
-        z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
-        ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-        class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"], semantics=given,
-        lse=lse if opts.vocab_offset is not None else None,
-        sample_weight_source=src["sample_weight"], lse_source=src["lse"])
+    with use_threads(opts.threads):  # the input checks' scans run on the check's threads
+        problem, warnings = build_softmax_ce(
+            z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
+            ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+            class_axis=opts.class_axis, source=src["logits"], labels_source=src["labels"],
+            weight_source=src["weight"], semantics=given,
+            lse=lse if opts.vocab_offset is not None else None,
+            sample_weight_source=src["sample_weight"], lse_source=src["lse"])
     if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
@@ -175,13 +177,14 @@ def check_binary(
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src,
                                 {**common, "sample_weight": sample_weight})
-    problem, warnings = build_sigmoid_bce(
-        z, y, weight=_array_or_none(weight), pos_weight=_array_or_none(pos_weight),
-        reduction=opts.reduction.value, source=src["logits"], labels_source=src["labels"],
-        weight_source=src["weight"], pos_weight_source=src["pos_weight"],
-        label_smoothing=opts.label_smoothing, softcap=opts.softcap, logit_scale=opts.logit_scale,
-        denominator=opts.denominator, sample_weight=_array_or_none(sample_weight),
-        sample_weight_source=src["sample_weight"])
+    with use_threads(opts.threads):  # the input checks' scans run on the check's threads
+        problem, warnings = build_sigmoid_bce(
+            z, y, weight=_array_or_none(weight), pos_weight=_array_or_none(pos_weight),
+            reduction=opts.reduction.value, source=src["logits"], labels_source=src["labels"],
+            weight_source=src["weight"], pos_weight_source=src["pos_weight"],
+            label_smoothing=opts.label_smoothing, softcap=opts.softcap,
+            logit_scale=opts.logit_scale, denominator=opts.denominator,
+            sample_weight=_array_or_none(sample_weight), sample_weight_source=src["sample_weight"])
     plain = (problem if weight is None and pos_weight is None and problem.plain
              else build_sigmoid_bce(z, y)[0])
     bridge = two_class_bridge(plain, opts.worst, note="" if plain is problem else
