@@ -66,12 +66,32 @@ def test_probe_sees_imports():
     assert 'LOADED=["numpy"]' in proc.stderr
 
 
+# the command modules: each builds its command on import (cli/app.py LazyCommands)
+COMMAND_MODULES = [f"ce_cli.cli.{name}" for name in COMMANDS]
+
+
 @pytest.mark.parametrize("args", [["--help"], ["-h"], *([c, "--help"] for c in COMMANDS)],
                          ids=lambda a: " ".join(a))
 def test_help_loads_no_numpy_nor_rich(args):
-    code, out, mods = loaded(args, HEAVY)
+    """... and builds no command other than the one asked for (none for `ce-check --help`)."""
+    code, out, mods = loaded(args, HEAVY + COMMAND_MODULES)
     assert code == 0 and "Usage:" in out
-    assert mods == [], pydantic_hint(mods)
+    assert mods == [f"ce_cli.cli.{name}" for name in args[:1] if name in COMMANDS], pydantic_hint(mods)
+
+
+@pytest.mark.parametrize("args, code", [([], 2), (["--version"], 0), (["gard"], 2)],
+                         ids=["no arguments", "--version", "a mistyped command"])
+def test_no_command_builds_none(args, code):
+    """`ce-check` alone (its help, exit 2), `--version`, an unknown command (with its "did you
+    mean"): no command module, no numpy, no Rich table (an error line is printed by Rich's
+    console)."""
+    watched = ["numpy", "rich.table", "rich.progress", "pydantic", *COMMAND_MODULES]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(watched), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code
+    assert 'LOADED=[]' in proc.stderr, proc.stderr
+    assert {(): "Commands:", ("--version",): "ce-check 0.1", ("gard",): "Did you mean 'grad'?"}[
+        tuple(args)] in proc.stdout + proc.stderr
 
 
 def test_small_grad_json_loads_only_what_it_uses(tmp_path):
