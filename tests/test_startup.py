@@ -83,10 +83,8 @@ def test_help_loads_no_numpy_nor_rich(args):
                          ids=["no arguments", "--version", "a mistyped command"])
 def test_no_command_builds_none(args, code):
     """`ce-check` alone (its help, exit 2), `--version`, an unknown command (with its "did you
-    mean"): no command module, no numpy, no Rich table (an error line is printed by Rich's
-    console)."""
-    watched = ["numpy", "rich.table", "rich.progress", "pydantic", *COMMAND_MODULES]
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(watched), *args],
+    mean"): no command module, no numpy, no Rich."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(HEAVY + COMMAND_MODULES), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == code
     assert 'LOADED=[]' in proc.stderr, proc.stderr
@@ -102,6 +100,38 @@ def test_small_grad_json_loads_only_what_it_uses(tmp_path):
                              ["numpy", "ce_cli.verify.checks", *UNUSED_BY_GRAD], cwd=tmp_path)
     assert code == 0 and json.loads(out)["ok"] is True
     assert mods == ["ce_cli.verify.checks", "numpy"], pydantic_hint(mods)
+
+
+# standard modules a `grad --json` run has no use for: tempfile is for --out-grad (io/output.py)
+UNUSED_STDLIB = ["tempfile"]
+
+
+def test_small_grad_json_loads_no_unused_stdlib(tmp_path):
+    """... unless numpy or Typer load it themselves (their versions differ)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, json, numpy, typer; print(json.dumps("
+                           f"[m for m in {UNUSED_STDLIB!r} if m in sys.modules]))"],
+                          capture_output=True, text=True, timeout=120)
+    theirs = json.loads(proc.stdout)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+    code, out, mods = loaded(["grad", "z.npy", "y.npy", "--json"], UNUSED_STDLIB, cwd=tmp_path)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert mods == theirs
+    code, _, mods = loaded(["grad", "z.npy", "y.npy", "--json", "--out-grad", "g.npy"],
+                           UNUSED_STDLIB, cwd=tmp_path)
+    assert code == 0 and (tmp_path / "g.npy").exists() and "tempfile" in mods  # the probe sees it
+
+
+@pytest.mark.parametrize("args", [["grad", "z.npy", "missing.npy"], ["grad", "z.npy", "y.npy", "--seed", "-1"],
+                                  ["binary", "z.npy", "missing.npy"]], ids=["input", "usage", "binary"])
+def test_json_errors_load_no_rich(tmp_path, args):
+    """An error in a --json run: one stderr line and the JSON error object, without Rich."""
+    np.save(tmp_path / "z.npy", np.zeros((4, 5)))
+    np.save(tmp_path / "y.npy", np.zeros(4, dtype=np.int64))
+    code, out, mods = loaded([*args, "--json"], ["rich", *HEAVY], cwd=tmp_path)
+    assert code == 2 and json.loads(out)["ok"] is False
+    assert "rich" not in mods and "rich.console" not in mods
 
 
 def test_tables_load_rich_when_drawn(tmp_path):

@@ -257,11 +257,19 @@ def fail_input(message: str, *, code: str = "input", json_out: bool = False) -> 
     """One stderr line `ce-check: error: ...`; with --json also `{"ok": false, "error": {...}}`
     on stdout (one line), so a pipeline reading stdout always gets a JSON document."""
     text = one_line(message)
-    stderr_console().print(f"ce-check: error: {text}", markup=False, soft_wrap=True)
+    stderr_line(f"ce-check: error: {text}")
     if json_out:
         write_json_error(code, text)
     return typer.Exit(ExitCode.INTERNAL_ERROR if code == "internal"
                       else ExitCode.USAGE_OR_INPUT_ERROR)
+
+
+def stderr_line(text: str) -> None:
+    """`text` as one line on stderr, control characters escaped. Plain text: what Rich's console
+    would write, without loading Rich (an error in a --json run loads none of it)."""
+    ensure_std_streams()
+    sys.stderr.write(one_line(text) + "\n")
+    sys.stderr.flush()
 
 
 def write_json_error(code: str, message: str) -> None:
@@ -332,8 +340,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             message = (f"{type(exc).__name__}: {_one_line(exc)} "
                        "(set CE_CHECK_DEBUG=1 for the traceback; please report it)")
-            stderr_console().print(f"ce-check: internal error: {message}", markup=False,
-                                   soft_wrap=True)
+            stderr_line(f"ce-check: internal error: {message}")
             if as_json:
                 write_json_error("internal", message)
             raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
@@ -491,7 +498,7 @@ def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
         raise CeCheckError(f"{what}: over the budget of {limit:g} s; add --fd-budget "
                            f"{math.ceil(seconds * 2)} to run it, or use --fd directional")
     if seconds > 1.0 and not quiet:
-        stderr_console().print(f"ce-check: note: {what}", markup=False, soft_wrap=True)
+        stderr_line(f"ce-check: note: {what}")
 
 
 def check_settings(**flags: Any) -> CheckOptions:
