@@ -46,8 +46,9 @@ def epilog(*examples: str, exit_codes: str = EPILOG) -> str:
 
 
 # The commands in the order `ce-check --help` lists them, with the one line it shows for each
-# (each command module's short_help). Command NAME lives in ce_cli/cli/NAME.py and is built only
-# when invoked: the list is written from here (building all six took ~30 ms of every `--help`).
+# (each command module passes its line as short_help). Command NAME lives in ce_cli/cli/NAME.py
+# and is built only when invoked: the list is written from here (building all six took ~20 ms of
+# every `--help`).
 COMMANDS = {
     "grad": "Softmax cross-entropy: check your loss and gradient.",
     "binary": "Sigmoid binary cross-entropy: check loss and gradient.",
