@@ -40,6 +40,15 @@ UNUSED_BY_GRAD = ["rich.table", "rich.progress", "rich.console", "ce_cli.stress"
                   "ce_cli.kernels.numpy_sigmoid", "ce_cli.io.safetensors", "ce_cli.io.torch_pt"]
 
 
+@pytest.fixture
+def small(tmp_path):
+    """A folder holding z.npy (4 x 5 logits) and y.npy (their labels)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+    return tmp_path
+
+
 def loaded(args: list[str], watched: list[str], cwd=None) -> tuple[int, str, list[str]]:
     """Exit code, stdout, and which of `watched` a fresh `ce-check ARGS` process imported."""
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(watched), *args],
@@ -66,30 +75,69 @@ def test_probe_sees_imports():
     assert 'LOADED=["numpy"]' in proc.stderr
 
 
+# the command modules: each builds its command on import (cli/app.py LazyCommands)
+COMMAND_MODULES = [f"ce_cli.cli.{name}" for name in COMMANDS]
+
+
 @pytest.mark.parametrize("args", [["--help"], ["-h"], *([c, "--help"] for c in COMMANDS)],
                          ids=lambda a: " ".join(a))
 def test_help_loads_no_numpy_nor_rich(args):
-    code, out, mods = loaded(args, HEAVY)
+    """... and builds no command other than the one asked for (none for `ce-check --help`)."""
+    code, out, mods = loaded(args, HEAVY + COMMAND_MODULES)
     assert code == 0 and "Usage:" in out
-    assert mods == [], pydantic_hint(mods)
+    assert mods == [f"ce_cli.cli.{name}" for name in args[:1] if name in COMMANDS], pydantic_hint(mods)
 
 
-def test_small_grad_json_loads_only_what_it_uses(tmp_path):
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
-    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
+@pytest.mark.parametrize("args, code", [([], 2), (["--version"], 0), (["gard"], 2)],
+                         ids=["no arguments", "--version", "a mistyped command"])
+def test_no_command_builds_none(args, code):
+    """`ce-check` alone (its help, exit 2), `--version`, an unknown command (with its "did you
+    mean"): no command module, no numpy, no Rich."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(HEAVY + COMMAND_MODULES), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code
+    assert 'LOADED=[]' in proc.stderr, proc.stderr
+    assert {(): "Commands:", ("--version",): "ce-check 0.1", ("gard",): "Did you mean 'grad'?"}[
+        tuple(args)] in proc.stdout + proc.stderr
+
+
+def test_small_grad_json_loads_only_what_it_uses(small):
     code, out, mods = loaded(["grad", "z.npy", "y.npy", "--json"],
-                             ["numpy", "ce_cli.verify.checks", *UNUSED_BY_GRAD], cwd=tmp_path)
+                             ["numpy", "ce_cli.verify.checks", *UNUSED_BY_GRAD], cwd=small)
     assert code == 0 and json.loads(out)["ok"] is True
     assert mods == ["ce_cli.verify.checks", "numpy"], pydantic_hint(mods)
 
 
-def test_tables_load_rich_when_drawn(tmp_path):
+# standard modules a `grad --json` run has no use for: tempfile is for --out-grad (io/output.py)
+UNUSED_STDLIB = ["tempfile"]
+
+
+def test_small_grad_json_loads_no_unused_stdlib(small):
+    """... unless numpy or Typer load it themselves (their versions differ)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, json, numpy, typer; print(json.dumps("
+                           f"[m for m in {UNUSED_STDLIB!r} if m in sys.modules]))"],
+                          capture_output=True, text=True, timeout=120)
+    theirs = json.loads(proc.stdout)
+    code, out, mods = loaded(["grad", "z.npy", "y.npy", "--json"], UNUSED_STDLIB, cwd=small)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert mods == theirs
+    code, _, mods = loaded(["grad", "z.npy", "y.npy", "--json", "--out-grad", "g.npy"],
+                           UNUSED_STDLIB, cwd=small)
+    assert code == 0 and (small / "g.npy").exists() and "tempfile" in mods  # the probe sees it
+
+
+@pytest.mark.parametrize("args", [["grad", "z.npy", "missing.npy"], ["grad", "z.npy", "y.npy", "--seed", "-1"],
+                                  ["binary", "z.npy", "missing.npy"]], ids=["input", "usage", "binary"])
+def test_json_errors_load_no_rich(small, args):
+    """An error in a --json run: one stderr line and the JSON error object, without Rich."""
+    code, out, mods = loaded([*args, "--json"], ["rich", *HEAVY], cwd=small)
+    assert code == 2 and json.loads(out)["ok"] is False
+    assert "rich" not in mods and "rich.console" not in mods
+
+
+def test_tables_load_rich_when_drawn(small):
     """Without --json the report is drawn with Rich's tables, loaded then."""
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
-    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
-    code, out, mods = loaded(["grad", "z.npy", "y.npy"], ["rich.table"], cwd=tmp_path)
+    code, out, mods = loaded(["grad", "z.npy", "y.npy"], ["rich.table"], cwd=small)
     assert code == 0 and "verdict" in out and mods == ["rich.table"]
 
 
@@ -123,16 +171,13 @@ def _openblas() -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux /proc")
 @pytest.mark.parametrize("blas_var", [None, "2"])
-def test_grad_starts_no_blas_pool(tmp_path, blas_var):
+def test_grad_starts_no_blas_pool(small, blas_var):
     """`grad` keeps OpenBLAS from starting its (busy-waiting) pool, unless you set its size."""
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "z.npy", rng.standard_normal((4, 5)))
-    np.save(tmp_path / "y.npy", rng.integers(0, 5, 4))
     env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS}
     if blas_var:
         env["OPENBLAS_NUM_THREADS"] = blas_var
     proc = subprocess.run([sys.executable, "-c", TASKS_PROBE, "grad", "z.npy", "y.npy", "--json"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+                          capture_output=True, text=True, cwd=small, env=env, timeout=120)
     tasks = int(proc.stderr.split("TASKS=")[-1])
     if blas_var is None:
         assert tasks == 1, proc.stderr

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
@@ -44,9 +45,92 @@ def epilog(*examples: str, exit_codes: str = EPILOG) -> str:
     return f"\b\nExamples:\n{lines}\n\n{exit_codes}"
 
 
+# The commands in the order `ce-check --help` lists them, with the one line it shows for each
+# (each command module passes its line as short_help). Command NAME lives in ce_cli/cli/NAME.py
+# and is built only when invoked: the list is written from here (building all six took ~20 ms of
+# every `--help`).
+COMMANDS = {
+    "grad": "Softmax cross-entropy: check your loss and gradient.",
+    "binary": "Sigmoid binary cross-entropy: check loss and gradient.",
+    "linear": "Fused linear cross-entropy: check dL/dH, dL/dW, dL/db.",
+    "explain": "Derive dC/dz = a - y step by step on one sample.",
+    "stress": "Numerical-stability sweep: scenarios x scales x dtypes.",
+    "batch": "Run every case of a JSON-lines manifest (for CI).",
+}
+
+
+def build_command(name: str) -> Any:
+    """The Click command `name` of COMMANDS, built as Typer builds a group's commands (importing
+    its module registers it on `app`)."""
+    importlib.import_module(f"ce_cli.cli.{name}")
+    for info in app.registered_commands:
+        if info.callback and (info.name or typer.main.get_command_name(info.callback.__name__)) == name:
+            return typer.main.get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode)
+    raise LookupError(f"ce_cli.cli.{name} registers no command {name!r}")
+
+
+class LazyCommands(MutableMapping[str, Any]):
+    """A group's commands by name: those built, then those of COMMANDS, built on first look-up.
+    Listing the names (`ce-check --help`, a mistyped command's "did you mean") builds none."""
+
+    def __init__(self, built: Mapping[str, Any]) -> None:
+        self._built = dict(built)
+        self._names = list(dict.fromkeys([*COMMANDS, *self._built]))
+
+    def is_built(self, name: str) -> bool:
+        return name in self._built
+
+    def short_help(self, name: str, limit: int) -> str:
+        """The line the group's help shows for `name`, without building it."""
+        return self._built[name].get_short_help_str(limit) if name in self._built else COMMANDS[name]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built and name in COMMANDS:
+            self._built[name] = build_command(name)
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._built[name] = command
+        if name not in self._names:
+            self._names.append(name)
+
+    def __delitem__(self, name: str) -> None:
+        self._names.remove(name)
+        self._built.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors print one line, `ce-check: error: ...`, exit 2, like input errors (and with
-    --json, the error object on stdout too)."""
+    --json, the error object on stdout too). Commands are built when invoked (LazyCommands)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands = LazyCommands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Click's command list, each line from LazyCommands.short_help (building none)."""
+        commands = self.commands
+        assert isinstance(commands, LazyCommands)
+        names = [name for name in self.list_commands(ctx)
+                 if not (commands.is_built(name) and commands[name].hidden)]
+        if names:
+            limit = formatter.width - 6 - max(len(name) for name in names)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, commands.short_help(name, limit)) for name in names])
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -174,11 +258,19 @@ def fail_input(message: str, *, code: str = "input", json_out: bool = False) -> 
     """One stderr line `ce-check: error: ...`; with --json also `{"ok": false, "error": {...}}`
     on stdout (one line), so a pipeline reading stdout always gets a JSON document."""
     text = one_line(message)
-    stderr_console().print(f"ce-check: error: {text}", markup=False, soft_wrap=True)
+    stderr_line(f"ce-check: error: {text}")
     if json_out:
         write_json_error(code, text)
     return typer.Exit(ExitCode.INTERNAL_ERROR if code == "internal"
                       else ExitCode.USAGE_OR_INPUT_ERROR)
+
+
+def stderr_line(text: str) -> None:
+    """`text` as one line on stderr, control characters escaped. Plain text: what Rich's console
+    would write, without loading Rich (an error in a --json run loads none of it)."""
+    ensure_std_streams()
+    sys.stderr.write(one_line(text) + "\n")
+    sys.stderr.flush()
 
 
 def write_json_error(code: str, message: str) -> None:
@@ -249,8 +341,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             message = (f"{type(exc).__name__}: {_one_line(exc)} "
                        "(set CE_CHECK_DEBUG=1 for the traceback; please report it)")
-            stderr_console().print(f"ce-check: internal error: {message}", markup=False,
-                                   soft_wrap=True)
+            stderr_line(f"ce-check: internal error: {message}")
             if as_json:
                 write_json_error("internal", message)
             raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
@@ -408,7 +499,7 @@ def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
         raise CeCheckError(f"{what}: over the budget of {limit:g} s; add --fd-budget "
                            f"{math.ceil(seconds * 2)} to run it, or use --fd directional")
     if seconds > 1.0 and not quiet:
-        stderr_console().print(f"ce-check: note: {what}", markup=False, soft_wrap=True)
+        stderr_line(f"ce-check: note: {what}")
 
 
 def check_settings(**flags: Any) -> CheckOptions:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import app, epilog, guarded
+from ce_cli.cli.app import COMMANDS, app, epilog, guarded
 from ce_cli.report.console import drop_stdout, stderr_console, stdout_console
 from ce_cli.report.emit import message_line
 from ce_cli.report.format import fmt_value
@@ -38,7 +38,7 @@ class BatchFormat(str, Enum):
     table = "table"
 
 
-@app.command(short_help="Run every case of a JSON-lines manifest (for CI).", epilog=epilog(
+@app.command(short_help=COMMANDS["batch"], epilog=epilog(
     "ce-check batch cases.jsonl",
     "ce-check batch cases.jsonl --jobs 0 --junit-xml report.xml",
     "ce-check batch cases.jsonl --format table --fail-fast",

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, JsonOpt, LossOpt,
+from ce_cli.cli.app import (COMMANDS, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt, JsonOpt, LossOpt,
                             NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt, ReductionOpt,
                             RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt, ThreadsOpt,
                             VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
@@ -19,7 +19,7 @@ BINARY_LABELS_HELP = ("Labels in [0, 1] (soft labels allowed) with the logits' s
                       "class indices 0/1 or probability pairs.")
 
 
-@app.command(short_help="Sigmoid binary cross-entropy: check loss and gradient.", epilog=epilog(
+@app.command(short_help=COMMANDS["binary"], epilog=epilog(
     "ce-check binary logits.npy labels.npy --grad grad.npy",
     "ce-check binary pairs.npy labels.npy --two-class --grad grad.npy",
     "ce-check binary a.npy b.npy y.npy --grad ga.npy --grad gb.npy --shards cols"))

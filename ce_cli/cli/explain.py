@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import JsonOpt, QuietOpt, app, epilog, guarded, load_inputs, source_name
+from ce_cli.cli.app import COMMANDS, JsonOpt, QuietOpt, app, epilog, guarded, load_inputs, source_name
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
 from ce_cli.report.emit import emit
@@ -161,7 +161,7 @@ def _write_plot(output: ExplainOutput, plot: Path) -> None:
         raise CeCheckError(f"--plot '{plot}': cannot write ({exc.strerror or exc})") from None
 
 
-@app.command(short_help="Derive dC/dz = a - y step by step on one sample.", epilog=epilog(
+@app.command(short_help=COMMANDS["explain"], epilog=epilog(
     'ce-check explain --logits "2.0,1.0,0.1" --label 0',
     "ce-check explain logits.npy labels.npy --row 3 --steps",
     'ce-check explain --kind binary --logits 1.5 --label 1 --compare-mse'))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt,
+from ce_cli.cli.app import (COMMANDS, LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt,
                             JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
                             ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
                             ThreadsOpt, VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
@@ -16,7 +16,7 @@ from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, 
                                shard_inputs, single_input)
 
 
-@app.command(short_help="Softmax cross-entropy: check your loss and gradient.", epilog=epilog(
+@app.command(short_help=COMMANDS["grad"], epilog=epilog(
     "ce-check grad logits.npy labels.npy --grad grad.npy",
     "ce-check grad logits.npy labels.npy --loss 2.31 --reduction sum",
     "ce-check grad z0.npy z1.npy y.npy --grad g0.npy --grad g1.npy --shards rows"))

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ce_cli.cli.app import (AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
+from ce_cli.cli.app import (COMMANDS, AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
                             check_settings, epilog, guarded, input_specs, progress_bar)
 from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
@@ -20,7 +20,7 @@ def _opt(flag: str, text: str, metavar: str | None = None) -> typer.models.Optio
     return typer.Option(flag, help=text, metavar=metavar)  # type: ignore[no-any-return]
 
 
-@app.command(short_help="Fused linear cross-entropy: check dL/dH, dL/dW, dL/db.", epilog=epilog(
+@app.command(short_help=COMMANDS["linear"], epilog=epilog(
     "ce-check linear h.npy w.npy y.npy --grad-hidden gh.npy --grad-weight gw.npy",
     "ce-check linear h.npy w.npy y.npy --bias b.npy --grad-bias gb.npy --exact",
     "ce-check linear h.npy w.npy y.npy --weight-layout HV --loss 10.4"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import JsonOpt, QuietOpt, app, epilog, guarded
+from ce_cli.cli.app import COMMANDS, JsonOpt, QuietOpt, app, epilog, guarded
 from ce_cli.enums import Kind, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.exitcodes import ExitCode
@@ -62,7 +62,7 @@ def _impl_cmd_name(template: CommandTemplate) -> str:
     return name if len(name) <= 40 else name[:37] + "..."
 
 
-@app.command(short_help="Numerical-stability sweep: scenarios x scales x dtypes.", epilog=epilog(
+@app.command(short_help=COMMANDS["stress"], epilog=epilog(
     "ce-check stress",
     "ce-check stress --impl mypkg.losses:cross_entropy --dtypes f16,f32",
     "ce-check stress --impl-cmd 'python ce.py {logits} {labels} {grad} {loss}'",

@@ -21,7 +21,6 @@ import io
 import os
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +100,8 @@ class AtomicFile:
         self.where = f"`{param}` '{target}'"
         check_space(self.target.parent, size_hint, self.where)
         prefix = f".{self.target.name[:100]}."
+        import tempfile  # here: a run without --out-grad never loads it (start-up)
+
         try:
             self.fd, self.tmp = tempfile.mkstemp(prefix=prefix, suffix=".partial",
                                                  dir=self.target.parent)
