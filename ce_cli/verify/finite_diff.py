@@ -34,8 +34,8 @@ from ce_cli.verify.threads import numpy_threads, ordered_map
 FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
 DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
-CHUNK_ENTRIES = 1 << 20
 BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers stay in cache
+FD_BLOCK_ENTRIES = 1 << 19  # rows of sampled entries per compiled-kernel call: a few MB of buffers
 
 
 @dataclass(frozen=True)
@@ -102,20 +102,25 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     """Finite differences at the listed entries, with the analytic reference (and, given
     `floor_coef`, the error floor) there. An elementwise loss evaluates the entries' own
     elements only (the reference and floor too); otherwise each distinct row is evaluated
-    once, then twice per entry perturbed, block by block of rows (on the numpy kernel blocks
-    that stay in cache, on its threads: every row is computed alone, so the bits do not depend
-    on the blocks)."""
+    once, then twice per entry perturbed, block by block of rows in one reused row buffer (on
+    the numpy kernel blocks that stay in cache, on its threads). The blocks depend on C alone,
+    not on the threads: the same bits at every thread count (the compiled kernel computes
+    every row alone, the numpy kernel picks a masked sum for a block holding a -inf logit)."""
     if elementwise(problem):
         return _fd_elements(problem, rows, cols, floor_coef)
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
     uniq, inverse = np.unique(rows, return_inverse=True)
     numpy_kernel = problem.kernel is None
-    per = max(1, (BLOCK_ENTRIES if numpy_kernel else CHUNK_ENTRIES) // problem.n_classes)
+    per = max(1, (BLOCK_ENTRIES if numpy_kernel else FD_BLOCK_ENTRIES) // problem.n_classes)
     threads = numpy_threads(problem)
+    buffers: list[np.ndarray] = []  # row buffers not in use (one per block in flight)
 
     def block(a: int):
-        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a, floor_coef,
-                         1 if threads > 1 else None)
+        buf = buffers.pop() if buffers else None
+        sel, values, s, buf = _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a,
+                                        floor_coef, 1 if threads > 1 else None, buf)
+        buffers.append(buf)
+        return sel, values, s
 
     skipped = 0
     calls = ((a,) for a in range(0, uniq.size, per))
@@ -138,21 +143,26 @@ def _fd_elements(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float 
 
 
 def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, inverse: np.ndarray,
-              a: int, floor_coef: float | None, threads: int | None):
+              a: int, floor_coef: float | None, threads: int | None, buf: np.ndarray | None):
     """`fd_entries` on the entries of rows `block` (= unique rows a, a+1, ...): their positions
-    in `rows`, (fd, bound, reference, floor) there, and the entries skipped."""
+    in `rows`, (fd, bound, reference, floor) there, the entries skipped, and the float64 row
+    buffer used (`buf` when it is large enough: reused, so no fresh pages per block)."""
     z = np.asarray(problem.z[block])
     ev = problem.evaluate_rows(z, block, floor_coef=floor_coef)
     sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
     local, c = inverse[sel] - a, cols[sel]
     ana = ev.grad[local, c]
     floor = ev.floor[local, c] if ev.floor is not None else np.zeros(sel.size)
-    base = np.array(z[local], dtype=np.float64)
     sub = ev.take_rows(local)
     del ev  # its (R, C) arrays go before the perturbed rows are evaluated, which reuse them
+    if buf is None or buf.shape[0] < sel.size:
+        buf = np.empty((max(sel.size, 2 * block.size), z.shape[1]))
+    base = buf[:sel.size]
+    for i, row in enumerate(local.tolist()):
+        base[i] = z[row]  # a row at a time: no temporary copy of the rows in their dtype
     f, b, s = central_differences(problem, base, rows[sel], c, base[np.arange(sel.size), c], sub,
                                   threads=threads)
-    return sel, (f, b, ana, floor), s
+    return sel, (f, b, ana, floor), s, buf
 
 
 def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None,
