@@ -257,3 +257,19 @@ def test_float32_gradient_sign_bug_is_caught():
     bad[2, 9] = -bad[2, 9]
     check = _fd_checks(check_binary(z.astype(np.float32), y, grad=bad, fd="sample"))["fd_vs_grad"]
     assert not check.ok and tuple(check.worst[0].index) == (2, 9)
+
+
+def test_target_columns_over_blocks_of_rows():
+    """The sampled rows' largest labels, read ~1 MB of rows at a time: the argmax of all rows
+    at once, ties to the first."""
+    rng = np.random.default_rng(4)
+    K = 100_000  # 2 rows a block
+    y = (rng.random((9, K)) < 0.001).astype(np.float32)
+    y[3] = 0.0  # no positive: column 0
+    y[5] = 0.0
+    y[5, [10, 20]] = 1.0  # a tie: the first
+    p = build_sigmoid_bce(np.zeros((9, K), dtype=np.float32), y)[0]
+    rows = np.array([8, 0, 3, 5, 5, 2, 7])
+    got = p.target_columns(rows)
+    np.testing.assert_array_equal(got, y[rows].argmax(axis=1))
+    assert got[2] == 0 and got[3] == 10
