@@ -273,3 +273,12 @@ def test_target_columns_over_blocks_of_rows():
     got = p.target_columns(rows)
     np.testing.assert_array_equal(got, y[rows].argmax(axis=1))
     assert got[2] == 0 and got[3] == 10
+
+
+def test_no_entries():
+    p = _problem("all")
+    none = np.zeros(0, dtype=np.int64)
+    res = fd_entries(p, none, none, 1e-7)
+    assert res.fd.shape == res.bound.shape == res.reference.shape == (0,)
+    assert res.floor is not None and res.floor.shape == (0,)
+    assert (res.evaluations, res.skipped) == (0, 0)

@@ -241,7 +241,7 @@ class SigmoidBCE(RowMatrix):
             return None if a is None else np.asarray(a[rows, cols]).reshape(1, M)
 
         part = SigmoidBCE(
-            pick(self.z), make_layout((1, M), -1, self.source), pick(self.targets),
+            pick(self.z), Layout((1, M), 1), pick(self.targets),
             pick(self.weight), None if self.pos_weight is None else self.pos_weight[cols],
             self.reduction, self.source, self.smoothing,
             replace(self.sem, sample_weight=pick(self.sem.sample_weight)),
@@ -255,8 +255,11 @@ class SigmoidBCE(RowMatrix):
         """Elements (rows[k], cols[k]) at logits values[k] through this problem's kernel
         (compiled, else numpy): one row of M elements with the per-element losses
         (`per_element`), the gradient and, given `floor_coef`, the floor."""
-        part = self.at_entries(rows, cols)
         x = np.asarray(values, dtype=np.float64).reshape(1, -1)
+        if x.size == 0:  # no entries: an empty row
+            return ChunkEval(loss=np.zeros(1), grad=x, floor=x, lse=np.zeros(1),
+                             total_weight=np.zeros(1), items=x, item_weight=x)
+        part = self.at_entries(rows, cols)
         return part.evaluate_rows(x, np.zeros(1, dtype=np.int64), floor_coef=floor_coef)
 
     def entry_losses(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray:
