@@ -35,6 +35,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "weight": {"weight": "w"},
     "pos_weight": {"pos_weight": "pw"},
     "negative_pos_weight": {"pos_weight": "npw"},
+    "tiny_pos_weight": {"pos_weight": "tpw"},  # 1 + (pw - 1) y rounds to 0 at y = 1
     "smoothing": {"label_smoothing": 0.3},
     "sample_weight": {"sample_weight": "s", "reduction": "sum"},
     "denominator": {"denominator": 7.5, "reduction": "sum"},
@@ -48,7 +49,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
 def _options(name: str, N: int, K: int, rng) -> dict:
     kw = dict(OPTIONS[name])
     arrays = {"w": lambda: rng.uniform(-2.0, 3.0, (N, K)), "pw": lambda: rng.uniform(0.1, 5.0, K),
-              "npw": lambda: rng.uniform(-2.0, 3.0, K), "s": lambda: rng.uniform(-1.0, 2.0, N)}
+              "npw": lambda: rng.uniform(-2.0, 3.0, K), "tpw": lambda: rng.uniform(0.0, 1e-60, K),
+              "s": lambda: rng.uniform(-1.0, 2.0, N)}
     for key in ("weight", "pos_weight", "sample_weight"):
         if isinstance(kw.get(key), str):
             kw[key] = arrays[kw[key]]()

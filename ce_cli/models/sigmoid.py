@@ -191,8 +191,11 @@ class SigmoidBCE(RowMatrix):
         negative pos_weight makes cancel (w with the sample weights)."""
         y = self.smoothed(np.asarray(self.targets[rows, cols], dtype=np.float64))
         pw = np.ones_like(y) if self.pos_weight is None else self.pos_weight[cols]
-        c = np.ones_like(y) if self.pos_weight is None else 1.0 + (pw - 1.0) * y
         g1 = np.abs(1.0 - y) + np.abs(pw * y)
+        c = np.ones_like(y)
+        if self.pos_weight is not None:
+            # c = (1 - y') + pw y', not 1 + (pw - 1) y' (0 at y' = 1 once pw < eps/2), rounded up
+            c = np.abs((1.0 - y) + pw * y) + 2.0 * EPS * g1
         neg = np.maximum(-pw, 0.0) * y
         for w in (self.weight, self.sem.sample_weight):
             if w is not None:
