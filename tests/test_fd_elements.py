@@ -170,6 +170,7 @@ def _assert_bound_holds(p: SigmoidBCE) -> None:
         exact = _exact_derivative(p, rows, cols)
     ok = np.isfinite(res.fd)
     err = np.abs(LD(1) * res.fd[ok] - exact[ok])
+    # the long double's own rounding, and subnormal results (the comparisons' `tiny` allowance)
     slack = 64 * LD_EPS * np.abs(exact[ok]) + np.finfo(float).tiny
     worst = np.max(err / (LD(1) * res.bound[ok] + slack), initial=0.0)
     assert worst <= 1.0, f"|fd - exact| / bound = {float(worst):.3g}"
