@@ -187,8 +187,8 @@ class SigmoidBCE(RowMatrix):
 
     def _entry_terms(self, rows, cols) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """|w c|, |w| (|1 - y'| + |pw y'|) and |w| max(-pw, 0) y' at entries (rows, cols),
-        c = 1 + (pw - 1) y': 4 max|d2l/dz2|, max|dl/dz| and the weight of a term that a
-        negative pos_weight makes cancel (w with the sample weights)."""
+        c = (1 - y') + pw y' = 1 + (pw - 1) y': 4 max|d2l/dz2|, max|dl/dz| and the weight of
+        a term that a negative pos_weight makes cancel (w with the sample weights)."""
         y = self.smoothed(np.asarray(self.targets[rows, cols], dtype=np.float64))
         pw = np.ones_like(y) if self.pos_weight is None else self.pos_weight[cols]
         g1 = np.abs(1.0 - y) + np.abs(pw * y)
@@ -203,19 +203,18 @@ class SigmoidBCE(RowMatrix):
                 c, g1, neg = c * w_abs, g1 * w_abs, neg * w_abs
         return np.abs(c), g1, neg
 
-    def _truncation(self, rows, cols, z_entry: np.ndarray, h: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+    def _truncation(self, z_entry: np.ndarray, h: np.ndarray, cw: np.ndarray,
+                    g1w: np.ndarray) -> np.ndarray:
         """h^2/6 max|d3l/dx3| of the element's loss on [x - h, x + h] (see `fd_error_bound`),
-        and g1 = |w| (|1 - y'| + |pw y'|) there."""
-        cw, g1w, _ = self._entry_terms(rows, cols)
+        from |w c| and g1 = |w| (|1 - y'| + |pw y'|) there (`_entry_terms`)."""
         if not self.transformed:
-            return h * h / 6.0 * cw * logistic_third_max(z_entry, h), g1w
+            return h * h / 6.0 * cw * logistic_third_max(z_entry, h)
         T1, T2, T3 = chain_bounds(self.sem)
         with np.errstate(over="ignore", invalid="ignore"):
             z_c, _ = transform(z_entry, self.sem.logit_scale, self.sem.softcap)
         third = logistic_third_max(z_c, T1 * h)
         f3 = cw * (third * T1**3 + 0.75 * T1 * T2) + g1w * T3
-        return h * h / 6.0 * f3, g1w
+        return h * h / 6.0 * f3
 
     def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
         """Rounding of the row sum, 8*eps*(1 + log2 K)*(|loss_n| + sum_k c_k)/h, plus truncation
@@ -227,8 +226,8 @@ class SigmoidBCE(RowMatrix):
         the row sum's rounding then holds the rounded z's share (`total_weight`)."""
         K = self.n_classes
         rounding = 8.0 * EPS * (1.0 + np.log2(K)) * (np.abs(ev.loss) + ev.total_weight) / h
-        truncation, _ = self._truncation(rows, cols, z_entry, h)
-        return (rounding + truncation) * self.grad_scale
+        cw, g1w, _ = self._entry_terms(rows, cols)
+        return (rounding + self._truncation(z_entry, h, cw, g1w)) * self.grad_scale
 
     # --- finite differences of single elements: the loss is a sum of independent terms ---
 
@@ -277,18 +276,22 @@ class SigmoidBCE(RowMatrix):
         Rounding. The kernels form e = exp(-|z|) and t = log1p(e) (each within 1 ulp; e's
         error moves t by at most e/(1 + e) <= t relatively), softplus(+-z) = max(+-z, 0) + t,
         the products with pw y' and 1 - y', their sum and the product with w. With pw y' >= 0
-        no term cancels: l is within ~6 ulp (3 eps) of |l|. A negative pw cancels: the error
+        no term cancels: l is within ~8 ulp (4 eps) of |l|. A negative pw cancels: the error
         is then relative to |w| (|pw y'| sp(-z) + (1 - y') sp(z)) = |l| + 2 |w pw y'| sp(-z)
-        at most, sp(-z) <= |x| + h + log 2. Through T (softcap, scale) the rounded z = T(x)
-        (a few ulp of |z|) moves l by |dl/dz| <= g1 = |w| (|1 - y'| + |pw y'|) times that.
-        So each loss errs by at most E = 8 eps (max(|lp|, |lm|) + |w c| + 2 |w pw y'| [pw < 0]
-        (|x| + h + log 2) + g1 (|T(x)| + S h)), the difference quotient by 2E / 2h = E/h; the
-        subtraction, the division by the realised step and the scale add ~3 ulp of
-        |fd| <= g1 S: 2 eps g1 S. One element, no row sum: no (1 + log2 K) factor.
+        at most, sp(-z) <= |z| + S h + log 2 over the step. Through T (softcap, scale) the
+        rounded z = T(x) (a few ulp of |z|) moves l by |dl/dz| <= g1 = |w| (|1 - y'| + |pw y'|)
+        times that. So each loss errs by at most
+
+            E = 8 eps (max(|lp|, |lm|) + |w c| + 2 |w pw y'| [pw < 0] (|z| + S h + log 2)
+                       + g1 (|z| + S h) [with T]),
+
+        the difference quotient by 2E / 2h = E/h; the subtraction, the division by the
+        realised step and the scale add ~3 ulp of |fd| <= g1 S: 2 eps g1 S. One element, no
+        row sum: no (1 + log2 K) factor.
 
         Truncation h^2/6 max|l'''| on [x - h, x + h], as in `fd_error_bound`."""
-        truncation, _ = self._truncation(rows, cols, z_entry, h)
         cw, g1w, neg = self._entry_terms(rows, cols)
+        truncation = self._truncation(z_entry, h, cw, g1w)
         S = abs(self.sem.logit_scale)
         z_c = z_entry
         if self.transformed:

@@ -35,7 +35,7 @@ FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
 DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
 BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers stay in cache
-FD_BLOCK_ENTRIES = 1 << 19  # rows of sampled entries per compiled-kernel call: a few MB of buffers
+FD_BLOCK_ENTRIES = 1 << 19  # sampled rows' entries a compiled-kernel call: 16 rows at C = 32000
 
 
 @dataclass(frozen=True)
