@@ -6,7 +6,10 @@ Perturbing z[n, c] changes only loss_n, so each difference is taken on the row's
     fd[n, c] = scale * (loss_n(z + h e_c) - loss_n(z - h e_c)) / ((z_c + h) - (z_c - h))
 
 with h = eps^(1/3) * max(1, |z_c|) and the realised step in the denominator. Each entry gets a
-rigorous error bound from the loss model (round-off plus truncation: `fd_error_bound`).
+rigorous error bound from the loss model (round-off plus truncation: `fd_error_bound`). A loss
+that is a sum of independent per-element terms (sigmoid BCE: `elementwise`) takes the sampled
+differences on the element's own loss l_nc instead: O(1) work an entry, and no row sum's
+rounding in the bound (`entry_fd_error_bound`).
 
 Modes: `full` sweeps every column of a row chunk at once (2*C chunk evaluations); `directional`
 checks every row along one random direction (2 batch evaluations) and localises a failing row's
@@ -24,14 +27,15 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.limits import fd_full_refusal
+from ce_cli.kernels.base import required
 from ce_cli.kernels.numerics import EPS
 from ce_cli.verify.threads import numpy_threads, ordered_map
 
 FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
 DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
-CHUNK_ENTRIES = 1 << 20
 BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers stay in cache
+FD_BLOCK_ENTRIES = 1 << 19  # sampled rows' entries a compiled-kernel call: 16 rows at C = 32000
 
 
 @dataclass(frozen=True)
@@ -86,20 +90,37 @@ def sample_entries(problem, k: int, seed: int, extra: list[tuple[int, int]]) -> 
     return arr[:, 0], arr[:, 1]
 
 
+def elementwise(problem) -> bool:
+    """True for a loss that is a sum of independent per-element terms (sigmoid BCE: its model
+    has `entry_losses`): perturbing z[n, c] moves only that element's term, so its difference
+    needs that element's loss alone, not the row's (O(1) instead of O(C), and no row sum's
+    rounding in the bound: `entry_fd_error_bound`)."""
+    return hasattr(problem, "entry_losses")
+
+
 def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None = None) -> FDResult:
     """Finite differences at the listed entries, with the analytic reference (and, given
-    `floor_coef`, the error floor) there: each distinct row is evaluated once, then twice per
-    entry perturbed, block by block of rows (on the numpy kernel blocks that stay in cache, on
-    its threads: every row is computed alone, so the bits do not depend on the blocks)."""
+    `floor_coef`, the error floor) there. An elementwise loss evaluates the entries' own
+    elements only (the reference and floor too); otherwise each distinct row is evaluated
+    once, then twice per entry perturbed, block by block of rows in one reused row buffer (on
+    the numpy kernel blocks that stay in cache, on its threads). The blocks depend on C alone,
+    not on the threads: the same bits at every thread count (the compiled kernel computes
+    every row alone, the numpy kernel picks a masked sum for a block holding a -inf logit)."""
+    if elementwise(problem):
+        return _fd_elements(problem, rows, cols, floor_coef)
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
     uniq, inverse = np.unique(rows, return_inverse=True)
     numpy_kernel = problem.kernel is None
-    per = max(1, (BLOCK_ENTRIES if numpy_kernel else CHUNK_ENTRIES) // problem.n_classes)
+    per = max(1, (BLOCK_ENTRIES if numpy_kernel else FD_BLOCK_ENTRIES) // problem.n_classes)
     threads = numpy_threads(problem)
+    buffers: list[np.ndarray] = []  # row buffers not in use (one per block in flight)
 
     def block(a: int):
-        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a, floor_coef,
-                         1 if threads > 1 else None)
+        buf = buffers.pop() if buffers else None
+        sel, values, s, buf = _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a,
+                                        floor_coef, 1 if threads > 1 else None, buf)
+        buffers.append(buf)
+        return sel, values, s
 
     skipped = 0
     calls = ((a,) for a in range(0, uniq.size, per))
@@ -110,22 +131,38 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
                     floor if floor_coef is not None else None)
 
 
+def _fd_elements(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None) -> FDResult:
+    """`fd_entries` of an elementwise loss: the reference, floor and both perturbed losses of
+    the M entries' elements, three kernel calls of M elements each (`entry_values`)."""
+    zc = np.asarray(problem.z[rows, cols], dtype=np.float64)
+    ev = problem.entry_values(rows, cols, zc, floor_coef=floor_coef)
+    floor = required(ev.floor, "floor")[0] if floor_coef is not None else None
+    fd, bound, skipped = central_differences(problem, None, rows, cols, zc, None)
+    return FDResult(rows, cols, fd, bound, 2 * rows.size, skipped,
+                    required(ev.grad, "gradient")[0], floor)
+
+
 def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, inverse: np.ndarray,
-              a: int, floor_coef: float | None, threads: int | None):
+              a: int, floor_coef: float | None, threads: int | None, buf: np.ndarray | None):
     """`fd_entries` on the entries of rows `block` (= unique rows a, a+1, ...): their positions
-    in `rows`, (fd, bound, reference, floor) there, and the entries skipped."""
+    in `rows`, (fd, bound, reference, floor) there, the entries skipped, and the float64 row
+    buffer used (`buf` when it is large enough: reused, so no fresh pages per block)."""
     z = np.asarray(problem.z[block])
     ev = problem.evaluate_rows(z, block, floor_coef=floor_coef)
     sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
     local, c = inverse[sel] - a, cols[sel]
     ana = ev.grad[local, c]
     floor = ev.floor[local, c] if ev.floor is not None else np.zeros(sel.size)
-    base = np.array(z[local], dtype=np.float64)
     sub = ev.take_rows(local)
     del ev  # its (R, C) arrays go before the perturbed rows are evaluated, which reuse them
+    if buf is None or buf.shape[0] < sel.size:
+        buf = np.empty((max(sel.size, 2 * block.size), z.shape[1]))
+    base = buf[:sel.size]
+    for i, row in enumerate(local.tolist()):
+        base[i] = z[row]  # a row at a time: no temporary copy of the rows in their dtype
     f, b, s = central_differences(problem, base, rows[sel], c, base[np.arange(sel.size), c], sub,
                                   threads=threads)
-    return sel, (f, b, ana, floor), s
+    return sel, (f, b, ana, floor), s, buf
 
 
 def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None,
@@ -133,10 +170,14 @@ def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None
     """Perturb entry c[k] of row base[k] (problem row r[k], value zc[k]) by -+h[k] (default
     `step_for`), evaluate both copies; returns (derivative, error bound, entries skipped).
     `ev` holds the unperturbed rows' values (`ChunkEval.take_rows`); `threads` for the row
-    losses (default: the numpy kernel's)."""
-    idx = np.arange(r.size)
+    losses (default: the numpy kernel's). An elementwise loss evaluates the entries' own
+    elements instead (`entry_losses`; `base` and `ev` are not read)."""
     h = step_for(zc) if h is None else h
     zp, zm = zc + h, zc - h
+    if elementwise(problem):
+        lp, lm = problem.entry_losses(r, c, zp), problem.entry_losses(r, c, zm)
+        return _finish(problem, r, c, zp, zm, lp, lm, zc, None)
+    idx = np.arange(r.size)
     base[idx, c] = zp
     lp = row_losses(problem, base, r, threads)
     base[idx, c] = zm
@@ -166,7 +207,10 @@ def _finish(problem, rows, cols, zp, zm, lp, lm, zc, ev):
         denom = zp - zm  # NaN at -inf logits: skipped below
         fd = (lp - lm) / denom * problem.grad_scale
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        bound = problem.fd_error_bound(rows, cols, zc, denom / 2.0, ev)
+        if ev is None:  # one element's loss (`elementwise`)
+            bound = problem.entry_fd_error_bound(rows, cols, zc, denom / 2.0, lp, lm)
+        else:
+            bound = problem.fd_error_bound(rows, cols, zc, denom / 2.0, ev)
     bad = ~np.isfinite(fd) | ~np.isfinite(zc) | ~np.isfinite(bound)
     fd = np.where(bad, np.nan, fd)
     bound = np.where(bad, np.nan, bound)
