@@ -347,10 +347,18 @@ class DirectionalStage(Stage):
 
 def prefetch_module(name: str) -> None:
     """Import `name` on a daemon thread, so that its import runs while the pass works (the
-    kernels release the GIL) and is done when it is needed; importing it later waits for it."""
+    kernels release the GIL) and is done when it is needed; importing it later waits for it
+    (and raises there, should the import fail: the thread stays silent)."""
     if name not in sys.modules:
-        threading.Thread(target=importlib.import_module, args=(name,), daemon=True,
+        threading.Thread(target=_import_quietly, args=(name,), daemon=True,
                          name=f"ce-check-import-{name}").start()
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - the caller's own import reports it
+        pass
 
 
 class SampledFDStage(Stage):
