@@ -27,6 +27,8 @@ try:
 except SystemExit as exc:
     code = exc.code
 print("LOADED=" + json.dumps(sorted(m for m in watched if m in sys.modules)), file=sys.stderr)
+import gc
+print("FROZEN=%d" % gc.get_freeze_count(), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -124,6 +126,17 @@ def test_small_grad_json_loads_no_unused_stdlib(small):
     code, _, mods = loaded(["grad", "z.npy", "y.npy", "--json", "--out-grad", "g.npy"],
                            UNUSED_STDLIB, cwd=small)
     assert code == 0 and (small / "g.npy").exists() and "tempfile" in mods  # the probe sees it
+
+
+@pytest.mark.parametrize("args", [["--help"], ["grad", "z.npy", "y.npy"], ["grad", "z.npy", "missing.npy"]],
+                         ids=["help", "grad", "error"])
+def test_exit_skips_collecting_startup_objects(small, args):
+    """main() freezes the objects alive when the command ends (gc.freeze), so the interpreter's
+    collections at exit do not scan what the imports made; on errors too."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, "[]", *args], capture_output=True,
+                          text=True, cwd=small, timeout=120)
+    assert proc.returncode in (0, 2)
+    assert int(proc.stderr.split("FROZEN=")[-1]) > 10_000, proc.stderr
 
 
 @pytest.mark.parametrize("args", [["grad", "z.npy", "missing.npy"], ["grad", "z.npy", "y.npy", "--seed", "-1"],
