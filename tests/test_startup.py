@@ -35,11 +35,13 @@ sys.exit(code)
 # pydantic: Typer >= 0.29 validates every option with it (~60 ms); pyproject.toml keeps Typer < 0.29
 HEAVY = ["numpy", "rich.table", "rich.progress", "rich.console", "pydantic"]
 # what a multiclass `grad` has no use for: the sigmoid model and the two-class bridge are
-# check_binary's, the safetensors and .pt readers load for those files only
+# check_binary's, the safetensors and .pt readers load for those files only, the diagnosis for
+# a failed gradient check only
 UNUSED_BY_GRAD = ["rich.table", "rich.progress", "rich.console", "ce_cli.stress",
                   "ce_cli.explain", "ce_cli.batch", "ce_cli.verify.linear", "ce_cli.verify.shards",
                   "ce_cli.distributed", "pydantic", "ce_cli.models.sigmoid", "ce_cli.verify.bridge",
-                  "ce_cli.kernels.numpy_sigmoid", "ce_cli.io.safetensors", "ce_cli.io.torch_pt"]
+                  "ce_cli.kernels.numpy_sigmoid", "ce_cli.io.safetensors", "ce_cli.io.torch_pt",
+                  "ce_cli.verify.diagnosis"]
 
 
 @pytest.fixture
@@ -110,8 +112,18 @@ def test_small_grad_json_loads_only_what_it_uses(small):
     assert mods == ["ce_cli.verify.checks", "numpy"], pydantic_hint(mods)
 
 
-# standard modules a `grad --json` run has no use for: tempfile is for --out-grad (io/output.py)
-UNUSED_STDLIB = ["tempfile"]
+def test_failed_grad_loads_the_diagnosis(small):
+    """The probe sees the diagnosis when a gradient check fails (it names the likely cause)."""
+    np.save(small / "g.npy", 2 * np.ones((4, 5)))
+    code, out, mods = loaded(["grad", "z.npy", "y.npy", "--grad", "g.npy", "--json"],
+                             ["ce_cli.verify.diagnosis"], cwd=small)
+    assert code == 1 and json.loads(out)["ok"] is False
+    assert mods == ["ce_cli.verify.diagnosis"]
+
+
+# standard modules a `grad --json` run has no use for: tempfile is for --out-grad (io/output.py),
+# zipfile for .npz inputs (io/loading.py)
+UNUSED_STDLIB = ["tempfile", "zipfile"]
 
 
 def test_small_grad_json_loads_no_unused_stdlib(small):
@@ -126,6 +138,9 @@ def test_small_grad_json_loads_no_unused_stdlib(small):
     code, _, mods = loaded(["grad", "z.npy", "y.npy", "--json", "--out-grad", "g.npy"],
                            UNUSED_STDLIB, cwd=small)
     assert code == 0 and (small / "g.npy").exists() and "tempfile" in mods  # the probe sees it
+    np.savez(small / "y.npz", y=np.load(small / "y.npy"))
+    code, out, mods = loaded(["grad", "z.npy", "y.npz", "--json"], UNUSED_STDLIB, cwd=small)
+    assert code == 0 and json.loads(out)["ok"] is True and "zipfile" in mods
 
 
 @pytest.mark.parametrize("args", [["--help"], ["grad", "z.npy", "y.npy"], ["grad", "z.npy", "missing.npy"]],
@@ -196,3 +211,22 @@ def test_grad_starts_no_blas_pool(small, blas_var):
         assert tasks == 1, proc.stderr
     elif _openblas() and (os.cpu_count() or 1) >= 2:  # your setting wins: the process + 1 worker
         assert tasks == 2, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["ce_cli.kernels.base.ChunkEval", "ce_cli.kernels.numpy_softmax._Rows",
+                                  "ce_cli.kernels.numpy_softmax._SemanticTerms",
+                                  "ce_cli.verify.stages.Chunk", "ce_cli.verify.stages.UserGrad",
+                                  "ce_cli.verify.compare.Measured", "ce_cli.verify.finite_diff.FDResult",
+                                  "ce_cli.verify.finite_diff.Directional",
+                                  "ce_cli.verify.diagnosis._Sample", "ce_cli.verify.pipeline.Inputs",
+                                  "ce_cli.verify.pipeline.Evaluated", "ce_cli.models.softmax.SoftmaxCE",
+                                  "ce_cli.models.sigmoid.SigmoidBCE"])
+def test_array_dataclasses_generate_no_eq(name):
+    """Dataclasses that hold arrays are declared eq=False: numpy's == is elementwise, so a
+    generated __eq__ (and a frozen class's __hash__) could not answer, and generating them costs
+    start-up time (each is compiled on its own in every run)."""
+    import importlib
+
+    module, _, cls_name = name.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    assert "__eq__" not in vars(cls) and "__hash__" not in vars(cls)

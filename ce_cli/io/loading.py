@@ -16,7 +16,6 @@ import stat
 import sys
 import tokenize
 import warnings
-import zipfile
 import zlib
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -30,9 +29,10 @@ from ce_cli.io.limits import quoted
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
-# what numpy, zipfile and zlib raise on damaged bytes (a header that does not parse, a bad archive)
+# what numpy and zlib raise on damaged bytes (a header that does not parse, a bad deflate stream);
+# an .npz adds zipfile's BadZipFile (`_load_npz`: zipfile loads for .npz input only)
 DAMAGED = (ValueError, TypeError, SyntaxError, EOFError, OSError, OverflowError, KeyError,
-           NotImplementedError, RuntimeError, tokenize.TokenError, zipfile.BadZipFile, zlib.error)
+           NotImplementedError, RuntimeError, tokenize.TokenError, zlib.error)
 
 
 def read_file(path: Path, key: str | None, label: str, *, pipes: bool = True) -> np.ndarray:
@@ -239,9 +239,12 @@ def _load_npy_stream(fh: BinaryIO, total: int, label: str) -> np.ndarray:
 
 
 def _load_npz(source, key: str | None, label: str) -> np.ndarray:
+    import zipfile
+
+    damaged = (*DAMAGED, zipfile.BadZipFile)
     try:
         archive = zipfile.ZipFile(source)
-    except DAMAGED as exc:
+    except damaged as exc:
         raise CeCheckError(f"{label}: not a readable .npz archive ({_one_line(exc)})") from None
     with archive:
         names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
@@ -253,7 +256,7 @@ def _load_npz(source, key: str | None, label: str) -> np.ndarray:
                 size = archive.getinfo(f"{key}.npy").file_size - fh.tell()
                 _header_checks(shape, dtype, size, where)
                 return _read_member(fh, shape, fortran, dtype, where)
-        except DAMAGED as exc:
+        except damaged as exc:
             raise CeCheckError(f"{where}: cannot load ({_one_line(exc)})") from None
 
 

@@ -14,7 +14,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class ChunkEval:
     """Reference values for rows [start, stop)."""
 

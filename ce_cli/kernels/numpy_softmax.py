@@ -20,7 +20,8 @@ import numpy as np
 from ce_cli.kernels.base import ChunkEval
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class _Rows:
     """One chunk's shifted logits and normaliser: zs = z - m, e = exp(zs) (1 at the arg-max)."""
 
@@ -188,7 +189,8 @@ def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: boo
                      row_max=rs.m, log1p_s1=t.l1, row_terms=terms)
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class _SemanticTerms:
     """Per-row values of the extended row loss (see `semantic_rows`)."""
 

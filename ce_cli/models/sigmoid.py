@@ -41,7 +41,8 @@ from ce_cli.models.layout import Layout, make_layout, match_batch
 from ce_cli.models.semantics import Semantics, chain_bounds, check_sample_weights, validate_scalars
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class SigmoidBCE(RowMatrix):
     """A validated binary problem as (N, K) rows."""
 

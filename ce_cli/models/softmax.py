@@ -34,7 +34,8 @@ from ce_cli.models.semantics import Semantics
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class SoftmaxCE(RowMatrix):
     """A validated multiclass problem: logits as (N, C) rows plus everything the kernel needs."""
 

@@ -18,7 +18,8 @@ from ce_cli.verify.results import CheckResult, Entry
 from ce_cli.verify.tolerance import Tolerance
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class Measured:
     """One chunk compared entry by entry (`Comparison.measure`), not yet folded in: |error|,
     allowed error, their ratio, and per row the largest ratio and relative error."""

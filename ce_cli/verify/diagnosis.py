@@ -30,7 +30,8 @@ SAMPLE_ROWS = 512
 CLOSE = 1e-3  # relative agreement that counts as "matches"
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class _Sample:
     rows: np.ndarray
     ref: np.ndarray     # (R, C) reference gradient of the reduced loss

@@ -38,7 +38,8 @@ BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers st
 FD_BLOCK_ENTRIES = 1 << 19  # sampled rows' entries a compiled-kernel call: 16 rows at C = 32000
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class FDResult:
     rows: np.ndarray
     cols: np.ndarray
@@ -243,7 +244,8 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
 
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class Directional:
     """Per-row directional checks: loss_n(z + u) - loss_n(z - u) against <g_n, (z + u) - (z - u)>."""
 

@@ -43,7 +43,8 @@ def row_chunks(n_rows: int, n_classes: int, elements: int = CHUNK_ELEMENTS) -> I
         yield start, min(n_rows, start + step)
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class Inputs:
     """The user's arrays of one check and how to name them in messages (`sources` by role)."""
 
@@ -177,7 +178,8 @@ def _chunks(problem, spans: Iterator[tuple[int, int]], fused, grad_stage: GradSt
         yield _fold(grad_stage, ev)
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class Evaluated:
     """A chunk's reference values, and your gradient measured against them but not yet folded."""
 

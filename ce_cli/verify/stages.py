@@ -27,7 +27,6 @@ from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.layout import match_batch
 from ce_cli.verify.allowance import RowAllowance, normaliser_bound
 from ce_cli.verify.compare import Comparison
-from ce_cli.verify.diagnosis import diagnose
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
 from ce_cli.verify.results import CheckResult, Diagnosis
@@ -37,7 +36,8 @@ FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound'
 Ranked = list[tuple[int, CheckResult]]
 
 
-@dataclass
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(eq=False)
 class Chunk:
     """Rows [start, stop) as the stages see them: the reference values, and the allowed error of
     your gradient entry by entry (when it was compared in numpy)."""
@@ -48,7 +48,8 @@ class Chunk:
     user_tol: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+# eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
+@dataclass(frozen=True, eq=False)
 class UserGrad:
     """Your gradient as (N, C) rows, the tolerance it is held to, and the settings of the row
     allowances (verify/allowance.py)."""
@@ -116,6 +117,8 @@ class GradStage(Stage):
         result = self.cmp.result()
         out = [(1, result)]
         if not result.ok:
+            from ce_cli.verify.diagnosis import diagnose  # for a failed check only
+
             self.diagnosis = diagnose(self.problem, self.user.rows,
                                       [r for r, _c in self.cmp.positions()], result.mismatches,
                                       result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps))
