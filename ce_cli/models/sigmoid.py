@@ -74,6 +74,13 @@ class SigmoidBCE(RowMatrix):
         """True with no training-code option: PyTorch's BCEWithLogitsLoss exactly."""
         return self.sem.plain and not self.smoothing
 
+    def without_options(self) -> SigmoidBCE:
+        """The same logits and labels under PyTorch's plain BCEWithLogitsLoss ('mean', no
+        weight, pos_weight or training-code option), as `build_sigmoid_bce(z, y)` makes it but
+        without validating the labels again (the two-class bridge's problem)."""
+        return replace(self, weight=None, pos_weight=None, reduction="mean", smoothing=0.0,
+                       sem=Semantics(), weighted_count=None)
+
     @property
     def transformed(self) -> bool:
         """True when the loss sees T(x), not the raw logits (softcap, logit scale)."""

@@ -186,7 +186,7 @@ def check_binary(
             logit_scale=opts.logit_scale, denominator=opts.denominator,
             sample_weight=_array_or_none(sample_weight), sample_weight_source=src["sample_weight"])
     plain = (problem if weight is None and pos_weight is None and problem.plain
-             else build_sigmoid_bce(z, y)[0])
+             else problem.without_options())
     bridge = two_class_bridge(plain, opts.worst, note="" if plain is problem else
                               "identity checked without weight/pos_weight" if problem.plain else
                               "identity checked on the plain loss, without the options")

@@ -501,7 +501,7 @@ def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndar
         z, y, pos_weight=pw, reduction=options.reduction.value, source=sources["logits"],
         labels_source=sources["labels"], pos_weight_source=pw_source)
     problem = _batch_mean(problem, batch.entries)
-    plain = problem if pw is None else _batch_mean(build_sigmoid_bce(z, y)[0], batch.entries)
+    plain = problem if pw is None else problem.without_options()  # still the batch's mean
     rows = bridge_rows(shard, batch.bridge_rows)
     part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
     bridge = (two_class_bridge(part, options.worst, batch.bridge_note),) if rows else ()
