@@ -1,12 +1,13 @@
 /* Fused softmax cross-entropy pass: loss, gradient, error floor and comparison of row chunks in
- * one sweep per row, with no (R, C) temporaries. The numpy kernel (ce_cli/models/softmax.py) is
- * the reference; this computes the same formulas in the same order (see
- * SoftmaxCE._evaluate_rows), except exp (below, < 1 ulp) and the order of the row sums.
- * ce_cli/kernels/compiled.py loads it with ctypes.
+ * one sweep per row, with no (R, C) temporaries. The numpy kernels (ce_cli/kernels/numpy_softmax.py,
+ * numpy_sigmoid.py) are the reference; this computes the same formulas in the same order, except
+ * exp and log1p (below, < 1 ulp) and the order of the row sums. ce_cli/kernels/compiled.py loads
+ * it with ctypes.
  *
- * Index targets only (class weights, ignore_index and label smoothing included), -inf logits
- * (masks) included; rows with NaN, +inf or nothing but -inf are handed back to the numpy kernel,
- * which reports them.
+ * Index targets (class weights, ignore_index and label smoothing included) and probability
+ * targets, -inf logits (masks) included; sigmoid BCE (ce_bce_rows_on); the row scan of the input
+ * checks (ce_scan_rows_on). Rows with NaN, +inf or nothing but -inf are handed back to the numpy
+ * kernel, which reports them.
  *
  * Built without -ffast-math and with -ffp-contract=off: every operation is IEEE-rounded, so a
  * row computed twice (once for statistics, once for its worst entries) gives the same bits.

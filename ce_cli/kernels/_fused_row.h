@@ -1,7 +1,8 @@
 /* The row kernel, written once over a lane count. _fused.c includes this file once per target
  * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
- * `#pragma GCC target` region; it defines one function, rows_<CE_SFX>, and nothing else that
- * outlives the inclusion.
+ * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_ and unit_funcs_<CE_SFX>
+ * (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p for the tests) and nothing
+ * else that outlives the inclusion.
  *
  * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
  * in the same order for every lane count, and the only sums across entries (s1 and the label
