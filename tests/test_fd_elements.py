@@ -12,6 +12,7 @@ the row-sum bound could not; and the result does not depend on the thread count.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -285,3 +286,72 @@ def test_no_entries():
     assert res.fd.shape == res.bound.shape == res.reference.shape == (0,)
     assert res.floor is not None and res.floor.shape == (0,)
     assert (res.evaluations, res.skipped) == (0, 0)
+
+
+# --- `--fd full`: every element's own difference, 2 evaluations per element ------------------
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_full_sweep_is_every_elements_own_difference(name):
+    """fd_full on a sigmoid problem is fd_entries at every entry of the chunk: the same bits,
+    bounds and skipped entries (-inf logits), in row-major order."""
+    p = _problem(name)
+    rows, cols = _all_entries(p)
+    each = fd_entries(p, rows, cols)
+    for start, stop in ((0, p.n_rows), (2, 5)):
+        fd, bound, skipped = finite_diff.fd_full(p, start, stop)
+        part = slice(start * p.n_classes, stop * p.n_classes)
+        assert fd.shape == bound.shape == (stop - start, p.n_classes)
+        np.testing.assert_array_equal(_bits(fd.ravel()), _bits(each.fd[part]))
+        np.testing.assert_array_equal(_bits(bound.ravel()), _bits(each.bound[part]))
+        assert skipped == int(np.count_nonzero(np.isnan(each.fd[part])))
+
+
+@pytest.mark.parametrize("bug", ["relative_1e-6", "sign"])
+def test_full_sweep_catches_a_bug_at_one_entry(bug):
+    """`fd=full` proves every entry: a 1e-6 relative error at one entry of a 16x2000 gradient
+    fails fd_vs_grad there and nowhere else, at 2 evaluations per element."""
+    z, y, g, _ = _batch()
+    ok = check_binary(z, y, grad=g, fd="full")
+    assert ok.ok, ok.verdict
+    assert (ok.fd_mode, ok.fd_evaluations) == ("full", 2 * z.size)
+    bad = g.copy()
+    bad[9, 1234] = g[9, 1234] * (1.0 + 1e-6) if bug != "sign" else -g[9, 1234]
+    checks = _fd_checks(check_binary(z, y, grad=bad, fd="full"))
+    assert checks["fd_vs_reference"].ok
+    assert checks["fd_vs_grad"].mismatches == 1
+    assert tuple(checks["fd_vs_grad"].worst[0].index) == (9, 1234)
+
+
+def test_auto_mode_and_limits_count_elements():
+    """`auto` picks `full` for a sigmoid wherever it would check every row (it costs what
+    `directional` costs), `sample` beyond; `full` is refused only past 2 * N * C element
+    evaluations over the limit, and the refusal says so."""
+    from ce_cli.io import limits
+
+    choose = finite_diff.choose_mode
+    big = int(finite_diff.DIRECTIONAL_BUDGET)
+    assert choose("auto", big // 2000, 2000, elementwise=True) == "full"
+    assert choose("auto", big // 2000 + 1, 2000, elementwise=True) == "sample"
+    assert choose("auto", 4096, 1000) == "directional"  # a softmax: unchanged
+    assert choose("full", 1, 40_000, elementwise=True) == "full"
+    with pytest.raises(Exception, match="2\\*N\\*C\\^2"):
+        choose("full", 1, 40_000)
+    n = int(limits.FD_FULL_BUDGET // 2) + 1
+    message = limits.fd_full_refusal((n, 1), elementwise=True)
+    assert message is not None and "2*N*C;" in message and "`fd=sample`" in message
+    assert limits.fd_full_refusal((n - 1, 1), elementwise=True) is None
+
+
+def test_cli_full_sweep_on_a_row_too_wide_for_softmax(tmp_path, invoke):
+    """`binary --fd full` on 1 x 40,000 runs (80,000 element evaluations) where `grad --fd
+    full` is refused up front (3.2e9 row-entry evaluations)."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((1, 40_000))
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "y.npy", (rng.random((1, 40_000)) < 0.5).astype(np.float64))
+    result = invoke(["binary", tmp_path / "z.npy", tmp_path / "y.npy", "--fd", "full", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fd"] == {"mode": "full", "evaluations": 80_000}
+    np.save(tmp_path / "i.npy", np.array([0]))
+    refused = invoke(["grad", tmp_path / "z.npy", tmp_path / "i.npy", "--fd", "full"])
+    assert refused.exit_code == 2

@@ -480,24 +480,27 @@ def fd_rate(n_classes: int, elements: int = 1 << 21) -> float:
 
 
 def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
-                  quiet: bool) -> None:
+                  quiet: bool, elementwise: bool = False) -> None:
     """Before an explicit --fd full: its cost (loss evaluations, estimated seconds from a short
     calibration) on stderr; refused above `budget` seconds (default FD_DEFAULT_BUDGET). Inputs
-    past the hard element limit (io/limits.py) are left to its own refusal."""
+    past the hard element limit (io/limits.py) are left to its own refusal. `elementwise`: a
+    loss of per-element terms (binary), 2 evaluations per element."""
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise CeCheckError(f"--fd-budget: must be a number of seconds > 0, got {budget}")
-    if fd_full_refusal(shape, class_axis) is not None or not shape:
+    if fd_full_refusal(shape, class_axis, elementwise) is not None or not shape:
         return
     n_classes = shape[class_axis] if -len(shape) <= class_axis < len(shape) else 1
     n_rows = math.prod(shape) // max(1, n_classes)
-    cost = fd_full_cost(n_rows, n_classes)
+    cost = fd_full_cost(n_rows, n_classes, elementwise)
     seconds = cost / fd_rate(n_classes)
     limit = FD_DEFAULT_BUDGET if budget is None else budget
-    what = (f"--fd full: {2 * n_rows * n_classes:,} loss evaluations over {n_classes:,} classes "
+    what = (f"--fd full: {2 * n_rows * n_classes:,} "
+            f"{'element' if elementwise else f'row over {n_classes:,} classes'} loss evaluations "
             f"({cost:.2g} element evaluations), about {seconds:.0f} s here")
     if seconds > limit:
         raise CeCheckError(f"{what}: over the budget of {limit:g} s; add --fd-budget "
-                           f"{math.ceil(seconds * 2)} to run it, or use --fd directional")
+                           f"{math.ceil(seconds * 2)} to run it, or use "
+                           f"--fd {'sample' if elementwise else 'directional'}")
     if seconds > 1.0 and not quiet:
         stderr_line(f"ce-check: note: {what}")
 
@@ -511,12 +514,14 @@ def check_settings(**flags: Any) -> CheckOptions:
 
 def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, out_grad: Path | None,
               json_out: bool, quiet: bool, vectors: tuple[str, ...] = (),
-              verbose: bool = False, fd_budget: float | None = None, **flags: Any) -> NoReturn:
+              verbose: bool = False, fd_budget: float | None = None, elementwise: bool = False,
+              **flags: Any) -> NoReturn:
     """Load the inputs, call `check` (check_grad or check_binary) once, render, exit with the
     verdict.
 
     `inputs` are the input arguments by role (None: not given); `vectors` are roles whose
-    one-row or one-column CSV is flattened to C values; `flags` are the check's settings.
+    one-row or one-column CSV is flattened to C values; `flags` are the check's settings;
+    `elementwise`: the loss is a sum of per-element terms (binary: what --fd full costs).
     """
     import numpy as np
 
@@ -533,7 +538,7 @@ def run_check(check: Callable[..., Report], inputs: dict[str, str | None], *, ou
     arrays = dict(loaded.arrays)
     logits, labels = arrays.pop("logits"), arrays.pop("labels")
     if options.fd is FDMode.full:
-        fd_cost_guard(tuple(np.shape(logits)), options.class_axis, fd_budget, quiet)
+        fd_cost_guard(tuple(np.shape(logits)), options.class_axis, fd_budget, quiet, elementwise)
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         # over/underflow is expected and handled: no numpy warnings
         report = check(logits, labels, **arrays, out_grad=out_grad, sources=loaded.sources,

@@ -82,4 +82,4 @@ def binary(
         check_binary, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,
                        "weight": weight, "pos_weight": pos_weight, "sample_weight": sample_weight},
         out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget,
-        vectors=VECTOR_ROLES[Kind.binary], **settings)
+        vectors=VECTOR_ROLES[Kind.binary], elementwise=True, **settings)

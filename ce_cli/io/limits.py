@@ -29,7 +29,8 @@ MAX_CAPTURE_BYTES = 64 * KiB
 # characters of a file's content, a name or a key a message may quote
 MAX_QUOTED_CHARS = 40
 # --fd full evaluates the loss 2*C times per row, each over C classes: N*2*C*C element
-# evaluations; about 6e7 per second on one core of a laptop (1x30,000 took 31 s)
+# evaluations (sigmoid BCE: 2 per element); about 6e7 per second on one core of a laptop
+# (1x30,000 took 31 s)
 FD_FULL_BUDGET = 2e9
 FD_FULL_RATE = 6e7
 # classes of the one sample `ce-check explain` derives: about 1.9 KB of memory per class, 2.8 KB
@@ -37,23 +38,27 @@ FD_FULL_RATE = 6e7
 MAX_EXPLAIN_CLASSES = 1 << 18
 
 
-def fd_full_cost(n_rows: int, n_classes: int) -> float:
-    """Element evaluations `--fd full` needs: 2*C loss evaluations per row, C classes each."""
-    return 2.0 * n_rows * float(n_classes) ** 2
+def fd_full_cost(n_rows: int, n_classes: int, elementwise: bool = False) -> float:
+    """Element evaluations `--fd full` needs: 2*C loss evaluations per row, C classes each; a
+    loss that is a sum of per-element terms (sigmoid BCE), 2 per element."""
+    return 2.0 * n_rows * float(n_classes) ** (1 if elementwise else 2)
 
 
-def fd_full_refusal(shape: tuple[int, ...], class_axis: int = -1) -> str | None:
+def fd_full_refusal(shape: tuple[int, ...], class_axis: int = -1,
+                    elementwise: bool = False) -> str | None:
     """Why `--fd full` is refused on logits of `shape` (None: within FD_FULL_BUDGET)."""
     if not -len(shape) <= class_axis < len(shape):
         return None  # no class axis there: the check itself says what is wrong
     n_classes = shape[class_axis]
     n_rows = math.prod(shape) // n_classes if n_classes else 0
-    cost = fd_full_cost(n_rows, n_classes)
+    cost = fd_full_cost(n_rows, n_classes, elementwise)
     if cost <= FD_FULL_BUDGET:
         return None
+    rule, instead = (("2*N*C", "`fd=sample` (O(samples))") if elementwise else
+                     ("2*N*C^2", "`fd=directional` or `fd=sample` (each O(N*C))"))
     return (f"`fd=full` on logits of shape {tuple(shape)} needs {cost:.1e} element evaluations "
-            f"(2*N*C^2; about {cost / FD_FULL_RATE:.0f} s), over the limit {FD_FULL_BUDGET:.0e}; "
-            "use `fd=directional` or `fd=sample` (each O(N*C))")
+            f"({rule}; about {cost / FD_FULL_RATE:.0f} s), over the limit {FD_FULL_BUDGET:.0e}; "
+            f"use {instead}")
 
 
 def explain_classes_refusal(n_classes: int, source: str = "logits") -> str | None:

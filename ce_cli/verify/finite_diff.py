@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.limits import fd_full_refusal
+from ce_cli.io.limits import fd_full_cost, fd_full_refusal
 from ce_cli.kernels.base import required
 from ce_cli.kernels.numerics import EPS
 from ce_cli.verify.threads import numpy_threads, ordered_map
@@ -51,17 +51,23 @@ class FDResult:
     floor: np.ndarray | None = None      # the error floor of your precision at the entries
 
 
-def choose_mode(mode: str, n_rows: int, n_classes: int) -> str:
+def choose_mode(mode: str, n_rows: int, n_classes: int, elementwise: bool = False) -> str:
+    """The mode `mode` names; `auto`: `full` when its cost is within FULL_BUDGET, `directional`
+    up to DIRECTIONAL_BUDGET entries, else `sample`. An `elementwise` loss (`elementwise`) pays
+    2 evaluations per entry for `full`, what `directional` costs: `full` replaces it."""
     if mode not in FD_MODES:
         raise CeCheckError(f"`fd`: unknown mode '{mode}' (use auto, full, directional, sample or off)")
     if mode == "full":
-        refusal = fd_full_refusal((n_rows, n_classes))
+        refusal = fd_full_refusal((n_rows, n_classes), elementwise=elementwise)
         if refusal is not None:
             raise CeCheckError(refusal)
     if mode == "auto":
-        if 2.0 * n_rows * n_classes * n_classes <= FULL_BUDGET:
+        every_row = n_rows * n_classes <= DIRECTIONAL_BUDGET
+        if elementwise:
+            return "full" if every_row else "sample"
+        if fd_full_cost(n_rows, n_classes) <= FULL_BUDGET:
             return "full"
-        return "directional" if n_rows * n_classes <= DIRECTIONAL_BUDGET else "sample"
+        return "directional" if every_row else "sample"
     return mode
 
 
@@ -219,7 +225,14 @@ def _finish(problem, rows, cols, zp, zm, lp, lm, zc, ev):
 
 
 def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every entry of rows [start, stop) by column sweeps: 2*C evaluations of the chunk."""
+    """Every entry of rows [start, stop) by column sweeps: 2*C evaluations of the chunk (an
+    `elementwise` loss: every element's own loss at z -+ h, 2 evaluations of the chunk)."""
+    if elementwise(problem):
+        R, C = stop - start, problem.n_classes
+        rows, cols = np.divmod(np.arange(R * C), C)
+        zc = np.asarray(problem.z[start:stop], dtype=np.float64).reshape(-1)
+        fd, bound, skipped = central_differences(problem, None, rows + start, cols, zc, None)
+        return fd.reshape(R, C), bound.reshape(R, C), skipped
     base = np.asarray(problem.z[start:stop], dtype=np.float64).copy()
     r = np.arange(start, stop)
     ev = problem.evaluate_rows(base, r, grad=False)

@@ -20,7 +20,7 @@ from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.verify.compare import Measured
-from ce_cli.verify.finite_diff import choose_mode
+from ce_cli.verify.finite_diff import choose_mode, elementwise
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
@@ -78,7 +78,7 @@ def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, 
 
 def _verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, run: Run) -> Report:
     keep_chunk_buffers()
-    mode = choose_mode(options.fd.value, problem.n_rows, problem.n_classes)
+    mode = choose_mode(options.fd.value, problem.n_rows, problem.n_classes, elementwise(problem))
     user = _user_grad(problem, inputs, options)
     stages, grad_stage = _stages(problem, inputs, options, run, mode, user)
     total = stages[0]

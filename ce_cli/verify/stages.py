@@ -248,8 +248,8 @@ def _settle_skipped(fdv: np.ndarray, bound: np.ndarray, ref: np.ndarray):
 
 
 class FullFDStage(Stage):
-    """Every entry by central differences (2*C evaluations per chunk): the reference and your
-    gradient against them."""
+    """Every entry by central differences (2*C evaluations per chunk; an elementwise loss: 2
+    of its elements): the reference and your gradient against them."""
 
     needs_reference = True
 
