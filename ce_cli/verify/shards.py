@@ -624,8 +624,9 @@ UNSHARDED = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator"
              "vocab_offset", "two_class")
 
 
-def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
-    """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch."""
+def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = False) -> CheckOptions:
+    """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch
+    (`elementwise`: a loss of per-element terms, binary)."""
     if options.class_axis not in (-1, len(plan.shape) - 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
@@ -636,7 +637,8 @@ def resolve_options(plan: ShardPlan, options: CheckOptions) -> CheckOptions:
         raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
                            "whole vocabulary); check row shards, or the batch whole")
     n_rows = math.prod(plan.shape[:-1])
-    return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1])))
+    return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1],
+                                                  elementwise)))
 
 
 def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions,
@@ -651,7 +653,7 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
     label_files = list(dict.fromkeys(f.labels for f in files))
     label_shapes = mapper.map(describe, label_files, ("labels",))
     plan = make_plan(files, shapes, label_shapes, axis, kind)
-    opts = resolve_options(plan, options)
+    opts = resolve_options(plan, options, elementwise=kind == "binary")
     if kind == "binary":
         batch = BinaryBatch.of(plan.shape, pos_weight)
         reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
