@@ -359,10 +359,10 @@ def test_row_shards_with_label_smoothing(tmp_path, reduction):
     assert [s.ok for s in sharded.shards] == [True, False]
 
 
-@pytest.mark.parametrize("option", [["--softcap", "3"], ["--logit-scale", "2"], ["--denominator", "7"],
-                                    ["--label-smoothing", "0.1"], ["--sample-weight", "SW"]])
+@pytest.mark.parametrize("option", [["--sample-weight", "SW"]])
 def test_binary_shards_refuse_the_training_code_options(tmp_path, invoke, option):
-    """`binary --shards` does not carry the training-code options yet: refused, never ignored."""
+    """`binary --shards` takes no sample weights (an input of the batch's shape): refused,
+    never ignored."""
     rng = np.random.default_rng(5)
     for i in range(2):
         np.save(tmp_path / f"z_{i}.npy", rng.standard_normal((4, 3)))
@@ -373,3 +373,73 @@ def test_binary_shards_refuse_the_training_code_options(tmp_path, invoke, option
     assert res.exit_code == 2, res.output
     assert res.output.count("\n") == 1
     assert f"{option[0]}: not supported with --shards" in res.output
+
+
+# --- training-code options on row shards ---------------------------------------------------
+
+SEMANTICS = {"z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 5.0},
+             "logit_scale": {"logit_scale": 0.5},
+             "others": {"smoothing_form": "others", "label_smoothing": 0.1},
+             "denominator": {"denominator": 37.0},
+             "all": {"z_loss": 1e-4, "softcap": 8.0, "logit_scale": 1.5, "label_smoothing": 0.2,
+                     "denominator": 150.0}}
+
+
+def _reference_grad(tmp_path, z, y, opts: CheckOptions) -> np.ndarray:
+    """The single-process float64 reference gradient under `opts` (its --out-grad file)."""
+    check_grad(z, y, options=opts, out_grad=tmp_path / "ref.npy")
+    return np.load(tmp_path / "ref.npy")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(SEMANTICS))
+def test_row_shards_carry_the_training_code_options(tmp_path, name, reduction):
+    """z-loss, softcap, logit scale, smoothing form and an outside denominator act row by row:
+    row shards give the single-process report (a bug at one entry found at its global index)."""
+    z, y, _ = make_batch(n=120, c=11, seed=3)
+    opts = CheckOptions(reduction=reduction, fd="full", **SEMANTICS[name])
+    g = _reference_grad(tmp_path, z, y, opts).astype(np.float32)
+    g[77, 4] *= 1.001
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 50, 120]), "rows", opts)
+    single = check_grad(z, y, grad=g, options=opts)
+    assert not single.ok
+    assert_same_report(sharded.report, single, 2)
+    assert sharded.report.options == single.options
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row_shards_shift_labels_within_their_sequences(tmp_path, reduction):
+    """`shift_labels` on (B, T, V) row shards: each shard's sequences are whole, so shifting
+    within the shard is the batch's shift, and 'mean' divides by the shifted count."""
+    rng = np.random.default_rng(8)
+    z = rng.normal(size=(9, 6, 5)) * 2
+    y = rng.integers(0, 5, (9, 6))
+    y[2, 3] = -100
+    opts = CheckOptions(reduction=reduction, shift_labels=True, z_loss=1e-3)
+    g = _reference_grad(tmp_path, z, y, opts)
+    g[4, 2, 1] += 1e-3
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 4, 9]), "rows", opts)
+    assert_same_report(sharded.report, check_grad(z, y, grad=g, options=opts), 2)
+
+
+@pytest.mark.parametrize("option", [{"z_loss": 1e-4}, {"softcap": 3.0}, {"logit_scale": 2.0},
+                                    {"smoothing_form": "others"}, {"denominator": 7.0},
+                                    {"shift_labels": True}])
+def test_vocab_shards_refuse_the_training_code_options(tmp_path, option):
+    """A vocabulary shard sees part of each row: the options are refused, never ignored."""
+    z, y, g = make_batch(n=20, c=10)
+    files = []
+    for i, (a, b) in enumerate([(0, 4), (4, 10)]):
+        np.save(tmp_path / f"z{i}.npy", z[:, a:b])
+        files.append(sh.ShardFiles(str(tmp_path / f"z{i}.npy"), str(tmp_path / "y.npy")))
+    np.save(tmp_path / "y.npy", y)
+    with pytest.raises(CeCheckError, match=f"`{next(iter(option))}`: not with vocabulary shards"):
+        sh.run_shards(files, "vocab", CheckOptions(**option))
+
+
+def test_shift_labels_needs_whole_sequences(tmp_path):
+    """2-D row shards could cut a sequence between two shards: `shift_labels` is refused."""
+    z, y, g = make_batch(n=20, c=5)
+    with pytest.raises(CeCheckError, match="`shift_labels`: row shards need"):
+        sh.run_shards(write_rows(tmp_path, z, y, g, [0, 10, 20]), "rows",
+                      CheckOptions(shift_labels=True))

@@ -185,3 +185,31 @@ def test_cli_binary_refuses_what_shards_do_not_support(tmp_path, invoke, flag):
     res = invoke(["binary", tmp_path / "z_*.npy", tmp_path / "y_*.npy", "--shards", "rows", *flag])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert f"{flag[0]}: not supported with --shards" in res.output
+
+
+@pytest.mark.parametrize("axis, cuts", [("rows", [0, 25, 60]), ("cols", [0, 2, 6])])
+@pytest.mark.parametrize("kw", [{"softcap": 4.0}, {"logit_scale": 0.7}, {"denominator": 11.0},
+                                {"label_smoothing": 0.2},
+                                {"softcap": 6.0, "logit_scale": 1.5, "label_smoothing": 0.1,
+                                 "denominator": 90.0, "reduction": "sum"}],
+                         ids=lambda kw: "-".join(kw))
+def test_binary_shards_carry_the_training_code_options(tmp_path, axis, cuts, kw):
+    """Every binary option acts element by element: row and column shards give the
+    single-process report, the bridge on the plain loss as there."""
+    z, y, _ = bce_batch((60, 6), seed=4)
+    opts = CheckOptions(**kw)
+    check_binary(z, y, options=opts, out_grad=tmp_path / "ref.npy")
+    g = np.load(tmp_path / "ref.npy")
+    g[41, 5] *= 1.01
+    sharded = sh.run_shards(write(tmp_path, z, y, g, cuts, axis), axis, opts, kind="binary")
+    single = check_binary(z, y, grad=g, options=opts)
+    assert not single.ok
+    assert_identical(sharded.report, single, 2)
+    assert sharded.report.options == single.options
+
+
+def test_binary_shards_refuse_softmax_only_options(tmp_path):
+    z, y, g = bce_batch((20, 4))
+    with pytest.raises(CeCheckError, match="`z_loss`: applies to softmax"):
+        sh.run_shards(write(tmp_path, z, y, g, [0, 10, 20], "rows"), "rows",
+                      CheckOptions(z_loss=1e-4), kind="binary")

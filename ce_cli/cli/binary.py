@@ -75,7 +75,7 @@ def binary(
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
             json_out=json_out, quiet=quiet, kind="binary", pos_weight=pos_weight,
             refused={"loss": loss, "weight": weight, "out_grad": out_grad,
-                     "sample_weight": sample_weight, "label_smoothing": label_smoothing},
+                     "sample_weight": sample_weight},
             **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(

@@ -109,10 +109,11 @@ def check_grad(
                   opts, run)
 
 
-def shift_labels(z: np.ndarray, y: np.ndarray, ignore_index: int, source: str) -> np.ndarray:
+def shift_labels(z: Any, y: np.ndarray, ignore_index: int, source: str) -> np.ndarray:
     """HF `ForCausalLMLoss`: position t is scored against label t + 1 along the last batch
-    axis (the sequence), the last position of each sequence against `ignore_index`."""
-    if y.ndim < 1 or y.shape == z.shape:
+    axis (the sequence), the last position of each sequence against `ignore_index`. `z`: the
+    logits, or only their shape."""
+    if y.ndim < 1 or y.shape == np.shape(z):
         raise CeCheckError(f"`shift_labels`: needs class-index labels of shape (..., T) for "
                            f"(..., T, V) logits; {source} has shape {y.shape}")
     out = np.full(y.shape, ignore_index, dtype=np.result_type(y.dtype, np.min_scalar_type(ignore_index)))
@@ -170,7 +171,7 @@ def check_binary(
     from ce_cli.verify.bridge import two_class_bridge
 
     opts = CheckOptions.build(options, **settings)
-    _refuse_softmax_only(opts)
+    refuse_softmax_only(opts)
     src = _sources(sources)
     z, y = np.asarray(logits), np.asarray(labels)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
@@ -197,7 +198,7 @@ def check_binary(
     return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
 
 
-def _refuse_softmax_only(opts: CheckOptions) -> None:
+def refuse_softmax_only(opts: CheckOptions) -> None:
     """The settings of softmax CE that mean nothing for a sigmoid: a one-line error each."""
     defaults = CheckOptions()
     for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset"):

@@ -43,9 +43,10 @@ from ce_cli.io import limits
 from ce_cli.io.inputs import InputSpec, Origin
 from ce_cli.io.loading import read_stdin
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
+from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.bridge import BRIDGE_ELEMENTS, two_class_bridge
-from ce_cli.verify.checks import check_grad
+from ce_cli.verify.checks import check_grad, refuse_softmax_only, shift_labels
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
@@ -348,11 +349,14 @@ def shard_labels(shard: Shard) -> np.ndarray:
 
 
 def shard_denominator(shard: Shard, options: CheckOptions) -> float:
-    """D_i: the shard's non-ignored index targets (its rows, for probability targets)."""
-    y = shard_labels(shard)
+    """D_i: the shard's non-ignored index targets (after `shift_labels`; its rows, for
+    probability targets)."""
+    y = np.asarray(shard_labels(shard))
     if y.shape == shard.shape:
         return float(math.prod(shard.shape[:-1]))
-    return float(np.count_nonzero(np.asarray(y) != options.ignore_index))
+    if options.shift_labels:  # within the shard's sequences, as its check shifts them
+        y = shift_labels(shard.shape, y, options.ignore_index, f"labels file '{shard.files.labels}'")
+    return float(np.count_nonzero(y != options.ignore_index))
 
 
 def shard_row_stats(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
@@ -414,17 +418,24 @@ def check_shard(shard: Shard, options: CheckOptions, shared: Any) -> Report:
 
 def check_rows(z: np.ndarray, y: np.ndarray, grad: np.ndarray | None, denominator: float,
                options: CheckOptions, sources: dict[str, str]) -> Report:
-    """check_grad on a row shard whose 'mean' divides by the whole batch's denominator D."""
+    """check_grad on a row shard whose 'mean' divides by the whole batch's denominator D; the
+    training-code options act row by row (`shift_labels` within the shard's sequences)."""
     if options.reduction.value != "mean":
         return check_grad(z, y, grad=grad, options=options, sources=sources)
+    if options.shift_labels:
+        y = shift_labels(z, y, options.ignore_index, sources["labels"])
+    sem = Semantics(options.z_loss, options.softcap, options.logit_scale, options.smoothing_form,
+                    options.denominator)
     problem, warnings = build_softmax_ce(
         z, y, reduction="mean", ignore_index=options.ignore_index,
         label_smoothing=options.label_smoothing, class_axis=options.class_axis,
-        source=sources["logits"], labels_source=sources["labels"])
+        source=sources["logits"], labels_source=sources["labels"], semantics=sem)
     problem = replace(problem, denominator=denominator)
     warnings = [w for w in warnings if not w.startswith(LOCAL_WARNINGS)]
     echo = {"ignore_index": options.ignore_index, "label_smoothing": options.label_smoothing,
-            "class_axis": problem.layout.class_axis, "weighted": False}
+            "class_axis": options.class_axis, "class_axis_resolved": problem.layout.class_axis,
+            "weighted": False, **problem.sem.to_echo(),
+            **({"shift_labels": True} if options.shift_labels else {})}
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
     return verify(problem, warnings, Inputs(z, y, grad, None, src), options,
                   Run("multiclass", echo))
@@ -463,10 +474,18 @@ class BinaryBatch:
     pos_weight: float | str | None = None
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None) -> BinaryBatch:
+    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None,
+           options: CheckOptions | None = None) -> BinaryBatch:
+        """The batch of `shape`; the bridge's note as check_binary words it (with `pos_weight`
+        or a training-code option in `options` the identity is checked without them)."""
         n_rows, n_cols = math.prod(shape[:-1]), shape[-1]
         rows = max(1, min(n_rows, BRIDGE_ELEMENTS // n_cols))
-        note = ("identity checked without weight/pos_weight" if pos_weight is not None else
+        plain = CheckOptions()
+        trained = options is not None and any(
+            getattr(options, n) != getattr(plain, n)
+            for n in ("softcap", "logit_scale", "denominator", "label_smoothing"))
+        note = ("identity checked on the plain loss, without the options" if trained else
+                "identity checked without weight/pos_weight" if pos_weight is not None else
                 f"{rows * n_cols} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
         return cls(float(math.prod(shape)), rows, note, n_cols, pos_weight)
 
@@ -494,19 +513,24 @@ def _batch_mean(problem: SigmoidBCE, entries: float) -> GlobalMeanBCE:
 def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                        batch: BinaryBatch, options: CheckOptions,
                        sources: dict[str, str]) -> Report:
-    """check_binary on a shard: 'mean' over the batch's entries, the bridge on its part of the
-    batch's first 2^16 elements (without pos_weight, as check_binary does)."""
+    """check_binary on a shard: 'mean' over the batch's entries, the training-code options
+    element by element, the bridge on its part of the batch's first 2^16 elements (without
+    pos_weight or the options, as check_binary does)."""
     pw, pw_source = shard_pos_weight(shard, batch)
     problem, warnings = build_sigmoid_bce(
         z, y, pos_weight=pw, reduction=options.reduction.value, source=sources["logits"],
-        labels_source=sources["labels"], pos_weight_source=pw_source)
+        labels_source=sources["labels"], pos_weight_source=pw_source,
+        label_smoothing=options.label_smoothing, softcap=options.softcap,
+        logit_scale=options.logit_scale, denominator=options.denominator)
     problem = _batch_mean(problem, batch.entries)
-    plain = problem if pw is None else problem.without_options()  # still the batch's mean
+    plain = problem if pw is None and problem.plain else problem.without_options()  # still the batch's mean
     rows = bridge_rows(shard, batch.bridge_rows)
     part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
     bridge = (two_class_bridge(part, options.worst, batch.bridge_note),) if rows else ()
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
-    run = Run("binary", {"weighted": False, "pos_weighted": pw is not None}, bridge)
+    echo = {"weighted": False, "pos_weighted": pw is not None, **problem.sem.to_echo(),
+            **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
+    run = Run("binary", echo, bridge)
     return verify(problem, warnings, Inputs(z, y, grad, None, src), options, run)
 
 
@@ -619,9 +643,12 @@ def _summary(shard: Shard, r: Report) -> ShardSummary:
 # ---------------------------------------------------------------- the run
 
 
-# training-code semantics (issue 13) a shard check does not carry yet: refused, never ignored
-UNSHARDED = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels",
-             "vocab_offset", "two_class")
+# settings a shard check cannot take: `vocab_offset` (a shard's own offset comes from the plan),
+# `two_class` (a (..., 2) softmax batch); refused, never ignored
+UNSHARDED = ("vocab_offset", "two_class")
+# training-code semantics that act row by row (softmax) or element by element (binary): carried
+# by row shards (binary: row and column shards), refused on vocabulary shards
+ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
 
 
 def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = False) -> CheckOptions:
@@ -630,9 +657,16 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
     if options.class_axis not in (-1, len(plan.shape) - 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
-    for name in UNSHARDED:
-        if getattr(options, name) != getattr(plain, name):
-            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
+    given = [n for n in (*UNSHARDED, *ROW_LOCAL) if getattr(options, n) != getattr(plain, n)]
+    for name in given:
+        if name in UNSHARDED:
+            raise CeCheckError(f"`{name}`: not supported with `shards`")
+        if plan.axis == "vocab":
+            raise CeCheckError(f"`{name}`: not with vocabulary shards (only row shards carry the "
+                               "training-code options); check row shards, or the batch whole")
+        if name == "shift_labels" and len(plan.shape) < 3:
+            raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
+                               "whole sequences (2-D shards could cut a sequence between two)")
     if plan.axis == "vocab" and options.label_smoothing:
         raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
                            "whole vocabulary); check row shards, or the batch whole")
@@ -655,7 +689,8 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
     plan = make_plan(files, shapes, label_shapes, axis, kind)
     opts = resolve_options(plan, options, elementwise=kind == "binary")
     if kind == "binary":
-        batch = BinaryBatch.of(plan.shape, pos_weight)
+        refuse_softmax_only(opts)
+        batch = BinaryBatch.of(plan.shape, pos_weight, opts)
         reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
         return merge_reports(plan, reports, opts)
     denominator = None
