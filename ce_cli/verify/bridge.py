@@ -11,6 +11,8 @@ from ce_cli.verify.results import CheckResult
 from ce_cli.verify.tolerance import Tolerance
 
 BRIDGE_ELEMENTS = 1 << 16
+# the note of a bridge checked on the plain loss of a problem with training-code options
+WITHOUT_OPTIONS = "identity checked on the plain loss, without the options"
 
 
 def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:

@@ -168,7 +168,7 @@ def check_binary(
     `label_smoothing` (y' = y (1 - A) + A/2, Keras' form) apply; softmax-only settings are refused.
     """
     from ce_cli.models.sigmoid import build_sigmoid_bce
-    from ce_cli.verify.bridge import two_class_bridge
+    from ce_cli.verify.bridge import WITHOUT_OPTIONS, two_class_bridge
 
     opts = CheckOptions.build(options, **settings)
     refuse_softmax_only(opts)
@@ -190,7 +190,7 @@ def check_binary(
              else problem.without_options())
     bridge = two_class_bridge(plain, opts.worst, note="" if plain is problem else
                               "identity checked without weight/pos_weight" if problem.plain else
-                              "identity checked on the plain loss, without the options")
+                              WITHOUT_OPTIONS)
     echo = {"weighted": weight is not None, "pos_weighted": pos_weight is not None,
             **problem.sem.to_echo(),
             **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}

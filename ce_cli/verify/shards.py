@@ -45,7 +45,7 @@ from ce_cli.io.loading import read_stdin
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
-from ce_cli.verify.bridge import BRIDGE_ELEMENTS, two_class_bridge
+from ce_cli.verify.bridge import BRIDGE_ELEMENTS, WITHOUT_OPTIONS, two_class_bridge
 from ce_cli.verify.checks import check_grad, refuse_softmax_only, shift_labels
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
@@ -474,18 +474,10 @@ class BinaryBatch:
     pos_weight: float | str | None = None
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None,
-           options: CheckOptions | None = None) -> BinaryBatch:
-        """The batch of `shape`; the bridge's note as check_binary words it (with `pos_weight`
-        or a training-code option in `options` the identity is checked without them)."""
+    def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None) -> BinaryBatch:
         n_rows, n_cols = math.prod(shape[:-1]), shape[-1]
         rows = max(1, min(n_rows, BRIDGE_ELEMENTS // n_cols))
-        plain = CheckOptions()
-        trained = options is not None and any(
-            getattr(options, n) != getattr(plain, n)
-            for n in ("softcap", "logit_scale", "denominator", "label_smoothing"))
-        note = ("identity checked on the plain loss, without the options" if trained else
-                "identity checked without weight/pos_weight" if pos_weight is not None else
+        note = ("identity checked without weight/pos_weight" if pos_weight is not None else
                 f"{rows * n_cols} elements: CE([0, z]) = BCE(z), d/dz1 = s(z) - y = -d/dz0")
         return cls(float(math.prod(shape)), rows, note, n_cols, pos_weight)
 
@@ -523,10 +515,12 @@ def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndar
         label_smoothing=options.label_smoothing, softcap=options.softcap,
         logit_scale=options.logit_scale, denominator=options.denominator)
     problem = _batch_mean(problem, batch.entries)
-    plain = problem if pw is None and problem.plain else problem.without_options()  # still the batch's mean
+    # the batch's mean still (a GlobalMeanBCE)
+    plain = problem if pw is None and problem.plain else problem.without_options()
     rows = bridge_rows(shard, batch.bridge_rows)
     part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
-    bridge = (two_class_bridge(part, options.worst, batch.bridge_note),) if rows else ()
+    note = batch.bridge_note if problem.plain else WITHOUT_OPTIONS
+    bridge = (two_class_bridge(part, options.worst, note),) if rows else ()
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
     echo = {"weighted": False, "pos_weighted": pw is not None, **problem.sem.to_echo(),
             **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
@@ -690,7 +684,7 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
     opts = resolve_options(plan, options, elementwise=kind == "binary")
     if kind == "binary":
         refuse_softmax_only(opts)
-        batch = BinaryBatch.of(plan.shape, pos_weight, opts)
+        batch = BinaryBatch.of(plan.shape, pos_weight)
         reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
         return merge_reports(plan, reports, opts)
     denominator = None
