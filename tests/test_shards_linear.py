@@ -333,8 +333,6 @@ def test_cli_several_files_need_shards(tmp_path, invoke, extra):
 
 @pytest.mark.parametrize("extra, message", [
     (["--fd", "full"], "--fd full: not available for linear"),
-    (["--fd", "off", "--z-loss", "1e-4"], "--z-loss: not supported"),
-    (["--fd", "off", "--denominator", "10"], "--denominator: not supported"),
     (["--fd", "off", "--shift-labels"], "--shift-labels: not supported"),
     (["--fd", "off", "--sample-weight", "LABELS"], "--sample-weight: not supported"),
     (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "--loss: per-token losses"),
@@ -405,3 +403,21 @@ def test_one_labels_file_for_the_batch_is_sliced(tmp_path):
     single = check_linear(**arrays, grad_hidden=grads["grad_hidden"], options=options)
     assert_same_linear(merged.report, single, 2)
     assert merged.report.checks[0].worst[0].index == (61, 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kw", [{"z_loss": 1e-3}, {"softcap": 3.0}, {"logit_scale": 0.6},
+                                {"smoothing_form": "others", "label_smoothing": 0.1},
+                                {"denominator": 50.0},
+                                {"z_loss": 1e-4, "softcap": 5.0, "logit_scale": 1.3,
+                                 "label_smoothing": 0.2, "denominator": 80.0}],
+                         ids=lambda kw: "-".join(kw))
+def test_row_local_options_on_linear_shards(tmp_path, reduction, kw):
+    """The training-code options act token by token: linear row shards give the
+    single-process report under each (plain gradients: both fail at the same entries)."""
+    arrays, grads = make_linear(reduction=reduction)
+    for fd in ("off", "directional"):
+        merged, single = run_both(tmp_path, arrays, grads, [0, 30, 90], reduction=reduction,
+                                  fd=fd, **kw)
+        assert not single.ok
+        assert_same_linear(merged.report, single, 2)

@@ -51,7 +51,7 @@ from ce_cli.verify.linear import (BiasDirection, LinearSettings, Probes, Project
                                   projection_result, user_arrays)
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
-from ce_cli.verify.shards import (LOCAL_WARNINGS, ROW_LOCAL, UNSHARDED, LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
+from ce_cli.verify.shards import (LOCAL_WARNINGS, UNSHARDED, LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
                                   ShardSummary, describe, load, make_plan, merge_checks,
                                   shard_labels)
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
@@ -280,13 +280,15 @@ def linear_exact_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: Check
 # ---------------------------------------------------------------- the run
 
 def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
-    """What linear shards do not carry yet: refused, one line each, never ignored."""
+    """What linear shards do not carry: refused, one line each, never ignored. The row-local
+    training-code options are carried (each shard's problem is built with them), except
+    `shift_labels`: (N, H) hidden shards could cut a sequence between two."""
     if options.class_axis not in (-1, 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
-    for name in (*UNSHARDED, *ROW_LOCAL):
+    for name in (*UNSHARDED, "shift_labels"):
         if getattr(options, name) != getattr(plain, name):
-            raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
+            raise CeCheckError(f"`{name}`: not supported with linear `shards`")
 
 
 def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,
