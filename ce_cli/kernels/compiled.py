@@ -17,7 +17,9 @@ import contextvars
 import ctypes
 import functools
 import os
+import weakref
 from collections.abc import Iterator
+from typing import Any
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -258,9 +260,18 @@ class _Kernel:
 
     def __init__(self, fn, problem) -> None:
         self.fn = fn
-        self.problem = problem
+        # weak: the problem holds its kernel, and a cycle between the two would keep both (and
+        # the problem's arrays, maybe gigabytes) alive until the cyclic garbage collector ran,
+        # which large numpy arrays do not prompt: checks in a loop would pile them up
+        self._problem = weakref.ref(problem)
         C = problem.n_classes
         self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
+
+    @property
+    def problem(self) -> Any:
+        problem = self._problem()
+        assert problem is not None, "a kernel is used through its problem"
+        return problem
 
     def _call(self, z, g, params: dict, out: dict) -> int:
         raise NotImplementedError
