@@ -355,3 +355,7 @@ def test_cli_full_sweep_on_a_row_too_wide_for_softmax(tmp_path, invoke):
     np.save(tmp_path / "i.npy", np.array([0]))
     refused = invoke(["grad", tmp_path / "z.npy", tmp_path / "i.npy", "--fd", "full"])
     assert refused.exit_code == 2
+    over = invoke(["binary", tmp_path / "z.npy", tmp_path / "y.npy", "--fd", "full",
+                   "--fd-budget", "1e-6"])  # the budget, from a calibration of binary's own sweep
+    assert over.exit_code == 2 and "80,000 element loss evaluations" in over.stderr
+    assert "or use --fd sample" in over.stderr

@@ -464,19 +464,37 @@ def eta_text(elapsed: float, done: int, total: int) -> str:
 FD_DEFAULT_BUDGET = 10.0  # seconds --fd full may take without --fd-budget
 
 
-def fd_rate(n_classes: int, elements: int = 1 << 21) -> float:
+def fd_rate(n_classes: int, elements: int = 1 << 21, elementwise: bool = False) -> float:
     """Element evaluations per second here: a short calibration, the log-sum-exp of a block of
-    rows of C classes (what each --fd full evaluation does)."""
+    rows of C classes (what each --fd full evaluation does); `elementwise` (binary): --fd full
+    itself on a chunk of 2^18 elements, two evaluations each with their bounds."""
     import numpy as np
 
-    rows = max(1, elements // max(1, n_classes))
-    z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+    if elementwise:
+        from ce_cli.kernels.allocator import keep_chunk_buffers
+        from ce_cli.models.sigmoid import build_sigmoid_bce
+        from ce_cli.verify.finite_diff import fd_full
+
+        keep_chunk_buffers()  # as the check will: without it each chunk's buffers fault in anew
+        x = np.linspace(-3.0, 3.0, 1 << 18).reshape(8, -1)  # a chunk of the stream
+        problem, _ = build_sigmoid_bce(x, (x > 0).astype(np.float64))
+        count = 2 * x.size
+
+        def work() -> None:
+            fd_full(problem, 0, problem.n_rows)
+    else:
+        rows = max(1, elements // max(1, n_classes))
+        z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+        count = z.size
+
+        def work() -> None:
+            np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
     best = math.inf
     for _ in range(3):  # the best of three: a shared machine's hiccup is not the rate
         t0 = time.perf_counter()
-        np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+        work()
         best = min(best, time.perf_counter() - t0)
-    return z.size / max(best, 1e-6)
+    return count / max(best, 1e-6)
 
 
 def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
@@ -492,7 +510,7 @@ def fd_cost_guard(shape: tuple[int, ...], class_axis: int, budget: float | None,
     n_classes = shape[class_axis] if -len(shape) <= class_axis < len(shape) else 1
     n_rows = math.prod(shape) // max(1, n_classes)
     cost = fd_full_cost(n_rows, n_classes, elementwise)
-    seconds = cost / fd_rate(n_classes)
+    seconds = cost / fd_rate(n_classes, elementwise=elementwise)
     limit = FD_DEFAULT_BUDGET if budget is None else budget
     what = (f"--fd full: {2 * n_rows * n_classes:,} "
             f"{'element' if elementwise else f'row over {n_classes:,} classes'} loss evaluations "
