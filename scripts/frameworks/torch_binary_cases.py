@@ -11,6 +11,9 @@ Base cases: hard 0/1 labels, reduction mean. Variants: sum, none, weight (broadc
 the logits' full shape), pos_weight (below 1, large, mixed; one value), soft labels in [0, 1]
 (exact 0 and 1 included) and combinations. pos_weight runs along the last axis (ce-check's rule;
 PyTorch broadcasts it like the target).
+
+fixtures/binary_frameworks/torch/ (tests/test_binary_frameworks.py) is `--small --only _C10_` plus
+`--small --only f32_nc_C1000_s30_mean_pw_small` and `bf16_...`, without the .json files.
 """
 
 from __future__ import annotations
