@@ -138,19 +138,22 @@ def ce_options(case: dict, axis: int, precision: str) -> dict:
 
 
 def write_case(outdir: str, case: dict, *, logits, labels, grad, loss, weight=None, meta_extra=None,
-               axis: int, precision: str, seed: int) -> str:
+               axis: int, precision: str, seed: int, ce_check=None, arrays_extra=None) -> str:
+    """`ce_check`: the check's kwargs when not the softmax ones (ce_options); `arrays_extra`:
+    more arrays for the .npz (e.g. `pos_weight`)."""
     name = case_name(case)
     meta = dict(case)
     meta.update(meta_extra or {})
     meta["class_axis"] = axis
     meta["seed"] = seed
-    meta["ce_check"] = ce_options(case, axis, precision)
+    meta["ce_check"] = ce_check if ce_check is not None else ce_options(case, axis, precision)
     meta["logits_dtype_saved"] = str(np.asarray(logits).dtype)
     meta["grad_dtype_saved"] = str(np.asarray(grad).dtype)
     arrays = dict(logits=np.asarray(logits), labels=np.asarray(labels), grad=np.asarray(grad),
                   loss=np.asarray(loss), meta=np.array([json.dumps(meta)]))
     if weight is not None:
         arrays["weight"] = np.asarray(weight)
+    arrays.update({k: np.asarray(v) for k, v in (arrays_extra or {}).items()})
     path = os.path.join(outdir, name + ".npz")
     np.savez_compressed(path, **arrays)
     with open(os.path.join(outdir, name + ".json"), "w") as f:

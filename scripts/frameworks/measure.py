@@ -1,6 +1,6 @@
 """Measure real-framework gradients (written by *_cases.py) against ce-check's float64 reference.
 
-    python measure.py OUTJSONL DATADIR [DATADIR ...] [--plant]
+    python measure.py OUTJSONL DATADIR [DATADIR ...] [--plant] [--fd MODE]
 
 Runs in the project's venv (public API only: ce_cli.check_grad, ce_cli.reference). Per case:
 today's verdict per check (and max |err|/allowed), the per-row common relative factor f of the
@@ -8,7 +8,11 @@ softmax term (g_user ~ g_ref + f * A_n * p_c), the residual after removing it (i
 the target entry's error, flush-to-zero counts, and when a check fails whether removing the row
 factor and/or restoring flushed subnormals makes it pass (attribution). One JSON line per case.
 `--plant` adds planted bugs on float32 PyTorch cases (rows x (1 + 2e-3), one entry x 1.01, one
-row's softmax term x (1 + 20 * max measured |f|)).
+row's softmax term x (1 + 20 * max measured |f|) and x (1 + twice the smallest factor ce-check
+must flag: its normaliser bound or, where larger, the row's entry-wise floor)),
+on rows that are not ignored. `--fd` is check_grad's finite-difference mode
+(default off: the verdicts of the reference comparisons alone); each line records the mode that
+ran and the kernel (`options.kernel`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ SUBMIN = {"f16": 2.0 ** -24, "bf16": 2.0 ** -133, "f32": 2.0 ** -149, "f64": 2.0
 NORMAL = {"f16": 2.0 ** -14, "bf16": 2.0 ** -126, "f32": 2.0 ** -126, "f64": 2.0 ** -1022}
 STORE = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 ORDER = ["f16", "bf16", "f32", "f64"]
+FD = "off"  # check_grad's `fd`, set by --fd
 
 
 def compared_precision(grad_dtype, precision):
@@ -94,7 +99,7 @@ def verdict(rep):
 def run_check(logits, labels, grad, loss, weight, opts):
     kw = dict(opts)
     kw.pop("weight", None)
-    return ce_cli.check_grad(logits, labels, grad=grad, loss=loss, weight=weight, fd="off", worst=1, **kw)
+    return ce_cli.check_grad(logits, labels, grad=grad, loss=loss, weight=weight, fd=FD, worst=1, **kw)
 
 
 def analyse(logits, labels, grad, loss, weight, opts, *, attribute=True):
@@ -103,7 +108,8 @@ def analyse(logits, labels, grad, loss, weight, opts, *, attribute=True):
     eps, tinyn = EPS[prec], NORMAL[prec]
     t0 = time.time()
     rep = run_check(logits, labels, grad, loss, weight, opts)
-    res = dict(ok=bool(rep.ok), checks=verdict(rep), eps=eps, compared=prec)
+    res = dict(ok=bool(rep.ok), checks=verdict(rep), eps=eps, compared=prec,
+               kernel=rep.options.get("kernel"), fd_mode=rep.fd_mode)
     ref = ce_cli.reference(logits, labels, weight=weight, reduction=opts["reduction"],
                            ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"],
                            class_axis=axis)
@@ -193,6 +199,7 @@ def analyse(logits, labels, grad, loss, weight, opts, *, attribute=True):
     res["seconds"] = round(time.time() - t0, 2)
     res["_f"] = f
     res["_P"] = P
+    res["_B"] = B
     return res
 
 
@@ -248,25 +255,51 @@ def plant(paths, max_f_by_key, out):
         a = gr * (1 + 2e-3)
         bugs["rows_x(1+2e-3)"] = (a, 2e-3)
         b = gr.copy()
-        rr = int(rng.integers(R))
+        live = np.abs(gr).max(axis=1) > 0  # an ignored row's zeros stay zero under any factor
+        rr = next_live(live, int(rng.integers(R)))
         cc = int(np.argmax(np.abs(b[rr]) * (np.arange(C) != (y.reshape(-1)[rr] if y.ndim < z.ndim else -1))))
         b[rr, cc] *= 1.01
         bugs["one_entry_x1.01"] = (b, 0.01)
         c = gr.copy()
         rr2 = int(np.nanargmax(np.abs(base["_f"])) if np.isfinite(base["_f"]).any() else 0)
-        rr2 = (rr2 + 1) % R
+        rr2 = next_live(live, (rr2 + 1) % R)
         c[rr2] += 20 * fmax * P[rr2]
         bugs[f"row{rr2}_softmax_term_x(1+20*{fmax:.3g})"] = (c, 20 * fmax)
+        z_row = to_rows(z.astype(np.float64), axis)[rr2]
+        over = 2 * caught_factor(z_row, P[rr2], base["_B"][rr2], base["eps"])
+        e = gr.copy()
+        e[rr2] += over * P[rr2]
+        bugs[f"row{rr2}_softmax_term_x(1+2*flagged={over:.3g})"] = (e, over)
         for name, (arr, planted) in bugs.items():
             back = from_rows(arr, g.shape, axis).astype(np.float32)
             res = analyse(z, y, back, loss, w, opts, attribute=False)
             row = dict(case=os.path.basename(path), bug=name, planted=planted, measured_max_f_correct=fmax,
-                       ok=res["ok"], checks=res["checks"], fitted_max_abs_f=res["max_abs_f"],
+                       ok=res["ok"], checks=res["checks"], kernel=res["kernel"], fd_mode=res["fd_mode"],
+                       fitted_max_abs_f=res["max_abs_f"],
                        resid_eps_max=res["resid_eps_max"])
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"PLANT {os.path.basename(path)} {name}: ok={res['ok']} "
                   f"ratio={res['checks']['grad_vs_reference']['ratio']:.3g} fitted|f|={res['max_abs_f']}")
+
+
+def caught_factor(z_row, P_row, B_row, eps, k=4.0):
+    """The smallest row factor f on the softmax term that ce-check must flag: beyond its
+    normaliser bound eps (0.5 (C - 1) + k) (verify/allowance.py) and beyond the entry-wise floor
+    k eps (P (1 + |log a| + |lse|) + |B|) of the row's easiest entry."""
+    m = z_row.max()
+    lse = m + np.log(np.exp(z_row - m).sum())
+    usable = P_row > 4 * NORMAL["f32"]
+    with np.errstate(divide="ignore"):
+        f_entry = k * eps * (P_row * (1 + np.abs(z_row - lse) + abs(lse)) + np.abs(B_row)) / P_row
+    easiest = f_entry[usable].min() if usable.any() else np.inf
+    return max(eps * (0.5 * (z_row.size - 1) + k), easiest)
+
+
+def next_live(live, start):
+    """The first row at or after `start` (cyclically) whose gradient is not all zero."""
+    rows = np.nonzero(np.roll(live, -start))[0]
+    return (start + int(rows[0])) % live.size if rows.size else start
 
 
 def main():
@@ -276,7 +309,10 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--plant", nargs="*", default=None,
                     help="npz files to plant bugs on (float32 torch); measured max |f| from OUT's cases")
+    ap.add_argument("--fd", default="off", help="check_grad's finite-difference mode (default off)")
     args = ap.parse_args()
+    global FD
+    FD = args.fd
     if args.plant is not None:
         fmax = {}
         if os.path.exists(args.out):
@@ -297,7 +333,7 @@ def main():
                 res = analyse(z, y, g, loss, w, opts)
             except Exception as e:
                 res = dict(error=f"{type(e).__name__}: {e}")
-            for k in ("_f", "_P"):
+            for k in ("_f", "_P", "_B"):
                 res.pop(k, None)
             row = dict(case=os.path.basename(path)[:-4], **{k: meta.get(k) for k in (
                 "framework", "version", "call", "call_tag", "dtype", "layout", "C", "scale", "reduction",
