@@ -744,12 +744,12 @@ def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
     """numpy_sigmoid's gradient and floor formulas, in its order, on a given e = exp(-|z|)
     (`w`: element weights or None)."""
     pos = y if pw is None else pw * y
-    coef = np.ones_like(y) if pw is None else 1.0 + (pw - 1.0) * y
     with np.errstate(invalid="ignore"):
         small, large = e / (1.0 + e), 1.0 / (1.0 + e)
     s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
     g = ((1.0 - y) * s_pos - pos * s_neg) * (scale if w is None else w * scale)
-    floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    c_s = s_pos if pw is None else (1.0 + np.abs(pos)) * s_pos  # 1 + pw y rounds in PyTorch's
+    floor = floor_coef * scale * (c_s + np.abs(pos))
     return g, (floor if w is None else floor * np.abs(w))
 
 

@@ -29,7 +29,8 @@ def _plain(model, x, rows, floor_coef):
     g = (1.0 - y) * s_pos - pos * s_neg
     g *= scale if w is None else w * scale
     coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
-    floor = floor_coef * scale * (np.abs(coef) * s_pos + np.abs(pos))
+    c_floor = 1.0 + np.abs(pos) if pw is not None else 1.0  # 1 + pw y rounds in PyTorch's form
+    floor = floor_coef * scale * (c_floor * s_pos + np.abs(pos))
     if w is not None:
         floor *= np.abs(w)
     magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))

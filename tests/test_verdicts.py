@@ -261,3 +261,67 @@ def test_verdict_and_diagnosis_in_json_and_table(invoke, tmp_path):
     assert "verdict: FAIL \u2014 gradient vs reference" in table.stdout
     self_only = invoke(["grad", *paths[:2]])
     assert "pass --grad or --loss to check yours" in self_only.stdout
+
+
+# --- sigmoid BCE as PyTorch computes it, and results beyond a precision's range ------------
+
+def _torch_style_bce(x64: np.ndarray, y: np.ndarray, pw: np.ndarray | None, dtype):
+    """BCE-with-logits the way PyTorch's kernels form it, every step rounded to `dtype`:
+    dl/dx = ((pw y + 1) - y) s(x) - pw y and l = (1 - y) x - c logsigmoid(x), c = (pw - 1) y + 1
+    (logsigmoid as -softplus(-x), each rounded)."""
+    x, yd = x64.astype(dtype), y.astype(dtype)
+    p = np.ones_like(x) if pw is None else np.broadcast_to(pw.astype(dtype), x.shape)
+    s = (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(dtype)
+    grad = (((p * yd + dtype(1)) - yd) * s - p * yd).astype(dtype)
+    logsig = (-(np.maximum(-x.astype(np.float64), 0.0)
+                + np.log1p(np.exp(-np.abs(x.astype(np.float64)))))).astype(dtype)
+    c = ((p - dtype(1)) * yd + dtype(1)).astype(dtype)
+    loss = ((dtype(1) - yd) * x - c * logsig).astype(dtype)
+    return x, grad, loss
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("pw", [None, "small", "large"])
+def test_bce_as_pytorch_computes_it_raises_no_alarm(dtype, pw):
+    """PyTorch's gradient rounds 1 + pw y (eps (1 + pw y), above |1 + (pw - 1) y| for pw < 1)
+    and its element loss cancels (1 - y) x against c logsigmoid(x) at x << 0 (eps |x| (|1 - y|
+    + |pw y|)): both are a correct implementation's error, within the floors."""
+    rng = np.random.default_rng(7)
+    x64 = rng.standard_normal((64, 40)) * 30.0
+    y = np.where(rng.random((64, 40)) < 0.5, rng.random((64, 40)), np.round(rng.random((64, 40))))
+    pws = {None: None, "small": rng.uniform(0.01, 0.3, 40), "large": rng.uniform(5.0, 50.0, 40)}
+    x, grad, loss = _torch_style_bce(x64, y, pws[pw], dtype)
+    report = ce_cli.check_binary(x, y.astype(dtype), grad=grad, loss=loss, reduction="none",
+                                 pos_weight=pws[pw])
+    assert report.ok, [(c.name, c.max_rel_err, c.note) for c in report.checks if not c.ok]
+    bad = loss.copy()
+    at = np.unravel_index(int(np.argmax(np.abs(loss.astype(np.float64)))), loss.shape)
+    bad[at] = bad[at] * dtype(1.05)  # 5%: over a few ulps of the largest element loss
+    failed = [c for c in ce_cli.check_binary(x, y.astype(dtype), grad=grad, loss=bad,
+                                             reduction="none", pos_weight=pws[pw]).checks
+              if not c.ok]
+    assert [c.name for c in failed] == ["loss_vs_reference"]
+    assert failed[0].worst[0].index == tuple(int(i) for i in at)
+
+
+def test_a_result_beyond_the_precisions_range_is_inf():
+    """A float16 sum over 65,520 is +inf when correctly rounded: it passes, with a note. An inf
+    where the reference lies within the range fails, and the note names the likely cause; an
+    inf of the wrong sign fails."""
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((2000, 10)) * 30).astype(np.float16)
+    y = rng.integers(0, 10, 2000)
+    over = ce_cli.check_grad(z, y, loss=np.float16(np.inf), reduction="sum")
+    check = next(c for c in over.checks if c.name == "loss_vs_reference")
+    assert over.ok and over.loss > 65520.0 and "beyond the f16 range" in check.note
+    wrong_sign = ce_cli.check_grad(z, y, loss=np.float16(-np.inf), reduction="sum")
+    assert not wrong_sign.ok
+    inside = ce_cli.check_grad(z[:100], y[:100], loss=np.float16(np.inf), reduction="sum")
+    check = next(c for c in inside.checks if c.name == "loss_vs_reference")
+    assert not inside.ok and "within the f16 range" in check.note
+    # stored wider, computed in float16: the narrower range counts
+    declared = ce_cli.check_grad(z.astype(np.float32), y, loss=np.float32(np.inf),
+                                 reduction="sum", precision="f16")
+    assert declared.ok
+    assert not ce_cli.check_grad(z.astype(np.float32), y, loss=np.float32(np.inf),
+                                 reduction="sum").ok

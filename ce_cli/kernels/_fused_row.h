@@ -596,7 +596,8 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
  *   e = exp(-|x|), t = log1p(e), pos = pw y, coef = 1 + (pw - 1) y
  *   item = [pos != 0] pos (max(-x, 0) + t) + [y != 1] (1 - y)(max(x, 0) + t), times w
  *   s(x), s(-x) = 1/(1 + e) and e/(1 + e) (by the sign of x)
- *   g = ((1 - y) s(x) - pos s(-x)) (w scale),  floor = (k eps scale)(|coef| s(x) + |pos|) |w|
+ *   g = ((1 - y) s(x) - pos s(-x)) (w scale),  floor = (k eps scale)(c' s(x) + |pos|) |w|
+ *   (c' = 1 + |pos| with pos_weight, else 1: PyTorch's 1 + pw y rounds at eps (1 + |pw y|))
  * loss = sum of items and Q = sum |coef| |w| in the kernel's order (8 accumulators, blocks of
  * 128, pairwise over blocks). Returns 1 when the row holds a NaN or +inf logit (handed back).
  * The row goes in steps of BCE_STEP entries, BCE_STEP / W vectors at a time, each stage
@@ -673,7 +674,8 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
                 const int64_t cc = (c0) + u * W, n = u == NV - 1 ? (n_last) : W; \
                 vd g = (omy[u] * s_pos[u] - pos[u] * s_neg[u])                \
                        * (wrow ? wv[u] * splat(scale) : splat(scale));        \
-                vd fl = splat(k_f) * (cf[u] * s_pos[u] + vabs(pos[u]));       \
+                vd cs = pw ? (one + vabs(pos[u])) * s_pos[u] : s_pos[u];      \
+                vd fl = splat(k_f) * (cs + vabs(pos[u]));                     \
                 if (wrow) fl = fl * vabs(wv[u]);                              \
                 CE_COMPARE(cc, live[u], n, g, fl);                             \
             }                                                                 \

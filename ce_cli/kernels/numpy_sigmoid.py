@@ -41,7 +41,7 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
     coef = 1.0 + (pw - 1.0) * y if pw is not None else None  # None: all ones
     g = floor = None
     if grad or floor_coef is not None:
-        g, floor = _gradient(model, x, dz, omy, w, pos, coef, e_abs, grad, floor_coef)
+        g, floor = _gradient(model, x, dz, omy, w, pos, pw is not None, e_abs, grad, floor_coef)
     magnitude, total = _magnitude(y, w, coef)
     if dz is None:
         return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
@@ -55,23 +55,25 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
                      row_terms=terms)
 
 
-def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, coef, e_abs: np.ndarray,
+def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, has_pw: bool, e_abs: np.ndarray,
               grad: bool, floor_coef: float | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The gradient of the reduced loss w.r.t. the raw logits and (given `floor_coef`) the
-    error floor, at logits (or transformed logits) x (omy = 1 - y; coef None: all ones)."""
+    error floor, at logits (or transformed logits) x (omy = 1 - y; pos = pw y, `has_pw`: a
+    pos_weight given)."""
     scale = model.grad_scale
     s_pos, s_neg = _sigmoids(x, e_abs)
     g_z = omy * s_pos
     g_z -= np.multiply(pos, s_neg, out=s_neg if dz is None else None)
     g = floor = None
     if floor_coef is not None and dz is None:
-        # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*(coef*s + pw*y)
-        # (|coef| s(x) is s(x) itself without pos_weight: coef = 1; pos = y >= 0 without it)
-        floor = s_pos if coef is None else np.multiply(np.abs(coef), s_pos, out=s_pos)
-        floor += pos if coef is None else np.abs(pos)
+        # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*((1 + |pw y|) s
+        # + |pw y|): PyTorch forms ((pw y + 1) - y) s(x), whose 1 + pw y rounds at eps*(1 +
+        # |pw y|), above |1 + (pw-1)y| where pw < 1 (without pos_weight: s + y, y >= 0)
+        floor = np.multiply(1.0 + np.abs(pos), s_pos, out=s_pos) if has_pw else s_pos
+        floor += np.abs(pos) if has_pw else pos
         floor *= floor_coef * scale
     elif floor_coef is not None:
-        floor = _transformed_floor(model, x, dz, coef, pos, s_pos, s_neg, g_z, floor_coef * scale)
+        floor = _transformed_floor(model, x, dz, has_pw, pos, s_pos, s_neg, g_z, floor_coef * scale)
     if floor is not None and w is not None:
         floor *= np.abs(w)
     if grad:
@@ -102,12 +104,13 @@ def _finite_abs(z: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(z), np.abs(z), 0.0)
 
 
-def _transformed_floor(model: Any, z: np.ndarray, dz: Any, coef, pos, s_pos, s_neg, g_z,
+def _transformed_floor(model: Any, z: np.ndarray, dz: Any, has_pw: bool, pos, s_pos, s_neg, g_z,
                        k_scale: float) -> np.ndarray:
-    """k*eps*scale * (|T'| (|c| s(z) (1 + s(-z) |z|) + |pw y|) + S |dl/dz|): the plain floor on z,
+    """k*eps*scale * (|T'| (c' s(z) (1 + s(-z) |z|) + |pw y|) + S |dl/dz|), c' = 1 + |pw y|
+    (with pos_weight; else 1): the plain floor on z,
     the rounded z (its error eps*|z| moves s(z) by s(1 - s) eps |z|), and with a softcap T'
     itself (S sech^2 formed in the working precision errs by ~eps * S absolutely)."""
-    c_s = s_pos if coef is None else np.abs(coef) * s_pos
+    c_s = (1.0 + np.abs(pos)) * s_pos if has_pw else s_pos
     soft = c_s * (1.0 + s_neg * _finite_abs(z)) + np.abs(pos)
     floor = soft * np.abs(dz)
     if model.sem.softcap is not None:

@@ -142,12 +142,23 @@ class SigmoidBCE(RowMatrix):
     def per_sample(ev: ChunkEval) -> np.ndarray:
         return ev.per_element()[0]
 
-    @staticmethod
-    def loss_floor(ev: ChunkEval, coef: float) -> np.ndarray:
-        """Error of a correct per-element loss: softplus rounds at eps*|l|, plus eps*|w*coef|
-        (through T also the rounded z's share, eps*|z|*|dl/dz|: in `item_weight`)."""
+    def loss_floor(self, ev: ChunkEval, coef: float, rows: np.ndarray) -> np.ndarray:
+        """Error of a correct per-element loss of `rows` (evaluated in `ev`): softplus rounds at
+        eps*|l|, plus eps*|w*coef|, plus eps*|x| |w| (|1 - y'| + 1 + |(pw - 1) y'|): PyTorch's
+        (1 - y) x - c logsigmoid(x), c = (pw - 1) y + 1, cancels terms of ~|x| at x << 0, and
+        c's own steps round there too (through T, `item_weight` holds the rounded z's share)."""
         items, weight = ev.per_element()
-        return coef * (np.abs(items) + weight)
+        floor = np.abs(items) + weight
+        if not self.transformed:
+            y, w, pw = self.coefficients(rows)
+            g = np.abs(1.0 - y) + 1.0
+            if pw is not None:
+                g += np.abs((pw - 1.0) * y)
+            if w is not None:
+                g *= np.abs(w)
+            x = np.asarray(self.z[rows], dtype=np.float64)
+            floor = floor + g * np.where(np.isfinite(x), np.abs(x), 0.0)
+        return coef * floor
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
         """The entry with the largest label (a positive) in each row, over blocks of rows of

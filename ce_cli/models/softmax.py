@@ -86,9 +86,10 @@ class SoftmaxCE(RowMatrix):
     def per_sample(ev: ChunkEval) -> np.ndarray:
         return ev.loss
 
-    def loss_floor(self, ev: ChunkEval, coef: float) -> np.ndarray:
-        """Error of a correct loss_n in a precision with k*eps = coef: the rounded terms of
-        Q*lse - q.z, and lse's own magnitude (implementations that form lse = m + log s)."""
+    def loss_floor(self, ev: ChunkEval, coef: float, rows: np.ndarray | None = None) -> np.ndarray:
+        """Error of a correct loss_n (of `rows`, evaluated in `ev`) in a precision with k*eps =
+        coef: the rounded terms of Q*lse - q.z, and lse's own magnitude (implementations that
+        form lse = m + log s)."""
         if self.sem.extended:
             return ext.loss_floor(ev, coef)
         return coef * (np.abs(ev.loss) + np.abs(ev.total_weight) * (1.0 + np.abs(ev.lse)))

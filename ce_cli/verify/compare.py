@@ -34,6 +34,8 @@ class Measured:
     nonfinite: int
     row_abs: np.ndarray | None = None  # largest |error| of each row
     kept: np.ndarray | None = None     # the rows whose entries are kept (None: every row)
+    overflowed: int = 0                # +-inf of yours where the reference rounds to it
+    inf_in_range: int = 0              # +-inf of yours where the reference is finite in range
 
     def compact(self, open_above: float) -> Measured:
         """The entries of only the rows a fold may open: a row maximum over 1 (counted, refined
@@ -46,7 +48,7 @@ class Measured:
             return self
         return Measured(self.ref[keep], self.got[keep], self.diff[keep], self.tol[keep],
                         self.ratio[keep], self.rowmax, self.rel_rows, self.nonfinite,
-                        self.row_abs, keep)
+                        self.row_abs, keep, self.overflowed, self.inf_in_range)
 
     def at(self, rows: Any) -> Any:
         """Where rows `rows` of the chunk are in the kept arrays."""
@@ -68,6 +70,7 @@ class Comparison:
         extra_atol: float = 0.0,
         note: str = "",
         allowance: RowAllowance | None = None,
+        beyond_range: bool = False,
     ) -> None:
         self.name = name
         self.tol = tol
@@ -78,9 +81,14 @@ class Comparison:
         self.extra_atol = extra_atol
         self.note = note
         self.allowance = allowance
+        # losses (sums of many terms) may lie beyond your precision's range: its +-inf then
+        # matches, and an inf within the range is named as an overflow on the way
+        self.overflow = tol.overflow if beyond_range else float("inf")
         self.total = 0
         self.mismatches = 0
         self.nonfinite = 0
+        self.overflowed = 0
+        self.inf_in_range = 0
         self.max_abs = 0.0
         self.max_rel = 0.0
         self._worst: list[tuple[float, int, int, float, float, float, float]] = []
@@ -124,20 +132,27 @@ class Comparison:
             ratio = np.divide(diff, tol, out=quot)
         rowmax = ratio.max(axis=1)
         odd = ~np.isfinite(rowmax)
-        nonfinite = 0
+        nonfinite = overflowed = inf_in_range = 0
         if odd.any():
             for i in np.flatnonzero(odd):
                 bad = ~np.isfinite(diff[i])
                 g = np.asarray(got[i], dtype=np.float64)
-                # the same non-finite value on both sides (NaN reference loss, inf loss) matches
-                same = bad & ((g == ref[i]) | (np.isnan(g) & np.isnan(ref[i])))
+                # the same non-finite value on both sides (NaN reference loss, inf loss) matches,
+                # and so does +-inf where the reference is beyond your precision's range
+                rounded = bad & np.isinf(g) & (np.abs(ref[i]) >= self.overflow) & (
+                    np.sign(g) == np.sign(ref[i]))
+                same = bad & ((g == ref[i]) | (np.isnan(g) & np.isnan(ref[i])) | rounded)
                 diff[i][same] = 0.0
                 ratio[i][same] = 0.0
                 bad &= ~same
                 nonfinite += int(np.count_nonzero(bad))
+                overflowed += int(np.count_nonzero(rounded & np.isfinite(ref[i])))
+                if self.overflow < float("inf"):
+                    inf_in_range += int(np.count_nonzero(bad & np.isinf(g) & np.isfinite(ref[i])))
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
-        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite, _fmax_rows(diff))
+        return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite, _fmax_rows(diff),
+                        overflowed=overflowed, inf_in_range=inf_in_range)
 
     def fold(self, row0: int, m: Measured) -> np.ndarray | None:
         """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
@@ -152,6 +167,8 @@ class Comparison:
         R, C = rowmax.size, ref.shape[1]
         self.total += R * C
         self.nonfinite += m.nonfinite
+        self.overflowed += m.overflowed
+        self.inf_in_range += m.inf_in_range
         over = rowmax > 1.0
         if self.allowance is not None and over.any():
             for i in np.flatnonzero(over):
@@ -250,9 +267,18 @@ class Comparison:
             note = (note + "; " if note else "") + (
                 f"{self.allowance.flushed:,} entries flushed to zero (allowed: below the smallest "
                 f"normal {self.allowance.precision} number)")
+        if self.overflowed:
+            note = (note + "; " if note else "") + (
+                f"{self.overflowed:,} entries +-inf where the reference is beyond the "
+                f"{self.tol.precision} range (|x| >= {self.overflow:.6g}): the correctly "
+                "rounded value, passed")
         if self.nonfinite:
             note = (note + "; " if note else "") + (
                 f"{self.nonfinite} entries NaN/inf on one side only ({self.got_label} or {self.expected_label})")
+        if self.inf_in_range:
+            note += (f"; {self.inf_in_range:,} of them +-inf where the reference is finite and "
+                     f"within the {self.tol.precision} range: a step before the result "
+                     "overflowed (a sum or product in a narrow accumulator?)")
         return CheckResult(
             name=self.name,
             ok=ok,

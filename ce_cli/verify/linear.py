@@ -1057,11 +1057,12 @@ def _loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance]
     got, tol = user
     if problem.reduction == "none":
         cmp = Comparison("loss_vs_reference", tol, lambda r, c: problem.batch_index(r),
-                         n_worst=opts.worst, extra_atol=opts.loss_atol)
+                         n_worst=opts.worst, extra_atol=opts.loss_atol, beyond_range=True)
         cmp.update(0, run.loss, got, tol.floor_coef * run.loss_floor)
         return cmp.result()
     floor = tol.floor_coef * (float(run.loss_floor.sum()) + math.log2(problem.n_rows + 1) * abs(ref_loss))
-    cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), n_worst=1, extra_atol=opts.loss_atol)
+    cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), n_worst=1, extra_atol=opts.loss_atol,
+                     beyond_range=True)
     cmp.update(0, np.array([ref_loss]), np.asarray(got, dtype=np.float64).reshape(1),
                np.array([floor]) if np.isfinite(floor) else None)
     return cmp.result()

@@ -96,11 +96,12 @@ class Stage:
 
 def _comparison(name: str, tol: Tolerance, index_of, worst: int, *, user: bool, fd: bool = False,
                 note: str = "", extra_atol: float = 0.0,
-                allowance: RowAllowance | None = None) -> Comparison:
+                allowance: RowAllowance | None = None, beyond_range: bool = False) -> Comparison:
     expected = "finite diff" if fd else "reference"
     got = "yours" if user else "reference"
     return Comparison(name, tol, index_of, expected_label=expected, got_label=got, n_worst=worst,
-                      note=note, extra_atol=extra_atol, allowance=allowance)
+                      note=note, extra_atol=extra_atol, allowance=allowance,
+                      beyond_range=beyond_range)
 
 
 class GradStage(Stage):
@@ -169,7 +170,8 @@ class LossStage(Stage):
     def update(self, chunk: Chunk) -> None:
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
         self.per_sample[rows] = self.problem.per_sample(ev)
-        self.floor[rows] = self.problem.loss_floor(ev, self.tol.floor_coef)
+        self.floor[rows] = self.problem.loss_floor(ev, self.tol.floor_coef,
+                                                   np.arange(chunk.start, chunk.stop))
         if self.normaliser:
             self.weight[rows] = np.abs(ev.total_weight)
 
@@ -188,7 +190,7 @@ class LossStage(Stage):
         problem = self.problem
         if problem.reduction == "none":
             cmp = _comparison("loss_vs_reference", self.tol, problem.per_sample_index, self.worst,
-                              user=True, extra_atol=self.loss_atol)
+                              user=True, extra_atol=self.loss_atol, beyond_range=True)
             cmp.update(0, self.per_sample, self.loss, row_floor)
             return cmp.result()
         total = problem.reduce(self.total.total())
@@ -197,7 +199,7 @@ class LossStage(Stage):
         floor = (float(np.sum(row_floor)) * problem.grad_scale
                  + self.tol.floor_coef * math.log2(n + 1) * abs(total))
         cmp = _comparison("loss_vs_reference", self.tol, lambda r, c: (), 1, user=True,
-                          extra_atol=self.loss_atol)
+                          extra_atol=self.loss_atol, beyond_range=True)
         got = np.asarray(self.loss, dtype=np.float64).reshape(1)
         cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
         return cmp.result()
@@ -476,14 +478,14 @@ class ZLossStage(Stage):
         problem = self.problem
         if problem.reduction == "none":
             cmp = _comparison("z_loss_vs_reference", self.tol, problem.per_sample_index,
-                              self.worst, user=True, extra_atol=self.loss_atol)
+                              self.worst, user=True, extra_atol=self.loss_atol, beyond_range=True)
             cmp.update(0, self.rows, np.asarray(self.got, dtype=np.float64), self.floor)
             return [(2, cmp.result())]
         total = problem.reduce(loss_sum(self.rows))
         floor = (float(np.sum(self.floor)) * abs(problem.grad_scale)
                  + self.tol.floor_coef * math.log2(problem.n_rows + 1) * abs(total))
         cmp = _comparison("z_loss_vs_reference", self.tol, lambda r, c: (), 1, user=True,
-                          extra_atol=self.loss_atol)
+                          extra_atol=self.loss_atol, beyond_range=True)
         got = np.asarray(self.got, dtype=np.float64).reshape(1)
         cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
         return [(2, cmp.result())]

@@ -13,6 +13,7 @@ computes from the error analysis of softmax cross-entropy in that precision (see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,14 @@ PRECISIONS: dict[str, tuple[float, float]] = {
     "bf16": (2.0**-7, 2.0**-133),
     "f32": (2.0**-23, 2.0**-149),
     "f64": (2.0**-52, 2.0**-1074),
+}
+# the smallest magnitude that rounds to inf (round to nearest): the largest finite number plus
+# half its ulp; float64 is the reference's own format (a float64 reference is inf there too)
+OVERFLOW: dict[str, float] = {
+    "f16": 65520.0,                                 # 65504 + 16
+    "bf16": math.ldexp(1.0 - 2.0**-9, 128),         # (2 - 2^-7) 2^127 + 2^119
+    "f32": math.ldexp(1.0 - 2.0**-25, 128),         # (2 - 2^-23) 2^127 + 2^103
+    "f64": math.inf,
 }
 ALIASES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32",
            "single": "f32", "float64": "f64", "double": "f64"}
@@ -61,6 +70,7 @@ class Tolerance:
     rtol: float
     atol: float
     floor_factor: float
+    overflow: float = math.inf  # |values| from which a correct result is +-inf (OVERFLOW)
 
     @property
     def floor_coef(self) -> float:
@@ -97,4 +107,5 @@ def resolve_tolerance(
         rtol=DEFAULT_RTOL_FACTOR * eps if rtol is None else float(rtol),
         atol=0.0 if atol is None else float(atol),
         floor_factor=DEFAULT_FLOOR_FACTOR if floor_factor is None else float(floor_factor),
+        overflow=min(OVERFLOW[storage], OVERFLOW[declared]),
     )
