@@ -325,3 +325,27 @@ def test_a_result_beyond_the_precisions_range_is_inf():
     assert declared.ok
     assert not ce_cli.check_grad(z.astype(np.float32), y, loss=np.float32(np.inf),
                                  reduction="sum").ok
+
+
+def test_a_passing_normaliser_check_reports_only_the_factors_it_applied():
+    """A float32 softmax gradient at logit std 30 with results flushed to zero (as XLA does):
+    rows whose fit finds a junk factor (the median of a couple of entries, one off by its whole
+    value) pass by the other allowances; that factor, over the bound and never applied, used to
+    be reported ("normaliser off by up to 0.5, allowed 1e-06" on a passing check)."""
+    rng = np.random.default_rng(0)
+    N, C = 4096, 10
+    z = (rng.standard_normal((N, C)) * 30).astype(np.float32)
+    y = rng.integers(0, C, N)
+    tiny = np.finfo(np.float32).tiny
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    e[e < tiny] = 0
+    p = e / e.sum(axis=1, keepdims=True)
+    p[p < tiny] = 0
+    p[np.arange(N), y] -= 1
+    g = (p / np.float32(N)).astype(np.float32)
+    g[np.abs(g) < tiny] = 0
+    report = ce_cli.check_grad(z, y, grad=g, fd="off")
+    norm = next(c for c in report.checks if c.name == "normaliser")
+    assert report.ok and norm.ok
+    bound = 0.5 * EPS32 * (C - 1) + 4 * EPS32
+    assert norm.max_abs_err <= bound * (1 + 1e-9), norm.note

@@ -62,6 +62,7 @@ class RowAllowance:
         self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
         self._row_over = self._significant = False
+        self._over = 0.0  # the row's largest factor over the bound (not applied)
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
@@ -98,12 +99,15 @@ class RowAllowance:
         passes = bool(out.max() <= 1.0)
         self.rows_rescued += passes
         self.rows_over += not passes and self._row_over
+        if self._row_over and not passes:  # the factor over the bound is the row's failure
+            self._record(row, self._over)
         return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
 
     def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
                         slack: np.ndarray) -> np.ndarray:
         """d less the fitted factors; `slack` gains each removed factor's own uncertainty."""
         self._row_over = self._significant = False
+        self._over = 0.0
         assert self.target_weights is not None  # softmax models only (refine checks)
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
@@ -118,8 +122,10 @@ class RowAllowance:
                 continue
             factor = float(np.median(d[pick] / term[pick]))
             found = True
-            self._record(row, factor)
-            if abs(factor) <= self.bound:
+            if abs(factor) > self.bound:  # not applied: reported only if the row then fails
+                self._row_over, self._over = True, max(self._over, abs(factor))
+            else:
+                self._record(row, factor)
                 d = d - factor * term
                 slack += self._fit_error(term, pick) * np.abs(term)
                 self._significant |= abs(factor) > self.noise
@@ -136,6 +142,6 @@ class RowAllowance:
         return self.noise * (1.0 + log_a)
 
     def _record(self, row: int, factor: float) -> None:
+        """A factor applied to row `row`, or over the bound on a row that fails."""
         if abs(factor) > self.max_factor:
             self.max_factor, self.worst_row = abs(factor), row
-        self._row_over |= abs(factor) > self.bound
