@@ -506,7 +506,8 @@ BAD = {
     "labels_shape": (dict(logits=X, labels=np.zeros((16, 4))), ["(16, 4)", "(16, 5)"]),
     "pos_weight_length": (dict(logits=X, labels=Y, pos_weight=np.ones(4)),
                           ["pos_weight", "(4,)", "(5,)"]),
-    "pos_weight_2d": (dict(logits=X, labels=Y, pos_weight=np.ones((16, 5))), ["pos_weight", "(16, 5)"]),
+    "pos_weight_2d": (dict(logits=X, labels=Y, pos_weight=np.ones((3, 5))),
+                      ["pos_weight", "(3, 5)", "does not broadcast"]),
     "pos_weight_nan": (dict(logits=X, labels=Y, pos_weight=np.array([1, 1, np.nan, 1, 1])),
                        ["pos_weight", "non-finite"]),
     "weight_not_broadcast": (dict(logits=X, labels=Y, weight=np.ones(4)),
@@ -627,3 +628,33 @@ def test_large_logits_stay_finite():
     ev = problem.evaluate(0, 1)
     assert np.array_equal(ev.items[0], [1e300, 1e300, 0.0, 0.0])
     assert np.array_equal(ev.grad[0], [1.0, -1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_pos_weight_broadcasts_like_the_labels(kernel, monkeypatch):
+    """PyTorch broadcasts pos_weight with the target: (C, 1) on (N, C, d) logits weighs class
+    c's positives along axis 1. The check equals the same batch with C moved last and pos_weight
+    along it (loss to the last bit, gradient entries, the planted bug's index), keeps one value a
+    row (not N*C*d), and refuses what does not broadcast."""
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+
+    monkeypatch.setenv("CE_CHECK_FUSED", kernel)
+    rng = np.random.default_rng(5)
+    N, C, d = 6, 4, 7
+    x = rng.standard_normal((N, C, d)) * 3
+    y = rng.random((N, C, d))
+    pw = rng.uniform(0.2, 5.0, (C, 1))
+    g = ((1.0 + (pw - 1.0) * y) / (1.0 + np.exp(-x)) - pw * y) / x.size
+    g[2, 3, 1] *= 1.01
+    report = ce_cli.check_binary(x, y, grad=g, pos_weight=pw)
+    moved = ce_cli.check_binary(np.moveaxis(x, 1, -1), np.moveaxis(y, 1, -1),
+                                grad=np.moveaxis(g, 1, -1), pos_weight=pw[:, 0])
+    assert report.loss == moved.loss
+    failing = {c.name: c.worst[0].index for c in report.checks if not c.ok}
+    assert failing == {"grad_vs_reference": (2, 3, 1), "fd_vs_grad": (2, 3, 1)}
+    problem, _ = build_sigmoid_bce(x, y, pos_weight=pw)
+    assert problem.pos_weight.shape == (N * C, 1)
+    full = build_sigmoid_bce(x, y, pos_weight=rng.uniform(0.2, 5.0, (N, C, d)))[0]
+    assert full.pos_weight.shape == (N * C, d)
+    with pytest.raises(ce_cli.CeCheckError, match=r"\(3, 1\) does not broadcast"):
+        ce_cli.check_binary(x, y, pos_weight=np.ones((3, 1)))

@@ -1,7 +1,7 @@
 """check_binary on real PyTorch `F.binary_cross_entropy_with_logits` gradients
 (fixtures/binary_frameworks/torch/, made by `scripts/frameworks/torch_binary_cases.py --small`:
-f32/f16/bf16, K = 10 (and two K = 1,000 cases), std 1/5/30, mean/sum/none, weight, pos_weight,
-soft labels). Correct gradients raise no alarm, planted bugs are caught.
+f32/f16/bf16, K = 10 (and two K = 1,000 cases), std 1/5/30, mean/sum/none, weight, pos_weight
+along the last axis or as (K, 1) on (N, K, d) logits, soft labels). Correct gradients raise no alarm, planted bugs are caught.
 
 Two false alarms this sweep found are fixed, and their cases pass here:
 - pos_weight < 1: PyTorch forms (pw y + 1 - y) s(x) - pw y, so 1 + pw y rounds at eps (1 + pw y)
@@ -49,7 +49,8 @@ def _check(arrays: dict, opts: dict, grad: np.ndarray | None = None):
 
 
 def test_binary_framework_fixtures_are_there():
-    assert len(CASES) >= 89
+    assert len(CASES) >= 95
+    assert sum("pw_axis1" in p for p in CASES) == 6  # pos_weight (K, 1) on (N, K, d) logits
     dtypes = {Path(p).stem.split("_")[2] for p in CASES}
     assert dtypes == {"f32", "f16", "bf16"}
     assert {Path(p).stem for p in CASES} >= {*FIXED, OVERFLOW}

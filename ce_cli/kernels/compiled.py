@@ -397,9 +397,11 @@ class SigmoidKernel(_Kernel):
 
     @classmethod
     def plan(cls, problem) -> SigmoidKernel | None:
-        """The kernel for `problem` when it is built, else None."""
+        """The kernel for `problem` when it is built, else None (also for a pos_weight that
+        varies along other axes than the last: the kernel reads K values)."""
         fn = kernel()
-        if fn is None or problem.n_classes == 0:
+        pw = problem.pos_weight
+        if fn is None or problem.n_classes == 0 or (pw is not None and pw.ndim > 1):
             return None
         return cls(fn, problem)
 

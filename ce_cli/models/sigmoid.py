@@ -50,7 +50,7 @@ class SigmoidBCE(RowMatrix):
     layout: Layout
     targets: np.ndarray           # (N, K) labels in [0, 1]
     weight: np.ndarray | None     # (N, K) float64 view (broadcast), or None
-    pos_weight: np.ndarray | None  # (K,) float64, or None
+    pos_weight: np.ndarray | None  # (K,), (N, 1) or (N, K) float64 (`_pos_weights`), or None
     reduction: str
     source: str = "logits"
     smoothing: float = 0.0        # A: labels y' = y (1 - A) + A/2
@@ -182,7 +182,15 @@ class SigmoidBCE(RowMatrix):
         sw = self.sem.sample_weight
         if sw is not None:
             w = np.asarray(sw[rows]) if w is None else w * sw[rows]
-        return y, w, self.pos_weight
+        pw = self.pos_weight
+        return y, w, pw if pw is None or pw.ndim == 1 else pw[rows]
+
+    def pos_weight_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+        """pos_weight at elements (rows[k], cols[k])."""
+        pw = self.pos_weight
+        if pw is None or pw.ndim == 1:
+            return None if pw is None else pw[cols]
+        return pw[rows, cols if pw.shape[1] > 1 else 0]
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None) -> ChunkEval:
@@ -209,7 +217,8 @@ class SigmoidBCE(RowMatrix):
         c = (1 - y') + pw y' = 1 + (pw - 1) y': 4 max|d2l/dz2|, max|dl/dz| and the weight of
         a term that a negative pos_weight makes cancel (w with the sample weights)."""
         y = self.smoothed(np.asarray(self.targets[rows, cols], dtype=np.float64))
-        pw = np.ones_like(y) if self.pos_weight is None else self.pos_weight[cols]
+        at = self.pos_weight_at(rows, cols)
+        pw = np.ones_like(y) if at is None else at
         g1 = np.abs(1.0 - y) + np.abs(pw * y)
         c = np.ones_like(y)
         if self.pos_weight is not None:
@@ -263,7 +272,7 @@ class SigmoidBCE(RowMatrix):
 
         part = SigmoidBCE(
             pick(self.z), Layout((1, M), 1), pick(self.targets),
-            pick(self.weight), None if self.pos_weight is None else self.pos_weight[cols],
+            pick(self.weight), self.pos_weight_at(rows, cols),
             self.reduction, self.source, self.smoothing,
             replace(self.sem, sample_weight=pick(self.sem.sample_weight)),
             weighted_count=self.denominator)  # the divisor of 'mean': the same grad_scale
@@ -375,7 +384,7 @@ def build_sigmoid_bce(
     targets = layout.to_rows(labels)
     _check_unit_interval(targets, layout, labels_source)
     w_rows = _element_weights(weight, logits.shape, layout, weight_source)
-    pw = _pos_weights(pos_weight, layout.n_classes, pos_weight_source)
+    pw = _pos_weights(pos_weight, logits.shape, layout, pos_weight_source)
     sw, count = None, None
     if sample_weight is not None:
         sw, count = _sample_weights(np.asarray(sample_weight), layout, sample_weight_source,
@@ -406,17 +415,30 @@ def _element_weights(weight, shape: tuple[int, ...], layout: Layout, source: str
     return layout.to_rows(w_full)
 
 
-def _pos_weights(pos_weight, K: int, source: str) -> np.ndarray | None:
-    """pos_weight: K values along the last axis, or one number, as (K,) float64."""
+def _pos_weights(pos_weight, shape: tuple[int, ...], layout: Layout,
+                 source: str) -> np.ndarray | None:
+    """PyTorch's pos_weight, broadcast with the labels (e.g. (C, 1, 1) for (N, C, H, W)
+    logits), as float64: (K,) when it varies along the last axis only, (N, 1) rows when it is
+    constant along it, else (N, K) rows."""
     if pos_weight is None:
         return None
     pw = np.asarray(pos_weight, dtype=np.float64)
-    if pw.ndim > 1 or pw.size not in (1, K):
-        raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along "
-                           f"the last axis of the logits: expected ({K},) or a scalar")
     if not np.all(np.isfinite(pw)):
         raise CeCheckError(f"{source}: non-finite pos_weight")
-    return np.broadcast_to(pw.reshape(-1), (K,)).copy()
+    if pw.ndim > len(shape) or pw.shape[-1:] not in ((), (1,), shape[-1:]):
+        raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts with the labels, "
+                           f"shape {shape}: one value, ({shape[-1]},) along the last axis, or a "
+                           "shape that broadcasts to the logits")
+    try:
+        full = np.broadcast_to(pw, shape)
+    except ValueError:
+        raise CeCheckError(f"{source}: shape {pw.shape} does not broadcast to the logits "
+                           f"{shape}") from None
+    if pw.size == 1 or pw.ndim == 1 or all(n == 1 for n in pw.shape[:-1]):
+        return np.broadcast_to(pw.reshape(-1), (layout.n_classes,)).copy()
+    if pw.shape[-1] == 1:  # one value a row: the rows' values, not N*K copies
+        return np.ascontiguousarray(full[..., :1].reshape(layout.n_rows, 1), dtype=np.float64)
+    return np.ascontiguousarray(layout.to_rows(full), dtype=np.float64)
 
 
 def _sample_weights(sw: np.ndarray, layout: Layout, source: str,

@@ -9,11 +9,13 @@ dtypes f32, f16, bf16 (bf16 saved widened exactly to float32, `precision` bf16).
 with K in {1, 10, 1000, 32000} and (N, K, d) (d = 8); logit std 1, 5, 30; at most 2^19 logits.
 Base cases: hard 0/1 labels, reduction mean. Variants: sum, none, weight (broadcast along K, or
 the logits' full shape), pos_weight (below 1, large, mixed; one value), soft labels in [0, 1]
-(exact 0 and 1 included) and combinations. pos_weight runs along the last axis (ce-check's rule;
-PyTorch broadcasts it like the target).
+(exact 0 and 1 included) and combinations. pos_weight runs along the last axis, or (variant
+`pw_axis1`, (N, K, d) logits only) along axis 1 as a (K, 1) array: PyTorch broadcasts it like the
+target, and so does ce-check.
 
 fixtures/binary_frameworks/torch/ (tests/test_binary_frameworks.py) is `--small --only _C10_` plus
-`--small --only f32_nc_C1000_s30_mean_pw_small` and `bf16_...`, without the .json files.
+`--small --only f32_nc_C1000_s30_mean_pw_small`, `bf16_...` and the `_C10_` cases of `--small
+--only pw_axis1`, without the .json files.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ VARIANTS = {
     "soft_none": ("none", "soft", None, None),
     "soft_weight_pw_sum": ("sum", "soft", "k", "mixed"),
     "soft_weight_pw_none": ("none", "soft", "full", "mixed"),
+    "pw_axis1": ("mean", "soft", None, "axis1"),
 }
+AXIS1_SHAPES = (("ncd", 10), ("ncd", 1000))  # pw_axis1: pos_weight (K, 1) on (N, K, d)
 
 
 def to_np(t: torch.Tensor) -> np.ndarray:
@@ -68,7 +72,8 @@ def cases(small: bool) -> list[dict]:
     for v, (red, *_rest) in VARIANTS.items():
         out += [dict(framework="torch", call_tag="bce", dtype=dt, layout=lay, C=K, scale=s,
                      reduction=red, variant=v, target="binary")
-                for dt in TDT for lay, K in vshapes for s in VARIANT_SCALES]
+                for dt in TDT for lay, K in (AXIS1_SHAPES if v == "pw_axis1" else vshapes)
+                for s in VARIANT_SCALES]
     return out
 
 
@@ -104,7 +109,9 @@ def draw(case: dict, small: bool, seed: int):
           "small": lambda: rng.uniform(0.05, 0.9, size=last),
           "large": lambda: rng.uniform(10.0, 300.0, size=last),
           "mixed": lambda: np.exp(rng.uniform(np.log(0.1), np.log(50.0), size=last)),
-          "one": lambda: np.array([3.0])}[pos_weight]
+          "one": lambda: np.array([3.0]),
+          "axis1": lambda: np.exp(rng.uniform(np.log(0.1), np.log(50.0), size=(shape[1], 1)))
+          }[pos_weight]
     return z, y, w, (pw() if pw else None)
 
 
