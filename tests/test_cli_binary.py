@@ -88,3 +88,28 @@ def test_binary_help(invoke):
     result = invoke(["binary", "--help"])
     assert result.exit_code == 0
     assert "BCEWithLogitsLoss" in result.stdout and "--pos-weight" in result.stdout
+
+
+def test_pos_weight_file_keeps_its_shape_and_a_csv_column_is_a_vector(tmp_path, invoke):
+    """A (C, 1) .npy pos_weight broadcasts along axis 1 of (N, C, d) logits, as in PyTorch; a
+    CSV of K values written down one column is the K values (along the last axis)."""
+    import json
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 3, 4))
+    y = (rng.random((5, 3, 4)) < 0.4).astype(np.float64)
+    pw = rng.uniform(0.5, 4.0, (3, 1))
+    g = ((1.0 + (pw - 1.0) * y) / (1.0 + np.exp(-x)) - pw * y) / x.size
+    for name, arr in (("x", x), ("y", y), ("g", g), ("pw", pw)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    res = invoke(["binary", tmp_path / "x.npy", tmp_path / "y.npy", "--pos-weight",
+                  tmp_path / "pw.npy", "--grad", tmp_path / "g.npy", "--json"])
+    assert res.exit_code == 0, res.output
+    pw4 = rng.uniform(0.5, 4.0, 4)
+    (tmp_path / "pw4.csv").write_text("\n".join(repr(float(v)) for v in pw4) + "\n")
+    g4 = ((1.0 + (pw4 - 1.0) * y) / (1.0 + np.exp(-x)) - pw4 * y) / x.size
+    np.save(tmp_path / "g4.npy", g4)
+    res = invoke(["binary", tmp_path / "x.npy", tmp_path / "y.npy", "--pos-weight",
+                  tmp_path / "pw4.csv", "--grad", tmp_path / "g4.npy", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["ok"]

@@ -33,6 +33,7 @@ STDIN = "-"
 NUMBER_ROLES = ("loss", "pos_weight", "z_loss_value")
 # roles whose one-row or one-column table is flattened to its C values, by kind of check
 VECTOR_ROLES: dict[Kind, tuple[str, ...]] = {Kind.multiclass: ("weight",), Kind.binary: ("pos_weight",)}
+SHAPED_ROLES = ("pos_weight",)  # broadcast with the labels: an array file's shape is meant
 
 
 class Origin(str, Enum):
@@ -155,16 +156,20 @@ class InputSpec:
     def load(self, *, vector: bool = False, stdin: BinaryIO | None = None,
              pipes: bool = True) -> np.ndarray:
         """The input's values. With `vector`, a one-row or one-column table (a CSV of C values
-        written across or down) is flattened to its values. Without `pipes` a named pipe is
-        refused (batch cases: a FIFO nobody writes to would stall the batch)."""
-        from ce_cli.io.loading import read_file, read_stdin
+        written across or down) is flattened to its values; a pos_weight from an array file
+        (.npy, ...) keeps its shape (a (C, 1) pos_weight broadcasts along its axis, as in
+        PyTorch). Without `pipes` a named pipe is refused (batch cases: a FIFO nobody writes to
+        would stall the batch)."""
+        from ce_cli.io.loading import is_array_file, read_file, read_stdin
 
         if self.origin is Origin.number:
             return parse_number(self.text, self.role)[0]
         if self.origin is Origin.stdin:
             arr = read_stdin(self.source, stdin)
         else:
-            arr = read_file(*split_npz_key(self.text), self.source, pipes=pipes)
+            path, key = split_npz_key(self.text)
+            arr = read_file(path, key, self.source, pipes=pipes)
+            vector = vector and not (self.role in SHAPED_ROLES and is_array_file(path))
         if vector and arr.ndim == 2 and 1 in arr.shape:
             arr = arr.reshape(-1)
         return arr

@@ -35,6 +35,19 @@ DAMAGED = (ValueError, TypeError, SyntaxError, EOFError, OSError, OverflowError,
            NotImplementedError, RuntimeError, tokenize.TokenError, zlib.error)
 
 
+def is_array_file(path: Path) -> bool:
+    """True for a regular file of a shaped array format (.npy, .npz, .safetensors, .pt), whose
+    shape is the writer's, not a text table's rows and columns."""
+    if path.suffix.lower() in (".safetensors", ".pt", ".pth"):
+        return True
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return head.startswith((NPY_MAGIC, ZIP_MAGIC))
+
+
 def read_file(path: Path, key: str | None, label: str, *, pipes: bool = True) -> np.ndarray:
     """Load the file `path` (the member `key` of an .npz) as a numeric ndarray.
 
