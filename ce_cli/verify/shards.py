@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,7 +42,7 @@ from ce_cli.enums import FDMode
 from ce_cli.errors import CeCheckError
 from ce_cli.io import limits
 from ce_cli.io.inputs import InputSpec, Origin
-from ce_cli.io.loading import read_stdin
+from ce_cli.io.loading import is_array_file, read_stdin
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
@@ -488,7 +489,12 @@ def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
         return batch.pos_weight, f"--pos-weight {batch.pos_weight}"
     source = f"pos_weight file '{batch.pos_weight}'"
     pw = load(batch.pos_weight, "pos_weight")
-    pw = pw.reshape(-1) if pw.ndim == 2 and 1 in pw.shape else pw
+    # a row, or a CSV column, is K values; an array file's (K, 1) broadcasts along axis -2 (as
+    # in one process), which shards do not take
+    column = pw.ndim == 2 and pw.shape[1] == 1 and (
+        batch.pos_weight.lower().endswith((".npy", ".npz")) if "://" in batch.pos_weight
+        else is_array_file(Path(batch.pos_weight)))
+    pw = pw.reshape(-1) if pw.ndim == 2 and 1 in pw.shape and not column else pw
     if pw.ndim > 1 or pw.size not in (1, batch.n_cols):
         raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along the last "
                            f"axis of the batch: expected ({batch.n_cols},) or a scalar")
