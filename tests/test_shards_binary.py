@@ -213,3 +213,19 @@ def test_binary_shards_refuse_softmax_only_options(tmp_path):
     with pytest.raises(CeCheckError, match="`z_loss`: applies to softmax"):
         sh.run_shards(write(tmp_path, z, y, g, [0, 10, 20], "rows"), "rows",
                       CheckOptions(z_loss=1e-4), kind="binary")
+
+
+def test_a_column_pos_weight_file_is_refused_by_shards(tmp_path):
+    """A (K, 1) .npy pos_weight broadcasts along axis -2 in one process; shards take K values or
+    one number, so they refuse it rather than read it as K values. A one-row file is K values."""
+    z, y, g = bce_batch((20, 4))
+    files = write(tmp_path, z, y, g, [0, 10, 20], "rows")
+    np.save(tmp_path / "col.npy", np.ones((4, 1)))
+    np.save(tmp_path / "row.npy", np.full((1, 4), 2.0))
+    with pytest.raises(CeCheckError, match=r"shape \(4, 1\)"):
+        sh.run_shards(files, "rows", CheckOptions(fd="off"), kind="binary",
+                      pos_weight=str(tmp_path / "col.npy"))
+    row = sh.run_shards(files, "rows", CheckOptions(fd="off"), kind="binary",
+                        pos_weight=str(tmp_path / "row.npy"))
+    single = check_binary(z, y, grad=g, pos_weight=np.full(4, 2.0), fd="off")
+    assert row.report.loss == pytest.approx(single.loss, rel=1e-15)
