@@ -658,3 +658,28 @@ def test_pos_weight_broadcasts_like_the_labels(kernel, monkeypatch):
     assert full.pos_weight.shape == (N * C, d)
     with pytest.raises(ce_cli.CeCheckError, match=r"\(3, 1\) does not broadcast"):
         ce_cli.check_binary(x, y, pos_weight=np.ones((3, 1)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_stage_keeps_per_element_arrays_only_for_none(reduction):
+    """A reduced binary loss needs its rows' floors only: no (N, K) float64 arrays of losses and
+    floors (2 GB at 4096 x 32000, which took peak memory past its budget); 'none' keeps them.
+    Without a gradient, with `fd` off or sampled, the loss is checked (the compiled kernel's
+    per-element losses are made on demand: they used to be missing, an internal error)."""
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    from ce_cli.verify.stages import LossStage, LossTotal
+    from ce_cli.verify.tolerance import resolve_tolerance
+
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal((6, 50)), (rng.random((6, 50)) < 0.5).astype(np.float64)
+    problem, _ = build_sigmoid_bce(z, y, reduction=reduction)
+    loss = np.zeros((6, 50)) if reduction == "none" else 0.0
+    stage = LossStage(problem, loss, resolve_tolerance(np.float64), 0.0, 5, LossTotal(6))
+    assert stage.floor.shape == ((6, 50) if reduction == "none" else (6,))
+    assert (stage.per_sample is None) == (reduction != "none")
+    ref = (np.maximum(z, 0.0) - z * y + np.log1p(np.exp(-np.abs(z))) if reduction == "none"
+           else ce_cli.check_binary(z, y, reduction=reduction, fd="off").loss)
+    for fd in ("off", "sample"):
+        assert ce_cli.check_binary(z, y, loss=ref, reduction=reduction, fd=fd).ok
+        assert not ce_cli.check_binary(z, y, loss=ref * (1 + 1e-9), reduction=reduction,
+                                       fd=fd).ok

@@ -336,11 +336,12 @@ class FusedKernel(_Kernel):
 
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
                  floor_coef: float | None = None, cmp: RowStats | None = None,
-                 g_rows=None) -> ChunkEval | None:
+                 g_rows=None, stream: bool = False) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
         +inf or only -inf: the numpy kernel, which reports those, takes the rows. The (R, C)
-        floor is written only when `floor_coef` is given."""
+        floor is written only when `floor_coef` is given. (`stream`: as SigmoidKernel's; a
+        softmax row has no per-element losses.)"""
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
         floor = floor_coef is not None  # the comparison alone needs no (R, C) floor written
@@ -407,14 +408,14 @@ class SigmoidKernel(_Kernel):
 
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
                  floor_coef: float | None = None, cmp: RowStats | None = None,
-                 g_rows=None) -> ChunkEval | None:
+                 g_rows=None, stream: bool = False) -> ChunkEval | None:
         """SigmoidBCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way. None when a row holds NaN or +inf: the numpy kernel,
         which reports those, takes the rows.
 
         (R, C) outputs are written only when asked for: the gradient and per-element losses
-        with `grad`, the floor with `floor_coef`. The streaming pass (`cmp`) gets its
-        per-element losses on demand (a second call on its rows, which nobody writes to); a
+        with `grad`, the floor with `floor_coef`. The streaming pass (`stream`, or `cmp`) gets
+        its per-element losses on demand (a second call on its rows, which nobody writes to); a
         loss-only call (no `grad`, no `cmp`: the finite differences, which perturb their row
         buffer in place between calls) gets none, and `per_element()` of it raises."""
         z = _as_kernel_rows(z_rows)
@@ -433,7 +434,8 @@ class SigmoidKernel(_Kernel):
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
                          item_weight=out.get("out_item_w"),
-                         deferred=None if cmp is None else lambda: self._items(z, params))
+                         deferred=(lambda: self._items(z, params)) if stream or cmp is not None
+                         else None)
 
     def _labels_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The labels and element weights the kernel reads: the problem's own (float32 labels

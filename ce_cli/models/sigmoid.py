@@ -148,17 +148,22 @@ class SigmoidBCE(RowMatrix):
         (1 - y) x - c logsigmoid(x), c = (pw - 1) y + 1, cancels terms of ~|x| at x << 0, and
         c's own steps round there too (through T, `item_weight` holds the rounded z's share)."""
         items, weight = ev.per_element()
-        floor = np.abs(items) + weight
+        floor = np.abs(items)
+        floor += weight
         if not self.transformed:
             y, w, pw = self.coefficients(rows)
-            g = np.abs(1.0 - y) + 1.0
+            g = 2.0 - y  # |1 - y'| + 1: labels lie in [0, 1]
             if pw is not None:
-                g += np.abs((pw - 1.0) * y)
+                g += np.abs(pw - 1.0) * y
             if w is not None:
                 g *= np.abs(w)
-            x = np.asarray(self.z[rows], dtype=np.float64)
-            floor = floor + g * np.where(np.isfinite(x), np.abs(x), 0.0)
-        return coef * floor
+            ax = np.abs(self.z[rows], dtype=np.float64)
+            if not np.isfinite(ax.max()):  # -inf logits (masks): no term of ~|x|
+                ax[np.isinf(ax)] = 0.0
+            g *= ax
+            floor += g
+        floor *= coef
+        return floor
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
         """The entry with the largest label (a positive) in each row, over blocks of rows of

@@ -202,7 +202,7 @@ def _evaluate(problem, start: int, stop: int, fused, grad_stage: GradStage | Non
     if fused is not None:
         ev = fused.evaluate(problem.z[start:stop], np.arange(start, stop),
                             cmp=grad_stage.cmp if grad_stage is not None else None,
-                            g_rows=None if user is None else user.rows[start:stop])
+                            g_rows=None if user is None else user.rows[start:stop], stream=True)
         if ev is not None:
             return Evaluated(Chunk(start, stop, ev))
     ev = problem.evaluate(start, stop, grad=True,

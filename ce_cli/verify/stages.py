@@ -163,21 +163,27 @@ class LossStage(Stage):
         self.normaliser = (normaliser_bound(tol, problem.n_classes, normaliser_rtol)
                            if softmax else 0.0)
         self.worst, self.total = worst, total
-        shape = (problem.n_rows,) + problem.per_sample_cols
-        self.per_sample, self.floor = np.empty(shape), np.empty(shape)
-        self.weight = np.empty(shape)  # Q_n: what a normaliser factor multiplies
+        # 'none' compares every loss (binary: one an element); a reduced loss needs only the
+        # rows' floors (not (N, K) arrays for binary: 1 GB each at 4096 x 32000)
+        each = problem.reduction == "none"
+        shape = (problem.n_rows,) + (problem.per_sample_cols if each else ())
+        self.per_sample = np.empty(shape) if each else None
+        self.floor = np.empty(shape)
+        # Q_n: what a normaliser factor multiplies
+        self.weight = np.empty(problem.n_rows) if self.normaliser else None
 
     def update(self, chunk: Chunk) -> None:
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
-        self.per_sample[rows] = self.problem.per_sample(ev)
-        self.floor[rows] = self.problem.loss_floor(ev, self.tol.floor_coef,
-                                                   np.arange(chunk.start, chunk.stop))
-        if self.normaliser:
+        if self.per_sample is not None:
+            self.per_sample[rows] = self.problem.per_sample(ev)
+        floor = self.problem.loss_floor(ev, self.tol.floor_coef, np.arange(chunk.start, chunk.stop))
+        self.floor[rows] = floor if floor.ndim == self.floor.ndim else floor.sum(axis=1)
+        if self.weight is not None:
             self.weight[rows] = np.abs(ev.total_weight)
 
     def finish(self) -> Ranked:
         result = self._compare(self.floor)
-        if not result.ok and self.normaliser:
+        if not result.ok and self.weight is not None:
             wide = self._compare(self.floor + self.normaliser * self.weight)
             if wide.ok:
                 result = replace(wide, note=(
@@ -191,6 +197,7 @@ class LossStage(Stage):
         if problem.reduction == "none":
             cmp = _comparison("loss_vs_reference", self.tol, problem.per_sample_index, self.worst,
                               user=True, extra_atol=self.loss_atol, beyond_range=True)
+            assert self.per_sample is not None  # kept for 'none'
             cmp.update(0, self.per_sample, self.loss, row_floor)
             return cmp.result()
         total = problem.reduce(self.total.total())
