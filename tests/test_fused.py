@@ -494,9 +494,10 @@ def test_float32_rows_give_the_bits_of_their_float64_widening(C, on_target):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_thread_counts_give_identical_bits(dtype, on_target):
-    """1, 2 and 3 threads (60 x 1031 rows: enough entries for 3, see MIN_ENTRIES_PER_THREAD)."""
+    """1, 2, 3 and 8 threads; 400 x 1031: threads claim 63 rows at a time (CLAIM_ENTRIES), seven
+    claims shared out in whatever order the threads run."""
     rng = np.random.default_rng(7)
-    R, C = 60, 1031
+    R, C = 400, 1031
     z = (rng.standard_normal((R, C)) * 5).astype(dtype)
     y = rng.integers(0, C, R)
     g = (rng.standard_normal((R, C)) * 1e-4).astype(dtype)
@@ -512,15 +513,16 @@ def test_thread_counts_give_identical_bits(dtype, on_target):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bad_rows", [[45], [50, 12], [0], [59]])
+@pytest.mark.parametrize("bad_rows", [[45], [50, 12], [0], [399], [390, 70], [130, 300, 129]])
 def test_threads_hand_back_the_first_bad_row(bad_rows):
+    """Whichever thread claims which rows (63 a claim here), the first bad row is reported."""
     rng = np.random.default_rng(1)
-    R, C = 60, 1031
+    R, C = 400, 1031
     z = rng.standard_normal((R, C))
     for r in bad_rows:
         z[r, 17] = np.nan
     y = rng.integers(0, C, R)
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, 8):
         rc, _ = _raw_call(z, np.zeros_like(z), y, n_threads=n)
         assert rc == min(bad_rows) + 1
 
@@ -965,3 +967,49 @@ def test_denominator_and_others_smoothing_report_like_numpy(monkeypatch, on_targ
     assert not a.ok and not b.ok
     assert (a.mismatches, a.total) == (b.mismatches, b.total)
     assert a.worst[0].index == b.worst[0].index == (7, 11)
+
+
+def _in_place_case(case: str):
+    """(problem, gradient rows) of one chunk-plan case."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((6, 50)).astype(np.float32)
+    y = rng.integers(0, 50, 6)
+    g = np.zeros_like(z)
+    q = rng.dirichlet(np.ones(50), 6).astype(np.float32)
+    if case == "float16 logits":
+        return build_softmax_ce(z.astype(np.float16), y)[0], g
+    if case == "float16 gradient":
+        return build_softmax_ce(z, y)[0], g.astype(np.float16)
+    if case == "strided gradient":
+        return build_softmax_ce(z, y)[0], np.zeros((6, 100), dtype=np.float32)[:, ::2]
+    if case == "no gradient":
+        return build_softmax_ce(z, y)[0], None
+    if case == "smoothed probabilities":
+        return build_softmax_ce(z, q, label_smoothing=0.1)[0], g
+    if case == "probabilities":
+        return build_softmax_ce(z, q)[0], g
+    if case == "binary":
+        from ce_cli.models.sigmoid import build_sigmoid_bce
+        return build_sigmoid_bce(z, (q > 0.02).astype(np.float32))[0], g
+    return build_softmax_ce(z, y)[0], g
+
+
+@needs_kernel
+@pytest.mark.parametrize("case, in_place", [
+    ("index targets", True), ("probabilities", True), ("float16 logits", False),
+    ("float16 gradient", False), ("strided gradient", False), ("no gradient", True),
+    ("smoothed probabilities", False),
+    ("binary", False)])
+def test_large_chunks_only_where_the_kernel_copies_nothing(case, in_place):
+    """The streaming pass takes 32M-entry chunks only when the kernel reads every row where it
+    lies (a copy of such a chunk would be 128-256 MB); otherwise 2M entries (16 MB)."""
+    from ce_cli.verify.pipeline import FUSED_CHUNK_ELEMENTS, IN_PLACE_CHUNK_ELEMENTS, _fused_step
+    from ce_cli.verify.stages import UserGrad
+    from ce_cli.verify.tolerance import resolve_tolerance
+
+    problem, g = _in_place_case(case)
+    assert problem.kernel is not None
+    assert problem.kernel.in_place(g) is in_place
+    user = None if g is None else UserGrad(g, resolve_tolerance(g.dtype))
+    assert _fused_step(problem.kernel, user) == (IN_PLACE_CHUNK_ELEMENTS if in_place
+                                                 else FUSED_CHUNK_ELEMENTS)

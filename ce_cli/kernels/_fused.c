@@ -69,6 +69,7 @@ typedef struct {
 #define WORK_SIZE(C) ((C) + 8 + 2 * ((C) / BLOCK + 1))
 /* a thread gets at least this many entries (fewer threads for small calls) */
 #define MIN_ENTRIES_PER_THREAD (1 << 14)
+#define CLAIM_ENTRIES (1 << 16)  /* rows a thread claims at once: about this many entries */
 
 /* 2^(j/8), j = 0..7, as hi + lo (the pair carries ~106 bits) */
 static const double CE_EXP2_HI[8] = {
@@ -246,29 +247,40 @@ typedef struct {
     const ce_args *a;
     rows_fn fn;
     double *work;
-    int64_t r0, r1, result;
+    int64_t *next, step, result;  /* the next unclaimed row (shared), rows per claim */
     int64_t *stop;
     pthread_t id;
     int started;
 } ce_job;
 
+/* Claims `step` rows at a time until none is left (or a bad row before them was found), so
+ * threads that run slower (page faults, a busy core) take fewer rows instead of holding up the
+ * rest at the join. */
 static void *ce_run_job(void *p) {
     ce_job *j = p;
-    j->result = j->fn(j->a, j->work, j->r0, j->r1, j->stop);
-    if (j->result) {  /* later rows of other threads need not run */
+    const int64_t R = j->a->n_rows;
+    for (;;) {
+        const int64_t r0 = __atomic_fetch_add(j->next, j->step, __ATOMIC_RELAXED);
+        if (r0 >= R || __atomic_load_n(j->stop, __ATOMIC_RELAXED) <= r0) break;
+        const int64_t r1 = R - r0 > j->step ? r0 + j->step : R;
+        const int64_t result = j->fn(j->a, j->work, r0, r1, j->stop);
+        if (!result) continue;
+        j->result = result;  /* later rows need not run: publish it as the stop */
         int64_t seen = __atomic_load_n(j->stop, __ATOMIC_RELAXED);
-        while (j->result < seen &&
-               !__atomic_compare_exchange_n(j->stop, &seen, j->result, 0, __ATOMIC_RELAXED,
+        while (result < seen &&
+               !__atomic_compare_exchange_n(j->stop, &seen, result, 0, __ATOMIC_RELAXED,
                                             __ATOMIC_RELAXED)) {
         }
+        break;
     }
     return NULL;
 }
 
-/* Rows [0, n_rows) with `fn` over n_threads threads, each a consecutive range of rows with its
- * own scratch; every output is written by row index, so the results do not depend on the thread
- * count. Returns 0, or 1 + the first row with a NaN or +inf logit or only -inf (outputs are
- * then incomplete: the caller discards them). */
+/* Rows [0, n_rows) with `fn` over n_threads threads, each claiming blocks of rows in turn with
+ * its own scratch; every output is written by row index, so the results do not depend on the
+ * thread count or on which thread ran a row. Returns 0, or 1 + the first row with a NaN or +inf
+ * logit or only -inf (outputs are then incomplete: the caller discards them): every row before
+ * it has run, since blocks are claimed in row order. */
 static int64_t ce_run(const ce_args *a, rows_fn fn) {
     const int64_t R = a->n_rows, C = a->n_cols;
     int64_t n = a->n_threads;
@@ -284,14 +296,16 @@ static int64_t ce_run(const ce_args *a, rows_fn fn) {
     }
     if (n <= 1) return fn(a, a->work, 0, R, &stop);
 
+    int64_t next = 0;
+    const int64_t step = C > 0 && CLAIM_ENTRIES / C > 1 ? CLAIM_ENTRIES / C : 1;
     ce_job jobs[256];
     for (int64_t i = 0; i < n; i++) {
         ce_job *j = &jobs[i];
         j->a = a;
         j->fn = fn;
         j->work = i ? extra + (size_t)WORK_SIZE(C) * (size_t)(i - 1) : a->work;
-        j->r0 = R * i / n;
-        j->r1 = R * (i + 1) / n;
+        j->next = &next;
+        j->step = step;
         j->result = 0;
         j->stop = &stop;
         j->started = 0;
@@ -299,10 +313,9 @@ static int64_t ce_run(const ce_args *a, rows_fn fn) {
     for (int64_t i = 1; i < n; i++)
         jobs[i].started = pthread_create(&jobs[i].id, NULL, ce_run_job, &jobs[i]) == 0;
     ce_run_job(&jobs[0]);
-    for (int64_t i = 1; i < n; i++) {
+    for (int64_t i = 1; i < n; i++)
         if (jobs[i].started) pthread_join(jobs[i].id, NULL);
-        else ce_run_job(&jobs[i]);  /* no thread: run its rows here */
-    }
+    /* a thread that did not start claimed nothing: the others took its rows */
     free(extra);
     int64_t first = 0;
     for (int64_t i = 0; i < n; i++)

@@ -214,6 +214,12 @@ def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return a[rows]
 
 
+def _readable(a: Any) -> bool:
+    """True when `_as_kernel_rows` passes rows of `a` on as they are (no copy)."""
+    return (isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64)
+            and a.flags.c_contiguous)
+
+
 def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
     """C-contiguous float32 or float64 rows (narrower floats widen exactly to float32)."""
     a = np.asarray(a)
@@ -275,6 +281,11 @@ class _Kernel:
 
     def _call(self, z, g, params: dict, out: dict) -> int:
         raise NotImplementedError
+
+    def in_place(self, g_rows: np.ndarray | None) -> bool:
+        """True when a call reads every (R, C) input where it lies and forms no (R, C) array
+        (then a chunk of any size costs no memory)."""
+        return False
 
     def _run(self, z, g, rows, params: dict, out: dict, cmp: RowStats | None) -> bool:
         """One call over the rows, the comparison folded into `cmp`: False when handed back."""
@@ -355,6 +366,17 @@ class FusedKernel(_Kernel):
         Q = params["q_total"] if "q" in params else params["alpha"] + params["beta"] * self.w_sum
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=Q, row_max=m, log1p_s1=l1)
+
+    def in_place(self, g_rows: np.ndarray | None) -> bool:
+        """float32/float64 C-contiguous logits and gradient, and index targets or probability
+        targets read in their own width (the sigmoid kernel forms (R, C) float64 weights or
+        per-element losses for some calls: never in place)."""
+        problem = self.problem
+        probs = problem.probs
+        if probs is not None and (problem.smoothing or problem.weight is not None
+                                  or not _readable(probs)):
+            return False
+        return _readable(problem.z) and (g_rows is None or _readable(g_rows))
 
     def _targets(self, rows: np.ndarray) -> dict:
         """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the

@@ -34,7 +34,11 @@ from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 # 0.75 -> 0.69 s, 2 threads 0.60 -> 0.48 s against 1 MB); at 4 MB numpy asks for huge pages and
 # every chunk's fresh buffers are zeroed again
 CHUNK_ELEMENTS = 1 << 18
-FUSED_CHUNK_ELEMENTS = 1 << 21  # the compiled kernel keeps one row in cache: chunks only bound Python overhead
+# the compiled kernel keeps one row in cache: chunks bound the copies it makes of rows it cannot
+# read in place (16 MB) and, when it makes none, only the calls (4096x32000 grad: 64 -> 4 calls,
+# the Python between them and the threads' start and join)
+FUSED_CHUNK_ELEMENTS = 1 << 21
+IN_PLACE_CHUNK_ELEMENTS = 1 << 25
 
 
 def row_chunks(n_rows: int, n_classes: int, elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
@@ -147,7 +151,7 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
             chunk_elements: int | None) -> None:
     lean = not any(s.needs_reference for s in stages)
     fused = problem.kernel if lean else None
-    step = chunk_elements or (FUSED_CHUNK_ELEMENTS if fused is not None else CHUNK_ELEMENTS)
+    step = chunk_elements or _fused_step(fused, user) or CHUNK_ELEMENTS
     # the compiled kernel shares each call's rows among its own threads; the numpy kernel's
     # chunks go to a pool instead (numpy releases the GIL inside every ufunc)
     threads = numpy_threads(problem)
@@ -164,6 +168,15 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
         for stage in stages:
             stage.abort()  # no half-written gradient after an input error
         raise
+
+
+def _fused_step(fused, user: UserGrad | None) -> int | None:
+    """Entries per chunk on the compiled kernel (None: the numpy kernel's chunks)."""
+    if fused is None:
+        return None
+    if fused.in_place(user.rows if user is not None else None):
+        return IN_PLACE_CHUNK_ELEMENTS
+    return FUSED_CHUNK_ELEMENTS
 
 
 def _chunks(problem, spans: Iterator[tuple[int, int]], fused, grad_stage: GradStage | None,
