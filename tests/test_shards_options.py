@@ -1,0 +1,193 @@
+"""`--shards` with what the single-process check takes beside the logits: class weights, your
+loss, the batch-shaped inputs (sample weights, lse, z-loss): the merged report is the report on
+the concatenated batch (ce_cli/verify/shards.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ce_cli.errors import CeCheckError
+from ce_cli.verify import shards as sh
+from ce_cli.verify.checks import check_binary, check_grad
+from ce_cli.verify.options import CheckOptions
+from tests.test_shards import EPS, assert_same_report, make_batch, write_rows
+from tests.test_shards_binary import assert_identical, bce_batch, write
+
+DYADIC = np.array([0.5, 1.0, 1.5, 2.0, 0.25, 3.0])  # sums of these are exact: D equals the batch's
+
+
+def class_weights(c: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).choice(DYADIC, c)
+
+
+def reference_grad(tmp_path, z, y, opts: CheckOptions, **kw) -> np.ndarray:
+    """The single-process float64 reference gradient (its --out-grad file)."""
+    check_grad(z, y, options=opts, out_grad=tmp_path / "ref.npy", **kw)
+    return np.load(tmp_path / "ref.npy")
+
+
+def assert_merged(sharded, single, n_shards, exact=True):
+    """The single-process report: field by field when `exact`, else verdict, counts and failing
+    entries (global index, your value) with references within a few ulps."""
+    if exact:
+        assert_same_report(sharded.report, single, n_shards)
+    else:
+        merged = sharded.report
+        assert (merged.ok, [c.name for c in merged.checks]) == \
+            (single.ok, [c.name for c in single.checks])
+        for m, s in zip(merged.checks, single.checks):
+            assert (m.ok, m.mismatches, m.total) == (s.ok, s.mismatches, s.total), m.name
+            bad = sorted((e.index, e.got, e.expected) for e in m.worst if not e.ok)
+            want = sorted((e.index, e.got, e.expected) for e in s.worst if not e.ok)
+            assert [b[:2] for b in bad] == [w[:2] for w in want], m.name
+            assert np.allclose([b[2] for b in bad], [w[2] for w in want], rtol=1e-6, atol=0)
+        assert abs(merged.loss - single.loss) <= 16 * EPS * abs(single.loss)
+    if sharded.axis == "rows":  # vocabulary shards echo their kernel and offset
+        assert sharded.report.options == single.options
+
+
+# ---------------------------------------------------------------- class weights
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_row_shards_take_class_weights(tmp_path, dtype, reduction):
+    """--weight on row shards: every shard reads the C weights, pass 1 sums w_y over the batch
+    ('mean''s D); a bug in shard 1 is found at its global index."""
+    z, y, _ = make_batch(n=120, c=11, seed=3)
+    w = class_weights(11)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="full")
+    g = reference_grad(tmp_path, z, y, opts, weight=w).astype(dtype)
+    g[77, 4] *= 1.001
+    files = write_rows(tmp_path, z, y, g, [0, 50, 120])
+    sharded = sh.run_shards(files, "rows", opts, inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    single = check_grad(z, y, grad=g, weight=w, options=opts)
+    assert not single.ok and single.options["weighted"]
+    assert_merged(sharded, single, 2)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(77, 4)]
+    assert [s.ok for s in sharded.shards] == [True, False]
+
+
+def test_row_shards_weighted_mean_with_any_weights(tmp_path):
+    """Weights whose sums round: D is the shards' exactly rounded sums added (fsum), within an
+    ulp of the single process's: the same verdict and failing entries."""
+    z, y, _ = make_batch(n=200, c=9, seed=5)
+    w = np.random.default_rng(1).uniform(0.1, 3.0, 9)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(fd="full")
+    g = reference_grad(tmp_path, z, y, opts, weight=w).astype(np.float32)
+    g[150, 2] += 1e-3
+    files = write_rows(tmp_path, z, y, g, [0, 70, 130, 200], shared_labels=True)
+    sharded = sh.run_shards(files, "rows", opts, inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    assert_merged(sharded, check_grad(z, y, grad=g, weight=w, options=opts), 3, exact=False)
+
+
+def vocab_files(tmp_path, z, y, g, cuts=((0, 6), (6, 15), (15, 20))):
+    np.save(tmp_path / "labels.npy", y)
+    files = []
+    for i, (a, b) in enumerate(cuts):
+        np.save(tmp_path / f"v{i}.npy", z[:, a:b])
+        np.save(tmp_path / f"g{i}.npy", g[:, a:b])
+        files.append(sh.ShardFiles(str(tmp_path / f"v{i}.npy"), str(tmp_path / "labels.npy"),
+                                   str(tmp_path / f"g{i}.npy")))
+    return files
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vocab_shards_take_class_weights(tmp_path, reduction):
+    """--weight on vocabulary shards: a row's weight w_y scales its loss and gradient (index
+    targets, no smoothing), each shard all rows: verdict, counts and failing entries (global
+    indices) of the single process; the loss counts each row's w_y lse once."""
+    z, y, _ = make_batch(n=50, c=20, dtype=np.float64)
+    w = class_weights(20, seed=2)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="full")
+    g = reference_grad(tmp_path, z, y, opts, weight=w)
+    g[7, 12] = g[7, 12] * 1.01 if g[7, 12] else 1e-3
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts,
+                            inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    single = check_grad(z, y, grad=g, weight=w, options=opts)
+    assert not single.ok
+    assert_merged(sharded, single, 3, exact=False)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(7, 12)]
+    assert sharded.report.options["weighted"] and "sample_weighted" not in sharded.report.options
+
+
+def test_vocab_weights_must_cover_the_labels(tmp_path):
+    """C weights for the shards' C classes; a label past them is one line naming it."""
+    z, y, g = make_batch(n=50, c=20, dtype=np.float64)
+    np.save(tmp_path / "w12.npy", np.ones(12))
+    with pytest.raises(CeCheckError, match=r"shape \(12,\) but the logits have 20 classes"):
+        sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                      inputs=sh.BatchInputs(weight=str(tmp_path / "w12.npy")))
+    y[3] = 25
+    np.save(tmp_path / "w.npy", np.ones(20))
+    with pytest.raises(CeCheckError, match=r"label 25 at row 3 is out of the class weights' "
+                                           r"range \[0, 20\)"):
+        sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                      inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+
+
+def test_cli_grad_shards_with_weight(tmp_path, invoke):
+    """Through the command line: exit 1, the planted entry at its global index, the shards'
+    table; a weight of the wrong length is one line, exit 2."""
+    z, y, _ = make_batch(n=90, c=7, seed=4)
+    w = class_weights(7, seed=4)
+    np.save(tmp_path / "w.npy", w)
+    g = reference_grad(tmp_path, z, y, CheckOptions(), weight=w).astype(np.float32)
+    g[61, 3] += 1e-2
+    write_rows(tmp_path, z, y, g, [0, 30, 90])
+    args = ["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
+            tmp_path / "grad_*.npy", "--shards", "rows", "--json"]
+    res = invoke(args + ["--weight", tmp_path / "w.npy"])
+    assert res.exit_code == 1, res.output
+    data = json.loads(res.stdout)
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["mismatches"] == 1 and grad["worst"][0]["index"] == [61, 3]
+    assert data["options"]["weighted"] is True
+    assert [s["ok"] for s in data["shards"]["per_shard"]] == [True, False]
+    np.save(tmp_path / "w5.npy", np.ones(5))
+    bad = invoke(args + ["--weight", tmp_path / "w5.npy"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
+    assert "shape (5,) but the logits have 7 classes" in bad.stderr
+
+
+BINARY_WEIGHTS = {  # the weight's shape, for (60, 8) logits
+    "columns": (8,), "one": (), "rows": (60, 1), "batch": (60, 8), "broadcast row": (1, 8)}
+
+
+@pytest.mark.parametrize("axis, cuts", [("rows", [0, 25, 60]), ("cols", [0, 3, 8])])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", list(BINARY_WEIGHTS))
+def test_binary_shards_take_element_weights(tmp_path, axis, cuts, reduction, kind):
+    """binary --weight, broadcast to the logits: each shard takes its rows or columns of it
+    where it spans the split axis; every check field equals the single process's."""
+    z, y, _ = bce_batch((60, 8), seed=6, reduction=reduction)
+    w = np.random.default_rng(7).choice(DYADIC, BINARY_WEIGHTS[kind])
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="full")
+    check_binary(z, y, weight=w, options=opts, out_grad=tmp_path / "ref.npy")
+    g = np.load(tmp_path / "ref.npy").astype(np.float32)
+    g[40, 5] += 1e-2
+    sharded = sh.run_shards(write(tmp_path, z, y, g, cuts, axis), axis, opts, kind="binary",
+                            inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    single = check_binary(z, y, grad=g, weight=w, options=opts)
+    assert not single.ok and single.options["weighted"]
+    assert_identical(sharded.report, single, 2)
+    assert sharded.report.options == single.options
+
+
+def test_binary_weight_that_does_not_fit_is_one_line(tmp_path, invoke):
+    z, y, g = bce_batch((60, 8))
+    write(tmp_path, z, y, g, [0, 25, 60], "rows")
+    np.save(tmp_path / "w.npy", np.ones((30, 8)))
+    res = invoke(["binary", tmp_path / "z_*.npy", tmp_path / "y_*.npy", "--grad",
+                  tmp_path / "g_*.npy", "--shards", "rows", "--weight", tmp_path / "w.npy"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert "weight file" in res.stderr and "shape (30, 8)" in res.stderr
