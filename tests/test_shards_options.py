@@ -191,3 +191,174 @@ def test_binary_weight_that_does_not_fit_is_one_line(tmp_path, invoke):
                   tmp_path / "g_*.npy", "--shards", "rows", "--weight", tmp_path / "w.npy"])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
     assert "weight file" in res.stderr and "shape (30, 8)" in res.stderr
+
+
+# ---------------------------------------------------------------- your loss
+
+
+def loss_check(report):
+    return next(c for c in report.checks if c.name == "loss_vs_reference")
+
+
+def assert_same_loss_check(merged, single):
+    """The merged loss check is the single process's: verdict, note, reference and allowance
+    within the fsum merge's bound."""
+    m, s = loss_check(merged), loss_check(single)
+    assert (m.ok, m.mismatches, m.total, m.note, m.rule) == (s.ok, s.mismatches, s.total, s.note, s.rule)
+    for a, b in zip(m.worst, s.worst):
+        assert (a.index, a.got, a.ok) == (b.index, b.got, b.ok)
+        assert a.expected == pytest.approx(b.expected, rel=8 * EPS, abs=1e-300)
+        assert a.allowed == pytest.approx(b.allowed, rel=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shift, ok", [(0.0, True), (1e-3, False)])
+def test_row_shards_check_the_reduced_loss(tmp_path, reduction, shift, ok):
+    """--loss NUMBER on row shards: compared once with the merged reference loss, allowed the
+    single process's floor (the rows' floors summed over the shards); a wrong loss is caught."""
+    z, y, g = make_batch(n=120, c=11, seed=3, reduction=reduction)
+    w = class_weights(11)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="off")
+    value = np.float32(check_grad(z, y, weight=w, options=opts).loss * (1 + shift))
+    single = check_grad(z, y, grad=g, weight=w, loss=value, options=opts)
+    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=float(value), loss_dtype="float32")
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 50, 120]), "rows", opts, inputs=inputs)
+    assert loss_check(single).ok is ok
+    assert_same_loss_check(sharded.report, single)
+    assert sharded.report.ok == single.ok and [c.name for c in sharded.report.checks] == \
+        [c.name for c in single.checks]
+    assert sharded.report.verdict == single.verdict
+
+
+def test_reduced_loss_passes_with_the_normaliser_allowance_as_in_one_process(tmp_path):
+    """A float32 loss off by more than the plain floor but within the normaliser bound (3000
+    classes): the merged check passes with the single process's note."""
+    z, y, g = make_batch(n=60, c=3000, seed=3)
+    opts = CheckOptions(fd="off")
+    value = np.float32(check_grad(z, y, options=opts).loss + 9e-5)
+    single = check_grad(z, y, grad=g, loss=value, options=opts)
+    assert loss_check(single).ok and "normaliser allowance" in loss_check(single).note
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 25, 60]), "rows", opts,
+                            inputs=sh.BatchInputs(loss=float(value), loss_dtype="float32"))
+    assert_same_loss_check(sharded.report, single)
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+def test_row_shards_check_per_sample_losses(tmp_path, per_shard):
+    """reduction none: one file of the batch's losses, each shard its rows, or a glob of one
+    file per shard; a wrong loss is found at its global index."""
+    z, y, g = make_batch(n=120, c=11, seed=3, reduction="none")
+    opts = CheckOptions(reduction="none", fd="off")
+    per = ce_losses(z, y).astype(np.float32)
+    per[83] *= 1.01
+    files = write_rows(tmp_path, z, y, g, [0, 50, 120])
+    if per_shard:
+        np.save(tmp_path / "loss_0.npy", per[:50])
+        np.save(tmp_path / "loss_1.npy", per[50:])
+        paths = (str(tmp_path / "loss_0.npy"), str(tmp_path / "loss_1.npy"))
+    else:
+        np.save(tmp_path / "loss.npy", per)
+        paths = (str(tmp_path / "loss.npy"),)
+    sharded = sh.run_shards(files, "rows", opts, inputs=sh.BatchInputs(arrays=(("loss", paths),)))
+    single = check_grad(z, y, grad=g, loss=per, options=opts)
+    assert not single.ok
+    assert_same_report(sharded.report, single, 2)
+    assert [e.index for e in loss_check(sharded.report).worst if not e.ok] == [(83,)]
+
+
+@pytest.mark.parametrize("axis, cuts", [("rows", [0, 25, 60]), ("cols", [0, 3, 8])])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_binary_shards_check_your_loss(tmp_path, axis, cuts, reduction):
+    """binary --loss: reduced (compared once, merged) or per element (one file, each shard its
+    rows or columns); a wrong value caught as in one process."""
+    z, y, g = bce_batch((60, 8), seed=6, reduction=reduction)
+    w = np.random.default_rng(7).choice(DYADIC, 8)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="off")
+    per = bce_losses(z, y, w)
+    if reduction == "none":
+        per[41, 6] *= 1.01
+        np.save(tmp_path / "loss.npy", per)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
+                                arrays=(("loss", (str(tmp_path / "loss.npy"),)),))
+        value = per
+    else:
+        value = float(per.sum() / (per.size if reduction == "mean" else 1)) * (1 + 1e-4)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=value)
+    single = check_binary(z, y, grad=g, weight=w, loss=value, options=opts)
+    sharded = sh.run_shards(write(tmp_path, z, y, g, cuts, axis), axis, opts, kind="binary",
+                            inputs=inputs)
+    assert not loss_check(single).ok
+    if reduction == "none":
+        assert_identical(sharded.report, single, 2)
+        assert [e.index for e in loss_check(sharded.report).worst if not e.ok] == [(41, 6)]
+    else:
+        assert_same_loss_check(sharded.report, single)
+        assert sharded.report.verdict == single.verdict
+
+
+def ce_losses(z, y):
+    """Per-row softmax CE, lse - z_y in float64 (0 where ignored)."""
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    live = y != -100
+    return np.where(live, lse - z[np.arange(len(y)), np.where(live, y, 0)], 0.0)
+
+
+def bce_losses(z, y, w):
+    """PyTorch's per-element BCEWithLogits loss, in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    return w * (np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))
+
+
+def test_cli_loss_with_shards(tmp_path, invoke):
+    """--loss NUMBER and --loss FILE through the command line: a right loss passes, a wrong one
+    fails the merged check (exit 1); on vocabulary shards it is one line, exit 2."""
+    z, y, g = make_batch(n=90, c=7, seed=4)
+    write_rows(tmp_path, z, y, g, [0, 30, 90])
+    args = ["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
+            tmp_path / "grad_*.npy", "--shards", "rows", "--json"]
+    loss = check_grad(z, y).loss
+    good = invoke(args + ["--loss", repr(loss)])
+    assert good.exit_code == 0, good.output
+    assert loss_check_json(good)["ok"] and json.loads(good.stdout)["loss"] == pytest.approx(loss)
+    np.save(tmp_path / "loss.npy", np.float32(loss * 1.001))
+    bad = invoke(args + ["--loss", tmp_path / "loss.npy"])
+    assert bad.exit_code == 1, bad.output
+    check = loss_check_json(bad)
+    assert not check["ok"] and check["worst"][0]["got"] == pytest.approx(loss * 1.001, rel=1e-6)
+    assert "loss_vs_reference" in json.loads(bad.stdout)["verdict"]
+    np.save(tmp_path / "labels.npy", y[:30])
+    for i, (a, b) in enumerate([(0, 3), (3, 7)]):
+        np.save(tmp_path / f"v{i}.npy", z[:30, a:b])
+    vocab = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--shards", "vocab",
+                    "--loss", "2.0"])
+    assert vocab.exit_code == 2 and vocab.stderr.count("\n") == 1
+    assert "--loss: not with vocabulary shards" in vocab.stderr
+
+
+def loss_check_json(res):
+    return next(c for c in json.loads(res.stdout)["checks"] if c["name"] == "loss_vs_reference")
+
+
+def test_cli_per_sample_loss_glob(tmp_path, invoke):
+    """--reduction none --loss 'loss_*.npy': one file per shard, like --grad; the wrong row at
+    its global index."""
+    z, y, g = make_batch(n=90, c=7, seed=4, reduction="none")
+    write_rows(tmp_path, z, y, g, [0, 30, 90])
+    per = ce_losses(z, y)
+    per[44] += 1e-3
+    np.save(tmp_path / "loss_0.npy", per[:30])
+    np.save(tmp_path / "loss_1.npy", per[30:])
+    res = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
+                  tmp_path / "grad_*.npy", "--shards", "rows", "--reduction", "none", "--loss",
+                  tmp_path / "loss_*.npy", "--json"])
+    assert res.exit_code == 1, res.output
+    check = loss_check_json(res)
+    assert check["mismatches"] == 1 and check["worst"][0]["index"] == [44]
+    np.save(tmp_path / "loss_2.npy", per[:3])
+    three = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--shards",
+                    "rows", "--reduction", "none", "--loss", tmp_path / "loss_*.npy"])
+    assert three.exit_code == 2 and "--loss: 3 files for 2 logits shards" in three.stderr
