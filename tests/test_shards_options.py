@@ -362,3 +362,145 @@ def test_cli_per_sample_loss_glob(tmp_path, invoke):
     three = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--shards",
                     "rows", "--reduction", "none", "--loss", tmp_path / "loss_*.npy"])
     assert three.exit_code == 2 and "--loss: 3 files for 2 logits shards" in three.stderr
+
+
+# ---------------------------------------------------------------- the batch-shaped inputs
+
+
+def save_rows(tmp_path, name, arr, cuts, per_shard):
+    """One file of the batch, or one per shard (cut at `cuts`): the paths."""
+    if not per_shard:
+        np.save(tmp_path / f"{name}.npy", arr)
+        return (str(tmp_path / f"{name}.npy"),)
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        np.save(tmp_path / f"{name}_{i}.npy", arr[a:b])
+    return tuple(str(tmp_path / f"{name}_{i}.npy") for i in range(len(cuts) - 1))
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row_shards_take_sample_weights(tmp_path, reduction, per_shard):
+    """--sample-weight on row shards, with class weights: 'mean''s D is sum w_y s_n over the
+    batch (pass 1); every field of the single process's report."""
+    z, y, _ = make_batch(n=120, c=11, seed=3)
+    w, s = class_weights(11), np.random.default_rng(9).choice(DYADIC, 120)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="full", z_loss=1e-3)
+    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=s).astype(np.float32)
+    g[13, 2] *= 1.001
+    cuts = [0, 50, 120]
+    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), arrays=(
+        ("sample_weight", save_rows(tmp_path, "sw", s, cuts, per_shard)),))
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, cuts), "rows", opts, inputs=inputs)
+    single = check_grad(z, y, grad=g, weight=w, sample_weight=s, options=opts)
+    assert not single.ok and single.options["sample_weighted"]
+    assert_merged(sharded, single, 2)
+    assert [s.ok for s in sharded.shards] == [False, True]
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_row_shards_compare_lse_and_z_loss(tmp_path, reduction, per_shard):
+    """--lse (per row) and --z-loss-value (a number, or per row with reduction none) on row
+    shards: wrong values found at their global rows, the reduced z-loss compared once."""
+    z, y, g = make_batch(n=120, c=11, seed=3, reduction=reduction)
+    opts = CheckOptions(reduction=reduction, fd="off", z_loss=1e-2)
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    lse[97] += 1e-3
+    live = y != -100
+    zl = np.where(live, 1e-2 * lse * lse, 0.0)
+    cuts = [0, 50, 120]
+    arrays = [("lse", save_rows(tmp_path, "lse", lse, cuts, per_shard))]
+    if reduction == "none":
+        zl[20] *= 1.01
+        arrays.append(("z_loss_value", save_rows(tmp_path, "zl", zl, cuts, per_shard)))
+        value, inputs = zl, sh.BatchInputs(arrays=tuple(arrays))
+    else:
+        value = float(zl.sum() / (live.sum() if reduction == "mean" else 1)) * 1.01
+        inputs = sh.BatchInputs(arrays=tuple(arrays), z_loss=value)
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, cuts), "rows", opts, inputs=inputs)
+    single = check_grad(z, y, grad=g, lse=lse, z_loss_value=value, options=opts)
+    names = [c.name for c in single.checks]
+    assert "lse_vs_reference" in names and "z_loss_vs_reference" in names
+    assert [c.name for c in sharded.report.checks] == names
+    merged = {c.name: c for c in sharded.report.checks}
+    for c in single.checks:
+        assert (merged[c.name].ok, merged[c.name].mismatches, merged[c.name].total) == \
+            (c.ok, c.mismatches, c.total), c.name
+        assert [e.index for e in merged[c.name].worst] == [e.index for e in c.worst], c.name
+    assert [e.index for e in merged["lse_vs_reference"].worst if not e.ok] == [(97,)]
+    assert not merged["z_loss_vs_reference"].ok
+    assert merged["z_loss_vs_reference"].worst[0].allowed == pytest.approx(
+        next(c for c in single.checks if c.name == "z_loss_vs_reference").worst[0].allowed, rel=1e-12)
+
+
+def test_vocab_shards_take_sample_weights_and_refuse_lse(tmp_path):
+    """Every vocabulary shard holds every row: it takes the whole --sample-weight file; --lse
+    (what pass 1 merges itself) and --z-loss-value (no --z-loss there) are one line each."""
+    z, y, _ = make_batch(n=50, c=20, dtype=np.float64)
+    w, s = class_weights(20, seed=2), np.random.default_rng(3).choice(DYADIC, 50)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "sw.npy", s)
+    opts = CheckOptions(fd="full")
+    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=s)
+    g[33, 17] += 1e-3
+    files = vocab_files(tmp_path, z, y, g)
+    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
+                            arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),))
+    sharded = sh.run_shards(files, "vocab", opts, inputs=inputs)
+    assert_merged(sharded, check_grad(z, y, grad=g, weight=w, sample_weight=s, options=opts), 3,
+                  exact=False)
+    assert sharded.report.options["weighted"] and sharded.report.options["sample_weighted"]
+    np.save(tmp_path / "lse.npy", np.zeros(50))
+    with pytest.raises(CeCheckError, match="`lse`: not with vocabulary shards"):
+        sh.run_shards(files, "vocab", opts,
+                      inputs=sh.BatchInputs(arrays=(("lse", (str(tmp_path / "lse.npy"),)),)))
+    with pytest.raises(CeCheckError, match="`z_loss_value`: needs `z_loss`"):
+        sh.run_shards(files, "vocab", opts, inputs=sh.BatchInputs(z_loss=0.1))
+
+
+@pytest.mark.parametrize("shape, axis, cuts", [((60, 8), "rows", [0, 25, 60]),
+                                               ((60, 8), "cols", [0, 3, 8]),
+                                               ((12, 5, 4), "rows", [0, 7, 12]),
+                                               ((900,), "cols", [0, 400, 900])])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_binary_shards_take_sample_weights(tmp_path, shape, axis, cuts, reduction):
+    """binary --sample-weight (the batch's shape; 1-D logits: one per element): row shards take
+    their rows, column shards all rows (1-D: their elements); 'mean' divides by the weights'
+    sum over the batch's elements (pass 1). Every check field equals the single process's."""
+    z, y, _ = bce_batch(shape, seed=6)
+    s = np.random.default_rng(8).choice(DYADIC, shape if len(shape) == 1 else shape[:-1])
+    s[:3] = 0.0  # a shard's own weights may sum to 0: the batch's do not
+    np.save(tmp_path / "sw.npy", s)
+    opts = CheckOptions(reduction=reduction, fd="full")
+    check_binary(z, y, sample_weight=s, options=opts, out_grad=tmp_path / "ref.npy")
+    g = np.load(tmp_path / "ref.npy").astype(np.float32)
+    g.reshape(-1)[g.size // 2 + 1] += 1e-2
+    sharded = sh.run_shards(write(tmp_path, z, y, g, cuts, axis), axis, opts, kind="binary",
+                            inputs=sh.BatchInputs(arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),)))
+    single = check_binary(z, y, grad=g, sample_weight=s, options=opts)
+    assert not single.ok
+    assert_identical(sharded.report, single, 2)
+    assert sharded.report.options == single.options
+
+
+def test_cli_batch_inputs_on_row_shards(tmp_path, invoke):
+    """--sample-weight and --lse as quoted globs, --z-loss-value a number, through the command
+    line: the wrong lse row found at its global index (exit 1)."""
+    z, y, g = make_batch(n=90, c=7, seed=4)
+    cuts = [0, 30, 90]
+    write_rows(tmp_path, z, y, g, cuts)
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    lse[70] -= 1e-2
+    save_rows(tmp_path, "sw", np.ones(90), cuts, True)
+    save_rows(tmp_path, "lse", lse, cuts, True)
+    res = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
+                  tmp_path / "grad_*.npy", "--shards", "rows", "--sample-weight",
+                  tmp_path / "sw_*.npy", "--lse", tmp_path / "lse_*.npy", "--z-loss", "1e-4",
+                  "--z-loss-value", "0.5", "--json"])
+    assert res.exit_code == 1, res.output
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["lse_vs_reference"]["worst"][0]["index"] == [70]
+    assert not checks["z_loss_vs_reference"]["ok"]

@@ -759,7 +759,8 @@ def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
 
 
 def _batch_mean(problem: SigmoidBCE, entries: float) -> GlobalMeanBCE:
-    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__ if f != "kernel"}
+    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__
+              if f not in ("kernel", "batch_entries")}
     return GlobalMeanBCE(**fields, batch_entries=entries)
 
 
