@@ -186,7 +186,9 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     shard_files = pair_files([f for h in files["hidden"] for f in expand(h, "hidden")],
                              expand(str(files["labels"]), "labels"),
                              [f for g in gh for f in expand(g, "grad_hidden")] if gh else None)
-    batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings)
+    sw = files["sample_weight"]
+    batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings,
+                        sample_weight=tuple(expand(sw, "sample_weight")) if sw else ())
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
                           "loss": loss.arrays["loss"] if loss is not None else None,
                           "loss_source": loss.sources["loss"] if loss is not None else "loss"}

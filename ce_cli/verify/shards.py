@@ -423,12 +423,12 @@ def shard_labels(shard: Shard) -> np.ndarray:
     y = load(shard.files.labels, "labels")
     if shard.labels_range is not None:
         start, stop = shard.labels_range
-        y = _cut(y, 0 if shard.axis == "rows" else -1, start, stop,
+        y = cut_part(y, 0 if shard.axis == "rows" else -1, start, stop,
                  f"labels file '{shard.files.labels}'")
     return y
 
 
-def _cut(arr: np.ndarray, along: int, start: int, stop: int, label: str) -> np.ndarray:
+def cut_part(arr: np.ndarray, along: int, start: int, stop: int, label: str) -> np.ndarray:
     """[start, stop) of `arr` along axis 0 (rows) or -1 (columns)."""
     what = "rows" if along == 0 else "columns"
     if arr.ndim == 0 or arr.shape[along] < stop:
@@ -448,9 +448,9 @@ def shard_part(shard: Shard, files: Sequence[str], role: str) -> np.ndarray:
         return load(files[shard.index], role)
     arr, label = load(files[0], role), f"{role} file '{files[0]}'"
     if shard.axis == "rows":
-        return _cut(arr, 0, shard.offset, shard.offset + shard.size, label)
+        return cut_part(arr, 0, shard.offset, shard.offset + shard.size, label)
     if shard.kind == "binary" and (role in PER_ELEMENT or len(shard.shape) == 1):
-        return _cut(arr, -1, shard.offset, shard.offset + shard.size, label)
+        return cut_part(arr, -1, shard.offset, shard.offset + shard.size, label)
     return arr
 
 
@@ -466,7 +466,7 @@ def shard_weight(shard: Shard, path: str) -> np.ndarray:
     ndim = len(shard.shape)
     spans = w.ndim == ndim if along == 0 else w.ndim >= 1
     if spans and w.shape[along] != 1:
-        return _cut(w, along, shard.offset, shard.offset + shard.size, f"weight file '{path}'")
+        return cut_part(w, along, shard.offset, shard.offset + shard.size, f"weight file '{path}'")
     return w
 
 
