@@ -25,6 +25,12 @@ re-ranked by |error| / allowed over the shards' own worst lists (each shard's to
 global top k), with GLOBAL indices. The loss is `math.fsum` of the shards' losses, each an
 exactly rounded sum of its rows (divided by D for 'mean'): for non-negative row losses it is
 within (2 + n_shards) eps/2 relative of the single-process loss.
+
+The batch's other inputs (`BatchInputs`): class weights (every shard reads the C values; pass 1
+sums w_y s_n; vocabulary shards weigh each row by w_y), batch-shaped inputs (one file for the
+batch, each shard its rows, or one per shard) and your loss: per sample, each shard compares its
+own; reduced, each shard sums its rows' floors in its pass (`ShareStage`) and the client compares
+your value once with the merged loss (`batch_checks`), as `LossStage` would on the batch.
 """
 
 from __future__ import annotations
