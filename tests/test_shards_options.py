@@ -504,3 +504,14 @@ def test_cli_batch_inputs_on_row_shards(tmp_path, invoke):
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert checks["lse_vs_reference"]["worst"][0]["index"] == [70]
     assert not checks["z_loss_vs_reference"]["ok"]
+
+
+def test_vocab_shards_warn_of_negative_class_weights_as_one_process(tmp_path):
+    z, y, g = make_batch(n=50, c=20, dtype=np.float64)
+    w = class_weights(20, seed=2)
+    w[3] = -0.5
+    np.save(tmp_path / "w.npy", w)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                            inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    assert f"weight file '{tmp_path / 'w.npy'}': negative class weights" in sharded.report.warnings
+    assert not any("sample weights" in w for w in sharded.report.warnings)

@@ -680,9 +680,13 @@ def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | N
                         sample_weight=None if sw is None else sw.reshape(np.shape(y)))
     if "weight" not in given.arrays:
         return report
-    echo = {k: v for k, v in report.options.items()
-            if k != "sample_weighted" or "sample_weight" in given.arrays}
-    return replace(report, options={**echo, "weighted": True})
+    own = "sample_weight" in given.arrays
+    echo = {k: v for k, v in report.options.items() if k != "sample_weighted" or own}
+    warnings = report.warnings
+    if np.any(np.asarray(given.arrays["weight"]) < 0):  # the rows' weights are the class weights'
+        warnings = tuple(w for w in warnings if own or not w.endswith("negative sample weights"))
+        warnings += (f"{given.sources['weight']}: negative class weights",)
+    return replace(report, options={**echo, "weighted": True}, warnings=warnings)
 
 
 def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
