@@ -515,3 +515,14 @@ def test_vocab_shards_warn_of_negative_class_weights_as_one_process(tmp_path):
                             inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
     assert f"weight file '{tmp_path / 'w.npy'}': negative class weights" in sharded.report.warnings
     assert not any("sample weights" in w for w in sharded.report.warnings)
+
+
+def test_a_number_is_no_per_sample_loss(tmp_path, invoke):
+    z, y, g = make_batch(n=60, c=5, reduction="none")
+    write_rows(tmp_path, z, y, g, [0, 20, 60])
+    res = invoke(["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--shards", "rows",
+                  "--reduction", "none", "--loss", "2.5"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    with pytest.raises(CeCheckError, match="reduction none compares per-sample values"):
+        sh.run_shards(write_rows(tmp_path, z, y, g, [0, 20, 60]), "rows",
+                      CheckOptions(reduction="none"), inputs=sh.BatchInputs(loss=2.5))

@@ -1008,17 +1008,26 @@ def refuse_inputs(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions, k
         if len(files) not in (1, n):
             raise CeCheckError(f"`{role}`: {len(files)} files for {n} logits shards (give one "
                                "per shard, or one file for the whole batch)")
+    _refuse_values(inputs, options, kind)
+    if kind != "binary" and inputs.weight is not None:  # C values, read once here
+        _class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
+                       f"weight file '{inputs.weight}'", [])
+    if plan.axis == "vocab":
+        _refuse_on_vocab(inputs)
+
+
+def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> None:
+    """Your loss and z-loss as the settings need them: numbers only when reduced, a z-loss
+    (and an lse) only for softmax with `z_loss`."""
+    if options.reduction.value == "none" and (inputs.loss is not None or inputs.z_loss is not None):
+        raise CeCheckError("`loss`: reduction none compares per-sample values: give them as files "
+                           "(one for the batch or one per shard), not a number")
     z_value = inputs.z_loss is not None or bool(inputs.files("z_loss_value"))
     if kind == "binary" and (z_value or inputs.files("lse")):
         raise CeCheckError(f"`{'lse' if inputs.files('lse') else 'z_loss_value'}`: applies to "
                            "softmax cross-entropy (check_grad), not sigmoid BCE")
-    if kind != "binary" and inputs.weight is not None:  # C values, read once here
-        _class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
-                       f"weight file '{inputs.weight}'", [])
     if z_value and not options.z_loss:
         raise CeCheckError("`z_loss_value`: needs `z_loss`, the coefficient it was computed with")
-    if plan.axis == "vocab":
-        _refuse_on_vocab(inputs)
 
 
 def _refuse_on_vocab(inputs: BatchInputs) -> None:
