@@ -335,7 +335,7 @@ def test_cli_several_files_need_shards(tmp_path, invoke, extra):
     (["--fd", "full"], "--fd full: not available for linear"),
     (["--fd", "off", "--shift-labels"], "--shift-labels: linear row shards need (B, T, H)"),
     (["--fd", "off", "--sample-weight", "LABELS"], "shape (30,) has fewer than the 90 rows"),
-    (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "--loss: per-token losses"),
+    (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "has fewer than the 90 rows"),
     (["--fd", "off", "--shards", "vocab"], "--shards: linear shards split rows"),
 ])
 def test_cli_refuses_what_linear_shards_do_not_carry(tmp_path, invoke, extra, message):
@@ -517,3 +517,62 @@ def _reference_grad_hidden(h, arrays, y):
     p[np.arange(t.size)[live], t[live]] -= 1.0
     p[~live] = 0.0
     return (p / live.sum() @ arrays["weight"].astype(np.float64)).reshape(h.shape)
+
+
+def token_losses(arrays, T=None):
+    """`check_linear`'s per-token reference losses (lse - z_y, 0 where ignored), float64."""
+    z = arrays["hidden"].astype(np.float64) @ arrays["weight"].astype(np.float64).T + arrays["bias"]
+    y = arrays["labels"]
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    live = y != -100
+    out = np.where(live, lse - z[np.arange(len(y)), np.where(live, y, 0)], 0.0)
+    return out if T is None else out.reshape(-1, T)
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+@pytest.mark.parametrize("T", [None, 10])
+def test_per_token_losses_on_linear_shards(tmp_path, per_shard, T):
+    """reduction none with --loss: one file of the batch's tokens (each shard its own) or one
+    per shard; a wrong token's loss found at its global index ((b, t) for (B, T, H) shards)."""
+    arrays, grads = make_linear(n=90, reduction="none")
+    per = token_losses(arrays).astype(np.float32)
+    per[64] *= 1.01
+    cuts = [0, 30, 90] if T is None else [0, 3, 9]
+    batch_per = per if T is None else per.reshape(-1, T)
+    if per_shard:
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            np.save(tmp_path / f"loss_{i}.npy", batch_per[a:b])
+        loss_files = tuple(str(tmp_path / f"loss_{i}.npy") for i in range(2))
+    else:
+        np.save(tmp_path / "loss.npy", batch_per)
+        loss_files = (str(tmp_path / "loss.npy"),)
+    seq = arrays if T is None else {**arrays, "hidden": arrays["hidden"].reshape(-1, T, 12),
+                                    "labels": arrays["labels"].reshape(-1, T)}
+    gseq = grads if T is None else {**grads, "grad_hidden": grads["grad_hidden"].reshape(-1, T, 12)}
+    files = write_linear(tmp_path, seq, gseq, cuts)
+    options = CheckOptions(fd="off", reduction="none")
+    batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"),
+                        loss_files=loss_files)
+    merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
+                               grad_bias=str(tmp_path / "grad_bias.npy"))
+    single = check_linear(**seq, **gseq, loss=batch_per, options=options)
+    assert not single.ok
+    assert_same_linear(merged.report, single, 2)
+    loss = next(c for c in merged.report.checks if c.name == "loss_vs_reference")
+    assert [e.index for e in loss.worst if not e.ok] == [(64,) if T is None else (6, 4)]
+
+
+def test_cli_per_token_losses_on_linear_shards(tmp_path, invoke):
+    arrays, grads = make_linear(n=90, reduction="none")
+    per = token_losses(arrays)
+    per[10] += 1e-3
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    np.save(tmp_path / "loss_0.npy", per[:30])
+    np.save(tmp_path / "loss_1.npy", per[30:])
+    res = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                  tmp_path / "labels_*.npy", "--bias", tmp_path / "bias.npy", "--reduction", "none",
+                  "--loss", tmp_path / "loss_*.npy", "--shards", "rows", "--fd", "off", "--json"])
+    assert res.exit_code == 1, res.output
+    loss = next(c for c in json.loads(res.stdout)["checks"] if c["name"] == "loss_vs_reference")
+    assert loss["mismatches"] == 1 and loss["worst"][0]["index"] == [10]

@@ -180,7 +180,9 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
     _linear_refusals(axis, files, refused)
-    loss = load_all(input_specs({"loss": files["loss"]})) if files["loss"] is not None else None
+    per_token = flags["reduction"].value == "none" and files["loss"] is not None
+    loss = (load_all(input_specs({"loss": files["loss"]}))
+            if files["loss"] is not None and not per_token else None)
     options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
     gh = files["grad_hidden"]
     shard_files = pair_files([f for h in files["hidden"] for f in expand(h, "hidden")],
@@ -188,7 +190,8 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
                              [f for g in gh for f in expand(g, "grad_hidden")] if gh else None)
     sw = files["sample_weight"]
     batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings,
-                        sample_weight=tuple(expand(sw, "sample_weight")) if sw else ())
+                        sample_weight=tuple(expand(sw, "sample_weight")) if sw else (),
+                        loss_files=tuple(expand(files["loss"], "loss")) if per_token else ())
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
                           "loss": loss.arrays["loss"] if loss is not None else None,
                           "loss_source": loss.sources["loss"] if loss is not None else "loss"}

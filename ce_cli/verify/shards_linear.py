@@ -71,6 +71,7 @@ class LinearBatch:
     n_rows: int = 0                     # the batch's rows (the probes are drawn over them)
     fd_tols: tuple[Tolerance | None, Tolerance | None] = (None, None)  # your dL/dW's, dL/db's
     sample_weight: tuple[str, ...] = ()  # one file of the batch's tokens, or one per shard
+    loss_files: tuple[str, ...] = ()    # per-token losses (reduction none), likewise
     batch_shape: tuple[int, ...] = ()   # the batch's tokens: (N,), or (B, T) of (B, T, H) shards
 
 
@@ -110,6 +111,7 @@ class LinearPart:
     inputs: tuple[InputInfo, ...]
     fd: ShardFD | None = None
     exact_w: tuple[np.ndarray, np.ndarray] | None = None  # `exact`: G_i^T H_i and its floor
+    loss_check: CheckResult | None = None  # your per-token losses on the shard's tokens
 
 
 def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
@@ -167,15 +169,16 @@ def _token_rows(shard: Shard, h: np.ndarray, options: CheckOptions,
 
 
 def _sample_weight(shard: Shard, batch: LinearBatch) -> np.ndarray | None:
-    """The shard's tokens' sample weights: its own file, or its tokens of the batch's."""
-    files = batch.sample_weight
-    if not files:
-        return None
+    """The shard's tokens' sample weights (None without)."""
+    return _token_values(shard, batch.sample_weight, "sample_weight") if batch.sample_weight else None
+
+
+def _token_values(shard: Shard, files: Sequence[str], role: str) -> np.ndarray:
+    """One value a token of the shard: its own file, or its tokens of the batch's file."""
     if len(files) > 1:
-        return np.asarray(load(files[shard.index], "sample_weight")).reshape(-1)
-    sw = np.asarray(load(files[0], "sample_weight")).reshape(-1)
-    return cut_part(sw, 0, shard.offset, shard.offset + shard.size,
-                f"sample_weight file '{files[0]}'")
+        return np.asarray(load(files[shard.index], role)).reshape(-1)
+    values = np.asarray(load(files[0], role)).reshape(-1)
+    return cut_part(values, 0, shard.offset, shard.offset + shard.size, f"{role} file '{files[0]}'")
 
 
 def _flat_grad(gh: np.ndarray) -> np.ndarray:
@@ -208,14 +211,33 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                    if batch.settings.exact and batch.weight_side else None)
     if gh is not None:
         arrays["grad_hidden"] = gh
-    inputs = tuple(InputInfo(r, src[r], tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
-                   if r in ("hidden", "labels", "grad_hidden"))
+    loss_check = _token_losses(shard, batch, problem, run, options, arrays)
+    inputs = tuple(InputInfo(r, src.get(r, f"{r} file '{_name(batch.loss_files, shard)}'"),
+                             tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
+                   if r in ("hidden", "labels", "grad_hidden", "loss"))
     return LinearPart(hidden, failing, loss_sum(run.loss), math.fsum(run.loss_floor.tolist()), N,
                       int(N - np.count_nonzero(problem.valid)), run.wa, run.wp,
                       run.pw.r if run.pw is not None else None, run.lse, run.herr,
                       users["grad_hidden"].tol if "grad_hidden" in users else None,
                       tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
-                      inputs, _shard_fd(run, users, shard), exact_w)
+                      inputs, _shard_fd(run, users, shard), exact_w, loss_check)
+
+
+def _token_losses(shard: Shard, batch: LinearBatch, problem: LinearCE, run: Any,
+                  options: CheckOptions, arrays: dict[str, np.ndarray]) -> CheckResult | None:
+    """Your per-token losses (reduction none) on the shard's tokens, compared as
+    `check_linear` compares them (local token rows)."""
+    if not batch.loss_files:
+        return None
+    got = _token_values(shard, batch.loss_files, "loss")
+    arrays["loss"] = got
+    user = _user_loss(problem, got, f"loss file '{_name(batch.loss_files, shard)}'", options)
+    assert user is not None
+    return _loss_check(problem, run, user, 0.0, options)
+
+
+def _name(files: Sequence[str], shard: Shard) -> str:
+    return files[shard.index] if len(files) > 1 else files[0] if files else ""
 
 
 def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,
@@ -358,17 +380,20 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     mapper = mapper or LocalMapper()
     check_linear_options(options, batch)
     if loss is not None and options.reduction.value == "none":
-        raise CeCheckError("`loss`: per-token losses are not supported with linear `shards` yet")
+        raise CeCheckError("`loss`: per-token losses are files with linear `shards` (one for the "
+                           "batch or one per shard: `loss_files`)")
     batch = replace(batch, weight_side=grad_weight is not None)
     shapes = mapper.map(describe, [f.logits for f in files], ("hidden",))
     T = sequences(shapes, options)
     flat = [(s[0] * s[1], s[2]) if T else s for s in shapes]  # the plan counts token rows
     plan = make_plan(files, flat, mapper.map(describe, list(dict.fromkeys(f.labels for f in files)),
                                              ("labels",)), "rows")
-    if len(batch.sample_weight) not in (0, 1, len(plan.shards)):
-        raise CeCheckError(f"`sample_weight`: {len(batch.sample_weight)} files for "
-                           f"{len(plan.shards)} hidden shards (give one per shard, or one file "
-                           "for the whole batch)")
+    for role, given in (("sample_weight", batch.sample_weight), ("loss", batch.loss_files)):
+        if len(given) not in (0, 1, len(plan.shards)):
+            raise CeCheckError(f"`{role}`: {len(given)} files for {len(plan.shards)} hidden shards "
+                               "(give one per shard, or one file for the whole batch)")
+    if batch.loss_files and options.reduction.value != "none":
+        raise CeCheckError("`loss`: files of per-token losses need reduction none")
     batch = replace(batch, batch_shape=(plan.shape[0] // T, T) if T else (plan.shape[0],))
     D = None
     if options.reduction.value == "mean":
@@ -566,6 +591,9 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
     if user_loss is not None:
         run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
         ranked.append((2, _loss_check(stand, run, user_loss, ref_loss, options)))  # type: ignore[arg-type]
+    per_token = [(s, p.loss_check) for s, p in zip(plan.shards, parts) if p.loss_check is not None]
+    if per_token:
+        ranked.append((2, _token_index(merge_checks(per_token, options.worst), batch)))
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     report = Report(
         kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
