@@ -166,6 +166,13 @@ def _linear_refusals(axis: str | None, files: dict[str, Any],
         raise CeCheckError("`shards`: inputs are files, not stdin")
 
 
+def _files(text: str | None, role: str) -> tuple[str, ...]:
+    """The files a glob (or one name) gives `role`; none without it."""
+    from ce_cli.verify.shards import expand
+
+    return tuple(expand(text, role)) if text else ()
+
+
 def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *,
                        scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                        refused: dict[str, Any], **flags: Any) -> NoReturn:
@@ -180,7 +187,7 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
     _linear_refusals(axis, files, refused)
-    per_token = flags["reduction"].value == "none" and files["loss"] is not None
+    per_token = flags["reduction"].value == "none"  # --loss: files of per-token losses
     loss = (load_all(input_specs({"loss": files["loss"]}))
             if files["loss"] is not None and not per_token else None)
     options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
@@ -188,10 +195,9 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     shard_files = pair_files([f for h in files["hidden"] for f in expand(h, "hidden")],
                              expand(str(files["labels"]), "labels"),
                              [f for g in gh for f in expand(g, "grad_hidden")] if gh else None)
-    sw = files["sample_weight"]
     batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings,
-                        sample_weight=tuple(expand(sw, "sample_weight")) if sw else (),
-                        loss_files=tuple(expand(files["loss"], "loss")) if per_token else ())
+                        sample_weight=_files(files["sample_weight"], "sample_weight"),
+                        loss_files=_files(files["loss"] if per_token else None, "loss"))
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
                           "loss": loss.arrays["loss"] if loss is not None else None,
                           "loss_source": loss.sources["loss"] if loss is not None else "loss"}

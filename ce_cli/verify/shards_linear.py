@@ -388,12 +388,7 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     flat = [(s[0] * s[1], s[2]) if T else s for s in shapes]  # the plan counts token rows
     plan = make_plan(files, flat, mapper.map(describe, list(dict.fromkeys(f.labels for f in files)),
                                              ("labels",)), "rows")
-    for role, given in (("sample_weight", batch.sample_weight), ("loss", batch.loss_files)):
-        if len(given) not in (0, 1, len(plan.shards)):
-            raise CeCheckError(f"`{role}`: {len(given)} files for {len(plan.shards)} hidden shards "
-                               "(give one per shard, or one file for the whole batch)")
-    if batch.loss_files and options.reduction.value != "none":
-        raise CeCheckError("`loss`: files of per-token losses need reduction none")
+    _check_token_files(plan, batch, options)
     batch = replace(batch, batch_shape=(plan.shape[0] // T, T) if T else (plan.shape[0],))
     D = None
     if options.reduction.value == "mean":
@@ -414,6 +409,16 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     fd, evaluations = _fd_merge(parts, probes, direction, stand, users, options.worst)
     return _merge(plan, parts, stand, batch, options, (users, checks + fd, inputs),
                   (loss, loss_source), (probes[0], evaluations))
+
+
+def _check_token_files(plan: Any, batch: LinearBatch, options: CheckOptions) -> None:
+    """One file of the batch's tokens or one per shard; per-token losses need reduction none."""
+    for role, given in (("sample_weight", batch.sample_weight), ("loss", batch.loss_files)):
+        if len(given) not in (0, 1, len(plan.shards)):
+            raise CeCheckError(f"`{role}`: {len(given)} files for {len(plan.shards)} hidden shards "
+                               "(give one per shard, or one file for the whole batch)")
+    if batch.loss_files and options.reduction.value != "none":
+        raise CeCheckError("`loss`: files of per-token losses need reduction none")
 
 
 def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | None) -> LinearCE:
@@ -587,13 +592,7 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
     users, ranked, client_inputs = users_checks
     loss, loss_source = loss_in
     ref_loss = stand.reduce(math.fsum(p.loss_total for p in parts))
-    user_loss = _user_loss(stand, loss, loss_source, options)
-    if user_loss is not None:
-        run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
-        ranked.append((2, _loss_check(stand, run, user_loss, ref_loss, options)))  # type: ignore[arg-type]
-    per_token = [(s, p.loss_check) for s, p in zip(plan.shards, parts) if p.loss_check is not None]
-    if per_token:
-        ranked.append((2, _token_index(merge_checks(per_token, options.worst), batch)))
+    ranked += _loss_checks(plan, parts, stand, batch, options, loss_in, ref_loss)
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     report = Report(
         kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
@@ -607,6 +606,19 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
         warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode=fd[0],
         fd_evaluations=fd[1], options=_echo(stand, batch.settings, options, users))
     return ShardedReport("rows", report, tuple(_summary(s, p, stand) for s, p in zip(plan.shards, parts)))
+
+
+def _loss_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
+                 options: CheckOptions, loss_in: tuple[Any, str],
+                 ref_loss: float) -> list[tuple[int, CheckResult]]:
+    """Your reduced loss against the merged one (the shards' floors summed), or the shards'
+    per-token loss checks merged at global tokens."""
+    user_loss = _user_loss(stand, loss_in[0], loss_in[1], options)
+    if user_loss is not None:
+        run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
+        return [(2, _loss_check(stand, run, user_loss, ref_loss, options))]  # type: ignore[arg-type]
+    per_token = [(s, p.loss_check) for s, p in zip(plan.shards, parts) if p.loss_check is not None]
+    return [(2, _token_index(merge_checks(per_token, options.worst), batch))] if per_token else []
 
 
 def _summary(shard: Shard, part: LinearPart, stand: LinearCE) -> ShardSummary:
