@@ -315,7 +315,7 @@ def bce_losses(z, y, w):
 
 def test_cli_loss_with_shards(tmp_path, invoke):
     """--loss NUMBER and --loss FILE through the command line: a right loss passes, a wrong one
-    fails the merged check (exit 1); on vocabulary shards it is one line, exit 2."""
+    fails the merged check (exit 1), on row and on vocabulary shards."""
     z, y, g = make_batch(n=90, c=7, seed=4)
     write_rows(tmp_path, z, y, g, [0, 30, 90])
     args = ["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
@@ -334,9 +334,11 @@ def test_cli_loss_with_shards(tmp_path, invoke):
     for i, (a, b) in enumerate([(0, 3), (3, 7)]):
         np.save(tmp_path / f"v{i}.npy", z[:30, a:b])
     vocab = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--shards", "vocab",
-                    "--loss", "2.0"])
-    assert vocab.exit_code == 2 and vocab.stderr.count("\n") == 1
-    assert "--loss: not with vocabulary shards" in vocab.stderr
+                    "--loss", "2.0", "--json"])
+    assert vocab.exit_code == 1, vocab.output
+    check = loss_check_json(vocab)
+    assert not check["ok"] and check["worst"][0]["expected"] == pytest.approx(
+        check_grad(z[:30], y[:30]).loss, rel=1e-13)
 
 
 def loss_check_json(res):
@@ -526,3 +528,66 @@ def test_a_number_is_no_per_sample_loss(tmp_path, invoke):
     with pytest.raises(CeCheckError, match="reduction none compares per-sample values"):
         sh.run_shards(write_rows(tmp_path, z, y, g, [0, 20, 60]), "rows",
                       CheckOptions(reduction="none"), inputs=sh.BatchInputs(loss=2.5))
+
+
+# ---------------------------------------------------------------- your loss on vocabulary shards
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights", ["none", "class", "class+sample"])
+@pytest.mark.parametrize("fd", ["full", "sample"])
+def test_vocab_shards_check_your_loss(tmp_path, reduction, weights, fd):
+    """--loss on vocabulary shards: each row's loss s_n (lse_n - z_y) from the merged lse and the
+    z_y of the shard that holds the label, allowed the single process's floor (per row, or
+    summed for a reduced loss): the single process's check, a wrong value caught."""
+    z, y, g = make_batch(n=50, c=20, dtype=np.float64, reduction=reduction)
+    kw, arrays = {}, []
+    if weights != "none":
+        kw["weight"] = class_weights(20, seed=2)
+        np.save(tmp_path / "w.npy", kw["weight"])
+    if weights == "class+sample":
+        kw["sample_weight"] = np.random.default_rng(3).choice(DYADIC, 50)
+        np.save(tmp_path / "sw.npy", kw["sample_weight"])
+        arrays.append(("sample_weight", (str(tmp_path / "sw.npy"),)))
+    opts = CheckOptions(reduction=reduction, fd=fd)
+    if reduction == "none":
+        per = ce_losses(z, y) * (kw["weight"][np.where(y == -100, 0, y)] if "weight" in kw else 1.0)
+        per = per * kw.get("sample_weight", 1.0)
+        per[21] *= 1.0001
+        np.save(tmp_path / "loss.npy", per)
+        value, arrays = per, arrays + [("loss", (str(tmp_path / "loss.npy"),))]
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy") if "weight" in kw else None,
+                                arrays=tuple(arrays))
+    else:
+        value = check_grad(z, y, options=opts, **kw).loss * (1 + 1e-6)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy") if "weight" in kw else None,
+                                arrays=tuple(arrays), loss=value)
+    single = check_grad(z, y, grad=g, loss=value, options=opts, **kw)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
+    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+    m, s = loss_check(sharded.report), loss_check(single)
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    # the failing entries (passing ones rank by rounding noise); every entry both list agrees
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            b = theirs[a.index]
+            assert (a.got, a.ok) == (b.got, b.ok)
+            assert a.expected == pytest.approx(b.expected, rel=1e-13, abs=1e-15)
+            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    if reduction == "none":
+        assert [e.index for e in m.worst if not e.ok] == [(21,)]
+
+
+def test_vocab_loss_passes_as_in_one_process(tmp_path):
+    z, y, g = make_batch(n=50, c=20, dtype=np.float64)
+    value = check_grad(z, y).loss
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                            inputs=sh.BatchInputs(loss=value))
+    assert loss_check(sharded.report).ok and sharded.report.ok
+    two = sh.BatchInputs(arrays=(("loss", ("a.npy", "b.npy", "c.npy")),))
+    with pytest.raises(CeCheckError, match="one file of the batch's per-sample losses"):
+        sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(reduction="none"),
+                      inputs=two)

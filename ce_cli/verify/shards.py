@@ -59,6 +59,8 @@ from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
 from ce_cli.verify.results import CheckResult, Diagnosis, Entry, InputInfo, Report, verdict_line
+from ce_cli.verify.allowance import normaliser_bound
+from ce_cli.verify.compare import Comparison
 from ce_cli.verify.stages import (LossStage, Stage, ZLossStage, reduced_check,
                                   with_normaliser)
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
@@ -860,7 +862,7 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
     loss holds each row's lse, only the label's shard its -z_y). `client`: checks made on the
     merged sums, in place of the shards' placeholders of the same name."""
     first, pairs = reports[0], list(zip(plan.shards, reports))
-    checks = _with_client(_merge_all_checks(pairs, options.worst), client or {})
+    checks = _with_client(_merge_all_checks(pairs, options.worst), client or {}, first.fd_mode)
     ok = all(c.ok for c in checks)
     diagnosis = _merge_diagnosis(pairs)
     warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
@@ -881,12 +883,23 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
     return ShardedReport(plan.axis, merged, tuple(_summary(s, r) for s, r in pairs))
 
 
-def _with_client(checks: tuple[CheckResult, ...],
-                 client: dict[str, CheckResult]) -> tuple[CheckResult, ...]:
+# the checks a report lists before your loss (ranks 0 and 1 of verify/stages.py) on vocabulary
+# shards; `fd_vs_reference` too with --fd full (rank 0; sampled, rank 4, it follows the loss)
+RANKED_BEFORE_LOSS = ("fd_rows_vs_reference", "grad_vs_reference", "normaliser")
+
+
+def _with_client(checks: tuple[CheckResult, ...], client: dict[str, CheckResult],
+                 fd_mode: str = "off") -> tuple[CheckResult, ...]:
     """The merged checks with the client's in place of their placeholders; the z-loss after
     the lse, as one process ranks them (the placeholders lead their rank)."""
     out = [client.get(c.name, c) for c in checks]
     names = [c.name for c in out]
+    for name, check in client.items():  # no placeholder (vocabulary shards): before rank 3
+        if name not in names:
+            before = RANKED_BEFORE_LOSS + (("fd_vs_reference",) if fd_mode == "full" else ())
+            at = next((i for i, n in enumerate(names) if n not in before), len(out))
+            out.insert(at, check)
+            names.insert(at, name)
     if "z_loss_vs_reference" in client and "lse_vs_reference" in names:
         out.insert(names.index("lse_vs_reference"), out.pop(names.index("z_loss_vs_reference")))
     return tuple(out)
@@ -1031,10 +1044,9 @@ def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> Non
 
 
 def _refuse_on_vocab(inputs: BatchInputs) -> None:
-    if inputs.loss is not None or inputs.files("loss"):
-        raise CeCheckError("`loss`: not with vocabulary shards (a row's loss needs -z_y from the "
-                           "shard that holds its label); check the loss on row shards, or the "
-                           "batch whole")
+    if len(inputs.files("loss")) > 1:
+        raise CeCheckError("`loss`: one file of the batch's per-sample losses with vocabulary "
+                           "shards (every shard holds every row)")
     if inputs.files("lse"):
         raise CeCheckError("`lse`: not with vocabulary shards (the global lse is what pass 1 "
                            "merges from the shards themselves); compare yours on row shards")
@@ -1067,12 +1079,127 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
         shared: Any = denominator
     else:
         shared = mapper.reduce(shard_row_stats, plan.shards, merge_row_stats)
-    results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)
-    repeated = 0.0
     if plan.axis == "vocab":
-        once = mapper.map(reduced_lse, plan.shards[:1], (shared, opts, inputs))[0]
-        repeated = (len(plan.shards) - 1) * once
-    return merge_results(plan, results, opts, inputs, denominator, repeated)
+        return _run_vocab(plan, opts, inputs, mapper, shared, progress)
+    results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)
+    return merge_results(plan, results, opts, inputs, denominator)
+
+
+def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapper: Mapper,
+               lse: Any, progress: Callable[[int, int], None] | None) -> ShardedReport:
+    """Pass 2 on vocabulary shards (your loss kept for the client: a shard holds part of each
+    row's), the lse the shards' losses repeat, and your loss against the batch's rows."""
+    loss_given = inputs.loss is not None or bool(inputs.files("loss"))
+    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays if r != "loss"))
+    results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
+    once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
+    repeated = (len(plan.shards) - 1) * once
+    reports = [r for r, _ in results]
+    checks: dict[str, CheckResult] = {}
+    if loss_given:
+        rows = mapper.map(vocab_loss_rows, plan.shards, (lse, options, own))
+        total = merged_loss(reports, options, None, repeated)
+        checks["loss_vs_reference"] = vocab_loss_check(plan, rows, inputs, options, total)
+    infos: tuple[InputInfo, ...] = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
+                                    if inputs.loss is not None else ())
+    for path in inputs.files("loss"):  # per sample: one file of the batch's
+        arr = load(path, "loss")
+        infos += (InputInfo("loss", f"loss file '{path}'", tuple(arr.shape), str(arr.dtype)),)
+    return merge_reports(plan, reports, options, None, repeated, checks, infos)
+
+
+@dataclass(frozen=True, eq=False)
+class VocabRows:
+    """A vocabulary shard's per-row share of the rows' losses: z_y where the label is one of its
+    columns (0 elsewhere), its largest finite |z|; shard 0 adds the global lse, each row's
+    weight s_n w_y (1 unweighted, 0 where ignored) and whether sample weights were given."""
+
+    z_y: np.ndarray
+    zabs: np.ndarray
+    lse: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    sample_weighted: bool = False
+
+
+def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
+                    inputs: BatchInputs = NO_INPUTS) -> VocabRows:
+    """The shard's `VocabRows` (a pass over its logits, in row blocks)."""
+    z = load(shard.files.logits, "logits")
+    z = z.reshape(-1, z.shape[-1])
+    y = load(shard.files.labels, "labels").reshape(-1)
+    valid = y != options.ignore_index
+    inside = valid & (y >= shard.offset) & (y < shard.offset + z.shape[1])
+    z_y, zabs = np.zeros(len(y)), np.empty(len(y))
+    rows = np.flatnonzero(inside)
+    z_y[rows] = np.asarray(z[rows, y[rows] - shard.offset], dtype=np.float64)
+    step = max(1, ROW_CHUNK // max(1, z.shape[1]))
+    for a in range(0, len(y), step):
+        block = np.abs(np.asarray(z[a:a + step], dtype=np.float64))
+        zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
+    if shard.index:
+        return VocabRows(z_y, zabs)
+    arrays = shard_arrays(shard, inputs)
+    s = vocab_row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    weight = np.where(valid, s if s is not None else 1.0, 0.0)
+    return VocabRows(z_y, zabs, np.asarray(lse, dtype=np.float64).reshape(-1), weight,
+                     "sample_weight" in arrays)
+
+
+def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
+                     options: CheckOptions, total: float) -> CheckResult:
+    """Your loss against the batch's rows L_n = s_n (lse_n - z_y), each allowed the single
+    process's floor k eps (|L_n| + S_n (1 + |lse_n|)), plus 2 S_n max|z| with sample weights
+    (S_n = |s_n w_y|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings of the total;
+    widened by the normaliser bound when only that passes, as `LossStage`."""
+    first = parts[0]
+    assert first.lse is not None and first.weight is not None
+    z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
+    zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
+    S = np.abs(first.weight)
+    per_row = np.where(S != 0, first.weight * (first.lse - z_y), 0.0)
+    n_classes = plan.shape[-1]
+    got: Any
+    if options.reduction.value == "none":
+        got = _vocab_user_losses(plan, inputs)
+        tol = scalar_tolerance(str(got.dtype), options)
+    else:
+        got, tol = inputs.loss, scalar_tolerance(inputs.loss_dtype, options)
+    floor = tol.floor_coef * (np.abs(per_row) + S * (1.0 + np.abs(first.lse))
+                              + (2.0 * S * zabs if first.sample_weighted else 0.0))
+    normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
+    if options.reduction.value == "none":
+        shape = plan.shape[:-1]
+
+        def compare(k: float) -> CheckResult:
+            cmp = Comparison("loss_vs_reference", tol,
+                             lambda r, c: tuple(int(i) for i in np.unravel_index(r, shape)),
+                             expected_label="reference", got_label="yours", n_worst=options.worst,
+                             extra_atol=options.loss_atol, beyond_range=True)
+            cmp.update(0, per_row, got, floor + k * S)
+            return cmp.result()
+    else:
+        D = float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0
+        scale = 1.0 / D if D else 0.0
+        n = max(1, len(per_row))
+
+        def compare(k: float) -> CheckResult:
+            bound = ((float(np.sum(floor)) + k * float(np.sum(S))) * scale
+                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+            return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
+    return with_normaliser(compare, normaliser, tol, n_classes)
+
+
+def _vocab_user_losses(plan: ShardPlan, inputs: BatchInputs) -> np.ndarray:
+    """Your per-sample losses of the batch (one file), as (N,) rows."""
+    path = inputs.files("loss")[0]
+    source = f"loss file '{path}'"
+    got = load(path, "loss")
+    if got.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+    if got.shape != plan.shape[:-1] and got.shape != (math.prod(plan.shape[:-1]),):
+        raise CeCheckError(f"{source}: shape {got.shape}; reduction 'none' gives per-sample "
+                           f"losses of the batch's shape {plan.shape[:-1]}")
+    return got.reshape(-1)
 
 
 def _binary_count(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions,
