@@ -65,6 +65,24 @@ def test_row_shards_equal_the_single_process_report(tmp_path, client):
     assert grad_check.worst[0].index == (334, 5) and not grad_check.worst[0].ok
 
 
+def test_row_shards_with_the_batch_inputs(tmp_path, client):
+    """--weight, --sample-weight (one file per shard) and a wrong reduced --loss on the cluster:
+    the report made here, field by field, the loss check merged on the client."""
+    z, y, g = make_batch(n=120, c=11)
+    np.save(tmp_path / "w.npy", np.linspace(0.5, 2.0, 11))
+    cuts = [0, 50, 120]
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        np.save(tmp_path / f"sw_{i}.npy", np.arange(a, b) % 3 + 0.5)
+    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=2.5, arrays=(
+        ("sample_weight", (str(tmp_path / "sw_0.npy"), str(tmp_path / "sw_1.npy"))),))
+    files = write_rows(tmp_path, z, y, g, cuts)
+    opts = CheckOptions(fd="off")
+    on_dask = run_on_dask(files, "rows", opts, client=client, inputs=inputs)
+    assert on_dask == sh.run_shards(files, "rows", opts, inputs=inputs)
+    loss = next(c for c in on_dask.report.checks if c.name == "loss_vs_reference")
+    assert not loss.ok and loss.worst[0].got == 2.5
+
+
 def test_vocab_shards(tmp_path, client):
     plan, lse = vocab_plan(tmp_path)
     mapper = DaskMapper(client)

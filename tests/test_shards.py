@@ -242,7 +242,7 @@ def test_cli_natural_order(tmp_path, invoke):
     assert offsets == cuts[:-1]
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "count", "loss", "workers", "axis",
+@pytest.mark.parametrize("case", ["missing", "corrupt", "count", "out_grad", "workers", "axis",
                                   "shape"])
 def test_cli_bad_input_is_one_line(tmp_path, invoke, case):
     z, y, g = make_batch()
@@ -250,7 +250,7 @@ def test_cli_bad_input_is_one_line(tmp_path, invoke, case):
     args = ["grad", tmp_path / "logits_*.npy", tmp_path / "labels_*.npy", "--grad",
             tmp_path / "grad_*.npy", "--shards", "rows"]
     expect = {"missing": "matches no file", "corrupt": "logits_1.npy", "count": "3 files for 2 logits shards",
-              "loss": "--loss: not supported with --shards", "workers": "only with --shards",
+              "out_grad": "--out-grad: not supported with --shards", "workers": "only with --shards",
               "axis": "unknown split", "shape": "does not match the first shard"}[case]
     if case == "missing":
         args[1] = tmp_path / "nothing_*.npy"
@@ -258,8 +258,8 @@ def test_cli_bad_input_is_one_line(tmp_path, invoke, case):
         (tmp_path / "logits_1.npy").write_bytes(b"\x93NUMPY garbage")
     elif case == "count":
         np.save(tmp_path / "grad_9.npy", g[:3])
-    elif case == "loss":
-        args += ["--loss", "2.5"]
+    elif case == "out_grad":
+        args += ["--out-grad", tmp_path / "ref.npy"]
     elif case == "workers":
         args = args[:-2] + ["--workers", "2"]
     elif case == "axis":
@@ -359,20 +359,20 @@ def test_row_shards_with_label_smoothing(tmp_path, reduction):
     assert [s.ok for s in sharded.shards] == [True, False]
 
 
-@pytest.mark.parametrize("option", [["--sample-weight", "SW"]])
-def test_binary_shards_refuse_the_training_code_options(tmp_path, invoke, option):
-    """`binary --shards` takes no sample weights (an input of the batch's shape): refused,
-    never ignored."""
+@pytest.mark.parametrize("option", [["--out-grad", "OUT"], ["--two-class"]])
+def test_binary_shards_refuse_what_they_cannot_take(tmp_path, invoke, option):
+    """`binary --shards` writes no reference gradient and takes no (..., 2) softmax batch:
+    refused, never ignored."""
     rng = np.random.default_rng(5)
     for i in range(2):
         np.save(tmp_path / f"z_{i}.npy", rng.standard_normal((4, 3)))
         np.save(tmp_path / f"y_{i}.npy", (rng.random((4, 3)) < 0.5).astype(np.float64))
-    np.save(tmp_path / "sw.npy", np.ones(8))
-    option = [str(tmp_path / "sw.npy") if o == "SW" else o for o in option]
+    option = [str(tmp_path / "out.npy") if o == "OUT" else o for o in option]
     res = invoke(["binary", tmp_path / "z_*.npy", tmp_path / "y_*.npy", "--shards", "rows", *option])
     assert res.exit_code == 2, res.output
     assert res.output.count("\n") == 1
     assert f"{option[0]}: not supported with --shards" in res.output
+    assert not (tmp_path / "out.npy").exists()
 
 
 # --- training-code options on row shards ---------------------------------------------------

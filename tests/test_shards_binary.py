@@ -178,7 +178,7 @@ def test_pos_weight_of_the_wrong_width(tmp_path, invoke):
     assert "pw.npy" in res.output and "expected (4,)" in res.output
 
 
-@pytest.mark.parametrize("flag", [["--weight", "w.npy"], ["--two-class"], ["--loss", "1.0"]])
+@pytest.mark.parametrize("flag", [["--two-class"], ["--out-grad", "out.npy"]])
 def test_cli_binary_refuses_what_shards_do_not_support(tmp_path, invoke, flag):
     z, y, g = bce_batch((20, 4))
     write(tmp_path, z, y, g, [0, 10, 20], "rows")

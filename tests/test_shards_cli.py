@@ -135,12 +135,15 @@ def test_url_size_limit(tmp_path, monkeypatch):
         sh.load(logits[0], "logits")
 
 
-@pytest.mark.parametrize("flag", [["--vocab-offset", "3"], ["--sample-weight", "w.npy"],
-                                  ["--lse", "l.npy"], ["--z-loss-value", "0.1"]])
-def test_semantics_shards_do_not_carry_are_refused(tmp_path, invoke, flag):
+@pytest.mark.parametrize("flag, expect", [
+    (["--vocab-offset", "3"], "--vocab-offset: not supported with --shards"),
+    (["--z-loss-value", "0.1"], "--z-loss-value: needs --z-loss"),
+    (["--out-grad", "ref.npy"], "--out-grad: not supported with --shards")])
+def test_semantics_shards_do_not_carry_are_refused(tmp_path, invoke, flag, expect):
     """Never silently ignored: each is an exit-2 line naming the flag (the row-local options,
-    --z-loss, --softcap, --logit-scale, --smoothing-form, --denominator, are carried)."""
+    --z-loss, --softcap, --logit-scale, --smoothing-form, --denominator, are carried, and the
+    batch's inputs --weight, --loss, --sample-weight, --lse, --z-loss-value)."""
     logits, labels, _ = rows_args(tmp_path)
     res = invoke(["grad", *logits, labels, "--shards", "rows", *flag])
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
-    assert f"{flag[0]}: not supported with --shards" in res.output
+    assert expect in res.output

@@ -333,9 +333,9 @@ def test_cli_several_files_need_shards(tmp_path, invoke, extra):
 
 @pytest.mark.parametrize("extra, message", [
     (["--fd", "full"], "--fd full: not available for linear"),
-    (["--fd", "off", "--shift-labels"], "--shift-labels: not supported"),
-    (["--fd", "off", "--sample-weight", "LABELS"], "--sample-weight: not supported"),
-    (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "--loss: per-token losses"),
+    (["--fd", "off", "--shift-labels"], "--shift-labels: linear row shards need (B, T, H)"),
+    (["--fd", "off", "--sample-weight", "LABELS"], "shape (30,) has fewer than the 90 rows"),
+    (["--fd", "off", "--reduction", "none", "--loss", "LABELS"], "has fewer than the 90 rows"),
     (["--fd", "off", "--shards", "vocab"], "--shards: linear shards split rows"),
 ])
 def test_cli_refuses_what_linear_shards_do_not_carry(tmp_path, invoke, extra, message):
@@ -350,14 +350,19 @@ def test_cli_refuses_what_linear_shards_do_not_carry(tmp_path, invoke, extra, me
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
 
 
-def test_three_dimensional_hidden_shards_are_refused(tmp_path):
+def test_hidden_shards_of_other_shapes_are_refused(tmp_path):
+    """(N, H) or (B, T, H) with one T: a 4-D shard, or sequences of different lengths, are one
+    line."""
     arrays, grads = make_linear(n=60)
     np.save(tmp_path / "h.npy", arrays["hidden"].reshape(6, 10, -1))
+    np.save(tmp_path / "h5.npy", arrays["hidden"].reshape(12, 5, -1))
+    np.save(tmp_path / "h4.npy", arrays["hidden"].reshape(3, 2, 10, -1))
     np.save(tmp_path / "w.npy", arrays["weight"])
-    np.save(tmp_path / "y.npy", arrays["labels"].reshape(6, 10))
-    files = [sh.ShardFiles(str(tmp_path / "h.npy"), str(tmp_path / "y.npy"))]
-    with pytest.raises(CeCheckError, match="need \\(N, H\\) hidden states"):
-        run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
+    np.save(tmp_path / "y.npy", arrays["labels"])
+    for names in (["h4.npy"], ["h.npy", "h5.npy"]):
+        files = [sh.ShardFiles(str(tmp_path / n), str(tmp_path / "y.npy")) for n in names]
+        with pytest.raises(CeCheckError, match="need \\(N, H\\) hidden states, or \\(B, T, H\\)"):
+            run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "missing_weight_grad"])
@@ -421,3 +426,153 @@ def test_row_local_options_on_linear_shards(tmp_path, reduction, kw):
                                   fd=fd, **kw)
         assert not single.ok
         assert_same_linear(merged.report, single, 2)
+
+
+def run_sequences(tmp_path, arrays, grads, cuts, T, sample_weight=None, per_shard=False, **opts):
+    """(B, T, H) shards of whole sequences (cut at sequence `cuts`) against `check_linear` on the
+    (B, T, H) batch; `sample_weight` (B, T) one file or one per shard."""
+    H = arrays["hidden"].shape[-1]
+    seq = {**arrays, "hidden": arrays["hidden"].reshape(-1, T, H),
+           "labels": arrays["labels"].reshape(-1, T)}
+    gseq = {**grads, "grad_hidden": grads["grad_hidden"].reshape(-1, T, H)}
+    files = write_linear(tmp_path, seq, gseq, cuts)
+    sw: tuple[str, ...] = ()
+    if sample_weight is not None:
+        if per_shard:
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                np.save(tmp_path / f"sw_{i}.npy", sample_weight[a:b])
+            sw = tuple(str(tmp_path / f"sw_{i}.npy") for i in range(len(cuts) - 1))
+        else:
+            np.save(tmp_path / "sw.npy", sample_weight)
+            sw = (str(tmp_path / "sw.npy"),)
+    options = CheckOptions.build(None, **{"fd": "off", **opts})
+    batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"), None,
+                        LinearSettings(), sample_weight=sw)
+    merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
+                               grad_bias=str(tmp_path / "grad_bias.npy"))
+    single = check_linear(**seq, **gseq, options=options, sample_weight=sample_weight)
+    return merged, single
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fd", ["off", "directional", "sample"])
+def test_shift_labels_on_sequence_shards(tmp_path, reduction, fd):
+    """--shift-labels on (B, T, H) shards, each whole sequences: the shift stays inside a shard
+    and 'mean' divides by the batch's shifted count; the single-process report (entries at
+    (b, t, h)), with the z-loss too."""
+    arrays, grads = make_linear(n=90, reduction=reduction)
+    merged, single = run_sequences(tmp_path, arrays, grads, [0, 4, 9], 10, reduction=reduction,
+                                   fd=fd, shift_labels=True, z_loss=1e-3)
+    assert not single.ok and single.options["shift_labels"]
+    assert single.shape == (9, 10, 12)
+    assert_same_linear(merged.report, single, 2)
+    gh = next(c for c in merged.report.checks if c.name == "grad_hidden_vs_reference")
+    assert all(len(e.index) == 3 for e in gh.worst)
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sample_weight_on_linear_shards(tmp_path, reduction, per_shard):
+    """--sample-weight (the tokens' shape) on linear row shards, one file for the batch or one
+    per shard, with --shift-labels: 'mean''s D is the weighted count over the batch."""
+    arrays, grads = make_linear(n=90, reduction=reduction)
+    sw = np.random.default_rng(3).choice([0.5, 1.0, 2.0, 0.0], (9, 10))
+    merged, single = run_sequences(tmp_path, arrays, grads, [0, 4, 9], 10, sample_weight=sw,
+                                   per_shard=per_shard, reduction=reduction, shift_labels=True)
+    assert not single.ok and single.options["sample_weighted"]
+    assert_same_linear(merged.report, single, 2)
+
+
+def test_cli_linear_sequence_shards(tmp_path, invoke):
+    """Through the command line: (B, T, H) shards with --shift-labels and a --sample-weight
+    glob; a bug planted at token (5, 3) is found there (exit 1)."""
+    arrays, grads = make_linear(n=90)
+    seq_h = arrays["hidden"].reshape(9, 10, -1)
+    seq_y = arrays["labels"].reshape(9, 10)
+    ref = _reference_grad_hidden(seq_h, arrays, seq_y)
+    ref[5, 3, 2] += 1e-2
+    write_linear(tmp_path, {**arrays, "hidden": seq_h, "labels": seq_y},
+                 {**grads, "grad_hidden": ref.astype(np.float32)}, [0, 4, 9])
+    for i, (a, b) in enumerate([(0, 4), (4, 9)]):
+        np.save(tmp_path / f"sw_{i}.npy", np.ones((b - a, 10)))
+    res = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                  tmp_path / "labels_*.npy", "--bias", tmp_path / "bias.npy", "--grad-hidden",
+                  tmp_path / "gh_*.npy", "--shift-labels", "--sample-weight", tmp_path / "sw_*.npy",
+                  "--shards", "rows", "--fd", "off", "--json"])
+    assert res.exit_code == 1, res.output
+    gh = next(c for c in json.loads(res.stdout)["checks"] if c["name"] == "grad_hidden_vs_reference")
+    assert [e["index"] for e in gh["worst"] if not e["ok"]][:1] == [[5, 3, 2]]
+
+
+def _reference_grad_hidden(h, arrays, y):
+    """dL/dH of the shifted, mean-reduced loss in float64 (one process's reference)."""
+    shifted = np.full(y.shape, -100)
+    shifted[:, :-1] = y[:, 1:]
+    z = h.reshape(-1, h.shape[-1]).astype(np.float64) @ arrays["weight"].astype(np.float64).T \
+        + arrays["bias"]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    t = shifted.reshape(-1)
+    live = t != -100
+    p[np.arange(t.size)[live], t[live]] -= 1.0
+    p[~live] = 0.0
+    return (p / live.sum() @ arrays["weight"].astype(np.float64)).reshape(h.shape)
+
+
+def token_losses(arrays, T=None):
+    """`check_linear`'s per-token reference losses (lse - z_y, 0 where ignored), float64."""
+    z = arrays["hidden"].astype(np.float64) @ arrays["weight"].astype(np.float64).T + arrays["bias"]
+    y = arrays["labels"]
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    live = y != -100
+    out = np.where(live, lse - z[np.arange(len(y)), np.where(live, y, 0)], 0.0)
+    return out if T is None else out.reshape(-1, T)
+
+
+@pytest.mark.parametrize("per_shard", [False, True])
+@pytest.mark.parametrize("T", [None, 10])
+def test_per_token_losses_on_linear_shards(tmp_path, per_shard, T):
+    """reduction none with --loss: one file of the batch's tokens (each shard its own) or one
+    per shard; a wrong token's loss found at its global index ((b, t) for (B, T, H) shards)."""
+    arrays, grads = make_linear(n=90, reduction="none")
+    per = token_losses(arrays).astype(np.float32)
+    per[64] *= 1.01
+    cuts = [0, 30, 90] if T is None else [0, 3, 9]
+    batch_per = per if T is None else per.reshape(-1, T)
+    if per_shard:
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            np.save(tmp_path / f"loss_{i}.npy", batch_per[a:b])
+        loss_files = tuple(str(tmp_path / f"loss_{i}.npy") for i in range(2))
+    else:
+        np.save(tmp_path / "loss.npy", batch_per)
+        loss_files = (str(tmp_path / "loss.npy"),)
+    seq = arrays if T is None else {**arrays, "hidden": arrays["hidden"].reshape(-1, T, 12),
+                                    "labels": arrays["labels"].reshape(-1, T)}
+    gseq = grads if T is None else {**grads, "grad_hidden": grads["grad_hidden"].reshape(-1, T, 12)}
+    files = write_linear(tmp_path, seq, gseq, cuts)
+    options = CheckOptions(fd="off", reduction="none")
+    batch = LinearBatch(str(tmp_path / "weight.npy"), str(tmp_path / "bias.npy"),
+                        loss_files=loss_files)
+    merged = run_linear_shards(files, options, batch, grad_weight=str(tmp_path / "grad_weight.npy"),
+                               grad_bias=str(tmp_path / "grad_bias.npy"))
+    single = check_linear(**seq, **gseq, loss=batch_per, options=options)
+    assert not single.ok
+    assert_same_linear(merged.report, single, 2)
+    loss = next(c for c in merged.report.checks if c.name == "loss_vs_reference")
+    assert [e.index for e in loss.worst if not e.ok] == [(64,) if T is None else (6, 4)]
+
+
+def test_cli_per_token_losses_on_linear_shards(tmp_path, invoke):
+    arrays, grads = make_linear(n=90, reduction="none")
+    per = token_losses(arrays)
+    per[10] += 1e-3
+    write_linear(tmp_path, arrays, grads, [0, 30, 90])
+    np.save(tmp_path / "loss_0.npy", per[:30])
+    np.save(tmp_path / "loss_1.npy", per[30:])
+    res = invoke(["linear", tmp_path / "hidden_*.npy", tmp_path / "weight.npy",
+                  tmp_path / "labels_*.npy", "--bias", tmp_path / "bias.npy", "--reduction", "none",
+                  "--loss", tmp_path / "loss_*.npy", "--shards", "rows", "--fd", "off", "--json"])
+    assert res.exit_code == 1, res.output
+    loss = next(c for c in json.loads(res.stdout)["checks"] if c["name"] == "loss_vs_reference")
+    assert loss["mismatches"] == 1 and loss["worst"][0]["index"] == [10]

@@ -74,9 +74,8 @@ def binary(
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad name shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
             json_out=json_out, quiet=quiet, kind="binary", pos_weight=pos_weight,
-            refused={"loss": loss, "weight": weight, "out_grad": out_grad,
-                     "sample_weight": sample_weight},
-            **settings)
+            refused={"out_grad": out_grad},
+            given={"weight": weight, "loss": loss, "sample_weight": sample_weight}, **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(
         check_binary, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,

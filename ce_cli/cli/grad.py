@@ -69,15 +69,14 @@ def grad(
     from ce_cli.verify.options import FIELDS
 
     settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
+    batch = {"loss": loss, "weight": weight, "lse": lse, "sample_weight": sample_weight,
+             "z_loss_value": z_loss_value}
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,
-            json_out=json_out, quiet=quiet, refused={"loss": loss, "weight": weight, "out_grad": out_grad,
-                "lse": lse, "sample_weight": sample_weight, "z_loss_value": z_loss_value}, **settings)
+            json_out=json_out, quiet=quiet, refused={"out_grad": out_grad}, given=batch, **settings)
     labels_file, grad_file = single_input(labels, grad_path)
     run_check(
-        check_grad, {"logits": logits, "labels": labels_file, "grad": grad_file, "loss": loss,
-                     "weight": weight, "lse": lse, "sample_weight": sample_weight,
-                     "z_loss_value": z_loss_value},
+        check_grad, {"logits": logits, "labels": labels_file, "grad": grad_file, **batch},
         out_grad=out_grad, json_out=json_out, quiet=quiet, verbose=verbose, fd_budget=fd_budget,
         vectors=VECTOR_ROLES[Kind.multiclass], **settings)

@@ -109,36 +109,47 @@ def _pos_weight(text: str | None) -> float | str | None:
 def run_sharded(axis: str | None, logits: list[str], labels: str, grads: list[str] | None, *,
                 scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                 refused: dict[str, Any], kind: str = "softmax", pos_weight: str | None = None,
-                **flags: Any) -> NoReturn:
+                given: dict[str, str | None] | None = None, **flags: Any) -> NoReturn:
     """Plan the shards from the files and globs, run them (here or on Dask), emit, exit with the
-    verdict. `refused`: options not supported with shards yet (an error when given); `flags`:
+    verdict. `refused`: options not supported with shards (an error when given); `given`: the
+    batch's other inputs (--weight, --loss, --sample-weight, --lse, --z-loss-value); `flags`:
     the check's settings; `kind`: softmax (grad) or binary (with `pos_weight`)."""
     import numpy as np
 
-    from ce_cli.verify.shards import expand, pair_files, run_shards
+    from ce_cli.verify.shards import batch_inputs, expand, pair_files, run_shards
 
-    if axis is None:
-        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
-    options = check_settings(**flags)
-    for name, value in refused.items():
-        if value not in (None, False):
-            raise CeCheckError(f"`{name}`: not supported with `shards` yet")
-    if "-" in (*logits, labels, *(grads or ()), pos_weight):
-        raise CeCheckError("`shards`: inputs are files, not stdin")
+    given = given or {}
+    _refusals(axis, refused, [*logits, labels, *(grads or ()), pos_weight, *given.values()])
+    inputs, loss_atol = batch_inputs(given, flags["reduction"].value)
+    options = check_settings(**flags, loss_atol=loss_atol)
     pw = _pos_weight(pos_weight)
     files = pair_files([f for z in logits for f in expand(z, "logits")], expand(labels, "labels"),
                        [f for g in grads for f in expand(g, "grad")] if grads else None)
     split = None if axis == "auto" else axis
     with np.errstate(all="ignore"), progress_bar(enabled=not quiet) as progress:
         if scheduler is None and workers is None:
-            sharded = run_shards(files, split, options, progress=progress, kind=kind, pos_weight=pw)
+            sharded = run_shards(files, split, options, progress=progress, kind=kind, pos_weight=pw,
+                                 inputs=inputs)
         else:
             from ce_cli.distributed.dask_run import run_on_dask
 
             sharded = run_on_dask(files, split, options, scheduler=scheduler, workers=workers,
-                                  progress=progress, kind=kind, pos_weight=pw)
+                                  progress=progress, kind=kind, pos_weight=pw, inputs=inputs)
     emit(ShardsOutput(sharded), json_out=json_out, quiet=quiet)
     raise typer.Exit(ExitCode.OK if sharded.report.ok else ExitCode.CHECK_FAILED)
+
+
+def _refusals(axis: str | None, refused: dict[str, Any], texts: list[str | None]) -> None:
+    """One line for what `grad`/`binary --shards` do not take (never ignored)."""
+    if axis is None:
+        raise CeCheckError("`scheduler`/`workers`: only with `shards`")
+    for name, value in refused.items():
+        if value not in (None, False):
+            raise CeCheckError(f"`{name}`: not supported with `shards` (each shard would write "
+                               "its part; check the batch whole to write the reference)"
+                               if name == "out_grad" else f"`{name}`: not supported with `shards`")
+    if "-" in texts:
+        raise CeCheckError("`shards`: inputs are files, not stdin")
 
 
 def _linear_refusals(axis: str | None, files: dict[str, Any],
@@ -155,6 +166,13 @@ def _linear_refusals(axis: str | None, files: dict[str, Any],
         raise CeCheckError("`shards`: inputs are files, not stdin")
 
 
+def _files(text: str | None, role: str) -> tuple[str, ...]:
+    """The files a glob (or one name) gives `role`; none without it."""
+    from ce_cli.verify.shards import expand
+
+    return tuple(expand(text, role)) if text else ()
+
+
 def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *,
                        scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
                        refused: dict[str, Any], **flags: Any) -> NoReturn:
@@ -169,13 +187,17 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
     _linear_refusals(axis, files, refused)
-    loss = load_all(input_specs({"loss": files["loss"]})) if files["loss"] is not None else None
+    per_token = flags["reduction"].value == "none"  # --loss: files of per-token losses
+    loss = (load_all(input_specs({"loss": files["loss"]}))
+            if files["loss"] is not None and not per_token else None)
     options = check_settings(**flags, loss_atol=loss.loss_atol if loss is not None else 0.0)
     gh = files["grad_hidden"]
     shard_files = pair_files([f for h in files["hidden"] for f in expand(h, "hidden")],
                              expand(str(files["labels"]), "labels"),
                              [f for g in gh for f in expand(g, "grad_hidden")] if gh else None)
-    batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings)
+    batch = LinearBatch(str(files["weight"]), files["bias"], files["class_weight"], settings,
+                        sample_weight=_files(files["sample_weight"], "sample_weight"),
+                        loss_files=_files(files["loss"] if per_token else None, "loss"))
     kw: dict[str, Any] = {"grad_weight": files["grad_weight"], "grad_bias": files["grad_bias"],
                           "loss": loss.arrays["loss"] if loss is not None else None,
                           "loss_source": loss.sources["loss"] if loss is not None else "loss"}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ce_cli.errors import CeCheckError
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.shards import ShardedReport, ShardFiles, run_shards
+from ce_cli.verify.shards import NO_INPUTS, BatchInputs, ShardedReport, ShardFiles, run_shards
 from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
 
@@ -98,12 +98,15 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
 def run_on_dask(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions, *,
                 scheduler: str | None = None, workers: int | None = None, client: Any = None,
                 progress: Callable[[int, int], None] | None = None,
-                kind: str = "softmax", pos_weight: float | str | None = None) -> ShardedReport:
+                kind: str = "softmax", pos_weight: float | str | None = None,
+                inputs: BatchInputs = NO_INPUTS) -> ShardedReport:
     """`run_shards` with every step a task per shard on a Dask cluster (or on `client`)."""
     if client is not None:
-        return run_shards(files, axis, options, DaskMapper(client), progress, kind, pos_weight)
+        return run_shards(files, axis, options, DaskMapper(client), progress, kind, pos_weight,
+                          inputs)
     with dask_client(scheduler, workers) as own:
-        return run_shards(files, axis, options, DaskMapper(own), progress, kind, pos_weight)
+        return run_shards(files, axis, options, DaskMapper(own), progress, kind, pos_weight,
+                          inputs)
 
 
 def run_linear_on_dask(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,

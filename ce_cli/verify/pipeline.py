@@ -71,6 +71,7 @@ class Run:
     extra_checks: tuple[CheckResult, ...] = ()
     out_grad: str | Path | None = None
     progress: Callable[[int, int], None] | None = None
+    stages: tuple[Stage, ...] = ()  # the caller's own stages (a shard's share of the batch's sums)
 
 
 def verify(problem, warnings: list[str], inputs: Inputs, options: CheckOptions, run: Run) -> Report:
@@ -144,6 +145,7 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
         stages.append(OutGradStage(run.out_grad, tuple(inputs.logits.shape), problem.layout))
     if run.progress is not None:
         stages.append(ProgressStage(run.progress, problem.n_rows))
+    stages[1:1] = run.stages  # after LossTotal: their checks lead their rank
     return stages, grad_stage
 
 

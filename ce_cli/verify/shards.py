@@ -25,6 +25,12 @@ re-ranked by |error| / allowed over the shards' own worst lists (each shard's to
 global top k), with GLOBAL indices. The loss is `math.fsum` of the shards' losses, each an
 exactly rounded sum of its rows (divided by D for 'mean'): for non-negative row losses it is
 within (2 + n_shards) eps/2 relative of the single-process loss.
+
+The batch's other inputs (`BatchInputs`): class weights (every shard reads the C values; pass 1
+sums w_y s_n; vocabulary shards weigh each row by w_y), batch-shaped inputs (one file for the
+batch, each shard its rows, or one per shard) and your loss: per sample, each shard compares its
+own; reduced, each shard sums its rows' floors in its pass (`ShareStage`) and the client compares
+your value once with the merged loss (`batch_checks`), as `LossStage` would on the batch.
 """
 
 from __future__ import annotations
@@ -43,15 +49,21 @@ from ce_cli.errors import CeCheckError
 from ce_cli.io import limits
 from ce_cli.io.inputs import InputSpec, Origin
 from ce_cli.io.loading import is_array_file, read_stdin
+from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.models.semantics import Semantics
-from ce_cli.models.softmax import build_softmax_ce
+from ce_cli.models.softmax import _class_weights, build_softmax_ce
 from ce_cli.verify.bridge import BRIDGE_ELEMENTS, WITHOUT_OPTIONS, two_class_bridge
 from ce_cli.verify.checks import check_grad, refuse_softmax_only, shift_labels
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
-from ce_cli.verify.results import CheckResult, Diagnosis, Entry, Report, verdict_line
+from ce_cli.verify.results import CheckResult, Diagnosis, Entry, InputInfo, Report, verdict_line
+from ce_cli.verify.allowance import normaliser_bound
+from ce_cli.verify.compare import Comparison
+from ce_cli.verify.stages import (LossStage, Stage, ZLossStage, reduced_check,
+                                  with_normaliser)
+from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
 AXES = {"softmax": ("rows", "vocab"), "binary": ("rows", "cols")}
 ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
@@ -117,6 +129,85 @@ class ShardedReport:
     axis: str
     report: Report
     shards: tuple[ShardSummary, ...]
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """The batch's inputs beside LOGITS, LABELS and --grad, as files (or URLs) the shards read.
+
+    `weight`: one file of class weights (C values; binary: element weights broadcast to the
+    logits, cut along the split axis where they span it). `arrays`: (role, files) of the
+    batch-shaped inputs, `sample_weight`, `lse`, `z_loss_value` and `loss` (per sample with
+    reduction none), each one file for the batch (a shard takes its rows) or one per shard.
+    `loss` and `z_loss`: your reduced loss and z-loss (numbers, compared once with the merged
+    reference), their dtypes setting the tolerance."""
+
+    weight: str | None = None
+    arrays: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    loss: float | None = None
+    loss_dtype: str = "float64"
+    loss_source: str = "loss"
+    z_loss: float | None = None
+    z_loss_dtype: str = "float64"
+    z_loss_source: str = "z_loss_value"
+
+    def files(self, role: str) -> tuple[str, ...]:
+        return dict(self.arrays).get(role, ())
+
+
+NO_INPUTS = BatchInputs()
+
+
+@dataclass(frozen=True)
+class ShardShare:
+    """A shard's share of the batch's reduced comparisons: its rows' loss floors and Q_n
+    (`LossStage`'s, summed), and its reduced z-loss and the z-loss rows' floors; with the
+    problem's grad_scale and normaliser bound, the same in every shard."""
+
+    loss_floor: float = 0.0
+    loss_weight: float = 0.0
+    z_loss: float = 0.0
+    z_loss_floor: float = 0.0
+    grad_scale: float = 1.0
+    normaliser: float = 0.0
+
+
+class ShareStage(Stage):
+    """Collects a `ShardShare` in the shard's streaming pass (the single-process stages' own
+    row floors), and leaves a passing placeholder where the merged check goes."""
+
+    def __init__(self, problem: Any, tols: tuple[Tolerance | None, Tolerance | None],
+                 options: CheckOptions) -> None:
+        loss_tol, z_tol = tols
+        self.problem = problem
+        self.loss = (LossStage(problem, np.zeros(1), loss_tol, 0.0, 1, None,  # type: ignore[arg-type]
+                               options.normaliser_rtol) if loss_tol is not None else None)
+        self.z_loss = (ZLossStage(problem, np.zeros(1), z_tol, 1, 0.0, options.normaliser_rtol)
+                       if z_tol is not None else None)
+
+    def update(self, chunk: Any) -> None:
+        for stage in (self.loss, self.z_loss):
+            if stage is not None:
+                stage.update(chunk)
+
+    def finish(self) -> list[tuple[int, CheckResult]]:
+        names = [n for n, st in (("loss_vs_reference", self.loss),
+                                 ("z_loss_vs_reference", self.z_loss)) if st is not None]
+        return [(2, CheckResult(name=n, ok=True, expected_label="reference", got_label="yours",
+                                max_abs_err=0.0, max_rel_err=0.0, mismatches=0, total=0,
+                                worst=(), rule="merged over the shards")) for n in names]
+
+    def share(self) -> ShardShare:
+        problem, out = self.problem, ShardShare(grad_scale=float(self.problem.grad_scale))
+        if self.loss is not None:
+            weight = self.loss.weight
+            out = replace(out, loss_floor=math.fsum(self.loss.floor.reshape(-1).tolist()),
+                          loss_weight=math.fsum(weight.tolist()) if weight is not None else 0.0,
+                          normaliser=self.loss.normaliser if weight is not None else 0.0)
+        if self.z_loss is not None:
+            out = replace(out, z_loss=float(problem.reduce(loss_sum(self.z_loss.rows))),
+                          z_loss_floor=math.fsum(self.z_loss.floor.tolist()))
+        return out
 
 
 class Mapper(Protocol):
@@ -340,24 +431,104 @@ def shard_labels(shard: Shard) -> np.ndarray:
     y = load(shard.files.labels, "labels")
     if shard.labels_range is not None:
         start, stop = shard.labels_range
-        along = 0 if shard.axis == "rows" else -1
-        what = "rows" if shard.axis == "rows" else "columns"
-        if y.ndim == 0 or y.shape[along] < stop:
-            raise CeCheckError(f"labels file '{shard.files.labels}': shape {y.shape} has fewer "
-                               f"than the {stop} {what} of the shards")
-        y = y[start:stop] if along == 0 else y[..., start:stop]
+        y = cut_part(y, 0 if shard.axis == "rows" else -1, start, stop,
+                 f"labels file '{shard.files.labels}'")
     return y
 
 
-def shard_denominator(shard: Shard, options: CheckOptions) -> float:
+def cut_part(arr: np.ndarray, along: int, start: int, stop: int, label: str) -> np.ndarray:
+    """[start, stop) of `arr` along axis 0 (rows) or -1 (columns)."""
+    what = "rows" if along == 0 else "columns"
+    if arr.ndim == 0 or arr.shape[along] < stop:
+        raise CeCheckError(f"{label}: shape {arr.shape} has fewer than the {stop} {what} of the "
+                           "shards")
+    return arr[start:stop] if along == 0 else arr[..., start:stop]
+
+
+PER_ELEMENT = ("loss",)  # binary: one value an element, the logits' shape (cut along columns too)
+
+
+def shard_part(shard: Shard, files: Sequence[str], role: str) -> np.ndarray:
+    """The shard's part of a batch-shaped input: its own file (one per shard), or its part of
+    the one file of the batch: its rows on row shards; on vocabulary and column shards, which
+    hold every row, all of it (binary per-element roles and 1-D logits: its columns)."""
+    if len(files) > 1:
+        return load(files[shard.index], role)
+    arr, label = load(files[0], role), f"{role} file '{files[0]}'"
+    if shard.axis == "rows":
+        return cut_part(arr, 0, shard.offset, shard.offset + shard.size, label)
+    if shard.kind == "binary" and (role in PER_ELEMENT or len(shard.shape) == 1):
+        return cut_part(arr, -1, shard.offset, shard.offset + shard.size, label)
+    return arr
+
+
+def shard_weight(shard: Shard, path: str) -> np.ndarray:
+    """Class weights (softmax: C values, each shard all of them); binary element weights, cut
+    along the split axis where they span it (a weight of size 1 there broadcasts)."""
+    w = load(path, "weight")
+    if shard.kind != "binary":  # a one-row or one-column table is its C values, as in one process
+        table = w.ndim == 2 and 1 in w.shape and not (
+            path.lower().endswith((".npy", ".npz")) if "://" in path else is_array_file(Path(path)))
+        return w.reshape(-1) if table else w
+    along = 0 if shard.axis == "rows" else -1
+    ndim = len(shard.shape)
+    spans = w.ndim == ndim if along == 0 else w.ndim >= 1
+    if spans and w.shape[along] != 1:
+        return cut_part(w, along, shard.offset, shard.offset + shard.size, f"weight file '{path}'")
+    return w
+
+
+def shard_arrays(shard: Shard, inputs: BatchInputs) -> dict[str, np.ndarray]:
+    """The shard's part of every input of `inputs` (weight, sample_weight, lse, z_loss_value,
+    per-sample loss) by role."""
+    out = {role: shard_part(shard, files, role) for role, files in inputs.arrays}
+    if inputs.weight is not None:
+        out["weight"] = shard_weight(shard, inputs.weight)
+    return out
+
+
+def shard_denominator(shard: Shard, options: CheckOptions,
+                      inputs: BatchInputs = NO_INPUTS) -> float:
     """D_i: the shard's non-ignored index targets (after `shift_labels`; its rows, for
-    probability targets)."""
+    probability targets), each counted w_y s_n with class weights w and sample weights s."""
     y = np.asarray(shard_labels(shard))
+    arrays = shard_arrays(shard, inputs)
+    sw = arrays.get("sample_weight")
+    s = None if sw is None else np.asarray(sw, dtype=np.float64).reshape(-1)
     if y.shape == shard.shape:
-        return float(math.prod(shard.shape[:-1]))
+        return float(math.prod(shard.shape[:-1])) if s is None else math.fsum(s.tolist())
     if options.shift_labels:  # within the shard's sequences, as its check shifts them
         y = shift_labels(shard.shape, y, options.ignore_index, f"labels file '{shard.files.labels}'")
-    return float(np.count_nonzero(y != options.ignore_index))
+    y = y.reshape(-1)
+    valid = y != options.ignore_index
+    if s is None and "weight" not in arrays:
+        return float(np.count_nonzero(valid))
+    per = _target_weights(y, valid, arrays.get("weight"), f"labels file '{shard.files.labels}'")
+    if s is not None and s.shape == per.shape:  # else the shard's check names the bad shape
+        per = per * s
+    return math.fsum(per[valid].tolist())
+
+
+def _target_weights(y: np.ndarray, valid: np.ndarray, weight: np.ndarray | None,
+                    source: str) -> np.ndarray:
+    """w_{y_n} for each row (0 where ignored; 1 without class weights)."""
+    if weight is None:
+        return valid.astype(np.float64)
+    w = np.asarray(weight, dtype=np.float64).reshape(-1)
+    bad = valid & ((y < 0) | (y >= w.size))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CeCheckError(f"{source}: label {int(y[i])} at row {i} is out of the class weights' "
+                           f"range [0, {w.size}) and is not the ignore_index")
+    return np.where(valid, w[np.where(valid, y, 0)], 0.0)
+
+
+def binary_count(shard: Shard, inputs: BatchInputs) -> float:
+    """The shard's part of 'mean''s D with sample weights: their sum over its elements."""
+    sw = np.asarray(shard_part(shard, inputs.files("sample_weight"), "sample_weight"),
+                    dtype=np.float64).reshape(-1)
+    width = 1 if len(shard.shape) == 1 else shard.shape[-1]
+    return loss_sum(sw) * width
 
 
 def shard_row_stats(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
@@ -398,48 +569,143 @@ def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 # ---------------------------------------------------------------- pass 2
 
 
-def check_shard(shard: Shard, options: CheckOptions, shared: Any) -> Report:
+def check_shard(shard: Shard, options: CheckOptions, shared: Any,
+                inputs: BatchInputs = NO_INPUTS) -> Report:
+    """Pass 2 on one shard (`shard_pass`), its report alone."""
+    return shard_pass(shard, options, shared, inputs)[0]
+
+
+def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
+               inputs: BatchInputs = NO_INPUTS) -> tuple[Report, ShardShare]:
     """Pass 2 on one shard: rows with the global denominator `shared`, vocabulary with the
-    global lse `shared`, binary with `shared` a `BinaryBatch`."""
+    global lse `shared`, binary with `shared` a `BinaryBatch`; with its share of the batch's
+    reduced loss and z-loss checks."""
     z = load(shard.files.logits, "logits")
     y = load(shard.files.labels, "labels") if shard.axis == "vocab" else shard_labels(shard)
     g = load(shard.files.grad, "grad") if shard.files.grad is not None else None
+    arrays = shard_arrays(shard, inputs)
     sources = {"logits": f"logits file '{shard.files.logits}'",
                "labels": f"labels file '{shard.files.labels}'",
-               "grad": f"grad file '{shard.files.grad}'"}
+               "grad": f"grad file '{shard.files.grad}'",
+               **{role: f"{role} file '{_name(files, shard)}'" for role, files in inputs.arrays},
+               "weight": f"weight file '{inputs.weight}'"}
     opts = replace(options, seed=options.seed + shard.index)  # shards sample their own entries
+    given = ShardInputs(arrays, sources, _share_tols(inputs, options))
     with np.errstate(all="ignore"):
         if shard.kind == "binary":
-            return check_binary_shard(shard, z, y, g, shared, opts, sources)
+            return check_binary_shard(shard, z, y, g, shared, opts, given)
         if shard.axis == "rows":
-            return check_rows(z, y, g, float(shared), opts, sources)
-        return check_grad(z, y, grad=g, options=opts, sources=sources,
-                          vocab_offset=shard.offset, lse=np.asarray(shared).reshape(z.shape[:-1]))
+            return check_rows(z, y, g, float(shared), opts, given)
+        return check_vocab(shard, z, y, g, shared, opts, given), ShardShare()
+
+
+def _name(files: Sequence[str], shard: Shard) -> str:
+    return files[shard.index] if len(files) > 1 else files[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ShardInputs:
+    """A shard's part of the batch inputs (by role), how to name them, and the tolerances of
+    the reduced loss and z-loss whose share it collects (None: not given)."""
+
+    arrays: dict[str, np.ndarray]
+    sources: dict[str, str]
+    share_tols: tuple[Tolerance | None, Tolerance | None] = (None, None)
+
+    def run(self, kind: str, echo: dict[str, Any], problem: Any, options: CheckOptions,
+            bridge: tuple[CheckResult, ...] = ()) -> tuple[Run, ShareStage | None]:
+        share = (ShareStage(problem, self.share_tols, options)
+                 if self.share_tols != (None, None) else None)
+        return Run(kind, echo, bridge, stages=(share,) if share else ()), share
+
+
+def _share_tols(inputs: BatchInputs, options: CheckOptions
+                ) -> tuple[Tolerance | None, Tolerance | None]:
+    return (None if inputs.loss is None else scalar_tolerance(inputs.loss_dtype, options),
+            None if inputs.z_loss is None else scalar_tolerance(inputs.z_loss_dtype, options))
+
+
+def scalar_tolerance(dtype: str, options: CheckOptions) -> Tolerance:
+    """The tolerance of a compared loss of `dtype` (integers: float64), as in one process."""
+    dt = np.dtype(dtype)
+    precision = options.precision.value if options.precision is not None else None
+    return resolve_tolerance(dt if dt.kind == "f" else np.dtype(np.float64), precision,
+                             options.rtol, options.atol, options.floor_factor)
+
+
+def _verified(problem: Any, warnings: list[str], inputs: Inputs, options: CheckOptions,
+              run: tuple[Run, ShareStage | None]) -> tuple[Report, ShardShare]:
+    report = verify(problem, warnings, inputs, options, run[0])
+    return report, run[1].share() if run[1] is not None else ShardShare()
 
 
 def check_rows(z: np.ndarray, y: np.ndarray, grad: np.ndarray | None, denominator: float,
-               options: CheckOptions, sources: dict[str, str]) -> Report:
+               options: CheckOptions, given: ShardInputs) -> tuple[Report, ShardShare]:
     """check_grad on a row shard whose 'mean' divides by the whole batch's denominator D; the
     training-code options act row by row (`shift_labels` within the shard's sequences)."""
-    if options.reduction.value != "mean":
-        return check_grad(z, y, grad=grad, options=options, sources=sources)
+    arrays, sources = given.arrays, given.sources
     if options.shift_labels:
         y = shift_labels(z, y, options.ignore_index, sources["labels"])
     sem = Semantics(options.z_loss, options.softcap, options.logit_scale, options.smoothing_form,
-                    options.denominator)
+                    options.denominator, arrays.get("sample_weight"))
     problem, warnings = build_softmax_ce(
-        z, y, reduction="mean", ignore_index=options.ignore_index,
-        label_smoothing=options.label_smoothing, class_axis=options.class_axis,
-        source=sources["logits"], labels_source=sources["labels"], semantics=sem)
-    problem = replace(problem, denominator=denominator)
-    warnings = [w for w in warnings if not w.startswith(LOCAL_WARNINGS)]
+        z, y, weight=arrays.get("weight"), reduction=options.reduction.value,
+        ignore_index=options.ignore_index, label_smoothing=options.label_smoothing,
+        class_axis=options.class_axis, source=sources["logits"], labels_source=sources["labels"],
+        weight_source=sources["weight"], semantics=sem,
+        sample_weight_source=sources.get("sample_weight", "sample_weight"))
+    if options.reduction.value == "mean":
+        problem = replace(problem, denominator=denominator)
+        warnings = [w for w in warnings if not w.startswith(LOCAL_WARNINGS)]
+    if problem.n_classes == 2:
+        warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on "
+                        "z1 - z0; binary `two_class` checks the correspondence")
     echo = {"ignore_index": options.ignore_index, "label_smoothing": options.label_smoothing,
             "class_axis": options.class_axis, "class_axis_resolved": problem.layout.class_axis,
-            "weighted": False, **problem.sem.to_echo(),
+            "weighted": "weight" in arrays, **problem.sem.to_echo(),
             **({"shift_labels": True} if options.shift_labels else {})}
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
-    return verify(problem, warnings, Inputs(z, y, grad, None, src), options,
-                  Run("multiclass", echo))
+    inputs = Inputs(z, y, grad, arrays.get("loss"), src, arrays.get("lse"),
+                    arrays.get("z_loss_value"))
+    return _verified(problem, warnings, inputs, options,
+                     given.run("multiclass", echo, problem, options))
+
+
+def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
+                lse: Any, options: CheckOptions, given: ShardInputs) -> Report:
+    """check_grad with `vocab_offset` and the global lse; class weights enter as the rows'
+    sample weights w_{y_n} (index targets without smoothing: q = w_y e_y, so the row's loss
+    and gradient are w_y times the unweighted ones and 'mean''s D is sum w_y s_n)."""
+    sw = vocab_row_weights(y, given.arrays, options, given.sources["labels"])
+    report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
+                        vocab_offset=shard.offset, lse=np.asarray(lse).reshape(z.shape[:-1]),
+                        sample_weight=None if sw is None else sw.reshape(np.shape(y)))
+    if "weight" not in given.arrays:
+        return report
+    own = "sample_weight" in given.arrays
+    echo = {k: v for k, v in report.options.items() if k != "sample_weighted" or own}
+    warnings = report.warnings
+    if np.any(np.asarray(given.arrays["weight"]) < 0):  # the rows' weights are the class weights'
+        warnings = tuple(w for w in warnings if own or not w.endswith("negative sample weights"))
+        warnings += (f"{given.sources['weight']}: negative class weights",)
+    return replace(report, options={**echo, "weighted": True}, warnings=warnings)
+
+
+def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
+                      source: str) -> np.ndarray | None:
+    """Each row's weight on vocabulary shards: w_{y_n} s_n (None without either)."""
+    sw = arrays.get("sample_weight")
+    if "weight" not in arrays:
+        return None if sw is None else np.asarray(sw, dtype=np.float64).reshape(-1)
+    flat = np.asarray(y).reshape(-1)
+    rows = _target_weights(flat, flat != options.ignore_index, arrays["weight"], source)
+    if sw is not None:
+        s = np.asarray(sw, dtype=np.float64).reshape(-1)
+        if s.shape != rows.shape:
+            raise CeCheckError(f"sample_weight: shape {np.shape(sw)} does not match the labels "
+                               f"{np.shape(y)}")
+        rows = rows * s
+    return rows
 
 
 @dataclass(frozen=True)
@@ -473,6 +739,7 @@ class BinaryBatch:
     bridge_note: str
     n_cols: int
     pos_weight: float | str | None = None
+    weighted_count: float | None = None  # 'mean''s D with sample weights: their sum
 
     @classmethod
     def of(cls, shape: tuple[int, ...], pos_weight: float | str | None = None) -> BinaryBatch:
@@ -504,34 +771,46 @@ def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
 
 
 def _batch_mean(problem: SigmoidBCE, entries: float) -> GlobalMeanBCE:
-    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__ if f != "kernel"}
+    fields = {f: getattr(problem, f) for f in problem.__dataclass_fields__
+              if f not in ("kernel", "batch_entries")}
     return GlobalMeanBCE(**fields, batch_entries=entries)
 
 
 def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                        batch: BinaryBatch, options: CheckOptions,
-                       sources: dict[str, str]) -> Report:
-    """check_binary on a shard: 'mean' over the batch's entries, the training-code options
-    element by element, the bridge on its part of the batch's first 2^16 elements (without
-    pos_weight or the options, as check_binary does)."""
+                       given: ShardInputs) -> tuple[Report, ShardShare]:
+    """check_binary on a shard: 'mean' over the batch's entries (or its sample weights' sum),
+    the training-code options element by element, the bridge on its part of the batch's first
+    2^16 elements (without weights or the options, as check_binary does)."""
+    arrays, sources = given.arrays, given.sources
     pw, pw_source = shard_pos_weight(shard, batch)
-    problem, warnings = build_sigmoid_bce(
-        z, y, pos_weight=pw, reduction=options.reduction.value, source=sources["logits"],
-        labels_source=sources["labels"], pos_weight_source=pw_source,
-        label_smoothing=options.label_smoothing, softcap=options.softcap,
-        logit_scale=options.logit_scale, denominator=options.denominator)
-    problem = _batch_mean(problem, batch.entries)
-    # the batch's mean still (a GlobalMeanBCE)
-    plain = problem if pw is None and problem.plain else problem.without_options()
+    reduction = options.reduction.value
+    problem, warnings = build_sigmoid_bce(  # 'mean' is the batch's: a shard's weights may sum to 0
+        z, y, weight=arrays.get("weight"), pos_weight=pw,
+        reduction="sum" if reduction == "mean" else reduction, source=sources["logits"],
+        labels_source=sources["labels"], weight_source=sources["weight"],
+        pos_weight_source=pw_source, label_smoothing=options.label_smoothing,
+        softcap=options.softcap, logit_scale=options.logit_scale,
+        denominator=options.denominator, sample_weight=arrays.get("sample_weight"),
+        sample_weight_source=sources.get("sample_weight", "sample_weight"))
+    problem = _batch_mean(replace(problem, reduction=reduction),
+                          batch.weighted_count if batch.weighted_count is not None else batch.entries)
+    weighted = pw is not None or "weight" in arrays
+    plain = problem if not weighted and problem.plain else problem.without_options()
+    if batch.weighted_count is not None:  # the bridge: plain BCE, the mean over every element
+        plain = _batch_mean(plain, batch.entries)
     rows = bridge_rows(shard, batch.bridge_rows)
     part = replace(plain, z=plain.z[:rows], targets=plain.targets[:rows])
-    note = batch.bridge_note if problem.plain else WITHOUT_OPTIONS
+    note = (("identity checked without weight/pos_weight" if weighted else batch.bridge_note)
+            if problem.plain else WITHOUT_OPTIONS)
     bridge = (two_class_bridge(part, options.worst, note),) if rows else ()
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
-    echo = {"weighted": False, "pos_weighted": pw is not None, **problem.sem.to_echo(),
+    echo = {"weighted": "weight" in arrays, "pos_weighted": pw is not None,
+            **problem.sem.to_echo(),
             **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
-    run = Run("binary", echo, bridge)
-    return verify(problem, warnings, Inputs(z, y, grad, None, src), options, run)
+    inputs = Inputs(z, y, grad, arrays.get("loss"), src)
+    return _verified(problem, warnings, inputs, options,
+                     given.run("binary", echo, problem, options, bridge))
 
 
 LOCAL_WARNINGS = ("every target is ignored", "the non-ignored targets' weights sum to 0")
@@ -575,27 +854,55 @@ def merge_checks(parts: list[tuple[Shard, CheckResult]], worst: int) -> CheckRes
 
 
 def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
-                  denominator: float | None = None, repeated: float = 0.0) -> ShardedReport:
+                  denominator: float | None = None, repeated: float = 0.0,
+                  client: dict[str, CheckResult] | None = None,
+                  client_inputs: tuple[InputInfo, ...] = ()) -> ShardedReport:
     """The shards' reports as one: see the module's docstring for each field's rule.
     `repeated`: what the shards' losses count more than once (vocabulary shards: every shard's
-    loss holds each row's lse, only the label's shard its -z_y)."""
+    loss holds each row's lse, only the label's shard its -z_y). `client`: checks made on the
+    merged sums, in place of the shards' placeholders of the same name."""
     first, pairs = reports[0], list(zip(plan.shards, reports))
-    checks = _merge_all_checks(pairs, options.worst)
+    checks = _with_client(_merge_all_checks(pairs, options.worst), client or {}, first.fd_mode)
     ok = all(c.ok for c in checks)
     diagnosis = _merge_diagnosis(pairs)
     warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
-    loss = math.fsum([r.loss for r in reports] + [-repeated])
-    if denominator == 0 and options.reduction.value == "mean":
+    loss = merged_loss(reports, options, denominator, repeated)
+    if math.isnan(loss) and denominator == 0:
         warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
-                        "and the gradient is zero")
-        loss = math.nan
+                        "and the gradient is zero" if sum(r.n_ignored for r in reports)
+                        == sum(r.n_rows for r in reports) else
+                        "the non-ignored targets' weights sum to 0: the mean loss and the "
+                        "gradient of those rows are NaN (0/0, as PyTorch)")
     merged = replace(
         first, ok=ok, loss=loss, shape=plan.shape, checks=checks,
         loss_per_sample_shape=_per_sample_shape(plan, first),
-        inputs=tuple(i for r in reports for i in r.inputs if i.role in ("logits", "labels", "grad")),
+        inputs=tuple(i for r in reports for i in r.inputs
+                     if i.role in ("logits", "labels", "grad", "loss")) + client_inputs,
         warnings=tuple(warnings), fd_evaluations=sum(r.fd_evaluations for r in reports),
         diagnosis=diagnosis, verdict=verdict_line(ok, checks, diagnosis), **_sizes(plan, reports))
     return ShardedReport(plan.axis, merged, tuple(_summary(s, r) for s, r in pairs))
+
+
+# the checks a report lists before your loss (ranks 0 and 1 of verify/stages.py) on vocabulary
+# shards; `fd_vs_reference` too with --fd full (rank 0; sampled, rank 4, it follows the loss)
+RANKED_BEFORE_LOSS = ("fd_rows_vs_reference", "grad_vs_reference", "normaliser")
+
+
+def _with_client(checks: tuple[CheckResult, ...], client: dict[str, CheckResult],
+                 fd_mode: str = "off") -> tuple[CheckResult, ...]:
+    """The merged checks with the client's in place of their placeholders; the z-loss after
+    the lse, as one process ranks them (the placeholders lead their rank)."""
+    out = [client.get(c.name, c) for c in checks]
+    names = [c.name for c in out]
+    for name, check in client.items():  # no placeholder (vocabulary shards): before rank 3
+        if name not in names:
+            before = RANKED_BEFORE_LOSS + (("fd_vs_reference",) if fd_mode == "full" else ())
+            at = next((i for i, n in enumerate(names) if n not in before), len(out))
+            out.insert(at, check)
+            names.insert(at, name)
+    if "z_loss_vs_reference" in client and "lse_vs_reference" in names:
+        out.insert(names.index("lse_vs_reference"), out.pop(names.index("z_loss_vs_reference")))
+    return tuple(out)
 
 
 def _per_sample_shape(plan: ShardPlan, first: Report) -> tuple[int, ...] | None:
@@ -675,45 +982,306 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
                                                   elementwise)))
 
 
+def batch_inputs(given: dict[str, str | None], reduction: str) -> tuple[BatchInputs, float]:
+    """`BatchInputs` from the command line's texts, and the typed loss's tolerance (half a unit
+    of its last digit): `weight` one file; `sample_weight` and `lse` one file or a quoted glob
+    of one per shard; `loss` and `z_loss_value` a number or a file of one value, per sample
+    with reduction none (then files like `sample_weight`)."""
+    out, arrays, atol = BatchInputs(weight=given.get("weight")), [], 0.0
+    for role in ("sample_weight", "lse", "loss", "z_loss_value"):
+        text = given.get(role)
+        if text is None:
+            continue
+        if role in ("sample_weight", "lse") or reduction == "none":
+            arrays.append((role, tuple(expand(text, role))))
+            continue
+        spec = InputSpec.parse(text, role, strict=True)
+        value = spec.load() if spec.origin is Origin.number else load(text, role)
+        what = "loss" if role == "loss" else "z-loss"
+        if value.dtype.kind not in "iuf":
+            raise CeCheckError(f"{spec.source}: dtype {value.dtype} is not numeric")
+        if value.size != 1:
+            raise CeCheckError(f"{spec.source}: shape {value.shape}; reduction '{reduction}' "
+                               f"gives a scalar {what} (use `reduction=none` for per-sample "
+                               "values)")
+        number = float(value.reshape(-1)[0])
+        if role == "loss":
+            out = replace(out, loss=number, loss_dtype=str(value.dtype), loss_source=spec.source)
+            atol = spec.tolerance
+        else:
+            out = replace(out, z_loss=number, z_loss_dtype=str(value.dtype),
+                          z_loss_source=spec.source)
+    return replace(out, arrays=tuple(arrays)), atol
+
+
+def refuse_inputs(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions, kind: str) -> None:
+    """What shards cannot take of `inputs`: one line each, never ignored."""
+    n = len(plan.shards)
+    for role, files in inputs.arrays:
+        if len(files) not in (1, n):
+            raise CeCheckError(f"`{role}`: {len(files)} files for {n} logits shards (give one "
+                               "per shard, or one file for the whole batch)")
+    _refuse_values(inputs, options, kind)
+    if kind != "binary" and inputs.weight is not None:  # C values, read once here
+        _class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
+                       f"weight file '{inputs.weight}'", [])
+    if plan.axis == "vocab":
+        _refuse_on_vocab(inputs)
+
+
+def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> None:
+    """Your loss and z-loss as the settings need them: numbers only when reduced, a z-loss
+    (and an lse) only for softmax with `z_loss`."""
+    if options.reduction.value == "none" and (inputs.loss is not None or inputs.z_loss is not None):
+        raise CeCheckError("`loss`: reduction none compares per-sample values: give them as files "
+                           "(one for the batch or one per shard), not a number")
+    z_value = inputs.z_loss is not None or bool(inputs.files("z_loss_value"))
+    if kind == "binary" and (z_value or inputs.files("lse")):
+        raise CeCheckError(f"`{'lse' if inputs.files('lse') else 'z_loss_value'}`: applies to "
+                           "softmax cross-entropy (check_grad), not sigmoid BCE")
+    if z_value and not options.z_loss:
+        raise CeCheckError("`z_loss_value`: needs `z_loss`, the coefficient it was computed with")
+
+
+def _refuse_on_vocab(inputs: BatchInputs) -> None:
+    if len(inputs.files("loss")) > 1:
+        raise CeCheckError("`loss`: one file of the batch's per-sample losses with vocabulary "
+                           "shards (every shard holds every row)")
+    if inputs.files("lse"):
+        raise CeCheckError("`lse`: not with vocabulary shards (the global lse is what pass 1 "
+                           "merges from the shards themselves); compare yours on row shards")
+
+
 def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOptions,
                mapper: Mapper | None = None,
                progress: Callable[[int, int], None] | None = None,
-               kind: str = "softmax", pos_weight: float | str | None = None) -> ShardedReport:
+               kind: str = "softmax", pos_weight: float | str | None = None,
+               inputs: BatchInputs = NO_INPUTS) -> ShardedReport:
     """Describe, pass 1, pass 2 and merge (module docstring), each step through `mapper`.
     `kind`: softmax (`grad`) or binary (sigmoid BCE, with `pos_weight`: a number, or the file
-    or URL of K values)."""
+    or URL of K values). `inputs`: class weights, your loss, the batch-shaped inputs."""
     mapper = mapper or LocalMapper()
     shapes = mapper.map(describe, [f.logits for f in files], ("logits",))
     label_files = list(dict.fromkeys(f.labels for f in files))
     label_shapes = mapper.map(describe, label_files, ("labels",))
     plan = make_plan(files, shapes, label_shapes, axis, kind)
     opts = resolve_options(plan, options, elementwise=kind == "binary")
+    refuse_inputs(plan, inputs, opts, kind)
     if kind == "binary":
         refuse_softmax_only(opts)
-        batch = BinaryBatch.of(plan.shape, pos_weight)
-        reports = mapper.map(check_shard, plan.shards, (opts, batch), progress)
-        return merge_reports(plan, reports, opts)
+        batch = replace(BinaryBatch.of(plan.shape, pos_weight),
+                        weighted_count=_binary_count(plan, inputs, opts, mapper))
+        results = mapper.map(shard_pass, plan.shards, (opts, batch, inputs), progress)
+        return merge_results(plan, results, opts, inputs)
     denominator = None
     if plan.axis == "rows":
-        denominator = float(math.fsum(mapper.map(shard_denominator, plan.shards, (opts,))))
+        denominator = float(math.fsum(mapper.map(shard_denominator, plan.shards, (opts, inputs))))
         shared: Any = denominator
     else:
         shared = mapper.reduce(shard_row_stats, plan.shards, merge_row_stats)
-    reports = mapper.map(check_shard, plan.shards, (opts, shared), progress)
-    repeated = 0.0
     if plan.axis == "vocab":
-        once = mapper.map(reduced_lse, plan.shards[:1], (shared, opts))[0]
-        repeated = (len(plan.shards) - 1) * once
-    return merge_reports(plan, reports, opts, denominator, repeated)
+        return _run_vocab(plan, opts, inputs, mapper, shared, progress)
+    results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)
+    return merge_results(plan, results, opts, inputs, denominator)
 
 
-def reduced_lse(shard: Shard, lse: Any, options: CheckOptions) -> float:
-    """The reduced loss of lse alone (sum over the rows whose target is not ignored, / their
-    count for 'mean'): each vocabulary shard's loss holds it once."""
+def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapper: Mapper,
+               lse: Any, progress: Callable[[int, int], None] | None) -> ShardedReport:
+    """Pass 2 on vocabulary shards (your loss kept for the client: a shard holds part of each
+    row's), the lse the shards' losses repeat, and your loss against the batch's rows."""
+    loss_given = inputs.loss is not None or bool(inputs.files("loss"))
+    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays if r != "loss"))
+    results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
+    once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
+    repeated = (len(plan.shards) - 1) * once
+    reports = [r for r, _ in results]
+    checks: dict[str, CheckResult] = {}
+    if loss_given:
+        rows = mapper.map(vocab_loss_rows, plan.shards, (lse, options, own))
+        total = merged_loss(reports, options, None, repeated)
+        checks["loss_vs_reference"] = vocab_loss_check(plan, rows, inputs, options, total)
+    infos: tuple[InputInfo, ...] = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
+                                    if inputs.loss is not None else ())
+    for path in inputs.files("loss"):  # per sample: one file of the batch's
+        arr = load(path, "loss")
+        infos += (InputInfo("loss", f"loss file '{path}'", tuple(arr.shape), str(arr.dtype)),)
+    return merge_reports(plan, reports, options, None, repeated, checks, infos)
+
+
+@dataclass(frozen=True, eq=False)
+class VocabRows:
+    """A vocabulary shard's per-row share of the rows' losses: z_y where the label is one of its
+    columns (0 elsewhere), its largest finite |z|; shard 0 adds the global lse, each row's
+    weight s_n w_y (1 unweighted, 0 where ignored) and whether sample weights were given."""
+
+    z_y: np.ndarray
+    zabs: np.ndarray
+    lse: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    sample_weighted: bool = False
+
+
+def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
+                    inputs: BatchInputs = NO_INPUTS) -> VocabRows:
+    """The shard's `VocabRows` (a pass over its logits, in row blocks)."""
+    z = load(shard.files.logits, "logits")
+    z = z.reshape(-1, z.shape[-1])
     y = load(shard.files.labels, "labels").reshape(-1)
     valid = y != options.ignore_index
-    total = math.fsum(np.asarray(lse).reshape(-1)[valid].tolist())
+    inside = valid & (y >= shard.offset) & (y < shard.offset + z.shape[1])
+    z_y, zabs = np.zeros(len(y)), np.empty(len(y))
+    rows = np.flatnonzero(inside)
+    z_y[rows] = np.asarray(z[rows, y[rows] - shard.offset], dtype=np.float64)
+    step = max(1, ROW_CHUNK // max(1, z.shape[1]))
+    for a in range(0, len(y), step):
+        block = np.abs(np.asarray(z[a:a + step], dtype=np.float64))
+        zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
+    if shard.index:
+        return VocabRows(z_y, zabs)
+    arrays = shard_arrays(shard, inputs)
+    s = vocab_row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    weight = np.where(valid, s if s is not None else 1.0, 0.0)
+    return VocabRows(z_y, zabs, np.asarray(lse, dtype=np.float64).reshape(-1), weight,
+                     "sample_weight" in arrays)
+
+
+def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
+                     options: CheckOptions, total: float) -> CheckResult:
+    """Your loss against the batch's rows L_n = s_n (lse_n - z_y), each allowed the single
+    process's floor k eps (|L_n| + S_n (1 + |lse_n|)), plus 2 S_n max|z| with sample weights
+    (S_n = |s_n w_y|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings of the total;
+    widened by the normaliser bound when only that passes, as `LossStage`."""
+    first = parts[0]
+    assert first.lse is not None and first.weight is not None
+    z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
+    zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
+    S = np.abs(first.weight)
+    per_row = np.where(S != 0, first.weight * (first.lse - z_y), 0.0)
+    n_classes = plan.shape[-1]
+    got: Any
+    if options.reduction.value == "none":
+        got = _vocab_user_losses(plan, inputs)
+        tol = scalar_tolerance(str(got.dtype), options)
+    else:
+        got, tol = inputs.loss, scalar_tolerance(inputs.loss_dtype, options)
+    floor = tol.floor_coef * (np.abs(per_row) + S * (1.0 + np.abs(first.lse))
+                              + (2.0 * S * zabs if first.sample_weighted else 0.0))
+    normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
+    if options.reduction.value == "none":
+        shape = plan.shape[:-1]
+
+        def compare(k: float) -> CheckResult:
+            cmp = Comparison("loss_vs_reference", tol,
+                             lambda r, c: tuple(int(i) for i in np.unravel_index(r, shape)),
+                             expected_label="reference", got_label="yours", n_worst=options.worst,
+                             extra_atol=options.loss_atol, beyond_range=True)
+            cmp.update(0, per_row, got, floor + k * S)
+            return cmp.result()
+    else:
+        D = float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0
+        scale = 1.0 / D if D else 0.0
+        n = max(1, len(per_row))
+
+        def compare(k: float) -> CheckResult:
+            bound = ((float(np.sum(floor)) + k * float(np.sum(S))) * scale
+                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+            return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
+    return with_normaliser(compare, normaliser, tol, n_classes)
+
+
+def _vocab_user_losses(plan: ShardPlan, inputs: BatchInputs) -> np.ndarray:
+    """Your per-sample losses of the batch (one file), as (N,) rows."""
+    path = inputs.files("loss")[0]
+    source = f"loss file '{path}'"
+    got = load(path, "loss")
+    if got.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+    if got.shape != plan.shape[:-1] and got.shape != (math.prod(plan.shape[:-1]),):
+        raise CeCheckError(f"{source}: shape {got.shape}; reduction 'none' gives per-sample "
+                           f"losses of the batch's shape {plan.shape[:-1]}")
+    return got.reshape(-1)
+
+
+def _binary_count(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions,
+                  mapper: Mapper) -> float | None:
+    """'mean''s D with sample weights: their sum over the batch's elements (None without)."""
+    if not inputs.files("sample_weight"):
+        return None
+    count = math.fsum(mapper.map(binary_count, plan.shards, (inputs,)))
+    if options.reduction.value == "mean" and options.denominator is None and count == 0:
+        raise CeCheckError(f"sample_weight file '{inputs.files('sample_weight')[0]}': the sample "
+                           "weights sum to 0: 'mean' is 0/0; give `denominator` or reduction sum")
+    return count
+
+
+def merge_results(plan: ShardPlan, results: list[tuple[Report, ShardShare]],
+                  options: CheckOptions, inputs: BatchInputs, denominator: float | None = None,
+                  repeated: float = 0.0) -> ShardedReport:
+    """`merge_reports`, with the batch's reduced loss and z-loss checked once on the merged
+    sums (the shards' reports hold placeholders where these checks go)."""
+    reports, shares = [r for r, _ in results], [s for _, s in results]
+    total = merged_loss(reports, options, denominator, repeated)
+    checks = batch_checks(plan, shares, inputs, options, total)
+    infos = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
+             if inputs.loss is not None else ())
+    return merge_reports(plan, reports, options, denominator, repeated, checks, infos)
+
+
+def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
+                 options: CheckOptions, total: float) -> dict[str, CheckResult]:
+    """Your reduced loss and z-loss against the merged reference, with the single process's
+    allowance: the rows' floors summed over the shards, scaled, plus log2(N + 1) roundings
+    of the total (the loss: widened by the normaliser bound when only that passes)."""
+    out: dict[str, CheckResult] = {}
+    if not shares:
+        return out
+    first, n = shares[0], max(1, math.prod(plan.shape[:-1]))
+    if inputs.loss is not None:
+        tol = scalar_tolerance(inputs.loss_dtype, options)
+        floors = math.fsum(s.loss_floor for s in shares)
+        weights = math.fsum(s.loss_weight for s in shares)
+
+        def compare(k: float) -> CheckResult:
+            floor = ((floors + k * weights) * first.grad_scale
+                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+            return reduced_check("loss_vs_reference", tol, total, floor, inputs.loss,
+                                 options.loss_atol)
+
+        out["loss_vs_reference"] = with_normaliser(compare, first.normaliser, tol, plan.shape[-1])
+    if inputs.z_loss is not None:
+        tol = scalar_tolerance(inputs.z_loss_dtype, options)
+        z_total = math.fsum(s.z_loss for s in shares)
+        floor = (math.fsum(s.z_loss_floor for s in shares) * abs(first.grad_scale)
+                 + tol.floor_coef * math.log2(n + 1) * abs(z_total))
+        out["z_loss_vs_reference"] = reduced_check("z_loss_vs_reference", tol, z_total, floor,
+                                                   inputs.z_loss, 0.0)
+    return out
+
+
+def merged_loss(reports: list[Report], options: CheckOptions, denominator: float | None,
+                repeated: float) -> float:
+    """`math.fsum` of the shards' losses, less what vocabulary shards repeat; NaN for 'mean'
+    when every target is ignored (0/0, as PyTorch)."""
+    if denominator == 0 and options.reduction.value == "mean" and options.denominator is None:
+        return math.nan
+    return math.fsum([r.loss for r in reports] + [-repeated])
+
+
+def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
+                inputs: BatchInputs = NO_INPUTS) -> float:
+    """The reduced loss of lse alone (sum over the rows whose target is not ignored of s_n
+    lse_n, / D for 'mean'): each vocabulary shard's loss holds it once."""
+    y = load(shard.files.labels, "labels").reshape(-1)
+    valid = y != options.ignore_index
+    s = vocab_row_weights(y, shard_arrays(shard, inputs), options,
+                          f"labels file '{shard.files.labels}'")
+    values = np.asarray(lse).reshape(-1)[valid]
+    if s is not None:
+        values = values * s[valid]
+    total = math.fsum(values.tolist())
     if options.reduction.value == "mean":
-        count = int(np.count_nonzero(valid))
+        # D as the shard's check forms it (np.sum of the rows' weights), so that it cancels
+        count = float(np.sum(np.ones(int(np.count_nonzero(valid))) * s[valid])) if s is not None \
+            else int(np.count_nonzero(valid))
         return total / count if count else 0.0
     return total

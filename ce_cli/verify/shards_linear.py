@@ -44,6 +44,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE
 from ce_cli.verify.compare import Comparison
+from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.linear import (BiasDirection, LinearSettings, Probes, Projection, UserArray,
                                   WeightFD, _bias_column, _cmp, _echo, _fd_checks, _join,
                                   _loss_check, _problem, _ranges, _transposed, _user_loss,
@@ -52,7 +53,7 @@ from ce_cli.verify.linear import (BiasDirection, LinearSettings, Probes, Project
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
 from ce_cli.verify.shards import (LOCAL_WARNINGS, UNSHARDED, LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
-                                  ShardSummary, describe, load, make_plan, merge_checks,
+                                  ShardSummary, cut_part, describe, load, make_plan, merge_checks,
                                   shard_labels)
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
 
@@ -69,6 +70,9 @@ class LinearBatch:
     weight_side: bool = False
     n_rows: int = 0                     # the batch's rows (the probes are drawn over them)
     fd_tols: tuple[Tolerance | None, Tolerance | None] = (None, None)  # your dL/dW's, dL/db's
+    sample_weight: tuple[str, ...] = ()  # one file of the batch's tokens, or one per shard
+    loss_files: tuple[str, ...] = ()    # per-token losses (reduction none), likewise
+    batch_shape: tuple[int, ...] = ()   # the batch's tokens: (N,), or (B, T) of (B, T, H) shards
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class LinearPart:
     inputs: tuple[InputInfo, ...]
     fd: ShardFD | None = None
     exact_w: tuple[np.ndarray, np.ndarray] | None = None  # `exact`: G_i^T H_i and its floor
+    loss_check: CheckResult | None = None  # your per-token losses on the shard's tokens
 
 
 def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
@@ -122,23 +127,63 @@ def _sources(shard: Shard, batch: LinearBatch) -> dict[str, str]:
 def shard_problem(shard: Shard, batch: LinearBatch, options: CheckOptions,
                   denominator: float | None, rows: slice | None = None
                   ) -> tuple[LinearCE, list[str], dict[str, np.ndarray]]:
-    """The shard's problem (its `rows`, all by default) scaled by the batch's 1/D for 'mean'."""
+    """The shard's problem (its `rows`, all by default) scaled by the batch's 1/D for 'mean';
+    (B, T, H) shards as their B*T token rows, the labels shifted within their sequences."""
     h = load(shard.files.logits, "hidden")
-    y = shard_labels(shard)
+    src = _sources(shard, batch)
+    h_rows, y = _token_rows(shard, h, options, src["labels"])
+    sw = _sample_weight(shard, batch)
     if rows is not None:
-        h, y = h[rows], y[rows]
+        h_rows, y, sw = h_rows[rows], y[rows], sw[rows] if sw is not None else None
     arrays = {"hidden": h, "labels": y, "weight": load(batch.weight, "weight")}
     for role in ("bias", "class_weight"):
         if getattr(batch, role) is not None:
             arrays[role] = load(getattr(batch, role), role)
     vectors = {k: v.reshape(-1) if k in ("bias", "class_weight") else v for k, v in arrays.items()}
-    problem, warnings, _ = _problem(vectors["hidden"], vectors["weight"], vectors["labels"],
-                                    vectors.get("bias"), vectors.get("class_weight"), None,
-                                    options, batch.settings, _sources(shard, batch))
+    problem, warnings, _ = _problem(h_rows, vectors["weight"], y, vectors.get("bias"),
+                                    vectors.get("class_weight"), sw,
+                                    replace(options, shift_labels=False), batch.settings, src)
     if denominator is not None and problem.reduction == "mean":
         problem = replace(problem, denominator=denominator,
                           sm=replace(problem.sm, denominator=denominator))
     return problem, warnings, arrays
+
+
+def _token_rows(shard: Shard, h: np.ndarray, options: CheckOptions,
+                source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's hidden states and labels as token rows: (N, H) as they are, (B, T, H) as
+    B*T rows with the labels (the shard's own (B, T), or its tokens of the batch's file)
+    shifted within each sequence for `shift_labels`."""
+    if h.ndim != 3:
+        return h, shard_labels(shard)
+    y = load(shard.files.labels, "labels")
+    if shard.labels_range is not None:  # the plan counts tokens
+        y = cut_part(np.asarray(y).reshape(-1), 0, *shard.labels_range, source)
+    if y.size != h.shape[0] * h.shape[1]:
+        raise CeCheckError(f"{source}: shape {y.shape} does not match the hidden states' "
+                           f"tokens {h.shape[:2]}")
+    y = np.asarray(y).reshape(h.shape[:2])
+    if options.shift_labels:
+        y = shift_labels(h, y, options.ignore_index, source)
+    return h.reshape(-1, h.shape[-1]), y.reshape(-1)
+
+
+def _sample_weight(shard: Shard, batch: LinearBatch) -> np.ndarray | None:
+    """The shard's tokens' sample weights (None without)."""
+    return _token_values(shard, batch.sample_weight, "sample_weight") if batch.sample_weight else None
+
+
+def _token_values(shard: Shard, files: Sequence[str], role: str) -> np.ndarray:
+    """One value a token of the shard: its own file, or its tokens of the batch's file."""
+    if len(files) > 1:
+        return np.asarray(load(files[shard.index], role)).reshape(-1)
+    values = np.asarray(load(files[0], role)).reshape(-1)
+    return cut_part(values, 0, shard.offset, shard.offset + shard.size, f"{role} file '{files[0]}'")
+
+
+def _flat_grad(gh: np.ndarray) -> np.ndarray:
+    """Your dL/dH of (B, T, H) shards as token rows."""
+    return gh.reshape(-1, gh.shape[-1]) if gh.ndim == 3 else gh
 
 
 def linear_denominator(shard: Shard, batch: LinearBatch, options: CheckOptions) -> float:
@@ -154,7 +199,8 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
         problem, warnings, arrays = shard_problem(shard, batch, options, denominator)
         src = _sources(shard, batch)
         gh = load(shard.files.grad, "grad_hidden") if shard.files.grad is not None else None
-        users = user_arrays(problem, {"grad_hidden": gh}, src, options, batch.settings.weight_layout)
+        users = user_arrays(problem, {"grad_hidden": None if gh is None else _flat_grad(gh)}, src,
+                            options, batch.settings.weight_layout)
         _placeholders(users, batch)
         run = linear_pass(problem, users, batch.settings, options,
                           choose=_batch_probes(shard, batch.n_rows or shard.size),
@@ -165,14 +211,33 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                    if batch.settings.exact and batch.weight_side else None)
     if gh is not None:
         arrays["grad_hidden"] = gh
-    inputs = tuple(InputInfo(r, src[r], tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
-                   if r in ("hidden", "labels", "grad_hidden"))
+    loss_check = _token_losses(shard, batch, problem, run, options, arrays)
+    inputs = tuple(InputInfo(r, src.get(r, f"{r} file '{_name(batch.loss_files, shard)}'"),
+                             tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
+                   if r in ("hidden", "labels", "grad_hidden", "loss"))
     return LinearPart(hidden, failing, loss_sum(run.loss), math.fsum(run.loss_floor.tolist()), N,
                       int(N - np.count_nonzero(problem.valid)), run.wa, run.wp,
                       run.pw.r if run.pw is not None else None, run.lse, run.herr,
                       users["grad_hidden"].tol if "grad_hidden" in users else None,
                       tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
-                      inputs, _shard_fd(run, users, shard), exact_w)
+                      inputs, _shard_fd(run, users, shard), exact_w, loss_check)
+
+
+def _token_losses(shard: Shard, batch: LinearBatch, problem: LinearCE, run: Any,
+                  options: CheckOptions, arrays: dict[str, np.ndarray]) -> CheckResult | None:
+    """Your per-token losses (reduction none) on the shard's tokens, compared as
+    `check_linear` compares them (local token rows)."""
+    if not batch.loss_files:
+        return None
+    got = _token_values(shard, batch.loss_files, "loss")
+    arrays["loss"] = got
+    user = _user_loss(problem, got, f"loss file '{_name(batch.loss_files, shard)}'", options)
+    assert user is not None
+    return _loss_check(problem, run, user, 0.0, options)
+
+
+def _name(files: Sequence[str], shard: Shard) -> str:
+    return files[shard.index] if len(files) > 1 else files[0] if files else ""
 
 
 def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,
@@ -256,7 +321,7 @@ def linear_hidden_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: Chec
     if mine.size == 0 or shard.files.grad is None:
         return None
     problem, _, _ = shard_problem(shard, batch, options, denominator)
-    gh = load(shard.files.grad, "grad_hidden")
+    gh = _flat_grad(load(shard.files.grad, "grad_hidden"))
     user = user_arrays(problem, {"grad_hidden": gh}, _sources(shard, batch), options,
                        batch.settings.weight_layout)["grad_hidden"]
     with np.errstate(all="ignore"):
@@ -281,14 +346,30 @@ def linear_exact_rows(item: tuple[Shard, np.ndarray, np.ndarray], options: Check
 
 def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
     """What linear shards do not carry: refused, one line each, never ignored. The row-local
-    training-code options are carried (each shard's problem is built with them), except
-    `shift_labels`: (N, H) hidden shards could cut a sequence between two."""
+    training-code options are carried (each shard's problem is built with them; `shift_labels`
+    on (B, T, H) shards, `sequences`)."""
     if options.class_axis not in (-1, 1):
         raise CeCheckError("`class_axis`: shards need the classes on the last axis")
     plain = CheckOptions()
-    for name in (*UNSHARDED, "shift_labels"):
+    for name in UNSHARDED:
         if getattr(options, name) != getattr(plain, name):
             raise CeCheckError(f"`{name}`: not supported with linear `shards`")
+
+
+def sequences(shapes: Sequence[tuple[int, ...]], options: CheckOptions) -> int | None:
+    """T of (B, T, H) shards (each whole sequences: the same T in every shard), None for
+    (N, H) shards, which `shift_labels` cannot take (they could cut a sequence between two)."""
+    dims = {len(s) for s in shapes}
+    if dims == {2}:
+        if options.shift_labels:
+            raise CeCheckError("`shift_labels`: linear row shards need (B, T, H) hidden states, "
+                               "each shard whole sequences ((N, H) shards could cut a sequence "
+                               "between two)")
+        return None
+    if dims == {3} and len({s[1] for s in shapes}) == 1:
+        return shapes[0][1]
+    raise CeCheckError(f"`shards`: linear shards need (N, H) hidden states, or (B, T, H) with "
+                       f"the same T in every shard; got {', '.join(map(str, shapes[:3]))}")
 
 
 def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch: LinearBatch, *,
@@ -299,14 +380,16 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     mapper = mapper or LocalMapper()
     check_linear_options(options, batch)
     if loss is not None and options.reduction.value == "none":
-        raise CeCheckError("`loss`: per-token losses are not supported with linear `shards` yet")
+        raise CeCheckError("`loss`: per-token losses are files with linear `shards` (one for the "
+                           "batch or one per shard: `loss_files`)")
     batch = replace(batch, weight_side=grad_weight is not None)
     shapes = mapper.map(describe, [f.logits for f in files], ("hidden",))
-    if any(len(s) != 2 for s in shapes):
-        raise CeCheckError("`shards`: linear shards need (N, H) hidden states; reshape "
-                           "(B, T, H) shards to (B*T, H)")
-    plan = make_plan(files, shapes, mapper.map(describe, list(dict.fromkeys(f.labels for f in files)),
-                                               ("labels",)), "rows")
+    T = sequences(shapes, options)
+    flat = [(s[0] * s[1], s[2]) if T else s for s in shapes]  # the plan counts token rows
+    plan = make_plan(files, flat, mapper.map(describe, list(dict.fromkeys(f.labels for f in files)),
+                                             ("labels",)), "rows")
+    _check_token_files(plan, batch, options)
+    batch = replace(batch, batch_shape=(plan.shape[0] // T, T) if T else (plan.shape[0],))
     D = None
     if options.reduction.value == "mean":
         D = math.fsum(mapper.map(linear_denominator, plan.shards, (batch, options)))
@@ -320,11 +403,22 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
         users[k].tol if k in users else None for k in ("grad_weight", "grad_bias")))
     parts = mapper.map(linear_shard, plan.shards, (options, batch, D), progress)
     if parts[0].gh_tol is not None:
-        users = {"grad_hidden": UserArray(None, parts[0].gh_tol, lambda r, c: (r, c)), **users}
+        users = {"grad_hidden": UserArray(None, parts[0].gh_tol,
+                                          lambda r, c: stand.batch_index(r) + (c,)), **users}
     checks = _batch_checks(plan, parts, stand, users, batch, options, mapper, D)
     fd, evaluations = _fd_merge(parts, probes, direction, stand, users, options.worst)
     return _merge(plan, parts, stand, batch, options, (users, checks + fd, inputs),
                   (loss, loss_source), (probes[0], evaluations))
+
+
+def _check_token_files(plan: Any, batch: LinearBatch, options: CheckOptions) -> None:
+    """One file of the batch's tokens or one per shard; per-token losses need reduction none."""
+    for role, given in (("sample_weight", batch.sample_weight), ("loss", batch.loss_files)):
+        if len(given) not in (0, 1, len(plan.shards)):
+            raise CeCheckError(f"`{role}`: {len(given)} files for {len(plan.shards)} hidden shards "
+                               "(give one per shard, or one file for the whole batch)")
+    if batch.loss_files and options.reduction.value != "none":
+        raise CeCheckError("`loss`: files of per-token losses need reduction none")
 
 
 def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | None) -> LinearCE:
@@ -332,7 +426,8 @@ def _stand_in(plan: Any, batch: LinearBatch, options: CheckOptions, D: float | N
     zero-stride view): it carries N, V, H, the class weights, 1/D and so the tolerances."""
     problem, _, _ = shard_problem(plan.shards[0], batch, options, D, slice(0, 1))
     N, H = plan.shape
-    return replace(problem, hidden=np.broadcast_to(problem.hidden[:1], (N, H)), batch_shape=(N,))
+    return replace(problem, hidden=np.broadcast_to(problem.hidden[:1], (N, H)),
+                   batch_shape=batch.batch_shape or (N,))
 
 
 def _client_users(stand: LinearCE, batch: LinearBatch, options: CheckOptions,
@@ -424,8 +519,8 @@ def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, option
     shards and compared, the failing rows counted over the batch."""
     failing = np.concatenate([p.failing for p in parts])
     if failing.size == 0:
-        return merge_checks([(s, p.hidden) for s, p in zip(plan.shards, parts)
-                             if p.hidden is not None], options.worst)
+        return _token_index(merge_checks([(s, p.hidden) for s, p in zip(plan.shards, parts)
+                                          if p.hidden is not None], options.worst), batch)
     order = np.lexsort((failing[:, 0], -failing[:, 1]))
     rows = failing[order, 0].astype(np.int64)
     opened = np.sort(rows[:batch.settings.max_open_rows])
@@ -437,7 +532,17 @@ def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, option
             f"threshold passes with probability <= {batch.settings.false_pass():.1g}"
             f"; {rows.size} of {plan.shape[0]} token rows fail: {_ranges(rows)}; exact entries "
             f"of {opened.size} worst rows: {res.mismatches} of {res.total} over tolerance")
-    return replace(res, ok=False, mismatches=max(res.mismatches, int(rows.size)), note=note)
+    return replace(_token_index(res, batch), ok=False, mismatches=max(res.mismatches, int(rows.size)),
+                   note=note)
+
+
+def _token_index(check: CheckResult, batch: LinearBatch) -> CheckResult:
+    """The check's entries at their tokens: a token row r of (B, T, H) shards is (b, t)."""
+    if len(batch.batch_shape) < 2:
+        return check
+    worst = tuple(replace(e, index=tuple(int(i) for i in np.unravel_index(
+        e.index[0], batch.batch_shape)) + tuple(e.index[1:])) for e in check.worst)
+    return replace(check, worst=worst)
 
 
 def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: UserArray,
@@ -487,15 +592,12 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
     users, ranked, client_inputs = users_checks
     loss, loss_source = loss_in
     ref_loss = stand.reduce(math.fsum(p.loss_total for p in parts))
-    user_loss = _user_loss(stand, loss, loss_source, options)
-    if user_loss is not None:
-        run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
-        ranked.append((2, _loss_check(stand, run, user_loss, ref_loss, options)))  # type: ignore[arg-type]
+    ranked += _loss_checks(plan, parts, stand, batch, options, loss_in, ref_loss)
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
     report = Report(
         kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
-        loss_per_sample_shape=plan.shape[:-1] if stand.reduction == "none" else None,
-        shape=plan.shape, n_rows=plan.shape[0], n_classes=stand.n_classes,
+        loss_per_sample_shape=batch.batch_shape if stand.reduction == "none" else None,
+        shape=batch.batch_shape + plan.shape[1:], n_rows=plan.shape[0], n_classes=stand.n_classes,
         n_ignored=sum(p.n_ignored for p in parts), reduction=stand.reduction,
         target_kind="index", checks=checks,
         inputs=tuple(i for p in parts for i in p.inputs) + client_inputs
@@ -504,6 +606,19 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
         warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode=fd[0],
         fd_evaluations=fd[1], options=_echo(stand, batch.settings, options, users))
     return ShardedReport("rows", report, tuple(_summary(s, p, stand) for s, p in zip(plan.shards, parts)))
+
+
+def _loss_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
+                 options: CheckOptions, loss_in: tuple[Any, str],
+                 ref_loss: float) -> list[tuple[int, CheckResult]]:
+    """Your reduced loss against the merged one (the shards' floors summed), or the shards'
+    per-token loss checks merged at global tokens."""
+    user_loss = _user_loss(stand, loss_in[0], loss_in[1], options)
+    if user_loss is not None:
+        run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
+        return [(2, _loss_check(stand, run, user_loss, ref_loss, options))]  # type: ignore[arg-type]
+    per_token = [(s, p.loss_check) for s, p in zip(plan.shards, parts) if p.loss_check is not None]
+    return [(2, _token_index(merge_checks(per_token, options.worst), batch))] if per_token else []
 
 
 def _summary(shard: Shard, part: LinearPart, stand: LinearCE) -> ShardSummary:

@@ -182,15 +182,13 @@ class LossStage(Stage):
             self.weight[rows] = np.abs(ev.total_weight)
 
     def finish(self) -> Ranked:
-        result = self._compare(self.floor)
-        if not result.ok and self.weight is not None:
-            wide = self._compare(self.floor + self.normaliser * self.weight)
-            if wide.ok:
-                result = replace(wide, note=(
-                    f"passes with the normaliser allowance: lse off by up to "
-                    f"{self.normaliser:.2g} per row (a {self.tol.precision} sum of "
-                    f"{self.problem.n_classes:,} terms)"))
-        return [(2, result)]
+        weight = self.weight
+
+        def compare(k: float) -> CheckResult:
+            return self._compare(self.floor + k * weight if k and weight is not None else self.floor)
+
+        return [(2, with_normaliser(compare, self.normaliser if weight is not None else 0.0,
+                                    self.tol, self.problem.n_classes))]
 
     def _compare(self, row_floor: np.ndarray) -> CheckResult:
         problem = self.problem
@@ -205,11 +203,32 @@ class LossStage(Stage):
         # a reduction in the user's precision adds about log2(N) roundings of the total
         floor = (float(np.sum(row_floor)) * problem.grad_scale
                  + self.tol.floor_coef * math.log2(n + 1) * abs(total))
-        cmp = _comparison("loss_vs_reference", self.tol, lambda r, c: (), 1, user=True,
-                          extra_atol=self.loss_atol, beyond_range=True)
-        got = np.asarray(self.loss, dtype=np.float64).reshape(1)
-        cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
-        return cmp.result()
+        return reduced_check("loss_vs_reference", self.tol, total, floor, self.loss, self.loss_atol)
+
+
+def with_normaliser(compare: Callable[[float], CheckResult], normaliser: float, tol: Tolerance,
+                    n_classes: int) -> CheckResult:
+    """`compare(k)`: the check with the rows' floors widened by k times their Q_n. The plain
+    result, or the one widened by the normaliser bound when only that passes (with its note)."""
+    result = compare(0.0)
+    if not result.ok and normaliser:
+        wide = compare(normaliser)
+        if wide.ok:
+            result = replace(wide, note=(
+                f"passes with the normaliser allowance: lse off by up to {normaliser:.2g} per "
+                f"row (a {tol.precision} sum of {n_classes:,} terms)"))
+    return result
+
+
+def reduced_check(name: str, tol: Tolerance, total: float, floor: float, got: Any,
+                  extra_atol: float) -> CheckResult:
+    """A reduced scalar (the loss, the z-loss) against the reference `total`, the error floor
+    `floor` (the rows' floors, scaled, plus the reduction's log2(N + 1) roundings) allowed."""
+    cmp = _comparison(name, tol, lambda r, c: (), 1, user=True, extra_atol=extra_atol,
+                      beyond_range=True)
+    value = np.asarray(got, dtype=np.float64).reshape(1)
+    cmp.update(0, np.array([total]), value, np.array([floor]) if np.isfinite(floor) else None)
+    return cmp.result()
 
 
 class OutGradStage(Stage):
@@ -491,11 +510,8 @@ class ZLossStage(Stage):
         total = problem.reduce(loss_sum(self.rows))
         floor = (float(np.sum(self.floor)) * abs(problem.grad_scale)
                  + self.tol.floor_coef * math.log2(problem.n_rows + 1) * abs(total))
-        cmp = _comparison("z_loss_vs_reference", self.tol, lambda r, c: (), 1, user=True,
-                          extra_atol=self.loss_atol, beyond_range=True)
-        got = np.asarray(self.got, dtype=np.float64).reshape(1)
-        cmp.update(0, np.array([total]), got, np.array([floor]) if np.isfinite(floor) else None)
-        return [(2, cmp.result())]
+        return [(2, reduced_check("z_loss_vs_reference", self.tol, total, floor, self.got,
+                                  self.loss_atol))]
 
 
 def semantic_stages(problem, inputs, options, tolerance: Callable[..., Tolerance]) -> list[Stage]:
