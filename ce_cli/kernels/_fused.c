@@ -63,6 +63,13 @@ typedef struct {
     int64_t y_is_f32;
     int64_t q_is_f32, q_sum_here;
     double *row_min;          /* (R,) ce_scan_rows_on's row minima */
+    /* softmax training-code terms (numpy_softmax.semantic_rows) when ext: logits z = x_scale x,
+     * z-loss coefficient z_loss, sample weights s_w (R,) or NULL (1); outputs total_w (R,)
+     * s (Q + 2 z_loss v lse) and row_zabs (R,) the largest finite |z| */
+    int64_t ext;
+    double x_scale, z_loss;
+    const double *s_w;
+    double *row_zabs;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */

@@ -378,8 +378,13 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const vd neg_inf = splat(-INFINITY);
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
+    /* training-code terms (a->ext): z = S x, each load times S when S != 1 (then pass 1 runs
+     * on z in doubles: numpy's arg-max is z's, and rounding may tie entries x does not) */
+    const int ext = (int)a->ext;
+    const int scaled = ext && a->x_scale != 1.0;
+    const vd vS = splat(ext ? a->x_scale : 1.0);
     int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
-    if (z32) {
+    if (z32 && !scaled) {
         double f_max, f_min;
         int64_t f_am;
         int f_bad;
@@ -389,16 +394,22 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vmin = splat(f_min);  /* only when strictly greater, so ties keep f_am */
         vidx = (vl){0} + f_am;
     }
-#define PASS1(c, live, nn) do {                                                  \
+#define PASS1(c, live, nn, sc) do {                                              \
         vd v = T(load_row)(z, z32, c, (nn));                                  \
+        if (sc) v = v * vS;                                                   \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
         vmin = sel((live) & (v < vmin), v, vmin);                             \
         vidx = (vl)sel(gt, (vd)(IOTA + (c)), (vd)vidx);                       \
     } while (0)
-    for (int64_t c = c1; c < body; c += W) PASS1(c, ALL, W);
-    if (tail) PASS1(body, LIVE(body), tail);
+    if (scaled) {
+        for (int64_t c = 0; c < body; c += W) PASS1(c, ALL, W, 1);
+        if (tail) PASS1(body, LIVE(body), tail, 1);
+    } else {
+        for (int64_t c = c1; c < body; c += W) PASS1(c, ALL, W, 0);
+        if (tail) PASS1(body, LIVE(body), tail, 0);
+    }
     double bad = vbad[0];
     for (int i = 1; i < W; i++) bad += vbad[i];
     if (bad != 0.0) return 1;
@@ -410,8 +421,19 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     for (int i = 0; i < W; i++)
         if (vmax[i] == vm_max && vidx[i] < am) am = vidx[i];
     /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
-    const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
+    const double m = (z32 ? (double)((const float *)z)[am] : ((const double *)z)[am])
+                     * (scaled ? a->x_scale : 1.0);
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
+    /* ext: the largest |z| over the finite entries (numpy: where(isfinite(z), |z|, 0).max) */
+    double zabs = 0.0;
+    if (ext && lo > -INFINITY) {
+        zabs = fabs(m) > fabs(lo) ? fabs(m) : fabs(lo);
+    } else if (ext) {
+        for (int64_t c = 0; c < C; c++) {
+            const double v = T(load_row)(z, z32, c, 1)[0] * a->x_scale;
+            if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
+        }
+    }
 
     /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
     const int q32 = (int)a->q_is_f32;
@@ -431,8 +453,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
      * the caches, 64 bytes (one line) per group of 8 entries at most */
     const char *g_pf = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
     int64_t nb = 0;
-#define PASS2(k, c, live, nn, nrm, zm) do {                                  \
-        vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
+#define PASS2(k, c, live, nn, nrm, zm, sc) do {                              \
+        vd zs = T(load_row)(z, z32, c, nn);                                   \
+        if (sc) zs = zs * vS;                                                 \
+        zs = zs - vm;                                                         \
         PASS2_ACC(k, c, live, nn, zm, T(vexp_neg)(zs, nrm), zs);              \
     } while (0)
 /* e = exp(zs) of lanes [c, c + nn) (0 where not live) to e_row and the sums */
@@ -458,14 +482,16 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);      \
         }                                                                      \
     } while (0)
-#define PASS2_ROW(nrm, zm) do {                                              \
+#define PASS2_ROW(nrm, zm, sc) do {                                          \
         int64_t c = 0;                                                         \
         /* one vector per group (AVX-512): two groups' exps at once, in order after */ \
         for (; G == 1 && c + 16 <= body8; c += 16) {                           \
             vd xs[2], zs2[2];                                                  \
             for (int h = 0; h < 2; h++) {                                      \
                 if (g_pf) __builtin_prefetch(g_pf + (c + 8 * h) * (g32 ? 4 : 8)); \
-                xs[h] = zs2[h] = T(load_row)(z, z32, c + 8 * h, W) - vm;       \
+                xs[h] = T(load_row)(z, z32, c + 8 * h, W);                     \
+                if (sc) xs[h] = xs[h] * vS;                                    \
+                xs[h] = zs2[h] = xs[h] - vm;                                   \
             }                                                                  \
             T(vexp_neg_n)(xs, 2, nrm);                                         \
             for (int h = 0; h < 2; h++) {                                      \
@@ -479,22 +505,27 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             if (g_pf) __builtin_prefetch(g_pf + c * (g32 ? 4 : 8));           \
             if (c == am_grp) {                                                 \
                 for (int k = 0; k < G; k++)                                    \
-                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm); \
+                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm, sc); \
             } else {                                                           \
-                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm); \
+                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm, sc); \
             }                                                                  \
             PASS2_BLOCK(c);                                                    \
         }                                                                      \
         for (int k = 0; k < G && k * W < tail8; k++) {                         \
             const int64_t c = body8 + k * W;                                   \
             PASS2(k, c, LIVE(c) & (IOTA + c != vam),                           \
-                  tail8 - k * W < W ? tail8 - k * W : W, nrm, zm);             \
+                  tail8 - k * W < W ? tail8 - k * W : W, nrm, zm, sc);         \
         }                                                                      \
     } while (0)
     /* the kind of z sum (none, q, w) as one integer: GCC moves its test out of the loop */
     const int zmode = qrow ? 1 : beta != 0.0 ? 2 : 0;
-    if (normal) PASS2_ROW(1, zmode);
-    else PASS2_ROW(0, zmode);
+    if (scaled) {
+        if (normal) PASS2_ROW(1, zmode, 1);
+        else PASS2_ROW(0, zmode, 1);
+    } else {
+        if (normal) PASS2_ROW(1, zmode, 0);
+        else PASS2_ROW(0, zmode, 0);
+    }
     if (C % BLOCK) {
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
@@ -507,11 +538,28 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
     if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
     if (qrow) Q = a->q_total[r];
-    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
+    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y])
+                      * (scaled ? a->x_scale : 1.0) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
     if (qrow) qz = sum_z;
-    a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
+    /* ext (semantic_rows): s (Q l1 - q.zs + zeta v lse^2), Qe = Q + 2 zeta v lse what
+     * multiplies a in the gradient */
+    double Qe = Q, sw = 1.0;
+    if (ext) {
+        const double v = a->active[r] ? 1.0 : 0.0;
+        double loss_z = (Q * l1 - qz) + 0.0 * m;  /* numpy's + rest m, rest = 0 without shards */
+        if (a->z_loss != 0.0) {
+            loss_z = loss_z + a->z_loss * v * lse * lse;
+            Qe = Q + 2.0 * a->z_loss * v * lse;
+        }
+        sw = a->s_w ? a->s_w[r] : 1.0;
+        a->loss[r] = a->active[r] ? sw * loss_z : 0.0;
+        a->total_w[r] = sw * Qe;
+        a->row_zabs[r] = zabs;
+    } else {
+        a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
+    }
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
     if (!a->g && !a->out_ref && !a->out_floor) return 0;
@@ -520,73 +568,97 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
      *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
      *   floor = ((1 + l1 + |lse|) - zs) e (k eps scale |Q| / s) + (k eps scale |beta|) |w|
      *           + [c = y] k eps scale |alpha|
-     * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s). */
-    const double scale = a->scale, coef = a->floor_coef;
-    const double k_g = Q * scale / s, k_b = beta * scale, k_a = alpha * scale;
-    const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
-    const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
+     * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s).
+     * ext (numpy_softmax._semantic_grad_z, _semantic_floor): every term times s scale S,
+     * Q / s -> Qe exp(-l1), the floor's log a term plus |z|, and at a confident row's arg-max
+     * (l1 <= log 2) g = (Qe expm1(-l1) + rest) s scale S. */
+    const double coef = a->floor_coef;
+    const double scale = ext ? sw * a->scale * a->x_scale : a->scale;
+    const double fscale = ext ? coef * fabs(sw * a->scale) * a->x_scale : coef * a->scale;
+    const double ex = ext ? exp(-l1) : 0.0;
+    const double k_g = ext ? Qe * ex * scale : Q * scale / s;
+    const double k_b = beta * scale, k_a = alpha * scale;
+    const double k_f = ext ? fscale * fabs(Qe) * ex : fscale * fabs(Q) / s;
+    const double k_fb = fscale * fabs(beta);
+    const double k_fa = fscale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
     const double w_am = w ? w[am] : 1.0;
-    const double rest = qrow ? Q - T(load_row)(qrow, q32, am, 1)[0]
-                             : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
-    const double k_fq = coef * scale;
-    const double g_am = scale * (rest - Q * s1 / s);
-    const int sure = s1 <= 1.0;
+    const double rest_q = qrow ? Qe - T(load_row)(qrow, q32, am, 1)[0]
+                               : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double rest = ext && !qrow ? rest_q + (Qe - Q) : rest_q;
+    const double k_fq = fscale;
+    const double g_am = ext ? (Qe * expm1(-l1) + rest) * scale : scale * (rest - Q * s1 / s);
+    const int sure = ext ? l1 <= 0x1.62e42fefa39efp-1 : s1 <= 1.0;  /* log 2 */
     const vl vy = (vl){0} + y;
     const vd vk_g = splat(k_g), vbig_a = splat(big_a), vk_f = splat(k_f);
     CE_COMPARE_BEGIN;
 /* g and fl of lanes [c, c + n). qq (probability targets), q32c (their width), kw (k_b or k_fb
- * may be nonzero) and nrm (normal) are loop invariants: constants in the specialised loops. */
-#define PASS3_GF(c, n, spec, qq, q32c, kw, nrm)                                \
+ * may be nonzero), nrm (normal) and xt (ext) are loop invariants: constants in the specialised
+ * loops. */
+#define PASS3_GF(c, n, spec, qq, q32c, kw, nrm, xt)                            \
         vl ids = IOTA + (c);                                                  \
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
-        vd zs = T(load_row)(z, z32, c, n) - vm;                               \
+        vd zz = T(load_row)(z, z32, c, n);                                    \
+        if (xt) zz = zz * vS;                                                 \
+        vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
         if (qq) qv = T(load_row)(qrow, q32c, c, n);                           \
         if (qq) g = g - qv * splat(scale);                                    \
         if ((spec) && !(qq)) g = sel(ids == vy, g - splat(k_a), g);           \
         if ((spec) && sure) g = sel(ids == vam, splat(g_am), g);              \
-        vd fl = ((vbig_a - zs) * e) * vk_f;                                   \
+        vd fl = (xt) ? (((vbig_a - zs) + vabs(zz)) * e) * vk_f                \
+                     : ((vbig_a - zs) * e) * vk_f;                            \
         if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
         if (qq) fl = fl + splat(k_fq) * vabs(qv);                             \
         if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl)
-#define PASS3(c, live, nn, spec) do {                                        \
+#define PASS3(c, live, nn, spec, xt) do {                                    \
         const int64_t n = (nn);                                              \
-        PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal);                   \
+        PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal, xt);               \
         CE_COMPARE(c, live, n, g, fl);                                        \
     } while (0)
     /* only the target's and the arg-max's vectors need the per-entry corrections */
     const int64_t y_blk = y - y % W, am_blk = am - am % W;
     /* the common case (a gradient to compare, nothing stored, no smoothing or class weight
      * terms): a loop without the invariant tests, one per kind of target and `normal` */
-#define PASS3_FAST(qq, q32c, nrm) do {                                       \
+#define PASS3_FAST(qq, q32c, nrm, xt) do {                                   \
         for (int64_t c = 0; c < body; c += W) {                               \
             const int spec = c == y_blk || c == am_blk;                       \
-            PASS3_GF(c, W, spec, qq, q32c, 0, nrm);                           \
+            PASS3_GF(c, W, spec, qq, q32c, 0, nrm, xt);                       \
             vd absg = vabs(g);                                                \
             vd tol = (absg * rtol + abs_tol) + fl;                            \
             CE_COMPARE_FOLD(c, ALL, W, g, absg, tol, 0);                      \
         }                                                                     \
     } while (0)
+#define PASS3_ALL(xt) do {                                                   \
+        for (int64_t c = 0; c < body; c += W) {                               \
+            if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1, xt);           \
+            else PASS3(c, ALL, W, 0, xt);                                     \
+        }                                                                     \
+    } while (0)
+#define PASS3_FAST_ALL(xt) do {                                              \
+        if (!qrow) {                                                          \
+            if (normal) PASS3_FAST(0, 0, 1, xt);                              \
+            else PASS3_FAST(0, 0, 0, xt);                                     \
+        } else if (q32) {                                                     \
+            if (normal) PASS3_FAST(1, 1, 1, xt);                              \
+            else PASS3_FAST(1, 1, 0, xt);                                     \
+        } else {                                                              \
+            if (normal) PASS3_FAST(1, 0, 1, xt);                              \
+            else PASS3_FAST(1, 0, 0, xt);                                     \
+        }                                                                     \
+    } while (0)
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
-        for (int64_t c = 0; c < body; c += W) {
-            if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1);
-            else PASS3(c, ALL, W, 0);
-        }
-    } else if (!qrow) {
-        if (normal) PASS3_FAST(0, 0, 1);
-        else PASS3_FAST(0, 0, 0);
-    } else if (q32) {
-        if (normal) PASS3_FAST(1, 1, 1);
-        else PASS3_FAST(1, 1, 0);
+        if (ext) PASS3_ALL(1);
+        else PASS3_ALL(0);
+    } else if (ext) {
+        PASS3_FAST_ALL(1);
     } else {
-        if (normal) PASS3_FAST(1, 0, 1);
-        else PASS3_FAST(1, 0, 0);
+        PASS3_FAST_ALL(0);
     }
-    if (tail) PASS3(body, LIVE(body), tail, 1);
+    if (tail) PASS3(body, LIVE(body), tail, 1, ext);
     CE_COMPARE_END;
     return 0;
 }
@@ -782,6 +854,8 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef PASS3
 #undef PASS3_GF
 #undef PASS3_FAST
+#undef PASS3_ALL
+#undef PASS3_FAST_ALL
 #undef sel
 #undef vabs
 #undef splat
