@@ -324,7 +324,7 @@ class FusedKernel(_Kernel):
         self.w = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
         self.w_sum = float(w.sum()) if w is not None else float(problem.n_classes)
         sem = getattr(problem, "sem", _PLAIN)
-        self.sem = sem if sem.extended else None
+        self.sem: Any = sem if sem.extended else None  # models.semantics.Semantics
         if self.sem is not None:
             self.per_row = (*self.per_row, "total_w", "row_zabs")
 
@@ -337,7 +337,7 @@ class FusedKernel(_Kernel):
         # z-loss, logit scale and sample weights are served (semantic_rows' formulas);
         # softcap and vocabulary shards stay on numpy's extended path. `denominator` (a grad
         # scale) and smoothing form 'others' (another alpha, beta) are the plain formulas.
-        sem = getattr(problem, "sem", _PLAIN)
+        sem: Any = getattr(problem, "sem", _PLAIN)
         if sem.extended and (sem.softcap is not None or sem.vocab_offset is not None):
             return None
         return cls(fn, problem)
