@@ -71,10 +71,12 @@ typedef struct {
     double x_scale, z_loss;
     const double *s_w;
     double *row_zabs;
+    double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
 } ce_args;
 
-/* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */
-#define WORK_SIZE(C) ((C) + 8 + 2 * ((C) / BLOCK + 1))
+/* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
+ * a soft-capped row's z and dz (2 C) */
+#define WORK_SIZE(C) (3 * (C) + 8 + 2 * ((C) / BLOCK + 1))
 /* a thread gets at least this many entries (fewer threads for small calls) */
 #define MIN_ENTRIES_PER_THREAD (1 << 14)
 
@@ -163,6 +165,7 @@ typedef struct {
     const char *name;
     rows_fn fn, bce, scan;    /* softmax rows, sigmoid BCE rows, target scan */
     void (*funcs)(const double *, double *, double *, int64_t);  /* unit_funcs */
+    void (*cap)(const double *, double, double *, double *, int64_t);  /* cap_funcs */
     int (*runs)(void);  /* this CPU runs it */
 } ce_target_t;
 
@@ -181,16 +184,16 @@ static int ce_cpu_v4(void) {
 /* best first */
 static const ce_target_t TARGETS[] = {
 #ifdef CE_HAVE_X86_V3_V4
-    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512, ce_cpu_v4},
-    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2, ce_cpu_v3},
+    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512, cap_funcs_avx512, ce_cpu_v4},
+    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2, cap_funcs_avx2, ce_cpu_v3},
 #endif
 #ifdef CE_HAVE_SSE2
-    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2, ce_always},
+    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2, cap_funcs_sse2, ce_always},
 #endif
 #ifdef CE_HAVE_NEON
-    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon, ce_always},
+    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon, cap_funcs_neon, ce_always},
 #endif
-    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar, ce_always},
+    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar, cap_funcs_scalar, ce_always},
 };
 #define N_TARGETS ((int64_t)(sizeof TARGETS / sizeof TARGETS[0]))
 
@@ -355,5 +358,15 @@ int64_t ce_unit_funcs_on(const char *name, const double *x, double *out_exp, dou
     const ce_target_t *t = ce_find(name);
     if (!t || !t->runs()) return -1;
     t->funcs(x, out_exp, out_log1p, n);
+    return 0;
+}
+
+/* cap tanh(x / cap) and sech^2(x / cap) as the row kernels of target `name` compute them (for
+ * the tests); -1 when the target is not built in or does not run here. */
+int64_t ce_cap_funcs_on(const char *name, const double *x, double cap, double *out_z,
+                        double *out_dz, int64_t n) {
+    const ce_target_t *t = ce_find(name);
+    if (!t || !t->runs()) return -1;
+    t->cap(x, cap, out_z, out_dz, n);
     return 0;
 }

@@ -313,6 +313,77 @@ static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n
     return T(np_pairwise)(base, is_f32, c0, n2) + T(np_pairwise)(base, is_f32, c0 + n2, n - n2);
 }
 
+/* expm1(x) and exp(x) for x <= 0 (-inf too), from one argument reduction as in vexp_neg:
+ * exp(x) = s (T + T q) with s = 2^e, T = hi + lo; expm1(x) = (s hi - 1) + s (lo + hi q), where
+ * s hi - 1 is exact for s hi in [1/2, 2] (Sterbenz) and the rest is small next to the result,
+ * so no cancellation near 0 (k = 0: expm1 = q). expm1 is -1 below -40 (exp(-40) < ulp(1)/2),
+ * exp takes vexp_neg's two-step scaling (subnormal results, 0 below -745.2). */
+AI void T(vexpm1_exp_neg)(vd x, vd *em, vd *ex) {
+    const vd shift = splat(0x1.8p52);
+    vd xc = sel(x < splat(-746.0), splat(-746.0), x);
+    vd t = xc * splat(0x1.71547652b82fep+3) + shift;
+    vd kd = t - shift;
+    vd r = (xc - kd * splat(0x1.62e42fee00000p-4)) - kd * splat(0x1.a39ef35793c76p-36);
+    vd r2 = r * r, r4 = r2 * r2;
+    vd a1 = splat(1.0 / 2) + splat(1.0 / 6) * r;
+    vd a2 = splat(1.0 / 24) + splat(1.0 / 120) * r;
+    vd a3 = splat(1.0 / 720) + splat(1.0 / 5040) * r + splat(1.0 / 40320) * r2;
+    vd q = r + r2 * ((a1 + a2 * r2) + a3 * r4);
+    vu k = (vu)t - (vu)shift + (1 << 14);
+    vl j = (vl)(k & 7);
+    vd hi = T(table8)(CE_EXP2_HI, j), lo = T(table8)(CE_EXP2_LO, j);
+    vd p = hi + (lo + hi * q);
+    vu e = (k >> 3) - (1 << 11) + 1023;
+    vu e1 = (e + 1024) >> 1;
+    vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
+    *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+    vd s = (vd)(e << 52);  /* a normal 2^e where x >= -40 */
+    *em = sel(x < splat(-40.0), splat(-1.0), (s * hi - splat(1.0)) + s * (lo + hi * q));
+}
+
+/* Soft-capping of raw logits x (numpy_softmax.transform): u = (S x) / cap, z = cap tanh(u),
+ * dz = S sech^2(u), with e = expm1(-2|u|), t = exp(-2|u|): tanh|u| = -e / (2 + e) and
+ * sech^2 = 4 t / (2 + e)^2 (2 + e = 1 + t), no cancellation at any |u|; -inf gives z = -cap,
+ * dz = 0, as numpy's tanh and cosh do. */
+AI void T(vsoftcap)(vd x, vd vs, vd cap, vd *z, vd *dz) {
+    vd u = (x * vs) / cap;
+    vd em, t;
+    T(vexpm1_exp_neg)(splat(-2.0) * vabs(u), &em, &t);
+    vd inv = splat(1.0) / (splat(2.0) + em);
+    vd th = -em * inv;
+    *z = cap * sel(u < splat(0.0), -th, th);
+    *dz = vs * ((splat(4.0) * t) * (inv * inv));
+}
+
+/* Row r's raw logits x through the soft-cap into zb (z) and db (dz), C entries: 1 when the row
+ * holds a NaN or +inf or only -inf (handed back, as the numpy kernel reports those). */
+static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double cap, double *zb,
+                          double *db) {
+    const vd vs = splat(S), vcap = splat(cap);
+    vl bad = (vl){0}, fin = (vl){0};
+    for (int64_t c = 0; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        vd v = T(load_row)(x, x32, c, n), z, dz;
+        bad |= (v != splat(-INFINITY)) & ~(v - v == splat(0.0));
+        fin |= v != splat(-INFINITY);
+        T(vsoftcap)(v, vs, vcap, &z, &dz);
+        T(store)(zb + c, z, n);
+        T(store)(db + c, dz, n);
+    }
+    return T(any)(bad) || !T(any)(fin);
+}
+
+/* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
+ * tests' ulp measurement against numpy. */
+static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        vd z, dz;
+        T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), &z, &dz);
+        out_z[i] = z[0];
+        out_dz[i] = dz[0];
+    }
+}
+
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
 static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
@@ -366,11 +437,14 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
-AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int cap,
+                  const double *zrow, const double *dzrow) {
     const int64_t C = a->n_cols;
     const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
     const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
-    const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    /* cap (a constant): soft-capped logits z (zrow, float64) and dz/dx (dzrow) made by
+     * row_capped; the passes below read z as they read the logits otherwise */
+    const void *z = cap ? (const void *)zrow : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
 
     /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
@@ -381,7 +455,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     /* training-code terms (a->ext): z = S x, each load times S when S != 1 (then pass 1 runs
      * on z in doubles: numpy's arg-max is z's, and rounding may tie entries x does not) */
     const int ext = (int)a->ext;
-    const int scaled = ext && a->x_scale != 1.0;
+    const int scaled = !cap && ext && a->x_scale != 1.0;
     const vd vS = splat(ext ? a->x_scale : 1.0);
     int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
     if (z32 && !scaled) {
@@ -430,7 +504,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         zabs = fabs(m) > fabs(lo) ? fabs(m) : fabs(lo);
     } else if (ext) {
         for (int64_t c = 0; c < C; c++) {
-            const double v = T(load_row)(z, z32, c, 1)[0] * a->x_scale;
+            const double v = T(load_row)(z, z32, c, 1)[0] * (scaled ? a->x_scale : 1.0);
             if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
         }
     }
@@ -572,9 +646,10 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
      * ext (numpy_softmax._semantic_grad_z, _semantic_floor): every term times s scale S,
      * Q / s -> Qe exp(-l1), the floor's log a term plus |z|, and at a confident row's arg-max
      * (l1 <= log 2) g = (Qe expm1(-l1) + rest) s scale S. */
-    const double coef = a->floor_coef;
-    const double scale = ext ? sw * a->scale * a->x_scale : a->scale;
-    const double fscale = ext ? coef * fabs(sw * a->scale) * a->x_scale : coef * a->scale;
+    const double coef = a->floor_coef, gS = cap ? 1.0 : a->x_scale;  /* cap: S is in dz */
+    const double scale = ext ? sw * a->scale * gS : a->scale;
+    const double fscale = ext ? coef * fabs(sw * a->scale) * gS : coef * a->scale;
+    const double k_fcap = coef * a->x_scale;
     const double ex = ext ? exp(-l1) : 0.0;
     const double k_g = ext ? Qe * ex * scale : Q * scale / s;
     const double k_b = beta * scale, k_a = alpha * scale;
@@ -599,7 +674,7 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zz = T(load_row)(z, z32, c, n);                                    \
-        if (xt) zz = zz * vS;                                                 \
+        if ((xt) == 1) zz = zz * vS;  /* xt 2: z is soft-capped already */      \
         vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
@@ -612,7 +687,13 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
         if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
         if (qq) fl = fl + splat(k_fq) * vabs(qv);                             \
-        if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl)
+        if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl);        \
+        if ((xt) == 2) {  /* soft-cap: times dz, and the floor's S |g_z| term */ \
+            vd dzv = T(load_row)(dzrow, 0, c, n);                             \
+            fl = fl * vabs(dzv) + splat(k_fcap) * vabs(g);                    \
+            g = g * dzv;                                                      \
+        }                                                                     \
+        do {} while (0)
 #define PASS3(c, live, nn, spec, xt) do {                                    \
         const int64_t n = (nn);                                              \
         PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal, xt);               \
@@ -651,16 +732,33 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     } while (0)
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
-        if (ext) PASS3_ALL(1);
+        if (ext) PASS3_ALL(1 + cap);
         else PASS3_ALL(0);
     } else if (ext) {
-        PASS3_FAST_ALL(1);
+        PASS3_FAST_ALL(1 + cap);
     } else {
         PASS3_FAST_ALL(0);
     }
-    if (tail) PASS3(body, LIVE(body), tail, 1, ext);
+    if (tail) PASS3(body, LIVE(body), tail, 1, ext ? 1 + cap : 0);
     CE_COMPARE_END;
     return 0;
+}
+
+/* Soft-capped rows (a->softcap > 0): the row's z and dz into the scratch after the row's exp and
+ * block sums (see WORK_SIZE), then the row kernel on them; not inlined into every dtype pair. */
+static __attribute__((noinline)) int T(row_capped)(const ce_args *a, double *work, int64_t r,
+                                                    int z32, int g32) {
+    const int64_t C = a->n_cols;
+    double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
+    const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
+    return g32 ? T(row_body)(a, work, r, 0, 1, 1, zb, db) : T(row_body)(a, work, r, 0, 0, 1, zb, db);
+}
+
+/* One row of softmax cross-entropy (row_body, or row_capped with a soft-cap). */
+AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    if (a->softcap != 0.0) return T(row_capped)(a, work, r, z32, g32);
+    return T(row_body)(a, work, r, z32, g32, 0, NULL, NULL);
 }
 
 /* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per

@@ -49,7 +49,7 @@ class _Args(ctypes.Structure):
         ("out_items", _P), ("out_item_w", _P), ("total_w", _P), ("y_is_f32", ctypes.c_int64),
         ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64), ("row_min", _P),
         ("ext", ctypes.c_int64), ("x_scale", ctypes.c_double), ("z_loss", ctypes.c_double),
-        ("s_w", _P), ("row_zabs", _P),
+        ("s_w", _P), ("row_zabs", _P), ("softcap", ctypes.c_double),
     ]
 
 
@@ -269,7 +269,7 @@ class _Kernel:
         # which large numpy arrays do not prompt: checks in a loop would pile them up
         self._problem = weakref.ref(problem)
         C = problem.n_classes
-        self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
+        self.work = np.empty(3 * C + 8 + 2 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
 
     @property
     def problem(self) -> Any:
@@ -336,11 +336,11 @@ class FusedKernel(_Kernel):
         fn = kernel()
         if fn is None or problem.nan_gradient or problem.n_classes == 0:
             return None
-        # z-loss, logit scale and sample weights are served (semantic_rows' formulas);
-        # softcap and vocabulary shards stay on numpy's extended path. `denominator` (a grad
+        # z-loss, softcap, logit scale and sample weights are served (semantic_rows'
+        # formulas); vocabulary shards stay on numpy's extended path. `denominator` (a grad
         # scale) and smoothing form 'others' (another alpha, beta) are the plain formulas.
         sem: Any = getattr(problem, "sem", _PLAIN)
-        if sem.extended and (sem.softcap is not None or sem.vocab_offset is not None):
+        if sem.extended and sem.vocab_offset is not None:
             return None
         return cls(fn, problem)
 
@@ -374,10 +374,12 @@ class FusedKernel(_Kernel):
                          row_terms=self._row_terms(rows, params, Q, out["row_zabs"]))
 
     def _semantics(self, rows: np.ndarray) -> dict:
-        """The kernel's training-code arguments: logit scale, z-loss, the rows' sample weights."""
+        """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the
+        rows' sample weights."""
         sem = self.sem
         sw = sem.sample_weight
         return {"ext": 1, "x_scale": float(sem.logit_scale), "z_loss": float(sem.z_loss),
+                "softcap": float(sem.softcap or 0.0),
                 "s_w": None if sw is None else np.ascontiguousarray(sw[rows], dtype=np.float64)}
 
     def _row_terms(self, rows: np.ndarray, params: dict, Q: np.ndarray,
