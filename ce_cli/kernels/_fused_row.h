@@ -341,12 +341,12 @@ AI void T(vexpm1_exp_neg)(vd x, vd *em, vd *ex) {
     *em = sel(x < splat(-40.0), splat(-1.0), (s * hi - splat(1.0)) + s * (lo + hi * q));
 }
 
-/* Soft-capping of raw logits x (numpy_softmax.transform): u = (S x) / cap, z = cap tanh(u),
- * dz = S sech^2(u), with e = expm1(-2|u|), t = exp(-2|u|): tanh|u| = -e / (2 + e) and
- * sech^2 = 4 t / (2 + e)^2 (2 + e = 1 + t), no cancellation at any |u|; -inf gives z = -cap,
- * dz = 0, as numpy's tanh and cosh do. */
-AI void T(vsoftcap)(vd x, vd vs, vd cap, vd *z, vd *dz) {
-    vd u = (x * vs) / cap;
+/* Soft-capping of raw logits x (numpy_softmax.transform): u = x (S / cap) (numpy: (S x) / cap,
+ * within an ulp; a division saved), z = cap tanh(u), dz = S sech^2(u), with e = expm1(-2|u|),
+ * t = exp(-2|u|): tanh|u| = -e / (2 + e) and sech^2 = 4 t / (2 + e)^2 (2 + e = 1 + t), no
+ * cancellation at any |u|; -inf gives z = -cap, dz = 0, as numpy's tanh and cosh do. */
+AI void T(vsoftcap)(vd x, vd vs, vd cap, vd s_cap, vd *z, vd *dz) {
+    vd u = x * s_cap;
     vd em, t;
     T(vexpm1_exp_neg)(splat(-2.0) * vabs(u), &em, &t);
     vd inv = splat(1.0) / (splat(2.0) + em);
@@ -355,21 +355,32 @@ AI void T(vsoftcap)(vd x, vd vs, vd cap, vd *z, vd *dz) {
     *dz = vs * ((splat(4.0) * t) * (inv * inv));
 }
 
+/* Lanes [c, c + n) of softcap_row (n a constant W in the body: whole-vector loads and stores). */
+AI void T(softcap_step)(const void *x, int x32, int64_t c, int64_t n, vd vs, vd vcap, vd s_cap,
+                        double *zb, double *db, vl *bad, vl *fin) {
+    vd v = T(load_row)(x, x32, c, n), z, dz;
+    *bad |= (v != splat(-INFINITY)) & ~(v - v == splat(0.0));
+    *fin |= v != splat(-INFINITY);
+    T(vsoftcap)(v, vs, vcap, s_cap, &z, &dz);
+    T(store)(zb + c, z, n);
+    T(store)(db + c, dz, n);
+}
+
 /* Row r's raw logits x through the soft-cap into zb (z) and db (dz), C entries: 1 when the row
  * holds a NaN or +inf or only -inf (handed back, as the numpy kernel reports those). */
 static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double cap, double *zb,
                           double *db) {
-    const vd vs = splat(S), vcap = splat(cap);
+    const vd vs = splat(S), vcap = splat(cap), s_cap = splat(S / cap);
     vl bad = (vl){0}, fin = (vl){0};
-    for (int64_t c = 0; c < C; c += W) {
-        const int64_t n = C - c < W ? C - c : W;
-        vd v = T(load_row)(x, x32, c, n), z, dz;
-        bad |= (v != splat(-INFINITY)) & ~(v - v == splat(0.0));
-        fin |= v != splat(-INFINITY);
-        T(vsoftcap)(v, vs, vcap, &z, &dz);
-        T(store)(zb + c, z, n);
-        T(store)(db + c, dz, n);
+    const int64_t body = C - C % W;
+    if (x32) {
+        for (int64_t c = 0; c < body; c += W)
+            T(softcap_step)(x, 1, c, W, vs, vcap, s_cap, zb, db, &bad, &fin);
+    } else {
+        for (int64_t c = 0; c < body; c += W)
+            T(softcap_step)(x, 0, c, W, vs, vcap, s_cap, zb, db, &bad, &fin);
     }
+    if (body < C) T(softcap_step)(x, x32, body, C - body, vs, vcap, s_cap, zb, db, &bad, &fin);
     return T(any)(bad) || !T(any)(fin);
 }
 
@@ -378,7 +389,7 @@ static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double ca
 static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         vd z, dz;
-        T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), &z, &dz);
+        T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), splat(1.0 / cap), &z, &dz);
         out_z[i] = z[0];
         out_dz[i] = dz[0];
     }
