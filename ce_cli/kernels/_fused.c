@@ -184,16 +184,21 @@ static int ce_cpu_v4(void) {
 /* best first */
 static const ce_target_t TARGETS[] = {
 #ifdef CE_HAVE_X86_V3_V4
-    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512, cap_funcs_avx512, ce_cpu_v4},
-    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2, cap_funcs_avx2, ce_cpu_v3},
+    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512,
+     cap_funcs_avx512, ce_cpu_v4},
+    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2,
+     cap_funcs_avx2, ce_cpu_v3},
 #endif
 #ifdef CE_HAVE_SSE2
-    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2, cap_funcs_sse2, ce_always},
+    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2,
+     cap_funcs_sse2, ce_always},
 #endif
 #ifdef CE_HAVE_NEON
-    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon, cap_funcs_neon, ce_always},
+    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon,
+     cap_funcs_neon, ce_always},
 #endif
-    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar, cap_funcs_scalar, ce_always},
+    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar,
+     cap_funcs_scalar, ce_always},
 };
 #define N_TARGETS ((int64_t)(sizeof TARGETS / sizeof TARGETS[0]))
 

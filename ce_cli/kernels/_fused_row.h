@@ -384,6 +384,18 @@ static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double ca
     return T(any)(bad) || !T(any)(fin);
 }
 
+/* z = S x of a row of C raw logits into zb (numpy: x * scale). */
+static void T(scale_row)(const void *x, int x32, int64_t C, double S, double *zb) {
+    const vd vs = splat(S);
+    const int64_t body = C - C % W;
+    if (x32) {
+        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 1, c, W) * vs, W);
+    } else {
+        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 0, c, W) * vs, W);
+    }
+    if (body < C) T(store)(zb + body, T(load_row)(x, x32, body, C - body) * vs, C - body);
+}
+
 /* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
  * tests' ulp measurement against numpy. */
 static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
@@ -448,14 +460,16 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
-AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int cap,
-                  const double *zrow, const double *dzrow) {
+AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int ext,
+                  int buf, const double *zrow, const double *dzrow) {
     const int64_t C = a->n_cols;
     const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
     const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
-    /* cap (a constant): soft-capped logits z (zrow, float64) and dz/dx (dzrow) made by
-     * row_capped; the passes below read z as they read the logits otherwise */
-    const void *z = cap ? (const void *)zrow : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    /* ext (a constant): a row with training-code terms (a->ext); buf (a constant): its
+     * transformed logits z (zrow, float64; S x, or soft-capped with dz/dx in dzrow) made by
+     * row_transformed, which the passes below read as they read the logits otherwise. The plain
+     * row (neither) keeps none of their code in its loops. */
+    const void *z = buf ? (const void *)zrow : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
 
     /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
@@ -463,13 +477,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const vd neg_inf = splat(-INFINITY);
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
-    /* training-code terms (a->ext): z = S x, each load times S when S != 1 (then pass 1 runs
-     * on z in doubles: numpy's arg-max is z's, and rounding may tie entries x does not) */
-    const int ext = (int)a->ext;
-    const int scaled = !cap && ext && a->x_scale != 1.0;
-    const vd vS = splat(ext ? a->x_scale : 1.0);
     int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
-    if (z32 && !scaled) {
+    if (z32) {
         double f_max, f_min;
         int64_t f_am;
         int f_bad;
@@ -479,22 +488,16 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vmin = splat(f_min);  /* only when strictly greater, so ties keep f_am */
         vidx = (vl){0} + f_am;
     }
-#define PASS1(c, live, nn, sc) do {                                              \
+#define PASS1(c, live, nn) do {                                                  \
         vd v = T(load_row)(z, z32, c, (nn));                                  \
-        if (sc) v = v * vS;                                                   \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
         vmin = sel((live) & (v < vmin), v, vmin);                             \
         vidx = (vl)sel(gt, (vd)(IOTA + (c)), (vd)vidx);                       \
     } while (0)
-    if (scaled) {
-        for (int64_t c = 0; c < body; c += W) PASS1(c, ALL, W, 1);
-        if (tail) PASS1(body, LIVE(body), tail, 1);
-    } else {
-        for (int64_t c = c1; c < body; c += W) PASS1(c, ALL, W, 0);
-        if (tail) PASS1(body, LIVE(body), tail, 0);
-    }
+    for (int64_t c = c1; c < body; c += W) PASS1(c, ALL, W);
+    if (tail) PASS1(body, LIVE(body), tail);
     double bad = vbad[0];
     for (int i = 1; i < W; i++) bad += vbad[i];
     if (bad != 0.0) return 1;
@@ -506,18 +509,18 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     for (int i = 0; i < W; i++)
         if (vmax[i] == vm_max && vidx[i] < am) am = vidx[i];
     /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
-    const double m = (z32 ? (double)((const float *)z)[am] : ((const double *)z)[am])
-                     * (scaled ? a->x_scale : 1.0);
+    const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
     /* ext: the largest |z| over the finite entries (numpy: where(isfinite(z), |z|, 0).max) */
-    double zabs = 0.0;
     if (ext && lo > -INFINITY) {
-        zabs = fabs(m) > fabs(lo) ? fabs(m) : fabs(lo);
+        a->row_zabs[r] = fabs(m) > fabs(lo) ? fabs(m) : fabs(lo);
     } else if (ext) {
+        double zabs = 0.0;
         for (int64_t c = 0; c < C; c++) {
-            const double v = T(load_row)(z, z32, c, 1)[0] * (scaled ? a->x_scale : 1.0);
+            const double v = T(load_row)(z, z32, c, 1)[0];
             if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
         }
+        a->row_zabs[r] = zabs;
     }
 
     /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
@@ -538,10 +541,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
      * the caches, 64 bytes (one line) per group of 8 entries at most */
     const char *g_pf = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
     int64_t nb = 0;
-#define PASS2(k, c, live, nn, nrm, zm, sc) do {                              \
-        vd zs = T(load_row)(z, z32, c, nn);                                   \
-        if (sc) zs = zs * vS;                                                 \
-        zs = zs - vm;                                                         \
+#define PASS2(k, c, live, nn, nrm, zm) do {                                  \
+        vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
         PASS2_ACC(k, c, live, nn, zm, T(vexp_neg)(zs, nrm), zs);              \
     } while (0)
 /* e = exp(zs) of lanes [c, c + nn) (0 where not live) to e_row and the sums */
@@ -567,16 +568,14 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             for (int k = 0; k < G; k++) acc_e[k] = acc_z[k] = splat(0.0);      \
         }                                                                      \
     } while (0)
-#define PASS2_ROW(nrm, zm, sc) do {                                          \
+#define PASS2_ROW(nrm, zm) do {                                              \
         int64_t c = 0;                                                         \
         /* one vector per group (AVX-512): two groups' exps at once, in order after */ \
         for (; G == 1 && c + 16 <= body8; c += 16) {                           \
             vd xs[2], zs2[2];                                                  \
             for (int h = 0; h < 2; h++) {                                      \
                 if (g_pf) __builtin_prefetch(g_pf + (c + 8 * h) * (g32 ? 4 : 8)); \
-                xs[h] = T(load_row)(z, z32, c + 8 * h, W);                     \
-                if (sc) xs[h] = xs[h] * vS;                                    \
-                xs[h] = zs2[h] = xs[h] - vm;                                   \
+                xs[h] = zs2[h] = T(load_row)(z, z32, c + 8 * h, W) - vm;       \
             }                                                                  \
             T(vexp_neg_n)(xs, 2, nrm);                                         \
             for (int h = 0; h < 2; h++) {                                      \
@@ -590,27 +589,22 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             if (g_pf) __builtin_prefetch(g_pf + c * (g32 ? 4 : 8));           \
             if (c == am_grp) {                                                 \
                 for (int k = 0; k < G; k++)                                    \
-                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm, sc); \
+                    PASS2(k, c + k * W, IOTA + (c + k * W) != vam, W, nrm, zm); \
             } else {                                                           \
-                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm, sc); \
+                for (int k = 0; k < G; k++) PASS2(k, c + k * W, ALL, W, nrm, zm); \
             }                                                                  \
             PASS2_BLOCK(c);                                                    \
         }                                                                      \
         for (int k = 0; k < G && k * W < tail8; k++) {                         \
             const int64_t c = body8 + k * W;                                   \
             PASS2(k, c, LIVE(c) & (IOTA + c != vam),                           \
-                  tail8 - k * W < W ? tail8 - k * W : W, nrm, zm, sc);         \
+                  tail8 - k * W < W ? tail8 - k * W : W, nrm, zm);             \
         }                                                                      \
     } while (0)
     /* the kind of z sum (none, q, w) as one integer: GCC moves its test out of the loop */
     const int zmode = qrow ? 1 : beta != 0.0 ? 2 : 0;
-    if (scaled) {
-        if (normal) PASS2_ROW(1, zmode, 1);
-        else PASS2_ROW(0, zmode, 1);
-    } else {
-        if (normal) PASS2_ROW(1, zmode, 0);
-        else PASS2_ROW(0, zmode, 0);
-    }
+    if (normal) PASS2_ROW(1, zmode);
+    else PASS2_ROW(0, zmode);
     if (C % BLOCK) {
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
@@ -623,8 +617,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
     if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
     if (qrow) Q = a->q_total[r];
-    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y])
-                      * (scaled ? a->x_scale : 1.0) - m;
+    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
     if (qrow) qz = sum_z;
@@ -641,7 +634,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         sw = a->s_w ? a->s_w[r] : 1.0;
         a->loss[r] = a->active[r] ? sw * loss_z : 0.0;
         a->total_w[r] = sw * Qe;
-        a->row_zabs[r] = zabs;
     } else {
         a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
     }
@@ -657,7 +649,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
      * ext (numpy_softmax._semantic_grad_z, _semantic_floor): every term times s scale S,
      * Q / s -> Qe exp(-l1), the floor's log a term plus |z|, and at a confident row's arg-max
      * (l1 <= log 2) g = (Qe expm1(-l1) + rest) s scale S. */
-    const double coef = a->floor_coef, gS = cap ? 1.0 : a->x_scale;  /* cap: S is in dz */
+    const int cap = buf && a->softcap != 0.0;  /* per-entry dz (it holds S) */
+    const double coef = a->floor_coef, gS = cap ? 1.0 : a->x_scale;
     const double scale = ext ? sw * a->scale * gS : a->scale;
     const double fscale = ext ? coef * fabs(sw * a->scale) * gS : coef * a->scale;
     const double k_fcap = coef * a->x_scale;
@@ -685,7 +678,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zz = T(load_row)(z, z32, c, n);                                    \
-        if ((xt) == 1) zz = zz * vS;  /* xt 2: z is soft-capped already */      \
         vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
@@ -743,33 +735,47 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     } while (0)
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
-        if (ext) PASS3_ALL(1 + cap);
+        if (cap) PASS3_ALL(2);
+        else if (ext) PASS3_ALL(1);
         else PASS3_ALL(0);
+    } else if (cap) {
+        PASS3_FAST_ALL(2);
     } else if (ext) {
-        PASS3_FAST_ALL(1 + cap);
+        PASS3_FAST_ALL(1);
     } else {
         PASS3_FAST_ALL(0);
     }
-    if (tail) PASS3(body, LIVE(body), tail, 1, ext ? 1 + cap : 0);
+    if (tail && cap) PASS3(body, LIVE(body), tail, 1, 2);
+    else if (tail && ext) PASS3(body, LIVE(body), tail, 1, 1);
+    else if (tail) PASS3(body, LIVE(body), tail, 1, 0);
     CE_COMPARE_END;
     return 0;
 }
 
-/* Soft-capped rows (a->softcap > 0): the row's z and dz into the scratch after the row's exp and
- * block sums (see WORK_SIZE), then the row kernel on them; not inlined into every dtype pair. */
-static __attribute__((noinline)) int T(row_capped)(const ce_args *a, double *work, int64_t r,
-                                                    int z32, int g32) {
+/* Rows with training-code terms (a->ext): the row's z (= S x, or soft-capped with its dz) into
+ * the scratch after the row's exp and block sums (see WORK_SIZE), then the row kernel on z in
+ * doubles (numpy's arg-max is z's: rounding may tie entries x does not). The plain row kernel
+ * keeps none of this code in its loops; not inlined into every dtype pair. */
+static __attribute__((noinline)) int T(row_transformed)(const ce_args *a, double *work, int64_t r,
+                                                         int z32, int g32) {
     const int64_t C = a->n_cols;
     double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
     const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
-    return g32 ? T(row_body)(a, work, r, 0, 1, 1, zb, db) : T(row_body)(a, work, r, 0, 0, 1, zb, db);
+    if (a->softcap != 0.0) {
+        if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
+    } else {
+        T(scale_row)(x, z32, C, a->x_scale, zb);  /* NaN, +inf (overflow too): pass 1 finds */
+    }
+    return g32 ? T(row_body)(a, work, r, 0, 1, 1, 1, zb, db)
+               : T(row_body)(a, work, r, 0, 0, 1, 1, zb, db);
 }
 
-/* One row of softmax cross-entropy (row_body, or row_capped with a soft-cap). */
+/* One row of softmax cross-entropy: plain, or with z-loss and sample weights only (S = 1). */
 AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    if (a->softcap != 0.0) return T(row_capped)(a, work, r, z32, g32);
-    return T(row_body)(a, work, r, z32, g32, 0, NULL, NULL);
+    return T(row_body)(a, work, r, z32, g32, 0, 0, NULL, NULL);
+}
+AI int T(row_ext)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    return T(row_body)(a, work, r, z32, g32, 1, 0, NULL, NULL);
 }
 
 /* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per
@@ -942,7 +948,23 @@ static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r
     ROWS_LOOP(T(bce_kernel))
 }
 
+static __attribute__((noinline)) int64_t T(transformed_rows)(const ce_args *a, double *work,
+                                                              int64_t r0, int64_t r1,
+                                                              int64_t *stop) {
+    ROWS_LOOP(T(row_transformed))
+}
+
+static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *work, int64_t r0,
+                                                      int64_t r1, int64_t *stop) {
+    ROWS_LOOP(T(row_ext))
+}
+
+/* Softmax rows; those with training-code terms in loops of their own (functions apart, so the
+ * plain loop's code and registers stay as they were). */
 static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
+        return T(transformed_rows)(a, work, r0, r1, stop);
+    if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
     ROWS_LOOP(T(row_kernel))
 }
 
