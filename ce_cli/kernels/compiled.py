@@ -4,11 +4,11 @@ comparison with the user's gradient, one row at a time in three sweeps, no (R, C
 `pip install` compiles it when a C compiler is present, for several targets (AVX-512, AVX2, SSE2
 or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` threads.
 It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
-masks included) and probability targets, with z-loss, logit scale and sample weights too
-(FusedKernel: semantic_rows' formulas), and sigmoid BCE (SigmoidKernel, weights, pos_weight,
-label smoothing, sample weights and a denominator included); the numpy kernels
+masks included) and probability targets, with z-loss, sample weights, logit scale and softcap
+too (FusedKernel: semantic_rows' formulas), and sigmoid BCE (SigmoidKernel, weights,
+pos_weight, label smoothing, sample weights and a denominator included); the numpy kernels
 (numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report (NaN, +inf, all
--inf), softcap and vocabulary shards, and every CPU without a C compiler.
+-inf), vocabulary shards, and every CPU without a C compiler.
 `CE_CHECK_FUSED=0` turns it off.
 """
 
