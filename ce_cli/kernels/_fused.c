@@ -72,6 +72,7 @@ typedef struct {
     const double *s_w;
     double *row_zabs;
     double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
+    double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and

@@ -291,26 +291,31 @@ AI vd T(vlog1p_unit)(vd e) {
 /* numpy's pairwise sum of a row of n entries (float32 widened when is_f32), in numpy's order
  * (loops_utils.h: n < 8 from 0 one by one; n <= 128 eight accumulators, entry i into i % 8,
  * combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; else
- * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s. */
-static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n) {
+ * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s; with
+ * `absv`, np.abs(row).sum()'s. */
+static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n, int absv) {
+#define LOAD_AT(c, nn) (absv ? vabs(T(load_row)(base, is_f32, c, nn))                 \
+                            : T(load_row)(base, is_f32, c, nn))
     if (n < 8) {
         double res = 0.0;
-        for (int64_t i = 0; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        for (int64_t i = 0; i < n; i++) res += LOAD_AT(c0 + i, 1)[0];
         return res;
     }
     if (n <= 128) {
         vd acc[G];
-        for (int k = 0; k < G; k++) acc[k] = T(load_row)(base, is_f32, c0 + k * W, W);
+        for (int k = 0; k < G; k++) acc[k] = LOAD_AT(c0 + k * W, W);
         int64_t i = 8;
         for (; i < n - n % 8; i += 8)
-            for (int k = 0; k < G; k++) acc[k] += T(load_row)(base, is_f32, c0 + i + k * W, W);
+            for (int k = 0; k < G; k++) acc[k] += LOAD_AT(c0 + i + k * W, W);
         double res = T(hsum8)(acc);
-        for (; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        for (; i < n; i++) res += LOAD_AT(c0 + i, 1)[0];
         return res;
     }
+#undef LOAD_AT
     int64_t n2 = n / 2;
     n2 -= n2 % 8;
-    return T(np_pairwise)(base, is_f32, c0, n2) + T(np_pairwise)(base, is_f32, c0 + n2, n - n2);
+    return T(np_pairwise)(base, is_f32, c0, n2, absv)
+           + T(np_pairwise)(base, is_f32, c0 + n2, n - n2, absv);
 }
 
 /* expm1(x) and exp(x) for x <= 0 (-inf too), from one argument reduction as in vexp_neg:
@@ -615,7 +620,14 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
     double Q = alpha + beta * a->w_sum;
     /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
-    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
+    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 0);
+    if (ext && qrow) {  /* row_terms' max |q| and sum |q| (numpy's np.abs(q).sum's bits) */
+        vd qmax = splat(0.0);
+        for (int64_t c = 0; c < C; c += W)
+            qmax = T(vmax)(vabs(T(load_row)(qrow, q32, c, C - c < W ? C - c : W)), qmax);
+        a->row_qabs[r] = T(hmax)(qmax);
+        a->row_qsum[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 1);
+    }
     if (qrow) Q = a->q_total[r];
     const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
@@ -924,7 +936,7 @@ static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t 
         }
         a->row_min[r] = lo;
         a->row_max[r] = bad && hi != INFINITY ? NAN : hi;
-        if (a->q_total) a->q_total[r] = 0.0 + T(np_pairwise)(row, q32, 0, C);
+        if (a->q_total) a->q_total[r] = 0.0 + T(np_pairwise)(row, q32, 0, C, 0);
     }
     return 0;
 }

@@ -50,6 +50,7 @@ class _Args(ctypes.Structure):
         ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64), ("row_min", _P),
         ("ext", ctypes.c_int64), ("x_scale", ctypes.c_double), ("z_loss", ctypes.c_double),
         ("s_w", _P), ("row_zabs", _P), ("softcap", ctypes.c_double),
+        ("row_qabs", _P), ("row_qsum", _P),
     ]
 
 
@@ -328,7 +329,7 @@ class FusedKernel(_Kernel):
         sem = getattr(problem, "sem", _PLAIN)
         self.sem: Any = sem if sem.extended else None  # models.semantics.Semantics
         if self.sem is not None:
-            self.per_row = (*self.per_row, "total_w", "row_zabs")
+            self.per_row = (*self.per_row, "total_w", "row_zabs", "row_qabs", "row_qsum")
 
     @classmethod
     def plan(cls, problem) -> FusedKernel | None:
@@ -371,7 +372,7 @@ class FusedKernel(_Kernel):
                              log1p_s1=l1)
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
-                         row_terms=self._row_terms(rows, params, Q, out["row_zabs"]))
+                         row_terms=self._row_terms(rows, params, Q, out))
 
     def _semantics(self, rows: np.ndarray) -> dict:
         """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the
@@ -383,19 +384,19 @@ class FusedKernel(_Kernel):
                 "s_w": None if sw is None else np.ascontiguousarray(sw[rows], dtype=np.float64)}
 
     def _row_terms(self, rows: np.ndarray, params: dict, Q: np.ndarray,
-                   zabs: np.ndarray) -> np.ndarray:
-        """ChunkEval.row_terms as semantic_rows makes them: (s, Q, max|q|, sum|q|, max|z|)."""
+                   out: dict) -> np.ndarray:
+        """ChunkEval.row_terms as semantic_rows makes them: (s, Q, max|q|, sum|q|, max|z|);
+        the kernel's max|z|, and max|q|, sum|q| of probability targets."""
         s = self.sem.row_weight(rows)
         if "q" in params:
-            q = np.abs(params["q"], dtype=np.float64)
-            qabs, qsum = q.max(axis=1), q.sum(axis=1)
+            qabs, qsum = out["row_qabs"], out["row_qsum"]
         else:
             alpha, beta = params["alpha"], params["beta"]
             w = np.abs(self.w) if self.w is not None else np.ones(1)
             qabs = np.abs(alpha) + np.abs(beta) * w.max()
             qsum = np.abs(alpha) + np.abs(beta) * (w.sum() if self.w is not None
                                                    else self.problem.n_classes)
-        return np.stack([s, Q, qabs, qsum, zabs], axis=1)
+        return np.stack([s, Q, qabs, qsum, out["row_zabs"]], axis=1)
 
     def _targets(self, rows: np.ndarray) -> dict:
         """The kernel's target arguments: q and its row sums Q (numpy's pairwise sum, as the
