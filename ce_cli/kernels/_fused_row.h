@@ -1,8 +1,8 @@
 /* The row kernel, written once over a lane count. _fused.c includes this file once per target
  * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
- * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_ and unit_funcs_<CE_SFX>
- * (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p for the tests) and nothing
- * else that outlives the inclusion.
+ * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_, unit_funcs_ and
+ * cap_funcs_<CE_SFX> (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p and the
+ * soft-cap's tanh/sech^2 for the tests) and nothing else that outlives the inclusion.
  *
  * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
  * in the same order for every lane count, and the only sums across entries (s1 and the label
@@ -474,7 +474,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
      * transformed logits z (zrow, float64; S x, or soft-capped with dz/dx in dzrow) made by
      * row_transformed, which the passes below read as they read the logits otherwise. The plain
      * row (neither) keeps none of their code in its loops. */
-    const void *z = buf ? (const void *)zrow : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    const void *z = buf ? (const void *)zrow
+                        : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
 
     /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
@@ -782,7 +783,8 @@ static __attribute__((noinline)) int T(row_transformed)(const ce_args *a, double
                : T(row_body)(a, work, r, 0, 0, 1, 1, zb, db);
 }
 
-/* One row of softmax cross-entropy: plain, or with z-loss and sample weights only (S = 1). */
+/* One row of softmax cross-entropy (row_kernel), or one with z-loss and sample weights only
+ * (row_ext: S = 1, no soft-cap, the raw logits are z). */
 AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
     return T(row_body)(a, work, r, z32, g32, 0, 0, NULL, NULL);
 }
