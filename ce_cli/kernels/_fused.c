@@ -5,8 +5,9 @@
  * it with ctypes.
  *
  * Index targets (class weights, ignore_index and label smoothing included) and probability
- * targets, -inf logits (masks) included; sigmoid BCE (ce_bce_rows_on); the row scan of the input
- * checks (ce_scan_rows_on). Rows with NaN, +inf or nothing but -inf are handed back to the numpy
+ * targets, -inf logits (masks) included, with z-loss, sample weights, logit scale and softcap
+ * (ce_args.ext: numpy_softmax.semantic_rows' formulas); sigmoid BCE (ce_bce_rows_on); the row
+ * scan of the input checks (ce_scan_rows_on). Rows with NaN, +inf or nothing but -inf are handed back to the numpy
  * kernel, which reports them.
  *
  * Built without -ffast-math and with -ffp-contract=off: every operation is IEEE-rounded, so a
@@ -63,10 +64,20 @@ typedef struct {
     int64_t y_is_f32;
     int64_t q_is_f32, q_sum_here;
     double *row_min;          /* (R,) ce_scan_rows_on's row minima */
+    /* softmax training-code terms (numpy_softmax.semantic_rows) when ext: logits z = x_scale x,
+     * z-loss coefficient z_loss, sample weights s_w (R,) or NULL (1); outputs total_w (R,)
+     * s (Q + 2 z_loss v lse) and row_zabs (R,) the largest finite |z| */
+    int64_t ext;
+    double x_scale, z_loss;
+    const double *s_w;
+    double *row_zabs;
+    double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
+    double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
 } ce_args;
 
-/* doubles of scratch per thread: the row's exp (C + 8 for the last group) and two block sums */
-#define WORK_SIZE(C) ((C) + 8 + 2 * ((C) / BLOCK + 1))
+/* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
+ * a soft-capped row's z and dz (2 C) */
+#define WORK_SIZE(C) (3 * (C) + 8 + 2 * ((C) / BLOCK + 1))
 /* a thread gets at least this many entries (fewer threads for small calls) */
 #define MIN_ENTRIES_PER_THREAD (1 << 14)
 #define CLAIM_ENTRIES (1 << 16)  /* rows a thread claims at once: about this many entries */
@@ -156,6 +167,7 @@ typedef struct {
     const char *name;
     rows_fn fn, bce, scan;    /* softmax rows, sigmoid BCE rows, target scan */
     void (*funcs)(const double *, double *, double *, int64_t);  /* unit_funcs */
+    void (*cap)(const double *, double, double *, double *, int64_t);  /* cap_funcs */
     int (*runs)(void);  /* this CPU runs it */
 } ce_target_t;
 
@@ -174,16 +186,21 @@ static int ce_cpu_v4(void) {
 /* best first */
 static const ce_target_t TARGETS[] = {
 #ifdef CE_HAVE_X86_V3_V4
-    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512, ce_cpu_v4},
-    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2, ce_cpu_v3},
+    {"avx512", rows_avx512, bce_rows_avx512, scan_rows_avx512, unit_funcs_avx512,
+     cap_funcs_avx512, ce_cpu_v4},
+    {"avx2", rows_avx2, bce_rows_avx2, scan_rows_avx2, unit_funcs_avx2,
+     cap_funcs_avx2, ce_cpu_v3},
 #endif
 #ifdef CE_HAVE_SSE2
-    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2, ce_always},
+    {"sse2", rows_sse2, bce_rows_sse2, scan_rows_sse2, unit_funcs_sse2,
+     cap_funcs_sse2, ce_always},
 #endif
 #ifdef CE_HAVE_NEON
-    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon, ce_always},
+    {"neon", rows_neon, bce_rows_neon, scan_rows_neon, unit_funcs_neon,
+     cap_funcs_neon, ce_always},
 #endif
-    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar, ce_always},
+    {"scalar", rows_scalar, bce_rows_scalar, scan_rows_scalar, unit_funcs_scalar,
+     cap_funcs_scalar, ce_always},
 };
 #define N_TARGETS ((int64_t)(sizeof TARGETS / sizeof TARGETS[0]))
 
@@ -360,5 +377,15 @@ int64_t ce_unit_funcs_on(const char *name, const double *x, double *out_exp, dou
     const ce_target_t *t = ce_find(name);
     if (!t || !t->runs()) return -1;
     t->funcs(x, out_exp, out_log1p, n);
+    return 0;
+}
+
+/* cap tanh(x / cap) and sech^2(x / cap) as the row kernels of target `name` compute them (for
+ * the tests); -1 when the target is not built in or does not run here. */
+int64_t ce_cap_funcs_on(const char *name, const double *x, double cap, double *out_z,
+                        double *out_dz, int64_t n) {
+    const ce_target_t *t = ce_find(name);
+    if (!t || !t->runs()) return -1;
+    t->cap(x, cap, out_z, out_dz, n);
     return 0;
 }

@@ -1,8 +1,8 @@
 /* The row kernel, written once over a lane count. _fused.c includes this file once per target
  * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
- * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_ and unit_funcs_<CE_SFX>
- * (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p for the tests) and nothing
- * else that outlives the inclusion.
+ * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_, unit_funcs_ and
+ * cap_funcs_<CE_SFX> (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p and the
+ * soft-cap's tanh/sech^2 for the tests) and nothing else that outlives the inclusion.
  *
  * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
  * in the same order for every lane count, and the only sums across entries (s1 and the label
@@ -291,26 +291,125 @@ AI vd T(vlog1p_unit)(vd e) {
 /* numpy's pairwise sum of a row of n entries (float32 widened when is_f32), in numpy's order
  * (loops_utils.h: n < 8 from 0 one by one; n <= 128 eight accumulators, entry i into i % 8,
  * combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; else
- * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s. */
-static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n) {
+ * the halves at n/2 rounded down to a multiple of 8), so the bits are np.sum(row)'s; with
+ * `absv`, np.abs(row).sum()'s. */
+static double T(np_pairwise)(const void *base, int is_f32, int64_t c0, int64_t n, int absv) {
+#define LOAD_AT(c, nn) (absv ? vabs(T(load_row)(base, is_f32, c, nn))                 \
+                            : T(load_row)(base, is_f32, c, nn))
     if (n < 8) {
         double res = 0.0;
-        for (int64_t i = 0; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        for (int64_t i = 0; i < n; i++) res += LOAD_AT(c0 + i, 1)[0];
         return res;
     }
     if (n <= 128) {
         vd acc[G];
-        for (int k = 0; k < G; k++) acc[k] = T(load_row)(base, is_f32, c0 + k * W, W);
+        for (int k = 0; k < G; k++) acc[k] = LOAD_AT(c0 + k * W, W);
         int64_t i = 8;
         for (; i < n - n % 8; i += 8)
-            for (int k = 0; k < G; k++) acc[k] += T(load_row)(base, is_f32, c0 + i + k * W, W);
+            for (int k = 0; k < G; k++) acc[k] += LOAD_AT(c0 + i + k * W, W);
         double res = T(hsum8)(acc);
-        for (; i < n; i++) res += T(load_row)(base, is_f32, c0 + i, 1)[0];
+        for (; i < n; i++) res += LOAD_AT(c0 + i, 1)[0];
         return res;
     }
+#undef LOAD_AT
     int64_t n2 = n / 2;
     n2 -= n2 % 8;
-    return T(np_pairwise)(base, is_f32, c0, n2) + T(np_pairwise)(base, is_f32, c0 + n2, n - n2);
+    return T(np_pairwise)(base, is_f32, c0, n2, absv)
+           + T(np_pairwise)(base, is_f32, c0 + n2, n - n2, absv);
+}
+
+/* expm1(x) and exp(x) for x <= 0 (-inf too), from one argument reduction as in vexp_neg:
+ * exp(x) = s (T + T q) with s = 2^e, T = hi + lo; expm1(x) = (s hi - 1) + s (lo + hi q), where
+ * s hi - 1 is exact for s hi in [1/2, 2] (Sterbenz) and the rest is small next to the result,
+ * so no cancellation near 0 (k = 0: expm1 = q). expm1 is -1 below -40 (exp(-40) < ulp(1)/2),
+ * exp takes vexp_neg's two-step scaling (subnormal results, 0 below -745.2). */
+AI void T(vexpm1_exp_neg)(vd x, vd *em, vd *ex) {
+    const vd shift = splat(0x1.8p52);
+    vd xc = sel(x < splat(-746.0), splat(-746.0), x);
+    vd t = xc * splat(0x1.71547652b82fep+3) + shift;
+    vd kd = t - shift;
+    vd r = (xc - kd * splat(0x1.62e42fee00000p-4)) - kd * splat(0x1.a39ef35793c76p-36);
+    vd r2 = r * r, r4 = r2 * r2;
+    vd a1 = splat(1.0 / 2) + splat(1.0 / 6) * r;
+    vd a2 = splat(1.0 / 24) + splat(1.0 / 120) * r;
+    vd a3 = splat(1.0 / 720) + splat(1.0 / 5040) * r + splat(1.0 / 40320) * r2;
+    vd q = r + r2 * ((a1 + a2 * r2) + a3 * r4);
+    vu k = (vu)t - (vu)shift + (1 << 14);
+    vl j = (vl)(k & 7);
+    vd hi = T(table8)(CE_EXP2_HI, j), lo = T(table8)(CE_EXP2_LO, j);
+    vd p = hi + (lo + hi * q);
+    vu e = (k >> 3) - (1 << 11) + 1023;
+    vu e1 = (e + 1024) >> 1;
+    vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
+    *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+    vd s = (vd)(e << 52);  /* a normal 2^e where x >= -40 */
+    *em = sel(x < splat(-40.0), splat(-1.0), (s * hi - splat(1.0)) + s * (lo + hi * q));
+}
+
+/* Soft-capping of raw logits x (numpy_softmax.transform): u = x (S / cap) (numpy: (S x) / cap,
+ * within an ulp; a division saved), z = cap tanh(u), dz = S sech^2(u), with e = expm1(-2|u|),
+ * t = exp(-2|u|): tanh|u| = -e / (2 + e) and sech^2 = 4 t / (2 + e)^2 (2 + e = 1 + t), no
+ * cancellation at any |u|; -inf gives z = -cap, dz = 0, as numpy's tanh and cosh do. */
+AI void T(vsoftcap)(vd x, vd vs, vd cap, vd s_cap, vd *z, vd *dz) {
+    vd u = x * s_cap;
+    vd em, t;
+    T(vexpm1_exp_neg)(splat(-2.0) * vabs(u), &em, &t);
+    vd inv = splat(1.0) / (splat(2.0) + em);
+    vd th = -em * inv;
+    *z = cap * sel(u < splat(0.0), -th, th);
+    *dz = vs * ((splat(4.0) * t) * (inv * inv));
+}
+
+/* Lanes [c, c + n) of softcap_row (n a constant W in the body: whole-vector loads and stores). */
+AI void T(softcap_step)(const void *x, int x32, int64_t c, int64_t n, vd vs, vd vcap, vd s_cap,
+                        double *zb, double *db, vl *bad, vl *fin) {
+    vd v = T(load_row)(x, x32, c, n), z, dz;
+    *bad |= (v != splat(-INFINITY)) & ~(v - v == splat(0.0));
+    *fin |= v != splat(-INFINITY);
+    T(vsoftcap)(v, vs, vcap, s_cap, &z, &dz);
+    T(store)(zb + c, z, n);
+    T(store)(db + c, dz, n);
+}
+
+/* Row r's raw logits x through the soft-cap into zb (z) and db (dz), C entries: 1 when the row
+ * holds a NaN or +inf or only -inf (handed back, as the numpy kernel reports those). */
+static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double cap, double *zb,
+                          double *db) {
+    const vd vs = splat(S), vcap = splat(cap), s_cap = splat(S / cap);
+    vl bad = (vl){0}, fin = (vl){0};
+    const int64_t body = C - C % W;
+    if (x32) {
+        for (int64_t c = 0; c < body; c += W)
+            T(softcap_step)(x, 1, c, W, vs, vcap, s_cap, zb, db, &bad, &fin);
+    } else {
+        for (int64_t c = 0; c < body; c += W)
+            T(softcap_step)(x, 0, c, W, vs, vcap, s_cap, zb, db, &bad, &fin);
+    }
+    if (body < C) T(softcap_step)(x, x32, body, C - body, vs, vcap, s_cap, zb, db, &bad, &fin);
+    return T(any)(bad) || !T(any)(fin);
+}
+
+/* z = S x of a row of C raw logits into zb (numpy: x * scale). */
+static void T(scale_row)(const void *x, int x32, int64_t C, double S, double *zb) {
+    const vd vs = splat(S);
+    const int64_t body = C - C % W;
+    if (x32) {
+        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 1, c, W) * vs, W);
+    } else {
+        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 0, c, W) * vs, W);
+    }
+    if (body < C) T(store)(zb + body, T(load_row)(x, x32, body, C - body) * vs, C - body);
+}
+
+/* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
+ * tests' ulp measurement against numpy. */
+static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        vd z, dz;
+        T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), splat(1.0 / cap), &z, &dz);
+        out_z[i] = z[0];
+        out_dz[i] = dz[0];
+    }
 }
 
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
@@ -366,11 +465,17 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
-AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int ext,
+                  int buf, const double *zrow, const double *dzrow) {
     const int64_t C = a->n_cols;
     const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
     const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
-    const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    /* ext (a constant): a row with training-code terms (a->ext); buf (a constant): its
+     * transformed logits z (zrow, float64; S x, or soft-capped with dz/dx in dzrow) made by
+     * row_transformed, which the passes below read as they read the logits otherwise. The plain
+     * row (neither) keeps none of their code in its loops. */
+    const void *z = buf ? (const void *)zrow
+                        : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
 
     /* pass 1: max, min and first arg-max per lane; z - z is NaN at NaN and +-inf, and -inf
@@ -412,6 +517,17 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
     const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
+    /* ext: the largest |z| over the finite entries (numpy: where(isfinite(z), |z|, 0).max) */
+    if (ext && lo > -INFINITY) {
+        a->row_zabs[r] = fabs(m) > fabs(lo) ? fabs(m) : fabs(lo);
+    } else if (ext) {
+        double zabs = 0.0;
+        for (int64_t c = 0; c < C; c++) {
+            const double v = T(load_row)(z, z32, c, 1)[0];
+            if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
+        }
+        a->row_zabs[r] = zabs;
+    }
 
     /* probability targets: q (dense, alpha = beta = 0, y = 0); else index targets */
     const int q32 = (int)a->q_is_f32;
@@ -505,13 +621,35 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
     const double s1 = sum_e, s = 1.0 + s1, l1 = log1p(s1), lse = m + l1;
     double Q = alpha + beta * a->w_sum;
     /* numpy's reduction adds the sum to its identity, +0: a row of -0 sums to +0 */
-    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C);
+    if (qrow && a->q_sum_here) a->q_total[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 0);
+    if (ext && qrow) {  /* row_terms' max |q| and sum |q| (numpy's np.abs(q).sum's bits) */
+        vd qmax = splat(0.0);
+        for (int64_t c = 0; c < C; c += W)
+            qmax = T(vmax)(vabs(T(load_row)(qrow, q32, c, C - c < W ? C - c : W)), qmax);
+        a->row_qabs[r] = T(hmax)(qmax);
+        a->row_qsum[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 1);
+    }
     if (qrow) Q = a->q_total[r];
     const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
     if (qrow) qz = sum_z;
-    a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
+    /* ext (semantic_rows): s (Q l1 - q.zs + zeta v lse^2), Qe = Q + 2 zeta v lse what
+     * multiplies a in the gradient */
+    double Qe = Q, sw = 1.0;
+    if (ext) {
+        const double v = a->active[r] ? 1.0 : 0.0;
+        double loss_z = (Q * l1 - qz) + 0.0 * m;  /* numpy's + rest m, rest = 0 without shards */
+        if (a->z_loss != 0.0) {
+            loss_z = loss_z + a->z_loss * v * lse * lse;
+            Qe = Q + 2.0 * a->z_loss * v * lse;
+        }
+        sw = a->s_w ? a->s_w[r] : 1.0;
+        a->loss[r] = a->active[r] ? sw * loss_z : 0.0;
+        a->total_w[r] = sw * Qe;
+    } else {
+        a->loss[r] = a->active[r] ? Q * l1 - qz : 0.0;
+    }
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
     if (!a->g && !a->out_ref && !a->out_floor) return 0;
@@ -520,75 +658,138 @@ AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
      *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
      *   floor = ((1 + l1 + |lse|) - zs) e (k eps scale |Q| / s) + (k eps scale |beta|) |w|
      *           + [c = y] k eps scale |alpha|
-     * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s). */
-    const double scale = a->scale, coef = a->floor_coef;
-    const double k_g = Q * scale / s, k_b = beta * scale, k_a = alpha * scale;
-    const double k_f = coef * scale * fabs(Q) / s, k_fb = coef * scale * fabs(beta);
-    const double k_fa = coef * scale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
+     * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s).
+     * ext (numpy_softmax._semantic_grad_z, _semantic_floor): every term times s scale S,
+     * Q / s -> Qe exp(-l1), the floor's log a term plus |z|, and at a confident row's arg-max
+     * (l1 <= log 2) g = (Qe expm1(-l1) + rest) s scale S. */
+    const int cap = buf && a->softcap != 0.0;  /* per-entry dz (it holds S) */
+    const double coef = a->floor_coef, gS = cap ? 1.0 : a->x_scale;
+    const double scale = ext ? sw * a->scale * gS : a->scale;
+    const double fscale = ext ? coef * fabs(sw * a->scale) * gS : coef * a->scale;
+    const double k_fcap = coef * a->x_scale;
+    const double ex = ext ? exp(-l1) : 0.0;
+    const double k_g = ext ? Qe * ex * scale : Q * scale / s;
+    const double k_b = beta * scale, k_a = alpha * scale;
+    const double k_f = ext ? fscale * fabs(Qe) * ex : fscale * fabs(Q) / s;
+    const double k_fb = fscale * fabs(beta);
+    const double k_fa = fscale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
     const double w_am = w ? w[am] : 1.0;
-    const double rest = qrow ? Q - T(load_row)(qrow, q32, am, 1)[0]
-                             : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
-    const double k_fq = coef * scale;
-    const double g_am = scale * (rest - Q * s1 / s);
-    const int sure = s1 <= 1.0;
+    const double rest_q = qrow ? Qe - T(load_row)(qrow, q32, am, 1)[0]
+                               : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);
+    const double rest = ext && !qrow ? rest_q + (Qe - Q) : rest_q;
+    const double k_fq = fscale;
+    const double g_am = ext ? (Qe * expm1(-l1) + rest) * scale : scale * (rest - Q * s1 / s);
+    const int sure = ext ? l1 <= 0x1.62e42fefa39efp-1 : s1 <= 1.0;  /* log 2 */
     const vl vy = (vl){0} + y;
     const vd vk_g = splat(k_g), vbig_a = splat(big_a), vk_f = splat(k_f);
     CE_COMPARE_BEGIN;
 /* g and fl of lanes [c, c + n). qq (probability targets), q32c (their width), kw (k_b or k_fb
- * may be nonzero) and nrm (normal) are loop invariants: constants in the specialised loops. */
-#define PASS3_GF(c, n, spec, qq, q32c, kw, nrm)                                \
+ * may be nonzero), nrm (normal) and xt (ext) are loop invariants: constants in the specialised
+ * loops. */
+#define PASS3_GF(c, n, spec, qq, q32c, kw, nrm, xt)                            \
         vl ids = IOTA + (c);                                                  \
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
-        vd zs = T(load_row)(z, z32, c, n) - vm;                               \
+        vd zz = T(load_row)(z, z32, c, n);                                    \
+        vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
         if (qq) qv = T(load_row)(qrow, q32c, c, n);                           \
         if (qq) g = g - qv * splat(scale);                                    \
         if ((spec) && !(qq)) g = sel(ids == vy, g - splat(k_a), g);           \
         if ((spec) && sure) g = sel(ids == vam, splat(g_am), g);              \
-        vd fl = ((vbig_a - zs) * e) * vk_f;                                   \
+        vd fl = (xt) ? (((vbig_a - zs) + vabs(zz)) * e) * vk_f                \
+                     : ((vbig_a - zs) * e) * vk_f;                            \
         if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
         if (qq) fl = fl + splat(k_fq) * vabs(qv);                             \
-        if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl)
-#define PASS3(c, live, nn, spec) do {                                        \
+        if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl);        \
+        if ((xt) == 2) {  /* soft-cap: times dz, and the floor's S |g_z| term */ \
+            vd dzv = T(load_row)(dzrow, 0, c, n);                             \
+            fl = fl * vabs(dzv) + splat(k_fcap) * vabs(g);                    \
+            g = g * dzv;                                                      \
+        }                                                                     \
+        do {} while (0)
+#define PASS3(c, live, nn, spec, xt) do {                                    \
         const int64_t n = (nn);                                              \
-        PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal);                   \
+        PASS3_GF(c, n, spec, qrow != NULL, q32, 1, normal, xt);               \
         CE_COMPARE(c, live, n, g, fl);                                        \
     } while (0)
     /* only the target's and the arg-max's vectors need the per-entry corrections */
     const int64_t y_blk = y - y % W, am_blk = am - am % W;
     /* the common case (a gradient to compare, nothing stored, no smoothing or class weight
      * terms): a loop without the invariant tests, one per kind of target and `normal` */
-#define PASS3_FAST(qq, q32c, nrm) do {                                       \
+#define PASS3_FAST(qq, q32c, nrm, xt) do {                                   \
         for (int64_t c = 0; c < body; c += W) {                               \
             const int spec = c == y_blk || c == am_blk;                       \
-            PASS3_GF(c, W, spec, qq, q32c, 0, nrm);                           \
+            PASS3_GF(c, W, spec, qq, q32c, 0, nrm, xt);                       \
             vd absg = vabs(g);                                                \
             vd tol = (absg * rtol + abs_tol) + fl;                            \
             CE_COMPARE_FOLD(c, ALL, W, g, absg, tol, 0);                      \
         }                                                                     \
     } while (0)
+#define PASS3_ALL(xt) do {                                                   \
+        for (int64_t c = 0; c < body; c += W) {                               \
+            if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1, xt);           \
+            else PASS3(c, ALL, W, 0, xt);                                     \
+        }                                                                     \
+    } while (0)
+#define PASS3_FAST_ALL(xt) do {                                              \
+        if (!qrow) {                                                          \
+            if (normal) PASS3_FAST(0, 0, 1, xt);                              \
+            else PASS3_FAST(0, 0, 0, xt);                                     \
+        } else if (q32) {                                                     \
+            if (normal) PASS3_FAST(1, 1, 1, xt);                              \
+            else PASS3_FAST(1, 1, 0, xt);                                     \
+        } else {                                                              \
+            if (normal) PASS3_FAST(1, 0, 1, xt);                              \
+            else PASS3_FAST(1, 0, 0, xt);                                     \
+        }                                                                     \
+    } while (0)
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
-        for (int64_t c = 0; c < body; c += W) {
-            if (c == y_blk || c == am_blk) PASS3(c, ALL, W, 1);
-            else PASS3(c, ALL, W, 0);
-        }
-    } else if (!qrow) {
-        if (normal) PASS3_FAST(0, 0, 1);
-        else PASS3_FAST(0, 0, 0);
-    } else if (q32) {
-        if (normal) PASS3_FAST(1, 1, 1);
-        else PASS3_FAST(1, 1, 0);
+        if (cap) PASS3_ALL(2);
+        else if (ext) PASS3_ALL(1);
+        else PASS3_ALL(0);
+    } else if (cap) {
+        PASS3_FAST_ALL(2);
+    } else if (ext) {
+        PASS3_FAST_ALL(1);
     } else {
-        if (normal) PASS3_FAST(1, 0, 1);
-        else PASS3_FAST(1, 0, 0);
+        PASS3_FAST_ALL(0);
     }
-    if (tail) PASS3(body, LIVE(body), tail, 1);
+    if (tail && cap) PASS3(body, LIVE(body), tail, 1, 2);
+    else if (tail && ext) PASS3(body, LIVE(body), tail, 1, 1);
+    else if (tail) PASS3(body, LIVE(body), tail, 1, 0);
     CE_COMPARE_END;
     return 0;
+}
+
+/* Rows with training-code terms (a->ext): the row's z (= S x, or soft-capped with its dz) into
+ * the scratch after the row's exp and block sums (see WORK_SIZE), then the row kernel on z in
+ * doubles (numpy's arg-max is z's: rounding may tie entries x does not). The plain row kernel
+ * keeps none of this code in its loops; not inlined into every dtype pair. */
+static __attribute__((noinline)) int T(row_transformed)(const ce_args *a, double *work, int64_t r,
+                                                         int z32, int g32) {
+    const int64_t C = a->n_cols;
+    double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
+    const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    if (a->softcap != 0.0) {
+        if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
+    } else {
+        T(scale_row)(x, z32, C, a->x_scale, zb);  /* NaN, +inf (overflow too): pass 1 finds */
+    }
+    return g32 ? T(row_body)(a, work, r, 0, 1, 1, 1, zb, db)
+               : T(row_body)(a, work, r, 0, 0, 1, 1, zb, db);
+}
+
+/* One row of softmax cross-entropy (row_kernel), or one with z-loss and sample weights only
+ * (row_ext: S = 1, no soft-cap, the raw logits are z). */
+AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    return T(row_body)(a, work, r, z32, g32, 0, 0, NULL, NULL);
+}
+AI int T(row_ext)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    return T(row_body)(a, work, r, z32, g32, 1, 0, NULL, NULL);
 }
 
 /* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per
@@ -737,7 +938,7 @@ static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t 
         }
         a->row_min[r] = lo;
         a->row_max[r] = bad && hi != INFINITY ? NAN : hi;
-        if (a->q_total) a->q_total[r] = 0.0 + T(np_pairwise)(row, q32, 0, C);
+        if (a->q_total) a->q_total[r] = 0.0 + T(np_pairwise)(row, q32, 0, C, 0);
     }
     return 0;
 }
@@ -761,7 +962,23 @@ static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r
     ROWS_LOOP(T(bce_kernel))
 }
 
+static __attribute__((noinline)) int64_t T(transformed_rows)(const ce_args *a, double *work,
+                                                              int64_t r0, int64_t r1,
+                                                              int64_t *stop) {
+    ROWS_LOOP(T(row_transformed))
+}
+
+static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *work, int64_t r0,
+                                                      int64_t r1, int64_t *stop) {
+    ROWS_LOOP(T(row_ext))
+}
+
+/* Softmax rows; those with training-code terms in loops of their own (functions apart, so the
+ * plain loop's code and registers stay as they were). */
 static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
+        return T(transformed_rows)(a, work, r0, r1, stop);
+    if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
     ROWS_LOOP(T(row_kernel))
 }
 
@@ -782,6 +999,8 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef PASS3
 #undef PASS3_GF
 #undef PASS3_FAST
+#undef PASS3_ALL
+#undef PASS3_FAST_ALL
 #undef sel
 #undef vabs
 #undef splat

@@ -4,9 +4,11 @@ comparison with the user's gradient, one row at a time in three sweeps, no (R, C
 `pip install` compiles it when a C compiler is present, for several targets (AVX-512, AVX2, SSE2
 or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` threads.
 It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
-masks included) and probability targets (FusedKernel), and sigmoid BCE (SigmoidKernel, weights,
-pos_weight, label smoothing, sample weights and a denominator included); the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference,
-serve rows it must report (NaN, +inf, all -inf) and every CPU without a C compiler.
+masks included) and probability targets, with z-loss, sample weights, logit scale and softcap
+too (FusedKernel: semantic_rows' formulas), and sigmoid BCE (SigmoidKernel, weights,
+pos_weight, label smoothing, sample weights and a denominator included); the numpy kernels
+(numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report (NaN, +inf, all
+-inf), vocabulary shards, and every CPU without a C compiler.
 `CE_CHECK_FUSED=0` turns it off.
 """
 
@@ -46,6 +48,9 @@ class _Args(ctypes.Structure):
         ("y_bin", _P), ("w_bin", _P), ("pos_w", _P),
         ("out_items", _P), ("out_item_w", _P), ("total_w", _P), ("y_is_f32", ctypes.c_int64),
         ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64), ("row_min", _P),
+        ("ext", ctypes.c_int64), ("x_scale", ctypes.c_double), ("z_loss", ctypes.c_double),
+        ("s_w", _P), ("row_zabs", _P), ("softcap", ctypes.c_double),
+        ("row_qabs", _P), ("row_qsum", _P),
     ]
 
 
@@ -271,7 +276,7 @@ class _Kernel:
         # which large numpy arrays do not prompt: checks in a loop would pile them up
         self._problem = weakref.ref(problem)
         C = problem.n_classes
-        self.work = np.empty(C + 8 + 2 * (C // 128 + 1))  # see ce_args.work
+        self.work = np.empty(3 * C + 8 + 2 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
 
     @property
     def problem(self) -> Any:
@@ -322,15 +327,20 @@ class _Kernel:
 
 
 class FusedKernel(_Kernel):
-    """One softmax problem's rows through the compiled kernel (index or probability targets)."""
+    """One softmax problem's rows through the compiled kernel (index or probability targets;
+    with z-loss, logit scale and sample weights, `semantic_rows`' formulas)."""
 
-    per_row = ("loss", "row_max", "log1p_s1")
+    per_row: tuple[str, ...] = ("loss", "row_max", "log1p_s1")
 
     def __init__(self, fn, problem) -> None:
         super().__init__(fn, problem)
         w = problem.weight
         self.w = None if w is None else np.ascontiguousarray(w, dtype=np.float64)
         self.w_sum = float(w.sum()) if w is not None else float(problem.n_classes)
+        sem = getattr(problem, "sem", _PLAIN)
+        self.sem: Any = sem if sem.extended else None  # models.semantics.Semantics
+        if self.sem is not None:
+            self.per_row = (*self.per_row, "total_w", "row_zabs", "row_qabs", "row_qsum")
 
     @classmethod
     def plan(cls, problem) -> FusedKernel | None:
@@ -338,10 +348,11 @@ class FusedKernel(_Kernel):
         fn = kernel()
         if fn is None or problem.nan_gradient or problem.n_classes == 0:
             return None
-        # z-loss, softcap, logit scale, sample weights, shards change the row loss: numpy's
-        # extended path. `denominator` (a grad scale) and smoothing form 'others' (another
-        # alpha, beta) are the plain formulas: served here.
-        if getattr(problem, "sem", _PLAIN).extended:
+        # z-loss, softcap, logit scale and sample weights are served (semantic_rows'
+        # formulas); vocabulary shards stay on numpy's extended path. `denominator` (a grad
+        # scale) and smoothing form 'others' (another alpha, beta) are the plain formulas.
+        sem: Any = getattr(problem, "sem", _PLAIN)
+        if sem.extended and sem.vocab_offset is not None:
             return None
         return cls(fn, problem)
 
@@ -358,14 +369,45 @@ class FusedKernel(_Kernel):
         floor = floor_coef is not None  # the comparison alone needs no (R, C) floor written
         floor_coef, params = _tolerance(cmp, floor_coef)
         params.update(self._targets(rows), floor_coef=floor_coef or 0.0)
+        if self.sem is not None:
+            params.update(self._semantics(rows))
         R, C = z.shape
         out = _outputs(R, C, self.per_row, grad, floor, cmp is not None)
         if not self._run(z, g, rows, params, out, cmp):
             return None
         m, l1 = out["row_max"], out["log1p_s1"]
         Q = params["q_total"] if "q" in params else params["alpha"] + params["beta"] * self.w_sum
+        if self.sem is None:
+            return ChunkEval(loss=out["loss"], grad=out.get("out_ref"),
+                             floor=out.get("out_floor"), lse=m + l1, total_weight=Q, row_max=m,
+                             log1p_s1=l1)
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
-                         lse=m + l1, total_weight=Q, row_max=m, log1p_s1=l1)
+                         lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
+                         row_terms=self._row_terms(rows, params, Q, out))
+
+    def _semantics(self, rows: np.ndarray) -> dict:
+        """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the
+        rows' sample weights."""
+        sem = self.sem
+        sw = sem.sample_weight
+        return {"ext": 1, "x_scale": float(sem.logit_scale), "z_loss": float(sem.z_loss),
+                "softcap": float(sem.softcap or 0.0),
+                "s_w": None if sw is None else np.ascontiguousarray(sw[rows], dtype=np.float64)}
+
+    def _row_terms(self, rows: np.ndarray, params: dict, Q: np.ndarray,
+                   out: dict) -> np.ndarray:
+        """ChunkEval.row_terms as semantic_rows makes them: (s, Q, max|q|, sum|q|, max|z|);
+        the kernel's max|z|, and max|q|, sum|q| of probability targets."""
+        s = self.sem.row_weight(rows)
+        if "q" in params:
+            qabs, qsum = out["row_qabs"], out["row_qsum"]
+        else:
+            alpha, beta = params["alpha"], params["beta"]
+            w = np.abs(self.w) if self.w is not None else np.ones(1)
+            qabs = np.abs(alpha) + np.abs(beta) * w.max()
+            qsum = np.abs(alpha) + np.abs(beta) * (w.sum() if self.w is not None
+                                                   else self.problem.n_classes)
+        return np.stack([s, Q, qabs, qsum, out["row_zabs"]], axis=1)
 
     def in_place(self, g_rows: np.ndarray | None) -> bool:
         """float32/float64 C-contiguous logits and gradient, and index targets or probability

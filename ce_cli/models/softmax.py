@@ -204,12 +204,12 @@ class SoftmaxCE(RowMatrix):
                       floor_coef: float | None = None) -> ChunkEval:
         """Rows `rows` of the problem with logits `z_rows` (possibly perturbed): through the
         compiled kernel when it serves them, else the numpy kernel (its reference)."""
-        if self.sem.extended:
-            return semantic_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
             if ev is not None:
                 return ev
+        if self.sem.extended:
+            return semantic_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
         return softmax_rows(self, z_rows, rows, grad=grad, floor_coef=floor_coef)
 
     def fd_error_bound(self, rows, cols, z_entry: np.ndarray, h: np.ndarray, ev: ChunkEval) -> np.ndarray:
