@@ -305,7 +305,7 @@ def build_softmax_ce(
     ext.validate_scalars(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
                          args.denominator, reduction)
     layout = make_layout(logits.shape, class_axis, source)
-    w64 = _class_weights(weight, layout.n_classes, weight_source, warnings)
+    w64 = class_weights(weight, layout.n_classes, weight_source, warnings)
     if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and layout.n_classes == 1):
         probs = layout.to_rows(labels)
         if ignore_index >= 0:
@@ -331,7 +331,8 @@ def build_softmax_ce(
     return problem, warnings
 
 
-def _class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> np.ndarray | None:
+def class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> np.ndarray | None:
+    """PyTorch's `weight=`: C finite values as float64 (None without); negative ones warn."""
     if weight is None:
         return None
     w64 = np.asarray(weight, dtype=np.float64).reshape(-1) if np.ndim(weight) <= 1 else None

@@ -52,7 +52,7 @@ from ce_cli.io.loading import is_array_file, read_stdin
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.models.semantics import Semantics
-from ce_cli.models.softmax import _class_weights, build_softmax_ce
+from ce_cli.models.softmax import build_softmax_ce, class_weights
 from ce_cli.verify.bridge import BRIDGE_ELEMENTS, WITHOUT_OPTIONS, two_class_bridge
 from ce_cli.verify.checks import check_grad, refuse_softmax_only, shift_labels
 from ce_cli.verify.finite_diff import choose_mode
@@ -1023,8 +1023,8 @@ def refuse_inputs(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions, k
                                "per shard, or one file for the whole batch)")
     _refuse_values(inputs, options, kind)
     if kind != "binary" and inputs.weight is not None:  # C values, read once here
-        _class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
-                       f"weight file '{inputs.weight}'", [])
+        class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
+                      f"weight file '{inputs.weight}'", [])
     if plan.axis == "vocab":
         _refuse_on_vocab(inputs)
 
