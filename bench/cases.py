@@ -4,9 +4,10 @@
     python bench/cases.py --n 1024 --c 8000     # smaller
     python bench/cases.py --kernels avx512,avx2,numpy --workdir /tmp/cases   # targets; keep inputs
     python bench/cases.py --scaling             # only the scaling table (in-process kernel)
+    python bench/cases.py --cases zloss,softcap # grad --z-loss 1e-4 / --softcap 30, index targets
 
 For each case (`binary`: multi-label logits, labels 0/1 at 5%; `probs`: softmax with dense soft
-targets) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
+targets; `zloss`, `softcap`: index targets with `--z-loss 1e-4` or `--softcap 30`) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
 if given, where they are kept and reused, else a temporary directory), then times
 `ce-check binary|grad logits labels --grad grad --json` as a subprocess (whole process: start-up,
 loading, checking) for each --kernels entry (`compiled`: the best target this CPU runs; a target
@@ -36,13 +37,37 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch_baseline import TORCH_PYTHON_HELP, kernel_env, rss_budget, run_torch
+from torch_baseline import SOFTCAP, TORCH_PYTHON_HELP, Z_LOSS, kernel_env, rss_budget, run_torch
 
 WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
            "dt = time.perf_counter() - t; "
            "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, "
            "b'\"ok\": true' in r.stdout)")
+
+
+# index targets with a training-code option: the flags, and the loss PyTorch computes (torch_baseline)
+OPTION_CASES = {"zloss": ["--z-loss", str(Z_LOSS)], "softcap": ["--softcap", str(SOFTCAP)]}
+
+
+def _option_case(kind: str, z64: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and the float32 gradient of the mean loss with a z-loss (2 zeta lse a added) or a
+    soft-cap (through z = cap tanh(x / cap): times 1 - tanh^2)."""
+    n, c = z64.shape
+    y = rng.integers(0, c, n)
+    t = np.tanh(z64 / SOFTCAP) if kind == "softcap" else None
+    zz = SOFTCAP * t if t is not None else z64
+    m = zz.max(axis=1, keepdims=True)
+    a = np.exp(zz - m)
+    s = a.sum(axis=1, keepdims=True)
+    a /= s
+    g = a.copy()
+    g[np.arange(n), y] -= 1.0
+    if kind == "zloss":
+        g += 2.0 * Z_LOSS * (m + np.log(s)) * a
+    else:
+        g *= 1.0 - t * t
+    return y, (g / n).astype(np.float32)
 
 
 def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, Path]:
@@ -55,6 +80,8 @@ def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, 
     if kind == "binary":
         y = (rng.random((n, c)) < 0.05).astype(np.float32)
         g = ((1.0 / (1.0 + np.exp(-z64)) - y) / y.size).astype(np.float32)
+    elif kind in OPTION_CASES:
+        y, g = _option_case(kind, z64, rng)
     else:
         y = rng.random((n, c), dtype=np.float32) ** 8
         y /= y.sum(axis=1, keepdims=True)
@@ -71,7 +98,8 @@ def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, 
 def run_ce_check(kind: str, paths: dict[str, Path], threads: int, kernel: str) -> tuple[float, int, bool]:
     """One whole-process run: (wall seconds, peak RSS bytes, exit 0 with "ok": true)."""
     cmd = [str(Path(sys.executable).parent / "ce-check"), "binary" if kind == "binary" else "grad",
-           str(paths["logits"]), str(paths["labels"]), "--grad", str(paths["grad"]), "--json"]
+           str(paths["logits"]), str(paths["labels"]), "--grad", str(paths["grad"]), "--json",
+           *OPTION_CASES.get(kind, [])]
     env = {**os.environ, **kernel_env(kernel, threads),
            "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True,

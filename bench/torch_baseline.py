@@ -7,6 +7,8 @@ and targets at a given thread count, the upcast to float64 excluded, best of `re
     index   F.cross_entropy(z, y)                      y: int64 class indices
     probs   F.cross_entropy(z, q)                      q: (N, C) probability targets
     binary  F.binary_cross_entropy_with_logits(z, y)   y: (N, C) labels
+    zloss   F.cross_entropy(z, y) + 1e-4 mean(logsumexp(z)^2)    (PaLM's z-loss)
+    softcap F.cross_entropy(30 tanh(z / 30), y)                    (Gemma 2's soft-cap)
 
 It runs in a separate interpreter (`--torch-python`, default: the one running the bench), so
 torch need not be installed next to ce-check; without torch there it is skipped with a message.
@@ -22,27 +24,34 @@ TORCH_PYTHON_HELP = ("Python interpreter that can import torch, for the PyTorch 
                      "(default: this one, %(default)s); when torch does not import there, the "
                      "baseline is skipped with a message")
 
+Z_LOSS, SOFTCAP = 1e-4, 30.0  # the options of the zloss and softcap cases
+
 TORCH_SCRIPT = r"""
 import sys, time
 import numpy as np, torch
 import torch.nn.functional as F
+Z_LOSS, SOFTCAP = %r, %r
 kind, z_path, y_path, threads, repeat = sys.argv[1:6]
 torch.set_num_threads(int(threads))
 z = torch.from_numpy(np.load(z_path)).double()
 y = torch.from_numpy(np.load(y_path))
-y = y.long() if kind == "index" else y.double()
+y = y.long() if kind in ("index", "zloss", "softcap") else y.double()
 best = float("inf")
 for _ in range(int(repeat)):
     x = z.clone().requires_grad_(True)
     t = time.perf_counter()
     if kind == "binary":
         loss = F.binary_cross_entropy_with_logits(x, y)
+    elif kind == "zloss":
+        loss = F.cross_entropy(x, y) + Z_LOSS * (torch.logsumexp(x, -1) ** 2).mean()
+    elif kind == "softcap":
+        loss = F.cross_entropy(SOFTCAP * torch.tanh(x / SOFTCAP), y)
     else:
         loss = F.cross_entropy(x, y)
     loss.backward()
     best = min(best, time.perf_counter() - t)
 print(torch.__version__, best)
-"""
+""" % (Z_LOSS, SOFTCAP)
 
 
 @functools.cache
