@@ -339,10 +339,14 @@ AI void T(vexpm1_exp_neg)(vd x, vd *em, vd *ex) {
     vd hi = T(table8)(CE_EXP2_HI, j), lo = T(table8)(CE_EXP2_LO, j);
     vd p = hi + (lo + hi * q);
     vu e = (k >> 3) - (1 << 11) + 1023;
-    vu e1 = (e + 1024) >> 1;
-    vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
-    *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
-    vd s = (vd)(e << 52);  /* a normal 2^e where x >= -40 */
+    vd s = (vd)(e << 52);  /* 2^e, normal where x >= -708 */
+    if (T(any)(x < splat(-708.0))) {  /* subnormal or 0 somewhere: in two steps, as vexp_neg */
+        vu e1 = (e + 1024) >> 1;
+        vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
+        *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+    } else {
+        *ex = p * s;  /* the same bits: the result is normal */
+    }
     *em = sel(x < splat(-40.0), splat(-1.0), (s * hi - splat(1.0)) + s * (lo + hi * q));
 }
 
