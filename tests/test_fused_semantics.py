@@ -190,22 +190,20 @@ def test_vocabulary_shards_stay_on_numpy():
 @needs_kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tk", ["weights+smoothing+sum", "probs+weights+smoothing"])
-def test_thread_counts_and_targets_give_identical_bits(tk, dtype, monkeypatch):
+@pytest.mark.parametrize("term", ["z_loss", "all", "softcap+all"])
+def test_thread_counts_and_targets_give_identical_bits(term, tk, dtype, monkeypatch):
     """Every target this CPU runs and 1, 2, 3 threads (60 x 1031: enough entries for 3)."""
-    rng = np.random.default_rng(17)
     runs = {}
     for name in targets():
         monkeypatch.setenv("CE_CHECK_TARGET", name)
-        problem = _problem(np.random.default_rng(17), 60, 1031, dtype, TERMS["all"],
+        problem = _problem(np.random.default_rng(17), 60, 1031, dtype, TERMS[term],
                            TARGETS_KW[tk], masks=True)
-        g = rng.standard_normal(problem.z.shape)
         assert problem.kernel.fn.target == name
         for n in (1, 2, 3):
             with use_threads(n):
                 ev = problem.kernel.evaluate(problem.z, np.arange(60), grad=True, floor_coef=1e-7)
             runs[name, n] = {k: np.asarray(getattr(ev, k)).view(np.uint64)
                              for k in ("loss", "grad", "floor", "total_weight", "lse", "row_terms")}
-    del g
     first, *others = runs
     for key in others:
         for field in runs[first]:

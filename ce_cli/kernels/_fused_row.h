@@ -339,10 +339,14 @@ AI void T(vexpm1_exp_neg)(vd x, vd *em, vd *ex) {
     vd hi = T(table8)(CE_EXP2_HI, j), lo = T(table8)(CE_EXP2_LO, j);
     vd p = hi + (lo + hi * q);
     vu e = (k >> 3) - (1 << 11) + 1023;
-    vu e1 = (e + 1024) >> 1;
-    vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
-    *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
-    vd s = (vd)(e << 52);  /* a normal 2^e where x >= -40 */
+    vd s = (vd)(e << 52);  /* 2^e, normal where x >= -708 */
+    if (T(any)(x < splat(-708.0))) {  /* subnormal or 0 somewhere: in two steps, as vexp_neg */
+        vu e1 = (e + 1024) >> 1;
+        vd s1 = (vd)(e1 << 52), s2 = (vd)((e - e1 + 1023) << 52);
+        *ex = sel(x < splat(-745.2), splat(0.0), (p * s1) * s2);
+    } else {
+        *ex = p * s;  /* the same bits: the result is normal */
+    }
     *em = sel(x < splat(-40.0), splat(-1.0), (s * hi - splat(1.0)) + s * (lo + hi * q));
 }
 
@@ -387,18 +391,6 @@ static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double ca
     }
     if (body < C) T(softcap_step)(x, x32, body, C - body, vs, vcap, s_cap, zb, db, &bad, &fin);
     return T(any)(bad) || !T(any)(fin);
-}
-
-/* z = S x of a row of C raw logits into zb (numpy: x * scale). */
-static void T(scale_row)(const void *x, int x32, int64_t C, double S, double *zb) {
-    const vd vs = splat(S);
-    const int64_t body = C - C % W;
-    if (x32) {
-        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 1, c, W) * vs, W);
-    } else {
-        for (int64_t c = 0; c < body; c += W) T(store)(zb + c, T(load_row)(x, 0, c, W) * vs, W);
-    }
-    if (body < C) T(store)(zb + body, T(load_row)(x, x32, body, C - body) * vs, C - body);
 }
 
 /* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
@@ -466,14 +458,16 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
 AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int ext,
-                  int buf, const double *zrow, const double *dzrow) {
+                  int sc, int buf, const double *zrow, const double *dzrow) {
     const int64_t C = a->n_cols;
     const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
     const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
-    /* ext (a constant): a row with training-code terms (a->ext); buf (a constant): its
-     * transformed logits z (zrow, float64; S x, or soft-capped with dz/dx in dzrow) made by
-     * row_transformed, which the passes below read as they read the logits otherwise. The plain
-     * row (neither) keeps none of their code in its loops. */
+    /* Constants: ext, a row with training-code terms (a->ext); sc, z = S x with S = a->x_scale,
+     * each load of the logits times S (pass 1 then runs in doubles: numpy's arg-max is z's, and
+     * rounding may tie entries x does not); buf, the soft-capped logits z (zrow, float64) and
+     * dz/dx (dzrow) made by row_capped, which the passes below read as they read the logits
+     * otherwise. The plain row (none of them) keeps none of their code in its loops. */
+#define vS splat(a->x_scale)
     const void *z = buf ? (const void *)zrow
                         : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
@@ -484,7 +478,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
     int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
-    if (z32) {
+    if (z32 && !sc) {
         double f_max, f_min;
         int64_t f_am;
         int f_bad;
@@ -496,6 +490,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     }
 #define PASS1(c, live, nn) do {                                                  \
         vd v = T(load_row)(z, z32, c, (nn));                                  \
+        if (sc) v = v * vS;                                                   \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
@@ -515,7 +510,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     for (int i = 0; i < W; i++)
         if (vmax[i] == vm_max && vidx[i] < am) am = vidx[i];
     /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
-    const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
+    const double m = (z32 ? (double)((const float *)z)[am] : ((const double *)z)[am])
+                     * (sc ? a->x_scale : 1.0);
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
     /* ext: the largest |z| over the finite entries (numpy: where(isfinite(z), |z|, 0).max) */
     if (ext && lo > -INFINITY) {
@@ -523,7 +519,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     } else if (ext) {
         double zabs = 0.0;
         for (int64_t c = 0; c < C; c++) {
-            const double v = T(load_row)(z, z32, c, 1)[0];
+            const double v = T(load_row)(z, z32, c, 1)[0] * (sc ? a->x_scale : 1.0);
             if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
         }
         a->row_zabs[r] = zabs;
@@ -548,7 +544,9 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const char *g_pf = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL;
     int64_t nb = 0;
 #define PASS2(k, c, live, nn, nrm, zm) do {                                  \
-        vd zs = T(load_row)(z, z32, c, nn) - vm;                              \
+        vd zs = T(load_row)(z, z32, c, nn);                                   \
+        if (sc) zs = zs * vS;                                                 \
+        zs = zs - vm;                                                         \
         PASS2_ACC(k, c, live, nn, zm, T(vexp_neg)(zs, nrm), zs);              \
     } while (0)
 /* e = exp(zs) of lanes [c, c + nn) (0 where not live) to e_row and the sums */
@@ -581,7 +579,9 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             vd xs[2], zs2[2];                                                  \
             for (int h = 0; h < 2; h++) {                                      \
                 if (g_pf) __builtin_prefetch(g_pf + (c + 8 * h) * (g32 ? 4 : 8)); \
-                xs[h] = zs2[h] = T(load_row)(z, z32, c + 8 * h, W) - vm;       \
+                xs[h] = T(load_row)(z, z32, c + 8 * h, W);                     \
+                if (sc) xs[h] = xs[h] * vS;                                    \
+                xs[h] = zs2[h] = xs[h] - vm;                                   \
             }                                                                  \
             T(vexp_neg_n)(xs, 2, nrm);                                         \
             for (int h = 0; h < 2; h++) {                                      \
@@ -630,7 +630,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         a->row_qsum[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 1);
     }
     if (qrow) Q = a->q_total[r];
-    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
+    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y])
+                      * (sc ? a->x_scale : 1.0) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
     if (qrow) qz = sum_z;
@@ -691,6 +692,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zz = T(load_row)(z, z32, c, n);                                    \
+        if (sc) zz = zz * vS;                                                 \
         vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
@@ -765,31 +767,29 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     return 0;
 }
 
-/* Rows with training-code terms (a->ext): the row's z (= S x, or soft-capped with its dz) into
- * the scratch after the row's exp and block sums (see WORK_SIZE), then the row kernel on z in
- * doubles (numpy's arg-max is z's: rounding may tie entries x does not). The plain row kernel
- * keeps none of this code in its loops; not inlined into every dtype pair. */
-static __attribute__((noinline)) int T(row_transformed)(const ce_args *a, double *work, int64_t r,
-                                                         int z32, int g32) {
+/* Soft-capped rows: the row's z and dz into the scratch after the row's exp and block sums
+ * (see WORK_SIZE), then the row kernel on z in doubles (numpy's arg-max is z's: rounding may
+ * tie entries x does not); not inlined into every dtype pair. */
+static __attribute__((noinline)) int T(row_capped)(const ce_args *a, double *work, int64_t r,
+                                                    int z32, int g32) {
     const int64_t C = a->n_cols;
     double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
     const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    if (a->softcap != 0.0) {
-        if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
-    } else {
-        T(scale_row)(x, z32, C, a->x_scale, zb);  /* NaN, +inf (overflow too): pass 1 finds */
-    }
-    return g32 ? T(row_body)(a, work, r, 0, 1, 1, 1, zb, db)
-               : T(row_body)(a, work, r, 0, 0, 1, 1, zb, db);
+    if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
+    return g32 ? T(row_body)(a, work, r, 0, 1, 1, 0, 1, zb, db)
+               : T(row_body)(a, work, r, 0, 0, 1, 0, 1, zb, db);
 }
 
-/* One row of softmax cross-entropy (row_kernel), or one with z-loss and sample weights only
- * (row_ext: S = 1, no soft-cap, the raw logits are z). */
+/* One row of softmax cross-entropy (row_kernel), one with z-loss and sample weights only
+ * (row_ext), one with a logit scale too (row_scaled); no soft-cap. */
 AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(row_body)(a, work, r, z32, g32, 0, 0, NULL, NULL);
+    return T(row_body)(a, work, r, z32, g32, 0, 0, 0, NULL, NULL);
 }
 AI int T(row_ext)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(row_body)(a, work, r, z32, g32, 1, 0, NULL, NULL);
+    return T(row_body)(a, work, r, z32, g32, 1, 0, 0, NULL, NULL);
+}
+AI int T(row_scaled)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    return T(row_body)(a, work, r, z32, g32, 1, 1, 0, NULL, NULL);
 }
 
 /* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per
@@ -962,10 +962,14 @@ static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r
     ROWS_LOOP(T(bce_kernel))
 }
 
-static __attribute__((noinline)) int64_t T(transformed_rows)(const ce_args *a, double *work,
-                                                              int64_t r0, int64_t r1,
-                                                              int64_t *stop) {
-    ROWS_LOOP(T(row_transformed))
+static __attribute__((noinline)) int64_t T(capped_rows)(const ce_args *a, double *work,
+                                                         int64_t r0, int64_t r1, int64_t *stop) {
+    ROWS_LOOP(T(row_capped))
+}
+
+static __attribute__((noinline)) int64_t T(scaled_rows)(const ce_args *a, double *work,
+                                                         int64_t r0, int64_t r1, int64_t *stop) {
+    ROWS_LOOP(T(row_scaled))
 }
 
 static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *work, int64_t r0,
@@ -976,8 +980,8 @@ static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *w
 /* Softmax rows; those with training-code terms in loops of their own (functions apart, so the
  * plain loop's code and registers stay as they were). */
 static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
-    if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
-        return T(transformed_rows)(a, work, r0, r1, stop);
+    if (a->ext && a->softcap != 0.0) return T(capped_rows)(a, work, r0, r1, stop);
+    if (a->ext && a->x_scale != 1.0) return T(scaled_rows)(a, work, r0, r1, stop);
     if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
     ROWS_LOOP(T(row_kernel))
 }
@@ -1000,6 +1004,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef PASS3_GF
 #undef PASS3_FAST
 #undef PASS3_ALL
+#undef vS
 #undef PASS3_FAST_ALL
 #undef sel
 #undef vabs
