@@ -12,7 +12,9 @@ check_grad options that express it (array options name the .npz arrays: `sample_
   (B, T, V) -> softcap, shift_labels, reduction sum, denominator;
 - `softcap`     the same cap in the model dtype, F.cross_entropy mean in the model dtype (native);
 - `zloss`       PaLM / OLMo / flash-attn / Liger: lse = logsumexp(x.float()), CE of x.float()
-  plus z * lse^2 (z 1e-4), mean over non-ignored tokens -> z_loss;
+  plus z * lse^2 (z 1e-4), mean over non-ignored tokens -> z_loss (`zloss_native`: lse and CE
+  in the model dtype);
+- `softcap_hf_accum` as `softcap_hf` with num_items_in_batch of 4 accumulated micro-batches;
 - `scale`       Cohere: x * logit_scale (1/16, and 0.3) in the model dtype, CE in the model
   dtype (`native`) or `.float()` -> logit_scale;
 - `sw`          (F.cross_entropy(reduction='none') * w).sum() / w.sum() with per-token weights
@@ -25,7 +27,8 @@ check_grad options that express it (array options name the .npz arrays: `sample_
 float32 cases also hold `grad_bug_nocap` / `grad_bug_nozloss` / `grad_bug_sw2`: autograd's
 gradient of the same code with the bug (see BUGS), for the planted-bug test.
 
-Logit std 1, 10, 30, 50; C 10, 1000, 32000; at most 2^17 logits per case (--small: 2^14).
+Logit std 1, 10, 30, 50; C 10, 1000, 32000 (and 128,256 / 256,000 for the options of BIG_VOCAB);
+at most 2^17 logits per case (--small: 2^14), at least 8 rows.
 fixtures/frameworks_semantics/torch/ (tests/test_semantic_frameworks.py) is a subset of
 `--small`, without the .json files.
 """
@@ -63,12 +66,17 @@ VARIANTS = {
     "combo": ("combo", "mean", "nc"),
     "autocast_plain": ("autocast", "mean", "nc"),
     "autocast_softcap": ("autocast", "mean", "btv"),
+    "softcap_hf_accum": ("softcap_hf", "sum", "btv"),
+    "zloss_native": ("zloss", "mean", "nc"),
 }
 # planted bugs (float32 cases; `grad_bug_<name>` arrays): the softcap's derivative omitted, the
 # z-loss term omitted, the sample weight applied twice
 BUGS = {v: tuple(b for b, on in (("nocap", "softcap" in v or v == "combo"),
                                  ("nozloss", "zloss" in v or v == "combo"),
                                  ("sw2", v.startswith("sw"))) if on) for v in VARIANTS}
+# Gemma's (256,000) and Llama-3's (128,256) vocabularies for the options real code uses them with
+BIG_VOCAB = {"softcap_hf": (256_000,), "softcap_hf_accum": (256_000,), "combo": (256_000,),
+             "zloss": (128_256,), "sw_mean": (128_256,), "smooth_torch_softcap": (128_256,)}
 ONLY_DTYPES = {"combo": ("f32", "bf16"), "autocast_plain": ("bf16",), "autocast_softcap": ("bf16",)}
 
 
@@ -80,13 +88,18 @@ def to_np(t: torch.Tensor) -> np.ndarray:
 
 
 def cases(small: bool) -> list[dict]:
+    """Every variant x dtype x C x std, then (full mode) the large vocabularies: a case keeps its
+    seed (its place in the list) when variants are added at the end."""
     out = []
-    for v, (family, red, lay) in VARIANTS.items():
-        for dt in ONLY_DTYPES.get(v, tuple(TDT)):
-            for C in CLASSES:
-                for s in SCALES:
-                    out.append(dict(framework="torch", call_tag=family, dtype=dt, layout=lay, C=C,
-                                    scale=s, reduction=red, variant=v, target="index"))
+    for big in (False, True):
+        for v, (family, red, lay) in VARIANTS.items():
+            for dt in ONLY_DTYPES.get(v, tuple(TDT)):
+                for C in (BIG_VOCAB.get(v, ()) if big else CLASSES):
+                    for s in SCALES:
+                        out.append(dict(framework="torch", call_tag=family, dtype=dt, layout=lay,
+                                        C=C, scale=s, reduction=red, variant=v, target="index"))
+        if small:
+            break
     return out
 
 
@@ -142,10 +155,11 @@ def forward(case: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, bug: 
     wl = w * w if bug == "sw2" else w
     keep = y != -100
     flat = lambda t: t.reshape(-1, C)  # noqa: E731
-    if v == "softcap_hf":
+    if v in ("softcap_hf", "softcap_hf_accum"):
         z = _cap(x, CAP, bug).float()
         sl = F.pad(y, (0, 1), value=-100)[..., 1:]
-        n_items = int((sl != -100).sum())
+        # num_items_in_batch: this batch's tokens, or (accum) those of 4 accumulated micro-batches
+        n_items = int((sl != -100).sum()) * (4 if v == "softcap_hf_accum" else 1)
         loss = F.cross_entropy(flat(z), sl.reshape(-1), ignore_index=-100, reduction="sum") / n_items
         return loss, dict(softcap=CAP, shift_labels=True, reduction="sum", denominator=n_items), {}
     if v == "softcap":
@@ -156,6 +170,12 @@ def forward(case: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, bug: 
         lse = torch.logsumexp(zf, dim=-1)
         ce = F.cross_entropy(zf, y.reshape(-1), reduction="none")
         m = keep.reshape(-1).float()
+        loss = ((ce + zeta * lse**2) * m).sum() / m.sum()
+        return loss, dict(z_loss=ZETA, reduction="mean"), {}
+    if v == "zloss_native":  # lse and CE in the model dtype, no upcast
+        lse = torch.logsumexp(flat(x), dim=-1)
+        ce = F.cross_entropy(flat(x), y.reshape(-1), reduction="none")
+        m = keep.reshape(-1).to(x.dtype)
         loss = ((ce + zeta * lse**2) * m).sum() / m.sum()
         return loss, dict(z_loss=ZETA, reduction="mean"), {}
     if v == "scale16_native":
