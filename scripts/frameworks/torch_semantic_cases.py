@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from torch_binary_cases import to_np  # noqa: E402  (detached, exactly widened to float32)
 
 TDT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 CLASSES = (10, 1000, 32_000)
@@ -78,13 +79,6 @@ BUGS = {v: tuple(b for b, on in (("nocap", "softcap" in v or v == "combo"),
 BIG_VOCAB = {"softcap_hf": (256_000,), "softcap_hf_accum": (256_000,), "combo": (256_000,),
              "zloss": (128_256,), "sw_mean": (128_256,), "smooth_torch_softcap": (128_256,)}
 ONLY_DTYPES = {"combo": ("f32", "bf16"), "autocast_plain": ("bf16",), "autocast_softcap": ("bf16",)}
-
-
-def to_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()  # exact widening
-    return t.numpy().copy()
 
 
 def cases(small: bool) -> list[dict]:
