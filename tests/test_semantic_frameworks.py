@@ -1,0 +1,125 @@
+"""check_grad on real PyTorch autograd gradients of the training-code options
+(fixtures/frameworks_semantics/torch/, made by `scripts/frameworks/torch_semantic_cases.py
+--small`: Gemma-2/HF softcap with shifted labels and num_items_in_batch, PaLM/OLMo z-loss, Cohere
+logit scale, per-token sample weights (zeros included), label smoothing in both forms, Liger's
+softcap + z-loss + smoothing, bf16 CPU autocast; f32/f16/bf16, std 1/10/30/50, (N, C) and
+(B, T, V), mean/sum). Correct gradients raise no alarm; planted bugs are caught.
+
+PyTorch's float16 label smoothing sums -log a over every class and row in float16 before it
+divides: the loss overflows to inf where the true mean is a few units. Its gradient passes; the
+loss check flags the overflow, rightly.
+
+The full sweep (548 cases up to C = 256,000; no false alarm on either kernel) found one blind
+spot, not covered here: a z-loss left out of the backward is a row factor -2 zeta lse / Qe on
+the softmax term (2.2e-3 to 2.6e-3 at zeta 1e-4), inside the float32 normaliser bound
+0.5 eps (C - 1) once C exceeds about 42,000; `normaliser_rtol` 1e-3 catches it there (PyTorch's
+largest measured row factor: 5.1e-4, label smoothing's sum at C = 256,000).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ce_cli
+
+CASES = sorted(glob.glob(str(Path(__file__).parent.parent / "fixtures" / "frameworks_semantics"
+                             / "torch" / "*.npz")))
+ARRAYS = ("sample_weight",)
+
+
+def _case(path: str) -> tuple[dict, dict]:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("meta").reshape(-1)[0]))
+    opts = {k: v for k, v in meta["ce_check"].items() if k not in ARRAYS}
+    return arrays, opts
+
+
+def _check(arrays: dict, opts: dict, grad: np.ndarray | None = None, loss: bool = True):
+    return ce_cli.check_grad(arrays["logits"], arrays["labels"],
+                             grad=arrays["grad"] if grad is None else grad,
+                             loss=arrays["loss"] if loss else None,
+                             sample_weight=arrays.get("sample_weight"), **opts)
+
+
+def _overflowed(arrays: dict) -> bool:
+    return bool(np.isinf(arrays["loss"]))
+
+
+def test_semantic_framework_fixtures_are_there():
+    names = [Path(p).stem for p in CASES]
+    assert len(CASES) >= 130
+    for family in ("softcap_hf", "softcap", "zloss", "scale", "sw", "smooth", "combo", "autocast"):
+        assert any(n.startswith(f"torch_{family}_") for n in names), family
+    assert {n.split("_")[2] for n in names if "_hf_" not in n} == {"f32", "f16", "bf16"}
+    assert sum(_overflowed(_case(p)[0]) for p in CASES) >= 1
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: Path(p).stem)
+def test_no_false_alarm_on_torch_training_code_gradients(path):
+    arrays, opts = _case(path)
+    report = _check(arrays, opts)
+    if _overflowed(arrays):  # PyTorch's float16 smoothing sum: the loss is wrong, not the grad
+        bad = [c for c in report.checks if not c.ok]
+        assert [c.name for c in bad] == ["loss_vs_reference"]
+        assert "overflowed" in bad[0].note
+        report = _check(arrays, opts, loss=False)
+    assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+
+
+def _row_plant(g: np.ndarray, bug: str, seed: int) -> np.ndarray:
+    """A random non-zero row of g: its largest entry x1.01, or the whole row x (1 + 2e-3)."""
+    a = g.astype(np.float64).reshape(-1, g.shape[-1]).copy()
+    live = np.nonzero(np.abs(a).max(axis=1) > 0)[0]
+    r = int(live[np.random.default_rng(seed).integers(live.size)])
+    if bug == "entry_x1.01":
+        a[r, int(np.argmax(np.abs(a[r])))] *= 1.01
+    else:
+        a[r] *= 1 + 2e-3
+    return a.reshape(g.shape).astype(g.dtype)
+
+
+def _denominator(arrays: dict, opts: dict) -> float | None:
+    """D of the case's loss when it counts tokens (None with weighted 'mean')."""
+    if opts.get("denominator") is not None:
+        return float(opts["denominator"])
+    if opts["reduction"] == "mean" and "sample_weight" not in arrays:
+        return float(np.count_nonzero(arrays["labels"] != -100))
+    return None
+
+
+def _planted(arrays: dict, opts: dict, bug: str, seed: int) -> np.ndarray | None:
+    """The gradient with `bug`, or None where the case has no such term. The recomputed ones
+    (`nocap`, `nozloss`, `sw2`) are PyTorch's gradients of the buggy code, made by the script."""
+    g = arrays["grad"]
+    if bug in ("entry_x1.01", "row_x(1+2e-3)"):
+        return _row_plant(g, bug, seed)
+    if bug == "den+1":  # the loss divided by one token more than it has
+        D = _denominator(arrays, opts)
+        return None if D is None else (g.astype(np.float64) * (D / (D + 1))).astype(g.dtype)
+    return arrays.get("grad_bug_" + bug)
+
+
+F32 = [p for p in CASES if "_f32_" in Path(p).stem]
+BUGS = ["entry_x1.01", "row_x(1+2e-3)", "nocap", "nozloss", "sw2", "den+1"]
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_planted_bugs_in_float32_torch_training_code_gradients_are_caught(bug):
+    missed, tried = [], 0
+    for k, path in enumerate(F32):
+        arrays, opts = _case(path)
+        planted = _planted(arrays, opts, bug, seed=k)
+        if planted is None:
+            continue
+        tried += 1
+        assert not np.array_equal(planted, arrays["grad"])
+        if _check(arrays, opts, grad=planted, loss=False).ok:
+            missed.append(Path(path).stem)
+    assert tried >= 4
+    assert not missed, missed
