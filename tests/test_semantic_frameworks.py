@@ -10,10 +10,10 @@ divides: the loss overflows to inf where the true mean is a few units. Its gradi
 loss check flags the overflow, rightly.
 
 The full sweep (548 cases up to C = 256,000; no false alarm on either kernel) found one blind
-spot, not covered here: a z-loss left out of the backward is a row factor -2 zeta lse / Qe on
-the softmax term (2.2e-3 to 2.6e-3 at zeta 1e-4), inside the float32 normaliser bound
-0.5 eps (C - 1) once C exceeds about 42,000; `normaliser_rtol` 1e-3 catches it there (PyTorch's
-largest measured row factor: 5.1e-4, label smoothing's sum at C = 256,000).
+spot, since closed: a z-loss left out of the backward is a row factor -2 zeta lse / Qe on the
+softmax term (2.2e-3 to 2.6e-3 at zeta 1e-4), inside the float32 normaliser bound
+0.5 eps (C - 1) once C exceeds about 42,000; the normaliser check now names a factor that tracks
+lse row by row (tests/test_zloss_signature.py emulates it at C = 1,000).
 """
 
 from __future__ import annotations

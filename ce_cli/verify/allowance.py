@@ -38,6 +38,7 @@ NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**
 MIN_FIT = 3  # entries a term must dominate before its factor is fitted: a median of 3 or more
 # is never moved by a single wrong entry
 NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
+TOP_ROWS = 5  # rows whose factors are kept, to tell a systematic factor from rounding
 
 
 def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
@@ -63,6 +64,7 @@ class RowAllowance:
         self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
         self._row_over = self._significant = False
         self._over = 0.0  # the row's largest factor over the bound (not applied)
+        self._soft = 0.0  # the row's softmax factor applied
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
@@ -70,6 +72,7 @@ class RowAllowance:
         self.rows_over = 0
         self.max_factor = 0.0
         self.worst_row: int | None = None
+        self.largest: list[tuple[int, float]] = []  # (row, softmax factor): the TOP_ROWS largest
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
                ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,6 +101,8 @@ class RowAllowance:
         out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
         passes = bool(out.max() <= 1.0)
         self.rows_rescued += passes
+        if passes and self._soft:
+            self._keep(row, self._soft)
         self.rows_over += not passes and self._row_over
         if self._row_over and not passes:  # the factor over the bound is the row's failure
             self._record(row, self._over)
@@ -107,7 +112,7 @@ class RowAllowance:
                         slack: np.ndarray) -> np.ndarray:
         """d less the fitted factors; `slack` gains each removed factor's own uncertainty."""
         self._row_over = self._significant = False
-        self._over = 0.0
+        self._over = self._soft = 0.0
         assert self.target_weights is not None  # softmax models only (refine checks)
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
@@ -126,6 +131,8 @@ class RowAllowance:
                 self._row_over, self._over = True, max(self._over, abs(factor))
             else:
                 self._record(row, factor)
+                if term is soft:
+                    self._soft = factor
                 d = d - factor * term
                 slack += self._fit_error(term, pick) * np.abs(term)
                 self._significant |= abs(factor) > self.noise
@@ -140,6 +147,12 @@ class RowAllowance:
         with np.errstate(divide="ignore"):
             log_a = float(np.median(-np.log(np.maximum(share, 1e-300))))
         return self.noise * (1.0 + log_a)
+
+    def _keep(self, row: int, factor: float) -> None:
+        """Keep (row, factor) among the TOP_ROWS largest softmax factors applied."""
+        self.largest.append((row, factor))
+        self.largest.sort(key=lambda rf: -abs(rf[1]))
+        del self.largest[TOP_ROWS:]
 
     def _record(self, row: int, factor: float) -> None:
         """A factor applied to row `row`, or over the bound on a row that fails."""
