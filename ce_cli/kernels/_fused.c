@@ -73,6 +73,8 @@ typedef struct {
     double *row_zabs;
     double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
     double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
+    /* sigmoid BCE on z = T(x) (ext with x_scale, softcap): (R,) sum |coef w|, sum g1 */
+    double *row_mag, *row_g1;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
