@@ -12,6 +12,8 @@ RTOL. With CI set nothing here skips for want of the kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,12 +30,12 @@ RTOL = 1e-13
 EPS = 2.0**-52
 COEF = 4 * 2.0**-23
 
-TRANSFORMS = {
+TRANSFORMS: dict[str, dict[str, Any]] = {
     "softcap": {"softcap": 30.0},
     "scale": {"logit_scale": 0.5},
     "softcap+scale": {"softcap": 5.0, "logit_scale": 1.7},
 }
-OPTIONS = {
+OPTIONS: dict[str, dict[str, Any]] = {
     "plain": {},
     "w+pw": {"weight": "w", "pos_weight": "pw"},
     "smoothing+sample": {"label_smoothing": 0.1, "sample_weight": "s"},

@@ -454,7 +454,7 @@ class SigmoidKernel(_Kernel):
     """One sigmoid BCE problem's rows through the compiled kernel (ce_bce_rows_on); with a
     logit scale or softcap on z = T(x), sigmoid_rows' transformed formulas (row_terms too)."""
 
-    per_row = ("loss", "total_w")
+    per_row: tuple[str, ...] = ("loss", "total_w")
 
     def __init__(self, fn, problem) -> None:
         super().__init__(fn, problem)
