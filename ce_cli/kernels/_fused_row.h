@@ -811,29 +811,7 @@ AI vd T(fin_abs)(vd x) {
  * (exp, log1p, the sums, the gradient) over all of them before the next: independent chains
  * side by side, which the CPU overlaps (one vector's exp -> log1p -> division chain is long). */
 #define BCE_STEP 32
-AI int T(bce_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int xt,
-                   const double *zb, const double *db) {
-    const int64_t C = a->n_cols;
-    const int64_t body = C - C % BCE_STEP, tail = C - body;
-    const void *z = xt ? (const void *)zb : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    const int y32 = (int)a->y_is_f32;
-    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);
-    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;
-    const double *pw = a->pos_w;
-    const double scale = a->scale, k_f = a->floor_coef * scale;
-    const int per_entry = a->g || a->out_ref || a->out_floor;
-    const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */
-    vd acc_l[G], acc_w[G], acc_g[G], acc_i[G];
-    vl vbad = (vl){0};
-    for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
-    if (xt)
-        for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);
-    double *blk_l = work, *blk_w = work + C / BLOCK + 1;
-    double *blk_g = blk_w + C / BLOCK + 1, *blk_i = blk_g + C / BLOCK + 1;  /* xt only */
-    const vd vs = splat(a->x_scale), vs_abs = vabs(vs);
-    int64_t nb = 0;
-    CE_COMPARE_BEGIN;
-    /* NV vectors from entry c0 (a multiple of 8 plus k0 W), the last with n_last lanes (the
+/* NV vectors from entry c0 (a multiple of 8 plus k0 W), the last with n_last lanes (the
      * rest masked); vector u feeds accumulator (k0 + u) % G */
 #define BCE(c0, k0, NV, n_last) do {                                         \
         vd x[NV], yv[NV], e[NV], t[NV], pos[NV], omy[NV], wv[NV], cf[NV];     \
@@ -910,47 +888,75 @@ AI int T(bce_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             }                                                                 \
         }                                                                     \
     } while (0)
-    for (int64_t c = 0; c < body; c += BCE_STEP) {
-        BCE(c, 0, BCE_STEP / W, W);
-        if ((c & (BLOCK - 1)) == BLOCK - BCE_STEP) {
-            if (xt) {
-                blk_g[nb] = T(hsum8)(acc_g);
-                blk_i[nb] = T(hsum8)(acc_i);
-                for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);
-            }
-            blk_l[nb] = T(hsum8)(acc_l);
-            blk_w[nb++] = T(hsum8)(acc_w);
-            for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
-        }
+/* The row function `name` with parameters `params`, its first statements __VA_ARGS__ (they
+ * define xt, zb, db): bce_kernel has xt a constant 0 in its own text, so the plain row's
+ * code is the one it had before the transformed rows shared it (a parameter folded after
+ * inlining gave other register allocation and spills: ~1% slower on avx2). */
+#define BCE_ROW_FN(name, params, ...)                                                      \
+    AI int T(name) params {                                                              \
+        __VA_ARGS__;                                                                     \
+    const int64_t C = a->n_cols;                                                    \
+    const int64_t body = C - C % BCE_STEP, tail = C - body;                         \
+    const void *z = xt ? (const void *)zb : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8); \
+    const int y32 = (int)a->y_is_f32;                                               \
+    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);    \
+    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;                        \
+    const double *pw = a->pos_w;                                                    \
+    const double scale = a->scale, k_f = a->floor_coef * scale;                     \
+    const int per_entry = a->g || a->out_ref || a->out_floor;                       \
+    const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */ \
+    vd acc_l[G], acc_w[G], acc_g[G], acc_i[G];                                      \
+    vl vbad = (vl){0};                                                              \
+    for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);                   \
+    if (xt)                                                                         \
+        for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);               \
+    double *blk_l = work, *blk_w = work + C / BLOCK + 1;                            \
+    double *blk_g = blk_w + C / BLOCK + 1, *blk_i = blk_g + C / BLOCK + 1;  /* xt only */ \
+    const vd vs = splat(a->x_scale), vs_abs = vabs(vs);                             \
+    int64_t nb = 0;                                                                 \
+    CE_COMPARE_BEGIN;                                                               \
+    for (int64_t c = 0; c < body; c += BCE_STEP) {                                  \
+        BCE(c, 0, BCE_STEP / W, W);                                                 \
+        if ((c & (BLOCK - 1)) == BLOCK - BCE_STEP) {                                \
+            if (xt) {                                                               \
+                blk_g[nb] = T(hsum8)(acc_g);                                        \
+                blk_i[nb] = T(hsum8)(acc_i);                                        \
+                for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);       \
+            }                                                                       \
+            blk_l[nb] = T(hsum8)(acc_l);                                            \
+            blk_w[nb++] = T(hsum8)(acc_w);                                          \
+            for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);           \
+        }                                                                           \
+    }                                                                               \
+    for (int64_t i = 0; i * W < tail; i++) {                                        \
+        const int64_t c = body + i * W;                                             \
+        BCE(c, i, 1, tail - i * W < W ? tail - i * W : W);                          \
+    }                                                                               \
+    if (C % BLOCK) {                                                                \
+        if (xt) {                                                                   \
+            blk_g[nb] = T(hsum8)(acc_g);                                            \
+            blk_i[nb] = T(hsum8)(acc_i);                                            \
+        }                                                                           \
+        blk_l[nb] = T(hsum8)(acc_l);                                                \
+        blk_w[nb++] = T(hsum8)(acc_w);                                              \
+    }                                                                               \
+    if (T(any)(vbad)) return 1;                                                     \
+    a->loss[r] = ce_pairwise(blk_l, nb);                                            \
+    if (xt) {  /* row_terms: sum |coef w|, sum g1; total_w: sum of the item weights */ \
+        a->row_mag[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);                \
+        a->row_g1[r] = ce_pairwise(blk_g, nb);                                      \
+        a->total_w[r] = ce_pairwise(blk_i, nb);                                     \
+    } else {                                                                        \
+        a->total_w[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);                \
+    }                                                                               \
+    if (per_entry) CE_COMPARE_END;                                                  \
+    return 0;                                                                       \
     }
-    for (int64_t i = 0; i * W < tail; i++) {
-        const int64_t c = body + i * W;
-        BCE(c, i, 1, tail - i * W < W ? tail - i * W : W);
-    }
-    if (C % BLOCK) {
-        if (xt) {
-            blk_g[nb] = T(hsum8)(acc_g);
-            blk_i[nb] = T(hsum8)(acc_i);
-        }
-        blk_l[nb] = T(hsum8)(acc_l);
-        blk_w[nb++] = T(hsum8)(acc_w);
-    }
-    if (T(any)(vbad)) return 1;
-    a->loss[r] = ce_pairwise(blk_l, nb);
-    if (xt) {  /* row_terms: sum |coef w|, sum g1; total_w: sum of the item weights */
-        a->row_mag[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);
-        a->row_g1[r] = ce_pairwise(blk_g, nb);
-        a->total_w[r] = ce_pairwise(blk_i, nb);
-    } else {
-        a->total_w[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);
-    }
-    if (per_entry) CE_COMPARE_END;
-    return 0;
-}
-
-AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(bce_body)(a, work, r, z32, g32, 0, NULL, NULL);
-}
+BCE_ROW_FN(bce_kernel, (const ce_args *a, double *work, int64_t r, int z32, int g32),
+           enum { xt = 0 }; const double *zb = NULL, *db = NULL)
+/* xt 1: a logit scale (dz = S), 2: a softcap (dz in db); z in doubles in zb */
+BCE_ROW_FN(bce_body, (const ce_args *a, double *work, int64_t r, int z32, int g32, int xt,
+                      const double *zb, const double *db), (void)0)
 
 /* Lanes [c, c + n) of bce_zrow with a logit scale only: z = S x (numpy: x * scale). */
 AI void T(bce_scale_step)(const void *x, int x32, int64_t c, int64_t n, vd vs, double *zb,
@@ -1060,11 +1066,18 @@ static __attribute__((noinline)) int64_t T(bce_transformed_rows)(const ce_args *
     ROWS_LOOP(T(bce_row_transformed))
 }
 
-/* Sigmoid BCE rows; those on z = T(x) (a->ext with a scale or softcap) in a loop of their own. */
+static __attribute__((noinline)) int64_t T(bce_plain_rows)(const ce_args *a, double *work,
+                                                            int64_t r0, int64_t r1,
+                                                            int64_t *stop) {
+    ROWS_LOOP(T(bce_kernel))
+}
+
+/* Sigmoid BCE rows: plain ones and those on z = T(x) (a->ext with a scale or softcap) in
+ * functions apart (the plain loop's code is the one it had alone). */
 static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
         return T(bce_transformed_rows)(a, work, r0, r1, stop);
-    ROWS_LOOP(T(bce_kernel))
+    return T(bce_plain_rows)(a, work, r0, r1, stop);
 }
 
 static __attribute__((noinline)) int64_t T(transformed_rows)(const ce_args *a, double *work,
@@ -1096,6 +1109,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_ALL_LT2
 #undef CE_MAXPD
 #undef BCE
+#undef BCE_ROW_FN
 #undef BCE_STEP
 #undef PASS2
 #undef PASS2_ROW
