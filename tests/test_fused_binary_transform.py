@@ -255,3 +255,30 @@ def test_rows_match_numpy_kernel_property(on_target, n, k, spread, dtype, seed, 
                                 label_smoothing=smoothing, **kw)[0]
     fused, ref = _both(problem)
     _assert_close(problem, fused, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [["--softcap", "30"], ["--logit-scale", "0.5"]])
+def test_command_line_runs_the_compiled_kernel(flags, invoke, tmp_path, monkeypatch):
+    """`ce-check binary --softcap / --logit-scale --json`: the compiled kernel, the same verdict
+    and worst entry as CE_CHECK_FUSED=0, a planted error found by both."""
+    import json
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((16, 200)) * 6).astype(np.float32)
+    y = (rng.random((16, 200)) < 0.1).astype(np.float32)
+    kw = {"softcap": 30.0} if flags[0] == "--softcap" else {"logit_scale": 0.5}
+    g = build_sigmoid_bce(x.astype(np.float64), y, **kw)[0].evaluate(0, 16).grad.astype(np.float32)
+    g[4, 9] *= 1.3
+    for name, arr in (("x", x), ("y", y), ("g", g)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    args = ["binary", tmp_path / "x.npy", tmp_path / "y.npy", "--grad", tmp_path / "g.npy",
+            *flags, "--json"]
+    out = {}
+    for which in ("1", "0"):
+        result = invoke(args, env={"CE_CHECK_FUSED": which})
+        assert result.exit_code == 1, result.output
+        out[which] = json.loads(result.stdout)
+    assert (out["1"]["options"]["kernel"], out["0"]["options"]["kernel"]) == ("compiled", "numpy")
+    worst = [next(c for c in out[k]["checks"] if c["name"] == "grad_vs_reference")["worst"][0]
+             for k in ("1", "0")]
+    assert worst[0]["index"] == worst[1]["index"] == [4, 9]
