@@ -6,7 +6,8 @@
  *
  * Index targets (class weights, ignore_index and label smoothing included) and probability
  * targets, -inf logits (masks) included, with z-loss, sample weights, logit scale and softcap
- * (ce_args.ext: numpy_softmax.semantic_rows' formulas); sigmoid BCE (ce_bce_rows_on); the row
+ * (ce_args.ext: numpy_softmax.semantic_rows' formulas); sigmoid BCE (ce_bce_rows_on; with ext,
+ * on z = T(x): numpy_sigmoid's transformed formulas); the row
  * scan of the input checks (ce_scan_rows_on). Rows with NaN, +inf or nothing but -inf are handed back to the numpy
  * kernel, which reports them.
  *

@@ -6,9 +6,9 @@ or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` 
 It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
 masks included) and probability targets, with z-loss, sample weights, logit scale and softcap
 too (FusedKernel: semantic_rows' formulas), and sigmoid BCE (SigmoidKernel, weights,
-pos_weight, label smoothing, sample weights, a denominator, logit scale and softcap included); the numpy kernels
-(numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report (NaN, +inf, all
--inf), vocabulary shards, and every CPU without a C compiler.
+pos_weight, label smoothing, sample weights, a denominator, logit scale and softcap included);
+the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report
+(NaN, +inf, all -inf), vocabulary shards, and every CPU without a C compiler.
 `CE_CHECK_FUSED=0` turns it off.
 """
 
@@ -503,7 +503,8 @@ class SigmoidKernel(_Kernel):
             out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         if not self._run(z, g, rows, params, out, cmp):
             return None
-        terms = None if self.transform is None else np.stack([out["row_mag"], out["row_g1"]], axis=1)
+        terms = (None if self.transform is None
+                 else np.stack([out["row_mag"], out["row_g1"]], axis=1))
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
                          item_weight=out.get("out_item_w"), row_terms=terms,
