@@ -7,7 +7,7 @@ the same float64 bits) and computes the plain formulas. So the gradient and floo
 of numpy's formulas on the kernel's own exp, the per-element losses are within 3 ulps of
 numpy's (exp and log1p each < 1 ulp), and the reports (verdict, counts, worst entries, the
 tolerances from the same floors and finite-difference bounds) are those of CE_CHECK_FUSED=0.
-Only softcap and logit scale (z = T(x)) keep binary on the numpy kernel.
+Softcap and logit scale (z = T(x)) run on the kernel too: tests/test_fused_binary_transform.py.
 """
 
 from __future__ import annotations
@@ -57,15 +57,14 @@ def _problem(K: int, dtype, opt: str, R: int = 23, seed: int = 0, masks: bool = 
 
 
 def test_kernel_selection():
-    """Every option but softcap and logit scale reaches the compiled kernel (when built)."""
+    """Every option reaches the compiled kernel (when built), softcap and logit scale too."""
     from ce_cli.kernels.compiled import kernel
     x, y = np.zeros((3, 4)), np.ones((3, 4))
     built = "compiled" if kernel() is not None else "numpy"
     for kw in ({"label_smoothing": 0.3}, {"sample_weight": np.ones(3)}, {"denominator": 2.0},
-               {"label_smoothing": 0.3, "sample_weight": np.ones(3), "denominator": 2.0}):
+               {"label_smoothing": 0.3, "sample_weight": np.ones(3), "denominator": 2.0},
+               {"softcap": 3.0}, {"logit_scale": 0.5}, {"softcap": 3.0, "label_smoothing": 0.1}):
         assert build_sigmoid_bce(x, y, **kw)[0].kernel_name == built, kw
-    for kw in ({"softcap": 3.0}, {"logit_scale": 0.5}, {"softcap": 3.0, "label_smoothing": 0.1}):
-        assert build_sigmoid_bce(x, y, **kw)[0].kernel_name == "numpy", kw
 
 
 @needs_kernel

@@ -39,11 +39,9 @@ def test_sources_are_labelled():
 
 
 def expected_kernel(options: dict) -> str:
-    """Softcap and logit scale run on the numpy kernel; every other option on the compiled
-    kernel where it is built (tests/test_binary_options_kernel.py compares the two)."""
+    """Every option runs on the compiled kernel where it is built (tests/
+    test_binary_options_kernel.py and test_fused_binary_transform.py compare it with numpy)."""
     from ce_cli.kernels import compiled
-    if options.get("softcap") is not None or options.get("logit_scale", 1.0) != 1.0:
-        return "numpy"
     return "compiled" if compiled.kernel() is not None else "numpy"
 
 

@@ -6,7 +6,8 @@
  *
  * Index targets (class weights, ignore_index and label smoothing included) and probability
  * targets, -inf logits (masks) included, with z-loss, sample weights, logit scale and softcap
- * (ce_args.ext: numpy_softmax.semantic_rows' formulas); sigmoid BCE (ce_bce_rows_on); the row
+ * (ce_args.ext: numpy_softmax.semantic_rows' formulas); sigmoid BCE (ce_bce_rows_on; with ext,
+ * on z = T(x): numpy_sigmoid's transformed formulas); the row
  * scan of the input checks (ce_scan_rows_on). Rows with NaN, +inf or nothing but -inf are handed back to the numpy
  * kernel, which reports them.
  *
@@ -73,6 +74,8 @@ typedef struct {
     double *row_zabs;
     double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
     double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
+    /* sigmoid BCE on z = T(x) (ext with x_scale, softcap): (R,) sum |coef w|, sum g1 */
+    double *row_mag, *row_g1;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and

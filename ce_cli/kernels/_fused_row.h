@@ -792,6 +792,12 @@ AI int T(row_scaled)(const ce_args *a, double *work, int64_t r, int z32, int g32
     return T(row_body)(a, work, r, z32, g32, 1, 1, 0, NULL, NULL);
 }
 
+/* |x| where x is finite, else 0 (numpy_sigmoid._finite_abs) */
+AI vd T(fin_abs)(vd x) {
+    vd ax = vabs(x);
+    return sel(ax <= splat(1.7976931348623157e308), ax, splat(0.0));
+}
+
 /* One row of sigmoid BCE (kernels/numpy_sigmoid.py, same formulas in the same order), per
  * element with label y, weight w (a->w_bin, or 1) and pos_weight pw (a->pos_w, or none):
  *   e = exp(-|x|), t = log1p(e), pos = pw y, coef = 1 + (pw - 1) y
@@ -805,24 +811,7 @@ AI int T(row_scaled)(const ce_args *a, double *work, int64_t r, int z32, int g32
  * (exp, log1p, the sums, the gradient) over all of them before the next: independent chains
  * side by side, which the CPU overlaps (one vector's exp -> log1p -> division chain is long). */
 #define BCE_STEP 32
-AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    const int64_t C = a->n_cols;
-    const int64_t body = C - C % BCE_STEP, tail = C - body;
-    const void *z = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    const int y32 = (int)a->y_is_f32;
-    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);
-    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;
-    const double *pw = a->pos_w;
-    const double scale = a->scale, k_f = a->floor_coef * scale;
-    const int per_entry = a->g || a->out_ref || a->out_floor;
-    const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */
-    vd acc_l[G], acc_w[G];
-    vl vbad = (vl){0};
-    for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
-    double *blk_l = work, *blk_w = work + C / BLOCK + 1;
-    int64_t nb = 0;
-    CE_COMPARE_BEGIN;
-    /* NV vectors from entry c0 (a multiple of 8 plus k0 W), the last with n_last lanes (the
+/* NV vectors from entry c0 (a multiple of 8 plus k0 W), the last with n_last lanes (the
      * rest masked); vector u feeds accumulator (k0 + u) % G */
 #define BCE(c0, k0, NV, n_last) do {                                         \
         vd x[NV], yv[NV], e[NV], t[NV], pos[NV], omy[NV], wv[NV], cf[NV];     \
@@ -832,8 +821,9 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             live[u] = n == W ? ALL : LIVE(cc);                                 \
             x[u] = T(load_row)(z, z32, cc, n);                                 \
             yv[u] = T(load_row)(yrow, y32, cc, n);                             \
-            /* NaN or +inf (-inf is served); exp(-|x|) subnormal or 0 */        \
-            vbad |= live[u] & ~(x[u] <= splat(1.7976931348623157e308));      \
+            /* NaN or +inf (-inf is served; xt: the raw logits were checked) */ \
+            if (!xt) vbad |= live[u] & ~(x[u] <= splat(1.7976931348623157e308)); \
+            /* exp(-|x|) subnormal or 0 */                                     \
             far |= ~(vabs(x[u]) <= splat(708.0));                              \
         }                                                                     \
         /* every |x| <= 708: exp's normal path, the same bits in fewer steps */ \
@@ -857,6 +847,13 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             if (wrow) item = sel(wv[u] != 0, item * wv[u], splat(0.0));       \
             acc_l[k] += sel(live[u], item, splat(0.0));                       \
             if (!unit_w) acc_w[k] += sel(live[u], mag, splat(0.0));           \
+            if (xt) {  /* g1 = (|1 - y| + |pos|) |w|; item weight |coef w| + g1 |z| */ \
+                vd g1 = vabs(omy[u]) + vabs(pos[u]);                          \
+                if (wrow) g1 = g1 * vabs(wv[u]);                              \
+                mag = mag + g1 * T(fin_abs)(x[u]);                            \
+                acc_g[k] += sel(live[u], g1, splat(0.0));                     \
+                acc_i[k] += sel(live[u], mag, splat(0.0));                    \
+            }                                                                 \
             if (a->out_items) T(store)(a->out_items + r * C + cc, item, n);   \
             if (a->out_item_w) T(store)(a->out_item_w + r * C + cc, mag, n);  \
         }                                                                     \
@@ -873,36 +870,141 @@ AI int T(bce_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32
             }                                                                 \
             for (int u = 0; u < NV; u++) {                                    \
                 const int64_t cc = (c0) + u * W, n = u == NV - 1 ? (n_last) : W; \
-                vd g = (omy[u] * s_pos[u] - pos[u] * s_neg[u])                \
-                       * (wrow ? wv[u] * splat(scale) : splat(scale));        \
+                vd g_z = omy[u] * s_pos[u] - pos[u] * s_neg[u];               \
+                vd g = g_z * (wrow ? wv[u] * splat(scale) : splat(scale));    \
                 vd cs = pw ? (one + vabs(pos[u])) * s_pos[u] : s_pos[u];      \
-                vd fl = splat(k_f) * (cs + vabs(pos[u]));                     \
+                vd fl;                                                        \
+                if (xt) {  /* _transformed_floor; dz = T' */                  \
+                    vd dz = xt == 2 ? T(load_row)(db, 0, cc, n) : vs;         \
+                    g = g * dz;                                               \
+                    fl = (cs * (one + s_neg[u] * T(fin_abs)(x[u])) + vabs(pos[u])) * vabs(dz); \
+                    if (xt == 2) fl = fl + vs_abs * vabs(g_z);                \
+                    fl = fl * splat(k_f);                                     \
+                } else {                                                      \
+                    fl = splat(k_f) * (cs + vabs(pos[u]));                    \
+                }                                                             \
                 if (wrow) fl = fl * vabs(wv[u]);                              \
                 CE_COMPARE(cc, live[u], n, g, fl);                             \
             }                                                                 \
         }                                                                     \
     } while (0)
-    for (int64_t c = 0; c < body; c += BCE_STEP) {
-        BCE(c, 0, BCE_STEP / W, W);
-        if ((c & (BLOCK - 1)) == BLOCK - BCE_STEP) {
-            blk_l[nb] = T(hsum8)(acc_l);
-            blk_w[nb++] = T(hsum8)(acc_w);
-            for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);
-        }
+/* The row function `name` with parameters `params`, its first statements __VA_ARGS__ (they
+ * define xt, zb, db): bce_kernel has xt a constant 0 in its own text, so the plain row's
+ * code is the one it had before the transformed rows shared it (a parameter folded after
+ * inlining gave other register allocation and spills: ~1% slower on avx2). */
+#define BCE_ROW_FN(name, params, ...)                                                      \
+    AI int T(name) params {                                                              \
+        __VA_ARGS__;                                                                     \
+    const int64_t C = a->n_cols;                                                    \
+    const int64_t body = C - C % BCE_STEP, tail = C - body;                         \
+    const void *z = xt ? (const void *)zb : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8); \
+    const int y32 = (int)a->y_is_f32;                                               \
+    const void *yrow = (const char *)a->y_bin + (size_t)(r * C) * (y32 ? 4 : 8);    \
+    const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;                        \
+    const double *pw = a->pos_w;                                                    \
+    const double scale = a->scale, k_f = a->floor_coef * scale;                     \
+    const int per_entry = a->g || a->out_ref || a->out_floor;                       \
+    const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */ \
+    vd acc_l[G], acc_w[G], acc_g[G], acc_i[G];                                      \
+    vl vbad = (vl){0};                                                              \
+    for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);                   \
+    if (xt)                                                                         \
+        for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);               \
+    double *blk_l = work, *blk_w = work + C / BLOCK + 1;                            \
+    double *blk_g = blk_w + C / BLOCK + 1, *blk_i = blk_g + C / BLOCK + 1;  /* xt only */ \
+    const vd vs = splat(a->x_scale), vs_abs = vabs(vs);                             \
+    int64_t nb = 0;                                                                 \
+    CE_COMPARE_BEGIN;                                                               \
+    for (int64_t c = 0; c < body; c += BCE_STEP) {                                  \
+        BCE(c, 0, BCE_STEP / W, W);                                                 \
+        if ((c & (BLOCK - 1)) == BLOCK - BCE_STEP) {                                \
+            if (xt) {                                                               \
+                blk_g[nb] = T(hsum8)(acc_g);                                        \
+                blk_i[nb] = T(hsum8)(acc_i);                                        \
+                for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);       \
+            }                                                                       \
+            blk_l[nb] = T(hsum8)(acc_l);                                            \
+            blk_w[nb++] = T(hsum8)(acc_w);                                          \
+            for (int k = 0; k < G; k++) acc_l[k] = acc_w[k] = splat(0.0);           \
+        }                                                                           \
+    }                                                                               \
+    for (int64_t i = 0; i * W < tail; i++) {                                        \
+        const int64_t c = body + i * W;                                             \
+        BCE(c, i, 1, tail - i * W < W ? tail - i * W : W);                          \
+    }                                                                               \
+    if (C % BLOCK) {                                                                \
+        if (xt) {                                                                   \
+            blk_g[nb] = T(hsum8)(acc_g);                                            \
+            blk_i[nb] = T(hsum8)(acc_i);                                            \
+        }                                                                           \
+        blk_l[nb] = T(hsum8)(acc_l);                                                \
+        blk_w[nb++] = T(hsum8)(acc_w);                                              \
+    }                                                                               \
+    if (T(any)(vbad)) return 1;                                                     \
+    a->loss[r] = ce_pairwise(blk_l, nb);                                            \
+    if (xt) {  /* row_terms: sum |coef w|, sum g1; total_w: sum of the item weights */ \
+        a->row_mag[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);                \
+        a->row_g1[r] = ce_pairwise(blk_g, nb);                                      \
+        a->total_w[r] = ce_pairwise(blk_i, nb);                                     \
+    } else {                                                                        \
+        a->total_w[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);                \
+    }                                                                               \
+    if (per_entry) CE_COMPARE_END;                                                  \
+    return 0;                                                                       \
     }
-    for (int64_t i = 0; i * W < tail; i++) {
-        const int64_t c = body + i * W;
-        BCE(c, i, 1, tail - i * W < W ? tail - i * W : W);
-    }
-    if (C % BLOCK) {
-        blk_l[nb] = T(hsum8)(acc_l);
-        blk_w[nb++] = T(hsum8)(acc_w);
-    }
-    if (T(any)(vbad)) return 1;
-    a->loss[r] = ce_pairwise(blk_l, nb);
-    a->total_w[r] = unit_w ? (double)C : ce_pairwise(blk_w, nb);
-    if (per_entry) CE_COMPARE_END;
-    return 0;
+BCE_ROW_FN(bce_kernel, (const ce_args *a, double *work, int64_t r, int z32, int g32),
+           enum { xt = 0 }; const double *zb = NULL, *db = NULL)
+/* xt 1: a logit scale (dz = S), 2: a softcap (dz in db); z in doubles in zb */
+BCE_ROW_FN(bce_body, (const ce_args *a, double *work, int64_t r, int z32, int g32, int xt,
+                      const double *zb, const double *db), (void)0)
+
+/* Lanes [c, c + n) of bce_zrow with a logit scale only: z = S x (numpy: x * scale). */
+AI void T(bce_scale_step)(const void *x, int x32, int64_t c, int64_t n, vd vs, double *zb,
+                          vl *bad) {
+    vd v = T(load_row)(x, x32, c, n);
+    *bad |= (v != splat(-INFINITY)) & ~(v - v == splat(0.0));
+    T(store)(zb + c, v * vs, n);
+}
+
+/* Row r's raw logits x of sigmoid BCE through T into zb (z) and, with a softcap, db (dz):
+ * 1 when the row holds a NaN or +inf raw logit (handed back; unlike softmax, a row of -inf
+ * only is served). */
+static int T(bce_zrow)(const ce_args *a, const void *x, int x32, double *zb, double *db) {
+    const int64_t C = a->n_cols, body = C - C % W;
+    const double S = a->x_scale, cap = a->softcap;
+    const vd vs = splat(S), vcap = splat(cap), s_cap = splat(cap != 0.0 ? S / cap : 0.0);
+    vl bad = (vl){0}, fin = (vl){0};
+#define BCE_ZROW(xx32) do {                                                  \
+        for (int64_t c = 0; c < body; c += W) {                               \
+            if (cap != 0.0) T(softcap_step)(x, xx32, c, W, vs, vcap, s_cap, zb, db, &bad, &fin); \
+            else T(bce_scale_step)(x, xx32, c, W, vs, zb, &bad);              \
+        }                                                                     \
+    } while (0)
+    if (x32) BCE_ZROW(1);
+    else BCE_ZROW(0);
+#undef BCE_ZROW
+    if (body < C && cap != 0.0)
+        T(softcap_step)(x, x32, body, C - body, vs, vcap, s_cap, zb, db, &bad, &fin);
+    else if (body < C)
+        T(bce_scale_step)(x, x32, body, C - body, vs, zb, &bad);
+    return T(any)(bad);
+}
+
+/* One row of sigmoid BCE on z = T(x) (a logit scale or softcap, numpy_sigmoid.sigmoid_rows
+ * with model.transformed): z (and dz) into the scratch after the block sums, then bce_body on
+ * z in doubles; the gradient takes the factor dz = T', the floor _transformed_floor's terms,
+ * and the item weights g1 |z|. Apart from the plain kernel (not inlined into its loops). */
+static __attribute__((noinline)) int T(bce_row_transformed)(const ce_args *a, double *work,
+                                                             int64_t r, int z32, int g32) {
+    const int64_t C = a->n_cols;
+    double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
+    const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    if (T(bce_zrow)(a, x, z32, zb, db)) return 1;
+    if (a->softcap != 0.0)
+        return g32 ? T(bce_body)(a, work, r, 0, 1, 2, zb, db)
+                   : T(bce_body)(a, work, r, 0, 0, 2, zb, db);
+    return g32 ? T(bce_body)(a, work, r, 0, 1, 1, zb, NULL)
+               : T(bce_body)(a, work, r, 0, 0, 1, zb, NULL);
 }
 
 /* Target rows [r0, r1) of a->q (probability targets, binary labels; float32 when a->q_is_f32):
@@ -958,8 +1060,24 @@ static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t 
     }                                                                                         \
     return 0;
 
-static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+static __attribute__((noinline)) int64_t T(bce_transformed_rows)(const ce_args *a, double *work,
+                                                                  int64_t r0, int64_t r1,
+                                                                  int64_t *stop) {
+    ROWS_LOOP(T(bce_row_transformed))
+}
+
+static __attribute__((noinline)) int64_t T(bce_plain_rows)(const ce_args *a, double *work,
+                                                            int64_t r0, int64_t r1,
+                                                            int64_t *stop) {
     ROWS_LOOP(T(bce_kernel))
+}
+
+/* Sigmoid BCE rows: plain ones and those on z = T(x) (a->ext with a scale or softcap) in
+ * functions apart (the plain loop's code is the one it had alone). */
+static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
+        return T(bce_transformed_rows)(a, work, r0, r1, stop);
+    return T(bce_plain_rows)(a, work, r0, r1, stop);
 }
 
 static __attribute__((noinline)) int64_t T(capped_rows)(const ce_args *a, double *work,
@@ -995,6 +1113,7 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef CE_ALL_LT2
 #undef CE_MAXPD
 #undef BCE
+#undef BCE_ROW_FN
 #undef BCE_STEP
 #undef PASS2
 #undef PASS2_ROW

@@ -6,9 +6,9 @@ or NEON, scalar) of which it runs the best this CPU has, on `default_threads()` 
 It serves softmax cross-entropy with index targets (weights, ignore_index, label smoothing, -inf
 masks included) and probability targets, with z-loss, sample weights, logit scale and softcap
 too (FusedKernel: semantic_rows' formulas), and sigmoid BCE (SigmoidKernel, weights,
-pos_weight, label smoothing, sample weights and a denominator included); the numpy kernels
-(numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report (NaN, +inf, all
--inf), vocabulary shards, and every CPU without a C compiler.
+pos_weight, label smoothing, sample weights, a denominator, logit scale and softcap included);
+the numpy kernels (numpy_softmax.py, numpy_sigmoid.py), its reference, serve rows it must report
+(NaN, +inf, all -inf), vocabulary shards, and every CPU without a C compiler.
 `CE_CHECK_FUSED=0` turns it off.
 """
 
@@ -50,7 +50,7 @@ class _Args(ctypes.Structure):
         ("q_is_f32", ctypes.c_int64), ("q_sum_here", ctypes.c_int64), ("row_min", _P),
         ("ext", ctypes.c_int64), ("x_scale", ctypes.c_double), ("z_loss", ctypes.c_double),
         ("s_w", _P), ("row_zabs", _P), ("softcap", ctypes.c_double),
-        ("row_qabs", _P), ("row_qsum", _P),
+        ("row_qabs", _P), ("row_qsum", _P), ("row_mag", _P), ("row_g1", _P),
     ]
 
 
@@ -451,14 +451,22 @@ class FusedKernel(_Kernel):
 
 
 class SigmoidKernel(_Kernel):
-    """One sigmoid BCE problem's rows through the compiled kernel (ce_bce_rows_on)."""
+    """One sigmoid BCE problem's rows through the compiled kernel (ce_bce_rows_on); with a
+    logit scale or softcap on z = T(x), sigmoid_rows' transformed formulas (row_terms too)."""
 
-    per_row = ("loss", "total_w")
+    per_row: tuple[str, ...] = ("loss", "total_w")
 
     def __init__(self, fn, problem) -> None:
         super().__init__(fn, problem)
         pw = problem.pos_weight
         self.pw = None if pw is None else np.ascontiguousarray(pw, dtype=np.float64)
+        sem = problem.sem
+        # z = T(x) (logit scale, softcap): the item weights hold g1 |z|, row_terms the sums
+        self.transform: dict | None = None
+        if problem.transformed:
+            self.transform = {"ext": 1, "x_scale": float(sem.logit_scale),
+                              "softcap": float(sem.softcap or 0.0)}
+            self.per_row = (*self.per_row, "row_mag", "row_g1")
 
     @classmethod
     def plan(cls, problem) -> SigmoidKernel | None:
@@ -488,16 +496,18 @@ class SigmoidKernel(_Kernel):
         floor_coef, params = _tolerance(cmp, floor_coef)
         y, w = self._labels_weights(rows)
         params.update(y_bin=y, y_is_f32=int(y.dtype == np.float32), w_bin=w,
-                      floor_coef=floor_coef or 0.0)
+                      floor_coef=floor_coef or 0.0, **(self.transform or {}))
         R, C = z.shape
         out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
         if grad and cmp is None:
             out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         if not self._run(z, g, rows, params, out, cmp):
             return None
+        terms = (None if self.transform is None
+                 else np.stack([out["row_mag"], out["row_g1"]], axis=1))
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=np.zeros(R), total_weight=out["total_w"], items=out.get("out_items"),
-                         item_weight=out.get("out_item_w"),
+                         item_weight=out.get("out_item_w"), row_terms=terms,
                          deferred=(lambda: self._items(z, params)) if stream or cmp is not None
                          else None)
 

@@ -61,8 +61,8 @@ class SigmoidBCE(RowMatrix):
     def __post_init__(self) -> None:
         # the kernel is chosen once, for the whole check. Smoothed labels are other labels,
         # sample weights other element weights, a denominator another gradient scale: the
-        # compiled kernel serves them; softcap and logit scale (z = T(x)) run on numpy
-        plan = None if self.transformed else compiled.SigmoidKernel.plan(self)
+        # compiled kernel serves them, softcap and logit scale (z = T(x)) too
+        plan = compiled.SigmoidKernel.plan(self)
         object.__setattr__(self, "kernel", plan)
 
     @property
