@@ -682,15 +682,22 @@ def _bits_of(ev) -> dict:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_binary_and_probability_bits_across_targets_and_threads(kind, dtype, monkeypatch):
     """Every target this CPU runs and 1, 2, 3 threads (60 x 1031: enough for 3): same bits."""
+    assert_same_bits(monkeypatch, lambda: (
+        _bce_problem(1031, dtype, "soft+w+sum", R=60) if kind == "binary"
+        else _prob_problem(1031, dtype, "weights+smoothing+sum", R=60, masks=True)), _bits_of)
+
+
+def assert_same_bits(monkeypatch, make, bits) -> None:
+    """`bits` of the first 60 rows of `make()`'s problem (gradient and floor asked for) are the
+    same on every target this CPU runs at 1, 2 and 3 threads."""
     runs = {}
     for name in targets():
         for n in (1, 2, 3):
             monkeypatch.setenv("CE_CHECK_TARGET", name)
             monkeypatch.setenv("CE_CHECK_THREADS", str(n))
-            problem = (_bce_problem(1031, dtype, "soft+w+sum", R=60) if kind == "binary"
-                       else _prob_problem(1031, dtype, "weights+smoothing+sum", R=60, masks=True))
+            problem = make()
             assert problem.kernel.fn.target == name
-            runs[name, n] = _bits_of(problem.kernel.evaluate(
+            runs[name, n] = bits(problem.kernel.evaluate(
                 problem.z, np.arange(60), grad=True, floor_coef=1e-7))
     first, *others = runs
     for key in others:

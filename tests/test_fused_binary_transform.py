@@ -19,12 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ce_cli.kernels.compiled import targets
 from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
 from ce_cli.models.sigmoid import build_sigmoid_bce
-from ce_cli.verify.checks import check_binary
-from tests.test_binary_options_kernel import _same_report
-from tests.test_fused import compiled_kernel, needs_kernel, on_target  # noqa: F401 (fixtures)
+from tests.test_binary_options_kernel import _reports, _same_report
+from tests.test_fused import (assert_same_bits, compiled_kernel, needs_kernel,  # noqa: F401
+                              on_target)
 
 RTOL = 1e-13
 EPS = 2.0**-52
@@ -182,29 +181,8 @@ def _bits_of(ev) -> dict:
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_bits_across_targets_and_threads(transform, dtype, monkeypatch):
     """Every target this CPU runs and 1, 2, 3 threads (60 x 1031: enough for 3): same bits."""
-    runs = {}
-    for name in targets():
-        for n in (1, 2, 3):
-            monkeypatch.setenv("CE_CHECK_TARGET", name)
-            monkeypatch.setenv("CE_CHECK_THREADS", str(n))
-            problem = _problem(1031, dtype, transform, "all+sum", R=60)
-            assert problem.kernel.fn.target == name
-            runs[name, n] = _bits_of(problem.kernel.evaluate(
-                problem.z, np.arange(60), grad=True, floor_coef=1e-7))
-    first, *others = runs
-    for key in others:
-        for field in runs[first]:
-            np.testing.assert_array_equal(runs[key][field], runs[first][field],
-                                          err_msg=f"{key}: {field}")
-
-
-def _reports(monkeypatch, *args, **kw):
-    out = {}
-    for which in ("1", "0"):
-        monkeypatch.setenv("CE_CHECK_FUSED", which)
-        out[which] = check_binary(*args, **kw)
-    assert out["1"].options["kernel"] == "compiled" and out["0"].options["kernel"] == "numpy"
-    return out["1"], out["0"]
+    assert_same_bits(monkeypatch, lambda: _problem(1031, dtype, transform, "all+sum", R=60),
+                     _bits_of)
 
 
 @needs_kernel
