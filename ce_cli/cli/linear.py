@@ -79,7 +79,7 @@ def linear(
         smoothing_form=smoothing_form, denominator=denominator, shift_labels=shift_labels)
     if sharded:
         run_linear_sharded(shards, inputs, linear_settings, scheduler=scheduler, workers=workers,
-                           json_out=json_out, quiet=quiet, refused={}, **flags)
+                           json_out=json_out, quiet=quiet, **flags)
     _single(inputs, linear_settings, flags, json_out, quiet)
 
 

@@ -152,16 +152,12 @@ def _refusals(axis: str | None, refused: dict[str, Any], texts: list[str | None]
         raise CeCheckError("`shards`: inputs are files, not stdin")
 
 
-def _linear_refusals(axis: str | None, files: dict[str, Any],
-                     refused: dict[str, Any]) -> None:
+def _linear_refusals(axis: str | None, files: dict[str, Any]) -> None:
     """One line for what `linear --shards` does not take (never ignored)."""
     if axis is None:
         raise CeCheckError("`scheduler`/`workers`: only with `shards`")
     if axis not in ("rows", "auto"):
         raise CeCheckError(f"`shards`: linear shards split rows (use rows or auto), got '{axis}'")
-    for name, value in refused.items():
-        if value not in (None, False):
-            raise CeCheckError(f"`{name}`: not supported with linear `shards` yet")
     if "-" in [f for v in files.values() if v is not None for f in ([v] if isinstance(v, str) else v)]:
         raise CeCheckError("`shards`: inputs are files, not stdin")
 
@@ -175,7 +171,7 @@ def _files(text: str | None, role: str) -> tuple[str, ...]:
 
 def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *,
                        scheduler: str | None, workers: int | None, json_out: bool, quiet: bool,
-                       refused: dict[str, Any], **flags: Any) -> NoReturn:
+                       **flags: Any) -> NoReturn:
     """`linear --shards rows`: HIDDEN, LABELS and --grad-hidden are globs (or one file) of row
     shards; WEIGHT, --bias, --class-weight, --grad-weight, --grad-bias and --loss are one file
     (or value) for the whole batch (verify/shards_linear.py)."""
@@ -186,7 +182,7 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
     from ce_cli.verify.shards import expand, pair_files
     from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
 
-    _linear_refusals(axis, files, refused)
+    _linear_refusals(axis, files)
     per_token = flags["reduction"].value == "none"  # --loss: files of per-token losses
     loss = (load_all(input_specs({"loss": files["loss"]}))
             if files["loss"] is not None and not per_token else None)

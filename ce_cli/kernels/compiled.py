@@ -289,7 +289,8 @@ class _Kernel:
 
     def in_place(self, g_rows: np.ndarray | None) -> bool:
         """True when a call reads every (R, C) input where it lies and forms no (R, C) array
-        (then a chunk of any size costs no memory)."""
+        (then a chunk of any size costs no memory). Never for the sigmoid kernel: some calls
+        form (R, C) float64 weights or per-element losses."""
         return False
 
     def _run(self, z, g, rows, params: dict, out: dict, cmp: RowStats | None) -> bool:
@@ -411,8 +412,7 @@ class FusedKernel(_Kernel):
 
     def in_place(self, g_rows: np.ndarray | None) -> bool:
         """float32/float64 C-contiguous logits and gradient, and index targets or probability
-        targets read in their own width (the sigmoid kernel forms (R, C) float64 weights or
-        per-element losses for some calls: never in place)."""
+        targets read in their own width."""
         problem = self.problem
         probs = problem.probs
         if probs is not None and (problem.smoothing or problem.weight is not None
