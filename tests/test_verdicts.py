@@ -129,6 +129,52 @@ def test_a_flushed_normal_value_still_fails():
     assert not report.ok and _check(report, "grad_vs_reference").worst[0].index == (r, c)
 
 
+def test_values_flushed_before_a_weight_pass():
+    """T5X's backward on XLA: the softmax entry is flushed to zero, then multiplied by the
+    per-token weight (reduction 'sum'): results up to w times the smallest normal come back 0.
+    A normal value set to 0 still fails."""
+    z, y = _batch(512, 50, 40.0, seed=5)
+    w = np.full(len(y), 3.0)
+    a = softmax(z.astype(np.float64))
+    ref = a * w[:, None]
+    a[a < 2.0**-126] = 0.0  # flushed before the weight
+    a[np.arange(len(y)), y] -= 1.0
+    g = (a * w[:, None]).astype(np.float32)
+    above = (g == 0) & (ref >= 2.0**-126)  # beyond the plain flush threshold
+    assert above.sum() >= 1
+    report = ce_cli.check_grad(z, y, grad=g, reduction="sum", sample_weight=w, fd="off")
+    assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+    r, c = np.argwhere((ref > 1e-30) & (ref < 1e-3))[0]
+    g[r, c] = 0
+    report = ce_cli.check_grad(z, y, grad=g, reduction="sum", sample_weight=w, fd="off")
+    assert not report.ok and _check(report, "grad_vs_reference").worst[0].index == (r, c)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["softmax", "binary"])
+@pytest.mark.parametrize("tanh_err, ok", [(2.4, True), (6.0, False)])
+def test_softcap_derivative_from_an_inexact_tanh(binary, tanh_err, ok):
+    """T' = 1 - t^2 from a tanh t off by `tanh_err` eps (XLA's float32 tanh: up to 2.4 eps
+    near |u| ~ 4): 2.4 eps (T' off by 4.75 eps) passes, 6 eps (12 eps) is beyond the
+    allowance (8 eps of S |dl/dz|)."""
+    cap, rng = 30.0, np.random.default_rng(7)
+    x = (rng.standard_normal((64, 200)) * 60.0).astype(np.float32)
+    u = x.astype(np.float64) / cap
+    t = np.tanh(u) - np.sign(u) * tanh_err * EPS32
+    d = (1.0 + t) * (1.0 - t)
+    zc = cap * np.tanh(u)
+    if binary:
+        yb = (rng.random(x.shape) < 0.1).astype(np.float32)
+        g = ((1.0 / (1.0 + np.exp(-zc)) - yb) * d / x.size).astype(np.float32)
+        report = ce_cli.check_binary(x, yb, grad=g, softcap=cap, fd="off")
+    else:
+        y = rng.integers(0, x.shape[1], size=x.shape[0])
+        a = softmax(zc)
+        a[np.arange(len(y)), y] -= 1.0
+        g = (a * d / len(y)).astype(np.float32)
+        report = ce_cli.check_grad(x, y, grad=g, softcap=cap, fd="off")
+    assert report.ok == ok, [(c.name, c.note, c.mismatches) for c in report.checks]
+
+
 def test_cli_flags_reach_the_allowances(invoke, tmp_path):
     z, y, g, n = _flushed()
     paths = []

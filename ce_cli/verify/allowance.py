@@ -21,8 +21,11 @@ the entry-wise rule's own k * eps was found.
 
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
 normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
-(`strict_subnormals` turns this off). A subnormal value is held to the entry-wise rule: it was
-not flushed, and float16 gradients are mostly subnormal at ordinary sizes.
+(`strict_subnormals` turns this off). The flushed value may be an intermediate (the softmax
+entry) that a weight, the z-loss's 1 + 2 zeta lse and the gradient scale multiply afterwards
+(T5X's backward: w (1 + 2 zeta lse) e / sum(e) - q): the threshold is the smallest normal times
+`flush_factor`, the largest such product. A subnormal value is held to the entry-wise rule: it
+was not flushed, and float16 gradients are mostly subnormal at ordinary sizes.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ class RowAllowance:
 
     def __init__(self, tol: Tolerance, n_classes: int, scale: float,
                  target_weights: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
-                 normaliser_rtol: float | None = None, strict_subnormals: bool = False) -> None:
+                 normaliser_rtol: float | None = None, strict_subnormals: bool = False,
+                 flush_factor: float = 1.0) -> None:
         self.scale = scale
         self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
-        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision]
+        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision] * max(1.0, flush_factor)
         self.precision = tol.precision
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
         self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision

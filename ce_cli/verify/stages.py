@@ -60,9 +60,12 @@ class UserGrad:
     strict_subnormals: bool = False
 
     def allowance(self, problem) -> RowAllowance:
+        # a value flushed to zero, times the weights and scale applied after it (the z-loss's
+        # 1 + 2 zeta lse, which max_target_weight bounds at lse = 1, below 2 for |lse| < 1/(2 zeta))
+        flush = 2.0 * problem.max_target_weight * abs(problem.grad_scale)
         return RowAllowance(self.tol, problem.n_classes, problem.grad_scale,
                             getattr(problem, "target_weights", None), self.normaliser_rtol,
-                            self.strict_subnormals)
+                            self.strict_subnormals, flush)
 
     def factor_bound(self, problem) -> float:
         """The row-factor bound, for checks that see single entries or row sums only."""
