@@ -13,6 +13,11 @@
 #error "define CE_W and CE_SFX before including _fused_row.h"
 #endif
 
+#ifndef CE_SOFTCAP_DERIV_ERR
+/* numpy_softmax.SOFTCAP_DERIV_ERR: the floor's S |dl/dz| term of a soft-cap, times this (the
+ * framework's tanh errs T' = S (1 - t^2) by up to ~2 S dt: XLA's float32 tanh, 4.75 eps) */
+#define CE_SOFTCAP_DERIV_ERR 2.0
+#endif
 #define CE_CAT2(a, b) a##_##b
 #define CE_CAT(a, b) CE_CAT2(a, b)
 #define T(name) CE_CAT(name, CE_SFX)
@@ -667,7 +672,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const double coef = a->floor_coef, gS = cap ? 1.0 : a->x_scale;
     const double scale = ext ? sw * a->scale * gS : a->scale;
     const double fscale = ext ? coef * fabs(sw * a->scale) * gS : coef * a->scale;
-    const double k_fcap = coef * a->x_scale;
+    const double k_fcap = coef * a->x_scale * CE_SOFTCAP_DERIV_ERR;
     const double ex = ext ? exp(-l1) : 0.0;
     const double k_g = ext ? Qe * ex * scale : Q * scale / s;
     const double k_b = beta * scale, k_a = alpha * scale;
@@ -912,7 +917,7 @@ AI vd T(fin_abs)(vd x) {
         for (int k = 0; k < G; k++) acc_g[k] = acc_i[k] = splat(0.0);               \
     double *blk_l = work, *blk_w = work + C / BLOCK + 1;                            \
     double *blk_g = blk_w + C / BLOCK + 1, *blk_i = blk_g + C / BLOCK + 1;  /* xt only */ \
-    const vd vs = splat(a->x_scale), vs_abs = vabs(vs);                             \
+    const vd vs = splat(a->x_scale), vs_abs = vabs(vs) * splat(CE_SOFTCAP_DERIV_ERR); \
     int64_t nb = 0;                                                                 \
     CE_COMPARE_BEGIN;                                                               \
     for (int64_t c = 0; c < body; c += BCE_STEP) {                                  \

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.kernels.base import ChunkEval
-from ce_cli.kernels.numpy_softmax import transform
+from ce_cli.kernels.numpy_softmax import SOFTCAP_DERIV_ERR, transform
 
 
 def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
@@ -106,15 +106,15 @@ def _finite_abs(z: np.ndarray) -> np.ndarray:
 
 def _transformed_floor(model: Any, z: np.ndarray, dz: Any, has_pw: bool, pos, s_pos, s_neg, g_z,
                        k_scale: float) -> np.ndarray:
-    """k*eps*scale * (|T'| (c' s(z) (1 + s(-z) |z|) + |pw y|) + S |dl/dz|), c' = 1 + |pw y|
+    """k*eps*scale * (|T'| (c' s(z) (1 + s(-z) |z|) + |pw y|) + 2 S |dl/dz|), c' = 1 + |pw y|
     (with pos_weight; else 1): the plain floor on z,
     the rounded z (its error eps*|z| moves s(z) by s(1 - s) eps |z|), and with a softcap T'
-    itself (S sech^2 formed in the working precision errs by ~eps * S absolutely)."""
+    itself (S (1 - tanh^2) from the framework's tanh: SOFTCAP_DERIV_ERR)."""
     c_s = (1.0 + np.abs(pos)) * s_pos if has_pw else s_pos
     soft = c_s * (1.0 + s_neg * _finite_abs(z)) + np.abs(pos)
     floor = soft * np.abs(dz)
     if model.sem.softcap is not None:
-        floor += abs(model.sem.logit_scale) * np.abs(g_z)
+        floor += abs(model.sem.logit_scale) * SOFTCAP_DERIV_ERR * np.abs(g_z)
     return floor * k_scale
 
 
