@@ -244,7 +244,7 @@ def test_linear_row_shards_on_dask(tmp_path, client):
     the single-process `check_linear` one; a planted dL/dH bug at its global row and a dL/dW bug
     at its vocabulary row (opened by the second mapped pass on the workers)."""
     from ce_cli.distributed.dask_run import run_linear_on_dask
-    from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+    from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
     from tests.test_shards_linear import assert_same_linear, make_linear, run_both, write_linear
 
     arrays, grads = make_linear()

@@ -1,4 +1,4 @@
-"""`linear --shards rows` (ce_cli/verify/shards_linear.py): row shards of HIDDEN, LABELS and
+"""`linear --shards rows` (ce_cli/verify/shards/linear.py, linear_run.py): row shards of HIDDEN, LABELS and
 --grad-hidden with one WEIGHT, --grad-weight and --grad-bias for the batch, merged into the
 single-process `check_linear` report, in this process."""
 
@@ -13,7 +13,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.verify import shards as sh
 from ce_cli.verify.linear import LinearSettings, check_linear
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
 
 EPS = float(np.finfo(np.float64).eps)
 

@@ -1,6 +1,6 @@
 """`--shards` with what the single-process check takes beside the logits: class weights, your
 loss, the batch-shaped inputs (sample weights, lse, z-loss): the merged report is the report on
-the concatenated batch (ce_cli/verify/shards.py)."""
+the concatenated batch (ce_cli/verify/shards/)."""
 
 from __future__ import annotations
 
