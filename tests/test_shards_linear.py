@@ -365,6 +365,23 @@ def test_hidden_shards_of_other_shapes_are_refused(tmp_path):
             run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
 
 
+@pytest.mark.parametrize("options, batch, message", [
+    ({"class_axis": 0}, {}, "`class_axis`: shards need the classes on the last axis"),
+    ({"vocab_offset": 3}, {}, "`vocab_offset`: not supported with linear `shards`"),
+    ({"reduction": "none"}, {"loss_files": ("a.npy", "b.npy", "c.npy")},
+     "`loss`: 3 files for 2 hidden shards (give one per shard, or one file for the whole batch)"),
+    ({}, {"sample_weight": ("a.npy", "b.npy", "c.npy")}, "`sample_weight`: 3 files for 2 hidden"),
+])
+def test_what_linear_shards_refuse_reads_as_the_other_shards(tmp_path, options, batch, message):
+    """The refusals linear shards share with `grad --shards`, in their words: one line each."""
+    arrays, grads = make_linear(n=20)
+    files = write_linear(tmp_path, arrays, grads, [0, 8, 20])
+    with pytest.raises(CeCheckError) as err:
+        run_linear_shards(files, CheckOptions(fd="off", **options),
+                          LinearBatch(str(tmp_path / "weight.npy"), **batch))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("fault", ["corrupt", "missing_weight_grad"])
 def test_cli_a_shard_that_fails_to_load(tmp_path, invoke, fault):
     arrays, grads = make_linear()
