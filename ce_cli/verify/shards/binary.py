@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.loading import is_array_file
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.sigmoid import SigmoidBCE, build_sigmoid_bce
 from ce_cli.verify.bridge import BRIDGE_ELEMENTS, WITHOUT_OPTIONS, two_class_bridge
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs
 from ce_cli.verify.results import Report
-from ce_cli.verify.shards.files import load
+from ce_cli.verify.shards.files import is_array, load
 from ce_cli.verify.shards.inputs import BatchInputs, shard_part
 from ce_cli.verify.shards.plan import Mapper, Shard, ShardPlan
-from ce_cli.verify.shards.share import ShardInputs, ShardShare, _verified
+from ce_cli.verify.shards.share import ShardInputs, ShardShare, verified
 
 
 def binary_count(shard: Shard, inputs: BatchInputs) -> float:
@@ -86,9 +84,7 @@ def shard_pos_weight(shard: Shard, batch: BinaryBatch) -> tuple[Any, str]:
     pw = load(batch.pos_weight, "pos_weight")
     # a row, or a CSV column, is K values; an array file's (K, 1) broadcasts along axis -2 (as
     # in one process), which shards do not take
-    column = pw.ndim == 2 and pw.shape[1] == 1 and (
-        batch.pos_weight.lower().endswith((".npy", ".npz")) if "://" in batch.pos_weight
-        else is_array_file(Path(batch.pos_weight)))
+    column = pw.ndim == 2 and pw.shape[1] == 1 and is_array(batch.pos_weight)
     pw = pw.reshape(-1) if pw.ndim == 2 and 1 in pw.shape and not column else pw
     if pw.ndim > 1 or pw.size not in (1, batch.n_cols):
         raise CeCheckError(f"{source}: shape {pw.shape}; pos_weight broadcasts along the last "
@@ -137,11 +133,11 @@ def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndar
             **problem.sem.to_echo(),
             **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
     inputs = Inputs(z, y, grad, arrays.get("loss"), src)
-    return _verified(problem, warnings, inputs, options,
+    return verified(problem, warnings, inputs, options,
                      given.run("binary", echo, problem, options, bridge))
 
 
-def _binary_count(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions,
+def binary_weighted_count(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions,
                   mapper: Mapper) -> float | None:
     """'mean''s D with sample weights: their sum over the batch's elements (None without)."""
     if not inputs.files("sample_weight"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.io import limits
 from ce_cli.io.inputs import InputSpec, Origin
-from ce_cli.io.loading import read_stdin
+from ce_cli.io.loading import is_array_file, read_stdin
 
 
 def natural_key(text: str) -> list:
@@ -37,7 +38,7 @@ def expand(pattern: str, role: str) -> list[str]:
         except ImportError:
             raise CeCheckError(f"{role} '{pattern}': a URL needs fsspec (pip install fsspec)") from None
         except (ValueError, OSError) as exc:
-            raise CeCheckError(f"{role} '{pattern}': cannot list ({' '.join(str(exc).split())[:200]})") from None
+            raise CeCheckError(f"{role} '{pattern}': cannot list ({_brief(exc)})") from None
         found = [fs.unstrip_protocol(p) for p in paths]
     else:
         import glob
@@ -46,6 +47,16 @@ def expand(pattern: str, role: str) -> list[str]:
     if not found:
         raise CeCheckError(f"{role} '{pattern}': matches no file")
     return sorted(found, key=natural_key)
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's text on one line, at most 200 characters."""
+    return ' '.join(str(exc).split())[:200]
+
+
+def is_array(path: str) -> bool:
+    """Whether `path` names an array file (.npy/.npz; local files by their content)."""
+    return path.lower().endswith((".npy", ".npz")) if "://" in path else is_array_file(Path(path))
 
 
 def load(path: str, role: str) -> np.ndarray:
@@ -76,7 +87,7 @@ def open_url(path: str, role: str) -> tuple[Any, str, int]:
     except FileNotFoundError:
         raise CeCheckError(f"{label}: no such file") from None
     except (ImportError, ValueError, OSError) as exc:  # an unknown protocol, its backend missing
-        raise CeCheckError(f"{label}: cannot read ({' '.join(str(exc).split())[:200]})") from None
+        raise CeCheckError(f"{label}: cannot read ({_brief(exc)})") from None
     if info.get("islink") or info.get("type") == "link":
         raise CeCheckError(f"{label}: is a symbolic link; name the file itself")
     if info.get("type") != "file":
@@ -107,7 +118,7 @@ def describe(path: str, role: str) -> tuple[int, ...]:
                     else np.lib.format.read_array_header_2_0)
             shape, _fortran, dtype = read(fh, max_header_size=limits.MAX_NPY_HEADER_BYTES)
         except (ValueError, OSError, EOFError) as exc:
-            raise CeCheckError(f"{label}: corrupt .npy header ({' '.join(str(exc).split())[:200]})") from None
+            raise CeCheckError(f"{label}: corrupt .npy header ({_brief(exc)})") from None
         data = size - fh.tell()
     if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > data:
         raise CeCheckError(f"{label}: truncated or corrupt: header says shape {tuple(shape)} "

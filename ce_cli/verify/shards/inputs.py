@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.inputs import InputSpec, Origin
-from ce_cli.io.loading import is_array_file
 from ce_cli.models.softmax import class_weights
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.shards.files import expand, load
-from ce_cli.verify.shards.plan import Shard, ShardPlan
+from ce_cli.verify.shards.files import expand, is_array, load
+from ce_cli.verify.shards.plan import Shard, ShardPlan, one_or_per_shard
 
 
 @dataclass(frozen=True)
@@ -93,8 +91,7 @@ def shard_weight(shard: Shard, path: str) -> np.ndarray:
     along the split axis where they span it (a weight of size 1 there broadcasts)."""
     w = load(path, "weight")
     if shard.kind != "binary":  # a one-row or one-column table is its C values, as in one process
-        table = w.ndim == 2 and 1 in w.shape and not (
-            path.lower().endswith((".npy", ".npz")) if "://" in path else is_array_file(Path(path)))
+        table = w.ndim == 2 and 1 in w.shape and not is_array(path)
         return w.reshape(-1) if table else w
     along = 0 if shard.axis == "rows" else -1
     ndim = len(shard.shape)
@@ -102,6 +99,11 @@ def shard_weight(shard: Shard, path: str) -> np.ndarray:
     if spans and w.shape[along] != 1:
         return cut_part(w, along, shard.offset, shard.offset + shard.size, f"weight file '{path}'")
     return w
+
+
+def file_name(files: Sequence[str], shard: Shard) -> str:
+    """The file the shard reads of `files`: its own, or the one of the batch ("" for none)."""
+    return files[shard.index] if len(files) > 1 else files[0] if files else ""
 
 
 def shard_arrays(shard: Shard, inputs: BatchInputs) -> dict[str, np.ndarray]:
@@ -113,7 +115,7 @@ def shard_arrays(shard: Shard, inputs: BatchInputs) -> dict[str, np.ndarray]:
     return out
 
 
-def _target_weights(y: np.ndarray, valid: np.ndarray, weight: np.ndarray | None,
+def target_weights(y: np.ndarray, valid: np.ndarray, weight: np.ndarray | None,
                     source: str) -> np.ndarray:
     """w_{y_n} for each row (0 where ignored; 1 without class weights)."""
     if weight is None:
@@ -163,9 +165,7 @@ def refuse_inputs(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions, k
     """What shards cannot take of `inputs`: one line each, never ignored."""
     n = len(plan.shards)
     for role, files in inputs.arrays:
-        if len(files) not in (1, n):
-            raise CeCheckError(f"`{role}`: {len(files)} files for {n} logits shards (give one "
-                               "per shard, or one file for the whole batch)")
+        one_or_per_shard(f"`{role}`", len(files), n)
     _refuse_values(inputs, options, kind)
     if kind != "binary" and inputs.weight is not None:  # C values, read once here
         class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],

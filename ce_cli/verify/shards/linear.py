@@ -38,7 +38,7 @@ from ce_cli.verify.linear import (LinearSettings, Probes, UserArray, _loss_check
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo
 from ce_cli.verify.shards.files import load
-from ce_cli.verify.shards.inputs import cut_part, shard_labels
+from ce_cli.verify.shards.inputs import cut_part, file_name, shard_labels
 from ce_cli.verify.shards.plan import Shard
 from ce_cli.verify.shards.rows import LOCAL_WARNINGS
 from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
@@ -198,7 +198,7 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
     if gh is not None:
         arrays["grad_hidden"] = gh
     loss_check = _token_losses(shard, batch, problem, run, options, arrays)
-    inputs = tuple(InputInfo(r, src.get(r, f"{r} file '{_name(batch.loss_files, shard)}'"),
+    inputs = tuple(InputInfo(r, src.get(r, f"{r} file '{file_name(batch.loss_files, shard)}'"),
                              tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
                    if r in ("hidden", "labels", "grad_hidden", "loss"))
     return LinearPart(hidden, failing, loss_sum(run.loss), math.fsum(run.loss_floor.tolist()), N,
@@ -217,13 +217,9 @@ def _token_losses(shard: Shard, batch: LinearBatch, problem: LinearCE, run: Any,
         return None
     got = _token_values(shard, batch.loss_files, "loss")
     arrays["loss"] = got
-    user = _user_loss(problem, got, f"loss file '{_name(batch.loss_files, shard)}'", options)
+    user = _user_loss(problem, got, f"loss file '{file_name(batch.loss_files, shard)}'", options)
     assert user is not None
     return _loss_check(problem, run, user, 0.0, options)
-
-
-def _name(files: Sequence[str], shard: Shard) -> str:
-    return files[shard.index] if len(files) > 1 else files[0] if files else ""
 
 
 def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,

@@ -48,20 +48,15 @@ from ce_cli.verify.shards.linear import (LinearBatch, LinearPart, ShardFD, linea
                                          shard_problem)
 from ce_cli.verify.shards.merge import merge_checks
 from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
-                                       ShardSummary, make_plan)
-from ce_cli.verify.shards.run import UNSHARDED
+                                       ShardSummary, make_plan, one_or_per_shard)
+from ce_cli.verify.shards.run import refuse_unsharded
 
 
 def check_linear_options(options: CheckOptions, batch: LinearBatch) -> None:
     """What linear shards do not carry: refused, one line each, never ignored. The row-local
     training-code options are carried (each shard's problem is built with them; `shift_labels`
     on (B, T, H) shards, `sequences`)."""
-    if options.class_axis not in (-1, 1):
-        raise CeCheckError("`class_axis`: shards need the classes on the last axis")
-    plain = CheckOptions()
-    for name in UNSHARDED:
-        if getattr(options, name) != getattr(plain, name):
-            raise CeCheckError(f"`{name}`: not supported with linear `shards`")
+    refuse_unsharded(options, 1, "linear `shards`")
 
 
 def sequences(shapes: Sequence[tuple[int, ...]], options: CheckOptions) -> int | None:
@@ -122,9 +117,8 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
 def _check_token_files(plan: Any, batch: LinearBatch, options: CheckOptions) -> None:
     """One file of the batch's tokens or one per shard; per-token losses need reduction none."""
     for role, given in (("sample_weight", batch.sample_weight), ("loss", batch.loss_files)):
-        if len(given) not in (0, 1, len(plan.shards)):
-            raise CeCheckError(f"`{role}`: {len(given)} files for {len(plan.shards)} hidden shards "
-                               "(give one per shard, or one file for the whole batch)")
+        if given:
+            one_or_per_shard(f"`{role}`", len(given), len(plan.shards), "hidden")
     if batch.loss_files and options.reduction.value != "none":
         raise CeCheckError("`loss`: files of per-token losses need reduction none")
 

@@ -113,12 +113,17 @@ class LocalMapper:
         return combine(self.map(fn, items))
 
 
+def one_or_per_shard(label: str, count: int, n: int, what: str = "logits") -> None:
+    """A batch-shaped input comes as one file for the batch or one file per shard."""
+    if count not in (1, n):
+        raise CeCheckError(f"{label}: {count} files for {n} {what} shards (give one per shard, "
+                           "or one file for the whole batch)")
+
+
 def pair_files(logits: Sequence[str], labels: Sequence[str],
                grads: Sequence[str] | None) -> list[ShardFiles]:
     """Pair the i-th logits, labels and gradient files; one labels file serves every shard."""
-    if len(labels) not in (1, len(logits)):
-        raise CeCheckError(f"labels: {len(labels)} files for {len(logits)} logits shards "
-                           "(give one per shard, or one file for the whole batch)")
+    one_or_per_shard("labels", len(labels), len(logits))
     if grads is not None and len(grads) != len(logits):
         raise CeCheckError(f"`grad`: {len(grads)} files for {len(logits)} logits shards")
     return [ShardFiles(z, labels[i] if len(labels) > 1 else labels[0],

@@ -19,10 +19,10 @@ from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs
 from ce_cli.verify.results import Report
-from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, _target_weights, shard_arrays,
+from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, target_weights, shard_arrays,
                                          shard_labels)
 from ce_cli.verify.shards.plan import Shard
-from ce_cli.verify.shards.share import ShardInputs, ShardShare, _verified
+from ce_cli.verify.shards.share import ShardInputs, ShardShare, verified
 
 
 def shard_denominator(shard: Shard, options: CheckOptions,
@@ -41,7 +41,7 @@ def shard_denominator(shard: Shard, options: CheckOptions,
     valid = y != options.ignore_index
     if s is None and "weight" not in arrays:
         return float(np.count_nonzero(valid))
-    per = _target_weights(y, valid, arrays.get("weight"), f"labels file '{shard.files.labels}'")
+    per = target_weights(y, valid, arrays.get("weight"), f"labels file '{shard.files.labels}'")
     if s is not None and s.shape == per.shape:  # else the shard's check names the bad shape
         per = per * s
     return math.fsum(per[valid].tolist())
@@ -75,7 +75,7 @@ def check_rows(z: np.ndarray, y: np.ndarray, grad: np.ndarray | None, denominato
     src = {**{r: r for r in ("logits", "labels", "grad", "loss")}, **sources}
     inputs = Inputs(z, y, grad, arrays.get("loss"), src, arrays.get("lse"),
                     arrays.get("z_loss_value"))
-    return _verified(problem, warnings, inputs, options,
+    return verified(problem, warnings, inputs, options,
                      given.run("multiclass", echo, problem, options))
 
 

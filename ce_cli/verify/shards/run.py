@@ -33,15 +33,15 @@ from ce_cli.verify.checks import refuse_softmax_only
 from ce_cli.verify.finite_diff import choose_mode
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
-from ce_cli.verify.shards.binary import BinaryBatch, _binary_count, check_binary_shard
+from ce_cli.verify.shards.binary import BinaryBatch, binary_weighted_count, check_binary_shard
 from ce_cli.verify.shards.files import describe, load
-from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, refuse_inputs, shard_arrays,
-                                         shard_labels)
+from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, file_name, refuse_inputs,
+                                         shard_arrays, shard_labels)
 from ce_cli.verify.shards.merge import merge_reports, merge_results, merged_loss
 from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport, ShardFiles,
                                        ShardPlan, make_plan)
 from ce_cli.verify.shards.rows import check_rows, shard_denominator
-from ce_cli.verify.shards.share import ShardInputs, ShardShare, _share_tols
+from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
 from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
                                         vocab_loss_check, vocab_loss_rows)
 
@@ -64,20 +64,16 @@ def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
     sources = {"logits": f"logits file '{shard.files.logits}'",
                "labels": f"labels file '{shard.files.labels}'",
                "grad": f"grad file '{shard.files.grad}'",
-               **{role: f"{role} file '{_name(files, shard)}'" for role, files in inputs.arrays},
+               **{role: f"{role} file '{file_name(files, shard)}'" for role, files in inputs.arrays},
                "weight": f"weight file '{inputs.weight}'"}
     opts = replace(options, seed=options.seed + shard.index)  # shards sample their own entries
-    given = ShardInputs(arrays, sources, _share_tols(inputs, options))
+    given = ShardInputs(arrays, sources, share_tols(inputs, options))
     with np.errstate(all="ignore"):
         if shard.kind == "binary":
             return check_binary_shard(shard, z, y, g, shared, opts, given)
         if shard.axis == "rows":
             return check_rows(z, y, g, float(shared), opts, given)
         return check_vocab(shard, z, y, g, shared, opts, given), ShardShare()
-
-
-def _name(files: Sequence[str], shard: Shard) -> str:
-    return files[shard.index] if len(files) > 1 else files[0]
 
 
 # settings a shard check cannot take: `vocab_offset` (a shard's own offset comes from the plan),
@@ -90,16 +86,23 @@ UNSHARDED = ("vocab_offset", "two_class")
 ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
 
 
+def refuse_unsharded(options: CheckOptions, class_axis: int, what: str = "`shards`") -> None:
+    """The classes on the last axis (`class_axis` -1 or its index), and no UNSHARDED setting."""
+    if options.class_axis not in (-1, class_axis):
+        raise CeCheckError("`class_axis`: shards need the classes on the last axis")
+    plain = CheckOptions()
+    for name in UNSHARDED:
+        if getattr(options, name) != getattr(plain, name):
+            raise CeCheckError(f"`{name}`: not supported with {what}")
+
+
 def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = False) -> CheckOptions:
     """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch
     (`elementwise`: a loss of per-element terms, binary)."""
-    if options.class_axis not in (-1, len(plan.shape) - 1):
-        raise CeCheckError("`class_axis`: shards need the classes on the last axis")
+    refuse_unsharded(options, len(plan.shape) - 1)
     plain = CheckOptions()
-    given = [n for n in (*UNSHARDED, *ROW_LOCAL) if getattr(options, n) != getattr(plain, n)]
+    given = [n for n in ROW_LOCAL if getattr(options, n) != getattr(plain, n)]
     for name in given:
-        if name in UNSHARDED:
-            raise CeCheckError(f"`{name}`: not supported with `shards`")
         if plan.axis == "vocab":
             raise CeCheckError(f"`{name}`: not with vocabulary shards (only row shards carry the "
                                "training-code options); check row shards, or the batch whole")
@@ -132,7 +135,7 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
     if kind == "binary":
         refuse_softmax_only(opts)
         batch = replace(BinaryBatch.of(plan.shape, pos_weight),
-                        weighted_count=_binary_count(plan, inputs, opts, mapper))
+                        weighted_count=binary_weighted_count(plan, inputs, opts, mapper))
         results = mapper.map(shard_pass, plan.shards, (opts, batch, inputs), progress)
         return merge_results(plan, results, opts, inputs)
     denominator = None

@@ -91,7 +91,7 @@ class ShardInputs:
         return Run(kind, echo, bridge, stages=(share,) if share else ()), share
 
 
-def _share_tols(inputs: BatchInputs, options: CheckOptions
+def share_tols(inputs: BatchInputs, options: CheckOptions
                 ) -> tuple[Tolerance | None, Tolerance | None]:
     return (None if inputs.loss is None else scalar_tolerance(inputs.loss_dtype, options),
             None if inputs.z_loss is None else scalar_tolerance(inputs.z_loss_dtype, options))
@@ -105,7 +105,7 @@ def scalar_tolerance(dtype: str, options: CheckOptions) -> Tolerance:
                              options.rtol, options.atol, options.floor_factor)
 
 
-def _verified(problem: Any, warnings: list[str], inputs: Inputs, options: CheckOptions,
+def verified(problem: Any, warnings: list[str], inputs: Inputs, options: CheckOptions,
               run: tuple[Run, ShareStage | None]) -> tuple[Report, ShardShare]:
     report = verify(problem, warnings, inputs, options, run[0])
     return report, run[1].share() if run[1] is not None else ShardShare()

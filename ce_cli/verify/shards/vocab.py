@@ -25,7 +25,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.files import load
-from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, _target_weights, shard_arrays
+from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, target_weights, shard_arrays
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs, scalar_tolerance
 from ce_cli.verify.stages import reduced_check, with_normaliser
@@ -96,7 +96,7 @@ def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: Che
     if "weight" not in arrays:
         return None if sw is None else np.asarray(sw, dtype=np.float64).reshape(-1)
     flat = np.asarray(y).reshape(-1)
-    rows = _target_weights(flat, flat != options.ignore_index, arrays["weight"], source)
+    rows = target_weights(flat, flat != options.ignore_index, arrays["weight"], source)
     if sw is not None:
         s = np.asarray(sw, dtype=np.float64).reshape(-1)
         if s.shape != rows.shape:
