@@ -19,8 +19,8 @@ from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs
 from ce_cli.verify.results import Report
-from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, target_weights, shard_arrays,
-                                         shard_labels)
+from ce_cli.verify.shards.inputs import (NO_INPUTS, BatchInputs, shard_arrays, shard_labels,
+                                         target_weights)
 from ce_cli.verify.shards.plan import Shard
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, verified
 

@@ -25,7 +25,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.files import load
-from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, target_weights, shard_arrays
+from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs, scalar_tolerance
 from ce_cli.verify.stages import reduced_check, with_normaliser
