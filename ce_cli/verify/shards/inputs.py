@@ -189,9 +189,8 @@ def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> Non
 
 
 def _refuse_on_vocab(inputs: BatchInputs) -> None:
-    if len(inputs.files("loss")) > 1:
-        raise CeCheckError("`loss`: one file of the batch's per-sample losses with vocabulary "
-                           "shards (every shard holds every row)")
-    if inputs.files("lse"):
-        raise CeCheckError("`lse`: not with vocabulary shards (the global lse is what pass 1 "
-                           "merges from the shards themselves); compare yours on row shards")
+    """Per-row values on vocabulary shards: one file of the batch's (a shard holds every row)."""
+    for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps")):
+        if len(inputs.files(role)) > 1:
+            raise CeCheckError(f"`{role}`: one file of the batch's {what} with vocabulary "
+                               "shards (every shard holds every row)")

@@ -95,9 +95,11 @@ def _with_client(checks: tuple[CheckResult, ...], client: dict[str, CheckResult]
     the lse, as one process ranks them (the placeholders lead their rank)."""
     out = [client.get(c.name, c) for c in checks]
     names = [c.name for c in out]
+    added: tuple[str, ...] = ()
     for name, check in client.items():  # no placeholder (vocabulary shards): before rank 3
         if name not in names:
-            before = RANKED_BEFORE_LOSS + (("fd_vs_reference",) if fd_mode == "full" else ())
+            before = RANKED_BEFORE_LOSS + (("fd_vs_reference",) if fd_mode == "full" else ()) + added
+            added += (name,)  # the client's checks in their order: the loss, then the lse
             at = next((i for i, n in enumerate(names) if n not in before), len(out))
             out.insert(at, check)
             names.insert(at, name)

@@ -43,7 +43,7 @@ from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport
 from ce_cli.verify.shards.rows import check_rows, shard_denominator
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
 from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
-                                        vocab_loss_check, vocab_loss_rows)
+                                        vocab_lse_check, vocab_loss_check, vocab_loss_rows)
 
 
 def check_shard(shard: Shard, options: CheckOptions, shared: Any,
@@ -152,10 +152,12 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
 
 def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapper: Mapper,
                lse: Any, progress: Callable[[int, int], None] | None) -> ShardedReport:
-    """Pass 2 on vocabulary shards (your loss kept for the client: a shard holds part of each
-    row's), the lse the shards' losses repeat, and your loss against the batch's rows."""
+    """Pass 2 on vocabulary shards (your loss and lse kept for the client: a shard holds part of
+    each row's), the lse the shards' losses repeat, and your loss and lse against the batch's
+    rows."""
     loss_given = inputs.loss is not None or bool(inputs.files("loss"))
-    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays if r != "loss"))
+    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays
+                                                  if r not in ("loss", "lse")))
     results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
     once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
     repeated = (len(plan.shards) - 1) * once
@@ -165,6 +167,9 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
         rows = mapper.map(vocab_loss_rows, plan.shards, (lse, options, own))
         total = merged_loss(reports, options, None, repeated)
         checks["loss_vs_reference"] = vocab_loss_check(plan, rows, inputs, options, total)
+    for path in inputs.files("lse"):  # one file of the batch's
+        checks["lse_vs_reference"] = mapper.map(vocab_lse_check, plan.shards[:1],
+                                                (lse, options, plan.shape, path))[0]
     infos: tuple[InputInfo, ...] = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
                                     if inputs.loss is not None else ())
     for path in inputs.files("loss"):  # per sample: one file of the batch's

@@ -8,6 +8,8 @@
 - your loss: a shard holds part of each row's, so it is compared by the client against the
   batch's rows L_n = s_n (lse_n - z_y) (`vocab_loss_check`); every shard's loss repeats the
   lse's part (`reduced_lse`), which the merged loss counts once.
+- your lse: a vocabulary-sharded kernel's per-row lse is the GLOBAL logsumexp (after its
+  all-reduce), compared once with pass 1's (`vocab_lse_check`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.models.layout import make_layout, match_batch
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import check_grad
 from ce_cli.verify.compare import Comparison
@@ -198,6 +201,28 @@ def _vocab_user_losses(plan: ShardPlan, inputs: BatchInputs) -> np.ndarray:
         raise CeCheckError(f"{source}: shape {got.shape}; reduction 'none' gives per-sample "
                            f"losses of the batch's shape {plan.shape[:-1]}")
     return got.reshape(-1)
+
+
+def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[int, ...],
+                    path: str) -> CheckResult:
+    """Your per-row lse (one file of the batch's) against the global lse of pass 1, as
+    `LseStage` compares it in one process: the rows whose target is not ignored, each allowed
+    k eps (1 + |lse_n|) plus the normaliser bound of the batch's C classes."""
+    source = f"lse file '{path}'"
+    layout = make_layout(shape, -1, source)
+    got = np.asarray(load(path, "lse"))
+    if got.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+    got = match_batch(got, layout, source, "the per-row log-sum-exp")
+    tol = scalar_tolerance(str(got.dtype), options)
+    ref = np.asarray(lse, dtype=np.float64).reshape(-1)
+    valid = np.asarray(load(shard.files.labels, "labels")).reshape(-1) != options.ignore_index
+    normaliser = normaliser_bound(tol, shape[-1], options.normaliser_rtol)
+    floor = np.where(valid, tol.floor_coef * (1.0 + np.abs(ref)) + normaliser, 0.0)
+    cmp = Comparison("lse_vs_reference", tol, lambda r, c: layout.batch_index(r),
+                     expected_label="reference", got_label="yours", n_worst=options.worst)
+    cmp.update(0, ref, np.where(valid, np.asarray(got, dtype=np.float64), ref), floor)
+    return cmp.result()
 
 
 def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
