@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,12 @@ def test_exceptions_are_still_needed():
     names = {name for name, _ in _functions()}
     stale = [name for name in (*EXCEPTIONS, *PENDING) if name not in names]
     assert not stale, f"EXCEPTIONS lists functions that no longer exist: {stale}"
+
+
+def test_every_package_is_in_pyproject():
+    """pyproject.toml names its packages one by one: a package missing there is missing from
+    the built wheel (an editable install still finds it)."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8")
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*?)\]", text, re.M | re.S)[1]))
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

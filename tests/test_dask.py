@@ -95,6 +95,16 @@ def test_vocab_shards(tmp_path, client):
     on_dask = run_on_dask(files, "vocab", opts, client=client)
     assert on_dask == sh.run_shards(files, "vocab", opts)
     assert_same_report(on_dask.report, check_grad(z, y, options=opts), len(files))
+    # your loss and lse, checked on the client against pass 1's lse (a future on the cluster)
+    np.save(tmp_path / "lse.npy", np.where(np.arange(len(y)) == 7, lse + 1e-3, lse))
+    inputs = sh.BatchInputs(arrays=(("lse", (str(tmp_path / "lse.npy"),)),),
+                            loss=check_grad(z, y, options=opts).loss)
+    on_dask = run_on_dask(files, "vocab", opts, client=client, inputs=inputs)
+    assert on_dask == sh.run_shards(files, "vocab", opts, inputs=inputs)
+    checks = {c.name: c for c in on_dask.report.checks}
+    assert list(checks)[-2:] == ["loss_vs_reference", "lse_vs_reference"]
+    assert checks["loss_vs_reference"].ok and not checks["lse_vs_reference"].ok
+    assert [e.index for e in checks["lse_vs_reference"].worst if not e.ok] == [(7,)]
 
 
 def test_worker_killed_mid_run(tmp_path, client):
@@ -244,7 +254,7 @@ def test_linear_row_shards_on_dask(tmp_path, client):
     the single-process `check_linear` one; a planted dL/dH bug at its global row and a dL/dW bug
     at its vocabulary row (opened by the second mapped pass on the workers)."""
     from ce_cli.distributed.dask_run import run_linear_on_dask
-    from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+    from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
     from tests.test_shards_linear import assert_same_linear, make_linear, run_both, write_linear
 
     arrays, grads = make_linear()

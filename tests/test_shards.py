@@ -1,5 +1,5 @@
 """`--shards`: a row- or vocabulary-split batch checked shard by shard, never concatenated, and
-merged into the single-process report (ce_cli/verify/shards.py), in this process."""
+merged into the single-process report (ce_cli/verify/shards/), in this process."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def test_vocab_pass_two_calls_check_grad_with_offset_and_global_lse(tmp_path, mo
     vocab_offset=K, lse=global lse) (issue #13's single-array semantics)."""
     plan, lse = vocab_plan(tmp_path)
     calls = []
-    monkeypatch.setattr(sh, "check_grad", lambda z, y, **kw: calls.append((z, y, kw)) or "report")
+    monkeypatch.setattr("ce_cli.verify.shards.vocab.check_grad", lambda z, y, **kw: calls.append((z, y, kw)) or "report")
     assert sh.check_shard(plan.shards[1], CheckOptions(), lse) == "report"
     z, y, kw = calls[0]
     assert z.shape == (50, 9) and kw["vocab_offset"] == 6

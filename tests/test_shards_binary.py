@@ -1,5 +1,5 @@
 """`binary --shards`: a sigmoid BCE batch split by rows or by columns (every entry is independent:
-no normaliser pass), merged into the single-process report (ce_cli/verify/shards.py)."""
+no normaliser pass), merged into the single-process report (ce_cli/verify/shards/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`linear --shards rows` (ce_cli/verify/shards_linear.py): row shards of HIDDEN, LABELS and
+"""`linear --shards rows` (ce_cli/verify/shards/linear.py, linear_run.py): row shards of HIDDEN, LABELS and
 --grad-hidden with one WEIGHT, --grad-weight and --grad-bias for the batch, merged into the
 single-process `check_linear` report, in this process."""
 
@@ -13,7 +13,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.verify import shards as sh
 from ce_cli.verify.linear import LinearSettings, check_linear
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -363,6 +363,23 @@ def test_hidden_shards_of_other_shapes_are_refused(tmp_path):
         files = [sh.ShardFiles(str(tmp_path / n), str(tmp_path / "y.npy")) for n in names]
         with pytest.raises(CeCheckError, match="need \\(N, H\\) hidden states, or \\(B, T, H\\)"):
             run_linear_shards(files, CheckOptions(fd="off"), LinearBatch(str(tmp_path / "w.npy")))
+
+
+@pytest.mark.parametrize("options, batch, message", [
+    ({"class_axis": 0}, {}, "`class_axis`: shards need the classes on the last axis"),
+    ({"vocab_offset": 3}, {}, "`vocab_offset`: not supported with linear `shards`"),
+    ({"reduction": "none"}, {"loss_files": ("a.npy", "b.npy", "c.npy")},
+     "`loss`: 3 files for 2 hidden shards (give one per shard, or one file for the whole batch)"),
+    ({}, {"sample_weight": ("a.npy", "b.npy", "c.npy")}, "`sample_weight`: 3 files for 2 hidden"),
+])
+def test_what_linear_shards_refuse_reads_as_the_other_shards(tmp_path, options, batch, message):
+    """The refusals linear shards share with `grad --shards`, in their words: one line each."""
+    arrays, grads = make_linear(n=20)
+    files = write_linear(tmp_path, arrays, grads, [0, 8, 20])
+    with pytest.raises(CeCheckError) as err:
+        run_linear_shards(files, CheckOptions(fd="off", **options),
+                          LinearBatch(str(tmp_path / "weight.npy"), **batch))
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "missing_weight_grad"])

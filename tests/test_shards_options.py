@@ -1,6 +1,6 @@
 """`--shards` with what the single-process check takes beside the logits: class weights, your
 loss, the batch-shaped inputs (sample weights, lse, z-loss): the merged report is the report on
-the concatenated batch (ce_cli/verify/shards.py)."""
+the concatenated batch (ce_cli/verify/shards/)."""
 
 from __future__ import annotations
 
@@ -438,8 +438,9 @@ def test_row_shards_compare_lse_and_z_loss(tmp_path, reduction, per_shard):
 
 
 def test_vocab_shards_take_sample_weights_and_refuse_lse(tmp_path):
-    """Every vocabulary shard holds every row: it takes the whole --sample-weight file; --lse
-    (what pass 1 merges itself) and --z-loss-value (no --z-loss there) are one line each."""
+    """Every vocabulary shard holds every row: it takes the whole --sample-weight file; --lse as
+    one file per shard (one file of the batch's, not a part each) and --z-loss-value (no
+    --z-loss there) are one line each."""
     z, y, _ = make_batch(n=50, c=20, dtype=np.float64)
     w, s = class_weights(20, seed=2), np.random.default_rng(3).choice(DYADIC, 50)
     np.save(tmp_path / "w.npy", w)
@@ -455,9 +456,9 @@ def test_vocab_shards_take_sample_weights_and_refuse_lse(tmp_path):
                   exact=False)
     assert sharded.report.options["weighted"] and sharded.report.options["sample_weighted"]
     np.save(tmp_path / "lse.npy", np.zeros(50))
-    with pytest.raises(CeCheckError, match="`lse`: not with vocabulary shards"):
+    with pytest.raises(CeCheckError, match="`lse`: one file of the batch's per-row log-sum-exps"):
         sh.run_shards(files, "vocab", opts,
-                      inputs=sh.BatchInputs(arrays=(("lse", (str(tmp_path / "lse.npy"),)),)))
+                      inputs=sh.BatchInputs(arrays=(("lse", (str(tmp_path / "lse.npy"),) * 3),)))
     with pytest.raises(CeCheckError, match="`z_loss_value`: needs `z_loss`"):
         sh.run_shards(files, "vocab", opts, inputs=sh.BatchInputs(z_loss=0.1))
 
@@ -591,3 +592,89 @@ def test_vocab_loss_passes_as_in_one_process(tmp_path):
     with pytest.raises(CeCheckError, match="one file of the batch's per-sample losses"):
         sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(reduction="none"),
                       inputs=two)
+
+
+# ---------------------------------------------------------------- your lse on vocabulary shards
+
+
+def global_lse(z, dtype):
+    """Each row's logsumexp over the whole vocabulary (a vocabulary-sharded kernel's, after its
+    all-reduce), cast to `dtype`."""
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(axis=-1)
+    return (m + np.log(np.exp(z - m[..., None]).sum(axis=-1))).astype(dtype)
+
+
+def vocab_batch_files(tmp_path, z, y, g, cuts=((0, 6), (6, 15), (15, 20))):
+    """Vocabulary shards of (..., C) logits and gradient; one labels file of the batch's."""
+    np.save(tmp_path / "labels.npy", y)
+    for i, (a, b) in enumerate(cuts):
+        np.save(tmp_path / f"v{i}.npy", z[..., a:b])
+        np.save(tmp_path / f"g{i}.npy", g[..., a:b])
+    return [sh.ShardFiles(str(tmp_path / f"v{i}.npy"), str(tmp_path / "labels.npy"),
+                          str(tmp_path / f"g{i}.npy")) for i in range(len(cuts))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [(50,), (5, 10)])
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_vocab_shards_check_your_lse(tmp_path, dtype, batch, with_loss):
+    """--lse on vocabulary shards: your per-row lse (one file of the batch's) against pass 1's
+    global lse, allowed the single process's k eps (1 + |lse|) plus its normaliser bound: the
+    single process's check in its place (after your loss), a wrong row found at its batch
+    index, an ignored row's value skipped, a right lse passing."""
+    z, y, _ = make_batch(n=50, c=20, dtype=np.float64)
+    z, y = z.reshape(batch + (20,)), y.reshape(batch)
+    opts = CheckOptions(fd="off")
+    g = reference_grad(tmp_path, z, y, opts)
+    files = vocab_batch_files(tmp_path, z, y, g)
+    loss = check_grad(z, y, options=opts).loss if with_loss else None
+    right = global_lse(z, dtype)
+    wrong = right.copy().reshape(-1)
+    wrong[21] += 1e-3
+    wrong[9] = 1e6  # row 9's target is ignored: not compared
+    wrong = wrong.reshape(batch)
+    for lse in (wrong, right):
+        np.save(tmp_path / "lse.npy", lse)
+        inputs = sh.BatchInputs(arrays=(("lse", (str(tmp_path / "lse.npy"),)),), loss=loss)
+        sharded = sh.run_shards(files, "vocab", opts, inputs=inputs)
+        single = check_grad(z, y, grad=g, lse=lse, loss=loss, options=opts)
+        assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+        m, s = (next(c for c in r.checks if c.name == "lse_vs_reference")
+                for r in (sharded.report, single))
+        assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+        assert sharded.report.ok == single.ok == (lse is right)
+        assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+        theirs = {e.index: e for e in s.worst}
+        assert any(e.index in theirs for e in m.worst)
+        for a in m.worst:
+            if a.index in theirs:
+                b = theirs[a.index]
+                assert (a.got, a.ok) == (b.got, b.ok)
+                assert a.expected == pytest.approx(b.expected, rel=4 * EPS, abs=0)
+                assert a.allowed == pytest.approx(b.allowed, rel=1e-12)
+        assert all(s.ok for s in sharded.shards)  # your lse is the client's check, not a shard's
+        want = [] if lse is right else [(21,) if len(batch) == 1 else (2, 1)]
+        assert [e.index for e in m.worst if not e.ok] == want
+
+
+def test_cli_vocab_lse(tmp_path, invoke):
+    """`grad --shards vocab --lse FILE`: exit 1 and the wrong row in the JSON; a glob of one
+    file per shard is one line (exit 2)."""
+    z, y, _ = make_batch(n=40, c=20, dtype=np.float64)
+    g = reference_grad(tmp_path, z, y, CheckOptions(fd="off"))
+    vocab_batch_files(tmp_path, z, y, g)
+    lse = global_lse(z, np.float32)
+    lse[30] -= 1e-2
+    np.save(tmp_path / "lse.npy", lse)
+    args = ["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--grad", tmp_path / "g*.npy",
+            "--shards", "vocab", "--fd", "off"]
+    res = invoke([*args, "--lse", tmp_path / "lse.npy", "--json"])
+    assert res.exit_code == 1, res.output
+    check = next(c for c in json.loads(res.stdout)["checks"] if c["name"] == "lse_vs_reference")
+    assert [e["index"] for e in check["worst"] if not e["ok"]] == [[30]]
+    for i in range(3):  # each rank's copy of the batch's lse
+        np.save(tmp_path / f"lse_{i}.npy", lse)
+    res = invoke([*args, "--lse", tmp_path / "lse_*.npy"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert "--lse: one file of the batch's per-row log-sum-exps with vocabulary shards" in res.stderr

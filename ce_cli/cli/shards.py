@@ -174,13 +174,13 @@ def run_linear_sharded(axis: str | None, files: dict[str, Any], settings: Any, *
                        **flags: Any) -> NoReturn:
     """`linear --shards rows`: HIDDEN, LABELS and --grad-hidden are globs (or one file) of row
     shards; WEIGHT, --bias, --class-weight, --grad-weight, --grad-bias and --loss are one file
-    (or value) for the whole batch (verify/shards_linear.py)."""
+    (or value) for the whole batch (verify/shards/linear_run.py)."""
     import numpy as np
 
     from ce_cli.cli.app import input_specs
     from ce_cli.io.inputs import load_all
     from ce_cli.verify.shards import expand, pair_files
-    from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+    from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
 
     _linear_refusals(axis, files)
     per_token = flags["reduction"].value == "none"  # --loss: files of per-token losses

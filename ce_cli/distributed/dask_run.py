@@ -20,7 +20,7 @@ from typing import Any
 from ce_cli.errors import CeCheckError
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.shards import NO_INPUTS, BatchInputs, ShardedReport, ShardFiles, run_shards
-from ce_cli.verify.shards_linear import LinearBatch, run_linear_shards
+from ce_cli.verify.shards.linear_run import LinearBatch, run_linear_shards
 
 
 def _distributed() -> Any:

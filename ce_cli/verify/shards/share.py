@@ -1,0 +1,142 @@
+"""A shard's check inputs (`ShardInputs`) and its share of the batch's reduced comparisons: each
+shard sums its rows' loss and z-loss floors in its pass (`ShareStage`), and the client compares
+your reduced loss and z-loss once with the merged reference (`batch_checks`), with the single
+process's allowance: the rows' floors summed over the shards, scaled, plus log2(N + 1)
+roundings of the total, as `LossStage` would on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ce_cli.kernels.numerics import loss_sum
+from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.pipeline import Inputs, Run, verify
+from ce_cli.verify.results import CheckResult, Report
+from ce_cli.verify.shards.inputs import BatchInputs
+from ce_cli.verify.shards.plan import ShardPlan
+from ce_cli.verify.stages import LossStage, Stage, ZLossStage, reduced_check, with_normaliser
+from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+
+
+@dataclass(frozen=True)
+class ShardShare:
+    """A shard's share of the batch's reduced comparisons: its rows' loss floors and Q_n
+    (`LossStage`'s, summed), and its reduced z-loss and the z-loss rows' floors; with the
+    problem's grad_scale and normaliser bound, the same in every shard."""
+
+    loss_floor: float = 0.0
+    loss_weight: float = 0.0
+    z_loss: float = 0.0
+    z_loss_floor: float = 0.0
+    grad_scale: float = 1.0
+    normaliser: float = 0.0
+
+
+class ShareStage(Stage):
+    """Collects a `ShardShare` in the shard's streaming pass (the single-process stages' own
+    row floors), and leaves a passing placeholder where the merged check goes."""
+
+    def __init__(self, problem: Any, tols: tuple[Tolerance | None, Tolerance | None],
+                 options: CheckOptions) -> None:
+        loss_tol, z_tol = tols
+        self.problem = problem
+        self.loss = (LossStage(problem, np.zeros(1), loss_tol, 0.0, 1, None,  # type: ignore[arg-type]
+                               options.normaliser_rtol) if loss_tol is not None else None)
+        self.z_loss = (ZLossStage(problem, np.zeros(1), z_tol, 1, 0.0, options.normaliser_rtol)
+                       if z_tol is not None else None)
+
+    def update(self, chunk: Any) -> None:
+        for stage in (self.loss, self.z_loss):
+            if stage is not None:
+                stage.update(chunk)
+
+    def finish(self) -> list[tuple[int, CheckResult]]:
+        names = [n for n, st in (("loss_vs_reference", self.loss),
+                                 ("z_loss_vs_reference", self.z_loss)) if st is not None]
+        return [(2, CheckResult(name=n, ok=True, expected_label="reference", got_label="yours",
+                                max_abs_err=0.0, max_rel_err=0.0, mismatches=0, total=0,
+                                worst=(), rule="merged over the shards")) for n in names]
+
+    def share(self) -> ShardShare:
+        problem, out = self.problem, ShardShare(grad_scale=float(self.problem.grad_scale))
+        if self.loss is not None:
+            weight = self.loss.weight
+            out = replace(out, loss_floor=math.fsum(self.loss.floor.reshape(-1).tolist()),
+                          loss_weight=math.fsum(weight.tolist()) if weight is not None else 0.0,
+                          normaliser=self.loss.normaliser if weight is not None else 0.0)
+        if self.z_loss is not None:
+            out = replace(out, z_loss=float(problem.reduce(loss_sum(self.z_loss.rows))),
+                          z_loss_floor=math.fsum(self.z_loss.floor.tolist()))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ShardInputs:
+    """A shard's part of the batch inputs (by role), how to name them, and the tolerances of
+    the reduced loss and z-loss whose share it collects (None: not given)."""
+
+    arrays: dict[str, np.ndarray]
+    sources: dict[str, str]
+    share_tols: tuple[Tolerance | None, Tolerance | None] = (None, None)
+
+    def run(self, kind: str, echo: dict[str, Any], problem: Any, options: CheckOptions,
+            bridge: tuple[CheckResult, ...] = ()) -> tuple[Run, ShareStage | None]:
+        share = (ShareStage(problem, self.share_tols, options)
+                 if self.share_tols != (None, None) else None)
+        return Run(kind, echo, bridge, stages=(share,) if share else ()), share
+
+
+def share_tols(inputs: BatchInputs, options: CheckOptions
+                ) -> tuple[Tolerance | None, Tolerance | None]:
+    return (None if inputs.loss is None else scalar_tolerance(inputs.loss_dtype, options),
+            None if inputs.z_loss is None else scalar_tolerance(inputs.z_loss_dtype, options))
+
+
+def scalar_tolerance(dtype: str, options: CheckOptions) -> Tolerance:
+    """The tolerance of a compared loss of `dtype` (integers: float64), as in one process."""
+    dt = np.dtype(dtype)
+    precision = options.precision.value if options.precision is not None else None
+    return resolve_tolerance(dt if dt.kind == "f" else np.dtype(np.float64), precision,
+                             options.rtol, options.atol, options.floor_factor)
+
+
+def verified(problem: Any, warnings: list[str], inputs: Inputs, options: CheckOptions,
+              run: tuple[Run, ShareStage | None]) -> tuple[Report, ShardShare]:
+    report = verify(problem, warnings, inputs, options, run[0])
+    return report, run[1].share() if run[1] is not None else ShardShare()
+
+
+def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
+                 options: CheckOptions, total: float) -> dict[str, CheckResult]:
+    """Your reduced loss and z-loss against the merged reference, with the single process's
+    allowance: the rows' floors summed over the shards, scaled, plus log2(N + 1) roundings
+    of the total (the loss: widened by the normaliser bound when only that passes)."""
+    out: dict[str, CheckResult] = {}
+    if not shares:
+        return out
+    first, n = shares[0], max(1, math.prod(plan.shape[:-1]))
+    if inputs.loss is not None:
+        tol = scalar_tolerance(inputs.loss_dtype, options)
+        floors = math.fsum(s.loss_floor for s in shares)
+        weights = math.fsum(s.loss_weight for s in shares)
+
+        def compare(k: float) -> CheckResult:
+            floor = ((floors + k * weights) * first.grad_scale
+                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+            return reduced_check("loss_vs_reference", tol, total, floor, inputs.loss,
+                                 options.loss_atol)
+
+        out["loss_vs_reference"] = with_normaliser(compare, first.normaliser, tol, plan.shape[-1])
+    if inputs.z_loss is not None:
+        tol = scalar_tolerance(inputs.z_loss_dtype, options)
+        z_total = math.fsum(s.z_loss for s in shares)
+        floor = (math.fsum(s.z_loss_floor for s in shares) * abs(first.grad_scale)
+                 + tol.floor_coef * math.log2(n + 1) * abs(z_total))
+        out["z_loss_vs_reference"] = reduced_check("z_loss_vs_reference", tol, z_total, floor,
+                                                   inputs.z_loss, 0.0)
+    return out

@@ -1,0 +1,245 @@
+"""Vocabulary shards (tensor-parallel ranks), split along the class axis.
+
+- pass 1: each shard's per-row max m_i and s1_i, the sum of exp(z - m_i) over its entries but
+  its arg-max, in float64; merged as the kernel merges chunks: m = max m_i,
+  s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m) (* the shard holding m), lse = m + log1p(s1).
+- pass 2: each shard checked on its own with `vocab_offset` and the global lse; class weights
+  enter as each row's weight w_y.
+- your loss: a shard holds part of each row's, so it is compared by the client against the
+  batch's rows L_n = s_n (lse_n - z_y) (`vocab_loss_check`); every shard's loss repeats the
+  lse's part (`reduced_lse`), which the merged loss counts once.
+- your lse: a vocabulary-sharded kernel's per-row lse is the GLOBAL logsumexp (after its
+  all-reduce), compared once with pass 1's (`vocab_lse_check`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ce_cli.errors import CeCheckError
+from ce_cli.models.layout import make_layout, match_batch
+from ce_cli.verify.allowance import normaliser_bound
+from ce_cli.verify.checks import check_grad
+from ce_cli.verify.compare import Comparison
+from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.results import CheckResult, Report
+from ce_cli.verify.shards.files import load
+from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
+from ce_cli.verify.shards.plan import Shard, ShardPlan
+from ce_cli.verify.shards.share import ShardInputs, scalar_tolerance
+from ce_cli.verify.stages import reduced_check, with_normaliser
+
+
+ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
+
+
+def shard_row_stats(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of the shard: m, the max logit, and s1, the sum of exp(z - m) over every entry
+    but one arg-max, in float64 (m = -inf and s1 = 0 for an all -inf row)."""
+    z = load(shard.files.logits, "logits")
+    z = z.reshape(-1, z.shape[-1])
+    n, c = z.shape
+    m, s1 = np.empty(n), np.empty(n)
+    step = max(1, ROW_CHUNK // max(1, c))
+    for start in range(0, n, step):
+        block = np.asarray(z[start:start + step], dtype=np.float64)
+        top = block.max(axis=1)
+        safe = np.where(np.isneginf(top), 0.0, top)
+        with np.errstate(invalid="ignore"):
+            e = np.exp(block - safe[:, None])
+        e[np.arange(len(block)), block.argmax(axis=1)] = 0.0
+        m[start:start + step], s1[start:start + step] = top, e.sum(axis=1)
+    return m, s1
+
+
+def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The global per-row lse from the shards' (m_i, s1_i), merged as the kernel merges chunks:
+    m = max m_i, s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m), lse = m + log1p(s1)."""
+    ms = np.stack([m for m, _ in stats])
+    s1s = np.stack([s for _, s in stats])
+    m = ms.max(axis=0)
+    star = ms.argmax(axis=0)  # the first shard holding the row's max
+    safe = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = (1.0 + s1s) * np.exp(ms - safe)
+    scaled = np.where(np.isneginf(ms), 0.0, scaled)
+    rows = np.arange(ms.shape[1])
+    scaled[star, rows] = s1s[star, rows]
+    return m + np.log1p(scaled.sum(axis=0))
+
+
+def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
+                lse: Any, options: CheckOptions, given: ShardInputs) -> Report:
+    """check_grad with `vocab_offset` and the global lse; class weights enter as the rows'
+    sample weights w_{y_n} (index targets without smoothing: q = w_y e_y, so the row's loss
+    and gradient are w_y times the unweighted ones and 'mean''s D is sum w_y s_n)."""
+    sw = vocab_row_weights(y, given.arrays, options, given.sources["labels"])
+    report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
+                        vocab_offset=shard.offset, lse=np.asarray(lse).reshape(z.shape[:-1]),
+                        sample_weight=None if sw is None else sw.reshape(np.shape(y)))
+    if "weight" not in given.arrays:
+        return report
+    own = "sample_weight" in given.arrays
+    echo = {k: v for k, v in report.options.items() if k != "sample_weighted" or own}
+    warnings = report.warnings
+    if np.any(np.asarray(given.arrays["weight"]) < 0):  # the rows' weights are the class weights'
+        warnings = tuple(w for w in warnings if own or not w.endswith("negative sample weights"))
+        warnings += (f"{given.sources['weight']}: negative class weights",)
+    return replace(report, options={**echo, "weighted": True}, warnings=warnings)
+
+
+def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
+                      source: str) -> np.ndarray | None:
+    """Each row's weight on vocabulary shards: w_{y_n} s_n (None without either)."""
+    sw = arrays.get("sample_weight")
+    if "weight" not in arrays:
+        return None if sw is None else np.asarray(sw, dtype=np.float64).reshape(-1)
+    flat = np.asarray(y).reshape(-1)
+    rows = target_weights(flat, flat != options.ignore_index, arrays["weight"], source)
+    if sw is not None:
+        s = np.asarray(sw, dtype=np.float64).reshape(-1)
+        if s.shape != rows.shape:
+            raise CeCheckError(f"sample_weight: shape {np.shape(sw)} does not match the labels "
+                               f"{np.shape(y)}")
+        rows = rows * s
+    return rows
+
+
+@dataclass(frozen=True, eq=False)
+class VocabRows:
+    """A vocabulary shard's per-row share of the rows' losses: z_y where the label is one of its
+    columns (0 elsewhere), its largest finite |z|; shard 0 adds the global lse, each row's
+    weight s_n w_y (1 unweighted, 0 where ignored) and whether sample weights were given."""
+
+    z_y: np.ndarray
+    zabs: np.ndarray
+    lse: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    sample_weighted: bool = False
+
+
+def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
+                    inputs: BatchInputs = NO_INPUTS) -> VocabRows:
+    """The shard's `VocabRows` (a pass over its logits, in row blocks)."""
+    z = load(shard.files.logits, "logits")
+    z = z.reshape(-1, z.shape[-1])
+    y = load(shard.files.labels, "labels").reshape(-1)
+    valid = y != options.ignore_index
+    inside = valid & (y >= shard.offset) & (y < shard.offset + z.shape[1])
+    z_y, zabs = np.zeros(len(y)), np.empty(len(y))
+    rows = np.flatnonzero(inside)
+    z_y[rows] = np.asarray(z[rows, y[rows] - shard.offset], dtype=np.float64)
+    step = max(1, ROW_CHUNK // max(1, z.shape[1]))
+    for a in range(0, len(y), step):
+        block = np.abs(np.asarray(z[a:a + step], dtype=np.float64))
+        zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
+    if shard.index:
+        return VocabRows(z_y, zabs)
+    arrays = shard_arrays(shard, inputs)
+    s = vocab_row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    weight = np.where(valid, s if s is not None else 1.0, 0.0)
+    return VocabRows(z_y, zabs, np.asarray(lse, dtype=np.float64).reshape(-1), weight,
+                     "sample_weight" in arrays)
+
+
+def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
+                     options: CheckOptions, total: float) -> CheckResult:
+    """Your loss against the batch's rows L_n = s_n (lse_n - z_y), each allowed the single
+    process's floor k eps (|L_n| + S_n (1 + |lse_n|)), plus 2 S_n max|z| with sample weights
+    (S_n = |s_n w_y|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings of the total;
+    widened by the normaliser bound when only that passes, as `LossStage`."""
+    first = parts[0]
+    assert first.lse is not None and first.weight is not None
+    z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
+    zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
+    S = np.abs(first.weight)
+    per_row = np.where(S != 0, first.weight * (first.lse - z_y), 0.0)
+    n_classes = plan.shape[-1]
+    got: Any
+    if options.reduction.value == "none":
+        got = _vocab_user_losses(plan, inputs)
+        tol = scalar_tolerance(str(got.dtype), options)
+    else:
+        got, tol = inputs.loss, scalar_tolerance(inputs.loss_dtype, options)
+    floor = tol.floor_coef * (np.abs(per_row) + S * (1.0 + np.abs(first.lse))
+                              + (2.0 * S * zabs if first.sample_weighted else 0.0))
+    normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
+    if options.reduction.value == "none":
+        shape = plan.shape[:-1]
+
+        def compare(k: float) -> CheckResult:
+            cmp = Comparison("loss_vs_reference", tol,
+                             lambda r, c: tuple(int(i) for i in np.unravel_index(r, shape)),
+                             expected_label="reference", got_label="yours", n_worst=options.worst,
+                             extra_atol=options.loss_atol, beyond_range=True)
+            cmp.update(0, per_row, got, floor + k * S)
+            return cmp.result()
+    else:
+        D = float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0
+        scale = 1.0 / D if D else 0.0
+        n = max(1, len(per_row))
+
+        def compare(k: float) -> CheckResult:
+            bound = ((float(np.sum(floor)) + k * float(np.sum(S))) * scale
+                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+            return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
+    return with_normaliser(compare, normaliser, tol, n_classes)
+
+
+def _vocab_user_losses(plan: ShardPlan, inputs: BatchInputs) -> np.ndarray:
+    """Your per-sample losses of the batch (one file), as (N,) rows."""
+    path = inputs.files("loss")[0]
+    source = f"loss file '{path}'"
+    got = load(path, "loss")
+    if got.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+    if got.shape != plan.shape[:-1] and got.shape != (math.prod(plan.shape[:-1]),):
+        raise CeCheckError(f"{source}: shape {got.shape}; reduction 'none' gives per-sample "
+                           f"losses of the batch's shape {plan.shape[:-1]}")
+    return got.reshape(-1)
+
+
+def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[int, ...],
+                    path: str) -> CheckResult:
+    """Your per-row lse (one file of the batch's) against the global lse of pass 1, as
+    `LseStage` compares it in one process: the rows whose target is not ignored, each allowed
+    k eps (1 + |lse_n|) plus the normaliser bound of the batch's C classes."""
+    source = f"lse file '{path}'"
+    layout = make_layout(shape, -1, source)
+    got = np.asarray(load(path, "lse"))
+    if got.dtype.kind not in "iuf":
+        raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+    got = match_batch(got, layout, source, "the per-row log-sum-exp")
+    tol = scalar_tolerance(str(got.dtype), options)
+    ref = np.asarray(lse, dtype=np.float64).reshape(-1)
+    valid = np.asarray(load(shard.files.labels, "labels")).reshape(-1) != options.ignore_index
+    normaliser = normaliser_bound(tol, shape[-1], options.normaliser_rtol)
+    floor = np.where(valid, tol.floor_coef * (1.0 + np.abs(ref)) + normaliser, 0.0)
+    cmp = Comparison("lse_vs_reference", tol, lambda r, c: layout.batch_index(r),
+                     expected_label="reference", got_label="yours", n_worst=options.worst)
+    cmp.update(0, ref, np.where(valid, np.asarray(got, dtype=np.float64), ref), floor)
+    return cmp.result()
+
+
+def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
+                inputs: BatchInputs = NO_INPUTS) -> float:
+    """The reduced loss of lse alone (sum over the rows whose target is not ignored of s_n
+    lse_n, / D for 'mean'): each vocabulary shard's loss holds it once."""
+    y = load(shard.files.labels, "labels").reshape(-1)
+    valid = y != options.ignore_index
+    s = vocab_row_weights(y, shard_arrays(shard, inputs), options,
+                          f"labels file '{shard.files.labels}'")
+    values = np.asarray(lse).reshape(-1)[valid]
+    if s is not None:
+        values = values * s[valid]
+    total = math.fsum(values.tolist())
+    if options.reduction.value == "mean":
+        # D as the shard's check forms it (np.sum of the rows' weights), so that it cancels
+        count = float(np.sum(np.ones(int(np.count_nonzero(valid))) * s[valid])) if s is not None \
+            else int(np.count_nonzero(valid))
+        return total / count if count else 0.0
+    return total
