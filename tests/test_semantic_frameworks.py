@@ -145,3 +145,24 @@ def test_planted_bugs_in_float32_training_code_gradients_are_caught(bug):
             missed.append(Path(path).stem)
     assert tried >= 4
     assert not missed, missed
+
+
+KL = [p for p in F32 if "_t5x_" in Path(p).stem and "plain" not in Path(p).stem]
+
+
+@pytest.mark.parametrize("path", KL[:6], ids=lambda p: Path(p).stem)
+def test_t5x_kl_loss_is_named(path):
+    """T5X reports each token's loss minus the smoothed targets' entropy: the loss check fails
+    (it is not the cross-entropy) and says what it is; the same loss off by as much again
+    gets no such note."""
+    arrays, opts = _case(path)
+    assert "loss_kl" in arrays
+    report = _check(dict(arrays, loss=arrays["loss_kl"]), opts)
+    bad = [c for c in report.checks if not c.ok]
+    assert [c.name for c in bad] == ["loss_vs_reference"]
+    assert "smoothed targets' entropy" in bad[0].note and "T5X" in bad[0].note
+    off = 2.0 * arrays["loss_kl"].astype(np.float64) - arrays["loss"]
+    report = _check(dict(arrays, loss=off.astype(np.float32)), opts)
+    bad = [c for c in report.checks if not c.ok]
+    assert [c.name for c in bad] == ["loss_vs_reference"]
+    assert "entropy" not in bad[0].note

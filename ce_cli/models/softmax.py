@@ -18,6 +18,8 @@ a - 1 = -s1 / (1 + s1) is formed without cancellation (the expm1(log a_y) of the
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -156,6 +158,23 @@ class SoftmaxCE(RowMatrix):
             alpha = np.where(valid, (1.0 - eps) * wy, 0.0)
             beta = np.where(valid, eps / C, 0.0)
         return alpha, beta, ys
+
+    def targets_entropy(self) -> np.ndarray | None:
+        """Per row s_n H(q) (0 for ignored rows), H(q) = -sum_c q_c log q_c of the smoothed
+        one-hot targets: what T5X and Flax subtract from each token's loss (their loss is the
+        KL divergence, the gradient the same). None without smoothing, with probability
+        targets, class weights or a vocabulary shard."""
+        eps, C = self.smoothing, self.n_classes
+        if not eps or C < 2 or self.probs is not None or self.weight is not None \
+                or self.sem.vocab_offset is not None:
+            return None
+        if self.sem.smoothing_form == "others":
+            on, off = 1.0 - eps, eps / (C - 1)
+        else:
+            on, off = 1.0 - eps + eps / C, eps / C
+        h = -(C - 1) * off * math.log(off) - (on * math.log(on) if on > 0 else 0.0)
+        rows = np.arange(self.n_rows)
+        return np.where(self.valid, h * self.sem.row_weight(rows), 0.0)
 
     def _smoothed(self, t: np.ndarray, w: np.ndarray | None) -> np.ndarray:
         """Probability targets as the loss weighs them: (t (1 - eps) + eps/C) w."""

@@ -215,18 +215,34 @@ class LossStage(Stage):
         def compare(k: float) -> CheckResult:
             return self._compare(self.floor + k * weight if k and weight is not None else self.floor)
 
-        return [(2, with_normaliser(compare, self.normaliser if weight is not None else 0.0,
-                                    self.tol, self.problem.n_classes))]
+        result = with_normaliser(compare, self.normaliser if weight is not None else 0.0,
+                                 self.tol, self.problem.n_classes)
+        return [(2, result if result.ok else self._entropy_note(result))]
 
-    def _compare(self, row_floor: np.ndarray) -> CheckResult:
+    def _entropy_note(self, result: CheckResult) -> CheckResult:
+        """A failed loss that is the reference minus the smoothed targets' entropy (T5X and
+        Flax report that KL divergence): still a failure, saying so."""
+        h = getattr(self.problem, "targets_entropy", lambda: None)()
+        if h is None or not self._compare(self.floor, shift=h).ok:
+            return result
+        each = self.problem.reduction == "none"
+        offset = float(h.max()) if each else self.problem.reduce(math.fsum(h))
+        return replace(result, note=(
+            f"yours is the reference minus the smoothed targets' entropy ({offset:.6g}"
+            f"{' per sample at most' if each else ''}): a KL divergence, as T5X and Flax report "
+            "it; the gradient is the same"))
+
+    def _compare(self, row_floor: np.ndarray, shift: np.ndarray | None = None) -> CheckResult:
+        """Your loss against the reference (minus `shift` per row, when given)."""
         problem = self.problem
         if problem.reduction == "none":
             cmp = _comparison("loss_vs_reference", self.tol, problem.per_sample_index, self.worst,
                               user=True, extra_atol=self.loss_atol, beyond_range=True)
             assert self.per_sample is not None  # kept for 'none'
-            cmp.update(0, self.per_sample, self.loss, row_floor)
+            ref = self.per_sample if shift is None else self.per_sample - shift
+            cmp.update(0, ref, self.loss, row_floor)
             return cmp.result()
-        total = problem.reduce(self.total.total())
+        total = problem.reduce(self.total.total() - (math.fsum(shift) if shift is not None else 0.0))
         n = max(1, problem.n_rows)
         # a reduction in the user's precision adds about log2(N) roundings of the total
         floor = (float(np.sum(row_floor)) * problem.grad_scale
