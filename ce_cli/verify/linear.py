@@ -83,10 +83,7 @@ def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE, n_terms: 
     the n_terms products each entry sums (rows for dL/dW and dL/db, the vocabulary for dL/dH):
     4 log2(n) units of the accumulating precision (float32 for float32 and narrower outputs),
     as a blocked or pairwise GEMM of a correct kernel rounds that much of sum |G| |x|."""
-    precision = opts.precision.value if opts.precision is not None else None
-    if precision is None and np.dtype(dtype).name == "bfloat16":  # ml_dtypes: not kind "f"
-        precision = "bf16"
-    tol = resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
+    tol = opts.tolerance(dtype)
     cw = float(np.abs(problem.class_weight).max()) if problem.class_weight is not None else 1.0
     tol = replace(tol, tiny=tol.tiny * max(1.0, tol.floor_factor / 2.0 * (1.0 + cw * problem.grad_scale)))
     if opts.floor_factor is not None or tol.eps <= 0:
@@ -1047,9 +1044,7 @@ def _user_loss(problem: LinearCE, loss: Any, source: str, opts: CheckOptions
     elif arr.size != 1:
         raise CeCheckError(f"{source}: shape {arr.shape}; reduction '{problem.reduction}' gives a "
                            "scalar loss (use `reduction=none` for per-sample losses)")
-    dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
-    precision = opts.precision.value if opts.precision is not None else None
-    return arr, resolve_tolerance(dtype, precision, opts.rtol, opts.atol, opts.floor_factor)
+    return arr, opts.tolerance(arr.dtype)
 
 
 def _loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance], ref_loss: float,

@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
+
 from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
 from ce_cli.models.semantics import validate_scalars
-from ce_cli.verify.tolerance import parse_precision
+from ce_cli.verify.tolerance import Tolerance, parse_precision, resolve_tolerance
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,17 @@ class CheckOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def tolerance(self, dtype: Any) -> Tolerance:
+        """The tolerance of a compared array stored as `dtype` (not floating point: float64;
+        bfloat16 kept as ml_dtypes': bf16), with this check's precision, rtol, atol, k."""
+        dt = np.dtype(dtype)
+        precision = self.precision.value if self.precision is not None else None
+        if dt.name == "bfloat16":  # ml_dtypes' type is not of kind "f"
+            precision = precision or "bf16"
+        elif dt.kind != "f":
+            dt = np.dtype(np.float64)
+        return resolve_tolerance(dt, precision, self.rtol, self.atol, self.floor_factor)
 
 
 FIELDS = frozenset(f.name for f in fields(CheckOptions))

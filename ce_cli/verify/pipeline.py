@@ -27,7 +27,7 @@ from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStag
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad, semantic_stages)
 from ce_cli.verify.threads import numpy_threads, ordered_map, pool_plan
-from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+from ce_cli.verify.tolerance import Tolerance
 
 # float64 entries per row chunk: the chunk's ~10 buffers live in L3 either way (2 MB of L2 a core
 # here); 2 MB buffers halve the Python and GIL hand-overs per entry (4096x32000 grad: 1 thread
@@ -140,7 +140,7 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
     if mode in ("sample", "directional"):
         stages.append(SampledFDStage(problem, user, options.worst, options.samples, options.seed,
                                      grad_stage))
-    stages += semantic_stages(problem, inputs, options, _tolerance)
+    stages += semantic_stages(problem, inputs, options)
     if run.out_grad is not None:
         stages.append(OutGradStage(run.out_grad, tuple(inputs.logits.shape), problem.layout))
     if run.progress is not None:
@@ -243,7 +243,7 @@ def _user_grad(problem, inputs: Inputs, options: CheckOptions) -> UserGrad | Non
         raise CeCheckError(f"{src}: dtype {grad.dtype} is not floating point")
     if grad.shape != inputs.logits.shape:
         raise CeCheckError(f"{src}: shape {grad.shape} does not match the logits {inputs.logits.shape}")
-    tol = _tolerance(grad.dtype, options)
+    tol = options.tolerance(grad.dtype)
     # each rounding of a subnormal errs by up to tiny/2; exp, /sum and *w chain three of them
     # and a weight Q multiplies the earlier ones: (k/2)*(1 + Q*scale) tiny covers it
     tol = replace(tol, tiny=tol.tiny * max(
@@ -264,12 +264,9 @@ def _user_loss(problem, inputs: Inputs, options: CheckOptions) -> tuple[np.ndarr
     elif loss.size != 1:
         raise CeCheckError(f"{src}: shape {loss.shape}; reduction '{problem.reduction}' gives a "
                            "scalar loss (use `reduction=none` for per-sample losses)")
-    return loss, _tolerance(loss.dtype if loss.dtype.kind == "f" else np.dtype(np.float64), options)
+    return loss, options.tolerance(loss.dtype)
 
 
-def _tolerance(dtype: np.dtype, options: CheckOptions) -> Tolerance:
-    precision = options.precision.value if options.precision is not None else None
-    return resolve_tolerance(dtype, precision, options.rtol, options.atol, options.floor_factor)
 
 
 def _input_infos(inputs: Inputs) -> tuple[InputInfo, ...]:

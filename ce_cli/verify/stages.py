@@ -558,15 +558,14 @@ class ZLossStage(Stage):
                                   self.loss_atol))]
 
 
-def semantic_stages(problem, inputs, options, tolerance: Callable[..., Tolerance]) -> list[Stage]:
+def semantic_stages(problem, inputs, options) -> list[Stage]:
     """The lse and z-loss comparisons the inputs ask for (`inputs.lse`, `inputs.z_loss_value`)."""
     out: list[Stage] = []
     src = inputs.sources
     if getattr(inputs, "lse", None) is not None:
         name = src.get("lse", "lse")
         lse = _row_values(problem, inputs.lse, name, "the per-row log-sum-exp")
-        dtype = lse.dtype if lse.dtype.kind == "f" else np.dtype(np.float64)
-        out.append(LseStage(problem, lse, tolerance(dtype, options), options.worst,
+        out.append(LseStage(problem, lse, options.tolerance(lse.dtype), options.worst,
                             options.normaliser_rtol))
     value = getattr(inputs, "z_loss_value", None)
     if value is not None:
@@ -581,7 +580,6 @@ def semantic_stages(problem, inputs, options, tolerance: Callable[..., Tolerance
         elif arr.size != 1:
             raise CeCheckError(f"{name}: shape {arr.shape}; reduction '{problem.reduction}' gives "
                                "a scalar z-loss")
-        dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
-        out.append(ZLossStage(problem, arr, tolerance(dtype, options), options.worst, 0.0,
+        out.append(ZLossStage(problem, arr, options.tolerance(arr.dtype), options.worst, 0.0,
                               options.normaliser_rtol))
     return out

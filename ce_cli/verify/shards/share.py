@@ -20,7 +20,7 @@ from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.inputs import BatchInputs
 from ce_cli.verify.shards.plan import ShardPlan
 from ce_cli.verify.stages import LossStage, Stage, ZLossStage, reduced_check, with_normaliser
-from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+from ce_cli.verify.tolerance import Tolerance
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,8 @@ class ShardInputs:
 
 def share_tols(inputs: BatchInputs, options: CheckOptions
                 ) -> tuple[Tolerance | None, Tolerance | None]:
-    return (None if inputs.loss is None else scalar_tolerance(inputs.loss_dtype, options),
-            None if inputs.z_loss is None else scalar_tolerance(inputs.z_loss_dtype, options))
-
-
-def scalar_tolerance(dtype: str, options: CheckOptions) -> Tolerance:
-    """The tolerance of a compared loss of `dtype` (integers: float64), as in one process."""
-    dt = np.dtype(dtype)
-    precision = options.precision.value if options.precision is not None else None
-    return resolve_tolerance(dt if dt.kind == "f" else np.dtype(np.float64), precision,
-                             options.rtol, options.atol, options.floor_factor)
+    return (None if inputs.loss is None else options.tolerance(inputs.loss_dtype),
+            None if inputs.z_loss is None else options.tolerance(inputs.z_loss_dtype))
 
 
 def verified(problem: Any, warnings: list[str], inputs: Inputs, options: CheckOptions,
@@ -121,7 +113,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
         return out
     first, n = shares[0], max(1, math.prod(plan.shape[:-1]))
     if inputs.loss is not None:
-        tol = scalar_tolerance(inputs.loss_dtype, options)
+        tol = options.tolerance(inputs.loss_dtype)
         floors = math.fsum(s.loss_floor for s in shares)
         weights = math.fsum(s.loss_weight for s in shares)
 
@@ -133,7 +125,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
 
         out["loss_vs_reference"] = with_normaliser(compare, first.normaliser, tol, plan.shape[-1])
     if inputs.z_loss is not None:
-        tol = scalar_tolerance(inputs.z_loss_dtype, options)
+        tol = options.tolerance(inputs.z_loss_dtype)
         z_total = math.fsum(s.z_loss for s in shares)
         floor = (math.fsum(s.z_loss_floor for s in shares) * abs(first.grad_scale)
                  + tol.floor_coef * math.log2(n + 1) * abs(z_total))

@@ -30,7 +30,7 @@ from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.files import load
 from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
-from ce_cli.verify.shards.share import ShardInputs, scalar_tolerance
+from ce_cli.verify.shards.share import ShardInputs
 from ce_cli.verify.stages import reduced_check, with_normaliser
 
 
@@ -162,9 +162,9 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
     got: Any
     if options.reduction.value == "none":
         got = _vocab_user_losses(plan, inputs)
-        tol = scalar_tolerance(str(got.dtype), options)
+        tol = options.tolerance(got.dtype)
     else:
-        got, tol = inputs.loss, scalar_tolerance(inputs.loss_dtype, options)
+        got, tol = inputs.loss, options.tolerance(inputs.loss_dtype)
     floor = tol.floor_coef * (np.abs(per_row) + S * (1.0 + np.abs(first.lse))
                               + (2.0 * S * zabs if first.sample_weighted else 0.0))
     normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
@@ -214,7 +214,7 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
     if got.dtype.kind not in "iuf":
         raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
     got = match_batch(got, layout, source, "the per-row log-sum-exp")
-    tol = scalar_tolerance(str(got.dtype), options)
+    tol = options.tolerance(got.dtype)
     ref = np.asarray(lse, dtype=np.float64).reshape(-1)
     valid = np.asarray(load(shard.files.labels, "labels")).reshape(-1) != options.ignore_index
     normaliser = normaliser_bound(tol, shape[-1], options.normaliser_rtol)
