@@ -1,8 +1,10 @@
-/* The row kernel, written once over a lane count. _fused.c includes this file once per target
+/* The row kernel, written once over a lane count. Each target's translation unit (_fused_avx512.c,
+ * _fused_avx2.c, _fused_base.c, _fused_scalar.c) includes _fused.h, then this file once per target
  * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
  * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_, unit_funcs_ and
  * cap_funcs_<CE_SFX> (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p and the
- * soft-cap's tanh/sech^2 for the tests) and nothing else that outlives the inclusion.
+ * soft-cap's tanh/sech^2 for the tests; extern, declared in _fused.h) and nothing else that
+ * outlives the inclusion.
  *
  * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
  * in the same order for every lane count, and the only sums across entries (s1 and the label
@@ -395,7 +397,7 @@ static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double ca
 
 /* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
  * tests' ulp measurement against numpy. */
-static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
+CE_ENTRY void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         vd z, dz;
         T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), splat(1.0 / cap), &z, &dz);
@@ -405,7 +407,7 @@ static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out
 }
 
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
-static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
+CE_ENTRY void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         vd e = T(vexp_neg)(-vabs(splat(x[i])), 0);
         out_exp[i] = e[0];
@@ -1011,7 +1013,7 @@ static __attribute__((noinline)) int T(bce_row_transformed)(const ce_args *a, do
  * the row's minimum and maximum into row_min and row_max (NaN as the maximum when the row holds
  * one) and, when q_total is given, numpy's pairwise row sum there (np.sum's bits, as the row
  * kernel's Q). One pass over the inputs, for the checks made before the stream. */
-static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+CE_ENTRY int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     (void)work;
     (void)stop;
     const int64_t C = a->n_cols;
@@ -1074,7 +1076,7 @@ static __attribute__((noinline)) int64_t T(bce_plain_rows)(const ce_args *a, dou
 
 /* Sigmoid BCE rows: plain ones and those on z = T(x) (a->ext with a scale or softcap) in
  * functions apart (the plain loop's code is the one it had alone). */
-static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+CE_ENTRY int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
         return T(bce_transformed_rows)(a, work, r0, r1, stop);
     return T(bce_plain_rows)(a, work, r0, r1, stop);
@@ -1097,7 +1099,7 @@ static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *w
 
 /* Softmax rows; those with training-code terms in loops of their own (functions apart, so the
  * plain loop's code and registers stay as they were). */
-static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+CE_ENTRY int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->ext && a->softcap != 0.0) return T(capped_rows)(a, work, r0, r1, stop);
     if (a->ext && a->x_scale != 1.0) return T(scaled_rows)(a, work, r0, r1, stop);
     if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
