@@ -5,7 +5,9 @@ kernel (ce_cli/kernels/compiled.py explains the difference). The kernel is built
 every target this compiler can (avx512, avx2, sse2 or neon, scalar) and picks one at run time.
 Each target is a translation unit of its own (ce_cli/kernels/_fused_<target>.c, the row kernel
 in _fused_row.h); ParallelBuildExt compiles them at the same time, as many as there are cores,
-then links them with the dispatch (_fused.c) into one shared object.
+then links them with the dispatch (_fused.c) into one shared object. Without debug information
+(`-g0`, the same machine code, a quarter less compile time) unless CFLAGS asks for it
+(`CFLAGS=-g pip install -e .`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = "ce_cli/kernels/"
+# IEEE rounding of every operation: no -ffast-math, no contraction into FMA
+COMPILE_ARGS = ["-O3", "-ffp-contract=off", "-Wno-psabi", "-pthread"]
+if "-g" not in os.environ.get("CFLAGS", "").split():
+    COMPILE_ARGS.append("-g0")  # after Python's own CFLAGS, which hold -g
 
 
 def _cores() -> int:
@@ -61,8 +67,7 @@ setup(
                 KERNELS + "_fused_scalar.c",
                 KERNELS + "_fused.c",
             ],
-            # IEEE rounding of every operation: no -ffast-math, no contraction into FMA
-            extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi", "-pthread"],
+            extra_compile_args=COMPILE_ARGS,
             extra_link_args=["-pthread"],
             depends=[KERNELS + "_fused.h", KERNELS + "_fused_row.h"],
             optional=True,
