@@ -6,7 +6,7 @@ every target this compiler can (avx512, avx2, sse2 or neon, scalar) and picks on
 Each target is a translation unit of its own (ce_cli/kernels/_fused_<target>.c, the row kernel
 in _fused_row.h); ParallelBuildExt compiles them at the same time, as many as there are cores,
 then links them with the dispatch (_fused.c) into one shared object. Without debug information
-(`-g0`, the same machine code, a quarter less compile time) unless CFLAGS asks for it
+(`-g0`: the same machine code, a quarter less compile time) unless CFLAGS asks for it
 (`CFLAGS=-g pip install -e .`).
 """
 
@@ -22,7 +22,7 @@ from setuptools.command.build_ext import build_ext
 KERNELS = "ce_cli/kernels/"
 # IEEE rounding of every operation: no -ffast-math, no contraction into FMA
 COMPILE_ARGS = ["-O3", "-ffp-contract=off", "-Wno-psabi", "-pthread"]
-if "-g" not in os.environ.get("CFLAGS", "").split():
+if not any(flag.startswith("-g") for flag in os.environ.get("CFLAGS", "").split()):
     COMPILE_ARGS.append("-g0")  # after Python's own CFLAGS, which hold -g
 
 
@@ -40,7 +40,9 @@ class ParallelBuildExt(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         compile_serial = self.compiler.compile
-        workers = self.parallel if isinstance(self.parallel, int) and self.parallel > 0 else _cores()
+        workers = self.parallel  # build_ext --parallel N; True or unset: one per core
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            workers = _cores()
 
         def compile_parallel(sources: list[str], *args: Any, **kwargs: Any) -> list[str]:
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sources)))) as pool:
