@@ -14,155 +14,24 @@
  * Built without -ffast-math and with -ffp-contract=off: every operation is IEEE-rounded, so a
  * row computed twice (once for statistics, once for its worst entries) gives the same bits.
  *
- * One row kernel (_fused_row.h), compiled here once per target and chosen at run time:
+ * One row kernel (_fused_row.h), compiled once per target and chosen at run time:
  *   avx512  x86-64-v4, 8 lanes      avx2  x86-64-v3, 4 lanes      (GCC >= 12 on x86-64)
  *   sse2    x86-64 baseline, 2 lanes          neon  AArch64 baseline, 2 lanes
  *   scalar  1 lane, any CPU and C compiler
- * Every target gives the same bits (see _fused_row.h). ce_select_target picks one by name, the
- * best this CPU runs by default; ce_softmax_rows calls it through a function pointer and splits
- * the rows over ce_args.n_threads threads.
+ * Every target gives the same bits (see _fused_row.h). Each target is a translation unit of its
+ * own (_fused_avx512.c, _fused_avx2.c, _fused_base.c, _fused_scalar.c; setup.py compiles them in
+ * parallel and links them with this file, which holds the dispatch, the threads and the exported
+ * functions, into one shared object). ce_select_target picks a target by name, the best this
+ * CPU runs by default; ce_softmax_rows calls it through a function pointer and splits the rows
+ * over ce_args.n_threads threads.
  */
-#include <math.h>
 #include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#define BLOCK 128  /* entries per block of the row sums */
+#include "_fused.h"
 
-typedef struct {
-    int64_t n_rows, n_cols;
-    const void *z;            /* (R, C) row-major logits, float32 or float64 */
-    int64_t z_is_f32;
-    const void *g;            /* (R, C) row-major user gradient, or NULL */
-    int64_t g_is_f32;
-    const double *alpha;      /* (R,) (1 - eps) * w_y, 0 for ignored rows */
-    const double *beta;       /* (R,) eps / C, 0 for ignored rows */
-    const int64_t *ys;        /* (R,) target class (0 for ignored rows) */
-    const uint8_t *active;    /* (R,) row contributes */
-    const double *w;          /* (C,) class weights, or NULL */
-    double w_sum;             /* sum of w, or C */
-    double scale;             /* d(reduced loss)/d(loss_n) */
-    double rtol, abs_tol;     /* tolerance: rtol * |ref| + abs_tol + floor */
-    double floor_coef;        /* k * eps */
-    double *loss, *row_max, *log1p_s1;        /* (R,) outputs */
-    double *ratio_max, *max_abs, *max_rel;    /* (R,) outputs when g is given */
-    int64_t *mismatches, *nonfinite;          /* (R,) outputs when g is given */
-    double *out_ref, *out_floor;              /* (R, C) reference gradient and floor, or NULL */
-    double *out_tol, *out_ratio;              /* (R, C) allowed error and |err| / allowed, or NULL */
-    double *work;                             /* (WORK_SIZE(C),) scratch of the first thread */
-    int64_t n_threads;                        /* threads to split the rows over; <= 1: this one */
-    /* softmax with probability targets: q (R, C) dense target weights (float32 when q_is_f32,
-     * else float64), q_total (R,) their sums, numpy's pairwise row sums: given, or written here
-     * when q_sum_here (alpha, beta, ys unused); NULL for index targets */
-    const void *q;
-    double *q_total;
-    /* sigmoid BCE (ce_bce_rows): labels (R, C), weights (R, C) or NULL, pos_weight (C,) or NULL;
-     * outputs: per-element losses and |coef w| (R, C) or NULL, their row sums in loss, total_w */
-    const void *y_bin;        /* float32 when y_is_f32, else float64 */
-    const double *w_bin, *pos_w;
-    double *out_items, *out_item_w, *total_w;
-    int64_t y_is_f32;
-    int64_t q_is_f32, q_sum_here;
-    double *row_min;          /* (R,) ce_scan_rows_on's row minima */
-    /* softmax training-code terms (numpy_softmax.semantic_rows) when ext: logits z = x_scale x,
-     * z-loss coefficient z_loss, sample weights s_w (R,) or NULL (1); outputs total_w (R,)
-     * s (Q + 2 z_loss v lse) and row_zabs (R,) the largest finite |z| */
-    int64_t ext;
-    double x_scale, z_loss;
-    const double *s_w;
-    double *row_zabs;
-    double softcap;           /* ext: z = softcap tanh(x_scale x / softcap) when > 0 */
-    double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
-    /* sigmoid BCE on z = T(x) (ext with x_scale, softcap): (R,) sum |coef w|, sum g1 */
-    double *row_mag, *row_g1;
-} ce_args;
-
-/* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
- * a soft-capped row's z and dz (2 C) */
-#define WORK_SIZE(C) (3 * (C) + 8 + 2 * ((C) / BLOCK + 1))
 /* a thread gets at least this many entries (fewer threads for small calls) */
 #define MIN_ENTRIES_PER_THREAD (1 << 14)
 #define CLAIM_ENTRIES (1 << 16)  /* rows a thread claims at once: about this many entries */
-
-/* 2^(j/8), j = 0..7, as hi + lo (the pair carries ~106 bits) */
-static const double CE_EXP2_HI[8] = {
-    0x1.0000000000000p+0, 0x1.172b83c7d517bp+0, 0x1.306fe0a31b715p+0, 0x1.4bfdad5362a27p+0,
-    0x1.6a09e667f3bcdp+0, 0x1.8ace5422aa0dbp+0, 0x1.ae89f995ad3adp+0, 0x1.d5818dcfba487p+0};
-static const double CE_EXP2_LO[8] = {
-    0x0.0p+0, -0x1.19041b9d78a76p-55, 0x1.6f46ad23182e4p-55, 0x1.d4397afec42e2p-56,
-    -0x1.bdd3413b26456p-54, 0x1.6e9f156864b27p-54, 0x1.7a1cd345dcc81p-54, 0x1.2ed02d75b3707p-55};
-
-/* Pairwise sum of b[0..n), in place. */
-static double ce_pairwise(double *b, int64_t n) {
-    if (n == 0) return 0.0;
-    while (n > 1) {
-        int64_t h = n / 2;
-        for (int64_t i = 0; i < h; i++) b[i] = b[2 * i] + b[2 * i + 1];
-        if (n % 2) b[h] = b[n - 1];
-        n -= h;
-    }
-    return b[0];
-}
-
-typedef int64_t (*rows_fn)(const ce_args *, double *, int64_t, int64_t, int64_t *);
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define CE_HAVE_SHUFFLE 1  /* __builtin_shuffle with variable indices */
-#else
-#define CE_HAVE_SHUFFLE 0
-#endif
-
-/* ---------------------------------------------------------------- the targets */
-
-#define CE_W 1
-#define CE_SFX scalar
-#include "_fused_row.h"
-
-#if defined(__x86_64__) && defined(__SSE2__)
-#define CE_W 2
-#define CE_SFX sse2
-#include "_fused_row.h"
-#define CE_HAVE_SSE2 1
-#endif
-
-#if defined(__aarch64__) && defined(__ARM_NEON)
-#define CE_W 2
-#define CE_SFX neon
-#include "_fused_row.h"
-#define CE_HAVE_NEON 1
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define CE_HAVE_X86_V3_V4 1
-#include <immintrin.h>
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-#define CE_W 4
-#define CE_SFX avx2
-/* GCC 12 converts 4 floats in two 128-bit halves: one vcvtps2pd ymm instead */
-#define CE_CVT_PS_PD(f) _mm256_cvtps_pd((__m128)(f))
-#define CE_ANY(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
-#define CE_MAXPD(a, b) _mm256_max_pd((__m256d)(a), (__m256d)(b))
-#define CE_ALL_LT2(d, a, b)                                                         \
-    (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd((__m256d)(d), (__m256d)(a), _CMP_LT_OQ), \
-                                      _mm256_cmp_pd((__m256d)(d), (__m256d)(b), _CMP_LT_OQ))) == 15)
-#include "_fused_row.h"
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-#define CE_W 8
-#define CE_SFX avx512
-#define CE_CVT_PS_PD(f) _mm512_cvtps_pd((__m256)(f))  /* one vcvtps2pd zmm, as for avx2 */
-#define CE_ANY(m) (_mm512_test_epi64_mask((__m512i)(m), (__m512i)(m)) != 0)
-#define CE_MAXPD(a, b) _mm512_max_pd((__m512d)(a), (__m512d)(b))
-#define CE_ALL_LT2(d, a, b)                                                              \
-    (_mm512_mask_cmp_pd_mask(_mm512_cmp_pd_mask((__m512d)(d), (__m512d)(a), _CMP_LT_OQ), \
-                             (__m512d)(d), (__m512d)(b), _CMP_LT_OQ) == 0xff)
-#include "_fused_row.h"
-#pragma GCC pop_options
-#endif
 
 /* ---------------------------------------------------------------- dispatch */
 

@@ -1,8 +1,10 @@
-/* The row kernel, written once over a lane count. _fused.c includes this file once per target
+/* The row kernel, written once over a lane count. Each target's translation unit (_fused_avx512.c,
+ * _fused_avx2.c, _fused_base.c, _fused_scalar.c) includes _fused.h, then this file once per target
  * with CE_W (lanes: 8, 4, 2 or 1) and CE_SFX (a name suffix) defined, inside that target's
  * `#pragma GCC target` region; it defines rows_, bce_rows_, scan_rows_, unit_funcs_ and
  * cap_funcs_<CE_SFX> (softmax rows, sigmoid BCE rows, the input checks' scan, exp/log1p and the
- * soft-cap's tanh/sech^2 for the tests) and nothing else that outlives the inclusion.
+ * soft-cap's tanh/sech^2 for the tests; extern, declared in _fused.h) and nothing else that
+ * outlives the inclusion.
  *
  * Same bits on every target: every operation is an IEEE-rounded double operation on one entry,
  * in the same order for every lane count, and the only sums across entries (s1 and the label
@@ -400,7 +402,7 @@ static int T(softcap_row)(const void *x, int x32, int64_t C, double S, double ca
 
 /* z = cap tanh(x / cap) and sech^2(x / cap) (S = 1) as the row kernels compute them, for the
  * tests' ulp measurement against numpy. */
-static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
+CE_ENTRY void T(cap_funcs)(const double *x, double cap, double *out_z, double *out_dz, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         vd z, dz;
         T(vsoftcap)(splat(x[i]), splat(1.0), splat(cap), splat(1.0 / cap), &z, &dz);
@@ -410,7 +412,7 @@ static void T(cap_funcs)(const double *x, double cap, double *out_z, double *out
 }
 
 /* out[i] = exp(-|x[i]|) and log1p of it, the row kernels' own functions (for the tests). */
-static void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
+CE_ENTRY void T(unit_funcs)(const double *x, double *out_exp, double *out_log1p, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         vd e = T(vexp_neg)(-vabs(splat(x[i])), 0);
         out_exp[i] = e[0];
@@ -463,16 +465,14 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
  * row goes through the same code with a lane mask. `work`: this thread's ce_args.work. */
 AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, int ext,
-                  int sc, int buf, const double *zrow, const double *dzrow) {
+                  int buf, const double *zrow, const double *dzrow) {
     const int64_t C = a->n_cols;
     const int64_t body = C - C % W, tail = C - body;      /* vectors of W */
     const int64_t body8 = C - C % 8, tail8 = C - body8;   /* groups of 8 accumulators */
-    /* Constants: ext, a row with training-code terms (a->ext); sc, z = S x with S = a->x_scale,
-     * each load of the logits times S (pass 1 then runs in doubles: numpy's arg-max is z's, and
-     * rounding may tie entries x does not); buf, the soft-capped logits z (zrow, float64) and
-     * dz/dx (dzrow) made by row_capped, which the passes below read as they read the logits
-     * otherwise. The plain row (none of them) keeps none of their code in its loops. */
-#define vS splat(a->x_scale)
+    /* Constants: ext, a row with training-code terms (a->ext); buf, the row's z in doubles
+     * (zrow) made by row_ext, z = S x or soft-capped with dz/dx (dzrow), which the passes below
+     * read as they read the logits otherwise. The plain row (neither) keeps none of their code
+     * in its loops. */
     const void *z = buf ? (const void *)zrow
                         : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
@@ -483,7 +483,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     vd vmax = splat(-INFINITY), vmin = splat(INFINITY), vbad = splat(0.0);
     vl vidx = (vl){0};
     int64_t c1 = 0;  /* float32 rows: the body in float32 lanes, then the rest as below */
-    if (z32 && !sc) {
+    if (z32) {
         double f_max, f_min;
         int64_t f_am;
         int f_bad;
@@ -495,7 +495,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     }
 #define PASS1(c, live, nn) do {                                                  \
         vd v = T(load_row)(z, z32, c, (nn));                                  \
-        if (sc) v = v * vS;                                                   \
         vbad += sel((live) & (v != neg_inf), v - v, splat(0.0));              \
         vl gt = (live) & (v > vmax);                                          \
         vmax = sel(gt, v, vmax);                                              \
@@ -515,8 +514,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     for (int i = 0; i < W; i++)
         if (vmax[i] == vm_max && vidx[i] < am) am = vidx[i];
     /* the first maximal entry itself: the sign of a zero maximum does not depend on W */
-    const double m = (z32 ? (double)((const float *)z)[am] : ((const double *)z)[am])
-                     * (sc ? a->x_scale : 1.0);
+    const double m = z32 ? (double)((const float *)z)[am] : ((const double *)z)[am];
     const int normal = lo - m >= -708.0;  /* every exp(z - m) is a normal number */
     /* ext: the largest |z| over the finite entries (numpy: where(isfinite(z), |z|, 0).max) */
     if (ext && lo > -INFINITY) {
@@ -524,7 +522,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     } else if (ext) {
         double zabs = 0.0;
         for (int64_t c = 0; c < C; c++) {
-            const double v = T(load_row)(z, z32, c, 1)[0] * (sc ? a->x_scale : 1.0);
+            const double v = T(load_row)(z, z32, c, 1)[0];
             if (v != -INFINITY && fabs(v) > zabs) zabs = fabs(v);
         }
         a->row_zabs[r] = zabs;
@@ -550,7 +548,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     int64_t nb = 0;
 #define PASS2(k, c, live, nn, nrm, zm) do {                                  \
         vd zs = T(load_row)(z, z32, c, nn);                                   \
-        if (sc) zs = zs * vS;                                                 \
         zs = zs - vm;                                                         \
         PASS2_ACC(k, c, live, nn, zm, T(vexp_neg)(zs, nrm), zs);              \
     } while (0)
@@ -585,7 +582,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             for (int h = 0; h < 2; h++) {                                      \
                 if (g_pf) __builtin_prefetch(g_pf + (c + 8 * h) * (g32 ? 4 : 8)); \
                 xs[h] = T(load_row)(z, z32, c + 8 * h, W);                     \
-                if (sc) xs[h] = xs[h] * vS;                                    \
                 xs[h] = zs2[h] = xs[h] - vm;                                   \
             }                                                                  \
             T(vexp_neg_n)(xs, 2, nrm);                                         \
@@ -635,8 +631,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         a->row_qsum[r] = 0.0 + T(np_pairwise)(qrow, q32, 0, C, 1);
     }
     if (qrow) Q = a->q_total[r];
-    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y])
-                      * (sc ? a->x_scale : 1.0) - m;
+    const double zy = (z32 ? (double)((const float *)z)[y] : ((const double *)z)[y]) - m;
     double qz = alpha != 0.0 ? alpha * zy : 0.0;
     if (beta != 0.0) qz = qz + beta * sum_z;
     if (qrow) qz = sum_z;
@@ -697,7 +692,6 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vd e, qv = splat(0.0), wv = (kw) && w ? T(load_row)(w, 0, c, n) : one; \
         memcpy(&e, e_row + (c), sizeof e);                                    \
         vd zz = T(load_row)(z, z32, c, n);                                    \
-        if (sc) zz = zz * vS;                                                 \
         vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
@@ -772,29 +766,35 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     return 0;
 }
 
-/* Soft-capped rows: the row's z and dz into the scratch after the row's exp and block sums
- * (see WORK_SIZE), then the row kernel on z in doubles (numpy's arg-max is z's: rounding may
- * tie entries x does not); not inlined into every dtype pair. */
-static __attribute__((noinline)) int T(row_capped)(const ce_args *a, double *work, int64_t r,
-                                                    int z32, int g32) {
+/* Rows with training-code terms (a->ext: z-loss, sample weights, logit scale, softcap), few
+ * specialisations for all (they are rare: no loop per dtype pair). float32 rows with z-loss and
+ * sample weights only: the row kernel on x itself. Otherwise the row kernel on z in doubles:
+ * x itself (float64 rows without a scale) or z in the scratch after the row's exp and block
+ * sums (see WORK_SIZE), z = S x (numpy: x * scale) or, soft-capped, z and dz (numpy's arg-max is
+ * z's: rounding may tie entries x does not). */
+static __attribute__((noinline)) int T(row_ext)(const ce_args *a, double *work, int64_t r,
+                                                 int z32, int g32) {
     const int64_t C = a->n_cols;
+    const double S = a->x_scale;
+    if (z32 && S == 1.0 && a->softcap == 0.0) return T(row_body)(a, work, r, 1, g32, 1, 0, NULL, NULL);
     double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
     const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
-    if (T(softcap_row)(x, z32, C, a->x_scale, a->softcap, zb, db)) return 1;
-    return g32 ? T(row_body)(a, work, r, 0, 1, 1, 0, 1, zb, db)
-               : T(row_body)(a, work, r, 0, 0, 1, 0, 1, zb, db);
+    if (a->softcap != 0.0) {
+        if (T(softcap_row)(x, z32, C, S, a->softcap, zb, db)) return 1;
+    } else if (z32 || S != 1.0) {  /* NaN and +inf: row_body's pass 1 finds them in z */
+        for (int64_t c = 0; c < C; c += W) {
+            const int64_t n = C - c < W ? C - c : W;
+            T(store)(zb + c, T(load_row)(x, z32, c, n) * splat(S), n);
+        }
+    } else {
+        zb = (double *)x;
+    }
+    return T(row_body)(a, work, r, 0, g32, 1, 1, zb, db);
 }
 
-/* One row of softmax cross-entropy (row_kernel), one with z-loss and sample weights only
- * (row_ext), one with a logit scale too (row_scaled); no soft-cap. */
+/* One row of softmax cross-entropy without training-code terms. */
 AI int T(row_kernel)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(row_body)(a, work, r, z32, g32, 0, 0, 0, NULL, NULL);
-}
-AI int T(row_ext)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(row_body)(a, work, r, z32, g32, 1, 0, 0, NULL, NULL);
-}
-AI int T(row_scaled)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
-    return T(row_body)(a, work, r, z32, g32, 1, 1, 0, NULL, NULL);
+    return T(row_body)(a, work, r, z32, g32, 0, 0, NULL, NULL);
 }
 
 /* |x| where x is finite, else 0 (numpy_sigmoid._finite_abs) */
@@ -1005,18 +1005,16 @@ static __attribute__((noinline)) int T(bce_row_transformed)(const ce_args *a, do
     double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
     const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     if (T(bce_zrow)(a, x, z32, zb, db)) return 1;
-    if (a->softcap != 0.0)
-        return g32 ? T(bce_body)(a, work, r, 0, 1, 2, zb, db)
-                   : T(bce_body)(a, work, r, 0, 0, 2, zb, db);
-    return g32 ? T(bce_body)(a, work, r, 0, 1, 1, zb, NULL)
-               : T(bce_body)(a, work, r, 0, 0, 1, zb, NULL);
+    /* the gradient's width is tested per load: not worth a copy of the loop (rare rows) */
+    if (a->softcap != 0.0) return T(bce_body)(a, work, r, 0, g32, 2, zb, db);
+    return T(bce_body)(a, work, r, 0, g32, 1, zb, NULL);
 }
 
 /* Target rows [r0, r1) of a->q (probability targets, binary labels; float32 when a->q_is_f32):
  * the row's minimum and maximum into row_min and row_max (NaN as the maximum when the row holds
  * one) and, when q_total is given, numpy's pairwise row sum there (np.sum's bits, as the row
  * kernel's Q). One pass over the inputs, for the checks made before the stream. */
-static int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+CE_ENTRY int64_t T(scan_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     (void)work;
     (void)stop;
     const int64_t C = a->n_cols;
@@ -1079,20 +1077,10 @@ static __attribute__((noinline)) int64_t T(bce_plain_rows)(const ce_args *a, dou
 
 /* Sigmoid BCE rows: plain ones and those on z = T(x) (a->ext with a scale or softcap) in
  * functions apart (the plain loop's code is the one it had alone). */
-static int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+CE_ENTRY int64_t T(bce_rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->ext && (a->softcap != 0.0 || a->x_scale != 1.0))
         return T(bce_transformed_rows)(a, work, r0, r1, stop);
     return T(bce_plain_rows)(a, work, r0, r1, stop);
-}
-
-static __attribute__((noinline)) int64_t T(capped_rows)(const ce_args *a, double *work,
-                                                         int64_t r0, int64_t r1, int64_t *stop) {
-    ROWS_LOOP(T(row_capped))
-}
-
-static __attribute__((noinline)) int64_t T(scaled_rows)(const ce_args *a, double *work,
-                                                         int64_t r0, int64_t r1, int64_t *stop) {
-    ROWS_LOOP(T(row_scaled))
 }
 
 static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *work, int64_t r0,
@@ -1100,11 +1088,9 @@ static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *w
     ROWS_LOOP(T(row_ext))
 }
 
-/* Softmax rows; those with training-code terms in loops of their own (functions apart, so the
+/* Softmax rows; those with training-code terms in a loop of its own (a function apart, so the
  * plain loop's code and registers stay as they were). */
-static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
-    if (a->ext && a->softcap != 0.0) return T(capped_rows)(a, work, r0, r1, stop);
-    if (a->ext && a->x_scale != 1.0) return T(scaled_rows)(a, work, r0, r1, stop);
+CE_ENTRY int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
     ROWS_LOOP(T(row_kernel))
 }
@@ -1128,7 +1114,6 @@ static int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, i
 #undef PASS3_GF
 #undef PASS3_FAST
 #undef PASS3_ALL
-#undef vS
 #undef PASS3_FAST_ALL
 #undef sel
 #undef vabs
