@@ -69,6 +69,9 @@ typedef struct {
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
  * a soft-capped row's z and dz (2 C) */
 #define WORK_SIZE(C) (3 * (C) + 8 + 2 * ((C) / BLOCK + 1))
+/* numpy_softmax.SOFTCAP_DERIV_ERR: the floor's S |dl/dz| term of a soft-cap, times this (the
+ * framework's tanh errs T' = S (1 - t^2) by up to ~2 S dt: XLA's float32 tanh, 4.75 eps) */
+#define CE_SOFTCAP_DERIV_ERR 2.0
 
 /* Rows [r0, r1) with scratch `work`: 0, or 1 + the first bad row; stops early once *stop (1 +
  * a bad row found by another thread) is at or before the current row. */

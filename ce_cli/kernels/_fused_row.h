@@ -15,11 +15,6 @@
 #error "define CE_W and CE_SFX before including _fused_row.h"
 #endif
 
-#ifndef CE_SOFTCAP_DERIV_ERR
-/* numpy_softmax.SOFTCAP_DERIV_ERR: the floor's S |dl/dz| term of a soft-cap, times this (the
- * framework's tanh errs T' = S (1 - t^2) by up to ~2 S dt: XLA's float32 tanh, 4.75 eps) */
-#define CE_SOFTCAP_DERIV_ERR 2.0
-#endif
 #define CE_CAT2(a, b) a##_##b
 #define CE_CAT(a, b) CE_CAT2(a, b)
 #define T(name) CE_CAT(name, CE_SFX)
