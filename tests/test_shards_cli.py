@@ -125,6 +125,20 @@ def test_url_faults_are_one_line(tmp_path, invoke, monkeypatch, fault, expect):
         assert "logits_" in res.output
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/logits_*.npy", "nosuchprotocol://b/logits_*.npy"])
+def test_url_glob_without_its_backend_says_so(monkeypatch, url):
+    """fsspec installed but not the protocol's backend (s3fs): `cannot list`, naming the
+    backend, not "needs fsspec"."""
+    def missing(path, **kw):
+        raise ImportError("Install s3fs to access S3")
+
+    if url.startswith("s3"):
+        monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(CeCheckError, match="cannot list") as err:
+        sh.expand(url, "logits")
+    assert "needs fsspec" not in str(err.value)
+
+
 def test_url_size_limit(tmp_path, monkeypatch):
     """A URL is read whole: above MAX_STREAM_BYTES it is refused before reading."""
     from ce_cli.io import limits

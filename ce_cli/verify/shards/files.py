@@ -32,12 +32,12 @@ def expand(pattern: str, role: str) -> list[str]:
     if "://" in pattern:
         try:
             import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
-
-            fs, inner = fsspec.core.url_to_fs(pattern)
-            paths = fs.glob(inner)
         except ImportError:
             raise CeCheckError(f"{role} '{pattern}': a URL needs fsspec (pip install fsspec)") from None
-        except (ValueError, OSError) as exc:
+        try:
+            fs, inner = fsspec.core.url_to_fs(pattern)
+            paths = fs.glob(inner)
+        except (ImportError, ValueError, OSError) as exc:  # an unknown protocol, its backend missing
             raise CeCheckError(f"{role} '{pattern}': cannot list ({_brief(exc)})") from None
         found = [fs.unstrip_protocol(p) for p in paths]
     else:
