@@ -19,7 +19,6 @@ a - 1 = -s1 / (1 + s1) is formed without cancellation (the expm1(log a_y) of the
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from typing import Any
 
