@@ -832,10 +832,7 @@ AI vd T(fin_abs)(vd x) {
             live[u] = n == W ? ALL : LIVE(cc);                                 \
             x[u] = T(load_row)(z, z32, cc, n);                                 \
             yv[u] = T(load_row)(yrow, y32, cc, n);                             \
-            /* NaN or +inf (-inf is served; xt: the raw logits were checked) */ \
-            if (!xt) vbad |= live[u] & ~(x[u] <= splat(1.7976931348623157e308)); \
-            /* exp(-|x|) subnormal or 0 */                                     \
-            far |= ~(vabs(x[u]) <= splat(708.0));                              \
+            far |= ~(vabs(x[u]) <= splat(708.0));  /* exp(-|x|) subnormal or 0 */ \
         }                                                                     \
         if (T(any)(far)) BCE_REST(c0, k0, NV, n_last, 0);                     \
         else BCE_REST(c0, k0, NV, n_last, 1);                                 \
@@ -845,6 +842,9 @@ AI vd T(fin_abs)(vd x) {
  * those 0s already, numpy_sigmoid._items' finite path) */
 #define BCE_REST(c0, k0, NV, n_last, NEAR) do {                               \
         vd e[NV], t[NV], rcp[NV];                                             \
+        /* NaN or +inf (-inf is served; xt: the raw logits were checked) */   \
+        for (int u = 0; !(NEAR) && !xt && u < NV; u++)                        \
+            vbad |= live[u] & ~(x[u] <= splat(1.7976931348623157e308));       \
         for (int u = 0; u < NV; u++) e[u] = T(vexp_neg)(-vabs(x[u]), NEAR);   \
         for (int u = 0; u < NV; u++) {  /* 1 / (1 + e): log1p's and the sigmoids' */ \
             vd d1 = one + e[u];                                                \
@@ -857,8 +857,8 @@ AI vd T(fin_abs)(vd x) {
             vd wv = wrow ? T(load_row)(wrow, 0, cc, n) : one;                  \
             vd pwv = pw ? T(load_row)(pw, 0, cc, n) : one;                     \
             vd pos = pw ? pwv * yv[u] : yv[u], omy = one - yv[u];             \
-            vd sp_neg = sel(-x[u] > splat(0.0), -x[u], splat(0.0)) + t[u];    \
-            vd sp_pos = sel(x[u] > splat(0.0), x[u], splat(0.0)) + t[u];      \
+            vd sp_neg = T(vmax)(-x[u], splat(0.0)) + t[u];                    \
+            vd sp_pos = T(vmax)(x[u], splat(0.0)) + t[u];                     \
             vd item = NEAR ? pos * sp_neg + omy * sp_pos                      \
                            : sel(pos != 0, pos * sp_neg, splat(0.0))          \
                              + sel(yv[u] != one, omy * sp_pos, splat(0.0));   \
