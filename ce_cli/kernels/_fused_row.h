@@ -474,7 +474,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
      * rounding may tie entries x does not); buf, the soft-capped logits z (zrow, float64) and
      * dz/dx (dzrow) made by row_capped, which the passes below read as they read the logits
      * otherwise. The plain row (none of them) keeps none of their code in its loops. */
-#define vS splat(a->x_scale)
+    const vd v_xscale = splat(a->x_scale);  /* made once, not in the loops */
+#define vS v_xscale
     const void *z = buf ? (const void *)zrow
                         : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
@@ -690,6 +691,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const int sure = ext ? l1 <= 0x1.62e42fefa39efp-1 : s1 <= 1.0;  /* log 2 */
     const vl vy = (vl){0} + y;
     const vd vk_g = splat(k_g), vbig_a = splat(big_a), vk_f = splat(k_f);
+    const vd vscale = splat(scale), vk_fq = splat(k_fq);  /* not remade in the loops */
     CE_COMPARE_BEGIN;
 /* g and fl of lanes [c, c + n). qq (probability targets), q32c (their width), kw (k_b or k_fb
  * may be nonzero), nrm (normal) and xt (ext) are loop invariants: constants in the specialised
@@ -704,14 +706,14 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vd g = e * vk_g;                                                      \
         if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
         if (qq) qv = T(load_row)(qrow, q32c, c, n);                           \
-        if (qq) g = g - qv * splat(scale);                                    \
+        if (qq) g = g - qv * vscale;                                          \
         if ((spec) && !(qq)) g = sel(ids == vy, g - splat(k_a), g);           \
         if ((spec) && sure) g = sel(ids == vam, splat(g_am), g);              \
         vd fl = (xt) ? (((vbig_a - zs) + vabs(zz)) * e) * vk_f                \
                      : ((vbig_a - zs) * e) * vk_f;                            \
         if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
         if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
-        if (qq) fl = fl + splat(k_fq) * vabs(qv);                             \
+        if (qq) fl = fl + vk_fq * vabs(qv);                                   \
         if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl);        \
         if ((xt) == 2) {  /* soft-cap: times dz, and the floor's S |g_z| term */ \
             vd dzv = T(load_row)(dzrow, 0, c, n);                             \
@@ -883,7 +885,7 @@ AI vd T(fin_abs)(vd x) {
             vd small = e[u] * rcp[u];                                         \
             vd s_pos = sel(nonneg, rcp[u], small), s_neg = sel(nonneg, small, rcp[u]); \
             vd g_z = omy * s_pos - pos * s_neg;                               \
-            vd g = g_z * (wrow ? wv * splat(scale) : splat(scale));           \
+            vd g = g_z * (wrow ? wv * v_scale : v_scale);                     \
             vd cs = pw ? (one + vabs(pos)) * s_pos : s_pos;                   \
             vd fl;                                                            \
             if (xt) {  /* _transformed_floor; dz = T' */                      \
@@ -891,9 +893,9 @@ AI vd T(fin_abs)(vd x) {
                 g = g * dz;                                                   \
                 fl = (cs * (one + s_neg * T(fin_abs)(x[u])) + vabs(pos)) * vabs(dz); \
                 if (xt == 2) fl = fl + vs_abs * vabs(g_z);                    \
-                fl = fl * splat(k_f);                                         \
+                fl = fl * v_kf;                                               \
             } else {                                                          \
-                fl = splat(k_f) * (cs + vabs(pos));                           \
+                fl = v_kf * (cs + vabs(pos));                                 \
             }                                                                 \
             if (wrow) fl = fl * vabs(wv);                                     \
             CE_COMPARE(cc, live[u], n, g, fl);                                \
@@ -914,6 +916,7 @@ AI vd T(fin_abs)(vd x) {
     const double *wrow = a->w_bin ? a->w_bin + r * C : NULL;                        \
     const double *pw = a->pos_w;                                                    \
     const double scale = a->scale, k_f = a->floor_coef * scale;                     \
+    const vd v_scale = splat(scale), v_kf = splat(k_f);                             \
     const int per_entry = a->g || a->out_ref || a->out_floor;                       \
     const int unit_w = !pw && !wrow;  /* |coef w| = 1: Q = C, exactly, in any order */ \
     vd acc_l[G], acc_w[G], acc_g[G], acc_i[G];                                      \
