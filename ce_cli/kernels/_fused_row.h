@@ -692,6 +692,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const vl vy = (vl){0} + y;
     const vd vk_g = splat(k_g), vbig_a = splat(big_a), vk_f = splat(k_f);
     const vd vscale = splat(scale), vk_fq = splat(k_fq);  /* not remade in the loops */
+    const vd vk_b = splat(k_b), vk_fb = splat(k_fb), vk_fcap = splat(k_fcap);
     CE_COMPARE_BEGIN;
 /* g and fl of lanes [c, c + n). qq (probability targets), q32c (their width), kw (k_b or k_fb
  * may be nonzero), nrm (normal) and xt (ext) are loop invariants: constants in the specialised
@@ -704,7 +705,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         if (sc) zz = zz * vS;                                                 \
         vd zs = zz - vm;                                                      \
         vd g = e * vk_g;                                                      \
-        if ((kw) && k_b != 0.0) g = g - splat(k_b) * wv;                      \
+        if ((kw) && k_b != 0.0) g = g - vk_b * wv;                            \
         if (qq) qv = T(load_row)(qrow, q32c, c, n);                           \
         if (qq) g = g - qv * vscale;                                          \
         if ((spec) && !(qq)) g = sel(ids == vy, g - splat(k_a), g);           \
@@ -712,12 +713,12 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         vd fl = (xt) ? (((vbig_a - zs) + vabs(zz)) * e) * vk_f                \
                      : ((vbig_a - zs) * e) * vk_f;                            \
         if (!(nrm)) fl = sel(e == 0, splat(0.0), fl);  /* inf * 0 at -inf */  \
-        if ((kw) && k_fb != 0.0) fl = fl + splat(k_fb) * vabs(wv);            \
+        if ((kw) && k_fb != 0.0) fl = fl + vk_fb * vabs(wv);                  \
         if (qq) fl = fl + vk_fq * vabs(qv);                                   \
         if ((spec) && !(qq)) fl = sel(ids == vy, fl + splat(k_fa), fl);        \
         if ((xt) == 2) {  /* soft-cap: times dz, and the floor's S |g_z| term */ \
             vd dzv = T(load_row)(dzrow, 0, c, n);                             \
-            fl = fl * vabs(dzv) + splat(k_fcap) * vabs(g);                    \
+            fl = fl * vabs(dzv) + vk_fcap * vabs(g);                          \
             g = g * dzv;                                                      \
         }                                                                     \
         do {} while (0)
