@@ -474,8 +474,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
      * rounding may tie entries x does not); buf, the soft-capped logits z (zrow, float64) and
      * dz/dx (dzrow) made by row_capped, which the passes below read as they read the logits
      * otherwise. The plain row (none of them) keeps none of their code in its loops. */
-    const vd v_xscale = splat(a->x_scale);  /* made once, not in the loops */
-#define vS v_xscale
+#define vS splat(a->x_scale)
     const void *z = buf ? (const void *)zrow
                         : (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     double *e_row = work;
