@@ -580,6 +580,30 @@ def test_log1p_below_one_ulp(on_target):
     assert np.all(np.abs(l1 - np.log1p(e)) <= np.spacing(np.log1p(e)))
 
 
+@needs_kernel
+def test_sigmoids_within_three_ulps(on_target):
+    """s(x) and s(-x) as the BCE kernel forms them (r = 1/(1 + e) and e r, e = exp(-|x|)),
+    read off the gradient of a sum with labels 0 (g = s(x)) and 1 (g = -s(-x)), against
+    1/(1 + exp(-x)) to 40 digits: within 3 ulp (2.6 measured over 10^6 points)."""
+    from decimal import Decimal, localcontext
+    from ce_cli.models.sigmoid import build_sigmoid_bce
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.uniform(-40, 40, 3000), rng.standard_normal(3000) * 3,
+                        np.sign(rng.standard_normal(1000)) * 10.0 ** rng.uniform(-20, 2.8, 1000),
+                        [0.0, -0.0, 1e-300, -1e-300, 36.7, -36.7, 700.0, -700.0]])
+    x = np.concatenate([x, np.zeros(-x.size % 100)]).reshape(-1, 100)
+    got = []
+    for label in (0.0, 1.0):
+        problem = build_sigmoid_bce(x, np.full_like(x, label), reduction="sum")[0]
+        got.append(problem.kernel.evaluate(x, np.arange(x.shape[0]), grad=True).grad.ravel())
+    with localcontext() as ctx:
+        ctx.prec = 40
+        for v, s_pos, s_neg in zip(x.ravel().tolist(), got[0].tolist(), (-got[1]).tolist()):
+            for s, arg in ((s_pos, v), (s_neg, -v)):
+                exact = 1 / (1 + (-Decimal(arg)).exp())
+                assert abs(Decimal(s) - exact) <= 3 * Decimal(np.spacing(float(exact))), (v, s)
+
+
 def _bce_problem(K: int, dtype, opt: str, seed: int = 0, R: int = 19):
     from ce_cli.models.sigmoid import build_sigmoid_bce
     rng = np.random.default_rng(seed + K)
@@ -633,7 +657,7 @@ def test_binary_rows_match_numpy_kernel(K, dtype, opt, on_target):
     np.testing.assert_allclose(fused.floor, ref.floor, rtol=1e-15, atol=1e-300)
 
 
-PROB_OPTIONS = {"plain": {}, "weights": {"weight": "w"}, "smoothing": {"label_smoothing": 0.1},
+PROB_OPTIONS: dict[str, dict] = {"plain": {}, "weights": {"weight": "w"}, "smoothing": {"label_smoothing": 0.1},
                 "weights+smoothing+sum": {"weight": "w", "label_smoothing": 0.3, "reduction": "sum"}}
 
 
@@ -750,11 +774,12 @@ def test_binary_and_probability_comparison_reports_like_numpy(kind, monkeypatch,
 
 
 def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
-    """numpy_sigmoid's gradient and floor formulas, in its order, on a given e = exp(-|z|)
-    (`w`: element weights or None)."""
+    """numpy_sigmoid's gradient and floor formulas, in its order, on a given e = exp(-|z|),
+    with e/(1 + e) formed as the kernel does (`w`: element weights or None)."""
     pos = y if pw is None else pw * y
     with np.errstate(invalid="ignore"):
-        small, large = e / (1.0 + e), 1.0 / (1.0 + e)
+        large = 1.0 / (1.0 + e)
+        small = e * large  # the kernel's one division: e/(1 + e) as e r
     s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
     g = ((1.0 - y) * s_pos - pos * s_neg) * (scale if w is None else w * scale)
     c_s = s_pos if pw is None else (1.0 + np.abs(pos)) * s_pos  # 1 + pw y rounds in PyTorch's
