@@ -59,6 +59,34 @@ def case_name(c: dict) -> str:
     return "_".join(parts)
 
 
+# the training-code sweeps (torch_semantic_cases.py, jax_semantic_cases.py)
+SEM_CLASSES = (10, 1000, 32_000)
+SEM_SCALES = (1.0, 10.0, 30.0, 50.0)
+SEM_CAP = 30.0      # Gemma-2's final_logit_softcapping
+SEM_ZETA = 1e-4     # z-loss coefficient (PaLM, OLMo, T5X)
+SEM_EPS_LS = 0.1    # label smoothing
+
+
+def semantic_cases(framework: str, variants: dict, dtypes, small: bool, big_vocab=None,
+                   only_dtypes=None) -> list[dict]:
+    """Every variant x dtype x C x std, then (full mode) the large vocabularies of `big_vocab`:
+    a case keeps its seed (its place in the list) when variants are added at the end.
+    `variants`: name -> (family, reduction, layout) or (family, reduction, layout, target)."""
+    out = []
+    for big in (False, True):
+        for v, spec in variants.items():
+            family, red, lay = spec[:3]
+            target = spec[3] if len(spec) > 3 else "index"
+            for dt in (only_dtypes or {}).get(v, tuple(dtypes)):
+                for C in ((big_vocab or {}).get(v, ()) if big else SEM_CLASSES):
+                    for s in SEM_SCALES:
+                        out.append(dict(framework=framework, call_tag=family, dtype=dt, layout=lay,
+                                        C=C, scale=s, reduction=red, variant=v, target=target))
+        if small:
+            break
+    return out
+
+
 def grid(framework: str, dtypes, layouts, calls, *, small: bool = False,
          variants=(), variant_dtypes=None, variant_classes=(10, 1000, 32_000, 128_256),
          variant_scales=(1.0, 30.0)):

@@ -43,20 +43,18 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from common import SEM_CAP as CAP, SEM_EPS_LS as EPS_LS, SEM_ZETA as ZETA  # noqa: E402
+from jax_cases import to_np  # noqa: E402  (exactly widened to float32)
+
 JDT = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-CLASSES = (10, 1000, 32_000)
-SCALES = (1.0, 10.0, 30.0, 50.0)
-CAP = 30.0
-ZETA = 1e-4
-EPS_LS = 0.1
-# variant -> (family, reduction, target kind)
+# variant -> (family, reduction, layout, target kind)
 VARIANTS = {
-    "gemma": ("gemma", "mean", "index"),
-    "t5x": ("t5x", "sum", "index"),
-    "t5x_lnf": ("t5x", "sum", "index"),
-    "t5x_plain": ("t5x", "sum", "index"),
-    "bce": ("bce", "mean", "binary"),
-    "bce_soft": ("bce", "mean", "binary"),
+    "gemma": ("gemma", "mean", "nc", "index"),
+    "t5x": ("t5x", "sum", "nc", "index"),
+    "t5x_lnf": ("t5x", "sum", "nc", "index"),
+    "t5x_plain": ("t5x", "sum", "nc", "index"),
+    "bce": ("bce", "mean", "nc", "binary"),
+    "bce_soft": ("bce", "mean", "nc", "binary"),
 }
 BIG_VOCAB = {"gemma": (256_000,)}
 # planted bugs (float32 cases; `grad_bug_<name>` arrays): the soft-cap's derivative omitted, the
@@ -65,26 +63,8 @@ BUGS = {"gemma": ("nocap",), "t5x": ("nozloss", "sw2"), "t5x_lnf": ("nozloss",),
         "t5x_plain": ("nozloss", "sw2")}
 
 
-def to_np(a) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype.name == "bfloat16":
-        a = a.astype(np.float32)  # exact widening
-    return a.copy()
-
-
 def cases(small: bool) -> list[dict]:
-    """Every variant x dtype x C x std, then (full mode) the large vocabularies."""
-    out = []
-    for big in (False, True):
-        for v, (family, red, target) in VARIANTS.items():
-            for dt in JDT:
-                for C in (BIG_VOCAB.get(v, ()) if big else CLASSES):
-                    for s in SCALES:
-                        out.append(dict(framework="jax", call_tag=family, dtype=dt, layout="nc",
-                                        C=C, scale=s, reduction=red, variant=v, target=target))
-        if small:
-            break
-    return out
+    return common.semantic_cases("jax", VARIANTS, JDT, small, BIG_VOCAB)
 
 
 def draw(case: dict, small: bool, seed: int):

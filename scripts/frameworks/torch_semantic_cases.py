@@ -46,12 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from torch_binary_cases import to_np  # noqa: E402  (detached, exactly widened to float32)
 
+from common import SEM_CAP as CAP, SEM_EPS_LS as EPS_LS, SEM_ZETA as ZETA  # noqa: E402
+
 TDT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-CLASSES = (10, 1000, 32_000)
-SCALES = (1.0, 10.0, 30.0, 50.0)
-CAP = 30.0
-ZETA = 1e-4
-EPS_LS = 0.1
 # variant -> (option family, reduction, layout)
 VARIANTS = {
     "softcap_hf": ("softcap_hf", "sum", "btv"),
@@ -82,19 +79,7 @@ ONLY_DTYPES = {"combo": ("f32", "bf16"), "autocast_plain": ("bf16",), "autocast_
 
 
 def cases(small: bool) -> list[dict]:
-    """Every variant x dtype x C x std, then (full mode) the large vocabularies: a case keeps its
-    seed (its place in the list) when variants are added at the end."""
-    out = []
-    for big in (False, True):
-        for v, (family, red, lay) in VARIANTS.items():
-            for dt in ONLY_DTYPES.get(v, tuple(TDT)):
-                for C in (BIG_VOCAB.get(v, ()) if big else CLASSES):
-                    for s in SCALES:
-                        out.append(dict(framework="torch", call_tag=family, dtype=dt, layout=lay,
-                                        C=C, scale=s, reduction=red, variant=v, target="index"))
-        if small:
-            break
-    return out
+    return common.semantic_cases("torch", VARIANTS, TDT, small, BIG_VOCAB, ONLY_DTYPES)
 
 
 def shape_of(case: dict, small: bool) -> tuple[int, ...]:

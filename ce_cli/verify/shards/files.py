@@ -30,10 +30,7 @@ def expand(pattern: str, role: str) -> list[str]:
     if not any(ch in pattern for ch in "*?["):
         return [pattern]
     if "://" in pattern:
-        try:
-            import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
-        except ImportError:
-            raise CeCheckError(f"{role} '{pattern}': a URL needs fsspec (pip install fsspec)") from None
+        fsspec = _fsspec(f"{role} '{pattern}'")
         try:
             fs, inner = fsspec.core.url_to_fs(pattern)
             paths = fs.glob(inner)
@@ -73,14 +70,20 @@ def load(path: str, role: str) -> np.ndarray:
         raise CeCheckError(f"{label}: cannot read ({exc})") from None
 
 
+def _fsspec(label: str) -> Any:
+    """The fsspec module (optional: URLs need it), or one line saying so."""
+    try:
+        import fsspec  # type: ignore[import-untyped]
+    except ImportError:
+        raise CeCheckError(f"{label}: a URL needs fsspec (pip install fsspec)") from None
+    return fsspec
+
+
 def open_url(path: str, role: str) -> tuple[Any, str, int]:
     """fsspec's file system, the path within it and the size of the file a URL names: a regular
     file (no symbolic link followed), not empty, within MAX_STREAM_BYTES (it is read whole)."""
     label = f"{role} file '{path}'"
-    try:
-        import fsspec  # type: ignore[import-untyped]  # optional: fsspec URLs
-    except ImportError:
-        raise CeCheckError(f"{label}: a URL needs fsspec (pip install fsspec)") from None
+    fsspec = _fsspec(label)
     try:
         fs, inner = fsspec.core.url_to_fs(path)
         info = fs.info(inner)
