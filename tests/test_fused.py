@@ -657,8 +657,8 @@ def test_binary_rows_match_numpy_kernel(K, dtype, opt, on_target):
     np.testing.assert_allclose(fused.floor, ref.floor, rtol=1e-15, atol=1e-300)
 
 
-PROB_OPTIONS: dict[str, dict] = {"plain": {}, "weights": {"weight": "w"}, "smoothing": {"label_smoothing": 0.1},
-                "weights+smoothing+sum": {"weight": "w", "label_smoothing": 0.3, "reduction": "sum"}}
+PROB_OPTIONS: dict[str, dict] = {k: OPTIONS[k] for k in ("plain", "weights", "smoothing",
+                                                          "weights+smoothing+sum")}
 
 
 def _prob_problem(C: int, dtype, opt: str, seed: int = 0, R: int = 17, masks: bool = False):

@@ -23,7 +23,7 @@ from ce_cli.kernels.numpy_softmax import semantic_rows
 from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.checks import check_grad
-from tests.test_fused import compiled_kernel, needs_kernel, on_target  # noqa: F401 (fixtures)
+from tests.test_fused import OPTIONS, compiled_kernel, needs_kernel, on_target  # noqa: F401 (fixtures)
 
 RTOL = 1e-13
 COEF = 4 * 2.0**-23
@@ -42,12 +42,7 @@ TERMS = {
     "softcap+all": dict(softcap=1.5, logit_scale=0.3, z_loss=0.2, sample_weight="s"),
 }
 TARGETS_KW = {
-    "index": {},
-    "weights": {"weight": "w"},
-    "smoothing": {"label_smoothing": 0.1},
-    "weights+smoothing+sum": {"weight": "w", "label_smoothing": 0.3, "reduction": "sum"},
-    "ignore": {"ignore_index": 0},
-    "none": {"reduction": "none"},
+    **{"index" if k == "plain" else k: v for k, v in OPTIONS.items()},
     "probs": {"probs": True},
     "probs+weights+smoothing": {"probs": True, "weight": "w", "label_smoothing": 0.2},
 }

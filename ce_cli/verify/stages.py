@@ -512,14 +512,19 @@ class LseStage(Stage):
         self.ref[chunk.start:chunk.stop] = chunk.ev.lse
 
     def finish(self) -> Ranked:
-        valid = self.problem.valid
-        got = np.where(valid, np.asarray(self.got, dtype=np.float64), self.ref)
-        floor = np.where(valid, self.tol.floor_coef * (1.0 + np.abs(self.ref)) + self.normaliser,
-                         0.0)
-        cmp = _comparison("lse_vs_reference", self.tol, self.problem.per_sample_index, self.worst,
-                          user=True)
-        cmp.update(0, self.ref, got, floor)
-        return [(2, cmp.result())]
+        return [(2, lse_check(self.ref, self.got, self.problem.valid, self.tol, self.normaliser,
+                              self.problem.per_sample_index, self.worst))]
+
+
+def lse_check(ref: np.ndarray, got: Any, valid: np.ndarray, tol: Tolerance, normaliser: float,
+              index_of: Callable, worst: int) -> CheckResult:
+    """`lse_vs_reference`: your per-row lse against `ref` on the `valid` rows, each allowed
+    k eps (1 + |lse|) plus the `normaliser` bound."""
+    got = np.where(valid, np.asarray(got, dtype=np.float64), ref)
+    floor = np.where(valid, tol.floor_coef * (1.0 + np.abs(ref)) + normaliser, 0.0)
+    cmp = _comparison("lse_vs_reference", tol, index_of, worst, user=True)
+    cmp.update(0, ref, got, floor)
+    return cmp.result()
 
 
 class ZLossStage(Stage):

@@ -31,7 +31,7 @@ from ce_cli.verify.shards.files import load
 from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs
-from ce_cli.verify.stages import reduced_check, with_normaliser
+from ce_cli.verify.stages import lse_check, reduced_check, with_normaliser
 
 
 ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
@@ -215,14 +215,10 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
         raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
     got = match_batch(got, layout, source, "the per-row log-sum-exp")
     tol = options.tolerance(got.dtype)
-    ref = np.asarray(lse, dtype=np.float64).reshape(-1)
     valid = np.asarray(load(shard.files.labels, "labels")).reshape(-1) != options.ignore_index
-    normaliser = normaliser_bound(tol, shape[-1], options.normaliser_rtol)
-    floor = np.where(valid, tol.floor_coef * (1.0 + np.abs(ref)) + normaliser, 0.0)
-    cmp = Comparison("lse_vs_reference", tol, lambda r, c: layout.batch_index(r),
-                     expected_label="reference", got_label="yours", n_worst=options.worst)
-    cmp.update(0, ref, np.where(valid, np.asarray(got, dtype=np.float64), ref), floor)
-    return cmp.result()
+    return lse_check(np.asarray(lse, dtype=np.float64).reshape(-1), got, valid, tol,
+                     normaliser_bound(tol, shape[-1], options.normaliser_rtol),
+                     lambda r, c: layout.batch_index(r), options.worst)
 
 
 def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
