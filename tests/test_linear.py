@@ -446,3 +446,12 @@ def test_inputs_are_not_modified():
     ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, grad_bias=db)
     ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, exact=True)
     assert all(np.array_equal(a, c) for a, c in zip((h, w, b, dh, dw), copies))
+
+
+@pytest.mark.parametrize("name, value", [("vocab_offset", 2), ("two_class", True),
+                                         ("kl_loss", True), ("class_axis", 1)])
+def test_settings_without_logits_are_refused(name, value):
+    """check_grad's settings that need the (N, V) logits are one line, never ignored."""
+    h, w, y = np.ones((4, 3)), np.ones((5, 3)), np.array([0, 1, 2, 3])
+    with pytest.raises(CeCheckError, match=f"`{name}`: not taken by check_linear"):
+        ce_cli.check_linear(h, w, y, **{name: value})

@@ -121,7 +121,7 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
                             "softcap": _positive, "logit_scale": _positive,
                             "smoothing_form": lambda k, v: _choice_of(k, v, ("torch", "others")),
                             "denominator": _positive, "shift_labels": _boolean,
-                            "vocab_offset": _integer(0)},
+                            "vocab_offset": _integer(0), "kl_loss": _boolean},
     Kind.binary.value: {"two_class": _boolean, "label_smoothing": _non_negative,
                         "softcap": _positive, "logit_scale": _positive, "denominator": _positive},
     LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,

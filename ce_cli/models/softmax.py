@@ -161,17 +161,18 @@ class SoftmaxCE(RowMatrix):
     def targets_entropy(self) -> np.ndarray | None:
         """Per row s_n H(q) (0 for ignored rows), H(q) = -sum_c q_c log q_c of the smoothed
         one-hot targets: what T5X and Flax subtract from each token's loss (their loss is the
-        KL divergence, the gradient the same). None without smoothing, with probability
-        targets, class weights or a vocabulary shard."""
+        KL divergence, the gradient the same); 0 without smoothing. None where it is not theirs:
+        probability targets, class weights, a vocabulary shard."""
         eps, C = self.smoothing, self.n_classes
-        if not eps or C < 2 or self.probs is not None or self.weight is not None \
-                or self.sem.vocab_offset is not None:
+        if self.probs is not None or self.weight is not None or self.sem.vocab_offset is not None:
             return None
+        if not eps or C < 2:
+            return np.zeros(self.n_rows)
         if self.sem.smoothing_form == "others":
             on, off = 1.0 - eps, eps / (C - 1)
         else:
             on, off = 1.0 - eps + eps / C, eps / C
-        h = -(C - 1) * off * math.log(off) - (on * math.log(on) if on > 0 else 0.0)
+        h = -(C - 1) * _xlogx(off) - _xlogx(on)
         rows = np.arange(self.n_rows)
         return np.where(self.valid, h * self.sem.row_weight(rows), 0.0)
 
@@ -291,6 +292,11 @@ class SoftmaxCE(RowMatrix):
                 "(softmax undefined); ignore that target or unmask a class"
             )
         return np.where(masked, 0.0, m)
+
+
+def _xlogx(x: float) -> float:
+    """x log x, 0 at x = 0 (its limit: a weight that underflowed adds nothing)."""
+    return x * math.log(x) if x > 0 else 0.0
 
 
 def build_softmax_ce(

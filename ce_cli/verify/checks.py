@@ -95,6 +95,9 @@ def check_grad(
             weight_source=src["weight"], semantics=given,
             lse=lse if opts.vocab_offset is not None else None,
             sample_weight_source=src["sample_weight"], lse_source=src["lse"])
+    if opts.kl_loss and problem.targets_entropy() is None:
+        raise CeCheckError("`kl_loss`: the KL divergence to smoothed one-hot targets needs "
+                           "class-index labels, without class weights or `vocab_offset`")
     if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
@@ -102,7 +105,8 @@ def check_grad(
     echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
             "class_axis": opts.class_axis, "class_axis_resolved": problem.layout.class_axis,
             "weighted": weight is not None,
-            **problem.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {})}
+            **problem.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {}),
+            **({"kl_loss": True} if opts.kl_loss else {})}
     run = Run("multiclass", echo, extra_checks, out_grad, progress)
     compared_lse = lse if opts.vocab_offset is None else None
     return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
@@ -201,7 +205,7 @@ def check_binary(
 def refuse_softmax_only(opts: CheckOptions) -> None:
     """The settings of softmax CE that mean nothing for a sigmoid: a one-line error each."""
     defaults = CheckOptions()
-    for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset"):
+    for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset", "kl_loss"):
         if getattr(opts, name) != getattr(defaults, name):
             raise CeCheckError(f"`{name}`: applies to softmax cross-entropy (check_grad), "
                                "not sigmoid BCE")

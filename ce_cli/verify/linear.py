@@ -835,6 +835,7 @@ def check_linear(
     lin = replace(linear or LinearSettings(), **{k: settings.pop(k) for k in list(settings)
                                                   if k in LINEAR_FIELDS})
     opts = CheckOptions.build(options, **settings)
+    refuse_not_linear(opts)
     src = {**{r: r for r in ROLES}, **(sources or {})}
     problem, warnings, labels = _problem(hidden, weight, labels, bias, class_weight, sample_weight,
                                          opts, lin, src)
@@ -863,6 +864,19 @@ def check_linear(
                      for r, a in arrays.items() if a is not None),
         warnings=tuple(warnings), fd_mode=mode, fd_evaluations=2 * (hp.owner.size + wp.owner.size + bias_probes.owner.size),
         options=_echo(problem, lin, opts, users))
+
+
+# CheckOptions fields that mean nothing without the (N, V) logits: refused, never ignored
+NOT_LINEAR = ("class_axis", "two_class", "vocab_offset", "kl_loss")
+
+
+def refuse_not_linear(opts: CheckOptions) -> None:
+    """One line for a setting of check_grad / check_binary that check_linear does not take."""
+    defaults = CheckOptions()
+    for name in NOT_LINEAR:
+        if getattr(opts, name) != getattr(defaults, name):
+            raise CeCheckError(f"`{name}`: not taken by check_linear (fused linear "
+                               "cross-entropy has no logits array)")
 
 
 def _problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weight: Any,

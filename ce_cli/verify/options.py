@@ -31,7 +31,9 @@ class CheckOptions:
     Training-code semantics (softmax CE, models/semantics.py): `z_loss` coefficient, `softcap`,
     `logit_scale`, `smoothing_form` (torch: eps/C everywhere; others: 1 - eps on the target,
     eps/(C - 1) elsewhere), an outside `denominator`, `shift_labels` (causal LM), and
-    `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad).
+    `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad), and
+    `kl_loss`: your loss is the KL divergence to the smoothed one-hot targets, the cross-entropy
+    minus their entropy H(q) (T5X, Flax; the gradient is the same).
     Sigmoid BCE (check_binary) takes `softcap`, `logit_scale`, `denominator` and
     `label_smoothing` (toward 1/2: y (1 - A) + A/2), and refuses the softmax-only ones.
     """
@@ -61,6 +63,7 @@ class CheckOptions:
     denominator: float | None = None
     shift_labels: bool = False
     vocab_offset: int | None = None
+    kl_loss: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise once, in a frozen dataclass

@@ -132,7 +132,7 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
     loss = _user_loss(problem, inputs, options)
     if loss is not None:
         stages.append(LossStage(problem, loss[0], loss[1], options.loss_atol, options.worst, total,
-                                options.normaliser_rtol))
+                                options.normaliser_rtol, kl=options.kl_loss))
     if mode == "full":
         stages.append(FullFDStage(problem, user, options.worst))
     elif mode == "directional":

@@ -185,8 +185,10 @@ class LossStage(Stage):
     lse off by a row factor f (at most the gradient's bound) moves loss_n by Q_n * f."""
 
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
-                 total: LossTotal, normaliser_rtol: float | None = None) -> None:
+                 total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False) -> None:
         self.problem, self.loss, self.tol, self.loss_atol = problem, loss, tol, loss_atol
+        # `kl`: yours is the KL divergence, the reference minus s_n H(q) per row
+        self.entropy = problem.targets_entropy() if kl else None
         softmax = getattr(problem, "target_weights", None) is not None
         self.normaliser = (normaliser_bound(tol, problem.n_classes, normaliser_rtol)
                            if softmax else 0.0)
@@ -210,27 +212,36 @@ class LossStage(Stage):
             self.weight[rows] = np.abs(ev.total_weight)
 
     def finish(self) -> Ranked:
-        weight = self.weight
+        weight, h = self.weight, self.entropy
+        # the KL's H(q), formed in your precision, rounds at k eps |s_n H(q)| per row
+        floor = self.floor if h is None else self.floor + self.tol.floor_coef * np.abs(h)
 
         def compare(k: float) -> CheckResult:
-            return self._compare(self.floor + k * weight if k and weight is not None else self.floor)
+            return self._compare(floor + k * weight if k and weight is not None else floor, h)
 
         result = with_normaliser(compare, self.normaliser if weight is not None else 0.0,
                                  self.tol, self.problem.n_classes)
         return [(2, result if result.ok else self._entropy_note(result))]
 
     def _entropy_note(self, result: CheckResult) -> CheckResult:
-        """A failed loss that is the reference minus the smoothed targets' entropy (T5X and
-        Flax report that KL divergence): still a failure, saying so."""
+        """A failed loss that the other form passes - the cross-entropy minus the smoothed
+        targets' entropy (the KL divergence T5X and Flax report) or, with `kl_loss`, the
+        cross-entropy itself: still a failure, saying so."""
+        if self.entropy is not None:
+            if not float(np.max(self.entropy, initial=0.0)) or not self._compare(self.floor).ok:
+                return result
+            return replace(result, note=(
+                "yours is the cross-entropy itself, not minus the smoothed targets' entropy "
+                "(the KL divergence `kl_loss` compares): drop `kl_loss`"))
         h = getattr(self.problem, "targets_entropy", lambda: None)()
-        if h is None or not self._compare(self.floor, shift=h).ok:
+        if h is None or not h.any() or not self._compare(self.floor, shift=h).ok:
             return result
         each = self.problem.reduction == "none"
         offset = float(h.max()) if each else self.problem.reduce(math.fsum(h))
         return replace(result, note=(
             f"yours is the reference minus the smoothed targets' entropy ({offset:.6g}"
             f"{' per sample at most' if each else ''}): a KL divergence, as T5X and Flax report "
-            "it; the gradient is the same"))
+            "it (compare it with `kl_loss`); the gradient is the same"))
 
     def _compare(self, row_floor: np.ndarray, shift: np.ndarray | None = None) -> CheckResult:
         """Your loss against the reference (minus `shift` per row, when given)."""

@@ -77,8 +77,9 @@ def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
 
 
 # settings a shard check cannot take: `vocab_offset` (a shard's own offset comes from the plan),
-# `two_class` (a (..., 2) softmax batch); refused, never ignored
-UNSHARDED = ("vocab_offset", "two_class")
+# `two_class` (a (..., 2) softmax batch), `kl_loss` (the merged loss is the cross-entropy);
+# refused, never ignored
+UNSHARDED = ("vocab_offset", "two_class", "kl_loss")
 
 
 # training-code semantics that act row by row (softmax) or element by element (binary): carried
