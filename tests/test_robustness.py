@@ -454,13 +454,40 @@ def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of `pid` (None once it is gone or without /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_blocked(pid: int) -> None:
+    """Until `pid` sleeps without using CPU for 0.5 s (its start-up done, the read blocking),
+    however loaded the machine; 1 s without /proc. A hang guard, not a timing assertion."""
+    if _cpu_seconds(pid) is None:
+        time.sleep(1.0)
+        return
+    still, last = 0, -1.0
+    for _ in range(600):
+        time.sleep(0.1)
+        cpu = _cpu_seconds(pid)
+        if cpu is None:
+            return
+        still = still + 1 if cpu == last else 0
+        last = cpu
+        if still >= 5:
+            return
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_d2_sigint_stops_a_batch_blocked_on_a_silent_pipe(jobs):
     if not CE_CHECK.exists():
         pytest.skip(f"console script not installed at {CE_CHECK}")
     proc = subprocess.Popen([str(CE_CHECK), "batch", "-", "--jobs", jobs], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # the writer stays open and silent: the manifest read blocks
+    _wait_blocked(proc.pid)  # the writer stays open and silent: the manifest read blocks
     _, err = _interrupt(proc)
     proc.stdin.close()
     assert proc.returncode == 130, err
@@ -488,7 +515,13 @@ def test_d2_sigint_stops_busy_workers_without_tracebacks_or_orphans(tmp_path):
     while len(workers) < 2 and proc.poll() is None:
         time.sleep(0.1)
         workers = _children(proc.pid)
-    time.sleep(0.5)  # both workers inside a case
+    # both workers inside a case: each past its start-up, however loaded the machine (a case
+    # runs ~4 s of CPU; start-up takes well under 0.5 s of it)
+    for _ in range(600):
+        cpu = [_cpu_seconds(pid) for pid in workers]
+        if proc.poll() is not None or all(c is None or c >= 0.5 for c in cpu):
+            break
+        time.sleep(0.1)
     out, err = _interrupt(proc)
     assert workers and proc.returncode == 130, (proc.returncode, err)
     assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
