@@ -188,7 +188,7 @@ def test_exact_in_small_blocks_matches_one_block(monkeypatch, bug):
     """`--exact` with many row and vocabulary blocks (dL/dH in the pass's row blocks, dL/dW per
     vocabulary block over recomputed row blocks) gives the one-block verdicts and worst entries."""
     from ce_cli.models import linear as model
-    from ce_cli.verify import linear as verify
+    from ce_cli.verify.linear import exact
 
     h, w, y, b = problem(7)
     if bug is None:
@@ -200,8 +200,8 @@ def test_exact_in_small_blocks_matches_one_block(monkeypatch, bug):
     monkeypatch.setattr(model, "BLOCK_BYTES", 16 * 300 * 8)   # 16 rows a pass block: 4 blocks
     monkeypatch.setattr(model, "BLOCK_SHARE", 0.0)
     monkeypatch.setattr(model, "VOCAB_BYTES", 8 * 24 * 100)   # 256 vocabulary rows a block
-    monkeypatch.setattr(verify, "EXACT_BLOCK_BYTES", 8 * 24 * 40)  # dL/dW: 40 x 24 blocks
-    assert verify._exact_steps(model.LinearCE(h, w, None, y, y >= 0, None, 0.0, "mean", 1.0, (64,)
+    monkeypatch.setattr(exact, "EXACT_BLOCK_BYTES", 8 * 24 * 40)  # dL/dW: 40 x 24 blocks
+    assert exact.exact_steps(model.LinearCE(h, w, None, y, y >= 0, None, 0.0, "mean", 1.0, (64,)
                                               )) == (40, 24)
     blocked = ce_cli.check_linear(h, w, y, **grads)
     assert blocked.ok is whole.ok is (bug is None)
@@ -215,20 +215,23 @@ def test_exact_in_small_blocks_matches_one_block(monkeypatch, bug):
 def test_exact_all_gives_the_in_pass_verdicts():
     """`exact_all` (the row shards' entry point: dL/dH from recomputed row blocks) agrees with
     `check_linear --exact`, which compares dL/dH inside its pass."""
-    from ce_cli.verify import linear as verify
+    from ce_cli.verify.linear.arrays import LinearSettings, user_arrays
+    from ce_cli.verify.linear.check import ROLES, linear_problem
+    from ce_cli.verify.linear.exact import exact_all
+    from ce_cli.verify.linear.stream import linear_pass
     from ce_cli.verify.options import CheckOptions
 
     h, w, y, b = problem(7)
     dh, dw, _ = zoo("row_block_lost", h, w, y, b)
     report = ce_cli.check_linear(h, w, y, bias=b, grad_hidden=dh, grad_weight=dw, exact=True,
                                  fd="off")
-    opts, lin = CheckOptions.build(None, fd="off"), verify.LinearSettings(exact=True)
-    src = {r: r for r in verify.ROLES}
-    prob = verify._problem(h, w, y, b, None, None, opts, lin, src)[0]
-    users = verify.user_arrays(prob, {"grad_hidden": dh, "grad_weight": dw}, src, opts, "VH")
-    run = verify.linear_pass(prob, users, lin, opts)
+    opts, lin = CheckOptions.build(None, fd="off"), LinearSettings(exact=True)
+    src = {r: r for r in ROLES}
+    prob = linear_problem(h, w, y, b, None, None, opts, lin, src)[0]
+    users = user_arrays(prob, {"grad_hidden": dh, "grad_weight": dw}, src, opts, "VH")
+    run = linear_pass(prob, users, lin, opts)
     assert run.exact_h is None
-    got = verify.exact_all(prob, users, run.lse, run.herr, opts.worst)
+    got = exact_all(prob, users, run.lse, run.herr, opts.worst)
     by = {c.name: c for c in report.checks}
     assert [c.name for c in got] == ["grad_weight_vs_reference", "grad_hidden_vs_reference"]
     for c in got:

@@ -142,11 +142,13 @@ def test_finite_differences_equal_the_single_process_report(tmp_path, dtype, fd)
 
 def _projections(arrays, grads, options):
     """The batch's Gaussian matrices R (dL/dW) and S (dL/dH) as `check_linear` draws them."""
-    from ce_cli.verify.linear import LinearSettings, _problem, linear_pass, user_arrays
+    from ce_cli.verify.linear.arrays import LinearSettings, user_arrays
+    from ce_cli.verify.linear.check import linear_problem
+    from ce_cli.verify.linear.stream import linear_pass
 
     src = {k: k for k in ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight",
                           "grad_hidden", "grad_weight", "grad_bias")}
-    problem, _, _ = _problem(arrays["hidden"], arrays["weight"], arrays["labels"], arrays["bias"],
+    problem, _, _ = linear_problem(arrays["hidden"], arrays["weight"], arrays["labels"], arrays["bias"],
                              None, None, options, LinearSettings(), src)
     users = user_arrays(problem, grads, src, options, "VH")
     run = linear_pass(problem, users, LinearSettings(), options)

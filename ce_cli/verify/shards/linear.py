@@ -32,9 +32,12 @@ from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE
 from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
-from ce_cli.verify.linear import (LinearSettings, Probes, UserArray, _loss_check, _problem,
-                                  _user_loss, choose_probes, exact_all, exact_hidden_rows,
-                                  exact_weight_rows, linear_pass, projection_result, user_arrays)
+from ce_cli.verify.linear.arrays import LinearSettings, UserArray, user_arrays
+from ce_cli.verify.linear.check import linear_problem, loss_check, user_loss
+from ce_cli.verify.linear.exact import (exact_all, exact_hidden_rows, exact_weight_rows,
+                                        projection_result)
+from ce_cli.verify.linear.probes import Probes, choose_probes
+from ce_cli.verify.linear.stream import linear_pass
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo
 from ce_cli.verify.shards.files import load
@@ -126,7 +129,7 @@ def shard_problem(shard: Shard, batch: LinearBatch, options: CheckOptions,
         if getattr(batch, role) is not None:
             arrays[role] = load(getattr(batch, role), role)
     vectors = {k: v.reshape(-1) if k in ("bias", "class_weight") else v for k, v in arrays.items()}
-    problem, warnings, _ = _problem(h_rows, vectors["weight"], y, vectors.get("bias"),
+    problem, warnings, _ = linear_problem(h_rows, vectors["weight"], y, vectors.get("bias"),
                                     vectors.get("class_weight"), sw,
                                     replace(options, shift_labels=False), batch.settings, src)
     if denominator is not None and problem.reduction == "mean":
@@ -197,7 +200,7 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                    if batch.settings.exact and batch.weight_side else None)
     if gh is not None:
         arrays["grad_hidden"] = gh
-    loss_check = _token_losses(shard, batch, problem, run, options, arrays)
+    token_check = _token_losses(shard, batch, problem, run, options, arrays)
     inputs = tuple(InputInfo(r, src.get(r, f"{r} file '{file_name(batch.loss_files, shard)}'"),
                              tuple(a.shape), str(a.dtype)) for r, a in arrays.items()
                    if r in ("hidden", "labels", "grad_hidden", "loss"))
@@ -206,7 +209,7 @@ def linear_shard(shard: Shard, options: CheckOptions, batch: LinearBatch,
                       run.pw.r if run.pw is not None else None, run.lse, run.herr,
                       users["grad_hidden"].tol if "grad_hidden" in users else None,
                       tuple(w for w in warnings if denominator == 0 or not w.startswith(LOCAL_WARNINGS)),
-                      inputs, _shard_fd(run, users, shard), exact_w, loss_check)
+                      inputs, _shard_fd(run, users, shard), exact_w, token_check)
 
 
 def _token_losses(shard: Shard, batch: LinearBatch, problem: LinearCE, run: Any,
@@ -217,9 +220,9 @@ def _token_losses(shard: Shard, batch: LinearBatch, problem: LinearCE, run: Any,
         return None
     got = _token_values(shard, batch.loss_files, "loss")
     arrays["loss"] = got
-    user = _user_loss(problem, got, f"loss file '{file_name(batch.loss_files, shard)}'", options)
+    user = user_loss(problem, got, f"loss file '{file_name(batch.loss_files, shard)}'", options)
     assert user is not None
-    return _loss_check(problem, run, user, 0.0, options)
+    return loss_check(problem, run, user, 0.0, options)
 
 
 def _shard_hidden(run: Any, problem: LinearCE, users: dict[str, UserArray], batch: LinearBatch,

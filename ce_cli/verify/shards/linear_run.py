@@ -16,7 +16,7 @@ all-reduce produces.
   sums (loss differences, G.2u, their bounds with the batch's log2 N factor, your tolerance's
   terms without its atol term) add exactly rounded (`_fsum`, math.fsum), within the shards'
   own block rounding plus eps/2 of the exact sum of the row terms, the error the single-process
-  pass makes over its row blocks and its bounds allow; then `_fd_checks` as in one process.
+  pass makes over its row blocks and its bounds allow; then `fd_checks` as in one process.
 - `exact`: each shard compares its dL/dH entry by entry and returns its G_i^T H_i and floor
   (V x H each); the client adds them in shard order and compares your dL/dW once.
 
@@ -36,10 +36,12 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.models.linear import LinearCE
-from ce_cli.verify.linear import (BiasDirection, Probes, Projection, UserArray, WeightFD,
-                                  _bias_column, _cmp, _echo, _fd_checks, _join, _loss_check,
-                                  _ranges, _transposed, _user_loss, choose_probes,
-                                  projection_result, user_arrays)
+from ce_cli.verify.linear.arrays import UserArray, user_arrays
+from ce_cli.verify.linear.check import fd_checks, loss_check, report_echo, transposed, user_loss
+from ce_cli.verify.linear.exact import projection_result, user_comparison
+from ce_cli.verify.linear.probes import (BiasDirection, Probes, Projection, WeightFD, choose_probes,
+                                         row_ranges)
+from ce_cli.verify.linear.stream import bias_column, join_probes
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
 from ce_cli.verify.shards.files import describe, load
@@ -162,7 +164,7 @@ def _batch_checks(plan: Any, parts: list[LinearPart], stand: LinearCE,
                                     options, mapper, D))
     if "grad_bias" in users:
         gb = users["grad_bias"]
-        cmp = _cmp("grad_bias_vs_reference", gb, options.worst)
+        cmp = user_comparison("grad_bias_vs_reference", gb, options.worst)
         cmp.update(0, wa[None, :, 0], gb.rows, wp[None, :, 0] * gb.tol.floor_coef)
         checks.append(cmp.result())
     return [(1, c) for c in checks]
@@ -189,10 +191,10 @@ def _fd_merge(parts: list[LinearPart], probes: tuple[str, Probes, Probes, Probes
         direction.fd, direction.bound = (math.fsum(fd.direction[i] for fd in fds) for i in (0, 1))
         db = _fsum([p.wa[:, 0] for p in parts])  # the summed dL/db, as the gradient check's
         db_floor = _fsum([p.wp[:, 0] for p in parts])
-        bprobe = _join(direction.probes(db, db_floor, users.get("grad_bias")), bprobe)
+        bprobe = join_probes(direction.probes(db, db_floor, users.get("grad_bias")), bprobe)
     moves = ({"hidden": np.concatenate([fd.hidden_got for fd in fds if fd.hidden_got is not None])}
              if "grad_hidden" in users else None)
-    checks = _fd_checks(stand, users, (hidden, wprobe, bprobe), worst, direction.u, moves)
+    checks = fd_checks(stand, users, (hidden, wprobe, bprobe), worst, direction.u, moves)
     return checks, 2 * (hidden.owner.size + wprobe.owner.size + bprobe.owner.size)
 
 
@@ -211,7 +213,7 @@ def _add_partials(fds: list[ShardFD], wprobe: Probes, bprobe: Probes, stand: Lin
         for f in ("fd", "ref", "bound", "got_bound"):
             setattr(merged, f, _fsum([getattr(getattr(fd, side), f) for fd in fds]))
     WeightFD(stand, wprobe, users.get("grad_weight")).finish()
-    WeightFD(stand, bprobe, _bias_column(users.get("grad_bias"))).finish()
+    WeightFD(stand, bprobe, bias_column(users.get("grad_bias"))).finish()
 
 
 def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, options: CheckOptions,
@@ -232,7 +234,7 @@ def _hidden_check(plan: Any, parts: list[LinearPart], batch: LinearBatch, option
     k = batch.settings.projections
     note = (f"{k} Gaussian projections per token row (Freivalds); a row whose error is 10x its "
             f"threshold passes with probability <= {batch.settings.false_pass():.1g}"
-            f"; {rows.size} of {plan.shape[0]} token rows fail: {_ranges(rows)}; exact entries "
+            f"; {rows.size} of {plan.shape[0]} token rows fail: {row_ranges(rows)}; exact entries "
             f"of {opened.size} worst rows: {res.mismatches} of {res.total} over tolerance")
     return replace(_token_index(res, batch), ok=False, mismatches=max(res.mismatches, int(rows.size)),
                    note=note)
@@ -268,7 +270,7 @@ def _weight_check(plan: Any, parts: list[LinearPart], stand: LinearCE, user: Use
 
     res = projection_result(proj, exact, batch.settings, options.worst,
                             math.sqrt(stand.n_rows) + math.sqrt(stand.hidden_size), "vocabulary")
-    return _transposed(res, stand) if user.transposed else res
+    return transposed(res, stand) if user.transposed else res
 
 
 def _exact_weight_check(parts: list[LinearPart], stand: LinearCE, user: UserArray,
@@ -278,10 +280,10 @@ def _exact_weight_check(parts: list[LinearPart], stand: LinearCE, user: UserArra
     the sum of theirs."""
     ref = np.sum(np.stack([p.exact_w[0] for p in parts if p.exact_w is not None]), axis=0)
     floor = np.sum(np.stack([p.exact_w[1] for p in parts if p.exact_w is not None]), axis=0)
-    cmp = _cmp("grad_weight_vs_reference", user, worst, "exact: every entry")
+    cmp = user_comparison("grad_weight_vs_reference", user, worst, "exact: every entry")
     cmp.update(0, ref, user.rows, floor * user.tol.floor_coef)
     res = cmp.result()
-    return _transposed(res, stand) if user.transposed else res
+    return transposed(res, stand) if user.transposed else res
 
 
 def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBatch,
@@ -306,7 +308,7 @@ def _merge(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: LinearBat
         + ((InputInfo("loss", loss_source, tuple(np.shape(loss)), str(np.asarray(loss).dtype)),)
            if loss is not None else ()),
         warnings=tuple(dict.fromkeys(w for p in parts for w in p.warnings)), fd_mode=fd[0],
-        fd_evaluations=fd[1], options=_echo(stand, batch.settings, options, users))
+        fd_evaluations=fd[1], options=report_echo(stand, batch.settings, options, users))
     return ShardedReport("rows", report, tuple(_summary(s, p, stand) for s, p in zip(plan.shards, parts)))
 
 
@@ -315,10 +317,10 @@ def _loss_checks(plan: Any, parts: list[LinearPart], stand: LinearCE, batch: Lin
                  ref_loss: float) -> list[tuple[int, CheckResult]]:
     """Your reduced loss against the merged one (the shards' floors summed), or the shards'
     per-token loss checks merged at global tokens."""
-    user_loss = _user_loss(stand, loss_in[0], loss_in[1], options)
-    if user_loss is not None:
+    given = user_loss(stand, loss_in[0], loss_in[1], options)
+    if given is not None:
         run = _FloorSum(np.array([math.fsum(p.loss_floor for p in parts)]))
-        return [(2, _loss_check(stand, run, user_loss, ref_loss, options))]  # type: ignore[arg-type]
+        return [(2, loss_check(stand, run, given, ref_loss, options))]  # type: ignore[arg-type]
     per_token = [(s, p.loss_check) for s, p in zip(plan.shards, parts) if p.loss_check is not None]
     return [(2, _token_index(merge_checks(per_token, options.worst), batch))] if per_token else []
 
