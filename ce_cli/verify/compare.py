@@ -306,7 +306,7 @@ def _fmax_rows(a: np.ndarray) -> np.ndarray:
 
 def _max_rel(diff: np.ndarray, ref: np.ndarray) -> float:
     """Largest |error| / |reference| over the entries whose reference is not 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return float(np.fmax.reduce(np.where(ref == 0, np.nan, diff / np.abs(ref))))
 
 
