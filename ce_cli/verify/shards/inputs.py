@@ -194,3 +194,6 @@ def _refuse_on_vocab(inputs: BatchInputs) -> None:
         if len(inputs.files(role)) > 1:
             raise CeCheckError(f"`{role}`: one file of the batch's {what} with vocabulary "
                                "shards (every shard holds every row)")
+    if inputs.z_loss is not None or inputs.files("z_loss_value"):
+        raise CeCheckError("`z_loss_value`: not yet with vocabulary shards (the z-loss is "
+                           "checked within the loss); check row shards, or the batch whole")

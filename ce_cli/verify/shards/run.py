@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,16 @@ UNSHARDED = ("vocab_offset", "two_class")
 
 
 # training-code semantics that act row by row (softmax) or element by element (binary): carried
-# by row shards (binary: row and column shards), refused on vocabulary shards
+# by row shards (binary: row and column shards)
 ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
+
+# what vocabulary shards cannot carry, and why (the others: pass 1 merges the lse of z = T(x),
+# a shard's gradient is then local, and the loss counts each row's s (lse + zeta lse^2) once)
+VOCAB_REFUSED = {
+    "smoothing_form": "not with vocabulary shards (label smoothing spreads over the whole "
+                      "vocabulary); check row shards, or the batch whole",
+    "shift_labels": "not with vocabulary shards (only row shards carry it); check row shards, "
+                    "or the batch whole"}
 
 
 def refuse_unsharded(options: CheckOptions, class_axis: int, what: str = "`shards`") -> None:
@@ -103,9 +112,8 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
     plain = CheckOptions()
     given = [n for n in ROW_LOCAL if getattr(options, n) != getattr(plain, n)]
     for name in given:
-        if plan.axis == "vocab":
-            raise CeCheckError(f"`{name}`: not with vocabulary shards (only row shards carry the "
-                               "training-code options); check row shards, or the batch whole")
+        if plan.axis == "vocab" and name in VOCAB_REFUSED:
+            raise CeCheckError(f"`{name}`: {VOCAB_REFUSED[name]}")
         if name == "shift_labels" and len(plan.shape) < 3:
             raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
                                "whole sequences (2-D shards could cut a sequence between two)")
@@ -143,7 +151,8 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
         denominator = float(math.fsum(mapper.map(shard_denominator, plan.shards, (opts, inputs))))
         shared: Any = denominator
     else:
-        shared = mapper.reduce(shard_row_stats, plan.shards, merge_row_stats)
+        stats = partial(shard_row_stats, scale=opts.logit_scale, cap=opts.softcap)
+        shared = mapper.reduce(stats, plan.shards, merge_row_stats)
     if plan.axis == "vocab":
         return _run_vocab(plan, opts, inputs, mapper, shared, progress)
     results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)

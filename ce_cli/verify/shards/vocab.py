@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import make_layout, match_batch
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import check_grad
@@ -37,16 +38,18 @@ from ce_cli.verify.stages import lse_check, reduced_check, with_normaliser
 ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
 
 
-def shard_row_stats(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+def shard_row_stats(shard: Shard, scale: float = 1.0,
+                    cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of the shard: m, the max logit, and s1, the sum of exp(z - m) over every entry
-    but one arg-max, in float64 (m = -inf and s1 = 0 for an all -inf row)."""
+    but one arg-max, in float64 (m = -inf and s1 = 0 for an all -inf row); z = T(x), the
+    logits the loss sees (`logit_scale` and `softcap`: cap tanh(scale x / cap))."""
     z = load(shard.files.logits, "logits")
     z = z.reshape(-1, z.shape[-1])
     n, c = z.shape
     m, s1 = np.empty(n), np.empty(n)
     step = max(1, ROW_CHUNK // max(1, c))
     for start in range(0, n, step):
-        block = np.asarray(z[start:start + step], dtype=np.float64)
+        block, _ = transform(np.asarray(z[start:start + step], dtype=np.float64), scale, cap)
         top = block.max(axis=1)
         safe = np.where(np.isneginf(top), 0.0, top)
         with np.errstate(invalid="ignore"):
@@ -124,7 +127,7 @@ class VocabRows:
 
 def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
                     inputs: BatchInputs = NO_INPUTS) -> VocabRows:
-    """The shard's `VocabRows` (a pass over its logits, in row blocks)."""
+    """The shard's `VocabRows` (a pass over its logits, in row blocks), of z = T(x)."""
     z = load(shard.files.logits, "logits")
     z = z.reshape(-1, z.shape[-1])
     y = load(shard.files.labels, "labels").reshape(-1)
@@ -132,10 +135,10 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     inside = valid & (y >= shard.offset) & (y < shard.offset + z.shape[1])
     z_y, zabs = np.zeros(len(y)), np.empty(len(y))
     rows = np.flatnonzero(inside)
-    z_y[rows] = np.asarray(z[rows, y[rows] - shard.offset], dtype=np.float64)
+    z_y[rows] = _transformed(z[rows, y[rows] - shard.offset], options)
     step = max(1, ROW_CHUNK // max(1, z.shape[1]))
     for a in range(0, len(y), step):
-        block = np.abs(np.asarray(z[a:a + step], dtype=np.float64))
+        block = np.abs(_transformed(z[a:a + step], options))
         zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
     if shard.index:
         return VocabRows(z_y, zabs)
@@ -144,6 +147,18 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     weight = np.where(valid, s if s is not None else 1.0, 0.0)
     return VocabRows(z_y, zabs, np.asarray(lse, dtype=np.float64).reshape(-1), weight,
                      "sample_weight" in arrays)
+
+
+def _transformed(x: Any, options: CheckOptions) -> np.ndarray:
+    """z = T(x) in float64 (`logit_scale`, `softcap`)."""
+    with np.errstate(invalid="ignore"):
+        return transform(np.asarray(x, dtype=np.float64), options.logit_scale, options.softcap)[0]
+
+
+def extended(options: CheckOptions, sample_weighted: bool) -> bool:
+    """Whether one process takes the extended loss floor (semantics.loss_floor) on the batch."""
+    return bool(sample_weighted or options.z_loss or options.softcap is not None
+                or options.logit_scale != 1.0)
 
 
 def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
@@ -156,8 +171,9 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
     assert first.lse is not None and first.weight is not None
     z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
     zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
-    S = np.abs(first.weight)
-    per_row = np.where(S != 0, first.weight * (first.lse - z_y), 0.0)
+    S, lse, zeta = np.abs(first.weight), first.lse, options.z_loss
+    per_row = np.where(S != 0, first.weight * (lse - z_y + zeta * lse * lse), 0.0)
+    Se = S * np.abs(1.0 + 2.0 * zeta * lse)  # |s (Q + 2 zeta lse)|: what multiplies a
     n_classes = plan.shape[-1]
     got: Any
     if options.reduction.value == "none":
@@ -165,8 +181,9 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
         tol = options.tolerance(got.dtype)
     else:
         got, tol = inputs.loss, options.tolerance(inputs.loss_dtype)
-    floor = tol.floor_coef * (np.abs(per_row) + S * (1.0 + np.abs(first.lse))
-                              + (2.0 * S * zabs if first.sample_weighted else 0.0))
+    floor = tol.floor_coef * (np.abs(per_row) + Se * (1.0 + np.abs(lse))
+                              + ((Se + S) * zabs if extended(options, first.sample_weighted)
+                                 else 0.0))
     normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
     if options.reduction.value == "none":
         shape = plan.shape[:-1]
@@ -176,15 +193,16 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
                              lambda r, c: tuple(int(i) for i in np.unravel_index(r, shape)),
                              expected_label="reference", got_label="yours", n_worst=options.worst,
                              extra_atol=options.loss_atol, beyond_range=True)
-            cmp.update(0, per_row, got, floor + k * S)
+            cmp.update(0, per_row, got, floor + k * Se)
             return cmp.result()
     else:
-        D = float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0
+        D = (options.denominator if options.denominator is not None
+             else float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0)
         scale = 1.0 / D if D else 0.0
         n = max(1, len(per_row))
 
         def compare(k: float) -> CheckResult:
-            bound = ((float(np.sum(floor)) + k * float(np.sum(S))) * scale
+            bound = ((float(np.sum(floor)) + k * float(np.sum(Se))) * scale
                      + tol.floor_coef * math.log2(n + 1) * abs(total))
             return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
     return with_normaliser(compare, normaliser, tol, n_classes)
@@ -223,16 +241,21 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
 
 def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
                 inputs: BatchInputs = NO_INPUTS) -> float:
-    """The reduced loss of lse alone (sum over the rows whose target is not ignored of s_n
-    lse_n, / D for 'mean'): each vocabulary shard's loss holds it once."""
+    """The reduced loss of the rows' normaliser terms alone (sum over the rows whose target is
+    not ignored of s_n (lse_n + zeta lse_n^2), / D for 'mean', / `denominator` when given):
+    each vocabulary shard's loss holds it once."""
     y = load(shard.files.labels, "labels").reshape(-1)
     valid = y != options.ignore_index
     s = vocab_row_weights(y, shard_arrays(shard, inputs), options,
                           f"labels file '{shard.files.labels}'")
-    values = np.asarray(lse).reshape(-1)[valid]
+    values = np.asarray(lse, dtype=np.float64).reshape(-1)[valid]
+    if options.z_loss:
+        values = values + options.z_loss * values * values
     if s is not None:
         values = values * s[valid]
     total = math.fsum(values.tolist())
+    if options.denominator is not None:
+        return total / options.denominator
     if options.reduction.value == "mean":
         # D as the shard's check forms it (np.sum of the rows' weights), so that it cancels
         count = float(np.sum(np.ones(int(np.count_nonzero(valid))) * s[valid])) if s is not None \

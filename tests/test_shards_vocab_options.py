@@ -1,0 +1,158 @@
+"""`grad --shards vocab` with the training-code options (Megatron tensor-parallel CE): pass 1
+merges the lse of z = T(x), each shard's gradient is local given it, and the merged report is
+the single-process report on the concatenated batch (ce_cli/verify/shards/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ce_cli.errors import CeCheckError
+from ce_cli.verify import shards as sh
+from ce_cli.verify.checks import check_grad
+from ce_cli.verify.options import CheckOptions
+from tests.test_shards import EPS, make_batch
+from tests.test_shards_options import DYADIC, loss_check, reference_grad, vocab_files
+
+CUTS = ((0, 6), (6, 15), (15, 20))
+
+OPTIONS = {"z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 5.0},
+           "logit_scale": {"logit_scale": 0.5}, "denominator": {"denominator": 37.0},
+           "all": {"z_loss": 1e-4, "softcap": 8.0, "logit_scale": 1.5, "denominator": 150.0}}
+
+
+def assert_vocab_merged(sharded, single):
+    """Verdict, counts and failing entries (global index, your value) of the single process,
+    references within a few ulps (the merged lse), the loss within a few ulps too."""
+    merged = sharded.report
+    assert (merged.ok, merged.shape, merged.n_rows) == (single.ok, single.shape, single.n_rows)
+    assert merged.verdict.split(", ")[0] == single.verdict.split(", ")[0]
+    assert [c.name for c in merged.checks] == [c.name for c in single.checks]
+    for m, s in zip(merged.checks, single.checks):
+        assert (m.ok, m.mismatches, m.total) == (s.ok, s.mismatches, s.total), m.name
+        bad = sorted((e.index, e.got, e.expected) for e in m.worst if not e.ok)
+        want = sorted((e.index, e.got, e.expected) for e in s.worst if not e.ok)
+        assert [b[:2] for b in bad] == [w[:2] for w in want], m.name
+        rtol = 16 * EPS if m.name == "grad_vs_reference" else 1e-6
+        assert np.allclose([b[2] for b in bad], [w[2] for w in want], rtol=rtol, atol=0), m.name
+    assert abs(merged.loss - single.loss) <= 64 * EPS * abs(single.loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_vocab_shards_carry_the_options(tmp_path, name, reduction, dtype):
+    """z-loss, softcap, logit scale, an outside denominator (and all together) on vocabulary
+    shards: the single-process report; a bug planted in shard 1 is found at its global index
+    and only shard 1 fails."""
+    z, y, _ = make_batch(n=60, c=20, seed=4, dtype=np.float64)
+    opts = CheckOptions(reduction=reduction, fd="full", **OPTIONS[name])
+    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
+    g[17, 9] = g[17, 9] * 1.01 if g[17, 9] else 1e-3
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
+    single = check_grad(z, y, grad=g, options=opts)
+    assert not single.ok
+    assert_vocab_merged(sharded, single)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(17, 9)]
+    assert [s.ok for s in sharded.shards] == [True, False, True]
+    for key, value in OPTIONS[name].items():
+        assert sharded.report.options[key] == value
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_vocab_shards_pass_a_correct_gradient(tmp_path, name):
+    """A correct float32 gradient of the options passes on vocabulary shards as in one process
+    (none of the options is ignored: a gradient of the plain loss fails)."""
+    z, y, _ = make_batch(n=60, c=20, seed=6, dtype=np.float64)
+    opts = CheckOptions(fd="full", **OPTIONS[name])
+    g = reference_grad(tmp_path, z, y, opts).astype(np.float32)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
+    assert sharded.report.ok and check_grad(z, y, grad=g, options=opts).ok
+    plain = reference_grad(tmp_path, z, y, CheckOptions()).astype(np.float32)
+    wrong = sh.run_shards(vocab_files(tmp_path, z, y, plain, CUTS), "vocab", opts)
+    assert not wrong.report.ok
+
+
+def semantic_losses(z, y, opts: CheckOptions, sw) -> np.ndarray:
+    """Per-row s_n (lse_n - z_y + zeta lse_n^2) of z = cap tanh(S x / cap), in float64 (0
+    where ignored): written out here, independent of the kernel."""
+    x = np.asarray(z, dtype=np.float64) * opts.logit_scale
+    if opts.softcap is not None:
+        x = opts.softcap * np.tanh(x / opts.softcap)
+    m = x.max(axis=1)
+    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+    live = y != -100
+    per = lse - x[np.arange(len(y)), np.where(live, y, 0)] + opts.z_loss * lse * lse
+    return np.where(live, sw * per, 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["z_loss", "softcap", "all"])
+def test_vocab_shards_check_your_loss_with_the_options(tmp_path, name, reduction):
+    """--loss (and --sample-weight) with the options: each row's s_n (lse_n - z_y + zeta
+    lse_n^2) of z = T(x) on the client, allowed the single process's floor: the same verdict,
+    failing entries and allowances."""
+    z, y, _ = make_batch(n=50, c=20, seed=2, dtype=np.float64)
+    extra = dict(OPTIONS[name])
+    if reduction == "none":
+        extra.pop("denominator", None)
+    opts = CheckOptions(reduction=reduction, fd="off", **extra)
+    sw = np.random.default_rng(3).choice(DYADIC, 50)
+    np.save(tmp_path / "sw.npy", sw)
+    arrays: list = [("sample_weight", (str(tmp_path / "sw.npy"),))]
+    g = reference_grad(tmp_path, z, y, opts, sample_weight=sw)
+    value: object
+    if reduction == "none":
+        per = semantic_losses(z, y, opts, sw)
+        per[21] *= 1.0001
+        np.save(tmp_path / "loss.npy", per)
+        value = per
+        inputs = sh.BatchInputs(arrays=tuple(arrays + [("loss", (str(tmp_path / "loss.npy"),))]))
+    else:
+        value = check_grad(z, y, options=opts, sample_weight=sw).loss * (1 + 1e-6)
+        inputs = sh.BatchInputs(arrays=tuple(arrays), loss=float(value))
+    single = check_grad(z, y, grad=g, loss=value, sample_weight=sw, options=opts)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
+    m, s = loss_check(sharded.report), loss_check(single)
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    if reduction == "none":
+        assert [e.index for e in m.worst if not e.ok] == [(21,)]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            b = theirs[a.index]
+            assert a.expected == pytest.approx(b.expected, rel=1e-12, abs=1e-15)
+            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+
+
+def test_cli_vocab_shards_with_the_options(tmp_path, invoke):
+    """Through the command line: `--z-loss --softcap --logit-scale --denominator` on
+    `--shards vocab`: exit 1, the planted entry at its global index, shard 1 failing."""
+    z, y, _ = make_batch(n=40, c=20, seed=9, dtype=np.float64)
+    opts = CheckOptions(fd="off", **OPTIONS["all"])
+    g = reference_grad(tmp_path, z, y, opts).astype(np.float32)
+    g[3, 11] = g[3, 11] * 1.01 if g[3, 11] else 1e-3
+    vocab_files(tmp_path, z, y, g, CUTS)
+    flags = ["--z-loss", "1e-4", "--softcap", "8", "--logit-scale", "1.5", "--denominator", "150"]
+    res = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--grad",
+                  tmp_path / "g*.npy", "--shards", "vocab", "--fd", "off", "--json", *flags])
+    assert res.exit_code == 1, res.output
+    data = json.loads(res.stdout)
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["mismatches"] == 1 and grad["worst"][0]["index"] == [3, 11]
+    assert [s["ok"] for s in data["shards"]["per_shard"]] == [True, False, True]
+    assert data["loss"] == pytest.approx(check_grad(z, y, options=opts).loss, rel=64 * EPS)
+
+
+def test_vocab_shards_refuse_a_z_loss_value(tmp_path):
+    """Your z-loss alone is not yet compared on vocabulary shards: refused, never ignored."""
+    z, y, g = make_batch(n=20, c=20)
+    files = vocab_files(tmp_path, z, y, g, CUTS)
+    with pytest.raises(CeCheckError, match="`z_loss_value`: not yet with vocabulary shards"):
+        sh.run_shards(files, "vocab", CheckOptions(z_loss=1e-3), inputs=sh.BatchInputs(z_loss=0.1))
