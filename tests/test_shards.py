@@ -339,14 +339,6 @@ def test_vocab_shards_end_to_end(tmp_path, reduction, fd):
     assert abs(merged.loss - single.loss) <= 8 * EPS * abs(single.loss)
 
 
-def test_label_smoothing_on_vocab_shards_is_refused(tmp_path, invoke):
-    vocab_plan(tmp_path)
-    res = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--shards", "vocab",
-                  "--label-smoothing", "0.1"])
-    assert res.exit_code == 2 and res.output.count("\n") == 1
-    assert "--label-smoothing: not with vocabulary shards" in res.output
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_row_shards_with_label_smoothing(tmp_path, reduction):
     """Label smoothing is per row: row shards give the single-process report with it."""
@@ -422,7 +414,7 @@ def test_row_shards_shift_labels_within_their_sequences(tmp_path, reduction):
     assert_same_report(sharded.report, check_grad(z, y, grad=g, options=opts), 2)
 
 
-@pytest.mark.parametrize("option", [{"smoothing_form": "others"}, {"shift_labels": True}])
+@pytest.mark.parametrize("option", [{"shift_labels": True}])
 def test_vocab_shards_refuse_the_training_code_options(tmp_path, option):
     """What vocabulary shards do not carry is refused, never ignored (the others:
     tests/test_shards_vocab_options.py)."""

@@ -156,3 +156,167 @@ def test_vocab_shards_refuse_a_z_loss_value(tmp_path):
     files = vocab_files(tmp_path, z, y, g, CUTS)
     with pytest.raises(CeCheckError, match="`z_loss_value`: not yet with vocabulary shards"):
         sh.run_shards(files, "vocab", CheckOptions(z_loss=1e-3), inputs=sh.BatchInputs(z_loss=0.1))
+
+
+# ---------------------------------------------------------------- label smoothing
+
+
+SMOOTHING = {"torch": {"label_smoothing": 0.1},
+             "others": {"label_smoothing": 0.1, "smoothing_form": "others"},
+             "others+all": {"label_smoothing": 0.2, "smoothing_form": "others", "z_loss": 1e-4,
+                            "softcap": 8.0, "logit_scale": 1.5},
+             "torch+denominator": {"label_smoothing": 0.05, "denominator": 40.0}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(SMOOTHING))
+def test_vocab_shards_carry_label_smoothing(tmp_path, name, reduction, dtype):
+    """Label smoothing on vocabulary shards spreads eps/V (torch) or eps/(V - 1) (others) over
+    the GLOBAL vocabulary: the single-process report, a bug planted in shard 2 found at its
+    global index."""
+    z, y, _ = make_batch(n=60, c=20, seed=5, dtype=np.float64)
+    opts = CheckOptions(reduction=reduction, fd="full", **SMOOTHING[name])
+    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
+    g[44, 16] = g[44, 16] * 1.01 if g[44, 16] else 1e-3
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
+    single = check_grad(z, y, grad=g, options=opts)
+    assert not single.ok
+    assert_vocab_merged(sharded, single)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(44, 16)]
+    assert [s.ok for s in sharded.shards] == [True, True, False]
+    assert sharded.report.options["label_smoothing"] == opts.label_smoothing
+
+
+def megatron_grad(z, y, eps, local_v: bool) -> np.ndarray:
+    """Megatron's vocab-parallel backward with label smoothing, written out (mean reduction):
+    the softmax of the whole row, minus (1 - s) at the label and s / V_r on each of a rank's
+    columns, s = eps V_r / (V_r - 1). Correct: V_r = V, the GLOBAL vocabulary (q = 1 - eps at
+    the label, eps / (V - 1) elsewhere: smoothing form 'others'); Megatron#7464's bug: V_r the
+    rank's LOCAL vocabulary size."""
+    x = np.asarray(z, dtype=np.float64)
+    g = np.exp(x - x.max(axis=1, keepdims=True))
+    g /= g.sum(axis=1, keepdims=True)
+    live = y != -100
+    for a, b in CUTS:
+        V_r = (b - a) if local_v else x.shape[1]
+        s = eps * V_r / (V_r - 1)
+        g[:, a:b] -= s / V_r
+        mine = live & (y >= a) & (y < b)
+        g[np.flatnonzero(mine), y[mine]] -= 1.0 - s
+    g[~live] = 0.0
+    return g / live.sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_megatron_7464_local_vocabulary_smoothing_fails(tmp_path, dtype):
+    """NVIDIA/Megatron-LM#7464: vocab-parallel label smoothing with each rank's LOCAL
+    vocabulary size. The correct gradient (global V) passes on vocabulary shards with
+    `--smoothing-form others`; the local-V one FAILS, every shard named (each has V_r < V),
+    as the single process fails it on the concatenated batch."""
+    z, y, _ = make_batch(n=64, c=20, seed=11, dtype=np.float64)
+    opts = CheckOptions(fd="full", label_smoothing=0.1, smoothing_form="others")
+    right = megatron_grad(z, y, 0.1, local_v=False).astype(dtype)
+    ok = sh.run_shards(vocab_files(tmp_path, z, y, right, CUTS), "vocab", opts)
+    assert ok.report.ok and check_grad(z, y, grad=right, options=opts).ok
+    wrong = megatron_grad(z, y, 0.1, local_v=True).astype(dtype)
+    bad = sh.run_shards(vocab_files(tmp_path, z, y, wrong, CUTS), "vocab", opts)
+    single = check_grad(z, y, grad=wrong, options=opts)
+    assert not bad.report.ok and not single.ok
+    # every entry is off: the checks' counts are the single process's (the worst entries rank
+    # by each shard's own allowance; the normaliser check fits rows shard by shard)
+    assert [c.name for c in bad.report.checks] == [c.name for c in single.checks]
+    for m, s in zip(bad.report.checks, single.checks):
+        assert m.ok == s.ok, m.name
+        if m.name != "normaliser":
+            assert (m.mismatches, m.total) == (s.mismatches, s.total), m.name
+    assert [(s.index, s.ok) for s in bad.shards] == [(0, False), (1, False), (2, False)]
+    assert all(s.mismatches > 0 for s in bad.shards)
+    assert bad.report.verdict == single.verdict  # FAIL — grad_vs_reference: n/1,280 entries
+
+
+@pytest.mark.parametrize("form", ["torch", "others"])
+def test_vocab_loss_with_label_smoothing(tmp_path, form):
+    """--loss with label smoothing on vocabulary shards: each row's alpha (lse - z_y) + beta
+    sum_c (lse - z_c), the sum's terms from every shard: the single process's loss check."""
+    z, y, g = make_batch(n=50, c=20, seed=7, dtype=np.float64)
+    for reduction in ("mean", "none"):
+        opts = CheckOptions(reduction=reduction, fd="off", label_smoothing=0.1,
+                            smoothing_form=form)
+        ref = check_grad(z, y, options=opts, out_grad=tmp_path / "r.npy")
+        g = np.load(tmp_path / "r.npy")
+        if reduction == "none":
+            probe = check_grad(z, y, loss=np.zeros(50), options=CheckOptions.build(opts, worst=50))
+            per = np.zeros(50)
+            for e in loss_check(probe).worst:
+                per[e.index[0]] = e.expected
+            per[33] *= 1.0001
+            np.save(tmp_path / "loss.npy", per)
+            value: object = per
+            inputs = sh.BatchInputs(arrays=(("loss", (str(tmp_path / "loss.npy"),)),))
+        else:
+            value = ref.loss * (1 + 1e-6)
+            inputs = sh.BatchInputs(loss=float(value))
+        single = check_grad(z, y, grad=g, loss=value, options=opts)
+        sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
+        m, s = loss_check(sharded.report), loss_check(single)
+        assert not s.ok
+        assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+        assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+        theirs = {e.index: e for e in s.worst}
+        for a in m.worst:
+            if a.index in theirs:
+                assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
+                assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-9)
+        assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+
+
+def test_vocab_shards_refuse_class_weights_with_smoothing(tmp_path):
+    z, y, g = make_batch(n=20, c=20)
+    np.save(tmp_path / "w.npy", np.ones(20))
+    with pytest.raises(CeCheckError, match="`weight`: not yet with label smoothing on vocabulary"):
+        sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab",
+                      CheckOptions(label_smoothing=0.1),
+                      inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+
+
+@pytest.mark.parametrize("form", ["torch", "others"])
+def test_check_grad_shard_with_vocab_size(form):
+    """The library: one shard, `vocab_offset` K, the global `lse` and `vocab_size` V: its
+    reference gradient is the whole batch's columns [K, K + C) with smoothing over V."""
+    z, y, _ = make_batch(n=30, c=20, seed=3, dtype=np.float64)
+    opts = CheckOptions(label_smoothing=0.1, smoothing_form=form, z_loss=1e-3, fd="full")
+    whole = check_grad(z, y, options=opts)
+    assert whole.ok
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    ref = _whole_grad(z, y, opts)
+    part = ref[:, 6:15].copy()
+    assert check_grad(z[:, 6:15], y, grad=part, options=opts, vocab_offset=6, vocab_size=20,
+                      lse=lse).ok
+    part[4, 2] += 1e-6
+    bad = check_grad(z[:, 6:15], y, grad=part, options=opts, vocab_offset=6, vocab_size=20,
+                     lse=lse)
+    grad = next(c for c in bad.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(4, 2)]
+
+
+def _whole_grad(z, y, opts):
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        check_grad(z, y, options=opts, out_grad=Path(d) / "g.npy")
+        return np.load(Path(d) / "g.npy")
+
+
+def test_vocab_size_is_refused_where_it_means_nothing():
+    """`vocab_size` without `vocab_offset`, smaller than the shard's columns, and smoothing on
+    one shard without it: one line each."""
+    z, y, _ = make_batch(n=10, c=8, seed=1, dtype=np.float64)
+    lse = np.log(np.exp(z).sum(1))
+    with pytest.raises(CeCheckError, match="`vocab_size`: the size of a shard's whole"):
+        check_grad(z, y, vocab_size=8)
+    with pytest.raises(CeCheckError, match=r"`vocab_size`: 9 is smaller than the shard's columns \[2, 10\)"):
+        check_grad(z, np.where(y < 0, y, y + 2), vocab_offset=2, vocab_size=9, lse=lse + 1)
+    with pytest.raises(CeCheckError, match="whose size one shard does not know"):
+        check_grad(z, y, vocab_offset=0, lse=lse + 1, label_smoothing=0.1)

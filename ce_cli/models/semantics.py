@@ -44,6 +44,13 @@ class Semantics:
     vocab_offset: int | None = None
     inside_mask: np.ndarray | None = None    # (N,) the row's label lies in this shard
     rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass
+    vocab_size: int | None = None            # a shard's whole vocabulary V (label smoothing)
+    rest_weight: float = 0.0                 # derived: the weights of the classes outside it
+
+    @property
+    def smoothing_classes(self) -> int | None:
+        """The V label smoothing spreads over (None: the array's own classes)."""
+        return self.vocab_size if self.vocab_offset is not None else None
 
     @property
     def extended(self) -> bool:

@@ -148,15 +148,9 @@ class SoftmaxCE(RowMatrix):
         valid = self.valid[rows]
         ys = self.target_columns(rows)
         wy = self.weight[ys] if self.weight is not None else 1.0
-        eps, C = self.smoothing, self.n_classes
-        if self.sem.smoothing_form == "others" and C > 1:
-            # 1 - eps on the target, eps/(C - 1) on every other class (Megatron, fairseq)
-            alpha = np.where(valid, (1.0 - eps - eps / (C - 1)) * wy, 0.0)
-            beta = np.where(valid, eps / (C - 1), 0.0)
-        else:
-            alpha = np.where(valid, (1.0 - eps) * wy, 0.0)
-            beta = np.where(valid, eps / C, 0.0)
-        return alpha, beta, ys
+        on, off = smoothing_split(self.smoothing, self.sem.smoothing_classes or self.n_classes,
+                                  self.sem.smoothing_form)
+        return np.where(valid, on * wy, 0.0), np.where(valid, off, 0.0), ys
 
     def targets_entropy(self) -> np.ndarray | None:
         """Per row s_n H(q) (0 for ignored rows), H(q) = -sum_c q_c log q_c of the smoothed
@@ -349,6 +343,15 @@ def build_softmax_ce(
     return problem, warnings
 
 
+def smoothing_split(eps: float, C: int, form: str) -> tuple[float, float]:
+    """(alpha, beta) of smoothed index targets, q_c = alpha w_y [c = y] + beta w_c: torch
+    (1 - eps, eps/C); others (Megatron, fairseq: 1 - eps on the target, eps/(C - 1) on every
+    other class) (1 - eps - eps/(C - 1), eps/(C - 1))."""
+    if form == "others" and C > 1:
+        return 1.0 - eps - eps / (C - 1), eps / (C - 1)
+    return 1.0 - eps, eps / C
+
+
 def class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> np.ndarray | None:
     """PyTorch's `weight=`: C finite values as float64 (None without); negative ones warn."""
     if weight is None:
@@ -410,9 +413,14 @@ def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w64,
                                     sw_source, "sample weights"), dtype=np.float64)
         ext.check_sample_weights(sw, sw_source, layout.batch_index, warnings)
     inside = rho = None
+    rest = 0.0
+    if args.vocab_size is not None and args.vocab_offset is None:
+        raise CeCheckError("`vocab_size`: the size of a shard's whole vocabulary: needs "
+                           "`vocab_offset`")
     if args.vocab_offset is not None:
         inside, rho = _shard(args, lse, lse_source, z, layout, y, valid, w64, smoothing)
-    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho)
+        rest = float(args.vocab_size - layout.n_classes) if args.vocab_size is not None else 0.0
+    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho, rest_weight=rest)
 
 
 def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
@@ -423,9 +431,16 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
     assert K is not None
     if K < 0:
         raise CeCheckError(f"`vocab_offset`: must be >= 0, got {K}")
-    if w64 is not None or smoothing:
-        raise CeCheckError("`vocab_offset`: class weights and label smoothing need the whole "
-                           "vocabulary; check the shard without them")
+    if w64 is not None:
+        raise CeCheckError("`vocab_offset`: class weights need the whole vocabulary; check the "
+                           "shard without them")
+    if smoothing and args.vocab_size is None:
+        raise CeCheckError("`vocab_offset`: label smoothing spreads over the whole vocabulary, "
+                           "whose size one shard does not know; check the shards together "
+                           "(`shards` vocab) or the batch whole")
+    if args.vocab_size is not None and args.vocab_size < K + C:
+        raise CeCheckError(f"`vocab_size`: {args.vocab_size} is smaller than the shard's "
+                           f"columns [{K}, {K + C})")
     if lse is None:
         raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
                            "whole vocabulary")

@@ -87,10 +87,8 @@ UNSHARDED = ("vocab_offset", "two_class")
 ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
 
 # what vocabulary shards cannot carry, and why (the others: pass 1 merges the lse of z = T(x),
-# a shard's gradient is then local, and the loss counts each row's s (lse + zeta lse^2) once)
+# a shard's gradient is then local, and the loss counts each row's s (Q lse + zeta lse^2) once)
 VOCAB_REFUSED = {
-    "smoothing_form": "not with vocabulary shards (label smoothing spreads over the whole "
-                      "vocabulary); check row shards, or the batch whole",
     "shift_labels": "not with vocabulary shards (only row shards carry it); check row shards, "
                     "or the batch whole"}
 
@@ -117,9 +115,6 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
         if name == "shift_labels" and len(plan.shape) < 3:
             raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
                                "whole sequences (2-D shards could cut a sequence between two)")
-    if plan.axis == "vocab" and options.label_smoothing:
-        raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
-                           "whole vocabulary); check row shards, or the batch whole")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1],
                                                   elementwise)))

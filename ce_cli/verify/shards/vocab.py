@@ -23,6 +23,7 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import make_layout, match_batch
+from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import check_grad
 from ce_cli.verify.compare import Comparison
@@ -82,7 +83,8 @@ def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | N
     and gradient are w_y times the unweighted ones and 'mean''s D is sum w_y s_n)."""
     sw = vocab_row_weights(y, given.arrays, options, given.sources["labels"])
     report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
-                        vocab_offset=shard.offset, lse=np.asarray(lse).reshape(z.shape[:-1]),
+                        vocab_offset=shard.offset, vocab_size=shard.extent,
+                        lse=np.asarray(lse).reshape(z.shape[:-1]),
                         sample_weight=None if sw is None else sw.reshape(np.shape(y)))
     if "weight" not in given.arrays:
         return report
@@ -115,11 +117,13 @@ def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: Che
 @dataclass(frozen=True, eq=False)
 class VocabRows:
     """A vocabulary shard's per-row share of the rows' losses: z_y where the label is one of its
-    columns (0 elsewhere), its largest finite |z|; shard 0 adds the global lse, each row's
+    columns (0 elsewhere), its largest finite |z| (with label smoothing, the sum over its
+    columns of lse_n - z_c, terms >= 0 that do not cancel); shard 0 adds the global lse, each row's
     weight s_n w_y (1 unweighted, 0 where ignored) and whether sample weights were given."""
 
     z_y: np.ndarray
     zabs: np.ndarray
+    spread: np.ndarray | None = None  # with label smoothing: sum over its columns of lse - z_c
     lse: np.ndarray | None = None
     weight: np.ndarray | None = None
     sample_weighted: bool = False
@@ -136,17 +140,21 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     z_y, zabs = np.zeros(len(y)), np.empty(len(y))
     rows = np.flatnonzero(inside)
     z_y[rows] = _transformed(z[rows, y[rows] - shard.offset], options)
+    lse = np.asarray(lse, dtype=np.float64).reshape(-1)
+    spread = np.zeros(len(y)) if options.label_smoothing else None
     step = max(1, ROW_CHUNK // max(1, z.shape[1]))
     for a in range(0, len(y), step):
-        block = np.abs(_transformed(z[a:a + step], options))
+        block = _transformed(z[a:a + step], options)
+        if spread is not None:
+            spread[a:a + step] = (lse[a:a + step, None] - block).sum(axis=1)
+        block = np.abs(block)
         zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
     if shard.index:
-        return VocabRows(z_y, zabs)
+        return VocabRows(z_y, zabs, spread)
     arrays = shard_arrays(shard, inputs)
     s = vocab_row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
     weight = np.where(valid, s if s is not None else 1.0, 0.0)
-    return VocabRows(z_y, zabs, np.asarray(lse, dtype=np.float64).reshape(-1), weight,
-                     "sample_weight" in arrays)
+    return VocabRows(z_y, zabs, spread, lse, weight, "sample_weight" in arrays)
 
 
 def _transformed(x: Any, options: CheckOptions) -> np.ndarray:
@@ -163,17 +171,25 @@ def extended(options: CheckOptions, sample_weighted: bool) -> bool:
 
 def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
                      options: CheckOptions, total: float) -> CheckResult:
-    """Your loss against the batch's rows L_n = s_n (lse_n - z_y), each allowed the single
-    process's floor k eps (|L_n| + S_n (1 + |lse_n|)), plus 2 S_n max|z| with sample weights
-    (S_n = |s_n w_y|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings of the total;
-    widened by the normaliser bound when only that passes, as `LossStage`."""
+    """Your loss against the batch's rows L_n = s_n (alpha (lse_n - z_y) + beta sum_c (lse_n -
+    z_c) + zeta lse_n^2) of z = T(x) (label smoothing's alpha, beta over the V classes; 1, 0
+    without), each allowed the single process's floor k eps (|L_n| + Se_n (1 + |lse_n|)), plus
+    (Se_n + S_n sum_c q_c) max|z| where one process takes the extended floor (S_n = |s_n w_y|,
+    Se_n = S_n |Q + 2 zeta lse_n|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings
+    of the total; widened by the normaliser bound when only that passes, as `LossStage`."""
     first = parts[0]
     assert first.lse is not None and first.weight is not None
     z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
     zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
-    S, lse, zeta = np.abs(first.weight), first.lse, options.z_loss
-    per_row = np.where(S != 0, first.weight * (lse - z_y + zeta * lse * lse), 0.0)
-    Se = S * np.abs(1.0 + 2.0 * zeta * lse)  # |s (Q + 2 zeta lse)|: what multiplies a
+    S, lse, zeta, V = np.abs(first.weight), first.lse, options.z_loss, plan.shape[-1]
+    alpha, beta = smoothing_split(options.label_smoothing, V, options.smoothing_form)
+    row = alpha * (lse - z_y) + zeta * lse * lse
+    if beta:  # q_c = alpha [c = y] + beta: Q lse - q . z = alpha (lse - z_y) + beta sum_c (lse - z_c)
+        row = row + beta * np.sum(np.stack([p.spread for p in parts if p.spread is not None]),
+                                  axis=0)
+    per_row = np.where(S != 0, first.weight * row, 0.0)
+    Q = alpha + beta * V
+    Se = S * np.abs(Q + 2.0 * zeta * lse)  # |s (Q + 2 zeta lse)|: what multiplies a
     n_classes = plan.shape[-1]
     got: Any
     if options.reduction.value == "none":
@@ -182,7 +198,8 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
     else:
         got, tol = inputs.loss, options.tolerance(inputs.loss_dtype)
     floor = tol.floor_coef * (np.abs(per_row) + Se * (1.0 + np.abs(lse))
-                              + ((Se + S) * zabs if extended(options, first.sample_weighted)
+                              + ((Se + S * (abs(alpha) + abs(beta) * V)) * zabs
+                                 if extended(options, first.sample_weighted)
                                  else 0.0))
     normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
     if options.reduction.value == "none":
