@@ -414,20 +414,6 @@ def test_row_shards_shift_labels_within_their_sequences(tmp_path, reduction):
     assert_same_report(sharded.report, check_grad(z, y, grad=g, options=opts), 2)
 
 
-@pytest.mark.parametrize("option", [{"shift_labels": True}])
-def test_vocab_shards_refuse_the_training_code_options(tmp_path, option):
-    """What vocabulary shards do not carry is refused, never ignored (the others:
-    tests/test_shards_vocab_options.py)."""
-    z, y, g = make_batch(n=20, c=10)
-    files = []
-    for i, (a, b) in enumerate([(0, 4), (4, 10)]):
-        np.save(tmp_path / f"z{i}.npy", z[:, a:b])
-        files.append(sh.ShardFiles(str(tmp_path / f"z{i}.npy"), str(tmp_path / "y.npy")))
-    np.save(tmp_path / "y.npy", y)
-    with pytest.raises(CeCheckError, match=f"`{next(iter(option))}`: not with vocabulary shards"):
-        sh.run_shards(files, "vocab", CheckOptions(**option))
-
-
 def test_shift_labels_needs_whole_sequences(tmp_path):
     """2-D row shards could cut a sequence between two shards: `shift_labels` is refused."""
     z, y, g = make_batch(n=20, c=5)

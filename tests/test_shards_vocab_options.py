@@ -320,3 +320,108 @@ def test_vocab_size_is_refused_where_it_means_nothing():
         check_grad(z, np.where(y < 0, y, y + 2), vocab_offset=2, vocab_size=9, lse=lse + 1)
     with pytest.raises(CeCheckError, match="whose size one shard does not know"):
         check_grad(z, y, vocab_offset=0, lse=lse + 1, label_smoothing=0.1)
+
+
+# ---------------------------------------------------------------- shift_labels
+
+
+def seq_files(tmp_path, z, y, g, cuts=CUTS):
+    """(B, T, V) vocabulary shards ([..., a:b]) and the one (B, T) labels file."""
+    np.save(tmp_path / "labels.npy", y)
+    files = []
+    for i, (a, b) in enumerate(cuts):
+        np.save(tmp_path / f"s{i}.npy", z[..., a:b])
+        np.save(tmp_path / f"sg{i}.npy", g[..., a:b])
+        files.append(sh.ShardFiles(str(tmp_path / f"s{i}.npy"), str(tmp_path / "labels.npy"),
+                                   str(tmp_path / f"sg{i}.npy")))
+    return files
+
+
+def seq_batch(seed=8):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(5, 7, 20)) * 2
+    y = rng.integers(0, 20, (5, 7))
+    y[2, 3] = -100
+    return z, y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("extra", [{}, {"z_loss": 1e-3, "label_smoothing": 0.1,
+                                        "smoothing_form": "others"}])
+def test_vocab_shards_shift_labels(tmp_path, extra, reduction, dtype):
+    """`shift_labels` on (B, T, V) vocabulary shards: every shard holds every position, so
+    shifting the one labels file is the batch's shift ('mean' divides by the shifted count):
+    the single-process report, a bug in shard 0 at its global (b, t, v)."""
+    z, y = seq_batch()
+    opts = CheckOptions(reduction=reduction, shift_labels=True, fd="full", **extra)
+    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
+    # (a shard fits a row's normaliser factor on its own columns: in a 6-column shard with
+    # smoothing one wrong entry can be taken for a row factor, and the merged report then adds
+    # a failing normaliser check that one process, fitting all 20 columns, does not)
+    g[1, 2, 10] = g[1, 2, 10] * 1.01 if g[1, 2, 10] else 1e-3
+    sharded = sh.run_shards(seq_files(tmp_path, z, y, g), "vocab", opts)
+    single = check_grad(z, y, grad=g, options=opts)
+    assert not single.ok and single.options["shift_labels"]
+    assert_vocab_merged(sharded, single)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(1, 2, 10)]
+    assert [s.ok for s in sharded.shards] == [True, False, True]
+    assert sharded.report.options["shift_labels"]
+    unshifted = reference_grad(tmp_path, z, y, CheckOptions.build(opts, shift_labels=False))
+    assert not sh.run_shards(seq_files(tmp_path, z, y, unshifted.astype(dtype)), "vocab",
+                             opts).report.ok
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_shift_labels_with_weights_and_your_loss(tmp_path, reduction):
+    """The shifted labels reach everything that reads them: class weights w_y, the loss counted
+    once per row, your loss (z_y from the shard holding the SHIFTED label) and your lse's
+    ignored rows: the single process's loss check."""
+    z, y = seq_batch(seed=12)
+    w = np.random.default_rng(2).choice(DYADIC, 20)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, shift_labels=True, fd="off")
+    ref = check_grad(z, y, options=opts, weight=w, out_grad=tmp_path / "ref.npy")
+    g = np.load(tmp_path / "ref.npy")
+    if reduction == "none":
+        ys = np.full_like(y, -100)
+        ys[:, :-1] = y[:, 1:]
+        m = z.max(-1)
+        lse = m + np.log(np.exp(z - m[..., None]).sum(-1))
+        live = ys != -100
+        zy = np.take_along_axis(z, np.where(live, ys, 0)[..., None], -1)[..., 0]
+        per = np.where(live, w[np.where(live, ys, 0)] * (lse - zy), 0.0)
+        per[3, 1] *= 1.0001
+        np.save(tmp_path / "loss.npy", per)
+        value: object = per
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
+                                arrays=(("loss", (str(tmp_path / "loss.npy"),)),))
+    else:
+        value = ref.loss * (1 + 1e-6)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=float(value))
+    single = check_grad(z, y, grad=g, loss=value, weight=w, options=opts)
+    sharded = sh.run_shards(seq_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
+    assert_vocab_merged(sharded, single)
+    m = loss_check(sharded.report)
+    assert not m.ok
+    if reduction == "none":
+        assert [e.index for e in m.worst if not e.ok] == [(3, 1)]
+
+
+def test_cli_vocab_shift_labels(tmp_path, invoke):
+    """`grad --shards vocab --shift-labels` with (B, T, V) shards: the planted entry at its
+    global index, exit 1."""
+    z, y = seq_batch(seed=4)
+    opts = CheckOptions(shift_labels=True, label_smoothing=0.1, fd="off")
+    g = reference_grad(tmp_path, z, y, opts).astype(np.float32)
+    g[4, 0, 17] += 1e-3
+    seq_files(tmp_path, z, y, g)
+    res = invoke(["grad", tmp_path / "s?.npy", tmp_path / "labels.npy", "--grad",
+                  tmp_path / "sg*.npy", "--shards", "vocab", "--fd", "off", "--json",
+                  "--shift-labels", "--label-smoothing", "0.1"])
+    assert res.exit_code == 1, res.output
+    data = json.loads(res.stdout)
+    grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
+    assert grad["mismatches"] == 1 and grad["worst"][0]["index"] == [4, 0, 17]
+    assert [s["ok"] for s in data["shards"]["per_shard"]] == [True, True, False]

@@ -82,17 +82,6 @@ def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
 UNSHARDED = ("vocab_offset", "two_class")
 
 
-# training-code semantics that act row by row (softmax) or element by element (binary): carried
-# by row shards (binary: row and column shards)
-ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
-
-# what vocabulary shards cannot carry, and why (the others: pass 1 merges the lse of z = T(x),
-# a shard's gradient is then local, and the loss counts each row's s (Q lse + zeta lse^2) once)
-VOCAB_REFUSED = {
-    "shift_labels": "not with vocabulary shards (only row shards carry it); check row shards, "
-                    "or the batch whole"}
-
-
 def refuse_unsharded(options: CheckOptions, class_axis: int, what: str = "`shards`") -> None:
     """The classes on the last axis (`class_axis` -1 or its index), and no UNSHARDED setting."""
     if options.class_axis not in (-1, class_axis):
@@ -107,14 +96,13 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
     """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch
     (`elementwise`: a loss of per-element terms, binary)."""
     refuse_unsharded(options, len(plan.shape) - 1)
-    plain = CheckOptions()
-    given = [n for n in ROW_LOCAL if getattr(options, n) != getattr(plain, n)]
-    for name in given:
-        if plan.axis == "vocab" and name in VOCAB_REFUSED:
-            raise CeCheckError(f"`{name}`: {VOCAB_REFUSED[name]}")
-        if name == "shift_labels" and len(plan.shape) < 3:
-            raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
-                               "whole sequences (2-D shards could cut a sequence between two)")
+    # the training-code options act row by row (softmax) or element by element (binary): row
+    # shards (binary: and column shards) carry them; vocabulary shards too: pass 1 merges the
+    # lse of z = T(x), a shard's gradient is then local, the loss counts each row's
+    # s (Q lse + zeta lse^2) once, and every shard holds every position of a sequence
+    if options.shift_labels and plan.axis == "rows" and len(plan.shape) < 3:
+        raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
+                           "whole sequences (2-D shards could cut a sequence between two)")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1],
                                                   elementwise)))

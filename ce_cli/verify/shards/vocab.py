@@ -25,7 +25,7 @@ from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import make_layout, match_batch
 from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
-from ce_cli.verify.checks import check_grad
+from ce_cli.verify.checks import check_grad, shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Report
@@ -81,7 +81,8 @@ def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | N
     """check_grad with `vocab_offset` and the global lse; class weights enter as the rows'
     sample weights w_{y_n} (index targets without smoothing: q = w_y e_y, so the row's loss
     and gradient are w_y times the unweighted ones and 'mean''s D is sum w_y s_n)."""
-    sw = vocab_row_weights(y, given.arrays, options, given.sources["labels"])
+    sw = vocab_row_weights(shifted(y, shard, options), given.arrays, options,
+                           given.sources["labels"])
     report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
                         vocab_offset=shard.offset, vocab_size=shard.extent,
                         lse=np.asarray(lse).reshape(z.shape[:-1]),
@@ -95,6 +96,20 @@ def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | N
         warnings = tuple(w for w in warnings if own or not w.endswith("negative sample weights"))
         warnings += (f"{given.sources['weight']}: negative class weights",)
     return replace(report, options={**echo, "weighted": True}, warnings=warnings)
+
+
+def vocab_labels(shard: Shard, options: CheckOptions) -> np.ndarray:
+    """The batch's labels (global class ids) as the loss sees them (`shifted`)."""
+    return shifted(load(shard.files.labels, "labels"), shard, options)
+
+
+def shifted(y: np.ndarray, shard: Shard, options: CheckOptions) -> np.ndarray:
+    """`y` shifted along the sequence with `shift_labels` (every vocabulary shard holds every
+    position, so the shift is the batch's), else `y`."""
+    if not options.shift_labels:
+        return y
+    return shift_labels(np.broadcast_to(False, shard.shape), y, options.ignore_index,
+                        f"labels file '{shard.files.labels}'")
 
 
 def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
@@ -134,7 +149,7 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     """The shard's `VocabRows` (a pass over its logits, in row blocks), of z = T(x)."""
     z = load(shard.files.logits, "logits")
     z = z.reshape(-1, z.shape[-1])
-    y = load(shard.files.labels, "labels").reshape(-1)
+    y = vocab_labels(shard, options).reshape(-1)
     valid = y != options.ignore_index
     inside = valid & (y >= shard.offset) & (y < shard.offset + z.shape[1])
     z_y, zabs = np.zeros(len(y)), np.empty(len(y))
@@ -250,7 +265,7 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
         raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
     got = match_batch(got, layout, source, "the per-row log-sum-exp")
     tol = options.tolerance(got.dtype)
-    valid = np.asarray(load(shard.files.labels, "labels")).reshape(-1) != options.ignore_index
+    valid = vocab_labels(shard, options).reshape(-1) != options.ignore_index
     return lse_check(np.asarray(lse, dtype=np.float64).reshape(-1), got, valid, tol,
                      normaliser_bound(tol, shape[-1], options.normaliser_rtol),
                      lambda r, c: layout.batch_index(r), options.worst)
@@ -261,7 +276,7 @@ def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
     """The reduced loss of the rows' normaliser terms alone (sum over the rows whose target is
     not ignored of s_n (lse_n + zeta lse_n^2), / D for 'mean', / `denominator` when given):
     each vocabulary shard's loss holds it once."""
-    y = load(shard.files.labels, "labels").reshape(-1)
+    y = vocab_labels(shard, options).reshape(-1)
     valid = y != options.ignore_index
     s = vocab_row_weights(y, shard_arrays(shard, inputs), options,
                           f"labels file '{shard.files.labels}'")
