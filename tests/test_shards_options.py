@@ -120,7 +120,8 @@ def test_vocab_shards_take_class_weights(tmp_path, reduction):
 
 
 def test_vocab_weights_must_cover_the_labels(tmp_path):
-    """C weights for the shards' C classes; a label past them is one line naming it."""
+    """C weights for the shards' C classes; a label past them (past the vocabulary: with or
+    without weights) is one line naming it."""
     z, y, g = make_batch(n=50, c=20, dtype=np.float64)
     np.save(tmp_path / "w12.npy", np.ones(12))
     with pytest.raises(CeCheckError, match=r"shape \(12,\) but the logits have 20 classes"):
@@ -128,10 +129,11 @@ def test_vocab_weights_must_cover_the_labels(tmp_path):
                       inputs=sh.BatchInputs(weight=str(tmp_path / "w12.npy")))
     y[3] = 25
     np.save(tmp_path / "w.npy", np.ones(20))
-    with pytest.raises(CeCheckError, match=r"label 25 at row 3 is out of the class weights' "
-                                           r"range \[0, 20\)"):
-        sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
-                      inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    for weight in (str(tmp_path / "w.npy"), None):
+        with pytest.raises(CeCheckError, match=r"label 25 at index \(3,\) is out of range "
+                                               r"\[0, 20\)"):
+            sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                          inputs=sh.BatchInputs(weight=weight))
 
 
 def test_cli_grad_shards_with_weight(tmp_path, invoke):

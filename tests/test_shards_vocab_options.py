@@ -272,13 +272,86 @@ def test_vocab_loss_with_label_smoothing(tmp_path, form):
         assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
 
 
-def test_vocab_shards_refuse_class_weights_with_smoothing(tmp_path):
-    z, y, g = make_batch(n=20, c=20)
-    np.save(tmp_path / "w.npy", np.ones(20))
-    with pytest.raises(CeCheckError, match="`weight`: not yet with label smoothing on vocabulary"):
-        sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab",
-                      CheckOptions(label_smoothing=0.1),
-                      inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+WEIGHTED = {"z_loss": {"z_loss": 1e-3},
+            "torch": {"label_smoothing": 0.1},
+            "others": {"label_smoothing": 0.1, "smoothing_form": "others"},
+            "others+all": {"label_smoothing": 0.2, "smoothing_form": "others", "z_loss": 1e-4,
+                           "softcap": 8.0, "logit_scale": 1.5}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(WEIGHTED))
+def test_vocab_shards_class_weights_with_the_options(tmp_path, name, reduction, dtype):
+    """--weight with label smoothing or the z-loss on vocabulary shards: each shard holds the
+    weights of its columns (beta w_c), each row's label weight w_y (its column maybe in
+    another shard) and the other shards' summed weights (Q = alpha w_y + beta sum_c w_c); the
+    z-loss is not weighted by w_y, as in one process: the single-process report, a planted
+    bug in shard 1 found at its global index."""
+    z, y, _ = make_batch(n=60, c=20, seed=13, dtype=np.float64)
+    w = np.random.default_rng(5).choice(DYADIC, 20)
+    np.save(tmp_path / "w.npy", w)
+    opts = CheckOptions(reduction=reduction, fd="full", **WEIGHTED[name])
+    g = reference_grad(tmp_path, z, y, opts, weight=w).astype(dtype)
+    # not a row's arg-max: a shard fits a row's normaliser factor from the entries the softmax
+    # term dominates among ITS columns, and a wrong arg-max alone there reads as a row factor
+    # (the merged report then adds a failing normaliser check one process does not)
+    g[21, 10] = g[21, 10] * 1.01 if g[21, 10] else 1e-3
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts,
+                            inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    single = check_grad(z, y, grad=g, weight=w, options=opts)
+    assert not single.ok
+    assert_vocab_merged(sharded, single)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(21, 10)]
+    assert [s.ok for s in sharded.shards] == [True, False, True]
+    assert sharded.report.options["weighted"]
+    right = reference_grad(tmp_path, z, y, opts, weight=w).astype(dtype)
+    assert sh.run_shards(vocab_files(tmp_path, z, y, right, CUTS), "vocab", opts,
+                         inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy"))).report.ok
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["z_loss", "others+all"])
+def test_vocab_loss_with_class_weights_and_the_options(tmp_path, name, reduction):
+    """--loss with --weight and --sample-weight and the options on vocabulary shards: the row
+    loss s_n (alpha w_y (lse - z_y) + beta sum_c w_c (lse - z_c) + zeta lse^2) on the client,
+    the single process's loss check."""
+    z, y, _ = make_batch(n=50, c=20, seed=14, dtype=np.float64)
+    w = np.random.default_rng(6).choice(DYADIC, 20)
+    sw = np.random.default_rng(7).choice(DYADIC, 50)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "sw.npy", sw)
+    opts = CheckOptions(reduction=reduction, fd="off", **WEIGHTED[name])
+    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=sw)
+    arrays: list = [("sample_weight", (str(tmp_path / "sw.npy"),))]
+    if reduction == "none":
+        probe = check_grad(z, y, loss=np.zeros(50), weight=w, sample_weight=sw,
+                           options=CheckOptions.build(opts, worst=50))
+        per = np.zeros(50)
+        for e in loss_check(probe).worst:
+            per[e.index[0]] = e.expected
+        per[12] *= 1.0001
+        np.save(tmp_path / "loss.npy", per)
+        value: object = per
+        arrays.append(("loss", (str(tmp_path / "loss.npy"),)))
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), arrays=tuple(arrays))
+    else:
+        value = check_grad(z, y, weight=w, sample_weight=sw, options=opts).loss * (1 + 1e-6)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), arrays=tuple(arrays),
+                                loss=float(value))
+    single = check_grad(z, y, grad=g, loss=value, weight=w, sample_weight=sw, options=opts)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
+    m, s = loss_check(sharded.report), loss_check(single)
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
+            assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-9)
+    assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
 
 
 @pytest.mark.parametrize("form", ["torch", "others"])

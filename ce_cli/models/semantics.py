@@ -46,6 +46,7 @@ class Semantics:
     rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass
     vocab_size: int | None = None            # a shard's whole vocabulary V (label smoothing)
     rest_weight: float = 0.0                 # derived: the weights of the classes outside it
+    label_weight: np.ndarray | None = None   # derived: (N,) a shard's rows' w_y (class weights)
 
     @property
     def smoothing_classes(self) -> int | None:

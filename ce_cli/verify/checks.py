@@ -80,7 +80,8 @@ def check_grad(
     Training code: `sample_weight` (the batch's shape) multiplies each row's loss; `lse` is the
     per-row log-sum-exp your kernel returns (compared), or with `vocab_offset` the global one of
     a vocabulary shard (an input), and `vocab_size` its whole vocabulary's V (what label
-    smoothing spreads over); `z_loss_value` the z-loss your kernel returns on its own.
+    smoothing spreads over; `weight` then holds V class weights); `z_loss_value` the z-loss
+    your kernel returns on its own.
     """
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)

@@ -171,7 +171,7 @@ def refuse_inputs(plan: ShardPlan, inputs: BatchInputs, options: CheckOptions, k
         class_weights(shard_weight(plan.shards[0], inputs.weight), plan.shape[-1],
                       f"weight file '{inputs.weight}'", [])
     if plan.axis == "vocab":
-        _refuse_on_vocab(inputs, options)
+        _refuse_on_vocab(inputs)
 
 
 def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> None:
@@ -188,13 +188,9 @@ def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> Non
         raise CeCheckError("`z_loss_value`: needs `z_loss`, the coefficient it was computed with")
 
 
-def _refuse_on_vocab(inputs: BatchInputs, options: CheckOptions) -> None:
+def _refuse_on_vocab(inputs: BatchInputs) -> None:
     """Per-row values on vocabulary shards: one file of the batch's (a shard holds every row);
-    no z-loss value yet, nor class weights with label smoothing."""
-    if inputs.weight is not None and options.label_smoothing:
-        raise CeCheckError("`weight`: not yet with label smoothing on vocabulary shards (the "
-                           "smoothed targets spread w_c over every shard); check row shards, or "
-                           "the batch whole")
+    no z-loss value yet."""
     for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps")):
         if len(inputs.files(role)) > 1:
             raise CeCheckError(f"`{role}`: one file of the batch's {what} with vocabulary "

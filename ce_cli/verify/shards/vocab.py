@@ -78,24 +78,13 @@ def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 
 def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                 lse: Any, options: CheckOptions, given: ShardInputs) -> Report:
-    """check_grad with `vocab_offset` and the global lse; class weights enter as the rows'
-    sample weights w_{y_n} (index targets without smoothing: q = w_y e_y, so the row's loss
-    and gradient are w_y times the unweighted ones and 'mean''s D is sum w_y s_n)."""
-    sw = vocab_row_weights(shifted(y, shard, options), given.arrays, options,
-                           given.sources["labels"])
-    report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
-                        vocab_offset=shard.offset, vocab_size=shard.extent,
-                        lse=np.asarray(lse).reshape(z.shape[:-1]),
-                        sample_weight=None if sw is None else sw.reshape(np.shape(y)))
-    if "weight" not in given.arrays:
-        return report
-    own = "sample_weight" in given.arrays
-    echo = {k: v for k, v in report.options.items() if k != "sample_weighted" or own}
-    warnings = report.warnings
-    if np.any(np.asarray(given.arrays["weight"]) < 0):  # the rows' weights are the class weights'
-        warnings = tuple(w for w in warnings if own or not w.endswith("negative sample weights"))
-        warnings += (f"{given.sources['weight']}: negative class weights",)
-    return replace(report, options={**echo, "weighted": True}, warnings=warnings)
+    """check_grad with `vocab_offset`, the global lse and V (`vocab_size`), the whole
+    vocabulary's class weights and the batch's sample weights (a shard holds every row)."""
+    return check_grad(z, y, grad=grad, options=options, sources=given.sources,
+                      vocab_offset=shard.offset, vocab_size=shard.extent,
+                      lse=np.asarray(lse).reshape(z.shape[:-1]),
+                      weight=given.arrays.get("weight"),
+                      sample_weight=given.arrays.get("sample_weight"))
 
 
 def vocab_labels(shard: Shard, options: CheckOptions) -> np.ndarray:
@@ -112,35 +101,40 @@ def shifted(y: np.ndarray, shard: Shard, options: CheckOptions) -> np.ndarray:
                         f"labels file '{shard.files.labels}'")
 
 
-def vocab_row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
-                      source: str) -> np.ndarray | None:
-    """Each row's weight on vocabulary shards: w_{y_n} s_n (None without either)."""
-    sw = arrays.get("sample_weight")
-    if "weight" not in arrays:
-        return None if sw is None else np.asarray(sw, dtype=np.float64).reshape(-1)
+def row_weights(y: np.ndarray, arrays: dict[str, np.ndarray], options: CheckOptions,
+                source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sample weight s_n and label weight w_{y_n} (1 without either; both 0 where
+    the target is ignored), flat."""
     flat = np.asarray(y).reshape(-1)
-    rows = target_weights(flat, flat != options.ignore_index, arrays["weight"], source)
-    if sw is not None:
-        s = np.asarray(sw, dtype=np.float64).reshape(-1)
-        if s.shape != rows.shape:
-            raise CeCheckError(f"sample_weight: shape {np.shape(sw)} does not match the labels "
-                               f"{np.shape(y)}")
-        rows = rows * s
-    return rows
+    valid = flat != options.ignore_index
+    wy = target_weights(flat, valid, arrays.get("weight"), source)
+    sw = arrays.get("sample_weight")
+    if sw is None:
+        return valid.astype(np.float64), wy
+    s = np.asarray(sw, dtype=np.float64).reshape(-1)
+    if s.shape != wy.shape:
+        raise CeCheckError(f"sample_weight: shape {np.shape(sw)} does not match the labels "
+                           f"{np.shape(y)}")
+    return np.where(valid, s, 0.0), wy
 
 
 @dataclass(frozen=True, eq=False)
 class VocabRows:
     """A vocabulary shard's per-row share of the rows' losses: z_y where the label is one of its
-    columns (0 elsewhere), its largest finite |z| (with label smoothing, the sum over its
-    columns of lse_n - z_c, terms >= 0 that do not cancel); shard 0 adds the global lse, each row's
-    weight s_n w_y (1 unweighted, 0 where ignored) and whether sample weights were given."""
+    columns (0 elsewhere), its largest finite |z|, with label smoothing the sum over its
+    columns of w_c (lse_n - z_c) (terms >= 0 unweighted: nothing cancels); shard 0 adds the
+    global lse, each row's sample and label weights s_n, w_y (`row_weights`), the rows whose
+    target is not ignored, the class weights' sum and absolute sum (`class_sums`) and whether
+    sample weights were given."""
 
     z_y: np.ndarray
     zabs: np.ndarray
-    spread: np.ndarray | None = None  # with label smoothing: sum over its columns of lse - z_c
+    spread: np.ndarray | None = None
     lse: np.ndarray | None = None
     weight: np.ndarray | None = None
+    label_weight: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    class_sums: tuple[float, float] = (0.0, 0.0)
     sample_weighted: bool = False
 
 
@@ -156,20 +150,44 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     rows = np.flatnonzero(inside)
     z_y[rows] = _transformed(z[rows, y[rows] - shard.offset], options)
     lse = np.asarray(lse, dtype=np.float64).reshape(-1)
+    arrays = shard_arrays(shard, inputs)
+    w = arrays.get("weight")
+    w_c = None if w is None else np.asarray(w, dtype=np.float64).reshape(-1)[
+        shard.offset:shard.offset + z.shape[1]]
     spread = np.zeros(len(y)) if options.label_smoothing else None
     step = max(1, ROW_CHUNK // max(1, z.shape[1]))
     for a in range(0, len(y), step):
         block = _transformed(z[a:a + step], options)
         if spread is not None:
-            spread[a:a + step] = (lse[a:a + step, None] - block).sum(axis=1)
+            terms = lse[a:a + step, None] - block
+            spread[a:a + step] = (terms if w_c is None else terms * w_c).sum(axis=1)
         block = np.abs(block)
         zabs[a:a + step] = np.where(np.isfinite(block), block, 0.0).max(axis=1)
     if shard.index:
         return VocabRows(z_y, zabs, spread)
-    arrays = shard_arrays(shard, inputs)
-    s = vocab_row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
-    weight = np.where(valid, s if s is not None else 1.0, 0.0)
-    return VocabRows(z_y, zabs, spread, lse, weight, "sample_weight" in arrays)
+    s, wy = row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    return VocabRows(z_y, zabs, spread, lse, s, wy, valid, class_sums(arrays, shard.extent),
+                     "sample_weight" in arrays)
+
+
+def class_sums(arrays: dict[str, np.ndarray], V: int) -> tuple[float, float]:
+    """sum_c w_c and sum_c |w_c| over the whole vocabulary (V, V unweighted)."""
+    if "weight" not in arrays:
+        return float(V), float(V)
+    w = np.asarray(arrays["weight"], dtype=np.float64).reshape(-1)
+    return float(np.sum(w)), float(np.sum(np.abs(w)))
+
+
+def reduced_scale(wy: np.ndarray, s: np.ndarray, valid: np.ndarray,
+                  options: CheckOptions) -> float:
+    """What the reduced loss is divided by: `denominator`, 'mean''s D = sum of w_y s_n over
+    the rows whose target is not ignored, in the order the shard's check sums it (so that the
+    shards' and the client's D are the same bits), or 1."""
+    if options.denominator is not None:
+        return options.denominator
+    if options.reduction.value != "mean":
+        return 1.0
+    return float(np.sum(wy[valid] * s[valid]))
 
 
 def _transformed(x: Any, options: CheckOptions) -> np.ndarray:
@@ -184,27 +202,49 @@ def extended(options: CheckOptions, sample_weighted: bool) -> bool:
                 or options.logit_scale != 1.0)
 
 
-def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
-                     options: CheckOptions, total: float) -> CheckResult:
-    """Your loss against the batch's rows L_n = s_n (alpha (lse_n - z_y) + beta sum_c (lse_n -
-    z_c) + zeta lse_n^2) of z = T(x) (label smoothing's alpha, beta over the V classes; 1, 0
-    without), each allowed the single process's floor k eps (|L_n| + Se_n (1 + |lse_n|)), plus
-    (Se_n + S_n sum_c q_c) max|z| where one process takes the extended floor (S_n = |s_n w_y|,
-    Se_n = S_n |Q + 2 zeta lse_n|); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings
-    of the total; widened by the normaliser bound when only that passes, as `LossStage`."""
+@dataclass(frozen=True, eq=False)
+class BatchRows:
+    """The batch's row losses L_n from the shards' `VocabRows`, with what the single process's
+    floor needs: `floor` is its k eps factor's multiplier per row, `weight` what a normaliser
+    factor multiplies (|s_n (Q_n + 2 zeta lse_n)|), `scale` the reduced loss's divisor."""
+
+    loss: np.ndarray
+    weight: np.ndarray
+    floor: np.ndarray
+    scale: float
+
+
+def batch_rows(plan: ShardPlan, parts: list[VocabRows], options: CheckOptions) -> BatchRows:
+    """L_n = s_n (alpha w_y (lse_n - z_y) + beta sum_c w_c (lse_n - z_c) + zeta lse_n^2) of
+    z = T(x) (label smoothing's alpha, beta over the V classes; 1, 0 without); the floor
+    |L_n| + Se_n (1 + |lse_n|), plus (Se_n + |s_n| sum_c |q_c|) max|z| where one process takes
+    the extended floor (Se_n = |s_n (Q_n + 2 zeta lse_n)|, Q_n = alpha w_y + beta sum_c w_c)."""
     first = parts[0]
     assert first.lse is not None and first.weight is not None
+    assert first.label_weight is not None and first.valid is not None
     z_y = np.sum(np.stack([p.z_y for p in parts]), axis=0)  # one shard holds each label
     zabs = np.max(np.stack([p.zabs for p in parts]), axis=0)
-    S, lse, zeta, V = np.abs(first.weight), first.lse, options.z_loss, plan.shape[-1]
-    alpha, beta = smoothing_split(options.label_smoothing, V, options.smoothing_form)
-    row = alpha * (lse - z_y) + zeta * lse * lse
-    if beta:  # q_c = alpha [c = y] + beta: Q lse - q . z = alpha (lse - z_y) + beta sum_c (lse - z_c)
+    s, wy, lse, zeta = first.weight, first.label_weight, first.lse, options.z_loss
+    alpha, beta = smoothing_split(options.label_smoothing, plan.shape[-1], options.smoothing_form)
+    W, W_abs = first.class_sums
+    row = alpha * wy * (lse - z_y) + zeta * lse * lse
+    if beta:  # Q lse - q . z = alpha w_y (lse - z_y) + beta sum_c w_c (lse - z_c)
         row = row + beta * np.sum(np.stack([p.spread for p in parts if p.spread is not None]),
                                   axis=0)
-    per_row = np.where(S != 0, first.weight * row, 0.0)
-    Q = alpha + beta * V
-    Se = S * np.abs(Q + 2.0 * zeta * lse)  # |s (Q + 2 zeta lse)|: what multiplies a
+    loss = np.where(s != 0, s * row, 0.0)
+    Se = np.abs(s) * np.abs(alpha * wy + beta * W + 2.0 * zeta * lse)
+    floor = np.abs(loss) + Se * (1.0 + np.abs(lse))
+    if extended(options, first.sample_weighted):
+        floor = floor + (Se + np.abs(s) * (np.abs(alpha * wy) + abs(beta) * W_abs)) * zabs
+    return BatchRows(loss, Se, floor, reduced_scale(wy, s, first.valid, options))
+
+
+def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
+                     options: CheckOptions, total: float) -> CheckResult:
+    """Your loss against the batch's rows L_n (`batch_rows`), each allowed the single
+    process's floor k eps (...); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings
+    of the total; widened by the normaliser bound when only that passes, as `LossStage`."""
+    rows = batch_rows(plan, parts, options)
     n_classes = plan.shape[-1]
     got: Any
     if options.reduction.value == "none":
@@ -212,10 +252,7 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
         tol = options.tolerance(got.dtype)
     else:
         got, tol = inputs.loss, options.tolerance(inputs.loss_dtype)
-    floor = tol.floor_coef * (np.abs(per_row) + Se * (1.0 + np.abs(lse))
-                              + ((Se + S * (abs(alpha) + abs(beta) * V)) * zabs
-                                 if extended(options, first.sample_weighted)
-                                 else 0.0))
+    floor = tol.floor_coef * rows.floor
     normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
     if options.reduction.value == "none":
         shape = plan.shape[:-1]
@@ -225,16 +262,14 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
                              lambda r, c: tuple(int(i) for i in np.unravel_index(r, shape)),
                              expected_label="reference", got_label="yours", n_worst=options.worst,
                              extra_atol=options.loss_atol, beyond_range=True)
-            cmp.update(0, per_row, got, floor + k * Se)
+            cmp.update(0, rows.loss, got, floor + k * rows.weight)
             return cmp.result()
     else:
-        D = (options.denominator if options.denominator is not None
-             else float(np.sum(S[S != 0])) if options.reduction.value == "mean" else 1.0)
-        scale = 1.0 / D if D else 0.0
-        n = max(1, len(per_row))
+        scale = 1.0 / rows.scale if rows.scale else 0.0
+        n = max(1, len(rows.loss))
 
         def compare(k: float) -> CheckResult:
-            bound = ((float(np.sum(floor)) + k * float(np.sum(Se))) * scale
+            bound = ((float(np.sum(floor)) + k * float(np.sum(rows.weight))) * scale
                      + tol.floor_coef * math.log2(n + 1) * abs(total))
             return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
     return with_normaliser(compare, normaliser, tol, n_classes)
@@ -274,23 +309,15 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
 def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
                 inputs: BatchInputs = NO_INPUTS) -> float:
     """The reduced loss of the rows' normaliser terms alone (sum over the rows whose target is
-    not ignored of s_n (lse_n + zeta lse_n^2), / D for 'mean', / `denominator` when given):
-    each vocabulary shard's loss holds it once."""
+    not ignored of s_n (Q_n lse_n + zeta lse_n^2), Q_n = alpha w_y + beta sum_c w_c, divided
+    by `reduced_scale`): each vocabulary shard's loss holds it once."""
     y = vocab_labels(shard, options).reshape(-1)
     valid = y != options.ignore_index
-    s = vocab_row_weights(y, shard_arrays(shard, inputs), options,
-                          f"labels file '{shard.files.labels}'")
-    values = np.asarray(lse, dtype=np.float64).reshape(-1)[valid]
-    if options.z_loss:
-        values = values + options.z_loss * values * values
-    if s is not None:
-        values = values * s[valid]
-    total = math.fsum(values.tolist())
-    if options.denominator is not None:
-        return total / options.denominator
-    if options.reduction.value == "mean":
-        # D as the shard's check forms it (np.sum of the rows' weights), so that it cancels
-        count = float(np.sum(np.ones(int(np.count_nonzero(valid))) * s[valid])) if s is not None \
-            else int(np.count_nonzero(valid))
-        return total / count if count else 0.0
-    return total
+    arrays = shard_arrays(shard, inputs)
+    s, wy = row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    alpha, beta = smoothing_split(options.label_smoothing, shard.extent, options.smoothing_form)
+    L = np.asarray(lse, dtype=np.float64).reshape(-1)[valid]
+    Q = alpha * wy[valid] + beta * class_sums(arrays, shard.extent)[0]
+    total = math.fsum((s[valid] * (Q * L + options.z_loss * L * L)).tolist())
+    scale = reduced_scale(wy, s, valid, options)
+    return total / scale if scale else 0.0
