@@ -5,6 +5,7 @@ the single-process report on the concatenated batch (ce_cli/verify/shards/)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,12 +151,71 @@ def test_cli_vocab_shards_with_the_options(tmp_path, invoke):
     assert data["loss"] == pytest.approx(check_grad(z, y, options=opts).loss, rel=64 * EPS)
 
 
-def test_vocab_shards_refuse_a_z_loss_value(tmp_path):
-    """Your z-loss alone is not yet compared on vocabulary shards: refused, never ignored."""
-    z, y, g = make_batch(n=20, c=20)
-    files = vocab_files(tmp_path, z, y, g, CUTS)
-    with pytest.raises(CeCheckError, match="`z_loss_value`: not yet with vocabulary shards"):
-        sh.run_shards(files, "vocab", CheckOptions(z_loss=1e-3), inputs=sh.BatchInputs(z_loss=0.1))
+def z_losses(z, y, opts: CheckOptions, sw) -> np.ndarray:
+    """Per-row s_n zeta lse_n^2 of z = T(x) (0 where ignored), written out."""
+    x = np.asarray(z, dtype=np.float64) * opts.logit_scale
+    if opts.softcap is not None:
+        x = opts.softcap * np.tanh(x / opts.softcap)
+    m = x.max(axis=-1)
+    lse = m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+    return np.where(y != -100, sw * opts.z_loss * lse * lse, 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights", ["none", "class+sample"])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_vocab_shards_check_your_z_loss(tmp_path, reduction, weights, with_lse):
+    """--z-loss-value on vocabulary shards: your z-loss (reduced: a number; none: one file of
+    the batch's rows) against s_n zeta lse_n^2 of pass 1's global lse, as one process's
+    z-loss check (the same verdict, failing rows, references and allowances; the checks in
+    the same order with --lse too); class weights do not weigh it."""
+    z, y, _ = make_batch(n=50, c=20, seed=15, dtype=np.float64)
+    opts = CheckOptions(reduction=reduction, fd="off", z_loss=1e-3, softcap=9.0)
+    kw: dict = {}
+    inputs = sh.BatchInputs()
+    sw = np.ones(50)
+    if weights != "none":
+        kw = {"weight": np.random.default_rng(1).choice(DYADIC, 20),
+              "sample_weight": np.random.default_rng(2).choice(DYADIC, 50)}
+        sw = kw["sample_weight"]
+        np.save(tmp_path / "w.npy", kw["weight"])
+        np.save(tmp_path / "sw.npy", sw)
+        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
+                                arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),))
+    g = reference_grad(tmp_path, z, y, opts, **kw)
+    per = z_losses(z, y, opts, sw)
+    if with_lse:
+        x = 9.0 * np.tanh(z / 9.0)
+        kw["lse"] = np.log(np.exp(x).sum(-1))
+        np.save(tmp_path / "lse.npy", kw["lse"])
+        inputs = replace(inputs, arrays=inputs.arrays + (("lse", (str(tmp_path / "lse.npy"),)),))
+    if reduction == "none":
+        per[17] *= 1.001
+        np.save(tmp_path / "zl.npy", per)
+        value: object = per
+        inputs = replace(inputs, arrays=inputs.arrays + (("z_loss_value",
+                                                          (str(tmp_path / "zl.npy"),)),))
+    else:
+        wy = kw["weight"][np.where(y != -100, y, 0)] if "weight" in kw else 1.0
+        D = float(np.sum(np.where(y != -100, sw * wy, 0.0)))
+        value = float(np.sum(per)) / (D if reduction == "mean" else 1.0) * (1 + 1e-4)
+        inputs = replace(inputs, z_loss=value)
+    single = check_grad(z, y, grad=g, z_loss_value=value, options=opts, **kw)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
+    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+    m = next(c for c in sharded.report.checks if c.name == "z_loss_vs_reference")
+    s = next(c for c in single.checks if c.name == "z_loss_vs_reference")
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
+            assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-12)
+    if reduction == "none":
+        assert [e.index for e in m.worst if not e.ok] == [(17,)]
+    assert sharded.report.ok == single.ok
 
 
 # ---------------------------------------------------------------- label smoothing

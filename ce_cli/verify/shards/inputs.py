@@ -189,12 +189,9 @@ def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> Non
 
 
 def _refuse_on_vocab(inputs: BatchInputs) -> None:
-    """Per-row values on vocabulary shards: one file of the batch's (a shard holds every row);
-    no z-loss value yet."""
-    for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps")):
+    """Per-row values on vocabulary shards: one file of the batch's (a shard holds every row)."""
+    for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps"),
+                       ("z_loss_value", "per-sample z-losses")):
         if len(inputs.files(role)) > 1:
             raise CeCheckError(f"`{role}`: one file of the batch's {what} with vocabulary "
                                "shards (every shard holds every row)")
-    if inputs.z_loss is not None or inputs.files("z_loss_value"):
-        raise CeCheckError("`z_loss_value`: not yet with vocabulary shards (the z-loss is "
-                           "checked within the loss); check row shards, or the batch whole")

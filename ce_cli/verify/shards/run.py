@@ -44,7 +44,8 @@ from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport
 from ce_cli.verify.shards.rows import check_rows, shard_denominator
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
 from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
-                                        vocab_lse_check, vocab_loss_check, vocab_loss_rows)
+                                        vocab_lse_check, vocab_loss_check, vocab_loss_rows,
+                                        vocab_z_loss_check)
 
 
 def check_shard(shard: Shard, options: CheckOptions, shared: Any,
@@ -148,8 +149,8 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
     each row's), the lse the shards' losses repeat, and your loss and lse against the batch's
     rows."""
     loss_given = inputs.loss is not None or bool(inputs.files("loss"))
-    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays
-                                                  if r not in ("loss", "lse")))
+    own = replace(inputs, loss=None, z_loss=None, arrays=tuple(
+        (r, f) for r, f in inputs.arrays if r not in ("loss", "lse", "z_loss_value")))
     results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
     once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
     repeated = (len(plan.shards) - 1) * once
@@ -162,6 +163,9 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
     for path in inputs.files("lse"):  # one file of the batch's
         checks["lse_vs_reference"] = mapper.map(vocab_lse_check, plan.shards[:1],
                                                 (lse, options, plan.shape, path))[0]
+    if inputs.z_loss is not None or inputs.files("z_loss_value"):
+        checks["z_loss_vs_reference"] = mapper.map(vocab_z_loss_check, plan.shards[:1],
+                                                   (lse, options, plan.shape, inputs))[0]
     infos: tuple[InputInfo, ...] = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
                                     if inputs.loss is not None else ())
     for path in inputs.files("loss"):  # per sample: one file of the batch's

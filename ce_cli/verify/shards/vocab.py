@@ -22,7 +22,9 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numpy_softmax import transform
-from ce_cli.models.layout import make_layout, match_batch
+from ce_cli.kernels.base import ChunkEval
+from ce_cli.models.layout import Layout, make_layout, match_batch
+from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import check_grad, shift_labels
@@ -33,7 +35,8 @@ from ce_cli.verify.shards.files import load
 from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs
-from ce_cli.verify.stages import lse_check, reduced_check, with_normaliser
+from ce_cli.verify.stages import (Chunk, ZLossStage, lse_check, reduced_check,
+                                  with_normaliser)
 
 
 ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
@@ -304,6 +307,69 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
     return lse_check(np.asarray(lse, dtype=np.float64).reshape(-1), got, valid, tol,
                      normaliser_bound(tol, shape[-1], options.normaliser_rtol),
                      lambda r, c: layout.batch_index(r), options.worst)
+
+
+@dataclass(frozen=True, eq=False)
+class LseRows:
+    """The batch's rows as `ZLossStage` sees its problem: the V classes, the rows whose target
+    is not ignored, the reduction and its divisor (`reduced_scale`), the z-loss coefficient."""
+
+    layout: Layout
+    valid: np.ndarray
+    reduction: str
+    scale: float
+    sem: Semantics
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def n_classes(self) -> int:
+        return self.layout.n_classes
+
+    @property
+    def grad_scale(self) -> float:
+        return 1.0 / self.scale if self.scale else 0.0
+
+    def per_sample_index(self, row: int, _col: int) -> tuple[int, ...]:
+        return self.layout.batch_index(row)
+
+    def reduce(self, total: float) -> float:
+        if self.scale == 0.0 and self.reduction == "mean" and self.sem.denominator is None:
+            return math.nan  # 0/0, as the loss of one process
+        return total / self.scale
+
+
+def vocab_z_loss_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[int, ...],
+                       inputs: BatchInputs) -> CheckResult:
+    """Your z-loss (a number, or with reduction none one file of the batch's per-row values)
+    as one process's `ZLossStage` checks it, on pass 1's global lse: s_n zeta lse_n^2 over the
+    rows whose target is not ignored, reduced like the loss, allowed its floor (the V
+    classes' normaliser bound); the z-loss needs nothing of a shard but the lse."""
+    y = vocab_labels(shard, options).reshape(-1)
+    valid = y != options.ignore_index
+    arrays = shard_arrays(shard, replace(inputs, arrays=tuple(
+        (r, f) for r, f in inputs.arrays if r == "sample_weight")))
+    s, wy = row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
+    layout = make_layout(shape, -1, "logits")
+    rows = LseRows(layout, valid, options.reduction.value, reduced_scale(wy, s, valid, options),
+                   Semantics(z_loss=options.z_loss, denominator=options.denominator))
+    if options.reduction.value == "none":
+        path = inputs.files("z_loss_value")[0]
+        source = f"z_loss_value file '{path}'"
+        got = np.asarray(load(path, "z_loss_value"))
+        if got.dtype.kind not in "iuf":
+            raise CeCheckError(f"{source}: dtype {got.dtype} is not numeric")
+        value, dtype = match_batch(got, layout, source, "per-sample z-losses ('none')"), got.dtype
+    else:
+        value, dtype = np.asarray(inputs.z_loss), np.dtype(inputs.z_loss_dtype)
+    g = np.asarray(lse, dtype=np.float64).reshape(-1)
+    stage = ZLossStage(rows, value, options.tolerance(dtype), options.worst, 0.0,
+                       options.normaliser_rtol)
+    stage.update(Chunk(0, len(g), ChunkEval(loss=np.zeros(len(g)), grad=None, floor=None, lse=g,
+                                            total_weight=s, row_terms=s[:, None])))
+    return stage.finish()[0][1]
 
 
 def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
