@@ -296,6 +296,24 @@ def test_megatron_7464_local_vocabulary_smoothing_fails(tmp_path, dtype):
     assert bad.report.verdict == single.verdict  # FAIL — grad_vs_reference: n/1,280 entries
 
 
+def test_cli_megatron_7464(tmp_path, invoke):
+    """The command line a Megatron user runs on the ranks' files: the local-V smoothing fails
+    (exit 1, every shard's line FAIL), the global-V one passes (exit 0)."""
+    z, y, _ = make_batch(n=64, c=20, seed=11, dtype=np.float64)
+    args = ["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--grad", tmp_path / "g*.npy",
+            "--shards", "vocab", "--label-smoothing", "0.1", "--smoothing-form", "others"]
+    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=False).astype(np.float32), CUTS)
+    res = invoke(args)
+    assert res.exit_code == 0, res.output
+    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=True).astype(np.float32), CUTS)
+    res = invoke(args + ["--json"])
+    assert res.exit_code == 1, res.output
+    data = json.loads(res.stdout)
+    assert [s["ok"] for s in data["shards"]["per_shard"]] == [False, False, False]
+    assert data["options"]["label_smoothing"] == 0.1
+    assert data["options"]["smoothing_form"] == "others"
+
+
 @pytest.mark.parametrize("form", ["torch", "others"])
 def test_vocab_loss_with_label_smoothing(tmp_path, form):
     """--loss with label smoothing on vocabulary shards: each row's alpha (lse - z_y) + beta
@@ -558,3 +576,34 @@ def test_cli_vocab_shift_labels(tmp_path, invoke):
     grad = next(c for c in data["checks"] if c["name"] == "grad_vs_reference")
     assert grad["mismatches"] == 1 and grad["worst"][0]["index"] == [4, 0, 17]
     assert [s["ok"] for s in data["shards"]["per_shard"]] == [True, True, False]
+
+
+def test_vocab_options_on_dask(tmp_path):
+    """On a 2-worker LocalCluster (pass 1 with the softcap's partial, pass 2, your loss and
+    z-loss on shard 0's task): the in-process report, field by field, with every option at
+    once. (Without dask installed this skips; tests/test_dask.py fails under CI instead.)"""
+    distributed = pytest.importorskip("distributed")
+    from ce_cli.distributed.dask_run import run_on_dask
+
+    z, y = seq_batch(seed=21)
+    w = np.random.default_rng(3).choice(DYADIC, 20)
+    sw = np.random.default_rng(4).choice(DYADIC, (5, 7))
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "sw.npy", sw)
+    opts = CheckOptions(fd="directional", shift_labels=True, label_smoothing=0.1,
+                        smoothing_form="others", z_loss=1e-3, softcap=8.0, logit_scale=1.5)
+    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=sw).astype(np.float32)
+    g[2, 5, 11] += 1e-3
+    files = seq_files(tmp_path, z, y, g)
+    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=1.0, z_loss=0.01,
+                            arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),))
+    local = sh.run_shards(files, "vocab", opts, inputs=inputs)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        on_dask = run_on_dask(files, "vocab", opts, client=client, inputs=inputs)
+    assert on_dask == local
+    grad = next(c for c in local.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [(2, 5, 11)]
+    names = [c.name for c in local.report.checks]
+    assert "loss_vs_reference" in names and "z_loss_vs_reference" in names
