@@ -202,6 +202,26 @@ def loss_check(report):
     return next(c for c in report.checks if c.name == "loss_vs_reference")
 
 
+def assert_same_check(name, sharded, single, rel=1e-12):
+    """The merged check `name` is one process's, which fails: the checks' order, verdict,
+    counts, note, failing entries (passing ones rank by rounding noise), and every entry both
+    list: your value, its reference within `rel` and allowance within 1e-9. Returns it."""
+    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+    m = next(c for c in sharded.report.checks if c.name == name)
+    s = next(c for c in single.checks if c.name == name)
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            b = theirs[a.index]
+            assert (a.got, a.ok) == (b.got, b.ok)
+            assert a.expected == pytest.approx(b.expected, rel=rel, abs=1e-15)
+            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    return m
+
+
 def assert_same_loss_check(merged, single):
     """The merged loss check is the single process's: verdict, note, reference and allowance
     within the fsum merge's bound."""
@@ -567,19 +587,7 @@ def test_vocab_shards_check_your_loss(tmp_path, reduction, weights, fd):
                                 arrays=tuple(arrays), loss=value)
     single = check_grad(z, y, grad=g, loss=value, options=opts, **kw)
     sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
-    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
-    m, s = loss_check(sharded.report), loss_check(single)
-    assert not s.ok
-    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-    # the failing entries (passing ones rank by rounding noise); every entry both list agrees
-    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-    theirs = {e.index: e for e in s.worst}
-    for a in m.worst:
-        if a.index in theirs:
-            b = theirs[a.index]
-            assert (a.got, a.ok) == (b.got, b.ok)
-            assert a.expected == pytest.approx(b.expected, rel=1e-13, abs=1e-15)
-            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    m = assert_same_check("loss_vs_reference", sharded, single, rel=1e-13)
     if reduction == "none":
         assert [e.index for e in m.worst if not e.ok] == [(21,)]
 

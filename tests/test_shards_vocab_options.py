@@ -1,6 +1,6 @@
 """`grad --shards vocab` with the training-code options (Megatron tensor-parallel CE): pass 1
-merges the lse of z = T(x), each shard's gradient is local given it, and the merged report is
-the single-process report on the concatenated batch (ce_cli/verify/shards/)."""
+merges the lse of z = T(x), each shard's gradient is local given it and the global V, and the
+merged report is the single-process report on the concatenated batch (ce_cli/verify/shards/)."""
 
 from __future__ import annotations
 
@@ -14,31 +14,86 @@ from ce_cli.errors import CeCheckError
 from ce_cli.verify import shards as sh
 from ce_cli.verify.checks import check_grad
 from ce_cli.verify.options import CheckOptions
-from tests.test_shards import EPS, make_batch
-from tests.test_shards_options import DYADIC, loss_check, reference_grad, vocab_files
+from tests.test_shards import EPS, assert_vocab_merged, make_batch
+from tests.test_shards_options import (DYADIC, assert_same_check, loss_check, reference_grad,
+                                       vocab_files)
 
-CUTS = ((0, 6), (6, 15), (15, 20))
+CUTS = ((0, 6), (6, 15), (15, 20))  # vocab_files' shards of the 20 classes
 
 OPTIONS = {"z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 5.0},
            "logit_scale": {"logit_scale": 0.5}, "denominator": {"denominator": 37.0},
            "all": {"z_loss": 1e-4, "softcap": 8.0, "logit_scale": 1.5, "denominator": 150.0}}
 
+SMOOTHING = {"torch": {"label_smoothing": 0.1},
+             "others": {"label_smoothing": 0.1, "smoothing_form": "others"},
+             "others+all": {"label_smoothing": 0.2, "smoothing_form": "others", "z_loss": 1e-4,
+                            "softcap": 8.0, "logit_scale": 1.5},
+             "torch+denominator": {"label_smoothing": 0.05, "denominator": 40.0}}
 
-def assert_vocab_merged(sharded, single):
-    """Verdict, counts and failing entries (global index, your value) of the single process,
-    references within a few ulps (the merged lse), the loss within a few ulps too."""
-    merged = sharded.report
-    assert (merged.ok, merged.shape, merged.n_rows) == (single.ok, single.shape, single.n_rows)
-    assert merged.verdict.split(", ")[0] == single.verdict.split(", ")[0]
-    assert [c.name for c in merged.checks] == [c.name for c in single.checks]
-    for m, s in zip(merged.checks, single.checks):
-        assert (m.ok, m.mismatches, m.total) == (s.ok, s.mismatches, s.total), m.name
-        bad = sorted((e.index, e.got, e.expected) for e in m.worst if not e.ok)
-        want = sorted((e.index, e.got, e.expected) for e in s.worst if not e.ok)
-        assert [b[:2] for b in bad] == [w[:2] for w in want], m.name
-        rtol = 16 * EPS if m.name == "grad_vs_reference" else 1e-6
-        assert np.allclose([b[2] for b in bad], [w[2] for w in want], rtol=rtol, atol=0), m.name
-    assert abs(merged.loss - single.loss) <= 64 * EPS * abs(single.loss)
+
+def save_inputs(tmp_path, weight=None, sample_weight=None, **numbers) -> sh.BatchInputs:
+    """The class and sample weights as the shards read them (files), with `numbers` (loss,
+    z_loss)."""
+    arrays: tuple = ()
+    if weight is not None:
+        np.save(tmp_path / "w.npy", weight)
+    if sample_weight is not None:
+        np.save(tmp_path / "sw.npy", sample_weight)
+        arrays = (("sample_weight", (str(tmp_path / "sw.npy"),)),)
+    return sh.BatchInputs(weight=None if weight is None else str(tmp_path / "w.npy"),
+                          arrays=arrays, **numbers)
+
+
+def planted(tmp_path, z, y, opts, at, dtype, files=vocab_files, **kw):
+    """The float64 reference (class weights `weight`, `sample_weight` in `kw`) cast to
+    `dtype`, 1% wrong at entry `at`: the sharded report is one process's on the batch, the
+    entry found at its global index. Returns the sharded report."""
+    g = reference_grad(tmp_path, z, y, opts, **kw).astype(dtype)
+    g[at] = g[at] * 1.01 if g[at] else 1e-3
+    sharded = sh.run_shards(files(tmp_path, z, y, g), "vocab", opts,
+                            inputs=save_inputs(tmp_path, **kw))
+    single = check_grad(z, y, grad=g, options=opts, **kw)
+    assert not single.ok
+    assert_vocab_merged(sharded, single)
+    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
+    assert [e.index for e in grad.worst if not e.ok] == [at]
+    return sharded
+
+
+def one_process_losses(z, y, opts, **kw) -> np.ndarray:
+    """One process's per-sample reference losses (reduction none), read from its loss check
+    against zeros with every row listed."""
+    probe = check_grad(z, y, loss=np.zeros(y.shape), options=CheckOptions.build(opts, worst=y.size),
+                       **kw)
+    per = np.zeros(y.shape)
+    for e in loss_check(probe).worst:
+        per[e.index] = e.expected
+    return per
+
+
+def your_loss(tmp_path, z, y, opts, at, files=vocab_files, **kw):
+    """Your loss (reduced: the reference's 1e-6 off; none: one file of the batch's rows, row
+    `at` 1e-4 off) on vocabulary shards: the single process's loss check. Returns it."""
+    g = reference_grad(tmp_path, z, y, opts, **kw)
+    if opts.reduction.value == "none":
+        value: object = one_process_losses(z, y, opts, **kw)
+        value[at] *= 1.0001  # type: ignore[index]
+        np.save(tmp_path / "loss.npy", value)
+        inputs = save_inputs(tmp_path, **kw)
+        inputs = replace(inputs, arrays=inputs.arrays + (("loss", (str(tmp_path / "loss.npy"),)),))
+    else:
+        value = check_grad(z, y, options=opts, **kw).loss * (1 + 1e-6)
+        inputs = save_inputs(tmp_path, loss=float(value), **kw)  # type: ignore[arg-type]
+    single = check_grad(z, y, grad=g, loss=value, options=opts, **kw)
+    sharded = sh.run_shards(files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
+    check = assert_same_check("loss_vs_reference", sharded, single)
+    if opts.reduction.value == "none":
+        assert [e.index for e in check.worst if not e.ok] == [at]
+    assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+    return check
+
+
+# ---------------------------------------------------------------- z-loss, softcap, scale, D
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -50,14 +105,7 @@ def test_vocab_shards_carry_the_options(tmp_path, name, reduction, dtype):
     and only shard 1 fails."""
     z, y, _ = make_batch(n=60, c=20, seed=4, dtype=np.float64)
     opts = CheckOptions(reduction=reduction, fd="full", **OPTIONS[name])
-    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
-    g[17, 9] = g[17, 9] * 1.01 if g[17, 9] else 1e-3
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
-    single = check_grad(z, y, grad=g, options=opts)
-    assert not single.ok
-    assert_vocab_merged(sharded, single)
-    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
-    assert [e.index for e in grad.worst if not e.ok] == [(17, 9)]
+    sharded = planted(tmp_path, z, y, opts, (17, 9), dtype)
     assert [s.ok for s in sharded.shards] == [True, False, True]
     for key, value in OPTIONS[name].items():
         assert sharded.report.options[key] == value
@@ -70,24 +118,11 @@ def test_vocab_shards_pass_a_correct_gradient(tmp_path, name):
     z, y, _ = make_batch(n=60, c=20, seed=6, dtype=np.float64)
     opts = CheckOptions(fd="full", **OPTIONS[name])
     g = reference_grad(tmp_path, z, y, opts).astype(np.float32)
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts)
     assert sharded.report.ok and check_grad(z, y, grad=g, options=opts).ok
     plain = reference_grad(tmp_path, z, y, CheckOptions()).astype(np.float32)
-    wrong = sh.run_shards(vocab_files(tmp_path, z, y, plain, CUTS), "vocab", opts)
+    wrong = sh.run_shards(vocab_files(tmp_path, z, y, plain), "vocab", opts)
     assert not wrong.report.ok
-
-
-def semantic_losses(z, y, opts: CheckOptions, sw) -> np.ndarray:
-    """Per-row s_n (lse_n - z_y + zeta lse_n^2) of z = cap tanh(S x / cap), in float64 (0
-    where ignored): written out here, independent of the kernel."""
-    x = np.asarray(z, dtype=np.float64) * opts.logit_scale
-    if opts.softcap is not None:
-        x = opts.softcap * np.tanh(x / opts.softcap)
-    m = x.max(axis=1)
-    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
-    live = y != -100
-    per = lse - x[np.arange(len(y)), np.where(live, y, 0)] + opts.z_loss * lse * lse
-    return np.where(live, sw * per, 0.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -97,39 +132,10 @@ def test_vocab_shards_check_your_loss_with_the_options(tmp_path, name, reduction
     lse_n^2) of z = T(x) on the client, allowed the single process's floor: the same verdict,
     failing entries and allowances."""
     z, y, _ = make_batch(n=50, c=20, seed=2, dtype=np.float64)
-    extra = dict(OPTIONS[name])
-    if reduction == "none":
-        extra.pop("denominator", None)
+    extra = {k: v for k, v in OPTIONS[name].items() if k != "denominator" or reduction != "none"}
     opts = CheckOptions(reduction=reduction, fd="off", **extra)
-    sw = np.random.default_rng(3).choice(DYADIC, 50)
-    np.save(tmp_path / "sw.npy", sw)
-    arrays: list = [("sample_weight", (str(tmp_path / "sw.npy"),))]
-    g = reference_grad(tmp_path, z, y, opts, sample_weight=sw)
-    value: object
-    if reduction == "none":
-        per = semantic_losses(z, y, opts, sw)
-        per[21] *= 1.0001
-        np.save(tmp_path / "loss.npy", per)
-        value = per
-        inputs = sh.BatchInputs(arrays=tuple(arrays + [("loss", (str(tmp_path / "loss.npy"),))]))
-    else:
-        value = check_grad(z, y, options=opts, sample_weight=sw).loss * (1 + 1e-6)
-        inputs = sh.BatchInputs(arrays=tuple(arrays), loss=float(value))
-    single = check_grad(z, y, grad=g, loss=value, sample_weight=sw, options=opts)
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
-    m, s = loss_check(sharded.report), loss_check(single)
-    assert not s.ok
-    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-    if reduction == "none":
-        assert [e.index for e in m.worst if not e.ok] == [(21,)]
-    theirs = {e.index: e for e in s.worst}
-    for a in m.worst:
-        if a.index in theirs:
-            b = theirs[a.index]
-            assert a.expected == pytest.approx(b.expected, rel=1e-12, abs=1e-15)
-            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
-    assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+    your_loss(tmp_path, z, y, opts, (21,),
+              sample_weight=np.random.default_rng(3).choice(DYADIC, 50))
 
 
 def test_cli_vocab_shards_with_the_options(tmp_path, invoke):
@@ -139,7 +145,7 @@ def test_cli_vocab_shards_with_the_options(tmp_path, invoke):
     opts = CheckOptions(fd="off", **OPTIONS["all"])
     g = reference_grad(tmp_path, z, y, opts).astype(np.float32)
     g[3, 11] = g[3, 11] * 1.01 if g[3, 11] else 1e-3
-    vocab_files(tmp_path, z, y, g, CUTS)
+    vocab_files(tmp_path, z, y, g)
     flags = ["--z-loss", "1e-4", "--softcap", "8", "--logit-scale", "1.5", "--denominator", "150"]
     res = invoke(["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--grad",
                   tmp_path / "g*.npy", "--shards", "vocab", "--fd", "off", "--json", *flags])
@@ -172,21 +178,14 @@ def test_vocab_shards_check_your_z_loss(tmp_path, reduction, weights, with_lse):
     z, y, _ = make_batch(n=50, c=20, seed=15, dtype=np.float64)
     opts = CheckOptions(reduction=reduction, fd="off", z_loss=1e-3, softcap=9.0)
     kw: dict = {}
-    inputs = sh.BatchInputs()
-    sw = np.ones(50)
     if weights != "none":
         kw = {"weight": np.random.default_rng(1).choice(DYADIC, 20),
               "sample_weight": np.random.default_rng(2).choice(DYADIC, 50)}
-        sw = kw["sample_weight"]
-        np.save(tmp_path / "w.npy", kw["weight"])
-        np.save(tmp_path / "sw.npy", sw)
-        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
-                                arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),))
+    inputs = save_inputs(tmp_path, **kw)
     g = reference_grad(tmp_path, z, y, opts, **kw)
-    per = z_losses(z, y, opts, sw)
+    per = z_losses(z, y, opts, kw.get("sample_weight", 1.0))
     if with_lse:
-        x = 9.0 * np.tanh(z / 9.0)
-        kw["lse"] = np.log(np.exp(x).sum(-1))
+        kw["lse"] = np.log(np.exp(9.0 * np.tanh(z / 9.0)).sum(-1))
         np.save(tmp_path / "lse.npy", kw["lse"])
         inputs = replace(inputs, arrays=inputs.arrays + (("lse", (str(tmp_path / "lse.npy"),)),))
     if reduction == "none":
@@ -197,35 +196,18 @@ def test_vocab_shards_check_your_z_loss(tmp_path, reduction, weights, with_lse):
                                                           (str(tmp_path / "zl.npy"),)),))
     else:
         wy = kw["weight"][np.where(y != -100, y, 0)] if "weight" in kw else 1.0
-        D = float(np.sum(np.where(y != -100, sw * wy, 0.0)))
+        D = float(np.sum(np.where(y != -100, kw.get("sample_weight", 1.0) * wy, 0.0)))
         value = float(np.sum(per)) / (D if reduction == "mean" else 1.0) * (1 + 1e-4)
         inputs = replace(inputs, z_loss=value)
     single = check_grad(z, y, grad=g, z_loss_value=value, options=opts, **kw)
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
-    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
-    m = next(c for c in sharded.report.checks if c.name == "z_loss_vs_reference")
-    s = next(c for c in single.checks if c.name == "z_loss_vs_reference")
-    assert not s.ok
-    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-    theirs = {e.index: e for e in s.worst}
-    for a in m.worst:
-        if a.index in theirs:
-            assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
-            assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-12)
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
+    check = assert_same_check("z_loss_vs_reference", sharded, single)
     if reduction == "none":
-        assert [e.index for e in m.worst if not e.ok] == [(17,)]
+        assert [e.index for e in check.worst if not e.ok] == [(17,)]
     assert sharded.report.ok == single.ok
 
 
 # ---------------------------------------------------------------- label smoothing
-
-
-SMOOTHING = {"torch": {"label_smoothing": 0.1},
-             "others": {"label_smoothing": 0.1, "smoothing_form": "others"},
-             "others+all": {"label_smoothing": 0.2, "smoothing_form": "others", "z_loss": 1e-4,
-                            "softcap": 8.0, "logit_scale": 1.5},
-             "torch+denominator": {"label_smoothing": 0.05, "denominator": 40.0}}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -237,14 +219,7 @@ def test_vocab_shards_carry_label_smoothing(tmp_path, name, reduction, dtype):
     global index."""
     z, y, _ = make_batch(n=60, c=20, seed=5, dtype=np.float64)
     opts = CheckOptions(reduction=reduction, fd="full", **SMOOTHING[name])
-    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
-    g[44, 16] = g[44, 16] * 1.01 if g[44, 16] else 1e-3
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts)
-    single = check_grad(z, y, grad=g, options=opts)
-    assert not single.ok
-    assert_vocab_merged(sharded, single)
-    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
-    assert [e.index for e in grad.worst if not e.ok] == [(44, 16)]
+    sharded = planted(tmp_path, z, y, opts, (44, 16), dtype)
     assert [s.ok for s in sharded.shards] == [True, True, False]
     assert sharded.report.options["label_smoothing"] == opts.label_smoothing
 
@@ -278,10 +253,10 @@ def test_megatron_7464_local_vocabulary_smoothing_fails(tmp_path, dtype):
     z, y, _ = make_batch(n=64, c=20, seed=11, dtype=np.float64)
     opts = CheckOptions(fd="full", label_smoothing=0.1, smoothing_form="others")
     right = megatron_grad(z, y, 0.1, local_v=False).astype(dtype)
-    ok = sh.run_shards(vocab_files(tmp_path, z, y, right, CUTS), "vocab", opts)
+    ok = sh.run_shards(vocab_files(tmp_path, z, y, right), "vocab", opts)
     assert ok.report.ok and check_grad(z, y, grad=right, options=opts).ok
     wrong = megatron_grad(z, y, 0.1, local_v=True).astype(dtype)
-    bad = sh.run_shards(vocab_files(tmp_path, z, y, wrong, CUTS), "vocab", opts)
+    bad = sh.run_shards(vocab_files(tmp_path, z, y, wrong), "vocab", opts)
     single = check_grad(z, y, grad=wrong, options=opts)
     assert not bad.report.ok and not single.ok
     # every entry is off: the checks' counts are the single process's (the worst entries rank
@@ -302,10 +277,10 @@ def test_cli_megatron_7464(tmp_path, invoke):
     z, y, _ = make_batch(n=64, c=20, seed=11, dtype=np.float64)
     args = ["grad", tmp_path / "v*.npy", tmp_path / "labels.npy", "--grad", tmp_path / "g*.npy",
             "--shards", "vocab", "--label-smoothing", "0.1", "--smoothing-form", "others"]
-    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=False).astype(np.float32), CUTS)
+    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=False).astype(np.float32))
     res = invoke(args)
     assert res.exit_code == 0, res.output
-    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=True).astype(np.float32), CUTS)
+    vocab_files(tmp_path, z, y, megatron_grad(z, y, 0.1, local_v=True).astype(np.float32))
     res = invoke(args + ["--json"])
     assert res.exit_code == 1, res.output
     data = json.loads(res.stdout)
@@ -314,47 +289,21 @@ def test_cli_megatron_7464(tmp_path, invoke):
     assert data["options"]["smoothing_form"] == "others"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("form", ["torch", "others"])
-def test_vocab_loss_with_label_smoothing(tmp_path, form):
+def test_vocab_loss_with_label_smoothing(tmp_path, form, reduction):
     """--loss with label smoothing on vocabulary shards: each row's alpha (lse - z_y) + beta
     sum_c (lse - z_c), the sum's terms from every shard: the single process's loss check."""
-    z, y, g = make_batch(n=50, c=20, seed=7, dtype=np.float64)
-    for reduction in ("mean", "none"):
-        opts = CheckOptions(reduction=reduction, fd="off", label_smoothing=0.1,
-                            smoothing_form=form)
-        ref = check_grad(z, y, options=opts, out_grad=tmp_path / "r.npy")
-        g = np.load(tmp_path / "r.npy")
-        if reduction == "none":
-            probe = check_grad(z, y, loss=np.zeros(50), options=CheckOptions.build(opts, worst=50))
-            per = np.zeros(50)
-            for e in loss_check(probe).worst:
-                per[e.index[0]] = e.expected
-            per[33] *= 1.0001
-            np.save(tmp_path / "loss.npy", per)
-            value: object = per
-            inputs = sh.BatchInputs(arrays=(("loss", (str(tmp_path / "loss.npy"),)),))
-        else:
-            value = ref.loss * (1 + 1e-6)
-            inputs = sh.BatchInputs(loss=float(value))
-        single = check_grad(z, y, grad=g, loss=value, options=opts)
-        sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
-        m, s = loss_check(sharded.report), loss_check(single)
-        assert not s.ok
-        assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-        assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-        theirs = {e.index: e for e in s.worst}
-        for a in m.worst:
-            if a.index in theirs:
-                assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
-                assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-9)
-        assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+    z, y, _ = make_batch(n=50, c=20, seed=7, dtype=np.float64)
+    opts = CheckOptions(reduction=reduction, fd="off", label_smoothing=0.1, smoothing_form=form)
+    your_loss(tmp_path, z, y, opts, (33,))
 
 
-WEIGHTED = {"z_loss": {"z_loss": 1e-3},
-            "torch": {"label_smoothing": 0.1},
-            "others": {"label_smoothing": 0.1, "smoothing_form": "others"},
-            "others+all": {"label_smoothing": 0.2, "smoothing_form": "others", "z_loss": 1e-4,
-                           "softcap": 8.0, "logit_scale": 1.5}}
+# ---------------------------------------------------------------- class weights
+
+
+WEIGHTED = {"z_loss": {"z_loss": 1e-3}, "torch": SMOOTHING["torch"],
+            "others": SMOOTHING["others"], "others+all": SMOOTHING["others+all"]}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -365,28 +314,19 @@ def test_vocab_shards_class_weights_with_the_options(tmp_path, name, reduction, 
     weights of its columns (beta w_c), each row's label weight w_y (its column maybe in
     another shard) and the other shards' summed weights (Q = alpha w_y + beta sum_c w_c); the
     z-loss is not weighted by w_y, as in one process: the single-process report, a planted
-    bug in shard 1 found at its global index."""
+    bug in shard 1 found at its global index, a correct gradient passing."""
     z, y, _ = make_batch(n=60, c=20, seed=13, dtype=np.float64)
     w = np.random.default_rng(5).choice(DYADIC, 20)
-    np.save(tmp_path / "w.npy", w)
     opts = CheckOptions(reduction=reduction, fd="full", **WEIGHTED[name])
-    g = reference_grad(tmp_path, z, y, opts, weight=w).astype(dtype)
     # not a row's arg-max: a shard fits a row's normaliser factor from the entries the softmax
     # term dominates among ITS columns, and a wrong arg-max alone there reads as a row factor
     # (the merged report then adds a failing normaliser check one process does not)
-    g[21, 10] = g[21, 10] * 1.01 if g[21, 10] else 1e-3
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts,
-                            inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
-    single = check_grad(z, y, grad=g, weight=w, options=opts)
-    assert not single.ok
-    assert_vocab_merged(sharded, single)
-    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
-    assert [e.index for e in grad.worst if not e.ok] == [(21, 10)]
+    sharded = planted(tmp_path, z, y, opts, (21, 10), dtype, weight=w)
     assert [s.ok for s in sharded.shards] == [True, False, True]
     assert sharded.report.options["weighted"]
     right = reference_grad(tmp_path, z, y, opts, weight=w).astype(dtype)
-    assert sh.run_shards(vocab_files(tmp_path, z, y, right, CUTS), "vocab", opts,
-                         inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy"))).report.ok
+    assert sh.run_shards(vocab_files(tmp_path, z, y, right), "vocab", opts,
+                         inputs=save_inputs(tmp_path, weight=w)).report.ok
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -396,81 +336,46 @@ def test_vocab_loss_with_class_weights_and_the_options(tmp_path, name, reduction
     loss s_n (alpha w_y (lse - z_y) + beta sum_c w_c (lse - z_c) + zeta lse^2) on the client,
     the single process's loss check."""
     z, y, _ = make_batch(n=50, c=20, seed=14, dtype=np.float64)
-    w = np.random.default_rng(6).choice(DYADIC, 20)
-    sw = np.random.default_rng(7).choice(DYADIC, 50)
-    np.save(tmp_path / "w.npy", w)
-    np.save(tmp_path / "sw.npy", sw)
     opts = CheckOptions(reduction=reduction, fd="off", **WEIGHTED[name])
-    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=sw)
-    arrays: list = [("sample_weight", (str(tmp_path / "sw.npy"),))]
-    if reduction == "none":
-        probe = check_grad(z, y, loss=np.zeros(50), weight=w, sample_weight=sw,
-                           options=CheckOptions.build(opts, worst=50))
-        per = np.zeros(50)
-        for e in loss_check(probe).worst:
-            per[e.index[0]] = e.expected
-        per[12] *= 1.0001
-        np.save(tmp_path / "loss.npy", per)
-        value: object = per
-        arrays.append(("loss", (str(tmp_path / "loss.npy"),)))
-        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), arrays=tuple(arrays))
-    else:
-        value = check_grad(z, y, weight=w, sample_weight=sw, options=opts).loss * (1 + 1e-6)
-        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), arrays=tuple(arrays),
-                                loss=float(value))
-    single = check_grad(z, y, grad=g, loss=value, weight=w, sample_weight=sw, options=opts)
-    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g, CUTS), "vocab", opts, inputs=inputs)
-    m, s = loss_check(sharded.report), loss_check(single)
-    assert not s.ok
-    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-    theirs = {e.index: e for e in s.worst}
-    for a in m.worst:
-        if a.index in theirs:
-            assert a.expected == pytest.approx(theirs[a.index].expected, rel=1e-12)
-            assert a.allowed == pytest.approx(theirs[a.index].allowed, rel=1e-9)
-    assert abs(sharded.report.loss - single.loss) <= 64 * EPS * abs(single.loss)
+    your_loss(tmp_path, z, y, opts, (12,), weight=np.random.default_rng(6).choice(DYADIC, 20),
+              sample_weight=np.random.default_rng(7).choice(DYADIC, 50))
+
+
+# ---------------------------------------------------------------- the library: one shard
 
 
 @pytest.mark.parametrize("form", ["torch", "others"])
-def test_check_grad_shard_with_vocab_size(form):
-    """The library: one shard, `vocab_offset` K, the global `lse` and `vocab_size` V: its
-    reference gradient is the whole batch's columns [K, K + C) with smoothing over V."""
+def test_check_grad_shard_with_vocab_size(tmp_path, form):
+    """The library: one shard, `vocab_offset` K, the global `lse` and `vocab_size` V (and the
+    V class weights): its reference gradient is the whole batch's columns [K, K + C) with
+    smoothing over V."""
     z, y, _ = make_batch(n=30, c=20, seed=3, dtype=np.float64)
+    w = np.random.default_rng(8).choice(DYADIC, 20)
     opts = CheckOptions(label_smoothing=0.1, smoothing_form=form, z_loss=1e-3, fd="full")
-    whole = check_grad(z, y, options=opts)
-    assert whole.ok
     lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-    ref = _whole_grad(z, y, opts)
-    part = ref[:, 6:15].copy()
-    assert check_grad(z[:, 6:15], y, grad=part, options=opts, vocab_offset=6, vocab_size=20,
-                      lse=lse).ok
+    part = reference_grad(tmp_path, z, y, opts, weight=w)[:, 6:15]
+    shard = {"options": opts, "vocab_offset": 6, "vocab_size": 20, "lse": lse, "weight": w}
+    assert check_grad(z[:, 6:15], y, grad=part, **shard).ok
     part[4, 2] += 1e-6
-    bad = check_grad(z[:, 6:15], y, grad=part, options=opts, vocab_offset=6, vocab_size=20,
-                     lse=lse)
-    grad = next(c for c in bad.checks if c.name == "grad_vs_reference")
+    grad = next(c for c in check_grad(z[:, 6:15], y, grad=part, **shard).checks
+                if c.name == "grad_vs_reference")
     assert [e.index for e in grad.worst if not e.ok] == [(4, 2)]
 
 
-def _whole_grad(z, y, opts):
-    import tempfile
-    from pathlib import Path
-    with tempfile.TemporaryDirectory() as d:
-        check_grad(z, y, options=opts, out_grad=Path(d) / "g.npy")
-        return np.load(Path(d) / "g.npy")
-
-
 def test_vocab_size_is_refused_where_it_means_nothing():
-    """`vocab_size` without `vocab_offset`, smaller than the shard's columns, and smoothing on
-    one shard without it: one line each."""
+    """`vocab_size` without `vocab_offset`, smaller than the shard's columns, and smoothing or
+    class weights on one shard without it: one line each."""
     z, y, _ = make_batch(n=10, c=8, seed=1, dtype=np.float64)
     lse = np.log(np.exp(z).sum(1))
     with pytest.raises(CeCheckError, match="`vocab_size`: the size of a shard's whole"):
         check_grad(z, y, vocab_size=8)
-    with pytest.raises(CeCheckError, match=r"`vocab_size`: 9 is smaller than the shard's columns \[2, 10\)"):
+    with pytest.raises(CeCheckError, match=r"`vocab_size`: 9 is smaller than the shard's "
+                                           r"columns \[2, 10\)"):
         check_grad(z, np.where(y < 0, y, y + 2), vocab_offset=2, vocab_size=9, lse=lse + 1)
     with pytest.raises(CeCheckError, match="whose size one shard does not know"):
         check_grad(z, y, vocab_offset=0, lse=lse + 1, label_smoothing=0.1)
+    with pytest.raises(CeCheckError, match="class weights need the whole vocabulary"):
+        check_grad(z, y, vocab_offset=0, lse=lse + 1, weight=np.ones(8))
 
 
 # ---------------------------------------------------------------- shift_labels
@@ -503,20 +408,11 @@ def seq_batch(seed=8):
 def test_vocab_shards_shift_labels(tmp_path, extra, reduction, dtype):
     """`shift_labels` on (B, T, V) vocabulary shards: every shard holds every position, so
     shifting the one labels file is the batch's shift ('mean' divides by the shifted count):
-    the single-process report, a bug in shard 0 at its global (b, t, v)."""
+    the single-process report, a bug in shard 1 at its global (b, t, v); the unshifted
+    gradient fails."""
     z, y = seq_batch()
     opts = CheckOptions(reduction=reduction, shift_labels=True, fd="full", **extra)
-    g = reference_grad(tmp_path, z, y, opts).astype(dtype)
-    # (a shard fits a row's normaliser factor on its own columns: in a 6-column shard with
-    # smoothing one wrong entry can be taken for a row factor, and the merged report then adds
-    # a failing normaliser check that one process, fitting all 20 columns, does not)
-    g[1, 2, 10] = g[1, 2, 10] * 1.01 if g[1, 2, 10] else 1e-3
-    sharded = sh.run_shards(seq_files(tmp_path, z, y, g), "vocab", opts)
-    single = check_grad(z, y, grad=g, options=opts)
-    assert not single.ok and single.options["shift_labels"]
-    assert_vocab_merged(sharded, single)
-    grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
-    assert [e.index for e in grad.worst if not e.ok] == [(1, 2, 10)]
+    sharded = planted(tmp_path, z, y, opts, (1, 2, 10), dtype, files=seq_files)
     assert [s.ok for s in sharded.shards] == [True, False, True]
     assert sharded.report.options["shift_labels"]
     unshifted = reference_grad(tmp_path, z, y, CheckOptions.build(opts, shift_labels=False))
@@ -527,37 +423,12 @@ def test_vocab_shards_shift_labels(tmp_path, extra, reduction, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_shift_labels_with_weights_and_your_loss(tmp_path, reduction):
     """The shifted labels reach everything that reads them: class weights w_y, the loss counted
-    once per row, your loss (z_y from the shard holding the SHIFTED label) and your lse's
-    ignored rows: the single process's loss check."""
+    once per row, your loss (z_y from the shard holding the SHIFTED label): the single
+    process's loss check."""
     z, y = seq_batch(seed=12)
-    w = np.random.default_rng(2).choice(DYADIC, 20)
-    np.save(tmp_path / "w.npy", w)
     opts = CheckOptions(reduction=reduction, shift_labels=True, fd="off")
-    ref = check_grad(z, y, options=opts, weight=w, out_grad=tmp_path / "ref.npy")
-    g = np.load(tmp_path / "ref.npy")
-    if reduction == "none":
-        ys = np.full_like(y, -100)
-        ys[:, :-1] = y[:, 1:]
-        m = z.max(-1)
-        lse = m + np.log(np.exp(z - m[..., None]).sum(-1))
-        live = ys != -100
-        zy = np.take_along_axis(z, np.where(live, ys, 0)[..., None], -1)[..., 0]
-        per = np.where(live, w[np.where(live, ys, 0)] * (lse - zy), 0.0)
-        per[3, 1] *= 1.0001
-        np.save(tmp_path / "loss.npy", per)
-        value: object = per
-        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"),
-                                arrays=(("loss", (str(tmp_path / "loss.npy"),)),))
-    else:
-        value = ref.loss * (1 + 1e-6)
-        inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=float(value))
-    single = check_grad(z, y, grad=g, loss=value, weight=w, options=opts)
-    sharded = sh.run_shards(seq_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
-    assert_vocab_merged(sharded, single)
-    m = loss_check(sharded.report)
-    assert not m.ok
-    if reduction == "none":
-        assert [e.index for e in m.worst if not e.ok] == [(3, 1)]
+    your_loss(tmp_path, z, y, opts, (3, 1), files=seq_files,
+              weight=np.random.default_rng(2).choice(DYADIC, 20))
 
 
 def test_cli_vocab_shift_labels(tmp_path, invoke):
@@ -586,17 +457,14 @@ def test_vocab_options_on_dask(tmp_path):
     from ce_cli.distributed.dask_run import run_on_dask
 
     z, y = seq_batch(seed=21)
-    w = np.random.default_rng(3).choice(DYADIC, 20)
-    sw = np.random.default_rng(4).choice(DYADIC, (5, 7))
-    np.save(tmp_path / "w.npy", w)
-    np.save(tmp_path / "sw.npy", sw)
+    kw = {"weight": np.random.default_rng(3).choice(DYADIC, 20),
+          "sample_weight": np.random.default_rng(4).choice(DYADIC, (5, 7))}
     opts = CheckOptions(fd="directional", shift_labels=True, label_smoothing=0.1,
                         smoothing_form="others", z_loss=1e-3, softcap=8.0, logit_scale=1.5)
-    g = reference_grad(tmp_path, z, y, opts, weight=w, sample_weight=sw).astype(np.float32)
+    g = reference_grad(tmp_path, z, y, opts, **kw).astype(np.float32)
     g[2, 5, 11] += 1e-3
     files = seq_files(tmp_path, z, y, g)
-    inputs = sh.BatchInputs(weight=str(tmp_path / "w.npy"), loss=1.0, z_loss=0.01,
-                            arrays=(("sample_weight", (str(tmp_path / "sw.npy"),)),))
+    inputs = save_inputs(tmp_path, loss=1.0, z_loss=0.01, **kw)
     local = sh.run_shards(files, "vocab", opts, inputs=inputs)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
