@@ -45,7 +45,7 @@ from ce_cli.verify.shards.rows import check_rows, shard_denominator
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
 from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
                                         vocab_lse_check, vocab_loss_check, vocab_loss_rows,
-                                        vocab_z_loss_check)
+                                        vocab_z_loss_check, whole_loss)
 
 
 def check_shard(shard: Shard, options: CheckOptions, shared: Any,
@@ -154,7 +154,7 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
     results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
     once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
     repeated = (len(plan.shards) - 1) * once
-    reports = [r for r, _ in results]
+    reports = [whole_loss(r) for r, _ in results]
     checks: dict[str, CheckResult] = {}
     if loss_given:
         rows = mapper.map(vocab_loss_rows, plan.shards, (lse, options, own))

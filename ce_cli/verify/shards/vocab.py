@@ -82,14 +82,17 @@ def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                 lse: Any, options: CheckOptions, given: ShardInputs) -> Report:
     """check_grad with `vocab_offset`, the global lse and V (`vocab_size`), the whole
-    vocabulary's class weights and the batch's sample weights (a shard holds every row);
-    without its note that rows whose label lies in another shard miss -z_y: the merged loss
-    has every row's."""
-    report = check_grad(z, y, grad=grad, options=options, sources=given.sources,
-                        vocab_offset=shard.offset, vocab_size=shard.extent,
-                        lse=np.asarray(lse).reshape(z.shape[:-1]),
-                        weight=given.arrays.get("weight"),
-                        sample_weight=given.arrays.get("sample_weight"))
+    vocabulary's class weights and the batch's sample weights (a shard holds every row)."""
+    return check_grad(z, y, grad=grad, options=options, sources=given.sources,
+                      vocab_offset=shard.offset, vocab_size=shard.extent,
+                      lse=np.asarray(lse).reshape(z.shape[:-1]),
+                      weight=given.arrays.get("weight"),
+                      sample_weight=given.arrays.get("sample_weight"))
+
+
+def whole_loss(report: Report) -> Report:
+    """A shard's report without its note that rows whose label lies in another shard miss
+    -z_y: the merged loss has every row's."""
     return replace(report, warnings=tuple(w for w in report.warnings
                                           if "labels lie in another shard" not in w))
 
