@@ -1,15 +1,18 @@
 """Vocabulary shards (tensor-parallel ranks), split along the class axis.
 
 - pass 1: each shard's per-row max m_i and s1_i, the sum of exp(z - m_i) over its entries but
-  its arg-max, in float64; merged as the kernel merges chunks: m = max m_i,
-  s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m) (* the shard holding m), lse = m + log1p(s1).
-- pass 2: each shard checked on its own with `vocab_offset` and the global lse; class weights
-  enter as each row's weight w_y.
+  its arg-max, in float64, of z = T(x) (softcap, logit scale); merged as the kernel merges
+  chunks: m = max m_i, s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m) (* the shard holding
+  m), lse = m + log1p(s1).
+- pass 2: each shard checked on its own with `vocab_offset`, the global lse and V: its
+  gradient (Q + 2 zeta lse) a_c - q_c on its columns is then local (q_c = alpha w_y [c = y] +
+  beta w_c, label smoothing over the V classes; Q = alpha w_y + beta sum_c w_c).
 - your loss: a shard holds part of each row's, so it is compared by the client against the
-  batch's rows L_n = s_n (lse_n - z_y) (`vocab_loss_check`); every shard's loss repeats the
-  lse's part (`reduced_lse`), which the merged loss counts once.
-- your lse: a vocabulary-sharded kernel's per-row lse is the GLOBAL logsumexp (after its
-  all-reduce), compared once with pass 1's (`vocab_lse_check`).
+  batch's rows (`batch_rows`); every shard's loss repeats the normaliser's part
+  s_n (Q_n lse_n + zeta lse_n^2) (`reduced_lse`), which the merged loss counts once.
+- your lse and z-loss: a vocabulary-sharded kernel's per-row lse is the GLOBAL logsumexp
+  (after its all-reduce), compared once with pass 1's (`vocab_lse_check`), and so is the
+  z-loss zeta lse^2 (`vocab_z_loss_check`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import Layout, make_layout, match_batch
 from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import smoothing_split
@@ -252,8 +255,9 @@ def batch_rows(plan: ShardPlan, parts: list[VocabRows], options: CheckOptions) -
 def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInputs,
                      options: CheckOptions, total: float) -> CheckResult:
     """Your loss against the batch's rows L_n (`batch_rows`), each allowed the single
-    process's floor k eps (...); reduced: summed, scaled by 1/D, plus log2(N + 1) roundings
-    of the total; widened by the normaliser bound when only that passes, as `LossStage`."""
+    process's floor, k eps times `BatchRows.floor`; reduced: summed, scaled by 1/D, plus
+    log2(N + 1) roundings of the total; widened by the normaliser bound when only that
+    passes, as `LossStage`."""
     rows = batch_rows(plan, parts, options)
     n_classes = plan.shape[-1]
     got: Any
