@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from ce_cli.errors import CeCheckError
+from ce_cli.models.semantics import row_stats
 from ce_cli.verify import shards as sh
 from ce_cli.verify.checks import check_grad
 from ce_cli.verify.options import CheckOptions
+from ce_cli.verify.shards.vocab import merge_row_split
 from tests.test_shards import EPS, assert_vocab_merged, make_batch
 from tests.test_shards_options import (DYADIC, assert_same_check, loss_check, reference_grad,
                                        vocab_files)
@@ -363,6 +365,31 @@ def test_check_grad_shard_with_vocab_size(tmp_path, form):
     grad = next(c for c in check_grad(z[:, 6:15], y, grad=part, **shard).checks
                 if c.name == "grad_vs_reference")
     assert [e.index for e in grad.worst if not e.ok] == [(4, 2)]
+
+
+@pytest.mark.parametrize("extra", [{}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}])
+def test_split_lse_keeps_the_reference_to_a_few_ulps(tmp_path, extra):
+    """Pass 1's lse kept apart (`SplitLse`, m + log1p(s1)): each shard's reference gradient is
+    the whole batch's within 8 eps of the row's largest entry, also for confident rows whose
+    lse (~55 here) is large next to lse - m (~1e-2); one float64 lse given instead errs by
+    about eps |lse| / (lse - m) there (the test tells the two apart)."""
+    rng = np.random.default_rng(17)
+    z = rng.normal(size=(200, 20)) * 3 + 50
+    y = rng.integers(0, 20, 200)
+    z[np.arange(200), y] += 8.0  # confident rows
+    opts = CheckOptions(fd="off", **extra)
+    whole = reference_grad(tmp_path, z, y, opts)
+    split = merge_row_split([row_stats(z[:, a:b]) for a, b in CUTS])
+    errs = {}
+    for name, lse in (("split", split), ("float", split.lse)):
+        worst = 0.0
+        for a, b in CUTS:
+            check_grad(z[:, a:b], y, options=opts, vocab_offset=a, vocab_size=20, lse=lse,
+                       out_grad=tmp_path / "part.npy")
+            dev = np.abs(np.load(tmp_path / "part.npy") - whole[:, a:b])
+            worst = max(worst, float((dev.max(axis=1) / np.abs(whole).max(axis=1)).max()))
+        errs[name] = worst / EPS
+    assert errs["split"] <= 8 and errs["float"] > 8, errs
 
 
 def test_vocab_size_is_refused_where_it_means_nothing():

@@ -236,7 +236,7 @@ class _SemanticTerms:
             qsum = np.abs(alpha_in) + np.abs(beta) * (w.sum() if model.weight is not None
                                                      else rs.zs.shape[1])
             dense = None
-        l1 = rs.l1 if sem.rho is None else np.logaddexp(rs.l1, sem.rho[rows] - rs.m)
+        l1 = rs.l1 if sem.rho is None else np.logaddexp(rs.l1, sem.rest_log(rows, rs.m))
         lse = rs.m + l1
         v = valid.astype(np.float64)
         loss_z = Q * l1 - qz + rest * rs.m

@@ -31,7 +31,7 @@ from ce_cli.kernels.numpy_softmax import semantic_rows, softmax_rows, transform
 from ce_cli.models import semantics as ext
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import Semantics
+from ce_cli.models.semantics import Semantics, SplitLse, row_stats
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 
@@ -432,11 +432,12 @@ def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w_all,
         ext.check_sample_weights(sw, sw_source, layout.batch_index, warnings)
     inside = rho = label_w = None
     rest = 0.0
+    base = None
     if args.vocab_offset is not None:
-        inside, rho = _shard(args, lse, lse_source, z, layout, y, valid, w_all, smoothing)
+        inside, rho, base = _shard(args, lse, lse_source, z, layout, y, valid, w_all, smoothing)
         label_w, rest = _shard_weights(args, layout.n_classes, y, valid, w_all)
-    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho, rest_weight=rest,
-                   label_weight=label_w)
+    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho, rho_base=base,
+                   rest_weight=rest, label_weight=label_w)
 
 
 def _shard_weights(args: Semantics, C: int, y, valid: np.ndarray,
@@ -455,9 +456,9 @@ def _shard_weights(args: Semantics, C: int, y, valid: np.ndarray,
 
 
 def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
-           valid: np.ndarray, w_all, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+           valid: np.ndarray, w_all, smoothing: float):
     """Which rows' labels lie in the shard's columns [K, K + C), and log R_n, the mass of the
-    other columns: R_n = exp(lse_n) - sum_shard exp(z) from the global lse given."""
+    other columns (`_rest`), from the global lse given (an array, or a `SplitLse`)."""
     K, C = args.vocab_offset, layout.n_classes
     assert K is not None
     if K < 0:
@@ -472,7 +473,17 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
     if lse is None:
         raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
                            "whole vocabulary")
-    lse_in = np.asarray(lse)
+    rho, base = _rest(args, lse, lse_source, z, layout)
+    return valid & (y >= K) & (y < K + C), rho, base
+
+
+def _rest(args: Semantics, lse: Any, lse_source: str, z,
+          layout: Layout) -> tuple[np.ndarray, np.ndarray | None]:
+    """log R_n, R_n = exp(lse_n) - sum_shard exp(z); from a `SplitLse` (M, S) relative to the
+    shard's row max m_i (returned too): R_n / exp(m_i) = (1 + S) exp(M - m_i) - (1 + s1_i),
+    S - s1_i where the shard holds the row's max, so lse's rounding never enters."""
+    split = lse if isinstance(lse, SplitLse) else None
+    lse_in = np.asarray(split.lse if split is not None else lse)
     if lse_in.dtype.kind not in "iuf":
         raise CeCheckError(f"{lse_source}: dtype {lse_in.dtype} is not numeric")
     g = np.asarray(match_batch(lse_in, layout, lse_source, "the per-row log-sum-exp"),
@@ -480,7 +491,8 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
     if not np.all(np.isfinite(g)):
         i = int(np.flatnonzero(~np.isfinite(g))[0])
         raise CeCheckError(f"{lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
-    local = _local_lse(z, args.logit_scale, args.softcap)
+    m, s1 = _local_stats(z, args.logit_scale, args.softcap)
+    local = m + np.log1p(s1)
     eps = np.finfo(lse_in.dtype).eps if lse_in.dtype.kind == "f" else EPS
     gap = g - local
     short = gap < -8.0 * eps * (1.0 + np.abs(g))
@@ -491,21 +503,24 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
             f"below the shard's own log-sum-exp {local[i]:.17g}: not the whole vocabulary's")
     with np.errstate(divide="ignore"):
         rho = g + np.log(-np.expm1(-np.maximum(gap, 0.0)))
-    inside = valid & (y >= K) & (y < K + C)
-    return inside, rho
+    if split is None:
+        return rho, None
+    M, S = (np.asarray(match_batch(np.asarray(a), layout, lse_source, "the per-row log-sum-exp"),
+                       dtype=np.float64) for a in (split.m, split.s1))
+    held = np.isfinite(m)  # rows with no mass in the shard keep log R_n = lse
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rest = np.where(m == M, S - s1, (1.0 + S) * np.exp(M - m) - (1.0 + s1))
+        return np.where(held, np.log(np.maximum(rest, 0.0)), rho), np.where(held, m, 0.0)
 
 
-def _local_lse(z, scale: float, cap: float | None) -> np.ndarray:
-    """Per-row log-sum-exp of the transformed logits, chunk by chunk."""
-    out = np.empty(z.shape[0])
+def _local_stats(z, scale: float, cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """`row_stats` of the transformed logits, chunk by chunk."""
+    m, s1 = np.empty(z.shape[0]), np.empty(z.shape[0])
     step = max(1, (1 << 20) // max(1, z.shape[1]))
     for a in range(0, z.shape[0], step):
         x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = x.max(axis=1)
-            m = np.where(np.isfinite(m), m, 0.0)
-            out[a:a + step] = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
-    return out
+        m[a:a + step], s1[a:a + step] = row_stats(x)
+    return m, s1
 
 
 def _denominator(y, valid: np.ndarray, w64, sem: Semantics) -> float:

@@ -43,7 +43,7 @@ from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport
                                        ShardPlan, make_plan)
 from ce_cli.verify.shards.rows import check_rows, shard_denominator
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
-from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
+from ce_cli.verify.shards.vocab import (check_vocab, merge_row_split, reduced_lse, shard_row_stats,
                                         vocab_lse_check, vocab_loss_check, vocab_loss_rows,
                                         vocab_z_loss_check, whole_loss)
 
@@ -136,7 +136,7 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
         shared: Any = denominator
     else:
         stats = partial(shard_row_stats, scale=opts.logit_scale, cap=opts.softcap)
-        shared = mapper.reduce(stats, plan.shards, merge_row_stats)
+        shared = mapper.reduce(stats, plan.shards, merge_row_split)
     if plan.axis == "vocab":
         return _run_vocab(plan, opts, inputs, mapper, shared, progress)
     results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)

@@ -27,7 +27,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import Semantics
+from ce_cli.models.semantics import Semantics, SplitLse, row_stats
 from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import check_grad, shift_labels
@@ -57,18 +57,19 @@ def shard_row_stats(shard: Shard, scale: float = 1.0,
     step = max(1, ROW_CHUNK // max(1, c))
     for start in range(0, n, step):
         block, _ = transform(np.asarray(z[start:start + step], dtype=np.float64), scale, cap)
-        top = block.max(axis=1)
-        safe = np.where(np.isneginf(top), 0.0, top)
-        with np.errstate(invalid="ignore"):
-            e = np.exp(block - safe[:, None])
-        e[np.arange(len(block)), block.argmax(axis=1)] = 0.0
-        m[start:start + step], s1[start:start + step] = top, e.sum(axis=1)
+        m[start:start + step], s1[start:start + step] = row_stats(block)
     return m, s1
 
 
 def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The global per-row lse from the shards' (m_i, s1_i), merged as the kernel merges chunks:
-    m = max m_i, s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m), lse = m + log1p(s1)."""
+    """The global per-row lse from the shards' (m_i, s1_i) (`merge_row_split`)."""
+    return merge_row_split(stats).lse
+
+
+def merge_row_split(stats: list[tuple[np.ndarray, np.ndarray]]) -> SplitLse:
+    """The global per-row lse from the shards' (m_i, s1_i), merged as the kernel merges chunks
+    and kept apart (pass 2 needs lse - m_i to eps of itself): m = max m_i,
+    s1 = s1_* + sum_{j != *} (1 + s1_j) exp(m_j - m), lse = m + log1p(s1)."""
     ms = np.stack([m for m, _ in stats])
     s1s = np.stack([s for _, s in stats])
     m = ms.max(axis=0)
@@ -79,16 +80,22 @@ def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     scaled = np.where(np.isneginf(ms), 0.0, scaled)
     rows = np.arange(ms.shape[1])
     scaled[star, rows] = s1s[star, rows]
-    return m + np.log1p(scaled.sum(axis=0))
+    return SplitLse(m, scaled.sum(axis=0))
+
+
+def global_lse(lse: Any) -> np.ndarray:
+    """Pass 1's per-row lse as (N,) float64 (from a `SplitLse`, or as given)."""
+    return np.asarray(lse.lse if isinstance(lse, SplitLse) else lse, dtype=np.float64).reshape(-1)
 
 
 def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
                 lse: Any, options: CheckOptions, given: ShardInputs) -> Report:
     """check_grad with `vocab_offset`, the global lse and V (`vocab_size`), the whole
     vocabulary's class weights and the batch's sample weights (a shard holds every row)."""
+    split = isinstance(lse, SplitLse)  # pass 1's, kept apart; or an lse as given
     return check_grad(z, y, grad=grad, options=options, sources=given.sources,
                       vocab_offset=shard.offset, vocab_size=shard.extent,
-                      lse=np.asarray(lse).reshape(z.shape[:-1]),
+                      lse=lse if split else np.asarray(lse).reshape(z.shape[:-1]),
                       weight=given.arrays.get("weight"),
                       sample_weight=given.arrays.get("sample_weight"))
 
@@ -162,7 +169,7 @@ def vocab_loss_rows(shard: Shard, lse: Any, options: CheckOptions,
     z_y, zabs = np.zeros(len(y)), np.empty(len(y))
     rows = np.flatnonzero(inside)
     z_y[rows] = _transformed(z[rows, y[rows] - shard.offset], options)
-    lse = np.asarray(lse, dtype=np.float64).reshape(-1)
+    lse = global_lse(lse)
     arrays = shard_arrays(shard, inputs)
     w = arrays.get("weight")
     w_c = None if w is None else np.asarray(w, dtype=np.float64).reshape(-1)[
@@ -315,7 +322,7 @@ def vocab_lse_check(shard: Shard, lse: Any, options: CheckOptions, shape: tuple[
     got = match_batch(got, layout, source, "the per-row log-sum-exp")
     tol = options.tolerance(got.dtype)
     valid = vocab_labels(shard, options).reshape(-1) != options.ignore_index
-    return lse_check(np.asarray(lse, dtype=np.float64).reshape(-1), got, valid, tol,
+    return lse_check(global_lse(lse), got, valid, tol,
                      normaliser_bound(tol, shape[-1], options.normaliser_rtol),
                      lambda r, c: layout.batch_index(r), options.worst)
 
@@ -375,7 +382,7 @@ def vocab_z_loss_check(shard: Shard, lse: Any, options: CheckOptions, shape: tup
         value, dtype = match_batch(got, layout, source, "per-sample z-losses ('none')"), got.dtype
     else:
         value, dtype = np.asarray(inputs.z_loss), np.dtype(inputs.z_loss_dtype)
-    g = np.asarray(lse, dtype=np.float64).reshape(-1)
+    g = global_lse(lse)
     stage = ZLossStage(rows, value, options.tolerance(dtype), options.worst, 0.0,
                        options.normaliser_rtol)
     stage.update(Chunk(0, len(g), ChunkEval(loss=np.zeros(len(g)), grad=None, floor=None, lse=g,
@@ -393,7 +400,7 @@ def reduced_lse(shard: Shard, lse: Any, options: CheckOptions,
     arrays = shard_arrays(shard, inputs)
     s, wy = row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
     alpha, beta = smoothing_split(options.label_smoothing, shard.extent, options.smoothing_form)
-    L = np.asarray(lse, dtype=np.float64).reshape(-1)[valid]
+    L = global_lse(lse)[valid]
     Q = alpha * wy[valid] + beta * class_sums(arrays, shard.extent)[0]
     total = math.fsum((s[valid] * (Q * L + options.z_loss * L * L)).tolist())
     scale = reduced_scale(wy, s, valid, options)
