@@ -120,7 +120,8 @@ def test_vocab_shards_take_class_weights(tmp_path, reduction):
 
 
 def test_vocab_weights_must_cover_the_labels(tmp_path):
-    """C weights for the shards' C classes; a label past them is one line naming it."""
+    """C weights for the shards' C classes; a label past them (past the vocabulary: with or
+    without weights) is one line naming it."""
     z, y, g = make_batch(n=50, c=20, dtype=np.float64)
     np.save(tmp_path / "w12.npy", np.ones(12))
     with pytest.raises(CeCheckError, match=r"shape \(12,\) but the logits have 20 classes"):
@@ -128,10 +129,11 @@ def test_vocab_weights_must_cover_the_labels(tmp_path):
                       inputs=sh.BatchInputs(weight=str(tmp_path / "w12.npy")))
     y[3] = 25
     np.save(tmp_path / "w.npy", np.ones(20))
-    with pytest.raises(CeCheckError, match=r"label 25 at row 3 is out of the class weights' "
-                                           r"range \[0, 20\)"):
-        sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
-                      inputs=sh.BatchInputs(weight=str(tmp_path / "w.npy")))
+    for weight in (str(tmp_path / "w.npy"), None):
+        with pytest.raises(CeCheckError, match=r"label 25 at index \(3,\) is out of range "
+                                               r"\[0, 20\)"):
+            sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", CheckOptions(fd="off"),
+                          inputs=sh.BatchInputs(weight=weight))
 
 
 def test_cli_grad_shards_with_weight(tmp_path, invoke):
@@ -198,6 +200,26 @@ def test_binary_weight_that_does_not_fit_is_one_line(tmp_path, invoke):
 
 def loss_check(report):
     return next(c for c in report.checks if c.name == "loss_vs_reference")
+
+
+def assert_same_check(name, sharded, single, rel=1e-12):
+    """The merged check `name` is one process's, which fails: the checks' order, verdict,
+    counts, note, failing entries (passing ones rank by rounding noise), and every entry both
+    list: your value, its reference within `rel` and allowance within 1e-9. Returns it."""
+    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+    m = next(c for c in sharded.report.checks if c.name == name)
+    s = next(c for c in single.checks if c.name == name)
+    assert not s.ok
+    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
+    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
+    theirs = {e.index: e for e in s.worst}
+    for a in m.worst:
+        if a.index in theirs:
+            b = theirs[a.index]
+            assert (a.got, a.ok) == (b.got, b.ok)
+            assert a.expected == pytest.approx(b.expected, rel=rel, abs=1e-15)
+            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    return m
 
 
 def assert_same_loss_check(merged, single):
@@ -565,19 +587,7 @@ def test_vocab_shards_check_your_loss(tmp_path, reduction, weights, fd):
                                 arrays=tuple(arrays), loss=value)
     single = check_grad(z, y, grad=g, loss=value, options=opts, **kw)
     sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
-    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
-    m, s = loss_check(sharded.report), loss_check(single)
-    assert not s.ok
-    assert (m.ok, m.mismatches, m.total, m.note) == (s.ok, s.mismatches, s.total, s.note)
-    # the failing entries (passing ones rank by rounding noise); every entry both list agrees
-    assert [e.index for e in m.worst if not e.ok] == [e.index for e in s.worst if not e.ok]
-    theirs = {e.index: e for e in s.worst}
-    for a in m.worst:
-        if a.index in theirs:
-            b = theirs[a.index]
-            assert (a.got, a.ok) == (b.got, b.ok)
-            assert a.expected == pytest.approx(b.expected, rel=1e-13, abs=1e-15)
-            assert a.allowed == pytest.approx(b.allowed, rel=1e-9)
+    m = assert_same_check("loss_vs_reference", sharded, single, rel=1e-13)
     if reduction == "none":
         assert [e.index for e in m.worst if not e.ok] == [(21,)]
 

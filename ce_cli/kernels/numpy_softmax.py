@@ -229,14 +229,14 @@ class _SemanticTerms:
             alpha = q
             alpha_in = np.where(sem.inside(rows), alpha, 0.0)
             Qin, qz = _target_terms(model, rs, alpha_in, beta, ys, has_neginf)
-            rest = alpha - alpha_in  # a label in another shard: only the normaliser sees it
+            rest = _outside(sem, alpha, alpha_in, beta)  # only the normaliser sees it
             Q = Qin + rest
             w = np.abs(model.weight) if model.weight is not None else np.ones(1)
             qabs = np.abs(alpha_in) + np.abs(beta) * w.max()
             qsum = np.abs(alpha_in) + np.abs(beta) * (w.sum() if model.weight is not None
                                                      else rs.zs.shape[1])
             dense = None
-        l1 = rs.l1 if sem.rho is None else np.logaddexp(rs.l1, sem.rho[rows] - rs.m)
+        l1 = rs.l1 if sem.rho is None else np.logaddexp(rs.l1, sem.rest_log(rows, rs.m))
         lse = rs.m + l1
         v = valid.astype(np.float64)
         loss_z = Q * l1 - qz + rest * rs.m
@@ -245,6 +245,13 @@ class _SemanticTerms:
             loss_z = loss_z + sem.z_loss * v * lse * lse
             Qe = Q + 2.0 * sem.z_loss * v * lse
         return cls(valid, s, alpha, alpha_in, beta, ys, dense, Q, Qe, l1, loss_z, qabs, qsum)
+
+
+def _outside(sem: Any, alpha: np.ndarray, alpha_in: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """The target weight of a shard's row outside its columns: a label in another shard, and
+    the smoothing beta spreads over the other shards' classes (their weights sum_c w_c)."""
+    rest = alpha - alpha_in
+    return rest + beta * sem.rest_weight if sem.rest_weight else rest
 
 
 def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
@@ -262,7 +269,7 @@ def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
         W = float(w.sum()) if w is not None else float(g.shape[1])
         w_am = w[am] if w is not None else 1.0
         q_am_off = np.where(am != t.ys, t.alpha_in, 0.0) + t.beta * (W - w_am)  # Q_in - q_am
-        rest = q_am_off + (t.alpha - t.alpha_in) + (t.Qe - t.Q)
+        rest = q_am_off + _outside(model.sem, t.alpha, t.alpha_in, t.beta) + (t.Qe - t.Q)
     # a confident row (a_max >= 1/2): Qe * (a - 1) + rest without cancellation; elsewhere
     # a - 1 would cancel instead, and Qe * a - q_am (above) is the accurate form
     sure = t.l1 <= np.log(2.0)

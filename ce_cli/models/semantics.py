@@ -44,6 +44,15 @@ class Semantics:
     vocab_offset: int | None = None
     inside_mask: np.ndarray | None = None    # (N,) the row's label lies in this shard
     rho: np.ndarray | None = None            # (N,) log R_n: the rest of the vocabulary's mass
+    rho_base: np.ndarray | None = None       # (N,) ... less this (a shard's row max; None: 0)
+    vocab_size: int | None = None            # a shard's whole vocabulary V (label smoothing)
+    rest_weight: float = 0.0                 # derived: the weights of the classes outside it
+    label_weight: np.ndarray | None = None   # derived: (N,) a shard's rows' w_y (class weights)
+
+    @property
+    def smoothing_classes(self) -> int | None:
+        """The V label smoothing spreads over (None: the array's own classes)."""
+        return self.vocab_size if self.vocab_offset is not None else None
 
     @property
     def extended(self) -> bool:
@@ -62,6 +71,14 @@ class Semantics:
             return np.ones(len(rows))
         return self.sample_weight[rows]
 
+    def rest_log(self, rows: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """log R_n - m of rows `rows` whose row max is m; rho_base == m (unperturbed rows)
+        keeps log R_n - m exact to the rounding of rho."""
+        assert self.rho is not None
+        if self.rho_base is None:
+            return self.rho[rows] - m
+        return self.rho[rows] + (self.rho_base[rows] - m)
+
     def inside(self, rows: np.ndarray) -> np.ndarray:
         if self.inside_mask is None:
             return np.ones(len(rows), dtype=bool)
@@ -78,6 +95,32 @@ class Semantics:
         if self.sample_weight is not None:
             out["sample_weighted"] = True
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class SplitLse:
+    """A per-row log-sum-exp kept apart as m + log1p(s1): m the row's largest logit, s1 the
+    sum of exp(z - m) over every entry but one arg-max (pass 1 of vocabulary shards). A shard
+    forms the rest of the vocabulary's mass relative to its own row max from it, free of
+    lse's rounding (eps |lse|, which a confident row's lse - m ~ s1 cannot afford)."""
+
+    m: np.ndarray
+    s1: np.ndarray
+
+    @property
+    def lse(self) -> np.ndarray:
+        return self.m + np.log1p(self.s1)
+
+
+def row_stats(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float64 `z`: m, the max, and s1, the sum of exp(z - m) over every entry but
+    one arg-max (m = -inf and s1 = 0 for an all -inf row)."""
+    top = z.max(axis=1)
+    safe = np.where(np.isneginf(top), 0.0, top)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(z - safe[:, None])
+    e[np.arange(len(z)), z.argmax(axis=1)] = 0.0
+    return top, e.sum(axis=1)
 
 
 def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,

@@ -31,7 +31,7 @@ from ce_cli.kernels.numpy_softmax import semantic_rows, softmax_rows, transform
 from ce_cli.models import semantics as ext
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import Semantics
+from ce_cli.models.semantics import Semantics, SplitLse, row_stats
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 
@@ -147,16 +147,11 @@ class SoftmaxCE(RowMatrix):
             return self._smoothed(np.asarray(self.probs[rows], dtype=np.float64), self.weight), None, None
         valid = self.valid[rows]
         ys = self.target_columns(rows)
-        wy = self.weight[ys] if self.weight is not None else 1.0
-        eps, C = self.smoothing, self.n_classes
-        if self.sem.smoothing_form == "others" and C > 1:
-            # 1 - eps on the target, eps/(C - 1) on every other class (Megatron, fairseq)
-            alpha = np.where(valid, (1.0 - eps - eps / (C - 1)) * wy, 0.0)
-            beta = np.where(valid, eps / (C - 1), 0.0)
-        else:
-            alpha = np.where(valid, (1.0 - eps) * wy, 0.0)
-            beta = np.where(valid, eps / C, 0.0)
-        return alpha, beta, ys
+        wy = (self.sem.label_weight[rows] if self.sem.label_weight is not None
+              else self.weight[ys] if self.weight is not None else 1.0)
+        on, off = smoothing_split(self.smoothing, self.sem.smoothing_classes or self.n_classes,
+                                  self.sem.smoothing_form)
+        return np.where(valid, on * wy, 0.0), np.where(valid, off, 0.0), ys
 
     def targets_entropy(self) -> np.ndarray | None:
         """Per row s_n H(q) (0 for ignored rows), H(q) = -sum_c q_c log q_c of the smoothed
@@ -329,7 +324,7 @@ def build_softmax_ce(
     ext.validate_scalars(args.z_loss, args.softcap, args.logit_scale, args.smoothing_form,
                          args.denominator, reduction)
     layout = make_layout(logits.shape, class_axis, source)
-    w64 = class_weights(weight, layout.n_classes, weight_source, warnings)
+    w_all = class_weights(weight, _weight_classes(args, layout), weight_source, warnings)
     if labels.shape == logits.shape and labels.ndim >= 1 and not (labels.ndim == 1 and layout.n_classes == 1):
         probs = layout.to_rows(labels)
         if ignore_index >= 0:
@@ -345,14 +340,40 @@ def build_softmax_ce(
         y, valid = _index_targets(labels, layout, ignore_index, labels_source, args,
                                   warnings)
     z = layout.to_rows(logits)
-    sem = _semantics(args, z, layout, y, valid, w64, label_smoothing, warnings,
+    sem = _semantics(args, z, layout, y, valid, w_all, label_smoothing, warnings,
                      lse=lse, sources=(sample_weight_source, lse_source))
-    denominator = _denominator(y, valid, w64, sem)
+    denominator = _denominator(y, valid, w_all, sem)
+    w64 = w_all  # the weights of this array's columns: a shard's part of the vocabulary's
+    if w_all is not None and sem.vocab_offset is not None:
+        w64 = w_all[sem.vocab_offset:sem.vocab_offset + layout.n_classes]
     if probs is None:
         _warn_empty(reduction, denominator, valid, sem, warnings)
     problem = SoftmaxCE(z, layout, y, probs, w64, ignore_index, float(label_smoothing),
                         reduction, denominator, valid, source, sem, q_sums=q_sums)
     return problem, warnings
+
+
+def _weight_classes(args: Semantics, layout: Layout) -> int:
+    """How many class weights: one per column, or a shard's whole vocabulary V (which must
+    hold the shard's columns [K, K + C))."""
+    K, V, C = args.vocab_offset, args.vocab_size, layout.n_classes
+    if V is None:
+        return C
+    if K is None:
+        raise CeCheckError("`vocab_size`: the size of a shard's whole vocabulary: needs "
+                           "`vocab_offset`")
+    if V < K + C:
+        raise CeCheckError(f"`vocab_size`: {V} is smaller than the shard's columns [{K}, {K + C})")
+    return V
+
+
+def smoothing_split(eps: float, C: int, form: str) -> tuple[float, float]:
+    """(alpha, beta) of smoothed index targets, q_c = alpha w_y [c = y] + beta w_c: torch
+    (1 - eps, eps/C); others (Megatron, fairseq: 1 - eps on the target, eps/(C - 1) on every
+    other class) (1 - eps - eps/(C - 1), eps/(C - 1))."""
+    if form == "others" and C > 1:
+        return 1.0 - eps - eps / (C - 1), eps / (C - 1)
+    return 1.0 - eps, eps / C
 
 
 def class_weights(weight, C: int, weight_source: str, warnings: list[str]) -> np.ndarray | None:
@@ -384,19 +405,19 @@ def _refuse_for_probabilities(args: Semantics) -> None:
 def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels_source: str,
                    args: Semantics, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Class indices as (N,) int64 and the rows that are not ignored; a shard's labels are
-    global ids (only negative ones are out of range)."""
+    global ids (out of range: negative, or past its `vocab_size` when given)."""
     y = match_batch(labels, layout, labels_source, "class-index labels")
     if y.dtype.kind == "b":
         warnings.append(f"{labels_source}: bool labels, read as class indices 0 (False) and "
                         "1 (True)")
     y = _as_class_indices(y, layout, labels_source)
     valid = y != ignore_index
-    C = layout.n_classes
-    shard = args.vocab_offset is not None
-    bad = valid & ((y < 0) | ((y >= C) & (not shard)))
+    # a shard's labels lie anywhere in its whole vocabulary (V, when given)
+    limit = layout.n_classes if args.vocab_offset is None else args.vocab_size
+    bad = valid & ((y < 0) | ((y >= limit) if limit is not None else False))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        where = "is negative" if shard else f"is out of range [0, {C})"
+        where = "is negative" if limit is None or y[i] < 0 else f"is out of range [0, {limit})"
         raise CeCheckError(
             f"{labels_source}: shape {labels.shape}: label {int(y[i])} at index "
             f"{layout.batch_index(i)} {where} and is not the ignore_index {ignore_index}"
@@ -404,7 +425,7 @@ def _index_targets(labels: np.ndarray, layout: Layout, ignore_index: int, labels
     return y, valid
 
 
-def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w64,
+def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w_all,
                smoothing: float, warnings: list[str], *, lse: Any,
                sources: tuple[str, str]) -> Semantics:
     """The validated `Semantics`: sample weights in rows, a shard's rest-of-vocabulary mass
@@ -415,27 +436,60 @@ def _semantics(args: Semantics, z, layout: Layout, y, valid: np.ndarray, w64,
         sw = np.asarray(match_batch(np.asarray(args.sample_weight), layout,
                                     sw_source, "sample weights"), dtype=np.float64)
         ext.check_sample_weights(sw, sw_source, layout.batch_index, warnings)
-    inside = rho = None
+    inside = rho = label_w = None
+    rest = 0.0
+    base = None
     if args.vocab_offset is not None:
-        inside, rho = _shard(args, lse, lse_source, z, layout, y, valid, w64, smoothing)
-    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho)
+        inside, rho, base = _shard(args, lse, lse_source, z, layout, y, valid, w_all, smoothing)
+        label_w, rest = _shard_weights(args, layout.n_classes, y, valid, w_all)
+    return replace(args, sample_weight=sw, inside_mask=inside, rho=rho, rho_base=base,
+                   rest_weight=rest, label_weight=label_w)
+
+
+def _shard_weights(args: Semantics, C: int, y, valid: np.ndarray,
+                   w_all) -> tuple[np.ndarray | None, float]:
+    """A shard's rows' label weights w_y (their columns may lie in other shards; None without
+    class weights) and the weights of the classes outside its columns summed (V - C
+    unweighted; 0 without `vocab_size`)."""
+    K, V = args.vocab_offset, args.vocab_size
+    assert K is not None
+    if V is None:
+        return None, 0.0
+    if w_all is None:
+        return None, float(V - C)
+    rest = float(w_all[:K].sum() + w_all[K + C:].sum())
+    return np.where(valid, w_all[np.where(valid, y, 0)], 0.0), rest
 
 
 def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
-           valid: np.ndarray, w64, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+           valid: np.ndarray, w_all, smoothing: float):
     """Which rows' labels lie in the shard's columns [K, K + C), and log R_n, the mass of the
-    other columns: R_n = exp(lse_n) - sum_shard exp(z) from the global lse given."""
+    other columns (`_rest`), from the global lse given (an array, or a `SplitLse`)."""
     K, C = args.vocab_offset, layout.n_classes
     assert K is not None
     if K < 0:
         raise CeCheckError(f"`vocab_offset`: must be >= 0, got {K}")
-    if w64 is not None or smoothing:
-        raise CeCheckError("`vocab_offset`: class weights and label smoothing need the whole "
-                           "vocabulary; check the shard without them")
+    if w_all is not None and args.vocab_size is None:
+        raise CeCheckError("`vocab_offset`: class weights need the whole vocabulary; check the "
+                           "shards together (`shards` vocab) or the batch whole")
+    if smoothing and args.vocab_size is None:
+        raise CeCheckError("`vocab_offset`: label smoothing spreads over the whole vocabulary, "
+                           "whose size one shard does not know; check the shards together "
+                           "(`shards` vocab) or the batch whole")
     if lse is None:
         raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
                            "whole vocabulary")
-    lse_in = np.asarray(lse)
+    rho, base = _rest(args, lse, lse_source, z, layout)
+    return valid & (y >= K) & (y < K + C), rho, base
+
+
+def _rest(args: Semantics, lse: Any, lse_source: str, z,
+          layout: Layout) -> tuple[np.ndarray, np.ndarray | None]:
+    """log R_n, R_n = exp(lse_n) - sum_shard exp(z); from a `SplitLse` (M, S) relative to the
+    shard's row max m_i (returned too): R_n / exp(m_i) = (1 + S) exp(M - m_i) - (1 + s1_i),
+    S - s1_i where the shard holds the row's max, so lse's rounding never enters."""
+    split = lse if isinstance(lse, SplitLse) else None
+    lse_in = np.asarray(split.lse if split is not None else lse)
     if lse_in.dtype.kind not in "iuf":
         raise CeCheckError(f"{lse_source}: dtype {lse_in.dtype} is not numeric")
     g = np.asarray(match_batch(lse_in, layout, lse_source, "the per-row log-sum-exp"),
@@ -443,7 +497,8 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
     if not np.all(np.isfinite(g)):
         i = int(np.flatnonzero(~np.isfinite(g))[0])
         raise CeCheckError(f"{lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
-    local = _local_lse(z, args.logit_scale, args.softcap)
+    m, s1 = _local_stats(z, args.logit_scale, args.softcap)
+    local = m + np.log1p(s1)
     eps = np.finfo(lse_in.dtype).eps if lse_in.dtype.kind == "f" else EPS
     gap = g - local
     short = gap < -8.0 * eps * (1.0 + np.abs(g))
@@ -454,26 +509,30 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
             f"below the shard's own log-sum-exp {local[i]:.17g}: not the whole vocabulary's")
     with np.errstate(divide="ignore"):
         rho = g + np.log(-np.expm1(-np.maximum(gap, 0.0)))
-    inside = valid & (y >= K) & (y < K + C)
-    return inside, rho
+    if split is None:
+        return rho, None
+    M, S = (np.asarray(match_batch(np.asarray(a), layout, lse_source, "the per-row log-sum-exp"),
+                       dtype=np.float64) for a in (split.m, split.s1))
+    held = np.isfinite(m)  # rows with no mass in the shard keep log R_n = lse
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rest = np.where(m == M, S - s1, (1.0 + S) * np.exp(M - m) - (1.0 + s1))
+        return np.where(held, np.log(np.maximum(rest, 0.0)), rho), np.where(held, m, 0.0)
 
 
-def _local_lse(z, scale: float, cap: float | None) -> np.ndarray:
-    """Per-row log-sum-exp of the transformed logits, chunk by chunk."""
-    out = np.empty(z.shape[0])
+def _local_stats(z, scale: float, cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """`row_stats` of the transformed logits, chunk by chunk."""
+    m, s1 = np.empty(z.shape[0]), np.empty(z.shape[0])
     step = max(1, (1 << 20) // max(1, z.shape[1]))
     for a in range(0, z.shape[0], step):
         x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = x.max(axis=1)
-            m = np.where(np.isfinite(m), m, 0.0)
-            out[a:a + step] = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
-    return out
+        m[a:a + step], s1[a:a + step] = row_stats(x)
+    return m, s1
 
 
 def _denominator(y, valid: np.ndarray, w64, sem: Semantics) -> float:
     """D of 'mean': the non-ignored rows' weights sum_n s_n w_{y_n} (index targets; s_n the
-    sample weights, w the class weights, 1 when absent), sum_n s_n for probability targets."""
+    sample weights, w the class weights, 1 when absent: every class's, a shard's labels being
+    global ids), sum_n s_n for probability targets."""
     s = sem.sample_weight
     if y is None:
         return float(np.sum(s)) if s is not None else float(len(valid))

@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.kernels.compiled import use_threads
-from ce_cli.models.semantics import Semantics
+from ce_cli.models.semantics import Semantics, SplitLse
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
@@ -66,9 +66,10 @@ def check_grad(
     sources: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_checks: tuple[CheckResult, ...] = (),
-    lse: ArrayLike | None = None,
+    lse: ArrayLike | SplitLse | None = None,
     sample_weight: ArrayLike | None = None,
     z_loss_value: ArrayLike | float | None = None,
+    vocab_size: int | None = None,
     **settings: Any,
 ) -> Report:
     """Verify softmax cross-entropy (PyTorch `F.cross_entropy` semantics) on arrays.
@@ -78,7 +79,10 @@ def check_grad(
     is called per chunk; `out_grad` names a .npy file for the float64 reference gradient.
     Training code: `sample_weight` (the batch's shape) multiplies each row's loss; `lse` is the
     per-row log-sum-exp your kernel returns (compared), or with `vocab_offset` the global one of
-    a vocabulary shard (an input); `z_loss_value` the z-loss your kernel returns on its own.
+    a vocabulary shard (an input: an array, or a `SplitLse` m + log1p(s1) that keeps a
+    confident row's lse - m to full precision), and `vocab_size` its whole vocabulary's V (what label
+    smoothing spreads over; `weight` then holds V class weights); `z_loss_value` the z-loss
+    your kernel returns on its own.
     """
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)
@@ -86,7 +90,8 @@ def check_grad(
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
-                      opts.denominator, _array_or_none(sample_weight), opts.vocab_offset)
+                      opts.denominator, _array_or_none(sample_weight), opts.vocab_offset,
+                      vocab_size=vocab_size)
     with use_threads(opts.threads):  # the input checks' scans run on the check's threads
         problem, warnings = build_softmax_ce(
             z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,

@@ -190,7 +190,8 @@ def _refuse_values(inputs: BatchInputs, options: CheckOptions, kind: str) -> Non
 
 def _refuse_on_vocab(inputs: BatchInputs) -> None:
     """Per-row values on vocabulary shards: one file of the batch's (a shard holds every row)."""
-    for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps")):
+    for role, what in (("loss", "per-sample losses"), ("lse", "per-row log-sum-exps"),
+                       ("z_loss_value", "per-sample z-losses")):
         if len(inputs.files(role)) > 1:
             raise CeCheckError(f"`{role}`: one file of the batch's {what} with vocabulary "
                                "shards (every shard holds every row)")

@@ -37,7 +37,8 @@ class ShardFiles:
 class Shard:
     """A shard placed in the batch: `offset` and `size` along the split axis (axis 0 for
     rows, the class axis for the vocabulary and binary columns); `labels_range` the part of a
-    shared labels file along that axis; `kind` softmax or binary."""
+    shared labels file along that axis; `kind` softmax or binary; `extent` the batch's size
+    along the split axis (the vocabulary's V)."""
 
     index: int
     files: ShardFiles
@@ -47,6 +48,7 @@ class Shard:
     shape: tuple[int, ...]
     labels_range: tuple[int, int] | None = None
     kind: str = "softmax"
+    extent: int = 0
 
     @property
     def name(self) -> str:
@@ -170,7 +172,7 @@ def make_plan(files: Sequence[ShardFiles], shapes: Sequence[tuple[int, ...]],
     shared = len({f.labels for f in files}) == 1 and len(files) > 1 and \
         (axis == "rows" or kind == "binary")
     shards = tuple(Shard(i, f, axis, offsets[i], shapes[i][split], tuple(shapes[i]),
-                         (offsets[i], offsets[i + 1]) if shared else None, kind)
+                         (offsets[i], offsets[i + 1]) if shared else None, kind, offsets[-1])
                    for i, f in enumerate(files))
     rest = _off_axis(shapes[0], axis)
     shape = (offsets[-1],) + rest if axis == "rows" else rest + (offsets[-1],)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,9 @@ from ce_cli.verify.shards.plan import (LocalMapper, Mapper, Shard, ShardedReport
                                        ShardPlan, make_plan)
 from ce_cli.verify.shards.rows import check_rows, shard_denominator
 from ce_cli.verify.shards.share import ShardInputs, ShardShare, share_tols
-from ce_cli.verify.shards.vocab import (check_vocab, merge_row_stats, reduced_lse, shard_row_stats,
-                                        vocab_lse_check, vocab_loss_check, vocab_loss_rows)
+from ce_cli.verify.shards.vocab import (check_vocab, merge_row_split, reduced_lse, shard_row_stats,
+                                        vocab_lse_check, vocab_loss_check, vocab_loss_rows,
+                                        vocab_z_loss_check, whole_loss)
 
 
 def check_shard(shard: Shard, options: CheckOptions, shared: Any,
@@ -82,11 +84,6 @@ def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
 UNSHARDED = ("vocab_offset", "two_class", "kl_loss")
 
 
-# training-code semantics that act row by row (softmax) or element by element (binary): carried
-# by row shards (binary: row and column shards), refused on vocabulary shards
-ROW_LOCAL = ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")
-
-
 def refuse_unsharded(options: CheckOptions, class_axis: int, what: str = "`shards`") -> None:
     """The classes on the last axis (`class_axis` -1 or its index), and no UNSHARDED setting."""
     if options.class_axis not in (-1, class_axis):
@@ -101,18 +98,13 @@ def resolve_options(plan: ShardPlan, options: CheckOptions, elementwise: bool = 
     """Settings every shard shares: the finite-difference mode chosen for the WHOLE batch
     (`elementwise`: a loss of per-element terms, binary)."""
     refuse_unsharded(options, len(plan.shape) - 1)
-    plain = CheckOptions()
-    given = [n for n in ROW_LOCAL if getattr(options, n) != getattr(plain, n)]
-    for name in given:
-        if plan.axis == "vocab":
-            raise CeCheckError(f"`{name}`: not with vocabulary shards (only row shards carry the "
-                               "training-code options); check row shards, or the batch whole")
-        if name == "shift_labels" and len(plan.shape) < 3:
-            raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
-                               "whole sequences (2-D shards could cut a sequence between two)")
-    if plan.axis == "vocab" and options.label_smoothing:
-        raise CeCheckError("`label_smoothing`: not with vocabulary shards (it spreads over the "
-                           "whole vocabulary); check row shards, or the batch whole")
+    # the training-code options act row by row (softmax) or element by element (binary): row
+    # shards (binary: and column shards) carry them; vocabulary shards too: pass 1 merges the
+    # lse of z = T(x), a shard's gradient is then local, the loss counts each row's
+    # s (Q lse + zeta lse^2) once, and every shard holds every position of a sequence
+    if options.shift_labels and plan.axis == "rows" and len(plan.shape) < 3:
+        raise CeCheckError("`shift_labels`: row shards need (B, T, V) logits, each shard "
+                           "whole sequences (2-D shards could cut a sequence between two)")
     n_rows = math.prod(plan.shape[:-1])
     return replace(options, fd=FDMode(choose_mode(options.fd.value, n_rows, plan.shape[-1],
                                                   elementwise)))
@@ -144,7 +136,8 @@ def run_shards(files: Sequence[ShardFiles], axis: str | None, options: CheckOpti
         denominator = float(math.fsum(mapper.map(shard_denominator, plan.shards, (opts, inputs))))
         shared: Any = denominator
     else:
-        shared = mapper.reduce(shard_row_stats, plan.shards, merge_row_stats)
+        stats = partial(shard_row_stats, scale=opts.logit_scale, cap=opts.softcap)
+        shared = mapper.reduce(stats, plan.shards, merge_row_split)
     if plan.axis == "vocab":
         return _run_vocab(plan, opts, inputs, mapper, shared, progress)
     results = mapper.map(shard_pass, plan.shards, (opts, shared, inputs), progress)
@@ -157,12 +150,12 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
     each row's), the lse the shards' losses repeat, and your loss and lse against the batch's
     rows."""
     loss_given = inputs.loss is not None or bool(inputs.files("loss"))
-    own = replace(inputs, loss=None, arrays=tuple((r, f) for r, f in inputs.arrays
-                                                  if r not in ("loss", "lse")))
+    own = replace(inputs, loss=None, z_loss=None, arrays=tuple(
+        (r, f) for r, f in inputs.arrays if r not in ("loss", "lse", "z_loss_value")))
     results = mapper.map(shard_pass, plan.shards, (options, lse, own), progress)
     once = mapper.map(reduced_lse, plan.shards[:1], (lse, options, own))[0]
     repeated = (len(plan.shards) - 1) * once
-    reports = [r for r, _ in results]
+    reports = [whole_loss(r) for r, _ in results]
     checks: dict[str, CheckResult] = {}
     if loss_given:
         rows = mapper.map(vocab_loss_rows, plan.shards, (lse, options, own))
@@ -171,6 +164,9 @@ def _run_vocab(plan: ShardPlan, options: CheckOptions, inputs: BatchInputs, mapp
     for path in inputs.files("lse"):  # one file of the batch's
         checks["lse_vs_reference"] = mapper.map(vocab_lse_check, plan.shards[:1],
                                                 (lse, options, plan.shape, path))[0]
+    if inputs.z_loss is not None or inputs.files("z_loss_value"):
+        checks["z_loss_vs_reference"] = mapper.map(vocab_z_loss_check, plan.shards[:1],
+                                                   (lse, options, plan.shape, inputs))[0]
     infos: tuple[InputInfo, ...] = ((InputInfo("loss", inputs.loss_source, (), inputs.loss_dtype),)
                                     if inputs.loss is not None else ())
     for path in inputs.files("loss"):  # per sample: one file of the batch's
