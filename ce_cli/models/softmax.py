@@ -163,11 +163,8 @@ class SoftmaxCE(RowMatrix):
             return None
         if not eps or C < 2:
             return np.zeros(self.n_rows)
-        if self.sem.smoothing_form == "others":
-            on, off = 1.0 - eps, eps / (C - 1)
-        else:
-            on, off = 1.0 - eps + eps / C, eps / C
-        h = -(C - 1) * _xlogx(off) - _xlogx(on)
+        alpha, beta = smoothing_split(eps, C, self.sem.smoothing_form)
+        h = -(C - 1) * _xlogx(beta) - _xlogx(alpha + beta)  # q_y = alpha + beta, else beta
         rows = np.arange(self.n_rows)
         return np.where(self.valid, h * self.sem.row_weight(rows), 0.0)
 
