@@ -216,6 +216,39 @@ def test_zoo_shard_local_lse(tmp_path):
     assert rows
 
 
+@pytest.mark.parametrize("form", ["torch", "others"])
+def test_one_vocabulary_shard_with_smoothing_cli(invoke, tmp_path, form):
+    """`--vocab-offset K --lse GLOBAL --vocab-size V --label-smoothing eps`: one rank's columns of
+    the whole batch's smoothed gradient pass; smoothing over the shard's own V (Megatron#7464)
+    fails; without --vocab-size the smoothing is refused in one line."""
+    rng = np.random.default_rng(4)
+    V, K, C, eps = 40, 10, 12, 0.1
+    z, y = rng.normal(size=(16, V)) * 3, rng.integers(0, V, 16)
+    lse = np.log(np.exp(z).sum(1))
+    a = np.exp(z - lse[:, None])
+    q = np.full((16, V), eps / V if form == "torch" else eps / (V - 1))
+    q[np.arange(16), y] = (1 - eps + eps / V) if form == "torch" else 1 - eps
+    g = (a - q) / 16
+    local = np.full((16, C), eps / C if form == "torch" else eps / (C - 1))
+    inside = (y >= K) & (y < K + C)
+    local[np.flatnonzero(inside), (y - K)[inside]] += (1 - eps) if form == "torch" else (
+        1 - eps - eps / (C - 1))
+    files = {"z": z[:, K:K + C], "y": y, "lse": lse, "g": g[:, K:K + C],
+             "bad": (a[:, K:K + C] - local) / 16}
+    for name, arr in files.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    args = ["grad", tmp_path / "z.npy", tmp_path / "y.npy", "--vocab-offset", str(K),
+            "--lse", tmp_path / "lse.npy", "--label-smoothing", str(eps),
+            "--smoothing-form", form, "--fd", "off"]
+    good = invoke([*args, "--vocab-size", str(V), "--grad", tmp_path / "g.npy"])
+    assert good.exit_code == 0, good.output
+    bad = invoke([*args, "--vocab-size", str(V), "--grad", tmp_path / "bad.npy"])
+    assert bad.exit_code == 1, bad.output
+    refused = invoke([*args, "--grad", tmp_path / "g.npy"])
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--vocab-size" in refused.stderr
+
+
 def test_correct_variants_raise_no_alarm(batch, tmp_path):
     z, y = batch
     for kw in TERMS:

@@ -185,7 +185,8 @@ def test_vocab_pass_two_calls_check_grad_with_offset_and_global_lse(tmp_path, mo
     monkeypatch.setattr("ce_cli.verify.shards.vocab.check_grad", lambda z, y, **kw: calls.append((z, y, kw)) or "report")
     assert sh.check_shard(plan.shards[1], CheckOptions(), lse) == "report"
     z, y, kw = calls[0]
-    assert z.shape == (50, 9) and kw["vocab_offset"] == 6
+    assert z.shape == (50, 9) and kw["options"].vocab_offset == 6
+    assert kw["options"].vocab_size == 20
     assert np.array_equal(kw["lse"], lse) and y.shape == (50,)
 
 

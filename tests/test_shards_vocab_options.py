@@ -402,9 +402,11 @@ def test_vocab_size_is_refused_where_it_means_nothing():
     with pytest.raises(CeCheckError, match=r"`vocab_size`: 9 is smaller than the shard's "
                                            r"columns \[2, 10\)"):
         check_grad(z, np.where(y < 0, y, y + 2), vocab_offset=2, vocab_size=9, lse=lse + 1)
-    with pytest.raises(CeCheckError, match="whose size one shard does not know"):
+    with pytest.raises(CeCheckError, match="label smoothing spreads over the whole vocabulary: "
+                                           "give its `vocab_size`"):
         check_grad(z, y, vocab_offset=0, lse=lse + 1, label_smoothing=0.1)
-    with pytest.raises(CeCheckError, match="class weights need the whole vocabulary"):
+    with pytest.raises(CeCheckError, match="class weights are the whole vocabulary's: give its "
+                                           "`vocab_size`"):
         check_grad(z, y, vocab_offset=0, lse=lse + 1, weight=np.ones(8))
 
 

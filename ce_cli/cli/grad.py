@@ -41,6 +41,7 @@ def grad(
     sample_weight: Annotated[Optional[str], typer.Option("--sample-weight", metavar="FILE", help="Per-sample / per-token weights with the batch's shape; 'mean' divides by their weighted count.")] = None,
     shift_labels: Annotated[bool, typer.Option("--shift-labels", help="Causal LM (HF ForCausalLMLoss): position t is scored against label t+1, the last position ignored.")] = False,
     kl_loss: Annotated[bool, typer.Option("--kl-loss", help="Your loss is the KL divergence to the smoothed targets: the cross-entropy minus their entropy (T5X, Flax); the gradient is the same.")] = False,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", metavar="V", help="With --vocab-offset: the whole vocabulary's size, over which --label-smoothing spreads (--weight then holds V class weights).")] = None,
     vocab_offset: Annotated[Optional[int], typer.Option("--vocab-offset", metavar="K", help="The logits are columns [K, K+V_shard) of a larger vocabulary (labels are global ids); needs --lse.")] = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,

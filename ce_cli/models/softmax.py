@@ -467,12 +467,12 @@ def _shard(args: Semantics, lse: Any, lse_source: str, z, layout: Layout, y,
     if K < 0:
         raise CeCheckError(f"`vocab_offset`: must be >= 0, got {K}")
     if w_all is not None and args.vocab_size is None:
-        raise CeCheckError("`vocab_offset`: class weights need the whole vocabulary; check the "
-                           "shards together (`shards` vocab) or the batch whole")
+        raise CeCheckError("`vocab_offset`: class weights are the whole vocabulary's: give "
+                           "its `vocab_size` (and its V weights), or check the shards together "
+                           "(`shards` vocab)")
     if smoothing and args.vocab_size is None:
-        raise CeCheckError("`vocab_offset`: label smoothing spreads over the whole vocabulary, "
-                           "whose size one shard does not know; check the shards together "
-                           "(`shards` vocab) or the batch whole")
+        raise CeCheckError("`vocab_offset`: label smoothing spreads over the whole vocabulary: "
+                           "give its `vocab_size`, or check the shards together (`shards` vocab)")
     if lse is None:
         raise CeCheckError("`vocab_offset`: needs `lse`, the global per-row log-sum-exp of the "
                            "whole vocabulary")

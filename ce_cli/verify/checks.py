@@ -69,7 +69,6 @@ def check_grad(
     lse: ArrayLike | SplitLse | None = None,
     sample_weight: ArrayLike | None = None,
     z_loss_value: ArrayLike | float | None = None,
-    vocab_size: int | None = None,
     **settings: Any,
 ) -> Report:
     """Verify softmax cross-entropy (PyTorch `F.cross_entropy` semantics) on arrays.
@@ -80,9 +79,9 @@ def check_grad(
     Training code: `sample_weight` (the batch's shape) multiplies each row's loss; `lse` is the
     per-row log-sum-exp your kernel returns (compared), or with `vocab_offset` the global one of
     a vocabulary shard (an input: an array, or a `SplitLse` m + log1p(s1) that keeps a
-    confident row's lse - m to full precision), and `vocab_size` its whole vocabulary's V (what label
-    smoothing spreads over; `weight` then holds V class weights); `z_loss_value` the z-loss
-    your kernel returns on its own.
+    confident row's lse - m to full precision), with the setting `vocab_size` its whole
+    vocabulary's V (what label smoothing spreads over; `weight` then holds V class weights);
+    `z_loss_value` the z-loss your kernel returns on its own.
     """
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)
@@ -91,7 +90,7 @@ def check_grad(
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
                       opts.denominator, _array_or_none(sample_weight), opts.vocab_offset,
-                      vocab_size=vocab_size)
+                      vocab_size=opts.vocab_size)
     with use_threads(opts.threads):  # the input checks' scans run on the check's threads
         problem, warnings = build_softmax_ce(
             z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
@@ -210,7 +209,8 @@ def check_binary(
 def refuse_softmax_only(opts: CheckOptions) -> None:
     """The settings of softmax CE that mean nothing for a sigmoid: a one-line error each."""
     defaults = CheckOptions()
-    for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset", "kl_loss"):
+    for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset", "vocab_size",
+                 "kl_loss"):
         if getattr(opts, name) != getattr(defaults, name):
             raise CeCheckError(f"`{name}`: applies to softmax cross-entropy (check_grad), "
                                "not sigmoid BCE")

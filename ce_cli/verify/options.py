@@ -31,7 +31,8 @@ class CheckOptions:
     Training-code semantics (softmax CE, models/semantics.py): `z_loss` coefficient, `softcap`,
     `logit_scale`, `smoothing_form` (torch: eps/C everywhere; others: 1 - eps on the target,
     eps/(C - 1) elsewhere), an outside `denominator`, `shift_labels` (causal LM), and
-    `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad), and
+    `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad) and its
+    whole vocabulary's `vocab_size` V (label smoothing over V, V class weights), and
     `kl_loss`: your loss is the KL divergence to the smoothed one-hot targets, the cross-entropy
     minus their entropy H(q) (T5X, Flax; the gradient is the same).
     Sigmoid BCE (check_binary) takes `softcap`, `logit_scale`, `denominator` and
@@ -63,6 +64,7 @@ class CheckOptions:
     denominator: float | None = None
     shift_labels: bool = False
     vocab_offset: int | None = None
+    vocab_size: int | None = None
     kl_loss: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +91,8 @@ class CheckOptions:
                          self.denominator)
         if self.vocab_offset is not None and self.vocab_offset < 0:
             raise CeCheckError(f"`vocab_offset`: must be >= 0, got {self.vocab_offset}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise CeCheckError(f"`vocab_size`: must be at least 1, got {self.vocab_size}")
 
     @classmethod
     def build(cls, options: CheckOptions | None = None, **settings: Any) -> CheckOptions:

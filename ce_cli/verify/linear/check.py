@@ -88,7 +88,7 @@ def check_linear(
 
 
 # CheckOptions fields that mean nothing without the (N, V) logits: refused, never ignored
-NOT_LINEAR = ("class_axis", "two_class", "vocab_offset", "kl_loss")
+NOT_LINEAR = ("class_axis", "two_class", "vocab_offset", "vocab_size", "kl_loss")
 
 
 def refuse_not_linear(opts: CheckOptions) -> None:

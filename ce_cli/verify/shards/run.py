@@ -79,9 +79,9 @@ def shard_pass(shard: Shard, options: CheckOptions, shared: Any,
 
 
 # settings a shard check cannot take: `vocab_offset` (a shard's own offset comes from the plan),
-# `two_class` (a (..., 2) softmax batch), `kl_loss` (the merged loss is the cross-entropy);
-# refused, never ignored
-UNSHARDED = ("vocab_offset", "two_class", "kl_loss")
+# and `vocab_size` (its V too), `two_class` (a (..., 2) softmax batch), `kl_loss` (the merged
+# loss is the cross-entropy); refused, never ignored
+UNSHARDED = ("vocab_offset", "vocab_size", "two_class", "kl_loss")
 
 
 def refuse_unsharded(options: CheckOptions, class_axis: int, what: str = "`shards`") -> None:

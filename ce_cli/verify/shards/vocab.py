@@ -93,8 +93,8 @@ def check_vocab(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndarray | N
     """check_grad with `vocab_offset`, the global lse and V (`vocab_size`), the whole
     vocabulary's class weights and the batch's sample weights (a shard holds every row)."""
     split = isinstance(lse, SplitLse)  # pass 1's, kept apart; or an lse as given
-    return check_grad(z, y, grad=grad, options=options, sources=given.sources,
-                      vocab_offset=shard.offset, vocab_size=shard.extent,
+    opts = replace(options, vocab_offset=shard.offset, vocab_size=shard.extent)
+    return check_grad(z, y, grad=grad, options=opts, sources=given.sources,
                       lse=lse if split else np.asarray(lse).reshape(z.shape[:-1]),
                       weight=given.arrays.get("weight"),
                       sample_weight=given.arrays.get("sample_weight"))
