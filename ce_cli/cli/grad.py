@@ -71,8 +71,7 @@ def grad(
     from ce_cli.verify.options import FIELDS
 
     settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
-    batch = {"loss": loss, "weight": weight, "lse": lse, "sample_weight": sample_weight,
-             "z_loss_value": z_loss_value}
+    batch = dict(loss=loss, weight=weight, lse=lse, sample_weight=sample_weight, z_loss_value=z_loss_value)
     if shards is not None or scheduler is not None or workers is not None:
         run_sharded(  # cli/shards.py: LOGITS, LABELS and --grad are globs of shard files
             shards, *shard_inputs(logits, labels), grad_path, scheduler=scheduler, workers=workers,

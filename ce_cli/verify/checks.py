@@ -99,22 +99,32 @@ def check_grad(
             weight_source=src["weight"], semantics=given,
             lse=lse if opts.vocab_offset is not None else None,
             sample_weight_source=src["sample_weight"], lse_source=src["lse"])
+    _refuse_or_note(problem, opts, warnings)
+    loss = _shard_loss(problem, loss, src, warnings)
+    run = Run("multiclass", _echo(problem, opts, weight is not None), extra_checks, out_grad,
+              progress)
+    compared_lse = lse if opts.vocab_offset is None else None
+    return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
+                  opts, run)
+
+
+def _refuse_or_note(problem, opts: CheckOptions, warnings: list[str]) -> None:
+    """A `kl_loss` the targets cannot give (one line); the two-class note."""
     if opts.kl_loss and problem.targets_entropy() is None:
         raise CeCheckError("`kl_loss`: the KL divergence to smoothed one-hot targets needs "
                            "class-index labels, without class weights or `vocab_offset`")
     if problem.n_classes == 2 and opts.vocab_offset is None:
         warnings.append("note: two classes: softmax CE over [z0, z1] equals sigmoid BCE on z1 - z0; "
                         "binary `two_class` checks the correspondence")
-    loss = _shard_loss(problem, loss, src, warnings)
-    echo = {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
+
+
+def _echo(problem, opts: CheckOptions, weighted: bool) -> dict[str, Any]:
+    """The report's `options`: the settings that shaped a softmax check."""
+    return {"ignore_index": opts.ignore_index, "label_smoothing": opts.label_smoothing,
             "class_axis": opts.class_axis, "class_axis_resolved": problem.layout.class_axis,
-            "weighted": weight is not None,
-            **problem.sem.to_echo(), **({"shift_labels": True} if opts.shift_labels else {}),
+            "weighted": weighted, **problem.sem.to_echo(),
+            **({"shift_labels": True} if opts.shift_labels else {}),
             **({"kl_loss": True} if opts.kl_loss else {})}
-    run = Run("multiclass", echo, extra_checks, out_grad, progress)
-    compared_lse = lse if opts.vocab_offset is None else None
-    return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
-                  opts, run)
 
 
 def shift_labels(z: Any, y: np.ndarray, ignore_index: int, source: str) -> np.ndarray:
