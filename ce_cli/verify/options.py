@@ -79,20 +79,13 @@ class CheckOptions:
                 raise CeCheckError(f"`{name}`: must be a finite number >= 0, got {value}")
         if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing <= 1.0):
             raise CeCheckError(f"`label_smoothing`: must be in [0, 1], got {self.label_smoothing}")
-        if self.samples < 1:
-            raise CeCheckError(f"`samples`: must be at least 1, got {self.samples}")
-        if self.worst < 0:
-            raise CeCheckError(f"`worst`: must be >= 0, got {self.worst}")
-        if self.seed < 0:
-            raise CeCheckError(f"`seed`: must be >= 0, got {self.seed}")
-        if self.threads is not None and self.threads < 1:
-            raise CeCheckError(f"`threads`: must be at least 1, got {self.threads}")
+        for name, least in INTEGER_LEAST:
+            value = getattr(self, name)
+            if value is not None and value < least:
+                bound = "at least 1" if least else ">= 0"
+                raise CeCheckError(f"`{name}`: must be {bound}, got {value}")
         validate_scalars(self.z_loss, self.softcap, self.logit_scale, self.smoothing_form,
                          self.denominator)
-        if self.vocab_offset is not None and self.vocab_offset < 0:
-            raise CeCheckError(f"`vocab_offset`: must be >= 0, got {self.vocab_offset}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise CeCheckError(f"`vocab_size`: must be at least 1, got {self.vocab_size}")
 
     @classmethod
     def build(cls, options: CheckOptions | None = None, **settings: Any) -> CheckOptions:
@@ -119,6 +112,9 @@ class CheckOptions:
 
 
 FIELDS = frozenset(f.name for f in fields(CheckOptions))
+# the integer settings' least values (None, where allowed, is not checked)
+INTEGER_LEAST = (("samples", 1), ("worst", 0), ("seed", 0), ("threads", 1), ("vocab_offset", 0),
+                 ("vocab_size", 1))
 
 
 def _plain(value: Any) -> Any:
