@@ -104,7 +104,9 @@ def _floor(model: Any, rs: _Rows, q, beta, ys, Q, floor_coef: float, has_neginf:
     floor *= rs.e
     floor *= (floor_coef * scale * np.abs(Q) / rs.s)[:, None]
     if beta is None:
-        floor += floor_coef * scale * np.abs(q)
+        qabs = np.abs(q)
+        qabs *= floor_coef * scale  # in place: one fresh buffer fewer
+        floor += qabs
         return floor
     w = model.weight
     if model.smoothing:
