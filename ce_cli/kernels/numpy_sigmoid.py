@@ -69,11 +69,17 @@ def _hard_labels(model: Any, x: np.ndarray, top: np.ndarray, rows: np.ndarray) -
     if (model.transformed or model.smoothing or model.pos_weight is not None
             or model.weight is not None or model.sem.sample_weight is not None or x.size == 0):
         return None
-    if not (top.max() < HARD_X_MAX and x.min() > -HARD_X_MAX):
-        return None
     lab = _take_rows(model.targets, rows)
-    # y * y == y only at 0 and 1 (also in integer types; NaN never equals itself)
-    return lab if np.array_equal(np.multiply(lab, lab), lab) else None
+    # soft labels fail on the first row already, before the passes over the chunk
+    if not (_zero_one(lab[:1]) and top.max() < HARD_X_MAX and x.min() > -HARD_X_MAX):
+        return None
+    return lab if _zero_one(lab) else None
+
+
+def _zero_one(y: np.ndarray) -> bool:
+    """Every y is 0 or 1: y * y == y only there (also in integer types; NaN never equals
+    itself)."""
+    return np.array_equal(np.multiply(y, y), y)
 
 
 def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
