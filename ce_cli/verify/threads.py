@@ -88,7 +88,7 @@ class _Call(Generic[T]):
         self.future, self.fn, self.args = future, fn, args
         self.claimed = self.ran = False
         self.value: Any = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
 
     def claim(self) -> bool:
         """Take the call from the pool if no worker has started it (and run_here has not)."""
@@ -100,8 +100,8 @@ class _Call(Generic[T]):
     def run_here(self) -> None:
         try:
             self.value = self.fn(*self.args)
-        except BaseException as exc:  # raised where the call is yielded, as a worker's would be
-            self.error = exc
+        except Exception as exc:  # raised where the call is yielded, as a worker's would be
+            self.error = exc  # (Ctrl-C and exits go up at once)
         self.ran = True
 
     def done(self) -> bool:
