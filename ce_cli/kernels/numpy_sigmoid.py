@@ -97,7 +97,7 @@ def _hard_rows(model: Any, x: np.ndarray, lab: np.ndarray, grad: bool,
     sign x) and the floor's s(x) + y as before. Buffers are reused (a fresh one costs more
     than a pass over a warm one); sign is never taken in place (numpy's in-place sign is ~10x
     slower)."""
-    y = np.array(lab, dtype=np.float64)
+    y = np.asarray(lab, dtype=np.float64)  # read only: float64 labels are not copied
     sg = np.multiply(y, -2.0)
     sg += 1.0
     items = np.multiply(x, sg)  # t
