@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ce_cli.kernels.numpy_sigmoid import sigmoid_rows
+from ce_cli.kernels.numpy_sigmoid import HARD_X_MAX, _hard_labels, sigmoid_rows
 from ce_cli.models.sigmoid import build_sigmoid_bce
 
 
@@ -69,3 +69,56 @@ def test_numpy_bce_kernel_is_its_formulas(opt, dtype, masked):
     for key, value in want.items():
         got = np.broadcast_to(getattr(ev, key), value.shape)
         np.testing.assert_array_equal(got.view(np.uint64), value.view(np.uint64), err_msg=key)
+
+
+@pytest.mark.parametrize("labels", ["float32", "float64", "float16", "bool", "int8", "near-hard",
+                                    "extreme"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hard_labels_path_is_the_formulas(labels, dtype, reduction):
+    """Labels exactly 0/1 (any dtype) take the short path (`_hard_labels`), bit for bit the
+    general formulas, with gradient and floor, either alone, or neither; a label off 0/1 by
+    the smallest subnormal, or logits at +-746 (s(-x) underflows to 0 there: 0 - 0 is +0, a
+    sign flip would give -0), take the general path."""
+    rng = np.random.default_rng(7)
+    R, K = 19, 301
+    x = (rng.standard_normal((R, K)) * rng.choice([1e-3, 3.0, 60.0], size=(R, 1))).astype(dtype)
+    x[0, :4] = [0.0, -0.0, 1e-300 if dtype == np.float64 else 1e-40, -650.0]
+    x[1, :2] = [650.0, 36.0]
+    y = rng.random((R, K)) < 0.3
+    y[0, :4] = [True, False, True, True]
+    y[1, :2] = [True, True]
+    if labels == "near-hard":
+        y = y.astype(np.float32)
+        y[5, 7] = np.float32(1e-45)
+    elif labels == "extreme":
+        y = y.astype(np.float32)
+        x[2, :4] = [746.0, -746.0, 746.0, -746.0]
+        y[2, :4] = [1.0, 0.0, 0.0, 1.0]
+    else:
+        y = y.astype(labels)
+    model = build_sigmoid_bce(x, y, reduction=reduction)[0]
+    rows = np.arange(R)
+    top = np.asarray(model.z, dtype=np.float64).max(axis=1)
+    hard = _hard_labels(model, np.asarray(model.z, dtype=np.float64), top, rows)
+    assert (hard is None) == (labels in ("near-hard", "extreme"))
+    want = _plain(model, model.z, rows, 1e-7)
+    for grad, coef in [(True, 1e-7), (True, None), (False, 1e-7), (False, None)]:
+        ev = sigmoid_rows(model, model.z, rows, grad=grad, floor_coef=coef)
+        assert (ev.grad is None) != grad and (ev.floor is None) == (coef is None)
+        for key, value in want.items():
+            got = getattr(ev, key)
+            if got is None:
+                continue
+            got = np.broadcast_to(got, value.shape)
+            np.testing.assert_array_equal(got.view(np.uint64), value.view(np.uint64), err_msg=key)
+
+
+def test_hard_path_declines_large_logits():
+    """|x| >= HARD_X_MAX (where s(-x) may be 0 and its sign matter) and -inf take the general
+    path."""
+    y = np.array([[1.0, 0.0, 1.0]])
+    for bad in (HARD_X_MAX, -HARD_X_MAX, -np.inf):
+        model = build_sigmoid_bce(np.array([[bad, 1.0, -2.0]]), y)[0]
+        x = np.asarray(model.z, dtype=np.float64)
+        assert _hard_labels(model, x, x.max(axis=1), np.arange(1)) is None

@@ -26,6 +26,9 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
     top = x.max(axis=1)
     if not np.all(np.isfinite(top) | np.isneginf(top)):
         model.report_bad_logit(x, rows)
+    lab = _hard_labels(model, x, top, rows)
+    if lab is not None:
+        return _hard_rows(model, x, lab, grad, floor_coef)
     y, w, pw = model.coefficients(rows)
     dz: Any = None
     if model.transformed:
@@ -53,6 +56,75 @@ def sigmoid_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
     return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
                      total_weight=item_weight.sum(axis=1), items=items, item_weight=item_weight,
                      row_terms=terms)
+
+
+# |x| below this keeps exp(-|x|) > 0, so s(x) and s(-x) are never 0 and the hard path's signed
+# products have the general path's signs (0 - s(-x) is +0 there, s(-x) * -1 would be -0)
+HARD_X_MAX = 700.0
+
+
+def _hard_labels(model: Any, x: np.ndarray, top: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """The rows' labels when the hard path serves them (else None): labels exactly 0 or 1, no
+    weight, pos_weight, smoothing or transform, every |x| < HARD_X_MAX."""
+    if (model.transformed or model.smoothing or model.pos_weight is not None
+            or model.weight is not None or model.sem.sample_weight is not None or x.size == 0):
+        return None
+    lab = _take_rows(model.targets, rows)
+    # soft labels fail on the first row already, before the passes over the chunk
+    if not (_zero_one(lab[:1]) and top.max() < HARD_X_MAX and x.min() > -HARD_X_MAX):
+        return None
+    return lab if _zero_one(lab) else None
+
+
+def _zero_one(y: np.ndarray) -> bool:
+    """Every y is 0 or 1: y * y == y only there (also in integer types; NaN never equals
+    itself)."""
+    return np.array_equal(np.multiply(y, y), y)
+
+
+def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """a[rows], as a view when `rows` are consecutive (a chunk's: no copy)."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
+        return a[int(rows[0]):int(rows[-1]) + 1]
+    return a[rows]
+
+
+def _hard_rows(model: Any, x: np.ndarray, lab: np.ndarray, grad: bool,
+               floor_coef: float | None) -> ChunkEval:
+    """`sigmoid_rows` on hard labels (`_hard_labels`) in fewer passes, bit for bit the general
+    formulas: with sg = 1 - 2y and t = sg x, the one non-zero term of an item is softplus(-t) =
+    max(t, 0) + log1p(e), the gradient sg s(t) (s(t) = max(e, sign t) / (1 + e), sign t = sg
+    sign x) and the floor's s(x) + y as before. Buffers are reused (a fresh one costs more
+    than a pass over a warm one); sign is never taken in place (numpy's in-place sign is ~10x
+    slower)."""
+    y = np.asarray(lab, dtype=np.float64)  # read only: float64 labels are not copied
+    sg = np.multiply(y, -2.0)
+    sg += 1.0
+    items = np.multiply(x, sg)  # t
+    e = np.abs(x)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    np.maximum(items, _zeros_like_row(items), out=items)
+    d1 = np.log1p(e)
+    items += d1
+    g = floor = None
+    if grad or floor_coef is not None:
+        np.add(e, 1.0, out=d1)
+        sx = np.sign(x)
+        if floor_coef is not None:
+            floor = np.maximum(e, sx, out=x)
+            floor /= d1  # s(x)
+            floor += y
+            floor *= floor_coef * model.grad_scale
+        if grad:
+            g = np.multiply(sx, sg, out=sx)  # sign(t)
+            np.maximum(e, g, out=g)
+            g /= d1  # s(t)
+            g *= sg
+            g *= model.grad_scale
+    magnitude, total = _magnitude(y, None, None)
+    return ChunkEval(loss=items.sum(axis=1), grad=g, floor=floor, lse=np.zeros(x.shape[0]),
+                     total_weight=total, items=items, item_weight=magnitude)
 
 
 def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, has_pw: bool, e_abs: np.ndarray,
@@ -98,6 +170,12 @@ def _sigmoids(x: np.ndarray, e_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     s_neg = np.maximum(e_abs, sgn, out=sgn)
     s_neg /= d1
     return s_pos, s_neg
+
+
+def _zeros_like_row(a: np.ndarray) -> np.ndarray:
+    """A row of zeros for max(a, 0): numpy's maximum against a broadcast row is ~1.7x as fast
+    as against the scalar 0.0 (same results, signed zeros and NaN included)."""
+    return np.zeros((1, a.shape[-1]))
 
 
 def _finite_abs(z: np.ndarray) -> np.ndarray:
@@ -151,7 +229,7 @@ def _items(x: np.ndarray, y: np.ndarray, omy: np.ndarray, w: np.ndarray | None,
     tail = np.log1p(e_abs)
     if not finite:
         return _items_guarded(x, y, omy, w, pos, tail)
-    sp_pos = np.maximum(x, 0.0)    # softplus(x) = -log(1 - s(x)) ...
+    sp_pos = np.maximum(x, _zeros_like_row(x))  # softplus(x) = -log(1 - s(x)) ...
     sp_neg = np.subtract(sp_pos, x)  # softplus(-x) = -log s(x) ...
     sp_pos += tail
     sp_neg += tail

@@ -114,7 +114,7 @@ class Comparison:
         if R == 0 or C == 0:
             return Measured(ref, got, None, np.zeros((R, C)), None, None, None, 0)
         with np.errstate(invalid="ignore"):
-            diff = np.subtract(got, ref, dtype=np.float64)
+            diff = _minus(got, ref)
         np.abs(diff, out=diff)
         tol = np.abs(ref)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -292,6 +292,17 @@ class Comparison:
             rule=self.tol.describe() + (f" +{self.extra_atol:.2g}" if self.extra_atol else ""),
             note=note,
         )
+
+
+def _minus(got: Any, ref: np.ndarray) -> np.ndarray:
+    """got - ref in float64: a narrower `got` is widened first (exact) and `ref` subtracted in
+    place, twice as fast as numpy's mixed-type subtract (which casts in small buffers)."""
+    got = np.asarray(got)
+    if got.dtype == np.float64 or got.shape != ref.shape:
+        return np.subtract(got, ref, dtype=np.float64)
+    diff = np.array(got, dtype=np.float64)
+    diff -= ref
+    return diff
 
 
 def _fmax_rows(a: np.ndarray) -> np.ndarray:

@@ -8,9 +8,10 @@ rows among threads of its own: problems it serves run here on one thread.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -46,34 +47,73 @@ def pool_plan(n_classes: int, elements: int, threads: int) -> tuple[int, int]:
 
 
 def ordered_map(fn: Callable[..., T], calls: Iterable[tuple], threads: int) -> Iterator[T]:
-    """fn(*args) for each args of `calls`, yielded in order. With threads > 1, every threads-th
-    call runs on the calling thread and the others on a pool of threads - 1 (so `threads`
-    threads work, and none only waits and wakes to hand over results), at most 2 * threads calls
-    ahead of the one yielded (memory stays a few blocks per thread); an exception is raised
-    where its call would have been yielded."""
+    """fn(*args) for each args of `calls`, yielded in order. With threads > 1, calls go to a pool
+    of threads - 1, at most 2 * threads ahead of the one yielded (memory stays a few blocks per
+    thread), and the calling thread, instead of waiting for the next result, runs the earliest
+    call no worker has started yet (so `threads` threads work, however the work divides between
+    computing and folding results in); an exception is raised where its call would have been
+    yielded."""
     if threads <= 1:
         for args in calls:
             yield fn(*args)
         return
     from concurrent.futures import ThreadPoolExecutor  # ~5 ms of imports: only when a pool runs
     with ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ce-check-rows") as pool:
-        ahead: deque[tuple[Future[T] | None, tuple]] = deque()
-        queued = enumerate(calls)
-
-        def fill() -> None:
-            for k, args in queued:
-                here = k % threads == threads - 1
-                ahead.append((None, args) if here else (pool.submit(fn, *args), ()))
-                if len(ahead) >= 2 * threads:
-                    return
-
+        ahead: deque[_Call[T]] = deque()
+        queued = iter(calls)
         try:
-            fill()
-            while ahead:
-                future, args = ahead.popleft()
-                fill()  # the pool's queue stays full while this thread works
-                yield fn(*args) if future is None else future.result()
+            while True:
+                for args in itertools.islice(queued, 2 * threads - len(ahead)):
+                    ahead.append(_Call(pool.submit(fn, *args), fn, args))
+                if not ahead:
+                    return
+                head = ahead[0]
+                while not head.done():
+                    spare = next((c for c in ahead if c.claim()), None)
+                    if spare is None:
+                        head.wait()
+                    else:
+                        spare.run_here()
+                yield ahead.popleft().result()
         finally:
-            for pending, _args in ahead:
-                if pending is not None:
-                    pending.cancel()
+            for pending in ahead:
+                pending.future.cancel()
+
+
+class _Call(Generic[T]):
+    """One call of `ordered_map`: on a worker (its future) or, claimed before a worker started
+    it, on the calling thread."""
+
+    def __init__(self, future: Future[T], fn: Callable[..., T], args: tuple) -> None:
+        self.future, self.fn, self.args = future, fn, args
+        self.claimed = self.ran = False
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def claim(self) -> bool:
+        """Take the call from the pool if no worker has started it (and run_here has not)."""
+        if self.claimed or not self.future.cancel():
+            return False
+        self.claimed = True
+        return True
+
+    def run_here(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except Exception as exc:  # raised where the call is yielded, as a worker's would be
+            self.error = exc  # (Ctrl-C and exits go up at once)
+        self.ran = True
+
+    def done(self) -> bool:
+        return self.ran if self.claimed else self.future.done()
+
+    def wait(self) -> None:
+        from concurrent.futures import wait
+        wait([self.future])
+
+    def result(self) -> T:
+        if not self.claimed:
+            return self.future.result()
+        if self.error is not None:
+            raise self.error
+        return self.value
