@@ -73,10 +73,27 @@ LINEAR = {
 }
 LIN_CLASSES = (1000, 32_000)
 LIN_SCALES = (1.0, 10.0, 30.0)
+LIN_SMALL = (16, 32, 256)  # N, H, V of --small
+LIN_FULL = (128, 128)
+
+
+def fixture_keep(c: dict) -> bool:
+    """The committed subset (with --small; about 3 MB): CE at C = 10 (std 1, 30, 50 in float32,
+    1 and 30 in bf16), the two combos at C = 1,000 std 30 in float32; FLCE at std 10 (bf16:
+    plain, none, zloss, combo); the old versions' C = 10 std 1 (g[0] = 0) and 30, FLCE std 1
+    and 10. Never the semantic gap."""
+    v, s, f32, old = c["variant"], c["scale"], c["dtype"] == "f32", "old" in c["call_tag"]
+    if v == "weight_zloss":
+        return False
+    if c["call_tag"].startswith("flce"):
+        return s in (1.0, 10.0) if old else s == 10.0 and (f32 or v in ("plain", "none", "zloss", "combo"))
+    if c["C"] == 10:
+        return s in ((1.0, 30.0) if old or not f32 else (1.0, 30.0, 50.0))
+    return c["C"] == 1000 and s == 30.0 and f32 and not old and v in ("combo", "none_combo")
 
 
 _LOADED: tuple = ()
-RAW_CASTS = False  # --raw-casts: the interpreter's own float32 <-> bfloat16 conversions
+RAW_BF16 = False  # --raw-bf16: the interpreter's own bfloat16 conversions and arithmetic
 
 
 def interpreted():
@@ -106,20 +123,8 @@ def interpreted():
                          x.type)
 
     interp._implicit_cvt = cvt
-    if not RAW_CASTS:
-        base_cast = interp.InterpreterBuilder.cast_impl
-
-        def cast_impl(self, src, dst_type):
-            a, b = src.dtype.scalar, dst_type.scalar
-            if a == tl.float32 and b == tl.bfloat16:  # cvt.rn.bf16.f32: to nearest, ties to even
-                bf = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-                return interp.TensorHandle(bf.view(torch.int16).numpy().view(np.uint16), b)
-            if a == tl.bfloat16 and b == tl.float32:  # exact
-                wide = src.data.astype(np.uint32) << np.uint32(16)
-                return interp.TensorHandle(wide.view(np.float32), b)
-            return base_cast(self, src, dst_type)
-
-        interp.InterpreterBuilder.cast_impl = cast_impl
+    if not RAW_BF16:
+        bf16_as_compiled(torch, tl, interp)
     import liger_kernel
     mods = [importlib.import_module(m) for m in ("liger_kernel.ops.cross_entropy",
                                                  "liger_kernel.ops.fused_linear_cross_entropy")]
@@ -137,6 +142,39 @@ def interpreted():
             version = "unknown"
     _LOADED = (torch, LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, version)
     return _LOADED
+
+
+def bf16_as_compiled(torch, tl, interp) -> None:
+    """bfloat16 as the compiled kernel has it. The interpreter (Triton 3.9) stores bf16 as uint16
+    and (1) converts float32 -> bf16 by truncation, with float32 subnormals mis-scaled (3.6e-43
+    becomes 1.17e-38), where the GPU's cvt.rn.bf16.f32 rounds to nearest even; (2) applies
+    arithmetic to the uint16 bits (bf16 * bf16 is an integer product), where the GPU computes
+    in float32 and rounds. Here: exact widening, rounding to nearest even, float32 arithmetic."""
+    base_cast, base_binary = interp.InterpreterBuilder.cast_impl, interp.InterpreterBuilder.binary_op
+
+    def narrow(a: np.ndarray) -> np.ndarray:
+        bf = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+        return bf.view(torch.int16).numpy().view(np.uint16)
+
+    def widen(a: np.ndarray) -> np.ndarray:
+        return (np.asarray(a).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def cast_impl(self, src, dst_type):
+        a, b = src.dtype.scalar, dst_type.scalar
+        if a == tl.float32 and b == tl.bfloat16:
+            return interp.TensorHandle(narrow(src.data), b)
+        if a == tl.bfloat16 and b == tl.float32:
+            return interp.TensorHandle(widen(src.data), b)
+        return base_cast(self, src, dst_type)
+
+    def binary_op(self, lhs, rhs, op):
+        if lhs.dtype.scalar != tl.bfloat16 or rhs.dtype.scalar != tl.bfloat16:
+            return base_binary(self, lhs, rhs, op)
+        out = op(widen(lhs.data), widen(rhs.data))
+        return interp.TensorHandle(narrow(out) if out.dtype == np.float32 else out, tl.bfloat16)
+
+    interp.InterpreterBuilder.cast_impl = cast_impl
+    interp.InterpreterBuilder.binary_op = binary_op
 
 
 def to_np(t) -> np.ndarray:
@@ -212,12 +250,20 @@ def ce_shape(C: int, small: bool) -> tuple[int, int]:
     return (max(8, min(256, (1 << (14 if small else 17)) // C)), C)
 
 
+def unpack(out):
+    """(loss, z_loss or None): a CrossEntropyOutput, an older version's (loss, z_loss) tuple, or
+    the loss alone."""
+    if hasattr(out, "loss"):
+        return out.loss, out.z_loss
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
 def ce_run(torch, Loss, x0, y, w, g, v: str, red: str, bug: str = ""):
     """(loss, loss rows or None, z_loss or None, grad) of LigerCrossEntropyLoss on a copy of x0
     (Liger writes the gradient into its input)."""
     x = x0.clone().requires_grad_(True)
     out = Loss(**liger_args(v, red, w, bug))(x, y)
-    loss, z = (out.loss, out.z_loss) if hasattr(out, "loss") else (out, None)
+    loss, z = unpack(out)
     if red == "none":
         up = torch.full_like(g, float(g[0])) if bug == "g0" else g
         loss.backward(up)
@@ -270,7 +316,7 @@ def lin_cases(small: bool) -> list[dict]:
     out = []
     for v, red in LINEAR.items():
         for dt in ("f32", "bf16"):
-            for C in LIN_CLASSES[:1] if small else LIN_CLASSES:
+            for C in LIN_SMALL[2:] if small else LIN_CLASSES:
                 for s in LIN_SCALES:
                     out.append(dict(framework="liger", call_tag="flce", dtype=dt, layout="nh", C=C,
                                     scale=s, reduction=red, variant=v, target="linear"))
@@ -283,7 +329,7 @@ def lin_run(torch, Loss, t: dict, y, w, g, v: str, red: str, bug: str = ""):
     kw["ce_weight"] = kw.pop("weight", None)
     leaves = {k: a.clone().requires_grad_(True) for k, a in t.items()}
     out = Loss(**kw)(leaves["weight"], leaves["hidden"], y, leaves.get("bias"))
-    loss, zl = (out.loss, out.z_loss) if hasattr(out, "loss") else (out, None)
+    loss, zl = unpack(out)
     if red == "none":
         loss.backward(torch.full_like(g, float(g[0])) if bug == "g0" else g)
         loss = (loss * g).sum()
@@ -298,7 +344,7 @@ def lin_compute(outdir: str, small: bool, version: str, old: bool):
 
     def one(case: dict, seed: int):
         v, red, dt, V, s = case["variant"], case["reduction"], case["dtype"], case["C"], case["scale"]
-        N, H = (32, 64) if small else (128, 128)
+        N, H = LIN_SMALL[:2] if small else LIN_FULL
         rng = np.random.default_rng(seed)
         h64 = rng.standard_normal((N, H))
         W64 = rng.standard_normal((V, H)) * (s / np.sqrt(H))
@@ -369,7 +415,20 @@ def check(arr: dict, meta: dict, grads: dict | None = None, loss: bool = True):
                              loss=arr["loss"] if loss else None, **named, **opts)
 
 
+def check_rows(arr: dict, meta: dict):
+    """reduction='none' cases: ce-check's report on the kernel's per-row losses (reduction
+    none, no gradient), or None."""
+    if "loss_rows" not in arr:
+        return None
+    import ce_cli
+    opts = {k: v for k, v in meta["ce_check"].items() if k not in ("sample_weight", "weight")}
+    opts["reduction"] = "none"
+    return ce_cli.check_grad(arr["logits"], arr["labels"], loss=arr["loss_rows"],
+                             weight=arr.get("weight"), **opts)
+
+
 def planted(arr: dict, meta: dict) -> dict:
+    """{bug: gradients}: the planted bugs' arrays of a case."""
     out = {}
     for k in arr:
         if k.startswith("grad_bug_"):
@@ -389,13 +448,8 @@ def sweep(outdir: str) -> None:
         n += 1
         r = check(arr, meta)
         bad = [(c.name, c.note[:160]) for c in r.checks if not c.ok]
-        if "loss_rows" in arr and not meta.get("old"):
-            rows = dict(meta, ce_check=dict(meta["ce_check"], reduction="none", sample_weight=None))
-            import ce_cli
-            o = {k: v for k, v in rows["ce_check"].items() if k not in ("sample_weight", "weight")}
-            rr = ce_cli.check_grad(arr["logits"], arr["labels"], loss=arr["loss_rows"],
-                                   weight=arr.get("weight"), **o)
-            bad += [("rows:" + c.name, c.note[:160]) for c in rr.checks if not c.ok]
+        rows = check_rows(arr, meta)
+        bad += [("rows:" + c.name, c.note[:160]) for c in rows.checks if not c.ok] if rows else []
         if meta.get("old"):
             caught += bool(bad)
             print("OLD BUG " + ("CAUGHT" if bad else "MISSED"), name, bad, flush=True)
@@ -427,24 +481,28 @@ def main():
     old = "--old" in sys.argv
     if old:
         sys.argv.remove("--old")
-    global RAW_CASTS
-    RAW_CASTS = "--raw-casts" in sys.argv
-    if RAW_CASTS:
-        sys.argv.remove("--raw-casts")
+    global RAW_BF16
+    RAW_BF16 = "--raw-bf16" in sys.argv
+    if RAW_BF16:
+        sys.argv.remove("--raw-bf16")
+    fixtures = "--fixtures" in sys.argv
+    if fixtures:
+        sys.argv.remove("--fixtures")
     args = common.parse_args("liger_cases.py")
+    keep = fixture_keep if fixtures else None
     version = interpreted()[3]
     if which in ("both", "ce"):
         cs = common.semantic_cases("liger", VARIANTS, ("f32", "bf16"), args.small, BIG_VOCAB)
         if old:
             cs = [dict(c, call_tag="old" + version.replace(".", "")) for c in cs
                   if c["reduction"] == "none"]
-        common.run(cs, args, ce_compute(args.outdir, args.small, version, old))
+        common.run(cs, args, ce_compute(args.outdir, args.small, version, old), keep)
     if which in ("both", "linear"):
         cs = lin_cases(args.small)
         if old:
             cs = [dict(c, call_tag="flceold" + version.replace(".", "")) for c in cs
                   if c["reduction"] == "none"]
-        common.run(cs, args, lin_compute(args.outdir, args.small, version, old))
+        common.run(cs, args, lin_compute(args.outdir, args.small, version, old), keep)
 
 
 if __name__ == "__main__":
