@@ -96,19 +96,16 @@ _LOADED: tuple = ()
 RAW_BF16 = False  # --raw-bf16: the interpreter's own bfloat16 conversions and arithmetic
 
 
-def interpreted():
-    """(torch, LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, version). Import torch and Liger under Triton's interpreter, with a float argument passed as the
-    compiled kernel's fp32 scalar and libdevice's tanh as numpy's float32 tanh."""
-    global _LOADED
-    if _LOADED:
-        return _LOADED
+def triton_interpreter():
+    """torch, with Triton's interpreter on (TRITON_INTERPRET=1) and completed as the compiled
+    kernel has it: a Python float argument is an fp32 scalar, bf16 as `bf16_as_compiled`."""
     os.environ["TRITON_INTERPRET"] = "1"
-    import importlib
-
     import torch
     import triton.language as tl
     from triton.runtime import interpreter as interp
 
+    if getattr(interp, "_ce_check_completed", False):
+        return torch
     base_cvt = interp._implicit_cvt
 
     def cvt(arg):
@@ -117,39 +114,63 @@ def interpreted():
                              tl.float32)
         return base_cvt(arg)
 
-    def tanh(x):
-        d = x.handle.data
-        return tl.tensor(interp.TensorHandle(np.tanh(d).astype(d.dtype), x.handle.dtype.scalar),
-                         x.type)
-
     interp._implicit_cvt = cvt
     if not RAW_BF16:
         bf16_as_compiled(torch, tl, interp)
+    interp._ce_check_completed = True
+    return torch
+
+
+def numpy_elementwise(f):
+    """A libdevice function (not interpreted: it returns None) as numpy's, in the argument's
+    float32."""
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    def g(x):
+        d = x.handle.data
+        return tl.tensor(interp.TensorHandle(f(d).astype(d.dtype), x.handle.dtype.scalar), x.type)
+    return g
+
+
+def interpreted():
+    """(torch, LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, version) under Triton's
+    interpreter (`triton_interpreter`), libdevice's tanh as numpy's float32 tanh."""
+    global _LOADED
+    if _LOADED:
+        return _LOADED
+    import importlib
+    torch = triton_interpreter()
     import liger_kernel
-    mods = [importlib.import_module(m) for m in ("liger_kernel.ops.cross_entropy",
-                                                 "liger_kernel.ops.fused_linear_cross_entropy")]
-    for mod in mods:
+    for name in ("liger_kernel.ops.cross_entropy", "liger_kernel.ops.fused_linear_cross_entropy"):
+        mod = importlib.import_module(name)
         if hasattr(mod, "tanh"):
-            mod.tanh = tanh
+            mod.tanh = numpy_elementwise(np.tanh)
     from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    version = getattr(liger_kernel, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as dist_version
-        try:
-            version = dist_version("liger-kernel")
-        except Exception:  # a --target install has no metadata on the path's front
-            version = "unknown"
-    _LOADED = (torch, LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, version)
+    _LOADED = (torch, LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
+               dist_version(liger_kernel, "liger-kernel"))
     return _LOADED
+
+
+def dist_version(module, dist: str) -> str:
+    version = getattr(module, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as metadata_version
+        try:
+            version = metadata_version(dist)
+        except Exception:  # a --target install may have no metadata on the path's front
+            version = "unknown"
+    return version
 
 
 def bf16_as_compiled(torch, tl, interp) -> None:
     """bfloat16 as the compiled kernel has it. The interpreter (Triton 3.9) stores bf16 as uint16
     and (1) converts float32 -> bf16 by truncation, with float32 subnormals mis-scaled (3.6e-43
     becomes 1.17e-38), where the GPU's cvt.rn.bf16.f32 rounds to nearest even; (2) applies
-    arithmetic to the uint16 bits (bf16 * bf16 is an integer product), where the GPU computes
-    in float32 and rounds. Here: exact widening, rounding to nearest even, float32 arithmetic."""
+    arithmetic and tl.dot to the uint16 bits (bf16 * bf16 is an integer product), where the GPU
+    computes in float32 and rounds (a dot accumulates in float32). Here: exact widening,
+    rounding to nearest even, float32 arithmetic."""
     base_cast, base_binary = interp.InterpreterBuilder.cast_impl, interp.InterpreterBuilder.binary_op
 
     def narrow(a: np.ndarray) -> np.ndarray:
@@ -173,8 +194,24 @@ def bf16_as_compiled(torch, tl, interp) -> None:
         out = op(widen(lhs.data), widen(rhs.data))
         return interp.TensorHandle(narrow(out) if out.dtype == np.float32 else out, tl.bfloat16)
 
+    def unary_op(self, arg, op):
+        if arg.dtype.scalar != tl.bfloat16:
+            return base_unary(self, arg, op)
+        out = op(widen(arg.data))
+        return interp.TensorHandle(narrow(out) if out.dtype == np.float32 else out, tl.bfloat16)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return base_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        wa = widen(a.data) if a.dtype.scalar == tl.bfloat16 else a.data
+        wb = widen(b.data) if b.dtype.scalar == tl.bfloat16 else b.data
+        return interp.TensorHandle(np.matmul(wa, wb, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    base_unary, base_dot = interp.InterpreterBuilder.unary_op, interp.InterpreterBuilder.create_dot
     interp.InterpreterBuilder.cast_impl = cast_impl
     interp.InterpreterBuilder.binary_op = binary_op
+    interp.InterpreterBuilder.unary_op = unary_op
+    interp.InterpreterBuilder.create_dot = create_dot
 
 
 def to_np(t) -> np.ndarray:
