@@ -1,14 +1,18 @@
 """Liger-Kernel's real Triton kernels on CPU (Triton's interpreter), for ce-check's options
 (runs in a venv with torch, triton, liger-kernel and numpy).
 
-    python liger_cases.py OUTDIR [--small] [--only SUBSTR] [--linear | --ce] [--check]
+    python liger_cases.py OUTDIR [--small] [--only SUBSTR] [--linear | --ce] [--old]
+                          [--fixtures] [--raw-bf16]
+    python liger_cases.py OUTDIR --check
 
 TRITON_INTERPRET=1 runs the kernels' Python bodies on numpy arrays: the same float32 online
 softmax, recomputed true class and in-place gradient as on a GPU, with numpy's float32 exp2,
-log and tanh in place of the GPU's approximations. Two things the interpreter lacks are supplied
-as the compiled kernel has them: a Python float argument (`softcap`, `weight_sum`) is an fp32
-scalar (the compiled kernel's signature type; the interpreter passes a Python float, which has
-no `.to`), and libdevice's `tanh` (not interpreted: it returns None) is numpy's float32 tanh.
+log and tanh in place of the GPU's approximations. What the interpreter lacks is supplied as
+the compiled kernel has it (`triton_interpreter`): a Python float argument (`softcap`,
+`weight_sum`) is an fp32 scalar (the compiled kernel's signature type; the interpreter passes a
+Python float, which has no `.to`); libdevice's `tanh` (not interpreted: it returns None) is
+numpy's float32 tanh; bf16 is rounded to nearest and computed in float32 (`bf16_as_compiled`;
+`--raw-bf16`: the interpreter's own, truncating and mis-scaling float32 subnormals).
 
 `LigerCrossEntropyLoss` (`ce` cases, 2-D (BT, V) logits, ~15% of the labels -100):
 
@@ -43,7 +47,8 @@ alarms on the correct gradients, planted bugs missed.
 
 dtypes f32 and bf16 (bf16 saved widened exactly to float32); logit std 1, 10, 30, 50; C 10, 1000,
 32000 (full: also 128,256); at most 2^17 logits per case (--small: 2^14), at least 8 rows.
-fixtures/frameworks_semantics/liger/ is a subset (tests/test_liger_real.py).
+fixtures/frameworks_semantics/liger/ (tests/test_liger_real.py): `--small --fixtures` and the
+old versions' `--small --old --fixtures`, without the .json files (`fixture_keep`).
 """
 
 from __future__ import annotations
