@@ -483,7 +483,7 @@ def planted(arr: dict, meta: dict) -> dict:
 
 def sweep(outdir: str) -> None:
     import glob
-    n = fa = gaps = bugs = missed = caught = 0
+    n = fa = gaps = bugs = missed = caught = old = 0
     for p in sorted(glob.glob(os.path.join(outdir, "*.npz"))):
         arr, meta = load(p)
         name = os.path.basename(p)[:-4]
@@ -493,6 +493,7 @@ def sweep(outdir: str) -> None:
         rows = check_rows(arr, meta)
         bad += [("rows:" + c.name, c.note[:160]) for c in rows.checks if not c.ok] if rows else []
         if meta.get("old"):
+            old += 1
             caught += bool(bad)
             print("OLD BUG " + ("CAUGHT" if bad else "MISSED"), name, bad, flush=True)
             continue
@@ -507,7 +508,7 @@ def sweep(outdir: str) -> None:
                 missed += 1
                 print("MISSED", bug, name, flush=True)
     print(f"cases {n} false alarms {fa} semantic gaps {gaps} planted bugs {bugs} missed {missed}"
-          f" old-version bugs caught {caught}")
+          f" old-version bugs caught {caught} of {old}")
 
 
 def main():
