@@ -75,7 +75,7 @@ def main():
                           precision=case["dtype"], seed=seed,
                           ce_check=dict(reduction="mean", ignore_index=-100, precision=case["dtype"]),
                           meta_extra=dict(liger_version=version, kernel="ascend LigerCrossEntropyFunction",
-                                          triton_interpret=True, old=True, semantic_gap=False))
+                                          triton_interpret=True, old=True))
     common.run(cases, args, one)
 
 
