@@ -1,11 +1,12 @@
 """check_grad / check_linear on Liger-Kernel's real Triton kernels, run by Triton's interpreter
 on CPU (fixtures/frameworks_semantics/liger/, made by `scripts/frameworks/liger_cases.py OUT
---small --fixtures`, and with liger-kernel 0.5.8 / 0.8.1 on PYTHONPATH `--old --ce` / `--old
---linear`; the .npz files only).
+--small --fixtures`, and with liger-kernel 0.5.8 / 0.8.1 on PYTHONPATH `--small --fixtures --old
+--ce` / `... --old --linear`; the .npz files only).
 
 LigerCrossEntropyLoss 0.8.5 (reduction mean / sum / none with an upstream vector, label
-smoothing, softcap, z-loss with return_z_loss, class weights, combined; float32 and bfloat16)
-and LigerFusedLinearCrossEntropyLoss (hidden, weight, bias): no false alarm; the real kernel
+smoothing, softcap, z-loss with return_z_loss, class weights (with z-loss: the coefficient times
+the mean label weight), combined; float32 and bfloat16) and LigerFusedLinearCrossEntropyLoss
+(hidden, weight, bias): no false alarm; the real kernel
 run with one argument changed (the z-loss, the smoothing, the class weights left out, every
 row's upstream gradient g[0]) is caught. The released bugs: liger-kernel 0.5.8's
 reduction='none' backward scales every row by the first row's upstream gradient
