@@ -211,12 +211,13 @@ def parse_args(prog: str):
     return args
 
 
-def run(cases, args, compute):
-    """compute(case, seed) -> None (writes). Prints one line per case."""
+def run(cases, args, compute, keep=None):
+    """compute(case, seed) -> None (writes). Prints one line per case. `keep(case)`: a subset
+    whose cases keep their seeds."""
     n = 0
     for i, case in enumerate(cases):
         name = case_name(case)
-        if args.only and args.only not in name:
+        if (args.only and args.only not in name) or (keep is not None and not keep(case)):
             continue
         if args.skip_existing and os.path.exists(os.path.join(args.outdir, name + ".npz")):
             continue
