@@ -119,3 +119,44 @@ def test_liger_678_zero_gradient_through_the_cli(invoke, tmp_path):
     assert r.exit_code == 1, r.output
     assert "verdict: FAIL — gradient vs reference" in r.output
     assert "yours = 0 x reference everywhere" in r.output
+
+
+# ---------------------------------------------------------------- computed in f32, stored in bf16
+
+ASCEND = sorted(str(p) for p in (ROOT / "fixtures" / "frameworks_semantics" / "liger_ascend")
+                .glob("*.npz"))
+BF16_CE = [p for p in CORRECT if META[p]["dtype"] == "bf16" and META[p]["call_tag"] == "ce"]
+
+
+def _as_stored_bf16(arr: dict, meta: dict, precision: str | None):
+    """The case with its gradient tagged as stored in bf16 (what a bf16 .npy, .pt or
+    .safetensors file loads as) and checked as computed in `precision` (None: bf16)."""
+    from ce_cli.io.bfloat16 import BF16
+
+    meta = {**meta, "ce_check": {**meta["ce_check"], "precision": precision}}
+    return liger_cases.check(arr, meta, grads={"grad": arr["grad"].astype(BF16)}, loss=False)
+
+
+@pytest.mark.parametrize("path", BF16_CE, ids=_stem)
+def test_liger_bf16_passes_as_computed_in_f32(path):
+    """Liger's kernel computes in float32 and writes its bf16 gradient once: `--precision f32`
+    on the bf16 gradient (bf16's rounding, f32's floor) raises no alarm."""
+    report = _as_stored_bf16(*liger_cases.load(path), "f32")
+    assert report.ok, _failed(report)
+    assert next(c for c in report.checks if c.name == "grad_vs_reference").rule.startswith(
+        "f32 stored as bf16")
+
+
+def test_ascend_true_class_rounding_is_caught_as_computed_in_f32():
+    """liger-kernel 0.8.1's Ascend path rounds p_y to bf16 before taking 1 off (PR #1341): a
+    bf16 computation (the default model) may do that and passes; declared computed in f32 it
+    fails, at the label entries of confident rows."""
+    assert len(BF16_CE) >= 10 and len(ASCEND) == 1
+    arr, meta = liger_cases.load(ASCEND[0])
+    assert meta["liger_version"] == "0.8.1" and "ascend" in meta["kernel"]
+    assert _as_stored_bf16(arr, meta, None).ok
+    report = _as_stored_bf16(arr, meta, "f32")
+    grad = next(c for c in report.checks if c.name == "grad_vs_reference")
+    assert not grad.ok and grad.mismatches >= 10
+    labels = arr["labels"]
+    assert all(e.index[1] == labels[e.index[0]] for e in grad.worst)

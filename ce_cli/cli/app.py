@@ -376,7 +376,7 @@ RtolOpt = Annotated[Optional[float], typer.Option(
 AtolOpt = Annotated[Optional[float], typer.Option(
     "--atol", metavar="FLOAT", help="Absolute tolerance added to the error floor (default 0).")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option(
-    "--precision", metavar="PRECISION", help="Precision your gradient was computed in, if narrower than its storage.")]
+    "--precision", metavar="PRECISION", help="Precision your gradient was computed in (default: its storage's; f32 on a bf16 gradient: computed in f32, rounded to bf16 once).")]
 FloorOpt = Annotated[Optional[float], typer.Option(
     "--floor-factor", metavar="K", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
 NormaliserOpt = Annotated[Optional[float], typer.Option(

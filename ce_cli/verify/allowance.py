@@ -61,11 +61,11 @@ class RowAllowance:
         self.scale = scale
         self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
-        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.precision] * max(1.0, flush_factor)
-        self.precision = tol.precision
+        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
+        self.precision = tol.coarse
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
-        self.resolved = NORMAL_MIN[tol.precision] / tol.eps  # smaller values lose relative precision
-        self.half_tiny = PRECISIONS[tol.precision][1] / 2.0
+        self.resolved = NORMAL_MIN[tol.coarse] / tol.eps  # smaller values lose relative precision
+        self.half_tiny = PRECISIONS[tol.coarse][1] / 2.0
         self._row_over = self._significant = False
         self._over = 0.0  # the row's largest factor over the bound (not applied)
         self._soft = 0.0  # the row's softmax factor applied

@@ -270,14 +270,14 @@ class Comparison:
         if self.overflowed:
             note = (note + "; " if note else "") + (
                 f"{self.overflowed:,} entries +-inf where the reference is beyond the "
-                f"{self.tol.precision} range (|x| >= {self.overflow:.6g}): the correctly "
+                f"{self.tol.coarse} range (|x| >= {self.overflow:.6g}): the correctly "
                 "rounded value, passed")
         if self.nonfinite:
             note = (note + "; " if note else "") + (
                 f"{self.nonfinite} entries NaN/inf on one side only ({self.got_label} or {self.expected_label})")
         if self.inf_in_range:
             note += (f"; {self.inf_in_range:,} of them +-inf where the reference is finite and "
-                     f"within the {self.tol.precision} range: a step before the result "
+                     f"within the {self.tol.coarse} range: a step before the result "
                      "overflowed (a sum or product in a narrow accumulator?)")
         return CheckResult(
             name=self.name,

@@ -7,8 +7,13 @@ An entry passes when
 with `rtol = 2 * eps` and `atol = 0` by default, and a per-entry `floor` that the loss module
 computes from the error analysis of softmax cross-entropy in that precision (see the README,
 "Tolerance model"): roughly `k * eps * (Q * a * (1 + |log a| + |lse|) + q) / D + tiny`.
-`eps` is the larger of the storage dtype's and the declared `--precision`'s machine epsilon;
-`tiny` is the smallest subnormal of the storage dtype (storage flushes smaller entries).
+`eps` is the machine epsilon of the precision the value was computed in (`--precision`; default
+the storage dtype's, or the one a widened input was stored in), which the floor scales; `rtol`
+takes the larger of it and the storage dtype's, whose final rounding it covers: a value computed
+in float32 and stored as bfloat16 (`--precision f32` on bf16 arrays) gets bf16's relative
+rounding and float32's floor, so an entry that lost its bits to an intermediate rounding to
+bf16 fails (a bf16 computation, the default, admits that). `tiny` is the smallest subnormal of
+the storage dtype (storage flushes smaller entries).
 """
 
 from __future__ import annotations
@@ -71,14 +76,24 @@ class Tolerance:
     atol: float
     floor_factor: float
     overflow: float = math.inf  # |values| from which a correct result is +-inf (OVERFLOW)
+    storage: str = ""    # the stored dtype's precision ("": the computing one)
 
     @property
     def floor_coef(self) -> float:
         """k * eps, the factor in front of the per-entry error floor."""
         return self.floor_factor * self.eps
 
+    @property
+    def coarse(self) -> str:
+        """The coarser of the computing and the storage precision: whose normal range and
+        subnormals the results live in."""
+        stored = self.storage or self.precision
+        return stored if PRECISIONS[stored][0] > PRECISIONS[self.precision][0] else self.precision
+
     def describe(self) -> str:
-        return (f"{self.precision}: rtol {self.rtol:.2g}, atol {self.atol:.2g}, "
+        name = self.precision if self.coarse == self.precision else (
+            f"{self.precision} stored as {self.storage}")
+        return (f"{name}: rtol {self.rtol:.2g}, atol {self.atol:.2g}, "
                 f"floor {self.floor_factor:g}eps")
 
 
@@ -90,22 +105,23 @@ def resolve_tolerance(
     floor_factor: float | None = None,
 ) -> Tolerance:
     """Tolerances for an array stored as `stored`, computed in `precision` (default: stored, or
-    the precision a widened input was stored in, e.g. bf16 read as float32)."""
-    storage = precision_of_dtype(np.dtype(stored))
-    declared = parse_precision(precision) if precision else (
-        stored_precision(np.dtype(stored)) or storage)
-    eps = max(PRECISIONS[storage][0], PRECISIONS[declared][0])
+    the precision a widened input was stored in, e.g. bf16 read as float32): the floor in the
+    computing precision's eps, the relative rule in the coarser of it and the storage's."""
+    storage = stored_precision(np.dtype(stored)) or precision_of_dtype(np.dtype(stored))
+    declared = parse_precision(precision) if precision else storage
+    eps = PRECISIONS[declared][0]
+    rounding = max(PRECISIONS[storage][0], eps)
     tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1])
-    name = declared if PRECISIONS[declared][0] >= PRECISIONS[storage][0] else storage
     for flag, value in (("`rtol`", rtol), ("`atol`", atol), ("`floor_factor`", floor_factor)):
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise CeCheckError(f"{flag}: must be a finite number >= 0, got {value}")
     return Tolerance(
-        precision=name,
+        precision=declared,
         eps=eps,
         tiny=tiny,
-        rtol=DEFAULT_RTOL_FACTOR * eps if rtol is None else float(rtol),
+        rtol=DEFAULT_RTOL_FACTOR * rounding if rtol is None else float(rtol),
         atol=0.0 if atol is None else float(atol),
         floor_factor=DEFAULT_FLOOR_FACTOR if floor_factor is None else float(floor_factor),
         overflow=min(OVERFLOW[storage], OVERFLOW[declared]),
+        storage=storage,
     )
