@@ -87,10 +87,8 @@ static void replay_funcs(FILE *in, FILE *out, int64_t kind, const char *target) 
     int64_t n = get_i64(in);
     double cap = 0.0;
     if (kind == 4 && fread(&cap, sizeof cap, 1, in) != 1) fail("truncated record");
-    double *x = get_bytes(in, n * 8), *o1 = get_bytes(in, 0), *o2;
-    free(o1);
-    o1 = malloc((size_t)(n > 0 ? n : 1) * 8);
-    o2 = malloc((size_t)(n > 0 ? n : 1) * 8);
+    double *x = get_bytes(in, n * 8);
+    double *o1 = malloc((size_t)(n > 0 ? n : 1) * 8), *o2 = malloc((size_t)(n > 0 ? n : 1) * 8);
     if (!o1 || !o2) fail("out of memory");
     int64_t rc = kind == 3 ? ce_unit_funcs_on(target, x, o1, o2, n)
                            : ce_cap_funcs_on(target, x, cap, o1, o2, n);

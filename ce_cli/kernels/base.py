@@ -68,3 +68,10 @@ class RowStats(Protocol):
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
                        open_row: Any) -> None: ...
+
+
+def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """a[rows], a view (no copy of a memory-mapped file) when the rows are consecutive."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
+        return a[int(rows[0]):int(rows[-1]) + 1]
+    return a[rows]

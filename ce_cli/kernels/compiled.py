@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_cli.kernels.base import ChunkEval, RowStats
+from ce_cli.kernels.base import ChunkEval, RowStats, take_rows
 
 _P = ctypes.c_void_p
 
@@ -210,13 +210,6 @@ def row_scan(q: np.ndarray, sums: bool = True) -> tuple[np.ndarray | None, np.nd
 
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
-
-
-def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """a[rows], a view (no copy of a memory-mapped file) when the rows are consecutive."""
-    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
-        return a[int(rows[0]):int(rows[-1]) + 1]
-    return a[rows]
 
 
 def _readable(a: Any) -> bool:
@@ -428,7 +421,7 @@ class FusedKernel(_Kernel):
         problem = self.problem
         active = np.ascontiguousarray(problem.valid[rows], dtype=np.uint8)
         if problem.probs is not None and not problem.smoothing and problem.weight is None:
-            q = _as_kernel_rows(_take_rows(problem.probs, rows))
+            q = _as_kernel_rows(take_rows(problem.probs, rows))
             q_sums = getattr(problem, "q_sums", None)  # made by the input check: not again
             if q_sums is not None:
                 return {"q": q, "q_is_f32": int(q.dtype == np.float32), "q_sum_here": 0,
@@ -520,9 +513,9 @@ class SigmoidKernel(_Kernel):
             y, w, _ = problem.coefficients(rows)
             return (np.ascontiguousarray(y, dtype=np.float64),
                     None if w is None else np.ascontiguousarray(w, dtype=np.float64))
-        y = _as_kernel_rows(_take_rows(problem.targets, rows))
+        y = _as_kernel_rows(take_rows(problem.targets, rows))
         w = None if problem.weight is None else np.ascontiguousarray(
-            _take_rows(problem.weight, rows), dtype=np.float64)
+            take_rows(problem.weight, rows), dtype=np.float64)
         return y, w
 
     def _items(self, z, params: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.kernels.base import ChunkEval
+from ce_cli.kernels.base import ChunkEval, take_rows
 from ce_cli.kernels.numpy_softmax import SOFTCAP_DERIV_ERR, transform
 
 
@@ -69,7 +69,7 @@ def _hard_labels(model: Any, x: np.ndarray, top: np.ndarray, rows: np.ndarray) -
     if (model.transformed or model.smoothing or model.pos_weight is not None
             or model.weight is not None or model.sem.sample_weight is not None or x.size == 0):
         return None
-    lab = _take_rows(model.targets, rows)
+    lab = take_rows(model.targets, rows)
     # soft labels fail on the first row already, before the passes over the chunk
     if not (_zero_one(lab[:1]) and top.max() < HARD_X_MAX and x.min() > -HARD_X_MAX):
         return None
@@ -80,13 +80,6 @@ def _zero_one(y: np.ndarray) -> bool:
     """Every y is 0 or 1: y * y == y only there (also in integer types; NaN never equals
     itself)."""
     return np.array_equal(np.multiply(y, y), y)
-
-
-def _take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """a[rows], as a view when `rows` are consecutive (a chunk's: no copy)."""
-    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
-        return a[int(rows[0]):int(rows[-1]) + 1]
-    return a[rows]
 
 
 def _hard_rows(model: Any, x: np.ndarray, lab: np.ndarray, grad: bool,

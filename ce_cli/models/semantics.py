@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -121,6 +122,21 @@ def row_stats(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         e = np.exp(z - safe[:, None])
     e[np.arange(len(z)), z.argmax(axis=1)] = 0.0
     return top, e.sum(axis=1)
+
+
+ROW_CHUNK = 1 << 20  # float64 entries per chunk of `transformed_row_stats`
+
+
+def transformed_row_stats(z: Any, scale: float = 1.0,
+                          cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`row_stats` of z = T(x) for the (N, C) logits `z` (`logit_scale` and `softcap`: cap
+    tanh(scale x / cap)), row chunk by row chunk in float64."""
+    m, s1 = np.empty(z.shape[0]), np.empty(z.shape[0])
+    step = max(1, ROW_CHUNK // max(1, z.shape[1]))
+    for a in range(0, z.shape[0], step):
+        x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
+        m[a:a + step], s1[a:a + step] = row_stats(x)
+    return m, s1
 
 
 def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,

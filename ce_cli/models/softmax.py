@@ -31,7 +31,7 @@ from ce_cli.kernels.numpy_softmax import semantic_rows, softmax_rows, transform
 from ce_cli.models import semantics as ext
 from ce_cli.models.base import RowMatrix, as_numeric_inputs
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import Semantics, SplitLse, row_stats
+from ce_cli.models.semantics import Semantics, SplitLse, transformed_row_stats
 from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 
 
@@ -494,7 +494,7 @@ def _rest(args: Semantics, lse: Any, lse_source: str, z,
     if not np.all(np.isfinite(g)):
         i = int(np.flatnonzero(~np.isfinite(g))[0])
         raise CeCheckError(f"{lse_source}: non-finite lse {g[i]} at index {layout.batch_index(i)}")
-    m, s1 = _local_stats(z, args.logit_scale, args.softcap)
+    m, s1 = transformed_row_stats(z, args.logit_scale, args.softcap)
     local = m + np.log1p(s1)
     eps = np.finfo(lse_in.dtype).eps if lse_in.dtype.kind == "f" else EPS
     gap = g - local
@@ -514,16 +514,6 @@ def _rest(args: Semantics, lse: Any, lse_source: str, z,
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         rest = np.where(m == M, S - s1, (1.0 + S) * np.exp(M - m) - (1.0 + s1))
         return np.where(held, np.log(np.maximum(rest, 0.0)), rho), np.where(held, m, 0.0)
-
-
-def _local_stats(z, scale: float, cap: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """`row_stats` of the transformed logits, chunk by chunk."""
-    m, s1 = np.empty(z.shape[0]), np.empty(z.shape[0])
-    step = max(1, (1 << 20) // max(1, z.shape[1]))
-    for a in range(0, z.shape[0], step):
-        x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
-        m[a:a + step], s1[a:a + step] = row_stats(x)
-    return m, s1
 
 
 def _denominator(y, valid: np.ndarray, w64, sem: Semantics) -> float:

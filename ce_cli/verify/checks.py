@@ -139,6 +139,10 @@ def shift_labels(z: Any, y: np.ndarray, ignore_index: int, source: str) -> np.nd
     return out
 
 
+# the warning of a vocabulary shard whose rows' labels lie elsewhere (merged reports drop it)
+OUTSIDE_LABELS = "labels lie in another shard"
+
+
 def _shard_loss(problem, loss, src: dict[str, str], warnings: list[str]):
     """A shard's rows whose label lies in another shard miss -z_y there: their loss cannot be
     formed from this shard, so a loss is checked only when every label is inside."""
@@ -154,7 +158,7 @@ def _shard_loss(problem, loss, src: dict[str, str], warnings: list[str]):
             f"[{sem.vocab_offset}, {sem.vocab_offset + problem.n_classes}): their loss "
             "lse - z_y needs z_y from another shard; check the loss on a shard that holds every "
             "label, or without `vocab_offset`")
-    warnings.append(f"{outside} rows' labels lie in another shard: the reference loss counts "
+    warnings.append(f"{outside} rows' {OUTSIDE_LABELS}: the reference loss counts "
                     "their lse only (-z_y is that shard's); the gradient is complete")
     return loss
 

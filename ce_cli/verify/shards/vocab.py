@@ -27,10 +27,10 @@ from ce_cli.errors import CeCheckError
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import Semantics, SplitLse, row_stats
+from ce_cli.models.semantics import ROW_CHUNK, Semantics, SplitLse, transformed_row_stats
 from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
-from ce_cli.verify.checks import check_grad, shift_labels
+from ce_cli.verify.checks import OUTSIDE_LABELS, check_grad, shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Report
@@ -42,23 +42,13 @@ from ce_cli.verify.stages import (Chunk, ZLossStage, lse_check, reduced_check,
                                   with_normaliser)
 
 
-ROW_CHUNK = 1 << 20  # float64 entries per chunk of pass 1
-
-
 def shard_row_stats(shard: Shard, scale: float = 1.0,
                     cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of the shard: m, the max logit, and s1, the sum of exp(z - m) over every entry
     but one arg-max, in float64 (m = -inf and s1 = 0 for an all -inf row); z = T(x), the
     logits the loss sees (`logit_scale` and `softcap`: cap tanh(scale x / cap))."""
     z = load(shard.files.logits, "logits")
-    z = z.reshape(-1, z.shape[-1])
-    n, c = z.shape
-    m, s1 = np.empty(n), np.empty(n)
-    step = max(1, ROW_CHUNK // max(1, c))
-    for start in range(0, n, step):
-        block, _ = transform(np.asarray(z[start:start + step], dtype=np.float64), scale, cap)
-        m[start:start + step], s1[start:start + step] = row_stats(block)
-    return m, s1
+    return transformed_row_stats(z.reshape(-1, z.shape[-1]), scale, cap)
 
 
 def merge_row_stats(stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -104,7 +94,7 @@ def whole_loss(report: Report) -> Report:
     """A shard's report without its note that rows whose label lies in another shard miss
     -z_y: the merged loss has every row's."""
     return replace(report, warnings=tuple(w for w in report.warnings
-                                          if "labels lie in another shard" not in w))
+                                          if OUTSIDE_LABELS not in w))
 
 
 def vocab_labels(shard: Shard, options: CheckOptions) -> np.ndarray:
