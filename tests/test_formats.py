@@ -261,6 +261,30 @@ def test_lying_safetensors_header(invoke, tmp_path, case):
     assert "grad file" in line and "g.safetensors" in line
 
 
+@given(shape=st.lists(st.integers(0, 1) | st.sampled_from([2**31, 2**62, 2**63, 2**64]),
+                      max_size=70),
+       dtype=st.sampled_from(["F32", "BF16", "U8"]))
+def test_safetensors_header_shapes_numpy_refuses(tmp_path_factory, shape, dtype):
+    """A header consistent with its file whose shape numpy cannot hold (over 64 dimensions, a
+    zero-size tensor with sizes past int64) is an input error, never an internal one."""
+    from ce_cli.errors import CeCheckError
+    from ce_cli.io.safetensors import read_safetensors
+    size = {"F32": 4, "BF16": 2, "U8": 1}[dtype]
+    for dim in shape:
+        size *= dim
+    if size > 64:
+        return  # the header would have to lie about its span: BAD_SAFETENSORS covers that
+    path = tmp_path_factory.mktemp("st") / "g.safetensors"
+    path.write_bytes(safetensors_bytes(
+        {"g": {"dtype": dtype, "shape": shape, "data_offsets": [0, size]}}, bytes(size)))
+    try:
+        arr = read_safetensors(path, None, "grad file")
+    except CeCheckError as exc:
+        assert "cannot map tensor 'g'" in str(exc)
+    else:
+        assert arr.shape == tuple(shape)
+
+
 @pytest.mark.parametrize("case", ["length_beyond_file", "overlap", "unknown_dtype",
                                   "span_not_shape"])
 def test_lying_safetensors_header_console_script(tmp_path, case):

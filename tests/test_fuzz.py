@@ -131,6 +131,32 @@ def test_csv_loader(tmp_path_factory, text, bom, crlf, via_stdin):
         run(["grad", "z.csv", labels_file(tmp)], tmp)
 
 
+# safetensors headers that name what numpy cannot hold: wild shapes and offsets, and the data
+# the offsets claim (zero-size tensors make no file access: their shape alone reaches numpy)
+st_dims = st.integers(0, 2) | st.sampled_from([2**31, 2**62, 2**63, 2**64, -1])
+st_specs = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "F8"]),
+    "shape": st.lists(st_dims, max_size=3) | st.lists(st.integers(0, 1), min_size=63, max_size=66),
+    "data_offsets": st.tuples(st.integers(0, 4), st.integers(0, 32)).map(list)})
+
+
+ST_SIZES = {"F64": 8, "I64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+@FUZZ
+@given(spec=st_specs, data=st.integers(0, 40), name=st.text(max_size=6), fit=st.booleans())
+def test_safetensors_loader(tmp_path_factory, spec, data, name, fit):
+    tmp = tmp_path_factory.mktemp("safetensors")
+    span = ST_SIZES.get(spec["dtype"], 1)
+    for dim in spec["shape"]:
+        span *= dim
+    if fit and 0 <= span <= 64:  # offsets and data that agree with the shape
+        spec["data_offsets"], data = [0, span], span
+    raw = json.dumps({name: spec}).encode()
+    (tmp / "g.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data))
+    run(["grad", "g.safetensors", labels_file(tmp)], tmp)
+
+
 # --- the manifest ---------------------------------------------------------------------------
 
 json_values = st.recursive(

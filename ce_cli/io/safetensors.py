@@ -172,13 +172,13 @@ def _select(entries: list[Entry], key: str | None, label: str) -> Entry:
 
 def _map(path: Path, entry: Entry, data_start: int, label: str) -> np.ndarray:
     dtype = np.dtype(DTYPES[entry.dtype])
-    if entry.begin == entry.end:
-        arr: np.ndarray = np.zeros(entry.shape, dtype)
-    else:
-        try:
+    try:  # numpy refuses some shapes the header may hold (over 64 dimensions, sizes past int64)
+        if entry.begin == entry.end:
+            arr: np.ndarray = np.zeros(entry.shape, dtype)
+        else:
             arr = np.memmap(path, dtype=dtype, mode="r", offset=data_start + entry.begin,
                             shape=entry.shape)
-        except (OSError, ValueError) as exc:
-            raise CeCheckError(f"{label}: cannot map tensor '{entry.name}' "
-                               f"({' '.join(str(exc).split())})") from None
+    except (OSError, ValueError, OverflowError) as exc:
+        raise CeCheckError(f"{label}: cannot map tensor '{entry.name}' "
+                           f"({' '.join(str(exc).split())})") from None
     return widen_bfloat16(arr) if entry.dtype == "BF16" else arr
