@@ -11,6 +11,8 @@ stored in. `ce_cli.verify.tolerance` reads the tag: a bf16 input is compared in 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 STORED_KEY = "ce_check.stored_precision"
@@ -31,6 +33,16 @@ def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     wide = bits.astype(np.uint32)
     wide <<= 16  # in place: a 0-d input stays an array (a scalar would lose the tag)
     return wide.view(BF16)
+
+
+def widen_if_bfloat16(x: Any) -> Any:
+    """`x`, or, when it is a bfloat16 array (ml_dtypes', which a JAX array becomes under
+    np.asarray; or `V2`), its exact float32 widening tagged as stored bf16, as the loaders give
+    a bf16 file. Anything else (None, numbers, other arrays) passes as it is."""
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and is_bfloat16(dtype):
+        return widen_bfloat16(np.asarray(x))
+    return x
 
 
 def stored_precision(dtype: np.dtype) -> str | None:

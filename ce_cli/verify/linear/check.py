@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.bfloat16 import widen_if_bfloat16
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
 from ce_cli.models.semantics import Semantics
@@ -58,6 +59,10 @@ def check_linear(
     opts = CheckOptions.build(options, **settings)
     refuse_not_linear(opts)
     src = {**{r: r for r in ROLES}, **(sources or {})}
+    (hidden, weight, labels, bias, grad_hidden, grad_weight, grad_bias, loss, class_weight,
+     sample_weight) = map(widen_if_bfloat16, (hidden, weight, labels, bias, grad_hidden,
+                                              grad_weight, grad_bias, loss, class_weight,
+                                              sample_weight))
     problem, warnings, labels = linear_problem(hidden, weight, labels, bias, class_weight,
                                                sample_weight, opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
