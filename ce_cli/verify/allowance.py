@@ -64,6 +64,11 @@ class RowAllowance:
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
         self.precision = tol.coarse
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
+        # storage coarser than the computing precision (f32 stored as bf16): its rounding
+        # swamps a factor's median fit, so the factor is fitted by intervals (`_interval_fit`)
+        coarse = tol.storage != tol.precision and tol.coarse == tol.storage
+        self.store_eps, self.store_tiny = PRECISIONS[tol.storage] if coarse else (0.0, 0.0)
+        self.rtol = tol.rtol
         self.resolved = NORMAL_MIN[tol.coarse] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.coarse][1] / 2.0
         self._row_over = self._significant = False
@@ -93,7 +98,8 @@ class RowAllowance:
         d[flushed] = 0.0
         slack = np.zeros_like(d)
         if self.target_weights is not None:
-            fitted = self._remove_factors(row, ref, d, ~flushed & finite, slack)
+            bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
+            fitted = self._remove_factors(row, ref, d, ~flushed & finite, slack, bounds)
             out = ratio.copy()
             out[finite] = np.abs(fitted[finite]) / (allowed[finite] + slack[finite])
             # a failing row keeps its raw errors unless a factor beyond noise level was found
@@ -112,9 +118,19 @@ class RowAllowance:
             self._record(row, self._over)
         return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
 
+    def _entry_bounds(self, got: np.ndarray, ref: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Each entry's error bound apart from the row factors, for coarse storage: the final
+        rounding (half an ulp of the stored value) and the computing precision's floor (the
+        allowed error less its relative rule)."""
+        with np.errstate(invalid="ignore"):
+            _mantissa, exponent = np.frexp(got)
+            half_ulp = np.maximum(np.ldexp(self.store_eps, exponent - 2), self.store_tiny / 2)
+            return half_ulp + np.maximum(allowed - self.rtol * np.abs(ref), 0.0)
+
     def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
-                        slack: np.ndarray) -> np.ndarray:
-        """d less the fitted factors; `slack` gains each removed factor's own uncertainty."""
+                        slack: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+        """d less the fitted factors; `slack` gains each removed factor's own uncertainty.
+        `bounds` (coarse storage): each entry's error bound apart from the factors."""
         self._row_over = self._significant = False
         self._over = self._soft = 0.0
         assert self.target_weights is not None  # softmax models only (refine checks)
@@ -129,7 +145,12 @@ class RowAllowance:
             pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (np.abs(term) > self.resolved)
             if np.count_nonzero(pick) < least:
                 continue
-            factor = float(np.median(d[pick] / term[pick]))
+            # coarse storage: the factor every entry allows (the other term's factor at most
+            # the bound); else, or when no factor fits them all, the median
+            fit = None if bounds is None else _interval_fit(
+                d[pick], term[pick], bounds[pick] + self.bound * np.abs(other[pick]))
+            factor, error = fit or (float(np.median(d[pick] / term[pick])),
+                                    self._fit_error(term, pick))
             found = True
             if abs(factor) > self.bound:  # not applied: reported only if the row then fails
                 self._row_over, self._over = True, max(self._over, abs(factor))
@@ -138,7 +159,7 @@ class RowAllowance:
                 if term is soft:
                     self._soft = factor
                 d = d - factor * term
-                slack += self._fit_error(term, pick) * np.abs(term)
+                slack += error * np.abs(term)
                 self._significant |= abs(factor) > self.noise
         self.rows_fitted += found
         return d
@@ -162,3 +183,12 @@ class RowAllowance:
         """A factor applied to row `row`, or over the bound on a row that fails."""
         if abs(factor) > self.max_factor:
             self.max_factor, self.worst_row = abs(factor), row
+
+
+def _interval_fit(d: np.ndarray, term: np.ndarray, bound: np.ndarray) -> tuple[float, float] | None:
+    """The factor f with |d - f term| <= bound at every entry: the middle of the intersection of
+    the entries' intervals and its half-width (how far the row's true factor can be from it), or
+    None when they do not intersect (no single factor explains the entries)."""
+    centre, radius = d / term, bound / np.abs(term)
+    lo, hi = float(np.max(centre - radius)), float(np.min(centre + radius))
+    return ((lo + hi) / 2.0, (hi - lo) / 2.0) if lo <= hi else None
