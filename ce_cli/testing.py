@@ -19,11 +19,11 @@ Importing this module is cheap: Rich (used by `ce_cli.report.render`) is importe
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
+from ce_cli.io.arrays import api_array
 from ce_cli.verify.checks import check_binary, check_grad
 from ce_cli.verify.results import Report
 
@@ -31,16 +31,14 @@ __all__ = ["assert_ce_binary", "assert_ce_grad"]
 
 
 def _array(x: Any) -> Any:
-    """Arrays as numpy: a tensor that requires grad or lives on a device is detached and copied
-    to the CPU first (duck-typed: no framework is imported; a PyTorch tensor, torch being loaded
-    already, as the .pt loader reads one: bfloat16 widened exactly). None and Python numbers
-    pass as they are; bfloat16 arrays (ml_dtypes', JAX's) are widened by the checks."""
+    """Arrays as numpy: a PyTorch tensor as the checks read one (`ce_cli.io.arrays.api_array`),
+    another framework's tensor that requires grad or lives on a device detached and copied to the
+    CPU first (duck-typed: no framework is imported). None and Python numbers pass as they are."""
     if x is None or isinstance(x, (np.ndarray, int, float)):
         return x
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        from ce_cli.io.torch_pt import tensor_to_numpy
-        return tensor_to_numpy(torch, x, "tensor")
+    x = api_array(x)
+    if isinstance(x, np.ndarray):
+        return x
     if hasattr(x, "detach") and callable(x.detach):
         x = x.detach()
         if hasattr(x, "cpu"):

@@ -1,7 +1,7 @@
 """bfloat16 arrays through the Python API: what a JAX array becomes under np.asarray (ml_dtypes'
 bfloat16), or the raw `V2` bits, is widened exactly and compared as stored bf16, as a bf16 file
 is on the command line; a PyTorch bf16 tensor (a stand-in here: torch is not a test dependency)
-reaches `ce_cli.testing` the way the .pt loader reads one."""
+reaches the checks and `ce_cli.testing` the way the .pt loader reads one."""
 
 from __future__ import annotations
 
@@ -123,3 +123,6 @@ def test_testing_takes_a_torch_bf16_tensor(monkeypatch):
     report = assert_ce_grad(_StandInTensor(torch, to_bf16_bits(z)), y,
                             _StandInTensor(torch, to_bf16_bits(g)))
     assert next(c for c in report.checks if c.name == "grad_vs_reference").rule.startswith("bf16")
+    direct = ce_cli.check_grad(_StandInTensor(torch, to_bf16_bits(z)), y,
+                               grad=_StandInTensor(torch, to_bf16_bits(g)))
+    assert direct.ok and direct.checks == report.checks

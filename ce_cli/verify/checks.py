@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import widen_if_bfloat16
+from ce_cli.io.arrays import api_array
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import Semantics, SplitLse
 from ce_cli.models.softmax import build_softmax_ce
@@ -87,7 +87,7 @@ def check_grad(
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)
     logits, labels, grad, loss, weight, lse, sample_weight, z_loss_value = map(
-        widen_if_bfloat16, (logits, labels, grad, loss, weight, lse, sample_weight, z_loss_value))
+        api_array, (logits, labels, grad, loss, weight, lse, sample_weight, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
@@ -199,7 +199,7 @@ def check_binary(
     refuse_softmax_only(opts)
     src = _sources(sources)
     logits, labels, grad, loss, weight, pos_weight, sample_weight = map(
-        widen_if_bfloat16, (logits, labels, grad, loss, weight, pos_weight, sample_weight))
+        api_array, (logits, labels, grad, loss, weight, pos_weight, sample_weight))
     z, y = np.asarray(logits), np.asarray(labels)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ce_cli.io.bfloat16 import widen_if_bfloat16
+from ce_cli.io.arrays import api_array
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.pipeline import row_chunks
@@ -36,7 +36,7 @@ def softmax_reference(
 
     For reduction 'none' the gradient is that of the sum of per-sample losses.
     """
-    logits, labels, weight = map(widen_if_bfloat16, (logits, labels, weight))
+    logits, labels, weight = map(api_array, (logits, labels, weight))
     problem, _ = build_softmax_ce(
         np.asarray(logits), np.asarray(labels),
         weight=None if weight is None else np.asarray(weight), reduction=reduction,

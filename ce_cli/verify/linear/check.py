@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import widen_if_bfloat16
+from ce_cli.io.arrays import api_array
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
 from ce_cli.models.semantics import Semantics
@@ -60,7 +60,7 @@ def check_linear(
     refuse_not_linear(opts)
     src = {**{r: r for r in ROLES}, **(sources or {})}
     (hidden, weight, labels, bias, grad_hidden, grad_weight, grad_bias, loss, class_weight,
-     sample_weight) = map(widen_if_bfloat16, (hidden, weight, labels, bias, grad_hidden,
+     sample_weight) = map(api_array, (hidden, weight, labels, bias, grad_hidden,
                                               grad_weight, grad_bias, loss, class_weight,
                                               sample_weight))
     problem, warnings, labels = linear_problem(hidden, weight, labels, bias, class_weight,
