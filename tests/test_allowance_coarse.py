@@ -9,7 +9,7 @@ import pytest
 
 import ce_cli
 from tests.conftest import softmax
-from tests.test_api_bfloat16 import as_void, to_bf16_bits
+from tests.test_api_bfloat16 import as_float, as_void, to_bf16_bits
 
 C, N, EPS = 1000, 48, 0.1
 
@@ -30,10 +30,6 @@ def smoothed_rows(seed: int = 0, factor=None, bug: str = "", eps: float = EPS) -
     q[np.arange(N), y] += 1.0 - eps
     g32 = p.astype(np.float32) - q.astype(np.float32)  # one float32 subtraction
     return z, y, as_void(to_bf16_bits(g32))
-
-
-def as_float(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
 def check(z, y, g, eps: float = EPS, **kw):

@@ -25,6 +25,11 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def as_float(bits: np.ndarray) -> np.ndarray:
+    """The float64 values of bfloat16 bits."""
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
 def as_void(bits: np.ndarray) -> np.ndarray:
     return bits.view("V2")
 

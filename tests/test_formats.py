@@ -101,15 +101,23 @@ def test_explicit_precision_overrides_bf16(invoke, fmt):
     assert other["options"]["precision"] == "f16"
 
 
-def test_bf16_widening_is_what_makes_it_pass(invoke, tmp_path):
-    """Negative control: the same bf16 gradient saved as plain float32 (no tag) is compared in
-    f32 and fails, so the pass above comes from the implied precision."""
+def test_bf16_values_saved_as_float32_are_read_as_bf16(invoke, tmp_path):
+    """The same bf16 gradient saved as plain float32 (no tag; what `.float()` then `.numpy()`
+    gives): every entry is a bfloat16 value, so it is compared as stored in bf16 (a note says
+    so), the report of the tagged file; `--precision f32` holds it to float32's floor as there."""
     widened = load_array(str(D / "grad_bf16.npy"))
     plain = save(tmp_path, "g.npy", np.frombuffer(widened.tobytes(), np.float32).reshape(6, 10))
     args = ["grad", D / "logits.npy", D / "labels.npy", "--grad", plain, "--json"]
     result = invoke(args)
-    assert result.exit_code == 1
-    assert json.loads(result.stdout)["options"]["precision"] == "f32"
+    assert result.exit_code == 0
+    rep = json.loads(result.stdout)
+    assert rep["options"]["precision"] == "bf16"
+    assert rep["warnings"] == [f"grad file '{plain}': every entry is a bfloat16 value (held as "
+                               "float32): compared as stored in bf16 (the precision computed in: "
+                               "`precision`)"]
+    tagged = report(invoke, names("npy", grad="grad_bf16"))
+    assert rep["checks"] == tagged["checks"]
+    assert invoke([*args, "--precision", "f32"]).exit_code == 1
 
 
 def test_safetensors_only_tensor_and_batch_manifest(invoke, tmp_path):

@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array
+from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import Semantics, SplitLse
 from ce_cli.models.softmax import build_softmax_ce
@@ -103,6 +104,8 @@ def check_grad(
             lse=lse if opts.vocab_offset is not None else None,
             sample_weight_source=src["sample_weight"], lse_source=src["lse"])
     _refuse_or_note(problem, opts, warnings)
+    warnings += stored_notes({src["grad"]: grad, src["loss"]: loss, src["lse"]: lse,
+                              src["z_loss_value"]: z_loss_value})
     loss = _shard_loss(problem, loss, src, warnings)
     run = Run("multiclass", _echo(problem, opts, weight is not None), extra_checks, out_grad,
               progress)
@@ -222,6 +225,7 @@ def check_binary(
             **problem.sem.to_echo(),
             **({"label_smoothing": problem.smoothing} if problem.smoothing else {})}
     run = Run("binary", echo, (bridge,), out_grad, progress)
+    warnings += stored_notes({src["grad"]: grad, src["loss"]: loss})
     return verify(problem, warnings, Inputs(z, y, grad, loss, src), opts, run)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array
+from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
 from ce_cli.models.semantics import Semantics
@@ -66,6 +67,7 @@ def check_linear(
     problem, warnings, labels = linear_problem(hidden, weight, labels, bias, class_weight,
                                                sample_weight, opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
+    warnings += stored_notes({src[r]: a for r, a in {**grads, "loss": loss}.items()})
     problem = problem.with_budget(sum(int(np.asarray(a).nbytes) for a in
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)

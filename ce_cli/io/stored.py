@@ -1,0 +1,104 @@
+"""The precision an input's values were stored in, read from the values themselves.
+
+A float64 array whose every entry is exactly a float32 value went through float32 (a float32
+gradient written as CSV, `.double()`, a loss's `.item()`); a float32 array of bfloat16 or float16
+values went through that format (a bf16 gradient `.float()`ed to be saved). A computation in the
+wider format lands on a narrower format's value by chance with probability 2^-(p_wide - p_narrow)
+per entry, so a tag needs evidence: distinct entries whose significand needs more than half the
+narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least
+EVIDENCE of them (from float64, a float32
+coincidence is 2^-29 per entry; float16 values are bfloat16 values with chance 2^-3 per entry,
+hence 16 for bf16; fewer bf16 values within float16's range tell neither apart, and float32
+holds both). The narrowest format that holds every entry wins. The tag is the one a bf16
+file gets (`STORED_KEY`), marked inferred; the precision the values were *computed* in is still
+`--precision`'s to say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ce_cli.io.bfloat16 import STORED_KEY
+
+INFERRED_KEY = "ce_check.stored_inferred"
+# format: (significand bits, entries of evidence needed, numpy dtype or None for bf16)
+FORMATS = {"bf16": (8, 16, None), "f16": (11, 4, np.float16), "f32": (24, 1, np.float32)}
+# the formats whose values are a subset of a dtype's (by itemsize), narrowest first: float16
+# values are not bfloat16's (nor the reverse), so a float16 array is tagged with neither
+NARROWER = {8: ("bf16", "f16", "f32"), 4: ("bf16", "f16")}
+SAMPLE = 4096          # entries read first: a wide array's values almost always end it there
+CHUNK = 1 << 20        # entries per step of the full scan (no temporary of the array's size)
+NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+def infer_stored(x: Any) -> Any:
+    """`x` viewed with its dtype tagged as stored in the narrowest format that holds every
+    entry (with the evidence above), or `x` itself (not a float array, already tagged, none)."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.metadata or x.size == 0:
+        return x
+    flat = x.reshape(-1)
+    left = _holding(flat[:SAMPLE], list(NARROWER.get(x.dtype.itemsize, ())))
+    if not left:
+        return x
+    evidence: dict[str, set[float]] = {f: set() for f in left}
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start:start + CHUNK]
+        left = _holding(part, left)
+        for f in left:
+            if len(evidence[f]) < FORMATS[f][1]:
+                evidence[f].update(_evidence(part, f, FORMATS[f][1]))
+    if "bf16" in left and "f16" in left and len(evidence["bf16"]) < FORMATS["bf16"][1]:
+        left.remove("f16")  # bf16 values within float16's range: either, so neither (f32 holds both)
+    for f in left:  # narrowest first
+        if len(evidence[f]) >= FORMATS[f][1]:
+            return x.view(np.dtype(x.dtype, metadata={STORED_KEY: f, INFERRED_KEY: True}))
+    return x
+
+
+def inferred(dtype: np.dtype) -> str | None:
+    """The format `infer_stored` tagged `dtype` with, or None."""
+    meta = dtype.metadata
+    return meta.get(STORED_KEY) if meta is not None and meta.get(INFERRED_KEY) else None
+
+
+def stored_notes(inputs: dict[str, Any]) -> list[str]:
+    """The report's notes on the compared inputs (label -> value) whose stored format was
+    inferred."""
+    notes = []
+    for label, x in inputs.items():
+        f = inferred(np.dtype(getattr(x, "dtype", np.float64)))
+        if f is not None:
+            notes.append(f"{label}: every entry is a {NAMES[f]} value (held as {x.dtype.name}): "
+                         f"compared as stored in {f} (the precision computed in: `precision`)")
+    return notes
+
+
+def _holding(values: np.ndarray, formats: list[str]) -> list[str]:
+    """The formats in which every entry of `values` is exactly representable (NaN, inf too)."""
+    v = np.asarray(values)
+    out = []
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(v)
+        for f in formats:
+            p, _e, dtype = FORMATS[f]
+            narrow = v.astype(np.float32 if dtype is None else dtype)
+            same = narrow.astype(v.dtype) == v
+            if dtype is None:  # bfloat16: float32 values with 16 zero low bits
+                same &= (narrow.view(np.uint32) & 0xFFFF) == 0
+            if bool(np.all(same | ~finite)):
+                out.append(f)
+    return out
+
+
+def _evidence(values: np.ndarray, f: str, most: int) -> list[float]:
+    """Up to `most` distinct entries whose significand needs more than half of format f's bits,
+    integers left out (a count, or a loss of exactly |z|, is any format's value by nature)."""
+    half = FORMATS[f][0] // 2
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        m, e = np.frexp(v)
+        short = np.ldexp(np.round(np.ldexp(m, half)), e - half)
+        telling = v[np.isfinite(v) & (short != v) & (np.round(v) != v)]
+    return np.unique(telling[:64 * most])[:most].tolist()

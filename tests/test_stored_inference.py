@@ -1,0 +1,110 @@
+"""The stored format read from the values (ce_cli/io/stored.py): a float32 gradient written as
+CSV or upcast to float64, a bf16 gradient `.float()`ed to be saved, a float32 loss's `.item()`
+are compared as what they were stored in, with a note; a genuine float64 (float32) array, or one
+of values that prove nothing (0, 0.25), keeps its dtype's precision."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ce_cli
+from ce_cli.io.stored import infer_stored, inferred
+from tests.conftest import FIXTURES, save, softmax
+from tests.test_api_bfloat16 import as_float, to_bf16_bits
+
+D = FIXTURES / "example"
+Z, Y, G32 = (np.load(D / f"{n}.npy") for n in ("logits", "labels", "grad"))
+
+
+def tag(x) -> str | None:
+    return inferred(infer_stored(np.asarray(x)).dtype)
+
+
+def test_float32_values_in_float64():
+    assert tag(G32.astype(np.float64)) == "f32"
+    assert tag(np.float64(np.float32(4.191544897))) == "f32"  # a float32 loss's .item()
+    exact = softmax(Z.astype(np.float64))
+    assert tag(exact) is None  # a float64 computation
+    mixed = exact.copy()
+    mixed[0, 0] = np.float32(mixed[0, 0])
+    assert tag(mixed) is None  # every entry, or none
+
+
+def test_values_that_prove_nothing_keep_the_dtype():
+    assert tag(np.array([0.0, 0.25, -1.0, 3.0, np.inf, np.nan])) is None
+    assert tag(np.zeros((4, 5), np.float32)) is None
+    assert tag(np.array([], np.float64)) is None
+    assert tag(np.full(8, 10000.0)) is None  # losses of exactly |z|: integers
+    same = np.full(20, np.float32(0.1234567), np.float32)
+    assert tag(same.astype(np.float64)) == "f32"  # one value is evidence enough for float32
+    assert tag(as_float(to_bf16_bits(same))[:1].repeat(20).astype(np.float32)) is None  # not 16
+    tiny = (np.arange(1, 40) * 2.0**-24).astype(np.float16)  # float16 subnormals: few bits
+    assert tag(tiny) is None  # a float16 array is never bf16
+
+
+def test_narrower_formats_in_float32():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(64).astype(np.float32) * 1e-3
+    bf16 = as_float(to_bf16_bits(x)).astype(np.float32)
+    assert tag(bf16) == "bf16" and tag(bf16.astype(np.float64)) == "bf16"
+    f16 = x.astype(np.float16).astype(np.float32)
+    assert tag(f16) == "f16"
+    assert tag(x) is None
+    assert tag(bf16[:8]) is None  # 8 entries are not evidence enough for bf16 (f16: 2^-3 each)
+
+
+@given(st.lists(st.floats(-1e30, 1e30, width=32, allow_subnormal=False).map(float) if False else st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=False), min_size=1,
+                max_size=50))
+def test_widened_float32_is_always_recognised_when_evidence_exists(values):
+    arr = np.array(values, np.float32).astype(np.float64)
+    from ce_cli.io.stored import _evidence
+    got = tag(arr)
+    if _evidence(arr, "f32", 1):
+        assert got in ("f32", "f16", "bf16")
+    else:
+        assert got is None
+
+
+@given(st.integers(0, 10_000))
+def test_float64_computations_are_not_tagged(seed):
+    z = np.random.default_rng(seed).standard_normal((4, 7)) * 3.0
+    assert tag(softmax(z) - 0.25) is None
+
+
+def test_csv_float32_gradient_passes_with_a_note(invoke, tmp_path):
+    for name, arr in (("z.csv", Z), ("g.csv", G32)):
+        np.savetxt(tmp_path / name, arr, delimiter=",")
+    result = invoke(["grad", tmp_path / "z.csv", D / "labels.npy", "--grad", tmp_path / "g.csv",
+                     "--json"])
+    assert result.exit_code == 0, result.stdout
+    rep = json.loads(result.stdout)
+    assert rep["options"]["precision"] == "f32"
+    assert any("every entry is a float32 value (held as float64)" in w for w in rep["warnings"])
+    bad = np.load(D / "grad_bad.npy")
+    np.savetxt(tmp_path / "bad.csv", bad, delimiter=",")
+    result = invoke(["grad", tmp_path / "z.csv", D / "labels.npy", "--grad",
+                     tmp_path / "bad.csv", "--json"])
+    assert result.exit_code == 1
+    worst = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "grad_vs_reference")
+    assert worst["worst"][0]["index"] == [7, 3]
+
+
+@pytest.mark.parametrize("role", ["grad", "loss"])
+def test_upcast_values_through_the_api(role):
+    loss = float(np.load(D / "loss.npy"))  # float32 loss, as .item() gives it
+    report = ce_cli.check_grad(Z, Y, grad=G32.astype(np.float64) if role == "grad" else G32,
+                               loss=loss)
+    assert report.ok
+    label = {"grad": "grad", "loss": "loss"}[role]
+    assert any(w.startswith(f"{label}: every entry is a float32 value") for w in report.warnings)
+
+
+def test_saved_npy_of_upcast_float32(invoke, tmp_path):
+    g = save(tmp_path, "g.npy", G32.astype(np.float64))
+    result = invoke(["grad", D / "logits.npy", D / "labels.npy", "--grad", g])
+    assert result.exit_code == 0 and "compared as stored in f32" in result.stderr
