@@ -113,8 +113,8 @@ def test_bf16_values_saved_as_float32_are_read_as_bf16(invoke, tmp_path):
     rep = json.loads(result.stdout)
     assert rep["options"]["precision"] == "bf16"
     assert rep["warnings"] == [f"grad file '{plain}': every entry is a bfloat16 value (held as "
-                               "float32): compared as stored in bf16 (the precision computed in: "
-                               "`precision`)"]
+                               "float32): compared as stored in bf16 (`precision` says what it "
+                               "was computed in)"]
     tagged = report(invoke, names("npy", grad="grad_bf16"))
     assert rep["checks"] == tagged["checks"]
     assert invoke([*args, "--precision", "f32"]).exit_code == 1

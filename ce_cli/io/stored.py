@@ -5,13 +5,12 @@ gradient written as CSV, `.double()`, a loss's `.item()`); a float32 array of bf
 values went through that format (a bf16 gradient `.float()`ed to be saved). A computation in the
 wider format lands on a narrower format's value by chance with probability 2^-(p_wide - p_narrow)
 per entry, so a tag needs evidence: distinct entries whose significand needs more than half the
-narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least
-EVIDENCE of them (from float64, a float32
-coincidence is 2^-29 per entry; float16 values are bfloat16 values with chance 2^-3 per entry,
-hence 16 for bf16; fewer bf16 values within float16's range tell neither apart, and float32
-holds both). The narrowest format that holds every entry wins. The tag is the one a bf16
-file gets (`STORED_KEY`), marked inferred; the precision the values were *computed* in is still
-`--precision`'s to say.
+narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least the
+format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; float16
+values are bfloat16 values with chance 2^-3 per entry: 16 for bf16, and fewer bf16 values within
+float16's range tell neither apart, while float32 holds both). The narrowest format that holds
+every entry wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked inferred; the
+precision the values were *computed* in is still `--precision`'s to say.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def stored_notes(inputs: dict[str, Any]) -> list[str]:
         f = inferred(np.dtype(getattr(x, "dtype", np.float64)))
         if f is not None:
             notes.append(f"{label}: every entry is a {NAMES[f]} value (held as {x.dtype.name}): "
-                         f"compared as stored in {f} (the precision computed in: `precision`)")
+                         f"compared as stored in {f} (`precision` says what it was computed in)")
     return notes
 
 
@@ -101,4 +100,7 @@ def _evidence(values: np.ndarray, f: str, most: int) -> list[float]:
         m, e = np.frexp(v)
         short = np.ldexp(np.round(np.ldexp(m, half)), e - half)
         telling = v[np.isfinite(v) & (short != v) & (np.round(v) != v)]
-    return np.unique(telling[:64 * most])[:most].tolist()
+    distinct = np.unique(telling[:64 * most])  # most often enough; else the whole part
+    if distinct.size < most:
+        distinct = np.unique(telling)
+    return distinct[:most].tolist()

@@ -61,9 +61,8 @@ def check_linear(
     refuse_not_linear(opts)
     src = {**{r: r for r in ROLES}, **(sources or {})}
     (hidden, weight, labels, bias, grad_hidden, grad_weight, grad_bias, loss, class_weight,
-     sample_weight) = map(api_array, (hidden, weight, labels, bias, grad_hidden,
-                                              grad_weight, grad_bias, loss, class_weight,
-                                              sample_weight))
+     sample_weight) = map(api_array, (hidden, weight, labels, bias, grad_hidden, grad_weight,
+                                      grad_bias, loss, class_weight, sample_weight))
     problem, warnings, labels = linear_problem(hidden, weight, labels, bias, class_weight,
                                                sample_weight, opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
