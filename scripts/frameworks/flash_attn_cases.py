@@ -80,6 +80,9 @@ VARIANTS = {
     "prelse": "mean",
 }
 BIG = ("plain", "none", "combo")
+# --old: flash-attn < 2.8.0 took a negative logit_scale (02541ac9 "[CE] Assert logit_scale > 0")
+OLD_VARIANTS = {"negscale": "mean", "negscale_none": "none"}
+OLD_CLASSES = (1000, 1024)
 CLASSES = (10, 1000, 32_000, 50_257)
 SMALL_CLASSES = (10, 1000)
 BIG_CLASSES = (128_256,)
@@ -104,10 +107,21 @@ def cases(small: bool) -> list[dict]:
     return out
 
 
+def old_cases() -> list[dict]:
+    """flash-attn < 2.8.0 with logit_scale -0.7: masked columns of the last block load -inf,
+    times a negative scale +inf, so lse and every entry are NaN unless C is a power of two."""
+    return [dict(framework="flashattn", call_tag="old", dtype=dt, layout="nc", C=C, scale=s,
+                 reduction=red, variant=v, target="index")
+            for v, red in OLD_VARIANTS.items() for dt in ("f32", "bf16") for C in OLD_CLASSES
+            for s in (1.0, 10.0)]
+
+
 def fixture_keep(c: dict) -> bool:
     """The committed subset (with --small): every variant at C = 10, std 1 and 30, in float32;
     half precision at C = 10 std 30 (plain, none, combo); C = 1,000 std 30 for the combos."""
     v, s, C, f32 = c["variant"], c["scale"], c["C"], c["dtype"] == "f32"
+    if v in OLD_VARIANTS:
+        return s == 1.0 and (f32 or C == 1000) and (v == "negscale" or C == 1000)
     if C == 10:
         return s in (1.0, 30.0) if f32 else s == 30.0 and v in ("plain", "none", "combo")
     return C == 1000 and s == 30.0 and f32 and v in ("combo", "none_combo")
@@ -169,10 +183,11 @@ def fa_args(v: str, bug: str = "") -> dict:
     """CrossEntropyLoss's keyword arguments of variant `v` (`bug` changes one)."""
     combo = "combo" in v
     return dict(
-        reduction=VARIANTS[v],
+        reduction={**VARIANTS, **OLD_VARIANTS}[v],
         ignore_index=(0 if v == "pad" else IGNORE) if bug != "noignore" else -1,
         label_smoothing=EPS_LS if (v == "smooth" or combo) and bug != "nosmooth" else 0.0,
-        logit_scale=SCALE if (v == "scale" or combo) and bug != "noscale" else 1.0,
+        logit_scale=(-SCALE if v.startswith("negscale") else
+                     SCALE if (v == "scale" or combo) and bug != "noscale" else 1.0),
         lse_square_scale=ZETA if (v == "zloss" or combo) and bug != "nozloss" else 0.0,
         inplace_backward=v == "inplace",
         return_z_loss=v == "zloss" or combo)
@@ -181,13 +196,13 @@ def fa_args(v: str, bug: str = "") -> dict:
 def ce_check_options(v: str, dtype: str) -> dict:
     """The ce-check options that express variant `v` (array-valued ones name a .npz array)."""
     combo = "combo" in v
-    red = VARIANTS[v]
+    red = {**VARIANTS, **OLD_VARIANTS}[v]
     opts: dict = dict(reduction="sum" if red == "none" else red, precision=dtype,
                       ignore_index=0 if v == "pad" else IGNORE)
     if v == "smooth" or combo:
         opts["label_smoothing"] = EPS_LS
-    if v == "scale" or combo:
-        opts["logit_scale"] = SCALE
+    if v == "scale" or combo or v.startswith("negscale"):
+        opts["logit_scale"] = SCALE  # negscale: on the negated logits
     if v == "zloss" or combo:
         opts["z_loss"] = ZETA
         if red != "none":
@@ -270,6 +285,7 @@ def ce_compute(outdir: str, small: bool, src: str):
             arrays["z_loss_rows" if rows is not None else "z_loss_value"] = liger_cases.to_np(zl)
         if pre is not None:
             arrays["lse"] = liger_cases.to_np(pre)
+        sign = -1.0 if v.startswith("negscale") else 1.0  # S x = |S| (-x): ce-check's S > 0
         for bug in bugs_of(v) if dt == "f32" else ():
             if bug == "gradscale":
                 arrays["grad_bug_" + bug] = liger_cases.to_np(grad / SCALE)
@@ -278,9 +294,10 @@ def ce_compute(outdir: str, small: bool, src: str):
                     run_module(torch, losses, x0, y, g, v, bug)[3])
         meta = dict(flash_attn_version=version, shape=list(z64.shape), triton_interpret=True,
                     kernel="flash_attn.losses.cross_entropy.CrossEntropyLoss",
-                    kernel_args={k: a for k, a in fa_args(v).items()})
-        common.write_case(outdir, case, logits=liger_cases.to_np(x0), labels=y64,
-                          grad=liger_cases.to_np(grad), loss=liger_cases.to_np(loss), axis=-1,
+                    kernel_args=fa_args(v), old=v in OLD_VARIANTS, negated=sign < 0,
+                    old_bug=v in OLD_VARIANTS and case["C"] & (case["C"] - 1) != 0)
+        common.write_case(outdir, case, logits=sign * liger_cases.to_np(x0), labels=y64,
+                          grad=sign * liger_cases.to_np(grad), loss=liger_cases.to_np(loss), axis=-1,
                           precision=dt, seed=seed, arrays_extra=arrays,
                           ce_check=ce_check_options(v, dt), meta_extra=meta)
     return one
@@ -455,7 +472,7 @@ def failures(report) -> list:
 
 def sweep(outdir: str) -> tuple[int, int, int, int]:
     """(cases, false alarms, planted bugs, missed); prints each failure."""
-    n = fa = bugs = missed = 0
+    n = fa = bugs = missed = old = caught = 0
     for p in sorted(glob.glob(os.path.join(outdir, "*.npz"))):
         arr, meta = liger_cases.load(p)
         name = os.path.basename(p)[:-4]
@@ -464,6 +481,12 @@ def sweep(outdir: str) -> tuple[int, int, int, int]:
             n, fa, bugs, missed = n + 1, fa + got[0], bugs + got[1], missed + got[2]
             continue
         n += 1
+        if meta.get("old"):
+            ok = check(arr, meta).ok
+            old, caught = old + 1, caught + (not ok and meta["old_bug"])
+            fa += ok == meta["old_bug"] and not meta["old_bug"]
+            print(f"OLD {name}: {'PASS' if ok else 'FAIL'} (bug present: {meta['old_bug']})")
+            continue
         bad = failures(check(arr, meta)) + [("rows:" + k, t) for k, t in failures(check_rows(arr, meta))]
         if meta["dtype"] != "f32":
             bad += [("stored:" + k, t) for k, t in failures(as_stored(arr, meta))]
@@ -476,7 +499,8 @@ def sweep(outdir: str) -> tuple[int, int, int, int]:
                 missed += 1
                 print("MISSED", k[9:], name, flush=True)
     print(f"[{os.environ.get('CE_CHECK_FUSED') == '0' and 'numpy' or 'default'} kernel] cases {n}"
-          f" false alarms {fa} planted bugs {bugs} missed {missed}", flush=True)
+          f" false alarms {fa} planted bugs {bugs} missed {missed} old-version cases {old}"
+          f" (bug caught {caught})", flush=True)
     return n, fa, bugs, missed
 
 
@@ -566,6 +590,9 @@ def main():
         argv.remove("--fixtures")
     if src is None:
         sys.exit("flash_attn_cases.py: --src SDIST (an unpacked flash-attn source tree) is required")
+    old = "--old" in argv
+    if old:
+        argv.remove("--old")
     world = 0
     if "--tp" in argv:
         i = argv.index("--tp")
@@ -576,7 +603,7 @@ def main():
     if world:
         tp_run(tp_cases(args.small, world), args, src, world)
         return
-    common.run(cases(args.small), args, ce_compute(args.outdir, args.small, src),
+    common.run(old_cases() if old else cases(args.small), args, ce_compute(args.outdir, args.small, src),
                fixture_keep if fixtures else None)
 
 
