@@ -345,7 +345,8 @@ def kernel_lse(loss):
     raise LookupError("flash-attn's CrossEntropyLoss node not found")
 
 
-def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: str) -> None:
+def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: str,
+              small: bool) -> None:
     """One rank: every job's shard [rank V/p, (rank + 1) V/p) through CrossEntropyLoss with
     process_group; writes OUTDIR/_tp/<name>_rank<r>.npz."""
     torch, _, losses, _ = interpreted(src)
@@ -356,7 +357,7 @@ def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: st
     tdt = {"f32": torch.float32, "bf16": torch.bfloat16}
     for case, seed in jobs:
         v, C = case["variant"], case["C"]
-        z64, y64, g64 = draw(liger_cases.ce_shape(C, False), case["scale"], seed, False)
+        z64, y64, g64 = draw(liger_cases.ce_shape(C, small), case["scale"], seed, False)
         n = C // world
         x0 = torch.from_numpy(np.ascontiguousarray(z64[:, rank * n:(rank + 1) * n])).to(tdt[case["dtype"]])
         g = torch.from_numpy(g64).float()
@@ -383,23 +384,31 @@ def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: st
     dist.destroy_process_group()
 
 
-def tp_run(cases_: list, args, src: str, world: int) -> None:
+def tp_keep(c: dict) -> bool:
+    """The committed vocabulary-parallel subset: C = 1,000 std 30, the combos in float32 and
+    the mean combo in bf16."""
+    return c["scale"] == 30.0 and "combo" in c["variant"] and (
+        c["dtype"] == "f32" or c["reduction"] == "mean")
+
+
+def tp_run(cases_: list, args, src: str, world: int, keep=None) -> None:
     """Runs every case on WORLD gloo processes, then writes one .npz per case: the whole
     batch's `logits`, the ranks' `logits_<r>` / `grad_<r>`, `loss` (rank 0's: every rank holds
     the same), the kernel's global `lse`, its z-loss."""
     import torch.multiprocessing as mp
     os.makedirs(os.path.join(args.outdir, "_tp"), exist_ok=True)
     jobs = [(c, args.seed + i) for i, c in enumerate(cases_)
-            if not args.only or args.only in common.case_name(c)]
-    mp.spawn(tp_worker, args=(world, src, 29500 + os.getpid() % 400, jobs, args.outdir),
-             nprocs=world)
+            if (not args.only or args.only in common.case_name(c)) and (keep is None or keep(c))]
+    mp.spawn(tp_worker, args=(world, src, 29500 + os.getpid() % 400, jobs, args.outdir,
+                              args.small), nprocs=world)
     version = sdist_version(src)
     for case, seed in jobs:
         name = common.case_name(case)
         parts = [dict(np.load(os.path.join(args.outdir, "_tp", f"{name}_rank{r}.npz")))
                  for r in range(world)]
         v = case["variant"]
-        z64, y64, g64 = draw(liger_cases.ce_shape(case["C"], False), case["scale"], seed, False)
+        z64, y64, g64 = draw(liger_cases.ce_shape(case["C"], args.small), case["scale"], seed,
+                             False)
         opts = ce_check_options(v, case["dtype"])
         opts.pop("z_loss_value", None)
         arrays = {f"{k}_{r}": p[k] for r, p in enumerate(parts)
@@ -601,7 +610,7 @@ def main():
     sys.argv = [sys.argv[0]] + argv
     args = common.parse_args("flash_attn_cases.py")
     if world:
-        tp_run(tp_cases(args.small, world), args, src, world)
+        tp_run(tp_cases(args.small, world), args, src, world, tp_keep if fixtures else None)
         return
     common.run(old_cases() if old else cases(args.small), args, ce_compute(args.outdir, args.small, src),
                fixture_keep if fixtures else None)
