@@ -65,6 +65,7 @@ import os
 import re
 import sys
 import types
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +143,7 @@ def sdist_version(src: str) -> str:
 
 def _load(name: str, path: str):
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
@@ -353,7 +355,7 @@ def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: st
     """One rank: every job's shard [rank V/p, (rank + 1) V/p) through CrossEntropyLoss with
     process_group; writes OUTDIR/_tp/<name>_rank<r>.npz."""
     torch, _, losses, _ = interpreted(src)
-    import torch.distributed as dist
+    import torch.distributed as dist  # type: ignore[import-not-found]
     gather_shim(dist)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -372,7 +374,7 @@ def tp_worker(rank: int, world: int, src: str, port: int, jobs: list, outdir: st
         loss, zl = out if kw["return_z_loss"] else (out, None)
         lse = kernel_lse(loss)
         loss.backward(g if kw["reduction"] == "none" else None)
-        arrays = dict(logits=liger_cases.to_np(x0), grad=liger_cases.to_np(x.grad),
+        arrays: dict[str, Any] = dict(logits=liger_cases.to_np(x0), grad=liger_cases.to_np(x.grad),
                       loss=liger_cases.to_np(loss), lse=liger_cases.to_np(lse))
         if zl is not None:
             arrays["z_loss"] = liger_cases.to_np(zl)
@@ -398,7 +400,7 @@ def tp_run(cases_: list, args, src: str, world: int, keep=None) -> None:
     """Runs every case on WORLD gloo processes, then writes one .npz per case: the whole
     batch's `logits`, the ranks' `logits_<r>` / `grad_<r>`, `loss` (rank 0's: every rank holds
     the same), the kernel's global `lse`, its z-loss."""
-    import torch.multiprocessing as mp
+    import torch.multiprocessing as mp  # type: ignore[import-not-found]
     os.makedirs(os.path.join(args.outdir, "_tp"), exist_ok=True)
     jobs = [(c, args.seed + i) for i, c in enumerate(cases_)
             if (not args.only or args.only in common.case_name(c)) and (keep is None or keep(c))]
