@@ -40,7 +40,7 @@ import ce_cli
 
 CASES = sorted(p for p in glob.glob(str(Path(__file__).parent.parent / "fixtures"
                                        / "frameworks_semantics" / "*" / "*.npz"))
-               if Path(p).parent.name not in ("liger", "liger_ascend"))  # tests/test_liger_real.py
+               if Path(p).parent.name not in ("liger", "liger_ascend", "flash_attn"))  # test_liger_real, test_flash_attn_real
 ARRAYS = ("sample_weight",)
 
 
