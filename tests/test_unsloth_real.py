@@ -8,7 +8,10 @@ tokens: `--reduction mean --ignore-index -100`; the caller's n_items: `--reducti
 --denominator N`), with logit scaling (`--logit-scale`) and soft-capping (`--softcap`), float32
 inside and the gradient stored in the logits' dtype. No false alarm on either kernel; the real
 kernel with one line changed (the soft-cap's derivative, the scaling's factor, a chunk's lse)
-or n_items left out is caught.
+or n_items left out is caught. Released bugs: unsloth <= 2026.8.22 lets the padded lanes past V
+join the soft-capped logsumexp at -softcap (unslothai/unsloth#10616), unsloth <= 2026.9.14
+writes the gradient into the saved logits, so a z-loss added on the same logits differentiates
+the gradient instead (#5002): both caught in float32, both gone in the fixed releases.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ CASES = sorted(str(p) for p in (ROOT / "fixtures" / "frameworks_semantics" / "un
                .glob("*.npz"))
 META = {p: unsloth_cases.liger_cases.load(p)[1] for p in CASES}
 SWEEP = [p for p in CASES if "scenario" not in META[p]]
+OLD = [p for p in CASES if META[p].get("old")]
 FIXED = [p for p in CASES if "scenario" in META[p] and not META[p]["old"]]
 PLANTED = [p for p in SWEEP if unsloth_cases.planted(unsloth_cases.liger_cases.load(p)[0])]
 
@@ -53,6 +57,8 @@ def test_unsloth_fixtures_are_there():
     assert {META[p]["unsloth_version"] for p in SWEEP} == {"2026.10.9"}
     assert any(META[p]["C"] > 65_536 for p in SWEEP)  # the chunked path
     assert all(META[p]["triton_interpret"] for p in CASES)
+    assert {META[p]["scenario"] for p in OLD} == {"pad", "inplace"}
+    assert {META[p]["scenario"] for p in FIXED} == {"pad", "inplace"}
     bugs = {b for p in PLANTED for b in unsloth_cases.planted(_load(p)[0])}
     assert bugs == {"nocap", "noscale", "noitems", "chunklabel", "chunkdrop"}
 
@@ -104,3 +110,46 @@ def test_16_bit_gradient_passes_as_computed_in_f32(path):
     meta = {**meta, "ce_check": {**meta["ce_check"], "precision": "f32"}}
     report = unsloth_cases.check(arrays, meta, grad=stored, loss=False)
     assert report.ok, _failed(report)
+
+
+@pytest.mark.parametrize("path", OLD, ids=_stem)
+def test_released_unsloth_bug_is_caught(path):
+    """#10616 (the padded lanes at -softcap in the logsumexp): the loss carries the extra mass,
+    and so does the gradient, a row factor the normaliser check names (the bf16 case with 24
+    padded lanes: the loss only, checked as computed in float32). #5002 (the gradient written
+    into the saved logits): the z-loss's gradient is taken at the CE gradient, not the logits."""
+    arrays, meta = _load(path)
+    failed = _failed(unsloth_cases.check(arrays, meta))
+    if meta["scenario"] == "pad":
+        assert "loss_vs_reference" in failed, failed
+    if meta["scenario"] == "inplace" or meta["dtype"] == "f32" or meta["C"] > 65_536:
+        assert {"grad_vs_reference", "normaliser"} <= set(failed), failed
+        assert "rows pass with it; normaliser off by" in failed["normaliser"]
+
+
+def test_released_bugs_have_their_fixed_twin():
+    """The same scenario and seed run by the fixed release passes (above), so the failure is
+    the bug's, not the scenario's."""
+    key = {p: (META[p]["scenario"], META[p]["dtype"], META[p]["C"], META[p]["scale"])
+           for p in OLD + FIXED}
+    assert {key[p] for p in OLD} <= {key[p] for p in FIXED}
+    for p in OLD:
+        twin = next(q for q in FIXED if key[q] == key[p])
+        a, b = _load(p)[0], _load(twin)[0]
+        assert np.array_equal(a["logits"], b["logits"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_unsloth_10616_through_the_cli(invoke, tmp_path):
+    """unsloth 2026.8.22, softcap 30, V 70,000 (61,072 padded lanes in the second chunk): the
+    CLI fails the check and names the row factor; 2026.9.14 on the same inputs passes."""
+    for version, code in (("2026822", 1), ("2026914", 0)):
+        path = next(p for p in OLD + FIXED if f"pad{version}_f32_btv_C70000" in p)
+        arrays, _ = _load(path)
+        for k in ("logits", "labels", "grad", "loss"):
+            np.save(tmp_path / f"{k}.npy", arrays[k])
+        r = invoke(["grad", tmp_path / "logits.npy", tmp_path / "labels.npy", "--grad",
+                    tmp_path / "grad.npy", "--loss", tmp_path / "loss.npy", "--softcap", "30",
+                    "--precision", "f32"])
+        assert r.exit_code == code, r.output
+        if code:
+            assert "verdict: FAIL" in r.output and "normaliser off by" in r.output
