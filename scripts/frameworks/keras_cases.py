@@ -41,6 +41,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import library_cases  # noqa: E402
 
 TDT = {"f32": tf.float32, "bf16": tf.bfloat16}
 # variant -> (family, reduction, layout): the ce-check reduction
@@ -124,19 +125,8 @@ def compute(outdir: str, small: bool):
     return one
 
 
-def fixture_keep(c: dict) -> bool:
-    """The committed subset of --small: C = 10 (every std, both dtypes) and C = 1,000 at std 10
-    in float32."""
-    return c["C"] == 10 or (c["C"] == 1000 and c["scale"] == 10.0 and c["dtype"] == "f32")
-
-
 def main():
-    fixtures = "--fixtures" in sys.argv
-    if fixtures:
-        sys.argv.remove("--fixtures")
-    args = common.parse_args("keras_cases.py")
-    common.run(cases(args.small), args, compute(args.outdir, args.small),
-               fixture_keep if fixtures else None)
+    library_cases.main("keras_cases.py", cases, compute)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import library_cases  # noqa: E402
 from jax_cases import to_np  # noqa: E402  (exactly widened to float32)
 
 JDT = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -87,12 +88,12 @@ def forward(v: str, x, y, t, m, M, bug: str = ""):
     return optax.softmax_cross_entropy_with_integer_labels(x, y, where=where).mean()
 
 
-def grad_of(v: str, x, *args, bug: str = ""):
+def grad_of(v: str, x, y, t, m, M, bug: str = ""):
     """(loss, gradient of the loss or of the per-example losses' sum)."""
     def f(xx):
-        out = forward(v, xx, *args, bug=bug)
+        out = forward(v, xx, y, t, m, M, bug)
         return out.sum() if out.ndim else out
-    return forward(v, x, *args, bug=bug), jax.grad(f)(x)
+    return forward(v, x, y, t, m, M, bug), jax.grad(f)(x)
 
 
 def compute(outdir: str, small: bool):
@@ -125,19 +126,8 @@ def compute(outdir: str, small: bool):
     return one
 
 
-def fixture_keep(c: dict) -> bool:
-    """The committed subset of --small: C = 10 (every std, both dtypes) and C = 1,000 at std 10
-    in float32."""
-    return c["C"] == 10 or (c["C"] == 1000 and c["scale"] == 10.0 and c["dtype"] == "f32")
-
-
 def main():
-    fixtures = "--fixtures" in sys.argv
-    if fixtures:
-        sys.argv.remove("--fixtures")
-    args = common.parse_args("optax_cases.py")
-    common.run(cases(args.small), args, compute(args.outdir, args.small),
-               fixture_keep if fixtures else None)
+    library_cases.main("optax_cases.py", cases, compute)
 
 
 if __name__ == "__main__":

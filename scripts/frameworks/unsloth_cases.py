@@ -113,7 +113,7 @@ def _module(name: str, **attrs) -> types.ModuleType:
 def _utils_namespace(utils_src: str) -> dict:
     """The wheel's own MAX_FUSED_SIZE, next_power_of_2 and calculate_settings."""
     import triton
-    keep = []
+    keep: list[ast.stmt] = []
     for node in ast.parse(utils_src).body:
         if isinstance(node, ast.FunctionDef) and node.name == "calculate_settings":
             keep.append(node)
