@@ -8,6 +8,10 @@ softcap + z-loss + smoothing, bf16 CPU autocast; f32/f16/bf16, std 1/10/30/50, (
 (B, T, V), mean/sum). JAX on XLA's CPU, flush-to-zero (fixtures/frameworks_semantics/jax/,
 `scripts/frameworks/jax_semantic_cases.py --small`: Gemma's soft-cap with optax, T5X's custom-VJP
 z-loss cross-entropy with its smoothing and per-token weights, optax's sigmoid BCE; f32/bf16).
+optax's own softmax_cross_entropy (probability rows), ..._with_integer_labels, `where=` on tokens
+and on classes (fixtures/frameworks_semantics/optax/, `scripts/frameworks/optax_cases.py`) and
+Keras 3's SparseCategoricalCrossentropy(from_logits=True, ignore_class=k), sample weights
+included (fixtures/frameworks_semantics/keras/, `scripts/frameworks/keras_cases.py`).
 Correct gradients raise no alarm; planted bugs are caught.
 
 The JAX sweep (152 cases up to C = 256,000) found two false alarms, since closed: T5X's backward
@@ -39,7 +43,7 @@ import pytest
 import ce_cli
 
 # fixture folders with a test of their own (test_liger_real, test_torch_compile_real, ...)
-OWN_TESTS = ("liger", "liger_ascend", "torch_compile", "flash_attn")
+OWN_TESTS = ("liger", "liger_ascend", "torch_compile", "flash_attn", "unsloth")
 CASES = sorted(p for p in glob.glob(str(Path(__file__).parent.parent / "fixtures"
                                        / "frameworks_semantics" / "*" / "*.npz"))
                if Path(p).parent.name not in OWN_TESTS)
@@ -67,7 +71,7 @@ def _check(arrays: dict, opts: dict, grad: np.ndarray | None = None, loss: bool 
 
 
 def _overflowed(arrays: dict) -> bool:
-    return bool(np.isinf(arrays["loss"]))
+    return bool(np.isinf(arrays["loss"]).any())
 
 
 def test_semantic_framework_fixtures_are_there():
@@ -77,6 +81,10 @@ def test_semantic_framework_fixtures_are_there():
         assert any(n.startswith(f"torch_{family}_") for n in names), family
     for family in ("gemma", "t5x", "bce"):
         assert any(n.startswith(f"jax_{family}_") for n in names), family
+    for variant in ("prob", "prob_mean", "int", "where", "where_classes"):  # optax's own calls
+        assert any(n.startswith("optax_ce_") and n.endswith(f"_{variant}") for n in names), variant
+    for variant in ("plain", "ignore0", "ignore_neg", "sw"):  # Keras's own loss
+        assert any(n.startswith("keras_ce_") and n.endswith(f"_{variant}") for n in names), variant
     torch_names = [n for n in names if n.startswith("torch_") and "_hf_" not in n]
     assert {n.split("_")[2] for n in torch_names} == {"f32", "f16", "bf16"}
     assert sum(_overflowed(_case(p)[0]) for p in CASES) >= 1
@@ -112,8 +120,10 @@ def _denominator(arrays: dict, opts: dict) -> float | None:
         return float(opts["denominator"])
     if opts["binary"]:
         return float(arrays["labels"].size) if opts["reduction"] == "mean" else None
+    if opts["reduction"] == "mean" and arrays["labels"].ndim == arrays["logits"].ndim:
+        return float(arrays["labels"].size // arrays["labels"].shape[-1])  # probability rows
     if opts["reduction"] == "mean" and "sample_weight" not in arrays:
-        return float(np.count_nonzero(arrays["labels"] != -100))
+        return float(np.count_nonzero(arrays["labels"] != opts.get("ignore_index", -100)))
     return None
 
 
@@ -131,7 +141,8 @@ def _planted(arrays: dict, opts: dict, bug: str, seed: int) -> np.ndarray | None
 
 
 F32 = [p for p in CASES if "_f32_" in Path(p).stem]
-BUGS = ["entry_x1.01", "row_x(1+2e-3)", "nocap", "nozloss", "sw2", "den+1"]
+BUGS = ["entry_x1.01", "row_x(1+2e-3)", "nocap", "nozloss", "sw2", "den+1", "allrows", "nomask",
+        "total", "noignore"]
 
 
 @pytest.mark.parametrize("bug", BUGS)
