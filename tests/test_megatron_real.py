@@ -33,6 +33,7 @@ META = {p: mc.load(p)[1] for p in CASES}
 CORRECT = [p for p in CASES if META[p]["variant"] != "smooth"]
 SMOOTH = [p for p in CASES if META[p]["variant"] == "smooth"]
 PLANTED = [(p, bug) for p in CORRECT for bug in sorted(mc.planted(mc.load(p)[0]))]
+FD = {"fd": "directional"}  # one probe a row (the sweep, `--check`, runs `auto`: full at this size)
 
 
 def _stem(path: str) -> str:
@@ -66,18 +67,18 @@ def test_megatron_fixtures_are_there():
 def test_no_false_alarm_on_megatron(both_kernels, path):
     """Merged over the TP shards, on the concatenated arrays, and the per-token losses."""
     arr, meta = mc.load(path)
-    assert mc.check_merged(arr, meta).report.ok, _failed(mc.check_merged(arr, meta))
-    assert mc.check_full(arr, meta).ok, _failed(mc.check_full(arr, meta))
-    assert mc.check_tokens(arr, meta).ok
+    assert mc.check_merged(arr, meta, **FD).report.ok, _failed(mc.check_merged(arr, meta, **FD))
+    assert mc.check_full(arr, meta, **FD).ok, _failed(mc.check_full(arr, meta, **FD))
+    assert mc.check_tokens(arr, meta, **FD).ok
 
 
 @pytest.mark.parametrize("path,bug", PLANTED, ids=lambda v: _stem(v) if v.endswith(".npz") else v)
 def test_megatron_with_one_thing_changed_is_caught(both_kernels, path, bug):
     arr, meta = mc.load(path)
     grad = mc.planted(arr)[bug]
-    sharded = mc.check_merged(arr, meta, grad=grad, loss=False)
+    sharded = mc.check_merged(arr, meta, grad=grad, loss=False, **FD)
     assert not sharded.report.ok
-    assert not mc.check_full(arr, meta, grad=grad, loss=False).ok
+    assert not mc.check_full(arr, meta, grad=grad, loss=False, **FD).ok
     if bug.startswith("last"):  # only the last rank's call changed: only its shard fails
         assert _failing_shards(sharded) == [meta["tp"] - 1]
 
@@ -104,14 +105,14 @@ def test_megatron_7464_local_smoothing_fails_on_every_shard(both_kernels, path):
     - s/K with K = V/p and s = eps K/(K - 1). With Megatron's global form it fails, every shard
     named; as the local semantics, rank by rank, it passes."""
     arr, meta = mc.load(path)
-    sharded = mc.check_merged(arr, meta, loss=False)
+    sharded = mc.check_merged(arr, meta, loss=False, **FD)
     assert not sharded.report.ok
     assert _failing_shards(sharded) == list(range(meta["tp"]))
     grad = next(c for c in sharded.report.checks if c.name == "grad_vs_reference")
     assert grad.mismatches > grad.total // 2
-    assert "grad_vs_reference" in _failed(mc.check_full(arr, meta, loss=False))
+    assert "grad_vs_reference" in _failed(mc.check_full(arr, meta, loss=False, **FD))
     for r in range(meta["tp"]):
-        assert all(rep.ok for rep in mc.check_local(arr, meta, r)), r
+        assert all(rep.ok for rep in mc.check_local(arr, meta, r, **FD)), r
 
 
 def test_megatron_7464_losses_differ_by_rank():
@@ -127,7 +128,7 @@ def test_megatron_7464_losses_differ_by_rank():
             assert same and np.isfinite(losses[0]).all(), p
         elif meta["scale"] == 30.0:
             assert np.isposinf(np.array(losses)).all(), p
-            assert "NaN/inf" in _failed(mc.check_full(arr, meta))["loss_vs_reference"]
+            assert "NaN/inf" in _failed(mc.check_full(arr, meta, **FD))["loss_vs_reference"]
         else:
             assert not same and np.isfinite(np.array(losses)).all(), p
 
@@ -158,7 +159,7 @@ def test_megatron_fused_gradient_is_bf16():
         arr, meta = mc.load(p)
         assert not np.any(arr["grad"].view(np.uint32) & 0xFFFF)
         report = check_grad(arr["logits"], arr["labels"], grad=arr["grad"],
-                            sample_weight=arr["sample_weight"], options=mc.options(meta))
+                            sample_weight=arr["sample_weight"], options=mc.options(meta, **FD))
         assert "grad_vs_reference" in _failed(report)
 
 

@@ -374,24 +374,24 @@ def your_loss(arr: dict, meta: dict) -> float:
         return float(np.sum(arr["sample_weight"] * arr["loss_r0"].astype(np.float64)))
 
 
-def check_full(arr: dict, meta: dict, grad=None, loss: bool = True):
-    """One process on the concatenated (S, B, V) arrays."""
+def check_full(arr: dict, meta: dict, grad=None, loss: bool = True, **extra):
+    """One process on the concatenated (S, B, V) arrays (`extra`: more settings, e.g. `fd`)."""
     from ce_cli.verify.checks import check_grad
     g = stored(arr, meta, arr["grad"] if grad is None else grad)
     return check_grad(arr["logits"], arr["labels"], grad=g, sample_weight=arr["sample_weight"],
-                      loss=your_loss(arr, meta) if loss else None, options=options(meta))
+                      loss=your_loss(arr, meta) if loss else None, options=options(meta, **extra))
 
 
-def check_tokens(arr: dict, meta: dict, rank: int = 0):
+def check_tokens(arr: dict, meta: dict, rank: int = 0, **extra):
     """Rank `rank`'s per-token losses, reduction none, times Megatron's loss mask (a target
     -100 gives lse - max, not 0: megatron's loss function multiplies it by the mask)."""
     from ce_cli.verify.checks import check_grad
     loss = np.where(arr["labels"] == -100, 0.0, arr[f"loss_r{rank}"].astype(np.float64))
     return check_grad(arr["logits"], arr["labels"], loss=loss,
-                      options=options(meta, reduction="none"))
+                      options=options(meta, reduction="none", **extra))
 
 
-def check_merged(arr: dict, meta: dict, grad=None, loss: bool = True):
+def check_merged(arr: dict, meta: dict, grad=None, loss: bool = True, **extra):
     """`grad --shards vocab` in process: the p shards' files, the labels and g as one file each."""
     from ce_cli.verify import shards as sh
     p, g = meta["tp"], arr["grad"] if grad is None else grad
@@ -407,10 +407,10 @@ def check_merged(arr: dict, meta: dict, grad=None, loss: bool = True):
                                        os.path.join(tmp, f"grad{r}.npy")))
         inputs = sh.BatchInputs(arrays=(("sample_weight", (os.path.join(tmp, "g.npy"),)),),
                                 loss=your_loss(arr, meta) if loss else None)
-        return sh.run_shards(files, "vocab", options(meta), inputs=inputs)
+        return sh.run_shards(files, "vocab", options(meta, **extra), inputs=inputs)
 
 
-def check_local(arr: dict, meta: dict, rank: int) -> list:
+def check_local(arr: dict, meta: dict, rank: int, **extra) -> list:
     """Megatron 0.19.2's smoothing as ce-check can state it for one rank, from its columns
     alone (K = V/p, the GLOBAL lse from the concatenated logits in float64): the rows whose
     label is in the rank (and the -100 rows) with `vocab_offset=0, vocab_size=K` and local
@@ -436,7 +436,7 @@ def check_local(arr: dict, meta: dict, rank: int) -> list:
             out.append(check_grad(x[rows], labels[rows], grad=g[rows], sample_weight=w[rows],
                                   lse=lse[rows], options=options(meta, vocab_offset=0,
                                                                  vocab_size=size,
-                                                                 label_smoothing=e)))
+                                                                 label_smoothing=e, **extra)))
     return out
 
 
