@@ -1,6 +1,8 @@
 """Megatron-Core's real vocabulary-parallel cross-entropy on CPU (torch.distributed, gloo), for
 ce-check's vocabulary shards (runs with torch and megatron-core on PYTHONPATH, e.g.
-`pip install --no-deps --target DIR megatron-core==0.19.2`; numpy only for `--check`).
+`pip install --no-deps --ignore-requires-python --target DIR megatron-core==0.19.2`: 0.19.2
+declares Python >= 3.12, and its cp311 wheel runs on 3.11 with torch 2.13; `--check` needs
+numpy and ce_cli only).
 
     python megatron_cases.py OUTDIR [--small] [--only SUBSTR] [--tp 2,4] [--fixtures]
     python megatron_cases.py OUTDIR --check [--only SUBSTR]
@@ -56,8 +58,8 @@ default compiled one and CE_CHECK_FUSED=0): the merged check of the p shards
 (`grad --shards vocab`, in process) and the full-vocabulary check of the concatenated arrays,
 reduction sum with the sample weights g and your loss Σ g_n L_n (rank 0's), and the per-token
 losses (reduction none); the planted bugs, and `smooth` with the global semantics
-(`--label-smoothing 0.1 --smoothing-form others`) and the local one (each rank on its own with
-`--vocab-offset 0 --vocab-size V/p` over its columns, labels made local). bf16 gradients are
+(`--label-smoothing 0.1 --smoothing-form others`) and the local one (each rank on its own,
+`check_local`: its columns as the whole vocabulary, labels made local). bf16 gradients are
 checked as computed in float32 and stored in bf16 (`--precision f32` on a bf16 file), and
 `fused` gradients likewise (stored in bf16 by the cast, whatever the logits' dtype).
 """
