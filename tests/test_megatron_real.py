@@ -13,6 +13,8 @@ run on CPU over gloo (fixtures/frameworks_semantics/megatron/, made by
 - megatron-core 0.19.2's own label smoothing (#7464, #737: K and the mean of log p local to
   the rank) fails with the global semantics (`--smoothing-form others`), every shard named, and
   passes as the local semantics stated rank by rank.
+- Each rank alone, in the one-shard form (`--vocab-offset`, `--vocab-size`, the global lse):
+  the same verdicts rank by rank.
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ def test_megatron_7464_local_smoothing_fails_on_every_shard(both_kernels, path):
     assert "grad_vs_reference" in _failed(mc.check_full(arr, meta, loss=False, **FD))
     for r in range(meta["tp"]):
         assert all(rep.ok for rep in mc.check_local(arr, meta, r, **FD)), r
+
+
+@pytest.mark.parametrize("path", [p for p in CASES if META[p]["dtype"] == "f32"], ids=_stem)
+def test_megatron_ranks_one_by_one(path):
+    """Each rank alone, `--vocab-offset r V/p --vocab-size V --lse GLOBAL`: a correct rank
+    passes, a rank whose call was changed fails, and under #7464 every rank fails."""
+    arr, meta = mc.load(path)
+    K = meta["C"] // meta["tp"]
+    for r in range(meta["tp"]):
+        ok = mc.check_one_shard(arr, meta, r, **FD).ok
+        assert ok == (meta["variant"] != "smooth"), r
+        for bug, grad in mc.planted(arr).items():
+            if not np.array_equal(grad[..., r * K:(r + 1) * K], arr[f"grad_r{r}"]):
+                assert not mc.check_one_shard(arr, meta, r, grad=grad, **FD).ok, (bug, r)
 
 
 def test_megatron_7464_losses_differ_by_rank():

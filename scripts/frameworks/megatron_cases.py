@@ -56,8 +56,9 @@ the planted bugs' `grad_bug_<name>` (S, B, V), and, unless --fixtures, the full-
 `--check` runs ce-check (ce_cli importable) on every case in OUTDIR, on both kernels (the
 default compiled one and CE_CHECK_FUSED=0): the merged check of the p shards
 (`grad --shards vocab`, in process) and the full-vocabulary check of the concatenated arrays,
-reduction sum with the sample weights g and your loss Σ g_n L_n (rank 0's), and the per-token
-losses (reduction none); the planted bugs, and `smooth` with the global semantics
+reduction sum with the sample weights g and your loss Σ g_n L_n (rank 0's), the per-token
+losses (reduction none), and each rank alone in the one-shard form (`--vocab-offset r V/p
+--vocab-size V --lse GLOBAL`, the lse from the concatenated logits); the planted bugs, and `smooth` with the global semantics
 (`--label-smoothing 0.1 --smoothing-form others`) and the local one (each rank on its own,
 `check_local`: its columns as the whole vocabulary, labels made local). bf16 gradients are
 checked as computed in float32 and stored in bf16 (`--precision f32` on a bf16 file), and
@@ -412,6 +413,24 @@ def check_merged(arr: dict, meta: dict, grad=None, loss: bool = True, **extra):
         return sh.run_shards(files, "vocab", options(meta, **extra), inputs=inputs)
 
 
+def global_lse(arr: dict) -> np.ndarray:
+    """Every token's log-sum-exp over the V columns, in float64 from the concatenated logits."""
+    z = arr["logits"].astype(np.float64)
+    m = z.max(-1)
+    return m + np.log(np.exp(z - m[..., None]).sum(-1))
+
+
+def check_one_shard(arr: dict, meta: dict, rank: int, grad=None, **extra):
+    """Rank `rank` alone, the one-shard form: `--vocab-offset r V/p --vocab-size V --lse
+    GLOBAL` (the global lse from the concatenated logits) with g as sample weights."""
+    from ce_cli.verify.checks import check_grad
+    K = meta["C"] // meta["tp"]
+    g = arr[f"grad_r{rank}"] if grad is None else grad[..., rank * K:(rank + 1) * K]
+    return check_grad(arr[f"logits_r{rank}"], arr["labels"], grad=stored(arr, meta, g),
+                      sample_weight=arr["sample_weight"], lse=global_lse(arr),
+                      options=options(meta, vocab_offset=rank * K, vocab_size=meta["C"], **extra))
+
+
 def check_local(arr: dict, meta: dict, rank: int, **extra) -> list:
     """Megatron 0.19.2's smoothing as ce-check can state it for one rank, from its columns
     alone (K = V/p, the GLOBAL lse from the concatenated logits in float64): the rows whose
@@ -423,9 +442,7 @@ def check_local(arr: dict, meta: dict, rank: int, **extra) -> list:
     from ce_cli.verify.checks import check_grad
     p, V = meta["tp"], meta["C"]
     K, eps = V // p, meta["label_smoothing"]
-    z = arr["logits"].astype(np.float64).reshape(-1, V)
-    m = z.max(-1)
-    lse = m + np.log(np.exp(z - m[:, None]).sum(-1))
+    lse = global_lse(arr).reshape(-1)
     y = arr["labels"].reshape(-1)
     x = arr[f"logits_r{rank}"].reshape(-1, K)
     g = stored(arr, meta, arr[f"grad_r{rank}"].reshape(-1, K))
@@ -451,18 +468,45 @@ def planted(arr: dict) -> dict:
     return {k[9:]: arr[k] for k in arr if k.startswith("grad_bug_")}
 
 
+def one_shard_tally(arr: dict, meta: dict, name: str, tag: str) -> tuple[int, int, int, int]:
+    """Each rank alone in the one-shard form: (checks, false alarms, planted-bug shards that
+    differ from the real one, of them missed); `smooth` (#7464): (shards, 0, shards, passing)."""
+    n = fa = bugs = missed = 0
+    K = meta["C"] // meta["tp"]
+    for r in range(meta["tp"]):
+        n += 1
+        ok = check_one_shard(arr, meta, r).ok
+        if meta["variant"] == "smooth":
+            bugs += 1
+            missed += ok
+            continue
+        if not ok:
+            fa += 1
+            print(f"{tag} FALSE ALARM one-shard", name, "rank", r, flush=True)
+        for bug, g in planted(arr).items():
+            if np.array_equal(g[..., r * K:(r + 1) * K], arr[f"grad_r{r}"]):
+                continue  # this rank's call was not changed
+            bugs += 1
+            if check_one_shard(arr, meta, r, grad=g).ok:
+                missed += 1
+                print(f"{tag} MISSED one-shard", bug, name, "rank", r, flush=True)
+    return n, fa, bugs, missed
+
+
 def sweep(outdir: str, only: str = "") -> None:
     import glob
-    tally = {}
     for kernel in ("1", "0"):
         os.environ["CE_CHECK_FUSED"] = kernel
+        tag = f"[{kernel}]"
         n = fa = bugs = missed = real = caught = 0
+        one = np.zeros(4, dtype=int)
         for path in sorted(glob.glob(os.path.join(outdir, "*.npz"))):
             name = os.path.basename(path)[:-4]
             if only and only not in name:
                 continue
             arr, meta = load(path)
             n += 1
+            one += one_shard_tally(arr, meta, name, tag)
             bad = {"merged": failed(check_merged(arr, meta)), "full": failed(check_full(arr, meta))}
             if meta["variant"] != "smooth":
                 bad["tokens"] = failed(check_tokens(arr, meta))
@@ -472,23 +516,23 @@ def sweep(outdir: str, only: str = "") -> None:
                 caught += bool(bad.get("merged")) and bool(bad.get("full"))
                 local = [f for r in range(meta["tp"]) for rep in check_local(arr, meta, r)
                          for f in failed(rep)]
-                print(f"[{kernel}] REAL #7464", "CAUGHT" if bad else "MISSED", name,
+                print(tag, "REAL #7464", "CAUGHT" if bad else "MISSED", name,
                       "local semantics:", "PASS" if not any(local) else local, flush=True)
                 continue
             if bad:
                 fa += 1
-                print(f"[{kernel}] FALSE ALARM", name, bad, flush=True)
+                print(tag, "FALSE ALARM", name, bad, flush=True)
             for bug, g in planted(arr).items():
                 for how in (check_merged, check_full):
                     bugs += 1
                     r = how(arr, meta, grad=g, loss=False)
                     if getattr(r, "report", r).ok:
                         missed += 1
-                        print(f"[{kernel}] MISSED", bug, how.__name__, name, flush=True)
-        tally[kernel] = (n, fa, bugs, missed, real, caught)
+                        print(tag, "MISSED", bug, how.__name__, name, flush=True)
         print(f"[CE_CHECK_FUSED={kernel}] cases {n} false alarms {fa} planted bugs {bugs} (merged and"
-              f" full) missed {missed}; megatron #7464 smoothing cases {real}, caught {caught}",
-              flush=True)
+              f" full) missed {missed}; megatron #7464 smoothing cases {real}, caught {caught};"
+              f" one-shard form: {one[0]} rank checks, false alarms {one[1]}, changed shards"
+              f" (planted and #7464) {one[2]}, missed {one[3]}", flush=True)
     os.environ.pop("CE_CHECK_FUSED", None)
 
 
