@@ -23,7 +23,7 @@ from typing import IO, BinaryIO
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import is_bfloat16, widen_bfloat16
+from ce_cli.io.bfloat16 import is_bfloat16, widen_if_bfloat16
 from ce_cli.io import limits
 from ce_cli.io.limits import quoted
 
@@ -475,9 +475,7 @@ def _check_dtype_kind(dtype: np.dtype, label: str, shape) -> None:
 
 def _check_dtype(arr: np.ndarray, label: str) -> np.ndarray:
     _check_dtype_kind(arr.dtype, label, arr.shape)
-    if is_bfloat16(arr.dtype):
-        return widen_bfloat16(arr)
-    return arr  # bool stays bool: reports show it; the loss models read it as 0/1
+    return widen_if_bfloat16(arr)  # bool stays bool: reports show it; the loss models read it as 0/1
 
 
 def _one_line(exc: BaseException, limit: int = 120) -> str:

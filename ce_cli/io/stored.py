@@ -81,7 +81,7 @@ def _holding(values: np.ndarray, formats: list[str]) -> list[str]:
     with np.errstate(all="ignore"):
         finite = np.isfinite(v)
         for f in formats:
-            p, _e, dtype = FORMATS[f]
+            dtype = FORMATS[f][2]
             narrow = v.astype(np.float32 if dtype is None else dtype)
             same = narrow.astype(v.dtype) == v
             if dtype is None:  # bfloat16: float32 values with 16 zero low bits
