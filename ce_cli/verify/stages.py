@@ -9,10 +9,7 @@ finite differences (4), extra checks such as the two-class bridge (5).
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -431,22 +428,6 @@ class DirectionalStage(Stage):
         return replace(result, note=note)
 
 
-def prefetch_module(name: str) -> None:
-    """Import `name` on a daemon thread, so that its import runs while the pass works (the
-    kernels release the GIL) and is done when it is needed; importing it later waits for it
-    (and raises there, should the import fail: the thread stays silent)."""
-    if name not in sys.modules:
-        threading.Thread(target=_import_quietly, args=(name,), daemon=True,
-                         name=f"ce-check-import-{name}").start()
-
-
-def _import_quietly(name: str) -> None:
-    try:
-        importlib.import_module(name)
-    except BaseException:  # noqa: BLE001 - the caller's own import reports it
-        pass
-
-
 class SampledFDStage(Stage):
     """K entries by central differences after the pass: each sampled row's target entry, a
     random entry, and the worst entries of your gradient's comparison."""
@@ -456,7 +437,6 @@ class SampledFDStage(Stage):
         self.problem, self.user, self.worst = problem, user, worst
         self.samples, self.seed, self.grad_stage = samples, seed, grad_stage
         self.skipped = self.evaluations = 0
-        prefetch_module("numpy.random")  # sample_entries' generator, ~10 ms: during the pass
 
     def finish(self) -> Ranked:
         problem, user = self.problem, self.user
