@@ -65,10 +65,10 @@ def test_blocks_in_one_buffer_are_each_row_alone(kind, dtype, block_rows, monkey
     problem = _problem(kind, dtype)
     rows, cols = _entries(problem)
     alone = problem.kernel is not None
-    want = _fresh_copies(problem, rows, cols, 1 if alone else block_rows or rows.size, 1e-7)
-    if block_rows is not None:
+    if block_rows is not None:  # before the definition: its row losses go in the same blocks
         for name in ("FD_BLOCK_ENTRIES", "BLOCK_ENTRIES"):
             monkeypatch.setattr(finite_diff, name, block_rows * problem.n_classes)
+    want = _fresh_copies(problem, rows, cols, 1 if alone else block_rows or rows.size, 1e-7)
     for threads in ("1", "2"):
         monkeypatch.setenv("CE_CHECK_THREADS", threads)
         res = fd_entries(problem, rows, cols, 1e-7)
