@@ -64,11 +64,20 @@ typedef struct {
     double *row_qabs, *row_qsum;  /* ext, probability targets: (R,) max |q|, sum |q| */
     /* sigmoid BCE on z = T(x) (ext with x_scale, softcap): (R,) sum |coef w|, sum g1 */
     double *row_mag, *row_g1;
+    /* softmax rows for finite differences: row r with its entry pert_col[r] replaced by
+     * pert_val[r] (the raw logit, before any transform), or NULL; and, when pick_cols is given
+     * ((R, n_picks) columns, -1 for none), the reference gradient and floor at those columns
+     * only, to pick_g and pick_fl (R, n_picks), instead of a pass over every entry */
+    const int64_t *pert_col;
+    const double *pert_val;
+    int64_t n_picks;
+    const int64_t *pick_cols;
+    double *pick_g, *pick_fl;
 } ce_args;
 
-/* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, and
- * a soft-capped row's z and dz (2 C) */
-#define WORK_SIZE(C) (3 * (C) + 8 + 2 * ((C) / BLOCK + 1))
+/* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, a
+ * soft-capped row's z and dz (2 C) and a perturbed row (C) */
+#define WORK_SIZE(C) (4 * (C) + 8 + 2 * ((C) / BLOCK + 1))
 /* numpy_softmax.SOFTCAP_DERIV_ERR: the floor's S |dl/dz| term of a soft-cap, times this (the
  * framework's tanh errs T' = S (1 - t^2) by up to ~2 S dt: XLA's float32 tanh, 4.75 eps) */
 #define CE_SOFTCAP_DERIV_ERR 2.0

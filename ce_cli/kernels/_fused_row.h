@@ -655,7 +655,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     }
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
-    if (!a->g && !a->out_ref && !a->out_floor) return 0;
+    if (!a->g && !a->out_ref && !a->out_floor && !a->pick_cols) return 0;
 
     /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:
      *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
@@ -751,6 +751,23 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             else PASS3_FAST(1, 0, 0, xt);                                     \
         }                                                                     \
     } while (0)
+    /* the picked columns only: each one's vector through pass 3's formulas (the same bits) */
+#define PICKS(xt) do {                                                       \
+        for (int64_t k = r * a->n_picks; k < (r + 1) * a->n_picks; k++) {    \
+            const int64_t col = a->pick_cols[k];                              \
+            if (col < 0) continue;                                            \
+            const int64_t c0 = col - col % W;                                 \
+            PASS3_GF(c0, C - c0 < W ? C - c0 : W, 1, qrow != NULL, q32, 1, normal, xt); \
+            a->pick_g[k] = g[col - c0];                                       \
+            a->pick_fl[k] = fl[col - c0];                                     \
+        }                                                                     \
+    } while (0)
+    if (a->pick_cols) {
+        if (cap) PICKS(2);
+        else if (ext) PICKS(1);
+        else PICKS(0);
+        return 0;
+    }
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
         if (cap) PASS3_ALL(2);
@@ -776,13 +793,13 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
  * x itself (float64 rows without a scale) or z in the scratch after the row's exp and block
  * sums (see WORK_SIZE), z = S x (numpy: x * scale) or, soft-capped, z and dz (numpy's arg-max is
  * z's: rounding may tie entries x does not). */
-static __attribute__((noinline)) int T(row_ext)(const ce_args *a, double *work, int64_t r,
-                                                 int z32, int g32) {
+static __attribute__((noinline)) int T(row_ext_x)(const ce_args *a, double *work, int64_t r,
+                                                   const void *x, int z32, int g32) {
     const int64_t C = a->n_cols;
     const double S = a->x_scale;
+    /* float32 x is always row r of a->z itself (a perturbed row is in doubles) */
     if (z32 && S == 1.0 && a->softcap == 0.0) return T(row_body)(a, work, r, 1, g32, 1, 0, NULL, NULL);
     double *zb = work + C + 8 + 2 * (C / BLOCK + 1), *db = zb + C;
-    const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
     if (a->softcap != 0.0) {
         if (T(softcap_row)(x, z32, C, S, a->softcap, zb, db)) return 1;
     } else if (z32 || S != 1.0) {  /* NaN and +inf: row_body's pass 1 finds them in z */
@@ -794,6 +811,29 @@ static __attribute__((noinline)) int T(row_ext)(const ce_args *a, double *work, 
         zb = (double *)x;
     }
     return T(row_body)(a, work, r, 0, g32, 1, 1, zb, db);
+}
+
+/* Row r of a->z through row_ext_x. */
+AI int T(row_ext)(const ce_args *a, double *work, int64_t r, int z32, int g32) {
+    const void *x = (const char *)a->z + (size_t)(r * a->n_cols) * (z32 ? 4 : 8);
+    return T(row_ext_x)(a, work, r, x, z32, g32);
+}
+
+/* Row r with its entry pert_col[r] replaced by pert_val[r]: the row in doubles in the scratch
+ * (see WORK_SIZE), then as a float64 row (row_ext_x, or row_body on it): the bits of a float64
+ * copy of the row with that entry set, evaluated as the logits. */
+static __attribute__((noinline)) int T(row_pert)(const ce_args *a, double *work, int64_t r,
+                                                  int z32, int g32) {
+    const int64_t C = a->n_cols;
+    double *xb = work + 3 * C + 8 + 2 * (C / BLOCK + 1);
+    const void *x = (const char *)a->z + (size_t)(r * C) * (z32 ? 4 : 8);
+    for (int64_t c = 0; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        T(store)(xb + c, T(load_row)(x, z32, c, n), n);
+    }
+    xb[a->pert_col[r]] = a->pert_val[r];
+    if (a->ext) return T(row_ext_x)(a, work, r, xb, 0, g32);
+    return T(row_body)(a, work, r, 0, g32, 0, 1, xb, NULL);
 }
 
 /* One row of softmax cross-entropy without training-code terms. */
@@ -1097,9 +1137,16 @@ static __attribute__((noinline)) int64_t T(ext_rows)(const ce_args *a, double *w
     ROWS_LOOP(T(row_ext))
 }
 
-/* Softmax rows; those with training-code terms in a loop of its own (a function apart, so the
- * plain loop's code and registers stay as they were). */
+static __attribute__((noinline)) int64_t T(pert_rows)(const ce_args *a, double *work, int64_t r0,
+                                                       int64_t r1, int64_t *stop) {
+    ROWS_LOOP(T(row_pert))
+}
+
+/* Softmax rows; perturbed ones and those with training-code terms in loops of their own
+ * (functions apart, so the plain loop's code and registers stay as they were). */
+
 CE_ENTRY int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
+    if (a->pert_col) return T(pert_rows)(a, work, r0, r1, stop);
     if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
     ROWS_LOOP(T(row_kernel))
 }
@@ -1125,6 +1172,7 @@ CE_ENTRY int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1,
 #undef PASS3_FAST
 #undef PASS3_ALL
 #undef PASS3_FAST_ALL
+#undef PICKS
 #undef sel
 #undef vabs
 #undef splat

@@ -8,7 +8,7 @@ numpy kernels (numpy_softmax.py, numpy_sigmoid.py) are the reference; the compil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -29,6 +29,9 @@ class ChunkEval:
     row_max: np.ndarray | None = None      # (R,) m, softmax rows: lse = m + log1p(s1) ...
     log1p_s1: np.ndarray | None = None     # (R,) ... kept apart, so log a = (z - m) - log1p(s1)
     row_terms: np.ndarray | None = None    # (R, k) model-specific per-row values for error bounds
+    # the gradient and floor at the picked columns only ((R, k); `picks` of evaluate_rows)
+    pick_grad: np.ndarray | None = None
+    pick_floor: np.ndarray | None = None
     # (items, item_weight) on demand: the compiled kernel skips writing them in the streaming pass
     deferred: Callable[[], tuple[np.ndarray, np.ndarray]] | None = field(
         default=None, compare=False, repr=False)
@@ -41,6 +44,17 @@ class ChunkEval:
             object.__setattr__(self, "item_weight", weight)
         return (required(self.items, "per-element losses"),
                 required(self.item_weight, "per-element weights"))
+
+    def picked(self, picks: np.ndarray) -> ChunkEval:
+        """This evaluation with the gradient and floor at columns `picks` ((R, k), -1: none, NaN
+        there) in place of the (R, C) arrays."""
+        rows, cols = np.arange(picks.shape[0])[:, None], np.maximum(picks, 0)
+
+        def pick(v):
+            return None if v is None else np.where(picks >= 0, v[rows, cols], np.nan)
+
+        return replace(self, grad=None, floor=None, pick_grad=pick(self.grad),
+                       pick_floor=pick(self.floor))
 
     def take_rows(self, idx: np.ndarray) -> ChunkEval:
         """The per-row values of rows `idx` (per-entry arrays dropped)."""

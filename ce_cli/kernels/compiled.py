@@ -51,6 +51,8 @@ class _Args(ctypes.Structure):
         ("ext", ctypes.c_int64), ("x_scale", ctypes.c_double), ("z_loss", ctypes.c_double),
         ("s_w", _P), ("row_zabs", _P), ("softcap", ctypes.c_double),
         ("row_qabs", _P), ("row_qsum", _P), ("row_mag", _P), ("row_g1", _P),
+        ("pert_col", _P), ("pert_val", _P), ("n_picks", ctypes.c_int64), ("pick_cols", _P),
+        ("pick_g", _P), ("pick_fl", _P),
     ]
 
 
@@ -269,7 +271,7 @@ class _Kernel:
         # which large numpy arrays do not prompt: checks in a loop would pile them up
         self._problem = weakref.ref(problem)
         C = problem.n_classes
-        self.work = np.empty(3 * C + 8 + 2 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
+        self.work = np.empty(4 * C + 8 + 2 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
 
     @property
     def problem(self) -> Any:
@@ -352,32 +354,46 @@ class FusedKernel(_Kernel):
 
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
                  floor_coef: float | None = None, cmp: RowStats | None = None,
-                 g_rows=None, stream: bool = False) -> ChunkEval | None:
+                 g_rows=None, stream: bool = False, picks: np.ndarray | None = None,
+                 perturb: tuple[np.ndarray, np.ndarray] | None = None) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
         +inf or only -inf: the numpy kernel, which reports those, takes the rows. The (R, C)
-        floor is written only when `floor_coef` is given. (`stream`: as SigmoidKernel's; a
-        softmax row has no per-element losses.)"""
+        floor is written only when `floor_coef` is given; with `picks` the gradient and floor
+        at those columns only, and `perturb` = (cols, values) sets one entry of each row (both:
+        see SoftmaxCE.evaluate_rows). (`stream`: as SigmoidKernel's; a softmax row has no
+        per-element losses.)"""
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
-        floor = floor_coef is not None  # the comparison alone needs no (R, C) floor written
+        want_floor = floor_coef is not None  # the comparison alone needs no floor written
         floor_coef, params = _tolerance(cmp, floor_coef)
         params.update(self._targets(rows), floor_coef=floor_coef or 0.0)
         if self.sem is not None:
             params.update(self._semantics(rows))
+        if perturb is not None:
+            params.update(pert_col=np.ascontiguousarray(perturb[0], dtype=np.int64),
+                          pert_val=np.ascontiguousarray(perturb[1], dtype=np.float64))
         R, C = z.shape
-        out = _outputs(R, C, self.per_row, grad, floor, cmp is not None)
+        if picks is None:
+            out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
+        else:  # no (R, C) arrays: the picked entries only
+            picks = np.ascontiguousarray(picks, dtype=np.int64)
+            params.update(pick_cols=picks, n_picks=picks.shape[1])
+            out = _outputs(R, C, self.per_row, False, False, cmp is not None)
+            out.update(pick_g=np.empty(picks.shape), pick_fl=np.empty(picks.shape))
         if not self._run(z, g, rows, params, out, cmp):
             return None
         m, l1 = out["row_max"], out["log1p_s1"]
         Q = params["q_total"] if "q" in params else params["alpha"] + params["beta"] * self.w_sum
+        picked = {"pick_grad": out.get("pick_g"),
+                  "pick_floor": out.get("pick_fl") if want_floor else None}
         if self.sem is None:
             return ChunkEval(loss=out["loss"], grad=out.get("out_ref"),
                              floor=out.get("out_floor"), lse=m + l1, total_weight=Q, row_max=m,
-                             log1p_s1=l1)
+                             log1p_s1=l1, **picked)
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
-                         row_terms=self._row_terms(rows, params, Q, out))
+                         row_terms=self._row_terms(rows, params, Q, out), **picked)
 
     def _semantics(self, rows: np.ndarray) -> dict:
         """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the

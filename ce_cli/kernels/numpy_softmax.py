@@ -42,11 +42,11 @@ class _Rows:
 
 
 def softmax_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
-                 floor_coef: float | None = None) -> ChunkEval:
+                 floor_coef: float | None = None, perturb: Any = None) -> ChunkEval:
     """Loss, gradient and (given `floor_coef` = k*eps) the error floor of rows `rows` of `model`
-    (a SoftmaxCE) with logits `z_rows`."""
+    (a SoftmaxCE) with logits `z_rows` (`perturb`: see `float64_rows`)."""
     with np.errstate(invalid="ignore"):  # 0 * -inf at masked logits, replaced where it occurs
-        rs = _normalise(model, z_rows, rows)
+        rs = _normalise(model, float64_rows(z_rows, perturb), rows)
         needs_mask = floor_coef is not None or model.smoothing or model.probs is not None
         # -inf logits (masks) make 0 * -inf terms below; look for them only when those exist
         has_neginf = needs_mask and _has_neginf(rs.zs)
@@ -66,8 +66,17 @@ def _has_neginf(zs: np.ndarray) -> bool:
     return bool(zs.size) and bool(np.isneginf(zs.min()))
 
 
-def _normalise(model: Any, z_rows: np.ndarray, rows: np.ndarray) -> _Rows:
-    zs = np.array(z_rows, dtype=np.float64)  # becomes z - m in place
+def float64_rows(z_rows: np.ndarray, perturb: Any = None) -> np.ndarray:
+    """A float64 copy of the rows; `perturb` = (cols, values) sets row i's entry cols[i] to
+    values[i] (finite differences: the rows themselves are not written to)."""
+    z = np.array(z_rows, dtype=np.float64)
+    if perturb is not None:
+        z[np.arange(z.shape[0]), perturb[0]] = perturb[1]
+    return z
+
+
+def _normalise(model: Any, zs: np.ndarray, rows: np.ndarray) -> _Rows:
+    """`zs`: a float64 copy of the rows, made z - m in place."""
     r = np.arange(zs.shape[0])
     am = zs.argmax(axis=1)
     m = zs[r, am]
@@ -168,7 +177,7 @@ def transform(x: np.ndarray, scale: float, cap: float | None) -> tuple[np.ndarra
 
 
 def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
-                  floor_coef: float | None = None) -> ChunkEval:
+                  floor_coef: float | None = None, perturb: Any = None) -> ChunkEval:
     """`softmax_rows` with the terms of `model.sem` (models/softmax.py `Semantics`): on the
     transformed logits z = T(x), row n contributes
 
@@ -179,13 +188,13 @@ def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: boo
     a = exp(z - lse'). At a confident row's arg-max a - 1 = expm1(-(lse' - m)), without
     cancellation."""
     sem = model.sem
-    x = np.array(x_rows, dtype=np.float64)
+    x = float64_rows(x_rows, perturb)
     with np.errstate(invalid="ignore"):
         mx = x.max(axis=1) if x.size else np.zeros(x.shape[0])
         if not np.all(np.isfinite(mx)):
             model.check_row_max(x, mx, rows, model.valid[rows])  # raises on NaN / +inf
         z, dz = transform(x, sem.logit_scale, sem.softcap)
-        rs = _normalise(model, z, rows)
+        rs = _normalise(model, np.array(z, dtype=np.float64), rows)  # z is read below
         has_neginf = bool(np.isneginf(rs.zs.min(axis=1)).any()) if rs.zs.size else False
         t = _SemanticTerms.of(model, rs, rows, has_neginf)
         loss = np.where(t.valid, t.s * t.loss_z, 0.0)

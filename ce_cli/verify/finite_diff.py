@@ -147,10 +147,11 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     """Finite differences at the listed entries, with the analytic reference (and, given
     `floor_coef`, the error floor) there. An elementwise loss evaluates the entries' own
     elements only (the reference and floor too); otherwise each distinct row is evaluated
-    once, then twice per entry perturbed, block by block of rows in one reused row buffer (on
-    the numpy kernel blocks that stay in cache, on its threads). The blocks depend on C alone,
-    not on the threads: the same bits at every thread count (the compiled kernel computes
-    every row alone, the numpy kernel picks a masked sum for a block holding a -inf logit)."""
+    once (its gradient and floor at the entries only: `picks`), then twice per entry perturbed
+    (`perturb`: the logits are not written to), block by block of rows (on the numpy kernel
+    blocks that stay in cache, on its threads). The blocks depend on C alone, not on the
+    threads: the same bits at every thread count (the compiled kernel computes every row alone,
+    the numpy kernel picks a masked sum for a block holding a -inf logit)."""
     if elementwise(problem):
         return _fd_elements(problem, rows, cols, floor_coef)
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
@@ -158,14 +159,10 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     numpy_kernel = problem.kernel is None
     per = max(1, (BLOCK_ENTRIES if numpy_kernel else FD_BLOCK_ENTRIES) // problem.n_classes)
     threads = numpy_threads(problem)
-    buffers: list[np.ndarray] = []  # row buffers not in use (one per block in flight)
 
     def block(a: int):
-        buf = buffers.pop() if buffers else None
-        sel, values, s, buf = _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a,
-                                        floor_coef, 1 if threads > 1 else None, buf)
-        buffers.append(buf)
-        return sel, values, s
+        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a, floor_coef,
+                         1 if threads > 1 else None)
 
     skipped = 0
     calls = ((a,) for a in range(0, uniq.size, per))
@@ -188,32 +185,38 @@ def _fd_elements(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float 
 
 
 def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, inverse: np.ndarray,
-              a: int, floor_coef: float | None, threads: int | None, buf: np.ndarray | None):
+              a: int, floor_coef: float | None, threads: int | None):
     """`fd_entries` on the entries of rows `block` (= unique rows a, a+1, ...): their positions
-    in `rows`, (fd, bound, reference, floor) there, the entries skipped, and the float64 row
-    buffer used (`buf` when it is large enough: reused, so no fresh pages per block)."""
+    in `rows`, (fd, bound, reference, floor) there, and the entries skipped."""
     z = np.asarray(problem.z[block])
-    ev = problem.evaluate_rows(z, block, floor_coef=floor_coef)
-    sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))  # <= 2 entries a row
+    sel = np.flatnonzero((inverse >= a) & (inverse < a + block.size))
     local, c = inverse[sel] - a, cols[sel]
-    ana = ev.grad[local, c]
-    floor = ev.floor[local, c] if ev.floor is not None else np.zeros(sel.size)
-    sub = ev.take_rows(local)
-    del ev  # its (R, C) arrays go before the perturbed rows are evaluated, which reuse them
-    if buf is None or buf.shape[0] < sel.size:
-        buf = np.empty((max(sel.size, 2 * block.size), z.shape[1]))
-    base = buf[:sel.size]
-    for i, row in enumerate(local.tolist()):
-        base[i] = z[row]  # a row at a time: no temporary copy of the rows in their dtype
-    f, b, s = central_differences(problem, base, rows[sel], c, base[np.arange(sel.size), c], sub,
+    slot = _slots(local)
+    picks = np.full((block.size, int(slot.max()) + 1 if slot.size else 1), -1, dtype=np.int64)
+    picks[local, slot] = c
+    ev = problem.evaluate_rows(z, block, floor_coef=floor_coef, picks=picks)
+    ana = required(ev.pick_grad, "gradient")[local, slot]
+    floor = ev.pick_floor[local, slot] if ev.pick_floor is not None else np.zeros(sel.size)
+    base = z[local]  # the entries' rows, in the logits' dtype
+    zc = np.asarray(base[np.arange(sel.size), c], dtype=np.float64)
+    f, b, s = central_differences(problem, base, rows[sel], c, zc, ev.take_rows(local),
                                   threads=threads)
-    return sel, (f, b, ana, floor), s, buf
+    return sel, (f, b, ana, floor), s
+
+
+def _slots(local: np.ndarray) -> np.ndarray:
+    """The rank of each entry among the earlier entries of its row (`local` sorted): 0, 1, ..."""
+    if not local.size:
+        return local
+    starts = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])
+    return np.arange(local.size) - np.repeat(starts, np.diff(np.r_[starts, local.size]))
 
 
 def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None,
                         threads: int | None = None):
-    """Perturb entry c[k] of row base[k] (problem row r[k], value zc[k]) by -+h[k] (default
-    `step_for`), evaluate both copies; returns (derivative, error bound, entries skipped).
+    """Set entry c[k] of row base[k] (problem row r[k], value zc[k]) to zc[k] +- h[k] (default
+    `step_for`) and evaluate both (`perturb`: `base` is not written to); returns (derivative,
+    error bound, entries skipped).
     `ev` holds the unperturbed rows' values (`ChunkEval.take_rows`); `threads` for the row
     losses (default: the numpy kernel's). An elementwise loss evaluates the entries' own
     elements instead (`entry_losses`; `base` and `ev` are not read)."""
@@ -222,27 +225,25 @@ def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None
     if elementwise(problem):
         lp, lm = problem.entry_losses(r, c, zp), problem.entry_losses(r, c, zm)
         return _finish(problem, r, c, zp, zm, lp, lm, zc, None)
-    idx = np.arange(r.size)
-    base[idx, c] = zp
-    lp = row_losses(problem, base, r, threads)
-    base[idx, c] = zm
-    lm = row_losses(problem, base, r, threads)
-    base[idx, c] = zc
+    lp = row_losses(problem, base, r, threads, (c, zp))
+    lm = row_losses(problem, base, r, threads, (c, zm))
     return _finish(problem, r, c, zp, zm, lp, lm, zc, ev)
 
 
-def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """loss_n of `rows` at logits `z_rows`: on the numpy kernel in blocks of rows that stay in
-    cache, on `threads` threads (default: its own; each row's loss is computed alone: the same
-    bits in any block)."""
+def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray, threads: int | None = None,
+               perturb: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """loss_n of `rows` at logits `z_rows` (`perturb`: see SoftmaxCE.evaluate_rows): on the
+    numpy kernel in blocks of rows that stay in cache, on `threads` threads (default: its own;
+    each row's loss is computed alone: the same bits in any block)."""
     step = max(1, BLOCK_ENTRIES // max(1, z_rows.shape[1]))
+
+    def block(a: int, b: int) -> np.ndarray:
+        part = {} if perturb is None else {"perturb": (perturb[0][a:b], perturb[1][a:b])}
+        return problem.evaluate_rows(z_rows[a:b], rows[a:b], grad=False, **part).loss
+
     if problem.kernel is not None or z_rows.shape[0] <= step:
-        return problem.evaluate_rows(z_rows, rows, grad=False).loss
-
-    def block(a: int) -> np.ndarray:
-        return problem.evaluate_rows(z_rows[a:a + step], rows[a:a + step], grad=False).loss
-
-    calls = ((a,) for a in range(0, z_rows.shape[0], step))
+        return block(0, z_rows.shape[0])
+    calls = ((a, a + step) for a in range(0, z_rows.shape[0], step))
     threads = numpy_threads(problem) if threads is None else threads
     return np.concatenate(list(ordered_map(block, calls, threads)))
 
