@@ -108,3 +108,45 @@ def test_saved_npy_of_upcast_float32(invoke, tmp_path):
     g = save(tmp_path, "g.npy", G32.astype(np.float64))
     result = invoke(["grad", D / "logits.npy", D / "labels.npy", "--grad", g])
     assert result.exit_code == 0 and "compared as stored in f32" in result.stderr
+
+
+# --- what is read, and for which inputs -------------------------------------------------------
+
+def test_only_compared_inputs_are_read_for_it(tmp_path):
+    """Labels, logits and weights set no tolerance: they are loaded as they are, however their
+    values look (0/1 float32 labels of a multi-label batch are any format's values)."""
+    from ce_cli.io.inputs import InputSpec, Origin
+
+    g = G32.astype(np.float64)  # float32 values, with evidence
+    path = save(tmp_path, "g.npy", g)
+    assert inferred(InputSpec("grad", path, Origin.file).load().dtype) == "f32"
+    for role in ("logits", "labels", "weight", "sample_weight"):
+        assert InputSpec(role, path, Origin.file).load().dtype.metadata is None
+
+
+def test_no_evidence_reads_only_the_spread_sample(monkeypatch):
+    """An array of values that prove nothing (0/1 labels as a gradient, zeros) is refused from
+    its spread sample alone: no pass over every entry."""
+    from ce_cli.io import stored
+
+    sizes = []
+    holding = stored._holding
+    monkeypatch.setattr(stored, "_holding", lambda v, f: sizes.append(v.size) or holding(v, f))
+    x = (np.random.default_rng(0).random(3 << 20) < 0.05).astype(np.float32)
+    assert infer_stored(x) is x
+    blocks, size = stored.SPREAD
+    assert sizes and max(sizes) <= stored.SAMPLE + blocks * size
+
+
+def test_evidence_in_the_sample_then_every_entry_is_read():
+    """The spread sample finds the evidence; one entry past it that is no bfloat16 value keeps
+    the array untagged."""
+    from ce_cli.io import stored
+
+    rng = np.random.default_rng(1)
+    x = as_float(to_bf16_bits(rng.standard_normal(3 << 20).astype(np.float32)))
+    assert inferred(infer_stored(x).dtype) == "bf16"
+    late = stored.SAMPLE + stored.SPREAD[1] + 5  # after the first block, before the second
+    assert late < int(np.linspace(stored.SAMPLE, x.size - stored.SPREAD[1], stored.SPREAD[0])[1])
+    x[late] = 1.0 + 2.0 ** -40  # no float32 value either
+    assert infer_stored(x) is x

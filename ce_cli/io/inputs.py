@@ -161,7 +161,7 @@ class InputSpec:
         PyTorch). Without `pipes` a named pipe is refused (batch cases: a FIFO nobody writes to
         would stall the batch)."""
         from ce_cli.io.loading import is_array_file, read_file, read_stdin
-        from ce_cli.io.stored import infer_stored
+        from ce_cli.io.stored import COMPARED_ROLES, infer_stored
 
         if self.origin is Origin.number:
             return parse_number(self.text, self.role)[0]
@@ -173,7 +173,7 @@ class InputSpec:
             vector = vector and not (self.role in SHAPED_ROLES and is_array_file(path))
         if vector and arr.ndim == 2 and 1 in arr.shape:
             arr = arr.reshape(-1)
-        return infer_stored(arr)
+        return infer_stored(arr) if self.role in COMPARED_ROLES else arr
 
 
 def load_array(spec: str, *, what: str = "array", stdin: BinaryIO | None = None) -> np.ndarray:

@@ -8,9 +8,13 @@ per entry, so a tag needs evidence: distinct entries whose significand needs mor
 narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least the
 format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; float16
 values are bfloat16 values with chance 2^-3 per entry: 16 for bf16, and fewer bf16 values within
-float16's range tell neither apart, while float32 holds both). The narrowest format that holds
-every entry wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked inferred; the
-precision the values were *computed* in is still `--precision`'s to say.
+float16's range tell neither apart, while float32 holds both). The evidence is looked for in a
+spread sample (the first SAMPLE entries and SPREAD blocks across the array: a computed array
+shows it at once); only then is every entry read, to see that the format holds them all. The
+narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
+inferred; the precision the values were *computed* in is still `--precision`'s to say. Only
+the inputs compared with a reference (`COMPARED_ROLES`) are read for it: their stored format
+sets a tolerance, the others' sets nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ FORMATS = {"bf16": (8, 16, None), "f16": (11, 4, np.float16), "f32": (24, 1, np.
 # values are not bfloat16's (nor the reverse), so a float16 array is tagged with neither
 NARROWER = {8: ("bf16", "f16", "f32"), 4: ("bf16", "f16")}
 SAMPLE = 4096          # entries read first: a wide array's values almost always end it there
+SPREAD = (64, 1024)    # blocks of entries across the array, and their size: the evidence's sample
 CHUNK = 1 << 20        # entries per step of the full scan (no temporary of the array's size)
+# the inputs whose values are compared with a reference (by role name)
+COMPARED_ROLES = frozenset({"grad", "loss", "lse", "z_loss_value", "grad_hidden", "grad_weight",
+                            "grad_bias"})
 NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 
 
@@ -38,22 +46,29 @@ def infer_stored(x: Any) -> Any:
     if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.metadata or x.size == 0:
         return x
     flat = x.reshape(-1)
-    left = _holding(flat[:SAMPLE], list(NARROWER.get(x.dtype.itemsize, ())))
+    sample = _spread(flat)
+    left = _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))
+    evidence = {f: len(_evidence(sample, f, FORMATS[f][1])) for f in left}
+    if "bf16" in left and "f16" in left and evidence["bf16"] < FORMATS["bf16"][1]:
+        left.remove("f16")  # bf16 values within float16's range: either, so neither (f32 holds both)
+    left = [f for f in left if evidence[f] >= FORMATS[f][1]]
+    for start in range(0, flat.size, CHUNK):
+        if not left:
+            return x
+        left = _holding(flat[start:start + CHUNK], left)
     if not left:
         return x
-    evidence: dict[str, set[float]] = {f: set() for f in left}
-    for start in range(0, flat.size, CHUNK):
-        part = flat[start:start + CHUNK]
-        left = _holding(part, left)
-        for f in left:
-            if len(evidence[f]) < FORMATS[f][1]:
-                evidence[f].update(_evidence(part, f, FORMATS[f][1]))
-    if "bf16" in left and "f16" in left and len(evidence["bf16"]) < FORMATS["bf16"][1]:
-        left.remove("f16")  # bf16 values within float16's range: either, so neither (f32 holds both)
-    for f in left:  # narrowest first
-        if len(evidence[f]) >= FORMATS[f][1]:
-            return x.view(np.dtype(x.dtype, metadata={STORED_KEY: f, INFERRED_KEY: True}))
-    return x
+    return x.view(np.dtype(x.dtype, metadata={STORED_KEY: left[0], INFERRED_KEY: True}))
+
+
+def _spread(flat: np.ndarray) -> np.ndarray:
+    """The first SAMPLE entries and SPREAD blocks evenly across `flat` (contiguous blocks: a
+    memory-mapped file is read a few pages at a time, not one page per entry)."""
+    blocks, size = SPREAD
+    if flat.size <= SAMPLE + blocks * size:
+        return flat
+    starts = np.linspace(SAMPLE, flat.size - size, blocks).astype(np.int64)
+    return np.concatenate([flat[:SAMPLE], *(flat[s:s + size] for s in starts.tolist())])
 
 
 def inferred(dtype: np.dtype) -> str | None:
@@ -82,8 +97,8 @@ def _holding(values: np.ndarray, formats: list[str]) -> list[str]:
         finite = np.isfinite(v)
         for f in formats:
             dtype = FORMATS[f][2]
-            narrow = v.astype(np.float32 if dtype is None else dtype)
-            same = narrow.astype(v.dtype) == v
+            narrow = v.astype(np.float32 if dtype is None else dtype, copy=False)
+            same = narrow.astype(v.dtype, copy=False) == v
             if dtype is None:  # bfloat16: float32 values with 16 zero low bits
                 same &= (narrow.view(np.uint32) & 0xFFFF) == 0
             if bool(np.all(same | ~finite)):

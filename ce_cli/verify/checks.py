@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.arrays import api_array
+from ce_cli.io.arrays import api_array, compared_array
 from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import Semantics, SplitLse
@@ -87,8 +87,8 @@ def check_grad(
     """
     opts = CheckOptions.build(options, **settings)
     src = _sources(sources)
-    logits, labels, grad, loss, weight, lse, sample_weight, z_loss_value = map(
-        api_array, (logits, labels, grad, loss, weight, lse, sample_weight, z_loss_value))
+    logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
+    grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
@@ -201,8 +201,9 @@ def check_binary(
     opts = CheckOptions.build(options, **settings)
     refuse_softmax_only(opts)
     src = _sources(sources)
-    logits, labels, grad, loss, weight, pos_weight, sample_weight = map(
-        api_array, (logits, labels, grad, loss, weight, pos_weight, sample_weight))
+    logits, labels, weight, pos_weight, sample_weight = map(
+        api_array, (logits, labels, weight, pos_weight, sample_weight))
+    grad, loss = map(compared_array, (grad, loss))
     z, y = np.asarray(logits), np.asarray(labels)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.arrays import api_array
+from ce_cli.io.arrays import api_array, compared_array
 from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
@@ -60,9 +60,10 @@ def check_linear(
     opts = CheckOptions.build(options, **settings)
     refuse_not_linear(opts)
     src = {**{r: r for r in ROLES}, **(sources or {})}
-    (hidden, weight, labels, bias, grad_hidden, grad_weight, grad_bias, loss, class_weight,
-     sample_weight) = map(api_array, (hidden, weight, labels, bias, grad_hidden, grad_weight,
-                                      grad_bias, loss, class_weight, sample_weight))
+    hidden, weight, labels, bias, class_weight, sample_weight = map(
+        api_array, (hidden, weight, labels, bias, class_weight, sample_weight))
+    grad_hidden, grad_weight, grad_bias, loss = map(
+        compared_array, (grad_hidden, grad_weight, grad_bias, loss))
     problem, warnings, labels = linear_problem(hidden, weight, labels, bias, class_weight,
                                                sample_weight, opts, lin, src)
     grads = {"grad_hidden": grad_hidden, "grad_weight": grad_weight, "grad_bias": grad_bias}
