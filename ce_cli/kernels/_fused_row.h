@@ -1144,7 +1144,6 @@ static __attribute__((noinline)) int64_t T(pert_rows)(const ce_args *a, double *
 
 /* Softmax rows; perturbed ones and those with training-code terms in loops of their own
  * (functions apart, so the plain loop's code and registers stay as they were). */
-
 CE_ENTRY int64_t T(rows)(const ce_args *a, double *work, int64_t r0, int64_t r1, int64_t *stop) {
     if (a->pert_col) return T(pert_rows)(a, work, r0, r1, stop);
     if (a->ext) return T(ext_rows)(a, work, r0, r1, stop);
