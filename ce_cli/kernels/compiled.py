@@ -385,15 +385,15 @@ class FusedKernel(_Kernel):
             return None
         m, l1 = out["row_max"], out["log1p_s1"]
         Q = params["q_total"] if "q" in params else params["alpha"] + params["beta"] * self.w_sum
-        picked = {"pick_grad": out.get("pick_g"),
-                  "pick_floor": out.get("pick_fl") if want_floor else None}
+        pick_g, pick_fl = out.get("pick_g"), out.get("pick_fl") if want_floor else None
         if self.sem is None:
             return ChunkEval(loss=out["loss"], grad=out.get("out_ref"),
                              floor=out.get("out_floor"), lse=m + l1, total_weight=Q, row_max=m,
-                             log1p_s1=l1, **picked)
+                             log1p_s1=l1, pick_grad=pick_g, pick_floor=pick_fl)
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
-                         row_terms=self._row_terms(rows, params, Q, out), **picked)
+                         row_terms=self._row_terms(rows, params, Q, out), pick_grad=pick_g,
+                         pick_floor=pick_fl)
 
     def _semantics(self, rows: np.ndarray) -> dict:
         """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the

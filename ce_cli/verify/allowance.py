@@ -149,12 +149,13 @@ class RowAllowance:
             # the bound); else, or when no factor fits them all, the median
             fit = None if bounds is None else _interval_fit(
                 d[pick], term[pick], bounds[pick] + self.bound * np.abs(other[pick]))
-            factor, error = fit or (float(np.median(d[pick] / term[pick])),
-                                    self._fit_error(term, pick))
+            factor, error = fit or (float(np.median(d[pick] / term[pick])), None)
             found = True
             if abs(factor) > self.bound:  # not applied: reported only if the row then fails
                 self._row_over, self._over = True, max(self._over, abs(factor))
             else:
+                if error is None:  # a median's uncertainty, needed only for a factor applied
+                    error = self._fit_error(term, pick)
                 self._record(row, factor)
                 if term is soft:
                     self._soft = factor

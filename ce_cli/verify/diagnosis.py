@@ -27,6 +27,10 @@ import numpy as np
 from ce_cli.verify.results import Diagnosis
 
 SAMPLE_ROWS = 512
+# the sample's (R, C) float64 arrays hold at most this many entries (16 MB), at least MIN_ROWS
+# rows: at C = 32,000 a 512-row sample took seconds of every failing check's diagnosis
+SAMPLE_ENTRIES = 1 << 21
+MIN_ROWS = 16
 CLOSE = 1e-3  # relative agreement that counts as "matches"
 
 
@@ -65,8 +69,10 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
 
 def _sample(problem: Any, user_rows: Any, worst_rows: list[int]) -> _Sample | None:
     N = problem.n_rows
-    spread = np.linspace(0, N - 1, num=min(N, SAMPLE_ROWS), dtype=np.int64)
-    rows = np.unique(np.concatenate([np.asarray(worst_rows, dtype=np.int64), spread]))[:SAMPLE_ROWS]
+    budget = max(MIN_ROWS, min(SAMPLE_ROWS, SAMPLE_ENTRIES // max(1, problem.n_classes)))
+    worst = np.unique(np.asarray(worst_rows, dtype=np.int64))[:budget]
+    spread = np.linspace(0, N - 1, num=min(N, budget - worst.size), dtype=np.int64)
+    rows = np.unique(np.concatenate([worst, spread]))  # the worst rows, then rows across the batch
     target_weights = getattr(problem, "target_weights", None)
     if target_weights is None or rows.size == 0:
         return None
