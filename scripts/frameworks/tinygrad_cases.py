@@ -141,7 +141,7 @@ def draw(case: dict, small: bool, seed: int):
 
 def sparse_ce(x, Y, ignore_index: int, eps: float, reduction: str, bug: str = ""):
     """tinygrad 0.14.0's Tensor.sparse_categorical_crossentropy, line for line, with `bug`."""
-    from tinygrad import dtypes
+    from tinygrad import dtypes  # type: ignore[import-not-found]
     log_probs = x.log_softmax()
     loss_mask = Y.ne(ignore_index) if ignore_index != -1 else Y.const_like(True, dtypes.bool)
     y = Y.unsqueeze(-1)._one_hot_along_dim(x.shape[-1], dim=-1) * loss_mask.unsqueeze(-1)
@@ -177,7 +177,7 @@ def forward(v: str, x, Y, T, PW, red: str, bug: str = ""):
         return x.cross_entropy(target, reduction=red, label_smoothing=eps)
     pw = None if v == "bce" or bug == "nopw" else PW
     if bug == "pw1":
-        from tinygrad import Tensor
+        from tinygrad import Tensor  # type: ignore[import-not-found]
         pw = PW * Tensor(np.where(np.arange(PW.shape[0]) == 0, 1.05, 1.0)).cast(PW.dtype)
     return x.binary_crossentropy_logits(T, reduction=red, pos_weight=pw)
 
@@ -186,7 +186,8 @@ def value_and_grad(case: dict, x0, args, bug: str = ""):
     """(loss, gradient) as float32 numpy; the gradient of the per-row losses' sum for 'none'."""
     x = x0.detach()
     x.requires_grad = True
-    loss = forward(case["variant"], x, *args, case["reduction"], bug)
+    Y, T, PW = args
+    loss = forward(case["variant"], x, Y, T, PW, case["reduction"], bug)
     (loss.sum() if loss.ndim else loss).backward()
     return loss.float().numpy(), x.grad.float().numpy()
 
@@ -208,7 +209,7 @@ def options(case: dict, axis: int, y: np.ndarray, pw: np.ndarray) -> dict:
 
 def compute(outdir: str, small: bool):
     from importlib.metadata import version
-    from tinygrad import Tensor, dtypes
+    from tinygrad import Tensor, dtypes  # type: ignore[import-not-found]
     tdt = {"f32": dtypes.float32, "f16": dtypes.float16, "bf16": dtypes.bfloat16}
 
     def rounded(a: np.ndarray, dt: str):
@@ -242,7 +243,7 @@ def old_cases(outdir: str) -> int:
     no `reduction`), float32, C 10 and 1000, std 1 and 10: its mask is Y != -1, the mean over
     the labelled rows (ignore_index -1, reduction mean)."""
     from importlib.metadata import version
-    from tinygrad import Tensor
+    from tinygrad import Tensor  # type: ignore[import-not-found]
     os.makedirs(outdir, exist_ok=True)
     n = 0
     for C in (10, 1000):
