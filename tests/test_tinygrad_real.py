@@ -152,3 +152,17 @@ def test_bce_exp2_rounding_is_the_argument_rounding():
 def test_bce_mean_at_std_30_raises_no_alarm():
     arrays, meta = _load(BCE)
     assert _check(arrays, meta).ok
+
+
+def test_float16_mean_over_65536_rows_is_zero():
+    """0.14.0 divides the float16 sum by the mask's count as float16: 65,536 rows -> inf, the
+    loss -0 and the gradient all zeros. The loss check fails; every reference entry is below
+    float16's smallest normal (1/65,536 < 6.1e-5), so the zeros pass as flushed, counted in the
+    note, and `strict_subnormals` fails them."""
+    arrays, meta = _load(DIR / "findings" / "tinygrad_bign_f16_nc_C2_s1_mean_sparse.npz")
+    assert float(arrays["loss"]) == 0.0 and not arrays["grad"].any()
+    report = _check(arrays, meta)
+    assert _failed(report) == ["loss_vs_reference"]
+    grad_check = report.checks[[c.name for c in report.checks].index("grad_vs_reference")]
+    assert "flushed to zero" in grad_check.note
+    assert "grad_vs_reference" in _failed(_check(arrays, meta, strict_subnormals=True))

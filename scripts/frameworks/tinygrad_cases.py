@@ -6,6 +6,7 @@ with tinygrad and numpy; bfloat16 needs a clang that compiles `__bf16` for x86: 
     python tinygrad_cases.py OUTDIR [--small] [--only SUBSTR] [--fixtures]
     python tinygrad_cases.py OUTDIR --check       (ce_cli importable: both kernels)
     python tinygrad_cases.py OUTDIR --old         (in a venv with tinygrad 0.9.2)
+    python tinygrad_cases.py OUTDIR --big-n       (float16 means over 65,536 rows)
 
 What tinygrad computes (tinygrad/mixin/op.py, 0.14.0): `log_softmax` is `m - log(sum(exp(m)))`,
 m = z - max z, exp and log through exp2 / log2 (a 16-bit exp is computed in float32 and rounded
@@ -265,6 +266,31 @@ def old_cases(outdir: str) -> int:
     return 0
 
 
+# ---- --big-n: a float16 mean over 65,536 rows ----
+
+def big_n_cases(outdir: str) -> int:
+    """The default call on (65536, 2) float16 logits (a batch of 64 x 1024 tokens; two classes
+    keep the file small), std 1: the mask's count, an int, divides a float16 sum, so it becomes
+    float16 65,536 = inf; the loss is -0 and the gradient all zeros (0.14.0; tinygrad PR
+    #17445, open, fixes loss functions for large N in half)."""
+    from importlib.metadata import version
+    from tinygrad import Tensor, dtypes  # type: ignore[import-not-found]
+    os.makedirs(outdir, exist_ok=True)
+    case = dict(framework="tinygrad", call_tag="bign", dtype="f16", layout="nc", C=2, scale=1.0,
+                reduction="mean", variant="sparse", target="index")
+    rng = np.random.default_rng(777)
+    z = rng.standard_normal((65536, 2)).astype(np.float32)
+    y = rng.integers(0, 2, size=65536, dtype=np.int64)
+    x0 = Tensor(z).cast(dtypes.float16).contiguous().realize()
+    loss, grad = value_and_grad(case, x0, (Tensor(y.astype(np.int32)), None, None))
+    common.write_case(
+        outdir, case, logits=x0.float().numpy(), labels=y, grad=grad, loss=loss, axis=-1,
+        precision="f16", seed=777, ce_check=options(case, -1, y, np.zeros(2)),
+        meta_extra=dict(tinygrad=version("tinygrad"), shape=[65536, 2], computed_in="f16"))
+    print(f"wrote 1 case to {outdir}")
+    return 0
+
+
 # ---- --check: ce-check on every case of OUTDIR ----
 
 def row_plant(grad: np.ndarray) -> np.ndarray:
@@ -319,6 +345,8 @@ def main():
         sys.exit(max(codes))
     if "--old" in sys.argv:
         sys.exit(old_cases(sys.argv[1]))
+    if "--big-n" in sys.argv:
+        sys.exit(big_n_cases(sys.argv[1]))
     fixtures = "--fixtures" in sys.argv
     if fixtures:
         sys.argv.remove("--fixtures")
