@@ -118,7 +118,7 @@ def test_release_092_ignored_minus_one_and_its_max_was_not_detached(path):
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_16bit_minus_inf_logits_give_a_nan_loss(dtype):
     """16-bit logits with -inf entries: (log_probs * one_hot).sum(-1) is -inf * 0 = NaN in the
-    row (float32 folds the product into a select). The gradient passes; the loss fails."""
+    row (float32 gets the finite loss). The gradient passes; the loss fails."""
     arrays, meta = _load(DIR / "findings" / f"tinygrad_sce_{dtype}_nc_C10_s1_mean_sparse_inf.npz")
     assert np.isnan(arrays["loss"]).all() and np.isinf(arrays["logits"]).any()
     report = _check(arrays, meta)
