@@ -161,8 +161,9 @@ def test_float16_mean_over_65536_rows_is_zero():
     note, and `strict_subnormals` fails them."""
     arrays, meta = _load(DIR / "findings" / "tinygrad_bign_f16_nc_C2_s1_mean_sparse.npz")
     assert float(arrays["loss"]) == 0.0 and not arrays["grad"].any()
-    report = _check(arrays, meta)
-    assert _failed(report) == ["loss_vs_reference"]
+    report = _check(arrays, meta, fd="sample")  # 131,072 entries: sampled finite differences
+    assert "loss_vs_reference" in _failed(report)
     grad_check = report.checks[[c.name for c in report.checks].index("grad_vs_reference")]
-    assert "flushed to zero" in grad_check.note
-    assert "grad_vs_reference" in _failed(_check(arrays, meta, strict_subnormals=True))
+    assert grad_check.ok and "flushed to zero" in grad_check.note
+    strict = _check(arrays, meta, fd="sample", strict_subnormals=True)
+    assert "grad_vs_reference" in _failed(strict)
