@@ -119,3 +119,27 @@ def test_mlx_float16_smoothing_loss_overflow_is_named(path):
     assert [c.name for c in bad] == ["loss_vs_reference"]
     assert "overflowed" in bad[0].note
     assert _check(arrays, meta, loss=False).ok
+
+
+RELEASED = FIX / "released"
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+def test_mlx_4188_unshifted_loss_stays_within_the_lse_allowance(dt):
+    """ml-explore/mlx#4188: up to 0.32.0 the loss was logsumexp(z) - z_y on the raw logits, so
+    a common offset o costs ~eps |o| per row (scripts/frameworks/mlx_released_cases.py: offset
+    1e6 in float32, 300 in bfloat16). ce-check passes it, by design: its loss floor allows
+    k eps (1 + |lse|) per row, the rounding of every kernel that forms lse = m + log s before
+    subtracting z_y (Liger's, flash-attn's), and the gradient is 0.32.1's. Not caught: the
+    0.32.0 row losses err 6e4 (f32: 0.029 on ~4.9) and 43 (bf16: 1.0 on ~5.0) times more than
+    0.32.4's, and both pass."""
+    errs = {}
+    for version in ("0.32.0", "0.32.4"):
+        arrays, meta = _load(RELEASED / f"mlx{version}_offset_{dt}.npz")
+        z = arrays["logits"].astype(np.float64)
+        m = z.max(axis=1)
+        ref = m + np.log(np.exp(z - m[:, None]).sum(axis=1)) - z[np.arange(len(z)),
+                                                                 arrays["labels"]]
+        errs[version] = float(np.abs(arrays["loss"] - ref).max())
+        assert _check(arrays, meta).ok, version
+    assert errs["0.32.0"] > {"f32": 1e4, "bf16": 20.0}[dt] * errs["0.32.4"], errs
