@@ -143,3 +143,18 @@ def test_mlx_4188_unshifted_loss_stays_within_the_lse_allowance(dt):
         errs[version] = float(np.abs(arrays["loss"] - ref).max())
         assert _check(arrays, meta).ok, version
     assert errs["0.32.0"] > {"f32": 1e4, "bf16": 20.0}[dt] * errs["0.32.4"], errs
+
+
+@pytest.mark.parametrize("case", ["ce_bf16", "bce_bf16", "bce_f16"])
+def test_mlx_4379_16bit_running_sum_loss_is_caught(case):
+    """ml-explore/mlx#4379 (fixed in 0.32.3 by #4387): the CPU sum of float16 / bfloat16
+    arrays accumulated in that dtype and stalled (bfloat16 sums of ones at 256, float16 at
+    2048), so MLX 0.32.2's mean losses come out 34-62 % low (1,024 x 8 bf16 CE: 1.33 for 2.51).
+    The loss check fails, alone (the mean's gradient is a broadcast 1/N); 0.32.4's passes."""
+    arrays, meta = _load(RELEASED / f"mlx0.32.2_sum16_{case}.npz")
+    report = _check(arrays, meta)
+    assert _failed(report) == ["loss_vs_reference"]
+    (worst,) = next(c for c in report.checks if c.name == "loss_vs_reference").worst[:1]
+    assert worst.got < 0.7 * worst.expected
+    assert _check(arrays, meta, loss=False).ok
+    assert _check(*_load(RELEASED / f"mlx0.32.4_sum16_{case}.npz")).ok
