@@ -27,7 +27,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
 from ce_cli.verify.results import CheckResult, Diagnosis
-from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+from ce_cli.verify.tolerance import Tolerance, reduction_floor, resolve_tolerance
 
 FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound's own rounding
 Ranked = list[tuple[int, CheckResult]]
@@ -251,10 +251,9 @@ class LossStage(Stage):
             cmp.update(0, ref, self.loss, row_floor)
             return cmp.result()
         total = problem.reduce(self.total.total() - (math.fsum(shift) if shift is not None else 0.0))
-        n = max(1, problem.n_rows)
-        # a reduction in the user's precision adds about log2(N) roundings of the total
+        # the reduction in your precision: over every per-sample loss (binary: every element)
         floor = (float(np.sum(row_floor)) * problem.grad_scale
-                 + self.tol.floor_coef * math.log2(n + 1) * abs(total))
+                 + reduction_floor(self.tol, math.prod(problem.per_sample_shape), total))
         return reduced_check("loss_vs_reference", self.tol, total, floor, self.loss, self.loss_atol)
 
 
@@ -275,7 +274,7 @@ def with_normaliser(compare: Callable[[float], CheckResult], normaliser: float, 
 def reduced_check(name: str, tol: Tolerance, total: float, floor: float, got: Any,
                   extra_atol: float) -> CheckResult:
     """A reduced scalar (the loss, the z-loss) against the reference `total`, the error floor
-    `floor` (the rows' floors, scaled, plus the reduction's log2(N + 1) roundings) allowed."""
+    `floor` (the rows' floors, scaled, plus the reduction's: `reduction_floor`) allowed."""
     cmp = _comparison(name, tol, lambda r, c: (), 1, user=True, extra_atol=extra_atol,
                       beyond_range=True)
     value = np.asarray(got, dtype=np.float64).reshape(1)
@@ -549,7 +548,7 @@ class ZLossStage(Stage):
             return [(2, cmp.result())]
         total = problem.reduce(loss_sum(self.rows))
         floor = (float(np.sum(self.floor)) * abs(problem.grad_scale)
-                 + self.tol.floor_coef * math.log2(problem.n_rows + 1) * abs(total))
+                 + reduction_floor(self.tol, problem.n_rows, total))
         return [(2, reduced_check("z_loss_vs_reference", self.tol, total, floor, self.got,
                                   self.loss_atol))]
 

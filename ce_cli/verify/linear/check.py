@@ -25,7 +25,7 @@ from ce_cli.verify.linear.probes import Probes
 from ce_cli.verify.linear.stream import Pass, bias_column, run_pass
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report
-from ce_cli.verify.tolerance import Tolerance, resolve_tolerance
+from ce_cli.verify.tolerance import Tolerance, reduction_floor, resolve_tolerance
 
 
 ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight", "grad_hidden",
@@ -249,7 +249,7 @@ def loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance],
                          n_worst=opts.worst, extra_atol=opts.loss_atol, beyond_range=True)
         cmp.update(0, run.loss, got, tol.floor_coef * run.loss_floor)
         return cmp.result()
-    floor = tol.floor_coef * (float(run.loss_floor.sum()) + math.log2(problem.n_rows + 1) * abs(ref_loss))
+    floor = tol.floor_coef * float(run.loss_floor.sum()) + reduction_floor(tol, problem.n_rows, ref_loss)
     cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), n_worst=1, extra_atol=opts.loss_atol,
                      beyond_range=True)
     cmp.update(0, np.array([ref_loss]), np.asarray(got, dtype=np.float64).reshape(1),

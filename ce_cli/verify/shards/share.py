@@ -20,7 +20,7 @@ from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.inputs import BatchInputs
 from ce_cli.verify.shards.plan import ShardPlan
 from ce_cli.verify.stages import LossStage, Stage, ZLossStage, reduced_check, with_normaliser
-from ce_cli.verify.tolerance import Tolerance
+from ce_cli.verify.tolerance import Tolerance, reduction_floor
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
 
         def compare(k: float) -> CheckResult:
             floor = ((floors + k * weights) * first.grad_scale
-                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+                     + reduction_floor(tol, n, total))
             return reduced_check("loss_vs_reference", tol, total, floor, inputs.loss,
                                  options.loss_atol)
 
@@ -128,7 +128,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
         tol = options.tolerance(inputs.z_loss_dtype)
         z_total = math.fsum(s.z_loss for s in shares)
         floor = (math.fsum(s.z_loss_floor for s in shares) * abs(first.grad_scale)
-                 + tol.floor_coef * math.log2(n + 1) * abs(z_total))
+                 + reduction_floor(tol, n, z_total))
         out["z_loss_vs_reference"] = reduced_check("z_loss_vs_reference", tol, z_total, floor,
                                                    inputs.z_loss, 0.0)
     return out

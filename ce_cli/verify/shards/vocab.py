@@ -38,6 +38,7 @@ from ce_cli.verify.shards.files import load
 from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs
+from ce_cli.verify.tolerance import reduction_floor
 from ce_cli.verify.stages import (Chunk, ZLossStage, lse_check, reduced_check,
                                   with_normaliser)
 
@@ -253,7 +254,7 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
                      options: CheckOptions, total: float) -> CheckResult:
     """Your loss against the batch's rows L_n (`batch_rows`), each allowed the single
     process's floor, k eps times `BatchRows.floor`; reduced: summed, scaled by 1/D, plus
-    log2(N + 1) roundings of the total; widened by the normaliser bound when only that
+    the reduction's (`reduction_floor`); widened by the normaliser bound when only that
     passes, as `LossStage`."""
     rows = batch_rows(plan, parts, options)
     n_classes = plan.shape[-1]
@@ -281,7 +282,7 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
 
         def compare(k: float) -> CheckResult:
             bound = ((float(np.sum(floor)) + k * float(np.sum(rows.weight))) * scale
-                     + tol.floor_coef * math.log2(n + 1) * abs(total))
+                     + reduction_floor(tol, n, total))
             return reduced_check("loss_vs_reference", tol, total, bound, got, options.loss_atol)
     return with_normaliser(compare, normaliser, tol, n_classes)
 
