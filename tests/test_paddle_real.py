@@ -8,7 +8,8 @@ The top folder is checked by tests/test_semantic_frameworks.py; own/ holds what 
 64 + log C (Paddle#20994: only the loss check fails) and float64 label smoothing, whose gradient
 softmax - t is not its loss's derivative (float32 targets). Released bugs fail against the
 semantics users expect: the default mean over every row, ignored ones included (Paddle#48663,
-PR #76033), and label smoothing with ignore_index >= 0 (every row kept, divided by N C).
+PR #76033: 2.6.2 divides by the non-ignored rows, 3.x regressed), and label smoothing with
+ignore_index >= 0 (every row kept, divided by N C; 2.6.2: by N).
 Planted bugs (Paddle's code with one thing changed) are caught.
 """
 
@@ -44,7 +45,7 @@ def test_paddle_fixtures_are_there():
     kinds = {(META[p]["variant"], META[p]["dtype"]) for p in CASES}
     for v in paddle_cases.VARIANTS:
         assert (v, "f32") in kinds and (v, "f64") in kinds, v
-    assert {META[p]["paddle"] for p in CASES} == {"3.3.1"}
+    assert {META[p]["paddle"] for p in CASES} == {"3.3.1", "2.6.2"}
     assert len(CLIPPED) >= 4 and len(P_MINUS_T) >= 3 and len(CLEAN) >= 8
     assert {META[p]["variant"] for p in RELEASED} == {"mean_ign", "smooth_ign0"}
 
@@ -89,3 +90,19 @@ def test_released_bugs_fail_against_the_expected_semantics(path):
 def test_planted_bugs_are_caught(path, bug):
     arr, meta = paddle_cases.load(path)
     assert not paddle_cases.check(arr, meta, grad=arr[bug], loss=False, fd="sample").ok
+
+
+MEAN_IGN = [p for p in CASES if META[p]["variant"] == "mean_ign" and META[p]["C"] == 10
+            and META[p]["dtype"] == "f32"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_default_mean_regressed_from_2_6_2_to_3_3_1(scale):
+    """The same call, `cross_entropy(z, y)` with labels -100: 2.6.2's gradient is PyTorch's
+    mean over the non-ignored rows, 3.3.1's is divided by every row."""
+    by_version = {META[p]["paddle"]: p for p in MEAN_IGN if META[p]["scale"] == scale}
+    torch_mean = dict(reduction="mean", ignore_index=-100, precision="f32")
+    old = paddle_cases.load(by_version["2.6.2"])
+    new = paddle_cases.load(by_version["3.3.1"])
+    assert paddle_cases.check(*old, opts=torch_mean).ok
+    assert not paddle_cases.check(*new, opts=torch_mean).ok

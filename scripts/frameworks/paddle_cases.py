@@ -2,7 +2,7 @@
 by paddle.grad, for ce-check's options (runs in a venv with paddlepaddle and numpy; --check runs
 in ce-check's own environment).
 
-    python paddle_cases.py OUTDIR [--small] [--only SUBSTR] [--fixtures]
+    python paddle_cases.py OUTDIR [--small] [--only SUBSTR] [--fixtures] [--old]
     python paddle_cases.py OUTDIR --check
 
 What Paddle 3.3.1 computes (python/paddle/nn/functional/loss.py, read, not guessed), and the
@@ -56,6 +56,12 @@ code with one thing changed, differentiated by paddle.grad): `row1001` one row's
 (against Paddle's own /N), `nosmooth` the smoothing dropped, `weight1` one class weight x 1.5,
 `nopw` pos_weight dropped.
 
+`--old` (in a venv with another release, e.g. paddlepaddle 2.6.2): `mean_ign`, `smooth_ign0`
+and `none` in float32, named paddle<version>_..., all in OUTDIR/own/ (meta `legacy`). 2.6.2
+divides the default mean by the non-ignored rows (PyTorch's: the 3.x /N is a regression of
+the #48663 fix, PR #48974), keeps the ignored rows with smoothing and ignore_index >= 0 and
+divides by N (3.3.1: N C), and clips at 64 as 3.3.1.
+
 `--check` runs ce_cli.check_grad / check_binary on every case in OUTDIR (and own/) on both
 kernels (default and CE_CHECK_FUSED=0): false alarms, planted bugs missed, Paddle's released
 bugs (`meta.released`) caught against the semantics users expect.
@@ -75,7 +81,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-NP = {"f32": np.float32, "f64": np.float64}
+NP: dict[str, type[np.floating]] = {"f32": np.float32, "f64": np.float64}
 EPS_LS = 0.1
 # variant -> (family, ce-check reduction, layout, target)
 VARIANTS = {
@@ -96,20 +102,31 @@ BUGS = {"mean_ign": ("valid",), "mean_ign0": ("allrows",), "axis1_ign255": ("all
         "bce_weight": ("weight1",)}
 IGNORE = {"sum": -100, "mean_ign": -100, "mean_ign0": 0, "axis1_ign255": 255, "weight": -100,
           "weight_sum": -100, "smooth_ign0": 0}
+OLD_VARIANTS = ("mean_ign", "smooth_ign0", "none")
 CLIP = 64.0  # Paddle's softmax clips z - max at -64
 
 
 def fixture_keep(c: dict) -> bool:
     """The committed subset of --small (<= 3 MB): C = 10 in float32 (every std) and float64
-    (std 10), C = 1,000 at std 10 in float32 for the default mean and label smoothing."""
+    (std 10), C = 1,000 at std 10 in float32 for label smoothing; another release's: C = 10,
+    `none` at std 30 only."""
+    if c["framework"] != "paddle":
+        return c["C"] == 10 and (c["variant"] != "none" or c["scale"] == 30.0)
     if c["C"] == 10:
         return c["dtype"] == "f32" or c["scale"] == 10.0
-    return (c["C"] == 1000 and c["scale"] == 10.0 and c["dtype"] == "f32"
-            and c["variant"] in ("mean_ign", "smooth"))
+    return c["C"] == 1000 and c["scale"] == 10.0 and c["dtype"] == "f32" and c["variant"] == "smooth"
 
 
-def cases(small: bool) -> list[dict]:
-    return [c for c in common.semantic_cases("paddle", VARIANTS, NP, small) if c["scale"] in SCALES]
+def cases(small: bool, old: bool = False) -> list[dict]:
+    """Every variant; `old` (another release, named paddle<version>): the released bugs'
+    variants in float32."""
+    if not old:
+        return [c for c in common.semantic_cases("paddle", VARIANTS, NP, small)
+                if c["scale"] in SCALES]
+    import paddle
+    tag = "paddle" + paddle.__version__.replace(".", "")
+    return [c for c in common.semantic_cases(tag, VARIANTS, NP, small) if c["scale"] in SCALES
+            and c["variant"] in OLD_VARIANTS and c["dtype"] == "f32"]
 
 
 def draw(case: dict, small: bool, seed: int):
@@ -268,8 +285,11 @@ def ce_options(case: dict, arrays: tuple, extra: dict) -> dict:
         opts["ignore_index"] = IGNORE[v]
     if v == "axis1_ign255":
         opts["class_axis"] = 1
-    if v in ("mean_ign", "smooth_ign0"):
-        opts["denominator"] = float(y.size * (z.shape[-1] if v == "smooth_ign0" else 1))
+    if v == "mean_ign" and case["legacy"]:  # 2.x: the count of the non-ignored rows
+        opts["reduction"] = "mean"
+    elif v in ("mean_ign", "smooth_ign0"):  # 3.x: N C with smoothing; 2.x and 3.x: N
+        opts["denominator"] = float(y.size * (z.shape[-1] if v == "smooth_ign0"
+                                              and not case["legacy"] else 1))
         opts.pop("ignore_index") if v == "smooth_ign0" else None
     if v in ("weight", "weight_sum"):
         opts["weight"], extra["weight"] = "weight", w.astype(NP[dt])
@@ -315,14 +335,15 @@ def compute(outdir: str, small: bool):
     os.makedirs(os.path.join(outdir, "own"), exist_ok=True)
 
     def one(case: dict, seed: int):
-        case = dict(case, family=case["call_tag"])
+        case = dict(case, family=case["call_tag"], legacy=paddle.__version__.startswith("2."))
         v, dt = case["variant"], case["dtype"]
         arrays = draw(case, small, seed)
         z, y, t, b, w = arrays
         loss, grad = value_and_grad(case, arrays)
         extra: dict = {}
         opts = ce_options(case, arrays, extra)
-        for bug in BUGS.get(v, ()) if dt == "f32" else ():
+        bugs = ("allrows",) if v == "mean_ign" and case["legacy"] else BUGS.get(v, ())
+        for bug in bugs if dt == "f32" else ():
             extra["grad_bug_" + bug] = value_and_grad(case, arrays, bug)[1]
         if dt == "f32":
             g = grad.astype(np.float64).reshape(-1, grad.shape[-1]).copy()
@@ -334,11 +355,11 @@ def compute(outdir: str, small: bool):
             labels = smoothed(y, z.shape[-1]).astype(np.float64)
         clip = clipped(case, z, y, t)
         p_minus_t = "smooth" in v and dt == "f64"
-        own = clip or p_minus_t or any(k in opts for k in ("weight", "pos_weight"))
+        own = clip or p_minus_t or case["legacy"] or any(k in opts for k in ("weight", "pos_weight"))
         meta = dict(paddle=paddle.__version__, shape=list(z.shape), loss_clipped=clip,
                     grad_p_minus_t=p_minus_t,
                     loss_dtype=str(loss.dtype), grad_dtype=str(grad.dtype))
-        if v in RELEASED and dt == "f32":
+        if v in RELEASED and dt == "f32" and not (v == "mean_ign" and case["legacy"]):
             meta["released"] = RELEASED[v]
         if case["family"] == "bce":
             meta["target"] = "binary"
@@ -429,11 +450,11 @@ def main():
         sys.argv.remove("--check")
         sweep(sys.argv[1])
         return
-    fixtures = "--fixtures" in sys.argv
-    if fixtures:
-        sys.argv.remove("--fixtures")
+    flags = {f: f in sys.argv for f in ("--fixtures", "--old")}
+    sys.argv = [a for a in sys.argv if a not in flags]
+    fixtures = flags["--fixtures"]
     args = common.parse_args("paddle_cases.py")
-    common.run(cases(args.small), args, compute(args.outdir, args.small),
+    common.run(cases(args.small, flags["--old"]), args, compute(args.outdir, args.small),
                fixture_keep if fixtures else None)
 
 
