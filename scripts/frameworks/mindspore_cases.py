@@ -1,6 +1,8 @@
 """MindSpore's own ops.cross_entropy and ops.binary_cross_entropy_with_logits on CPU (PyNative),
 differentiated by mindspore.grad, for ce-check's options (runs in a venv with mindspore and
-numpy; --check runs in ce-check's own environment, with paddle_cases.py's checker).
+numpy < 2: its PyNative parser is built against numpy 1.x and says "Numpy init failed" with
+numpy 2, though exp's error and the NaN loss below are the same with either; --check runs in
+ce-check's own environment, with paddle_cases.py's checker).
 
     python mindspore_cases.py OUTDIR [--small] [--only SUBSTR] [--fixtures]
     python mindspore_cases.py OUTDIR --check
