@@ -99,20 +99,17 @@ OLD = sorted(glob.glob(str(DIR / "findings" / "tinygrad_v092_*.npz")))
 def test_release_092_ignored_minus_one_and_its_max_was_not_detached(path):
     """tinygrad 0.9.2: Y != -1 masks the -1 rows (the mean over the labelled ones), so 0.14.0's
     mapping fails. Its log_softmax let the gradient through the row max (detached in 0.10.0,
-    #7009): the normaliser's rounding residual lands on each row's argmax entry, 7 of 16 rows
-    over the rule at C = 1,000, std 1 (5e-5 relative), named as isolated entries."""
+    #7009): the normaliser's rounding residual (1 - sum a) Q lands on each row's argmax entry,
+    7 of 16 rows over the entry-wise rule at C = 1,000, std 1 (5e-5 relative). A correct
+    gradient: they pass with the row max's path allowed there, and the note says so."""
     arrays, meta = _load(path)
     as_014 = _check(arrays, meta, reduction="sum", denominator=float(arrays["labels"].size))
     assert "grad_vs_reference" in _failed(as_014)
     report = _check(arrays, meta)
-    if "C1000_s1_" not in path:
-        assert report.ok, _failed(report)
-        return
-    grad_check = next(c for c in report.checks if c.name == "grad_vs_reference")
-    assert not grad_check.ok and grad_check.mismatches == 7
-    argmax = arrays["logits"].argmax(axis=-1)
-    assert all(argmax[e.index[0]] == e.index[1] for e in grad_check.worst)
-    assert report.diagnosis[0].code == "isolated"
+    assert report.ok, _failed(report)
+    if "C1000_s1_" in path:
+        grad_check = next(c for c in report.checks if c.name == "grad_vs_reference")
+        assert grad_check.note.startswith("7 rows pass with their arg-max entry allowed")
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])

@@ -19,6 +19,12 @@ within the bound are removed, each leaving its own fit uncertainty; the residual
 entry-wise rule. A row that still fails is reported with its raw errors unless a factor beyond
 the entry-wise rule's own k * eps was found.
 
+The row max: an implementation that differentiates through z - max(z) (no stop-gradient:
+composed ops, MindSpore's `cross_entropy`, tinygrad before 0.10, autograd written from scratch)
+adds (1 - sum_c a_c) Q * scale at the row's arg-max, zero in exact arithmetic but its own sum's
+rounding in your precision (MindSpore float16: exactly 0, +-1/2 or -1 ulp of 1). A failing row's
+arg-max entries are allowed that much more: `reduction_floor` of a sum of C terms, times |Q scale|.
+
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
 normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
 (`strict_subnormals` turns this off). The flushed value may be an intermediate (the softmax
@@ -34,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ce_cli.verify.tolerance import PRECISIONS, Tolerance
+from ce_cli.verify.tolerance import PRECISIONS, Tolerance, reduction_floor
 
 # smallest positive normal number of each precision
 NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
@@ -61,6 +67,7 @@ class RowAllowance:
         self.scale = scale
         self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
+        self.peak = reduction_floor(tol, n_classes, 1.0)  # |1 - sum_c a_c| (the row max's path)
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
         self.precision = tol.coarse
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
@@ -74,10 +81,12 @@ class RowAllowance:
         self._row_over = self._significant = False
         self._over = 0.0  # the row's largest factor over the bound (not applied)
         self._soft = 0.0  # the row's softmax factor applied
+        self._soft_term = np.zeros(0)  # the row's Q a * scale
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
         self.rows_rescued = 0  # rows that pass only with the allowances
+        self.rows_peak = 0     # ... of which only with their arg-max's (the row max's path)
         self.rows_over = 0
         self.max_factor = 0.0
         self.worst_row: int | None = None
@@ -107,6 +116,8 @@ class RowAllowance:
                 d = fitted
             else:
                 slack[:] = 0.0
+            if out.max() > 1.0:
+                self._peak_slack(slack, finite, d, allowed)
         out = ratio.copy()
         out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
         passes = bool(out.max() <= 1.0)
@@ -117,6 +128,20 @@ class RowAllowance:
         if self._row_over and not passes:  # the factor over the bound is the row's failure
             self._record(row, self._over)
         return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
+
+    def _peak_slack(self, slack: np.ndarray, finite: np.ndarray, d: np.ndarray,
+                    allowed: np.ndarray) -> None:
+        """The row max's path at the arg-max entries (ties: each), added to `slack` when that
+        lets the row pass (`rows_peak`)."""
+        soft = self._soft_term  # Q a * scale (`_remove_factors`)
+        top = float(np.max(np.abs(soft), initial=0.0))
+        if not top:
+            return
+        peak = np.abs(soft) == top
+        extra = np.where(peak, self.peak * abs(float(soft.sum())), 0.0)
+        if np.all(np.abs(d[finite]) <= (allowed + slack + extra)[finite]):
+            slack += extra
+            self.rows_peak += 1
 
     def _entry_bounds(self, got: np.ndarray, ref: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """Each entry's error bound apart from the row factors, for coarse storage: the final
@@ -136,6 +161,7 @@ class RowAllowance:
         assert self.target_weights is not None  # softmax models only (refine checks)
         q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
         soft = ref + q          # Q a * scale
+        self._soft_term = soft
         weight = -spread        # smoothing's share of the target-weight term
         found = False
         # a peaked row with smoothing has one or two entries the softmax term dominates: their

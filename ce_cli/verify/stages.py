@@ -116,6 +116,12 @@ class GradStage(Stage):
 
     def finish(self) -> Ranked:
         result = self.cmp.result()
+        a = self.allowance
+        if a.rows_peak:
+            result = replace(result, note="; ".join(filter(None, [result.note, (
+                f"{a.rows_peak} rows pass with their arg-max entry allowed the row max's "
+                f"derivative (1 - sum a) Q, |1 - sum a| <= {a.peak:.2g}: yours differentiates "
+                "through max(z)")])))
         out = [(1, result)]
         if not result.ok:
             from ce_cli.verify.diagnosis import diagnose  # for a failed check only
@@ -123,7 +129,6 @@ class GradStage(Stage):
             self.diagnosis = diagnose(self.problem, self.user.rows,
                                       [r for r, _c in self.cmp.positions()], result.mismatches,
                                       result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps))
-        a = self.allowance
         if a.rows_over or (a.rows_rescued and a.max_factor):
             where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()
             missing = missing_z_loss(self.problem, a.largest)

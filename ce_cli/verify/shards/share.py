@@ -35,6 +35,7 @@ class ShardShare:
     z_loss_floor: float = 0.0
     grad_scale: float = 1.0
     normaliser: float = 0.0
+    per_element: bool = False  # the loss sums every element (binary), not every row
 
 
 class ShareStage(Stage):
@@ -63,7 +64,9 @@ class ShareStage(Stage):
                                 worst=(), rule="merged over the shards")) for n in names]
 
     def share(self) -> ShardShare:
-        problem, out = self.problem, ShardShare(grad_scale=float(self.problem.grad_scale))
+        problem = self.problem
+        out = ShardShare(grad_scale=float(problem.grad_scale),
+                         per_element=bool(problem.per_sample_cols))
         if self.loss is not None:
             weight = self.loss.weight
             out = replace(out, loss_floor=math.fsum(self.loss.floor.reshape(-1).tolist()),
@@ -111,7 +114,8 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
     out: dict[str, CheckResult] = {}
     if not shares:
         return out
-    first, n = shares[0], max(1, math.prod(plan.shape[:-1]))
+    first = shares[0]
+    n = math.prod(plan.shape if first.per_element else plan.shape[:-1])  # the terms summed
     if inputs.loss is not None:
         tol = options.tolerance(inputs.loss_dtype)
         floors = math.fsum(s.loss_floor for s in shares)
