@@ -101,7 +101,7 @@ class RowAllowance:
             d = g - ref
         finite = np.isfinite(d) & np.isfinite(ratio)
         d = np.where(finite, d, 0.0)
-        flushed = finite & (np.abs(ref) < self.normal_min) & (g == 0)
+        flushed = finite & self.flushed_entries(ref, g)
         # flushed: a correctly rounded result would not be 0 there
         self.flushed += int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
         d[flushed] = 0.0
@@ -128,6 +128,14 @@ class RowAllowance:
         if self._row_over and not passes:  # the factor over the bound is the row's failure
             self._record(row, self._over)
         return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
+
+    def flushed_entries(self, ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+        """Where `got` is a correct result below the smallest normal number returned as 0."""
+        return (np.abs(ref) < self.normal_min) & (np.asarray(got) == 0)
+
+    def flushed_note(self, count: int) -> str:
+        return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "
+                f"{self.precision} number)")
 
     def _peak_slack(self, slack: np.ndarray, finite: np.ndarray, d: np.ndarray,
                     allowed: np.ndarray) -> None:

@@ -264,9 +264,7 @@ class Comparison:
         ok = self.mismatches == 0 and self.nonfinite == 0
         note = self.note
         if self.allowance is not None and self.allowance.flushed:
-            note = (note + "; " if note else "") + (
-                f"{self.allowance.flushed:,} entries flushed to zero (allowed: below the smallest "
-                f"normal {self.allowance.precision} number)")
+            note = (note + "; " if note else "") + self.allowance.flushed_note(self.allowance.flushed)
         if self.overflowed:
             note = (note + "; " if note else "") + (
                 f"{self.overflowed:,} entries +-inf where the reference is beyond the "

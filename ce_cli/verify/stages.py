@@ -467,7 +467,13 @@ class SampledFDStage(Stage):
             if user.factor_bound(problem):
                 q_entry = problem.target_entries(rows, cols) * problem.grad_scale
                 allowed = allowed + user.factor_bound(problem) * np.abs(reference + q_entry)
-            cmp.update(0, fdv, np.asarray(user.rows[rows, cols]), allowed)
+            got = np.asarray(user.rows[rows, cols])
+            rule = user.allowance(problem)  # grad_vs_reference's flush rule, entry by entry
+            flushed = rule.flushed_entries(reference, got)
+            if flushed.any():
+                allowed = np.where(flushed, np.inf, allowed)
+                cmp.note = f"{note}; {rule.flushed_note(int(flushed.sum()))}"
+            cmp.update(0, fdv, got, allowed)
             out.append((4, cmp.result()))
         return out
 
