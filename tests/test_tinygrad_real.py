@@ -166,3 +166,19 @@ def test_float16_mean_over_65536_rows_is_zero():
     assert fd_check.ok and "flushed to zero" in fd_check.note  # sampled: the same rule
     strict = _check(arrays, meta, fd="sample", strict_subnormals=True)
     assert {"grad_vs_reference", "fd_vs_grad"} <= set(_failed(strict))
+
+
+@pytest.mark.parametrize("path", [p for p in CASES if p.endswith("_s1_mean_sparse_neg1.npz")],
+                         ids=lambda p: Path(p).stem)
+def test_minus_one_rows_counted_are_diagnosed_at_every_dtype(path):
+    """Checked as "-1 ignored", 0.14.0's mean over every row is one scale N_valid / N of the
+    whole gradient: named so in float32 and in 16 bits, whose roundings keep the ratio within
+    their own relative rule rather than 1e-3."""
+    arrays, meta = _load(path)
+    opts = {k: v for k, v in meta["ce_check"].items() if k not in ("reduction", "denominator")}
+    report = ce_cli.check_grad(arrays["logits"], arrays["labels"], grad=arrays["grad"],
+                               fd="off", **opts)
+    assert not report.ok
+    assert report.diagnosis[0].code == "scale"
+    assert "mean over all" in report.diagnosis[0].message
+    assert [d.code for d in report.diagnosis].count("row_factor") == 0
