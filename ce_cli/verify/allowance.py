@@ -48,6 +48,7 @@ MIN_FIT = 3  # entries a term must dominate before its factor is fitted: a media
 # is never moved by a single wrong entry
 NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
 TOP_ROWS = 5  # rows whose factors are kept, to tell a systematic factor from rounding
+MAX_PEAKS = 8  # a row's tied maxima the row max's path is looked for at, at most
 
 
 def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
@@ -116,7 +117,8 @@ class RowAllowance:
                 d = fitted
             else:
                 slack[:] = 0.0
-            if out.max() > 1.0:
+            # the path lands on the arg-max: only a row that fails there alone may need it
+            if 0 < np.count_nonzero(out > 1.0) <= MAX_PEAKS:
                 self._peak_slack(slack, finite, d, allowed)
         out = ratio.copy()
         out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
