@@ -138,7 +138,7 @@ def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, has_pw: bool, e_a
         # gets an absolute term as the pw y part has (docs/tolerance.md)
         floor = np.multiply(1.0 + np.abs(pos), s_pos, out=s_pos) if has_pw else s_pos
         floor += np.abs(pos) if has_pw else pos
-        floor += np.abs(omy)
+        floor += np.abs(omy, out=omy)  # omy (a fresh 1 - y) is not read after this
         floor *= floor_coef * scale
     elif floor_coef is not None:
         floor = _transformed_floor(model, x, dz, has_pw, (pos, omy), (s_pos, s_neg), g_z,
