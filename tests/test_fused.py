@@ -783,7 +783,7 @@ def bce_grad_floor(z, e, y, pw, w, scale, floor_coef=1e-7):
     s_pos, s_neg = np.where(z >= 0, large, small), np.where(z >= 0, small, large)
     g = ((1.0 - y) * s_pos - pos * s_neg) * (scale if w is None else w * scale)
     c_s = s_pos if pw is None else (1.0 + np.abs(pos)) * s_pos  # 1 + pw y rounds in PyTorch's
-    floor = floor_coef * scale * (c_s + np.abs(pos))
+    floor = floor_coef * scale * (c_s + np.abs(pos) + np.abs(1.0 - y))  # |1 - y|: 1 - s(-x)
     return g, (floor if w is None else floor * np.abs(w))
 
 

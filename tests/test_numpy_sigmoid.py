@@ -30,7 +30,7 @@ def _plain(model, x, rows, floor_coef):
     g *= scale if w is None else w * scale
     coef = 1.0 + (pw - 1.0) * y if pw is not None else np.ones_like(y)
     c_floor = 1.0 + np.abs(pos) if pw is not None else 1.0  # 1 + pw y rounds in PyTorch's form
-    floor = floor_coef * scale * (c_floor * s_pos + np.abs(pos))
+    floor = floor_coef * scale * (c_floor * s_pos + np.abs(pos) + np.abs(1.0 - y))
     if w is not None:
         floor *= np.abs(w)
     magnitude = np.abs(coef) * (1.0 if w is None else np.abs(w))

@@ -131,23 +131,20 @@ BCE = DIR / "findings" / "tinygrad_bce_f32_nc_C10_s30_mean_bce.npz"
 def test_bce_exp2_rounding_is_the_argument_rounding():
     """tinygrad's sigmoid is 1 / (1 + exp2(-x / ln 2)): the product rounds by half an ulp of
     |x| / ln 2, so sigma(x) at x << 0 errs by up to |x| eps / 2 relative, and float32's 1 / ln 2
-    (0.11 eps low) adds 0.11 |x| eps. The flagged entries are those: y = 0, x < -20, each within
-    (0.75 |x| + 4) eps."""
+    (0.11 eps low) adds 0.11 |x| eps: at y = 0, x < -20 many entries are off by more than the
+    floor's relative part (6 eps), each within (0.75 |x| + 4) eps. In absolute terms that is
+    |x| eps s(x) s(-x) <= 0.33 eps: every entry is within 0.75 eps / D, under the floor's
+    |1 - y| term (the complement form's), and the check passes."""
     arrays, meta = _load(BCE)
-    report = _check(arrays, meta, worst=50)
-    assert _failed(report) == ["grad_vs_reference"]
-    grad_check = report.checks[[c.name for c in report.checks].index("grad_vs_reference")]
-    for e in grad_check.worst:
-        x, y = float(arrays["logits"][e.index]), float(arrays["labels"][e.index])
-        assert y == 0.0 and x < -20.0
-        assert e.abs_err / abs(e.expected) <= (0.75 * abs(x) + 4) * EPS32
-    assert _check(arrays, meta, floor_factor=40).ok
-
-
-@pytest.mark.xfail(strict=True, reason="sigmoid floor lacks the exponent's argument rounding "
-                                       "(docs/frameworks.md, tinygrad)")
-def test_bce_mean_at_std_30_raises_no_alarm():
-    arrays, meta = _load(BCE)
+    z, y = arrays["logits"].astype(np.float64), arrays["labels"].astype(np.float64)
+    D = z.size
+    ref = (1.0 / (1.0 + np.exp(-z)) - y) / D
+    err = np.abs(arrays["grad"].astype(np.float64) - ref)
+    assert (err <= 0.75 * EPS32 / D).all()
+    far = (y == 0) & (z < -20) & (np.abs(ref) > np.finfo(np.float32).tiny)  # not flushed
+    rel = err[far] / np.abs(ref[far])
+    assert (rel > 6 * EPS32).sum() >= 100
+    assert (rel <= (0.75 * np.abs(z[far]) + 4) * EPS32).all()
     assert _check(arrays, meta).ok
 
 

@@ -854,8 +854,10 @@ AI vd T(fin_abs)(vd x) {
  *   s(x), s(-x) = r and e r (by the sign of x), r = 1/(1 + e): numpy's e/(1 + e) with one
  *   more rounding (within 3 ulp of the exact sigmoid, 2.6 measured; numpy's 2.4), one
  *   division shared with log1p instead of three
- *   g = ((1 - y) s(x) - pos s(-x)) (w scale),  floor = (k eps scale)(c' s(x) + |pos|) |w|
- *   (c' = 1 + |pos| with pos_weight, else 1: PyTorch's 1 + pw y rounds at eps (1 + |pw y|))
+ *   g = ((1 - y) s(x) - pos s(-x)) (w scale),
+ *   floor = (k eps scale)(c' s(x) + |pos| + |1 - y|) |w|
+ *   (c' = 1 + |pos| with pos_weight, else 1: PyTorch's 1 + pw y rounds at eps (1 + |pw y|);
+ *   |1 - y|: MLX's s(x) = 1 - s(-x) is exact to eps/2 absolute)
  * loss = sum of items and Q = sum |coef| |w| in the kernel's order (8 accumulators, blocks of
  * 128, pairwise over blocks). Returns 1 when the row holds a NaN or +inf logit (handed back).
  * The row goes in steps of BCE_STEP entries, BCE_STEP / W vectors at a time, each stage
@@ -931,11 +933,11 @@ AI vd T(fin_abs)(vd x) {
             if (xt) {  /* _transformed_floor; dz = T' */                      \
                 vd dz = xt == 2 ? T(load_row)(db, 0, cc, n) : vs;             \
                 g = g * dz;                                                   \
-                fl = (cs * (one + s_neg * T(fin_abs)(x[u])) + vabs(pos)) * vabs(dz); \
+                fl = (cs * (one + s_neg * T(fin_abs)(x[u])) + vabs(pos) + vabs(omy)) * vabs(dz); \
                 if (xt == 2) fl = fl + vs_abs * vabs(g_z);                    \
                 fl = fl * v_kf;                                               \
             } else {                                                          \
-                fl = v_kf * (cs + vabs(pos));                                 \
+                fl = v_kf * (cs + vabs(pos) + vabs(omy));                     \
             }                                                                 \
             if (wrow) fl = fl * vabs(wv);                                     \
             CE_COMPARE(cc, live[u], n, g, fl);                                \

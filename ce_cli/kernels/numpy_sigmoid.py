@@ -87,7 +87,7 @@ def _hard_rows(model: Any, x: np.ndarray, lab: np.ndarray, grad: bool,
     """`sigmoid_rows` on hard labels (`_hard_labels`) in fewer passes, bit for bit the general
     formulas: with sg = 1 - 2y and t = sg x, the one non-zero term of an item is softplus(-t) =
     max(t, 0) + log1p(e), the gradient sg s(t) (s(t) = max(e, sign t) / (1 + e), sign t = sg
-    sign x) and the floor's s(x) + y as before. Buffers are reused (a fresh one costs more
+    sign x) and the floor's s(x) + y + |1 - y| = s(x) + 1. Buffers are reused (a fresh one costs more
     than a pass over a warm one); sign is never taken in place (numpy's in-place sign is ~10x
     slower)."""
     y = np.asarray(lab, dtype=np.float64)  # read only: float64 labels are not copied
@@ -107,7 +107,7 @@ def _hard_rows(model: Any, x: np.ndarray, lab: np.ndarray, grad: bool,
         if floor_coef is not None:
             floor = np.maximum(e, sx, out=x)
             floor /= d1  # s(x)
-            floor += y
+            floor += 1.0  # (s(x) + y) + |1 - y| rounds to s(x) + 1 at y = 0 and y = 1
             floor *= floor_coef * model.grad_scale
         if grad:
             g = np.multiply(sx, sg, out=sx)  # sign(t)
@@ -132,13 +132,17 @@ def _gradient(model: Any, x: np.ndarray, dz: Any, omy, w, pos, has_pw: bool, e_a
     g = floor = None
     if floor_coef is not None and dz is None:
         # a correct implementation's (1 + (pw-1)y) s(x) - pw y rounds at eps*((1 + |pw y|) s
-        # + |pw y|): PyTorch forms ((pw y + 1) - y) s(x), whose 1 + pw y rounds at eps*(1 +
-        # |pw y|), above |1 + (pw-1)y| where pw < 1 (without pos_weight: s + y, y >= 0)
+        # + |pw y| + |1 - y|): PyTorch forms ((pw y + 1) - y) s(x), whose 1 + pw y rounds at
+        # eps*(1 + |pw y|), above |1 + (pw-1)y| where pw < 1 (without pos_weight: s + y,
+        # y >= 0); MLX forms s(x) as 1 - s(-x), exact to eps/2 absolute, so the (1 - y) part
+        # gets an absolute term as the pw y part has (docs/tolerance.md)
         floor = np.multiply(1.0 + np.abs(pos), s_pos, out=s_pos) if has_pw else s_pos
         floor += np.abs(pos) if has_pw else pos
+        floor += np.abs(omy, out=omy)  # omy (a fresh 1 - y) is not read after this
         floor *= floor_coef * scale
     elif floor_coef is not None:
-        floor = _transformed_floor(model, x, dz, has_pw, pos, s_pos, s_neg, g_z, floor_coef * scale)
+        floor = _transformed_floor(model, x, dz, has_pw, (pos, omy), (s_pos, s_neg), g_z,
+                                   floor_coef * scale)
     if floor is not None and w is not None:
         floor *= np.abs(w)
     if grad:
@@ -175,14 +179,16 @@ def _finite_abs(z: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(z), np.abs(z), 0.0)
 
 
-def _transformed_floor(model: Any, z: np.ndarray, dz: Any, has_pw: bool, pos, s_pos, s_neg, g_z,
-                       k_scale: float) -> np.ndarray:
-    """k*eps*scale * (|T'| (c' s(z) (1 + s(-z) |z|) + |pw y|) + 2 S |dl/dz|), c' = 1 + |pw y|
-    (with pos_weight; else 1): the plain floor on z,
-    the rounded z (its error eps*|z| moves s(z) by s(1 - s) eps |z|), and with a softcap T'
-    itself (S (1 - tanh^2) from the framework's tanh: SOFTCAP_DERIV_ERR)."""
+def _transformed_floor(model: Any, z: np.ndarray, dz: Any, has_pw: bool, coefs: tuple,
+                       sig: tuple, g_z, k_scale: float) -> np.ndarray:
+    """k*eps*scale * (|T'| (c' s(z) (1 + s(-z) |z|) + |pw y| + |1 - y|) + 2 S |dl/dz|), c' =
+    1 + |pw y| (with pos_weight; else 1), coefs = (pw y, 1 - y), sig = (s(z), s(-z)): the
+    plain floor on z, the rounded z (its error eps*|z| moves s(z) by s(1 - s) eps |z|), and
+    with a softcap T' itself (S (1 - tanh^2) from the framework's tanh: SOFTCAP_DERIV_ERR)."""
+    (pos, omy), (s_pos, s_neg) = coefs, sig
     c_s = (1.0 + np.abs(pos)) * s_pos if has_pw else s_pos
     soft = c_s * (1.0 + s_neg * _finite_abs(z)) + np.abs(pos)
+    soft += np.abs(omy)
     floor = soft * np.abs(dz)
     if model.sem.softcap is not None:
         floor += abs(model.sem.logit_scale) * SOFTCAP_DERIV_ERR * np.abs(g_z)
