@@ -22,8 +22,7 @@ mx.fast.cross_entropy is not taken) MLX computes in the logits' dtype: logsumexp
 softmax of its backward accumulate in float32 and round the result to float16 / bfloat16 once;
 every other op (the shift, the subtraction, the mean, the products of the backward) rounds in
 the 16-bit dtype. Its BCE backward is logaddexp's vjp, 1 - sigmoid(-z): sigmoid(z) to an
-absolute eps only, so the BCE cases carry `atol` 2 eps max|w| / D (`bce_atol`); `--check`
-also counts them without it.
+absolute eps only, which the binary floor's |1 - y| term allows (docs/tolerance.md).
 
 Variants (`meta.ce_check` holds the check's options):
 
@@ -203,14 +202,6 @@ def to_np(a, dt: str) -> np.ndarray:
     return out if dt == "f16" else out.astype(np.float32)
 
 
-def bce_atol(dt: str, w: np.ndarray | None, D: int) -> float:
-    """2 eps max|w| / D: MLX's BCE backward is logaddexp(0, z)'s vjp, 1 - sigmoid(-z), which
-    keeps sigmoid(z) to an absolute eps (at most 1.6 eps |w| / D over the sweep), not to a relative
-    one where sigmoid(z) << 1 (ce-check's binary floor is k eps |w| (sigmoid(z) + y) / D)."""
-    eps = {"f32": 2.0 ** -23, "f16": 2.0 ** -10, "bf16": 2.0 ** -7}[dt]
-    return 2.0 * eps * (float(np.abs(w).max()) if w is not None else 1.0) / D
-
-
 def ce_check_options(case: dict, d: dict, axis: int) -> tuple[dict, dict]:
     """(check options, extra arrays) that state the case to ce-check."""
     v, dt = case["variant"], case["dtype"]
@@ -228,9 +219,6 @@ def ce_check_options(case: dict, d: dict, axis: int) -> tuple[dict, dict]:
     if v == "bce_w":  # PyTorch's BCE `weight`: elementwise, mean over every element
         arrays["weight"] = d["w_used"]
         opts["weight"] = "weight"
-    if v.startswith("bce"):
-        opts["atol"] = bce_atol(dt, d["w_used"] if v == "bce_w" else None,
-                                d["n"] if red == "mean" else 1)
     if v == "masked":
         opts["ignore_index"] = -100
     return opts, arrays
@@ -328,7 +316,6 @@ def check(outdir: str, only: str = "") -> int:
     missed: list = []
     flagged: list = []
     runs = bugs = 0
-    plain = plain_alarms = plain_grad_alarms = 0
     for path in sorted(glob.glob(os.path.join(outdir, f"*{only}*.npz"))):
         name = os.path.basename(path)[:-4]
         arrays, meta = load(path)
@@ -339,12 +326,6 @@ def check(outdir: str, only: str = "") -> int:
             flagged.append(name)
         elif bad:
             alarms.append((name, [(c.name, c.mismatches, c.note[:160]) for c in bad]))
-        if "atol" in meta["ce_check"]:  # the same case at ce-check's default tolerance
-            plain += 1
-            bad = [c.name for c in check_case(arrays, dict(meta, ce_check={
-                k: v for k, v in meta["ce_check"].items() if k != "atol"})).checks if not c.ok]
-            plain_alarms += bool(bad)
-            plain_grad_alarms += bool({"grad_vs_reference", "fd_vs_grad"} & set(bad))
         for key in (k for k in arrays if k.startswith("grad_bug_")):
             if np.array_equal(arrays[key], arrays["grad"]):
                 continue  # the change left this gradient as it was: nothing to catch
@@ -355,8 +336,7 @@ def check(outdir: str, only: str = "") -> int:
     on_grad = sum(any(c[0] != "loss_vs_reference" for c in a[1]) for a in alarms)
     print(f"{kernel} kernel: {runs} cases, {len(alarms)} false alarms ({on_grad} on the "
           f"gradient); {len(flagged)} losses MLX returned as inf, flagged as overflowed; "
-          f"{bugs} planted bugs, {len(missed)} missed; BCE cases without their atol: "
-          f"{plain_alarms} of {plain} fail ({plain_grad_alarms} on the gradient)", flush=True)
+          f"{bugs} planted bugs, {len(missed)} missed", flush=True)
     for a in alarms + missed:
         print("  ", a, flush=True)
     return int(bool(alarms or missed))
