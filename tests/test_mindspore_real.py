@@ -67,9 +67,20 @@ def test_nan_loss_with_masked_logits_is_flagged_and_the_gradient_passes(path):
 @pytest.mark.parametrize("path", [p for p in BCE if META[p]["dtype"] == "f32"],
                          ids=lambda p: Path(p).stem)
 def test_bce_gradients_carry_the_cpu_sigmoid_error(path):
+    """MindSpore's CPU sigmoid errs by up to 44 eps: `rtol` at its accuracy passes every case."""
     arr, meta = paddle_cases.load(path)
-    assert "grad_vs_reference" in _failed(paddle_cases.check(arr, meta, loss=False))
     assert not _failed(paddle_cases.check(arr, meta, rtol=SIGMOID_RTOL))
+
+
+def test_the_sigmoid_error_beyond_the_default_floor_fails():
+    """At the default tolerance the binary floor's absolute |1 - y| term absorbs that error in
+    10 of the 11 float32 fixtures (C = 10); the sum at std 1 stays beyond it (the full sweep:
+    17 of 36 float32 cases)."""
+    f32 = [p for p in BCE if META[p]["dtype"] == "f32"]
+    failing = [Path(p).stem for p in f32
+               if "grad_vs_reference" in _failed(paddle_cases.check(*paddle_cases.load(p),
+                                                                     loss=False))]
+    assert failing == ["mindspore_bce_f32_nc_C10_s1_sum_bce_sum"]
 
 
 @pytest.mark.parametrize("path,bug", PLANTED,
