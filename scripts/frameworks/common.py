@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -230,3 +232,12 @@ def run(cases, args, compute, keep=None):
             with open(os.path.join(args.outdir, "_skipped.txt"), "a") as f:
                 f.write(f"{name}\t{type(e).__name__}: {str(e).splitlines()[0][:300]}\n")
     print(f"wrote {n} cases to {args.outdir}")
+
+
+def on_both_kernels(script: str, argv: list[str], check: Callable[[], int]) -> int:
+    """`--check`: `check()` here when CE_CHECK_FUSED is set, else `script argv` again once per
+    kernel (compiled, then numpy: CE_CHECK_FUSED=1, 0); the worse exit code."""
+    if os.environ.get("CE_CHECK_FUSED") is not None:
+        return check()
+    return max(subprocess.call([sys.executable, script, *argv],
+                               env={**os.environ, "CE_CHECK_FUSED": f}) for f in ("1", "0"))

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -346,11 +345,7 @@ def check_main(argv: list[str]) -> int:
     """`OUTDIR --check [--only S]`: each kernel in its own process (CE_CHECK_FUSED 1, then 0)."""
     rest = [a for a in argv if a != "--check"]
     only = rest[rest.index("--only") + 1] if "--only" in rest else ""
-    outdir = rest[0]
-    if os.environ.get("CE_CHECK_FUSED") is not None:
-        return check(outdir, only)
-    return max(subprocess.call([sys.executable, __file__, *argv],
-                               env={**os.environ, "CE_CHECK_FUSED": f}) for f in ("1", "0"))
+    return common.on_both_kernels(__file__, argv, lambda: check(rest[0], only))
 
 
 def main():

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -338,12 +337,7 @@ def check(outdir: str) -> int:
 
 def main():
     if "--check" in sys.argv:
-        outdir = sys.argv[1]
-        if os.environ.get("CE_CHECK_FUSED") is not None:
-            sys.exit(check(outdir))
-        codes = [subprocess.call([sys.executable, __file__, outdir, "--check"],
-                                 env={**os.environ, "CE_CHECK_FUSED": f}) for f in ("1", "0")]
-        sys.exit(max(codes))
+        sys.exit(common.on_both_kernels(__file__, sys.argv[1:], lambda: check(sys.argv[1])))
     if "--old" in sys.argv:
         sys.exit(old_cases(sys.argv[1]))
     if "--big-n" in sys.argv:

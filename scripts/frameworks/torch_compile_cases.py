@@ -32,7 +32,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -161,12 +160,7 @@ def check(outdir: str) -> int:
 
 def main():
     if "--check" in sys.argv:
-        outdir = sys.argv[1]
-        if os.environ.get("CE_CHECK_FUSED") is not None:
-            sys.exit(check(outdir))
-        codes = [subprocess.call([sys.executable, __file__, outdir, "--check"],
-                                 env={**os.environ, "CE_CHECK_FUSED": f}) for f in ("1", "0")]
-        sys.exit(max(codes))
+        sys.exit(common.on_both_kernels(__file__, sys.argv[1:], lambda: check(sys.argv[1])))
     args = common.parse_args("torch_compile_cases.py")
     common.run(cases(args.small), args, compute(args.outdir, args.small))
 
