@@ -56,7 +56,7 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
     sample = _sample(problem, user_rows, worst_rows)
     if sample is None:
         return ()
-    found = []
+    found: list[Diagnosis] = []
     for rule in (_nonfinite, _scale, _ignored_rows, _target_only, _wrong_axis, _smoothing_form,
                  _row_factor):
         if rule is _row_factor and any(d.code in ("scale", "sign") for d in found):
