@@ -103,11 +103,11 @@ EPS_ACCUMULATE = PRECISIONS["f32"][0]
 
 
 def reduction_floor(tol: Tolerance, n: int, total: float) -> float:
-    """The error a correct reduction of n terms to `total` may carry, in units of k: a pairwise
-    or tree sum's log2(n + 1) roundings of the total in your precision, or a running sum's n - 1
-    roundings, which cancel in part to about sqrt(n) of them (MLX's float32 sum of 262,144 terms:
-    4.1 sqrt(n) units of 2^-24) in the accumulating precision (`EPS_ACCUMULATE` for 16-bit
-    values), whichever is larger."""
+    """The error a correct reduction of n terms to `total` may carry: k times the larger of a
+    pairwise or tree sum's log2(n + 1) roundings of the total in your precision and a running
+    sum's n - 1 roundings, which cancel in part to about sqrt(n) of them (MLX's float32 sum of
+    262,144 terms: 4.1 sqrt(n) units of 2^-24), in the accumulating precision
+    (`EPS_ACCUMULATE` for 16-bit values)."""
     n = max(1, n)
     units = max(tol.eps * math.log2(n + 1), min(tol.eps, EPS_ACCUMULATE) * math.sqrt(n))
     return tol.floor_factor * units * abs(total)
