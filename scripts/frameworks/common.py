@@ -241,3 +241,14 @@ def on_both_kernels(script: str, argv: list[str], check: Callable[[], int]) -> i
         return check()
     return max(subprocess.call([sys.executable, script, *argv],
                                env={**os.environ, "CE_CHECK_FUSED": f}) for f in ("1", "0"))
+
+
+def check_summary(counted: str, alarms: list, bugs: int, missed: list) -> int:
+    """`--check`'s last lines for this process's kernel: `counted` (e.g. "324 cases"), the false
+    alarms and the planted bugs missed, each listed; 1 when there is any, else 0."""
+    kernel = "numpy" if os.environ.get("CE_CHECK_FUSED") == "0" else "default"
+    print(f"{kernel} kernel: {counted}, {len(alarms)} false alarms; {bugs} planted bugs, "
+          f"{len(missed)} missed")
+    for a in alarms + missed:
+        print("  ", a)
+    return int(bool(alarms or missed))

@@ -150,12 +150,7 @@ def check(outdir: str) -> int:
             bugs += 1
             if check_case(arrays, meta, meta["dtype"], key).ok:
                 missed.append((os.path.basename(path), key))
-    kernel = "numpy" if os.environ.get("CE_CHECK_FUSED") == "0" else "default"
-    print(f"{kernel} kernel: {runs} checks, {len(alarms)} false alarms; {bugs} planted bugs, "
-          f"{len(missed)} missed")
-    for a in alarms + missed:
-        print("  ", a)
-    return int(bool(alarms or missed))
+    return common.check_summary(f"{runs} checks", alarms, bugs, missed)
 
 
 def main():
