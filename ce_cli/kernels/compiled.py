@@ -296,20 +296,28 @@ class _Kernel:
             R, C = z.shape
             cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
                                out["nonfinite"], out["max_abs"], out["max_rel"],
-                               lambda r: self._open_row(z, g, params, r))
+                               lambda rs: self._open_rows(z, g, params, rs))
         return True
 
-    def _open_row(self, z, g, params: dict, r: int) -> tuple:
-        """Row r again, entry by entry: (ratio, ref, got, |got - ref|, tol)."""
+    def _open_rows(self, z, g, params: dict, rows: list[int]) -> list[tuple]:
+        """Rows `rows` again, entry by entry, in one call: each one's (ratio, ref, got,
+        |got - ref|, tol)."""
+        idx = np.asarray(rows, dtype=np.int64)
         C = z.shape[1]
-        one = {k: v[r:r + 1] for k, v in params.items() if isinstance(v, np.ndarray)}
-        detail = {name: np.empty(C) for name in ("out_ref", "out_tol", "out_ratio")}
-        scratch = {name: np.empty(1) for name in (*self.per_row, "ratio_max", "max_abs", "max_rel")}
-        scratch.update({name: np.empty(1, dtype=np.int64) for name in ("mismatches", "nonfinite")})
-        self._call(z[r:r + 1], g[r:r + 1], {**params, **one}, {**scratch, **detail})
-        ref, got = detail["out_ref"], g[r]
-        diff = np.abs(np.subtract(got, ref, dtype=np.float64))
-        return detail["out_ratio"], ref, got, diff, detail["out_tol"]
+        some = {k: v[idx] for k, v in params.items() if isinstance(v, np.ndarray)}
+        detail = {name: np.empty((idx.size, C)) for name in ("out_ref", "out_tol", "out_ratio")}
+        scratch = {name: np.empty(idx.size)
+                   for name in (*self.per_row, "ratio_max", "max_abs", "max_rel")}
+        scratch.update({name: np.empty(idx.size, dtype=np.int64)
+                        for name in ("mismatches", "nonfinite")})
+        got = g[idx]
+        self._call(z[idx], got, {**params, **some}, {**scratch, **detail})
+        ref = detail["out_ref"]
+        diff = got.astype(np.float64)
+        diff -= ref
+        np.abs(diff, out=diff)
+        return [(detail["out_ratio"][i], ref[i], g[r], diff[i], detail["out_tol"][i])
+                for i, r in enumerate(rows)]
 
     def _args(self, z, g, params: dict, out: dict) -> _Args:
         R, C = z.shape

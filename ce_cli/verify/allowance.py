@@ -49,6 +49,10 @@ MIN_FIT = 3  # entries a term must dominate before its factor is fitted: a media
 NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
 TOP_ROWS = 5  # rows whose factors are kept, to tell a systematic factor from rounding
 MAX_PEAKS = 8  # a row's tied maxima the row max's path is looked for at, at most
+# `median`'s sample, and its window's half-width in sample entries: the sample median's rank
+# errs by ~sqrt(n / 4 SAMPLE) entries of n, the window spans 3 of those standard deviations
+MEDIAN_SAMPLE = 256
+MEDIAN_WINDOW = 24
 
 
 def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
@@ -79,10 +83,6 @@ class RowAllowance:
         self.rtol = tol.rtol
         self.resolved = NORMAL_MIN[tol.coarse] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.coarse][1] / 2.0
-        self._row_over = self._significant = False
-        self._over = 0.0  # the row's largest factor over the bound (not applied)
-        self._soft = 0.0  # the row's softmax factor applied
-        self._soft_term = np.zeros(0)  # the row's Q a * scale
         self.n_classes = n_classes
         self.flushed = 0
         self.rows_fitted = 0
@@ -101,35 +101,47 @@ class RowAllowance:
         with np.errstate(invalid="ignore", over="ignore"):
             d = g - ref
         finite = np.isfinite(d) & np.isfinite(ratio)
-        d = np.where(finite, d, 0.0)
+        every = bool(finite.all())  # the common case: no masked copies
+        if not every:
+            d = np.where(finite, d, 0.0)
         flushed = finite & self.flushed_entries(ref, g)
+        fit = _Fit(row)
         # flushed: a correctly rounded result would not be 0 there
-        self.flushed += int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
+        fit.flushed = int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
         d[flushed] = 0.0
         slack = np.zeros_like(d)
+        where = None if every else finite
         if self.target_weights is not None:
             bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
-            fitted = self._remove_factors(row, ref, d, ~flushed & finite, slack, bounds)
-            out = ratio.copy()
-            out[finite] = np.abs(fitted[finite]) / (allowed[finite] + slack[finite])
+            fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds)
+            out = _ratios(ratio, where, fitted, allowed, slack)
             # a failing row keeps its raw errors unless a factor beyond noise level was found
-            if out.max() <= 1.0 or self._significant:
+            if out.max() <= 1.0 or fit.significant:
                 d = fitted
             else:
                 slack[:] = 0.0
             # the path lands on the arg-max: only a row that fails there alone may need it
             if 0 < np.count_nonzero(out > 1.0) <= MAX_PEAKS:
-                self._peak_slack(slack, finite, d, allowed)
-        out = ratio.copy()
-        out[finite] = np.abs(d[finite]) / (allowed[finite] + slack[finite])
-        passes = bool(out.max() <= 1.0)
-        self.rows_rescued += passes
-        if passes and self._soft:
-            self._keep(row, self._soft)
-        self.rows_over += not passes and self._row_over
-        if self._row_over and not passes:  # the factor over the bound is the row's failure
-            self._record(row, self._over)
-        return out, np.where(finite, np.abs(d), np.abs(g - ref)), allowed + slack
+                fit.peak = self._peak_slack(fit.soft_term, slack, finite, d, allowed)
+        out = _ratios(ratio, where, d, allowed, slack)
+        fit.rescued = bool(out.max() <= 1.0)
+        if fit.over and not fit.rescued:  # the factor over the bound is the row's failure
+            fit.factors.append(fit.over_factor)
+        self._count(fit)
+        error = np.abs(d) if every else np.where(finite, np.abs(d), np.abs(g - ref))
+        return out, error, allowed + slack
+
+    def _count(self, fit: _Fit) -> None:
+        """Count what refining one row found."""
+        self.flushed += fit.flushed
+        self.rows_fitted += fit.fitted
+        self.rows_peak += fit.peak
+        self.rows_rescued += fit.rescued
+        self.rows_over += fit.over and not fit.rescued
+        for factor in fit.factors:
+            self._record(fit.row, factor)
+        if fit.rescued and fit.soft:
+            self._keep(fit.row, fit.soft)
 
     def flushed_entries(self, ref: np.ndarray, got: np.ndarray) -> np.ndarray:
         """Where `got` is a correct result below the smallest normal number returned as 0."""
@@ -139,19 +151,19 @@ class RowAllowance:
         return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "
                 f"{self.precision} number)")
 
-    def _peak_slack(self, slack: np.ndarray, finite: np.ndarray, d: np.ndarray,
-                    allowed: np.ndarray) -> None:
-        """The row max's path at the arg-max entries (ties: each), added to `slack` when that
-        lets the row pass (`rows_peak`)."""
-        soft = self._soft_term  # Q a * scale (`_remove_factors`)
+    def _peak_slack(self, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
+                    d: np.ndarray, allowed: np.ndarray) -> bool:
+        """The row max's path at the arg-max entries of `soft` = Q a * scale (ties: each),
+        added to `slack` when that lets the row pass (then True: `rows_peak`)."""
         top = float(np.max(np.abs(soft), initial=0.0))
         if not top:
-            return
+            return False
         peak = np.abs(soft) == top
         extra = np.where(peak, self.peak * abs(float(soft.sum())), 0.0)
-        if np.all(np.abs(d[finite]) <= (allowed + slack + extra)[finite]):
-            slack += extra
-            self.rows_peak += 1
+        if not np.all(np.abs(d[finite]) <= (allowed + slack + extra)[finite]):
+            return False
+        slack += extra
+        return True
 
     def _entry_bounds(self, got: np.ndarray, ref: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """Each entry's error bound apart from the row factors, for coarse storage: the final
@@ -162,43 +174,48 @@ class RowAllowance:
             half_ulp = np.maximum(np.ldexp(self.store_eps, exponent - 2), self.store_tiny / 2)
             return half_ulp + np.maximum(allowed - self.rtol * np.abs(ref), 0.0)
 
-    def _remove_factors(self, row: int, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
+    def _remove_factors(self, fit: _Fit, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
                         slack: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
-        """d less the fitted factors; `slack` gains each removed factor's own uncertainty.
-        `bounds` (coarse storage): each entry's error bound apart from the factors."""
-        self._row_over = self._significant = False
-        self._over = self._soft = 0.0
+        """d less the fitted factors (noted in `fit`); `slack` gains each removed factor's own
+        uncertainty. `bounds` (coarse storage): each entry's error bound apart from the
+        factors."""
         assert self.target_weights is not None  # softmax models only (refine checks)
-        q, spread = (t[0] * self.scale for t in self.target_weights(np.array([row])))
+        q, spread = (t[0] * self.scale for t in self.target_weights(np.array([fit.row])))
         soft = ref + q          # Q a * scale
-        self._soft_term = soft
+        fit.soft_term = soft
         weight = -spread        # smoothing's share of the target-weight term
         found = False
+        sizes = {id(soft): np.abs(soft), id(weight): np.abs(weight)}
         # a peaked row with smoothing has one or two entries the softmax term dominates: their
         # error is a normaliser factor as far as anything can tell, so it is fitted from them
         for term, other, least in ((soft, weight, 1), (weight, soft, MIN_FIT)):
+            size, other_size = sizes[id(term)], sizes[id(other)]
             # entries the term dominates, well above the subnormal range (full relative precision)
-            pick = usable & (np.abs(term) > 2.0 * np.abs(other)) & (np.abs(term) > self.resolved)
+            resolved = size > self.resolved
+            if not resolved.any():
+                continue  # none (the target weights without smoothing: 0)
+            pick = usable & (size > 2.0 * other_size) & resolved
             if np.count_nonzero(pick) < least:
                 continue
             # coarse storage: the factor every entry allows (the other term's factor at most
             # the bound); else, or when no factor fits them all, the median
-            fit = None if bounds is None else _interval_fit(
-                d[pick], term[pick], bounds[pick] + self.bound * np.abs(other[pick]))
-            factor, error = fit or (float(np.median(d[pick] / term[pick])), None)
+            interval = None if bounds is None else _interval_fit(
+                d[pick], term[pick], bounds[pick] + self.bound * other_size[pick])
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # unpicked
+                factor, error = interval or (median((d / term)[pick]), None)
             found = True
             if abs(factor) > self.bound:  # not applied: reported only if the row then fails
-                self._row_over, self._over = True, max(self._over, abs(factor))
+                fit.over, fit.over_factor = True, max(fit.over_factor, abs(factor))
             else:
                 if error is None:  # a median's uncertainty, needed only for a factor applied
                     error = self._fit_error(term, pick)
-                self._record(row, factor)
+                fit.factors.append(factor)
                 if term is soft:
-                    self._soft = factor
+                    fit.soft = factor
                 d = d - factor * term
                 slack += error * np.abs(term)
-                self._significant |= abs(factor) > self.noise
-        self.rows_fitted += found
+                fit.significant |= abs(factor) > self.noise
+        fit.fitted = found
         return d
 
     def _fit_error(self, term: np.ndarray, pick: np.ndarray) -> float:
@@ -220,6 +237,51 @@ class RowAllowance:
         """A factor applied to row `row`, or over the bound on a row that fails."""
         if abs(factor) > self.max_factor:
             self.max_factor, self.worst_row = abs(factor), row
+
+
+class _Fit:
+    """What refining one row finds: entries flushed to zero, whether a factor was fitted, the
+    row passes, only with its arg-max's allowance (`peak`), or fails with a factor over the
+    bound (`over`); the factors to record, in order, the softmax factor applied (0: none) and
+    the row's softmax term Q a * scale."""
+
+    def __init__(self, row: int) -> None:
+        self.row, self.flushed = row, 0
+        self.fitted = self.rescued = self.peak = self.over = self.significant = False
+        self.over_factor = self.soft = 0.0
+        self.factors: list[float] = []
+        self.soft_term = np.zeros(0)
+
+
+def _ratios(ratio: np.ndarray, where: np.ndarray | None, d: np.ndarray, allowed: np.ndarray,
+            slack: np.ndarray) -> np.ndarray:
+    """|d| / (allowed + slack) at `where` (None: everywhere), `ratio` elsewhere."""
+    if where is None:
+        return np.abs(d) / (allowed + slack)
+    out = ratio.copy()
+    out[where] = np.abs(d[where]) / (allowed[where] + slack[where])
+    return out
+
+
+def median(x: np.ndarray) -> float:
+    """np.median of a finite array, the same bits: its middle order statistics are found in a
+    window around a strided sample's median, a few passes and a small partition (a quarter of
+    the time at C = 32,000: the refit of a failing row spends most of its time here); the whole
+    array is partitioned only when the window misses them."""
+    n = x.size
+    if n < 4 * MEDIAN_SAMPLE:
+        return float(np.median(x))
+    k_lo, k_hi = (n - 1) // 2, n // 2
+    s = np.sort(x[::n // MEDIAN_SAMPLE])
+    mid, half = s.size // 2, MEDIAN_WINDOW
+    lo, hi = s[max(0, mid - half)], s[min(s.size - 1, mid + half)]
+    below = int(np.count_nonzero(x < lo))
+    inside = x[(x >= lo) & (x <= hi)]
+    if not below <= k_lo <= k_hi < below + inside.size:
+        return float(np.median(x))
+    part = np.partition(inside, [k_lo - below, k_hi - below])
+    a, b = part[k_lo - below], part[k_hi - below]
+    return float(a if k_lo == k_hi else (a + b) / 2.0)  # numpy: the mean of the two
 
 
 def _interval_fit(d: np.ndarray, term: np.ndarray, bound: np.ndarray) -> tuple[float, float] | None:

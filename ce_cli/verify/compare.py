@@ -19,6 +19,11 @@ from ce_cli.verify.results import CheckResult, Entry
 from ce_cli.verify.tolerance import Tolerance
 
 
+# entries of the failing rows reopened at once for the row allowances: one kernel call (on the
+# check's threads) for up to 64 rows of 32,000, three float64 arrays of 16 MB
+OPEN_ENTRIES = 1 << 21
+
+
 # eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
 @dataclass(eq=False)
 class Measured:
@@ -191,13 +196,19 @@ class Comparison:
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
-                       open_row: Callable[[int], tuple]) -> None:
-        """Fold in per-row statistics computed elsewhere (the fused kernel). `open_row(r)` returns
-        row r's (ratio, ref, got, diff, tol) when it may hold one of the worst entries."""
+                       open_rows: Callable[[list[int]], list[tuple]]) -> None:
+        """Fold in per-row statistics computed elsewhere (the fused kernel). `open_rows(rows)`
+        returns each row's (ratio, ref, got, diff, tol), for rows that may hold one of the worst
+        entries or fail."""
         self.total += n_entries
+
+        def open_row(r: int) -> tuple:
+            return open_rows([r])[0]
+
         if self.allowance is not None and (rowmax > 1.0).any():
+            width = n_entries // max(1, rowmax.size)
             rowmax, mismatches, max_abs, max_rel, open_row = self._refine_summary(
-                row0, rowmax, mismatches, max_abs, max_rel, open_row)
+                row0, rowmax, mismatches, max_abs, max_rel, open_rows, width)
         if rowmax.size:
             self.mismatches += int(mismatches.sum())
             self.nonfinite += int(nonfinite.sum())
@@ -206,31 +217,36 @@ class Comparison:
             self._collect_worst(row0, rowmax, open_row)
 
     def _refine_summary(self, row0: int, rowmax: np.ndarray, mismatches: np.ndarray,
-                        max_abs: np.ndarray, max_rel: np.ndarray, open_row: Callable[[int], tuple]):
-        """The row allowances on the rows the kernel found failing (their entries reopened).
-        Only the refined entries of the rows `_collect_worst` can open are kept: the n_worst
-        largest by (row maximum, lower row first), its order (every failing row's would be
-        3 (C,) arrays a row: 0.8 GB a chunk of a 4096 x 32000 gradient wrong everywhere)."""
+                        max_abs: np.ndarray, max_rel: np.ndarray,
+                        open_rows: Callable[[list[int]], list[tuple]], width: int):
+        """The row allowances on the rows of `width` entries the kernel found failing (their
+        entries reopened, OPEN_ENTRIES at a time). Only the refined entries of the rows `_collect_worst` can open
+        are kept: the n_worst largest by (row maximum, lower row first), its order (every
+        failing row's would be 3 (C,) arrays a row: 0.8 GB a chunk of a 4096 x 32000 gradient
+        wrong everywhere)."""
         assert self.allowance is not None
         rowmax, mismatches = rowmax.copy(), mismatches.copy()
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
         refined: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         kept: list[tuple[float, int]] = []  # a heap of (row maximum, -row) of the rows kept
-        for r in np.flatnonzero(rowmax > 1.0).tolist():
-            ratio, ref, got, _diff, tol = open_row(r)
-            out = self.allowance.refine(row0 + r, ref, got, tol, ratio)
-            rowmax[r] = out[0].max()
-            mismatches[r] = np.count_nonzero(out[0] > 1.0)
-            max_abs[r] = np.fmax.reduce(out[1])
-            max_rel[r] = _max_rel(out[1], ref)
-            if self.n_worst:
-                refined[r] = out
-                heapq.heappush(kept, (float(rowmax[r]), -r))
-                if len(kept) > self.n_worst:
-                    del refined[-heapq.heappop(kept)[1]]
+        failing = np.flatnonzero(rowmax > 1.0).tolist()
+        step = max(1, OPEN_ENTRIES // max(1, width))
+        for i in range(0, len(failing), step):
+            batch = failing[i:i + step]
+            for r, (ratio, ref, got, _diff, tol) in zip(batch, open_rows(batch)):
+                out = self.allowance.refine(row0 + r, ref, got, tol, ratio)
+                rowmax[r] = out[0].max()
+                mismatches[r] = np.count_nonzero(out[0] > 1.0)
+                max_abs[r] = np.fmax.reduce(out[1])
+                max_rel[r] = _max_rel(out[1], ref)
+                if self.n_worst:
+                    refined[r] = out
+                    heapq.heappush(kept, (float(rowmax[r]), -r))
+                    if len(kept) > self.n_worst:
+                        del refined[-heapq.heappop(kept)[1]]
 
         def reopen(r: int) -> tuple:
-            row = open_row(r)
+            row = open_rows([r])[0]
             if r not in refined:
                 return row
             ratio, residual, allowed = refined[r]

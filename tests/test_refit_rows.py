@@ -1,0 +1,114 @@
+"""The row allowances' refit of failing rows (verify/allowance.py, verify/compare.py): its exact
+median, and the compiled kernel reopening failing rows in batches - the report is the same bits
+whatever the batch and the thread count, and the same verdicts and counts as the numpy kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ce_cli.kernels.compiled import kernel
+from ce_cli.verify import compare
+from ce_cli.verify.allowance import MEDIAN_SAMPLE, median
+from ce_cli.verify.checks import check_grad
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 6000), kind=st.sampled_from(["normal", "sorted", "ties", "split", "wide"]),
+       seed=st.integers(0, 2**31))
+def test_median_is_numpys_bits(n, kind, seed):
+    """Every size (the window path from 4 * MEDIAN_SAMPLE entries), sorted input, heavy ties,
+    two clusters whose middle falls between them, and values near the overflow threshold."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    if kind == "sorted":
+        x.sort()
+    elif kind == "ties":
+        x = rng.integers(0, 3, n).astype(np.float64)
+    elif kind == "split":
+        x[: n // 2] = 5.0 + x[: n // 2] * 1e-12
+    elif kind == "wide":
+        x *= 1e307
+    assert _same(median(x), float(np.median(x)))
+
+
+def test_median_falls_back_when_the_sample_misleads():
+    """A strided sample that sees only one cluster: the window misses the middle, and the whole
+    array is partitioned (still numpy's bits)."""
+    n = 64 * MEDIAN_SAMPLE
+    x = np.zeros(n)
+    x[np.arange(n) % (n // MEDIAN_SAMPLE) != 0] = 1.0  # the sample holds only zeros
+    assert median(x) == float(np.median(x)) == 1.0
+
+
+def _wrong_rows(dtype, n: int = 40, c: int = 3000, seed: int = 0):
+    """A gradient (of the mean) with several kinds of failing row: a normaliser factor within the
+    bound (passes after the fit), twice the reference (a factor far over it), a NaN entry, and
+    half a row off."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * 3).astype(dtype)
+    y = rng.integers(0, c, n)
+    e = np.exp(z.astype(np.float64) - z.astype(np.float64).max(axis=1, keepdims=True))
+    a = e / e.sum(axis=1, keepdims=True)
+    eps = float(np.finfo(dtype).eps)
+    a[0::5] *= 1.0 + 200 * eps          # a normaliser within the bound: fitted, then passes
+    g = a.copy()
+    g[np.arange(n), y] -= 1.0
+    g /= n
+    g[1::5] *= 2.0                      # far over it
+    g[2::5, 7] = np.nan                 # non-finite entries
+    g[3::5, : c // 2] *= 1.0 + 1e-3     # half a row off
+    return z, y, g.astype(dtype)
+
+
+def _exact(report) -> dict:
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items() if k not in ("seconds", "kernel")}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return float(v).hex()
+        return v
+    return walk(dataclasses.asdict(report))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_failing_rows_reopened_in_batches_give_the_same_report(dtype, monkeypatch):
+    """One row per kernel call, three, or all of them at once, on 1 or 2 threads: the same bits."""
+    if kernel() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs the compiled kernel")
+        pytest.skip("the compiled kernel is not built here")
+    z, y, g = _wrong_rows(dtype)
+    reports = []
+    for batch_rows, threads in ((1, 1), (3, 2), (10**6, 2)):
+        monkeypatch.setattr(compare, "OPEN_ENTRIES", batch_rows * z.shape[1])
+        rep = check_grad(z, y, grad=g, fd="off", threads=threads)
+        assert rep.options["kernel"] != "numpy"
+        reports.append(_exact(rep))
+    assert reports[0] == reports[1] == reports[2]
+    assert not check_grad(z, y, grad=g, fd="off").ok
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_failing_rows_counted_alike_on_both_kernels(dtype, monkeypatch):
+    """The refit's counts (mismatches, normaliser rows over the bound, rows fitted) agree."""
+    z, y, g = _wrong_rows(dtype)
+    counts = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", fused)
+        rep = check_grad(z, y, grad=g, fd="off")
+        counts.append([(c.name, c.ok, c.mismatches, c.total) for c in rep.checks])
+    assert counts[0] == counts[1]
+    names = [name for name, *_ in counts[0]]
+    assert "normaliser" in names
