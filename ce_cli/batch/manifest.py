@@ -122,7 +122,8 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
                             "smoothing_form": lambda k, v: _choice_of(k, v, ("torch", "others")),
                             "denominator": _positive, "shift_labels": _boolean,
                             "vocab_offset": _integer(0), "vocab_size": _integer(1),
-                            "kl_loss": _boolean},
+                            "kl_loss": _boolean,
+                            "empty_mean": lambda k, v: _choice_of(k, v, ("nan", "zero"))},
     Kind.binary.value: {"two_class": _boolean, "label_smoothing": _non_negative,
                         "softcap": _positive, "logit_scale": _positive, "denominator": _positive},
     LINEAR: {"ignore_index": _integer(), "label_smoothing": _non_negative, "exact": _boolean,
@@ -130,7 +131,8 @@ KIND_SETTINGS: dict[str, dict[str, Validator]] = {
 }
 # linear takes grad's training-code options and sample weights too
 KIND_SETTINGS[LINEAR].update({k: KIND_SETTINGS[Kind.multiclass.value][k] for k in (
-    "z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels")})
+    "z_loss", "softcap", "logit_scale", "smoothing_form", "denominator", "shift_labels",
+    "empty_mean")})
 KIND_INPUTS = {Kind.multiclass.value: SEMANTIC_INPUTS, Kind.binary.value: ("pos_weight", "sample_weight"),
                LINEAR: (*LINEAR_INPUTS, "sample_weight")}
 KIND_KEYS = {kind: (*KIND_INPUTS[kind], *KIND_SETTINGS[kind]) for kind in KIND_SETTINGS}

@@ -390,6 +390,7 @@ FDOpt = Annotated[FDMode, typer.Option(
 SamplesOpt = Annotated[int, typer.Option("--samples", metavar="N", help="Entries checked by --fd sample.")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, metavar="SEED", help="Seed for sampled finite differences.")]
 WorstOpt = Annotated[int, typer.Option("--worst", metavar="N", help="Worst entries shown per check.")]
+EmptyMeanOpt = Annotated[str, typer.Option("--empty-mean", metavar="nan|zero", help="'mean' when every target is ignored (0/0): nan as PyTorch, or zero as Liger, Keras and Paddle return it.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, metavar="N", help="Kernel threads (default: CE_CHECK_THREADS, else the cores this process may use); the report is the same for any N.")]
 OutGradOpt = Annotated[Optional[Path], typer.Option(
     "--out-grad", metavar="FILE", help="Write the float64 reference gradient here (.npy).")]

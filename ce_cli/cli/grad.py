@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ce_cli.cli.app import (COMMANDS, LABELS_HELP, LOGITS_HELP, AtolOpt, FDBudgetOpt, FDOpt, FloorOpt,
-                            JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
+from ce_cli.cli.app import (COMMANDS, LABELS_HELP, LOGITS_HELP, AtolOpt, EmptyMeanOpt, FDBudgetOpt,
+                            FDOpt, FloorOpt, JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
                             ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
                             ThreadsOpt, VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
@@ -41,6 +41,7 @@ def grad(
     sample_weight: Annotated[Optional[str], typer.Option("--sample-weight", metavar="FILE", help="Per-sample / per-token weights with the batch's shape; 'mean' divides by their weighted count.")] = None,
     shift_labels: Annotated[bool, typer.Option("--shift-labels", help="Causal LM (HF ForCausalLMLoss): position t is scored against label t+1, the last position ignored.")] = False,
     kl_loss: Annotated[bool, typer.Option("--kl-loss", help="Your loss is the KL divergence to the smoothed targets: the cross-entropy minus their entropy (T5X, Flax); the gradient is the same.")] = False,
+    empty_mean: EmptyMeanOpt = "nan",
     vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", metavar="V", help="With --vocab-offset: the whole vocabulary's size, over which --label-smoothing spreads (--weight then holds V class weights).")] = None,
     vocab_offset: Annotated[Optional[int], typer.Option("--vocab-offset", metavar="K", help="The logits are columns [K, K+V_shard) of a larger vocabulary (labels are global ids); needs --lse.")] = None,
     rtol: RtolOpt = None,
@@ -69,7 +70,6 @@ def grad(
     from ce_cli.io.inputs import VECTOR_ROLES  # numpy and the library load here, not for --help
     from ce_cli.verify.checks import check_grad
     from ce_cli.verify.options import FIELDS
-
     settings = {name: given[name] for name in FIELDS if name in given}  # the CheckOptions fields
     batch = dict(loss=loss, weight=weight, lse=lse, sample_weight=sample_weight, z_loss_value=z_loss_value)
     if shards is not None or scheduler is not None or workers is not None:

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ce_cli.cli.app import (COMMANDS, AtolOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
+from ce_cli.cli.app import (COMMANDS, AtolOpt, EmptyMeanOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
                             QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
                             check_settings, epilog, guarded, input_specs, progress_bar)
 from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
@@ -48,6 +48,7 @@ def linear(
     denominator: Annotated[Optional[float], _opt("--denominator", "loss = sum of (weighted) token losses / N (HF num_items_in_batch).", "N")] = None,
     sample_weight: Annotated[Optional[str], _opt("--sample-weight", "Per-token weights with the tokens' shape; 'mean' divides by their weighted count.", "FILE")] = None,
     shift_labels: Annotated[bool, _opt("--shift-labels", "Causal LM: token t is scored against label t+1, the last token ignored.")] = False,
+    empty_mean: EmptyMeanOpt = "nan",
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     precision: PrecisionOpt = None,
@@ -76,7 +77,8 @@ def linear(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, rtol=rtol,
         atol=atol, precision=precision, floor_factor=floor_factor, fd=fd, samples=samples,
         seed=seed, worst=worst, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
-        smoothing_form=smoothing_form, denominator=denominator, shift_labels=shift_labels)
+        smoothing_form=smoothing_form, denominator=denominator, shift_labels=shift_labels,
+        empty_mean=empty_mean)
     if sharded:
         run_linear_sharded(shards, inputs, linear_settings, scheduler=scheduler, workers=workers,
                            json_out=json_out, quiet=quiet, **flags)

@@ -27,6 +27,7 @@ from ce_cli.kernels.numerics import EPS, THIRD_MOMENT_MAX, logistic_third_max
 from ce_cli.kernels.numpy_softmax import SECH2_SLOPE_MAX, transform
 
 SMOOTHING_FORMS = ("torch", "others")
+EMPTY_MEANS = ("nan", "zero")  # 'mean' over a zero total weight: PyTorch's 0/0, or 0
 ZLOSS_THIRD = 6.0 * 4.0 / 27.0  # 6 max a^2 (1 - a): z-loss's own third-derivative term
 
 
@@ -49,6 +50,7 @@ class Semantics:
     vocab_size: int | None = None            # a shard's whole vocabulary V (label smoothing)
     rest_weight: float = 0.0                 # derived: the weights of the classes outside it
     label_weight: np.ndarray | None = None   # derived: (N,) a shard's rows' w_y (class weights)
+    empty_mean: str = "nan"                  # 'mean' with every target ignored: "nan" or "zero"
 
     @property
     def smoothing_classes(self) -> int | None:
@@ -65,7 +67,7 @@ class Semantics:
     def plain(self) -> bool:
         """True with every option at its default: PyTorch's loss exactly."""
         return (not self.extended and self.smoothing_form == "torch"
-                and self.denominator is None)
+                and self.denominator is None and self.empty_mean == "nan")
 
     def row_weight(self, rows: np.ndarray) -> np.ndarray:
         if self.sample_weight is None:
@@ -89,7 +91,7 @@ class Semantics:
         """The report's `options` entries of the non-default settings."""
         out: dict = {}
         for name in ("z_loss", "softcap", "logit_scale", "smoothing_form", "denominator",
-                     "vocab_offset"):
+                     "vocab_offset", "empty_mean"):
             value = getattr(self, name)
             if value != getattr(Semantics, name):
                 out[name] = value
@@ -137,6 +139,13 @@ def transformed_row_stats(z: Any, scale: float = 1.0,
         x, _ = transform(np.asarray(z[a:a + step], dtype=np.float64), scale, cap)
         m[a:a + step], s1[a:a + step] = row_stats(x)
     return m, s1
+
+
+def mean_of_nothing(sem: Semantics) -> float:
+    """'mean' over a zero total weight (every target ignored, or their weights summing to 0):
+    0/0, NaN as PyTorch and MindSpore return it, or 0 with `empty_mean` "zero" (Liger, Keras,
+    PaddlePaddle: measured, docs/frameworks.md)."""
+    return 0.0 if sem.empty_mean == "zero" else math.nan
 
 
 def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,

@@ -119,14 +119,15 @@ class SoftmaxCE(RowMatrix):
     def nan_gradient(self) -> bool:
         """'mean' with D = 0 but some target not ignored (all weights 0): PyTorch's 0/0 NaN rows."""
         return (self.reduction == "mean" and self.sem.denominator is None
-                and self.denominator == 0 and bool(self.valid.any()))
+                and self.denominator == 0 and bool(self.valid.any())
+                and self.sem.empty_mean == "nan")
 
     def reduce(self, row_loss_sum: float) -> float:
         if self.sem.denominator is not None:
             return row_loss_sum / self.sem.denominator
         if self.reduction == "mean":
             d = self.denominator
-            return row_loss_sum / d if d != 0 else float("nan")
+            return row_loss_sum / d if d != 0 else ext.mean_of_nothing(self.sem)
         return row_loss_sum
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:
@@ -543,12 +544,19 @@ def _warn_empty(reduction: str, denominator: float, valid: np.ndarray, sem: Sema
                 warnings: list[str]) -> None:
     if reduction != "mean" or denominator != 0 or sem.denominator is not None:
         return
-    if not valid.any():
-        warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
-                        "and the gradient is zero")
-    else:
-        warnings.append("the non-ignored targets' weights sum to 0: the mean loss and the "
-                        "gradient of those rows are NaN (0/0, as PyTorch)")
+    warnings.append(empty_mean_warning(sem.empty_mean, every=not valid.any()))
+
+
+def empty_mean_warning(empty_mean: str, every: bool) -> str:
+    """The warning of 'mean' over a zero total weight (`every` target ignored, or the
+    non-ignored targets' weights summing to 0), under `empty_mean` (models/semantics.py)."""
+    what = ("every target is ignored" if every
+            else "the non-ignored targets' weights sum to 0")
+    if empty_mean == "zero":
+        return f"{what}: the mean loss and the gradient are 0 (empty mean 'zero', as Liger, Keras, Paddle)"
+    return (f"{what}: the mean loss is NaN (0/0, as PyTorch) and the gradient is "
+            + ("zero" if every else "NaN in those rows")
+            + "; Liger, Keras and Paddle return 0 instead (empty mean 'zero')")
 
 
 def _as_class_indices(y: np.ndarray, layout: Layout, source: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array, compared_array
 from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.compiled import use_threads
-from ce_cli.models.semantics import Semantics, SplitLse
+from ce_cli.models.semantics import SplitLse
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.pipeline import Inputs, Run, verify
@@ -92,9 +92,8 @@ def check_grad(
     z, y = np.asarray(logits), np.asarray(labels)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
-    given = Semantics(opts.z_loss, opts.softcap, opts.logit_scale, opts.smoothing_form,
-                      opts.denominator, _array_or_none(sample_weight), opts.vocab_offset,
-                      vocab_size=opts.vocab_size)
+    given = opts.semantics(_array_or_none(sample_weight), vocab_offset=opts.vocab_offset,
+                           vocab_size=opts.vocab_size)
     with use_threads(opts.threads):  # the input checks' scans run on the check's threads
         problem, warnings = build_softmax_ce(
             z, y, weight=_array_or_none(weight), reduction=opts.reduction.value,
@@ -234,7 +233,7 @@ def refuse_softmax_only(opts: CheckOptions) -> None:
     """The settings of softmax CE that mean nothing for a sigmoid: a one-line error each."""
     defaults = CheckOptions()
     for name in ("z_loss", "smoothing_form", "shift_labels", "vocab_offset", "vocab_size",
-                 "kl_loss"):
+                 "kl_loss", "empty_mean"):
         if getattr(opts, name) != getattr(defaults, name):
             raise CeCheckError(f"`{name}`: applies to softmax cross-entropy (check_grad), "
                                "not sigmoid BCE")

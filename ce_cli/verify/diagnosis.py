@@ -166,10 +166,15 @@ def _wrong_axis(problem, s: _Sample, _tol) -> Diagnosis | None:
     e = np.exp(zf - zf.max(axis=0, keepdims=True))
     a = (e / e.sum(axis=0, keepdims=True))[s.rows]
     alt = (a * s.q.sum(axis=1, keepdims=True) - s.q) * problem.grad_scale
-    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-12 * np.abs(alt).max()):
+    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-12 * _largest(alt)):
         return Diagnosis("wrong_axis", "softmax over the wrong axis: yours normalises over the "
                          "batch axis (a transposed layout?)", "yours matches softmax along axis 0")
     return None
+
+
+def _largest(a: np.ndarray) -> float:
+    """max |a| over its numbers (NaN rows of a 0/0 'mean' skipped; 0 when there are none)."""
+    return float(np.fmax.reduce(np.abs(a), axis=None, initial=0.0))
 
 
 # label smoothing's two forms (`smoothing_form`): the share of alpha each non-target class gets
@@ -201,7 +206,7 @@ def _smoothing_form(problem, s: _Sample, _tol) -> Diagnosis | None:
     with np.errstate(invalid="ignore", divide="ignore"):
         moved = np.where(total != 0, soft * dcoef.sum(axis=1, keepdims=True) / total, 0.0)
     alt = s.ref + moved - dcoef * problem.grad_scale
-    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-9 * np.abs(alt).max()):
+    if np.allclose(s.got, alt, rtol=CLOSE, atol=1e-9 * _largest(alt)):
         return Diagnosis("smoothing_form", f"label smoothing of the other form: yours spreads "
                          f"{_SPREADS[other]}, the check expects {_SHORT[form]} (`smoothing_form`)",
                          f"yours matches the {_SHORT[other]} form, alpha = {eps}")

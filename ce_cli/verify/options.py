@@ -11,7 +11,7 @@ import numpy as np
 
 from ce_cli.enums import FDMode, Precision, Reduction
 from ce_cli.errors import CeCheckError
-from ce_cli.models.semantics import validate_scalars
+from ce_cli.models.semantics import EMPTY_MEANS, Semantics, validate_scalars
 from ce_cli.verify.tolerance import Tolerance, parse_precision, resolve_tolerance
 
 
@@ -34,7 +34,9 @@ class CheckOptions:
     `vocab_offset` K of a vocabulary shard (with the global `lse` given to check_grad) and its
     whole vocabulary's `vocab_size` V (label smoothing over V, V class weights), and
     `kl_loss`: your loss is the KL divergence to the smoothed one-hot targets, the cross-entropy
-    minus their entropy H(q) (T5X, Flax; the gradient is the same).
+    minus their entropy H(q) (T5X, Flax; the gradient is the same), and `empty_mean`: 'mean'
+    with every target ignored (a zero total weight) is "nan" (0/0, PyTorch) or "zero" (Liger,
+    Keras, PaddlePaddle).
     Sigmoid BCE (check_binary) takes `softcap`, `logit_scale`, `denominator` and
     `label_smoothing` (toward 1/2: y (1 - A) + A/2), and refuses the softmax-only ones.
     """
@@ -66,6 +68,7 @@ class CheckOptions:
     vocab_offset: int | None = None
     vocab_size: int | None = None
     kl_loss: bool = False
+    empty_mean: str = "nan"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise once, in a frozen dataclass
@@ -86,6 +89,15 @@ class CheckOptions:
                 raise CeCheckError(f"`{name}`: must be {bound}, got {value}")
         validate_scalars(self.z_loss, self.softcap, self.logit_scale, self.smoothing_form,
                          self.denominator)
+        if self.empty_mean not in EMPTY_MEANS:
+            raise CeCheckError(f"`empty_mean`: unknown value '{self.empty_mean}' (use nan or zero)")
+
+    def semantics(self, sample_weight: Any = None, **shard: Any) -> Semantics:
+        """The training-code semantics these options set (models/semantics.py), with the
+        batch's `sample_weight` and a vocabulary shard's `vocab_offset`, `vocab_size`."""
+        return Semantics(z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
+                         smoothing_form=self.smoothing_form, denominator=self.denominator,
+                         sample_weight=sample_weight, empty_mean=self.empty_mean, **shard)
 
     @classmethod
     def build(cls, options: CheckOptions | None = None, **settings: Any) -> CheckOptions:

@@ -15,7 +15,6 @@ from ce_cli.io.arrays import api_array, compared_array
 from ce_cli.io.stored import stored_notes
 from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
-from ce_cli.models.semantics import Semantics
 from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.linear.arrays import FD_SAFETY, LINEAR_FIELDS, LinearSettings, UserArray, user_arrays
@@ -114,9 +113,7 @@ def linear_problem(hidden: Any, weight: Any, labels: Any, bias: Any, class_weigh
     `shift_labels`)."""
     if opts.shift_labels:
         labels = shift_labels(np.asarray(hidden), np.asarray(labels), opts.ignore_index, src["labels"])
-    semantics = Semantics(z_loss=opts.z_loss, softcap=opts.softcap, logit_scale=opts.logit_scale,
-                          smoothing_form=opts.smoothing_form, denominator=opts.denominator,
-                          sample_weight=sample_weight)
+    semantics = opts.semantics(sample_weight)
     problem, warnings = build_linear_ce(
         hidden, weight, labels, bias=bias, class_weight=class_weight, reduction=opts.reduction.value,
         ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,

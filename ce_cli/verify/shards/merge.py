@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ce_cli.models.semantics import mean_of_nothing
+from ce_cli.models.softmax import empty_mean_warning
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, Diagnosis, Entry, InputInfo, Report, verdict_line
 from ce_cli.verify.shards.inputs import BatchInputs
@@ -68,12 +70,9 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
     diagnosis = _merge_diagnosis(pairs)
     warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
     loss = merged_loss(reports, options, denominator, repeated)
-    if math.isnan(loss) and denominator == 0:
-        warnings.append("every target is ignored: the mean loss is NaN (0/0, as PyTorch) "
-                        "and the gradient is zero" if sum(r.n_ignored for r in reports)
-                        == sum(r.n_rows for r in reports) else
-                        "the non-ignored targets' weights sum to 0: the mean loss and the "
-                        "gradient of those rows are NaN (0/0, as PyTorch)")
+    if _mean_of_nothing(options, denominator):
+        every = sum(r.n_ignored for r in reports) == sum(r.n_rows for r in reports)
+        warnings.append(empty_mean_warning(options.empty_mean, every))
     merged = replace(
         first, ok=ok, loss=loss, shape=plan.shape, checks=checks,
         loss_per_sample_shape=_per_sample_shape(plan, first),
@@ -166,8 +165,13 @@ def merge_results(plan: ShardPlan, results: list[tuple[Report, ShardShare]],
 
 def merged_loss(reports: list[Report], options: CheckOptions, denominator: float | None,
                 repeated: float) -> float:
-    """`math.fsum` of the shards' losses, less what vocabulary shards repeat; NaN for 'mean'
-    when every target is ignored (0/0, as PyTorch)."""
-    if denominator == 0 and options.reduction.value == "mean" and options.denominator is None:
-        return math.nan
+    """`math.fsum` of the shards' losses, less what vocabulary shards repeat; for 'mean' when
+    every target is ignored, NaN (0/0, as PyTorch) or 0 (`empty_mean`)."""
+    if _mean_of_nothing(options, denominator):
+        return mean_of_nothing(options.semantics())
     return math.fsum([r.loss for r in reports] + [-repeated])
+
+
+def _mean_of_nothing(options: CheckOptions, denominator: float | None) -> bool:
+    """'mean' over a zero total weight (no outside denominator)."""
+    return denominator == 0 and options.reduction.value == "mean" and options.denominator is None

@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
 from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.options import CheckOptions
@@ -54,8 +53,7 @@ def check_rows(z: np.ndarray, y: np.ndarray, grad: np.ndarray | None, denominato
     arrays, sources = given.arrays, given.sources
     if options.shift_labels:
         y = shift_labels(z, y, options.ignore_index, sources["labels"])
-    sem = Semantics(options.z_loss, options.softcap, options.logit_scale, options.smoothing_form,
-                    options.denominator, arrays.get("sample_weight"))
+    sem = options.semantics(arrays.get("sample_weight"))
     problem, warnings = build_softmax_ce(
         z, y, weight=arrays.get("weight"), reduction=options.reduction.value,
         ignore_index=options.ignore_index, label_smoothing=options.label_smoothing,

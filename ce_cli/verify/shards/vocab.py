@@ -27,7 +27,8 @@ from ce_cli.errors import CeCheckError
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.kernels.numpy_softmax import transform
 from ce_cli.models.layout import Layout, make_layout, match_batch
-from ce_cli.models.semantics import ROW_CHUNK, Semantics, SplitLse, transformed_row_stats
+from ce_cli.models.semantics import (ROW_CHUNK, Semantics, SplitLse, mean_of_nothing,
+                                    transformed_row_stats)
 from ce_cli.models.softmax import smoothing_split
 from ce_cli.verify.allowance import normaliser_bound
 from ce_cli.verify.checks import OUTSIDE_LABELS, check_grad, shift_labels
@@ -346,7 +347,7 @@ class LseRows:
 
     def reduce(self, total: float) -> float:
         if self.scale == 0.0 and self.reduction == "mean" and self.sem.denominator is None:
-            return math.nan  # 0/0, as the loss of one process
+            return mean_of_nothing(self.sem)  # as the loss of one process
         return total / self.scale
 
 
@@ -363,7 +364,8 @@ def vocab_z_loss_check(shard: Shard, lse: Any, options: CheckOptions, shape: tup
     s, wy = row_weights(y, arrays, options, f"labels file '{shard.files.labels}'")
     layout = make_layout(shape, -1, "logits")
     rows = LseRows(layout, valid, options.reduction.value, reduced_scale(wy, s, valid, options),
-                   Semantics(z_loss=options.z_loss, denominator=options.denominator))
+                   Semantics(z_loss=options.z_loss, denominator=options.denominator,
+                             empty_mean=options.empty_mean))
     if options.reduction.value == "none":
         path = inputs.files("z_loss_value")[0]
         source = f"z_loss_value file '{path}'"
