@@ -891,7 +891,7 @@ class _RowStats:
         self.tol = tol
 
     def update_summary(self, row0, n_entries, rowmax, mismatches, nonfinite, max_abs, max_rel,
-                       open_row) -> None:
+                       open_rows, got) -> None:
         self.rowmax, self.mismatches = rowmax.copy(), mismatches.copy()
 
 

@@ -112,3 +112,35 @@ def test_failing_rows_counted_alike_on_both_kernels(dtype, monkeypatch):
     assert counts[0] == counts[1]
     names = [name for name, *_ in counts[0]]
     assert "normaliser" in names
+
+
+def _binary_wrong(dtype, n: int = 30, k: int = 400, seed: int = 3):
+    """Sigmoid BCE rows twice the reference, a NaN row, and rows whose tiny entries came back 0
+    (flushed: the only thing a refit changes in a sigmoid row)."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, k)) * 40).astype(dtype)
+    y = (rng.random((n, k)) < 0.3).astype(dtype)
+    s = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    g = (s - y) / (n * k)
+    g[0::3] *= 2.0
+    g[1] = np.nan
+    g[2::3][np.abs(g[2::3]) < 1e-30] = 0.0
+    g[2::3, :5] *= 1.5
+    return z, y, g.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binary_rows_refit_only_where_a_zero_may_be_flushed(dtype, monkeypatch):
+    """A failing sigmoid row with no 0 keeps the kernel's statistics (no reopening): the same
+    verdicts, counts and worst entries as the numpy kernel, which refits every failing row."""
+    from ce_cli.verify.checks import check_binary
+    z, y, g = _binary_wrong(dtype)
+    summaries = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("CE_CHECK_FUSED", fused)
+        rep = check_binary(z, y, grad=g, fd="off")
+        (c,) = [c for c in rep.checks if c.name == "grad_vs_reference"]
+        summaries.append((c.ok, c.mismatches, c.total, float(c.max_abs_err).hex(),
+                          float(c.max_rel_err).hex(), [e.index for e in c.worst], c.note))
+    assert summaries[0] == summaries[1]
+    assert ("flushed to zero" in summaries[0][6]) == (dtype == np.float32)  # f64: none so small

@@ -81,7 +81,7 @@ class RowStats(Protocol):
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
-                       open_rows: Any) -> None: ...
+                       open_rows: Any, got: Any) -> None: ...
 
 
 def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:

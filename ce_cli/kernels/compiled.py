@@ -296,7 +296,7 @@ class _Kernel:
             R, C = z.shape
             cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
                                out["nonfinite"], out["max_abs"], out["max_rel"],
-                               lambda rs: self._open_rows(z, g, params, rs))
+                               lambda rs: self._open_rows(z, g, params, rs), g)
         return True
 
     def _open_rows(self, z, g, params: dict, rows: list[int]) -> list[tuple]:

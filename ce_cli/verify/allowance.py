@@ -143,6 +143,12 @@ class RowAllowance:
         if fit.rescued and fit.soft:
             self._keep(fit.row, fit.soft)
 
+    def may_change(self, got: np.ndarray) -> bool:
+        """Whether refining a failing row of yours, `got`, can change its errors or counts:
+        always with a softmax's row factors, else only through entries flushed to zero (a row
+        with no 0 keeps its entry-wise errors: `refine` would recompute them to the bit)."""
+        return self.target_weights is not None or bool(self.normal_min and not np.all(got))
+
     def flushed_entries(self, ref: np.ndarray, got: np.ndarray) -> np.ndarray:
         """Where `got` is a correct result below the smallest normal number returned as 0."""
         return (np.abs(ref) < self.normal_min) & (np.asarray(got) == 0)

@@ -196,31 +196,31 @@ class Comparison:
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
-                       open_rows: Callable[[list[int]], list[tuple]]) -> None:
-        """Fold in per-row statistics computed elsewhere (the fused kernel). `open_rows(rows)`
-        returns each row's (ratio, ref, got, diff, tol), for rows that may hold one of the worst
-        entries or fail."""
+                       open_rows: Callable[[list[int]], list[tuple]], got: Any) -> None:
+        """Fold in per-row statistics computed elsewhere (the fused kernel) on your gradient's
+        rows `got`. `open_rows(rows)` returns each row's (ratio, ref, got, diff, tol), for rows
+        that may hold one of the worst entries or fail."""
         self.total += n_entries
 
         def open_row(r: int) -> tuple:
             return open_rows([r])[0]
 
         if self.allowance is not None and (rowmax > 1.0).any():
-            width = n_entries // max(1, rowmax.size)
             rowmax, mismatches, max_abs, max_rel, open_row = self._refine_summary(
-                row0, rowmax, mismatches, max_abs, max_rel, open_rows, width)
+                row0, rowmax, mismatches, max_abs, max_rel, open_rows, got)
         if rowmax.size:
             self.mismatches += int(mismatches.sum())
             self.nonfinite += int(nonfinite.sum())
-            self.max_abs = max(self.max_abs, float(max_abs.max()))
-            self.max_rel = max(self.max_rel, float(max_rel.max()))
+            # fmax: a refitted row of NaN errors has no largest error (NaN), the others do
+            self.max_abs = max(self.max_abs, float(np.fmax.reduce(max_abs)))
+            self.max_rel = max(self.max_rel, float(np.fmax.reduce(max_rel)))
             self._collect_worst(row0, rowmax, open_row)
 
     def _refine_summary(self, row0: int, rowmax: np.ndarray, mismatches: np.ndarray,
                         max_abs: np.ndarray, max_rel: np.ndarray,
-                        open_rows: Callable[[list[int]], list[tuple]], width: int):
-        """The row allowances on the rows of `width` entries the kernel found failing (their
-        entries reopened, OPEN_ENTRIES at a time). Only the refined entries of the rows `_collect_worst` can open
+                        open_rows: Callable[[list[int]], list[tuple]], got: Any):
+        """The row allowances on the rows of `got` the kernel found failing that they may change
+        (`RowAllowance.may_change`; their entries reopened, OPEN_ENTRIES at a time). Only the refined entries of the rows `_collect_worst` can open
         are kept: the n_worst largest by (row maximum, lower row first), its order (every
         failing row's would be 3 (C,) arrays a row: 0.8 GB a chunk of a 4096 x 32000 gradient
         wrong everywhere)."""
@@ -229,8 +229,9 @@ class Comparison:
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
         refined: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         kept: list[tuple[float, int]] = []  # a heap of (row maximum, -row) of the rows kept
-        failing = np.flatnonzero(rowmax > 1.0).tolist()
-        step = max(1, OPEN_ENTRIES // max(1, width))
+        failing = [r for r in np.flatnonzero(rowmax > 1.0).tolist()
+                   if self.allowance.may_change(got[r])]
+        step = max(1, OPEN_ENTRIES // max(1, got.shape[1]))
         for i in range(0, len(failing), step):
             batch = failing[i:i + step]
             for r, (ratio, ref, got, _diff, tol) in zip(batch, open_rows(batch)):
