@@ -212,6 +212,28 @@ def test_stdin_csv_text():
     assert got.dtype == np.int64 and got.shape == (3, 1)
 
 
+@pytest.mark.parametrize("cell", ["\U0009d24e", "\U0001d7d9", "\u00b2", "\uff11"])
+def test_csv_cell_beyond_ascii_is_read_by_python_not_numpy(cell):
+    """numpy 2.4's loadtxt takes '0,0,0,\U0009d24e' for [[0, 0, 0, 643614]] or crashes (SIGSEGV),
+    run to run: a non-ASCII file goes to the line parser, which takes what Python's int takes
+    (a full-width 1) and names the cell it cannot read."""
+    data = f"0,0,0,{cell}\n".encode()
+    for _ in range(50):
+        try:
+            got = load_array("-", stdin=io.BytesIO(data)).tolist()
+        except CeCheckError as e:
+            assert "line 1, column 4: not a number" in str(e)
+        else:
+            assert got == [[0, 0, 0, int(cell)]]
+
+
+def test_csv_with_a_bom_stays_on_numpys_parser(monkeypatch):
+    from ce_cli.io import loading
+    monkeypatch.setattr(loading, "_parse_text", lambda *a: pytest.fail("line parser used"))
+    got = load_array("-", stdin=io.BytesIO(b"\xef\xbb\xbf1.5,2\n3,4\n"))
+    assert got.tolist() == [[1.5, 2.0], [3.0, 4.0]]
+
+
 def test_stdin_bool_npy_stays_bool():
     assert load_array("-", stdin=io.BytesIO(npy_bytes([True, False]))).dtype == np.bool_
 

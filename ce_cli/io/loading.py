@@ -328,6 +328,8 @@ def _text_bytes(data: bytes, label: str) -> str:
 
 # bytes that only a float token holds (a point, an exponent, nan, inf)
 _FLOAT_BYTES = (b".", b"e", b"E", b"n", b"N", b"i", b"I")
+_BOM = b"\xef\xbb\xbf"
+ASCII_STEP = 1 << 20  # bytes checked for ASCII at a time: no copy of a large file's text
 
 
 def parse_csv(data: bytes, label: str) -> np.ndarray:
@@ -354,7 +356,7 @@ def parse_csv(data: bytes, label: str) -> np.ndarray:
 
 def _first_line(data: bytes) -> tuple[str, int] | None:
     """The first non-blank line, decoded, and the offset just after it (None: no such line)."""
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    start = 3 if data.startswith(_BOM) else 0
     while start < len(data):
         end = data.find(b"\n", start)
         end = len(data) if end == -1 else end + 1
@@ -371,7 +373,12 @@ def _delimiter(first: str) -> str | None:
 
 def _fast_parse(data: bytes, start: int, delimiter: str | None) -> np.ndarray | None:
     """`data[start:]` through numpy's loadtxt: int64 when no token can be a float (and all fit),
-    else float64; None when loadtxt refuses it (or finds no rows)."""
+    else float64; None when loadtxt refuses it (or finds no rows), or when it holds a byte
+    beyond ASCII: numpy 2.4's integer parser takes a character past U+FFFF for a digit worth
+    its code point, or reads out of bounds and crashes ('0,0,0,\U0009d24e': [[0, 0, 0, 643614]]
+    or SIGSEGV, run to run); the line parser reads those."""
+    if not _ascii(data, start + (3 if data.startswith(_BOM, start) else 0)):
+        return None
     floats = any(data.find(b, start) != -1 for b in _FLOAT_BYTES)
     for dtype in ((np.float64,) if floats else (np.int64, np.float64)):
         raw = io.BytesIO(data)
@@ -386,6 +393,10 @@ def _fast_parse(data: bytes, start: int, delimiter: str | None) -> np.ndarray | 
             continue
         return arr if arr.size else None
     return None
+
+
+def _ascii(data: bytes, start: int) -> bool:
+    return all(data[i:i + ASCII_STEP].isascii() for i in range(start, len(data), ASCII_STEP))
 
 
 def _parse_number(token: str) -> int | float | None:
