@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from ce_cli.cli.app import (COMMANDS, LABELS_HELP, LOGITS_HELP, AtolOpt, EmptyMeanOpt, FDBudgetOpt,
-                            FDOpt, FloorOpt, JsonOpt, LossOpt, NormaliserOpt, OutGradOpt, PrecisionOpt, QuietOpt,
-                            ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, StrictSubnormalsOpt,
-                            ThreadsOpt, VerboseOpt, WorstOpt, app, epilog, guarded, run_check)
+                            FDOpt, FloorOpt, JsonOpt, LossOpt, NormaliserOpt, OutGradOpt,
+                            PrecisionOpt, QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt,
+                            StrictSubnormalsOpt, ThreadsOpt, VerboseOpt, WorstOpt, app, epilog,
+                            guarded, run_check)
 from ce_cli.enums import FDMode, Kind, Reduction
 from ce_cli.cli.shards import (SHARD_LABELS, GradsOpt, SchedulerOpt, ShardsOpt, WorkersOpt, run_sharded,
                                shard_inputs, single_input)

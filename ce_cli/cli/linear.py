@@ -6,9 +6,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ce_cli.cli.app import (COMMANDS, AtolOpt, EmptyMeanOpt, FDOpt, FloorOpt, JsonOpt, LossOpt, PrecisionOpt,
-                            QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt, WorstOpt, app,
-                            check_settings, epilog, guarded, input_specs, progress_bar)
+from ce_cli.cli.app import (COMMANDS, AtolOpt, EmptyMeanOpt, FDOpt, FloorOpt, JsonOpt, LossOpt,
+                            PrecisionOpt, QuietOpt, ReductionOpt, RtolOpt, SamplesOpt, SeedOpt,
+                            WorstOpt, app, check_settings, epilog, guarded, input_specs,
+                            progress_bar)
 from ce_cli.cli.shards import LinearShardsOpt, SchedulerOpt, WorkersOpt, run_linear_sharded
 from ce_cli.enums import FDMode, Reduction
 from ce_cli.errors import CeCheckError

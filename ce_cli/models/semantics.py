@@ -141,11 +141,11 @@ def transformed_row_stats(z: Any, scale: float = 1.0,
     return m, s1
 
 
-def mean_of_nothing(sem: Semantics) -> float:
+def mean_of_nothing(empty_mean: str) -> float:
     """'mean' over a zero total weight (every target ignored, or their weights summing to 0):
     0/0, NaN as PyTorch and MindSpore return it, or 0 with `empty_mean` "zero" (Liger, Keras,
     PaddlePaddle: measured, docs/frameworks.md)."""
-    return 0.0 if sem.empty_mean == "zero" else math.nan
+    return 0.0 if empty_mean == "zero" else math.nan
 
 
 def validate_scalars(z_loss: float, softcap: float | None, logit_scale: float,

@@ -127,7 +127,7 @@ class SoftmaxCE(RowMatrix):
             return row_loss_sum / self.sem.denominator
         if self.reduction == "mean":
             d = self.denominator
-            return row_loss_sum / d if d != 0 else ext.mean_of_nothing(self.sem)
+            return row_loss_sum / d if d != 0 else ext.mean_of_nothing(self.sem.empty_mean)
         return row_loss_sum
 
     def target_columns(self, rows: np.ndarray) -> np.ndarray:

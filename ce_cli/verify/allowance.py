@@ -191,11 +191,11 @@ class RowAllowance:
         fit.soft_term = soft
         weight = -spread        # smoothing's share of the target-weight term
         found = False
-        sizes = {id(soft): np.abs(soft), id(weight): np.abs(weight)}
+        soft_size, weight_size = np.abs(soft), np.abs(weight)
         # a peaked row with smoothing has one or two entries the softmax term dominates: their
         # error is a normaliser factor as far as anything can tell, so it is fitted from them
-        for term, other, least in ((soft, weight, 1), (weight, soft, MIN_FIT)):
-            size, other_size = sizes[id(term)], sizes[id(other)]
+        for term, size, other_size, least in ((soft, soft_size, weight_size, 1),
+                                              (weight, weight_size, soft_size, MIN_FIT)):
             # entries the term dominates, well above the subnormal range (full relative precision)
             resolved = size > self.resolved
             if not resolved.any():
@@ -271,8 +271,8 @@ def _ratios(ratio: np.ndarray, where: np.ndarray | None, d: np.ndarray, allowed:
 
 def median(x: np.ndarray) -> float:
     """np.median of a finite array, the same bits: its middle order statistics are found in a
-    window around a strided sample's median, a few passes and a small partition (a quarter of
-    the time at C = 32,000: the refit of a failing row spends most of its time here); the whole
+    window around a strided sample's median, a few passes and a small partition (about half
+    the time at C = 32,000, where a failing row's refit spent most of its time); the whole
     array is partitioned only when the window misses them."""
     n = x.size
     if n < 4 * MEDIAN_SAMPLE:

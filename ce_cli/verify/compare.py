@@ -220,10 +220,10 @@ class Comparison:
                         max_abs: np.ndarray, max_rel: np.ndarray,
                         open_rows: Callable[[list[int]], list[tuple]], got: Any):
         """The row allowances on the rows of `got` the kernel found failing that they may change
-        (`RowAllowance.may_change`; their entries reopened, OPEN_ENTRIES at a time). Only the refined entries of the rows `_collect_worst` can open
-        are kept: the n_worst largest by (row maximum, lower row first), its order (every
-        failing row's would be 3 (C,) arrays a row: 0.8 GB a chunk of a 4096 x 32000 gradient
-        wrong everywhere)."""
+        (`RowAllowance.may_change`; their entries reopened, OPEN_ENTRIES at a time). Only the
+        refined entries of the rows `_collect_worst` can open are kept: the n_worst largest by
+        (row maximum, lower row first), its order (every failing row's would be 3 (C,) arrays
+        a row: 0.8 GB a chunk of a 4096 x 32000 gradient wrong everywhere)."""
         assert self.allowance is not None
         rowmax, mismatches = rowmax.copy(), mismatches.copy()
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
@@ -234,8 +234,8 @@ class Comparison:
         step = max(1, OPEN_ENTRIES // max(1, got.shape[1]))
         for i in range(0, len(failing), step):
             batch = failing[i:i + step]
-            for r, (ratio, ref, got, _diff, tol) in zip(batch, open_rows(batch)):
-                out = self.allowance.refine(row0 + r, ref, got, tol, ratio)
+            for r, (ratio, ref, yours, _diff, tol) in zip(batch, open_rows(batch)):
+                out = self.allowance.refine(row0 + r, ref, yours, tol, ratio)
                 rowmax[r] = out[0].max()
                 mismatches[r] = np.count_nonzero(out[0] > 1.0)
                 max_abs[r] = np.fmax.reduce(out[1])

@@ -70,7 +70,7 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
     diagnosis = _merge_diagnosis(pairs)
     warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
     loss = merged_loss(reports, options, denominator, repeated)
-    if _mean_of_nothing(options, denominator):
+    if _zero_total(options, denominator):
         every = sum(r.n_ignored for r in reports) == sum(r.n_rows for r in reports)
         warnings.append(empty_mean_warning(options.empty_mean, every))
     merged = replace(
@@ -167,11 +167,11 @@ def merged_loss(reports: list[Report], options: CheckOptions, denominator: float
                 repeated: float) -> float:
     """`math.fsum` of the shards' losses, less what vocabulary shards repeat; for 'mean' when
     every target is ignored, NaN (0/0, as PyTorch) or 0 (`empty_mean`)."""
-    if _mean_of_nothing(options, denominator):
-        return mean_of_nothing(options.semantics())
+    if _zero_total(options, denominator):
+        return mean_of_nothing(options.empty_mean)
     return math.fsum([r.loss for r in reports] + [-repeated])
 
 
-def _mean_of_nothing(options: CheckOptions, denominator: float | None) -> bool:
+def _zero_total(options: CheckOptions, denominator: float | None) -> bool:
     """'mean' over a zero total weight (no outside denominator)."""
     return denominator == 0 and options.reduction.value == "mean" and options.denominator is None

@@ -347,7 +347,7 @@ class LseRows:
 
     def reduce(self, total: float) -> float:
         if self.scale == 0.0 and self.reduction == "mean" and self.sem.denominator is None:
-            return mean_of_nothing(self.sem)  # as the loss of one process
+            return mean_of_nothing(self.sem.empty_mean)  # as the loss of one process
         return total / self.scale
 
 
