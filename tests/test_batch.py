@@ -194,6 +194,18 @@ def test_nan_loss_is_null_not_NaN(run):
     assert "warning:" in result.stderr
 
 
+def test_empty_mean_key(run):
+    """Liger, Keras and Paddle return 0 for an all-ignored batch: `empty_mean: zero` passes it."""
+    result = run([case("liger-like", labels="data/y_ignored.npy", loss=0, empty_mean="zero"),
+                  case("torch-like", labels="data/y_ignored.npy", loss=0),
+                  case("bad", empty_mean="0")])
+    lines = {r["name"]: r for r in strict_lines(result.stdout)}
+    assert {n: r["status"] for n, r in lines.items()} == {
+        "liger-like": "pass", "torch-like": "fail", "bad": "error"}
+    assert lines["liger-like"]["loss"] == 0.0
+    assert "'empty_mean': must be one of nan, zero" in lines["bad"]["error"]
+
+
 # --- invalid lines are errors, the rest runs --------------------------------------------------
 
 INVALID = [
