@@ -179,6 +179,8 @@ class Comparison:
         if self.allowance is not None and over.any():
             for i in np.flatnonzero(over):
                 p = at(i)
+                if not self.allowance.may_change(got[p]):
+                    continue
                 ratio[p], diff[p], tol[p] = self.allowance.refine(row0 + int(i), ref[p], got[p],
                                                                   tol[p], ratio[p])
                 rowmax[i] = ratio[p].max()
