@@ -108,12 +108,13 @@ def test_npy_loader(tmp_path_factory, arr, e, cut, via_stdin):
         run(["grad", "z.npy", y, "--grad", "z.npy"], tmp)
 
 
-# what a command line can carry: no NUL, no lone surrogate (the OS takes neither)
+# what a command line and a zip member's name can carry: no NUL, no lone surrogate (neither the
+# OS nor zipfile takes them)
 ARGV_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
 
 
 @FUZZ
-@given(arr=arrays, names=st.lists(st.text(min_size=1, max_size=8), min_size=0, max_size=4),
+@given(arr=arrays, names=st.lists(st.text(ARGV_CHARS, min_size=1, max_size=8), min_size=0, max_size=4),
        e=edits, cut=cuts, key=st.none() | st.text(ARGV_CHARS, max_size=8))
 def test_npz_loader(tmp_path_factory, arr, names, e, cut, key):
     tmp = tmp_path_factory.mktemp("npz")
