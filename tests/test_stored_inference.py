@@ -55,7 +55,25 @@ def test_narrower_formats_in_float32():
     f16 = x.astype(np.float16).astype(np.float32)
     assert tag(f16) == "f16"
     assert tag(x) is None
-    assert tag(bf16[:8]) is None  # 8 entries are not evidence enough for bf16 (f16: 2^-3 each)
+    # a few bf16 values (each a float32 coincidence of 2^-16): 3 distinct are evidence enough,
+    # also when float16 holds them too (the looser rule: no false alarm on a bf16 gradient)
+    assert tag(bf16[:3]) == "bf16" and tag(bf16[:2]) is None
+    assert tag(f16[:4]) == "f16" and tag(f16[:3]) is None
+    both = np.array([0.0078125 * (1 + k / 64) for k in (5, 13, 29)], np.float32)
+    assert tag(both) == "bf16" and tag(both.astype(np.float16)) is None
+
+
+def test_small_bf16_gradient_passes(invoke, tmp_path):
+    """A correct bf16 gradient of a (2, 5) batch, `.float()`ed to be saved: 10 entries."""
+    z = np.array([[1.5, -0.25, 2.0, 0.75, -1.0], [0.5, 1.25, -2.0, 3.0, 0.125]], np.float32)
+    y = np.array([1, 3])
+    exact = softmax(z.astype(np.float64))
+    exact[np.arange(2), y] -= 1.0
+    g = as_float(to_bf16_bits((exact / 2).astype(np.float32))).astype(np.float32)
+    paths = [save(tmp_path, n, a) for n, a in (("z.npy", z), ("y.npy", y), ("g.npy", g))]
+    r = invoke(["grad", *paths[:2], "--grad", paths[2], "--json"])
+    assert r.exit_code == 0, r.stdout
+    assert "every entry is a bfloat16 value" in " ".join(json.loads(r.stdout)["warnings"])
 
 
 @given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=False),

@@ -272,6 +272,19 @@ def test_diagnosis_names_the_planted_bug(kind):
     assert report.diagnosis[0].message in report.verdict
 
 
+def test_every_entry_wrong_is_not_isolated():
+    """A (2, 5) gradient wrong in all 10 entries, in no pattern: not "10 isolated entries"."""
+    z = np.array([[1.5, -0.25, 2.0, 0.75, -1.0], [0.5, 1.25, -2.0, 3.0, 0.125]])
+    y = np.array([1, 3])
+    g = (softmax(z) - np.eye(5)[y]) / 2 * (1 + np.linspace(0.01, 0.1, 10).reshape(2, 5))
+    report = ce_cli.check_grad(z.astype(np.float32), y, grad=g.astype(np.float32), fd="off")
+    assert not report.ok and "isolated" not in [d.code for d in report.diagnosis]
+    g = (softmax(z) - np.eye(5)[y]) / 2
+    g[1, 2] *= 1.5  # one of ten: isolated
+    report = ce_cli.check_grad(z.astype(np.float32), y, grad=g.astype(np.float32), fd="off")
+    assert [d.code for d in report.diagnosis] == ["isolated"]
+
+
 def test_sum_instead_of_mean_names_the_count():
     z, y, g, _ = _zoo("sum_not_mean")
     report = ce_cli.check_grad(z, y, grad=g, fd="off")

@@ -6,9 +6,12 @@ values went through that format (a bf16 gradient `.float()`ed to be saved). A co
 wider format lands on a narrower format's value by chance with probability 2^-(p_wide - p_narrow)
 per entry, so a tag needs evidence: distinct entries whose significand needs more than half the
 narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least the
-format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; float16
-values are bfloat16 values with chance 2^-3 per entry: 16 for bf16, and fewer bf16 values within
-float16's range tell neither apart, while float32 holds both). The evidence is looked for in a
+format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; from
+float32, 2^-16 for bfloat16: 3, 2^-13 for float16: 4). Values that both bfloat16 and float16
+hold (at most 8 significand bits, within float16's range) are taken as bfloat16's: a bf16
+gradient of few distinct values (a small batch, saturated rows) then keeps bf16's rule instead
+of float32's, 16 times stricter than its rounding, and a float16 one (which lands on bf16 values
+with chance 2^-3 an entry) is checked by the looser rule, never falsely failed. The evidence is looked for in a
 spread sample (the first SAMPLE entries and SPREAD blocks across the array: a computed array
 shows it at once); only then is every entry read, to see that the format holds them all. The
 narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
@@ -27,10 +30,11 @@ from ce_cli.io.bfloat16 import STORED_KEY
 
 INFERRED_KEY = "ce_check.stored_inferred"
 # format: (significand bits, entries of evidence needed, smallest normal's exponent, largest)
-FORMATS = {"bf16": (8, 16, -126, float.fromhex("0x1.FEp127")), "f16": (11, 4, -14, 65504.0),
+FORMATS = {"bf16": (8, 3, -126, float.fromhex("0x1.FEp127")), "f16": (11, 4, -14, 65504.0),
            "f32": (24, 1, -126, float(np.finfo(np.float32).max))}
-# the formats whose values are a subset of a dtype's (by itemsize), narrowest first: float16
-# values are not bfloat16's (nor the reverse), so a float16 array is tagged with neither
+# the formats whose values are a subset of a dtype's (by itemsize), narrowest first (so values
+# of both bfloat16 and float16 are bfloat16's); float16 values are not bfloat16's (nor the
+# reverse), so a float16 array is tagged with neither
 NARROWER = {8: ("bf16", "f16", "f32"), 4: ("bf16", "f16")}
 SAMPLE = 4096          # entries read first: a wide array's values almost always end it there
 SPREAD = (64, 1024)    # blocks of entries across the array, and their size: the evidence's sample
@@ -49,10 +53,7 @@ def infer_stored(x: Any) -> Any:
     flat = x.reshape(-1)
     sample = _spread(flat)
     left = _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))
-    evidence = {f: len(_evidence(sample, f, FORMATS[f][1])) for f in left}
-    if "bf16" in left and "f16" in left and evidence["bf16"] < FORMATS["bf16"][1]:
-        left.remove("f16")  # bf16 values within float16's range: either, so neither (f32 holds both)
-    left = [f for f in left if evidence[f] >= FORMATS[f][1]]
+    left = [f for f in left if len(_evidence(sample, f, FORMATS[f][1])) >= FORMATS[f][1]]
     for start in range(0, flat.size, CHUNK):
         if not left:
             return x

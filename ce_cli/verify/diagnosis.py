@@ -64,7 +64,8 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
         hit = rule(problem, sample, allowed_rel)
         if hit is not None:
             found.append(hit)
-    if not found and 0 < mismatches <= max(10, total // 1000):
+    # isolated: a few, and few of all (10 of 10 wrong entries are not "isolated")
+    if not found and 0 < mismatches <= max(10, total // 1000) and 4 * mismatches <= total:
         found.append(Diagnosis("isolated", f"{mismatches} isolated entries are wrong; the rest "
                                "match", f"{mismatches} of {total} entries over the tolerance"))
     return tuple(found)
