@@ -7,11 +7,11 @@ wider format lands on a narrower format's value by chance with probability 2^-(p
 per entry, so a tag needs evidence: distinct entries whose significand needs more than half the
 narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least the
 format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; from
-float32, 2^-16 for bfloat16: 3, 2^-13 for float16: 4). Values that both bfloat16 and float16
-hold (at most 8 significand bits, within float16's range) are taken as bfloat16's: a bf16
-gradient of few distinct values (a small batch, saturated rows) then keeps bf16's rule instead
-of float32's, 16 times stricter than its rounding, and a float16 one (which lands on bf16 values
-with chance 2^-3 an entry) is checked by the looser rule, never falsely failed. The evidence is looked for in a
+float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3; each count keeps a coincidence below
+2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
+float16's range) are taken as bfloat16's, the looser rule: a bf16 gradient of few distinct
+values (a small batch, saturated rows) keeps bf16's rule, not float16's or float32's, and a
+float16 one lands on bf16 values only by chance (2^-3 an entry). The evidence is looked for in a
 spread sample (the first SAMPLE entries and SPREAD blocks across the array: a computed array
 shows it at once); only then is every entry read, to see that the format holds them all. The
 narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
@@ -30,7 +30,7 @@ from ce_cli.io.bfloat16 import STORED_KEY
 
 INFERRED_KEY = "ce_check.stored_inferred"
 # format: (significand bits, entries of evidence needed, smallest normal's exponent, largest)
-FORMATS = {"bf16": (8, 3, -126, float.fromhex("0x1.FEp127")), "f16": (11, 4, -14, 65504.0),
+FORMATS = {"bf16": (8, 2, -126, float.fromhex("0x1.FEp127")), "f16": (11, 3, -14, 65504.0),
            "f32": (24, 1, -126, float(np.finfo(np.float32).max))}
 # the formats whose values are a subset of a dtype's (by itemsize), narrowest first (so values
 # of both bfloat16 and float16 are bfloat16's); float16 values are not bfloat16's (nor the
