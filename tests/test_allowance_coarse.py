@@ -65,3 +65,15 @@ def test_interval_fit():
     f, half = _interval_fit(d, term, np.full(3, 2e-4))
     assert abs(f - 1e-3) <= half and half <= 2e-4
     assert _interval_fit(np.array([0.0, 1.0]), np.ones(2), np.full(2, 0.1)) is None
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_bf16_computation_sums_in_float32(factor):
+    """A bf16 computation sums its 1,000 exponentials in float32 (16-bit sums are a bug, MLX
+    #4379): the row factor it may have is 0.5 eps_f32 (C - 1) + 4 eps_bf16 = 0.031, not
+    0.5 eps_bf16 (C - 1) = 3.9, which passed a softmax twice too large. (Smaller factors hide
+    in bf16's own per-entry rule: z - lse rounded to bf16 moves a by ~eps |log a|.)"""
+    assert check(*smoothed_rows(factor=2e-3)).ok
+    report = check(*smoothed_rows(factor=factor))
+    normaliser = next(c for c in report.checks if c.name == "normaliser")
+    assert not report.ok and not normaliser.ok and "allowed 0.031" in normaliser.note

@@ -381,7 +381,8 @@ FloorOpt = Annotated[Optional[float], typer.Option(
     "--floor-factor", metavar="K", help="k in the error floor k*eps*(...); 0 disables the floor (default 4).")]
 NormaliserOpt = Annotated[Optional[float], typer.Option(
     "--normaliser-rtol", metavar="FLOAT", help="Largest common factor allowed on a row of your gradient's softmax "
-    "terms, an error in its normaliser (default 0.5*eps*(C-1): a sum of C terms).")]
+    "terms, an error in its normaliser (default 0.5*eps*(C-1) + 4*eps: a sum of C terms, in float32 "
+    "for 16-bit values).")]
 StrictSubnormalsOpt = Annotated[bool, typer.Option(
     "--strict-subnormals", help="Fail entries your gradient flushed to zero (default: results below "
     "the precision's smallest normal may be 0, as XLA, TensorFlow and GPU kernels return).")]

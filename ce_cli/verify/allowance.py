@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ce_cli.verify.tolerance import PRECISIONS, Tolerance, reduction_floor
+from ce_cli.verify.tolerance import EPS_ACCUMULATE, PRECISIONS, Tolerance, reduction_floor
 
 # smallest positive normal number of each precision
 NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
@@ -56,10 +56,13 @@ MEDIAN_WINDOW = 24
 
 
 def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
-    """The largest row factor a correct implementation in `tol`'s precision can have."""
+    """The largest row factor a correct implementation in `tol`'s precision can have: a sum of
+    C terms in the accumulating precision (float32 for 16-bit values, `EPS_ACCUMULATE`), plus
+    the floor's k * eps (the normaliser's own rounding to your precision)."""
     if override is not None:
         return override
-    return tol.eps * (NORMALISER_K * (n_classes - 1) + tol.floor_factor)
+    return (min(tol.eps, EPS_ACCUMULATE) * NORMALISER_K * (n_classes - 1)
+            + tol.eps * tol.floor_factor)
 
 
 class RowAllowance:

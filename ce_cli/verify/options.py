@@ -23,8 +23,8 @@ class CheckOptions:
     `two_class` (binary: (..., 2) softmax logits). Tolerances (verify/tolerance.py): `rtol`,
     `atol`, `precision` the gradient was computed in, `floor_factor` k of the error floor,
     `loss_atol` (a typed loss's last digit), `normaliser_rtol` the largest row factor allowed
-    (default 0.5 eps (C - 1), verify/allowance.py), `strict_subnormals` to fail results flushed
-    to zero. Finite differences: `fd` mode, `samples`, `seed`.
+    (default 0.5 eps_sum (C - 1) + k eps, verify/allowance.py), `strict_subnormals` to fail
+    results flushed to zero. Finite differences: `fd` mode, `samples`, `seed`.
     Report: `worst` entries per check. `chunk_elements`: entries per streamed row chunk;
     `threads` the kernel's (default: CE_CHECK_THREADS, else the cores this process may use),
     which change no bit of the report.
