@@ -285,6 +285,22 @@ def test_every_entry_wrong_is_not_isolated():
     assert [d.code for d in report.diagnosis] == ["isolated"]
 
 
+def test_float16_row_factor_among_subnormals_is_named():
+    """PyTorch's float16 backward of label smoothing over a large batch: eps/(C N) = 2.4e-8
+    rounds to 0, so every row's softmax terms come back times 1 - eps. Most entries are float16
+    subnormals (or 0) there; the diagnosis fits the factor on the others: not "isolated"."""
+    rng = np.random.default_rng(0)
+    n, c, eps = 256, 16000, 0.1
+    z = rng.standard_normal((n, c)).astype(np.float16)
+    y = rng.integers(0, c, n)
+    p = softmax(z)
+    p[np.arange(n), y] -= 1.0
+    report = ce_cli.check_grad(z, y, grad=((1 - eps) * p / n).astype(np.float16),
+                               label_smoothing=eps, fd="off")
+    assert not report.ok and [d.code for d in report.diagnosis] == ["row_factor"]
+    assert "row factors from -0.09" in report.diagnosis[0].evidence
+
+
 def test_sum_instead_of_mean_names_the_count():
     z, y, g, _ = _zoo("sum_not_mean")
     report = ce_cli.check_grad(z, y, grad=g, fd="off")

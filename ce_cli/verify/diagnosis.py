@@ -43,6 +43,7 @@ class _Sample:
     got: np.ndarray     # (R, C) yours, float64
     q: np.ndarray       # (R, C) target weights
     valid: np.ndarray   # (R,) rows that contribute
+    tiny: float = 0.0   # an entry's absolute rounding at the subnormals of your precision
 
     @property
     def d(self) -> np.ndarray:
@@ -51,11 +52,13 @@ class _Sample:
 
 
 def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: int, total: int,
-             allowed_rel: float) -> tuple[Diagnosis, ...]:
-    """Likely causes of your gradient's mismatches, most specific first (may be empty)."""
+             allowed_rel: float, tiny: float = 0.0) -> tuple[Diagnosis, ...]:
+    """Likely causes of your gradient's mismatches, most specific first (may be empty);
+    `tiny`: your precision's absolute rounding at its subnormals (float16's 6e-8)."""
     sample = _sample(problem, user_rows, worst_rows)
     if sample is None:
         return ()
+    sample.tiny = tiny
     found: list[Diagnosis] = []
     for rule in (_nonfinite, _scale, _ignored_rows, _target_only, _wrong_axis, _smoothing_form,
                  _row_factor):
@@ -216,17 +219,25 @@ def _smoothing_form(problem, s: _Sample, _tol) -> Diagnosis | None:
 
 def _row_factor(problem, s: _Sample, tol) -> Diagnosis | None:
     soft = s.ref + s.q * problem.grad_scale
+    # where the softmax term dominates, and not lost in the subnormals' rounding (float16
+    # flushes most entries of a large batch's mean to 0 or to a few units of 6e-8)
     pick = (np.abs(soft) > 2 * np.abs(s.q * problem.grad_scale)) & (soft != 0)
+    pick &= 4 * tol * np.abs(soft) > s.tiny
+    fitted = pick.any(axis=1)
     if np.count_nonzero(pick) < 8:
         return None
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # rows with nothing picked: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row of NaN errors: NaN
         f = np.where(pick, s.d / np.where(pick, soft, 1.0), np.nan)
-        per_row = np.nan_to_num(np.nanmedian(f, axis=1))
+        per_row = np.zeros(len(f))
+        per_row[fitted] = np.nan_to_num(np.nanmedian(f[fitted], axis=1))
     resid = np.where(pick, s.d - per_row[:, None] * soft, 0.0)
-    if not np.all(np.abs(resid) <= 4 * tol * np.abs(soft) + 1e-300) or np.all(np.abs(per_row) <= tol):
+    if (not np.all(np.abs(resid) <= 4 * tol * np.abs(soft) + s.tiny + 1e-300)
+            or np.all(np.abs(per_row) <= tol)):
         return None
+    per_row = per_row[fitted]
     lo, hi = float(np.min(per_row)), float(np.max(per_row))
     return Diagnosis("row_factor", "each row's softmax terms are off by one common factor: an "
-                     "error in the normaliser (log-sum-exp), or an extra term such as z-loss",
+                     "error in the normaliser (log-sum-exp), or a term added or lost (z-loss, "
+                     "a smoothing coefficient rounded to 0)",
                      f"row factors from {lo:.3g} to {hi:.3g}; the entries agree once it is removed")

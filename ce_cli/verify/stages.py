@@ -120,15 +120,16 @@ class GradStage(Stage):
         if a.rows_peak:
             result = replace(result, note="; ".join(filter(None, [result.note, (
                 f"{a.rows_peak} rows pass with their arg-max entry allowed the row max's "
-                f"derivative (1 - sum a) Q, |1 - sum a| <= {a.peak:.2g}: yours differentiates "
-                "through max(z)")])))
+                f"derivative (1 - sum a) Q, |1 - sum a| <= {a.peak:.2g}, which an implementation "
+                "that differentiates through max(z) adds")])))
         out = [(1, result)]
         if not result.ok:
             from ce_cli.verify.diagnosis import diagnose  # for a failed check only
 
             self.diagnosis = diagnose(self.problem, self.user.rows,
                                       [r for r, _c in self.cmp.positions()], result.mismatches,
-                                      result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps))
+                                      result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps),
+                                      self.user.tol.tiny)
         if a.rows_over or (a.rows_rescued and a.max_factor):
             where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()
             missing = missing_z_loss(self.problem, a.largest)
