@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ce_cli
-from ce_cli.io.stored import infer_stored, inferred
+from ce_cli.io.stored import NAMES, infer_stored, inferred
 from tests.conftest import FIXTURES, save, softmax
 from tests.test_api_bfloat16 import as_float, to_bf16_bits
 
@@ -203,3 +203,28 @@ def test_evidence_in_the_sample_then_every_entry_is_read():
     assert late < int(np.linspace(stored.SAMPLE, x.size - stored.SPREAD[1], stored.SPREAD[0])[1])
     x[late] = 1.0 + 2.0 ** -40  # no float32 value either
     assert infer_stored(x) is x
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16"])
+def test_one_loss_value_of_the_logits_16_bit_format(fmt, invoke, tmp_path):
+    """A bf16 (float16) computation's loss, `.item()`ed or typed: one value proves no format,
+    so it is taken as stored in the logits' 16-bit format when it is a value of it."""
+    from tests.test_api_bfloat16 import as_void
+    z32, y = np.load(D / "logits.npy"), np.load(D / "labels.npy")
+    bits = to_bf16_bits(z32)
+    z = as_void(bits) if fmt == "bf16" else z32.astype(np.float16)
+    zf = as_float(bits) if fmt == "bf16" else z.astype(np.float64)
+    p = softmax(zf)
+    exact = float(-np.log(p[np.arange(len(y)), y]).mean())
+    loss = float(as_float(to_bf16_bits(np.float32(exact)))[()] if fmt == "bf16"
+                 else np.float16(exact))
+    assert loss != exact
+    report = ce_cli.check_grad(z, y, loss=loss)
+    assert report.ok and any(f"loss: every entry is a {NAMES[fmt]} value" in w
+                             for w in report.warnings)
+    assert not ce_cli.check_grad(z, y, loss=loss * 1.05).ok
+    assert not ce_cli.check_grad(z32, y, loss=loss).ok  # float32 logits: held to float64's rule
+    if fmt == "f16":  # typed on the command line, float16 logits from a .npy
+        np.save(tmp_path / "z.npy", z)
+        r = invoke(["grad", tmp_path / "z.npy", D / "labels.npy", "--loss", repr(loss), "--json"])
+        assert r.exit_code == 0, r.stdout

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.io.bfloat16 import STORED_KEY
+from ce_cli.io.bfloat16 import STORED_KEY, stored_precision
 
 INFERRED_KEY = "ce_check.stored_inferred"
 # format: (significand bits, entries of evidence needed, smallest normal's exponent, largest)
@@ -61,6 +61,22 @@ def infer_stored(x: Any) -> Any:
     if not left:
         return x
     return x.view(np.dtype(x.dtype, metadata={STORED_KEY: left[0], INFERRED_KEY: True}))
+
+
+def stored_like(x: Any, logits: Any) -> Any:
+    """`x` (your loss or z-loss: often one value) tagged as stored in the logits' 16-bit format
+    when it shows no format of its own and every entry is a value of that one: a loss typed or
+    `.item()`ed from a bf16 or float16 computation, whose single value cannot prove its format
+    (`infer_stored` needs 2 or 3 distinct values). Else `x` itself."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.metadata or x.size == 0:
+        return x
+    dt = np.asarray(logits).dtype
+    fmt = "bf16" if dt.name == "bfloat16" else stored_precision(dt)
+    if fmt is None and dt == np.float16:
+        fmt = "f16"
+    if fmt not in FORMATS or x.dtype.itemsize <= 2 or not _holding(x, [fmt]):
+        return x
+    return x.view(np.dtype(x.dtype, metadata={STORED_KEY: fmt, INFERRED_KEY: True}))
 
 
 def _spread(flat: np.ndarray) -> np.ndarray:

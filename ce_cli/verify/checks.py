@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array, compared_array
-from ce_cli.io.stored import stored_notes
+from ce_cli.io.stored import stored_like, stored_notes
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import SplitLse
 from ce_cli.models.softmax import build_softmax_ce
@@ -90,6 +90,7 @@ def check_grad(
     logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
     grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
+    loss, z_loss_value = stored_like(loss, z), stored_like(z_loss_value, z)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = opts.semantics(_array_or_none(sample_weight), vocab_offset=opts.vocab_offset,
@@ -204,6 +205,7 @@ def check_binary(
         api_array, (logits, labels, weight, pos_weight, sample_weight))
     grad, loss = map(compared_array, (grad, loss))
     z, y = np.asarray(logits), np.asarray(labels)
+    loss = stored_like(loss, z)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src,
