@@ -4,7 +4,8 @@ A softmax row's gradient is (Q a_c - q_c) * scale with a = exp(z - lse). An impl
 sums the row's exponentials in its own precision gets lse wrong by a relative factor f: every
 softmax term Q a_c comes back as (1 + f) Q a_c. For a sum of C positive terms in precision eps,
 |f| <= (C - 1) * eps / 2 (recursive summation's bound; pairwise sums stay far below it, but
-PyTorch's class-axis-1 kernel reaches 0.45 of it on adversarial rows). The target-weight term
+PyTorch's class-axis-1 kernel reaches 0.45 of it on adversarial rows; 16-bit values are summed
+in float32, `EPS_ACCUMULATE`). The target-weight term
 q_c (label smoothing's q = alpha/C on every class sums C terms too) may carry a factor h of the
 same size. So a failing row is fitted as
 

@@ -43,7 +43,7 @@ class _Sample:
     got: np.ndarray     # (R, C) yours, float64
     q: np.ndarray       # (R, C) target weights
     valid: np.ndarray   # (R,) rows that contribute
-    tiny: float = 0.0   # an entry's absolute rounding at the subnormals of your precision
+    tiny: float         # an entry's absolute rounding at the subnormals of your precision
 
     @property
     def d(self) -> np.ndarray:
@@ -55,10 +55,9 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
              allowed_rel: float, tiny: float = 0.0) -> tuple[Diagnosis, ...]:
     """Likely causes of your gradient's mismatches, most specific first (may be empty);
     `tiny`: your precision's absolute rounding at its subnormals (float16's 6e-8)."""
-    sample = _sample(problem, user_rows, worst_rows)
+    sample = _sample(problem, user_rows, worst_rows, tiny)
     if sample is None:
         return ()
-    sample.tiny = tiny
     found: list[Diagnosis] = []
     for rule in (_nonfinite, _scale, _ignored_rows, _target_only, _wrong_axis, _smoothing_form,
                  _row_factor):
@@ -74,7 +73,7 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
     return tuple(found)
 
 
-def _sample(problem: Any, user_rows: Any, worst_rows: list[int]) -> _Sample | None:
+def _sample(problem: Any, user_rows: Any, worst_rows: list[int], tiny: float) -> _Sample | None:
     N = problem.n_rows
     budget = max(MIN_ROWS, min(SAMPLE_ROWS, SAMPLE_ENTRIES // max(1, problem.n_classes)))
     worst = np.unique(np.asarray(worst_rows, dtype=np.int64))[:budget]
@@ -86,7 +85,7 @@ def _sample(problem: Any, user_rows: Any, worst_rows: list[int]) -> _Sample | No
     ev = problem.evaluate_rows(np.asarray(problem.z[rows]), rows)
     got = np.asarray(user_rows[rows], dtype=np.float64)
     q, _spread = target_weights(rows)
-    return _Sample(rows, ev.grad, got, q, problem.valid[rows])
+    return _Sample(rows, ev.grad, got, q, problem.valid[rows], tiny)
 
 
 def _nonfinite(problem, s: _Sample, _tol) -> Diagnosis | None:
