@@ -228,3 +228,31 @@ def test_one_loss_value_of_the_logits_16_bit_format(fmt, invoke, tmp_path):
         np.save(tmp_path / "z.npy", z)
         r = invoke(["grad", tmp_path / "z.npy", D / "labels.npy", "--loss", repr(loss), "--json"])
         assert r.exit_code == 0, r.stdout
+
+
+def test_loss_and_small_gradient_take_the_format_the_others_show():
+    """bf16 logits, gradient and loss, all saved as exact float32 upcasts (JAX's arrays under
+    np.asarray(x, np.float32)): the logits' and gradient's values show bf16, and the loss's one
+    value and a 4 x 2 gradient's few saturated ones are bf16 values, so all three are held to
+    bf16's rule."""
+    rng = np.random.default_rng(0)
+    z = as_float(to_bf16_bits(rng.standard_normal((64, 50)).astype(np.float32) * 3))
+    y = rng.integers(0, 50, 64)
+    p = softmax(z)
+    exact = float(-np.log(p[np.arange(64), y]).mean())
+    p[np.arange(64), y] -= 1.0
+    g = as_float(to_bf16_bits((p / 64).astype(np.float32))).astype(np.float32)
+    loss = np.float32(as_float(to_bf16_bits(np.float32(exact)))[()])
+    report = ce_cli.check_grad(z.astype(np.float32), y, grad=g, loss=loss)
+    assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+    assert sum("every entry is a bfloat16 value" in w for w in report.warnings) == 2
+    assert not ce_cli.check_grad(z.astype(np.float32), y, grad=g, loss=loss * 1.05).ok
+    # a 4 x 2 batch of one row repeated: one distinct value, no evidence of its own
+    from tests.test_api_bfloat16 import as_void
+    zs = np.array([[3.0, 1.0]] * 4, np.float32)
+    ys = np.zeros(4, np.int64)
+    ps = softmax(zs.astype(np.float64))
+    ps[:, 0] -= 1.0
+    gs = as_float(to_bf16_bits((ps / 4).astype(np.float32))).astype(np.float32)
+    assert tag(gs) is None and not ce_cli.check_grad(zs, ys, grad=gs).ok  # held to float32's
+    assert ce_cli.check_grad(as_void(to_bf16_bits(zs)), ys, grad=gs).ok  # bf16 logits

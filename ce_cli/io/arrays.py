@@ -23,7 +23,7 @@ def api_array(x: Any, compared: bool = False) -> Any:
     if torch is not None and isinstance(x, torch.Tensor):
         from ce_cli.io.torch_pt import tensor_to_numpy
         x = tensor_to_numpy(torch, x, "a tensor argument")
-    elif isinstance(x, float):
+    elif isinstance(x, (float, np.floating)):  # a numpy scalar too: np.float32(loss)
         x = np.asarray(x)
     x = widen_if_bfloat16(x)
     return infer_stored(x) if compared else x

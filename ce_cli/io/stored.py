@@ -4,9 +4,9 @@ A float64 array whose every entry is exactly a float32 value went through float3
 gradient written as CSV, `.double()`, a loss's `.item()`); a float32 array of bfloat16 or float16
 values went through that format (a bf16 gradient `.float()`ed to be saved). A computation in the
 wider format lands on a narrower format's value by chance with probability 2^-(p_wide - p_narrow)
-per entry, so a tag needs evidence: distinct entries whose significand needs more than half the
-narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing), at least the
-format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; from
+per entry, so a tag needs evidence: entries of distinct magnitudes whose significand needs more
+than half the narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing;
+v and -v are one coincidence), at least the format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; from
 float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3; each count keeps a coincidence below
 2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
 float16's range) are taken as bfloat16's, the looser rule: a bf16 gradient of few distinct
@@ -48,12 +48,41 @@ NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 def infer_stored(x: Any) -> Any:
     """`x` viewed with its dtype tagged as stored in the narrowest format that holds every
     entry (with the evidence above), or `x` itself (not a float array, already tagged, none)."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.metadata or x.size == 0:
+    if not _untagged(x):
         return x
+    sample = _spread(x.reshape(-1))
+    return _tagged(x, _evident(sample, _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))))
+
+
+def stored_like(x: Any, *models: Any) -> Any:
+    """`x` (your loss, z-loss or gradient) tagged as stored in the 16-bit format of the first
+    of `models` (your gradient, the logits) that shows one, by its dtype or its values' spread
+    sample, when `x` shows none of its own and every entry is a value of it: a loss typed or
+    `.item()`ed from a bf16 computation, or a gradient of a few saturated entries, whose values
+    cannot prove their format (`infer_stored` needs 2 or 3 distinct ones). Else `x` itself."""
+    if not _untagged(x) or x.dtype.itemsize <= 2 or not np.isfinite(x).any():
+        return x  # (inf or NaN alone: a value of every format, evidence of none)
+    for model in models:
+        fmt = _format_of(model)
+        if fmt is not None:
+            return _tagged(x, [fmt] if fmt in ("bf16", "f16") else [])
+    return x
+
+
+def _untagged(x: Any) -> bool:
+    return (isinstance(x, np.ndarray) and x.dtype.kind == "f" and not x.dtype.metadata
+            and x.size > 0)
+
+
+def _evident(sample: np.ndarray, formats: list[str]) -> list[str]:
+    """The formats with their EVIDENCE in `sample`."""
+    return [f for f in formats if len(_evidence(sample, f, FORMATS[f][1])) >= FORMATS[f][1]]
+
+
+def _tagged(x: np.ndarray, left: list[str]) -> Any:
+    """`x` tagged with the first of the formats `left` that holds every entry (read in steps of
+    CHUNK entries), or `x` itself."""
     flat = x.reshape(-1)
-    sample = _spread(flat)
-    left = _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))
-    left = [f for f in left if len(_evidence(sample, f, FORMATS[f][1])) >= FORMATS[f][1]]
     for start in range(0, flat.size, CHUNK):
         if not left:
             return x
@@ -63,20 +92,22 @@ def infer_stored(x: Any) -> Any:
     return x.view(np.dtype(x.dtype, metadata={STORED_KEY: left[0], INFERRED_KEY: True}))
 
 
-def stored_like(x: Any, logits: Any) -> Any:
-    """`x` (your loss or z-loss: often one value) tagged as stored in the logits' 16-bit format
-    when it shows no format of its own and every entry is a value of that one: a loss typed or
-    `.item()`ed from a bf16 or float16 computation, whose single value cannot prove its format
-    (`infer_stored` needs 2 or 3 distinct values). Else `x` itself."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.metadata or x.size == 0:
-        return x
-    dt = np.asarray(logits).dtype
-    fmt = "bf16" if dt.name == "bfloat16" else stored_precision(dt)
-    if fmt is None and dt == np.float16:
-        fmt = "f16"
-    if fmt not in FORMATS or x.dtype.itemsize <= 2 or not _holding(x, [fmt]):
-        return x
-    return x.view(np.dtype(x.dtype, metadata={STORED_KEY: fmt, INFERRED_KEY: True}))
+def _format_of(model: Any) -> str | None:
+    """The format `model` was stored in: a bfloat16 or float16 dtype, a tag, or (an untagged
+    wider float array) the narrowest its spread sample shows with evidence; None when it shows
+    none (not an array, or its own dtype's values)."""
+    if model is None:
+        return None
+    dt = np.asarray(model).dtype
+    if dt.name == "bfloat16" or stored_precision(dt) is not None:
+        return "bf16" if dt.name == "bfloat16" else stored_precision(dt)
+    if dt == np.float16:
+        return "f16"
+    if not _untagged(model):
+        return None
+    sample = _spread(np.asarray(model).reshape(-1))
+    left = _evident(sample, _holding(sample, list(NARROWER.get(dt.itemsize, ()))))
+    return left[0] if left else None
 
 
 def _spread(flat: np.ndarray) -> np.ndarray:
@@ -126,14 +157,16 @@ def _holding(values: np.ndarray, formats: list[str]) -> list[str]:
 
 
 def _evidence(values: np.ndarray, f: str, most: int) -> list[float]:
-    """Up to `most` distinct entries whose significand needs more than half of format f's bits,
-    integers left out (a count, or a loss of exactly |z|, is any format's value by nature)."""
+    """Up to `most` distinct magnitudes of entries whose significand needs more than half of
+    format f's bits, integers left out (a count, or a loss of exactly |z|, is any format's value
+    by nature)."""
     half = FORMATS[f][0] // 2
     v = np.asarray(values, dtype=np.float64)
     with np.errstate(all="ignore"):
         m, e = np.frexp(v)
         short = np.ldexp(np.round(np.ldexp(m, half)), e - half)
-        telling = v[np.isfinite(v) & (short != v) & (np.round(v) != v)]
+        # by magnitude: v and -v share their significand, one coincidence
+        telling = np.abs(v[np.isfinite(v) & (short != v) & (np.round(v) != v)])
     distinct = np.unique(telling[:64 * most])  # most often enough; else the whole part
     if distinct.size < most:
         distinct = np.unique(telling)

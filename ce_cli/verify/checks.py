@@ -90,7 +90,8 @@ def check_grad(
     logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
     grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
-    loss, z_loss_value = stored_like(loss, z), stored_like(z_loss_value, z)
+    grad = stored_like(grad, z)
+    loss, z_loss_value = stored_like(loss, grad, z), stored_like(z_loss_value, grad, z)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = opts.semantics(_array_or_none(sample_weight), vocab_offset=opts.vocab_offset,
@@ -205,7 +206,8 @@ def check_binary(
         api_array, (logits, labels, weight, pos_weight, sample_weight))
     grad, loss = map(compared_array, (grad, loss))
     z, y = np.asarray(logits), np.asarray(labels)
-    loss = stored_like(loss, z)
+    grad = stored_like(grad, z)
+    loss = stored_like(loss, grad, z)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src,
