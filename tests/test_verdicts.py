@@ -285,6 +285,16 @@ def test_every_entry_wrong_is_not_isolated():
     assert [d.code for d in report.diagnosis] == ["isolated"]
 
 
+def test_dense_soft_targets_are_not_target_only():
+    """Probability targets with no zero: every entry is a target entry, so "errors only at the
+    target entries" says nothing (a softmax twice too large, every entry wrong)."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((16, 8))
+    t = softmax(rng.standard_normal((16, 8)))
+    report = ce_cli.check_grad(z, t, grad=(2 * softmax(z) - t) / 16, fd="off")
+    assert not report.ok and "target_only" not in [d.code for d in report.diagnosis]
+
+
 def test_float16_row_factor_among_subnormals_is_named():
     """PyTorch's float16 backward of label smoothing over a large batch: eps/(C N) = 2.4e-8
     rounds to 0, so every row's softmax terms come back times 1 - eps. Most entries are float16

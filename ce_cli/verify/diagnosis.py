@@ -153,6 +153,8 @@ def _target_only(problem, s: _Sample, tol) -> Diagnosis | None:
     target = s.q != 0
     if not bad.any() or (bad & ~target).any() or problem.smoothing:
         return None
+    if target[bad.any(axis=1)].all():  # dense (soft) targets: no other entry to match
+        return None
     scale = problem.grad_scale
     k = np.median(s.d[bad] / (s.q[bad] * scale))
     what = "missing" if abs(k - 1) < 0.05 else ("applied twice" if abs(k + 1) < 0.05 else "wrong")
