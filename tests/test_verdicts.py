@@ -120,6 +120,27 @@ def test_flush_to_zero_fails_when_strict():
     assert not ce_cli.check_grad(z, y, grad=g, fd="off", strict_subnormals=True).ok
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_sum_with_a_flushed_path_passes(dtype):
+    """XLA's float32 backward of CE + z-loss sums two paths per entry (a/D and 2 zeta lse a/D);
+    flush-to-zero may zero the smaller alone, leaving a normal result short by up to the
+    smallest normal (JAX 0.10: 2.4e-38 came back as 1.73e-38). Short by more fails; float64's
+    own flushes (1e-308) are not looked for."""
+    z = np.array([[0.0, -85.4], [0.0, -82.0], [1.0, 2.0]], np.float32)
+    y = np.array([0, 0, 1])
+    a = softmax(z.astype(np.float64))
+    a[np.arange(3), y] -= 1.0
+    g = (a / 3).astype(dtype)
+    assert 1.2e-38 < g[0, 1] < 1.2e-37 < g[1, 1]
+    short = g.copy()
+    short[0, 1] *= 0.73  # short by 0.27 * 2.7e-38 = 7.3e-39
+    report = ce_cli.check_grad(z, y, grad=short, fd="off")
+    assert report.ok == (dtype == np.float32)
+    assert not ce_cli.check_grad(z, y, grad=short, fd="off", strict_subnormals=True).ok
+    short[1, 1] *= 0.73  # short by 2.2e-37: a flushed path is never that large
+    assert not ce_cli.check_grad(z, y, grad=short, fd="off").ok
+
+
 def test_a_flushed_normal_value_still_fails():
     z, y, g, _n = _flushed()
     big = np.abs(g) > 1e-3

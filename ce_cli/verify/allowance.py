@@ -32,7 +32,9 @@ normal as 0. An entry whose reference is below it and whose value is exactly 0 p
 entry) that a weight, the z-loss's 1 + 2 zeta lse and the gradient scale multiply afterwards
 (T5X's backward: w (1 + 2 zeta lse) e / sum(e) - q): the threshold is the smallest normal times
 `flush_factor`, the largest such product. A subnormal value is held to the entry-wise rule: it
-was not flushed, and float16 gradients are mostly subnormal at ordinary sizes.
+was not flushed, and float16 gradients are mostly subnormal at ordinary sizes. A sum of
+autodiff paths (the softmax term's and the z-loss's) one or both of whose float32 values were
+flushed is short by at most twice float32's smallest normal times `flush_factor` (`partial`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class RowAllowance:
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
         self.peak = reduction_floor(tol, n_classes, 1.0)  # |1 - sum_c a_c| (the row max's path)
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
+        # a sum of two paths (the softmax term's and the z-loss's, as autodiff forms them) of
+        # which float32 flush-to-zero (XLA on the CPU; 16-bit values are computed in float32)
+        # zeroed one or both: short by up to twice float32's smallest normal, times what
+        # multiplies it after (float64's, 1e-308, are left to the rule above)
+        ftz = 0.0 if strict_subnormals or tol.coarse == "f64" else NORMAL_MIN["f32"]
+        self.partial = 2.0 * ftz * max(1.0, flush_factor)
+        # entries whose correct value may be that short beyond the entry-wise rule's reach
+        self.partial_reach = self.partial / tol.rtol if tol.rtol > 0 else np.inf
         self.precision = tol.coarse
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
         # storage coarser than the computing precision (f32 stored as bf16): its rounding
@@ -108,7 +118,7 @@ class RowAllowance:
         every = bool(finite.all())  # the common case: no masked copies
         if not every:
             d = np.where(finite, d, 0.0)
-        flushed = finite & self.flushed_entries(ref, g)
+        flushed = finite & self.flushed_entries(ref, g, allowed)
         fit = _Fit(row)
         # flushed: a correctly rounded result would not be 0 there
         fit.flushed = int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
@@ -151,11 +161,19 @@ class RowAllowance:
         """Whether refining a failing row of yours, `got`, can change its errors or counts:
         always with a softmax's row factors, else only through entries flushed to zero (a row
         with no 0 keeps its entry-wise errors: `refine` would recompute them to the bit)."""
-        return self.target_weights is not None or bool(self.normal_min and not np.all(got))
+        return self.target_weights is not None or bool(
+            self.normal_min and np.any(np.abs(got) <= self.partial_reach))
 
-    def flushed_entries(self, ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-        """Where `got` is a correct result below the smallest normal number returned as 0."""
-        return (np.abs(ref) < self.normal_min) & (np.asarray(got) == 0)
+    def flushed_entries(self, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Where `got` is a correct result below the smallest normal number returned as 0, or a
+        sum one or both of whose paths were (`partial`), beyond its `allowed` error."""
+        got = np.asarray(got)
+        flushed = (np.abs(ref) < self.normal_min) & (got == 0)
+        if self.partial:
+            with np.errstate(invalid="ignore", over="ignore"):
+                short = np.abs(got - ref)
+            flushed |= (short <= self.partial) & (short > allowed)
+        return flushed
 
     def flushed_note(self, count: int) -> str:
         return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "

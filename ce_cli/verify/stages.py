@@ -470,7 +470,7 @@ class SampledFDStage(Stage):
                 allowed = allowed + user.factor_bound(problem) * np.abs(reference + q_entry)
             got = np.asarray(user.rows[rows, cols])
             rule = user.allowance(problem)  # grad_vs_reference's flush rule, entry by entry
-            flushed = rule.flushed_entries(reference, got)
+            flushed = rule.flushed_entries(reference, got, allowed)
             if flushed.any():
                 allowed = np.where(flushed, np.inf, allowed)
                 cmp.note = f"{note}; {rule.flushed_note(int(flushed.sum()))}"
