@@ -90,8 +90,7 @@ def check_grad(
     logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
     grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
-    grad = stored_like(grad, z)
-    loss, z_loss_value = stored_like(loss, grad, z), stored_like(z_loss_value, grad, z)
+    grad, loss, z_loss_value = _formats_shown(z, grad, loss, z_loss_value)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = opts.semantics(_array_or_none(sample_weight), vocab_offset=opts.vocab_offset,
@@ -113,6 +112,13 @@ def check_grad(
     compared_lse = lse if opts.vocab_offset is None else None
     return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
                   opts, run)
+
+
+def _formats_shown(z: np.ndarray, grad: Any, *values: Any) -> tuple:
+    """Your gradient, then `values` (loss, z-loss), each with the 16-bit format the gradient or
+    the logits show where its own values show none (`stored_like`)."""
+    grad = stored_like(grad, z)
+    return (grad, *(stored_like(v, grad, z) for v in values))
 
 
 def _refuse_or_note(problem, opts: CheckOptions, warnings: list[str]) -> None:
@@ -206,8 +212,7 @@ def check_binary(
         api_array, (logits, labels, weight, pos_weight, sample_weight))
     grad, loss = map(compared_array, (grad, loss))
     z, y = np.asarray(logits), np.asarray(labels)
-    grad = stored_like(grad, z)
-    loss = stored_like(loss, grad, z)
+    grad, loss = _formats_shown(z, grad, loss)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src,
