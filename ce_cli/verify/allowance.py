@@ -159,8 +159,9 @@ class RowAllowance:
 
     def may_change(self, got: np.ndarray) -> bool:
         """Whether refining a failing row of yours, `got`, can change its errors or counts:
-        always with a softmax's row factors, else only through entries flushed to zero (a row
-        with no 0 keeps its entry-wise errors: `refine` would recompute them to the bit)."""
+        always with a softmax's row factors, else only through entries flushed (a row with no
+        entry within `partial_reach` of 0 keeps its entry-wise errors: `refine` would recompute
+        them to the bit)."""
         return self.target_weights is not None or bool(
             self.normal_min and np.any(np.abs(got) <= self.partial_reach))
 
