@@ -47,6 +47,21 @@ def test_z_loss_left_out_of_the_gradient_is_named(kernel):
     assert report.options["kernel"] == kernel
 
 
+def test_z_loss_left_out_beyond_the_bound_is_named(kernel):
+    """The same omission at the default bound (float32 at C = 1,000: 6e-5, the factor ~2e-3):
+    the rows fail with a factor over it, and the factor still tracks lse row by row."""
+    z, y, _good, without = _grads()
+    report = ce_cli.check_grad(z, y, grad=without.astype(np.float32), z_loss=ZETA, fd="off")
+    check = _normaliser(report)
+    assert not report.ok and not check.ok and "z-loss left out of your gradient" in check.note
+    assert check.mismatches == N  # every row fails once, not once more for the signature
+    soft = without.copy()
+    soft[np.arange(N), y] += 1.0 / N  # a / N
+    other = without + 2e-3 * soft  # every row's normaliser off by one factor: not a z-loss
+    assert "z-loss" not in _normaliser(ce_cli.check_grad(
+        z, y, grad=other.astype(np.float32), z_loss=ZETA, fd="off")).note
+
+
 def test_rounding_factors_of_either_sign_pass(kernel):
     """Each row's softmax term off by its own factor, |f| <= 5e-4 of either sign (PyTorch's
     largest at 256,000 classes): the allowance passes them, nothing is named."""

@@ -105,7 +105,8 @@ class RowAllowance:
         self.rows_over = 0
         self.max_factor = 0.0
         self.worst_row: int | None = None
-        self.largest: list[tuple[int, float]] = []  # (row, softmax factor): the TOP_ROWS largest
+        # (row, softmax factor, rescued): the TOP_ROWS largest, applied or over the bound
+        self.largest: list[tuple[int, float, bool]] = []
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
                ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,7 +156,9 @@ class RowAllowance:
         for factor in fit.factors:
             self._record(fit.row, factor)
         if fit.rescued and fit.soft:
-            self._keep(fit.row, fit.soft)
+            self._keep(fit.row, fit.soft, True)
+        elif fit.over and not fit.rescued and fit.soft_over:
+            self._keep(fit.row, fit.soft_over, False)
 
     def may_change(self, got: np.ndarray) -> bool:
         """Whether refining a failing row of yours, `got`, can change its errors or counts:
@@ -235,6 +238,8 @@ class RowAllowance:
             found = True
             if abs(factor) > self.bound:  # not applied: reported only if the row then fails
                 fit.over, fit.over_factor = True, max(fit.over_factor, abs(factor))
+                if term is soft:
+                    fit.soft_over = factor
             else:
                 if error is None:  # a median's uncertainty, needed only for a factor applied
                     error = self._fit_error(term, pick)
@@ -256,9 +261,10 @@ class RowAllowance:
             log_a = float(np.median(-np.log(np.maximum(share, 1e-300))))
         return self.noise * (1.0 + log_a)
 
-    def _keep(self, row: int, factor: float) -> None:
-        """Keep (row, factor) among the TOP_ROWS largest softmax factors applied."""
-        self.largest.append((row, factor))
+    def _keep(self, row: int, factor: float, rescued: bool) -> None:
+        """Keep (row, factor, rescued) among the TOP_ROWS largest softmax factors, applied
+        (the row rescued) or over the bound (it fails): a z-loss left out gives either."""
+        self.largest.append((row, factor, rescued))
         self.largest.sort(key=lambda rf: -abs(rf[1]))
         del self.largest[TOP_ROWS:]
 
@@ -271,13 +277,13 @@ class RowAllowance:
 class _Fit:
     """What refining one row finds: entries flushed to zero, whether a factor was fitted, the
     row passes, only with its arg-max's allowance (`peak`), or fails with a factor over the
-    bound (`over`); the factors to record, in order, the softmax factor applied (0: none) and
-    the row's softmax term Q a * scale."""
+    bound (`over`); the factors to record, in order, the softmax factor applied (0: none) or
+    found over the bound (`soft_over`) and the row's softmax term Q a * scale."""
 
     def __init__(self, row: int) -> None:
         self.row, self.flushed = row, 0
         self.fitted = self.rescued = self.peak = self.over = self.significant = False
-        self.over_factor = self.soft = 0.0
+        self.over_factor = self.soft = self.soft_over = 0.0
         self.factors: list[float] = []
         self.soft_term = np.zeros(0)
 

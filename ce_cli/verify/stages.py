@@ -136,7 +136,7 @@ class GradStage(Stage):
             out.append((1, CheckResult(
                 name="normaliser", ok=a.rows_over == 0 and not missing, expected_label="bound",
                 got_label="row factor", max_abs_err=a.max_factor, max_rel_err=a.max_factor,
-                mismatches=a.rows_over + (len(a.largest) if missing else 0),
+                mismatches=a.rows_over + (sum(r for *_, r in a.largest) if missing else 0),
                 total=a.rows_fitted, worst=(),
                 rule=(f"row factor <= {a.bound:.2g}, a {a.precision} sum of "
                       f"{a.n_classes:,} terms"),
@@ -145,7 +145,7 @@ class GradStage(Stage):
         return out
 
 
-def missing_z_loss(problem, largest: list[tuple[int, float]]) -> str:
+def missing_z_loss(problem, largest: list[tuple[int, float, bool]]) -> str:
     """A note when the rows' largest softmax factors are a z-loss left out of your gradient:
     it scales row n's softmax term Qe a by Q/Qe, a factor -2 zeta lse_n / Qe_n (Qe = Q +
     2 zeta lse) that can lie within the normaliser bound (float32 above ~42k classes at zeta
@@ -154,15 +154,15 @@ def missing_z_loss(problem, largest: list[tuple[int, float]]) -> str:
     zeta = getattr(getattr(problem, "sem", None), "z_loss", 0.0)
     if not zeta or len(largest) < 3:
         return ""
-    rows = np.array(sorted(r for r, _f in largest))
+    rows = np.array(sorted(r for r, *_ in largest))
     ev = problem.evaluate_rows(np.asarray(problem.z[rows]), rows, grad=False)
     s = problem.sem.row_weight(rows)
     with np.errstate(divide="ignore", invalid="ignore"):
         qe = np.asarray(ev.total_weight, dtype=np.float64) / s
         expected = dict(zip(rows.tolist(), (-2.0 * zeta * np.asarray(ev.lse) / qe).tolist()))
-    if not all(abs(f - expected[r]) <= 0.25 * abs(expected[r]) for r, f in largest):
+    if not all(abs(f - expected[r]) <= 0.25 * abs(expected[r]) for r, f, _ in largest):
         return ""
-    r, f = largest[0]
+    r, f, _ = largest[0]
     return (f"the rows' factors are those of the z-loss left out of your gradient: row "
             f"{problem.layout.batch_index(r)} off by {f:.3g}, -2*z_loss*lse/(Q + 2*z_loss*lse) "
             f"= {expected[r]:.3g} there ({len(largest)} rows checked, each within 25%)")
