@@ -48,10 +48,7 @@ NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 def infer_stored(x: Any) -> Any:
     """`x` viewed with its dtype tagged as stored in the narrowest format that holds every
     entry (with the evidence above), or `x` itself (not a float array, already tagged, none)."""
-    if not _untagged(x):
-        return x
-    sample = _spread(x.reshape(-1))
-    return _tagged(x, _evident(sample, _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))))
+    return _tagged(x, _shown(x)) if _untagged(x) else x
 
 
 def stored_like(x: Any, *models: Any) -> Any:
@@ -74,9 +71,12 @@ def _untagged(x: Any) -> bool:
             and x.size > 0)
 
 
-def _evident(sample: np.ndarray, formats: list[str]) -> list[str]:
-    """The formats with their EVIDENCE in `sample`."""
-    return [f for f in formats if len(_evidence(sample, f, FORMATS[f][1])) >= FORMATS[f][1]]
+def _shown(x: np.ndarray) -> list[str]:
+    """The narrower formats that hold the spread sample of `x`, with their EVIDENCE in it,
+    narrowest first."""
+    sample = _spread(x.reshape(-1))
+    held = _holding(sample, list(NARROWER.get(x.dtype.itemsize, ())))
+    return [f for f in held if len(_evidence(sample, f, FORMATS[f][1])) >= FORMATS[f][1]]
 
 
 def _tagged(x: np.ndarray, left: list[str]) -> Any:
@@ -99,14 +99,11 @@ def _format_of(model: Any) -> str | None:
     if model is None:
         return None
     dt = np.asarray(model).dtype
-    if dt.name == "bfloat16" or stored_precision(dt) is not None:
-        return "bf16" if dt.name == "bfloat16" else stored_precision(dt)
-    if dt == np.float16:
-        return "f16"
-    if not _untagged(model):
-        return None
-    sample = _spread(np.asarray(model).reshape(-1))
-    left = _evident(sample, _holding(sample, list(NARROWER.get(dt.itemsize, ()))))
+    if dt.name == "bfloat16" or dt == np.float16:
+        return "bf16" if dt.name == "bfloat16" else "f16"
+    if stored_precision(dt) is not None or not _untagged(model):
+        return stored_precision(dt)
+    left = _shown(model)
     return left[0] if left else None
 
 
