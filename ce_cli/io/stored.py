@@ -51,19 +51,24 @@ def infer_stored(x: Any) -> Any:
     return _tagged(x, _shown(x)) if _untagged(x) else x
 
 
-def stored_like(x: Any, *models: Any) -> Any:
-    """`x` (your loss, z-loss or gradient) tagged as stored in the 16-bit format of the first
-    of `models` (your gradient, the logits) that shows one, by its dtype or its values' spread
-    sample, when `x` shows none of its own and every entry is a value of it: a loss typed or
-    `.item()`ed from a bf16 computation, or a gradient of a few saturated entries, whose values
-    cannot prove their format (`infer_stored` needs 2 or 3 distinct ones). Else `x` itself."""
-    if not _untagged(x) or x.dtype.itemsize <= 2 or not np.isfinite(x).any():
-        return x  # (inf or NaN alone: a value of every format, evidence of none)
-    for model in models:
-        fmt = _format_of(model)
-        if fmt is not None:
-            return _tagged(x, [fmt] if fmt in ("bf16", "f16") else [])
-    return x
+def stored_alike(logits: Any, grad: Any, *values: Any) -> tuple:
+    """Your gradient, then `values` (loss, z-loss), each tagged as stored in a 16-bit format
+    where its own values show none and every entry is a value of that format: the one the
+    logits show (by dtype, tag, or their values' spread sample), for `values` the gradient's
+    own first. A loss typed or `.item()`ed from a bf16 computation, or a gradient of a few
+    saturated entries, cannot prove its format (`infer_stored` needs 2 or 3 distinct values)."""
+    shown = _format_of(logits)
+    grad = _tagged_16(grad, shown)
+    own = _dtype_format(np.asarray(grad).dtype) if isinstance(grad, np.ndarray) else None
+    return (grad, *(_tagged_16(v, own or shown) for v in values))
+
+
+def _tagged_16(x: Any, fmt: str | None) -> Any:
+    """`x` tagged with the 16-bit format `fmt` when untagged and every entry is of it."""
+    if (fmt not in ("bf16", "f16") or not _untagged(x) or x.dtype.itemsize <= 2
+            or not np.isfinite(x).any()):  # inf or NaN alone: of every format, evidence of none
+        return x
+    return _tagged(x, [fmt])
 
 
 def _untagged(x: Any) -> bool:
@@ -92,17 +97,22 @@ def _tagged(x: np.ndarray, left: list[str]) -> Any:
     return x.view(np.dtype(x.dtype, metadata={STORED_KEY: left[0], INFERRED_KEY: True}))
 
 
+def _dtype_format(dt: np.dtype) -> str | None:
+    """The format a dtype says it was stored in: bfloat16 or float16, or a tag."""
+    if dt.name == "bfloat16" or dt == np.float16:
+        return "bf16" if dt.name == "bfloat16" else "f16"
+    return stored_precision(dt)
+
+
 def _format_of(model: Any) -> str | None:
-    """The format `model` was stored in: a bfloat16 or float16 dtype, a tag, or (an untagged
-    wider float array) the narrowest its spread sample shows with evidence; None when it shows
+    """The format `model` was stored in: its dtype's (`_dtype_format`), or for an untagged
+    wider float array the narrowest its spread sample shows with evidence; None when it shows
     none (not an array, or its own dtype's values)."""
     if model is None:
         return None
-    dt = np.asarray(model).dtype
-    if dt.name == "bfloat16" or dt == np.float16:
-        return "bf16" if dt.name == "bfloat16" else "f16"
-    if stored_precision(dt) is not None or not _untagged(model):
-        return stored_precision(dt)
+    fmt = _dtype_format(np.asarray(model).dtype)
+    if fmt is not None or not _untagged(model):
+        return fmt
     left = _shown(model)
     return left[0] if left else None
 

@@ -180,8 +180,9 @@ class RowAllowance:
         return flushed
 
     def flushed_note(self, count: int) -> str:
+        part = "; a sum may lose a term that small" if self.partial else ""
         return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "
-                f"{self.precision} number)")
+                f"{self.precision} number{part})")
 
     def _peak_slack(self, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
                     d: np.ndarray, allowed: np.ndarray) -> bool:

@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array, compared_array
-from ce_cli.io.stored import stored_like, stored_notes
+from ce_cli.io.stored import stored_alike, stored_notes
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import SplitLse
 from ce_cli.models.softmax import build_softmax_ce
@@ -90,7 +90,7 @@ def check_grad(
     logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
     grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
     z, y = np.asarray(logits), np.asarray(labels)
-    grad, loss, z_loss_value = _formats_shown(z, grad, loss, z_loss_value)
+    grad, loss, z_loss_value = stored_alike(z, grad, loss, z_loss_value)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
     given = opts.semantics(_array_or_none(sample_weight), vocab_offset=opts.vocab_offset,
@@ -112,13 +112,6 @@ def check_grad(
     compared_lse = lse if opts.vocab_offset is None else None
     return verify(problem, warnings, Inputs(z, y, grad, loss, src, compared_lse, z_loss_value),
                   opts, run)
-
-
-def _formats_shown(z: np.ndarray, grad: Any, *values: Any) -> tuple:
-    """Your gradient, then `values` (loss, z-loss), each with the 16-bit format the gradient or
-    the logits show where its own values show none (`stored_like`)."""
-    grad = stored_like(grad, z)
-    return (grad, *(stored_like(v, grad, z) for v in values))
 
 
 def _refuse_or_note(problem, opts: CheckOptions, warnings: list[str]) -> None:
@@ -212,7 +205,7 @@ def check_binary(
         api_array, (logits, labels, weight, pos_weight, sample_weight))
     grad, loss = map(compared_array, (grad, loss))
     z, y = np.asarray(logits), np.asarray(labels)
-    grad, loss = _formats_shown(z, grad, loss)
+    grad, loss = stored_alike(z, grad, loss)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:
         return _check_two_class(z, y, weight, pos_weight, opts, src,
