@@ -33,6 +33,7 @@ typedef struct {
     double scale;             /* d(reduced loss)/d(loss_n) */
     double rtol, abs_tol;     /* tolerance: rtol * |ref| + abs_tol + floor */
     double floor_coef;        /* k * eps */
+    double lse_weight;        /* the softmax floor's |lse| term's weight (tolerance.py) */
     double *loss, *row_max, *log1p_s1;        /* (R,) outputs */
     double *ratio_max, *max_abs, *max_rel;    /* (R,) outputs when g is given */
     int64_t *mismatches, *nonfinite;          /* (R,) outputs when g is given */

@@ -659,7 +659,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
 
     /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:
      *   g = e * (Q scale / s) - (beta scale) w - [c = y] alpha scale
-     *   floor = ((1 + l1 + |lse|) - zs) e (k eps scale |Q| / s) + (k eps scale |beta|) |w|
+     *   floor = ((1 + l1 + lam |lse|) - zs) e (k eps scale |Q| / s) + (k eps scale |beta|) |w|
      *           + [c = y] k eps scale |alpha|
      * and at a confident row's arg-max (s1 <= 1) g = scale (rest - Q s1 / s).
      * ext (numpy_softmax._semantic_grad_z, _semantic_floor): every term times s scale S,
@@ -675,7 +675,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     const double k_b = beta * scale, k_a = alpha * scale;
     const double k_f = ext ? fscale * fabs(Qe) * ex : fscale * fabs(Q) / s;
     const double k_fb = fscale * fabs(beta);
-    const double k_fa = fscale * fabs(alpha), big_a = (1.0 + l1) + fabs(lse);
+    const double k_fa = fscale * fabs(alpha), big_a = (1.0 + l1) + a->lse_weight * fabs(lse);
     const double w_am = w ? w[am] : 1.0;
     const double rest_q = qrow ? Qe - T(load_row)(qrow, q32, am, 1)[0]
                                : (am != y ? alpha : 0.0) + beta * (a->w_sum - w_am);

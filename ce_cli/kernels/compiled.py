@@ -41,6 +41,7 @@ class _Args(ctypes.Structure):
         ("alpha", _P), ("beta", _P), ("ys", _P), ("active", _P), ("w", _P),
         ("w_sum", ctypes.c_double), ("scale", ctypes.c_double), ("rtol", ctypes.c_double),
         ("abs_tol", ctypes.c_double), ("floor_coef", ctypes.c_double),
+        ("lse_weight", ctypes.c_double),
         ("loss", _P), ("row_max", _P), ("log1p_s1", _P),
         ("ratio_max", _P), ("max_abs", _P), ("max_rel", _P), ("mismatches", _P), ("nonfinite", _P),
         ("out_ref", _P), ("out_floor", _P), ("out_tol", _P), ("out_ratio", _P), ("work", _P),
@@ -251,12 +252,15 @@ def _outputs(R: int, C: int, per_row: tuple[str, ...], grad: bool, floor: bool,
     return out
 
 
-def _tolerance(cmp: RowStats | None, floor_coef: float | None) -> tuple[float | None, dict]:
-    """floor_coef (the comparison's when comparing) and the rtol/abs_tol arguments."""
+def _tolerance(cmp: RowStats | None, floor_coef: float | None,
+               lse_weight: float = 1.0) -> tuple[float | None, dict]:
+    """floor_coef (the comparison's when comparing) and the rtol, abs_tol and lse_weight
+    arguments."""
     if cmp is None or cmp.tol is None:
-        return floor_coef, {"rtol": 0.0, "abs_tol": 0.0}
+        return floor_coef, {"rtol": 0.0, "abs_tol": 0.0, "lse_weight": lse_weight}
     tol = cmp.tol
-    return tol.floor_coef, {"rtol": tol.rtol, "abs_tol": tol.atol + cmp.extra_atol + tol.tiny}
+    return tol.floor_coef, {"rtol": tol.rtol, "abs_tol": tol.atol + cmp.extra_atol + tol.tiny,
+                            "lse_weight": tol.lse_weight}
 
 
 class _Kernel:
@@ -363,7 +367,8 @@ class FusedKernel(_Kernel):
     def evaluate(self, z_rows, rows: np.ndarray, *, grad: bool = False,
                  floor_coef: float | None = None, cmp: RowStats | None = None,
                  g_rows=None, stream: bool = False, picks: np.ndarray | None = None,
-                 perturb: tuple[np.ndarray, np.ndarray] | None = None) -> ChunkEval | None:
+                 perturb: tuple[np.ndarray, np.ndarray] | None = None,
+                 lse_weight: float = 1.0) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
         +inf or only -inf: the numpy kernel, which reports those, takes the rows. The (R, C)
@@ -374,7 +379,7 @@ class FusedKernel(_Kernel):
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
         want_floor = floor_coef is not None  # the comparison alone needs no floor written
-        floor_coef, params = _tolerance(cmp, floor_coef)
+        floor_coef, params = _tolerance(cmp, floor_coef, lse_weight)
         params.update(self._targets(rows), floor_coef=floor_coef or 0.0)
         if self.sem is not None:
             params.update(self._semantics(rows))

@@ -42,9 +42,11 @@ class _Rows:
 
 
 def softmax_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
-                 floor_coef: float | None = None, perturb: Any = None) -> ChunkEval:
+                 floor_coef: float | None = None, perturb: Any = None,
+                 lse_weight: float = 1.0) -> ChunkEval:
     """Loss, gradient and (given `floor_coef` = k*eps) the error floor of rows `rows` of `model`
-    (a SoftmaxCE) with logits `z_rows` (`perturb`: see `float64_rows`)."""
+    (a SoftmaxCE) with logits `z_rows`, its |lse| term weighted by `lse_weight` (`perturb`:
+    see `float64_rows`)."""
     with np.errstate(invalid="ignore"):  # 0 * -inf at masked logits, replaced where it occurs
         rs = _normalise(model, float64_rows(z_rows, perturb), rows)
         needs_mask = floor_coef is not None or model.smoothing or model.probs is not None
@@ -54,7 +56,7 @@ def softmax_rows(model: Any, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool
         Q, qz = _target_terms(model, rs, q, beta, ys, has_neginf)
         loss = np.where(model.valid[rows], Q * rs.l1 - qz, 0.0)
         floor = (None if floor_coef is None
-                 else _floor(model, rs, q, beta, ys, Q, floor_coef, has_neginf))
+                 else _floor(model, rs, q, beta, ys, Q, (floor_coef, lse_weight), has_neginf))
         g = _gradient(model, rs, q, beta, ys, Q, rows) if grad else None
     return ChunkEval(loss=loss, grad=g, floor=floor, lse=rs.lse, total_weight=Q, row_max=rs.m,
                      log1p_s1=rs.l1)
@@ -110,11 +112,13 @@ def _target_terms(model: Any, rs: _Rows, q, beta, ys, has_neginf: bool):
     return alpha + beta * W, qz
 
 
-def _floor(model: Any, rs: _Rows, q, beta, ys, Q, floor_coef: float, has_neginf: bool) -> np.ndarray:
-    """k*eps*(Q*a*(1 + |log a| + |lse|) + |q|)*scale, with |log a| = l1 - zs."""
-    scale = model.grad_scale
+def _floor(model: Any, rs: _Rows, q, beta, ys, Q, coef: tuple[float, float],
+           has_neginf: bool) -> np.ndarray:
+    """k*eps*(Q*a*(1 + |log a| + lam*|lse|) + |q|)*scale, with |log a| = l1 - zs and
+    coef = (k*eps, lam)."""
+    scale, (floor_coef, lam) = model.grad_scale, coef
     # into z - m's buffer (read last in _target_terms): one fresh buffer fewer
-    floor = np.subtract((1.0 + rs.l1 + np.abs(rs.lse))[:, None], rs.zs, out=rs.zs)
+    floor = np.subtract((1.0 + rs.l1 + lam * np.abs(rs.lse))[:, None], rs.zs, out=rs.zs)
     if has_neginf:
         np.minimum(floor, 1e300, out=floor)
     floor *= rs.e
@@ -177,7 +181,8 @@ def transform(x: np.ndarray, scale: float, cap: float | None) -> tuple[np.ndarra
 
 
 def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
-                  floor_coef: float | None = None, perturb: Any = None) -> ChunkEval:
+                  floor_coef: float | None = None, perturb: Any = None,
+                  lse_weight: float = 1.0) -> ChunkEval:
     """`softmax_rows` with the terms of `model.sem` (models/softmax.py `Semantics`): on the
     transformed logits z = T(x), row n contributes
 
@@ -205,7 +210,7 @@ def semantic_rows(model: Any, x_rows: np.ndarray, rows: np.ndarray, *, grad: boo
             if model.nan_gradient:
                 g[t.valid] = np.nan
         floor = (None if floor_coef is None or g_z is None
-                 else _semantic_floor(model, rs, t, z, dz, g_z, floor_coef))
+                 else _semantic_floor(model, rs, t, z, dz, g_z, (floor_coef, lse_weight)))
     zabs = np.where(np.isfinite(z), np.abs(z), 0.0).max(axis=1) if z.size else np.zeros(len(rows))
     terms = np.stack([t.s, t.Q, t.qabs, t.qsum, zabs], axis=1)
     return ChunkEval(loss=loss, grad=g, floor=floor, lse=rs.m + t.l1, total_weight=t.s * t.Qe,
@@ -297,15 +302,15 @@ def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
 
 
 def _semantic_floor(model: Any, rs: _Rows, t: _SemanticTerms, z: np.ndarray, dz: Any,
-                    g_z: np.ndarray, coef: float) -> np.ndarray:
-    """k*eps*|s/D| * (|T'| (|Qe| a (1 + |log a| + |lse| + |z|) + |q|) + 2 S |Qe a - q|): the
+                    g_z: np.ndarray, coefs: tuple[float, float]) -> np.ndarray:
+    """k*eps*|s/D| * (|T'| (|Qe| a (1 + |log a| + lam*|lse| + |z|) + |q|) + 2 S |Qe a - q|): the
     normaliser, the z-loss's lse, the rounded transformed logits, and T' itself (1 - tanh^2
     formed from the framework's tanh: SOFTCAP_DERIV_ERR)."""
-    sem = model.sem
+    sem, (coef, lam) = model.sem, coefs
     lse = rs.m + t.l1
     a = rs.e * np.exp(-t.l1)[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
-        soft = a * (1.0 + (t.l1[:, None] - rs.zs) + np.abs(lse)[:, None] + np.abs(z))
+        soft = a * (1.0 + (t.l1[:, None] - rs.zs) + lam * np.abs(lse)[:, None] + np.abs(z))
         soft[a == 0] = 0.0
     soft *= np.abs(t.Qe)[:, None]
     if t.q is not None:

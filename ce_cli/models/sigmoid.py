@@ -198,11 +198,12 @@ class SigmoidBCE(RowMatrix):
         return pw[rows, cols if pw.shape[1] > 1 else 0]
 
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
-                      floor_coef: float | None = None) -> ChunkEval:
+                      floor_coef: float | None = None, lse_weight: float = 1.0) -> ChunkEval:
         """Rows `rows` with logits `z_rows` (possibly perturbed): through the compiled kernel
         when it serves them, else the numpy kernel (its reference). `grad=False` is a loss-only
         evaluation (loss, total_weight, row_terms): the compiled kernel then writes no
-        per-element losses (ChunkEval.per_element raises), which no loss-only caller reads."""
+        per-element losses (ChunkEval.per_element raises), which no loss-only caller reads.
+        (`lse_weight`: the softmax floor's; a sigmoid has no lse.)"""
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef)
             if ev is not None:

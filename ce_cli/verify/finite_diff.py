@@ -143,9 +143,10 @@ def elementwise(problem) -> bool:
     return hasattr(problem, "entry_losses")
 
 
-def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None = None) -> FDResult:
+def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None = None,
+               lse_weight: float = 1.0) -> FDResult:
     """Finite differences at the listed entries, with the analytic reference (and, given
-    `floor_coef`, the error floor) there. An elementwise loss evaluates the entries' own
+    `floor_coef` and `lse_weight`, the error floor) there. An elementwise loss evaluates the entries' own
     elements only (the reference and floor too); otherwise each distinct row is evaluated
     once (its gradient and floor at the entries only: `picks`), then twice per entry perturbed
     (`perturb`: the logits are not written to), block by block of rows (on the numpy kernel
@@ -161,8 +162,8 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     threads = numpy_threads(problem)
 
     def block(a: int):
-        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a, floor_coef,
-                         1 if threads > 1 else None)
+        return _fd_block(problem, rows, cols, uniq[a:a + per], inverse, a,
+                         (floor_coef, lse_weight), 1 if threads > 1 else None)
 
     skipped = 0
     calls = ((a,) for a in range(0, uniq.size, per))
@@ -185,7 +186,7 @@ def _fd_elements(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float 
 
 
 def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, inverse: np.ndarray,
-              a: int, floor_coef: float | None, threads: int | None):
+              a: int, coef: tuple[float | None, float], threads: int | None):
     """`fd_entries` on the entries of rows `block` (= unique rows a, a+1, ...): their positions
     in `rows`, (fd, bound, reference, floor) there, and the entries skipped."""
     z = np.asarray(problem.z[block])
@@ -194,7 +195,7 @@ def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, in
     slot = _slots(local)
     picks = np.full((block.size, int(slot.max()) + 1 if slot.size else 1), -1, dtype=np.int64)
     picks[local, slot] = c
-    ev = problem.evaluate_rows(z, block, floor_coef=floor_coef, picks=picks)
+    ev = problem.evaluate_rows(z, block, floor_coef=coef[0], lse_weight=coef[1], picks=picks)
     ana = required(ev.pick_grad, "gradient")[local, slot]
     floor = ev.pick_floor[local, slot] if ev.pick_floor is not None else np.zeros(sel.size)
     base = z[local]  # the entries' rows, in the logits' dtype

@@ -221,7 +221,8 @@ def _evaluate(problem, start: int, stop: int, fused, grad_stage: GradStage | Non
         if ev is not None:
             return Evaluated(Chunk(start, stop, ev))
     ev = problem.evaluate(start, stop, grad=True,
-                          floor_coef=user.tol.floor_coef if user is not None else None)
+                          floor_coef=user.tol.floor_coef if user is not None else None,
+                          lse_weight=user.tol.lse_weight if user is not None else 1.0)
     measured = None
     if grad_stage is not None and user is not None:
         measured = grad_stage.cmp.measure(required(ev.grad, "gradient"), user.rows[start:stop],

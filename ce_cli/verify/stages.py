@@ -421,7 +421,7 @@ class DirectionalStage(Stage):
         failing = [r for (r, _c), e in zip(positions, result.worst) if not e.ok][:max_rows]
         for row in failing:
             ev = problem.evaluate_rows(np.asarray(problem.z[row:row + 1]), np.array([row]),
-                                       floor_coef=tol.floor_coef)
+                                       floor_coef=tol.floor_coef, lse_weight=tol.lse_weight)
             got = np.asarray(self.user.rows[row], dtype=np.float64)
             allowed = (np.abs(required(ev.grad, "gradient")[0]) * tol.rtol + tol.atol + tol.tiny
                        + required(ev.floor, "floor")[0])
@@ -447,7 +447,8 @@ class SampledFDStage(Stage):
         problem, user = self.problem, self.user
         extra = self.grad_stage.cmp.positions() if self.grad_stage is not None else []
         rows, cols = sample_entries(problem, self.samples, self.seed, extra)
-        res = fd_entries(problem, rows, cols, user.tol.floor_coef if user is not None else None)
+        res = fd_entries(problem, rows, cols, user.tol.floor_coef if user is not None else None,
+                         user.tol.lse_weight if user is not None else 1.0)
         self.skipped, self.evaluations = res.skipped, res.evaluations
         reference = required(res.reference, "reference")
         fdv, bound = _settle_skipped(res.fd, res.bound, reference)

@@ -6,7 +6,8 @@ An entry passes when
 
 with `rtol = 2 * eps` and `atol = 0` by default, and a per-entry `floor` that the loss module
 computes from the error analysis of softmax cross-entropy in that precision (see the README,
-"Tolerance model"): roughly `k * eps * (Q * a * (1 + |log a| + |lse|) + q) / D + tiny`.
+"Tolerance model"): roughly `k * eps * (Q * a * (1 + |log a| + lam |lse|) + q) / D + tiny`, lam
+= `Tolerance.lse_weight`.
 `eps` is the machine epsilon of the precision the value was computed in (`--precision`; default
 the storage dtype's, or the one a widened input was stored in), which the floor scales; `rtol`
 takes the larger of it and the storage dtype's, whose final rounding it covers: a value computed
@@ -46,6 +47,10 @@ ALIASES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32"
            "single": "f32", "float64": "f64", "double": "f64"}
 DEFAULT_FLOOR_FACTOR = 4.0
 DEFAULT_RTOL_FACTOR = 2.0
+# the floor's |lse| term in a 16-bit computation: frameworks compute it in float32, and at most
+# round lse to 16 bits once (autograd through a 16-bit logsumexp): eps/2 |lse|, which k/4 = 1
+# (the default k) covers twice
+LSE_WEIGHT_16 = 0.25
 
 
 def precision_of_dtype(dtype: np.dtype) -> str:
@@ -82,6 +87,11 @@ class Tolerance:
     def floor_coef(self) -> float:
         """k * eps, the factor in front of the per-entry error floor."""
         return self.floor_factor * self.eps
+
+    @property
+    def lse_weight(self) -> float:
+        """The weight of the floor's |lse| term: `LSE_WEIGHT_16` computed in 16 bits, else 1."""
+        return LSE_WEIGHT_16 if self.precision in ("f16", "bf16") else 1.0
 
     @property
     def coarse(self) -> str:
