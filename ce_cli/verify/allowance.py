@@ -24,7 +24,7 @@ The row max: an implementation that differentiates through z - max(z) (no stop-g
 composed ops, MindSpore's `cross_entropy`, tinygrad before 0.10, autograd written from scratch)
 adds (1 - sum_c a_c) Q * scale at the row's arg-max, zero in exact arithmetic but its own sum's
 rounding in your precision (MindSpore float16: exactly 0, +-1/2 or -1 ulp of 1). A failing row's
-arg-max entries are allowed that much more: `reduction_floor` of a sum of C terms, times |Q scale|.
+arg-max entries are allowed that much more, times |Q scale|: `path_allowance`.
 
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
 normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
@@ -58,6 +58,13 @@ MEDIAN_SAMPLE = 256
 MEDIAN_WINDOW = 24
 
 
+def path_allowance(tol: Tolerance, n_classes: int) -> float:
+    """What the row max's path |1 - sum_c a_c| may be: the sum of C terms accumulated
+    (`reduction_floor`), plus k eps for the a_c rounded to your precision (eps/2 sum a) and the
+    sum rounded to it (eps/2 of 1)."""
+    return reduction_floor(tol, n_classes, 1.0) + tol.floor_coef
+
+
 def normaliser_bound(tol: Tolerance, n_classes: int, override: float | None = None) -> float:
     """The largest row factor a correct implementation in `tol`'s precision can have: a sum of
     C terms in the accumulating precision (float32 for 16-bit values, `EPS_ACCUMULATE`), plus
@@ -78,7 +85,7 @@ class RowAllowance:
         self.scale = scale
         self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
-        self.peak = reduction_floor(tol, n_classes, 1.0)  # |1 - sum_c a_c| (the row max's path)
+        self.peak = path_allowance(tol, n_classes)
         self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
         # a sum of two paths (the softmax term's and the z-loss's, as autodiff forms them) of
         # which float32 flush-to-zero (XLA on the CPU; 16-bit values are computed in float32)

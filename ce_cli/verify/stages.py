@@ -185,11 +185,20 @@ class LossStage(Stage):
     """Your loss against the reference: per sample for 'none', else the reduced scalar.
 
     A softmax loss that fails the rule is checked once more with the normaliser allowance:
-    lse off by a row factor f (at most the gradient's bound) moves loss_n by Q_n * f."""
+    lse off by a row factor f (at most the gradient's bound) moves loss_n by Q_n * f. One that
+    still fails is held to `computed` (tolerance.per_sample_16: the 16-bit precision your
+    gradient was computed in, when the loss's own precision was not declared): the per-sample
+    losses of a 16-bit computation reduced in float32 (JAX's bf16 losses times a float32 mask)
+    are no float32 computation. Each rounds lse - z_y's terms to 16 bits: optax's
+    (z - m) - log sum exp(z - m) is off by eps/2 (2 |loss_n| + 1 + H_n), H_n <= log C the row's
+    entropy, and a 16-bit lse by eps/2 |lse|: the floor at k/4 eps of that precision, plus
+    |loss_n| + Q_n log C."""
 
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
-                 total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False) -> None:
+                 total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
+                 computed: Tolerance | None = None) -> None:
         self.problem, self.loss, self.tol, self.loss_atol = problem, loss, tol, loss_atol
+        self.normaliser_rtol = normaliser_rtol
         # `kl`: yours is the KL divergence, the reference minus s_n H(q) per row
         self.entropy = problem.targets_entropy() if kl else None
         softmax = getattr(problem, "target_weights", None) is not None
@@ -202,6 +211,8 @@ class LossStage(Stage):
         shape = (problem.n_rows,) + (problem.per_sample_cols if each else ())
         self.per_sample = np.empty(shape) if each else None
         self.floor = np.empty(shape)
+        self.computed = computed if softmax else None
+        self.floor16 = np.empty(shape) if self.computed is not None else None
         # Q_n: what a normaliser factor multiplies
         self.weight = np.empty(problem.n_rows) if self.normaliser else None
 
@@ -211,20 +222,41 @@ class LossStage(Stage):
             self.per_sample[rows] = self.problem.per_sample(ev)
         floor = self.problem.loss_floor(ev, self.tol.floor_coef, np.arange(chunk.start, chunk.stop))
         self.floor[rows] = floor if floor.ndim == self.floor.ndim else floor.sum(axis=1)
+        if self.floor16 is not None and self.computed is not None:
+            c = self.computed.floor_coef
+            extra = np.abs(ev.loss) + np.abs(ev.total_weight) * math.log(self.problem.n_classes)
+            self.floor16[rows] = self.problem.loss_floor(ev, c, np.arange(chunk.start, chunk.stop)
+                                                         ) + c * extra
         if self.weight is not None:
             self.weight[rows] = np.abs(ev.total_weight)
 
     def finish(self) -> Ranked:
+        result = self._checked(self.tol, self.floor, self.normaliser)
+        if not result.ok and self.computed is not None and self.floor16 is not None:
+            tol = self.computed
+            wide = self._checked(tol, self.floor16, normaliser_bound(
+                tol, self.problem.n_classes, self.normaliser_rtol))
+            if wide.ok:
+                result = replace(wide, note=(
+                    f"passes as the per-sample losses of a {tol.precision} computation (your "
+                    f"gradient's) reduced in float32, each off by its {tol.precision} rounding; "
+                    f"`precision` {self.tol.precision} holds it to {self.tol.precision}'s rule"
+                    + (f"; {wide.note}" if wide.note else "")))
+        return [(2, result if result.ok else self._entropy_note(result))]
+
+    def _checked(self, tol: Tolerance, floor: np.ndarray, normaliser: float) -> CheckResult:
+        """The loss held to `tol` with the rows' floors `floor`, with the normaliser allowance
+        when only that passes."""
         weight, h = self.weight, self.entropy
         # the KL's H(q), formed in your precision, rounds at k eps |s_n H(q)| per row
-        floor = self.floor if h is None else self.floor + self.tol.floor_coef * np.abs(h)
+        floor = floor if h is None else floor + tol.floor_coef * np.abs(h)
 
         def compare(k: float) -> CheckResult:
-            return self._compare(floor + k * weight if k and weight is not None else floor, h)
+            return self._compare(floor + k * weight if k and weight is not None else floor, h,
+                                 tol=tol)
 
-        result = with_normaliser(compare, self.normaliser if weight is not None else 0.0,
-                                 self.tol, self.problem.n_classes)
-        return [(2, result if result.ok else self._entropy_note(result))]
+        return with_normaliser(compare, normaliser if weight is not None else 0.0, tol,
+                               self.problem.n_classes)
 
     def _entropy_note(self, result: CheckResult) -> CheckResult:
         """A failed loss that the other form passes - the cross-entropy minus the smoothed
@@ -246,11 +278,13 @@ class LossStage(Stage):
             f"{' per sample at most' if each else ''}): a KL divergence, as T5X and Flax report "
             "it (compare it with `kl_loss`); the gradient is the same"))
 
-    def _compare(self, row_floor: np.ndarray, shift: np.ndarray | None = None) -> CheckResult:
-        """Your loss against the reference (minus `shift` per row, when given)."""
-        problem = self.problem
+    def _compare(self, row_floor: np.ndarray, shift: np.ndarray | None = None,
+                 tol: Tolerance | None = None) -> CheckResult:
+        """Your loss against the reference (minus `shift` per row, when given), held to `tol`
+        (default: the loss's)."""
+        problem, tol = self.problem, tol or self.tol
         if problem.reduction == "none":
-            cmp = _comparison("loss_vs_reference", self.tol, problem.per_sample_index, self.worst,
+            cmp = _comparison("loss_vs_reference", tol, problem.per_sample_index, self.worst,
                               user=True, extra_atol=self.loss_atol, beyond_range=True)
             assert self.per_sample is not None  # kept for 'none'
             ref = self.per_sample if shift is None else self.per_sample - shift
@@ -259,8 +293,8 @@ class LossStage(Stage):
         total = problem.reduce(self.total.total() - (math.fsum(shift) if shift is not None else 0.0))
         # the reduction in your precision: over every per-sample loss (binary: every element)
         floor = (float(np.sum(row_floor)) * problem.grad_scale
-                 + reduction_floor(self.tol, math.prod(problem.per_sample_shape), total))
-        return reduced_check("loss_vs_reference", self.tol, total, floor, self.loss, self.loss_atol)
+                 + reduction_floor(tol, math.prod(problem.per_sample_shape), total))
+        return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
 
 
 def with_normaliser(compare: Callable[[float], CheckResult], normaliser: float, tol: Tolerance,

@@ -20,7 +20,7 @@ the storage dtype (storage flushes smaller entries).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -47,9 +47,9 @@ ALIASES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32"
            "single": "f32", "float64": "f64", "double": "f64"}
 DEFAULT_FLOOR_FACTOR = 4.0
 DEFAULT_RTOL_FACTOR = 2.0
-# the floor's |lse| term in a 16-bit computation: frameworks compute it in float32, and at most
-# round lse to 16 bits once (autograd through a 16-bit logsumexp): eps/2 |lse|, which k/4 = 1
-# (the default k) covers twice
+# a 16-bit computation (frameworks compute in float32 inside) rounds lse, and a per-sample loss
+# lse - z_y, to 16 bits at most once each: eps/2 of it, which k/4 = 1 (the default k) covers
+# twice. The weight of the floor's |lse| term, and of a per-sample loss's floor (`per_sample_16`)
 LSE_WEIGHT_16 = 0.25
 
 
@@ -119,8 +119,18 @@ def reduction_floor(tol: Tolerance, n: int, total: float) -> float:
     262,144 terms: 4.1 sqrt(n) units of 2^-24), in the accumulating precision
     (`EPS_ACCUMULATE` for 16-bit values)."""
     n = max(1, n)
-    units = max(tol.eps * math.log2(n + 1), min(tol.eps, EPS_ACCUMULATE) * math.sqrt(n))
+    acc = min(tol.eps, EPS_ACCUMULATE)
+    units = max(acc * math.log2(n + 1), acc * math.sqrt(n))
     return tol.floor_factor * units * abs(total)
+
+def per_sample_16(tol: Tolerance, fmt: str) -> Tolerance:
+    """The rule of a loss stored as `tol` that reduces (in float32 or wider) the per-sample
+    losses of a computation in the 16-bit `fmt`: each rounded to `fmt` once (k/4 eps of fmt:
+    LSE_WEIGHT_16), the reduction in float32 (`reduction_floor`), `tol`'s rtol for the stored
+    result."""
+    return replace(tol, precision=fmt, eps=PRECISIONS[fmt][0],
+                   floor_factor=tol.floor_factor * LSE_WEIGHT_16)
+
 
 def resolve_tolerance(
     stored: npt.DTypeLike,
