@@ -93,11 +93,13 @@ def _normalise(model: Any, zs: np.ndarray, rows: np.ndarray) -> _Rows:
 
 
 def _target_terms(model: Any, rs: _Rows, q, beta, ys, has_neginf: bool):
-    """Q = sum_c q_c and q . (z - m) of every row."""
+    """Q = sum_c q_c and q . (z - m) of every row, the dot products summed pairwise (einsum's
+    and BLAS's running sums erred by 6e-13 relative at C = 32,000, 3,000 ulps: the finite
+    differences' bound is a pairwise sum's)."""
     zs, w = rs.zs, model.weight
     if beta is None:  # probability targets: q is a dense (R, C) array
-        qz = np.where(q != 0, q * zs, 0.0).sum(axis=1) if has_neginf else np.einsum("ij,ij->i", q, zs)
-        return q.sum(axis=1), qz
+        qz = np.where(q != 0, q * zs, 0.0) if has_neginf else q * zs
+        return q.sum(axis=1), qz.sum(axis=1)
     alpha = q
     W = float(w.sum()) if w is not None else float(zs.shape[1])
     qz = np.where(alpha != 0, alpha * zs[np.arange(zs.shape[0]), ys], 0.0)
@@ -107,7 +109,7 @@ def _target_terms(model: Any, rs: _Rows, q, beta, ys, has_neginf: bool):
         elif has_neginf:
             sz = np.where(w != 0, zs * w, 0.0).sum(axis=1)
         else:
-            sz = zs @ w
+            sz = (zs * w).sum(axis=1)
         qz = qz + np.where(beta != 0, beta * sz, 0.0)
     return alpha + beta * W, qz
 
