@@ -37,7 +37,7 @@ def _check(arrays: dict, meta: dict, grad: np.ndarray, loss: bool = True):
 def test_fixtures_are_there():
     metas = [_case(p)[1] for p in CASES]
     assert {(m["call_tag"], m["dtype"]) for m in metas} == {
-        (c, d) for c in ("lse", "fused") for d in ("f16", "bf16")}
+        (c, d) for c in ("lse", "fused", "zloss") for d in ("f16", "bf16")}
     assert max(m["scale"] for m in metas) == 30.0 and max(m["C"] for m in metas) == 8192
 
 
@@ -55,7 +55,7 @@ def test_16_bit_gradients_pass(path):
     assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
 
 
-BUGGY = [p for p in CASES if "_lse_" in p.stem]
+BUGGY = [p for p in CASES if "_lse_" in p.stem or "_zloss_" in p.stem]
 
 
 @pytest.mark.parametrize("path", BUGGY, ids=lambda p: p.stem)

@@ -762,26 +762,29 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
             a->pick_fl[k] = fl[col - c0];                                     \
         }                                                                     \
     } while (0)
+    /* the floor's |z| term: transformed logits only (z = S x rounded); a z-loss or sample
+     * weights alone leave z = x */
+    const int zt = ext && (a->softcap != 0.0 || a->x_scale != 1.0);
     if (a->pick_cols) {
         if (cap) PICKS(2);
-        else if (ext) PICKS(1);
+        else if (zt) PICKS(1);
         else PICKS(0);
         return 0;
     }
     if (!gu || a->out_ref || a->out_floor || a->out_tol || a->out_ratio || k_b != 0.0
         || k_fb != 0.0) {
         if (cap) PASS3_ALL(2);
-        else if (ext) PASS3_ALL(1);
+        else if (zt) PASS3_ALL(1);
         else PASS3_ALL(0);
     } else if (cap) {
         PASS3_FAST_ALL(2);
-    } else if (ext) {
+    } else if (zt) {
         PASS3_FAST_ALL(1);
     } else {
         PASS3_FAST_ALL(0);
     }
     if (tail && cap) PASS3(body, LIVE(body), tail, 1, 2);
-    else if (tail && ext) PASS3(body, LIVE(body), tail, 1, 1);
+    else if (tail && zt) PASS3(body, LIVE(body), tail, 1, 1);
     else if (tail) PASS3(body, LIVE(body), tail, 1, 0);
     CE_COMPARE_END;
     return 0;

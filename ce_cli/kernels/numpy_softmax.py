@@ -306,13 +306,16 @@ def _semantic_grad_z(model: Any, rs: _Rows, t: _SemanticTerms) -> np.ndarray:
 def _semantic_floor(model: Any, rs: _Rows, t: _SemanticTerms, z: np.ndarray, dz: Any,
                     g_z: np.ndarray, coefs: tuple[float, float]) -> np.ndarray:
     """k*eps*|s/D| * (|T'| (|Qe| a (1 + |log a| + lam*|lse| + |z|) + |q|) + 2 S |Qe a - q|): the
-    normaliser, the z-loss's lse, the rounded transformed logits, and T' itself (1 - tanh^2
+    normaliser, the z-loss's lse, the rounded transformed logits (|z|: with a soft-cap or a
+    logit scale only; a z-loss or sample weights leave z = x), and T' itself (1 - tanh^2
     formed from the framework's tanh: SOFTCAP_DERIV_ERR)."""
     sem, (coef, lam) = model.sem, coefs
     lse = rs.m + t.l1
     a = rs.e * np.exp(-t.l1)[:, None]
+    transformed = sem.softcap is not None or sem.logit_scale != 1.0
     with np.errstate(invalid="ignore", over="ignore"):
-        soft = a * (1.0 + (t.l1[:, None] - rs.zs) + lam * np.abs(lse)[:, None] + np.abs(z))
+        soft = 1.0 + (t.l1[:, None] - rs.zs) + lam * np.abs(lse)[:, None]
+        soft = a * (soft + np.abs(z) if transformed else soft)
         soft[a == 0] = 0.0
     soft *= np.abs(t.Qe)[:, None]
     if t.q is not None:
