@@ -114,6 +114,8 @@ class RowAllowance:
         self.worst_row: int | None = None
         # (row, softmax factor, rescued): the TOP_ROWS largest, applied or over the bound
         self.largest: list[tuple[int, float, bool]] = []
+        # row -> (arg-max columns, what they were allowed more): rows passed with the path
+        self.paths: dict[int, tuple[np.ndarray, float]] = {}
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
                ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,7 +146,7 @@ class RowAllowance:
                 slack[:] = 0.0
             # the path lands on the arg-max: only a row that fails there alone may need it
             if 0 < np.count_nonzero(out > 1.0) <= MAX_PEAKS:
-                fit.peak = self._peak_slack(fit.soft_term, slack, finite, d, allowed)
+                fit.peak = self._peak_slack(row, fit.soft_term, slack, finite, d, allowed)
         out = _ratios(ratio, where, d, allowed, slack)
         fit.rescued = bool(out.max() <= 1.0)
         if fit.over and not fit.rescued:  # the factor over the bound is the row's failure
@@ -191,19 +193,31 @@ class RowAllowance:
         return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "
                 f"{self.precision} number{part})")
 
-    def _peak_slack(self, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
+    def _peak_slack(self, row: int, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
                     d: np.ndarray, allowed: np.ndarray) -> bool:
         """The row max's path at the arg-max entries of `soft` = Q a * scale (ties: each),
-        added to `slack` when that lets the row pass (then True: `rows_peak`)."""
+        added to `slack` when that lets the row pass (then True: `rows_peak`, and `paths`)."""
         top = float(np.max(np.abs(soft), initial=0.0))
         if not top:
             return False
         peak = np.abs(soft) == top
-        extra = np.where(peak, self.peak * abs(float(soft.sum())), 0.0)
+        amount = self.peak * abs(float(soft.sum()))
+        extra = np.where(peak, amount, 0.0)
         if not np.all(np.abs(d[finite]) <= (allowed + slack + extra)[finite]):
             return False
         slack += extra
+        self.paths[row] = (np.flatnonzero(peak), amount)
         return True
+
+    def path_slack(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """What entries (rows[k], cols[k]) were allowed more for the row max's path (0 where
+        their row passed without it, or they are not its arg-max)."""
+        out = np.zeros(len(rows))
+        for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+            at = self.paths.get(r)
+            if at is not None and c in at[0]:
+                out[k] = at[1]
+        return out
 
     def _entry_bounds(self, got: np.ndarray, ref: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """Each entry's error bound apart from the row factors, for coarse storage: the final

@@ -503,6 +503,8 @@ class SampledFDStage(Stage):
             if user.factor_bound(problem):
                 q_entry = problem.target_entries(rows, cols) * problem.grad_scale
                 allowed = allowed + user.factor_bound(problem) * np.abs(reference + q_entry)
+            if self.grad_stage is not None:  # the row max's path where your rows needed it
+                allowed = allowed + self.grad_stage.allowance.path_slack(rows, cols)
             got = np.asarray(user.rows[rows, cols])
             rule = user.allowance(problem)  # grad_vs_reference's flush rule, entry by entry
             flushed = rule.flushed_entries(reference, got, allowed)
