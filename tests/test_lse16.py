@@ -37,7 +37,7 @@ def _check(arrays: dict, meta: dict, grad: np.ndarray, loss: bool = True):
 def test_fixtures_are_there():
     metas = [_case(p)[1] for p in CASES]
     assert {(m["call_tag"], m["dtype"]) for m in metas} == {
-        (c, d) for c in ("lse", "fused", "zloss") for d in ("f16", "bf16")}
+        (c, d) for c in ("lse", "fused", "zloss", "mlse") for d in ("f16", "bf16")}
     assert max(m["scale"] for m in metas) == 30.0 and max(m["C"] for m in metas) == 8192
 
 
