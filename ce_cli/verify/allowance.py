@@ -39,6 +39,7 @@ flushed is short by at most twice float32's smallest normal times `flush_factor`
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 import numpy as np
@@ -114,8 +115,9 @@ class RowAllowance:
         self.worst_row: int | None = None
         # (row, softmax factor, rescued): the TOP_ROWS largest, applied or over the bound
         self.largest: list[tuple[int, float, bool]] = []
-        # row -> (arg-max columns, what they were allowed more): rows passed with the path
-        self.paths: dict[int, tuple[np.ndarray, float]] = {}
+        # the entries (row * C + column) a row passed with the path at, and what they were
+        # allowed more: 16 bytes an entry (a million rows may need it)
+        self.path_keys, self.path_amounts = array("q"), array("d")
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
                ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,18 +208,23 @@ class RowAllowance:
         if not np.all(np.abs(d[finite]) <= (allowed + slack + extra)[finite]):
             return False
         slack += extra
-        self.paths[row] = (np.flatnonzero(peak), amount)
+        cols = np.flatnonzero(peak)
+        self.path_keys.extend((row * self.n_classes + cols).tolist())
+        self.path_amounts.extend([amount] * cols.size)
         return True
 
     def path_slack(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """What entries (rows[k], cols[k]) were allowed more for the row max's path (0 where
         their row passed without it, or they are not its arg-max)."""
-        out = np.zeros(len(rows))
-        for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
-            at = self.paths.get(r)
-            if at is not None and c in at[0]:
-                out[k] = at[1]
-        return out
+        keys = np.frombuffer(self.path_keys, dtype=np.int64)
+        if not keys.size:
+            return np.zeros(len(rows))
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        want = np.asarray(rows, dtype=np.int64) * self.n_classes + np.asarray(cols, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+        amounts = np.frombuffer(self.path_amounts, dtype=np.float64)[order]
+        return np.where(keys[at] == want, amounts[at], 0.0)
 
     def _entry_bounds(self, got: np.ndarray, ref: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """Each entry's error bound apart from the row factors, for coarse storage: the final
