@@ -256,3 +256,22 @@ def test_loss_and_small_gradient_take_the_format_the_others_show():
     gs = as_float(to_bf16_bits((ps / 4).astype(np.float32))).astype(np.float32)
     assert tag(gs) is None and not ce_cli.check_grad(zs, ys, grad=gs).ok  # held to float32's
     assert ce_cli.check_grad(as_void(to_bf16_bits(zs)), ys, grad=gs).ok  # bf16 logits
+
+
+def test_bf16_values_in_float16_subnormal_range_take_float16_spacing_too():
+    """Values both formats hold with some below float16's smallest normal (a float16 gradient
+    of a mean over many elements: subnormals of few bits) are bfloat16's with float16's
+    subnormal spacing (`tiny`) and range; without such values the tag names bfloat16 alone."""
+    from ce_cli.io.bfloat16 import stored_also
+    from ce_cli.verify.tolerance import PRECISIONS, resolve_tolerance
+    rng = np.random.default_rng(3)
+    sub = (rng.integers(17, 200, 4000) * 2.0**-24).astype(np.float32)  # float16 subnormals
+    sub[::7] *= -1
+    t = infer_stored(sub)
+    assert tag(t) == "bf16" and stored_also(t.dtype) == "f16"
+    tol = resolve_tolerance(t.dtype)
+    assert tol.precision == "bf16" and tol.tiny == PRECISIONS["f16"][1] and tol.overflow == 65520.0
+    normal = sub * 2.0**12  # the same bits, all normal in float16
+    t = infer_stored(normal)
+    assert tag(t) == "bf16" and stored_also(t.dtype) is None
+    assert resolve_tolerance(t.dtype).tiny == PRECISIONS["bf16"][1]

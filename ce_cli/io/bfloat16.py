@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 STORED_KEY = "ce_check.stored_precision"
+ALSO_KEY = "ce_check.stored_also"  # a second format that holds every value (io/stored.py)
 BF16 = np.dtype(np.float32, metadata={STORED_KEY: "bf16"})
 
 
@@ -49,3 +50,9 @@ def stored_precision(dtype: np.dtype) -> str | None:
     """The precision an input was stored in before it was widened ('bf16'), or None."""
     meta = dtype.metadata
     return None if meta is None else meta.get(STORED_KEY)
+
+
+def stored_also(dtype: np.dtype) -> str | None:
+    """A second format whose values every entry is too ('f16' beside 'bf16'), or None."""
+    meta = dtype.metadata
+    return None if meta is None else meta.get(ALSO_KEY)

@@ -11,7 +11,10 @@ float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3; each count keeps a coincid
 2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
 float16's range) are taken as bfloat16's, the looser rule: a bf16 gradient of few distinct
 values (a small batch, saturated rows) keeps bf16's rule, not float16's or float32's, and a
-float16 one lands on bf16 values only by chance (2^-3 an entry). The evidence is looked for in a
+float16 one lands on bf16 values only by chance (2^-3 an entry). Below float16's smallest
+normal (2^-14) bfloat16's rule is the stricter: its values there are float16's subnormals
+(6e-8 apart) too, which a float16 gradient of a mean over many elements mostly is, so a tag of
+such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing. The evidence is looked for in a
 spread sample (the first SAMPLE entries and SPREAD blocks across the array: a computed array
 shows it at once); only then is every entry read, to see that the format holds them all. The
 narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.io.bfloat16 import STORED_KEY, stored_precision
+from ce_cli.io.bfloat16 import ALSO_KEY, STORED_KEY, stored_precision
 
 INFERRED_KEY = "ce_check.stored_inferred"
 # format: (significand bits, entries of evidence needed, smallest normal's exponent, largest)
@@ -43,6 +46,7 @@ CHUNK = 1 << 20        # entries per step of the full scan (no temporary of the 
 COMPARED_ROLES = frozenset({"grad", "loss", "lse", "z_loss_value", "grad_hidden", "grad_weight",
                             "grad_bias"})
 NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+F16_NORMAL_MIN = 2.0**-14
 
 
 def infer_stored(x: Any) -> Any:
@@ -58,17 +62,19 @@ def stored_alike(logits: Any, grad: Any, *values: Any) -> tuple:
     own first. A loss typed or `.item()`ed from a bf16 computation, or a gradient of a few
     saturated entries, cannot prove its format (`infer_stored` needs 2 or 3 distinct values)."""
     shown = _format_of(logits)
-    grad = _tagged_16(grad, shown)
+    grad = _tagged_16(grad, [shown])
     own = _dtype_format(np.asarray(grad).dtype) if isinstance(grad, np.ndarray) else None
-    return (grad, *(_tagged_16(v, own or shown) for v in values))
+    return (grad, *(_tagged_16(v, [own, shown]) for v in values))
 
 
-def _tagged_16(x: Any, fmt: str | None) -> Any:
-    """`x` tagged with the 16-bit format `fmt` when untagged and every entry is of it."""
-    if (fmt not in ("bf16", "f16") or not _untagged(x) or x.dtype.itemsize <= 2
+def _tagged_16(x: Any, formats: list[str | None]) -> Any:
+    """`x` tagged with the first 16-bit format of `formats` that holds every entry, when
+    untagged."""
+    left = [f for f in dict.fromkeys(formats) if f in ("bf16", "f16")]
+    if (not left or not _untagged(x) or x.dtype.itemsize <= 2
             or not np.isfinite(x).any()):  # inf or NaN alone: of every format, evidence of none
         return x
-    return _tagged(x, [fmt])
+    return _tagged(x, left)
 
 
 def _untagged(x: Any) -> bool:
@@ -86,15 +92,27 @@ def _shown(x: np.ndarray) -> list[str]:
 
 def _tagged(x: np.ndarray, left: list[str]) -> Any:
     """`x` tagged with the first of the formats `left` that holds every entry (read in steps of
-    CHUNK entries), or `x` itself."""
+    CHUNK entries), or `x` itself; bfloat16 held as float16 too says so (`ALSO_KEY`)."""
     flat = x.reshape(-1)
+    # float16 beside bfloat16 needs no evidence of its own: it only loosens the rule, where
+    # some entry lies in its subnormal range
+    held = left + ["f16"] if left and left[0] == "bf16" and "f16" not in left else left
+    sub16 = False
     for start in range(0, flat.size, CHUNK):
-        if not left:
+        if not any(f in left for f in held):
             return x
-        left = _holding(flat[start:start + CHUNK], left)
-    if not left:
+        part = flat[start:start + CHUNK]
+        held = _holding(part, held)
+        if not sub16 and "f16" in held:
+            a = np.abs(part)
+            sub16 = bool(np.any((a > 0) & (a < F16_NORMAL_MIN)))
+    fmt = next((f for f in held if f in left), None)
+    if fmt is None:
         return x
-    return x.view(np.dtype(x.dtype, metadata={STORED_KEY: left[0], INFERRED_KEY: True}))
+    meta = {STORED_KEY: fmt, INFERRED_KEY: True}
+    if fmt == "bf16" and "f16" in held and sub16:
+        meta[ALSO_KEY] = "f16"
+    return x.view(np.dtype(x.dtype, metadata=meta))
 
 
 def _dtype_format(dt: np.dtype) -> str | None:

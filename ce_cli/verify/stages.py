@@ -189,10 +189,11 @@ class LossStage(Stage):
     still fails is held to `computed` (tolerance.per_sample_16: the 16-bit precision your
     gradient was computed in, when the loss's own precision was not declared): the per-sample
     losses of a 16-bit computation reduced in float32 (JAX's bf16 losses times a float32 mask)
-    are no float32 computation. Each rounds lse - z_y's terms to 16 bits: optax's
+    are no float32 computation. Each rounds its terms to 16 bits: optax's softmax
     (z - m) - log sum exp(z - m) is off by eps/2 (2 |loss_n| + 1 + H_n), H_n <= log C the row's
-    entropy, and a 16-bit lse by eps/2 |lse|: the floor at k/4 eps of that precision, plus
-    |loss_n| + Q_n log C."""
+    entropy, a 16-bit lse by eps/2 |lse|, optax's sigmoid -y log p - (1 - y) log(1 - p) by
+    3/2 eps |l|: the floor at k/4 eps of that precision, plus |loss_n| + Q_n log C (softmax) or
+    |l| (an element). A sum of 16-bit losses may overflow the 16-bit range there too."""
 
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
                  total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
@@ -211,8 +212,8 @@ class LossStage(Stage):
         shape = (problem.n_rows,) + (problem.per_sample_cols if each else ())
         self.per_sample = np.empty(shape) if each else None
         self.floor = np.empty(shape)
-        self.computed = computed if softmax else None
-        self.floor16 = np.empty(shape) if self.computed is not None else None
+        self.computed, self.softmax = computed, softmax
+        self.floor16 = np.empty(shape) if computed is not None else None
         # Q_n: what a normaliser factor multiplies
         self.weight = np.empty(problem.n_rows) if self.normaliser else None
 
@@ -223,19 +224,27 @@ class LossStage(Stage):
         floor = self.problem.loss_floor(ev, self.tol.floor_coef, np.arange(chunk.start, chunk.stop))
         self.floor[rows] = floor if floor.ndim == self.floor.ndim else floor.sum(axis=1)
         if self.floor16 is not None and self.computed is not None:
-            c = self.computed.floor_coef
-            extra = np.abs(ev.loss) + np.abs(ev.total_weight) * math.log(self.problem.n_classes)
-            self.floor16[rows] = self.problem.loss_floor(ev, c, np.arange(chunk.start, chunk.stop)
-                                                         ) + c * extra
+            floor = self._floor16(ev, self.computed.floor_coef,
+                                  np.arange(chunk.start, chunk.stop))
+            self.floor16[rows] = floor if floor.ndim == self.floor16.ndim else floor.sum(axis=1)
         if self.weight is not None:
             self.weight[rows] = np.abs(ev.total_weight)
+
+    def _floor16(self, ev: ChunkEval, c: float, rows: np.ndarray) -> np.ndarray:
+        """The rows' floors of `computed` (k/4 eps of its precision: c): the loss's floor plus
+        c |loss_n| + c Q_n log C (softmax) or c |l| (an element's)."""
+        floor = self.problem.loss_floor(ev, c, rows)
+        if not self.softmax:  # binary: per element
+            return floor + c * np.abs(ev.per_element()[0])
+        return floor + c * (np.abs(ev.loss)
+                            + np.abs(ev.total_weight) * math.log(self.problem.n_classes))
 
     def finish(self) -> Ranked:
         result = self._checked(self.tol, self.floor, self.normaliser)
         if not result.ok and self.computed is not None and self.floor16 is not None:
             tol = self.computed
             wide = self._checked(tol, self.floor16, normaliser_bound(
-                tol, self.problem.n_classes, self.normaliser_rtol))
+                tol, self.problem.n_classes, self.normaliser_rtol) if self.normaliser else 0.0)
             if wide.ok:
                 result = replace(wide, note=(
                     f"passes as the per-sample losses of a {tol.precision} computation (your "

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import stored_precision
+from ce_cli.io.bfloat16 import stored_also, stored_precision
 
 # machine epsilon and smallest positive subnormal
 PRECISIONS: dict[str, tuple[float, float]] = {
@@ -127,9 +127,10 @@ def per_sample_16(tol: Tolerance, fmt: str) -> Tolerance:
     """The rule of a loss stored as `tol` that reduces (in float32 or wider) the per-sample
     losses of a computation in the 16-bit `fmt`: each rounded to `fmt` once (k/4 eps of fmt:
     LSE_WEIGHT_16), the reduction in float32 (`reduction_floor`), `tol`'s rtol for the stored
-    result."""
+    result; +-inf where the reference is beyond fmt's range (a 16-bit sum overflows)."""
     return replace(tol, precision=fmt, eps=PRECISIONS[fmt][0],
-                   floor_factor=tol.floor_factor * LSE_WEIGHT_16)
+                   floor_factor=tol.floor_factor * LSE_WEIGHT_16,
+                   overflow=min(tol.overflow, OVERFLOW[fmt]))
 
 
 def resolve_tolerance(
@@ -141,12 +142,15 @@ def resolve_tolerance(
 ) -> Tolerance:
     """Tolerances for an array stored as `stored`, computed in `precision` (default: stored, or
     the precision a widened input was stored in, e.g. bf16 read as float32): the floor in the
-    computing precision's eps, the relative rule in the coarser of it and the storage's."""
+    computing precision's eps, the relative rule in the coarser of it and the storage's. Values
+    of a second format too (bf16 ones that are float16's) take the looser of both: its
+    subnormals' spacing, its range."""
     storage = stored_precision(np.dtype(stored)) or precision_of_dtype(np.dtype(stored))
+    also = stored_also(np.dtype(stored)) or storage
     declared = parse_precision(precision) if precision else storage
     eps = PRECISIONS[declared][0]
     rounding = max(PRECISIONS[storage][0], eps)
-    tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1])
+    tiny = max(PRECISIONS[storage][1], PRECISIONS[declared][1], PRECISIONS[also][1])
     for flag, value in (("`rtol`", rtol), ("`atol`", atol), ("`floor_factor`", floor_factor)):
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise CeCheckError(f"{flag}: must be a finite number >= 0, got {value}")
@@ -157,6 +161,6 @@ def resolve_tolerance(
         rtol=DEFAULT_RTOL_FACTOR * rounding if rtol is None else float(rtol),
         atol=0.0 if atol is None else float(atol),
         floor_factor=DEFAULT_FLOOR_FACTOR if floor_factor is None else float(floor_factor),
-        overflow=min(OVERFLOW[storage], OVERFLOW[declared]),
+        overflow=min(OVERFLOW[storage], OVERFLOW[declared], OVERFLOW[also]),
         storage=storage,
     )
