@@ -14,10 +14,10 @@ values (a small batch, saturated rows) keeps bf16's rule, not float16's or float
 float16 one lands on bf16 values only by chance (2^-3 an entry). Below float16's smallest
 normal (2^-14) bfloat16's rule is the stricter: its values there are float16's subnormals
 (6e-8 apart) too, which a float16 gradient of a mean over many elements mostly is, so a tag of
-such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing. The evidence is looked for in a
-spread sample (the first SAMPLE entries and SPREAD blocks across the array: a computed array
-shows it at once); only then is every entry read, to see that the format holds them all. The
-narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
+such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing.
+The evidence is looked for in a spread sample (the first SAMPLE entries and SPREAD blocks
+across the array: a computed array shows it at once); only then is every entry read, to see
+that the format holds them all. The narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
 inferred; the precision the values were *computed* in is still `--precision`'s to say. Only
 the inputs compared with a reference (`COMPARED_ROLES`) are read for it: their stored format
 sets a tolerance, the others' sets nothing.
