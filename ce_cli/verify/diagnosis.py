@@ -11,6 +11,8 @@ rule looks at d = yours - reference on those rows:
 - wrong_axis:       yours matches softmax over another axis of the logits (or the transpose)
 - smoothing_form:   yours matches label smoothing of the form not in force (alpha/C vs
                     alpha/(C-1))
+- targets_sum:      probability targets whose rows do not sum to 1, and yours = softmax -
+                    targets: their sum taken as 1 (TensorFlow, Keras)
 - row_factor:       each row's softmax terms are off by one common factor (a normaliser error,
                     or an extra term like z-loss)
 - isolated:         a few isolated entries
@@ -59,10 +61,12 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
     if sample is None:
         return ()
     found: list[Diagnosis] = []
-    for rule in (_nonfinite, _scale, _ignored_rows, _target_only, _wrong_axis, _smoothing_form,
-                 _row_factor):
-        if rule is _row_factor and any(d.code in ("scale", "sign") for d in found):
+    for rule in (_nonfinite, _scale, _ignored_rows, _targets_sum, _target_only, _wrong_axis,
+                 _smoothing_form, _row_factor):
+        if rule is _row_factor and any(d.code in ("scale", "sign", "targets_sum") for d in found):
             continue  # one scale of every entry is every row's factor too: said already
+        if rule is _target_only and any(d.code == "targets_sum" for d in found):
+            continue  # the targets' sum moves every entry, the target ones too
         hit = rule(problem, sample, allowed_rel)
         if hit is not None:
             found.append(hit)
@@ -216,6 +220,34 @@ def _smoothing_form(problem, s: _Sample, _tol) -> Diagnosis | None:
                          f"{_SPREADS[other]}, the check expects {_SHORT[form]} (`smoothing_form`)",
                          f"yours matches the {_SHORT[other]} form, alpha = {eps}")
     return None
+
+
+def _targets_sum(problem, s: _Sample, tol) -> Diagnosis | None:
+    """Probability target rows summing to Q != 1 and yours = (a - q) scale, not (Q a - q) scale:
+    TensorFlow's softmax_cross_entropy_with_logits and Keras form softmax - labels whatever
+    the labels' sum (16-bit targets: 1 +- 3e-3), which is not the derivative of the loss they
+    report, -sum q log a."""
+    if problem.probs is None or problem.sem.extended:
+        return None
+    total = s.q.sum(axis=1, keepdims=True)
+    if np.all(total == 1.0):
+        return None
+    scale = problem.grad_scale
+    soft = s.ref + s.q * scale  # Q a scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = np.where(total != 0, soft / total, 0.0)
+        alt = a - s.q * scale
+        # your rounding of the result, and CLOSE of it for the terms' (a - q cancels where the
+        # target is near the softmax)
+        bound = tol * (np.abs(alt) + CLOSE * (np.abs(a) + np.abs(s.q * scale))) + s.tiny
+        if not np.all(np.abs(s.got - alt) <= bound) or np.all(np.abs(s.d) <= bound):
+            return None
+    off = float(np.max(np.abs(total - 1.0)))
+    return Diagnosis("targets_sum", "your target rows do not sum to 1 and yours is softmax - "
+                     "targets, their sum taken as 1 (as TensorFlow's "
+                     "softmax_cross_entropy_with_logits and Keras form it), not the derivative of "
+                     "-sum q log softmax: normalise the targets",
+                     f"row sums off 1 by up to {off:.3g}; yours matches (a - q) x scale")
 
 
 def _row_factor(problem, s: _Sample, tol) -> Diagnosis | None:
