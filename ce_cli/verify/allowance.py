@@ -198,7 +198,7 @@ class RowAllowance:
     def _peak_slack(self, row: int, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
                     d: np.ndarray, allowed: np.ndarray) -> bool:
         """The row max's path at the arg-max entries of `soft` = Q a * scale (ties: each),
-        added to `slack` when that lets the row pass (then True: `rows_peak`, and `paths`)."""
+        added to `slack` when that lets the row pass (then True: `rows_peak`, and `path_keys`)."""
         top = float(np.max(np.abs(soft), initial=0.0))
         if not top:
             return False

@@ -227,8 +227,8 @@ def _targets_sum(problem, s: _Sample, tol) -> Diagnosis | None:
     TensorFlow's softmax_cross_entropy_with_logits and Keras form softmax - labels whatever
     the labels' sum (16-bit targets: 1 +- 3e-3), which is not the derivative of the loss they
     report, -sum q log a."""
-    if problem.probs is None or problem.sem.extended:
-        return None
+    if problem.probs is None or problem.sem.extended or problem.weight is not None:
+        return None  # (class weights: q = p w sums to anything)
     total = s.q.sum(axis=1, keepdims=True)
     if np.all(total == 1.0):
         return None

@@ -11,8 +11,9 @@ check_binary options that express it:
   float32 -> weight (the mask), reduction sum, denominator: a float32 loss that reduces 16-bit
   per-element losses (held to the float32 rule, 27 of 64 such cases failed). The float16 case
   at K = 32,000 keeps two of its 33 rows (their gradient does not depend on the others; the
-  loss is their share, over the whole batch's denominator): its entries are float16 subnormals (~1e-7) whose few
-  bits bfloat16 holds too, and read as bfloat16 the rule had no float16 subnormal spacing.
+  loss is their share, over the whole batch's denominator): its entries are float16
+  subnormals (~1e-7) whose few bits bfloat16 holds too, and read as bfloat16 the rule had no
+  float16 subnormal spacing.
   `grad_bug_nomask` is the gradient without the mask, `loss_bug_count` the loss divided by
   every element;
 - `mean`    `.mean()` in float16 (K = 1,000): a float16 loss next to a gradient of float16
@@ -42,7 +43,8 @@ CASES = [("masked", dt, n, k, std, 20_000 + i, None)
                                               ("bf16", 16, 1000, 3.0), ("f16", 64, 1, 1.0),
                                               ("f16", 96, 10, 3.0)])]
 CASES += [("masked", "f16", 33, 32_000, 1.0, 20_145, [30, 31]),
-          ("mean", "f16", 64, 1000, 1.0, 20_200, None), ("sum", "f16", 64, 1000, 10.0, 20_201, None)]
+          ("mean", "f16", 64, 1000, 1.0, 20_200, None),
+          ("sum", "f16", 64, 1000, 10.0, 20_201, None)]
 
 
 def w32(a) -> np.ndarray:

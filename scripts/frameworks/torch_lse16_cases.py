@@ -7,12 +7,13 @@ A 16-bit computation rounds lse to 16 bits at most once: `logits.logsumexp(-1)` 
 dtype, whose backward is exp(z - lse) with that rounded lse (`lse`), against the fused kernel
 (`F.cross_entropy`, `fused`), PaLM's z-loss on that lse (`zloss`, 1e-4 lse^2), and the stable
 logsumexp written by hand with its max not detached (`mlse`: autograd adds the row max's path
-(1 - sum a) at the arg-max, 1/2 to 1 ulp of 1 in 16 bits). All are correct; the floor must pass them. `grad_bug_double` is autograd's gradient of the lse counted
-twice (2 lse - z_y: the softmax term doubled), which the floor must catch: before its |lse| term
-took a quarter weight in 16 bits it passed at logit std 30 (and std 10 at C = 8,192), and with
-the z-loss also before its |z| term was left to transformed logits. float16 and bfloat16; logit
-std 1, 5, 10, 30; C = 1,000 (8 rows) and 8,192 (4 rows); mean over the rows. fixtures/frameworks_semantics/lse16/ holds these
-(tests/test_lse16.py, and tests/test_semantic_frameworks.py's no-false-alarm test).
+(1 - sum a) at the arg-max, 1/2 to 1 ulp of 1 in 16 bits). All are correct; the floor must
+pass them. `grad_bug_double` is autograd's gradient of the lse counted twice (2 lse - z_y: the
+softmax term doubled), which the floor must catch: before its |lse| term took a quarter weight
+in 16 bits it passed at logit std 30 (and std 10 at C = 8,192), and with the z-loss also before
+its |z| term was left to transformed logits. float16 and bfloat16; logit std 1, 5, 10, 30;
+C = 1,000 (8 rows) and 8,192 (4 rows); mean over the rows. fixtures/frameworks_semantics/lse16/
+holds these (tests/test_lse16.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ SHAPES = ((8, 1000, (1.0, 5.0, 10.0, 30.0)), (4, 8192, (5.0, 10.0, 30.0)))
 def cases() -> list[dict]:
     return [dict(framework="lse16", call_tag=call, dtype=dt, layout="last", C=C, scale=s,
                  reduction="mean", variant="", rows=N)
-            for call in ("lse", "fused", "zloss", "mlse") for dt in TDT for N, C, scales in SHAPES for s in scales]
+            for call in ("lse", "fused", "zloss", "mlse") for dt in TDT
+            for N, C, scales in SHAPES for s in scales]
 
 
 def _grad(z, y, loss_of):
