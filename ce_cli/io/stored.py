@@ -6,9 +6,9 @@ values went through that format (a bf16 gradient `.float()`ed to be saved). A co
 wider format lands on a narrower format's value by chance with probability 2^-(p_wide - p_narrow)
 per entry, so a tag needs evidence: entries of distinct magnitudes whose significand needs more
 than half the narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing;
-v and -v are one coincidence), at least the format's EVIDENCE of them (from float64, a float32 coincidence is 2^-29 per entry: 1; from
-float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3; each count keeps a coincidence below
-2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
+v and -v are one coincidence), at least the format's EVIDENCE of them (from float64, a float32
+coincidence is 2^-29 per entry: 1; from float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3;
+each count keeps a coincidence below 2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
 float16's range) are taken as bfloat16's, the looser rule: a bf16 gradient of few distinct
 values (a small batch, saturated rows) keeps bf16's rule, not float16's or float32's, and a
 float16 one lands on bf16 values only by chance (2^-3 an entry). Below float16's smallest
@@ -17,10 +17,10 @@ normal (2^-14) bfloat16's rule is the stricter: its values there are float16's s
 such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing.
 The evidence is looked for in a spread sample (the first SAMPLE entries and SPREAD blocks
 across the array: a computed array shows it at once); only then is every entry read, to see
-that the format holds them all. The narrowest format that does wins. The tag is the one a bf16 file gets (`STORED_KEY`), marked
-inferred; the precision the values were *computed* in is still `--precision`'s to say. Only
-the inputs compared with a reference (`COMPARED_ROLES`) are read for it: their stored format
-sets a tolerance, the others' sets nothing.
+that the format holds them all. The narrowest format that does wins. The tag is the one a bf16
+file gets (`STORED_KEY`), marked inferred; the precision the values were *computed* in is still
+`--precision`'s to say. Only the inputs compared with a reference (`COMPARED_ROLES`) are read
+for it: their stored format sets a tolerance, the others' sets nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ CHUNK = 1 << 20        # entries per step of the full scan (no temporary of the 
 COMPARED_ROLES = frozenset({"grad", "loss", "lse", "z_loss_value", "grad_hidden", "grad_weight",
                             "grad_bias"})
 NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-F16_NORMAL_MIN = 2.0**-14
+F16_NORMAL_MIN = 2.0 ** FORMATS["f16"][2]
 
 
 def infer_stored(x: Any) -> Any:

@@ -221,23 +221,27 @@ class LossStage(Stage):
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
         if self.per_sample is not None:
             self.per_sample[rows] = self.problem.per_sample(ev)
-        floor = self.problem.loss_floor(ev, self.tol.floor_coef, np.arange(chunk.start, chunk.stop))
-        self.floor[rows] = floor if floor.ndim == self.floor.ndim else floor.sum(axis=1)
+        coef = self.tol.floor_coef
+        # the floor is linear in k eps: one evaluation serves both rules
+        unit = self.problem.loss_floor(ev, 1.0 if self.floor16 is not None else coef,
+                                       np.arange(chunk.start, chunk.stop))
+        self._fold(self.floor, rows, unit * coef if self.floor16 is not None else unit)
         if self.floor16 is not None and self.computed is not None:
-            floor = self._floor16(ev, self.computed.floor_coef,
-                                  np.arange(chunk.start, chunk.stop))
-            self.floor16[rows] = floor if floor.ndim == self.floor16.ndim else floor.sum(axis=1)
+            self._fold(self.floor16, rows, self.computed.floor_coef * self._unit16(ev, unit))
         if self.weight is not None:
             self.weight[rows] = np.abs(ev.total_weight)
 
-    def _floor16(self, ev: ChunkEval, c: float, rows: np.ndarray) -> np.ndarray:
-        """The rows' floors of `computed` (k/4 eps of its precision: c): the loss's floor plus
-        c |loss_n| + c Q_n log C (softmax) or c |l| (an element's)."""
-        floor = self.problem.loss_floor(ev, c, rows)
+    @staticmethod
+    def _fold(out: np.ndarray, rows: slice, floor: np.ndarray) -> None:
+        """Rows' floors into `out`, per element (binary) summed per row when `out` is per row."""
+        out[rows] = floor if floor.ndim == out.ndim else floor.sum(axis=1)
+
+    def _unit16(self, ev: ChunkEval, unit: np.ndarray) -> np.ndarray:
+        """The rows' floors of `computed` per unit of its k eps: the loss's floor (`unit`) plus
+        |loss_n| + Q_n log C (softmax) or |l| (an element's)."""
         if not self.softmax:  # binary: per element
-            return floor + c * np.abs(ev.per_element()[0])
-        return floor + c * (np.abs(ev.loss)
-                            + np.abs(ev.total_weight) * math.log(self.problem.n_classes))
+            return unit + np.abs(ev.per_element()[0])
+        return unit + (np.abs(ev.loss) + np.abs(ev.total_weight) * math.log(self.problem.n_classes))
 
     def finish(self) -> Ranked:
         result = self._checked(self.tol, self.floor, self.normaliser)

@@ -114,14 +114,14 @@ EPS_ACCUMULATE = PRECISIONS["f32"][0]
 
 def reduction_floor(tol: Tolerance, n: int, total: float) -> float:
     """The error a correct reduction of n terms to `total` may carry: k times the larger of a
-    pairwise or tree sum's log2(n + 1) roundings of the total in your precision and a running
-    sum's n - 1 roundings, which cancel in part to about sqrt(n) of them (MLX's float32 sum of
-    262,144 terms: 4.1 sqrt(n) units of 2^-24), in the accumulating precision
-    (`EPS_ACCUMULATE` for 16-bit values)."""
+    pairwise or tree sum's log2(n + 1) roundings of the total and a running sum's n - 1
+    roundings, which cancel in part to about sqrt(n) of them (MLX's float32 sum of 262,144
+    terms: 4.1 sqrt(n) units of 2^-24), both in the accumulating precision (`EPS_ACCUMULATE`
+    for 16-bit values; their final rounding is rtol's)."""
     n = max(1, n)
-    acc = min(tol.eps, EPS_ACCUMULATE)
-    units = max(acc * math.log2(n + 1), acc * math.sqrt(n))
+    units = min(tol.eps, EPS_ACCUMULATE) * max(math.log2(n + 1), math.sqrt(n))
     return tol.floor_factor * units * abs(total)
+
 
 def per_sample_16(tol: Tolerance, fmt: str) -> Tolerance:
     """The rule of a loss stored as `tol` that reduces (in float32 or wider) the per-sample
