@@ -11,7 +11,9 @@ import pytest
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.inputs import load_array
-from tests.conftest import npy_bytes
+from tests.conftest import FIXTURES, npy_bytes
+
+FORMATS = FIXTURES / "formats"
 
 
 def write_header_only(path, shape, descr="<f8", data=b"\0" * 64) -> str:
@@ -49,6 +51,33 @@ def test_npy_fortran_order_and_big_endian(tmp_path):
     np.save(tmp_path / "f.npy", arr)
     got = load_array(str(tmp_path / "f.npy"))
     np.testing.assert_array_equal(got, arr)
+    assert got.flags.f_contiguous and got.dtype == np.dtype(">f8")
+
+
+def vm_flags(arr: np.ndarray) -> list[str]:
+    """The Linux VmFlags of the mapping holding `arr`'s data (/proc/self/smaps)."""
+    addr = arr.ctypes.data
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        lo, _, hi = line.partition(" ")[0].partition("-")
+        if hi and all(c in "0123456789abcdef" for c in lo + hi) and int(lo, 16) <= addr < int(hi, 16):
+            flags = next(x for x in lines[i + 1:] if x.startswith("VmFlags:"))
+            return flags.split()[1:]
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only (/proc/self/smaps)")
+@pytest.mark.parametrize("source", ["npy", "safetensors"])
+def test_mapped_inputs_are_advised_huge_pages(tmp_path, source):
+    """An input file's mapping asks for 2 MB pages (MADV_HUGEPAGE: VmFlags 'hg'), so a file
+    read from disk through it fills the page cache with 2 MB folios, mapped 2 MB at a time."""
+    if source == "npy":
+        np.save(tmp_path / "a.npy", np.ones((64, 1000), np.float32))
+        got = load_array(str(tmp_path / "a.npy"))
+    else:
+        got = load_array(f"{FORMATS}/case.safetensors:grad_f32")
+    assert is_memmapped(got) and not got.flags.writeable
+    assert "hg" in vm_flags(got)
 
 
 def test_npy_zero_d(tmp_path):

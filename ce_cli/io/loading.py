@@ -25,6 +25,7 @@ import numpy as np
 from ce_cli.errors import CeCheckError
 from ce_cli.io.bfloat16 import is_bfloat16, widen_if_bfloat16
 from ce_cli.io import limits
+from ce_cli.io.mapped import map_file
 from ce_cli.io.limits import quoted
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -229,13 +230,13 @@ def npy_file_header(path: Path, label: str) -> tuple[tuple[int, ...], bool, np.d
 
 def _load_npy_path(path: Path, label: str) -> np.ndarray:
     with path.open("rb") as fh:
-        shape, _fortran, dtype = _read_header(fh, label)
+        shape, fortran, dtype = _read_header(fh, label)
         offset = fh.tell()
     _header_checks(shape, dtype, os.path.getsize(path) - offset, label)
     try:
         if math.prod(shape) == 0:
             return np.load(path, allow_pickle=False)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return map_file(path, dtype, shape, offset, fortran)
     except DAMAGED as exc:
         raise CeCheckError(f"{label}: cannot load ({_one_line(exc)})") from None
 

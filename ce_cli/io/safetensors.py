@@ -25,6 +25,7 @@ import numpy as np
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.bfloat16 import widen_bfloat16
+from ce_cli.io.mapped import map_file
 
 HEADER_LIMIT = 100_000_000  # bytes of JSON header: the reference implementation's limit
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -176,8 +177,7 @@ def _map(path: Path, entry: Entry, data_start: int, label: str) -> np.ndarray:
         if entry.begin == entry.end:
             arr: np.ndarray = np.zeros(entry.shape, dtype)
         else:
-            arr = np.memmap(path, dtype=dtype, mode="r", offset=data_start + entry.begin,
-                            shape=entry.shape)
+            arr = map_file(path, dtype, entry.shape, data_start + entry.begin)
     except (OSError, ValueError, OverflowError) as exc:
         raise CeCheckError(f"{label}: cannot map tensor '{entry.name}' "
                            f"({' '.join(str(exc).split())})") from None
