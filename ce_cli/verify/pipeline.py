@@ -27,7 +27,7 @@ from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStag
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad, semantic_stages)
 from ce_cli.verify.threads import numpy_threads, ordered_map, pool_plan
-from ce_cli.verify.tolerance import Tolerance, per_sample_16
+from ce_cli.verify.tolerance import SIXTEEN_BIT, Tolerance, per_sample_16
 
 # float64 entries per row chunk: the chunk's ~10 buffers live in L3 either way (2 MB of L2 a core
 # here); 2 MB buffers halve the Python and GIL hand-overs per entry (4096x32000 grad: 1 thread
@@ -279,7 +279,7 @@ def _computed_16(loss: tuple[np.ndarray, Tolerance], user: UserGrad | None,
     if options.precision is not None or user is None:
         return None
     fmt = user.tol.precision
-    if fmt not in ("bf16", "f16") or loss[1].eps >= user.tol.eps:
+    if fmt not in SIXTEEN_BIT or loss[1].eps >= user.tol.eps:
         return None
     return per_sample_16(loss[1], fmt)
 

@@ -27,7 +27,8 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
 from ce_cli.verify.results import CheckResult, Diagnosis
-from ce_cli.verify.tolerance import Tolerance, reduction_floor, resolve_tolerance
+from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, per_sample_16, reduction_floor,
+                                     resolve_tolerance)
 
 FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound's own rounding
 Ranked = list[tuple[int, CheckResult]]
@@ -198,6 +199,10 @@ class LossStage(Stage):
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
                  total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
                  computed: Tolerance | None = None) -> None:
+        # a loss computed in 16 bits is such a computation's: its per-sample model is the rule
+        self.sixteen = tol.precision in SIXTEEN_BIT
+        if self.sixteen:
+            tol, computed = per_sample_16(tol, tol.precision), None
         self.problem, self.loss, self.tol, self.loss_atol = problem, loss, tol, loss_atol
         self.normaliser_rtol = normaliser_rtol
         # `kl`: yours is the KL divergence, the reference minus s_n H(q) per row
@@ -221,11 +226,10 @@ class LossStage(Stage):
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
         if self.per_sample is not None:
             self.per_sample[rows] = self.problem.per_sample(ev)
-        coef = self.tol.floor_coef
         # the floor is linear in k eps: one evaluation serves both rules
-        unit = self.problem.loss_floor(ev, 1.0 if self.floor16 is not None else coef,
-                                       np.arange(chunk.start, chunk.stop))
-        self._fold(self.floor, rows, unit * coef if self.floor16 is not None else unit)
+        unit = self.problem.loss_floor(ev, 1.0, np.arange(chunk.start, chunk.stop))
+        own = self._unit16(ev, unit) if self.sixteen else unit
+        self._fold(self.floor, rows, self.tol.floor_coef * own)
         if self.floor16 is not None and self.computed is not None:
             self._fold(self.floor16, rows, self.computed.floor_coef * self._unit16(ev, unit))
         if self.weight is not None:

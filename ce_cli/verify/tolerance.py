@@ -45,6 +45,7 @@ OVERFLOW: dict[str, float] = {
 }
 ALIASES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32",
            "single": "f32", "float64": "f64", "double": "f64"}
+SIXTEEN_BIT = ("f16", "bf16")
 DEFAULT_FLOOR_FACTOR = 4.0
 DEFAULT_RTOL_FACTOR = 2.0
 # a 16-bit computation (frameworks compute in float32 inside) rounds lse, and a per-sample loss
@@ -91,7 +92,7 @@ class Tolerance:
     @property
     def lse_weight(self) -> float:
         """The weight of the floor's |lse| term: `LSE_WEIGHT_16` computed in 16 bits, else 1."""
-        return LSE_WEIGHT_16 if self.precision in ("f16", "bf16") else 1.0
+        return LSE_WEIGHT_16 if self.precision in SIXTEEN_BIT else 1.0
 
     @property
     def coarse(self) -> str:
