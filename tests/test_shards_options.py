@@ -688,3 +688,18 @@ def test_cli_vocab_lse(tmp_path, invoke):
     res = invoke([*args, "--lse", tmp_path / "lse_*.npy"])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
     assert "--lse: one file of the batch's per-row log-sum-exps with vocabulary shards" in res.stderr
+
+
+@pytest.mark.parametrize("shift, ok", [(0.0, True), (0.1, False)])
+def test_row_shards_hold_a_16bit_loss_to_the_single_process_rule(tmp_path, shift, ok):
+    """A bf16 loss on row shards: the merged check takes one process's rule for a loss
+    computed in 16 bits (tolerance.loss_rule), as every shard's rows' floors do."""
+    z, y, g = make_batch(n=120, c=11, seed=3)
+    opts = CheckOptions(fd="off", precision="bf16")
+    value = check_grad(z, y, options=opts).loss * (1 + shift)
+    single = check_grad(z, y, grad=g, loss=value, options=opts)
+    inputs = sh.BatchInputs(loss=float(value), loss_dtype="float64")
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 50, 120]), "rows", opts, inputs=inputs)
+    assert loss_check(single).ok is ok and "floor 1eps" in loss_check(single).rule
+    assert loss_check(sharded.report).rule == loss_check(single).rule
+    assert_same_loss_check(sharded.report, single)

@@ -507,3 +507,27 @@ def test_vocab_options_on_dask(tmp_path):
     assert [e.index for e in grad.worst if not e.ok] == [(2, 5, 11)]
     names = [c.name for c in local.report.checks]
     assert "loss_vs_reference" in names and "z_loss_vs_reference" in names
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("extra", [{}, {"z_loss": 1e-3}], ids=["plain", "z_loss"])
+def test_vocab_shards_hold_a_16bit_loss_to_the_single_process_rule(tmp_path, reduction, extra):
+    """A bf16 loss on vocabulary shards is held to one process's rule for a loss computed in
+    16 bits (tolerance.per_sample_16: |loss_n| + Q_n log C besides the floor, at k/4 eps), not
+    to k eps of the float32 analysis: the same verdict, failing entries and allowances."""
+    z, y, _ = make_batch(n=50, c=20, seed=2, dtype=np.float64)
+    opts = CheckOptions(reduction=reduction, fd="off", precision="bf16", **extra)
+    g = reference_grad(tmp_path, z, y, opts)
+    inputs = save_inputs(tmp_path)
+    if reduction == "none":
+        value: object = one_process_losses(z, y, opts)
+        value[21] *= 1.2  # type: ignore[index]
+        np.save(tmp_path / "loss.npy", value)
+        inputs = replace(inputs, arrays=inputs.arrays + (("loss", (str(tmp_path / "loss.npy"),)),))
+    else:
+        value = check_grad(z, y, options=opts).loss * 1.2
+        inputs = save_inputs(tmp_path, loss=float(value))  # type: ignore[arg-type]
+    single = check_grad(z, y, grad=g, loss=value, options=opts)
+    assert "floor 1eps" in loss_check(single).rule  # k/4 of bf16's eps
+    sharded = sh.run_shards(vocab_files(tmp_path, z, y, g), "vocab", opts, inputs=inputs)
+    assert_same_check("loss_vs_reference", sharded, single)

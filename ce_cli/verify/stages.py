@@ -27,7 +27,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
 from ce_cli.verify.results import CheckResult, Diagnosis
-from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, per_sample_16, reduction_floor,
+from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, loss_rule, reduction_floor,
                                      resolve_tolerance)
 
 FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound's own rounding
@@ -199,10 +199,9 @@ class LossStage(Stage):
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
                  total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
                  computed: Tolerance | None = None) -> None:
-        # a loss computed in 16 bits is such a computation's: its per-sample model is the rule
-        self.sixteen = tol.precision in SIXTEEN_BIT
+        self.sixteen = tol.precision in SIXTEEN_BIT  # held to `loss_rule`'s per-sample model
         if self.sixteen:
-            tol, computed = per_sample_16(tol, tol.precision), None
+            tol, computed = loss_rule(tol), None
         self.problem, self.loss, self.tol, self.loss_atol = problem, loss, tol, loss_atol
         self.normaliser_rtol = normaliser_rtol
         # `kl`: yours is the KL divergence, the reference minus s_n H(q) per row
@@ -241,11 +240,11 @@ class LossStage(Stage):
         out[rows] = floor if floor.ndim == out.ndim else floor.sum(axis=1)
 
     def _unit16(self, ev: ChunkEval, unit: np.ndarray) -> np.ndarray:
-        """The rows' floors of `computed` per unit of its k eps: the loss's floor (`unit`) plus
-        |loss_n| + Q_n log C (softmax) or |l| (an element's)."""
+        """The rows' floors of `computed` per unit of its k eps (`softmax_unit16`; binary: the
+        element's floor `unit` plus |l|)."""
         if not self.softmax:  # binary: per element
             return unit + np.abs(ev.per_element()[0])
-        return unit + (np.abs(ev.loss) + np.abs(ev.total_weight) * math.log(self.problem.n_classes))
+        return softmax_unit16(unit, ev.loss, ev.total_weight, self.problem.n_classes)
 
     def finish(self) -> Ranked:
         result = self._checked(self.tol, self.floor, self.normaliser)
@@ -312,6 +311,13 @@ class LossStage(Stage):
         floor = (float(np.sum(row_floor)) * problem.grad_scale
                  + reduction_floor(tol, math.prod(problem.per_sample_shape), total))
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
+
+
+def softmax_unit16(unit: np.ndarray, loss: np.ndarray, weight: np.ndarray,
+                   n_classes: int) -> np.ndarray:
+    """A 16-bit computation's per-sample loss floor per unit of its k eps (`per_sample_16`):
+    the loss's floor `unit` plus |loss_n| + Q_n log C (`weight` = Q_n)."""
+    return unit + (np.abs(loss) + np.abs(weight) * math.log(n_classes))
 
 
 def with_normaliser(compare: Callable[[float], CheckResult], normaliser: float, tol: Tolerance,

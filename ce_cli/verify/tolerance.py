@@ -134,6 +134,12 @@ def per_sample_16(tol: Tolerance, fmt: str) -> Tolerance:
                    overflow=min(tol.overflow, OVERFLOW[fmt]))
 
 
+def loss_rule(tol: Tolerance) -> Tolerance:
+    """The rule of a loss whose precision is `tol`'s: one computed in 16 bits is held to such a
+    computation's per-sample model (`per_sample_16`), not to k eps of the float32 analysis."""
+    return per_sample_16(tol, tol.precision) if tol.precision in SIXTEEN_BIT else tol
+
+
 def resolve_tolerance(
     stored: npt.DTypeLike,
     precision: str | None = None,

@@ -20,7 +20,7 @@ from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.inputs import BatchInputs
 from ce_cli.verify.shards.plan import ShardPlan
 from ce_cli.verify.stages import LossStage, Stage, ZLossStage, reduced_check, with_normaliser
-from ce_cli.verify.tolerance import Tolerance, reduction_floor
+from ce_cli.verify.tolerance import Tolerance, loss_rule, reduction_floor
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
     first = shares[0]
     n = math.prod(plan.shape if first.per_element else plan.shape[:-1])  # the terms summed
     if inputs.loss is not None:
-        tol = options.tolerance(inputs.loss_dtype)
+        tol = loss_rule(options.tolerance(inputs.loss_dtype))  # the shards' LossStage's
         floors = math.fsum(s.loss_floor for s in shares)
         weights = math.fsum(s.loss_weight for s in shares)
 

@@ -39,9 +39,9 @@ from ce_cli.verify.shards.files import load
 from ce_cli.verify.shards.inputs import NO_INPUTS, BatchInputs, shard_arrays, target_weights
 from ce_cli.verify.shards.plan import Shard, ShardPlan
 from ce_cli.verify.shards.share import ShardInputs
-from ce_cli.verify.tolerance import reduction_floor
+from ce_cli.verify.tolerance import SIXTEEN_BIT, loss_rule, reduction_floor
 from ce_cli.verify.stages import (Chunk, ZLossStage, lse_check, reduced_check,
-                                  with_normaliser)
+                                  softmax_unit16, with_normaliser)
 
 
 def shard_row_stats(shard: Shard, scale: float = 1.0,
@@ -265,7 +265,11 @@ def vocab_loss_check(plan: ShardPlan, parts: list[VocabRows], inputs: BatchInput
         tol = options.tolerance(got.dtype)
     else:
         got, tol = inputs.loss, options.tolerance(inputs.loss_dtype)
-    floor = tol.floor_coef * rows.floor
+    units = rows.floor
+    if tol.precision in SIXTEEN_BIT:  # a 16-bit loss: that computation's model, as LossStage
+        units = softmax_unit16(units, rows.loss, rows.weight, n_classes)
+    tol = loss_rule(tol)
+    floor = tol.floor_coef * units
     normaliser = normaliser_bound(tol, n_classes, options.normaliser_rtol)
     if options.reduction.value == "none":
         shape = plan.shape[:-1]
