@@ -27,7 +27,7 @@ from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStag
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
                                   UserGrad, semantic_stages)
 from ce_cli.verify.threads import numpy_threads, ordered_map, pool_plan
-from ce_cli.verify.tolerance import SIXTEEN_BIT, Tolerance, per_sample_16
+from ce_cli.verify.tolerance import SIXTEEN_BIT, Tolerance
 
 # float64 entries per row chunk: the chunk's ~10 buffers live in L3 either way (2 MB of L2 a core
 # here); 2 MB buffers halve the Python and GIL hand-overs per entry (4096x32000 grad: 1 thread
@@ -272,16 +272,15 @@ def _user_loss(problem, inputs: Inputs, options: CheckOptions) -> tuple[np.ndarr
 
 
 def _computed_16(loss: tuple[np.ndarray, Tolerance], user: UserGrad | None,
-                 options: CheckOptions) -> Tolerance | None:
-    """The rule of a loss reducing the per-sample losses of the 16-bit precision your gradient
-    was computed in, when the loss's own is wider and no precision was declared (LossStage's
-    second rule)."""
+                 options: CheckOptions) -> str | None:
+    """The 16-bit precision your gradient was computed in, whose per-sample losses a loss of a
+    wider precision may reduce, when no precision was declared (LossStage's second rule)."""
     if options.precision is not None or user is None:
         return None
     fmt = user.tol.precision
     if fmt not in SIXTEEN_BIT or loss[1].eps >= user.tol.eps:
         return None
-    return per_sample_16(loss[1], fmt)
+    return fmt
 
 
 def _input_infos(inputs: Inputs) -> tuple[InputInfo, ...]:

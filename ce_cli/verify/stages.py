@@ -27,8 +27,8 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.finite_diff import (directional_chunk, fd_entries, fd_full, localize,
                                        sample_entries)
 from ce_cli.verify.results import CheckResult, Diagnosis
-from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, loss_rule, reduction_floor,
-                                     resolve_tolerance)
+from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, loss_rule, per_sample_16,
+                                     reduction_floor, resolve_tolerance)
 
 FD_SAFETY = 2.0  # the finite-difference bound is rigorous; 2x covers the bound's own rounding
 Ranked = list[tuple[int, CheckResult]]
@@ -193,20 +193,22 @@ class LossStage(Stage):
     are no float32 computation. Each rounds its terms to 16 bits: optax's softmax
     (z - m) - log sum exp(z - m) is off by eps/2 (2 |loss_n| + 1 + H_n), H_n <= log C the row's
     entropy, a 16-bit lse by eps/2 |lse|, optax's sigmoid -y log p - (1 - y) log(1 - p) by
-    3/2 eps |l|: the floor at k/4 eps of that precision, plus |loss_n| + Q_n log C (softmax) or
-    |l| (an element). A sum of 16-bit losses may overflow the 16-bit range there too."""
+    3/2 eps |l|, PyTorch's by eps |x| (|1 - y| + 2c) where x << 0: the floor at k/4 eps of that
+    precision (k/2: binary), plus |loss_n| + Q_n log C (softmax) or |l| (an element). A sum of
+    16-bit losses may overflow the 16-bit range there too. A loss computed in 16 bits is held
+    to that rule alone (`loss_rule`)."""
 
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
                  total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
-                 computed: Tolerance | None = None) -> None:
+                 computed: str | None = None) -> None:
+        softmax = getattr(problem, "target_weights", None) is not None
         self.sixteen = tol.precision in SIXTEEN_BIT  # held to `loss_rule`'s per-sample model
         if self.sixteen:
-            tol, computed = loss_rule(tol), None
+            tol, computed = loss_rule(tol, binary=not softmax), None
         self.problem, self.loss, self.tol, self.loss_atol = problem, loss, tol, loss_atol
         self.normaliser_rtol = normaliser_rtol
         # `kl`: yours is the KL divergence, the reference minus s_n H(q) per row
         self.entropy = problem.targets_entropy() if kl else None
-        softmax = getattr(problem, "target_weights", None) is not None
         self.normaliser = (normaliser_bound(tol, problem.n_classes, normaliser_rtol)
                            if softmax else 0.0)
         self.worst, self.total = worst, total
@@ -216,7 +218,9 @@ class LossStage(Stage):
         shape = (problem.n_rows,) + (problem.per_sample_cols if each else ())
         self.per_sample = np.empty(shape) if each else None
         self.floor = np.empty(shape)
-        self.computed, self.softmax = computed, softmax
+        self.computed = (per_sample_16(tol, computed, binary=not softmax)
+                         if computed is not None else None)
+        self.softmax = softmax
         self.floor16 = np.empty(shape) if computed is not None else None
         # Q_n: what a normaliser factor multiplies
         self.weight = np.empty(problem.n_rows) if self.normaliser else None

@@ -52,6 +52,11 @@ DEFAULT_RTOL_FACTOR = 2.0
 # lse - z_y, to 16 bits at most once each: eps/2 of it, which k/4 = 1 (the default k) covers
 # twice. The weight of the floor's |lse| term, and of a per-sample loss's floor (`per_sample_16`)
 LSE_WEIGHT_16 = 0.25
+# PyTorch's sigmoid BCE in 16 bits, (1 - y) x - c logsigmoid(x) with c = (pw - 1) y + 1, rounds
+# terms of ~|x| more than once (c, logsigmoid, their product: ~eps |x| (|1 - y| + 2c) where
+# x << 0); k/2 of the element floor's |x| (|1 - y| + c) covers that, k/4 did not (float16
+# pos_weight losses at 0.82 of it): the weight of a 16-bit `binary` loss's floor
+BINARY_WEIGHT_16 = 0.5
 
 
 def precision_of_dtype(dtype: np.dtype) -> str:
@@ -124,20 +129,22 @@ def reduction_floor(tol: Tolerance, n: int, total: float) -> float:
     return tol.floor_factor * units * abs(total)
 
 
-def per_sample_16(tol: Tolerance, fmt: str) -> Tolerance:
+def per_sample_16(tol: Tolerance, fmt: str, binary: bool = False) -> Tolerance:
     """The rule of a loss stored as `tol` that reduces (in float32 or wider) the per-sample
     losses of a computation in the 16-bit `fmt`: each rounded to `fmt` once (k/4 eps of fmt:
-    LSE_WEIGHT_16), the reduction in float32 (`reduction_floor`), `tol`'s rtol for the stored
-    result; +-inf where the reference is beyond fmt's range (a 16-bit sum overflows)."""
+    LSE_WEIGHT_16; `binary`: BINARY_WEIGHT_16), the reduction in float32 (`reduction_floor`),
+    `tol`'s rtol for the stored result; +-inf where the reference is beyond fmt's range (a
+    16-bit sum overflows)."""
+    weight = BINARY_WEIGHT_16 if binary else LSE_WEIGHT_16
     return replace(tol, precision=fmt, eps=PRECISIONS[fmt][0],
-                   floor_factor=tol.floor_factor * LSE_WEIGHT_16,
+                   floor_factor=tol.floor_factor * weight,
                    overflow=min(tol.overflow, OVERFLOW[fmt]))
 
 
-def loss_rule(tol: Tolerance) -> Tolerance:
+def loss_rule(tol: Tolerance, binary: bool = False) -> Tolerance:
     """The rule of a loss whose precision is `tol`'s: one computed in 16 bits is held to such a
     computation's per-sample model (`per_sample_16`), not to k eps of the float32 analysis."""
-    return per_sample_16(tol, tol.precision) if tol.precision in SIXTEEN_BIT else tol
+    return per_sample_16(tol, tol.precision, binary) if tol.precision in SIXTEEN_BIT else tol
 
 
 def resolve_tolerance(

@@ -117,7 +117,7 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
     first = shares[0]
     n = math.prod(plan.shape if first.per_element else plan.shape[:-1])  # the terms summed
     if inputs.loss is not None:
-        tol = loss_rule(options.tolerance(inputs.loss_dtype))  # the shards' LossStage's
+        tol = loss_rule(options.tolerance(inputs.loss_dtype), first.per_element)  # LossStage's
         floors = math.fsum(s.loss_floor for s in shares)
         weights = math.fsum(s.loss_weight for s in shares)
 
