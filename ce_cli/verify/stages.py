@@ -193,10 +193,10 @@ class LossStage(Stage):
     are no float32 computation. Each rounds its terms to 16 bits: optax's softmax
     (z - m) - log sum exp(z - m) is off by eps/2 (2 |loss_n| + 1 + H_n), H_n <= log C the row's
     entropy, a 16-bit lse by eps/2 |lse|, optax's sigmoid -y log p - (1 - y) log(1 - p) by
-    3/2 eps |l|, PyTorch's by eps |x| (|1 - y| + 2c) where x << 0: the floor at k/4 eps of that
-    precision (k/2: binary), plus |loss_n| + Q_n log C (softmax) or |l| (an element). A sum of
-    16-bit losses may overflow the 16-bit range there too. A loss computed in 16 bits is held
-    to that rule alone (`loss_rule`)."""
+    3/2 eps |l|: the floor at k/4 eps of that precision, plus |loss_n| + Q_n log C (softmax) or
+    |l| (an element). A sum of 16-bit losses may overflow the 16-bit range there too. A loss
+    computed in 16 bits is held to that rule alone (`loss_rule`; binary at k/2, for PyTorch's
+    elements, each off by up to eps |x| (|1 - y| + 2c) where x << 0)."""
 
     def __init__(self, problem, loss: np.ndarray, tol: Tolerance, loss_atol: float, worst: int,
                  total: LossTotal, normaliser_rtol: float | None = None, kl: bool = False,
@@ -218,8 +218,9 @@ class LossStage(Stage):
         shape = (problem.n_rows,) + (problem.per_sample_cols if each else ())
         self.per_sample = np.empty(shape) if each else None
         self.floor = np.empty(shape)
-        self.computed = (per_sample_16(tol, computed, binary=not softmax)
-                         if computed is not None else None)
+        # a float32 reduction of 16-bit losses: rounding errors of many elements cancel in
+        # part, and optax's sigmoid forms no term of ~|x| (k/4 eps for `binary` too)
+        self.computed = per_sample_16(tol, computed) if computed is not None else None
         self.softmax = softmax
         self.floor16 = np.empty(shape) if computed is not None else None
         # Q_n: what a normaliser factor multiplies

@@ -55,7 +55,8 @@ LSE_WEIGHT_16 = 0.25
 # PyTorch's sigmoid BCE in 16 bits, (1 - y) x - c logsigmoid(x) with c = (pw - 1) y + 1, rounds
 # terms of ~|x| more than once (c, logsigmoid, their product: ~eps |x| (|1 - y| + 2c) where
 # x << 0); k/2 of the element floor's |x| (|1 - y| + c) covers that, k/4 did not (float16
-# pos_weight losses at 0.82 of it): the weight of a 16-bit `binary` loss's floor
+# pos_weight losses at 0.82 of it): the weight of the floor of a `binary` loss computed in 16
+# bits (`loss_rule`)
 BINARY_WEIGHT_16 = 0.5
 
 
