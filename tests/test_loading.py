@@ -57,7 +57,8 @@ def test_npy_fortran_order_and_big_endian(tmp_path):
 def vm_flags(arr: np.ndarray) -> list[str]:
     """The Linux VmFlags of the mapping holding `arr`'s data (/proc/self/smaps)."""
     addr = arr.ctypes.data
-    lines = open("/proc/self/smaps").read().splitlines()
+    with open("/proc/self/smaps") as fh:
+        lines = fh.read().splitlines()
     for i, line in enumerate(lines):
         lo, _, hi = line.partition(" ")[0].partition("-")
         if hi and all(c in "0123456789abcdef" for c in lo + hi) and int(lo, 16) <= addr < int(hi, 16):
