@@ -8,10 +8,11 @@ per entry, so a tag needs evidence: entries of distinct magnitudes whose signifi
 than half the narrower format's bits and that are not integers (0, 0.5 or 10000 prove nothing;
 v and -v are one coincidence), at least the format's EVIDENCE of them (from float64, a float32
 coincidence is 2^-29 per entry: 1; from float32, 2^-16 for bfloat16: 2, 2^-13 for float16: 3;
-each count keeps a coincidence below 2^-29). Values that both bfloat16 and float16 hold (at most 8 significand bits, within
-float16's range) are taken as bfloat16's, the looser rule: a bf16 gradient of few distinct
-values (a small batch, saturated rows) keeps bf16's rule, not float16's or float32's, and a
-float16 one lands on bf16 values only by chance (2^-3 an entry). Below float16's smallest
+each count keeps a coincidence below 2^-29). Values that both bfloat16 and float16 hold (at
+most 8 significand bits, within float16's range) are taken as bfloat16's, the looser rule: a
+bf16 gradient of few distinct values (a small batch, saturated rows) keeps bf16's rule, not
+float16's or float32's, and a float16 one lands on bf16 values only by chance (2^-3 an
+entry). Below float16's smallest
 normal (2^-14) bfloat16's rule is the stricter: its values there are float16's subnormals
 (6e-8 apart) too, which a float16 gradient of a mean over many elements mostly is, so a tag of
 such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing.

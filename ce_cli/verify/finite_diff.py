@@ -146,11 +146,11 @@ def elementwise(problem) -> bool:
 def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | None = None,
                lse_weight: float = 1.0) -> FDResult:
     """Finite differences at the listed entries, with the analytic reference (and, given
-    `floor_coef` and `lse_weight`, the error floor) there. An elementwise loss evaluates the entries' own
-    elements only (the reference and floor too); otherwise each distinct row is evaluated
-    once (its gradient and floor at the entries only: `picks`), then twice per entry perturbed
-    (`perturb`: the logits are not written to), block by block of rows (on the numpy kernel
-    blocks that stay in cache, on its threads). The blocks depend on C alone, not on the
+    `floor_coef` and `lse_weight`, the error floor) there. An elementwise loss evaluates the
+    entries' own elements only (the reference and floor too); otherwise each distinct row is
+    evaluated once (its gradient and floor at the entries only: `picks`), then twice per entry
+    perturbed (`perturb`: the logits are not written to), block by block of rows (on the numpy
+    kernel blocks that stay in cache, on its threads). The blocks depend on C alone, not on the
     threads: the same bits at every thread count (the compiled kernel computes every row alone,
     the numpy kernel picks a masked sum for a block holding a -inf logit)."""
     if elementwise(problem):
