@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 import ce_cli
 from ce_cli.verify.checks import check_grad, reference
-from ce_cli.kernels.compiled import FusedKernel, _Args, kernel, row_scan, target, targets
+from ce_cli.kernels.compiled import (FusedKernel, _Args, kernel, row_scan, target, targets,
+                                     use_threads)
 from ce_cli.kernels.numpy_softmax import softmax_rows
 from ce_cli.models.softmax import build_softmax_ce
 
@@ -510,6 +511,67 @@ def test_thread_counts_give_identical_bits(dtype, on_target):
     for other in runs[1:]:
         for key in runs[0]:
             np.testing.assert_array_equal(other[key], runs[0][key], err_msg=key)
+
+
+STEP_CASES = {**OPTIONS, "probs": {}, "probs-f32": {}}
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [1, 2, 7, 9, 128, 129, 1031])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_step_losses_are_the_bits_of_the_perturbed_row(C, dtype, case, on_target):
+    """The finite differences' steps (`steps`: a row's loss with one entry set, from the row's
+    own exps and block sums) give the bits of that row evaluated whole with the entry set
+    (`perturb`), and NaN exactly where they are not taken: the arg-max, a value not below the
+    row's maximum, column -1. Values down to -inf and past exp's underflow, the target entry,
+    masked rows, partial blocks and groups, 1 and 2 threads."""
+    rng = np.random.default_rng(C + len(case))
+    N = 9
+    kw = dict(STEP_CASES[case])
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.5, 3.0, C)
+        kw["weight"][0] = 0.0 if C > 2 else 1.0
+    z = (rng.standard_normal((N, C)) * rng.choice([0.01, 3.0, 40.0], size=(N, 1))).astype(dtype)
+    z[1, ::3] = -np.inf
+    z[1, 0] = 0.5
+    if case.startswith("probs"):
+        q = rng.random((N, C))
+        q[2, 1::2] = 0.0
+        q = q / q.sum(axis=1, keepdims=True)
+        target = q.astype(np.float32) if case == "probs-f32" else q
+    else:
+        target = rng.integers(0, C, N)
+    problem, _ = build_softmax_ce(z, target, **kw)
+    kern = FusedKernel.plan(problem)
+    rows = np.arange(N)
+    zd = z.astype(np.float64)
+    am = zd.argmax(axis=1)
+    y = problem.target_columns(rows)
+    cols = np.stack([am, y, rng.integers(0, C, N), rng.integers(0, C, N), rng.integers(0, C, N),
+                     rng.integers(0, C, N), np.full(N, -1), rng.integers(0, C, N)], axis=1)
+    m = zd.max(axis=1)
+    zc = np.where(cols >= 0, zd[rows[:, None], np.maximum(cols, 0)], 0.0)
+    h = 6e-6 * np.maximum(1.0, np.abs(zc))
+    with np.errstate(invalid="ignore"):  # -inf +- inf at masked entries: set to 0 below
+        vals = np.stack([zc[:, 0] - h[:, 0], zc[:, 1] + h[:, 1], zc[:, 2] - h[:, 2],
+                         m - 800.0, np.full(N, -np.inf), m, zc[:, 6], m + 1.0], axis=1)
+    vals = np.where(np.isnan(vals), 0.0, vals)
+    for threads in (1, 2):
+        with use_threads(threads):
+            ev = kern.evaluate(z, rows, steps=(cols, vals))
+        got = ev.step_loss
+        assert got is not None
+        for i in rows:
+            for j in range(cols.shape[1]):
+                c, v = cols[i, j], vals[i, j]
+                if c < 0 or c == am[i] or not v < m[i]:
+                    assert np.isnan(got[i, j]), (i, j)
+                    continue
+                whole = kern.evaluate(z[i:i + 1], rows[i:i + 1], perturb=(np.array([c]), np.array([v])))
+                assert whole is not None
+                np.testing.assert_array_equal(_bits({"l": got[i, j:j + 1]})["l"],
+                                              _bits({"l": whole.loss})["l"], err_msg=f"{i} {j}")
 
 
 @needs_kernel

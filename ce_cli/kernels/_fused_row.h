@@ -462,6 +462,58 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
     return body;
 }
 
+/* Row r's loss with entry c set to v, for each of its steps (ce_args.step_cols, step_vals),
+ * from the row's exps e_row and block sums keep (nb of exp, then nb of the z sum): c's block
+ * summed again in pass 2's order (accumulator c % 8, the arg-max left out, the order within a
+ * block does not depend on the target), the pairwise sum over blocks, and the loss as row_body
+ * forms it. When v < m and c is not the arg-max, the row with v in place has the same maximum,
+ * arg-max and other exps (a non-normal exp takes the two-step path, which gives the same bits
+ * for normal results), so these are the bits row_pert gives; NaN for the other steps. */
+static __attribute__((noinline)) void T(row_steps)(
+        const ce_args *a, int64_t r, const void *z, int z32, const double *e_row,
+        const double *keep, int64_t nb, double m, int64_t am, int64_t y, double alpha,
+        double beta, const void *qrow, int q32, double Q) {
+    const int64_t C = a->n_cols, K = a->n_steps;
+    const double *w = a->w;
+    double *tmp = (double *)keep + 2 * nb;
+    const int zsum = qrow || beta != 0.0;
+    for (int64_t k = r * K; k < (r + 1) * K; k++) {
+        const int64_t c = a->step_cols[k];
+        const double v = a->step_vals[k];
+        if (c < 0 || c == am || !(v < m)) {
+            a->step_loss[k] = NAN;
+            continue;
+        }
+        const double ec = T(vexp_neg)(splat(v - m), 0)[0];
+        const int64_t b = c / BLOCK, b1 = (b + 1) * BLOCK < C ? (b + 1) * BLOCK : C;
+        double acc_e[8] = {0.0}, acc_z[8] = {0.0};
+        for (int64_t cc = b * BLOCK; cc < b1; cc++) {
+            if (cc == am) continue;
+            acc_e[cc & 7] += cc == c ? ec : e_row[cc];
+            if (!zsum) continue;
+            const double zs = cc == c ? v - m : T(load_row)(z, z32, cc, 1)[0] - m;
+            const double qw = qrow ? T(load_row)(qrow, q32, cc, 1)[0] : w ? w[cc] : 1.0;
+            acc_z[cc & 7] += qw != 0.0 ? qw * zs : 0.0;  /* 0 * -inf: 0 */
+        }
+        memcpy(tmp, keep, (size_t)nb * sizeof *tmp);
+        tmp[b] = ((acc_e[0] + acc_e[1]) + (acc_e[2] + acc_e[3]))
+                 + ((acc_e[4] + acc_e[5]) + (acc_e[6] + acc_e[7]));
+        const double l1 = log1p(ce_pairwise(tmp, nb));
+        double sum_z = 0.0;
+        if (zsum) {
+            memcpy(tmp, keep + nb, (size_t)nb * sizeof *tmp);
+            tmp[b] = ((acc_z[0] + acc_z[1]) + (acc_z[2] + acc_z[3]))
+                     + ((acc_z[4] + acc_z[5]) + (acc_z[6] + acc_z[7]));
+            sum_z = ce_pairwise(tmp, nb);
+        }
+        const double zy = (c == y ? v : T(load_row)(z, z32, y, 1)[0]) - m;
+        double qz = alpha != 0.0 ? alpha * zy : 0.0;
+        if (beta != 0.0) qz = qz + beta * sum_z;
+        if (qrow) qz = sum_z;
+        a->step_loss[k] = a->active[r] ? Q * l1 - qz : 0.0;
+    }
+}
+
 /* One row. Returns 0, or 1 when the row holds a NaN or +inf logit or is all -inf (the numpy
  * kernel reports those); -inf entries (masks) are served. z32/g32 are constants at
  * each call site, so the loops are compiled once per dtype pair; the last, partial vector of a
@@ -618,6 +670,13 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
     }
+    /* a plain row's finite-difference steps start from its block sums, which the pairwise
+     * sums below overwrite: kept past the soft-cap's scratch (unused by a plain row) */
+    double *keep = !ext && !buf && a->step_cols ? blk_z + C / BLOCK + 1 : NULL;
+    if (keep) {
+        memcpy(keep, blk_e, (size_t)nb * sizeof *keep);
+        memcpy(keep + nb, blk_z, (size_t)nb * sizeof *keep);
+    }
     const double sum_e = ce_pairwise(blk_e, nb);
     const double sum_z = beta != 0.0 || qrow ? ce_pairwise(blk_z, nb) : 0.0;
     e_row[am] = 1.0;
@@ -655,6 +714,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     }
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
+    if (keep) T(row_steps)(a, r, z, z32, e_row, keep, nb, m, am, y, alpha, beta, qrow, q32, Q);
     if (!a->g && !a->out_ref && !a->out_floor && !a->pick_cols) return 0;
 
     /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:

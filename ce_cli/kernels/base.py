@@ -32,6 +32,8 @@ class ChunkEval:
     # the gradient and floor at the picked columns only ((R, k); `picks` of evaluate_rows)
     pick_grad: np.ndarray | None = None
     pick_floor: np.ndarray | None = None
+    # (R, k) the rows' losses with one entry set (`steps` of evaluate_rows); NaN: not served
+    step_loss: np.ndarray | None = None
     # (items, item_weight) on demand: the compiled kernel skips writing them in the streaming pass
     deferred: Callable[[], tuple[np.ndarray, np.ndarray]] | None = field(
         default=None, compare=False, repr=False)

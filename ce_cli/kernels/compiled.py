@@ -54,6 +54,7 @@ class _Args(ctypes.Structure):
         ("row_qabs", _P), ("row_qsum", _P), ("row_mag", _P), ("row_g1", _P),
         ("pert_col", _P), ("pert_val", _P), ("n_picks", ctypes.c_int64), ("pick_cols", _P),
         ("pick_g", _P), ("pick_fl", _P),
+        ("n_steps", ctypes.c_int64), ("step_cols", _P), ("step_vals", _P), ("step_loss", _P),
     ]
 
 
@@ -368,13 +369,15 @@ class FusedKernel(_Kernel):
                  floor_coef: float | None = None, cmp: RowStats | None = None,
                  g_rows=None, stream: bool = False, picks: np.ndarray | None = None,
                  perturb: tuple[np.ndarray, np.ndarray] | None = None,
-                 lse_weight: float = 1.0) -> ChunkEval | None:
+                 lse_weight: float = 1.0,
+                 steps: tuple[np.ndarray, np.ndarray] | None = None) -> ChunkEval | None:
         """SoftmaxCE.evaluate_rows through the kernel; with `cmp`, the user's gradient rows
         `g_rows` are compared on the way (`rows` consecutive). None when a row holds NaN or
         +inf or only -inf: the numpy kernel, which reports those, takes the rows. The (R, C)
         floor is written only when `floor_coef` is given; with `picks` the gradient and floor
-        at those columns only, and `perturb` = (cols, values) sets one entry of each row (both:
-        see SoftmaxCE.evaluate_rows). (`stream`: as SigmoidKernel's; a softmax row has no
+        at those columns only, `perturb` = (cols, values) sets one entry of each row, and
+        `steps` gives the losses of rows with one entry set (all three: see
+        SoftmaxCE.evaluate_rows). (`stream`: as SigmoidKernel's; a softmax row has no
         per-element losses.)"""
         z = _as_kernel_rows(z_rows)
         g = _as_kernel_rows(g_rows) if cmp is not None else None
@@ -387,6 +390,11 @@ class FusedKernel(_Kernel):
             params.update(pert_col=np.ascontiguousarray(perturb[0], dtype=np.int64),
                           pert_val=np.ascontiguousarray(perturb[1], dtype=np.float64))
         R, C = z.shape
+        served = steps is not None and self.sem is None and perturb is None  # plain rows
+        if served:
+            step_cols = np.ascontiguousarray(steps[0], dtype=np.int64)
+            params.update(n_steps=step_cols.shape[1], step_cols=step_cols,
+                          step_vals=np.ascontiguousarray(steps[1], dtype=np.float64))
         if picks is None:
             out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
         else:  # no (R, C) arrays: the picked entries only
@@ -394,6 +402,8 @@ class FusedKernel(_Kernel):
             params.update(pick_cols=picks, n_picks=picks.shape[1])
             out = _outputs(R, C, self.per_row, False, False, cmp is not None)
             out.update(pick_g=np.empty(picks.shape), pick_fl=np.empty(picks.shape))
+        if served:
+            out["step_loss"] = np.empty(params["step_cols"].shape)
         if not self._run(z, g, rows, params, out, cmp):
             return None
         m, l1 = out["row_max"], out["log1p_s1"]
@@ -402,7 +412,8 @@ class FusedKernel(_Kernel):
         if self.sem is None:
             return ChunkEval(loss=out["loss"], grad=out.get("out_ref"),
                              floor=out.get("out_floor"), lse=m + l1, total_weight=Q, row_max=m,
-                             log1p_s1=l1, pick_grad=pick_g, pick_floor=pick_fl)
+                             log1p_s1=l1, pick_grad=pick_g, pick_floor=pick_fl,
+                             step_loss=out.get("step_loss"))
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
                          row_terms=self._row_terms(rows, params, Q, out), pick_grad=pick_g,

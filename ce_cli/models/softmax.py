@@ -215,17 +215,21 @@ class SoftmaxCE(RowMatrix):
     def evaluate_rows(self, z_rows: np.ndarray, rows: np.ndarray, *, grad: bool = True,
                       floor_coef: float | None = None, picks: np.ndarray | None = None,
                       perturb: tuple[np.ndarray, np.ndarray] | None = None,
-                      lse_weight: float = 1.0) -> ChunkEval:
+                      lse_weight: float = 1.0,
+                      steps: tuple[np.ndarray, np.ndarray] | None = None) -> ChunkEval:
         """Rows `rows` of the problem with logits `z_rows`: through the compiled kernel when it
         serves them, else the numpy kernel (its reference). `perturb` = (cols, values): row i
         with its (raw) logit at cols[i] set to values[i], in float64 (the rows are not written
         to). `picks` ((R, k) columns, -1: none): the gradient and floor at those columns only
         (ChunkEval.pick_grad, pick_floor), not the (R, C) arrays: the compiled kernel then
-        makes no pass over every entry. `lse_weight`: the floor's |lse| term's
-        (Tolerance.lse_weight)."""
+        makes no pass over every entry. `steps` = ((R, k) columns, (R, k) values): the compiled
+        kernel's loss of row i with its logit at cols[i, j] set to values[i, j]
+        (ChunkEval.step_loss, the bits `perturb` gives; NaN, or no step_loss, where not
+        served). `lse_weight`: the floor's |lse| term's (Tolerance.lse_weight)."""
         if self.kernel is not None:
             ev = self.kernel.evaluate(z_rows, np.asarray(rows), grad=grad, floor_coef=floor_coef,
-                                      picks=picks, perturb=perturb, lse_weight=lse_weight)
+                                      picks=picks, perturb=perturb, lse_weight=lse_weight,
+                                      steps=steps)
             if ev is not None:
                 return ev
         rows_fn = semantic_rows if self.sem.extended else softmax_rows

@@ -195,13 +195,23 @@ def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, in
     slot = _slots(local)
     picks = np.full((block.size, int(slot.max()) + 1 if slot.size else 1), -1, dtype=np.int64)
     picks[local, slot] = c
-    ev = problem.evaluate_rows(z, block, floor_coef=coef[0], lse_weight=coef[1], picks=picks)
+    zc = np.asarray(z[local, c], dtype=np.float64)
+    h = step_for(zc)
+    zp, zm = zc + h, zc - h
+    # each entry's two steps, z + h and z - h, in step columns 2 slot and 2 slot + 1
+    step_vals = np.zeros((block.size, 2 * picks.shape[1]))
+    step_vals[local, 2 * slot], step_vals[local, 2 * slot + 1] = zp, zm
+    ev = problem.evaluate_rows(z, block, floor_coef=coef[0], lse_weight=coef[1], picks=picks,
+                               steps=(np.repeat(picks, 2, axis=1), step_vals))
     ana = required(ev.pick_grad, "gradient")[local, slot]
     floor = ev.pick_floor[local, slot] if ev.pick_floor is not None else np.zeros(sel.size)
-    base = z[local]  # the entries' rows, in the logits' dtype
-    zc = np.asarray(base[np.arange(sel.size), c], dtype=np.float64)
-    f, b, s = central_differences(problem, base, rows[sel], c, zc, ev.take_rows(local),
-                                  threads=threads)
+    taken = ev.step_loss if ev.step_loss is not None else np.full(step_vals.shape, np.nan)
+    lp, lm = taken[local, 2 * slot], taken[local, 2 * slot + 1]
+    whole = np.flatnonzero(np.isnan(lp) | np.isnan(lm))  # the steps the kernel did not take
+    if whole.size:
+        lp[whole], lm[whole] = row_steps(problem, z[local[whole]], rows[sel][whole], c[whole],
+                                         zp[whole], zm[whole], threads)
+    f, b, s = _finish(problem, rows[sel], c, zp, zm, lp, lm, zc, ev.take_rows(local))
     return sel, (f, b, ana, floor), s
 
 
@@ -226,9 +236,16 @@ def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None
     if elementwise(problem):
         lp, lm = problem.entry_losses(r, c, zp), problem.entry_losses(r, c, zm)
         return _finish(problem, r, c, zp, zm, lp, lm, zc, None)
-    lp = row_losses(problem, base, r, threads, (c, zp))
-    lm = row_losses(problem, base, r, threads, (c, zm))
+    lp, lm = row_steps(problem, base, r, c, zp, zm, threads)
     return _finish(problem, r, c, zp, zm, lp, lm, zc, ev)
+
+
+def row_steps(problem, base: np.ndarray, r: np.ndarray, c: np.ndarray, zp: np.ndarray,
+              zm: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(loss_n at z + h, loss_n at z - h): row base[k] (problem row r[k]) evaluated whole
+    with its entry c[k] set to zp[k], then to zm[k]."""
+    return (row_losses(problem, base, r, threads, (c, zp)),
+            row_losses(problem, base, r, threads, (c, zm)))
 
 
 def row_losses(problem, z_rows: np.ndarray, rows: np.ndarray, threads: int | None = None,
