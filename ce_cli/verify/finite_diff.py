@@ -37,7 +37,7 @@ FD_MODES = ("auto", "full", "directional", "sample", "off")
 FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a full sweep
 DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
 BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers stay in cache
-FD_BLOCK_ENTRIES = 1 << 19  # sampled rows' entries a compiled-kernel call: 16 rows at C = 32000
+FD_BLOCK_ENTRIES = 1 << 21  # sampled rows' entries a compiled-kernel call: 64 rows at C = 32000
 
 
 # eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
