@@ -31,6 +31,7 @@ from ce_cli.verify.checks import check_grad, reference
 from ce_cli.kernels.compiled import (FusedKernel, _Args, kernel, row_scan, target, targets,
                                      use_threads)
 from ce_cli.kernels.numpy_softmax import softmax_rows
+from ce_cli.models.semantics import Semantics
 from ce_cli.models.softmax import build_softmax_ce
 
 
@@ -513,7 +514,13 @@ def test_thread_counts_give_identical_bits(dtype, on_target):
             np.testing.assert_array_equal(other[key], runs[0][key], err_msg=key)
 
 
-STEP_CASES = {**OPTIONS, "probs": {}, "probs-f32": {}}
+STEP_CASES = {**OPTIONS, "probs": {}, "probs-f32": {},
+              "z_loss+weights": {"weight": "w", "sem": {"z_loss": 1e-3}},
+              "scale+sample_weight": {"sem": {"logit_scale": 0.37, "sample_weight": "s"}},
+              "softcap+all+smoothing": {"label_smoothing": 0.1,
+                                        "sem": {"softcap": 1.5, "logit_scale": 0.3, "z_loss": 0.2,
+                                                "sample_weight": "s"}},
+              "probs+softcap": {"sem": {"softcap": 30.0}}}
 
 
 @needs_kernel
@@ -525,10 +532,16 @@ def test_step_losses_are_the_bits_of_the_perturbed_row(C, dtype, case, on_target
     own exps and block sums) give the bits of that row evaluated whole with the entry set
     (`perturb`), and NaN exactly where they are not taken: the arg-max, a value not below the
     row's maximum, column -1. Values down to -inf and past exp's underflow, the target entry,
-    masked rows, partial blocks and groups, 1 and 2 threads."""
+    masked rows, partial blocks and groups, training-code terms (z = T(x) for a logit scale
+    and a soft-cap: both keep the order of x), 1 and 2 threads."""
     rng = np.random.default_rng(C + len(case))
     N = 9
     kw = dict(STEP_CASES[case])
+    sem = dict(kw.pop("sem", {}))
+    if sem.get("sample_weight") == "s":
+        sem["sample_weight"] = rng.uniform(-0.5, 2.5, N)
+    if sem:
+        kw["semantics"] = Semantics(**sem)
     if kw.get("weight") == "w":
         kw["weight"] = rng.uniform(0.5, 3.0, C)
         kw["weight"][0] = 0.0 if C > 2 else 1.0

@@ -462,24 +462,32 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
     return body;
 }
 
-/* Row r's loss with entry c set to v, for each of its steps (ce_args.step_cols, step_vals),
- * from the row's exps e_row and block sums keep (nb of exp, then nb of the z sum): c's block
- * summed again in pass 2's order (accumulator c % 8, the arg-max left out, the order within a
- * block does not depend on the target), the pairwise sum over blocks, and the loss as row_body
- * forms it. When v < m and c is not the arg-max, the row with v in place has the same maximum,
- * arg-max and other exps (a non-normal exp takes the two-step path, which gives the same bits
- * for normal results), so these are the bits row_pert gives; NaN for the other steps. */
+/* Row r's loss with raw logit c set to x, for each of its steps (ce_args.step_cols,
+ * step_vals), from the row's logits z (transformed: ext), exps e_row and block sums keep (nb
+ * of exp, then nb of the z sum): v = T(x) as row_ext_x makes it, c's block summed again in pass
+ * 2's order (accumulator c % 8, the arg-max left out, the order within a block does not depend
+ * on the target), the pairwise sum over blocks, and the loss as row_body forms it. When v < m
+ * and c is not the arg-max, the row with x in place has the same maximum, arg-max and other
+ * exps (a non-normal exp takes the two-step path, which gives the same bits for normal
+ * results), so these are the bits row_pert gives; NaN for the other steps. */
 static __attribute__((noinline)) void T(row_steps)(
         const ce_args *a, int64_t r, const void *z, int z32, const double *e_row,
         const double *keep, int64_t nb, double m, int64_t am, int64_t y, double alpha,
-        double beta, const void *qrow, int q32, double Q) {
+        double beta, const void *qrow, int q32, double Q, int ext) {
     const int64_t C = a->n_cols, K = a->n_steps;
-    const double *w = a->w;
+    const double *w = a->w, S = a->x_scale, cap = a->softcap;
     double *tmp = (double *)keep + 2 * nb;
     const int zsum = qrow || beta != 0.0;
     for (int64_t k = r * K; k < (r + 1) * K; k++) {
         const int64_t c = a->step_cols[k];
-        const double v = a->step_vals[k];
+        double v = a->step_vals[k];
+        if (ext && cap != 0.0) {
+            vd zc, dz;
+            T(vsoftcap)(splat(v), splat(S), splat(cap), splat(S / cap), &zc, &dz);
+            v = zc[0];
+        } else if (ext && S != 1.0) {
+            v = v * S;
+        }
         if (c < 0 || c == am || !(v < m)) {
             a->step_loss[k] = NAN;
             continue;
@@ -510,7 +518,14 @@ static __attribute__((noinline)) void T(row_steps)(
         double qz = alpha != 0.0 ? alpha * zy : 0.0;
         if (beta != 0.0) qz = qz + beta * sum_z;
         if (qrow) qz = sum_z;
-        a->step_loss[k] = a->active[r] ? Q * l1 - qz : 0.0;
+        if (!ext) {
+            a->step_loss[k] = a->active[r] ? Q * l1 - qz : 0.0;
+            continue;
+        }
+        const double lse = m + l1;
+        double loss_z = (Q * l1 - qz) + 0.0 * m;
+        if (a->z_loss != 0.0) loss_z = loss_z + a->z_loss * (a->active[r] ? 1.0 : 0.0) * lse * lse;
+        a->step_loss[k] = a->active[r] ? (a->s_w ? a->s_w[r] : 1.0) * loss_z : 0.0;
     }
 }
 
@@ -670,9 +685,9 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         blk_e[nb] = T(hsum8)(acc_e);
         blk_z[nb++] = T(hsum8)(acc_z);
     }
-    /* a plain row's finite-difference steps start from its block sums, which the pairwise
-     * sums below overwrite: kept past the soft-cap's scratch (unused by a plain row) */
-    double *keep = !ext && !buf && a->step_cols ? blk_z + C / BLOCK + 1 : NULL;
+    /* the row's finite-difference steps start from its block sums, which the pairwise sums
+     * below overwrite: kept in the perturbed row's scratch (unused when taking steps) */
+    double *keep = a->step_cols ? e_row + 3 * C + 8 + 2 * (C / BLOCK + 1) : NULL;
     if (keep) {
         memcpy(keep, blk_e, (size_t)nb * sizeof *keep);
         memcpy(keep + nb, blk_z, (size_t)nb * sizeof *keep);
@@ -714,7 +729,7 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
     }
     a->row_max[r] = m;
     a->log1p_s1[r] = l1;
-    if (keep) T(row_steps)(a, r, z, z32, e_row, keep, nb, m, am, y, alpha, beta, qrow, q32, Q);
+    if (keep) T(row_steps)(a, r, z, z32, e_row, keep, nb, m, am, y, alpha, beta, qrow, q32, Q, ext);
     if (!a->g && !a->out_ref && !a->out_floor && !a->pick_cols) return 0;
 
     /* pass 3: reference gradient, floor, comparison, in the numpy kernel's operation order:

@@ -390,7 +390,7 @@ class FusedKernel(_Kernel):
             params.update(pert_col=np.ascontiguousarray(perturb[0], dtype=np.int64),
                           pert_val=np.ascontiguousarray(perturb[1], dtype=np.float64))
         R, C = z.shape
-        served = steps is not None and self.sem is None and perturb is None  # plain rows
+        served = steps is not None and perturb is None
         if served:
             step_cols = np.ascontiguousarray(steps[0], dtype=np.int64)
             params.update(n_steps=step_cols.shape[1], step_cols=step_cols,
@@ -417,7 +417,7 @@ class FusedKernel(_Kernel):
         return ChunkEval(loss=out["loss"], grad=out.get("out_ref"), floor=out.get("out_floor"),
                          lse=m + l1, total_weight=out["total_w"], row_max=m, log1p_s1=l1,
                          row_terms=self._row_terms(rows, params, Q, out), pick_grad=pick_g,
-                         pick_floor=pick_fl)
+                         pick_floor=pick_fl, step_loss=out.get("step_loss"))
 
     def _semantics(self, rows: np.ndarray) -> dict:
         """The kernel's training-code arguments: logit scale, z-loss, softcap (0: none), the
