@@ -47,7 +47,7 @@ class FDResult:
     cols: np.ndarray
     fd: np.ndarray          # finite-difference derivative of the reduced loss
     bound: np.ndarray       # bound on |fd - true derivative|
-    evaluations: int        # row-loss evaluations (each costs O(C))
+    evaluations: int        # row-loss evaluations (O(C) each; a step from its row's own sums less)
     skipped: int            # entries at -inf logits or in rows with infinite loss
     reference: np.ndarray | None = None  # the analytic reference gradient at the entries
     floor: np.ndarray | None = None      # the error floor of your precision at the entries
@@ -149,8 +149,12 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     `floor_coef` and `lse_weight`, the error floor) there. An elementwise loss evaluates the
     entries' own elements only (the reference and floor too); otherwise each distinct row is
     evaluated once (its gradient and floor at the entries only: `picks`), then twice per entry
-    perturbed (`perturb`: the logits are not written to), block by block of rows (on the numpy
-    kernel blocks that stay in cache, on its threads). The blocks depend on C alone, not on the
+    perturbed, block by block of rows (on the numpy kernel blocks that stay in cache, on its
+    threads). The compiled kernel takes a step from the row's own exps and block sums (`steps`:
+    the entry's block of 128 and the sum over blocks again, the bits of the whole row); a step
+    it does not take (the arg-max, a value not below the row's maximum) and every step on the
+    numpy kernel evaluate the row whole (`perturb`: the logits are not written to). The blocks
+    depend on C alone, not on the
     threads: the same bits at every thread count (the compiled kernel computes every row alone,
     the numpy kernel picks a masked sum for a block holding a -inf logit)."""
     if elementwise(problem):
