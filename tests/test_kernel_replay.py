@@ -43,7 +43,7 @@ FIELDS = ("z", "g", "alpha", "beta", "ys", "active", "w", "loss", "row_max", "lo
           "out_tol", "out_ratio", "work", "q", "q_total", "y_bin", "w_bin", "pos_w", "out_items",
           "out_item_w", "total_w", "row_min", "s_w", "row_zabs", "row_qabs", "row_qsum",
           "row_mag", "row_g1", "pert_col", "pert_val", "pick_cols", "pick_g",
-          "pick_fl")  # kernel_replay.c's PTR_FIELDS, in order
+          "pick_fl", "step_cols", "step_vals", "step_loss")  # kernel_replay.c's PTR_FIELDS
 ROWS_KINDS = {"__call__": 0, "bce": 1, "scan": 2}
 
 
@@ -58,9 +58,11 @@ def _blob_bytes(a, field: str) -> int:
     if field in ("w", "pos_w"):
         return 8 * C
     if field == "work":
-        return 8 * (4 * C + 8 + 2 * (C // BLOCK + 1))
+        return 8 * (4 * C + 8 + 5 * (C // BLOCK + 1))
     if field in ("pick_cols", "pick_g", "pick_fl"):
         return 8 * R * a.n_picks
+    if field in ("step_cols", "step_vals", "step_loss"):
+        return 8 * R * a.n_steps
     return R if field == "active" else 8 * R
 
 

@@ -74,10 +74,10 @@ typedef struct {
     int64_t n_picks;
     const int64_t *pick_cols;
     double *pick_g, *pick_fl;
-    /* finite differences on plain softmax rows (no ext): row r's loss with its entry
-     * step_cols[r, j] set to step_vals[r, j] (the logit in float64), j < n_steps, to
-     * step_loss (R, n_steps), from the row's own exps; NaN where not served (column -1, the
-     * arg-max, a value not below the row's maximum: the caller evaluates those rows whole) */
+    /* finite differences on softmax rows: row r's loss with its raw logit step_cols[r, j]
+     * set to step_vals[r, j] (in float64), j < n_steps, to step_loss (R, n_steps), from the
+     * row's own exps and block sums; NaN where not taken (column -1, the arg-max, a logit not
+     * below the row's maximum: the caller evaluates those rows whole) */
     int64_t n_steps;
     const int64_t *step_cols;
     const double *step_vals;
@@ -85,9 +85,10 @@ typedef struct {
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, a
- * soft-capped row's z and dz (2 C) and a perturbed row (C); the last 3 C hold a plain row's
- * block sums kept for its finite-difference steps (3 (C / BLOCK + 1)) */
-#define WORK_SIZE(C) (4 * (C) + 8 + 2 * ((C) / BLOCK + 1))
+ * soft-capped row's z and dz (2 C), a perturbed row (C), and for finite-difference steps the
+ * two block sums kept and one to sum (STEP_SCRATCH) */
+#define STEP_SCRATCH(C) (4 * (C) + 8 + 2 * ((C) / BLOCK + 1))
+#define WORK_SIZE(C) (STEP_SCRATCH(C) + 3 * ((C) / BLOCK + 1))
 /* numpy_softmax.SOFTCAP_DERIV_ERR: the floor's S |dl/dz| term of a soft-cap, times this (the
  * framework's tanh errs T' = S (1 - t^2) by up to ~2 S dt: XLA's float32 tanh, 4.75 eps) */
 #define CE_SOFTCAP_DERIV_ERR 2.0

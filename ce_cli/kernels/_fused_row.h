@@ -686,8 +686,8 @@ AI int T(row_body)(const ce_args *a, double *work, int64_t r, int z32, int g32, 
         blk_z[nb++] = T(hsum8)(acc_z);
     }
     /* the row's finite-difference steps start from its block sums, which the pairwise sums
-     * below overwrite: kept in the perturbed row's scratch (unused when taking steps) */
-    double *keep = a->step_cols ? e_row + 3 * C + 8 + 2 * (C / BLOCK + 1) : NULL;
+     * below overwrite: kept apart */
+    double *keep = a->step_cols ? e_row + STEP_SCRATCH(C) : NULL;
     if (keep) {
         memcpy(keep, blk_e, (size_t)nb * sizeof *keep);
         memcpy(keep + nb, blk_z, (size_t)nb * sizeof *keep);

@@ -276,7 +276,7 @@ class _Kernel:
         # which large numpy arrays do not prompt: checks in a loop would pile them up
         self._problem = weakref.ref(problem)
         C = problem.n_classes
-        self.work = np.empty(4 * C + 8 + 2 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
+        self.work = np.empty(4 * C + 8 + 5 * (C // 128 + 1))  # see ce_args.work, WORK_SIZE
 
     @property
     def problem(self) -> Any:

@@ -154,9 +154,9 @@ def fd_entries(problem, rows: np.ndarray, cols: np.ndarray, floor_coef: float | 
     the entry's block of 128 and the sum over blocks again, the bits of the whole row); a step
     it does not take (the arg-max, a value not below the row's maximum) and every step on the
     numpy kernel evaluate the row whole (`perturb`: the logits are not written to). The blocks
-    depend on C alone, not on the
-    threads: the same bits at every thread count (the compiled kernel computes every row alone,
-    the numpy kernel picks a masked sum for a block holding a -inf logit)."""
+    depend on C alone, not on the threads: the same bits at every thread count (the compiled
+    kernel computes every row alone, the numpy kernel picks a masked sum for a block holding a
+    -inf logit)."""
     if elementwise(problem):
         return _fd_elements(problem, rows, cols, floor_coef)
     fd, bound, ana, floor = (np.empty(rows.size) for _ in range(4))
