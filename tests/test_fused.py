@@ -524,7 +524,7 @@ STEP_CASES = {**OPTIONS, "probs": {}, "probs-f32": {},
 
 
 @needs_kernel
-@pytest.mark.parametrize("C", [1, 2, 7, 9, 128, 129, 1031])
+@pytest.mark.parametrize("C", [1, 2, 9, 129, 1031])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_step_losses_are_the_bits_of_the_perturbed_row(C, dtype, case, on_target):
