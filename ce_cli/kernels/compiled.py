@@ -390,8 +390,7 @@ class FusedKernel(_Kernel):
             params.update(pert_col=np.ascontiguousarray(perturb[0], dtype=np.int64),
                           pert_val=np.ascontiguousarray(perturb[1], dtype=np.float64))
         R, C = z.shape
-        served = steps is not None and perturb is None
-        if served:
+        if steps is not None and perturb is None:
             step_cols = np.ascontiguousarray(steps[0], dtype=np.int64)
             params.update(n_steps=step_cols.shape[1], step_cols=step_cols,
                           step_vals=np.ascontiguousarray(steps[1], dtype=np.float64))
@@ -402,7 +401,7 @@ class FusedKernel(_Kernel):
             params.update(pick_cols=picks, n_picks=picks.shape[1])
             out = _outputs(R, C, self.per_row, False, False, cmp is not None)
             out.update(pick_g=np.empty(picks.shape), pick_fl=np.empty(picks.shape))
-        if served:
+        if "step_cols" in params:
             out["step_loss"] = np.empty(params["step_cols"].shape)
         if not self._run(z, g, rows, params, out, cmp):
             return None
