@@ -119,10 +119,20 @@ class RowAllowance:
         # allowed more: 16 bytes an entry (a million rows may need it)
         self.path_keys, self.path_amounts = array("q"), array("d")
 
+    def weights(self, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each row's (q, spread) times the gradient scale for `refine`, in one call (None
+        without a softmax's target weights)."""
+        if self.target_weights is None or not rows:
+            return [None] * len(rows)
+        q, spread = (t * self.scale for t in self.target_weights(np.asarray(rows, dtype=np.int64)))
+        return list(zip(q, spread))
+
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
-               ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row `row`'s |error| / allowed, |error| and allowed error after the allowances
-        (non-finite entries unchanged)."""
+        (non-finite entries unchanged); `weights`: the row's `weights` entry, when taken for
+        several rows at once."""
         g = np.asarray(got, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             d = g - ref
@@ -139,7 +149,8 @@ class RowAllowance:
         where = None if every else finite
         if self.target_weights is not None:
             bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
-            fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds)
+            fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds,
+                                          weights or self.weights([row])[0])
             out = _ratios(ratio, where, fitted, allowed, slack)
             # a failing row keeps its raw errors unless a factor beyond noise level was found
             if out.max() <= 1.0 or fit.significant:
@@ -236,12 +247,13 @@ class RowAllowance:
             return half_ulp + np.maximum(allowed - self.rtol * np.abs(ref), 0.0)
 
     def _remove_factors(self, fit: _Fit, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
-                        slack: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+                        slack: np.ndarray, bounds: np.ndarray | None,
+                        weights: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """d less the fitted factors (noted in `fit`); `slack` gains each removed factor's own
         uncertainty. `bounds` (coarse storage): each entry's error bound apart from the
-        factors."""
-        assert self.target_weights is not None  # softmax models only (refine checks)
-        q, spread = (t[0] * self.scale for t in self.target_weights(np.array([fit.row])))
+        factors; `weights`: the row's (q, spread) times the scale."""
+        assert weights is not None  # softmax models only (refine checks)
+        q, spread = weights
         soft = ref + q          # Q a * scale
         fit.soft_term = soft
         weight = -spread        # smoothing's share of the target-weight term

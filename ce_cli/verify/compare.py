@@ -177,12 +177,12 @@ class Comparison:
         self.inf_in_range += m.inf_in_range
         over = rowmax > 1.0
         if self.allowance is not None and over.any():
-            for i in np.flatnonzero(over):
+            failing = [i for i in np.flatnonzero(over).tolist()
+                       if self.allowance.may_change(got[at(i)])]
+            for i, weights in zip(failing, self.allowance.weights([row0 + i for i in failing])):
                 p = at(i)
-                if not self.allowance.may_change(got[p]):
-                    continue
-                ratio[p], diff[p], tol[p] = self.allowance.refine(row0 + int(i), ref[p], got[p],
-                                                                  tol[p], ratio[p])
+                ratio[p], diff[p], tol[p] = self.allowance.refine(row0 + i, ref[p], got[p],
+                                                                  tol[p], ratio[p], weights)
                 rowmax[i] = ratio[p].max()
                 rel_rows[i] = _max_rel(diff[p], ref[p])
                 row_abs[i] = np.fmax.reduce(diff[p])
@@ -236,8 +236,9 @@ class Comparison:
         step = max(1, OPEN_ENTRIES // max(1, got.shape[1]))
         for i in range(0, len(failing), step):
             batch = failing[i:i + step]
-            for r, (ratio, ref, yours, _diff, tol) in zip(batch, open_rows(batch)):
-                out = self.allowance.refine(row0 + r, ref, yours, tol, ratio)
+            weights = self.allowance.weights([row0 + r for r in batch])
+            for r, (ratio, ref, yours, _diff, tol), w in zip(batch, open_rows(batch), weights):
+                out = self.allowance.refine(row0 + r, ref, yours, tol, ratio, w)
                 rowmax[r] = out[0].max()
                 mismatches[r] = np.count_nonzero(out[0] > 1.0)
                 max_abs[r] = np.fmax.reduce(out[1])
