@@ -40,7 +40,7 @@ flushed is short by at most twice float32's smallest normal times `flush_factor`
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -55,6 +55,7 @@ TOP_ROWS = 5  # rows whose factors are kept, to tell a systematic factor from ro
 MAX_PEAKS = 8  # a row's tied maxima the row max's path is looked for at, at most
 # `median`'s sample, and its window's half-width in sample entries: the sample median's rank
 # errs by ~sqrt(n / 4 SAMPLE) entries of n, the window spans 3 of those standard deviations
+WEIGHT_ENTRIES = 1 << 15  # target weights taken for rows of this many entries at a time
 MEDIAN_SAMPLE = 256
 MEDIAN_WINDOW = 24
 
@@ -119,13 +120,18 @@ class RowAllowance:
         # allowed more: 16 bytes an entry (a million rows may need it)
         self.path_keys, self.path_amounts = array("q"), array("d")
 
-    def weights(self, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Each row's (q, spread) times the gradient scale for `refine`, in one call (None
-        without a softmax's target weights)."""
-        if self.target_weights is None or not rows:
-            return [None] * len(rows)
-        q, spread = (t * self.scale for t in self.target_weights(np.asarray(rows, dtype=np.int64)))
-        return list(zip(q, spread))
+    def weights(self, rows: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
+        """Each row's (q, spread) times the gradient scale for `refine` (None without a
+        softmax's target weights), taken WEIGHT_ENTRIES at a time: one call for many narrow
+        rows, and a wide row's while it is still in cache."""
+        if self.target_weights is None:
+            yield from (None for _ in rows)
+            return
+        step = max(1, WEIGHT_ENTRIES // max(1, self.n_classes))
+        for a in range(0, len(rows), step):
+            block = np.asarray(rows[a:a + step], dtype=np.int64)
+            q, spread = (t * self.scale for t in self.target_weights(block))
+            yield from zip(q, spread)
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
                ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None = None
@@ -150,7 +156,7 @@ class RowAllowance:
         if self.target_weights is not None:
             bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
             fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds,
-                                          weights or self.weights([row])[0])
+                                          weights or next(self.weights([row])))
             out = _ratios(ratio, where, fitted, allowed, slack)
             # a failing row keeps its raw errors unless a factor beyond noise level was found
             if out.max() <= 1.0 or fit.significant:
