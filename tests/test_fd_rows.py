@@ -91,3 +91,4 @@ def test_buffer_outlives_no_block(monkeypatch):
     want = _fresh_copies(problem, rows, cols, 1, 1e-7)
     np.testing.assert_array_equal(_bits(res.fd), _bits(want[0]))
     np.testing.assert_array_equal(_bits(res.bound), _bits(want[1]))
+

@@ -467,12 +467,27 @@ FD_DEFAULT_BUDGET = 10.0  # seconds --fd full may take without --fd-budget
 
 
 def fd_rate(n_classes: int, elements: int = 1 << 21, elementwise: bool = False) -> float:
-    """Element evaluations per second here: a short calibration, the log-sum-exp of a block of
-    rows of C classes (what each --fd full evaluation does); `elementwise` (binary): --fd full
-    itself on a chunk of 2^18 elements, two evaluations each with their bounds."""
+    """Element evaluations per second here: a short calibration. The numpy kernel: the
+    log-sum-exp of a block of rows of C classes (what each --fd full evaluation does); the
+    compiled kernel: --fd full itself on rows of C classes (2^14 entries, at least one row:
+    each row is evaluated once and its steps taken from its own sums); `elementwise` (binary):
+    --fd full itself on a chunk of 2^18 elements, two evaluations each with their bounds."""
     import numpy as np
 
-    if elementwise:
+    from ce_cli.kernels.compiled import kernel
+
+    if not elementwise and kernel() is not None:
+        from ce_cli.models.softmax import build_softmax_ce
+        from ce_cli.verify.finite_diff import fd_full
+
+        rows = max(1, (1 << 14) // max(1, n_classes))
+        z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+        problem, _ = build_softmax_ce(z, np.zeros(rows, dtype=np.int64))
+        count = 2 * rows * n_classes ** 2
+
+        def work() -> None:
+            fd_full(problem, 0, rows)
+    elif elementwise:
         from ce_cli.kernels.allocator import keep_chunk_buffers
         from ce_cli.models.sigmoid import build_sigmoid_bce
         from ce_cli.verify.finite_diff import fd_full

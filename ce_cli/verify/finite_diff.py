@@ -302,6 +302,9 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
         return fd.reshape(zc.shape), bound.reshape(zc.shape), skipped
     base = np.asarray(problem.z[start:stop], dtype=np.float64).copy()
     r = np.arange(start, stop)
+    swept = _full_by_steps(problem, base, r) if problem.kernel is not None else None
+    if swept is not None:
+        return swept
     ev = problem.evaluate_rows(base, r, grad=False)
     R, C = base.shape
     fd = np.empty((R, C))
@@ -318,6 +321,40 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
         base[:, j] = zc
         f, b, s = _finish(problem, r, np.full(r.size, j), zp, zm, lp, lm, zc, ev)
         fd[:, j], bound[:, j] = f, b
+        skipped += s
+    return fd, bound, skipped
+
+
+def _full_by_steps(problem, base: np.ndarray, r: np.ndarray):
+    """`fd_full`'s sweeps on the compiled kernel: each row evaluated once, its 2C steps taken
+    from its own sums (`steps`, the bits of the sweep's whole row; a step the kernel does not
+    take is evaluated whole), FD_BLOCK_ENTRIES of steps a call. None when the kernel hands the
+    rows back (the sweeps then run on the numpy kernel, as before)."""
+    R, C = base.shape
+    h = step_for(base)
+    zp, zm = base + h, base - h
+    fd, bound = np.empty((R, C)), np.empty((R, C))
+    skipped = 0
+    per = max(1, FD_BLOCK_ENTRIES // (2 * C))
+    cols = np.repeat(np.arange(C, dtype=np.int64), 2)  # each column's z + h, then z - h
+    for a in range(0, R, per):
+        b = slice(a, min(R, a + per))
+        n = b.stop - a
+        vals = np.stack([zp[b], zm[b]], axis=2).reshape(n, 2 * C)
+        ev = problem.evaluate_rows(base[b], r[b], grad=False,
+                                   steps=(np.broadcast_to(cols, (n, 2 * C)), vals))
+        if ev.step_loss is None:
+            return None
+        lp, lm = ev.step_loss[:, 0::2].copy(), ev.step_loss[:, 1::2].copy()
+        i, j = np.nonzero(np.isnan(lp) | np.isnan(lm))  # the steps the kernel did not take
+        if i.size:
+            lp[i, j], lm[i, j] = row_steps(problem, base[b][i], r[b][i], j, zp[b][i, j],
+                                           zm[b][i, j])
+        each = np.repeat(np.arange(n), C)  # entry k of the block: row k // C, column k % C
+        f, e, s = _finish(problem, r[b][each], np.tile(np.arange(C), n), zp[b].ravel(),
+                          zm[b].ravel(), lp.ravel(), lm.ravel(), base[b].ravel(),
+                          ev.take_rows(each))
+        fd[b], bound[b] = f.reshape(n, C), e.reshape(n, C)
         skipped += s
     return fd, bound, skipped
 
