@@ -67,7 +67,7 @@ def test_full_sweeps_by_steps_are_the_column_sweeps(case, dtype, C, on_target, m
     original = finite_diff._full_by_steps
     monkeypatch.setattr(finite_diff, "_full_by_steps",
                         lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(finite_diff, "FD_BLOCK_ENTRIES", 2 * C * 4)  # 4 rows a call
+    monkeypatch.setattr(finite_diff, "FULL_STEPS", 2 * C * 4)  # 4 rows a call
     got = {}
     for threads in (1, 2):
         with use_threads(threads):

@@ -38,6 +38,7 @@ FULL_BUDGET = 2e8  # entry-evaluations (2 * N * C * C) that `auto` accepts for a
 DIRECTIONAL_BUDGET = 1 << 24  # entries up to which `auto` adds a directional check of every row
 BLOCK_ENTRIES = 1 << 17  # a loss-only block of the numpy kernel: its buffers stay in cache
 FD_BLOCK_ENTRIES = 1 << 21  # sampled rows' entries a compiled-kernel call: 64 rows at C = 32000
+FULL_STEPS = 1 << 19  # steps a compiled-kernel call of `full` (~60 MB of arrays a call)
 
 
 # eq=False: it holds arrays, whose == is elementwise (and not generating __eq__ saves start-up)
@@ -328,14 +329,14 @@ def fd_full(problem, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int
 def _full_by_steps(problem, base: np.ndarray, r: np.ndarray):
     """`fd_full`'s sweeps on the compiled kernel: each row evaluated once, its 2C steps taken
     from its own sums (`steps`, the bits of the sweep's whole row; a step the kernel does not
-    take is evaluated whole), FD_BLOCK_ENTRIES of steps a call. None when the kernel hands the
+    take is evaluated whole), FULL_STEPS of them a call. None when the kernel hands the
     rows back (the sweeps then run on the numpy kernel, as before)."""
     R, C = base.shape
     h = step_for(base)
     zp, zm = base + h, base - h
     fd, bound = np.empty((R, C)), np.empty((R, C))
     skipped = 0
-    per = max(1, FD_BLOCK_ENTRIES // (2 * C))
+    per = max(1, FULL_STEPS // (2 * C))
     cols = np.repeat(np.arange(C, dtype=np.int64), 2)  # each column's z + h, then z - h
     for a in range(0, R, per):
         b = slice(a, min(R, a + per))
