@@ -476,26 +476,24 @@ def fd_rate(n_classes: int, elements: int = 1 << 21, elementwise: bool = False) 
 
     from ce_cli.kernels.compiled import kernel
 
-    if not elementwise and kernel() is not None:
-        from ce_cli.models.softmax import build_softmax_ce
-        from ce_cli.verify.finite_diff import fd_full
-
-        rows = max(1, (1 << 14) // max(1, n_classes))
-        z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
-        problem, _ = build_softmax_ce(z, np.zeros(rows, dtype=np.int64))
-        count = 2 * rows * n_classes ** 2
-
-        def work() -> None:
-            fd_full(problem, 0, rows)
-    elif elementwise:
+    problem: Any = None  # a problem whose own --fd full is timed, or None
+    if elementwise:
         from ce_cli.kernels.allocator import keep_chunk_buffers
         from ce_cli.models.sigmoid import build_sigmoid_bce
-        from ce_cli.verify.finite_diff import fd_full
 
         keep_chunk_buffers()  # as the check will: without it each chunk's buffers fault in anew
         x = np.linspace(-3.0, 3.0, 1 << 18).reshape(8, -1)  # a chunk of the stream
-        problem, _ = build_sigmoid_bce(x, (x > 0).astype(np.float64))
+        problem = build_sigmoid_bce(x, (x > 0).astype(np.float64))[0]
         count = 2 * x.size
+    elif kernel() is not None:
+        from ce_cli.models.softmax import build_softmax_ce
+
+        rows = max(1, (1 << 14) // max(1, n_classes))
+        z = np.linspace(-3.0, 3.0, rows * n_classes).reshape(rows, n_classes)
+        problem = build_softmax_ce(z, np.zeros(rows, dtype=np.int64))[0]
+        count = 2 * rows * n_classes ** 2
+    if problem is not None:
+        from ce_cli.verify.finite_diff import fd_full
 
         def work() -> None:
             fd_full(problem, 0, problem.n_rows)
