@@ -214,8 +214,8 @@ def _fd_block(problem, rows: np.ndarray, cols: np.ndarray, block: np.ndarray, in
     lp, lm = taken[local, 2 * slot], taken[local, 2 * slot + 1]
     whole = np.flatnonzero(np.isnan(lp) | np.isnan(lm))  # the steps the kernel did not take
     if whole.size:
-        lp[whole], lm[whole] = row_steps(problem, z[local[whole]], rows[sel][whole], c[whole],
-                                         zp[whole], zm[whole], threads)
+        lp[whole], lm[whole] = perturbed_losses(problem, z[local[whole]], rows[sel][whole],
+                                                c[whole], zp[whole], zm[whole], threads)
     f, b, s = _finish(problem, rows[sel], c, zp, zm, lp, lm, zc, ev.take_rows(local))
     return sel, (f, b, ana, floor), s
 
@@ -241,12 +241,12 @@ def central_differences(problem, base, r, c, zc, ev, h: np.ndarray | None = None
     if elementwise(problem):
         lp, lm = problem.entry_losses(r, c, zp), problem.entry_losses(r, c, zm)
         return _finish(problem, r, c, zp, zm, lp, lm, zc, None)
-    lp, lm = row_steps(problem, base, r, c, zp, zm, threads)
+    lp, lm = perturbed_losses(problem, base, r, c, zp, zm, threads)
     return _finish(problem, r, c, zp, zm, lp, lm, zc, ev)
 
 
-def row_steps(problem, base: np.ndarray, r: np.ndarray, c: np.ndarray, zp: np.ndarray,
-              zm: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def perturbed_losses(problem, base: np.ndarray, r: np.ndarray, c: np.ndarray, zp: np.ndarray,
+                     zm: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(loss_n at z + h, loss_n at z - h): row base[k] (problem row r[k]) evaluated whole
     with its entry c[k] set to zp[k], then to zm[k]."""
     return (row_losses(problem, base, r, threads, (c, zp)),
@@ -349,8 +349,8 @@ def _full_by_steps(problem, base: np.ndarray, r: np.ndarray):
         lp, lm = ev.step_loss[:, 0::2].copy(), ev.step_loss[:, 1::2].copy()
         i, j = np.nonzero(np.isnan(lp) | np.isnan(lm))  # the steps the kernel did not take
         if i.size:
-            lp[i, j], lm[i, j] = row_steps(problem, base[b][i], r[b][i], j, zp[b][i, j],
-                                           zm[b][i, j])
+            lp[i, j], lm[i, j] = perturbed_losses(problem, base[b][i], r[b][i], j, zp[b][i, j],
+                                                  zm[b][i, j])
         each = np.repeat(np.arange(n), C)  # entry k of the block: row k // C, column k % C
         f, e, s = _finish(problem, r[b][each], np.tile(np.arange(C), n), zp[b].ravel(),
                           zm[b].ravel(), lp.ravel(), lm.ravel(), base[b].ravel(),
