@@ -1,11 +1,15 @@
-"""`--fd full` on the compiled kernel (finite_diff._full_by_steps): each row evaluated once,
-every column's steps z + h and z - h taken from the row's own sums, gives the bits of the
-column sweeps (every row evaluated whole with column j set), on every target this CPU runs."""
+"""Finite differences whose steps the compiled kernel takes from each row's own sums: `--fd
+full` (finite_diff._full_by_steps: each row evaluated once, every column's z + h and z - h)
+gives the bits of the column sweeps (every row evaluated whole with column j set) on every
+target this CPU runs, and sampled entries the bits of fresh row copies; the cost guard
+calibrates on the kernel that runs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import Semantics
@@ -96,3 +100,29 @@ def test_full_sweep_estimate_calibrates_on_the_kernel_that_runs(fused, monkeypat
     assert (len(swept) == 3 and swept[0] == (1 << 14) // 700) if fused == "1" else not swept
     with pytest.raises(Exception, match="over the budget of 1e-06 s"):
         app.fd_cost_guard((64, 700), -1, 1e-6, quiet=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 6), c=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 30.0, 800.0]),
+       dtype=st.sampled_from(["float32", "float64"]), smoothing=st.sampled_from([0.0, 0.1]),
+       seed=st.integers(0, 2**32 - 1), k=st.integers(1, 12))
+def test_sampled_steps_are_fresh_row_copies_property(compiled_kernel, n, c, scale, dtype,
+                                                     smoothing, seed, k):
+    """Sampled entries at any layout (several in a row, the arg-max, the target, rows whose
+    exps underflow): `fd_entries` on the compiled kernel, whose steps come from each row's own
+    sums, gives the bits of each entry differenced on a fresh float64 copy of its row."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * scale).astype(dtype)
+    y = rng.integers(0, c, n)
+    problem = build_softmax_ce(z, y, label_smoothing=smoothing)[0]
+    rows = rng.integers(0, n, k)
+    cols = np.where(rng.random(k) < 0.3, np.asarray(z).argmax(axis=1)[rows], rng.integers(0, c, k))
+    pairs = np.unique(np.stack([rows, cols], axis=1), axis=0)
+    rows, cols = pairs[:, 0], pairs[:, 1]
+    res = finite_diff.fd_entries(problem, rows, cols)
+    base = np.asarray(problem.z, dtype=np.float64)[rows]
+    ev = problem.evaluate_rows(np.asarray(problem.z), np.arange(n), grad=False).take_rows(rows)
+    fd, bound, _ = finite_diff.central_differences(problem, base, rows, cols,
+                                                   base[np.arange(rows.size), cols], ev)
+    np.testing.assert_array_equal(_bits(res.fd), _bits(fd))
+    np.testing.assert_array_equal(_bits(res.bound), _bits(bound))
