@@ -12,10 +12,10 @@ each count keeps a coincidence below 2^-29). Values that both bfloat16 and float
 most 8 significand bits, within float16's range) are taken as bfloat16's, the looser rule: a
 bf16 gradient of few distinct values (a small batch, saturated rows) keeps bf16's rule, not
 float16's or float32's, and a float16 one lands on bf16 values only by chance (2^-3 an
-entry). Below float16's smallest
-normal (2^-14) bfloat16's rule is the stricter: its values there are float16's subnormals
-(6e-8 apart) too, which a float16 gradient of a mean over many elements mostly is, so a tag of
-such values also names float16 (`ALSO_KEY`) and the rule takes float16's subnormal spacing.
+entry). Below float16's smallest normal (2^-14) bfloat16's rule is the stricter: its values
+there are float16's subnormals (6e-8 apart) too, which a float16 gradient of a mean over many
+elements mostly is, so a tag of such values also names float16 (`ALSO_KEY`) and the rule takes
+float16's subnormal spacing.
 The evidence is looked for in a spread sample (the first SAMPLE entries and SPREAD blocks
 across the array: a computed array shows it at once); only then is every entry read, to see
 that the format holds them all. The narrowest format that does wins. The tag is the one a bf16

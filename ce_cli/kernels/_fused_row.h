@@ -472,11 +472,12 @@ static inline int64_t T(scan_f32)(const float *zf, int64_t C, double *mx, double
  * results), so these are the bits row_pert gives; NaN for the other steps. */
 static __attribute__((noinline)) void T(row_steps)(
         const ce_args *a, int64_t r, const void *z, int z32, const double *e_row,
-        const double *keep, int64_t nb, double m, int64_t am, int64_t y, double alpha,
+        double *keep, int64_t nb, double m, int64_t am, int64_t y, double alpha,
         double beta, const void *qrow, int q32, double Q, int ext) {
     const int64_t C = a->n_cols, K = a->n_steps;
-    const double *w = a->w, S = a->x_scale, cap = a->softcap;
-    double *tmp = (double *)keep + 2 * nb;
+    const double *w = a->w;
+    const double S = a->x_scale, cap = a->softcap;
+    double *tmp = keep + 2 * nb;  /* after the kept sums: a copy the pairwise sum works in */
     const int zsum = qrow || beta != 0.0;
     for (int64_t k = r * K; k < (r + 1) * K; k++) {
         const int64_t c = a->step_cols[k];

@@ -134,11 +134,10 @@ class RowAllowance:
             yield from zip(q, spread)
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
-               ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None = None
+               ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row `row`'s |error| / allowed, |error| and allowed error after the allowances
-        (non-finite entries unchanged); `weights`: the row's `weights` entry, when taken for
-        several rows at once."""
+        (non-finite entries unchanged); `weights`: the row's entry of `weights`."""
         g = np.asarray(got, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             d = g - ref
@@ -156,7 +155,7 @@ class RowAllowance:
         if self.target_weights is not None:
             bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
             fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds,
-                                          weights or next(self.weights([row])))
+                                          weights)
             out = _ratios(ratio, where, fitted, allowed, slack)
             # a failing row keeps its raw errors unless a factor beyond noise level was found
             if out.max() <= 1.0 or fit.significant:

@@ -9,7 +9,9 @@ with h = eps^(1/3) * max(1, |z_c|) and the realised step in the denominator. Eac
 rigorous error bound from the loss model (round-off plus truncation: `fd_error_bound`). A loss
 that is a sum of independent per-element terms (sigmoid BCE: `elementwise`) takes the sampled
 differences on the element's own loss l_nc instead: O(1) work an entry, and no row sum's
-rounding in the bound (`entry_fd_error_bound`).
+rounding in the bound (`entry_fd_error_bound`). On the compiled kernel a softmax row is
+evaluated once and each of its steps re-sums only the entry's block of 128 from the row's own
+sums (`steps`: the bits of the perturbed row evaluated whole).
 
 Modes: `full` sweeps every column of a row chunk at once (2*C chunk evaluations); `directional`
 checks every row along one random direction (2 batch evaluations) and localises a failing row's
