@@ -5,6 +5,7 @@
     python bench/cases.py --kernels avx512,avx2,numpy --workdir /tmp/cases   # targets; keep inputs
     python bench/cases.py --scaling             # only the scaling table (in-process kernel)
     python bench/cases.py --cases zloss,softcap # grad --z-loss 1e-4 / --softcap 30, index targets
+    python bench/cases.py --as-cpu avx2         # as on an AVX2-only CPU (numpy, PyTorch, ce-check)
 
 For each case (`binary`: multi-label logits, labels 0/1 at 5%; `probs`: softmax with dense soft
 targets; `zloss`, `softcap`: index targets with `--z-loss 1e-4` or `--softcap 30`) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
@@ -37,7 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch_baseline import SOFTCAP, TORCH_PYTHON_HELP, Z_LOSS, kernel_env, rss_budget, run_torch
+from torch_baseline import (AS_CPU_HELP, AS_CPU_MARK, SOFTCAP, TORCH_PYTHON_HELP, Z_LOSS, as_cpu, kernel_env,
+                            rss_budget, run_torch)
 
 WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
@@ -198,11 +200,14 @@ def main() -> None:
     p.add_argument("--torch-python", default=sys.executable, help=TORCH_PYTHON_HELP)
     p.add_argument("--scaling", action="store_true", help="only the scaling table")
     p.add_argument("--json-out")
+    p.add_argument("--as-cpu", choices=["avx2"], help=AS_CPU_HELP)
     args = p.parse_args()
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    as_cpu(args.as_cpu, args.kernels)
     threads = sorted({int(t) for t in args.threads.split(",")})
     from ce_cli.kernels.compiled import target
-    res: dict = {"target": target(), "cpu_count": os.cpu_count(), "cases": [], "scaling": []}
+    res: dict = {"target": target(), "cpu_count": os.cpu_count(), "as_cpu": os.environ.get(AS_CPU_MARK),
+                 "cases": [], "scaling": []}
     print(f"compiled kernel target: {res['target']}", file=sys.stderr)
     if args.scaling:
         shapes = ([(n, 2000) for n in (1024, 4096, 16384, 65536)]

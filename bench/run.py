@@ -9,6 +9,7 @@ How to run (from a checkout, with ce-check installed in the current Python):
     python bench/run.py --help    # all options (sizes, --repeat, --workdir, --keep, --json-out)
     python bench/run.py --kernels avx512,avx2,scalar,numpy --threads 1,2   # section 1 per kernel
     python bench/run.py --reread  # inputs read back from disk, as a CI job's are, not just written
+    python bench/run.py --kernels avx2,numpy --threads 1,2 --as-cpu avx2   # as on an AVX2-only CPU
 
 Without torch the PyTorch parts are skipped with a message; everything else still runs. Linux
 or macOS only (per-process peak RSS comes from os.wait4). Every thread pool (OpenMP, OpenBLAS,
@@ -68,7 +69,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ce_cli  # noqa: E402
-from torch_baseline import TORCH_PYTHON_HELP, input_bytes, kernel_env, rss_budget, run_torch  # noqa: E402
+from torch_baseline import (AS_CPU_HELP, AS_CPU_MARK, TORCH_PYTHON_HELP, as_cpu, input_bytes,  # noqa: E402
+                           kernel_env, rss_budget, run_torch)
 
 MB = 1 << 20  # MiB: sizes and RSS are reported in MiB
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -130,11 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", metavar="LIST", default="1",
                    help="comma-separated kernel thread counts (CE_CHECK_THREADS) for --kernels "
                         "(%(default)s; everything else stays on one thread)")
+    p.add_argument("--as-cpu", choices=["avx2"], help=AS_CPU_HELP)
     args = p.parse_args(argv)
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else []
+    as_cpu(args.as_cpu, args.kernels)
     if "all" in args.kernels:  # every target this CPU runs, then the numpy kernel
         from ce_cli.kernels.compiled import targets
-        args.kernels = [*targets(), "numpy"]
+        args.kernels = [*(t for t in targets() if not (args.as_cpu and t == "avx512")), "numpy"]
     try:
         args.threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
@@ -408,7 +412,8 @@ def bench_kernels(cmd, paths, workdir: Path, repeat: int, kernels: list[str], th
 def run_kernels(args, torch, workdir: Path) -> dict:
     cmd = ce_check_command()
     res = {"shape": [args.n, args.c], "repeat": args.repeat, "python": sys.executable,
-           "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None)}
+           "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None),
+           "as_cpu": os.environ.get(AS_CPU_MARK)}
     log(f"generating {args.n}x{args.c} inputs in {workdir}")
     paths, res["grad_source"] = make_inputs(workdir, args.n, args.c, args.seed, torch)
     if args.reread:
@@ -426,7 +431,7 @@ def fill_kernel_table(t: Table, res: dict) -> None:
     n, c = res["shape"]
     torch_by = {int(t): tb["time"]["best_s"] for t, tb in res["torch_by_threads"].items()}
     numpy_s = {r["threads"]: r["time"]["best_s"] for r in res["kernels"] if r["kernel"] == "numpy"}
-    sec = f"1 end-to-end {n}x{c} by kernel"
+    sec = f"1 end-to-end {n}x{c} by kernel" + (f", as an {res['as_cpu']}-only CPU" if res["as_cpu"] else "")
     for r in res["kernels"]:
         best, med = r["time"]["best_s"], r["time"]["median_s"]
         extra = [f"ran {r['ran']}"]
@@ -614,7 +619,7 @@ def bench_corruption(cmd, paths, workdir: Path, n: int, c: int) -> dict:
 def fill_table(t: Table, res: dict, torch_note: str) -> None:
     e2e = res["end_to_end"]
     n, c = res["shape"]
-    sec = f"1 end-to-end {n}x{c}"
+    sec = f"1 end-to-end {n}x{c}" + (f", as an {res['as_cpu']}-only CPU" if res["as_cpu"] else "")
     t.add(sec, "ce-check wall time best / median",
           f"{secs(e2e['time']['best_s'])} / {secs(e2e['time']['median_s'])}")
     t.add(sec, "exit codes, JSON ok", f"{e2e['exit_codes']} {json.dumps(e2e['json_ok'])}", "0, true",
@@ -687,7 +692,8 @@ def clean_workdir(workdir: Path, created: bool, keep: bool) -> None:
 def run(args, torch, workdir: Path) -> dict:
     cmd = ce_check_command()
     res = {"shape": [args.n, args.c], "repeat": args.repeat, "python": sys.executable,
-           "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None)}
+           "ce_check_version": ce_cli.__version__, "torch_version": getattr(torch, "__version__", None),
+           "as_cpu": os.environ.get(AS_CPU_MARK)}
     # The small finite-difference section first: after the large inputs, page-cache writeback
     # and reclaim slowed gradcheck's per-entry cost by up to 2x on a 2-core machine.
     res["fd"] = bench_fd(torch, args.fd_n, args.fd_c, args.seed, args.repeat, args.gc_rows,

@@ -17,7 +17,9 @@ torch need not be installed next to ce-check; without torch there it is skipped 
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 TORCH_PYTHON_HELP = ("Python interpreter that can import torch, for the PyTorch float64 baseline "
@@ -82,6 +84,35 @@ def run_torch(python: str, kind: str, paths: dict[str, Path], threads: int,
     return float(seconds), version
 
 
+AS_CPU_HELP = ("time as on a CPU without AVX-512 (avx2): this script runs again with numpy's "
+               "AVX-512 loops turned off (NPY_DISABLE_CPU_FEATURES), PyTorch's too "
+               "(ATEN_CPU_CAPABILITY=avx2) and the compiled kernel on its avx2 target "
+               "(CE_CHECK_TARGET), in every child as well")
+AS_CPU_MARK = "CE_BENCH_AS_CPU"  # set in the run started by `as_cpu`
+
+
+def as_cpu(cpu: str | None, kernels: list[str]) -> None:
+    """Start this script again as on an AVX2-only CPU when `cpu` is "avx2" (it does not
+    return), unless this is that run already. An AVX2-only CPU differs from an AVX-512 one in
+    more than ce-check's kernel: numpy has AVX-512 loops of float64 exp and log only (on AVX2
+    they are libm's scalar functions, ~5x slower here), PyTorch has AVX-512 kernels of its own.
+    `kernels` naming a target above avx2 is an error."""
+    if cpu is None or os.environ.get(AS_CPU_MARK) == cpu:
+        return
+    if "avx512" in kernels:
+        sys.exit("--as-cpu avx2: the avx512 target is not on such a CPU")
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_dispatch__
+    wide = [f for f in __cpu_dispatch__ if f.startswith(("AVX512", "X86_V4"))]
+    env = {**os.environ, AS_CPU_MARK: cpu, "NPY_DISABLE_CPU_FEATURES": " ".join(wide),
+           "ATEN_CPU_CAPABILITY": cpu, "CE_CHECK_TARGET": cpu}
+    print(f"as an {cpu}-only CPU: NPY_DISABLE_CPU_FEATURES={env['NPY_DISABLE_CPU_FEATURES']!r}, "
+          f"ATEN_CPU_CAPABILITY={cpu}, CE_CHECK_TARGET={cpu}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def input_bytes(paths: dict[str, Path]) -> int:
     """Bytes of every input file ce-check reads (logits, labels, gradient, ...)."""
     return sum(p.stat().st_size for p in paths.values())
@@ -95,7 +126,7 @@ def rss_budget(paths: dict[str, Path]) -> float:
 def kernel_env(kernel: str, threads: int) -> dict[str, str]:
     """Environment overrides running ce-check on `kernel` with `threads` threads: a compiled
     target (CE_CHECK_TARGET: avx512, avx2, sse2, neon, scalar), `compiled` (the best target this
-    CPU runs) or `numpy` (CE_CHECK_FUSED=0)."""
+    CPU runs, or --as-cpu's: `as_cpu` sets CE_CHECK_TARGET) or `numpy` (CE_CHECK_FUSED=0)."""
     env = {"CE_CHECK_THREADS": str(threads)}
     if kernel == "numpy":
         env["CE_CHECK_FUSED"] = "0"
