@@ -32,7 +32,7 @@ int64_t ce_cap_funcs_on(const char *name, const double *x, double cap, double *o
     X(out_tol) X(out_ratio) X(work) X(q) X(q_total) X(y_bin) X(w_bin) X(pos_w) X(out_items)  \
     X(out_item_w) X(total_w) X(row_min) X(s_w) X(row_zabs) X(row_qabs) X(row_qsum) X(row_mag) \
     X(row_g1) X(pert_col) X(pert_val) X(pick_cols) X(pick_g) X(pick_fl) X(step_cols)         \
-    X(step_vals) X(step_loss)
+    X(step_vals) X(step_loss) X(flushed)
 
 static const size_t OFFSETS[] = {
 #define X(f) offsetof(ce_args, f),

@@ -968,12 +968,13 @@ class _RowStats:
     """A RowStats that keeps what the kernel folds into it."""
 
     extra_atol = 0.0
+    flush = None
 
     def __init__(self, tol) -> None:
         self.tol = tol
 
     def update_summary(self, row0, n_entries, rowmax, mismatches, nonfinite, max_abs, max_rel,
-                       open_rows, got) -> None:
+                       open_rows, got, flushed=None) -> None:
         self.rowmax, self.mismatches = rowmax.copy(), mismatches.copy()
 
 

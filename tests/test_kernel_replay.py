@@ -43,7 +43,7 @@ FIELDS = ("z", "g", "alpha", "beta", "ys", "active", "w", "loss", "row_max", "lo
           "out_tol", "out_ratio", "work", "q", "q_total", "y_bin", "w_bin", "pos_w", "out_items",
           "out_item_w", "total_w", "row_min", "s_w", "row_zabs", "row_qabs", "row_qsum",
           "row_mag", "row_g1", "pert_col", "pert_val", "pick_cols", "pick_g",
-          "pick_fl", "step_cols", "step_vals", "step_loss")  # kernel_replay.c's PTR_FIELDS
+          "pick_fl", "step_cols", "step_vals", "step_loss", "flushed")  # kernel_replay.c's PTR_FIELDS
 ROWS_KINDS = {"__call__": 0, "bce": 1, "scan": 2}
 
 

@@ -116,7 +116,7 @@ def test_failing_rows_counted_alike_on_both_kernels(dtype, monkeypatch):
 
 def _binary_wrong(dtype, n: int = 30, k: int = 400, seed: int = 3):
     """Sigmoid BCE rows twice the reference, a NaN row, and rows whose tiny entries came back 0
-    (flushed: the only thing a refit changes in a sigmoid row)."""
+    (within the floor: no flush rule needed)."""
     rng = np.random.default_rng(seed)
     z = (rng.standard_normal((n, k)) * 40).astype(dtype)
     y = (rng.random((n, k)) < 0.3).astype(dtype)
@@ -130,9 +130,10 @@ def _binary_wrong(dtype, n: int = 30, k: int = 400, seed: int = 3):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_binary_rows_refit_only_where_a_zero_may_be_flushed(dtype, monkeypatch):
-    """A failing sigmoid row with no 0 keeps the kernel's statistics (no reopening): the same
-    verdicts, counts and worst entries as the numpy kernel, which refits every failing row."""
+def test_binary_rows_keep_the_entry_wise_statistics(dtype, monkeypatch):
+    """A failing sigmoid row is never refitted (it has no row factors; flushed entries pass
+    with the entry-wise rule): the compiled kernel's verdicts, counts and worst entries are the
+    numpy kernel's."""
     from ce_cli.verify.checks import check_binary
     z, y, g = _binary_wrong(dtype)
     summaries = []
@@ -143,4 +144,46 @@ def test_binary_rows_refit_only_where_a_zero_may_be_flushed(dtype, monkeypatch):
         summaries.append((c.ok, c.mismatches, c.total, float(c.max_abs_err).hex(),
                           float(c.max_rel_err).hex(), [e.index for e in c.worst], c.note))
     assert summaries[0] == summaries[1]
-    assert ("flushed to zero" in summaries[0][6]) == (dtype == np.float32)  # f64: none so small
+    assert not summaries[0][0] and "flushed to zero" not in summaries[0][6]
+
+
+def _flushed_softmax(dtype, n: int = 48, c: int = 3000, seed: int = 11):
+    """A mean-reduced softmax gradient with every result below `dtype`'s smallest normal
+    returned as 0 (flush-to-zero), at logit spreads that put many entries there."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * (4.0 if dtype == np.float16 else 40.0)).astype(np.float32)
+    y = rng.integers(0, c, n)
+    a = np.exp(z - z.max(axis=1, keepdims=True), dtype=np.float64)
+    a /= a.sum(axis=1, keepdims=True)
+    a[np.arange(n), y] -= 1.0
+    ref = a / n
+    g = np.where(np.abs(ref) < np.finfo(dtype).tiny, 0.0, ref).astype(dtype)
+    return z, y, g
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_flushed_entries_pass_entry_by_entry(dtype, monkeypatch):
+    """Flush-to-zero is a rule of single entries applied with the entry-wise rule: no row of a
+    flushed gradient is refitted, and the compiled kernel (1 and 2 threads) reports the numpy
+    kernel's bits: counts, errors, worst entries and the note's count of flushed entries."""
+    if kernel() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs the compiled kernel")
+        pytest.skip("the compiled kernel is not built here")
+    z, y, g = _flushed_softmax(dtype)
+    refits = []
+    original = compare.RowAllowance.refine
+    monkeypatch.setattr(compare.RowAllowance, "refine",
+                        lambda self, *a: refits.append(a[0]) or original(self, *a))
+    reports = []
+    for fused, threads in (("1", 1), ("1", 2), ("0", 1)):
+        monkeypatch.setenv("CE_CHECK_FUSED", fused)
+        rep = check_grad(z, y, grad=g, fd="off", threads=threads)
+        assert (rep.options["kernel"] == "numpy") == (fused == "0")
+        (c,) = [c for c in rep.checks if c.name == "grad_vs_reference"]
+        reports.append(_exact(dataclasses.replace(rep, options={})))
+        assert rep.ok and "flushed to zero beyond the entry-wise rule" in c.note, c
+    assert reports[0] == reports[1] == reports[2]
+    assert refits == []
+    strict = check_grad(z, y, grad=g, fd="off", strict_subnormals=True)
+    assert not strict.ok

@@ -82,6 +82,12 @@ typedef struct {
     const int64_t *step_cols;
     const double *step_vals;
     double *step_loss;
+    /* flush-to-zero, when flushed is given (verify/allowance.py, RowAllowance.flushed_entries):
+     * an entry beyond its allowed error whose reference is below flush_min in size and yours
+     * 0, or whose error is at most flush_partial, passes with error 0; flushed (R,) counts
+     * those whose |reference| exceeds flush_tiny */
+    double flush_min, flush_partial, flush_tiny;
+    int64_t *flushed;
 } ce_args;
 
 /* doubles of scratch per thread: the row's exp (C + 8 for the last group), two block sums, a

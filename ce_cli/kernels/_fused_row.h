@@ -219,7 +219,9 @@ AI double T(hmax)(vd v) {
 #define CE_COMPARE_BEGIN                                                         \
     const vd rtol = splat(a->rtol), abs_tol = splat(a->abs_tol), one = splat(1.0); \
     vd v_ratio = splat(0.0), v_abs = splat(0.0), v_rel = splat(0.0), v_lim = v_ratio; \
-    vl v_mis = (vl){0}, v_nf = (vl){0};                                         \
+    vl v_mis = (vl){0}, v_nf = (vl){0}, v_fl = (vl){0};                         \
+    const vd v_fmin = splat(a->flush_min), v_fpart = splat(a->flush_partial);   \
+    const vd v_ftiny = splat(a->flush_tiny);                                    \
     const void *gu = a->g ? (const char *)a->g + (size_t)(r * C) * (g32 ? 4 : 8) : NULL
 #define CE_COMPARE(c, live, n, g, fl) do {                                   \
         vd absg = vabs(g);                                                    \
@@ -239,9 +241,14 @@ AI double T(hmax)(vd v) {
  * A vector where every lane (live or not) passes both tests skips the divisions; any other
  * (a NaN product included) is computed exactly as before. */
 #define CE_COMPARE_FOLD(c, live, n, g, absg, tol, want_ratio) do {            \
-        vd d = vabs(T(load_row)(gu, g32, c, n) - (g));                        \
-        v_abs = sel(live, T(vmax)(d, v_abs), v_abs);                          \
+        vd yours = T(load_row)(gu, g32, c, n), d = vabs(yours - (g));         \
         if ((want_ratio) || !T(all_lt2)(d, v_lim * (tol), v_rel * (absg))) {  \
+            if (a->flushed) {  /* flush-to-zero: see ce_args.flush_min */     \
+                vl fl = (live) & (d > (tol))                                  \
+                        & ((((absg) < v_fmin) & (yours == splat(0.0))) | (d <= v_fpart)); \
+                v_fl -= fl & ((absg) > v_ftiny);                              \
+                d = sel(fl, splat(0.0), d);                                   \
+            }                                                                 \
             vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
             vd ratio = sel(odd, splat(INFINITY), d / (tol));                  \
             ratio = sel(live, ratio, splat(0.0));                             \
@@ -253,14 +260,17 @@ AI double T(hmax)(vd v) {
             v_rel = sel(rel > v_rel, rel, v_rel);                             \
             if (want_ratio) T(store)(a->out_ratio + r * C + (c), ratio, n);   \
         }                                                                     \
+        v_abs = sel(live, T(vmax)(d, v_abs), v_abs);                          \
     } while (0)
 #define CE_COMPARE_END do {                                                  \
         if (!gu) return 0;                                                    \
-        int64_t mis = 0, nf = 0;                                              \
+        int64_t mis = 0, nf = 0, nfl = 0;                                     \
         for (int i = 0; i < W; i++) {                                         \
             mis += v_mis[i];                                                  \
             nf += v_nf[i];                                                    \
+            nfl += v_fl[i];                                                   \
         }                                                                     \
+        if (a->flushed) a->flushed[r] = nfl;                                  \
         a->ratio_max[r] = T(hmax)(v_ratio);                                   \
         a->max_abs[r] = T(hmax)(v_abs);                                       \
         a->max_rel[r] = T(hmax)(v_rel);                                       \

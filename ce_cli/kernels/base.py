@@ -80,10 +80,11 @@ class RowStats(Protocol):
 
     tol: Any
     extra_atol: float
+    flush: dict[str, float] | None  # the flush rule's kernel arguments (ce_args.flush_min)
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
-                       open_rows: Any, got: Any) -> None: ...
+                       open_rows: Any, got: Any, flushed: np.ndarray | None = None) -> None: ...
 
 
 def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:

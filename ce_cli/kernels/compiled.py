@@ -55,6 +55,8 @@ class _Args(ctypes.Structure):
         ("pert_col", _P), ("pert_val", _P), ("n_picks", ctypes.c_int64), ("pick_cols", _P),
         ("pick_g", _P), ("pick_fl", _P),
         ("n_steps", ctypes.c_int64), ("step_cols", _P), ("step_vals", _P), ("step_loss", _P),
+        ("flush_min", ctypes.c_double), ("flush_partial", ctypes.c_double),
+        ("flush_tiny", ctypes.c_double), ("flushed", _P),
     ]
 
 
@@ -240,28 +242,29 @@ _PLAIN = _Plain()  # a problem without training-code semantics
 
 
 def _outputs(R: int, C: int, per_row: tuple[str, ...], grad: bool, floor: bool,
-             cmp: bool) -> dict[str, np.ndarray]:
-    """The kernel's output arrays for R rows of C entries."""
+             cmp: RowStats | None) -> dict[str, np.ndarray]:
+    """The kernel's output arrays for R rows of C entries (the comparison's with `cmp`)."""
     out = {name: np.empty(R) for name in per_row}
     if grad:
         out["out_ref"] = np.empty((R, C))
     if floor:
         out["out_floor"] = np.empty((R, C))
-    if cmp:
+    if cmp is not None:
         out.update({name: np.empty(R) for name in ("ratio_max", "max_abs", "max_rel")})
-        out.update({name: np.empty(R, dtype=np.int64) for name in ("mismatches", "nonfinite")})
+        counts = ("mismatches", "nonfinite", *(("flushed",) if cmp.flush else ()))
+        out.update({name: np.empty(R, dtype=np.int64) for name in counts})
     return out
 
 
 def _tolerance(cmp: RowStats | None, floor_coef: float | None,
                lse_weight: float = 1.0) -> tuple[float | None, dict]:
     """floor_coef (the comparison's when comparing) and the rtol, abs_tol and lse_weight
-    arguments."""
+    arguments (and the flush rule's, ce_args.flush_min)."""
     if cmp is None or cmp.tol is None:
         return floor_coef, {"rtol": 0.0, "abs_tol": 0.0, "lse_weight": lse_weight}
     tol = cmp.tol
     return tol.floor_coef, {"rtol": tol.rtol, "abs_tol": tol.atol + cmp.extra_atol + tol.tiny,
-                            "lse_weight": tol.lse_weight}
+                            "lse_weight": tol.lse_weight, **(cmp.flush or {})}
 
 
 class _Kernel:
@@ -301,7 +304,7 @@ class _Kernel:
             R, C = z.shape
             cmp.update_summary(int(rows[0]) if R else 0, R * C, out["ratio_max"], out["mismatches"],
                                out["nonfinite"], out["max_abs"], out["max_rel"],
-                               lambda rs: self._open_rows(z, g, params, rs), g)
+                               lambda rs: self._open_rows(z, g, params, rs), g, out.get("flushed"))
         return True
 
     def _open_rows(self, z, g, params: dict, rows: list[int]) -> list[tuple]:
@@ -313,8 +316,8 @@ class _Kernel:
         detail = {name: np.empty((idx.size, C)) for name in ("out_ref", "out_tol", "out_ratio")}
         scratch = {name: np.empty(idx.size)
                    for name in (*self.per_row, "ratio_max", "max_abs", "max_rel")}
-        scratch.update({name: np.empty(idx.size, dtype=np.int64)
-                        for name in ("mismatches", "nonfinite")})
+        counts = ("mismatches", "nonfinite", *(("flushed",) if "flush_min" in params else ()))
+        scratch.update({name: np.empty(idx.size, dtype=np.int64) for name in counts})
         got = g[idx]
         self._call(z[idx], got, {**params, **some}, {**scratch, **detail})
         ref = detail["out_ref"]
@@ -395,11 +398,11 @@ class FusedKernel(_Kernel):
             params.update(n_steps=step_cols.shape[1], step_cols=step_cols,
                           step_vals=np.ascontiguousarray(steps[1], dtype=np.float64))
         if picks is None:
-            out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
+            out = _outputs(R, C, self.per_row, grad, want_floor, cmp)
         else:  # no (R, C) arrays: the picked entries only
             picks = np.ascontiguousarray(picks, dtype=np.int64)
             params.update(pick_cols=picks, n_picks=picks.shape[1])
-            out = _outputs(R, C, self.per_row, False, False, cmp is not None)
+            out = _outputs(R, C, self.per_row, False, False, cmp)
             out.update(pick_g=np.empty(picks.shape), pick_fl=np.empty(picks.shape))
         if "step_cols" in params:
             out["step_loss"] = np.empty(params["step_cols"].shape)
@@ -530,7 +533,7 @@ class SigmoidKernel(_Kernel):
         params.update(y_bin=y, y_is_f32=int(y.dtype == np.float32), w_bin=w,
                       floor_coef=floor_coef or 0.0, **(self.transform or {}))
         R, C = z.shape
-        out = _outputs(R, C, self.per_row, grad, want_floor, cmp is not None)
+        out = _outputs(R, C, self.per_row, grad, want_floor, cmp)
         if grad and cmp is None:
             out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         if not self._run(z, g, rows, params, out, cmp):
@@ -560,7 +563,7 @@ class SigmoidKernel(_Kernel):
     def _items(self, z, params: dict) -> tuple[np.ndarray, np.ndarray]:
         """The per-element losses and |coef w| of rows `z` (no gradient, no comparison)."""
         R, C = z.shape
-        out = _outputs(R, C, self.per_row, False, False, False)
+        out = _outputs(R, C, self.per_row, False, False, None)
         out.update(out_items=np.empty((R, C)), out_item_w=np.empty((R, C)))
         self._call(z, None, params, out)
         return out["out_items"], out["out_item_w"]

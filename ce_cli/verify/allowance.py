@@ -27,8 +27,10 @@ rounding in your precision (MindSpore float16: exactly 0, +-1/2 or -1 ulp of 1).
 arg-max entries are allowed that much more, times |Q scale|: `path_allowance`.
 
 Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precision's smallest
-normal as 0. An entry whose reference is below it and whose value is exactly 0 passes
-(`strict_subnormals` turns this off). The flushed value may be an intermediate (the softmax
+normal as 0. An entry beyond the entry-wise rule whose reference is below it and whose value is
+exactly 0 passes with error 0 (`strict_subnormals` turns this off). Unlike the row allowances
+this is a rule of single entries, applied with the entry-wise rule itself (the compiled kernel's
+comparison and `Comparison.measure`), so rows it lets pass are never refitted. The flushed value may be an intermediate (the softmax
 entry) that a weight, the z-loss's 1 + 2 zeta lse and the gradient scale multiply afterwards
 (T5X's backward: w (1 + 2 zeta lse) e / sum(e) - q): the threshold is the smallest normal times
 `flush_factor`, the largest such product. A subnormal value is held to the entry-wise rule: it
@@ -95,8 +97,6 @@ class RowAllowance:
         # multiplies it after (float64's, 1e-308, are left to the rule above)
         ftz = 0.0 if strict_subnormals or tol.coarse == "f64" else NORMAL_MIN["f32"]
         self.partial = 2.0 * ftz * max(1.0, flush_factor)
-        # entries whose correct value may be that short beyond the entry-wise rule's reach
-        self.partial_reach = self.partial / tol.rtol if tol.rtol > 0 else np.inf
         self.precision = tol.coarse
         self.noise = tol.floor_coef  # factors this small are the entry-wise rule's business
         # storage coarser than the computing precision (f32 stored as bf16): its rounding
@@ -107,7 +107,7 @@ class RowAllowance:
         self.resolved = NORMAL_MIN[tol.coarse] / tol.eps  # smaller values lose relative precision
         self.half_tiny = PRECISIONS[tol.coarse][1] / 2.0
         self.n_classes = n_classes
-        self.flushed = 0
+        self.flushed = 0  # counted by the entry-wise rule (`flush`, the compiled kernel)
         self.rows_fitted = 0
         self.rows_rescued = 0  # rows that pass only with the allowances
         self.rows_peak = 0     # ... of which only with their arg-max's (the row max's path)
@@ -145,10 +145,8 @@ class RowAllowance:
         every = bool(finite.all())  # the common case: no masked copies
         if not every:
             d = np.where(finite, d, 0.0)
-        flushed = finite & self.flushed_entries(ref, g, allowed)
+        flushed = finite & self.flushed_entries(ref, g, allowed)  # counted where they were found
         fit = _Fit(row)
-        # flushed: a correctly rounded result would not be 0 there
-        fit.flushed = int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
         d[flushed] = 0.0
         slack = np.zeros_like(d)
         where = None if every else finite
@@ -175,7 +173,6 @@ class RowAllowance:
 
     def _count(self, fit: _Fit) -> None:
         """Count what refining one row found."""
-        self.flushed += fit.flushed
         self.rows_fitted += fit.fitted
         self.rows_peak += fit.peak
         self.rows_rescued += fit.rescued
@@ -187,29 +184,44 @@ class RowAllowance:
         elif fit.over and not fit.rescued and fit.soft_over:
             self._keep(fit.row, fit.soft_over, False)
 
-    def may_change(self, got: np.ndarray) -> bool:
-        """Whether refining a failing row of yours, `got`, can change its errors or counts:
-        always with a softmax's row factors, else only through entries flushed (a row with no
-        entry within `partial_reach` of 0 keeps its entry-wise errors: `refine` would recompute
-        them to the bit)."""
-        return self.target_weights is not None or bool(
-            self.normal_min and np.any(np.abs(got) <= self.partial_reach))
+    def may_change(self) -> bool:
+        """Whether refining a failing row can change its errors or counts: with a softmax's row
+        factors only (flushed entries passed already, with the entry-wise rule)."""
+        return self.target_weights is not None
 
     def flushed_entries(self, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Where `got` is a correct result below the smallest normal number returned as 0, or a
-        sum one or both of whose paths were (`partial`), beyond its `allowed` error."""
+        """Where `got` is beyond its `allowed` error but a correct result below the smallest
+        normal number returned as 0, or a sum one or both of whose paths were (`partial`)."""
         got = np.asarray(got)
+        with np.errstate(invalid="ignore", over="ignore"):
+            short = np.abs(got - ref)
         flushed = (np.abs(ref) < self.normal_min) & (got == 0)
         if self.partial:
-            with np.errstate(invalid="ignore", over="ignore"):
-                short = np.abs(got - ref)
-            flushed |= (short <= self.partial) & (short > allowed)
-        return flushed
+            flushed |= short <= self.partial
+        return flushed & (short > allowed)
+
+    def flush_args(self) -> dict[str, float] | None:
+        """`flushed_entries` as the compiled kernel's arguments (ce_args.flush_min), or None
+        when nothing is let pass (strict subnormals)."""
+        if not (self.normal_min or self.partial):
+            return None
+        return {"flush_min": self.normal_min, "flush_partial": self.partial,
+                "flush_tiny": self.half_tiny}
+
+    def flush(self, ref: np.ndarray, got: np.ndarray, diff: np.ndarray, ratio: np.ndarray,
+              allowed: np.ndarray) -> int:
+        """The entry-wise rule's part: errors and ratios of the `flushed_entries` of rows
+        (R, C) set to 0 in place; returns how many of them a correctly rounded result would
+        not have made 0 (|ref| above half the smallest subnormal)."""
+        flushed = self.flushed_entries(ref, got, allowed)
+        diff[flushed] = 0.0
+        ratio[flushed] = 0.0
+        return int(np.count_nonzero(flushed & (np.abs(ref) > self.half_tiny)))
 
     def flushed_note(self, count: int) -> str:
         part = "; a sum may lose a term that small" if self.partial else ""
-        return (f"{count:,} entries flushed to zero (allowed: below the smallest normal "
-                f"{self.precision} number{part})")
+        return (f"{count:,} entries flushed to zero beyond the entry-wise rule (allowed: below "
+                f"the smallest normal {self.precision} number{part})")
 
     def _peak_slack(self, row: int, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
                     d: np.ndarray, allowed: np.ndarray) -> bool:
@@ -321,13 +333,13 @@ class RowAllowance:
 
 
 class _Fit:
-    """What refining one row finds: entries flushed to zero, whether a factor was fitted, the
-    row passes, only with its arg-max's allowance (`peak`), or fails with a factor over the
-    bound (`over`); the factors to record, in order, the softmax factor applied (0: none) or
-    found over the bound (`soft_over`) and the row's softmax term Q a * scale."""
+    """What refining one row finds: whether a factor was fitted, the row passes, only with its
+    arg-max's allowance (`peak`), or fails with a factor over the bound (`over`); the factors
+    to record, in order, the softmax factor applied (0: none) or found over the bound
+    (`soft_over`) and the row's softmax term Q a * scale."""
 
     def __init__(self, row: int) -> None:
-        self.row, self.flushed = row, 0
+        self.row = row
         self.fitted = self.rescued = self.peak = self.over = self.significant = False
         self.over_factor = self.soft = self.soft_over = 0.0
         self.factors: list[float] = []

@@ -42,6 +42,7 @@ class Measured:
     kept: np.ndarray | None = None     # the rows whose entries are kept (None: every row)
     overflowed: int = 0                # +-inf of yours where the reference rounds to it
     inf_in_range: int = 0              # +-inf of yours where the reference is finite in range
+    flushed: int = 0                   # entries the flush rule let pass (RowAllowance.flush)
 
     def compact(self, open_above: float) -> Measured:
         """The entries of only the rows a fold may open: a row maximum over 1 (counted, refined
@@ -54,7 +55,7 @@ class Measured:
             return self
         return Measured(self.ref[keep], self.got[keep], self.diff[keep], self.tol[keep],
                         self.ratio[keep], self.rowmax, self.rel_rows, self.nonfinite,
-                        self.row_abs, keep, self.overflowed, self.inf_in_range)
+                        self.row_abs, keep, self.overflowed, self.inf_in_range, self.flushed)
 
     def at(self, rows: Any) -> Any:
         """Where rows `rows` of the chunk are in the kept arrays."""
@@ -87,6 +88,8 @@ class Comparison:
         self.extra_atol = extra_atol
         self.note = note
         self.allowance = allowance
+        # flush-to-zero, applied with the entry-wise rule (None: strict, or no allowances)
+        self.flush = allowance.flush_args() if allowance is not None else None
         # losses (sums of many terms) may lie beyond your precision's range: its +-inf then
         # matches, and an inf within the range is named as an overflow on the way
         self.overflow = tol.overflow if beyond_range else float("inf")
@@ -137,6 +140,7 @@ class Comparison:
                 tol += floor
             ratio = np.divide(diff, tol, out=quot)
         rowmax = ratio.max(axis=1)
+        flushed = self._flush(ref, got, diff, ratio, tol, rowmax, rel_rows)
         odd = ~np.isfinite(rowmax)
         nonfinite = overflowed = inf_in_range = 0
         if odd.any():
@@ -158,7 +162,22 @@ class Comparison:
                 ratio[i][bad] = np.inf
             rowmax = ratio.max(axis=1)
         return Measured(ref, got, diff, tol, ratio, rowmax, rel_rows, nonfinite, _fmax_rows(diff),
-                        overflowed=overflowed, inf_in_range=inf_in_range)
+                        overflowed=overflowed, inf_in_range=inf_in_range, flushed=flushed)
+
+    def _flush(self, ref: np.ndarray, got: Any, diff: np.ndarray, ratio: np.ndarray,
+               tol: np.ndarray, rowmax: np.ndarray, rel_rows: np.ndarray) -> int:
+        """The flush rule (`RowAllowance.flush`) on the rows with an entry beyond its allowed
+        error, their statistics updated in place; returns the count of entries it let pass."""
+        rows = np.flatnonzero(~(rowmax <= 1.0))
+        if self.flush is None or not rows.size:
+            return 0
+        assert self.allowance is not None
+        r_ref, d, q = ref[rows], diff[rows], ratio[rows]
+        count = self.allowance.flush(r_ref, np.asarray(got)[rows], d, q, tol[rows])
+        diff[rows], ratio[rows], rowmax[rows] = d, q, q.max(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            rel_rows[rows] = np.fmax.reduce(np.where(r_ref == 0, np.nan, d / np.abs(r_ref)), axis=1)
+        return count
 
     def fold(self, row0: int, m: Measured) -> np.ndarray | None:
         """Fold one measured chunk, rows [row0, row0 + R), into the running statistics (the row
@@ -176,9 +195,10 @@ class Comparison:
         self.overflowed += m.overflowed
         self.inf_in_range += m.inf_in_range
         over = rowmax > 1.0
-        if self.allowance is not None and over.any():
-            failing = [i for i in np.flatnonzero(over).tolist()
-                       if self.allowance.may_change(got[at(i)])]
+        if self.allowance is not None:
+            self.allowance.flushed += m.flushed
+        if self.allowance is not None and self.allowance.may_change() and over.any():
+            failing = np.flatnonzero(over).tolist()
             for i, weights in zip(failing, self.allowance.weights([row0 + i for i in failing])):
                 p = at(i)
                 ratio[p], diff[p], tol[p] = self.allowance.refine(row0 + i, ref[p], got[p],
@@ -198,16 +218,22 @@ class Comparison:
 
     def update_summary(self, row0: int, n_entries: int, rowmax: np.ndarray, mismatches: np.ndarray,
                        nonfinite: np.ndarray, max_abs: np.ndarray, max_rel: np.ndarray,
-                       open_rows: Callable[[list[int]], list[tuple]], got: Any) -> None:
+                       open_rows: Callable[[list[int]], list[tuple]], got: Any,
+                       flushed: np.ndarray | None = None) -> None:
         """Fold in per-row statistics computed elsewhere (the fused kernel) on your gradient's
-        rows `got`. `open_rows(rows)` returns each row's (ratio, ref, got, diff, tol), for rows
-        that may hold one of the worst entries or fail."""
+        rows `got`, `flushed` the entries it let pass by the flush rule (`flush`).
+        `open_rows(rows)` returns each row's (ratio, ref, got, diff, tol), for rows that may
+        hold one of the worst entries or fail."""
         self.total += n_entries
+        if flushed is not None:
+            assert self.allowance is not None
+            self.allowance.flushed += int(flushed.sum())
+            open_rows = self._flushing(open_rows)
 
         def open_row(r: int) -> tuple:
             return open_rows([r])[0]
 
-        if self.allowance is not None and (rowmax > 1.0).any():
+        if self.allowance is not None and self.allowance.may_change() and (rowmax > 1.0).any():
             rowmax, mismatches, max_abs, max_rel, open_row = self._refine_summary(
                 row0, rowmax, mismatches, max_abs, max_rel, open_rows, got)
         if rowmax.size:
@@ -218,11 +244,23 @@ class Comparison:
             self.max_rel = max(self.max_rel, float(np.fmax.reduce(max_rel)))
             self._collect_worst(row0, rowmax, open_row)
 
+    def _flushing(self, open_rows: Callable[[list[int]], list[tuple]]
+                  ) -> Callable[[list[int]], list[tuple]]:
+        """`open_rows` with the errors of the entries the flush rule let pass set to 0 (their
+        ratios are: the kernel applied it)."""
+        rule = self.allowance
+        assert rule is not None
+
+        def opened(rows: list[int]) -> list[tuple]:
+            return [(ratio, ref, g, np.where(rule.flushed_entries(ref, g, tol), 0.0, diff), tol)
+                    for ratio, ref, g, diff, tol in open_rows(rows)]
+        return opened
+
     def _refine_summary(self, row0: int, rowmax: np.ndarray, mismatches: np.ndarray,
                         max_abs: np.ndarray, max_rel: np.ndarray,
                         open_rows: Callable[[list[int]], list[tuple]], got: Any):
-        """The row allowances on the rows of `got` the kernel found failing that they may change
-        (`RowAllowance.may_change`; their entries reopened, OPEN_ENTRIES at a time). Only the
+        """The row allowances on the rows of `got` the kernel found failing (their entries
+        reopened, OPEN_ENTRIES at a time). Only the
         refined entries of the rows `_collect_worst` can open are kept: the n_worst largest by
         (row maximum, lower row first), its order (every failing row's would be 3 (C,) arrays
         a row: 0.8 GB a chunk of a 4096 x 32000 gradient wrong everywhere)."""
@@ -231,8 +269,7 @@ class Comparison:
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
         refined: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         kept: list[tuple[float, int]] = []  # a heap of (row maximum, -row) of the rows kept
-        failing = [r for r in np.flatnonzero(rowmax > 1.0).tolist()
-                   if self.allowance.may_change(got[r])]
+        failing = np.flatnonzero(rowmax > 1.0).tolist()
         step = max(1, OPEN_ENTRIES // max(1, got.shape[1]))
         for i in range(0, len(failing), step):
             batch = failing[i:i + step]
