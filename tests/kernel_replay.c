@@ -11,6 +11,8 @@
  *     pointer field's bytes after the call, in the same order.
  *   kind 3 exp/log1p: n and n doubles; OUTPUTS gets the return value, exp and log1p (n each).
  *   kind 4 soft-cap: n, cap (a double) and n doubles; OUTPUTS gets the return value, z, dz.
+ *   kind 5 float16 widening: n and n binary16 values; OUTPUTS gets n float32 (ce_widen_f16 on
+ *     2 threads).
  * ce_args has one layout on every LP64 target (int64, double and pointers, 8 bytes each).
  */
 #include <stddef.h>
@@ -25,6 +27,7 @@ int64_t ce_unit_funcs_on(const char *name, const double *x, double *out_exp, dou
                          int64_t n);
 int64_t ce_cap_funcs_on(const char *name, const double *x, double cap, double *out_z,
                         double *out_dz, int64_t n);
+void ce_widen_f16(const uint16_t *src, float *dst, int64_t n, int64_t n_threads);
 
 #define PTR_FIELDS                                                                            \
     X(z) X(g) X(alpha) X(beta) X(ys) X(active) X(w) X(loss) X(row_max) X(log1p_s1)          \
@@ -101,6 +104,17 @@ static void replay_funcs(FILE *in, FILE *out, int64_t kind, const char *target) 
     free(o2);
 }
 
+static void replay_widen(FILE *in, FILE *out) {
+    int64_t n = get_i64(in);
+    uint16_t *h = get_bytes(in, n * 2);
+    float *f = malloc((size_t)(n > 0 ? n : 1) * 4);
+    if (!f) fail("out of memory");
+    ce_widen_f16(h, f, n, 2);
+    put(out, f, (size_t)n * 4);
+    free(h);
+    free(f);
+}
+
 int main(int argc, char **argv) {
     if (argc != 4) fail("usage: kernel_replay TARGET RECORDS OUTPUTS");
     FILE *in = fopen(argv[2], "rb"), *out = fopen(argv[3], "wb");
@@ -109,6 +123,7 @@ int main(int argc, char **argv) {
     while (fread(&kind, sizeof kind, 1, in) == 1) {
         if (kind >= 0 && kind <= 2) replay_rows(in, out, kind, argv[1]);
         else if (kind == 3 || kind == 4) replay_funcs(in, out, kind, argv[1]);
+        else if (kind == 5) replay_widen(in, out);
         else fail("unknown record kind");
     }
     return fclose(out) ? 2 : 0;

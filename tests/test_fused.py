@@ -1128,3 +1128,23 @@ def test_large_chunks_only_where_the_kernel_copies_nothing(case, in_place):
     user = None if g is None else UserGrad(g, resolve_tolerance(g.dtype))
     assert _fused_step(problem.kernel, user) == (IN_PLACE_CHUNK_ELEMENTS if in_place
                                                  else FUSED_CHUNK_ELEMENTS)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float16_rows_widen_to_numpys_float32(threads):
+    """float16 rows reach the kernel as float32 through ce_widen_f16: every binary16 bit pattern
+    (subnormals, -0, infinities, NaN) and a chunk split over threads give numpy's astype(float32)
+    bits (NaN: a NaN; numpy may quiet a signalling one)."""
+    from ce_cli.kernels import compiled
+    every = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    chunk = np.random.default_rng(5).integers(0, 1 << 16, size=(300, 1001), dtype=np.uint16)
+    for bits in (every, chunk, chunk[:, ::2]):
+        half = bits.view(np.float16)
+        with use_threads(threads):
+            got = compiled._as_kernel_rows(half)
+        want = half.astype(np.float32)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])

@@ -166,7 +166,8 @@ def _need(*tools: str) -> None:
 
 @pytest.fixture(scope="module")
 def recorded():
-    """{host target: (records, the calls, function inputs, function outputs)}, SSE2 and scalar."""
+    """{host target: (records, the calls, function outputs)}, SSE2 and scalar (the functions:
+    exp/log1p, the soft-cap's, and float16 widening)."""
     lib = compiled._library()
     if lib is None or not all(lib.ce_target_runs(t) for t in (b"sse2", b"scalar")):
         if IN_CI:
@@ -174,8 +175,12 @@ def recorded():
         pytest.skip("needs the compiled kernel (sse2, scalar) on an x86-64 host")
     out = {}
     x, xc = _func_records()
+    half = np.arange(1 << 16, dtype=np.uint16)  # every binary16 value
     funcs = (struct.pack("<qq", 3, x.size) + x.tobytes()
-             + struct.pack("<qqd", 4, xc.size, 2.0) + xc.tobytes())
+             + struct.pack("<qqd", 4, xc.size, 2.0) + xc.tobytes()
+             + struct.pack("<qq", 5, half.size) + half.tobytes())
+    with compiled.use_threads(2):
+        wide = compiled._as_kernel_rows(half.view(np.float16))
     for target in ("sse2", "scalar"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CE_CHECK_TARGET", target)
@@ -185,7 +190,7 @@ def recorded():
             rec.install(mp)
             _checks()
         assert len(rec.calls) > 100 and {k for k, *_ in rec.calls} == {0, 1, 2}
-        out[target] = (rec.records() + funcs, rec.calls, _host_funcs(target, x, xc))
+        out[target] = (rec.records() + funcs, rec.calls, [*_host_funcs(target, x, xc), wide])
     return out
 
 
@@ -233,6 +238,9 @@ def _compare(out: bytes, calls: list, funcs: list[np.ndarray], where: str) -> No
             got = out[pos:pos + host.nbytes]
             pos += host.nbytes
             assert got == host.tobytes(), f"{where}: {_ulps(got, host.tobytes())}"
+    wide = funcs[4].tobytes()  # ce_widen_f16: float16 rows as float32
+    assert out[pos:pos + len(wide)] == wide, f"{where}: float16 widening differs"
+    pos += len(wide)
     assert pos == len(out)
 
 
@@ -267,12 +275,12 @@ def _host_output(calls: list, funcs: list[np.ndarray]) -> bytearray:
         out += b"".join(a for b, a in zip(before, after) if b is not None)
     for k in (0, 2):
         out += struct.pack("<q", 0) + funcs[k].tobytes() + funcs[k + 1].tobytes()
-    return out
+    return out + funcs[4].tobytes()
 
 
 def test_the_comparison_sees_one_flipped_bit(recorded):
-    """The host's own outputs pass; the lowest bit of one reference gradient entry flipped, or
-    one worst ratio, fails naming the array."""
+    """The host's own outputs pass; the lowest bit of one reference gradient entry flipped, one
+    worst ratio, or one widened float16, fails naming the array."""
     _records, calls, funcs = recorded["sse2"]
     exact = _host_output(calls, funcs)
     _compare(bytes(exact), calls, funcs, "host")
@@ -286,3 +294,7 @@ def test_the_comparison_sees_one_flipped_bit(recorded):
         flipped[pos] ^= 1
         with pytest.raises(pytest.fail.Exception, match=f"`{field}`"):
             _compare(bytes(flipped), calls, funcs, "flipped")
+    flipped = bytearray(exact)
+    flipped[-2] ^= 1  # a NaN payload bit of the last float16 widened
+    with pytest.raises(AssertionError, match="float16 widening"):
+        _compare(bytes(flipped), calls, funcs, "flipped")

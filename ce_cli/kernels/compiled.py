@@ -83,6 +83,8 @@ def _library():
                     getattr(lib, name).restype = ctypes.c_int64
                 for name in ("ce_target", "ce_targets"):
                     getattr(lib, name).restype = ctypes.c_char_p
+                lib.ce_widen_f16.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64]
+                lib.ce_widen_f16.restype = None
             except (OSError, AttributeError):
                 return None
             return lib
@@ -225,10 +227,17 @@ def _readable(a: Any) -> bool:
 
 
 def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
-    """C-contiguous float32 or float64 rows (narrower floats widen exactly to float32)."""
+    """C-contiguous float32 or float64 rows (narrower floats widen exactly to float32; float16
+    by ce_widen_f16, on default_threads() threads)."""
     a = np.asarray(a)
     if a.dtype == np.float32 or a.dtype == np.float64:
         return np.ascontiguousarray(a)
+    lib = _library()
+    if a.dtype == np.float16 and lib is not None:
+        half = np.ascontiguousarray(a)
+        out = np.empty(half.shape, dtype=np.float32)
+        lib.ce_widen_f16(_ptr(half), _ptr(out), half.size, default_threads())
+        return out
     exact32 = ((a.dtype.kind == "f" and a.dtype.itemsize <= 4) or a.dtype.kind == "b"
                or (a.dtype.kind in "iu" and a.dtype.itemsize <= 2))
     return np.ascontiguousarray(a, dtype=np.float32 if exact32 else np.float64)
