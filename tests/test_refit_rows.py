@@ -70,6 +70,14 @@ def _wrong_rows(dtype, n: int = 40, c: int = 3000, seed: int = 0):
     return z, y, g.astype(dtype)
 
 
+def _needs_kernel() -> None:
+    """Skip without the compiled kernel; fail in CI, where it must have built."""
+    if kernel() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs the compiled kernel")
+        pytest.skip("the compiled kernel is not built here")
+
+
 def _exact(report) -> dict:
     def walk(v):
         if isinstance(v, dict):
@@ -85,10 +93,7 @@ def _exact(report) -> dict:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_failing_rows_reopened_in_batches_give_the_same_report(dtype, monkeypatch):
     """One row per kernel call, three, or all of them at once, on 1 or 2 threads: the same bits."""
-    if kernel() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs the compiled kernel")
-        pytest.skip("the compiled kernel is not built here")
+    _needs_kernel()
     z, y, g = _wrong_rows(dtype)
     reports = []
     for batch_rows, threads in ((1, 1), (3, 2), (10**6, 2)):
@@ -166,10 +171,7 @@ def test_flushed_entries_pass_entry_by_entry(dtype, monkeypatch):
     """Flush-to-zero is a rule of single entries applied with the entry-wise rule: no row of a
     flushed gradient is refitted, and the compiled kernel (1 and 2 threads) reports the numpy
     kernel's bits: counts, errors, worst entries and the note's count of flushed entries."""
-    if kernel() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs the compiled kernel")
-        pytest.skip("the compiled kernel is not built here")
+    _needs_kernel()
     z, y, g = _flushed_softmax(dtype)
     refits = []
     original = compare.RowAllowance.refine
