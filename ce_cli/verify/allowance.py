@@ -30,13 +30,14 @@ Flush-to-zero: XLA, TensorFlow and GPU kernels return results below the precisio
 normal as 0. An entry beyond the entry-wise rule whose reference is below it and whose value is
 exactly 0 passes with error 0 (`strict_subnormals` turns this off). Unlike the row allowances
 this is a rule of single entries, applied with the entry-wise rule itself (the compiled kernel's
-comparison and `Comparison.measure`), so rows it lets pass are never refitted. The flushed value may be an intermediate (the softmax
-entry) that a weight, the z-loss's 1 + 2 zeta lse and the gradient scale multiply afterwards
-(T5X's backward: w (1 + 2 zeta lse) e / sum(e) - q): the threshold is the smallest normal times
-`flush_factor`, the largest such product. A subnormal value is held to the entry-wise rule: it
-was not flushed, and float16 gradients are mostly subnormal at ordinary sizes. A sum of
-autodiff paths (the softmax term's and the z-loss's) one or both of whose float32 values were
-flushed is short by at most twice float32's smallest normal times `flush_factor` (`partial`).
+comparison and `Comparison.measure`), so rows it lets pass are never refitted. The flushed
+value may be an intermediate (the softmax entry) that a weight, the z-loss's 1 + 2 zeta lse
+and the gradient scale multiply afterwards (T5X's backward: w (1 + 2 zeta lse) e / sum(e) - q):
+the threshold is the smallest normal times `flush_factor`, the largest such product. A
+subnormal value is held to the entry-wise rule: it was not flushed, and float16 gradients are
+mostly subnormal at ordinary sizes. A sum of autodiff paths (the softmax term's and the
+z-loss's) one or both of whose float32 values were flushed is short by at most twice float32's
+smallest normal times `flush_factor` (`partial`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class RowAllowance:
         every = bool(finite.all())  # the common case: no masked copies
         if not every:
             d = np.where(finite, d, 0.0)
-        flushed = finite & self.flushed_entries(ref, g, allowed)  # counted where they were found
+        flushed = finite & self.flushed_entries(ref, g, allowed)  # counted by the entry-wise rule
         fit = _Fit(row)
         d[flushed] = 0.0
         slack = np.zeros_like(d)
