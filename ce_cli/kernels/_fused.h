@@ -83,9 +83,9 @@ typedef struct {
     const double *step_vals;
     double *step_loss;
     /* flush-to-zero, when flushed is given (verify/allowance.py, RowAllowance.flushed_entries):
-     * an entry beyond its allowed error whose reference is below flush_min in size and yours
-     * 0, or whose error is at most flush_partial, passes with error 0; flushed (R,) counts
-     * those whose |reference| exceeds flush_tiny */
+     * an entry failing the rule (|error| / allowed > 1) whose reference is below flush_min in
+     * size and yours 0, or whose error is at most flush_partial, passes with error 0; flushed
+     * (R,) counts those whose |reference| exceeds flush_tiny */
     double flush_min, flush_partial, flush_tiny;
     int64_t *flushed;
 } ce_args;

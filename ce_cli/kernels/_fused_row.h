@@ -243,14 +243,15 @@ AI double T(hmax)(vd v) {
 #define CE_COMPARE_FOLD(c, live, n, g, absg, tol, want_ratio) do {            \
         vd yours = T(load_row)(gu, g32, c, n), d = vabs(yours - (g));         \
         if ((want_ratio) || !T(all_lt2)(d, v_lim * (tol), v_rel * (absg))) {  \
+            vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
+            vd ratio = sel(odd, splat(INFINITY), d / (tol));                  \
             if (a->flushed) {  /* flush-to-zero: see ce_args.flush_min */     \
-                vl fl = (live) & (d > (tol))                                  \
+                vl fl = (live) & (ratio > one)                                \
                         & ((((absg) < v_fmin) & (yours == splat(0.0))) | (d <= v_fpart)); \
                 v_fl -= fl & ((absg) > v_ftiny);                              \
                 d = sel(fl, splat(0.0), d);                                   \
+                ratio = sel(fl, splat(0.0), ratio);                           \
             }                                                                 \
-            vl odd = (live) & ~(d <= splat(1.7976931348623157e308));          \
-            vd ratio = sel(odd, splat(INFINITY), d / (tol));                  \
             ratio = sel(live, ratio, splat(0.0));                             \
             v_nf -= odd;                                                      \
             v_mis -= (live) & (ratio > one);                                  \

@@ -191,15 +191,17 @@ class RowAllowance:
         return self.target_weights is not None
 
     def flushed_entries(self, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Where `got` is beyond its `allowed` error but a correct result below the smallest
-        normal number returned as 0, or a sum one or both of whose paths were (`partial`)."""
+        """Where `got` fails the entry-wise rule (|error| / `allowed` > 1, the mismatches'
+        test) but is a correct result below the smallest normal number returned as 0, or a sum
+        one or both of whose paths were (`partial`)."""
         got = np.asarray(got)
-        with np.errstate(invalid="ignore", over="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             short = np.abs(got - ref)
+            fails = short / allowed > 1.0
         flushed = (np.abs(ref) < self.normal_min) & (got == 0)
         if self.partial:
             flushed |= short <= self.partial
-        return flushed & (short > allowed)
+        return flushed & fails
 
     def flush_args(self) -> dict[str, float] | None:
         """`flushed_entries` as the compiled kernel's arguments (ce_args.flush_min), or None
