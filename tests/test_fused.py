@@ -1139,7 +1139,7 @@ def test_float16_rows_widen_to_numpys_float32(threads):
     from ce_cli.kernels import compiled
     every = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
     chunk = np.random.default_rng(5).integers(0, 1 << 16, size=(300, 1001), dtype=np.uint16)
-    for bits in (every, chunk, chunk[:, ::2]):
+    for bits in (every, chunk, chunk[:, ::2], every.reshape(-1)[1:]):  # the last: a tail of 3
         half = bits.view(np.float16)
         with use_threads(threads):
             got = compiled._as_kernel_rows(half)

@@ -254,18 +254,6 @@ int64_t ce_unit_funcs_on(const char *name, const double *x, double *out_exp, dou
 
 /* ---------------------------------------------------------------- float16 rows */
 
-/* The float32 bits of the value of binary16 bits h, exactly: the exponent rebiased (normal),
- * the integer significand times 2^-24 (subnormal, 0), the payload kept (inf, NaN). Integer
- * operations and one exact conversion: the same bits on every CPU. */
-static inline uint32_t ce_half_bits(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
-    const float f = (float)(int32_t)em * 0x1p-24f;
-    uint32_t small;
-    memcpy(&small, &f, sizeof small);
-    const uint32_t big = em >= 0x7c00u ? (em << 13) | 0x7f800000u : (em << 13) + (112u << 23);
-    return sign | (em >= 0x0400u ? big : small);
-}
-
 typedef struct {
     const uint16_t *src;
     float *dst;
@@ -280,12 +268,15 @@ typedef uint32_t ce_u4 __attribute__((vector_size(16)));
 typedef int32_t ce_i4 __attribute__((vector_size(16)));
 typedef float ce_f4 __attribute__((vector_size(16)));
 
-/* ce_half_bits of 4 entries, in vector operations (masks for its choices) */
+/* The float32 bits of the values of 4 binary16 bits, exactly: the exponent rebiased (normal),
+ * the integer significand times 2^-24 (subnormal, 0), the payload kept (inf, NaN); masks for
+ * the choices. Integer operations and one exact conversion: the same bits on every CPU. */
 static inline void ce_half_bits4(const uint16_t *src, uint32_t *out) {
     ce_h4 h;
     memcpy(&h, src, sizeof h);
     const ce_i4 w = __builtin_convertvector(h, ce_i4);
-    const ce_i4 sign = (w & 0x8000) << 16, em = w & 0x7fff;  /* em compared signed (SSE2) */
+    const ce_i4 sign = (ce_i4)((ce_u4)(w & 0x8000) << 16);  /* unsigned: no shift into the sign */
+    const ce_i4 em = w & 0x7fff;  /* compared signed (SSE2 has no unsigned comparison) */
     const ce_f4 f = __builtin_convertvector(em, ce_f4) * 0x1p-24f;
     ce_i4 small;
     memcpy(&small, &f, sizeof small);
@@ -302,7 +293,13 @@ static void *ce_widen_part(void *p) {
     const int64_t n = j->n;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) ce_half_bits4(src + i, out + i);
-    for (; i < n; i++) out[i] = ce_half_bits(src[i]);
+    if (i < n) {  /* the last 1-3 entries, through a padded vector */
+        uint16_t h[4] = {0};
+        uint32_t o[4];
+        memcpy(h, src + i, sizeof h[0] * (size_t)(n - i));
+        ce_half_bits4(h, o);
+        memcpy(out + i, o, sizeof o[0] * (size_t)(n - i));
+    }
     return NULL;
 }
 

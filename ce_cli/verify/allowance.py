@@ -121,13 +121,10 @@ class RowAllowance:
         # allowed more: 16 bytes an entry (a million rows may need it)
         self.path_keys, self.path_amounts = array("q"), array("d")
 
-    def weights(self, rows: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
-        """Each row's (q, spread) times the gradient scale for `refine` (None without a
-        softmax's target weights), taken WEIGHT_ENTRIES at a time: one call for many narrow
-        rows, and a wide row's while it is still in cache."""
-        if self.target_weights is None:
-            yield from (None for _ in rows)
-            return
+    def weights(self, rows: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each row's (q, spread) times the gradient scale for `refine`, taken WEIGHT_ENTRIES
+        at a time: one call for many narrow rows, and a wide row's while it is still in cache."""
+        assert self.target_weights is not None  # softmax models only (`may_change`)
         step = max(1, WEIGHT_ENTRIES // max(1, self.n_classes))
         for a in range(0, len(rows), step):
             block = np.asarray(rows[a:a + step], dtype=np.int64)
@@ -135,10 +132,11 @@ class RowAllowance:
             yield from zip(q, spread)
 
     def refine(self, row: int, ref: np.ndarray, got: np.ndarray, allowed: np.ndarray,
-               ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None
+               ratio: np.ndarray, weights: tuple[np.ndarray, np.ndarray]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row `row`'s |error| / allowed, |error| and allowed error after the allowances
-        (non-finite entries unchanged); `weights`: the row's entry of `weights`."""
+        (non-finite entries unchanged); `weights`: the row's entry of `weights`. A softmax's
+        rows only (`may_change`): the row factors are what refitting adds."""
         g = np.asarray(got, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             d = g - ref
@@ -151,19 +149,17 @@ class RowAllowance:
         d[flushed] = 0.0
         slack = np.zeros_like(d)
         where = None if every else finite
-        if self.target_weights is not None:
-            bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
-            fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds,
-                                          weights)
-            out = _ratios(ratio, where, fitted, allowed, slack)
-            # a failing row keeps its raw errors unless a factor beyond noise level was found
-            if out.max() <= 1.0 or fit.significant:
-                d = fitted
-            else:
-                slack[:] = 0.0
-            # the path lands on the arg-max: only a row that fails there alone may need it
-            if 0 < np.count_nonzero(out > 1.0) <= MAX_PEAKS:
-                fit.peak = self._peak_slack(row, fit.soft_term, slack, finite, d, allowed)
+        bounds = self._entry_bounds(g, ref, allowed) if self.store_eps else None
+        fitted = self._remove_factors(fit, ref, d, ~flushed & finite, slack, bounds, weights)
+        out = _ratios(ratio, where, fitted, allowed, slack)
+        # a failing row keeps its raw errors unless a factor beyond noise level was found
+        if out.max() <= 1.0 or fit.significant:
+            d = fitted
+        else:
+            slack[:] = 0.0
+        # the path lands on the arg-max: only a row that fails there alone may need it
+        if 0 < np.count_nonzero(out > 1.0) <= MAX_PEAKS:
+            fit.peak = self._peak_slack(row, fit.soft_term, slack, finite, d, allowed)
         out = _ratios(ratio, where, d, allowed, slack)
         fit.rescued = bool(out.max() <= 1.0)
         if fit.over and not fit.rescued:  # the factor over the bound is the row's failure
@@ -268,11 +264,10 @@ class RowAllowance:
 
     def _remove_factors(self, fit: _Fit, ref: np.ndarray, d: np.ndarray, usable: np.ndarray,
                         slack: np.ndarray, bounds: np.ndarray | None,
-                        weights: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+                        weights: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """d less the fitted factors (noted in `fit`); `slack` gains each removed factor's own
         uncertainty. `bounds` (coarse storage): each entry's error bound apart from the
         factors; `weights`: the row's (q, spread) times the scale."""
-        assert weights is not None  # softmax models only (refine checks)
         q, spread = weights
         soft = ref + q          # Q a * scale
         fit.soft_term = soft

@@ -175,8 +175,7 @@ class Comparison:
         r_ref, d, q = ref[rows], diff[rows], ratio[rows]
         count = self.allowance.flush(r_ref, np.asarray(got)[rows], d, q, tol[rows])
         diff[rows], ratio[rows], rowmax[rows] = d, q, q.max(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            rel_rows[rows] = np.fmax.reduce(np.where(r_ref == 0, np.nan, d / np.abs(r_ref)), axis=1)
+        rel_rows[rows] = _max_rel(d, r_ref, axis=1)
         return count
 
     def fold(self, row0: int, m: Measured) -> np.ndarray | None:
@@ -260,10 +259,10 @@ class Comparison:
                         max_abs: np.ndarray, max_rel: np.ndarray,
                         open_rows: Callable[[list[int]], list[tuple]], got: Any):
         """The row allowances on the rows of `got` the kernel found failing (their entries
-        reopened, OPEN_ENTRIES at a time). Only the
-        refined entries of the rows `_collect_worst` can open are kept: the n_worst largest by
-        (row maximum, lower row first), its order (every failing row's would be 3 (C,) arrays
-        a row: 0.8 GB a chunk of a 4096 x 32000 gradient wrong everywhere)."""
+        reopened, OPEN_ENTRIES at a time). Only the refined entries of the rows
+        `_collect_worst` can open are kept: the n_worst largest by (row maximum, lower row
+        first), its order (every failing row's would be 3 (C,) arrays a row: 0.8 GB a chunk of
+        a 4096 x 32000 gradient wrong everywhere)."""
         assert self.allowance is not None
         rowmax, mismatches = rowmax.copy(), mismatches.copy()
         max_abs, max_rel = max_abs.copy(), max_rel.copy()
@@ -380,10 +379,11 @@ def _fmax_rows(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _max_rel(diff: np.ndarray, ref: np.ndarray) -> float:
-    """Largest |error| / |reference| over the entries whose reference is not 0."""
+def _max_rel(diff: np.ndarray, ref: np.ndarray, axis: int | None = None) -> Any:
+    """Largest |error| / |reference| over the entries whose reference is not 0 (of each row
+    with `axis` 1)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return float(np.fmax.reduce(np.where(ref == 0, np.nan, diff / np.abs(ref))))
+        return np.fmax.reduce(np.where(ref == 0, np.nan, diff / np.abs(ref)), axis=axis)
 
 
 def _largest(values: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
