@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ce_cli.io.arrays import api_array
+from ce_cli.io.bfloat16 import Bfloat16Rows
 from ce_cli.verify.checks import check_binary, check_grad
 from ce_cli.verify.results import Report
 
@@ -37,7 +38,7 @@ def _array(x: Any) -> Any:
     if x is None or isinstance(x, (np.ndarray, int, float)):
         return x
     x = api_array(x)
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, Bfloat16Rows)):
         return x
     if hasattr(x, "detach") and callable(x.detach):
         x = x.detach()

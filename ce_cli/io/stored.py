@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_cli.io.bfloat16 import ALSO_KEY, STORED_KEY, stored_precision
+from ce_cli.io.bfloat16 import ALSO_KEY, STORED_KEY, Bfloat16Rows, as_array, stored_precision
 
 INFERRED_KEY = "ce_check.stored_inferred"
 # format: (significand bits, entries of evidence needed, smallest normal's exponent, largest)
@@ -64,7 +64,7 @@ def stored_alike(logits: Any, grad: Any, *values: Any) -> tuple:
     saturated entries, cannot prove its format (`infer_stored` needs 2 or 3 distinct values)."""
     shown = _format_of(logits)
     grad = _tagged_16(grad, [shown])
-    own = _dtype_format(np.asarray(grad).dtype) if isinstance(grad, np.ndarray) else None
+    own = _dtype_format(grad.dtype) if isinstance(grad, (np.ndarray, Bfloat16Rows)) else None
     return (grad, *(_tagged_16(v, [own, shown]) for v in values))
 
 
@@ -129,7 +129,7 @@ def _format_of(model: Any) -> str | None:
     none (not an array, or its own dtype's values)."""
     if model is None:
         return None
-    fmt = _dtype_format(np.asarray(model).dtype)
+    fmt = _dtype_format(as_array(model).dtype)
     if fmt is not None or not _untagged(model):
         return fmt
     left = _shown(model)

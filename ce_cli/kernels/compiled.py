@@ -205,8 +205,8 @@ def row_scan(q: np.ndarray, sums: bool = True) -> tuple[np.ndarray | None, np.nd
     compiled kernel, or when `q` is not C-contiguous float32 or float64 (its caller then works
     through numpy blocks)."""
     fn = kernel()
-    if (fn is None or q.ndim != 2 or q.dtype not in (np.float32, np.float64)
-            or not q.flags.c_contiguous):
+    if (fn is None or not isinstance(q, np.ndarray) or q.ndim != 2
+            or q.dtype not in (np.float32, np.float64) or not q.flags.c_contiguous):
         return None
     R = q.shape[0]
     total, lo, hi = np.empty(R) if sums else None, np.empty(R), np.empty(R)

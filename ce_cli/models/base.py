@@ -9,6 +9,7 @@ import numpy as np
 
 from ce_cli.enums import Reduction
 from ce_cli.errors import CeCheckError
+from ce_cli.io.bfloat16 import as_array
 from ce_cli.kernels.base import ChunkEval
 from ce_cli.models.layout import Layout
 
@@ -80,8 +81,7 @@ class RowMatrix:
 
 def as_numeric_inputs(logits, labels, reduction: str, source: str, labels_source: str):
     """The checks every loss model starts with: numeric arrays and a known reduction."""
-    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
-    labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+    logits, labels = as_array(logits), as_array(labels)
     if logits.dtype.kind not in "biuf":
         raise CeCheckError(f"{source}: dtype {logits.dtype} is not numeric")
     if labels.dtype.kind not in "biuf":

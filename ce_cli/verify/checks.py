@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike
 
 from ce_cli.errors import CeCheckError
 from ce_cli.io.arrays import api_array, compared_array
+from ce_cli.io.bfloat16 import as_array
 from ce_cli.io.stored import stored_alike, stored_notes
 from ce_cli.kernels.compiled import use_threads
 from ce_cli.models.semantics import SplitLse
@@ -89,7 +90,7 @@ def check_grad(
     src = _sources(sources)
     logits, labels, weight, sample_weight = map(api_array, (logits, labels, weight, sample_weight))
     grad, loss, lse, z_loss_value = map(compared_array, (grad, loss, lse, z_loss_value))
-    z, y = np.asarray(logits), np.asarray(labels)
+    z, y = as_array(logits), as_array(labels)
     grad, loss, z_loss_value = stored_alike(z, grad, loss, z_loss_value)
     if opts.shift_labels:
         y = shift_labels(z, y, opts.ignore_index, src["labels"])
@@ -204,7 +205,7 @@ def check_binary(
     logits, labels, weight, pos_weight, sample_weight = map(
         api_array, (logits, labels, weight, pos_weight, sample_weight))
     grad, loss = map(compared_array, (grad, loss))
-    z, y = np.asarray(logits), np.asarray(labels)
+    z, y = as_array(logits), as_array(labels)
     grad, loss = stored_alike(z, grad, loss)
     common = dict(grad=grad, loss=loss, out_grad=out_grad, sources=src, progress=progress)
     if opts.two_class:

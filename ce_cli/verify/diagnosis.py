@@ -171,7 +171,7 @@ def _wrong_axis(problem, s: _Sample, _tol) -> Diagnosis | None:
     z = problem.z
     if z.shape[0] < 2 or z.shape[0] * z.shape[1] > 1 << 22 or problem.layout.class_axis != 1 or len(problem.layout.shape) != 2:
         return None
-    zf = np.asarray(z, dtype=np.float64)
+    zf = np.asarray(z[:], dtype=np.float64)  # a slice: a bf16 input keeps no widened copy
     e = np.exp(zf - zf.max(axis=0, keepdims=True))
     a = (e / e.sum(axis=0, keepdims=True))[s.rows]
     alt = (a * s.q.sum(axis=1, keepdims=True) - s.q) * problem.grad_scale

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
+from ce_cli.io.bfloat16 import as_array
 from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.kernels.compiled import use_threads
@@ -239,7 +240,7 @@ def _user_grad(problem, inputs: Inputs, options: CheckOptions) -> UserGrad | Non
     grad = inputs.grad
     if grad is None:
         return None
-    grad = np.asarray(grad) if not isinstance(grad, np.ndarray) else grad
+    grad = as_array(grad)
     src = inputs.sources.get("grad", "grad")
     if grad.dtype.kind != "f":
         raise CeCheckError(f"{src}: dtype {grad.dtype} is not floating point")
@@ -290,7 +291,7 @@ def _input_infos(inputs: Inputs) -> tuple[InputInfo, ...]:
              InputInfo("labels", src.get("labels", "labels"), tuple(inputs.labels.shape),
                        str(inputs.labels.dtype))]
     if inputs.grad is not None:
-        g = np.asarray(inputs.grad)
+        g = as_array(inputs.grad)
         infos.append(InputInfo("grad", src.get("grad", "grad"), tuple(g.shape), str(g.dtype)))
     if inputs.loss is not None:
         loss = np.asarray(inputs.loss)
