@@ -15,7 +15,7 @@ and a chunk, not twice its bytes again as float32.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
@@ -121,6 +121,11 @@ class Bfloat16Rows(NDArrayOperatorsMixin):
         return f"Bfloat16Rows(shape={self.shape})"
 
 
+def bfloat16_rows(bits: np.ndarray) -> np.ndarray:
+    """`Bfloat16Rows(bits)`, typed as the float32 array it stands in for (the loaders' type)."""
+    return cast(np.ndarray, Bfloat16Rows(bits))
+
+
 def widen_if_bfloat16(x: Any) -> Any:
     """`x`, or, when it is a bfloat16 array (ml_dtypes', which a JAX array becomes under
     np.asarray; or `V2`), a `Bfloat16Rows` of its bits, read as float32 tagged as stored bf16
@@ -128,7 +133,7 @@ def widen_if_bfloat16(x: Any) -> Any:
     it is."""
     dtype = getattr(x, "dtype", None)
     if isinstance(dtype, np.dtype) and is_bfloat16(dtype):
-        return Bfloat16Rows(np.asarray(x))
+        return bfloat16_rows(np.asarray(x))
     return x
 
 

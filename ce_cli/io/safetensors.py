@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import Bfloat16Rows
+from ce_cli.io.bfloat16 import bfloat16_rows
 from ce_cli.io.mapped import map_file
 
 HEADER_LIMIT = 100_000_000  # bytes of JSON header: the reference implementation's limit
@@ -181,4 +181,4 @@ def _map(path: Path, entry: Entry, data_start: int, label: str) -> np.ndarray:
     except (OSError, ValueError, OverflowError) as exc:
         raise CeCheckError(f"{label}: cannot map tensor '{entry.name}' "
                            f"({' '.join(str(exc).split())})") from None
-    return Bfloat16Rows(arr) if entry.dtype == "BF16" else arr
+    return bfloat16_rows(arr) if entry.dtype == "BF16" else arr

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import Bfloat16Rows
+from ce_cli.io.bfloat16 import bfloat16_rows
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_DETAIL = 200  # characters of PyTorch's own message kept in ours
@@ -85,7 +85,7 @@ def tensor_to_numpy(torch: ModuleType, obj: Any, label: str) -> np.ndarray:
                            "save a dense one (t.to_dense(), t.dequantize())")
     t = obj.detach().cpu().resolve_conj().resolve_neg()
     if t.dtype == torch.bfloat16:
-        return Bfloat16Rows(t.view(torch.int16).numpy())
+        return bfloat16_rows(t.view(torch.int16).numpy())
     try:
         return t.numpy()
     except (TypeError, RuntimeError):
