@@ -1103,9 +1103,10 @@ def _in_place_case(case: str):
         return build_softmax_ce(z, q, label_smoothing=0.1)[0], g
     if case == "probabilities":
         return build_softmax_ce(z, q)[0], g
-    if case == "binary":
+    if case.startswith("binary"):
         from ce_cli.models.sigmoid import build_sigmoid_bce
-        return build_sigmoid_bce(z, (q > 0.02).astype(np.float32))[0], g
+        weight = np.full(z.shape[1], 0.5) if case == "binary weighted" else None
+        return build_sigmoid_bce(z, (q > 0.02).astype(np.float32), weight=weight)[0], g
     return build_softmax_ce(z, y)[0], g
 
 
@@ -1114,20 +1115,48 @@ def _in_place_case(case: str):
     ("index targets", True), ("probabilities", True), ("float16 logits", False),
     ("float16 gradient", False), ("strided gradient", False), ("no gradient", True),
     ("smoothed probabilities", False),
-    ("binary", False)])
+    ("binary", True), ("binary weighted", False), ("binary, per-element losses read", False)])
 def test_large_chunks_only_where_the_kernel_copies_nothing(case, in_place):
     """The streaming pass takes 32M-entry chunks only when the kernel reads every row where it
-    lies (a copy of such a chunk would be 128-256 MB); otherwise 2M entries (16 MB)."""
+    lies and forms no (R, C) array (a copy of such a chunk, or binary's per-element losses that
+    a compared loss reads, would be 128-512 MB); otherwise 2M entries (16 MB)."""
     from ce_cli.verify.pipeline import FUSED_CHUNK_ELEMENTS, IN_PLACE_CHUNK_ELEMENTS, _fused_step
     from ce_cli.verify.stages import UserGrad
     from ce_cli.verify.tolerance import resolve_tolerance
 
     problem, g = _in_place_case(case)
     assert problem.kernel is not None
-    assert problem.kernel.in_place(g) is in_place
+    items = case.endswith("losses read")
+    assert problem.kernel.in_place(g, items) is in_place
     user = None if g is None else UserGrad(g, resolve_tolerance(g.dtype))
-    assert _fused_step(problem.kernel, user) == (IN_PLACE_CHUNK_ELEMENTS if in_place
-                                                 else FUSED_CHUNK_ELEMENTS)
+    assert _fused_step(problem.kernel, user, items) == (IN_PLACE_CHUNK_ELEMENTS if in_place
+                                                        else FUSED_CHUNK_ELEMENTS)
+
+
+@needs_kernel
+@pytest.mark.parametrize("loss", [False, True])
+def test_binary_chunks_are_large_unless_a_loss_reads_their_elements(monkeypatch, loss):
+    """`binary` streams 32M-entry chunks, but 2M ones when your loss is compared: its floor
+    reads each chunk's per-element losses, two (R, C) float64 arrays."""
+    from ce_cli.verify import pipeline
+    from ce_cli.verify.checks import check_binary
+
+    seen = []
+
+    def step(fused, user, items):
+        seen.append(items)
+        return original(fused, user, items)
+
+    original = pipeline._fused_step
+    monkeypatch.setattr(pipeline, "_fused_step", step)
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((8, 50)).astype(np.float32)
+    y = (rng.random((8, 50)) < 0.3).astype(np.float32)
+    s = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    value = float(np.mean(np.logaddexp(0.0, z) - y * z))
+    report = check_binary(z, y, grad=((s - y) / y.size).astype(np.float32),
+                          loss=value if loss else None)
+    assert report.ok and seen == [loss]
 
 
 @needs_kernel

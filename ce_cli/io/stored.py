@@ -193,7 +193,13 @@ def _evidence(values: np.ndarray, f: str, most: int) -> list[float]:
         short = np.ldexp(np.round(np.ldexp(m, half)), e - half)
         # by magnitude: v and -v share their significand, one coincidence
         telling = np.abs(v[np.isfinite(v) & (short != v) & (np.round(v) != v)])
-    distinct = np.unique(telling[:64 * most])  # most often enough; else the whole part
+    distinct = _sorted_distinct(telling[:64 * most])  # most often enough; else the whole part
     if distinct.size < most:
-        distinct = np.unique(telling)
+        distinct = _sorted_distinct(telling)
     return distinct[:most].tolist()
+
+
+def _sorted_distinct(a: np.ndarray) -> np.ndarray:
+    """np.unique(a) (no NaN in `a`), without np.unique's import of numpy.ma (~8 ms at start)."""
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s

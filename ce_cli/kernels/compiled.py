@@ -299,10 +299,10 @@ class _Kernel:
     def _call(self, z, g, params: dict, out: dict) -> int:
         raise NotImplementedError
 
-    def in_place(self, g_rows: np.ndarray | None) -> bool:
+    def in_place(self, g_rows: np.ndarray | None, items: bool = False) -> bool:
         """True when a call reads every (R, C) input where it lies and forms no (R, C) array
-        (then a chunk of any size costs no memory). Never for the sigmoid kernel: some calls
-        form (R, C) float64 weights or per-element losses."""
+        (then a chunk of any size costs no memory); `items`: the caller wants each chunk's
+        per-element losses (sigmoid: two (R, C) float64 arrays)."""
         return False
 
     def _run(self, z, g, rows, params: dict, out: dict, cmp: RowStats | None) -> bool:
@@ -454,9 +454,9 @@ class FusedKernel(_Kernel):
                                                    else self.problem.n_classes)
         return np.stack([s, Q, qabs, qsum, out["row_zabs"]], axis=1)
 
-    def in_place(self, g_rows: np.ndarray | None) -> bool:
+    def in_place(self, g_rows: np.ndarray | None, items: bool = False) -> bool:
         """float32/float64 C-contiguous logits and gradient, and index targets or probability
-        targets read in their own width."""
+        targets read in their own width (a row's losses are per row: `items` asks nothing)."""
         problem = self.problem
         probs = problem.probs
         if probs is not None and (problem.smoothing or problem.weight is not None
@@ -554,6 +554,16 @@ class SigmoidKernel(_Kernel):
                          item_weight=out.get("out_item_w"), row_terms=terms,
                          deferred=(lambda: self._items(z, params)) if stream or cmp is not None
                          else None)
+
+    def in_place(self, g_rows: np.ndarray | None, items: bool = False) -> bool:
+        """float32/float64 C-contiguous logits, labels and gradient, without element weights
+        (weight, sample weights, label smoothing: float64 (R, C) arrays a call) or `items`."""
+        problem = self.problem
+        if (items or problem.smoothing or problem.sem.sample_weight is not None
+                or problem.weight is not None):
+            return False
+        return (_readable(problem.z) and _readable(problem.targets)
+                and (g_rows is None or _readable(g_rows)))
 
     def _labels_weights(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The labels and element weights the kernel reads: the problem's own (float32 labels

@@ -10,14 +10,14 @@ from ce_cli.verify.reference import softmax_reference
 from ce_cli.verify.results import CheckResult
 from ce_cli.verify.tolerance import Tolerance
 
-BRIDGE_ELEMENTS = 1 << 16
+BRIDGE_ELEMENTS = 1 << 14
 # the note of a bridge checked on the plain loss of a problem with training-code options
 WITHOUT_OPTIONS = "identity checked on the plain loss, without the options"
 
 
 def two_class_bridge(problem, worst: int = 5, note: str = "") -> CheckResult:
     """Softmax CE over [0, x] with targets [1 - y, y] against sigmoid BCE(x, y), element by
-    element (the first 2^16 elements): losses, d/dz1 against s(x) - y, -d/dz0 against the same.
+    element (the first 2^14 elements): losses, d/dz1 against s(x) - y, -d/dz0 against the same.
     Both sides are float64 references, so the rule is 1e-12 relative."""
     K = problem.n_classes
     rows = max(1, min(problem.n_rows, BRIDGE_ELEMENTS // K))

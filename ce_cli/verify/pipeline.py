@@ -155,7 +155,8 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
             chunk_elements: int | None) -> None:
     lean = not any(s.needs_reference for s in stages)
     fused = problem.kernel if lean else None
-    step = chunk_elements or _fused_step(fused, user) or CHUNK_ELEMENTS
+    items = any(s.needs_items for s in stages)
+    step = chunk_elements or _fused_step(fused, user, items) or CHUNK_ELEMENTS
     # the compiled kernel shares each call's rows among its own threads; the numpy kernel's
     # chunks go to a pool instead (numpy releases the GIL inside every ufunc)
     threads = numpy_threads(problem)
@@ -174,11 +175,12 @@ def _stream(problem, stages: list[Stage], grad_stage: GradStage | None, user: Us
         raise
 
 
-def _fused_step(fused, user: UserGrad | None) -> int | None:
-    """Entries per chunk on the compiled kernel (None: the numpy kernel's chunks)."""
+def _fused_step(fused, user: UserGrad | None, items: bool) -> int | None:
+    """Entries per chunk on the compiled kernel (None: the numpy kernel's chunks); `items`: a
+    stage reads the chunks' per-element losses."""
     if fused is None:
         return None
-    if fused.in_place(user.rows if user is not None else None):
+    if fused.in_place(user.rows if user is not None else None, items):
         return IN_PLACE_CHUNK_ELEMENTS
     return FUSED_CHUNK_ELEMENTS
 

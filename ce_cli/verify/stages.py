@@ -80,9 +80,12 @@ def soft_term(problem, rows: np.ndarray, ref_grad: np.ndarray) -> np.ndarray:
 
 class Stage:
     """One concern of the streaming pass. `needs_reference`: it reads the (R, C) reference
-    gradient of each chunk (the compiled kernel can then not fuse the comparison)."""
+    gradient of each chunk (the compiled kernel can then not fuse the comparison);
+    `needs_items`: it reads each chunk's per-element losses (binary: (R, C) arrays, which
+    bound the chunk's size)."""
 
     needs_reference = False
+    needs_items = False
 
     def update(self, chunk: Chunk) -> None:
         """Fold in one chunk."""
@@ -222,6 +225,7 @@ class LossStage(Stage):
         # part, and optax's sigmoid forms no term of ~|x| (k/4 eps for `binary` too)
         self.computed = per_sample_16(tol, computed) if computed is not None else None
         self.softmax = softmax
+        self.needs_items = not softmax  # binary: each element's loss and floor
         self.floor16 = np.empty(shape) if computed is not None else None
         # Q_n: what a normaliser factor multiplies
         self.weight = np.empty(problem.n_rows) if self.normaliser else None

@@ -1,7 +1,7 @@
 """Sigmoid BCE shards (`kind="binary"`): no pass 1, every entry is independent, 'mean' divides by
 the batch's entry count (known from the shapes), and shards split rows (axis 0) or columns
 (`cols`, the last axis; 1-D logits are one row, so their shards are always columns). The
-two-class bridge covers the batch's first 2^16 elements, as in one process: each shard checks
+two-class bridge covers the batch's first 2^14 elements, as in one process: each shard checks
 its part of them.
 """
 
@@ -57,7 +57,7 @@ def bridge_rows(shard: Shard, limit: int) -> int:
 @dataclass(frozen=True)
 class BinaryBatch:
     """What every binary shard needs of the whole batch: its entry count (the 'mean'), the
-    rows of the two-class bridge (the batch's first 2^16 elements) and its note, its width,
+    rows of the two-class bridge (the batch's first 2^14 elements) and its note, its width,
     and `pos_weight` (a number, or the file or URL of the batch's K values)."""
 
     entries: float
@@ -105,7 +105,7 @@ def check_binary_shard(shard: Shard, z: np.ndarray, y: np.ndarray, grad: np.ndar
                        given: ShardInputs) -> tuple[Report, ShardShare]:
     """check_binary on a shard: 'mean' over the batch's entries (or its sample weights' sum),
     the training-code options element by element, the bridge on its part of the batch's first
-    2^16 elements (without weights or the options, as check_binary does)."""
+    2^14 elements (without weights or the options, as check_binary does)."""
     arrays, sources = given.arrays, given.sources
     pw, pw_source = shard_pos_weight(shard, batch)
     reduction = options.reduction.value
