@@ -6,9 +6,12 @@
     python bench/cases.py --scaling             # only the scaling table (in-process kernel)
     python bench/cases.py --cases zloss,softcap # grad --z-loss 1e-4 / --softcap 30, index targets
     python bench/cases.py --as-cpu avx2         # as on an AVX2-only CPU (numpy, PyTorch, ce-check)
+    python bench/cases.py --cases bf16          # index targets, bfloat16 logits and gradient
 
 For each case (`binary`: multi-label logits, labels 0/1 at 5%; `probs`: softmax with dense soft
-targets; `zloss`, `softcap`: index targets with `--z-loss 1e-4` or `--softcap 30`) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
+targets; `zloss`, `softcap`: index targets with `--z-loss 1e-4` or `--softcap 30`; `bf16`:
+index targets, logits and gradient rounded to bfloat16 and written as ml_dtypes writes them,
+2-byte `V2`) it writes float32 logits, labels and a correct float32 gradient as .npy (into --workdir
 if given, where they are kept and reused, else a temporary directory), then times
 `ce-check binary|grad logits labels --grad grad --json` as a subprocess (whole process: start-up,
 loading, checking) for each --kernels entry (`compiled`: the best target this CPU runs; a target
@@ -53,8 +56,8 @@ OPTION_CASES = {"zloss": ["--z-loss", str(Z_LOSS)], "softcap": ["--softcap", str
 
 
 def _option_case(kind: str, z64: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and the float32 gradient of the mean loss with a z-loss (2 zeta lse a added) or a
-    soft-cap (through z = cap tanh(x / cap): times 1 - tanh^2)."""
+    """Labels and the float32 gradient of the mean loss with a z-loss (2 zeta lse a added), a
+    soft-cap (through z = cap tanh(x / cap): times 1 - tanh^2) or neither (bf16)."""
     n, c = z64.shape
     y = rng.integers(0, c, n)
     t = np.tanh(z64 / SOFTCAP) if kind == "softcap" else None
@@ -67,9 +70,19 @@ def _option_case(kind: str, z64: np.ndarray, rng) -> tuple[np.ndarray, np.ndarra
     g[np.arange(n), y] -= 1.0
     if kind == "zloss":
         g += 2.0 * Z_LOSS * (m + np.log(s)) * a
-    else:
+    elif t is not None:
         g *= 1.0 - t * t
     return y, (g / n).astype(np.float32)
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even) as the 2-byte `V2` .npy dtype."""
+    u = x.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view("V2")
+
+
+def _widened(bits: np.ndarray) -> np.ndarray:
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, Path]:
@@ -84,6 +97,11 @@ def make_case(kind: str, n: int, c: int, workdir: Path, seed: int) -> dict[str, 
         g = ((1.0 / (1.0 + np.exp(-z64)) - y) / y.size).astype(np.float32)
     elif kind in OPTION_CASES:
         y, g = _option_case(kind, z64, rng)
+    elif kind == "bf16":
+        z = _bf16(z)
+        z64 = _widened(z).astype(np.float64)
+        y, g = _option_case(kind, z64, rng)
+        g = _bf16(g)
     else:
         y = rng.random((n, c), dtype=np.float32) ** 8
         y /= y.sum(axis=1, keepdims=True)

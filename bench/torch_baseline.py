@@ -5,6 +5,7 @@ The baseline is float64 forward + backward of the loss ce-check verifies, on the
 and targets at a given thread count, the upcast to float64 excluded, best of `repeat`:
 
     index   F.cross_entropy(z, y)                      y: int64 class indices
+    bf16    the same, z bfloat16 bits widened exactly  (bench/cases.py's bf16 case)
     probs   F.cross_entropy(z, q)                      q: (N, C) probability targets
     binary  F.binary_cross_entropy_with_logits(z, y)   y: (N, C) labels
     zloss   F.cross_entropy(z, y) + 1e-4 mean(logsumexp(z)^2)    (PaLM's z-loss)
@@ -35,9 +36,12 @@ import torch.nn.functional as F
 Z_LOSS, SOFTCAP = %r, %r
 kind, z_path, y_path, threads, repeat = sys.argv[1:6]
 torch.set_num_threads(int(threads))
-z = torch.from_numpy(np.load(z_path)).double()
+z = np.load(z_path)
+if z.dtype.kind == "V":  # bfloat16 bits (bench/cases.py's bf16 case): widened exactly
+    z = (z.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+z = torch.from_numpy(z).double()
 y = torch.from_numpy(np.load(y_path))
-y = y.long() if kind in ("index", "zloss", "softcap") else y.double()
+y = y.long() if kind in ("index", "zloss", "softcap", "bf16") else y.double()
 best = float("inf")
 for _ in range(int(repeat)):
     x = z.clone().requires_grad_(True)
