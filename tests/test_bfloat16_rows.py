@@ -58,6 +58,9 @@ def test_views_stay_lazy_and_fallbacks_widen_once():
     # anything else answers from one widened copy: the same values as widen_bfloat16's
     np.testing.assert_array_equal(np.asarray(lazy), whole)
     assert lazy.materialized and np.asarray(lazy) is np.asarray(lazy)
+    mine = np.array(lazy)  # a copy asked for is one: writing to it changes nothing else
+    mine[0] = 7.0
+    np.testing.assert_array_equal(np.asarray(lazy), whole)
     np.testing.assert_array_equal(lazy * 2 + 1, whole * 2 + 1)
     np.testing.assert_array_equal(np.exp(lazy), np.exp(whole))
     assert lazy.max() == whole.max() and lazy.astype(np.float64).dtype == np.float64

@@ -103,7 +103,9 @@ class Bfloat16Rows(NDArrayOperatorsMixin):
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self.whole()
-        return whole if dtype is None or np.dtype(dtype) == whole.dtype else whole.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != whole.dtype:
+            return whole.astype(dtype)
+        return whole.copy() if copy else whole  # the shared copy only to readers
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         plain = tuple(x.whole() if isinstance(x, Bfloat16Rows) else x for x in inputs)
