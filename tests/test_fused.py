@@ -1161,6 +1161,23 @@ def test_binary_chunks_are_large_unless_a_loss_reads_their_elements(monkeypatch,
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_rows_widen_on_the_kernels_threads(threads):
+    """A `Bfloat16Rows` block reaches the kernel widened by ce_widen_bf16: every bfloat16 bit
+    pattern, a chunk split over threads, a strided and a byte-swapped one and a tail of 3 give
+    widen_bfloat16's bits (NaN payloads too: a shift)."""
+    from ce_cli.io.bfloat16 import Bfloat16Rows, widen_bfloat16
+    from ce_cli.kernels import compiled
+    every = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    chunk = np.random.default_rng(5).integers(0, 1 << 16, size=(300, 1001), dtype=np.uint16)
+    for bits in (every, chunk, chunk[:, ::2], chunk.astype(">u2"), every.reshape(-1)[1:]):
+        with use_threads(threads):
+            got = compiled._as_kernel_rows(Bfloat16Rows(bits).block(0, len(bits)))
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.uint32), widen_bfloat16(bits).view(np.uint32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
 def test_float16_rows_widen_to_numpys_float32(threads):
     """float16 rows reach the kernel as float32 through ce_widen_f16: every binary16 bit pattern
     (subnormals, -0, infinities, NaN) and a chunk split over threads give numpy's astype(float32)

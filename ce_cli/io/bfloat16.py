@@ -81,6 +81,15 @@ class Bfloat16Rows(NDArrayOperatorsMixin):
     def materialized(self) -> bool:
         return self._whole is not None
 
+    @property
+    def bits(self) -> np.ndarray:
+        """The bfloat16 bits, as unsigned 16-bit integers (in the source's byte order)."""
+        return self._bits
+
+    def block(self, start: int, stop: int) -> Bfloat16Rows:
+        """Rows [start, stop), still bits: the compiled kernel widens them on its threads."""
+        return Bfloat16Rows(self._bits[start:stop])
+
     def __len__(self) -> int:
         return len(self._bits)
 
@@ -137,6 +146,11 @@ def widen_if_bfloat16(x: Any) -> Any:
     if isinstance(dtype, np.dtype) and is_bfloat16(dtype):
         return bfloat16_rows(np.asarray(x))
     return x
+
+
+def row_block(a: Any, start: int, stop: int) -> Any:
+    """a[start:stop]; a `Bfloat16Rows`' rows as a `Bfloat16Rows` (not widened yet)."""
+    return a.block(start, stop) if isinstance(a, Bfloat16Rows) else a[start:stop]
 
 
 def as_array(x: Any) -> Any:

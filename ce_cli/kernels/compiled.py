@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ce_cli.io.bfloat16 import Bfloat16Rows
 from ce_cli.kernels.base import ChunkEval, RowStats, take_rows
 
 _P = ctypes.c_void_p
@@ -83,8 +84,9 @@ def _library():
                     getattr(lib, name).restype = ctypes.c_int64
                 for name in ("ce_target", "ce_targets"):
                     getattr(lib, name).restype = ctypes.c_char_p
-                lib.ce_widen_f16.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64]
-                lib.ce_widen_f16.restype = None
+                for name in ("ce_widen_f16", "ce_widen_bf16"):
+                    getattr(lib, name).argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64]
+                    getattr(lib, name).restype = None
             except (OSError, AttributeError):
                 return None
             return lib
@@ -226,21 +228,30 @@ def _readable(a: Any) -> bool:
             and a.flags.c_contiguous)
 
 
-def _as_kernel_rows(a: np.ndarray) -> np.ndarray:
+def _as_kernel_rows(a: Any) -> np.ndarray:
     """C-contiguous float32 or float64 rows (narrower floats widen exactly to float32; float16
-    by ce_widen_f16, on default_threads() threads)."""
+    and the bits of `Bfloat16Rows` by ce_widen_f16 / ce_widen_bf16, on default_threads()
+    threads)."""
+    lib = _library()
+    if isinstance(a, Bfloat16Rows):
+        if lib is None:
+            return np.ascontiguousarray(a[...])
+        return _widened(lib.ce_widen_bf16, np.ascontiguousarray(a.bits, dtype=np.uint16))
     a = np.asarray(a)
     if a.dtype == np.float32 or a.dtype == np.float64:
         return np.ascontiguousarray(a)
-    lib = _library()
     if a.dtype == np.float16 and lib is not None:
-        half = np.ascontiguousarray(a)
-        out = np.empty(half.shape, dtype=np.float32)
-        lib.ce_widen_f16(_ptr(half), _ptr(out), half.size, default_threads())
-        return out
+        return _widened(lib.ce_widen_f16, np.ascontiguousarray(a))
     exact32 = ((a.dtype.kind == "f" and a.dtype.itemsize <= 4) or a.dtype.kind == "b"
                or (a.dtype.kind in "iu" and a.dtype.itemsize <= 2))
     return np.ascontiguousarray(a, dtype=np.float32 if exact32 else np.float64)
+
+
+def _widened(widen: Any, bits: np.ndarray) -> np.ndarray:
+    """The float32 values of the 16-bit floats `bits` by `widen` (ce_widen_f16 / _bf16)."""
+    out = np.empty(bits.shape, dtype=np.float32)
+    widen(_ptr(bits), _ptr(out), bits.size, default_threads())
+    return out
 
 
 class _Plain:

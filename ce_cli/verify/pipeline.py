@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ce_cli.errors import CeCheckError
-from ce_cli.io.bfloat16 import as_array
+from ce_cli.io.bfloat16 import as_array, row_block
 from ce_cli.kernels.allocator import keep_chunk_buffers
 from ce_cli.kernels.base import ChunkEval, required
 from ce_cli.kernels.compiled import use_threads
@@ -219,9 +219,10 @@ def _evaluate(problem, start: int, stop: int, fused, grad_stage: GradStage | Non
     compiled kernel folds its comparison itself)."""
     ev: ChunkEval | None = None
     if fused is not None:
-        ev = fused.evaluate(problem.z[start:stop], np.arange(start, stop),
+        ev = fused.evaluate(row_block(problem.z, start, stop), np.arange(start, stop),
                             cmp=grad_stage.cmp if grad_stage is not None else None,
-                            g_rows=None if user is None else user.rows[start:stop], stream=True)
+                            g_rows=None if user is None else row_block(user.rows, start, stop),
+                            stream=True)
         if ev is not None:
             return Evaluated(Chunk(start, stop, ev))
     ev = problem.evaluate(start, stop, grad=True,
