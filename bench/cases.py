@@ -120,8 +120,10 @@ def run_ce_check(kind: str, paths: dict[str, Path], threads: int, kernel: str) -
     cmd = [str(Path(sys.executable).parent / "ce-check"), "binary" if kind == "binary" else "grad",
            str(paths["logits"]), str(paths["labels"]), "--grad", str(paths["grad"]), "--json",
            *OPTION_CASES.get(kind, [])]
-    env = {**os.environ, **kernel_env(kernel, threads),
-           "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+    # its threads are CE_CHECK_THREADS' (kernel_env); a BLAS pool, which grad and binary never
+    # use, would busy-wait a core away from them (as in bench/run.py's children)
+    env = {**os.environ, **kernel_env(kernel, threads), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     return float(out[0]), int(out[1]) * 1024, out[2] == "0" and out[3] == "True"
