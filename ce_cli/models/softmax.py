@@ -68,6 +68,13 @@ class SoftmaxCE(RowMatrix):
         return "probability" if self.probs is not None else "index"
 
     @property
+    def one_target_term(self) -> bool:
+        """Whether each row's targets are one term (index targets, no smoothing, the whole
+        vocabulary): a backward's sum over them is then exact, so a factor on your gradient's
+        softmax term is its normaliser's, and your loss carries the same (LossStage.unexplained)."""
+        return self.probs is None and not self.smoothing and self.sem.vocab_offset is None
+
+    @property
     def per_sample_shape(self) -> tuple[int, ...]:
         """Shape of the per-sample losses of reduction 'none': the batch shape."""
         return self.layout.batch_shape

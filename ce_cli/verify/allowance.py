@@ -117,6 +117,8 @@ class RowAllowance:
         self.worst_row: int | None = None
         # (row, softmax factor, rescued): the TOP_ROWS largest, applied or over the bound
         self.largest: list[tuple[int, float, bool]] = []
+        # every rescued row and the softmax factor applied to it (`loss_shift`)
+        self.soft_rows, self.soft_factors = array("q"), array("d")
         # the entries (row * C + column) a row passed with the path at, and what they were
         # allowed more: 16 bytes an entry (a million rows may need it)
         self.path_keys, self.path_amounts = array("q"), array("d")
@@ -178,8 +180,16 @@ class RowAllowance:
             self._record(fit.row, factor)
         if fit.rescued and fit.soft:
             self._keep(fit.row, fit.soft, True)
+            self.soft_rows.append(fit.row)
+            self.soft_factors.append(fit.soft)
         elif fit.over and not fit.rescued and fit.soft_over:
             self._keep(fit.row, fit.soft_over, False)
+
+    def softmax_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rescued rows and the factor f applied to each one's softmax term: its lse off
+        by -log(1 + f), if the factor is the normaliser's."""
+        return (np.frombuffer(self.soft_rows, dtype=np.int64),
+                np.frombuffer(self.soft_factors, dtype=np.float64))
 
     def may_change(self) -> bool:
         """Whether refining a failing row can change its errors or counts: with a softmax's row

@@ -132,9 +132,12 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
         stages.append(grad_stage)
     loss = _user_loss(problem, inputs, options)
     if loss is not None:
-        stages.append(LossStage(problem, loss[0], loss[1], options.loss_atol, options.worst, total,
-                                options.normaliser_rtol, kl=options.kl_loss,
-                                computed=_computed_16(loss, user, options)))
+        loss_stage = LossStage(problem, loss[0], loss[1], options.loss_atol, options.worst, total,
+                               options.normaliser_rtol, kl=options.kl_loss,
+                               computed=_computed_16(loss, user, options))
+        stages.append(loss_stage)
+        if grad_stage is not None:
+            grad_stage.loss_stage = loss_stage
     if mode == "full":
         stages.append(FullFDStage(problem, user, options.worst))
     elif mode == "directional":
