@@ -136,23 +136,29 @@ class GradStage(Stage):
                                       result.total, max(self.user.tol.rtol, 8 * self.user.tol.eps),
                                       self.user.tol.tiny)
         if a.rows_over or (a.rows_rescued and a.max_factor):
-            where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()
-            missing = missing_z_loss(self.problem, a.largest)
-            found = (f"{a.rows_rescued} rows pass with it; normaliser off by up to "
-                     f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}")
-            loose = ("" if missing or self.loss_stage is None
-                     else self.loss_stage.unexplained(*a.softmax_factors(), self.user.tol))
-            out.append((1, CheckResult(
-                name="normaliser", ok=a.rows_over == 0 and not missing and not loose,
-                expected_label="bound", got_label="row factor", max_abs_err=a.max_factor,
-                max_rel_err=a.max_factor,
-                mismatches=a.rows_over + (sum(r for *_, r in a.largest) if missing else 0)
-                + (a.rows_rescued if loose else 0),
-                total=a.rows_fitted, worst=(),
-                rule=(f"row factor <= {a.bound:.2g}, a {a.precision} sum of "
-                      f"{a.n_classes:,} terms"),
-                note=missing or (f"{found}; {loose}" if loose else found))))
+            out.append((1, self._normaliser()))
         return out
+
+    def _normaliser(self) -> CheckResult:
+        """The `normaliser` check: the row factors applied or over the bound; it fails too when
+        they are a z-loss left out (`missing_z_loss`) or your loss does not carry them
+        (`LossStage.unexplained`)."""
+        a = self.allowance
+        where = self.problem.layout.batch_index(a.worst_row) if a.worst_row is not None else ()
+        missing = missing_z_loss(self.problem, a.largest)
+        found = (f"{a.rows_rescued} rows pass with it; normaliser off by up to "
+                 f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}")
+        loose = ("" if missing or self.loss_stage is None
+                 else self.loss_stage.unexplained(*a.softmax_factors(), self.user.tol))
+        return CheckResult(
+            name="normaliser", ok=a.rows_over == 0 and not missing and not loose,
+            expected_label="bound", got_label="row factor", max_abs_err=a.max_factor,
+            max_rel_err=a.max_factor,
+            mismatches=a.rows_over + (sum(r for *_, r in a.largest) if missing else 0)
+            + (a.rows_rescued if loose else 0),
+            total=a.rows_fitted, worst=(),
+            rule=f"row factor <= {a.bound:.2g}, a {a.precision} sum of {a.n_classes:,} terms",
+            note=missing or (f"{found}; {loose}" if loose else found))
 
 
 def missing_z_loss(problem, largest: list[tuple[int, float, bool]]) -> str:
