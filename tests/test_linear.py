@@ -313,6 +313,33 @@ def test_pytorch_float32_and_bfloat16_fixtures_pass():
     assert report.ok, [c for c in report.checks if not c.ok]
 
 
+def test_bfloat16_loss_stored_wider_is_a_bfloat16_computation():
+    """PyTorch's bf16 loss saved with `.float()` and no precision declared: held, as `grad`
+    holds it, as the per-sample losses of your gradients' bf16 computation (it failed float32's
+    rule); declared bf16, a loss 10% off fails (bf16's per-sample rule, not float32's floor at
+    bf16's eps, which allowed 19%)."""
+    bf = np.load(LIN / "bf16.npz")
+    args = (bf["hidden"], bf["weight"], bf["labels"])
+    grads = {g: bf[g] for g in GRADS}
+    report = ce_cli.check_linear(*args, bias=bf["bias"], **grads, loss=bf["loss"])
+    (loss,) = [c for c in report.checks if c.name == "loss_vs_reference"]
+    assert report.ok and "per-sample losses of a bf16 computation" in loss.note
+    assert report.verdict == "PASS"
+    off = ce_cli.check_linear(*args, bias=bf["bias"], **grads, loss=float(bf["loss"]) * 1.1,
+                              precision="bf16")
+    assert not off.ok and off.verdict.startswith("FAIL — loss_vs_reference")
+
+
+def test_bfloat16_weight_gradient_off_by_a_tenth_fails():
+    """The bf16 floor is bf16's: |lse| at weight 1/4 and the logits rounded to bf16 once (half
+    an ulp of the row's largest |z|), not |h| max|W| units of bf16's eps: dL/dW 10% too large
+    fails (it passed before)."""
+    bf = np.load(LIN / "bf16.npz")
+    report = ce_cli.check_linear(bf["hidden"], bf["weight"], bf["labels"], bias=bf["bias"],
+                                 grad_weight=bf["grad_weight"] * 1.1, precision="bf16")
+    assert not report.ok and "weight" in report.verdict
+
+
 def test_bfloat16_outputs_with_a_bug_still_fail():
     bf = np.load(LIN / "bf16.npz")
     gw = bf["grad_weight"].copy()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ce_cli.kernels.compiled import kernel
 from ce_cli.verify import compare
 from ce_cli.verify.allowance import MEDIAN_SAMPLE, median
-from ce_cli.verify.checks import check_grad
+from ce_cli.verify.checks import check_binary, check_grad
 
 
 def _same(a: float, b: float) -> bool:
@@ -139,7 +139,6 @@ def test_binary_rows_keep_the_entry_wise_statistics(dtype, monkeypatch):
     """A failing sigmoid row is never refitted (it has no row factors; flushed entries pass
     with the entry-wise rule): the compiled kernel's verdicts, counts and worst entries are the
     numpy kernel's."""
-    from ce_cli.verify.checks import check_binary
     z, y, g = _binary_wrong(dtype)
     summaries = []
     for fused in ("1", "0"):
@@ -152,9 +151,10 @@ def test_binary_rows_keep_the_entry_wise_statistics(dtype, monkeypatch):
     assert not summaries[0][0] and "flushed to zero" not in summaries[0][6]
 
 
-def _flushed_softmax(dtype, n: int = 48, c: int = 3000, seed: int = 11):
-    """A mean-reduced softmax gradient with every result below `dtype`'s smallest normal
-    returned as 0 (flush-to-zero), at logit spreads that put many entries there."""
+def _flushed_softmax(dtype, n: int = 48, c: int = 3000, seed: int = 11, below: float | None = None):
+    """A mean-reduced softmax gradient with every result below `below` (default: what a
+    correct kernel may return as 0: float32's smallest normal, float16's smallest subnormal)
+    returned as 0, at logit spreads that put many entries there."""
     rng = np.random.default_rng(seed)
     z = (rng.standard_normal((n, c)) * (4.0 if dtype == np.float16 else 40.0)).astype(np.float32)
     y = rng.integers(0, c, n)
@@ -162,7 +162,9 @@ def _flushed_softmax(dtype, n: int = 48, c: int = 3000, seed: int = 11):
     a /= a.sum(axis=1, keepdims=True)
     a[np.arange(n), y] -= 1.0
     ref = a / n
-    g = np.where(np.abs(ref) < np.finfo(dtype).tiny, 0.0, ref).astype(dtype)
+    if below is None:
+        below = 2.0**-24 if dtype == np.float16 else float(np.finfo(dtype).tiny)
+    g = np.where(np.abs(ref) < below, 0.0, ref).astype(dtype)
     return z, y, g
 
 
@@ -184,8 +186,32 @@ def test_flushed_entries_pass_entry_by_entry(dtype, monkeypatch):
         assert (rep.options["kernel"] == "numpy") == (fused == "0")
         (c,) = [c for c in rep.checks if c.name == "grad_vs_reference"]
         reports.append(_exact(dataclasses.replace(rep, options={})))
-        assert rep.ok and "flushed to zero beyond the entry-wise rule" in c.note, c
-    assert reports[0] == reports[1] == reports[2]
+        # float16: a 0 below its smallest subnormal is within the entry-wise rule itself
+        flushed = dtype == np.float32
+        assert rep.ok and ("flushed to zero beyond the entry-wise rule" in c.note) == flushed, c
     assert refits == []
-    strict = check_grad(z, y, grad=g, fd="off", strict_subnormals=True)
-    assert not strict.ok
+    if dtype == np.float16:  # nothing flushed: its worst entries carry each kernel's exp (1 ulp)
+        return
+    assert reports[0] == reports[1] == reports[2]
+    assert not check_grad(z, y, grad=g, fd="off", strict_subnormals=True).ok
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_float16_zeros_in_its_subnormal_range_fail(fused, monkeypatch):
+    """float16 kernels keep float16's subnormals (every one measured): a 0 where the reference
+    lies between its smallest subnormal and its smallest normal (6.1e-5) is a wrong entry -
+    a clamped logit, or the zero gradient of a mean over 16,384+ elements - not a flush."""
+    monkeypatch.setenv("CE_CHECK_FUSED", fused)
+    z, y, g = _flushed_softmax(np.float16, below=float(np.finfo(np.float16).tiny))
+    rep = check_grad(z, y, grad=g, fd="off")
+    (c,) = [c for c in rep.checks if c.name == "grad_vs_reference"]
+    assert not rep.ok and c.mismatches > 0 and "flushed" not in c.note
+    zero = np.zeros_like(g)
+    assert not check_grad(z, y, grad=zero, fd="off").ok
+    # sigmoid BCE, a mean over 32,768 elements: every entry of the gradient is a subnormal
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((8, 4096)) * 30).astype(np.float16)
+    t = (rng.random((8, 4096)) < 0.5).astype(np.float16)
+    right = ((1 / (1 + np.exp(-x.astype(np.float64))) - t) / t.size).astype(np.float16)
+    assert check_binary(x, t, grad=right, fd="off").ok
+    assert not check_binary(x, t, grad=np.zeros_like(right), fd="off").ok

@@ -150,19 +150,15 @@ def test_bce_exp2_rounding_is_the_argument_rounding():
 
 def test_float16_mean_over_65536_rows_is_zero():
     """0.14.0 divides the float16 sum by the mask's count as float16: 65,536 rows -> inf, the
-    loss -0 and the gradient all zeros. The loss check fails; every reference entry is below
-    float16's smallest normal (1/65,536 < 6.1e-5), so the zeros pass as flushed, counted in the
-    note, and `strict_subnormals` fails them."""
+    loss -0 and the gradient all zeros. Every reference entry lies in float16's subnormal range
+    (1/65,536 < 6.1e-5), which float16 kernels keep: the zeros fail, the loss too (until stop 27
+    they passed as flushed to zero)."""
     arrays, meta = _load(DIR / "findings" / "tinygrad_bign_f16_nc_C2_s1_mean_sparse.npz")
     assert float(arrays["loss"]) == 0.0 and not arrays["grad"].any()
     report = _check(arrays, meta, fd="sample")  # 131,072 entries: sampled finite differences
-    assert "loss_vs_reference" in _failed(report)
+    assert {"loss_vs_reference", "grad_vs_reference", "fd_vs_grad"} <= set(_failed(report))
     grad_check = report.checks[[c.name for c in report.checks].index("grad_vs_reference")]
-    assert grad_check.ok and "flushed to zero" in grad_check.note
-    fd_check = next(c for c in report.checks if c.name == "fd_vs_grad")
-    assert fd_check.ok and "flushed to zero" in fd_check.note  # sampled: the same rule
-    strict = _check(arrays, meta, fd="sample", strict_subnormals=True)
-    assert {"grad_vs_reference", "fd_vs_grad"} <= set(_failed(strict))
+    assert "flushed to zero" not in grad_check.note
 
 
 @pytest.mark.parametrize("path", [p for p in CASES if p.endswith("_s1_mean_sparse_neg1.npz")],

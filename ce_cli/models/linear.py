@@ -44,6 +44,8 @@ EXTENDED_COPIES = 12      # (R, V) arrays `semantic_rows` holds at once: it runs
 EXTENDED_HELD = 4         # (R, V) arrays an extended row block keeps: logits, G, phi, |G|
 VOCAB_BYTES = 32 << 20    # rows of W converted to float64 at a time
 LAYOUTS = ("VH", "HV")
+# the loss's floor keeps float32's logit bound, whatever your gradients' precision
+LOSS_LOGIT_TERMS = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class LinearCE:
     block_bytes: int = BLOCK_BYTES
     sm: Any = None                # the softmax model of the logits (models/softmax.py SoftmaxCE):
     #                               targets, denominator, the training-code semantics
+    lse_weight: float = 1.0       # the gradient floor's |lse| weight (`with_floor`)
+    logit_terms: tuple[float, float] = (0.0, 1.0)  # `logit_error`'s weights (`with_floor`)
 
     @property
     def n_rows(self) -> int:
@@ -140,6 +144,11 @@ class LinearCE:
         over W for large inputs while the peak stays near the inputs."""
         return replace(self, block_bytes=int(min(1 << 30, BLOCK_SHARE * input_bytes + BLOCK_BYTES)))
 
+    def with_floor(self, lse_weight: float, logit_terms: tuple[float, float]) -> LinearCE:
+        """The gradient floor's |lse| weight and `logit_error`'s weights (verify/linear's
+        `floor_terms`: one floor serves dL/dH, dL/dW and dL/db)."""
+        return replace(self, lse_weight=lse_weight, logit_terms=logit_terms)
+
     def col_chunks(self, rows: int):
         """Column ranges of a (rows x V) block of about CHUNK_BYTES: cache-sized pieces."""
         step = max(16, CHUNK_BYTES // (8 * max(1, rows)))
@@ -180,7 +189,7 @@ class LinearCE:
                 on_vocab(v0, v1, w)
         rows = np.arange(start, stop)
         if self.extended:
-            ev, phi = self.evaluate(z, rows, self.logit_error(h))
+            ev, phi = self.evaluate(z, rows, self.logit_error(h, z))
             return RowBlock(start, stop, h, z, ev.lse, ev.loss, ev, phi)
         lse = row_lse(z)
         return RowBlock(start, stop, h, z, lse, self.row_loss(z, lse, rows))
@@ -208,7 +217,7 @@ class LinearCE:
         """Extended semantics on raw logits x (R, V): the softmax model's rows (loss, lse, the
         reduced gradient w.r.t. x) and the gradient's floor in units of k*eps, plus the logits'
         own rounding, which moves z = T(x) by |T'| herr and a by a |T'| 2 herr."""
-        ev = self.sm.evaluate_rows(x, rows, grad=True, floor_coef=1.0)
+        ev = self.sm.evaluate_rows(x, rows, grad=True, floor_coef=1.0, lse_weight=self.lse_weight)
         sem = self.sm.sem
         z, dz = transform(x, sem.logit_scale, sem.softcap)
         a = np.exp(z - ev.lse[:, None])
@@ -227,16 +236,24 @@ class LinearCE:
             loss -= beta * wz
         return np.where(self.valid[rows], loss, 0.0)
 
-    def logit_error(self, h: np.ndarray) -> np.ndarray:
-        """Per row, |z_n| rounding scale of a correct kernel in units of eps: |h_n|_2 max|W_v|_2."""
-        return np.sqrt(np.einsum("ij,ij->i", h, h)) * self.w_norm_max
+    def logit_error(self, h: np.ndarray, z: np.ndarray,
+                    terms: tuple[float, float] | None = None) -> np.ndarray:
+        """Per row, how far a correct kernel's logits z_n = h_n W^T (+ b) may be off, in units of
+        eps, `terms` (default `logit_terms`) = (rounding, accumulation) weighing max_v |z_nv|
+        and |h_n|_2 max|W_v|_2: (0, 1) for float32, (1/2, 2^-24 / eps) for a computation in
+        16 bits (rounded to it once, accumulated in float32)."""
+        rounding, accumulation = terms or self.logit_terms
+        err = np.sqrt(np.einsum("ij,ij->i", h, h)) * (self.w_norm_max * accumulation)
+        if rounding and z.size:
+            err += rounding * np.abs(z).max(axis=1)
+        return err
 
     def grad_terms(self, z: np.ndarray, rows: np.ndarray, cols: np.ndarray, lse: np.ndarray,
                    herr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """G = s (Q a - q) of logits z (rows x sorted vocabulary `cols`) and its floor phi in
         units of k*eps (`herr` = `logit_error` of the rows):
 
-            phi = s (Q a (1 + |log a| + |lse| + 2 herr) + |q|)
+            phi = s (Q a (1 + |log a| + lam |lse| + 2 herr) + |q|)    (lam: `lse_weight`)
 
         (the softmax CE floor, plus the logits' own rounding, which moves a by a * 2 dz)."""
         alpha, beta, ys = self.targets(rows)
@@ -246,7 +263,7 @@ class LinearCE:
             loga = z - lse[:, None]
             a = np.exp(loga)
         phi = np.abs(loga)
-        phi += (1.0 + np.abs(lse) + 2.0 * herr)[:, None]
+        phi += (1.0 + self.lse_weight * np.abs(lse) + 2.0 * herr)[:, None]
         phi *= a
         phi *= (scale * np.abs(Q))[:, None]
         g = a
@@ -341,17 +358,24 @@ class LinearCE:
         g = np.asarray(ev.grad)[:, cols]
         return scale * diff, scale * err, g, blk.phi[:, cols]
 
-    def loss_floor(self, block: RowBlock) -> np.ndarray:
-        """Per-row loss error of a correct kernel in units of k*eps."""
+    def loss_floor(self, block: RowBlock, sixteen: bool = False) -> np.ndarray:
+        """Per-row loss error of a correct kernel in units of k*eps: with float32's logit
+        bound, or (`sixteen`) as the per-sample losses of a 16-bit computation (LossStage's
+        second rule: their logits rounded to 16 bits, `logit_terms`, and each loss to it once,
+        `softmax_unit16`'s |loss_n| + Q_n log V)."""
+        terms = self.logit_terms if sixteen else LOSS_LOGIT_TERMS
+        reach = 2.0 * self.logit_error(block.h, block.z, terms)
         if block.ev is not None:
             s, _Q, _qabs, qsum, _zabs = np.abs(np.asarray(block.ev.row_terms)).T
-            reach = 2.0 * self.logit_error(block.h) * abs(self.sm.sem.logit_scale)
-            return np.asarray(self.sm.loss_floor(block.ev, 1.0) + reach * (
-                np.abs(block.ev.total_weight) + s * qsum)) * self.grad_scale
-        alpha, beta, _ = self.targets(block.rows)
-        Q = np.abs(self.total_weight(alpha, beta))
-        return (np.abs(block.loss) + Q * (1.0 + np.abs(block.lse) + 2.0 * self.logit_error(block.h))
-                ) * self.grad_scale
+            Q = np.abs(block.ev.total_weight)
+            floor = self.sm.loss_floor(block.ev, 1.0) + reach * abs(self.sm.sem.logit_scale) * (Q + s * qsum)
+        else:
+            alpha, beta, _ = self.targets(block.rows)
+            Q = np.abs(self.total_weight(alpha, beta))
+            floor = np.abs(block.loss) + Q * (1.0 + np.abs(block.lse) + reach)
+        if sixteen:
+            floor = floor + np.abs(block.loss) + Q * math.log(self.n_classes)
+        return np.asarray(floor) * self.grad_scale
 
 
 def row_lse(z: np.ndarray) -> np.ndarray:

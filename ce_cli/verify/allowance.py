@@ -51,6 +51,12 @@ from ce_cli.verify.tolerance import EPS_ACCUMULATE, PRECISIONS, Tolerance, reduc
 
 # smallest positive normal number of each precision
 NORMAL_MIN = {"f16": 2.0**-14, "bf16": 2.0**-126, "f32": 2.0**-126, "f64": 2.0**-1022}
+# below what a correct result may come back as 0: flush-to-zero acts on float32 and float64
+# (MXCSR, CUDA's -ftz); float16 values are computed in float32 and keep float16's subnormals
+# (every kernel measured), so a float16 0 is a correct result only where an intermediate
+# underflowed: below its smallest subnormal, not its smallest normal (6.1e-5, which let the
+# zero gradient of a mean over 16,384+ elements pass)
+FLUSH_BELOW = {**NORMAL_MIN, "f16": 2.0**-24}
 MIN_FIT = 3  # entries a term must dominate before its factor is fitted: a median of 3 or more
 # is never moved by a single wrong entry
 NORMALISER_K = 0.5  # |f| <= K * eps * (C - 1), plus the floor's k * eps
@@ -91,7 +97,7 @@ class RowAllowance:
         self.target_weights = target_weights  # rows -> dense (R, C) q and its spread part
         self.bound = normaliser_bound(tol, n_classes, normaliser_rtol)
         self.peak = path_allowance(tol, n_classes)
-        self.normal_min = 0.0 if strict_subnormals else NORMAL_MIN[tol.coarse] * max(1.0, flush_factor)
+        self.normal_min = 0.0 if strict_subnormals else FLUSH_BELOW[tol.coarse] * max(1.0, flush_factor)
         # a sum of two paths (the softmax term's and the z-loss's, as autodiff forms them) of
         # which float32 flush-to-zero (XLA on the CPU; 16-bit values are computed in float32)
         # zeroed one or both: short by up to twice float32's smallest normal, times what
@@ -229,8 +235,9 @@ class RowAllowance:
 
     def flushed_note(self, count: int) -> str:
         part = "; a sum may lose a term that small" if self.partial else ""
+        least = "subnormal" if self.precision == "f16" else "normal"
         return (f"{count:,} entries flushed to zero beyond the entry-wise rule (allowed: below "
-                f"the smallest normal {self.precision} number{part})")
+                f"the smallest {least} {self.precision} number{part})")
 
     def _peak_slack(self, row: int, soft: np.ndarray, slack: np.ndarray, finite: np.ndarray,
                     d: np.ndarray, allowed: np.ndarray) -> bool:

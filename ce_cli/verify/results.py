@@ -81,10 +81,17 @@ class Report:
 USER_CHECKS = ("grad_vs_reference", "loss_vs_reference", "fd_vs_grad", "fd_rows_vs_grad")
 
 
+def user_check(name: str) -> bool:
+    """Whether check `name` compares your values: USER_CHECKS, and `linear`'s
+    grad_{hidden,weight,bias}_vs_reference and fd_*_vs_grad."""
+    return name in USER_CHECKS or name.endswith("_vs_grad") or (
+        name.startswith("grad_") and name.endswith("_vs_reference"))
+
+
 def verdict_line(ok: bool, checks: tuple[CheckResult, ...], diagnosis: tuple[Diagnosis, ...]) -> str:
     """PASS or FAIL with the reason: the first failing check's count and the likely cause."""
     if ok:
-        if not any(c.name in USER_CHECKS for c in checks):
+        if not any(user_check(c.name) for c in checks):
             return "PASS — reference self-check only: pass `grad` or `loss` to check yours"
         return "PASS"
     failed = next(c for c in checks if not c.ok)

@@ -281,11 +281,7 @@ class LossStage(Stage):
             wide = self._checked(tol, self.floor16, normaliser_bound(
                 tol, self.problem.n_classes, self.normaliser_rtol) if self.normaliser else 0.0)
             if wide.ok:
-                result = replace(wide, note=(
-                    f"passes as the per-sample losses of a {tol.precision} computation (your "
-                    f"gradient's) reduced in float32, each off by its {tol.precision} rounding; "
-                    f"`precision` {self.tol.precision} holds it to {self.tol.precision}'s rule"
-                    + (f"; {wide.note}" if wide.note else "")))
+                result = replace(wide, note=computed_note(tol, self.tol, wide.note))
         return [(2, result if result.ok else self._entropy_note(result))]
 
     def unexplained(self, rows: np.ndarray, factors: np.ndarray, grad_tol: Tolerance) -> str:
@@ -367,6 +363,15 @@ class LossStage(Stage):
         floor = (float(np.sum(row_floor)) * problem.grad_scale
                  + reduction_floor(tol, math.prod(problem.per_sample_shape), total))
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
+
+
+def computed_note(computed: Tolerance, own: Tolerance, note: str) -> str:
+    """The note of a loss that passes only as the per-sample losses of your gradient's 16-bit
+    computation `computed` reduced wider (LossStage's second rule), `own` its own rule."""
+    return (f"passes as the per-sample losses of a {computed.precision} computation (your "
+            f"gradient's) reduced in float32, each off by its {computed.precision} rounding; "
+            f"`precision` {own.precision} holds it to {own.precision}'s rule"
+            + (f"; {note}" if note else ""))
 
 
 def softmax_unit16(unit: np.ndarray, loss: np.ndarray, weight: np.ndarray,

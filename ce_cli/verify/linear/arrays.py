@@ -5,7 +5,7 @@ accumulated in float32 at least)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -15,7 +15,7 @@ from ce_cli.errors import CeCheckError
 from ce_cli.kernels.numerics import EPS
 from ce_cli.models.linear import LinearCE
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.tolerance import Tolerance
+from ce_cli.verify.tolerance import EPS_ACCUMULATE, SIXTEEN_BIT, Tolerance
 
 
 CONFIDENCE = 8.0       # c: a correct row fails a projection with probability <= 2 exp(-32)
@@ -59,6 +59,18 @@ class UserArray:
     tol: Tolerance
     index_of: Callable[[int, int], tuple[int, ...]]
     transposed: bool = False
+
+
+def floor_terms(tols: Iterable[Tolerance]) -> tuple[float, tuple[float, float]]:
+    """The gradient floor's |lse| weight and logit-error weights (`LinearCE.logit_error`) for
+    your gradients' tolerances `tols`. One floor serves them all, so it is the 16-bit one only
+    when each is computed in 16 bits: |lse| at weight 1/4 (`Tolerance.lse_weight`, as `grad`)
+    and the logits rounded to 16 bits once, half an ulp of the row's largest |z|, after a
+    float32 accumulation. Otherwise float32's: weight 1, |h_n|_2 max|W_v|_2 units of eps."""
+    tols = list(tols)
+    if not tols or any(t.precision not in SIXTEEN_BIT for t in tols):
+        return 1.0, (0.0, 1.0)
+    return max(t.lse_weight for t in tols), (0.5, EPS_ACCUMULATE / min(t.eps for t in tols))
 
 
 def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE, n_terms: int) -> Tolerance:

@@ -17,14 +17,17 @@ from ce_cli.kernels.numerics import loss_sum
 from ce_cli.models.linear import LinearCE, build_linear_ce
 from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
-from ce_cli.verify.linear.arrays import FD_SAFETY, LINEAR_FIELDS, LinearSettings, UserArray, user_arrays
+from ce_cli.verify.linear.arrays import (FD_SAFETY, LINEAR_FIELDS, LinearSettings, UserArray, floor_terms,
+                                        user_arrays)
 from ce_cli.verify.linear.exact import (exact_all, exact_hidden_rows, exact_weight_rows,
                                         projection_result, user_comparison)
 from ce_cli.verify.linear.probes import Probes
 from ce_cli.verify.linear.stream import Pass, bias_column, run_pass
 from ce_cli.verify.options import CheckOptions
-from ce_cli.verify.results import CheckResult, InputInfo, Report
-from ce_cli.verify.tolerance import Tolerance, reduction_floor, resolve_tolerance
+from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
+from ce_cli.verify.stages import computed_note
+from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, loss_rule, per_sample_16, reduction_floor,
+                                     resolve_tolerance)
 
 
 ROLES = ("hidden", "weight", "labels", "bias", "class_weight", "sample_weight", "grad_hidden",
@@ -70,19 +73,19 @@ def check_linear(
     problem = problem.with_budget(sum(int(np.asarray(a).nbytes) for a in
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
+    problem = problem.with_floor(*floor_terms(u.tol for u in users.values()))
     given_loss = user_loss(problem, loss, src["loss"], opts)
     run, mode, (hp, wp, bias_probes) = run_pass(problem, users, lin, opts, progress, exact_hidden=True)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
     ranked += fd_checks(problem, users, (hp, wp, bias_probes), opts.worst, run.bdir.u)
-    total = loss_sum(run.loss)
-    ref_loss = problem.reduce(total)
-    if given_loss is not None:
-        ranked.append((2, loss_check(problem, run, given_loss, ref_loss, opts)))
+    ref_loss = problem.reduce(loss_sum(run.loss))
+    ranked += _loss_ranked(problem, run, given_loss, ref_loss, opts, users)
     checks = tuple(c for _, c in sorted(ranked, key=lambda rc: rc[0]))
+    ok = all(c.ok for c in checks)
     arrays = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
               "class_weight": class_weight, "sample_weight": sample_weight, **grads, "loss": loss}
     return Report(
-        kind="linear", ok=all(c.ok for c in checks), loss=float(ref_loss),
+        kind="linear", ok=ok, loss=float(ref_loss), verdict=verdict_line(ok, checks, ()),
         loss_per_sample_shape=problem.batch_shape if problem.reduction == "none" else None,
         shape=tuple(np.shape(hidden)), n_rows=problem.n_rows, n_classes=problem.n_classes,
         n_ignored=int(problem.n_rows - np.count_nonzero(problem.valid)),
@@ -238,15 +241,54 @@ def user_loss(problem: LinearCE, loss: Any, source: str, opts: CheckOptions
     return arr, opts.tolerance(arr.dtype)
 
 
+def _loss_ranked(problem: LinearCE, run: Pass, given: tuple[np.ndarray, Tolerance] | None,
+                 ref_loss: float, opts: CheckOptions, users: dict[str, UserArray]
+                 ) -> list[tuple[int, CheckResult]]:
+    """Your loss's check, ranked (none without a loss)."""
+    if given is None:
+        return []
+    return [(2, loss_check(problem, run, given, ref_loss, opts, computed_16(given[1], users, opts)))]
+
+
+def computed_16(loss_tol: Tolerance, users: dict[str, UserArray], opts: CheckOptions) -> str | None:
+    """The 16-bit precision your gradients were computed in, all of them, whose per-sample
+    losses a wider loss may reduce, when no precision was declared (`grad`'s `_computed_16`)."""
+    fmts = {u.tol.precision for u in users.values()}
+    if opts.precision is not None or len(fmts) != 1:
+        return None
+    fmt = fmts.pop()
+    eps = max(u.tol.eps for u in users.values())
+    return fmt if fmt in SIXTEEN_BIT and loss_tol.eps < eps else None
+
+
 def loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance], ref_loss: float,
-                opts: CheckOptions) -> CheckResult:
+               opts: CheckOptions, computed: str | None = None) -> CheckResult:
+    """Your loss against the reference: held to its precision's rule, a 16-bit one as a 16-bit
+    computation's per-sample losses (`loss_rule`, `grad`'s too); one that fails its own rule
+    and was not declared, once more as the per-sample losses of your gradients' 16-bit
+    precision `computed` reduced wider (LossStage's second rule)."""
     got, tol = user
+    floor16 = getattr(run, "loss_floor16", None)  # None: float32 gradients, or a merged shard run
+    if tol.precision in SIXTEEN_BIT and floor16 is not None:
+        return _loss_compare(problem, run, floor16, got, loss_rule(tol), ref_loss, opts)
+    result = _loss_compare(problem, run, run.loss_floor, got, tol, ref_loss, opts)
+    if result.ok or computed is None or floor16 is None:
+        return result
+    wide_tol = per_sample_16(tol, computed)
+    wide = _loss_compare(problem, run, floor16, got, wide_tol, ref_loss, opts)
+    return replace(wide, note=computed_note(wide_tol, tol, wide.note)) if wide.ok else result
+
+
+def _loss_compare(problem: LinearCE, run: Pass, row_floor: np.ndarray, got: np.ndarray,
+                  tol: Tolerance, ref_loss: float, opts: CheckOptions) -> CheckResult:
+    """Your loss held to `tol` with the rows' floors `row_floor` (against the pass's per-sample
+    losses for 'none', else `ref_loss`)."""
     if problem.reduction == "none":
         cmp = Comparison("loss_vs_reference", tol, lambda r, c: problem.batch_index(r),
                          n_worst=opts.worst, extra_atol=opts.loss_atol, beyond_range=True)
-        cmp.update(0, run.loss, got, tol.floor_coef * run.loss_floor)
+        cmp.update(0, run.loss, got, tol.floor_coef * row_floor)
         return cmp.result()
-    floor = tol.floor_coef * float(run.loss_floor.sum()) + reduction_floor(tol, problem.n_rows, ref_loss)
+    floor = tol.floor_coef * float(row_floor.sum()) + reduction_floor(tol, problem.n_rows, ref_loss)
     cmp = Comparison("loss_vs_reference", tol, lambda r, c: (), n_worst=1, extra_atol=opts.loss_atol,
                      beyond_range=True)
     cmp.update(0, np.array([ref_loss]), np.asarray(got, dtype=np.float64).reshape(1),

@@ -32,6 +32,8 @@ class Pass:
         N, V, H = problem.n_rows, problem.n_classes, problem.hidden_size
         self.loss = np.zeros(N)
         self.loss_floor = np.zeros(N)
+        # as the per-sample losses of a 16-bit computation, when your gradients are one
+        self.loss_floor16 = np.zeros(N) if problem.logit_terms[0] else None
         self.lse = np.zeros(N)
         self.herr = np.zeros(N)
         self.hfd, self.wfd, self.bfd, self.bdir = fds
@@ -76,9 +78,11 @@ class Pass:
         for r0 in range(0, N, step):
             r1 = min(N, r0 + step)
             blk = problem.forward_block(r0, r1, self.on_weight if r0 == 0 else None)
-            herr = problem.logit_error(blk.h)
+            herr = problem.logit_error(blk.h, blk.z)
             self.loss[r0:r1], self.lse[r0:r1], self.herr[r0:r1] = blk.loss, blk.lse, herr
             self.loss_floor[r0:r1] = problem.loss_floor(blk)
+            if self.loss_floor16 is not None:
+                self.loss_floor16[r0:r1] = problem.loss_floor(blk, sixteen=True)
             self.hfd.finish(blk, herr)
             self.wfd.update(blk, herr)
             self.bfd.update(blk, herr)
@@ -117,7 +121,7 @@ class Pass:
         hr = h @ self.pw.r if self.pw is not None else None
         xa = self._xa(s * Q, s * np.abs(Q), h2, hr)
         xp = np.stack([s * np.abs(Q), s * np.abs(Q) * h2], axis=1)
-        c = 1.0 + np.abs(blk.lse) + 2.0 * herr
+        c = 1.0 + problem.lse_weight * np.abs(blk.lse) + 2.0 * herr
         ya = self.ya
         ha = np.zeros((len(rows), ya.shape[1])) if ya is not None else None
         hp = np.zeros(len(rows))
