@@ -102,3 +102,4 @@ def test_smoothing_is_not_held_to_the_loss(kernel):
     report = ce_cli.check_grad(z, y, grad=grad.astype(np.float32), loss=loss.mean(),
                                label_smoothing=eps, normaliser_rtol=BOUND, fd="off")
     assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+

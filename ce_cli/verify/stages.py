@@ -148,8 +148,7 @@ class GradStage(Stage):
         missing = missing_z_loss(self.problem, a.largest)
         found = (f"{a.rows_rescued} rows pass with it; normaliser off by up to "
                  f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}")
-        loose = ("" if missing or self.loss_stage is None
-                 else self.loss_stage.unexplained(*a.softmax_factors(), self.user.tol))
+        loose = "" if missing or self.loss_stage is None else self.loss_stage.unexplained()
         return CheckResult(
             name="normaliser", ok=a.rows_over == 0 and not missing and not loose,
             expected_label="bound", got_label="row factor", max_abs_err=a.max_factor,
@@ -245,6 +244,7 @@ class LossStage(Stage):
         one = softmax and getattr(problem, "one_target_term", False) and not self.sixteen and not kl
         self.dlse = np.empty(problem.n_rows) if one else None
         self.lse_abs = np.empty(problem.n_rows) if one else None
+        self.grad: GradStage | None = None  # `link`
 
     def update(self, chunk: Chunk) -> None:
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
@@ -284,33 +284,49 @@ class LossStage(Stage):
                 result = replace(wide, note=computed_note(tol, self.tol, wide.note))
         return [(2, result if result.ok else self._entropy_note(result))]
 
-    def unexplained(self, rows: np.ndarray, factors: np.ndarray, grad_tol: Tolerance) -> str:
-        """A note when your loss does not carry the normaliser error your gradient's rows show
-        ('' otherwise). With one target term a row (`one_target_term`) a factor f on row n's
-        softmax term is its normaliser's (the backward's sum over the targets is exact): lse off
-        by -log(1 + f), loss_n by d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n; s_n Qe_n with
-        a z-loss and sample weights), in every implementation whose backward uses its forward's
-        softmax (autodiff, fused kernels). Only a loss that passes its own rule without the
-        normaliser allowance can tell: it must then pass against the reference moved by d, its
-        floor widened by 25% of each |d_n| (the fit's slack) and, on rows without a fitted
-        factor, by the largest one the entry-wise rule passes unfitted, |T_n| (rtol + k eps
-        (1 + log C + lam |lse_n|))."""
-        if (self.dlse is None or self.lse_abs is None or not rows.size or grad_tol.atol
-                or not self._compare(self.floor).ok):
-            return ""
+    def link(self, grad: GradStage) -> None:
+        """Hold your gradient's row factors to this loss (`unexplained`): with one target term
+        a row, a float32 or float64 gradient (16-bit rows are rarely fitted: their entry-wise
+        rule is coarser than most factors) and no --atol on it."""
+        tol = grad.user.tol
+        if self.dlse is not None and not tol.atol and tol.precision not in SIXTEEN_BIT:
+            self.grad = grad
+
+    def _moved(self) -> tuple[CheckResult, float]:
+        """Your loss against the reference moved by your gradient's row factors, and how far
+        they move it (the largest sample's with 'none'). With one target
+        term a row (`one_target_term`) a factor f on row n's softmax term is its normaliser's
+        (the backward's sum over the targets is exact): lse off by -log(1 + f), loss_n by
+        d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n; s_n Qe_n with a z-loss and sample
+        weights), in every implementation whose backward uses its forward's softmax (autodiff,
+        fused kernels). The floor widens by 25% of each |d_n| (the fit's slack) and, on rows
+        without a fitted factor, by the largest one the entry-wise rule passes unfitted,
+        |T_n| (rtol + k eps (1 + log C + lam |lse_n|)), at most the normaliser's bound."""
+        assert self.grad is not None and self.dlse is not None and self.lse_abs is not None
+        rows, factors = self.grad.allowance.softmax_factors()
+        tol = self.grad.user.tol
         d = np.zeros(self.problem.n_rows)
         d[rows] = -self.dlse[rows] * np.log1p(factors)
-        hidden = np.abs(self.dlse) * (grad_tol.rtol + grad_tol.floor_coef * (
-            1.0 + math.log(self.problem.n_classes) + grad_tol.lse_weight * self.lse_abs))
+        hidden = np.abs(self.dlse) * np.minimum(self.grad.allowance.bound, tol.rtol + tol.floor_coef * (
+            1.0 + math.log(self.problem.n_classes) + tol.lse_weight * self.lse_abs))
         hidden[rows] = 0.25 * np.abs(d[rows])
-        if self._compare(self.floor + hidden, shift=-d).ok:
+        moved = (float(np.max(np.abs(d), initial=0.0)) if self.problem.reduction == "none"
+                 else abs(self.problem.reduce(math.fsum(d))))
+        return self._compare(self.floor + hidden, shift=-d), moved
+
+    def unexplained(self) -> str:
+        """A note when your loss passes its own rule without any normaliser error yet does not
+        carry the one your gradient's rows show ('' otherwise, or when not `link`ed)."""
+        if self.grad is None or not self._compare(self.floor).ok:
             return ""
-        each = self.problem.reduction == "none"
-        moved = float(np.max(np.abs(d))) if each else abs(self.problem.reduce(math.fsum(d)))
+        result, moved = self._moved()
+        if result.ok:
+            return ""
+        each = " on a sample" if self.problem.reduction == "none" else ""
         return (f"your loss does not carry it: the factors move lse, and so the loss by "
-                f"{moved:.2g}{' on a sample' if each else ''}, but your loss matches the "
-                "reference without them. Your backward scales the softmax your forward "
-                "normalised (a term of the backward alone: the z-loss's 2*z_loss*lse, a scale?)")
+                f"{moved:.2g}{each}, but your loss matches the reference without them. "
+                "Your backward scales the softmax your forward normalised (a term of the "
+                "backward alone: the z-loss's 2*z_loss*lse, a scale?)")
 
     def _checked(self, tol: Tolerance, floor: np.ndarray, normaliser: float) -> CheckResult:
         """The loss held to `tol` with the rows' floors `floor`, with the normaliser allowance
