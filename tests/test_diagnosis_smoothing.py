@@ -71,3 +71,23 @@ def test_another_bug_under_smoothing_is_not_called_the_form(in_force):
                                fd="off")
     codes = [d.code for d in report.diagnosis]
     assert not report.ok and "smoothing_form" not in codes and codes[0] == "sign"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_smoothing_left_on_ignored_rows_is_named(dtype):
+    """PyTorch #73205 (and tinygrad's fix, PR #3570): the smoothing term not masked, so ignored
+    rows carry eps (a - 1/C) / D. Every error sits in those rows, whose reference is 0: named as
+    such, not as a row factor, though the valid rows' own smallest entries differ from the
+    float64 reference by more than the rule's rtol."""
+    z, y, _w = case(seed=8, n=64, c=400)
+    y[::4] = -100
+    valid = y != -100
+    g = np.zeros_like(z)
+    g[valid] = smoothed_grad(z[valid], y[valid], "torch")
+    bug = g.copy()
+    bug[~valid] = EPS * (softmax(z[~valid]) - 1.0 / z.shape[1]) / valid.sum()
+    report = ce_cli.check_grad(z.astype(dtype), y, grad=bug.astype(dtype), label_smoothing=EPS,
+                               fd="off")
+    assert [d.code for d in report.diagnosis] == ["ignored_rows"], report.diagnosis
+    assert ce_cli.check_grad(z.astype(dtype), y, grad=g.astype(dtype), label_smoothing=EPS,
+                             fd="off").ok

@@ -63,8 +63,10 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
     found: list[Diagnosis] = []
     for rule in (_nonfinite, _scale, _ignored_rows, _targets_sum, _target_only, _wrong_axis,
                  _smoothing_form, _row_factor):
-        if rule is _row_factor and any(d.code in ("scale", "sign", "targets_sum") for d in found):
-            continue  # one scale of every entry is every row's factor too: said already
+        if rule is _row_factor and any(d.code in ("scale", "sign", "targets_sum", "ignored_rows")
+                                       for d in found):
+            continue  # one scale of every entry is every row's factor too: said already (an
+            # ignored row's gradient is a factor on its zero reference)
         if rule is _target_only and any(d.code == "targets_sum" for d in found):
             continue  # the targets' sum moves every entry, the target ones too
         hit = rule(problem, sample, allowed_rel)
@@ -144,12 +146,23 @@ def _bad(s: _Sample, tol: float) -> np.ndarray:
 
 
 def _ignored_rows(problem, s: _Sample, tol) -> Diagnosis | None:
-    bad = _bad(s, tol)
-    if s.valid.all() or not bad.any() or bad[s.valid].any():
+    """Ignored rows (reference 0) that carry a gradient, the other rows matching to CLOSE of
+    their largest entry (not to the rule itself: a correct row's smallest entries may be off
+    by more than `tol` relative, within its floor)."""
+    ignored = ~s.valid
+    if not ignored.any():
         return None
-    n = int(bad.any(axis=1).sum())
+    carry = (np.abs(np.nan_to_num(s.got[ignored], nan=1.0)) > s.tiny).any(axis=1)
+    if not carry.any():
+        return None
+    with np.errstate(invalid="ignore"):
+        valid_d = np.abs(s.d[s.valid])
+        scale = np.abs(s.ref[s.valid]).max(axis=1, keepdims=True, initial=0.0)
+        if (valid_d > max(CLOSE, tol) * scale).any():
+            return None
     return Diagnosis("ignored_rows", "every error is in an ignored row: ignored rows not zeroed",
-                     f"{n} ignored rows of the sample carry errors; the other rows match")
+                     f"{int(carry.sum())} of the sample's {int(ignored.sum())} ignored rows carry "
+                     "a gradient (the reference is 0 there); the other rows match")
 
 
 def _target_only(problem, s: _Sample, tol) -> Diagnosis | None:
