@@ -13,6 +13,8 @@ rule looks at d = yours - reference on those rows:
                     alpha/(C-1))
 - targets_sum:      probability targets whose rows do not sum to 1, and yours = softmax -
                     targets: their sum taken as 1 (TensorFlow, Keras)
+- row_scale:        each row scaled as a whole (its target entry too) by a factor of its own
+                    (a per-chunk mean summed)
 - row_factor:       each row's softmax terms are off by one common factor (a normaliser error,
                     or an extra term like z-loss)
 - isolated:         a few isolated entries
@@ -61,14 +63,9 @@ def diagnose(problem: Any, user_rows: Any, worst_rows: list[int], mismatches: in
     if sample is None:
         return ()
     found: list[Diagnosis] = []
-    for rule in (_nonfinite, _scale, _ignored_rows, _targets_sum, _target_only, _wrong_axis,
-                 _smoothing_form, _row_factor):
-        if rule is _row_factor and any(d.code in ("scale", "sign", "targets_sum", "ignored_rows")
-                                       for d in found):
-            continue  # one scale of every entry is every row's factor too: said already (an
-            # ignored row's gradient is a factor on its zero reference)
-        if rule is _target_only and any(d.code == "targets_sum" for d in found):
-            continue  # the targets' sum moves every entry, the target ones too
+    for rule in RULES:
+        if any(d.code in SAID_BY.get(rule.__name__, ()) for d in found):
+            continue
         hit = rule(problem, sample, allowed_rel)
         if hit is not None:
             found.append(hit)
@@ -263,6 +260,34 @@ def _targets_sum(problem, s: _Sample, tol) -> Diagnosis | None:
                      f"row sums off 1 by up to {off:.3g}; yours matches (a - q) x scale")
 
 
+def _row_scale(problem, s: _Sample, tol: float) -> Diagnosis | None:
+    """Each contributing row scaled as a whole, its target entry too, by factors that differ
+    between rows (one factor for all is `scale`): the row's gradient divided by a count of its
+    own group - a per-chunk or per-sequence mean summed, or one row's weight given to all."""
+    rows = s.valid & (np.abs(s.ref).max(axis=1, initial=0.0) > 0)
+    if np.count_nonzero(rows) < 2:
+        return None
+    ref, got = s.ref[rows], s.got[rows]
+    top = np.abs(ref).max(axis=1, keepdims=True)
+    big = np.abs(ref) > 1e-3 * top  # the row's entries that carry its scale
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        k = np.nanmedian(np.where(big, got / np.where(big, ref, 1.0), np.nan), axis=1)
+    close = max(CLOSE, tol)
+    if not np.all(np.isfinite(k)) or np.all(np.abs(k - 1) <= close):
+        return None
+    if np.all(np.abs(k / k[0] - 1) <= close):  # one factor: `scale` speaks of it
+        return None
+    if not np.all(np.abs(got - k[:, None] * ref) <= close * top):
+        return None
+    lo, hi = float(np.min(k)), float(np.max(k))
+    return Diagnosis("row_scale", "each row is scaled as a whole, its target entry too, by a "
+                     "factor of its own: a mean per chunk or per sequence summed, or another "
+                     "row's weight or count applied?",
+                     f"yours / reference per row from {lo:.4g} to {hi:.4g}; each row matches "
+                     "once its factor is removed")
+
+
 def _row_factor(problem, s: _Sample, tol) -> Diagnosis | None:
     soft = s.ref + s.q * problem.grad_scale
     # where the softmax term dominates, and not lost in the subnormals' rounding (float16
@@ -287,3 +312,13 @@ def _row_factor(problem, s: _Sample, tol) -> Diagnosis | None:
                      "error in the normaliser (log-sum-exp), or a term added or lost (z-loss, "
                      "a smoothing coefficient rounded to 0)",
                      f"row factors from {lo:.3g} to {hi:.3g}; the entries agree once it is removed")
+
+
+RULES = (_nonfinite, _scale, _ignored_rows, _targets_sum, _target_only, _wrong_axis,
+         _smoothing_form, _row_scale, _row_factor)
+# a rule not run when one of these was found: it would say the same again. One scale of every
+# entry is every row's scale and factor too; an ignored row's gradient is a factor on its zero
+# reference; the targets' sum moves every entry, the target ones too
+SAID_BY = {"_row_scale": ("scale", "sign"),
+           "_row_factor": ("scale", "sign", "targets_sum", "ignored_rows", "row_scale"),
+           "_target_only": ("targets_sum",)}
