@@ -138,7 +138,6 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
         stages.append(loss_stage)
         if grad_stage is not None:
             grad_stage.loss_stage = loss_stage
-            loss_stage.link(grad_stage)
     if mode == "full":
         stages.append(FullFDStage(problem, user, options.worst))
     elif mode == "directional":

@@ -148,7 +148,7 @@ class GradStage(Stage):
         missing = missing_z_loss(self.problem, a.largest)
         found = (f"{a.rows_rescued} rows pass with it; normaliser off by up to "
                  f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}")
-        loose = "" if missing or self.loss_stage is None else self.loss_stage.unexplained()
+        loose = "" if missing or self.loss_stage is None else self.loss_stage.unexplained(self)
         return CheckResult(
             name="normaliser", ok=a.rows_over == 0 and not missing and not loose,
             expected_label="bound", got_label="row factor", max_abs_err=a.max_factor,
@@ -244,7 +244,6 @@ class LossStage(Stage):
         one = softmax and getattr(problem, "one_target_term", False) and not self.sixteen and not kl
         self.dlse = np.empty(problem.n_rows) if one else None
         self.lse_abs = np.empty(problem.n_rows) if one else None
-        self.grad: GradStage | None = None  # `link`
 
     def update(self, chunk: Chunk) -> None:
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
@@ -284,49 +283,36 @@ class LossStage(Stage):
                 result = replace(wide, note=computed_note(tol, self.tol, wide.note))
         return [(2, result if result.ok else self._entropy_note(result))]
 
-    def link(self, grad: GradStage) -> None:
-        """Hold your gradient's row factors to this loss (`unexplained`): with one target term
-        a row, a float32 or float64 gradient (16-bit rows are rarely fitted: their entry-wise
-        rule is coarser than most factors) and no --atol on it."""
-        tol = grad.user.tol
-        if self.dlse is not None and not tol.atol and tol.precision not in SIXTEEN_BIT:
-            self.grad = grad
-
-    def _moved(self) -> tuple[CheckResult, float]:
-        """Your loss against the reference moved by your gradient's row factors, and how far
-        they move it (the largest sample's with 'none'). With one target
+    def unexplained(self, grad: GradStage) -> str:
+        """A note when your loss passes its own rule without any normaliser error yet does not
+        carry the one the rows of your gradient `grad` show ('' otherwise). With one target
         term a row (`one_target_term`) a factor f on row n's softmax term is its normaliser's
         (the backward's sum over the targets is exact): lse off by -log(1 + f), loss_n by
         d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n; s_n Qe_n with a z-loss and sample
         weights), in every implementation whose backward uses its forward's softmax (autodiff,
-        fused kernels). The floor widens by 25% of each |d_n| (the fit's slack) and, on rows
-        without a fitted factor, by the largest one the entry-wise rule passes unfitted,
-        |T_n| (rtol + k eps (1 + log C + lam |lse_n|)), at most the normaliser's bound."""
-        assert self.grad is not None and self.dlse is not None and self.lse_abs is not None
-        rows, factors = self.grad.allowance.softmax_factors()
-        tol = self.grad.user.tol
+        fused kernels). Your loss must pass against the reference moved by d, the floor widened
+        by 25% of each |d_n| (the fit's slack) and, on rows without a fitted factor, by the
+        largest one the entry-wise rule passes unfitted, |T_n| (rtol + k eps (1 + log C +
+        lam |lse_n|)), at most the normaliser's bound. Only for a float32 or float64 gradient
+        (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol."""
+        tol = grad.user.tol
+        if (self.dlse is None or self.lse_abs is None or tol.atol or tol.precision in SIXTEEN_BIT
+                or not self._compare(self.floor).ok):
+            return ""
+        rows, factors = grad.allowance.softmax_factors()
         d = np.zeros(self.problem.n_rows)
         d[rows] = -self.dlse[rows] * np.log1p(factors)
-        hidden = np.abs(self.dlse) * np.minimum(self.grad.allowance.bound, tol.rtol + tol.floor_coef * (
+        hidden = np.abs(self.dlse) * np.minimum(grad.allowance.bound, tol.rtol + tol.floor_coef * (
             1.0 + math.log(self.problem.n_classes) + tol.lse_weight * self.lse_abs))
         hidden[rows] = 0.25 * np.abs(d[rows])
-        moved = (float(np.max(np.abs(d), initial=0.0)) if self.problem.reduction == "none"
-                 else abs(self.problem.reduce(math.fsum(d))))
-        return self._compare(self.floor + hidden, shift=-d), moved
-
-    def unexplained(self) -> str:
-        """A note when your loss passes its own rule without any normaliser error yet does not
-        carry the one your gradient's rows show ('' otherwise, or when not `link`ed)."""
-        if self.grad is None or not self._compare(self.floor).ok:
+        if self._compare(self.floor + hidden, shift=-d).ok:
             return ""
-        result, moved = self._moved()
-        if result.ok:
-            return ""
-        each = " on a sample" if self.problem.reduction == "none" else ""
+        each = self.problem.reduction == "none"
+        moved = float(np.max(np.abs(d))) if each else abs(self.problem.reduce(math.fsum(d)))
         return (f"your loss does not carry it: the factors move lse, and so the loss by "
-                f"{moved:.2g}{each}, but your loss matches the reference without them. "
-                "Your backward scales the softmax your forward normalised (a term of the "
-                "backward alone: the z-loss's 2*z_loss*lse, a scale?)")
+                f"{moved:.2g}{' on a sample' if each else ''}, but your loss matches the "
+                "reference without them. Your backward scales the softmax your forward "
+                "normalised (a term of the backward alone: the z-loss's 2*z_loss*lse, a scale?)")
 
     def _checked(self, tol: Tolerance, floor: np.ndarray, normaliser: float) -> CheckResult:
         """The loss held to `tol` with the rows' floors `floor`, with the normaliser allowance
