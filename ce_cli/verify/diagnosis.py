@@ -276,7 +276,7 @@ def _row_scale(problem, s: _Sample, tol: float) -> Diagnosis | None:
     close = max(CLOSE, tol)
     if not np.all(np.isfinite(k)) or np.all(np.abs(k - 1) <= close):
         return None
-    if np.all(np.abs(k / k[0] - 1) <= close):  # one factor: `scale` speaks of it
+    if np.all(np.abs(k - k[0]) <= close * abs(k[0])):  # one factor: `scale` speaks of it
         return None
     if not np.all(np.abs(got - k[:, None] * ref) <= close * top):
         return None
