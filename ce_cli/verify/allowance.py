@@ -123,7 +123,7 @@ class RowAllowance:
         self.worst_row: int | None = None
         # (row, softmax factor, rescued): the TOP_ROWS largest, applied or over the bound
         self.largest: list[tuple[int, float, bool]] = []
-        # every rescued row and the softmax factor applied to it (`loss_shift`)
+        # every rescued row and the softmax factor applied to it (`LossStage.unexplained`)
         self.soft_rows, self.soft_factors = array("q"), array("d")
         # the entries (row * C + column) a row passed with the path at, and what they were
         # allowed more: 16 bytes an entry (a million rows may need it)
