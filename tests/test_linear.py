@@ -340,6 +340,23 @@ def test_bfloat16_weight_gradient_off_by_a_tenth_fails():
     assert not report.ok and "weight" in report.verdict
 
 
+def test_bfloat16_projections_point_to_exact_which_catches_what_they_pass():
+    """dL/dH twice too large in bf16: the projections' threshold (every softmax term's bf16
+    floor, summed) passes it and their note says so; `exact` holds each entry and fails it,
+    and passes the PyTorch gradient."""
+    bf = np.load(LIN / "bf16.npz")
+    args = (bf["hidden"], bf["weight"], bf["labels"])
+    twice = bf["grad_hidden"] * 2
+    projected = ce_cli.check_linear(*args, bias=bf["bias"], grad_hidden=twice, precision="bf16")
+    (note,) = [c.note for c in projected.checks if c.name == "grad_hidden_vs_reference"]
+    assert "--exact holds each entry" in note
+    exact = ce_cli.check_linear(*args, bias=bf["bias"], grad_hidden=twice, precision="bf16",
+                                exact=True)
+    assert not exact.ok and exact.verdict.startswith("FAIL — grad_hidden_vs_reference")
+    assert ce_cli.check_linear(*args, bias=bf["bias"], grad_hidden=bf["grad_hidden"],
+                               precision="bf16", exact=True).ok
+
+
 def test_bfloat16_outputs_with_a_bug_still_fail():
     bf = np.load(LIN / "bf16.npz")
     gw = bf["grad_weight"].copy()

@@ -13,6 +13,7 @@ from ce_cli.verify.compare import Comparison
 from ce_cli.verify.linear.arrays import CONFIDENCE, EXACT_BLOCK_BYTES, LinearSettings, UserArray
 from ce_cli.verify.linear.probes import Projection, row_ranges
 from ce_cli.verify.results import CheckResult, Entry
+from ce_cli.verify.tolerance import SIXTEEN_BIT
 
 
 def exact_weight_rows(problem: LinearCE, cols: np.ndarray, lse: np.ndarray, herr: np.ndarray
@@ -164,6 +165,9 @@ def projection_result(proj: Projection, exact: Callable[[np.ndarray], tuple[np.n
     user, k = proj.user, proj.r.shape[1]
     note = (f"{k} Gaussian projections per {what} row (Freivalds); a row whose error is 10x its "
             f"threshold passes with probability <= {settings.false_pass():.1g}")
+    if user.tol.coarse in SIXTEEN_BIT:
+        note += (f"; in {user.tol.coarse} that threshold is wide (every softmax term's "
+                 f"{user.tol.coarse} floor, summed): --exact holds each entry (docs/linear.md)")
     if failing.size == 0:
         ratio = dev / np.where(allowed > 0, allowed, np.inf)
         order = np.argsort(-ratio.max(axis=1), kind="stable")[:worst]
