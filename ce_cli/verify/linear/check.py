@@ -18,7 +18,7 @@ from ce_cli.models.linear import LinearCE, build_linear_ce
 from ce_cli.verify.checks import shift_labels
 from ce_cli.verify.compare import Comparison
 from ce_cli.verify.linear.arrays import (FD_SAFETY, LINEAR_FIELDS, LinearSettings, UserArray, floor_terms,
-                                        user_arrays)
+                                        resolve_exact, user_arrays)
 from ce_cli.verify.linear.exact import (exact_all, exact_hidden_rows, exact_weight_rows,
                                         projection_result, user_comparison)
 from ce_cli.verify.linear.probes import Probes
@@ -73,7 +73,7 @@ def check_linear(
     problem = problem.with_budget(sum(int(np.asarray(a).nbytes) for a in
                                       (hidden, weight, grad_hidden, grad_weight) if a is not None))
     users = user_arrays(problem, grads, src, opts, lin.weight_layout)
-    problem = problem.with_floor(*floor_terms(u.tol for u in users.values()))
+    problem, lin = _settled(problem, lin, users)
     given_loss = user_loss(problem, loss, src["loss"], opts)
     run, mode, (hp, wp, bias_probes) = run_pass(problem, users, lin, opts, progress, exact_hidden=True)
     ranked = _gradient_checks(problem, users, run, lin, opts.worst)
@@ -239,6 +239,13 @@ def user_loss(problem: LinearCE, loss: Any, source: str, opts: CheckOptions
         raise CeCheckError(f"{source}: shape {arr.shape}; reduction '{problem.reduction}' gives a "
                            "scalar loss (use `reduction=none` for per-sample losses)")
     return arr, opts.tolerance(arr.dtype)
+
+
+def _settled(problem: LinearCE, lin: LinearSettings, users: dict[str, UserArray]
+             ) -> tuple[LinearCE, LinearSettings]:
+    """The problem's floor and the settings' `exact` for your gradients' tolerances."""
+    tols = [u.tol for u in users.values()]
+    return problem.with_floor(*floor_terms(tols)), resolve_exact(lin, problem, tols)
 
 
 def _loss_ranked(problem: LinearCE, run: Pass, given: tuple[np.ndarray, Tolerance] | None,

@@ -87,7 +87,9 @@ def run_linear_shards(files: Sequence[ShardFiles], options: CheckOptions, batch:
     if loss is not None and options.reduction.value == "none":
         raise CeCheckError("`loss`: per-token losses are files with linear `shards` (one for the "
                            "batch or one per shard: `loss_files`)")
-    batch = replace(batch, weight_side=grad_weight is not None)
+    # sharded: projections unless --exact (`resolve_exact`'s default needs every shard's dtype)
+    batch = replace(batch, weight_side=grad_weight is not None,
+                    settings=replace(batch.settings, exact=bool(batch.settings.exact)))
     shapes = mapper.map(describe, [f.logits for f in files], ("hidden",))
     T = sequences(shapes, options)
     flat = [(s[0] * s[1], s[2]) if T else s for s in shapes]  # the plan counts token rows
