@@ -29,7 +29,8 @@ ACCUMULATE_EPS = float(np.finfo(np.float32).eps)  # kernels accumulate in float3
 @dataclass(frozen=True)
 class LinearSettings:
     """Settings only `linear` has: `exact` computes every gradient entry (None: when every
-    gradient you give is computed in 16 bits and N V H <= AUTO_EXACT, `resolve_exact`);
+    gradient you give is computed or stored in 16 bits and N V H <= AUTO_EXACT,
+    `resolve_exact`);
     `projections` (k) is the number of random projections per row; `weight_layout` VH
     (nn.Linear's (V, H)) or HV; `max_open_rows`: failing rows computed exactly to list the worst
     entries."""
