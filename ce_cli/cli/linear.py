@@ -37,7 +37,7 @@ def linear(
     loss: LossOpt = None,
     class_weight: Annotated[Optional[str], _opt("--class-weight", "Class weights, V values (PyTorch's weight=).", "FILE")] = None,
     weight_layout: Annotated[str, _opt("--weight-layout", "VH (V, H) or HV (H, V).", "VH|HV")] = "VH",
-    exact: Annotated[Optional[bool], _opt("--exact/--projections-only", "Compute every gradient entry instead of random projections (default: for 16-bit gradients with N*V*H <= 2^30).")] = None,
+    exact: Annotated[Optional[bool], _opt("--exact/--projections-only", "Compute every gradient entry instead of random projections (default: for bf16 gradients with N*V*H <= 2^30).")] = None,
     projections: Annotated[int, _opt("--projections", "Random projections per gradient row (Freivalds).", "N")] = 8,
     reduction: ReductionOpt = Reduction.mean,
     ignore_index: Annotated[int, _opt("--ignore-index", "Target value that is ignored.", "INT")] = -100,

@@ -89,6 +89,7 @@ class LinearCE:
     #                               targets, denominator, the training-code semantics
     lse_weight: float = 1.0       # the gradient floor's |lse| weight (`with_floor`)
     logit_terms: tuple[float, float] = (0.0, 1.0)  # `logit_error`'s weights (`with_floor`)
+    loss16: bool = False          # your gradients are 16-bit: `loss_floor(sixteen=True)` too
 
     @property
     def n_rows(self) -> int:
@@ -144,10 +145,11 @@ class LinearCE:
         over W for large inputs while the peak stays near the inputs."""
         return replace(self, block_bytes=int(min(1 << 30, BLOCK_SHARE * input_bytes + BLOCK_BYTES)))
 
-    def with_floor(self, lse_weight: float, logit_terms: tuple[float, float]) -> LinearCE:
-        """The gradient floor's |lse| weight and `logit_error`'s weights (verify/linear's
-        `floor_terms`: one floor serves dL/dH, dL/dW and dL/db)."""
-        return replace(self, lse_weight=lse_weight, logit_terms=logit_terms)
+    def with_floor(self, lse_weight: float, logit_terms: tuple[float, float],
+                   loss16: bool) -> LinearCE:
+        """The gradient floor's |lse| weight, `logit_error`'s weights and `loss16` (verify/
+        linear's `floor_terms`: one floor serves dL/dH, dL/dW and dL/db)."""
+        return replace(self, lse_weight=lse_weight, logit_terms=logit_terms, loss16=loss16)
 
     def col_chunks(self, rows: int):
         """Column ranges of a (rows x V) block of about CHUNK_BYTES: cache-sized pieces."""

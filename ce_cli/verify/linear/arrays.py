@@ -29,7 +29,7 @@ ACCUMULATE_EPS = float(np.finfo(np.float32).eps)  # kernels accumulate in float3
 @dataclass(frozen=True)
 class LinearSettings:
     """Settings only `linear` has: `exact` computes every gradient entry (None: when every
-    gradient you give is computed or stored in 16 bits and N V H <= AUTO_EXACT,
+    gradient you give is computed or stored in bf16 and N V H <= AUTO_EXACT,
     `resolve_exact`);
     `projections` (k) is the number of random projections per row; `weight_layout` VH
     (nn.Linear's (V, H)) or HV; `max_open_rows`: failing rows computed exactly to list the worst
@@ -52,7 +52,7 @@ class LinearSettings:
 
 
 LINEAR_FIELDS = frozenset(f.name for f in fields(LinearSettings))
-# N V H up to which 16-bit gradients are checked entry by entry by default: a projection's
+# N V H up to which bf16 gradients are checked entry by entry by default: a projection's
 # threshold sums every softmax term's 16-bit floor and passed a bf16 dL/dH twice too large;
 # exact took 0.19 s against the projections' 0.14 s at 512 x 256 x 4,000 (5e8), 3.2 s against
 # 0.55 s at 4,096 x 128 x 8,192
@@ -62,13 +62,13 @@ AUTO_EXACT = 1 << 30
 def resolve_exact(settings: LinearSettings, problem: LinearCE,
                   tols: Iterable[Tolerance]) -> LinearSettings:
     """`settings` with `exact` decided: as given, or (None) True when every one of your
-    gradients `tols` is computed or stored in 16 bits and N V H <= AUTO_EXACT."""
+    gradients `tols` is computed or stored in bf16 and N V H <= AUTO_EXACT (float16 keeps the
+    projections: `floor_terms`)."""
     if settings.exact is not None:
         return settings
     tols = list(tols)
     small = problem.n_rows * problem.n_classes * problem.hidden_size <= AUTO_EXACT
-    sixteen = bool(tols) and all(t.coarse in SIXTEEN_BIT for t in tols)
-    return replace(settings, exact=small and sixteen)
+    return replace(settings, exact=small and bool(tols) and all(t.coarse == "bf16" for t in tols))
 
 
 @dataclass
@@ -81,16 +81,20 @@ class UserArray:
     transposed: bool = False
 
 
-def floor_terms(tols: Iterable[Tolerance]) -> tuple[float, tuple[float, float]]:
-    """The gradient floor's |lse| weight and logit-error weights (`LinearCE.logit_error`) for
-    your gradients' tolerances `tols`. One floor serves them all, so it is the 16-bit one only
-    when each is computed in 16 bits: |lse| at weight 1/4 (`Tolerance.lse_weight`, as `grad`)
-    and the logits rounded to 16 bits once, half an ulp of the row's largest |z|, after a
-    float32 accumulation. Otherwise float32's: weight 1, |h_n|_2 max|W_v|_2 units of eps."""
+def floor_terms(tols: Iterable[Tolerance]) -> tuple[float, tuple[float, float], bool]:
+    """The gradient floor's |lse| weight, the logit-error weights (`LinearCE.logit_error`) and
+    whether your loss may be a 16-bit computation's (`loss_floor16`), for your gradients'
+    tolerances `tols`. One floor serves them all, so it is bf16's only when each is computed
+    in bf16: |lse| at weight 1/4 (`Tolerance.lse_weight`, as `grad`) and the logits rounded to
+    bf16 once, half an ulp of the row's largest |z|, after a float32 accumulation. float16
+    keeps float32's (weight 1, |h_n|_2 max|W_v|_2 units of eps): its subnormal range rounds
+    the (N, V) gradient G at 6e-8 absolute, which dL/dW and dL/db sum over N rows and only
+    that wider floor covered (PyTorch's float16 autograd failed the tighter one)."""
     tols = list(tols)
-    if not tols or any(t.precision not in SIXTEEN_BIT for t in tols):
-        return 1.0, (0.0, 1.0)
-    return max(t.lse_weight for t in tols), (0.5, EPS_ACCUMULATE / min(t.eps for t in tols))
+    sixteen = bool(tols) and all(t.precision in SIXTEEN_BIT for t in tols)
+    if not sixteen or any(t.precision != "bf16" for t in tols):
+        return 1.0, (0.0, 1.0), sixteen
+    return max(t.lse_weight for t in tols), (0.5, EPS_ACCUMULATE / min(t.eps for t in tols)), True
 
 
 def _tolerance(dtype: np.dtype, opts: CheckOptions, problem: LinearCE, n_terms: int) -> Tolerance:

@@ -33,7 +33,7 @@ class Pass:
         self.loss = np.zeros(N)
         self.loss_floor = np.zeros(N)
         # as the per-sample losses of a 16-bit computation, when your gradients are one
-        self.loss_floor16 = np.zeros(N) if problem.logit_terms[0] else None
+        self.loss_floor16 = np.zeros(N) if problem.loss16 else None
         self.lse = np.zeros(N)
         self.herr = np.zeros(N)
         self.hfd, self.wfd, self.bfd, self.bdir = fds
