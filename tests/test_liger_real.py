@@ -97,7 +97,7 @@ def test_released_reduction_none_bug_is_caught(path):
     assert "loss_vs_reference" not in failed
     if meta["target"] == "linear":
         assert "grad_weight_vs_reference" in failed
-        # bf16 cases this small are checked entry by entry (linear's default for 16 bits)
+        # bf16 cases this small are checked entry by entry (linear's default for bf16)
         note = failed["grad_weight_vs_reference"]
         assert "vocabulary rows fail" in note or note.startswith("exact: every entry")
         assert "fd_weight_vs_grad" in failed

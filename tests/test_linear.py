@@ -343,7 +343,7 @@ def test_bfloat16_weight_gradient_off_by_a_tenth_fails():
 def test_bfloat16_gradients_of_a_small_problem_are_checked_entry_by_entry():
     """dL/dH twice too large in bf16: the projections' threshold (every softmax term's bf16
     floor, summed) passes it and their note says so; each entry held to its floor fails it,
-    which is the default for 16-bit gradients of N V H <= 2^30 (the PyTorch gradient passes);
+    which is the default for bf16 gradients of N V H <= 2^30 (the PyTorch gradient passes);
     float32 gradients keep the projections."""
     bf = np.load(LIN / "bf16.npz")
     args = (bf["hidden"], bf["weight"], bf["labels"])
