@@ -26,9 +26,9 @@ from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
 from ce_cli.verify.stages import (Chunk, DirectionalStage, FullFDStage, GradStage, LossStage,
                                   LossTotal, OutGradStage, ProgressStage, SampledFDStage, Stage,
-                                  UserGrad, semantic_stages)
+                                  UserGrad, computed_16, semantic_stages)
 from ce_cli.verify.threads import numpy_threads, ordered_map, pool_plan
-from ce_cli.verify.tolerance import SIXTEEN_BIT, Tolerance
+from ce_cli.verify.tolerance import Tolerance
 
 # float64 entries per row chunk: the chunk's ~10 buffers live in L3 either way (2 MB of L2 a core
 # here); 2 MB buffers halve the Python and GIL hand-overs per entry (4096x32000 grad: 1 thread
@@ -134,7 +134,8 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
     if loss is not None:
         loss_stage = LossStage(problem, loss[0], loss[1], options.loss_atol, options.worst, total,
                                options.normaliser_rtol, kl=options.kl_loss,
-                               computed=_computed_16(loss, user, options))
+                               computed=computed_16(loss[1], [user.tol] if user else [],
+                                                    options.precision is not None))
         stages.append(loss_stage)
         if grad_stage is not None:
             grad_stage.loss_stage = loss_stage
@@ -274,20 +275,6 @@ def _user_loss(problem, inputs: Inputs, options: CheckOptions) -> tuple[np.ndarr
         raise CeCheckError(f"{src}: shape {loss.shape}; reduction '{problem.reduction}' gives a "
                            "scalar loss (use `reduction=none` for per-sample losses)")
     return loss, options.tolerance(loss.dtype)
-
-
-
-
-def _computed_16(loss: tuple[np.ndarray, Tolerance], user: UserGrad | None,
-                 options: CheckOptions) -> str | None:
-    """The 16-bit precision your gradient was computed in, whose per-sample losses a loss of a
-    wider precision may reduce, when no precision was declared (LossStage's second rule)."""
-    if options.precision is not None or user is None:
-        return None
-    fmt = user.tol.precision
-    if fmt not in SIXTEEN_BIT or loss[1].eps >= user.tol.eps:
-        return None
-    return fmt
 
 
 def _input_infos(inputs: Inputs) -> tuple[InputInfo, ...]:

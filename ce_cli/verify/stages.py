@@ -367,6 +367,17 @@ class LossStage(Stage):
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
 
 
+def computed_16(loss_tol: Tolerance, grad_tols: list[Tolerance], declared: bool) -> str | None:
+    """The 16-bit precision all your gradients (`grad_tols`) were computed in, whose per-sample
+    losses a loss held to the wider `loss_tol` may reduce (LossStage's second rule); None when
+    a precision was `declared`, there is no gradient, or they differ."""
+    fmts = {t.precision for t in grad_tols}
+    if declared or len(fmts) != 1:
+        return None
+    fmt = fmts.pop()
+    return fmt if fmt in SIXTEEN_BIT and loss_tol.eps < max(t.eps for t in grad_tols) else None
+
+
 def computed_note(computed: Tolerance, own: Tolerance, note: str) -> str:
     """The note of a loss that passes only as the per-sample losses of your gradient's 16-bit
     computation `computed` reduced wider (LossStage's second rule), `own` its own rule."""

@@ -25,7 +25,7 @@ from ce_cli.verify.linear.probes import Probes
 from ce_cli.verify.linear.stream import Pass, bias_column, run_pass
 from ce_cli.verify.options import CheckOptions
 from ce_cli.verify.results import CheckResult, InputInfo, Report, verdict_line
-from ce_cli.verify.stages import computed_note
+from ce_cli.verify.stages import computed_16, computed_note
 from ce_cli.verify.tolerance import (SIXTEEN_BIT, Tolerance, loss_rule, per_sample_16, reduction_floor,
                                      resolve_tolerance)
 
@@ -254,18 +254,8 @@ def _loss_ranked(problem: LinearCE, run: Pass, given: tuple[np.ndarray, Toleranc
     """Your loss's check, ranked (none without a loss)."""
     if given is None:
         return []
-    return [(2, loss_check(problem, run, given, ref_loss, opts, computed_16(given[1], users, opts)))]
-
-
-def computed_16(loss_tol: Tolerance, users: dict[str, UserArray], opts: CheckOptions) -> str | None:
-    """The 16-bit precision your gradients were computed in, all of them, whose per-sample
-    losses a wider loss may reduce, when no precision was declared (`grad`'s `_computed_16`)."""
-    fmts = {u.tol.precision for u in users.values()}
-    if opts.precision is not None or len(fmts) != 1:
-        return None
-    fmt = fmts.pop()
-    eps = max(u.tol.eps for u in users.values())
-    return fmt if fmt in SIXTEEN_BIT and loss_tol.eps < eps else None
+    computed = computed_16(given[1], [u.tol for u in users.values()], opts.precision is not None)
+    return [(2, loss_check(problem, run, given, ref_loss, opts, computed))]
 
 
 def loss_check(problem: LinearCE, run: Pass, user: tuple[np.ndarray, Tolerance], ref_loss: float,
