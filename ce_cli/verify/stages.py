@@ -238,12 +238,16 @@ class LossStage(Stage):
         self.softmax = softmax
         self.needs_items = not softmax  # binary: each element's loss and floor
         self.floor16 = np.empty(shape) if computed is not None else None
-        # Q_n: what a normaliser factor multiplies
-        self.weight = np.empty(problem.n_rows) if self.normaliser else None
-        # dloss_n/dlse (signed) and |lse_n|, to hold your loss to your gradient's row factors
+        # T_n = dloss_n/dlse (Q_n; s_n Qe_n): what a normaliser factor moves the loss by
+        self.dlse = np.empty(problem.n_rows) if self.normaliser else None
+        # |lse_n|, to hold your loss to your gradient's row factors (`unexplained`)
         one = softmax and getattr(problem, "one_target_term", False) and not self.sixteen and not kl
-        self.dlse = np.empty(problem.n_rows) if one else None
-        self.lse_abs = np.empty(problem.n_rows) if one else None
+        self.lse_abs = np.empty(problem.n_rows) if one and self.normaliser else None
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """|Q_n|: what the normaliser's bound multiplies, per row (None: no softmax normaliser)."""
+        return None if self.dlse is None else np.abs(self.dlse)
 
     def update(self, chunk: Chunk) -> None:
         ev, rows = chunk.ev, slice(chunk.start, chunk.stop)
@@ -255,10 +259,9 @@ class LossStage(Stage):
         self._fold(self.floor, rows, self.tol.floor_coef * own)
         if self.floor16 is not None and self.computed is not None:
             self._fold(self.floor16, rows, self.computed.floor_coef * self._unit16(ev, unit))
-        if self.weight is not None:
-            self.weight[rows] = np.abs(ev.total_weight)
-        if self.dlse is not None and self.lse_abs is not None:
+        if self.dlse is not None:
             self.dlse[rows] = ev.total_weight
+        if self.lse_abs is not None:
             self.lse_abs[rows] = np.abs(ev.lse)
 
     @staticmethod
@@ -296,7 +299,7 @@ class LossStage(Stage):
         lam |lse_n|)), at most the normaliser's bound. Only for a float32 or float64 gradient
         (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol."""
         tol = grad.user.tol
-        if (self.dlse is None or self.lse_abs is None or tol.atol or tol.precision in SIXTEEN_BIT
+        if (self.lse_abs is None or self.dlse is None or tol.atol or tol.precision in SIXTEEN_BIT
                 or not self._compare(self.floor).ok):
             return ""
         rows, factors = grad.allowance.softmax_factors()
