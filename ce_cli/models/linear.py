@@ -89,7 +89,7 @@ class LinearCE:
     #                               targets, denominator, the training-code semantics
     lse_weight: float = 1.0       # the gradient floor's |lse| weight (`with_floor`)
     logit_terms: tuple[float, float] = (0.0, 1.0)  # `logit_error`'s weights (`with_floor`)
-    loss16: bool = False          # your gradients are 16-bit: `loss_floor(sixteen=True)` too
+    loss16: bool = False          # your gradients are 16-bit: `loss_floor(block, herr)` too
 
     @property
     def n_rows(self) -> int:
@@ -360,13 +360,14 @@ class LinearCE:
         g = np.asarray(ev.grad)[:, cols]
         return scale * diff, scale * err, g, blk.phi[:, cols]
 
-    def loss_floor(self, block: RowBlock, sixteen: bool = False) -> np.ndarray:
+    def loss_floor(self, block: RowBlock, herr: np.ndarray | None = None) -> np.ndarray:
         """Per-row loss error of a correct kernel in units of k*eps: with float32's logit
-        bound, or (`sixteen`) as the per-sample losses of a 16-bit computation (LossStage's
-        second rule: their logits rounded to 16 bits, `logit_terms`, and each loss to it once,
-        `softmax_unit16`'s |loss_n| + Q_n log V)."""
-        terms = self.logit_terms if sixteen else LOSS_LOGIT_TERMS
-        reach = 2.0 * self.logit_error(block.h, block.z, terms)
+        bound, or, given the rows' `herr` (`logit_error` with `logit_terms`, as the gradient's
+        floor has it), as the per-sample losses of a 16-bit computation (LossStage's second
+        rule: each loss rounded to 16 bits once, `softmax_unit16`'s |loss_n| + Q_n log V)."""
+        sixteen = herr is not None
+        reach = 2.0 * (herr if herr is not None
+                       else self.logit_error(block.h, block.z, LOSS_LOGIT_TERMS))
         if block.ev is not None:
             s, _Q, _qabs, qsum, _zabs = np.abs(np.asarray(block.ev.row_terms)).T
             Q = np.abs(block.ev.total_weight)

@@ -82,7 +82,7 @@ class Pass:
             self.loss[r0:r1], self.lse[r0:r1], self.herr[r0:r1] = blk.loss, blk.lse, herr
             self.loss_floor[r0:r1] = problem.loss_floor(blk)
             if self.loss_floor16 is not None:
-                self.loss_floor16[r0:r1] = problem.loss_floor(blk, sixteen=True)
+                self.loss_floor16[r0:r1] = problem.loss_floor(blk, herr)
             self.hfd.finish(blk, herr)
             self.wfd.update(blk, herr)
             self.bfd.update(blk, herr)
