@@ -79,15 +79,31 @@ def test_rounding_your_loss_carries_passes(kernel, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_rounding_your_loss_does_not_carry_fails(kernel, reduction):
-    """The same factors with the exact loss: no implementation whose backward uses its
-    forward's softmax makes them."""
+    """The same factors with the exact loss rounded to float32, your gradient's precision: no
+    implementation whose backward uses its forward's softmax makes them."""
+    z, y, a, lse, loss = _problem()
+    f = np.random.default_rng(1).uniform(5e-4, 1e-3, N)
+    grad = _grad(a, y, lse, f=f) * (N if reduction == "none" else 1)
+    yours = np.float32(loss.mean()) if reduction == "mean" else loss.astype(np.float32)
+    report = ce_cli.check_grad(z, y, grad=grad.astype(np.float32), loss=yours, z_loss=ZETA,
+                               reduction=reduction, normaliser_rtol=BOUND, fd="off")
+    assert not report.ok and "your loss does not carry it" in _normaliser(report).note
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_float64_loss_beside_a_float32_gradient_is_not_held_to_it(kernel, reduction):
+    """The exact loss in float64 beside a float32 gradient whose rows' normalisers are off (a
+    float64 reference's loss next to PyTorch's (N, C, d) float32 gradient): a float32 forward
+    cannot have made that loss, so its sum is not your backward's and the factors are allowed
+    as rounding."""
     z, y, a, lse, loss = _problem()
     f = np.random.default_rng(1).uniform(5e-4, 1e-3, N)
     grad = _grad(a, y, lse, f=f) * (N if reduction == "none" else 1)
     yours = loss.mean() if reduction == "mean" else loss
     report = ce_cli.check_grad(z, y, grad=grad.astype(np.float32), loss=yours, z_loss=ZETA,
                                reduction=reduction, normaliser_rtol=BOUND, fd="off")
-    assert not report.ok and "your loss does not carry it" in _normaliser(report).note
+    assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+    assert "rows pass with it" in _normaliser(report).note
 
 
 def test_smoothing_is_not_held_to_the_loss(kernel):

@@ -297,10 +297,12 @@ class LossStage(Stage):
         by 25% of each |d_n| (the fit's slack) and, on rows without a fitted factor, by the
         largest one the entry-wise rule passes unfitted, |T_n| (rtol + k eps (1 + log C +
         lam |lse_n|)), at most the normaliser's bound. Only for a float32 or float64 gradient
-        (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol."""
+        (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol,
+        and a loss of your gradient's precision: one of another (a float64 loss beside a float32
+        gradient) is another computation, whose sum need not be your backward's."""
         tol = grad.user.tol
         if (self.lse_abs is None or self.dlse is None or tol.atol or tol.precision in SIXTEEN_BIT
-                or not self._compare(self.floor).ok):
+                or self.tol.precision != tol.precision or not self._compare(self.floor).ok):
             return ""
         rows, factors = grad.allowance.softmax_factors()
         d = np.zeros(self.problem.n_rows)
@@ -315,7 +317,9 @@ class LossStage(Stage):
         return (f"your loss does not carry it: the factors move lse, and so the loss by "
                 f"{moved:.2g}{' on a sample' if each else ''}, but your loss matches the "
                 "reference without them. Your backward scales the softmax your forward "
-                "normalised (a term of the backward alone: the z-loss's 2*z_loss*lse, a scale?)")
+                "normalised (a term of the backward alone: the z-loss's 2*z_loss*lse, a scale?), "
+                "or your loss is not your forward's (a float64 loss rounded to "
+                f"{self.tol.precision}: give it unrounded)")
 
     def _checked(self, tol: Tolerance, floor: np.ndarray, normaliser: float) -> CheckResult:
         """The loss held to `tol` with the rows' floors `floor`, with the normaliser allowance
