@@ -207,13 +207,26 @@ def scaling(kind: str, shapes: list[tuple[int, int]], threads: list[int], repeat
     return rows
 
 
+CASES = ("binary", "probs", *OPTION_CASES, "bf16")
+
+
+def _cases(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CASES]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown case {', '.join(unknown) or text!r}; "
+                                          f"choose from {', '.join(CASES)}")
+    return kinds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--c", type=int, default=32000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
-    p.add_argument("--cases", default="binary,probs")
+    p.add_argument("--cases", default="binary,probs", type=_cases,
+                   help=f"comma-separated: {', '.join(CASES)} (index targets: bench/run.py)")
     p.add_argument("--kernels", default="compiled,numpy",
                    help="comma-separated: compiled, a target (avx512, avx2, sse2, neon, scalar), numpy")
     p.add_argument("--workdir", help="keep the inputs here and reuse them (default: a temporary directory)")
@@ -238,7 +251,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(args.workdir or tmp)
             workdir.mkdir(parents=True, exist_ok=True)
-            for kind in args.cases.split(","):
+            for kind in args.cases:
                 res["cases"] += run_case(kind, make_case(kind, args.n, args.c, workdir, 0), args, threads)
         print(render(res["cases"]), file=sys.stderr)
     if args.json_out:
