@@ -119,3 +119,24 @@ def test_smoothing_is_not_held_to_the_loss(kernel):
                                label_smoothing=eps, normaliser_rtol=BOUND, fd="off")
     assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
 
+
+
+def test_per_sample_losses_are_held_row_by_row(kernel):
+    """Per-sample losses: a few rows whose forward sum rounded wide (gradient and loss off by
+    the same factor, so the loss passes only with the normaliser allowance) do not excuse the
+    other rows, whose gradient has half the z-loss's term and whose losses are exact."""
+    z, y, a, lse, loss = _problem()
+    f = np.zeros(N)
+    f[:4] = 3e-3  # rounding the loss carries: these rows need the allowance
+    moved = loss - (1.0 + 2.0 * ZETA * lse) * np.log1p(f)
+    coef = np.where(f > 0, 2.0, 1.0)  # the other rows: half the z-loss's term
+    g = (1.0 + f[:, None]) * (1.0 + coef[:, None] * ZETA * lse[:, None]) * a
+    g[np.arange(N), y] -= 1.0
+    kw = dict(loss=moved.astype(np.float32), z_loss=ZETA, reduction="none",
+              normaliser_rtol=BOUND, fd="off")
+    report = ce_cli.check_grad(z, y, grad=g.astype(np.float32), **kw)
+    assert not report.ok and "your loss does not carry it" in _normaliser(report).note
+    g_ok = (1.0 + f[:, None]) * (1.0 + 2.0 * ZETA * lse[:, None]) * a
+    g_ok[np.arange(N), y] -= 1.0
+    report = ce_cli.check_grad(z, y, grad=g_ok.astype(np.float32), **kw)
+    assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]

@@ -299,10 +299,15 @@ class LossStage(Stage):
         lam |lse_n|)), at most the normaliser's bound. Only for a float32 or float64 gradient
         (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol,
         and a loss of your gradient's precision: one of another (a float64 loss beside a float32
-        gradient) is another computation, whose sum need not be your backward's."""
+        gradient) is another computation, whose sum need not be your backward's. Per-sample
+        losses are held row by row: those that pass their own rule without the normaliser
+        allowance (a row whose forward sum rounded wider may need it, and carries it)."""
         tol = grad.user.tol
         if (self.lse_abs is None or self.dlse is None or tol.atol or tol.precision in SIXTEEN_BIT
-                or self.tol.precision != tol.precision or not self._compare(self.floor).ok):
+                or self.tol.precision != tol.precision):
+            return ""
+        held = self._held_rows()
+        if held is None:
             return ""
         rows, factors = grad.allowance.softmax_factors()
         d = np.zeros(self.problem.n_rows)
@@ -310,10 +315,12 @@ class LossStage(Stage):
         hidden = np.abs(self.dlse) * np.minimum(grad.allowance.bound, tol.rtol + tol.floor_coef * (
             1.0 + math.log(self.problem.n_classes) + tol.lse_weight * self.lse_abs))
         hidden[rows] = 0.25 * np.abs(d[rows])
+        hidden[~held] = np.inf
         if self._compare(self.floor + hidden, shift=-d).ok:
             return ""
         each = self.problem.reduction == "none"
-        moved = float(np.max(np.abs(d))) if each else abs(self.problem.reduce(math.fsum(d)))
+        moved = (float(np.max(np.abs(d[held]))) if each
+                 else abs(self.problem.reduce(math.fsum(d))))
         return (f"your loss does not carry it: the factors move lse, and so the loss by "
                 f"{moved:.2g}{' on a sample' if each else ''}, but your loss matches the "
                 "reference without them. Your backward scales the softmax your forward "
@@ -355,14 +362,28 @@ class LossStage(Stage):
             f"{' per sample at most' if each else ''}): a KL divergence, as T5X and Flax report "
             "it (compare it with `kl_loss`); the gradient is the same"))
 
+    def _held_rows(self) -> np.ndarray | None:
+        """The rows `unexplained` holds: every row when your loss passes its own rule without
+        the normaliser allowance, else (per-sample losses) those that do; None for none."""
+        if self._compare(self.floor).ok:
+            return np.ones(self.problem.n_rows, dtype=bool)
+        if self.per_sample is None:
+            return None
+        held = self._samples(self.tol).measure(self.per_sample, self.loss, self.floor).rowmax <= 1.0
+        return held if held.any() else None
+
+    def _samples(self, tol: Tolerance) -> Comparison:
+        """The comparison of per-sample losses ('none')."""
+        return _comparison("loss_vs_reference", tol, self.problem.per_sample_index, self.worst,
+                           user=True, extra_atol=self.loss_atol, beyond_range=True)
+
     def _compare(self, row_floor: np.ndarray, shift: np.ndarray | None = None,
                  tol: Tolerance | None = None) -> CheckResult:
         """Your loss against the reference (minus `shift` per row, when given), held to `tol`
         (default: the loss's)."""
         problem, tol = self.problem, tol or self.tol
         if problem.reduction == "none":
-            cmp = _comparison("loss_vs_reference", tol, problem.per_sample_index, self.worst,
-                              user=True, extra_atol=self.loss_atol, beyond_range=True)
+            cmp = self._samples(tol)
             assert self.per_sample is not None  # kept for 'none'
             ref = self.per_sample if shift is None else self.per_sample - shift
             cmp.update(0, ref, self.loss, row_floor)
