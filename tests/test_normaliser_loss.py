@@ -140,3 +140,27 @@ def test_per_sample_losses_are_held_row_by_row(kernel):
     g_ok[np.arange(N), y] -= 1.0
     report = ce_cli.check_grad(z, y, grad=g_ok.astype(np.float32), **kw)
     assert report.ok, [(c.name, c.note) for c in report.checks if not c.ok]
+
+
+def test_a_scalar_loss_that_needs_the_allowance_is_held_to_the_factors(kernel):
+    """open_lm's z-loss, zeta (mean lse)^2 for zeta mean(lse^2), in its loss and (autodiff) its
+    gradient: the loss is off by -zeta var(lse), within the normaliser allowance, while the
+    gradient's factors 2 zeta (mean lse - lse_n) move it by far less. The loss must match the
+    reference moved by the factors its gradient shows: it fails; the right pair passes."""
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((N, C)) * rng.uniform(0.5, 6.0, (N, 1))
+    y = rng.integers(0, C, N)
+    m = z.max(axis=1, keepdims=True)
+    s = np.exp(z - m).sum(axis=1, keepdims=True)
+    a, lse = np.exp(z - m) / s, (m + np.log(s))[:, 0]
+    ce = lse - z[np.arange(N), y]
+    kw = dict(z_loss=ZETA, normaliser_rtol=BOUND, fd="off")
+    for zl, ok in ((ZETA * lse.mean() ** 2, False), (ZETA * np.mean(lse ** 2), True)):
+        scale = 2.0 * ZETA * (lse.mean() if not ok else lse)
+        g = (1.0 + np.reshape(scale, (-1, 1))) * a
+        g[np.arange(N), y] -= 1.0
+        report = ce_cli.check_grad(z, y, grad=(g / N).astype(np.float32),
+                                   loss=np.float32(ce.mean() + zl), **kw)
+        assert report.ok == ok, [(c.name, c.note) for c in report.checks if not c.ok]
+        if not ok:
+            assert "your loss does not carry it" in _normaliser(report).note

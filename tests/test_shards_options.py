@@ -266,6 +266,39 @@ def test_reduced_loss_passes_with_the_normaliser_allowance_as_in_one_process(tmp
     assert_same_loss_check(sharded.report, single)
 
 
+@pytest.mark.parametrize("bug", [True, False], ids=["open_lm", "right"])
+def test_reduced_loss_is_held_to_the_gradients_row_factors_as_in_one_process(tmp_path, bug):
+    """open_lm's z-loss, zeta (mean lse)^2 for zeta mean(lse^2), in the loss and its autodiff
+    gradient (row factors 2 zeta (mean lse - lse_n)): the loss is within the normaliser bound
+    but does not carry the factors. The merged check fails it as one process does, with the
+    same note; the right pair passes both ways."""
+    zeta, rng = 1e-4, np.random.default_rng(2)
+    n, c = 24, 1000
+    z = rng.standard_normal((n, c)) * rng.uniform(0.5, 6.0, (n, 1))
+    y = rng.integers(0, c, n)
+    m = z.max(axis=1, keepdims=True)
+    s = np.exp(z - m).sum(axis=1, keepdims=True)
+    a, lse = np.exp(z - m) / s, (m + np.log(s))[:, 0]
+    zl = zeta * (lse.mean() ** 2 if bug else np.mean(lse ** 2))
+    g = (1.0 + 2.0 * zeta * (np.full((n, 1), lse.mean()) if bug else lse[:, None])) * a
+    g[np.arange(n), y] -= 1.0
+    g = (g / n).astype(np.float32)
+    value = np.float32((lse - z[np.arange(n), y]).mean() + zl)
+    opts = CheckOptions(fd="off", z_loss=zeta, normaliser_rtol=5e-3)
+    single = check_grad(z, y, grad=g, loss=value, options=opts)
+    sharded = sh.run_shards(write_rows(tmp_path, z, y, g, [0, 10, 24]), "rows", opts,
+                            inputs=sh.BatchInputs(loss=float(value), loss_dtype="float32"))
+    assert single.ok is sharded.report.ok is not bug
+    assert sharded.report.verdict == single.verdict
+    assert [c.name for c in sharded.report.checks] == [c.name for c in single.checks]
+    if bug:  # the right gradient's rows need no factor
+        merged, one = (next(c for c in r.checks if c.name == "normaliser")
+                       for r in (sharded.report, single))
+        assert (merged.ok, merged.mismatches, merged.total) == (False, one.mismatches, one.total)
+        assert "your loss does not carry it" in merged.note
+        assert merged.note.split("your loss")[-1] == one.note.split("your loss")[-1]
+
+
 @pytest.mark.parametrize("per_shard", [False, True])
 def test_row_shards_check_per_sample_losses(tmp_path, per_shard):
     """reduction none: one file of the batch's losses, each shard its rows, or a glob of one

@@ -152,6 +152,9 @@ def _stages(problem, inputs: Inputs, options: CheckOptions, run: Run, mode: str,
     if run.progress is not None:
         stages.append(ProgressStage(run.progress, problem.n_rows))
     stages[1:1] = run.stages  # after LossTotal: their checks lead their rank
+    if grad_stage is not None:
+        for stage in run.stages:
+            stage.bind(grad_stage)
     return stages, grad_stage
 
 

@@ -97,6 +97,9 @@ class Stage:
     def abort(self) -> None:
         """The run stopped early: undo side effects."""
 
+    def bind(self, grad: GradStage) -> None:
+        """The run's gradient stage, for a stage that reads it when the pass is done."""
+
 
 def _comparison(name: str, tol: Tolerance, index_of, worst: int, *, user: bool, fd: bool = False,
                 note: str = "", extra_atol: float = 0.0,
@@ -287,28 +290,45 @@ class LossStage(Stage):
         return [(2, result if result.ok else self._entropy_note(result))]
 
     def unexplained(self, grad: GradStage) -> str:
-        """A note when your loss passes its own rule without any normaliser error yet does not
-        carry the one the rows of your gradient `grad` show ('' otherwise). With one target
-        term a row (`one_target_term`) a factor f on row n's softmax term is its normaliser's
-        (the backward's sum over the targets is exact): lse off by -log(1 + f), loss_n by
-        d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n; s_n Qe_n with a z-loss and sample
-        weights), in every implementation whose backward uses its forward's softmax (autodiff,
-        fused kernels). Your loss must pass against the reference moved by d, the floor widened
-        by 25% of each |d_n| (the fit's slack) and, on rows without a fitted factor, by the
-        largest one the entry-wise rule passes unfitted, |T_n| (rtol + k eps (1 + log C +
-        lam |lse_n|)), at most the normaliser's bound. Only for a float32 or float64 gradient
-        (16-bit rows are rarely fitted: their rule is coarser than most factors) without --atol,
-        and a loss of your gradient's precision: one of another (a float64 loss beside a float32
-        gradient) is another computation, whose sum need not be your backward's. Per-sample
-        losses are held row by row: those that pass their own rule without the normaliser
-        allowance (a row whose forward sum rounded wider may need it, and carries it)."""
+        """A note when your loss does not carry the normaliser error the rows of your gradient
+        `grad` show ('' otherwise). With one target term a row (`one_target_term`) a factor f on
+        row n's softmax term is its normaliser's (the backward's sum over the targets is exact):
+        lse off by -log(1 + f), loss_n by d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n;
+        s_n Qe_n with a z-loss and sample weights), in every implementation whose backward uses
+        its forward's softmax (autodiff, fused kernels). Your loss must pass against the
+        reference moved by d, the floor widened by 25% of each |d_n| (the fit's slack) and, on
+        rows without a fitted factor, by the largest one the entry-wise rule passes unfitted,
+        |T_n| (rtol + k eps (1 + log C + lam |lse_n|)), at most the normaliser's bound. Only for
+        a float32 or float64 gradient (16-bit rows are rarely fitted: their rule is coarser than
+        most factors) without --atol, and a loss of your gradient's precision: one of another (a
+        float64 loss beside a float32 gradient) is another computation, whose sum need not be
+        your backward's. Per-sample losses are held on the rows that pass their own rule without
+        the normaliser allowance (`_held_rows`)."""
+        carried = self.carry(grad)
+        if carried is None:
+            return ""
+        d, hidden = carried
+        if self._compare(self.floor + hidden, shift=-d).ok:
+            return ""
+        if self.per_sample is not None:
+            held = np.isfinite(hidden)
+            return not_carried(f"by up to {float(np.max(np.abs(d[held]))):.2g} on a sample, "
+                               "but your losses do not move with them", self.tol)
+        off = float(np.asarray(self.loss, dtype=np.float64).reshape(-1)[0]) - self.problem.reduce(
+            self.total.total())
+        return not_carried(f"by {self.problem.reduce(math.fsum(d)):.2g}, but yours is off by "
+                           f"{off:.2g}", self.tol)
+
+    def carry(self, grad: GradStage) -> tuple[np.ndarray, np.ndarray] | None:
+        """(d, hidden) of `unexplained` per row: the factors' move of each row's loss and the
+        widening of its floor (inf on a row not held); None where the rule does not apply."""
         tol = grad.user.tol
         if (self.lse_abs is None or self.dlse is None or tol.atol or tol.precision in SIXTEEN_BIT
                 or self.tol.precision != tol.precision):
-            return ""
+            return None
         held = self._held_rows()
         if held is None:
-            return ""
+            return None
         rows, factors = grad.allowance.softmax_factors()
         d = np.zeros(self.problem.n_rows)
         d[rows] = -self.dlse[rows] * np.log1p(factors)
@@ -316,17 +336,18 @@ class LossStage(Stage):
             1.0 + math.log(self.problem.n_classes) + tol.lse_weight * self.lse_abs))
         hidden[rows] = 0.25 * np.abs(d[rows])
         hidden[~held] = np.inf
-        if self._compare(self.floor + hidden, shift=-d).ok:
-            return ""
-        each = self.problem.reduction == "none"
-        moved = (float(np.max(np.abs(d[held]))) if each
-                 else abs(self.problem.reduce(math.fsum(d))))
-        return (f"your loss does not carry it: the factors move lse, and so the loss by "
-                f"{moved:.2g}{' on a sample' if each else ''}, but your loss matches the "
-                "reference without them. Your backward scales the softmax your forward "
-                "normalised (a term of the backward alone: the z-loss's 2*z_loss*lse, a scale?), "
-                "or your loss is not your forward's (a float64 loss rounded to "
-                f"{self.tol.precision}: give it unrounded)")
+        return d, hidden
+
+    def _held_rows(self) -> np.ndarray | None:
+        """The rows `unexplained` holds: every row of a reduced loss (one sum: it passes with
+        the normaliser allowance only if the factors carry it); of per-sample losses, those that
+        pass their own rule without the allowance (a row whose forward sum rounded wider than
+        its gradient's fitted factor shows needs it, and carries it); None for none."""
+        if self.per_sample is None:
+            return np.ones(self.problem.n_rows, dtype=bool)
+        rowmax = self._samples(self.tol).measure(self.per_sample, self.loss, self.floor).rowmax
+        held = np.asarray(rowmax if rowmax is not None else np.zeros(0)) <= 1.0
+        return held if held.any() else None
 
     def _checked(self, tol: Tolerance, floor: np.ndarray, normaliser: float) -> CheckResult:
         """The loss held to `tol` with the rows' floors `floor`, with the normaliser allowance
@@ -362,16 +383,6 @@ class LossStage(Stage):
             f"{' per sample at most' if each else ''}): a KL divergence, as T5X and Flax report "
             "it (compare it with `kl_loss`); the gradient is the same"))
 
-    def _held_rows(self) -> np.ndarray | None:
-        """The rows `unexplained` holds: every row when your loss passes its own rule without
-        the normaliser allowance, else (per-sample losses) those that do; None for none."""
-        if self._compare(self.floor).ok:
-            return np.ones(self.problem.n_rows, dtype=bool)
-        if self.per_sample is None:
-            return None
-        held = self._samples(self.tol).measure(self.per_sample, self.loss, self.floor).rowmax <= 1.0
-        return held if held.any() else None
-
     def _samples(self, tol: Tolerance) -> Comparison:
         """The comparison of per-sample losses ('none')."""
         return _comparison("loss_vs_reference", tol, self.problem.per_sample_index, self.worst,
@@ -393,6 +404,16 @@ class LossStage(Stage):
         floor = (float(np.sum(row_floor)) * problem.grad_scale
                  + reduction_floor(tol, math.prod(problem.per_sample_shape), total))
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
+
+
+def not_carried(moved: str, tol: Tolerance) -> str:
+    """The `normaliser` check's note when your loss does not carry your gradient's row factors
+    (`LossStage.unexplained`), `moved` how the factors move it against how yours is off."""
+    return (f"your loss does not carry it: the factors move lse, and so the loss, {moved}. "
+            "A term of your backward alone (the z-loss's 2*z_loss*lse halved, a scale?) or "
+            "of your loss alone (z_loss*(mean lse)^2 for the mean of lse^2?), or your loss "
+            f"is not your forward's (a float64 loss rounded to {tol.precision}: give it "
+            "unrounded)")
 
 
 def computed_16(loss_tol: Tolerance, grad_tols: list[Tolerance], declared: bool) -> str | None:

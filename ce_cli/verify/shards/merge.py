@@ -83,6 +83,17 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
     return ShardedReport(plan.axis, merged, tuple(_summary(s, r) for s, r in pairs))
 
 
+def _placed(check: CheckResult, client: CheckResult | None) -> CheckResult:
+    """The client's check in place of the shards' placeholder; on the merged `normaliser`
+    check, the client's finding that your loss does not carry its row factors (`batch_checks`),
+    which fails every fitted row as one process does."""
+    if client is None:
+        return check
+    if check.name == "normaliser":
+        return replace(check, ok=False, mismatches=check.total, note=f"{check.note}; {client.note}")
+    return client
+
+
 # the checks a report lists before your loss (ranks 0 and 1 of verify/stages.py) on vocabulary
 # shards; `fd_vs_reference` too with --fd full (rank 0; sampled, rank 4, it follows the loss)
 RANKED_BEFORE_LOSS = ("fd_rows_vs_reference", "grad_vs_reference", "normaliser")
@@ -92,11 +103,11 @@ def _with_client(checks: tuple[CheckResult, ...], client: dict[str, CheckResult]
                  fd_mode: str = "off") -> tuple[CheckResult, ...]:
     """The merged checks with the client's in place of their placeholders; the z-loss after
     the lse, as one process ranks them (the placeholders lead their rank)."""
-    out = [client.get(c.name, c) for c in checks]
+    out = [_placed(c, client.get(c.name)) for c in checks]
     names = [c.name for c in out]
     added: tuple[str, ...] = ()
     for name, check in client.items():  # no placeholder (vocabulary shards): before rank 3
-        if name not in names:
+        if name not in names and name != "normaliser":
             before = RANKED_BEFORE_LOSS + (("fd_vs_reference",) if fd_mode == "full" else ()) + added
             added += (name,)  # the client's checks in their order: the loss, then the lse
             at = next((i for i, n in enumerate(names) if n not in before), len(out))

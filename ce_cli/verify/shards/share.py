@@ -19,7 +19,8 @@ from ce_cli.verify.pipeline import Inputs, Run, verify
 from ce_cli.verify.results import CheckResult, Report
 from ce_cli.verify.shards.inputs import BatchInputs
 from ce_cli.verify.shards.plan import ShardPlan
-from ce_cli.verify.stages import LossStage, Stage, ZLossStage, reduced_check, with_normaliser
+from ce_cli.verify.stages import (GradStage, LossStage, Stage, ZLossStage, not_carried,
+                                  reduced_check, with_normaliser)
 from ce_cli.verify.tolerance import Tolerance, loss_rule, reduction_floor
 
 
@@ -36,6 +37,11 @@ class ShardShare:
     grad_scale: float = 1.0
     normaliser: float = 0.0
     per_element: bool = False  # the loss sums every element (binary), not every row
+    # what your gradient's row factors move the loss by and widen its floor by, summed over
+    # the shard's rows (`LossStage.carry`); carried: the rule applies
+    carry_shift: float = 0.0
+    carry_slack: float = 0.0
+    carried: bool = False
 
 
 class ShareStage(Stage):
@@ -50,6 +56,10 @@ class ShareStage(Stage):
                                options.normaliser_rtol) if loss_tol is not None else None)
         self.z_loss = (ZLossStage(problem, np.zeros(1), z_tol, 1, 0.0, options.normaliser_rtol)
                        if z_tol is not None else None)
+        self.grad: GradStage | None = None
+
+    def bind(self, grad: GradStage) -> None:
+        self.grad = grad
 
     def update(self, chunk: Any) -> None:
         for stage in (self.loss, self.z_loss):
@@ -72,6 +82,12 @@ class ShareStage(Stage):
             out = replace(out, loss_floor=math.fsum(self.loss.floor.reshape(-1).tolist()),
                           loss_weight=math.fsum(weight.tolist()) if weight is not None else 0.0,
                           normaliser=self.loss.normaliser if weight is not None else 0.0)
+            # per-sample losses: each shard holds its own (`LossStage.unexplained`)
+            grad = self.grad if self.loss.per_sample is None else None
+            carried = self.loss.carry(grad) if grad is not None else None
+            if carried is not None:
+                out = replace(out, carry_shift=math.fsum(carried[0].tolist()),
+                              carry_slack=math.fsum(carried[1].tolist()), carried=True)
         if self.z_loss is not None:
             out = replace(out, z_loss=float(problem.reduce(loss_sum(self.z_loss.rows))),
                           z_loss_floor=math.fsum(self.z_loss.floor.tolist()))
@@ -128,6 +144,12 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
                                  options.loss_atol)
 
         out["loss_vs_reference"] = with_normaliser(compare, first.normaliser, tol, plan.shape[-1])
+        note = _not_carried(shares, tol, total, n, inputs, options)
+        if note:  # the merged `normaliser` check fails with it (merge._placed)
+            out["normaliser"] = CheckResult(
+                name="normaliser", ok=False, expected_label="bound", got_label="row factor",
+                max_abs_err=0.0, max_rel_err=0.0, mismatches=0, total=0, worst=(), rule="",
+                note=note)
     if inputs.z_loss is not None:
         tol = options.tolerance(inputs.z_loss_dtype)
         z_total = math.fsum(s.z_loss for s in shares)
@@ -136,3 +158,22 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
         out["z_loss_vs_reference"] = reduced_check("z_loss_vs_reference", tol, z_total, floor,
                                                    inputs.z_loss, 0.0)
     return out
+
+
+def _not_carried(shares: list[ShardShare], tol: Tolerance, total: float, n: int,
+                 inputs: BatchInputs, options: CheckOptions) -> str:
+    """`LossStage.unexplained` on the merged sums: your reduced loss against the reference
+    moved by your gradient's row factors, the floor widened as the shards' rows say ('' when it
+    passes or the rule does not apply)."""
+    first = shares[0]
+    if not all(s.carried for s in shares):
+        return ""
+    scale = first.grad_scale
+    shift = math.fsum(s.carry_shift for s in shares) * scale
+    floor = (math.fsum([s.loss_floor for s in shares] + [s.carry_slack for s in shares]) * scale
+             + reduction_floor(tol, n, total + shift))
+    if reduced_check("loss_vs_reference", tol, total + shift, floor, inputs.loss,
+                     options.loss_atol).ok:
+        return ""
+    off = float(np.asarray(inputs.loss, dtype=np.float64).reshape(-1)[0]) - total
+    return not_carried(f"by {shift:.2g}, but yours is off by {off:.2g}", tol)
