@@ -78,12 +78,24 @@ def test_rounding_factors_of_either_sign_pass(kernel):
     assert "rows pass with it" in _normaliser(report).note
 
 
-def test_half_the_z_loss_is_no_signature(kernel):
-    """zeta instead of 2 zeta: half the factor, not within a quarter of the z-loss's own; it
-    stays a normaliser factor (within the bound given) - this check names only the term left
-    out."""
+def test_half_the_z_loss_is_not_named_left_out(kernel):
+    """zeta instead of 2 zeta: half the factor, not within a quarter of the left-out term's;
+    it is named as halved (`test_the_z_loss_term_at_a_wrong_coefficient_is_named`)."""
     z, y, good, without = _grads()
     half = (good + without) / 2.0
     report = ce_cli.check_grad(z, y, grad=half.astype(np.float32), z_loss=ZETA,
                                normaliser_rtol=0.015, fd="off")
     assert "z-loss left out" not in _normaliser(report).note
+
+
+@pytest.mark.parametrize("m, what", [(0.5, "half the z-loss's term"),
+                                     (-1.0, "its sign flipped"), (2.0, "twice")])
+def test_the_z_loss_term_at_a_wrong_coefficient_is_named(kernel, m, what):
+    """2 m zeta lse for 2 zeta lse in the backward (halved, its sign flipped, doubled): row
+    factors (m - 1) 2 zeta lse / Qe, within the bound given, tracking lse row by row."""
+    z, y, good, without = _grads()
+    grad = without + m * (good - without)
+    report = ce_cli.check_grad(z, y, grad=grad.astype(np.float32), z_loss=ZETA,
+                               normaliser_rtol=0.015, fd="off")
+    check = _normaliser(report)
+    assert not report.ok and not check.ok and what in check.note

@@ -151,24 +151,34 @@ class GradStage(Stage):
         missing = missing_z_loss(self.problem, a.largest)
         found = (f"{a.rows_rescued} rows pass with it; normaliser off by up to "
                  f"{a.max_factor:.2g} (row {where}), allowed {a.bound:.2g}")
-        loose = "" if missing or self.loss_stage is None else self.loss_stage.unexplained(self)
+        loose, fails = ("", False) if missing or self.loss_stage is None else \
+            self.loss_stage.unexplained(self)
         return CheckResult(
-            name="normaliser", ok=a.rows_over == 0 and not missing and not loose,
+            name="normaliser", ok=a.rows_over == 0 and not missing and not fails,
             expected_label="bound", got_label="row factor", max_abs_err=a.max_factor,
             max_rel_err=a.max_factor,
             mismatches=a.rows_over + (sum(r for *_, r in a.largest) if missing else 0)
-            + (a.rows_rescued if loose else 0),
+            + (a.rows_rescued if fails else 0),
             total=a.rows_fitted, worst=(),
             rule=f"row factor <= {a.bound:.2g}, a {a.precision} sum of {a.n_classes:,} terms",
             note=missing or (f"{found}; {loose}" if loose else found))
 
 
+# the z-loss's gradient term 2 zeta lse at m times its coefficient: what `missing_z_loss` names
+Z_LOSS_TERMS = ((0.0, "the z-loss left out of your gradient"),
+                (0.5, "half the z-loss's term in your gradient (z_loss*lse for 2*z_loss*lse)"),
+                (-1.0, "the z-loss's term in your gradient with its sign flipped"),
+                (2.0, "the z-loss's term in your gradient twice (4*z_loss*lse)"))
+
+
 def missing_z_loss(problem, largest: list[tuple[int, float, bool]]) -> str:
-    """A note when the rows' largest softmax factors are a z-loss left out of your gradient:
-    it scales row n's softmax term Qe a by Q/Qe, a factor -2 zeta lse_n / Qe_n (Qe = Q +
-    2 zeta lse) that can lie within the normaliser bound (float32 above ~42k classes at zeta
-    1e-4). Rounding gives each row its own factor of either sign; this one tracks lse row by
-    row: at least 3 of the largest, every one within a quarter of it ('' otherwise)."""
+    """A note when the rows' largest softmax factors are a z-loss term at m times its
+    coefficient in your gradient (`Z_LOSS_TERMS`: left out, halved, its sign flipped,
+    doubled): it scales row n's softmax term Qe a by (Q + 2 m zeta lse)/Qe, a factor
+    (m - 1) 2 zeta lse_n / Qe_n (Qe = Q + 2 zeta lse) that can lie within the normaliser bound
+    (float32 above ~42k classes at zeta 1e-4 left out). Rounding gives each row its own factor
+    of either sign; this one tracks lse row by row: at least 3 of the largest, every one within
+    a quarter of it ('' otherwise)."""
     zeta = getattr(getattr(problem, "sem", None), "z_loss", 0.0)
     if not zeta or len(largest) < 3:
         return ""
@@ -177,13 +187,16 @@ def missing_z_loss(problem, largest: list[tuple[int, float, bool]]) -> str:
     s = problem.sem.row_weight(rows)
     with np.errstate(divide="ignore", invalid="ignore"):
         qe = np.asarray(ev.total_weight, dtype=np.float64) / s
-        expected = dict(zip(rows.tolist(), (-2.0 * zeta * np.asarray(ev.lse) / qe).tolist()))
-    if not all(abs(f - expected[r]) <= 0.25 * abs(expected[r]) for r, f, _ in largest):
-        return ""
-    r, f, _ = largest[0]
-    return (f"the rows' factors are those of the z-loss left out of your gradient: row "
-            f"{problem.layout.batch_index(r)} off by {f:.3g}, -2*z_loss*lse/(Q + 2*z_loss*lse) "
-            f"= {expected[r]:.3g} there ({len(largest)} rows checked, each within 25%)")
+        unit = dict(zip(rows.tolist(), (2.0 * zeta * np.asarray(ev.lse) / qe).tolist()))
+    for m, what in Z_LOSS_TERMS:
+        expected = {r: (m - 1.0) * u for r, u in unit.items()}
+        if all(abs(f - expected[r]) <= 0.25 * abs(expected[r]) for r, f, _ in largest):
+            r, f, _ = largest[0]
+            return (f"the rows' factors are those of {what}: row "
+                    f"{problem.layout.batch_index(r)} off by {f:.3g}, "
+                    f"{m - 1.0:g}*2*z_loss*lse/(Q + 2*z_loss*lse) = {expected[r]:.3g} there "
+                    f"({len(largest)} rows checked, each within 25%)")
+    return ""
 
 
 class LossTotal(Stage):
@@ -197,6 +210,13 @@ class LossTotal(Stage):
 
     def total(self) -> float:
         return loss_sum(self.row_loss)
+
+
+# eps sqrt(C) times this: how far another computation's sum of a row's C exponentials (your
+# loss's, when it is not your gradient's forward) may be off, beside your gradient's own
+# (docs/tolerance.md section 1: PyTorch's serial (N, C, d) float32 kernel, 20 eps sqrt(C)
+# at C = 32,000 and 128,256 beside torch.compile's, the flat layout's or logsumexp's sum)
+ANOTHER_SUM = 32.0
 
 
 class LossStage(Stage):
@@ -289,16 +309,18 @@ class LossStage(Stage):
                 result = replace(wide, note=computed_note(tol, self.tol, wide.note))
         return [(2, result if result.ok else self._entropy_note(result))]
 
-    def unexplained(self, grad: GradStage) -> str:
+    def unexplained(self, grad: GradStage) -> tuple[str, bool]:
         """A note when your loss does not carry the normaliser error the rows of your gradient
-        `grad` show ('' otherwise). With one target term a row (`one_target_term`) a factor f on
-        row n's softmax term is its normaliser's (the backward's sum over the targets is exact):
-        lse off by -log(1 + f), loss_n by d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n;
-        s_n Qe_n with a z-loss and sample weights), in every implementation whose backward uses
-        its forward's softmax (autodiff, fused kernels). Your loss must pass against the
-        reference moved by d, the floor widened by 25% of each |d_n| (the fit's slack) and, on
-        rows without a fitted factor, by the largest one the entry-wise rule passes unfitted,
-        |T_n| (rtol + k eps (1 + log C + lam |lse_n|)), at most the normaliser's bound. Only for
+        `grad` show ('' otherwise), and whether that fails. With one target term a row
+        (`one_target_term`) a factor f on row n's softmax term is its normaliser's (the
+        backward's sum over the targets is exact): lse off by -log(1 + f), loss_n by
+        d_n = -T_n log(1 + f), T_n = dloss_n/dlse (Q_n; s_n Qe_n with a z-loss and sample
+        weights), in every implementation whose backward uses its forward's softmax (autodiff,
+        fused kernels). Your loss must pass against the reference moved by d, the floor widened
+        by 25% of each |d_n| (the fit's slack) and, on rows without a fitted factor, by the
+        largest one the entry-wise rule passes unfitted, |T_n| (rtol + k eps (1 + log C +
+        lam |lse_n|)), at most the normaliser's bound. What another computation's sum explains
+        (`ANOTHER_SUM`: your loss not your gradient's forward's) is noted, not failed. Only for
         a float32 or float64 gradient (16-bit rows are rarely fitted: their rule is coarser than
         most factors) without --atol, and a loss of your gradient's precision: one of another (a
         float64 loss beside a float32 gradient) is another computation, whose sum need not be
@@ -306,22 +328,25 @@ class LossStage(Stage):
         the normaliser allowance (`_held_rows`)."""
         carried = self.carry(grad)
         if carried is None:
-            return ""
-        d, hidden = carried
+            return "", False
+        d, hidden, other = carried
         if self._compare(self.floor + hidden, shift=-d).ok:
-            return ""
+            return "", False
+        fails = not self._compare(self.floor + hidden + other, shift=-d).ok
         if self.per_sample is not None:
             held = np.isfinite(hidden)
-            return not_carried(f"by up to {float(np.max(np.abs(d[held]))):.2g} on a sample, "
-                               "but your losses do not move with them", self.tol)
-        off = float(np.asarray(self.loss, dtype=np.float64).reshape(-1)[0]) - self.problem.reduce(
-            self.total.total())
-        return not_carried(f"by {self.problem.reduce(math.fsum(d)):.2g}, but yours is off by "
-                           f"{off:.2g}", self.tol)
+            moved = (f"by up to {float(np.max(np.abs(d[held]))):.2g} on a sample, but your "
+                     "losses do not move with them")
+        else:
+            off = float(np.asarray(self.loss, dtype=np.float64).reshape(-1)[0]) - \
+                self.problem.reduce(self.total.total())
+            moved = f"by {self.problem.reduce(math.fsum(d)):.2g}, but yours is off by {off:.2g}"
+        return not_carried(moved, self.tol, fails), fails
 
-    def carry(self, grad: GradStage) -> tuple[np.ndarray, np.ndarray] | None:
-        """(d, hidden) of `unexplained` per row: the factors' move of each row's loss and the
-        widening of its floor (inf on a row not held); None where the rule does not apply."""
+    def carry(self, grad: GradStage) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(d, hidden, other) of `unexplained` per row: the factors' move of each row's loss,
+        the widening of its floor (inf on a row not held) and how far another computation's
+        sum may move it; None where the rule does not apply."""
         tol = grad.user.tol
         if (self.lse_abs is None or self.dlse is None or tol.atol or tol.precision in SIXTEEN_BIT
                 or self.tol.precision != tol.precision):
@@ -332,11 +357,13 @@ class LossStage(Stage):
         rows, factors = grad.allowance.softmax_factors()
         d = np.zeros(self.problem.n_rows)
         d[rows] = -self.dlse[rows] * np.log1p(factors)
-        hidden = np.abs(self.dlse) * np.minimum(grad.allowance.bound, tol.rtol + tol.floor_coef * (
+        weight = np.abs(self.dlse)
+        hidden = weight * np.minimum(grad.allowance.bound, tol.rtol + tol.floor_coef * (
             1.0 + math.log(self.problem.n_classes) + tol.lse_weight * self.lse_abs))
         hidden[rows] = 0.25 * np.abs(d[rows])
         hidden[~held] = np.inf
-        return d, hidden
+        return d, hidden, weight * min(grad.allowance.bound,
+                                       ANOTHER_SUM * tol.eps * math.sqrt(self.problem.n_classes))
 
     def _held_rows(self) -> np.ndarray | None:
         """The rows `unexplained` holds: every row of a reduced loss (one sum: it passes with
@@ -406,14 +433,20 @@ class LossStage(Stage):
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
 
 
-def not_carried(moved: str, tol: Tolerance) -> str:
+def not_carried(moved: str, tol: Tolerance, fails: bool = True) -> str:
     """The `normaliser` check's note when your loss does not carry your gradient's row factors
-    (`LossStage.unexplained`), `moved` how the factors move it against how yours is off."""
+    (`LossStage.unexplained`), `moved` how the factors move it against how yours is off;
+    `fails`: beyond what another computation's sum explains."""
+    terms = ("a term of your backward alone (the z-loss's 2*z_loss*lse halved, a scale?) or "
+             "of your loss alone (z_loss*(mean lse)^2 for the mean of lse^2?)")
+    if not fails:
+        return (f"your loss does not carry it (the factors move the loss {moved}), within "
+                "what another computation's sum of the same terms explains, so it passes: "
+                f"if your loss is your gradient's forward's, {terms}")
     return (f"your loss does not carry it: the factors move lse, and so the loss, {moved}. "
-            "A term of your backward alone (the z-loss's 2*z_loss*lse halved, a scale?) or "
-            "of your loss alone (z_loss*(mean lse)^2 for the mean of lse^2?), or your loss "
-            f"is not your forward's (a float64 loss rounded to {tol.precision}: give it "
-            "unrounded)")
+            f"{terms[0].upper()}{terms[1:]}, or your loss and gradient come from two "
+            f"computations (a float64 loss rounded to {tol.precision}?): check such a loss "
+            "without your gradient")
 
 
 def computed_16(loss_tol: Tolerance, grad_tols: list[Tolerance], declared: bool) -> str | None:

@@ -86,11 +86,13 @@ def merge_reports(plan: ShardPlan, reports: list[Report], options: CheckOptions,
 def _placed(check: CheckResult, client: CheckResult | None) -> CheckResult:
     """The client's check in place of the shards' placeholder; on the merged `normaliser`
     check, the client's finding that your loss does not carry its row factors (`batch_checks`),
-    which fails every fitted row as one process does."""
+    which, when it fails, fails every fitted row as one process does."""
     if client is None:
         return check
     if check.name == "normaliser":
-        return replace(check, ok=False, mismatches=check.total, note=f"{check.note}; {client.note}")
+        return replace(check, ok=check.ok and client.ok,
+                       mismatches=check.mismatches if client.ok else check.total,
+                       note=f"{check.note}; {client.note}")
     return client
 
 

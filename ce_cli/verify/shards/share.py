@@ -41,6 +41,7 @@ class ShardShare:
     # the shard's rows (`LossStage.carry`); carried: the rule applies
     carry_shift: float = 0.0
     carry_slack: float = 0.0
+    carry_other: float = 0.0
     carried: bool = False
 
 
@@ -87,7 +88,8 @@ class ShareStage(Stage):
             carried = self.loss.carry(grad) if grad is not None else None
             if carried is not None:
                 out = replace(out, carry_shift=math.fsum(carried[0].tolist()),
-                              carry_slack=math.fsum(carried[1].tolist()), carried=True)
+                              carry_slack=math.fsum(carried[1].tolist()),
+                              carry_other=math.fsum(carried[2].tolist()), carried=True)
         if self.z_loss is not None:
             out = replace(out, z_loss=float(problem.reduce(loss_sum(self.z_loss.rows))),
                           z_loss_floor=math.fsum(self.z_loss.floor.tolist()))
@@ -144,10 +146,10 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
                                  options.loss_atol)
 
         out["loss_vs_reference"] = with_normaliser(compare, first.normaliser, tol, plan.shape[-1])
-        note = _not_carried(shares, tol, total, n, inputs, options)
-        if note:  # the merged `normaliser` check fails with it (merge._placed)
+        note, fails = _not_carried(shares, tol, total, n, inputs, options)
+        if note:  # the merged `normaliser` check takes it (merge._placed)
             out["normaliser"] = CheckResult(
-                name="normaliser", ok=False, expected_label="bound", got_label="row factor",
+                name="normaliser", ok=not fails, expected_label="bound", got_label="row factor",
                 max_abs_err=0.0, max_rel_err=0.0, mismatches=0, total=0, worst=(), rule="",
                 note=note)
     if inputs.z_loss is not None:
@@ -161,19 +163,25 @@ def batch_checks(plan: ShardPlan, shares: list[ShardShare], inputs: BatchInputs,
 
 
 def _not_carried(shares: list[ShardShare], tol: Tolerance, total: float, n: int,
-                 inputs: BatchInputs, options: CheckOptions) -> str:
+                 inputs: BatchInputs, options: CheckOptions) -> tuple[str, bool]:
     """`LossStage.unexplained` on the merged sums: your reduced loss against the reference
-    moved by your gradient's row factors, the floor widened as the shards' rows say ('' when it
-    passes or the rule does not apply)."""
+    moved by your gradient's row factors, the floor widened as the shards' rows say: its note
+    ('' when it passes or the rule does not apply) and whether it fails."""
     first = shares[0]
     if not all(s.carried for s in shares):
-        return ""
+        return "", False
     scale = first.grad_scale
     shift = math.fsum(s.carry_shift for s in shares) * scale
     floor = (math.fsum([s.loss_floor for s in shares] + [s.carry_slack for s in shares]) * scale
              + reduction_floor(tol, n, total + shift))
-    if reduced_check("loss_vs_reference", tol, total + shift, floor, inputs.loss,
-                     options.loss_atol).ok:
-        return ""
+    other = math.fsum(s.carry_other for s in shares) * scale
+
+    def carries(widen: float) -> bool:
+        return reduced_check("loss_vs_reference", tol, total + shift, floor + widen, inputs.loss,
+                             options.loss_atol).ok
+
+    if carries(0.0):
+        return "", False
+    fails = not carries(other)
     off = float(np.asarray(inputs.loss, dtype=np.float64).reshape(-1)[0]) - total
-    return not_carried(f"by {shift:.2g}, but yours is off by {off:.2g}", tol)
+    return not_carried(f"by {shift:.2g}, but yours is off by {off:.2g}", tol, fails), fails
