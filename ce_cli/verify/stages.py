@@ -341,7 +341,7 @@ class LossStage(Stage):
             off = float(np.asarray(self.loss, dtype=np.float64).reshape(-1)[0]) - \
                 self.problem.reduce(self.total.total())
             moved = f"by {self.problem.reduce(math.fsum(d)):.2g}, but yours is off by {off:.2g}"
-        return not_carried(moved, self.tol, fails), fails
+        return not_carried(moved, fails), fails
 
     def carry(self, grad: GradStage) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(d, hidden, other) of `unexplained` per row: the factors' move of each row's loss,
@@ -433,7 +433,7 @@ class LossStage(Stage):
         return reduced_check("loss_vs_reference", tol, total, floor, self.loss, self.loss_atol)
 
 
-def not_carried(moved: str, tol: Tolerance, fails: bool = True) -> str:
+def not_carried(moved: str, fails: bool) -> str:
     """The `normaliser` check's note when your loss does not carry your gradient's row factors
     (`LossStage.unexplained`), `moved` how the factors move it against how yours is off;
     `fails`: beyond what another computation's sum explains."""
@@ -445,7 +445,7 @@ def not_carried(moved: str, tol: Tolerance, fails: bool = True) -> str:
                 f"if your loss is your gradient's forward's, {terms}")
     return (f"your loss does not carry it: the factors move lse, and so the loss, {moved}. "
             f"{terms[0].upper()}{terms[1:]}, or your loss and gradient come from two "
-            f"computations (a float64 loss rounded to {tol.precision}?): check such a loss "
+            "computations whose sums round further apart than measured: check such a loss "
             "without your gradient")
 
 

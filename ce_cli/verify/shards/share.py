@@ -184,4 +184,4 @@ def _not_carried(shares: list[ShardShare], tol: Tolerance, total: float, n: int,
         return "", False
     fails = not carries(other)
     off = float(np.asarray(inputs.loss, dtype=np.float64).reshape(-1)[0]) - total
-    return not_carried(f"by {shift:.2g}, but yours is off by {off:.2g}", tol, fails), fails
+    return not_carried(f"by {shift:.2g}, but yours is off by {off:.2g}", fails), fails
